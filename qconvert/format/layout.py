@@ -1,0 +1,233 @@
+"""Tensor keys and the packed quant-state of one 4-bit weight (spec/format.md sections 4 and 5).
+
+A quantized weight ``P`` is stored as up to six safetensors entries:
+
+=====================================  =========  ====================================
+key                                    dtype      shape
+=====================================  =========  ====================================
+``P``                                  uint8      ``[(n + 1) // 2, 1]``
+``P.absmax``                           uint8/f32  ``[ceil(n / blocksize)]``
+``P.quant_map``                        float32    ``[16]``
+``P.nested_absmax`` (double quant)     float32    ``[ceil(nblocks / 256)]``
+``P.nested_quant_map`` (double quant)  float32    ``[256]``
+``P.quant_state.bitsandbytes__<qt>``   uint8      ``[len(json)]``
+=====================================  =========  ====================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import FormatError
+from .constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map
+
+QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
+SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+LOGICAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: A quant-state JSON longer than this is refused (a real one is about 200 bytes).
+MAX_QUANT_STATE_BYTES = 65536
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class QuantizedTensor:
+    """One 4-bit tensor: packed codes, block scales and everything needed to dequantize them."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quant_type: str
+    blocksize: int
+    quant_map: torch.Tensor
+    nested_absmax: torch.Tensor | None = None
+    nested_quant_map: torch.Tensor | None = None
+    nested_offset: float | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    def quant_state_dict(self) -> dict[str, Any]:
+        """The non-tensor fields, in the key order bitsandbytes writes them."""
+        d: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            d.update(
+                nested_blocksize=self.nested_blocksize,
+                nested_dtype="float32",
+                nested_offset=float(self.nested_offset),
+            )
+        return d
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The safetensors entries for this weight under the key ``name``."""
+        out = {
+            name: self.packed,
+            f"{name}.absmax": self.absmax,
+            f"{name}.quant_map": self.quant_map,
+        }
+        if self.double_quant:
+            out[f"{name}.nested_absmax"] = self.nested_absmax
+            out[f"{name}.nested_quant_map"] = self.nested_quant_map
+        out[f"{name}.{QUANT_STATE_PREFIX}{self.quant_type}"] = pack_quant_state(self.quant_state_dict())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict("w").values())
+
+    @classmethod
+    def from_state_dict(cls, name: str, tensors: Mapping[str, torch.Tensor], where: str = "") -> "QuantizedTensor":
+        """Rebuild from safetensors entries, validating every field (spec section 9).
+
+        ``tensors`` maps full keys to tensors (it may hold other keys too). ``where`` names the file
+        for error messages.
+        """
+        loc = f"{where}: " if where else ""
+        qs_keys = [k for k in tensors if k.startswith(f"{name}.{QUANT_STATE_PREFIX}")]
+        if len(qs_keys) != 1:
+            raise FormatError(
+                f"{loc}tensor {name!r}: expected exactly one '{name}.{QUANT_STATE_PREFIX}<nf4|fp4>' entry, "
+                f"found {len(qs_keys)}",
+                hint="the checkpoint is not a bitsandbytes/qconvert 4-bit checkpoint or is damaged",
+            )
+        qs = unpack_quant_state(tensors[qs_keys[0]], f"{loc}tensor {name!r}")
+        if qs_keys[0].rsplit("__", 1)[1] != qs["quant_type"]:
+            raise FormatError(f"{loc}tensor {name!r}: key {qs_keys[0]!r} disagrees with quant_type {qs['quant_type']!r}")
+
+        def need(suffix: str) -> torch.Tensor:
+            key = f"{name}.{suffix}" if suffix else name
+            if key not in tensors:
+                raise FormatError(f"{loc}tensor {name!r}: missing entry {key!r}")
+            return tensors[key]
+
+        def check(t: torch.Tensor, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise FormatError(
+                    f"{loc}{key!r}: expected {dtype_name(dtype)} {list(shape)}, got {dtype_name(t.dtype)} {list(t.shape)}"
+                )
+
+        shape = tuple(qs["shape"])
+        n = math.prod(shape)
+        nblocks = -(-n // qs["blocksize"])
+        packed = need("")
+        check(packed, name, torch.uint8, ((n + 1) // 2, 1))
+        nested = "nested_offset" in qs
+        absmax = need("absmax")
+        check(absmax, f"{name}.absmax", torch.uint8 if nested else torch.float32, (nblocks,))
+        quant_map = need("quant_map")
+        check(quant_map, f"{name}.quant_map", torch.float32, (16,))
+        if not torch.equal(quant_map.cpu(), codebook(qs["quant_type"])):
+            raise FormatError(
+                f"{loc}{name}.quant_map is not the standard {qs['quant_type']} codebook",
+                hint="readers disagree on non-standard tables (bitsandbytes ignores the stored one); re-quantize",
+            )
+        kw: dict[str, Any] = {}
+        if nested:
+            nested_absmax = need("nested_absmax")
+            check(nested_absmax, f"{name}.nested_absmax", torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
+            nested_map = need("nested_quant_map")
+            check(nested_map, f"{name}.nested_quant_map", torch.float32, (256,))
+            if not torch.equal(nested_map.cpu(), dynamic_map()):
+                raise FormatError(f"{loc}{name}.nested_quant_map is not the standard 8-bit dynamic map")
+            if not torch.isfinite(nested_absmax).all():
+                raise FormatError(f"{loc}{name}.nested_absmax holds NaN or Inf")
+            kw = dict(nested_absmax=nested_absmax, nested_quant_map=nested_map, nested_offset=qs["nested_offset"])
+        elif not torch.isfinite(absmax).all():
+            raise FormatError(f"{loc}{name}.absmax holds NaN or Inf")
+        return cls(
+            packed=packed,
+            absmax=absmax,
+            shape=shape,
+            dtype=LOGICAL_DTYPES[qs["dtype"]],
+            quant_type=qs["quant_type"],
+            blocksize=qs["blocksize"],
+            quant_map=quant_map,
+            **kw,
+        )
+
+
+def pack_quant_state(d: Mapping[str, Any]) -> torch.Tensor:
+    """UTF-8 JSON bytes of the quant-state as a uint8 tensor, formatted as bitsandbytes formats it."""
+    return torch.tensor(list(json.dumps(dict(d)).encode("utf-8")), dtype=torch.uint8)
+
+
+def unpack_quant_state(t: torch.Tensor, where: str = "quant state") -> dict[str, Any]:
+    """Parse and validate a packed quant-state (spec sections 5 and 9). Raises FormatError."""
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise FormatError(f"{where}: quant state must be a 1-D uint8 tensor, got {dtype_name(t.dtype)} {list(t.shape)}")
+    if t.numel() > MAX_QUANT_STATE_BYTES:
+        raise FormatError(f"{where}: quant state is {t.numel()} bytes, over the {MAX_QUANT_STATE_BYTES}-byte limit")
+    try:
+        d = json.loads(bytes(t.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where}: quant state is not UTF-8 JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: quant state must be a JSON object")
+    if d.get("quant_type") not in QUANT_TYPES:
+        raise FormatError(f"{where}: quant_type {d.get('quant_type')!r} is not one of {list(QUANT_TYPES)}")
+    if d.get("blocksize") not in BLOCKSIZES or isinstance(d.get("blocksize"), bool):
+        raise FormatError(f"{where}: blocksize {d.get('blocksize')!r} is not one of {list(BLOCKSIZES)}")
+    if d.get("dtype") not in LOGICAL_DTYPES:
+        raise FormatError(f"{where}: dtype {d.get('dtype')!r} is not one of {list(LOGICAL_DTYPES)}")
+    shape = d.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 8
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)
+        or math.prod(shape) >= 2**40
+    ):
+        raise FormatError(f"{where}: shape {shape!r} must be a list of 1 to 8 non-negative integers (under 2**40 elements)")
+    nested_keys = {"nested_blocksize", "nested_dtype", "nested_offset"}
+    present = nested_keys & d.keys()
+    if present and present != nested_keys:
+        raise FormatError(f"{where}: double quantization needs all of {sorted(nested_keys)}, found {sorted(present)}")
+    if present:
+        if d["nested_blocksize"] != NESTED_BLOCKSIZE:
+            raise FormatError(f"{where}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {d['nested_blocksize']!r}")
+        if d["nested_dtype"] != "float32":
+            raise FormatError(f"{where}: nested_dtype must be 'float32', got {d['nested_dtype']!r}")
+        off = d["nested_offset"]
+        if not isinstance(off, (int, float)) or isinstance(off, bool) or not math.isfinite(off):
+            raise FormatError(f"{where}: nested_offset must be a finite number, got {off!r}")
+    unknown = d.keys() - {"quant_type", "blocksize", "dtype", "shape"} - nested_keys
+    if unknown:
+        raise FormatError(f"{where}: unknown quant-state fields {sorted(unknown)}")
+    return d
+
+
+def find_quantized(keys: "list[str] | set[str] | Mapping[str, Any]") -> list[str]:
+    """Names P of the 4-bit weights among safetensors keys (those with a P.quant_state.* entry)."""
+    names = []
+    for k in keys:
+        i = k.find("." + QUANT_STATE_PREFIX)
+        if i > 0:
+            names.append(k[:i])
+    return sorted(names)
+
+
+def companion_keys(name: str, keys) -> list[str]:
+    """Every key that belongs to the 4-bit weight ``name`` (itself and its quant-state entries)."""
+    return [k for k in keys if k == name or (k.startswith(name + ".") and k[len(name) + 1 :].split(".")[0] in SUFFIXES + ("quant_state",))]

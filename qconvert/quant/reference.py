@@ -1,0 +1,184 @@
+"""The reference implementation of the format's math, in plain torch (spec/format.md section 6).
+
+This module is the definition every fast path is tested against. It favours clarity over speed and
+runs on any device torch does. It reproduces, bit for bit, what bitsandbytes 0.50 writes on CPU
+(which is what ``transformers`` saves), including two details of that path:
+
+* full blocks are scaled by multiplying with the float32 reciprocal of their absmax, while the
+  ragged last block (when ``n % blocksize != 0``) is scaled by dividing by its absmax;
+* the ragged last block's stored absmax is clamped to at least 1e-38 (a full block's is not).
+
+Dequantization is exact and normative: ``W[j] = quant_map[q[j]] * absmax[j // blocksize]`` in float32,
+then rounded to the logical dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import QuantizationError
+from ..format.constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_midpoints
+from ..format.layout import QuantizedTensor
+
+_TINY = 1e-38  # divisor floor, as a float32
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_quantizable(x: torch.Tensor, name: str = "tensor", quant_type: str = "nf4", blocksize: int = 64) -> None:
+    """Raise QuantizationError for anything the format cannot hold."""
+    if quant_type not in QUANT_TYPES:
+        raise QuantizationError(f"{name}: unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(
+            f"{name}: block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise QuantizationError(
+            f"{name}: dtype {x.dtype} cannot be quantized",
+            hint="only float32, float16 and bfloat16 weights are quantized; cast the checkpoint or skip this module",
+        )
+    if x.numel() == 0:
+        raise QuantizationError(f"{name}: tensor of shape {list(x.shape)} is empty")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise QuantizationError(
+            f"{name}: holds NaN or Inf (first at index {bad})",
+            hint="the source weights are corrupt; fix or re-download them",
+        )
+
+
+def absmax_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax, scaled) of a flat float32 tensor: per-block max |x|, and x scaled into [-1, 1]."""
+    n = flat.numel()
+    full = n - n % blocksize
+    body = flat[:full].view(-1, blocksize)
+    absmax = body.abs().amax(dim=1)
+    scaled = torch.clamp(body * (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1), -1, 1).reshape(-1)
+    if full < n:
+        tail = flat[full:]
+        tail_absmax = tail.abs().amax().clamp(min=_TINY)
+        absmax = torch.cat([absmax, tail_absmax.reshape(1)])
+        scaled = torch.cat([scaled, torch.clamp(tail / tail_absmax, -1, 1)])
+    return absmax, scaled
+
+
+def codes_for(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Nearest code of each scaled value, by float32 midpoints; a tie takes the lower bin."""
+    midpoints, order = quantize_midpoints(quant_type)
+    bins = torch.bucketize(scaled, midpoints.to(scaled.device))
+    return order.to(scaled.device)[bins].to(torch.uint8)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte, element 2i in the high nibble; an odd count is padded with ``pad``."""
+    return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
+
+
+LUT_SIZE = 65536
+
+
+def dynamic_lut(code: torch.Tensor) -> torch.Tensor:
+    """The 65536-entry table that maps a scaled value to its 8-bit code (spec section 7.2).
+
+    Entry i stands for v_i = -1 + (2 i) / 65535 (float32) and holds the first code index k whose
+    upper midpoint (code[k] + code[k+1]) / 2 is not below v_i: the nearest code, ties to the lower.
+    """
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    i = torch.arange(LUT_SIZE, dtype=torch.float32)
+    v = -1.0 + (2.0 * i) / (LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, v, side="left").to(torch.uint8)
+
+
+def lut_index(scaled: torch.Tensor) -> torch.Tensor:
+    """Row of the table for a value in [-1, 1]: trunc(fma((v + 1) * 0.5, 65535, 0.5)), the fused
+    multiply-add rounded once to float32 (exact in float64, then rounded)."""
+    t = (torch.clamp(scaled, -1, 1) + 1.0) * 0.5
+    return (t.double() * (LUT_SIZE - 1) + 0.5).float().long()
+
+
+def quantize_8bit_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of float32 ``x`` against a sorted 256-entry map, by the lookup
+    table above (this is how double quantization's absmax codes are written; spec section 7.2).
+
+    Every block, the ragged last one included, is scaled by the float32 reciprocal of its absmax; a
+    block whose absmax is 0 stores absmax 0 and codes 0.
+    """
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.cat([x, x.new_zeros(nblocks * blocksize - n)]).view(nblocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
+    q = dynamic_lut(code.cpu()).to(x.device)[lut_index(padded * inv.unsqueeze(1))]
+    q = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(q), q)
+    return q.reshape(-1)[:n], absmax
+
+
+def quantize_4bit_ref(
+    x: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    name: str = "tensor",
+) -> QuantizedTensor:
+    """Quantize ``x`` (float32/float16/bfloat16, any shape) into the 4-bit format."""
+    check_quantizable(x, name, quant_type, blocksize)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    absmax, scaled = absmax_blocks(flat, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])  # the pad nibble is the code of 0.0
+    packed = pack_nibbles(codes_for(scaled, quant_type))
+    qt = QuantizedTensor(
+        packed=packed,
+        absmax=absmax,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        quant_map=codebook(quant_type, x.device),
+    )
+    if double_quant:
+        offset = absmax.mean()
+        dmap = dynamic_map(x.device)
+        q8, nested_absmax = quantize_8bit_blockwise(absmax - offset, dmap, NESTED_BLOCKSIZE)
+        qt.absmax = q8
+        qt.nested_absmax = nested_absmax
+        qt.nested_quant_map = dmap
+        qt.nested_offset = offset.item()
+    return qt
+
+
+def dequantize_absmax_ref(qt: QuantizedTensor) -> torch.Tensor:
+    """The float32 block scales: stored directly, or decoded from 8 bits when double-quantized."""
+    if not qt.double_quant:
+        return qt.absmax.to(torch.float32)
+    n = qt.absmax.numel()
+    values = qt.nested_quant_map[qt.absmax.long()]
+    scale = qt.nested_absmax.repeat_interleave(qt.nested_blocksize)[:n]
+    return values * scale + torch.tensor(qt.nested_offset, dtype=torch.float32, device=values.device)
+
+
+def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` 4-bit codes of a packed tensor, as int64 indices."""
+    b = packed.reshape(-1)
+    codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)
+    return codes[:n].long()
+
+
+def dequantize_4bit_ref(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Exact dequantization: ``quant_map[q] * absmax`` in float32, rounded to ``dtype`` (default: logical)."""
+    n = qt.numel
+    absmax = dequantize_absmax_ref(qt)
+    values = qt.quant_map.to(torch.float32)[unpack_codes(qt.packed, n)]
+    scale = absmax.repeat_interleave(qt.blocksize)[:n]
+    return (values * scale).to(dtype or qt.dtype).reshape(qt.shape)
+
+
+def bits_per_param(qt: QuantizedTensor) -> float:
+    """Stored bits per logical element, counting codes and scales (not the shared tables)."""
+    scale_bytes = qt.absmax.numel() * qt.absmax.element_size()
+    if qt.double_quant:
+        scale_bytes += qt.nested_absmax.numel() * 4 + 4
+    return 8 * (qt.packed.numel() + scale_bytes) / max(1, math.prod(qt.shape))
