@@ -141,6 +141,11 @@ def quantize_4bit_ref(
     )
     if double_quant:
         offset = absmax.mean()
+        if not bool(torch.isfinite(offset)):
+            raise QuantizationError(
+                f"{name}: the mean of its block scales overflows float32, so double quantization cannot store it",
+                hint="quantize this tensor with --no-double-quant, or skip it",
+            )
         dmap = dynamic_map(x.device)
         q8, nested_absmax = quantize_8bit_blockwise(absmax - offset, dmap, NESTED_BLOCKSIZE)
         qt.absmax = q8
