@@ -35,7 +35,10 @@ def formats_root():
 @functools.lru_cache(maxsize=None)
 def load_json(name: str) -> Any:
     """Read one JSON file of formats/ (``name`` may hold a sub-folder, e.g. 'golden/nf4.json')."""
-    return json.loads(formats_root().joinpath(*name.split("/")).read_text(encoding="utf-8"))
+    node = formats_root()
+    for part in name.split("/"):  # one part at a time: namespace-package paths take one argument
+        node = node.joinpath(part)
+    return json.loads(node.read_text(encoding="utf-8"))
 
 
 def _from_bits(bits: list[str]) -> list[float]:
