@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh machine and run the whole test-suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+if [ -f tools/setup_olah.sh ]; then
+  bash tools/setup_olah.sh          # the loopback Hub server the download tests talk to
+  export QCONVERT_REQUIRE_OLAH=1    # so those tests fail, rather than skip, if it is missing
+fi
+export PYTHONUNBUFFERED=1
+exec .venv/bin/python -m pytest -q "$@"
