@@ -26,7 +26,9 @@ _TINY = 1e-38  # divisor floor, as a float32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_quantizable(x: torch.Tensor, name: str = "tensor", quant_type: str = "nf4", blocksize: int = 64) -> None:
+def check_quantizable(
+    x: torch.Tensor, name: str = "tensor", quant_type: str = "nf4", blocksize: int = 64, check_finite: bool = True
+) -> None:
     """Raise QuantizationError for anything the format cannot hold."""
     if quant_type not in QUANT_TYPES:
         raise QuantizationError(f"{name}: unknown quant type {quant_type!r}", hint="use nf4 or fp4")
@@ -41,6 +43,8 @@ def check_quantizable(x: torch.Tensor, name: str = "tensor", quant_type: str = "
         )
     if x.numel() == 0:
         raise QuantizationError(f"{name}: tensor of shape {list(x.shape)} is empty")
+    if not check_finite:
+        return
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
