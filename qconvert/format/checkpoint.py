@@ -17,6 +17,7 @@ import torch
 
 from ..errors import FormatError, SourceError
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_DTYPES = {
@@ -32,6 +33,11 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def is_weight_file(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith(WEIGHT_SUFFIXES) or base in (SAFE_INDEX, BIN_INDEX)
 
 
 def check_member_name(name: Any, where: str) -> str:
@@ -204,6 +210,25 @@ class Checkpoint:
     def iter_file(self, file: str) -> Iterator[str]:
         """Tensor names stored in ``file``, in the order they appear in the index/file."""
         return (k for k, v in self.weight_map.items() if v == file)
+
+    def config_dir(self) -> Path:
+        """The folder holding config.json (and tokenizer files)."""
+        return self.root
+
+    def extra_files(self) -> Iterator[tuple[str, Path]]:
+        """(relative name, path) of every non-weight file: tokenizer, chat template, generation
+        config, processor and sentence-transformers files. Hidden files are left out."""
+        for p in sorted(self.root.rglob("*")):
+            rel = p.relative_to(self.root).as_posix()
+            if p.is_file() and not is_weight_file(rel) and not any(part.startswith(".") for part in rel.split("/")):
+                yield rel, p
+
+    def release(self, file: str) -> None:
+        """Done with a file (a no-op for local folders)."""
+        self._handles.pop(file, None)
+
+    def prefetch(self, file: str) -> None:
+        """Start fetching a file in the background (a no-op for local folders)."""
 
     def config(self) -> dict[str, Any] | None:
         p = self.root / "config.json"

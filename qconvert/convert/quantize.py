@@ -1,0 +1,389 @@
+"""`qconvert quantize`: stream a Hugging Face checkpoint into the 4-bit format.
+
+One source shard is open at a time and one tensor is in memory at a time; output shards are written
+as they fill (see writer.py). Everything goes to a staging folder beside the output,
+``.<name>.qconvert-partial``, with a journal of the finished output shards and their sha256. A run
+that stops for any reason, kill -9 included, is resumed by running the same command: finished shards
+are checked against the journal and kept, the rest are redone, and the result is byte-identical to an
+uninterrupted run. The output folder appears only at the very end, by one rename; the index (for
+sharded output) is the last file written into the staging folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
+from ..errors import DiskSpaceError, OutputExistsError, QuantizationError
+from ..format.constants import BLOCKSIZES, QUANT_TYPES
+from .plan import Plan, make_plan, parse_size
+from .writer import ShardWriter, sha256_file
+
+JOURNAL = "journal.json"
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.qconvert-partial"
+
+
+def free_bytes(path: Path) -> int:
+    """Free disk space where ``path`` (or its nearest existing parent) lives."""
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+def quantize_checkpoint(
+    source: str,
+    output: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: str = "bfloat16",
+    skip_modules: list[str] | tuple[str, ...] = (),
+    max_shard_size: str | int = "2GB",
+    workers: int | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    keep_source: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Convert ``source`` (folder or Hub id) into a 4-bit checkpoint at ``output``; returns a summary."""
+    from ..hub.download import open_source
+
+    say = log or (lambda m: None)
+    out = Path(output)
+    if quant_type not in QUANT_TYPES:
+        raise QuantizationError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise QuantizationError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
+    shard_limit = parse_size(max_shard_size)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite and not dry_run:
+        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+    if workers:
+        torch.set_num_threads(workers)
+    stage = staging_dir(out)
+    t0 = time.perf_counter()
+    src = open_source(source, revision, stage / "source", keep=keep_source)
+    plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules), max_shard_size=shard_limit)
+    provenance = {
+        "layout_version": LAYOUT_VERSION,
+        "quantizer_version": QUANTIZER_VERSION,
+        "version": __version__,
+        "source": getattr(src, "repo_id", None) or Path(source).resolve().name,
+        "source_revision": getattr(src, "sha", None),
+    }
+    settings = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+        "compute_dtype": compute_dtype,
+        "skip_modules": plan.skip_patterns,
+        "user_skip_modules": sorted(skip_modules),
+        "max_shard_size": shard_limit,
+        "provenance": provenance,
+    }
+    plan.settings = settings
+    if dry_run:
+        return {"dry_run": True, "source": source, "output": str(out), **plan.summary()}
+    need = sum(i.out_bytes for i in plan.items) + (0 if getattr(src, "repo_id", None) is None else max(i.out_bytes for i in plan.items))
+    free = free_bytes(out.parent)
+    if free < need * 1.05 + 16 * 2**20:
+        raise DiskSpaceError(
+            f"{out.parent}: {free / 1e9:.2f} GB free, the output needs about {need / 1e9:.2f} GB",
+            hint="free some space or write the output elsewhere",
+        )
+    journal = _open_journal(stage, settings, plan)
+    names = plan.shard_names()
+    meta = {
+        "format": "pt",
+        "qconvert.layout_version": LAYOUT_VERSION,
+        "qconvert.quantizer_version": QUANTIZER_VERSION,
+        "qconvert.version": __version__,
+        "qconvert.source": provenance["source"],
+        "qconvert.source_revision": provenance["source_revision"] or "",
+    }
+    bar = _bar(plan.source_bytes)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    out_bytes = 0
+    remaining_uses: dict[str, int] = {}
+    pending = [s for s in range(len(plan.shards)) if not _shard_done(stage, journal, names[s])]
+    for s in pending:
+        for i in plan.shards[s]:
+            remaining_uses[plan.items[i].source_file] = remaining_uses.get(plan.items[i].source_file, 0) + 1
+    try:
+        for s, idx in enumerate(plan.shards):
+            name = names[s]
+            if s not in pending:
+                rec = journal["done"][name]
+                weight_map.update({k: name for k in rec["keys"]})
+                total_size += rec["data_bytes"]
+                out_bytes += rec["file_bytes"]
+                if bar:
+                    bar.update(sum(_src_bytes(plan, i) for i in idx))
+                say(f"kept {name} from the interrupted run (sha256 verified)")
+                continue
+            writer = ShardWriter(stage / name, meta)
+            keys: list[str] = []
+            try:
+                for n_done, i in enumerate(idx):
+                    it = plan.items[i]
+                    upcoming = [plan.items[j].source_file for j in idx[n_done + 1 :]] + [
+                        plan.items[j].source_file for t in pending if t > s for j in plan.shards[t]
+                    ]
+                    nxt = next((f for f in upcoming if f != it.source_file), None)
+                    if nxt:
+                        src.prefetch(nxt)
+                    t = src.get(it.source_key)
+                    if it.quantize:
+                        qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key)
+                        for k, v in qt.state_dict(it.out_key).items():
+                            writer.add(k, v)
+                            keys.append(k)
+                    else:
+                        writer.add(it.out_key, t)
+                        keys.append(it.out_key)
+                    del t
+                    _maybe_die(i)
+                    remaining_uses[it.source_file] -= 1
+                    if remaining_uses[it.source_file] == 0:
+                        src.release(it.source_file)
+                    if bar:
+                        bar.update(_src_bytes(plan, i))
+                data_bytes, digest = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            file_bytes = (stage / name).stat().st_size
+            journal["done"][name] = {"sha256": digest, "file_bytes": file_bytes, "data_bytes": data_bytes, "keys": keys}
+            _write_json(stage / JOURNAL, journal)
+            weight_map.update({k: name for k in keys})
+            total_size += data_bytes
+            out_bytes += file_bytes
+    finally:
+        if bar:
+            bar.close()
+        if hasattr(src, "cleanup"):
+            src.cleanup()
+    _write_config(src, stage, plan, settings)
+    extra = _copy_extra_files(src, stage)
+    summary = {
+        "source": source,
+        "output": str(out),
+        "architecture": plan.architecture,
+        "tensors": len(plan.items),
+        "quantized": sum(i.quantize for i in plan.items),
+        "source_bytes": plan.source_bytes,
+        "output_bytes": out_bytes,
+        "shards": names,
+        "copied_files": extra,
+        "seconds": round(time.perf_counter() - t0, 3),
+        **{k: v for k, v in settings.items() if k != "max_shard_size"},
+    }
+    summary.update(_bits(stage, names))
+    (stage / "README.md").write_text(_card(summary, plan), encoding="utf-8")
+    if len(names) > 1:  # the index is the last file written
+        _write_json(stage / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    (stage / JOURNAL).unlink()
+    shutil.rmtree(stage / "source", ignore_errors=True)
+    _publish(stage, out)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str):
+    if torch.cuda.is_available():  # a GPU when present: the reference math on the device
+        from ..quant.reference import quantize_4bit_ref
+
+        qt = quantize_4bit_ref(t.cuda(), quant_type, blocksize, double_quant, name)
+        for f in ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+            if getattr(qt, f) is not None:
+                setattr(qt, f, getattr(qt, f).cpu())
+        return qt
+    from ..quant.fast_cpu import quantize_4bit_fast
+
+    return quantize_4bit_fast(t, quant_type, blocksize, double_quant, name)
+
+
+def _src_bytes(plan: Plan, i: int) -> int:
+    it = plan.items[i]
+    n = 1
+    for d in it.shape:
+        n *= d
+    return n * torch.empty((), dtype=it.dtype).element_size()
+
+
+def _maybe_die(i: int) -> None:
+    """Test hook: QCONVERT_TEST_KILL_AFTER=N makes the process SIGKILL itself after N tensors."""
+    n = os.environ.get("QCONVERT_TEST_KILL_AFTER")
+    if n is not None and i + 1 >= int(n):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _bar(total: int):
+    if not progress_enabled():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="quantize", dynamic_ncols=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _settings_hash(settings: dict, plan: Plan) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for it in plan.items:
+        h.update(f"{it.source_key}|{it.out_key}|{it.dtype}|{it.shape}|{it.quantize}\n".encode())
+    h.update(json.dumps(plan.shards).encode())
+    return h.hexdigest()
+
+
+def _open_journal(stage: Path, settings: dict, plan: Plan) -> dict:
+    key = _settings_hash(settings, plan)
+    path = stage / JOURNAL
+    if path.is_file():
+        try:
+            j = json.loads(path.read_text())
+            if j.get("settings_hash") == key:
+                return j
+        except (OSError, json.JSONDecodeError):
+            pass
+    if stage.exists():  # another run's leftovers, with other settings: start over
+        keep_src = stage / "source"
+        for p in stage.iterdir():
+            if p != keep_src:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    stage.mkdir(parents=True, exist_ok=True)
+    j = {"settings_hash": key, "done": {}}
+    _write_json(path, j)
+    return j
+
+
+def _shard_done(stage: Path, journal: dict, name: str) -> bool:
+    rec = journal["done"].get(name)
+    p = stage / name
+    if not rec or not p.is_file() or p.stat().st_size != rec["file_bytes"]:
+        return False
+    if sha256_file(p) != rec["sha256"]:
+        del journal["done"][name]
+        return False
+    return True
+
+
+def _write_config(src, stage: Path, plan: Plan, settings: dict) -> None:
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    config = AutoConfig.from_pretrained(src.config_dir(), trust_remote_code=False)
+    skips = settings["skip_modules"]
+    config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings["quant_type"],
+        bnb_4bit_use_double_quant=settings["double_quant"],
+        bnb_4bit_compute_dtype=getattr(torch, settings["compute_dtype"]),
+        # transformers replaces its default skips with this list when it is set, so a user's list is
+        # written together with the defaults; without one, null, as transformers itself writes
+        llm_int8_skip_modules=skips if settings["user_skip_modules"] else None,
+    )
+    config.dtype = plan.source_dtype
+    config.qconvert = settings["provenance"]
+    config.save_pretrained(stage)
+
+
+def _copy_extra_files(src, stage: Path) -> list[str]:
+    copied = []
+    for rel, path in src.extra_files():
+        if rel in ("config.json", "README.md"):
+            continue
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst)
+        copied.append(rel)
+    return copied
+
+
+def _bits(stage: Path, names: list[str]) -> dict[str, Any]:
+    from ..inspect import inspect_checkpoint
+
+    r = inspect_checkpoint(stage / names[0] if len(names) == 1 else stage)
+    return {"bits_per_param": r["bits_per_param"], "quantized_params": r["quantized_params"], "total_params": r["total_params"]}
+
+
+def _card(summary: dict, plan: Plan) -> str:
+    from ..hub.card import render_card
+
+    prov = summary["provenance"]
+    src = prov["source"]
+    meta = {
+        "base_model": src if "/" in (src or "") else None,
+        "base_model_relation": "quantized",
+        "library_name": "transformers",
+        "tags": ["qconvert", "4-bit", summary["quant_type"], "bitsandbytes", "qlora"],
+    }
+    gb = lambda b: f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"  # noqa: E731
+    body = f"""# {Path(summary['output']).name}
+
+A 4-bit {summary['quant_type'].upper()} quantization of `{src}`{f" (revision `{prov['source_revision']}`)" if prov['source_revision'] else ''}, written by
+[qconvert](https://pypi.org/project/qconvert/) {prov['version']} in the bitsandbytes 4-bit layout.
+
+| | |
+|---|---|
+| quant type | {summary['quant_type']} |
+| block size | {summary['blocksize']} |
+| double quantization | {'yes (8-bit absmax, nested block 256)' if summary['double_quant'] else 'no'} |
+| compute dtype | {summary['compute_dtype']} |
+| quantized tensors | {summary['quantized']} of {summary['tensors']} |
+| bits per parameter (quantized weights) | {summary['bits_per_param']:.3f} |
+| size before | {gb(summary['source_bytes'])} |
+| size after | {gb(summary['output_bytes'])} |
+| left unquantized | {', '.join(plan.skip_patterns) or 'none'} (and embeddings, norms, biases) |
+
+## Loading
+
+With transformers and bitsandbytes, no qconvert needed:
+
+```python
+from transformers import AutoModel
+model = AutoModel.from_pretrained("{Path(summary['output']).name}")
+```
+
+With qconvert's own kernels: `qconvert.load_model("{Path(summary['output']).name}")`.
+"""
+    return render_card(meta, body)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished staging folder into place (replacing ``out`` only when asked to)."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.qconvert-old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(stage, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(stage, out)

@@ -1,0 +1,102 @@
+"""`qconvert verify`: check a 4-bit checkpoint against the spec, and measure its quantization error."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..errors import FormatError
+from ..format.checkpoint import Checkpoint
+from ..format.layout import QuantizedTensor, companion_keys, find_quantized
+
+
+def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> dict[str, Any]:
+    """Raise FormatError at the first violation; return a report (with error figures for ``against``)."""
+    ckpt = Checkpoint(path)
+    keys = ckpt.keys()
+    quantized = find_quantized(keys)
+    owned: set[str] = set()
+    for name in quantized:
+        comp = companion_keys(name, keys)
+        files = {ckpt.file_of(k) for k in comp}
+        if len(files) != 1:
+            raise FormatError(f"{ckpt.root}: the entries of {name!r} are split across {sorted(files)}", hint="all entries of a weight must share one file")
+        owned.update(comp)
+        QuantizedTensor.from_state_dict(name, {k: ckpt.get(k) for k in comp}, where=str(ckpt.root / files.pop()))
+    cfg = ckpt.config() or {}
+    qc = cfg.get("quantization_config")
+    if quantized:
+        if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+            raise FormatError(f"{ckpt.root}/config.json: no bitsandbytes 4-bit quantization_config", hint="the checkpoint will not load as 4-bit")
+        qs_types = {k.rsplit("__", 1)[1] for k in keys if ".quant_state.bitsandbytes__" in k}
+        if qc.get("bnb_4bit_quant_type", "fp4") not in qs_types or len(qs_types) != 1:
+            raise FormatError(f"{ckpt.root}/config.json: bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type')!r} disagrees with the tensors ({sorted(qs_types)})")
+    idx = ckpt.root / "model.safetensors.index.json"
+    if idx.is_file():
+        import json
+
+        total = json.loads(idx.read_text()).get("metadata", {}).get("total_size")
+        actual = sum(ckpt.nbytes(k) for k in keys)
+        if total is not None and total != actual:
+            raise FormatError(f"{idx}: metadata.total_size is {total}, the tensors hold {actual} bytes")
+    report: dict[str, Any] = {
+        "ok": True,
+        "path": str(path),
+        "files": ckpt.files,
+        "quantized": len(quantized),
+        "unquantized": len([k for k in keys if k not in owned]),
+    }
+    if against:
+        report["error"] = quantization_error(ckpt, quantized, owned, Checkpoint(against))
+    return report
+
+
+def _match(name: str, src: Checkpoint) -> str | None:
+    if name in src:
+        return name
+    for k in src.keys():
+        if name.endswith("." + k) or k.endswith("." + name):
+            return k
+    return None
+
+
+def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], src: Checkpoint) -> dict[str, Any]:
+    from ..quant.reference import dequantize_4bit_ref
+
+    per: list[dict[str, Any]] = []
+    for name in quantized:
+        sk = _match(name, src)
+        if sk is None:
+            raise FormatError(f"{src.root}: has no tensor matching {name!r}", hint="--against must be the checkpoint this one was made from")
+        comp = companion_keys(name, ckpt.keys())
+        qt = QuantizedTensor.from_state_dict(name, {k: ckpt.get(k) for k in comp})
+        w = src.get(sk).double()
+        d = dequantize_4bit_ref(qt, torch.float32).double().reshape(w.shape)
+        err = (w - d).pow(2).sum().item()
+        sig = w.pow(2).sum().item()
+        per.append({
+            "name": name,
+            "rel_error": math.sqrt(err / sig) if sig else 0.0,
+            "sqnr_db": 10 * math.log10(sig / err) if err else float("inf"),
+        })
+    identical = True
+    for k in ckpt.keys():
+        if k in owned:
+            continue
+        sk = _match(k, src)
+        if sk is None or not torch.equal(ckpt.get(k), src.get(sk)):
+            identical = False
+    worst = max(per, key=lambda p: p["rel_error"])
+    finite = [p["sqnr_db"] for p in per if math.isfinite(p["sqnr_db"])]
+    return {
+        "tensors": per,
+        "rel_error_mean": sum(p["rel_error"] for p in per) / len(per),
+        "rel_error_max": worst["rel_error"],
+        "worst_tensor": worst["name"],
+        "sqnr_db_mean": sum(finite) / len(finite) if finite else float("inf"),
+        "sqnr_db_min": min(finite) if finite else float("inf"),
+        "unquantized_identical": identical,
+    }
