@@ -126,6 +126,7 @@ def quantize_checkpoint(
     weight_map: dict[str, str] = {}
     total_size = 0
     out_bytes = 0
+    q_core = q_params = 0  # codes + scales bytes and element count of the quantized weights
     remaining_uses: dict[str, int] = {}
     pending = [s for s in range(len(plan.shards)) if not _shard_done(stage, journal, names[s])]
     for s in pending:
@@ -139,12 +140,15 @@ def quantize_checkpoint(
                 weight_map.update({k: name for k in rec["keys"]})
                 total_size += rec["data_bytes"]
                 out_bytes += rec["file_bytes"]
+                q_core += rec["q_core_bytes"]
+                q_params += rec["q_params"]
                 if bar:
                     bar.update(sum(_src_bytes(plan, i) for i in idx))
                 say(f"kept {name} from the interrupted run (sha256 verified)")
                 continue
             writer = ShardWriter(stage / name, meta)
             keys: list[str] = []
+            shard_core = shard_params = 0
             try:
                 for n_done, i in enumerate(idx):
                     it = plan.items[i]
@@ -157,6 +161,9 @@ def quantize_checkpoint(
                     t = src.get(it.source_key)
                     if it.quantize:
                         qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key)
+                        shard_core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
+                        shard_core += (qt.nested_absmax.numel() * 4 + 4) if qt.double_quant else 0
+                        shard_params += qt.numel
                         for k, v in qt.state_dict(it.out_key).items():
                             writer.add(k, v)
                             keys.append(k)
@@ -175,11 +182,16 @@ def quantize_checkpoint(
                 writer.abort()
                 raise
             file_bytes = (stage / name).stat().st_size
-            journal["done"][name] = {"sha256": digest, "file_bytes": file_bytes, "data_bytes": data_bytes, "keys": keys}
+            journal["done"][name] = {
+                "sha256": digest, "file_bytes": file_bytes, "data_bytes": data_bytes, "keys": keys,
+                "q_core_bytes": shard_core, "q_params": shard_params,
+            }
             _write_json(stage / JOURNAL, journal)
             weight_map.update({k: name for k in keys})
             total_size += data_bytes
             out_bytes += file_bytes
+            q_core += shard_core
+            q_params += shard_params
     finally:
         if bar:
             bar.close()
@@ -200,7 +212,8 @@ def quantize_checkpoint(
         "seconds": round(time.perf_counter() - t0, 3),
         **{k: v for k, v in settings.items() if k != "max_shard_size"},
     }
-    summary.update(_bits(stage, names))
+    summary["bits_per_param"] = 8 * q_core / q_params
+    summary["quantized_params"] = q_params
     (stage / "README.md").write_text(_card(summary, plan), encoding="utf-8")
     if len(names) > 1:  # the index is the last file written
         _write_json(stage / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
@@ -325,13 +338,6 @@ def _copy_extra_files(src, stage: Path) -> list[str]:
         shutil.copyfile(path, dst)
         copied.append(rel)
     return copied
-
-
-def _bits(stage: Path, names: list[str]) -> dict[str, Any]:
-    from ..inspect import inspect_checkpoint
-
-    r = inspect_checkpoint(stage / names[0] if len(names) == 1 else stage)
-    return {"bits_per_param": r["bits_per_param"], "quantized_params": r["quantized_params"], "total_params": r["total_params"]}
 
 
 def _card(summary: dict, plan: Plan) -> str:
