@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except QConvertError as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        msg = f"qconvert: error: {e}"
+        msg = "qconvert: error: " + " ".join(str(e).split("\n"))
         if e.hint:
             msg += f" (hint: {e.hint})"
         click.echo(msg, err=True)

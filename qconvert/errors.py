@@ -19,6 +19,10 @@ class QConvertError(Exception):
             self.hint = hint
 
 
+class OptionError(QConvertError, ValueError):
+    """An option's value cannot be used (a size that does not parse, a block size out of range...)."""
+
+
 class FormatError(QConvertError, ValueError):
     """A checkpoint, tensor or quant-state does not follow the qconvert/bitsandbytes 4-bit layout."""
 

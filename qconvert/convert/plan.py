@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, QuantizationError
+from ..errors import FormatError, OptionError, QuantizationError
 from ..format.checkpoint import Checkpoint
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,7 +90,7 @@ def parse_size(text: str | int) -> int:
             return int(float(t[: -len(u)]) * mult)
     if t.isdigit():
         return int(t)
-    raise ValueError(f"cannot read size {text!r}: use a number with KB, MB or GB (decimal), e.g. 2GB")
+    raise OptionError(f"cannot read size {text!r}", hint="use a number with KB, MB or GB (decimal), e.g. 2GB")
 
 
 def meta_model(root) -> Any:

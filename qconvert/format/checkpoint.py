@@ -157,7 +157,11 @@ class Checkpoint:
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise FormatError(f"{p}: cannot load as a weights-only PyTorch file ({e})", hint="re-download it") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FormatError(
+                f"{p}: cannot load as a weights-only PyTorch file ({first})",
+                hint="qconvert never runs pickled code; convert the file to safetensors, or re-download it",
+            ) from None
         self._bin_cache = (name, sd)
         return sd
 

@@ -1,0 +1,141 @@
+"""Bad input to `qconvert quantize`: one clear line naming the file or tensor, a non-zero exit, and no
+output that looks complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import make_tiny_llama
+
+QCONVERT = [sys.executable, "-m", "qconvert"]
+
+
+def fails(*args) -> str:
+    r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("qconvert: error: ") and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+def no_output(tmp_path: Path, name: str = "out") -> None:
+    out = tmp_path / name
+    assert not out.exists() or not any(out.iterdir())
+    assert not (out / "config.json").exists() and not (out / "model.safetensors.index.json").exists()
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    return make_tiny_llama(tmp_path / "src", max_shard_size="40KB")
+
+
+def test_missing_source(tmp_path):
+    assert "no such folder, and not a Hub repo id" in fails("quantize", tmp_path / "nope" / "x", tmp_path / "out")
+
+
+def test_existing_output_needs_overwrite(tmp_path, src):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    err = fails("quantize", src, out)
+    assert "already exists and is not empty" in err and "--overwrite" in err
+    assert (out / "mine.txt").read_text() == "precious"
+    r = subprocess.run([*QCONVERT, "quantize", str(src), str(out), "--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 0 and not (out / "mine.txt").exists() and (out / "config.json").exists()
+
+
+def test_truncated_shard(tmp_path, src):
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    err = fails("quantize", src, tmp_path / "out")
+    assert shard.name in err and ("corrupt" in err or "truncated" in err)
+    no_output(tmp_path)
+
+
+def test_index_names_file_outside_folder(tmp_path, src):
+    idx = src / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    k = next(iter(d["weight_map"]))
+    d["weight_map"][k] = "../../etc/passwd"
+    idx.write_text(json.dumps(d))
+    err = fails("quantize", src, tmp_path / "out")
+    assert "outside the checkpoint folder" in err and "../../etc/passwd" in err
+    no_output(tmp_path)
+
+
+def test_tensor_in_index_missing_from_shard(tmp_path, src):
+    idx = src / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    victim, shard = next((k, f) for k, f in d["weight_map"].items() if "mlp.up_proj" in k)
+    tensors = load_file(str(src / shard))
+    del tensors[victim]
+    save_file(tensors, str(src / shard), metadata={"format": "pt"})
+    err = fails("quantize", src, tmp_path / "out")
+    assert victim in err and shard in err and "missing from this shard" in err
+    no_output(tmp_path)
+
+
+def test_nan_weight_named(tmp_path):
+    src = make_tiny_llama(tmp_path / "src")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.1.self_attn.o_proj.weight"][5, 7] = float("nan")
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    err = fails("quantize", src, tmp_path / "out")
+    assert "model.layers.1.self_attn.o_proj.weight: holds NaN or Inf (first at index [5, 7])" in err
+    no_output(tmp_path)
+
+
+def test_unsupported_dtype(tmp_path):
+    src = make_tiny_llama(tmp_path / "src")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.mlp.gate_proj.weight"] = tensors["model.layers.0.mlp.gate_proj.weight"].to(torch.int8)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    err = fails("quantize", src, tmp_path / "out")
+    assert "model.layers.0.mlp.gate_proj.weight" in err and "torch.int8" in err and "cannot be quantized" in err
+
+
+def test_bad_options(tmp_path, src):
+    assert "block size 100" in fails("quantize", src, tmp_path / "out", "--blocksize", "100")
+    assert "cannot read size" in fails("quantize", src, tmp_path / "out", "--max-shard-size", "lots")
+
+
+def test_too_little_disk_checked_before_work(tmp_path, src, monkeypatch):
+    from qconvert.convert import quantize as Q
+    from qconvert.errors import DiskSpaceError
+
+    monkeypatch.setattr(Q, "free_bytes", lambda p: 1000)
+    with pytest.raises(DiskSpaceError, match=r"GB free, the output needs about"):
+        Q.quantize_checkpoint(str(src), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.qconvert-partial").exists()
+
+
+def test_pytorch_bin_source_weights_only(tmp_path):
+    """pytorch_model.bin sources load with weights_only=True and give the same bytes as safetensors."""
+    st = make_tiny_llama(tmp_path / "st")
+    binsrc = tmp_path / "bin"
+    binsrc.mkdir()
+    (binsrc / "config.json").write_bytes((st / "config.json").read_bytes())
+    torch.save(load_file(str(st / "model.safetensors")), binsrc / "pytorch_model.bin")
+    for s, o in ((st, "a"), (binsrc, "b")):
+        r = subprocess.run([*QCONVERT, "quantize", str(s), str(tmp_path / o)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_bytes((st / "config.json").read_bytes())
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    torch.save({"x": Boom()}, evil / "pytorch_model.bin")
+    err = fails("quantize", evil, tmp_path / "c")
+    assert "weights-only" in err
