@@ -80,3 +80,24 @@ def test_schemas_accept_real_quant_states():
     bad = {"quant_type": "nf4", "blocksize": 100, "dtype": "float32", "shape": [3]}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
+
+
+def test_schemas_accept_what_quantize_writes(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from safetensors import safe_open
+
+    from helpers import make_tiny_llama
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    out = tmp_path / "out"
+    quantize_checkpoint(str(make_tiny_llama(tmp_path / "src")), out)
+    cfg = json.loads((out / "config.json").read_text())
+    qschema = load_json("quantization_config.schema.json")
+    jsonschema.validate(cfg["quantization_config"], qschema)
+    jsonschema.validate(cfg["qconvert"], {**qschema["$defs"]["provenance"], "$schema": qschema["$schema"]})
+    with safe_open(str(out / "model.safetensors"), "pt") as h:
+        jsonschema.validate(h.metadata(), load_json("metadata.schema.json"))
+        qs_schema = load_json("quant_state.schema.json")
+        for k in h.keys():
+            if ".quant_state." in k:
+                jsonschema.validate(json.loads(bytes(h.get_tensor(k).tolist())), qs_schema)
