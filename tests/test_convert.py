@@ -147,3 +147,24 @@ def test_corrupted_finished_shard_is_redone(tmp_path):
     (stage / first).write_bytes(bytes(data))
     run("quantize", src, tmp_path / "out", "--max-shard-size", "20KB")
     assert (tmp_path / "out" / first).read_bytes() == (tmp_path / "ref" / first).read_bytes()
+
+
+def test_skip_rules_agree_with_transformers():
+    """Our restatement of transformers' default skips and pattern matching gives its answers."""
+    from transformers import AutoConfig, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from qconvert.convert.plan import default_skips, is_skipped
+
+    with torch.device("meta"):
+        models = [
+            LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50, tie_word_embeddings=t))
+            for t in (True, False)
+        ] + [BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50))]
+    for m in models:
+        assert default_skips(m) == set(get_keys_to_not_convert(m))
+    names = ["model.layers.1.mlp.gate_proj", "model.layers.11.mlp.gate_proj", "lm_head", "model.decoder.layers.23.fc1", "mlp.gate"]
+    for patterns in (["layer.1"], ["model.layers.1"], ["layers.*.mlp"], ["mlp.gate"], ["fc1"], ["lm_head", "gate_proj"]):
+        for n in names:
+            assert is_skipped(n, patterns) == (not should_convert_module(n, patterns)), (n, patterns)

@@ -2,15 +2,19 @@
 
 The set of quantized tensors is decided exactly as transformers' bitsandbytes integration decides it:
 the model is built on the meta device from config.json (no weights, no memory), every module whose
-type is exactly ``nn.Linear`` is a candidate, and transformers' own ``get_keys_to_not_convert``
-(tied weights, the last module, output embeddings), the model's ``_keep_in_fp32_modules`` and the
-user's ``--skip-modules`` patterns (matched with transformers' ``should_convert_module``) are excluded.
+type is exactly ``nn.Linear`` is a candidate, and these are excluded: the default skips (tied
+weights, the module of the model's last parameter, the output embeddings), the model's
+``_keep_in_fp32_modules``, and the user's ``--skip-modules`` patterns, matched as transformers matches
+``llm_int8_skip_modules``. The two rules are restated here rather than imported, because importing
+``transformers.quantizers`` loads every quantization backend transformers knows (over 2 s); the
+byte-identity tests against transformers + bitsandbytes hold them to transformers' behaviour.
 Output names are the model's own state-dict names, which is what ``save_pretrained`` writes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +97,31 @@ def parse_size(text: str | int) -> int:
     raise OptionError(f"cannot read size {text!r}", hint="use a number with KB, MB or GB (decimal), e.g. 2GB")
 
 
+def default_skips(model) -> set[str]:
+    """Modules transformers never quantizes: tied weights (both ends), the module that owns the
+    model's last parameter, and the output embeddings."""
+    skips: set[str] = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    skips.update(tied.keys())
+    skips.update(tied.values())
+    params = list(model.named_parameters())
+    if params:
+        skips.add(params[-1][0])
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:
+        skips.update(name for name, m in model.named_modules() if m is out_emb)
+    return {k.removesuffix(".weight") for k in skips}
+
+
+def is_skipped(module_name: str, patterns) -> bool:
+    """A pattern skips a module when it matches from the start up to a dot boundary (also as a
+    regular expression), or when the module name ends with it."""
+    for p in patterns:
+        if re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", module_name) or module_name.endswith(p):
+            return True
+    return False
+
+
 def meta_model(root) -> Any:
     """The model skeleton on the meta device, built from config.json. Never runs remote code."""
     import transformers
@@ -126,18 +155,16 @@ def make_plan(
     max_shard_size: int = 2 * 10**9,
 ) -> Plan:
     from torch import nn
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
 
     model, config = meta_model(ckpt.config_dir())
-    skip = sorted(set(get_keys_to_not_convert(model)) | set(model._keep_in_fp32_modules or ()) | set(skip_modules or ()))
+    skip = sorted(default_skips(model) | set(model._keep_in_fp32_modules or ()) | set(skip_modules or ()))
     state_keys = list(model.state_dict().keys())
     state_set = set(state_keys)
     quant_weights = set()
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and should_convert_module(name, skip):
+        if type(module) is nn.Linear and not is_skipped(name, skip):
             quant_weights.add(f"{name}.weight")
-        elif type(module).__name__ == "Conv1D" and should_convert_module(name, skip):
+        elif type(module).__name__ == "Conv1D" and not is_skipped(name, skip):
             raise QuantizationError(
                 f"module {name!r} is a transposed Conv1D (GPT-2 style), which qconvert does not quantize yet",
                 hint="use transformers + bitsandbytes for this architecture",

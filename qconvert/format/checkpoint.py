@@ -76,7 +76,10 @@ def read_index(path: Path) -> dict[str, str]:
 class Checkpoint:
     """Lazy view of a checkpoint folder or a single safetensors file."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, streaming: bool = False):
+        #: streaming: read each tensor through a short-lived handle, so a shard's memory-mapped pages
+        #: do not stay resident while the next tensors are read (they count towards RSS)
+        self.streaming = streaming
         self.path = Path(path)
         if not self.path.exists():
             raise SourceError(f"{self.path}: no such file or folder", hint="pass a checkpoint folder or a .safetensors file")
@@ -184,7 +187,14 @@ class Checkpoint:
         if self.is_bin:
             return self._load_bin(f)[name]
         try:
+            if self.streaming:
+                from safetensors import safe_open
+
+                with safe_open(str(self.root / f), framework="pt") as h:
+                    return h.get_tensor(name)
             return self._open(f).get_tensor(name)
+        except FormatError:
+            raise
         except Exception as e:
             raise FormatError(
                 f"{self.root / f}: cannot read tensor {name!r} ({e})", hint="the shard is truncated or corrupt; re-download it"

@@ -83,6 +83,7 @@ class HubCheckpoint(Checkpoint):
 
         self.repo_id = repo_id
         self.keep = keep
+        self.streaming = False
         self._download = hf_hub_download
         self.path = self.root = Path(workdir)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,7 @@ def open_source(source: str, revision: str | None, workdir: Path, keep: bool = F
     if os.path.exists(source):
         if revision:
             raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders")
-        return Checkpoint(source)
+        return Checkpoint(source, streaming=True)
     if looks_like_repo_id(source):
         return HubCheckpoint(source, revision, workdir, keep=keep)
     raise SourceError(f"{source}: no such folder, and not a Hub repo id of the form org/name", hint="check the path")
