@@ -103,7 +103,7 @@ class HubCheckpoint(Checkpoint):
                 self.sha = snap.name
                 files = [str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()]
             else:
-                info = HfApi().model_info(repo_id, revision=revision)
+                info = _model_info(repo_id, revision)
                 self.sha = info.sha
                 files = [s.rfilename for s in info.siblings or []]
         self.revision = self.sha
@@ -218,6 +218,28 @@ class HubCheckpoint(Checkpoint):
             t.join()
         if not self.keep:
             shutil.rmtree(self.root / "shards", ignore_errors=True)
+
+
+def _model_info(repo_id: str, revision: str | None):
+    """model_info, telling a missing revision from a missing repo even where a server answers both
+    with 404 'repository not found' (olah does, offline): if the repo resolves without the revision,
+    it is the revision that is missing."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as E
+
+    api = HfApi()
+    try:
+        return api.model_info(repo_id, revision=revision)
+    except E.GatedRepoError:
+        raise
+    except E.RepositoryNotFoundError:
+        if revision is None:
+            raise
+        try:
+            api.model_info(repo_id)
+        except Exception:
+            raise E.RepositoryNotFoundError(f"{repo_id} not found") from None
+        raise SourceError(f"{repo_id}: revision {revision!r} not found", hint="check the branch, tag or commit sha") from None
 
 
 def _offline() -> bool:

@@ -1,0 +1,100 @@
+"""`qconvert quantize org/name` through the real huggingface_hub client against a real Hub-compatible
+server (olah) on loopback, serving a local git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import olah_server
+from helpers import make_tiny_llama
+
+if not olah_server.available():
+    if os.environ.get("QCONVERT_REQUIRE_OLAH"):
+        pytest.fail("olah is required (QCONVERT_REQUIRE_OLAH=1) but .venv-olah is missing: run tools/setup_olah.sh", pytrace=False)
+    pytest.skip("olah not installed (tools/setup_olah.sh)", allow_module_level=True)
+
+QCONVERT = [sys.executable, "-m", "qconvert"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hub")
+    src = make_tiny_llama(d / "model", max_shard_size="40KB")
+    (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    h = olah_server.OlahHub(d / "olah")
+    h.sha = h.add_repo("acme/tiny-llama", src)
+    h.src = src
+    h.start()
+    yield h
+    h.stop()
+
+
+def env_for(hub, tmp_path, offline=False):
+    return dict(
+        os.environ,
+        HF_ENDPOINT=hub.endpoint,
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_OFFLINE="1" if offline else "0",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_ETAG_TIMEOUT="30",
+        HF_HUB_DOWNLOAD_TIMEOUT="30",
+    )
+
+
+def quantize(hub, tmp_path, *args, offline=False):
+    return subprocess.run([*QCONVERT, "quantize", *map(str, args)], capture_output=True, text=True, env=env_for(hub, tmp_path, offline))
+
+
+def tensors(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def test_quantize_from_hub_equals_local(hub, tmp_path):
+    r = quantize(hub, tmp_path, "acme/tiny-llama", tmp_path / "from-hub", "--max-shard-size", "30KB")
+    assert r.returncode == 0, r.stderr + (hub.dir / "olah.log").read_text()[-2000:]
+    r2 = subprocess.run([*QCONVERT, "quantize", str(hub.src), str(tmp_path / "local"), "--max-shard-size", "30KB"], capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr
+    a, b = tensors(tmp_path / "from-hub"), tensors(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "from-hub" / "config.json").read_text())
+    assert cfg["qconvert"]["source"] == "acme/tiny-llama" and cfg["qconvert"]["source_revision"] == hub.sha
+    assert json.loads((tmp_path / "from-hub" / "tokenizer_config.json").read_text()) == {"model_max_length": 128}
+    card = (tmp_path / "from-hub" / "README.md").read_text()
+    assert 'base_model: "acme/tiny-llama"' in card and hub.sha in card
+    # the shards were fetched for this run and deleted after use: no weights left in the HF cache
+    assert not list((tmp_path / "hf-home").rglob("*.safetensors"))
+    assert not (tmp_path / ".from-hub.qconvert-partial").exists()
+
+
+def test_revision_pin_and_keep_source_then_offline(hub, tmp_path):
+    r = quantize(hub, tmp_path, "acme/tiny-llama", tmp_path / "a", "--revision", hub.sha, "--keep-source")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "hf-home").rglob("model-*.safetensors"))) >= 2  # kept in the HF cache
+    r = quantize(hub, tmp_path, "acme/tiny-llama", tmp_path / "b", "--revision", hub.sha, offline=True)
+    assert r.returncode == 0, r.stderr  # offline, from the cache alone
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hub_errors(hub, tmp_path):
+    r = quantize(hub, tmp_path, "acme/no-such-model", tmp_path / "x")
+    assert r.returncode == 1 and "acme/no-such-model" in r.stderr and "not found" in r.stderr
+    r = quantize(hub, tmp_path, "acme/tiny-llama", tmp_path / "x", "--revision", "no-such-branch")
+    assert r.returncode == 1 and "no-such-branch" in r.stderr
+    r = quantize(hub, tmp_path / "empty", "acme/tiny-llama", tmp_path / "x", offline=True)
+    assert r.returncode == 1 and "acme/tiny-llama" in r.stderr and ("cache" in r.stderr or "offline" in r.stderr)
+    for r in (r,):
+        assert r.stderr.count("\n") == 1
+    assert not (tmp_path / "x").exists()
