@@ -6,4 +6,11 @@ from pathlib import Path
 # compile time for no numerical difference on these ops. The tests run them eagerly.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+# Without a GPU, qconvert's Triton kernels run in Triton's interpreter (read when kernels are defined).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,0 +1,73 @@
+"""Compute backends for 4-bit weights, chosen at load time.
+
+Each backend offers ``dequantize(qt, dtype) -> Tensor`` and ``matmul(x, qt, bias) -> Tensor`` over a
+:class:`qconvert.format.layout.QuantizedTensor` whose tensors live on the compute device.
+
+- ``reference``: the pure-torch reference math (qconvert.quant.reference); any device. The default.
+- ``triton``: qconvert's own Triton kernels (one-pass dequantize with double-quant decode; a fused
+  small-batch matmul). Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (for tests).
+- ``bitsandbytes``: bitsandbytes' own kernels, for comparison.
+- ``auto``: triton on CUDA when Triton is importable, else reference.
+
+The environment variable QCONVERT_BACKEND selects one when the caller passes "auto". Importing this
+module imports neither Triton nor bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import BackendError
+
+NAMES = ("auto", "reference", "triton", "bitsandbytes")
+ENV = "QCONVERT_BACKEND"
+
+
+def resolve(name: str | None, device: torch.device) -> str:
+    name = name or "auto"
+    if name == "auto":
+        name = os.environ.get(ENV) or "auto"
+    if name not in NAMES:
+        raise BackendError(f"unknown backend {name!r}", hint=f"use one of {', '.join(NAMES)} (argument or {ENV})")
+    if name == "auto":
+        if device.type == "cuda" and _triton_ok():
+            return "triton"
+        return "reference"
+    if name == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise BackendError(
+            f"the triton backend needs a CUDA device (got {device})",
+            hint="use --backend reference on CPU, or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter",
+        )
+    if name == "triton" and not _triton_ok():
+        raise BackendError("the triton backend needs the triton package", hint="pip install triton, or use --backend reference")
+    if name == "bitsandbytes":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise BackendError("the bitsandbytes backend needs the bitsandbytes package", hint="pip install bitsandbytes") from None
+    return name
+
+
+def _triton_ok() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def get_backend(name: str | None, device: torch.device | str):
+    """The backend object for ``name`` on ``device`` (raises BackendError if unknown or unavailable)."""
+    device = torch.device(device)
+    resolved = resolve(name, device)
+    if resolved == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend()
+    if resolved == "bitsandbytes":
+        from .bnb import BitsandbytesBackend
+
+        return BitsandbytesBackend()
+    from .reference import ReferenceBackend
+
+    return ReferenceBackend()

@@ -1,0 +1,5 @@
+"""qconvert's 4-bit modules."""
+
+from .linear4bit import Linear4bit
+
+__all__ = ["Linear4bit"]

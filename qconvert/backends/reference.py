@@ -1,0 +1,18 @@
+"""The reference backend: the format's reference math, in plain torch, on any device."""
+
+from __future__ import annotations
+
+import torch
+
+from ..format.layout import QuantizedTensor
+from ..quant.reference import dequantize_4bit_ref
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_4bit_ref(qt, dtype)
+
+    def matmul(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)

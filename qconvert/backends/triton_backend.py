@@ -1,0 +1,77 @@
+"""The triton backend: qconvert's own kernels (kernels_nf4.py), launched and validated here.
+
+Small batches (up to SMALL_BATCH rows) use the fused kernel that never writes the dequantized weight.
+Larger batches, and the input gradient in backward, dequantize in one pass and call the vendor
+matmul (cuBLAS on GPU): without a GPU to measure on, that choice for the training path is pending a
+measurement (tools/bench_kernels.py runs both).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BackendError
+from ..format.layout import QuantizedTensor
+
+SMALL_BATCH = 16
+BLOCK = 1024
+
+
+def _launch_opts(device: torch.device) -> dict:
+    # the interpreter takes no compiler options; on a GPU, forbid fusing the scale's multiply-add
+    return {} if device.type == "cpu" else {"enable_fp_fusion": False}
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self):
+        from . import kernels_nf4
+
+        self.k = kernels_nf4
+
+    def _tables(self, qt: QuantizedTensor):
+        nested = qt.nested_absmax if qt.double_quant else qt.absmax
+        dmap = qt.nested_quant_map if qt.double_quant else qt.quant_map
+        offset = float(qt.nested_offset) if qt.double_quant else 0.0
+        return nested, dmap, offset
+
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise BackendError(f"cannot dequantize to {dtype}")
+        n = qt.numel
+        bf16 = dtype == torch.bfloat16
+        out = torch.empty(n, dtype=torch.int16 if bf16 else dtype, device=qt.packed.device)
+        nested, dmap, offset = self._tables(qt)
+        grid = (triton_cdiv(n, BLOCK),)
+        self.k.dequantize_kernel[grid](
+            qt.packed, qt.absmax, nested, qt.quant_map, dmap, out, n, offset,
+            BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, BF16_BITS=bf16, BLOCK=BLOCK, **_launch_opts(out.device),
+        )
+        return (out.view(torch.bfloat16) if bf16 else out).reshape(qt.shape)
+
+    def matmul(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= SMALL_BATCH and len(qt.shape) == 2:
+            return self.gemv(x, qt, bias)
+        return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)
+
+    def gemv(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        N, K = qt.shape
+        x2 = x.reshape(-1, K).contiguous()
+        M = x2.shape[0]
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        nested, dmap, offset = self._tables(qt)
+        BLOCK_N, BLOCK_K = 32, 64
+        grid = (triton_cdiv(N, BLOCK_N), M)
+        self.k.gemv_kernel[grid](
+            x2, qt.packed, qt.absmax, nested, qt.quant_map, dmap, bias if bias is not None else y, y,
+            N, K, offset, x2.stride(0), y.stride(0),
+            BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, HAS_BIAS=bias is not None, X_BF16=x.dtype == torch.bfloat16,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_launch_opts(x.device),
+        )
+        return y.reshape(*x.shape[:-1], N)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

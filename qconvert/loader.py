@@ -1,0 +1,137 @@
+"""`qconvert.load_model`: a 4-bit checkpoint onto qconvert's own 4-bit modules.
+
+The model is built from config.json with its parameters on the meta device (no full-precision
+weights are ever allocated); each nn.Linear whose weight is stored in 4 bits becomes a
+:class:`qconvert.nn.Linear4bit` holding the packed tensors, placed directly on the target device;
+every other tensor is loaded as stored. Host memory while loading stays near one tensor beyond the
+quantized checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+from .format.checkpoint import Checkpoint
+from .format.layout import QuantizedTensor, companion_keys, find_quantized
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder, or a Hub repo id downloaded with huggingface_hub; returns (folder, repo id)."""
+    p = Path(path_or_repo_id)
+    if p.exists():
+        return p, None
+    from .errors import SourceError
+    from .hub.download import hub_errors, looks_like_repo_id
+
+    rid = str(path_or_repo_id)
+    if not looks_like_repo_id(rid):
+        raise SourceError(f"{rid}: no such folder, and not a Hub repo id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(rid, revision):
+        return Path(snapshot_download(rid, revision=revision)), rid
+
+
+def _set_tensor(model, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise FormatError(f"checkpoint tensor {name!r} has no place in the model ({type(model).__name__})")
+
+
+def load_model(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    backend: str = "auto",
+    compute_dtype: torch.dtype | str | None = None,
+    adapter: str | os.PathLike | None = None,
+):
+    """Load a qconvert (or transformers + bitsandbytes) 4-bit checkpoint; see the module docstring.
+
+    ``backend``: "auto", "reference", "triton" or "bitsandbytes" (also QCONVERT_BACKEND).
+    ``compute_dtype`` defaults to the checkpoint's ``bnb_4bit_compute_dtype``.
+    ``adapter``: a PEFT LoRA folder to attach (returns a PeftModel).
+    """
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from .backends import get_backend
+    from .nn import Linear4bit
+
+    root, repo_id = resolve_model_path(path_or_repo_id, revision)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    be = get_backend(backend, device)
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise FormatError(
+            f"{root}: not a 4-bit checkpoint (config.json has no bitsandbytes 4-bit quantization_config)",
+            hint=f"run `qconvert quantize {path_or_repo_id} OUT` first and load OUT",
+        )
+    cd = compute_dtype or qc.get("bnb_4bit_compute_dtype") or "float32"
+    cd = DTYPES[cd.removeprefix("torch.")] if isinstance(cd, str) else cd
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise FormatError(f"{root}/config.json: architecture {arch!r} is not in transformers")
+    # the skeleton must not try to quantize itself: hide quantization_config while building it
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    config.quantization_config = qc
+
+    ckpt = Checkpoint(root, streaming=True)
+    keys = ckpt.keys()
+    quantized = find_quantized(keys)
+    placed: set[str] = set()
+    for name in quantized:
+        comp = companion_keys(name, keys)
+        t = {k: ckpt.get(k).to(device) for k in comp}
+        qt = QuantizedTensor.from_state_dict(name, t, where=str(root / ckpt.file_of(name)))
+        mod_name = name.removesuffix(".weight")
+        old = model.get_submodule(mod_name)
+        if not isinstance(old, torch.nn.Linear) or tuple(qt.shape) != (old.out_features, old.in_features):
+            raise FormatError(f"{root}: 4-bit tensor {name!r} does not fit module {mod_name!r} ({type(old).__name__})")
+        bias_key = f"{mod_name}.bias"
+        bias = ckpt.get(bias_key).to(device) if bias_key in ckpt else None
+        parent_name, _, child = mod_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit(qt, bias, be, cd))
+        placed.update(comp)
+        if bias is not None:
+            placed.add(bias_key)
+    state_names = set(model.state_dict().keys())
+    for k in keys:
+        if k in placed:
+            continue
+        if k not in state_names:
+            continue  # e.g. a non-persistent buffer transformers also ignores
+        _set_tensor(model, k, ckpt.get(k).to(device))
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise FormatError(f"{root}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    model.to(device)
+    model.is_loaded_in_4bit = True
+    model.qconvert_backend = be.name
+    model.config.name_or_path = repo_id or str(root)
+    model.eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model

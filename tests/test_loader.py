@@ -1,0 +1,205 @@
+"""qconvert.load_model against transformers + bitsandbytes and against a float32 reference; PEFT,
+generate, gradient checkpointing, and backward without a stored dequantized weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qconvert
+from helpers import bnb_quantize_save, make_tiny_llama
+from qconvert.errors import BackendError, FormatError
+from qconvert.nn import Linear4bit
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64], [3, 3, 8, 120, 4, 0, 11, 90]])
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """in_features multiples of 64 (bitsandbytes' CPU dequant is only right there, spec section 11)."""
+    d = tmp_path_factory.mktemp("aligned")
+    out = {}
+    for cd in ("float32", "bfloat16"):  # a float32 model computing in float32; a bf16 model in bf16
+        src = make_tiny_llama(d / f"src-{cd}", hidden=64, intermediate=128, dtype=getattr(torch, cd))
+        out[cd] = bnb_quantize_save(src, d / f"bnb-{cd}", compute_dtype=getattr(torch, cd))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    """hidden 100 (k_proj/v_proj of 100 rows, head_dim 20), intermediate 70: ragged blocks everywhere."""
+    d = tmp_path_factory.mktemp("ragged")
+    src = make_tiny_llama(d / "src", hidden=100, intermediate=70, heads=5, kv_heads=5, dtype=torch.float32)
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    quantize_checkpoint(str(src), d / "q")
+    return d / "q"
+
+
+def test_logits_match_transformers_bitsandbytes(aligned):
+    """bitsandbytes has two CPU paths: in training mode it dequantizes and calls torch (compared at
+    float32 rounding); in eval/no-grad on CPUs with AVX-512-BF16 it repacks the weight and computes
+    in bf16 whatever the compute dtype (compared at bf16 rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    for cd in ("float32", "bfloat16"):
+        ours = qconvert.load_model(aligned[cd], backend="reference", device="cpu")
+        theirs = AutoModelForCausalLM.from_pretrained(aligned[cd])
+        assert isinstance(ours.model.layers[0].self_attn.q_proj, Linear4bit)
+        with torch.no_grad():
+            a = ours(IDS).logits
+        theirs.train()  # dropout is 0 in this config: train mode only selects bitsandbytes' torch path
+        b = theirs(IDS).logits.detach()
+        assert a.dtype == b.dtype == getattr(torch, cd)
+        assert rel(a, b) < (1e-5 if cd == "float32" else 1e-2), (cd, rel(a, b))
+        theirs.eval()
+        with torch.no_grad():
+            c = theirs(IDS).logits
+        assert rel(a, c) < 1e-2, (cd, rel(a, c))
+
+
+def float32_reference(qdir):
+    """The dequantize-then-run reference: a float32 transformers model with dequantized weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
+    from qconvert.quant.reference import dequantize_4bit_ref
+
+    cfg = AutoConfig.from_pretrained(qdir)
+    del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    ck = Checkpoint(qdir)
+    sd, owned = {}, set()
+    for name in find_quantized(ck.keys()):
+        comp = companion_keys(name, ck.keys())
+        owned.update(comp)
+        sd[name] = dequantize_4bit_ref(QuantizedTensor.from_state_dict(name, {k: ck.get(k) for k in comp}), torch.float32)
+    sd.update({k: ck.get(k).float() for k in ck.keys() if k not in owned})
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "bitsandbytes"])
+def test_ragged_model_matches_float32_reference_on_every_backend(ragged, backend):
+    ref = float32_reference(ragged)
+    m = qconvert.load_model(ragged, backend=backend, device="cpu", compute_dtype="float32")
+    assert m.model.layers[0].self_attn.k_proj.out_features == 100
+    with torch.no_grad():  # bitsandbytes' own CPU matmul refuses 100 output rows under no_grad; ours does not
+        a, b = m(IDS[:, :5]).logits, ref(IDS[:, :5]).logits
+    tol = 1e-5 if backend != "bitsandbytes" else 1e-5
+    assert rel(a.float(), b) < tol, rel(a.float(), b)
+
+
+def test_peft_lora_gradients_match_peft_on_bitsandbytes(aligned):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    ours = get_peft_model(qconvert.load_model(aligned["float32"], backend="reference", device="cpu"), cfg)
+    torch.manual_seed(0)
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(aligned["float32"]), cfg)
+    ours_params = dict(ours.named_parameters())
+    theirs_params = dict(theirs.named_parameters())
+    lora = [k for k, p in ours_params.items() if p.requires_grad]
+    assert lora and set(lora) == {k for k, p in theirs_params.items() if p.requires_grad}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for k in lora:  # same nonzero adapter on both sides
+            v = torch.randn(ours_params[k].shape, generator=g) * 0.05
+            ours_params[k].copy_(v)
+            theirs_params[k].copy_(v)
+    for model in (ours, theirs):
+        model.train()
+        model(IDS, labels=IDS).loss.backward()
+    for k in lora:
+        assert rel(ours_params[k].grad, theirs_params[k].grad) < 1e-4, k
+
+
+def test_backward_keeps_no_dequantized_weight(aligned):
+    from peft import LoraConfig, get_peft_model
+
+    m = get_peft_model(qconvert.load_model(aligned["float32"], backend="reference", device="cpu"),
+                       LoraConfig(r=2, target_modules=["q_proj", "up_proj"], lora_dropout=0.0))
+    own = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    weight_shapes = {(64, 64), (32, 64), (128, 64), (64, 128)}
+    copies = []
+
+    def pack(t):
+        # a saved weight-shaped float tensor that is not a model parameter would be a dequantized copy
+        if t.dtype.is_floating_point and {tuple(t.shape), tuple(t.shape[::-1])} & weight_shapes:
+            if t.untyped_storage().data_ptr() not in own:
+                copies.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(IDS, labels=IDS).loss
+    loss.backward()
+    assert copies == []
+    # control: the naive route (dequantize, then an autograd matmul) is caught by the same hook
+    q = m.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    x = torch.randn(2, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.nn.functional.linear(x, q.dequantized(torch.float32)).sum().backward()
+    assert copies == [(64, 64)]
+    assert m.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad is not None
+
+
+def test_gradient_checkpointing_same_gradients(aligned):
+    from peft import LoraConfig, get_peft_model
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = get_peft_model(qconvert.load_model(aligned["float32"], backend="reference", device="cpu"),
+                           LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # nonzero B, so every LoRA tensor gets a gradient
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        if ckpt:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.enable_input_require_grads()
+        m.train()
+        m(IDS, labels=IDS).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad})
+    for k in grads[0]:
+        assert rel(grads[1][k], grads[0][k]) < 1e-5, k
+
+
+def test_generate_matches_transformers(aligned):
+    from transformers import AutoModelForCausalLM
+
+    ours = qconvert.load_model(aligned["float32"], backend="reference", device="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(aligned["float32"])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(IDS[:1], **kw), theirs.generate(IDS[:1], **kw))
+
+
+def test_backend_selection_errors(aligned, monkeypatch):
+    with pytest.raises(BackendError, match="unknown backend 'cuda-magic'"):
+        qconvert.load_model(aligned["float32"], backend="cuda-magic", device="cpu")
+    monkeypatch.setenv("QCONVERT_BACKEND", "nope")
+    with pytest.raises(BackendError, match="unknown backend 'nope'"):
+        qconvert.load_model(aligned["float32"], device="cpu")
+    monkeypatch.setenv("QCONVERT_BACKEND", "bitsandbytes")
+    m = qconvert.load_model(aligned["float32"], device="cpu")
+    assert m.qconvert_backend == "bitsandbytes"
+    monkeypatch.delenv("QCONVERT_BACKEND")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendError, match="needs a CUDA device"):
+        qconvert.load_model(aligned["float32"], backend="triton", device="cpu")
+
+
+def test_not_a_4bit_checkpoint(tmp_path):
+    src = make_tiny_llama(tmp_path / "plain")
+    with pytest.raises(FormatError, match="not a 4-bit checkpoint") as e:
+        qconvert.load_model(src, device="cpu")
+    assert "qconvert quantize" in e.value.hint
