@@ -203,3 +203,48 @@ def test_not_a_4bit_checkpoint(tmp_path):
     with pytest.raises(FormatError, match="not a 4-bit checkpoint") as e:
         qconvert.load_model(src, device="cpu")
     assert "qconvert quantize" in e.value.hint
+
+
+def _tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+def test_generate_and_eval_cli(aligned, tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "m"
+    shutil.copytree(aligned["float32"], model)
+    _tokenizer(model)
+    env = dict(os.environ, QCONVERT_BACKEND="reference")
+    r = subprocess.run([sys.executable, "-m", "qconvert", "generate", str(model), "--prompt", "w1 w2 w3", "--max-new-tokens", "4"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.split()
+    assert words[:3] == ["w1", "w2", "w3"] and len(words) == 7
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": " ".join(f"w{(i * j) % 100}" for j in range(12))}) for i in range(3)))
+    r = subprocess.run([sys.executable, "-m", "qconvert", "eval", str(model), "--data", str(data), "--json"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    # the same number computed here, in-process, through the library
+    from transformers import AutoTokenizer
+
+    from qconvert.runtime_cli import perplexity, read_texts
+
+    want = perplexity(qconvert.load_model(model, backend="reference", device="cpu"), AutoTokenizer.from_pretrained(model), read_texts(data))
+    assert got["tokens"] == want["tokens"] == 33 and abs(got["loss"] - want["loss"]) < 1e-5
+    assert 1.0 < got["perplexity"] < 1000
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "w1"}\n{oops\n')
+    r = subprocess.run([sys.executable, "-m", "qconvert", "eval", str(model), "--data", str(bad)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "bad.jsonl:2: not valid JSON" in r.stderr

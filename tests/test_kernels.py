@@ -1,0 +1,78 @@
+"""qconvert's Triton kernels against the reference: dequantization bit-exact, the fused small-batch
+matmul within a named tolerance. Without a GPU they run in Triton's interpreter (conftest.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qconvert.backends import get_backend
+from qconvert.format.constants import codebook
+from qconvert.format.layout import QuantizedTensor
+from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: fused matmul tolerance: the output is rounded to the input dtype once; accumulation order differs
+GEMV_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def triton_backend():
+    return get_backend("triton", DEVICE)
+
+
+def on_device(qt: QuantizedTensor) -> QuantizedTensor:
+    for f in ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+        if getattr(qt, f) is not None:
+            setattr(qt, f, getattr(qt, f).to(DEVICE))
+    return qt
+
+
+def test_dequantize_bit_exact(triton_backend):
+    g = torch.Generator().manual_seed(0)
+    shapes = ((1,), (7,), (63,), (65,), (33, 65), (5, 257), (3, 4097))
+    for shape, dt, qtype, bs, dq in itertools.product(shapes, (torch.float32, torch.float16, torch.bfloat16), ("nf4", "fp4"), (32, 64, 256), (True, False)):
+        x = (torch.randn(shape, generator=g) * 3).to(dt)
+        qt = quantize_4bit_ref(x, qtype, bs, dq)
+        ref = dequantize_4bit_ref(qt)
+        out = triton_backend.dequantize(on_device(qt), dt).cpu()
+        assert out.dtype == dt and torch.equal(out, ref), (shape, dt, qtype, bs, dq)
+        for other in (torch.float32, torch.bfloat16):  # to another dtype than the logical one
+            assert torch.equal(triton_backend.dequantize(qt, other).cpu(), dequantize_4bit_ref(on_device(qt), other).cpu())
+
+
+def test_dequantize_many_nested_blocks(triton_backend):
+    x = torch.randn(300 * 64 + 17).bfloat16()  # 301 blocks: two nested blocks, the second ragged
+    qt = quantize_4bit_ref(x, "nf4", 64, True)
+    assert torch.equal(triton_backend.dequantize(on_device(qt), torch.bfloat16).cpu(), dequantize_4bit_ref(qt))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fused_small_batch_matmul(triton_backend, dt):
+    g = torch.Generator().manual_seed(1)
+    for (n, k), rows, bias, dq in itertools.product(((100, 70), (32, 64), (65, 129)), (1, 3, 16), (False, True), (True, False)):
+        w = torch.randn(n, k, generator=g).to(dt)
+        qt = on_device(quantize_4bit_ref(w, "nf4", 64, dq))
+        x = torch.randn(rows, k, generator=g).to(dt).to(DEVICE)
+        b = torch.randn(n, generator=g).to(dt).to(DEVICE) if bias else None
+        y = triton_backend.gemv(x, qt, b)
+        ref = torch.nn.functional.linear(x.double(), dequantize_4bit_ref(qt, dt).double().to(DEVICE), None if b is None else b.double())
+        assert y.shape == (rows, n) and y.dtype == dt
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < GEMV_TOL[dt], (n, k, rows, bias, dq, err)
+
+
+def test_codebook_probe_every_backend():
+    """Bytes 0x01, 0x23, ..., 0xEF with absmax 1.0 dequantize to exactly the table, in nibble order."""
+    packed = torch.tensor([0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF], dtype=torch.uint8).reshape(-1, 1)
+    for qtype, name in itertools.product(("nf4", "fp4"), ("reference", "triton", "bitsandbytes")):
+        table = codebook(qtype)
+        qt = on_device(QuantizedTensor(packed, torch.ones(1), (16,), torch.float32, qtype, 64, table))
+        if name == "bitsandbytes" and DEVICE == "cpu":
+            qt = QuantizedTensor(packed, torch.ones(1), (16,), torch.float32, qtype, 64, table)
+        out = get_backend(name, DEVICE if name != "bitsandbytes" else qt.packed.device).dequantize(qt, torch.float32)
+        assert torch.equal(out.cpu().reshape(16), table), (qtype, name)
