@@ -86,7 +86,7 @@ def main() -> int:
             y.backward(gy)
 
         t_fb, t_bfb = timed(ours_fb, 10, 3), timed(bnb_fb, 10, 3)
-        print(f"{name:14} {gbs(t_ours):8.0f} {gbs(t_bnb):9.0f} {2 * gbs(t_copy) / 2:10.0f} {t_bnb / t_ours:7.2f} {t_copy / t_ours:8.0%} "
+        print(f"{name:14} {gbs(t_ours):8.0f} {gbs(t_bnb):9.0f} {gbs(t_copy):10.0f} {t_bnb / t_ours:7.2f} {t_copy / t_ours:8.0%} "
               f"{t_gemv * 1e6:8.1f} {t_bgemv * 1e6:7.1f} {t_bgemv / t_gemv:6.2f} {t_fb * 1e3:11.2f} {t_bfb * 1e3:7.2f} {t_bfb / t_fb:6.2f}"
               + ("" if same else "  (bitsandbytes' dequant differs in some elements)"))
     return 0
