@@ -97,3 +97,27 @@ def bnb_quantize_save(src: str | os.PathLike, out: str | os.PathLike, auto_class
 
 def read_config(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def float32_reference(qdir):
+    """The dequantize-then-run reference of a 4-bit checkpoint: a float32 transformers model whose
+    weights are the reference dequantization of the stored 4-bit ones."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
+    from qconvert.quant.reference import dequantize_4bit_ref
+
+    cfg = AutoConfig.from_pretrained(qdir)
+    del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    ck = Checkpoint(qdir)
+    sd, owned = {}, set()
+    for name in find_quantized(ck.keys()):
+        comp = companion_keys(name, ck.keys())
+        owned.update(comp)
+        sd[name] = dequantize_4bit_ref(QuantizedTensor.from_state_dict(name, {k: ck.get(k) for k in comp}), torch.float32)
+    sd.update({k: ck.get(k).float() for k in ck.keys() if k not in owned})
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    return model.eval()

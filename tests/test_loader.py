@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qconvert
-from helpers import bnb_quantize_save, make_tiny_llama
+from helpers import bnb_quantize_save, float32_reference, make_tiny_llama
 from qconvert.errors import BackendError, FormatError
 from qconvert.nn import Linear4bit
 
@@ -60,29 +60,6 @@ def test_logits_match_transformers_bitsandbytes(aligned):
         with torch.no_grad():
             c = theirs(IDS).logits
         assert rel(a, c) < 1e-2, (cd, rel(a, c))
-
-
-def float32_reference(qdir):
-    """The dequantize-then-run reference: a float32 transformers model with dequantized weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qconvert.format.checkpoint import Checkpoint
-    from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
-    from qconvert.quant.reference import dequantize_4bit_ref
-
-    cfg = AutoConfig.from_pretrained(qdir)
-    del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(cfg).float()
-    ck = Checkpoint(qdir)
-    sd, owned = {}, set()
-    for name in find_quantized(ck.keys()):
-        comp = companion_keys(name, ck.keys())
-        owned.update(comp)
-        sd[name] = dequantize_4bit_ref(QuantizedTensor.from_state_dict(name, {k: ck.get(k) for k in comp}), torch.float32)
-    sd.update({k: ck.get(k).float() for k in ck.keys() if k not in owned})
-    model.load_state_dict(sd, strict=False)
-    model.tie_weights()
-    return model.eval()
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "bitsandbytes"])
