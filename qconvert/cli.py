@@ -61,6 +61,10 @@ def _load_commands() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning qconvert's errors into one line on stderr."""
+    import logging
+
+    # bitsandbytes logs at import that an optional CPU kernel package is missing: noise for our users
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     _load_commands()
     try:
         cli.main(args=argv, prog_name="qconvert", standalone_mode=False)
