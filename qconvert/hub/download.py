@@ -58,10 +58,17 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         if status in (401, 403):
             raise SourceError(f"{repo_id}: the Hub refused access (HTTP {status})", hint="set HF_TOKEN to a valid token with read access") from None
         raise SourceError(f"{repo_id}{rev}: the Hub answered with an error ({e})", hint="try again; HF_ENDPOINT points at " + _endpoint()) from None
-    except (OSError, ConnectionError) as e:
-        if isinstance(e, SourceError):
+    except Exception as e:
+        if isinstance(e, SourceError) or not is_network_error(e):
             raise
-        raise SourceError(f"{repo_id}{rev}: cannot reach the Hub ({e})", hint="check the network or HF_ENDPOINT") from None
+        raise SourceError(f"{repo_id}{rev}: cannot reach the Hub ({type(e).__name__}: {e})", hint="check the network or HF_ENDPOINT") from None
+
+
+def is_network_error(e: BaseException) -> bool:
+    """A transport failure from the HTTP stack under huggingface_hub (connection refused, timeout...)."""
+    if isinstance(e, (OSError, ConnectionError, TimeoutError)):
+        return True
+    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
 def _endpoint() -> str:

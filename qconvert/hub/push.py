@@ -1,0 +1,126 @@
+"""Publishing a folder to the Hugging Face Hub, with the checks a published model deserves.
+
+Before anything is uploaded the folder is validated: a 4-bit checkpoint must pass ``qconvert verify``
+(the spec check), an adapter needs a PEFT LoRA adapter_config.json and weights, and every folder needs
+a model card whose ``base_model_relation`` matches what the folder is. The upload itself is
+huggingface_hub's ``create_repo(exist_ok=True)`` + ``upload_folder`` (which, with hf_xet, splits a
+large folder into several commits and resumes when re-run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import FormatError, HubError
+from .card import read_card_meta
+
+
+def folder_kind(folder: Path) -> str:
+    """'adapter', 'quantized' or 'merge' (a plain full-precision checkpoint)."""
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)")
+    qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    return "quantized" if qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit") else "merge"
+
+
+def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"{folder}: no such folder")
+    kind = folder_kind(folder)
+    if kind == "adapter":
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        if cfg.get("peft_type") != "LORA" or not (folder / "adapter_model.safetensors").is_file():
+            raise FormatError(f"{folder}: adapter_config.json must be a PEFT LoRA config next to adapter_model.safetensors")
+        base = cfg.get("base_model_name_or_path") or ""
+        if base.startswith(("/", ".")) or os.sep in base and not _is_repo_id(base):
+            raise FormatError(
+                f"{folder}/adapter_config.json: base_model_name_or_path is a local path ({base!r})",
+                hint="set it to the Hub id of the base model, so others can load the adapter",
+            )
+    elif kind == "quantized":
+        from ..convert.verify import verify_checkpoint
+
+        verify_checkpoint(folder)
+    card = folder / "README.md"
+    if not card.is_file():
+        raise FormatError(f"{folder}: no README.md model card", hint="qconvert quantize/train/merge write one")
+    meta = read_card_meta(card.read_text())
+    relation = meta.get("base_model_relation")
+    if relation != kind:
+        raise FormatError(
+            f"{card}: base_model_relation is {relation!r}, but the folder holds a {kind} model",
+            hint=f"set base_model_relation: {kind} in the card's front matter",
+        )
+    return {"kind": kind, "card": meta}
+
+
+def _is_repo_id(s: str) -> bool:
+    from .download import REPO_ID
+
+    return bool(REPO_ID.match(s))
+
+
+@contextmanager
+def _push_errors(repo_id: str) -> Iterator[None]:
+    from huggingface_hub import errors as E
+
+    resume = "re-running the same command resumes the upload"
+    try:
+        yield
+    except E.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            raise HubError(f"{repo_id}: the Hub rejected the token (HTTP 401)", hint="set HF_TOKEN to a valid write token") from None
+        if status == 403:
+            raise HubError(
+                f"{repo_id}: not allowed to write there (HTTP 403): the repo or its namespace belongs to someone else, or the token is read-only",
+                hint="push to your own namespace, or use a write token of the owner",
+            ) from None
+        raise HubError(f"{repo_id}: the Hub answered with an error ({e})", hint=resume) from None
+    except ValueError as e:  # huggingface_hub raises ValueError subclasses for answers it cannot use
+        raise HubError(f"{repo_id}: the Hub's answer could not be used ({e})", hint=resume) from None
+    except Exception as e:
+        from .download import is_network_error
+
+        if not is_network_error(e):
+            raise
+        raise HubError(f"{repo_id}: network failure during the upload ({type(e).__name__})", hint=resume) from None
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Validate ``folder`` and upload it to ``repo_id``; returns the commit (and PR) URL."""
+    from huggingface_hub import HfApi, get_token
+
+    info = validate_folder(folder)
+    if not _is_repo_id(repo_id):
+        raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name")
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token", hint="set HF_TOKEN, or run `hf auth login`")
+    api = HfApi(token=token)
+    with _push_errors(repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"Upload {info['kind']} model with qconvert",
+        )
+    return {"repo_id": repo_id, "kind": info["kind"], "commit_url": commit.commit_url, "pr_url": getattr(commit, "pr_url", None)}

@@ -1,0 +1,193 @@
+"""A loopback HTTP server speaking the Hub endpoints that huggingface_hub's upload path uses, so push
+can be tested through the real client. No public server accepts uploads offline.
+
+Implemented: POST /api/repos/create, POST /api/models/{repo}/branch/{branch},
+POST /api/models/{repo}/preupload/{rev}, POST /{repo}.git/info/lfs/objects/batch, PUT /lfs/{oid},
+POST /api/models/{repo}/commit/{rev} (NDJSON: header, file, lfsFile), POST /api/validate-yaml,
+GET /api/whoami-v2.
+Tokens map to user names; a repo outside the caller's namespace answers 403, a missing or unknown
+token 401. (Set HF_HUB_DISABLE_XET=1 in clients: this server speaks LFS, not xet.)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class HubState:
+    def __init__(self, tokens: dict[str, str]):
+        self.tokens = tokens  # token -> user
+        self.repos: dict[str, dict] = {}  # repo_id -> {"private", "branches": {name: {path: bytes}}, "commits": [...], "prs": [...]}
+        self.lfs: dict[str, bytes] = {}
+        self.validated_cards: list[str] = []
+        self.lock = threading.Lock()
+
+
+def make_handler(state: HubState):
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _json(self, code: int, obj, headers=None):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _body(self) -> bytes:
+            n = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(n) if n else b""
+
+        def _user(self):
+            auth = self.headers.get("Authorization", "")
+            tok = auth[7:] if auth.startswith("Bearer ") else None
+            return state.tokens.get(tok) if tok else None
+
+        def _auth(self, repo_id: str | None = None):
+            user = self._user()
+            if user is None:
+                self._json(401, {"error": "Invalid credentials"})
+                return None
+            if repo_id is not None and repo_id.split("/")[0] != user:
+                self._json(403, {"error": f"You don't have the rights to write to {repo_id}"})
+                return None
+            return user
+
+        def _repo(self, repo_id: str):
+            r = state.repos.get(repo_id)
+            if r is None:
+                self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            return r
+
+        def do_GET(self):
+            if self.path.startswith("/api/whoami"):
+                user = self._auth()
+                if user:
+                    self._json(200, {"name": user, "type": "user", "auth": {"accessToken": {"role": "write"}}})
+                return
+            self._json(404, {"error": "not found"})
+
+        def do_PUT(self):
+            m = re.fullmatch(r"/lfs/([0-9a-f]{64})", self.path)
+            if not m:
+                return self._json(404, {"error": "not found"})
+            data = self._body()
+            if hashlib.sha256(data).hexdigest() != m.group(1):
+                return self._json(400, {"error": "sha256 mismatch"})
+            with state.lock:
+                state.lfs[m.group(1)] = data
+            self._json(200, {})
+
+        def do_POST(self):
+            path = self.path.split("?")[0]
+            query = self.path.split("?")[1] if "?" in self.path else ""
+            if path == "/api/validate-yaml":  # the Hub checks a card's metadata before the commit
+                content = json.loads(self._body()).get("content", "")
+                errors = []
+                if not content.startswith("---"):
+                    errors.append({"message": "no YAML front matter"})
+                rel = re.search(r"^base_model_relation: \"?(\w+)", content, re.M)
+                if rel and rel.group(1) not in ("adapter", "merge", "quantized", "finetune"):
+                    errors.append({"message": f"base_model_relation {rel.group(1)!r} is not allowed"})
+                state.validated_cards.append(content)
+                return self._json(400 if errors else 200, {"errors": errors, "warnings": []})
+            if path == "/api/repos/create":
+                user = self._auth()
+                if not user:
+                    return
+                body = json.loads(self._body() or b"{}")
+                ns = body.get("organization") or user
+                repo_id = f"{ns}/{body['name']}"
+                if ns != user:
+                    return self._json(403, {"error": f"You don't have the rights to create a model under the namespace {ns}"})
+                with state.lock:
+                    if repo_id in state.repos:
+                        return self._json(409, {"error": "You already created this model repo", "url": f"http://{self.headers['Host']}/{repo_id}"})
+                    state.repos[repo_id] = {"private": bool(body.get("private")) or body.get("visibility") == "private", "branches": {"main": {}}, "commits": [], "prs": []}
+                return self._json(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+            m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path)
+            if m:
+                if not self._auth(m.group(1)) or self._repo(m.group(1)) is None:
+                    return
+                with state.lock:
+                    br = state.repos[m.group(1)]["branches"]
+                    if m.group(2) in br:
+                        return self._json(409, {"error": "Reference already exists"})
+                    br[m.group(2)] = dict(br["main"])
+                return self._json(200, {})
+            m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path)
+            if m:
+                if not self._auth(m.group(1)) or self._repo(m.group(1)) is None:
+                    return
+                files = json.loads(self._body())["files"]
+                out = [{"path": f["path"], "uploadMode": "lfs" if f["size"] > 4096 or f["path"].endswith(".safetensors") else "regular",
+                        "shouldIgnore": False} for f in files]
+                return self._json(200, {"files": out, "commitOid": "0" * 40})
+            m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+            if m:
+                if not self._auth(m.group(1)):
+                    return
+                objs = []
+                for o in json.loads(self._body())["objects"]:
+                    entry = {"oid": o["oid"], "size": o["size"]}
+                    if o["oid"] not in state.lfs:
+                        entry["actions"] = {"upload": {"href": f"http://{self.headers['Host']}/lfs/{o['oid']}"}}
+                    objs.append(entry)
+                return self._json(200, {"transfer": "basic", "objects": objs})
+            m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path)
+            if m:
+                repo_id, rev = m.group(1), m.group(2)
+                if not self._auth(repo_id) or self._repo(repo_id) is None:
+                    return
+                lines = [json.loads(l) for l in self._body().decode().splitlines() if l.strip()]
+                files, summary = {}, ""
+                for line in lines:
+                    k, v = line["key"], line["value"]
+                    if k == "header":
+                        summary = v.get("summary", "")
+                    elif k == "file":
+                        files[v["path"]] = base64.b64decode(v["content"])
+                    elif k == "lfsFile":
+                        if v["oid"] not in state.lfs:
+                            return self._json(400, {"error": f"LFS object {v['oid']} was never uploaded"})
+                        files[v["path"]] = state.lfs[v["oid"]]
+                sha = hashlib.sha1(json.dumps(sorted(files), default=str).encode() + str(len(state.repos[repo_id]["commits"])).encode()).hexdigest()
+                with state.lock:
+                    repo = state.repos[repo_id]
+                    if "create_pr=1" in query:
+                        repo["prs"].append({"files": files, "summary": summary})
+                        num = len(repo["prs"])
+                        return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{sha}", "commitOid": sha,
+                                                "pullRequestUrl": f"http://{self.headers['Host']}/{repo_id}/discussions/{num}"})
+                    branch = repo["branches"].setdefault(rev.replace("%2F", "/"), {})
+                    branch.update(files)
+                    repo["commits"].append({"revision": rev, "summary": summary, "files": sorted(files)})
+                return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{sha}", "commitOid": sha})
+            self._json(404, {"error": "not found"})
+
+    return H
+
+
+class LoopbackHub:
+    def __init__(self, tokens: dict[str, str]):
+        self.state = HubState(tokens)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.state))
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.server.shutdown()
+        self.server.server_close()

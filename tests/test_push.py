@@ -1,0 +1,92 @@
+"""`qconvert push` through the real huggingface_hub client against a loopback Hub server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_tiny_llama
+from hub_server import LoopbackHub
+
+QCONVERT = [sys.executable, "-m", "qconvert"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    d = tmp_path_factory.mktemp("push")
+    quantize_checkpoint(str(make_tiny_llama(d / "src", max_shard_size="40KB")), d / "q", max_shard_size="30KB")
+    return d / "q"
+
+
+def push(hub, *args, token="tok-alice", extra_env=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN",)}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(Path(hub.home)))
+    if token:
+        env["HF_TOKEN"] = token
+    env.update(extra_env or {})
+    return subprocess.run([*QCONVERT, "push", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with LoopbackHub({"tok-alice": "alice", "tok-bob": "bob"}) as h:
+        h.home = tmp_path / "hf-home"
+        yield h
+
+
+def test_push_quantized_checkpoint_arrives_intact(hub, quantized):
+    r = push(hub, quantized, "alice/tiny-nf4", "--private", "--commit-message", "first upload")
+    assert r.returncode == 0, r.stderr
+    repo = hub.state.repos["alice/tiny-nf4"]
+    assert repo["private"] and repo["commits"][0]["summary"] == "first upload"
+    arrived = repo["branches"]["main"]
+    local = {p.relative_to(quantized).as_posix(): p.read_bytes() for p in quantized.rglob("*") if p.is_file()}
+    assert arrived == local  # every file, byte for byte (shards went through LFS)
+    assert any(k.endswith(".safetensors") for k in arrived) and len(hub.state.lfs) >= 2
+    card = arrived["README.md"].decode()
+    assert 'base_model_relation: "quantized"' in card
+    # pushing again to an existing repo is fine (create_repo exist_ok), and to a new branch
+    r = push(hub, quantized, "alice/tiny-nf4", "--revision", "v2")
+    assert r.returncode == 0, r.stderr and "v2" in hub.state.repos["alice/tiny-nf4"]["branches"]
+    r = push(hub, quantized, "alice/tiny-nf4", "--create-pr")
+    assert r.returncode == 0 and "discussions/1" in r.stdout
+
+
+def test_push_refuses_invalid_folders_before_uploading(hub, quantized, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(quantized, bad)
+    card = (bad / "README.md").read_text().replace('base_model_relation: "quantized"', 'base_model_relation: "merge"')
+    (bad / "README.md").write_text(card)
+    r = push(hub, bad, "alice/x")
+    assert r.returncode == 1 and "base_model_relation is 'merge'" in r.stderr
+    (bad / "README.md").write_text(card.replace('"merge"', '"quantized"'))
+    shard = sorted(bad.glob("model-*.safetensors"))[0]
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(shard))
+    k = next(k for k in t if k.endswith(".absmax"))
+    t[k] = t[k][:-1]
+    save_file(t, str(shard), metadata={"format": "pt"})
+    r = push(hub, bad, "alice/x")
+    assert r.returncode == 1 and "absmax" in r.stderr and "expected uint8" in r.stderr
+    assert "alice/x" not in hub.state.repos  # nothing was created
+
+
+def test_push_errors_are_friendly(hub, quantized, tmp_path):
+    r = push(hub, quantized, "alice/y", token=None)
+    assert r.returncode == 1 and "no Hugging Face token" in r.stderr and "HF_TOKEN" in r.stderr
+    r = push(hub, quantized, "alice/y", token="tok-wrong")
+    assert r.returncode == 1 and "HTTP 401" in r.stderr
+    r = push(hub, quantized, "alice/y", token="tok-bob")
+    assert r.returncode == 1 and "HTTP 403" in r.stderr and "belongs to someone else" in r.stderr
+    dead = push(hub, quantized, "alice/y", extra_env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert dead.returncode == 1 and "re-running the same command resumes" in dead.stderr
