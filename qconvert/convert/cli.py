@@ -30,8 +30,9 @@ def _human(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists (only once the new output is complete).")
 @click.option("--keep-source", is_flag=True, help="Keep downloaded Hub shards in the Hugging Face cache (default: delete each after use).")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Publish the result (see `qconvert push`).")
 def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quant, compute_dtype, skip_modules, max_shard_size,
-             workers, dry_run, as_json, overwrite, keep_source):
+             workers, dry_run, as_json, overwrite, keep_source, push_to):
     """Stream a Hugging Face checkpoint (local folder or Hub repo id) into a 4-bit NF4 checkpoint.
 
     Interrupted runs resume: run the same command again."""
@@ -59,6 +60,11 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
         f"{'double quant' if s['double_quant'] else 'fp32 scales'}), {_human(s['source_bytes'])} -> {_human(s['output_bytes'])}, "
         f"{s['bits_per_param']:.3f} bits/param, {len(s['shards'])} shard(s), {s['seconds']:.1f} s"
     )
+    if push_to:
+        from ..hub.push import push_folder
+
+        r = push_folder(output_dir, push_to)
+        click.echo(f"pushed to {push_to}: {r['commit_url']}")
 
 
 @register

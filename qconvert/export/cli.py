@@ -21,13 +21,18 @@ from ..cli import register
 @click.option("--revision", help="Branch, tag or commit of BASE when it is a Hub id.")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json):
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Publish the result (see `qconvert push`).")
+def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json, push_to):
     """Merge a PEFT LoRA ADAPTER into its 4-bit BASE: W = dequant(W4) + scaling * B @ A, in float32, then cast."""
     from .merge import merge_adapter
 
     s = merge_adapter(base, adapter, output_dir, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size,
                       base_original=base_original, overwrite=overwrite, revision=revision,
                       log=lambda m: click.echo(m, err=True))
+    if push_to:
+        from ..hub.push import push_folder
+
+        s["pushed"] = push_folder(output_dir, push_to)
     if as_json:
         click.echo(json.dumps(s, indent=1))
         return
@@ -37,3 +42,5 @@ def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_origi
         c = s["requantization_cost"]
         click.echo(f"re-quantizing cost: relative output error {c['output_error_mean']:.4f} (max {c['output_error_max']:.4f}) "
                    f"against the 16-bit merge on random probes; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost")
+    if push_to:
+        click.echo(f"pushed to {push_to}: {s['pushed']['commit_url']}")

@@ -42,9 +42,10 @@ from ..cli import register
 @click.option("--backend", type=click.Choice(["auto", "reference", "triton", "bitsandbytes"]), default="auto", show_default=True)
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub id.")
 @click.option("--stop-after", type=int, hidden=True, help="Save a checkpoint and stop after N steps of this run (as Ctrl-C does).")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Publish the adapter when training finishes (see `qconvert push`).")
 def train(model, data, output, fmt, eval_data, eval_split, max_length, packing, train_on_inputs, lora_r, lora_alpha, lora_dropout,
           target_modules, optim, lr, lr_scheduler, warmup_ratio, max_grad_norm, batch_size, grad_accum, epochs, max_steps,
-          no_gradient_checkpointing, seed, save_steps, save_total_limit, logging_steps, resume, backend, revision, stop_after):
+          no_gradient_checkpointing, seed, save_steps, save_total_limit, logging_steps, resume, backend, revision, stop_after, push_to):
     """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id). Ctrl-C saves a checkpoint.
 
     Data-parallel: torchrun --nproc-per-node N qconvert train ... (NCCL on GPU, gloo on CPU)."""
@@ -59,3 +60,8 @@ def train(model, data, output, fmt, eval_data, eval_split, max_length, packing, 
             log=lambda m: click.echo(m, err=True))
     if r.get("interrupted"):
         raise SystemExit(130 if r.get("signal") else 0)
+    if push_to and int(__import__("os").environ.get("RANK", "0")) == 0:
+        from ..hub.push import push_folder
+
+        p = push_folder(output, push_to)
+        click.echo(f"pushed adapter to {push_to}: {p['commit_url']}")
