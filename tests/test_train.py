@@ -203,3 +203,30 @@ def test_not_a_4bit_model(tmp_path):
     make_tokenizer(src)
     r = train(src, memorize_set(tmp_path), tmp_path / "out", ok=False)
     assert r.returncode == 1 and "not a 4-bit checkpoint" in r.stderr and "qconvert quantize" in r.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qmodel, tmp_path):
+    import signal
+    import time
+
+    data = memorize_set(tmp_path)
+    out = tmp_path / "run"
+    args = [*QCONVERT, "train", str(qmodel), "--data", str(data), "--output", str(out), "--backend", "reference", "--max-steps", "400",
+            "--batch-size", "1", "--grad-accum", "1", "--lora-r", "4", "--eval-split", "0.25"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    ckpts = sorted(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "adapter_model.safetensors").exists() and "resume with --resume" in err
+    assert not (out / "adapter_config.json").exists()
+    done = int(ckpts[0].name.split("-")[1])
+    r = subprocess.run([*args[:-8], "--max-steps", str(done + 2), "--batch-size", "1", "--grad-accum", "1", "--lora-r", "4",
+                        "--eval-split", "0.25", "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(out)
+    assert [m["step"] for m in rows if "loss" in m][-2:] == [done + 1, done + 2]
+    assert any("eval_loss" in m for m in rows) and (out / "adapter_config.json").exists()

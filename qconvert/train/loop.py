@@ -199,6 +199,14 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    tb = None
+    if rank == 0:
+        try:  # TensorBoard when it is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "runs"))
+        except ImportError:
+            pass
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     peft_model.train()
     last_loss = None
@@ -247,6 +255,9 @@ def train(
                 if step % logging_steps == 0 or step == total:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    if tb:
+                        for key in ("loss", "lr", "tokens_per_s"):
+                            tb.add_scalar(f"train/{key}", row[key], step)
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -265,6 +276,8 @@ def train(
     finally:
         if bar:
             bar.close()
+        if tb:
+            tb.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     if rank == 0:
