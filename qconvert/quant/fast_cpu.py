@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..format.constants import NESTED_BLOCKSIZE, codebook, dynamic_map, quantize_midpoints
+from ..format.constants import codebook, quantize_midpoints
 from ..format.layout import QuantizedTensor
-from .reference import _TINY, absmax_blocks, check_quantizable, codes_for, pack_nibbles, quantize_8bit_blockwise
+from .reference import _TINY, absmax_blocks, check_quantizable, codes_for, double_quantize, pack_nibbles
 
 #: Elements per chunk: about 1 MB of float32 working set.
 CHUNK = 1 << 18
@@ -116,16 +116,5 @@ def quantize_4bit_fast(
         quant_map=codebook(quant_type),
     )
     if double_quant:
-        from ..errors import QuantizationError
-
-        offset = absmax.mean()
-        if not bool(torch.isfinite(offset)):
-            raise QuantizationError(
-                f"{name}: the mean of its block scales overflows float32, so double quantization cannot store it",
-                hint="quantize this tensor with --no-double-quant, or skip it",
-            )
-        dmap = dynamic_map()
-        qt.absmax, qt.nested_absmax = quantize_8bit_blockwise(absmax - offset, dmap, NESTED_BLOCKSIZE)
-        qt.nested_quant_map = dmap
-        qt.nested_offset = offset.item()
+        double_quantize(qt, name)
     return qt

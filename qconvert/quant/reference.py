@@ -144,18 +144,23 @@ def quantize_4bit_ref(
         quant_map=codebook(quant_type, x.device),
     )
     if double_quant:
-        offset = absmax.mean()
-        if not bool(torch.isfinite(offset)):
-            raise QuantizationError(
-                f"{name}: the mean of its block scales overflows float32, so double quantization cannot store it",
-                hint="quantize this tensor with --no-double-quant, or skip it",
-            )
-        dmap = dynamic_map(x.device)
-        q8, nested_absmax = quantize_8bit_blockwise(absmax - offset, dmap, NESTED_BLOCKSIZE)
-        qt.absmax = q8
-        qt.nested_absmax = nested_absmax
-        qt.nested_quant_map = dmap
-        qt.nested_offset = offset.item()
+        double_quantize(qt, name)
+    return qt
+
+
+def double_quantize(qt: QuantizedTensor, name: str = "tensor") -> QuantizedTensor:
+    """Replace float32 ``qt.absmax`` by its 8-bit double quantization (spec section 3.5), in place."""
+    absmax = qt.absmax
+    offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        raise QuantizationError(
+            f"{name}: the mean of its block scales overflows float32, so double quantization cannot store it",
+            hint="quantize this tensor with --no-double-quant, or skip it",
+        )
+    dmap = dynamic_map(absmax.device)
+    qt.absmax, qt.nested_absmax = quantize_8bit_blockwise(absmax - offset, dmap, NESTED_BLOCKSIZE)
+    qt.nested_quant_map = dmap
+    qt.nested_offset = offset.item()
     return qt
 
 
