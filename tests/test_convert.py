@@ -151,7 +151,7 @@ def test_corrupted_finished_shard_is_redone(tmp_path):
 
 def test_skip_rules_agree_with_transformers():
     """Our restatement of transformers' default skips and pattern matching gives its answers."""
-    from transformers import AutoConfig, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 

@@ -120,7 +120,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(qmodel, tmp_path
     common = ["--max-steps", 6, "--batch-size", 2, "--grad-accum", 2, "--lora-r", 4, "--lora-dropout", 0.1, "--lr", "1e-3",
               "--lr-scheduler", "cosine", "--warmup-ratio", 0.2, "--seed", 3]
     train(qmodel, data, tmp_path / "straight", *common)
-    r = train(qmodel, data, tmp_path / "split", *common, "--stop-after", 3)
+    train(qmodel, data, tmp_path / "split", *common, "--stop-after", 3)
     assert (tmp_path / "split" / "checkpoint-3" / "trainer_state.pt").exists()
     assert not (tmp_path / "split" / "adapter_config.json").exists()  # nothing that looks finished
     train(qmodel, data, tmp_path / "split", *common, "--resume")

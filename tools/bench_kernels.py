@@ -46,7 +46,6 @@ def main() -> int:
         print("bench_kernels: no CUDA device here; run it on a GPU machine (see tools/run_gpu_checks.sh)", file=sys.stderr)
         return 2
     import bitsandbytes as bnb
-    import bitsandbytes.functional as F
 
     from qconvert.backends.bnb import BitsandbytesBackend
     from qconvert.backends.triton_backend import TritonBackend

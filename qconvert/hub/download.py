@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import HubError, SourceError
+from ..errors import SourceError
 from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint, check_member_name, is_weight_file
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -86,7 +86,7 @@ class HubCheckpoint(Checkpoint):
     downloaded one at a time. Same reading interface as :class:`Checkpoint`."""
 
     def __init__(self, repo_id: str, revision: str | None, workdir: Path, keep: bool = False):
-        from huggingface_hub import HfApi, get_safetensors_metadata, hf_hub_download
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
         self.repo_id = repo_id
         self.keep = keep

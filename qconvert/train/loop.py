@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import DataError, FormatError
+from ..errors import DataError
 from .data import FORMATS, build_examples, collate, load_records, pack
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
