@@ -7,8 +7,9 @@ to bitsandbytes' dequantize_4bit. Then times, with CUDA events (median of 50 aft
 - dequantize to bf16: qconvert triton vs bitsandbytes dequantize_4bit vs a device-to-device copy of
   the same bytes, in GB/s counting bytes read + written (goals: >= 1.3x bitsandbytes, >= 85% of copy);
 - batch-1 matmul: qconvert's fused kernel vs bitsandbytes' gemv_4bit (via matmul_4bit);
-- forward + input-gradient backward of a 4-bit linear at training batch (4096 tokens), qconvert vs
-  bitsandbytes' path.
+- forward + input-gradient backward of a 4-bit linear at training batch (4096 tokens): qconvert's
+  Linear4bit (one-pass dequant + cuBLAS, re-dequantized in backward) vs bitsandbytes' matmul_4bit;
+- at 16 rows, the fused kernel vs dequant + cuBLAS (to place SMALL_BATCH).
 Prints a table and the ratios. Nothing here has been run on a GPU by this project yet.
 """
 
@@ -49,11 +50,13 @@ def main() -> int:
 
     from qconvert.backends.bnb import BitsandbytesBackend
     from qconvert.backends.triton_backend import TritonBackend
+    from qconvert.nn import Linear4bit
     from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 
     tb, bb = TritonBackend(), BitsandbytesBackend()
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes {bnb.__version__}, {time.strftime('%Y-%m-%d')}")
+    crossover = []
     print(f"{'shape':14} {'dq GB/s':>8} {'bnb GB/s':>9} {'copy GB/s':>10} {'vs bnb':>7} {'of copy':>8} {'gemv us':>8} {'bnb us':>7} {'ratio':>6} {'fwd+bwd ms':>11} {'bnb ms':>7} {'ratio':>6}")
     for name, (n, k) in SHAPES.items():
         w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
@@ -73,11 +76,18 @@ def main() -> int:
         st = bb.state(qt)
         t_gemv = timed(lambda: tb.gemv(x1, qt))
         t_bgemv = timed(lambda: bnb.matmul_4bit(x1, qt.packed.t(), quant_state=st))
+        # the small-batch crossover: fused kernel vs one-pass dequant + cuBLAS at 16 rows
+        x16 = torch.randn(16, k, device=dev, dtype=torch.bfloat16)
+        t_f16 = timed(lambda: tb.gemv(x16, qt))
+        t_d16 = timed(lambda: torch.nn.functional.linear(x16, tb.dequantize(qt, torch.bfloat16)))
+        crossover.append((name, t_f16, t_d16))
+        # training: the Linear4bit module itself (its autograd function re-dequantizes in backward)
+        lin = Linear4bit(qt, None, tb, torch.bfloat16)
         xb = torch.randn(4096, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn(4096, n, device=dev, dtype=torch.bfloat16)
 
         def ours_fb():
-            y = torch.nn.functional.linear(xb, tb.dequantize(qt, torch.bfloat16))
+            y = lin(xb)
             y.backward(gy)
 
         def bnb_fb():
@@ -88,6 +98,9 @@ def main() -> int:
         print(f"{name:14} {gbs(t_ours):8.0f} {gbs(t_bnb):9.0f} {gbs(t_copy):10.0f} {t_bnb / t_ours:7.2f} {t_copy / t_ours:8.0%} "
               f"{t_gemv * 1e6:8.1f} {t_bgemv * 1e6:7.1f} {t_bgemv / t_gemv:6.2f} {t_fb * 1e3:11.2f} {t_bfb * 1e3:7.2f} {t_bfb / t_fb:6.2f}"
               + ("" if same else "  (bitsandbytes' dequant differs in some elements)"))
+    print("\n16 rows: fused kernel vs dequantize + cuBLAS (SMALL_BATCH in triton_backend.py is 16)")
+    for name, t_f16, t_d16 in crossover:
+        print(f"{name:14} fused {t_f16 * 1e6:8.1f} us  dequant+matmul {t_d16 * 1e6:8.1f} us  -> {'fused' if t_f16 < t_d16 else 'dequant+matmul'}")
     return 0
 
 
