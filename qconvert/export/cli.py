@@ -44,3 +44,18 @@ def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_origi
                    f"against the 16-bit merge on random probes; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost")
     if push_to:
         click.echo(f"pushed to {push_to}: {s['pushed']['commit_url']}")
+
+
+@register
+@click.command(name="export-adapter")
+@click.argument("source")
+@click.argument("output_dir")
+@click.option("--base-model", help="Set base_model_name_or_path (use the Hub id of the 4-bit base).")
+@click.option("--overwrite", is_flag=True)
+def export_adapter_cmd(source, output_dir, base_model, overwrite):
+    """Write a clean PEFT adapter folder (config, weights, card) from a `qconvert train` output or checkpoint-N
+    (given a train output with no final adapter, its latest checkpoint)."""
+    from .adapter import export_adapter
+
+    r = export_adapter(source, output_dir, base_model=base_model, overwrite=overwrite)
+    click.echo(f"wrote {r['output']}: {r['tensors']} LoRA tensors from {r['source']} (base model {r['base_model']})")
