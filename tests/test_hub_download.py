@@ -98,3 +98,22 @@ def test_hub_errors(hub, tmp_path):
     for r in (r,):
         assert r.stderr.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_train_from_hub_id_names_the_hub_base(hub, tmp_path):
+    """A 4-bit model trained from its Hub id: the adapter names that id, never the local cache path."""
+    from qconvert.convert.quantize import quantize_checkpoint
+    from test_train import make_tokenizer, memorize_set
+
+    src = make_tiny_llama(tmp_path / "src", hidden=64, intermediate=128, dtype=torch.float32)
+    make_tokenizer(src)
+    quantize_checkpoint(str(src), tmp_path / "q4")
+    hub.add_repo("acme/tiny-q4", tmp_path / "q4")
+    env = env_for(hub, tmp_path)
+    r = subprocess.run([*QCONVERT, "train", "acme/tiny-q4", "--data", str(memorize_set(tmp_path)), "--output", str(tmp_path / "ad"),
+                        "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lora-r", "4", "--backend", "reference"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "acme/tiny-q4"
+    assert 'base_model: "acme/tiny-q4"' in (tmp_path / "ad" / "README.md").read_text()
