@@ -117,6 +117,12 @@ def test_quantize_reports_measured_cost(setup):
         back = dequantize_4bit_ref(QuantizedTensor.from_state_dict(k, {c: new[c] for c in companion_keys(k, new.keys())}), torch.float32)
         lost.append(((back - merged).norm() / lora.delta(m).norm()).item())
     assert abs(sum(lost) / len(lost) - cost["adapter_change_lost_mean"]) < 1e-6
+    # layers the adapter does not touch keep their 4-bit bytes exactly; the result passes the spec check and push's validation
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert all(torch.equal(new[c], base[c]) for c in companion_keys(k, base.keys()))
+    from qconvert.hub.push import validate_folder
+
+    assert validate_folder(d / "m4")["kind"] == "quantized"
     r = run("merge", d / "q", d / "adapter", d / "m4b", "--quantize")
     assert "re-quantizing cost: relative output error" in r.stdout and "of the adapter's change lost" in r.stdout
 

@@ -177,6 +177,10 @@ def merge_adapter(
                         emit(name, t)
                     continue
                 w = merged
+            if k in quantized and quantize and orig is None:  # not adapted: keep the stored 4-bit bytes as they are
+                for c in companion_keys(k, keys):
+                    emit(c, ckpt.get(c))
+                continue
             if k in quantized and quantize:
                 rq = quantize_4bit_fast(w.to(out_dtype), qtype, bs, dq, name=k)
                 for name, t in rq.state_dict(k).items():
