@@ -11,6 +11,8 @@ from helpers import bnb_quantize_save, float32_reference, make_tiny_llama
 from qconvert.errors import BackendError, FormatError
 from qconvert.nn import Linear4bit
 
+#: the triton backend runs on CUDA when there is one, else in Triton's interpreter on CPU (conftest.py)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64], [3, 3, 8, 120, 4, 0, 11, 90]])
 
 
@@ -65,10 +67,11 @@ def test_logits_match_transformers_bitsandbytes(aligned):
 @pytest.mark.parametrize("backend", ["reference", "triton", "bitsandbytes"])
 def test_ragged_model_matches_float32_reference_on_every_backend(ragged, backend):
     ref = float32_reference(ragged)
-    m = qconvert.load_model(ragged, backend=backend, device="cpu", compute_dtype="float32")
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    m = qconvert.load_model(ragged, backend=backend, device=dev, compute_dtype="float32")
     assert m.model.layers[0].self_attn.k_proj.out_features == 100
     with torch.no_grad():  # bitsandbytes' own CPU matmul refuses 100 output rows under no_grad; ours does not
-        a, b = m(IDS[:, :5]).logits, ref(IDS[:, :5]).logits
+        a, b = m(IDS[:, :5].to(dev)).logits.cpu(), ref(IDS[:, :5]).logits
     assert rel(a.float(), b) < 1e-5, rel(a.float(), b)
 
 
@@ -80,7 +83,7 @@ def test_lora_backward_triton_equals_reference(ragged):
 
     out = []
     for backend in ("reference", "triton"):
-        m = get_peft_model(qconvert.load_model(ragged, backend=backend, device="cpu", compute_dtype="float32"),
+        m = get_peft_model(qconvert.load_model(ragged, backend=backend, device=TRITON_DEVICE, compute_dtype="float32"),
                            LoraConfig(r=2, lora_dropout=0.0, target_modules=["k_proj", "down_proj"]))
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
@@ -88,9 +91,10 @@ def test_lora_backward_triton_equals_reference(ragged):
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         m.train()
-        loss = m(IDS[:1, :6], labels=IDS[:1, :6]).loss
+        ids = IDS[:1, :6].to(TRITON_DEVICE)
+        loss = m(ids, labels=ids).loss
         loss.backward()
-        out.append((loss.item(), {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}))
+        out.append((loss.item(), {k: p.grad.cpu() for k, p in m.named_parameters() if p.requires_grad}))
     (l0, g0), (l1, g1) = out
     assert abs(l0 - l1) < 1e-5 * abs(l0) and set(g0) == set(g1) and len(g0) == 8
     for k in g0:
