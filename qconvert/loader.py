@@ -4,7 +4,11 @@ The model is built from config.json with its parameters on the meta device (no f
 weights are ever allocated); each nn.Linear whose weight is stored in 4 bits becomes a
 :class:`qconvert.nn.Linear4bit` holding the packed tensors, placed directly on the target device;
 every other tensor is loaded as stored. Host memory while loading stays near one tensor beyond the
-quantized checkpoint itself.
+quantized checkpoint itself. On CPU the tensors stay zero-copy views of the memory-mapped safetensors
+file (safetensors maps it copy-on-write), so most of that memory is file-backed page cache; on CUDA
+each tensor is copied to the device and its host pages are released with the short-lived handle.
+Measured (2-core EPYC, 2026-11-22): a 355 MB checkpoint of a 438M-parameter Llama, warm page cache,
+peaked at 567 MB RSS, of which 239 MB is the interpreter with torch/transformers imported.
 """
 
 from __future__ import annotations
