@@ -6,7 +6,10 @@ POST /api/models/{repo}/preupload/{rev}, POST /{repo}.git/info/lfs/objects/batch
 POST /api/models/{repo}/commit/{rev} (NDJSON: header, file, lfsFile), POST /api/validate-yaml,
 GET /api/whoami-v2.
 Tokens map to user names; a repo outside the caller's namespace answers 403, a missing or unknown
-token 401. (Set HF_HUB_DISABLE_XET=1 in clients: this server speaks LFS, not xet.)
+token 401. ``state.fail_commits`` makes commits fail with HTTP 500, to test that a re-run resumes.
+This server speaks LFS, not xet. huggingface_hub 2.4 does not ask the server whether to use xet: it
+uploads through xet whenever the hf_xet package is installed (``_commit_api._upload_files`` ->
+``is_xet_available()``), and only HF_HUB_DISABLE_XET=1 turns that off, so clients set it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class HubState:
         self.repos: dict[str, dict] = {}  # repo_id -> {"private", "branches": {name: {path: bytes}}, "commits": [...], "prs": [...]}
         self.lfs: dict[str, bytes] = {}
         self.validated_cards: list[str] = []
+        self.lfs_puts: list[str] = []  # oids, in the order their bytes arrived
+        self.fail_commits = 0  # answer this many commit requests with HTTP 500 (an upload cut off before its commit)
         self.lock = threading.Lock()
 
 
@@ -85,6 +90,7 @@ def make_handler(state: HubState):
                 return self._json(400, {"error": "sha256 mismatch"})
             with state.lock:
                 state.lfs[m.group(1)] = data
+                state.lfs_puts.append(m.group(1))
             self._json(200, {})
 
         def do_POST(self):
@@ -149,6 +155,10 @@ def make_handler(state: HubState):
                 if not self._auth(repo_id) or self._repo(repo_id) is None:
                     return
                 lines = [json.loads(l) for l in self._body().decode().splitlines() if l.strip()]
+                with state.lock:
+                    if state.fail_commits > 0:
+                        state.fail_commits -= 1
+                        return self._json(500, {"error": "Internal Error (injected by the test)"})
                 files, summary = {}, ""
                 for line in lines:
                     k, v = line["key"], line["value"]

@@ -53,7 +53,8 @@ def test_push_quantized_checkpoint_arrives_intact(hub, quantized):
     assert 'base_model_relation: "quantized"' in card
     # pushing again to an existing repo is fine (create_repo exist_ok), and to a new branch
     r = push(hub, quantized, "alice/tiny-nf4", "--revision", "v2")
-    assert r.returncode == 0, r.stderr and "v2" in hub.state.repos["alice/tiny-nf4"]["branches"]
+    assert r.returncode == 0, r.stderr
+    assert hub.state.repos["alice/tiny-nf4"]["branches"]["v2"] == local
     r = push(hub, quantized, "alice/tiny-nf4", "--create-pr")
     assert r.returncode == 0 and "discussions/1" in r.stdout
 
@@ -89,3 +90,17 @@ def test_push_errors_are_friendly(hub, quantized, tmp_path):
     assert r.returncode == 1 and "HTTP 403" in r.stderr and "belongs to someone else" in r.stderr
     dead = push(hub, quantized, "alice/y", extra_env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert dead.returncode == 1 and "re-running the same command resumes" in dead.stderr
+
+
+def test_push_cut_off_before_its_commit_resumes_on_rerun(hub, quantized):
+    hub.state.fail_commits = 1
+    r = push(hub, quantized, "alice/resume")
+    assert r.returncode == 1 and "HTTP 500" not in r.stdout and "re-running the same command resumes" in r.stderr
+    assert hub.state.repos["alice/resume"]["branches"]["main"] == {}  # nothing committed
+    uploaded = list(hub.state.lfs_puts)
+    assert len(uploaded) >= 2  # the shards' bytes did arrive before the commit failed
+    r = push(hub, quantized, "alice/resume")
+    assert r.returncode == 0, r.stderr
+    assert hub.state.lfs_puts == uploaded  # the re-run sent no LFS object again
+    local = {p.relative_to(quantized).as_posix(): p.read_bytes() for p in quantized.rglob("*") if p.is_file()}
+    assert hub.state.repos["alice/resume"]["branches"]["main"] == local

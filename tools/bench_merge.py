@@ -77,16 +77,23 @@ def run(mode: str, base: Path, adapter: Path, out: Path) -> dict:
 
 
 def main() -> int:
-    base = BENCH / "out-qconvert"
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default=str(BENCH / "out-qconvert"),
+                    help="4-bit base (default .bench/out-qconvert; .bench/out-qconvert-half is the 14-layer one, to check flat memory)")
+    args = ap.parse_args()
+    base = Path(args.base)
     if not (base / "config.json").exists():
-        print("run tools/bench_quantize.py first (it writes .bench/out-qconvert)", file=sys.stderr)
+        print(f"{base}: missing; run tools/bench_quantize.py first (it writes .bench/out-qconvert)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_quantize_kernel import cpu_name
 
-    adapter = make_adapter(base, BENCH / "adapter")
-    anchor = run("anchor", base, adapter, BENCH / "merged-anchor")
-    ours = run("qconvert", base, adapter, BENCH / "merged-qconvert")
+    tag = base.name.removeprefix("out-qconvert")
+    adapter = make_adapter(base, BENCH / f"adapter{tag}")
+    anchor = run("anchor", base, adapter, BENCH / f"merged-anchor{tag}")
+    ours = run("qconvert", base, adapter, BENCH / f"merged-qconvert{tag}")
     from qconvert.export.merge import LoraAdapter
     from qconvert.format.checkpoint import Checkpoint
     from qconvert.format.layout import QuantizedTensor, companion_keys
@@ -94,7 +101,8 @@ def main() -> int:
 
     lora = LoraAdapter(adapter)
     errs = {"anchor": [], "qconvert": []}
-    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.27.self_attn.v_proj.weight"):
+    last = json.loads((base / "config.json").read_text())["num_hidden_layers"] - 1
+    for k in ("model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.self_attn.v_proj.weight"):
         def weight(ck):
             if f"{k}.absmax" in ck:
                 return dequantize_4bit_ref(QuantizedTensor.from_state_dict(k, {c: ck.get(c) for c in companion_keys(k, ck.keys())}), torch.float32)
@@ -102,9 +110,9 @@ def main() -> int:
         b = Checkpoint(base)
         exact = weight(b).double() + lora.delta(k.removesuffix(".weight")).double()
         change = lora.delta(k.removesuffix(".weight")).double().norm()
-        for name, d in (("anchor", BENCH / "merged-anchor"), ("qconvert", BENCH / "merged-qconvert")):
+        for name, d in (("anchor", BENCH / f"merged-anchor{tag}"), ("qconvert", BENCH / f"merged-qconvert{tag}")):
             errs[name].append(((weight(Checkpoint(d)).double() - exact).norm() / change).item())
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    print(f"base {base}; machine: {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'':40}{'wall s':>9}{'peak RSS MB':>14}")
     print(f"{'PEFT merge_and_unload + save_pretrained':40}{anchor['wall_s']:9.1f}{anchor['peak_rss_mb']:14.0f}")
     print(f"{'qconvert merge':40}{ours['wall_s']:9.1f}{ours['peak_rss_mb']:14.0f}")
