@@ -142,3 +142,40 @@ def test_merge_errors(setup, tmp_path):
     (tmp_path / "full" / "x").write_text("mine")
     r = run("merge", d / "q", d / "adapter", tmp_path / "full", ok=False)
     assert r.returncode == 1 and "--overwrite" in r.stderr and (tmp_path / "full" / "x").read_text() == "mine"
+
+
+def test_scaling_follows_peft_rank_alpha_patterns_and_rslora(setup, tmp_path):
+    """rank_pattern / alpha_pattern / use_rslora give each module the scaling PEFT itself uses."""
+    from peft import LoraConfig, get_peft_model
+
+    from qconvert.export.merge import LoraAdapter
+
+    d, _ = setup
+    for rslora in (False, True):
+        cfg = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
+                         rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 8}, alpha_pattern={"down_proj": 3})
+        m = get_peft_model(float32_reference(d / "q"), cfg)
+        m.save_pretrained(tmp_path / f"a{rslora}")
+        lora = LoraAdapter(tmp_path / f"a{rslora}")
+        seen = set()
+        for name, mod in m.named_modules():
+            if hasattr(mod, "scaling") and isinstance(mod.scaling, dict) and "default" in mod.scaling:
+                key = name.removeprefix("base_model.model.")
+                assert lora.scaling(key) == mod.scaling["default"], (key, rslora)
+                seen.add(mod.scaling["default"])
+        assert len(seen) >= 3  # the patterns did produce different scalings
+
+
+def test_base_original_merges_into_original_weights_with_warning(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from qconvert.export.merge import LoraAdapter
+
+    d, _ = setup
+    r = run("merge", d / "q", d / "adapter", tmp_path / "mo", "--dtype", "float32", "--base-original", d / "src")
+    assert "adapter was trained against the dequantized 4-bit weights" in r.stderr
+    src, out = load_file(str(d / "src" / "model.safetensors")), load_file(str(tmp_path / "mo" / "model.safetensors"))
+    lora = LoraAdapter(d / "adapter")
+    k = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(out[k + ".weight"], src[k + ".weight"].float() + lora.delta(k))
+    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"].float())
