@@ -101,7 +101,7 @@ def make_handler(state: HubState):
                 errors = []
                 if not content.startswith("---"):
                     errors.append({"message": "no YAML front matter"})
-                rel = re.search(r"^base_model_relation: \"?(\w+)", content, re.M)
+                rel = re.search(r"^base_model_relation: \"?(\w+)", content, re.MULTILINE)
                 if rel and rel.group(1) not in ("adapter", "merge", "quantized", "finetune"):
                     errors.append({"message": f"base_model_relation {rel.group(1)!r} is not allowed"})
                 state.validated_cards.append(content)

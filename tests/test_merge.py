@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import float32_reference, make_tiny_llama
 
 QCONVERT = [sys.executable, "-m", "qconvert"]

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import float32_reference, make_tiny_llama
 from hub_server import LoopbackHub
 

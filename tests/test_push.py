@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_tiny_llama
 from hub_server import LoopbackHub
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import torch
-
 from helpers import make_tiny_llama
 from hub_server import LoopbackHub
 from test_train import make_tokenizer, memorize_set
@@ -42,11 +41,10 @@ def test_quantize_train_merge_push(tmp_path):
     assert 'base_model_relation: "merge"' in arrived["README.md"].decode()
     assert "quantization_config" not in json.loads(arrived["config.json"])
     # what arrived computes what the 4-bit model + adapter computes
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qconvert
     from qconvert.train.data import build_examples, collate, load_records
-    from transformers import AutoTokenizer
 
     (tmp_path / "dl").mkdir()
     for name, blob in arrived.items():

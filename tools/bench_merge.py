@@ -103,7 +103,7 @@ def main() -> int:
     errs = {"anchor": [], "qconvert": []}
     last = json.loads((base / "config.json").read_text())["num_hidden_layers"] - 1
     for k in ("model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.self_attn.v_proj.weight"):
-        def weight(ck):
+        def weight(ck, k=k):
             if f"{k}.absmax" in ck:
                 return dequantize_4bit_ref(QuantizedTensor.from_state_dict(k, {c: ck.get(c) for c in companion_keys(k, ck.keys())}), torch.float32)
             return ck.get(k).float()
