@@ -104,6 +104,9 @@ def load_model(
     placed: set[str] = set()
     for name in quantized:
         comp = companion_keys(name, keys)
+        files = {ckpt.file_of(k) for k in comp}
+        if len(files) != 1:
+            raise FormatError(f"{root}: the entries of {name!r} are split across {sorted(files)}", hint="all entries of a weight must share one file")
         t = {k: ckpt.get(k).to(device) for k in comp}
         qt = QuantizedTensor.from_state_dict(name, t, where=str(root / ckpt.file_of(name)))
         mod_name = name.removesuffix(".weight")

@@ -90,3 +90,13 @@ def test_inconsistent_tensors_refused():
     refused(wrong_key, "disagrees with quant_type")
     _, sd1 = good(dq=False)
     refused({**sd1, "layer.weight.absmax": torch.full_like(sd1["layer.weight.absmax"], float("nan"))}, "NaN or Inf")
+
+
+def test_float_blocksizes_and_duplicate_fields_refused():
+    qt, _ = good()
+    for change in ({"blocksize": 64.0}, {"nested_blocksize": 256.0}):
+        with pytest.raises(FormatError, match="blocksize"):
+            unpack_quant_state(pack_quant_state(qt.quant_state_dict() | change))
+    dup = b'{"quant_type": "nf4", "blocksize": 64, "blocksize": 128, "dtype": "float32", "shape": [3]}'
+    with pytest.raises(FormatError, match=r"repeats the field\(s\) \['blocksize'\]"):
+        unpack_quant_state(torch.tensor(list(dup), dtype=torch.uint8))

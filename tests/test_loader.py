@@ -253,3 +253,22 @@ def test_generate_and_eval_cli(aligned, tmp_path):
     bad.write_text('{"text": "w1"}\n{oops\n')
     r = subprocess.run([sys.executable, "-m", "qconvert", "eval", str(model), "--data", str(bad)], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "bad.jsonl:2: not valid JSON" in r.stderr
+
+
+def test_weight_split_across_files_refused(aligned, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "split"
+    shutil.copytree(aligned["float32"], bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    (bad / "model.safetensors").unlink()
+    moved = "model.layers.0.mlp.up_proj.weight.absmax"
+    save_file({k: v for k, v in sd.items() if k != moved}, str(bad / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({moved: sd[moved]}, str(bad / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    wm = {k: "model-00001-of-00002.safetensors" for k in sd if k != moved} | {moved: "model-00002-of-00002.safetensors"}
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": wm}))
+    with pytest.raises(FormatError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' are split across"):
+        qconvert.load_model(bad, backend="reference", device="cpu")

@@ -129,3 +129,16 @@ def test_codebook_probe_reference_and_bitsandbytes():
         assert torch.equal(dequantize_4bit_ref(qt), table)
         st = bnbF.QuantState(absmax=torch.ones(1), shape=torch.Size([16]), code=table, blocksize=64, quant_type=qtype, dtype=torch.float32)
         assert torch.equal(bnbF.dequantize_4bit(packed, st).reshape(16), table)
+
+
+def test_uninvertible_nested_scale_refused_not_crashed():
+    """Block scales that differ from their mean by less than float32 can invert (~3e-39)."""
+    from qconvert.quant.fast_cpu import quantize_4bit_fast
+
+    x = torch.zeros(128)
+    x[0], x[64] = 1e-39, 2e-39
+    for f in (quantize_4bit_ref, quantize_4bit_fast):
+        with pytest.raises(QuantizationError, match=r"tiny\.weight: .*cannot code them") as e:
+            f(x, blocksize=64, double_quant=True, name="tiny.weight")
+        assert "--no-double-quant" in e.value.hint
+        f(x, blocksize=64, double_quant=False, name="tiny.weight")

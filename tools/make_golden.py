@@ -46,7 +46,7 @@ def f32(bits: int) -> float:
 def inputs() -> list[tuple[str, torch.Tensor, str, int, bool]]:
     g = torch.Generator().manual_seed(1234)
     cases = []
-    # 1. the worked example of spec section 6: five values, one ragged block, odd count (pad nibble)
+    # 1. the worked example of spec section 3.4: five values, one ragged block, odd count (pad nibble)
     cases.append(("worked_example_nf4", torch.tensor([0.5, -1.25, 2.0, 0.0, 0.0999], dtype=torch.float32), "nf4", 64, False))
     # 2. bf16 random, ragged (130 = 2*64 + 2), double quant
     cases.append(("bf16_ragged_dq", torch.randn(10, 13, generator=g).to(torch.bfloat16), "nf4", 64, True))

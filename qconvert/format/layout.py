@@ -180,15 +180,22 @@ def unpack_quant_state(t: torch.Tensor, where: str = "quant state") -> dict[str,
         raise FormatError(f"{where}: quant state must be a 1-D uint8 tensor, got {dtype_name(t.dtype)} {list(t.shape)}")
     if t.numel() > MAX_QUANT_STATE_BYTES:
         raise FormatError(f"{where}: quant state is {t.numel()} bytes, over the {MAX_QUANT_STATE_BYTES}-byte limit")
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise FormatError(f"{where}: quant state repeats the field(s) {dup}")
+        return dict(pairs)
+
     try:
-        d = json.loads(bytes(t.tolist()).decode("utf-8"))
+        d = json.loads(bytes(t.tolist()).decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{where}: quant state is not UTF-8 JSON ({e})") from None
     if not isinstance(d, dict):
         raise FormatError(f"{where}: quant state must be a JSON object")
     if d.get("quant_type") not in QUANT_TYPES:
         raise FormatError(f"{where}: quant_type {d.get('quant_type')!r} is not one of {list(QUANT_TYPES)}")
-    if d.get("blocksize") not in BLOCKSIZES or isinstance(d.get("blocksize"), bool):
+    if type(d.get("blocksize")) is not int or d["blocksize"] not in BLOCKSIZES:
         raise FormatError(f"{where}: blocksize {d.get('blocksize')!r} is not one of {list(BLOCKSIZES)}")
     if d.get("dtype") not in LOGICAL_DTYPES:
         raise FormatError(f"{where}: dtype {d.get('dtype')!r} is not one of {list(LOGICAL_DTYPES)}")
@@ -205,7 +212,7 @@ def unpack_quant_state(t: torch.Tensor, where: str = "quant state") -> dict[str,
     if present and present != nested_keys:
         raise FormatError(f"{where}: double quantization needs all of {sorted(nested_keys)}, found {sorted(present)}")
     if present:
-        if d["nested_blocksize"] != NESTED_BLOCKSIZE:
+        if type(d["nested_blocksize"]) is not int or d["nested_blocksize"] != NESTED_BLOCKSIZE:
             raise FormatError(f"{where}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {d['nested_blocksize']!r}")
         if d["nested_dtype"] != "float32":
             raise FormatError(f"{where}: nested_dtype must be 'float32', got {d['nested_dtype']!r}")

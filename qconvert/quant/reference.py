@@ -157,8 +157,16 @@ def double_quantize(qt: QuantizedTensor, name: str = "tensor") -> QuantizedTenso
             f"{name}: the mean of its block scales overflows float32, so double quantization cannot store it",
             hint="quantize this tensor with --no-double-quant, or skip it",
         )
+    centred = absmax - offset
+    n = centred.numel()
+    nested_max = torch.cat([centred, centred.new_zeros(-n % NESTED_BLOCKSIZE)]).view(-1, NESTED_BLOCKSIZE).abs().amax(dim=1)
+    if bool(((nested_max > 0) & torch.isinf(1.0 / nested_max)).any()):
+        raise QuantizationError(
+            f"{name}: its block scales vary by less than float32 can invert (below about 3e-39), so double quantization cannot code them",
+            hint="quantize this tensor with --no-double-quant, or skip it",
+        )
     dmap = dynamic_map(absmax.device)
-    qt.absmax, qt.nested_absmax = quantize_8bit_blockwise(absmax - offset, dmap, NESTED_BLOCKSIZE)
+    qt.absmax, qt.nested_absmax = quantize_8bit_blockwise(centred, dmap, NESTED_BLOCKSIZE)
     qt.nested_quant_map = dmap
     qt.nested_offset = offset.item()
     return qt
