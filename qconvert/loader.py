@@ -20,7 +20,7 @@ import torch
 
 from .errors import FormatError
 from .format.checkpoint import Checkpoint
-from .format.layout import QuantizedTensor, companion_keys, find_quantized
+from .format.layout import companion_keys, find_quantized
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -104,11 +104,7 @@ def load_model(
     placed: set[str] = set()
     for name in quantized:
         comp = companion_keys(name, keys)
-        files = {ckpt.file_of(k) for k in comp}
-        if len(files) != 1:
-            raise FormatError(f"{root}: the entries of {name!r} are split across {sorted(files)}", hint="all entries of a weight must share one file")
-        t = {k: ckpt.get(k).to(device) for k in comp}
-        qt = QuantizedTensor.from_state_dict(name, t, where=str(root / ckpt.file_of(name)))
+        qt = ckpt.quantized(name, device)
         mod_name = name.removesuffix(".weight")
         old = model.get_submodule(mod_name)
         if not isinstance(old, torch.nn.Linear) or tuple(qt.shape) != (old.out_features, old.in_features):

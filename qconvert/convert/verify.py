@@ -10,7 +10,7 @@ import torch
 
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
-from ..format.layout import QuantizedTensor, companion_keys, find_quantized
+from ..format.layout import companion_keys, find_quantized
 
 
 def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> dict[str, Any]:
@@ -20,12 +20,8 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
     quantized = find_quantized(keys)
     owned: set[str] = set()
     for name in quantized:
-        comp = companion_keys(name, keys)
-        files = {ckpt.file_of(k) for k in comp}
-        if len(files) != 1:
-            raise FormatError(f"{ckpt.root}: the entries of {name!r} are split across {sorted(files)}", hint="all entries of a weight must share one file")
-        owned.update(comp)
-        QuantizedTensor.from_state_dict(name, {k: ckpt.get(k) for k in comp}, where=str(ckpt.root / files.pop()))
+        owned.update(companion_keys(name, keys))
+        ckpt.quantized(name)  # validates
     cfg = ckpt.config() or {}
     qc = cfg.get("quantization_config")
     if quantized:
@@ -71,8 +67,7 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
         sk = _match(name, src)
         if sk is None:
             raise FormatError(f"{src.root}: has no tensor matching {name!r}", hint="--against must be the checkpoint this one was made from")
-        comp = companion_keys(name, ckpt.keys())
-        qt = QuantizedTensor.from_state_dict(name, {k: ckpt.get(k) for k in comp})
+        qt = ckpt.quantized(name)
         w = src.get(sk).double()
         d = dequantize_4bit_ref(qt, torch.float32).double().reshape(w.shape)
         err = (w - d).pow(2).sum().item()

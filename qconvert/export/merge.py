@@ -26,7 +26,7 @@ import torch
 
 from ..errors import FormatError, OutputExistsError
 from ..format.checkpoint import Checkpoint
-from ..format.layout import QuantizedTensor, companion_keys, find_quantized
+from ..format.layout import companion_keys, find_quantized
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -157,7 +157,7 @@ def merge_adapter(
                 if orig is not None:
                     w = orig.get(k).float()
                 else:
-                    qt = QuantizedTensor.from_state_dict(k, {c: ckpt.get(c) for c in companion_keys(k, keys)}, where=str(root))
+                    qt = ckpt.quantized(k)
                     w = dequantize_4bit_ref(qt, torch.float32)
                 qtype, bs, dq = (qt.quant_type, qt.blocksize, qt.double_quant) if orig is None else (qc.get("bnb_4bit_quant_type", "nf4"), 64, bool(qc.get("bnb_4bit_use_double_quant")))
             else:

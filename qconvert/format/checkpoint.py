@@ -244,6 +244,20 @@ class Checkpoint:
     def prefetch(self, file: str) -> None:
         """Start fetching a file in the background (a no-op for local folders)."""
 
+    def quantized(self, name: str, device: "torch.device | str | None" = None):
+        """The 4-bit weight ``name`` as a validated QuantizedTensor (its entries must share one file)."""
+        from .layout import QuantizedTensor, companion_keys
+
+        comp = companion_keys(name, self.keys())
+        files = {self.file_of(k) for k in comp}
+        if len(files) != 1:
+            raise FormatError(
+                f"{self.root}: the entries of {name!r} are split across {sorted(files)}",
+                hint="all entries of a weight must share one file",
+            )
+        tensors = {k: self.get(k) if device is None else self.get(k).to(device) for k in comp}
+        return QuantizedTensor.from_state_dict(name, tensors, where=str(self.root / files.pop()))
+
     def config(self) -> dict[str, Any] | None:
         p = self.root / "config.json"
         if not p.is_file():
