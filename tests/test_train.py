@@ -230,3 +230,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qmodel, tmp_path):
     rows = metrics(out)
     assert [m["step"] for m in rows if "loss" in m][-2:] == [done + 1, done + 2]
     assert any("eval_loss" in m for m in rows) and (out / "adapter_config.json").exists()
+
+
+def test_packing_keeps_labels_with_their_tokens():
+    from qconvert.train.data import Example, pack
+
+    ex = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5, 6, 7, 8], [-100, -100, 6, 7, 8]), Example([9], [9])]
+    packed = pack(ex, 4)
+    assert [p.input_ids for p in packed] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert [p.labels for p in packed] == [[-100, 2, 3, -100], [-100, 6, 7, 8], [9]]
