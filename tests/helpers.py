@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +15,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+#: The qconvert CLI, run as a module of the interpreter running the tests.
+QCONVERT = [sys.executable, "-m", "qconvert"]
+
+
+def run_cli(*args, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``qconvert ARGS`` in a subprocess; with ``ok``, assert it succeeded (showing its stderr)."""
+    r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True, env=env)
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def minilm_dir() -> Path:

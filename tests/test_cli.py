@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import qconvert
+from helpers import QCONVERT
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 
 
 def run(*args, env=None):

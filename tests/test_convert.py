@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import bnb_quantize_save, make_tiny_bert, make_tiny_llama, minilm_dir
-
-QCONVERT = [sys.executable, "-m", "qconvert"]
+from helpers import run_cli as run, bnb_quantize_save, make_tiny_bert, make_tiny_llama, minilm_dir
 
 
-def run(*args, ok=True, env=None):
-    r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True, env=env)
-    if ok:
-        assert r.returncode == 0, r.stderr
-    return r
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import make_tiny_llama
+from helpers import QCONVERT, make_tiny_llama
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 
 
 def fails(*args) -> str:

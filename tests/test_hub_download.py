@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,13 @@ import torch
 from safetensors import safe_open
 
 import olah_server
-from helpers import make_tiny_llama
+from helpers import QCONVERT, make_tiny_llama
 
 if not olah_server.available():
     if os.environ.get("QCONVERT_REQUIRE_OLAH"):
         pytest.fail("olah is required (QCONVERT_REQUIRE_OLAH=1) but .venv-olah is missing: run tools/setup_olah.sh", pytrace=False)
     pytest.skip("olah not installed (tools/setup_olah.sh)", allow_module_level=True)
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import bnb_quantize_save, make_tiny_llama, minilm_dir
-
-QCONVERT = [sys.executable, "-m", "qconvert"]
+from helpers import run_cli as run, bnb_quantize_save, make_tiny_llama, minilm_dir
 
 
-def run(*args, ok=True):
-    r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True)
-    if ok:
-        assert r.returncode == 0, r.stderr
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,13 @@ what the unmerged model (4-bit base dequantized + adapter through PEFT) computes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import float32_reference, make_tiny_llama
+from helpers import run_cli as run, float32_reference, make_tiny_llama
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64]])
 
-
-def run(*args, ok=True):
-    r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True)
-    if ok:
-        assert r.returncode == 0, r.stderr
-    return r
 
 
 @pytest.fixture(scope="module")

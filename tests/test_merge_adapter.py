@@ -7,14 +7,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import float32_reference, make_tiny_llama
+from helpers import QCONVERT, float32_reference, make_tiny_llama
 from hub_server import LoopbackHub
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_llama
+from helpers import QCONVERT, make_tiny_llama
 from hub_server import LoopbackHub
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import torch
-from helpers import make_tiny_llama
+from helpers import run_cli as q, make_tiny_llama
 from hub_server import LoopbackHub
 from test_train import make_tokenizer, memorize_set
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 
-
-def q(*args, env=None):
-    r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def test_quantize_train_merge_push(tmp_path):

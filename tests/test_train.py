@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_tiny_llama
+from helpers import QCONVERT, make_tiny_llama
 
-QCONVERT = [sys.executable, "-m", "qconvert"]
 WORDS = [f"w{i}" for i in range(120)]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
