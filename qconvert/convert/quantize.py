@@ -36,6 +36,12 @@ def staging_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.qconvert-partial"
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write over an existing, non-empty OUTPUT_DIR (or a file there) without --overwrite."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+
+
 def free_bytes(path: Path) -> int:
     """Free disk space where ``path`` (or its nearest existing parent) lives."""
     p = path
@@ -77,8 +83,8 @@ def quantize_checkpoint(
     if compute_dtype not in COMPUTE_DTYPES:
         raise QuantizationError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
     shard_limit = parse_size(max_shard_size)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite and not dry_run:
-        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+    if not dry_run:
+        check_output(out, overwrite)
     if workers:
         torch.set_num_threads(workers)
     stage = staging_dir(out)

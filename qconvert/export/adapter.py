@@ -13,14 +13,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, OutputExistsError
+from ..errors import FormatError
 
 
 def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
     from safetensors import safe_open
 
-    from ..convert.quantize import _publish, staging_dir
+    from ..convert.quantize import _publish, check_output, staging_dir
     from ..hub.card import render_card
 
     src, out = Path(source), Path(output)
@@ -39,8 +39,7 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
         keys = list(h.keys())
     if not keys or not all(".lora_A." in k or ".lora_B." in k for k in keys):
         raise FormatError(f"{weights}: holds tensors that are not LoRA A/B weights")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+    check_output(out, overwrite)
     if base_model:
         cfg["base_model_name_or_path"] = base_model
     stage = staging_dir(out)

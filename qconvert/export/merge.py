@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, OutputExistsError
+from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
 from ..format.layout import companion_keys, find_quantized
 
@@ -93,7 +93,7 @@ def merge_adapter(
 ) -> dict[str, Any]:
     from .. import __version__
     from ..convert.plan import parse_size
-    from ..convert.quantize import _publish, staging_dir
+    from ..convert.quantize import _publish, check_output, staging_dir
     from ..convert.writer import ShardWriter
     from ..loader import resolve_model_path
     from ..quant.fast_cpu import quantize_4bit_fast
@@ -103,8 +103,7 @@ def merge_adapter(
     out = Path(output)
     if dtype not in DTYPES:
         raise FormatError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+    check_output(out, overwrite)
     root, repo_id = resolve_model_path(base, revision)
     ckpt = Checkpoint(root, streaming=True)
     cfg = ckpt.config() or {}
