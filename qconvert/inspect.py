@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from .format.checkpoint import Checkpoint
-from .format.layout import QUANT_STATE_PREFIX, QuantizedTensor, companion_keys, dtype_name, find_quantized, unpack_quant_state
+from .format.layout import QUANT_STATE_PREFIX, companion_keys, dtype_name, find_quantized, unpack_quant_state
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -115,4 +115,4 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["inspect_checkpoint", "format_report", "QuantizedTensor"]
+__all__ = ["inspect_checkpoint", "format_report"]

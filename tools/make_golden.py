@@ -32,13 +32,6 @@ def tensor_hex(t: torch.Tensor) -> str:
     return t.numpy().tobytes().hex()
 
 
-def hex_tensor(h: str, dtype: torch.dtype, shape) -> torch.Tensor:
-    raw = bytearray.fromhex(h)
-    if dtype == torch.bfloat16:
-        return torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16).reshape(shape).clone()
-    return torch.frombuffer(raw, dtype=dtype).reshape(shape).clone()
-
-
 def f32(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 

@@ -14,7 +14,6 @@ then rounded to the logical dtype.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -196,11 +195,3 @@ def dequantize_4bit_ref(qt: QuantizedTensor, dtype: torch.dtype | None = None) -
     values = qt.quant_map.to(torch.float32)[unpack_codes(qt.packed, n)]
     scale = absmax.repeat_interleave(qt.blocksize)[:n]
     return (values * scale).to(dtype or qt.dtype).reshape(qt.shape)
-
-
-def bits_per_param(qt: QuantizedTensor) -> float:
-    """Stored bits per logical element, counting codes and scales (not the shared tables)."""
-    scale_bytes = qt.absmax.numel() * qt.absmax.element_size()
-    if qt.double_quant:
-        scale_bytes += qt.nested_absmax.numel() * 4 + 4
-    return 8 * (qt.packed.numel() + scale_bytes) / max(1, math.prod(qt.shape))
