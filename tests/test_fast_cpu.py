@@ -9,7 +9,7 @@ import torch
 
 from qconvert.errors import QuantizationError
 from qconvert.format.constants import quantize_midpoints
-from qconvert.quant.fast_cpu import GRID, binner, quantize_4bit_fast
+from qconvert.quant.fast_cpu import binner, float_keys, floats_of_keys, quantize_4bit_fast
 from qconvert.quant.reference import quantize_4bit_ref
 
 
@@ -25,16 +25,28 @@ def ulp_neighbourhood(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(out).clamp(-1, 1)
 
 
+def test_float_keys_sort_like_the_floats():
+    v = torch.cat([torch.randn(1 << 16) * 10.0 ** torch.randint(-40, 38, (1 << 16,)), torch.tensor([0.0, 1e-45, -1e-45, 1.0, -1.0])])
+    v = v[torch.isfinite(v)]
+    k = float_keys(v)
+    assert torch.equal(floats_of_keys(k), v)
+    order = torch.argsort(k.long(), stable=True)
+    assert bool((v[order][1:] >= v[order][:-1]).all())
+
+
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
 def test_bins_exact_around_every_midpoint_and_cell_edge(qtype):
     mids, _ = quantize_midpoints(qtype)
     b = binner(qtype)
     around_mids = ulp_neighbourhood(mids, 2000)
-    edges = (-1.0 + 2.0 * torch.arange(GRID + 1, dtype=torch.float64) / GRID).float()
-    around_edges = ulp_neighbourhood(edges, 3)
-    special = torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-45, -1e-45, 1e-38])
-    for v in (around_mids, around_edges, special, torch.rand(1 << 20) * 2 - 1):
-        assert torch.equal(b.bins(v), torch.bucketize(v, mids)), qtype
+    # both ends of every cell (16-bit key prefix) that holds values in [-1.01, 1.01], and their neighbours
+    lo, hi = (int(float_keys(torch.tensor([e]))) >> 16 for e in (-1.01, 1.01))
+    starts = torch.arange(lo, hi + 1, dtype=torch.int64) << 16
+    edges = floats_of_keys(torch.cat([starts, starts - 1, starts + 1, starts + 0xFFFF]).clamp(-(2**31), 2**31 - 1))
+    edges = edges[edges.abs() <= 1.01]
+    special = torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-45, -1e-45, 1e-38, 1.0000001, -1.0000001])
+    for v in (around_mids, edges, special, torch.rand(1 << 20) * 2 - 1):
+        assert torch.equal(b.bins(v).long(), torch.bucketize(v, mids)), qtype
 
 
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
