@@ -9,6 +9,14 @@ weights, the module of the model's last parameter, the output embeddings), the m
 ``transformers.quantizers`` loads every quantization backend transformers knows (over 2 s); the
 byte-identity tests against transformers + bitsandbytes hold them to transformers' behaviour.
 Output names are the model's own state-dict names, which is what ``save_pretrained`` writes.
+
+Importing transformers' model code costs 3-4 s on a small machine, more than quantizing a 0.5B model.
+For the common decoder-only families in ``KNOWN_DECODERS`` the same answer is read off config.json
+instead: their state-dict names, which of them are ``nn.Linear`` weights, the tie and the default
+skips follow from a few config fields. That table is a restatement too, so tests/test_plan.py
+builds every entry with transformers, under each config flag that changes the module tree, and
+checks that both ways give the same plan; and any checkpoint whose tensor names are not exactly
+what the table expects (an unknown key, a missing one, another prefix) takes the transformers path.
 """
 
 from __future__ import annotations
@@ -97,6 +105,98 @@ def parse_size(text: str | int) -> int:
     raise OptionError(f"cannot read size {text!r}", hint="use a number with KB, MB or GB (decimal), e.g. 2GB")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What the plan needs to know about the model class: its state-dict names, which of them are
+    weights of quantizable ``nn.Linear`` modules, the skip list, and the tied weights."""
+
+    architecture: str
+    state_keys: set[str]
+    quant_weights: set[str]
+    skips: list[str]
+    tied: dict[str, str]  # tied target -> source, as transformers' all_tied_weights_keys
+    prefix: str
+
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A decoder-only family: model.embed_tokens, model.layers.N.{norms, attention, MLP}, model.norm, lm_head."""
+
+    model_type: str
+    tie_default: bool
+    biases: Any  # config dict -> the linear modules that have a bias
+    norms: tuple[str, ...] = _NORMS
+
+
+KNOWN_DECODERS: dict[str, Decoder] = {
+    "LlamaForCausalLM": Decoder(
+        "llama", False, lambda c: (_ATTN if c.get("attention_bias") else ()) + (_MLP if c.get("mlp_bias") else ())
+    ),
+    "MistralForCausalLM": Decoder("mistral", False, lambda c: ()),
+    "Qwen2ForCausalLM": Decoder("qwen2", False, lambda c: _ATTN[:3]),
+    "Qwen3ForCausalLM": Decoder(
+        "qwen3", False, lambda c: _ATTN if c.get("attention_bias") else (), _NORMS + ("self_attn.q_norm", "self_attn.k_norm")
+    ),
+    "GemmaForCausalLM": Decoder("gemma", True, lambda c: _ATTN if c.get("attention_bias") else ()),
+}
+
+
+def known_layout(config: dict[str, Any] | None, keys: list[str]) -> Layout | None:
+    """The layout of a ``KNOWN_DECODERS`` checkpoint from its config alone, or None (use transformers)."""
+    if not isinstance(config, dict) or config.get("auto_map"):
+        return None
+    archs = config.get("architectures")
+    spec = KNOWN_DECODERS.get(archs[0]) if isinstance(archs, list) and len(archs) == 1 else None
+    layers = config.get("num_hidden_layers")
+    if spec is None or config.get("model_type") != spec.model_type or type(layers) is not int or layers < 1:
+        return None
+    tie = config.get("tie_word_embeddings", spec.tie_default)
+    biases = set(spec.biases(config))
+    linear = {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in _ATTN + _MLP}
+    state = linear | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    state |= {f"model.layers.{i}.{m}.bias" for i in range(layers) for m in biases}
+    state |= {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in spec.norms}
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if tie else {}
+    # exactly the expected names, bar a tied lm_head that was not saved; anything else: transformers
+    present = set(keys)
+    if not present <= state or state - present - set(tied):
+        return None
+    # default skips (see default_skips): the tie's both ends, the module of the last parameter
+    # (lm_head, or model.norm when lm_head is tied and so not a parameter of its own), the output embeddings
+    skips = {"lm_head", "model.embed_tokens", "model.norm"} if tie else {"lm_head"}
+    return Layout(archs[0], state, linear, sorted(skips), tied, "model")
+
+
+def meta_layout(root, user_skips: list[str]) -> Layout:
+    """The layout read from the model class itself, built on the meta device by transformers."""
+    from torch import nn
+
+    model, _ = meta_model(root)
+    skip = sorted(default_skips(model) | set(model._keep_in_fp32_modules or ()) | set(user_skips))
+    quant_weights = set()
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not is_skipped(name, skip):
+            quant_weights.add(f"{name}.weight")
+        elif type(module).__name__ == "Conv1D" and not is_skipped(name, skip):
+            raise QuantizationError(
+                f"module {name!r} is a transposed Conv1D (GPT-2 style), which qconvert does not quantize yet",
+                hint="use transformers + bitsandbytes for this architecture",
+            )
+    return Layout(
+        architecture=type(model).__name__,
+        state_keys=set(model.state_dict().keys()),
+        quant_weights=quant_weights,
+        skips=skip,
+        tied=dict(getattr(model, "all_tied_weights_keys", {}) or {}),
+        prefix=getattr(model, "base_model_prefix", "") or "",
+    )
+
+
 def default_skips(model) -> set[str]:
     """Modules transformers never quantizes: tied weights (both ends), the module that owns the
     model's last parameter, and the output embeddings."""
@@ -153,24 +253,20 @@ def make_plan(
     double_quant: bool = True,
     skip_modules: list[str] | None = None,
     max_shard_size: int = 2 * 10**9,
+    use_transformers: bool = False,
 ) -> Plan:
-    from torch import nn
-
-    model, config = meta_model(ckpt.config_dir())
-    skip = sorted(default_skips(model) | set(model._keep_in_fp32_modules or ()) | set(skip_modules or ()))
-    state_keys = list(model.state_dict().keys())
-    state_set = set(state_keys)
-    quant_weights = set()
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and not is_skipped(name, skip):
-            quant_weights.add(f"{name}.weight")
-        elif type(module).__name__ == "Conv1D" and not is_skipped(name, skip):
-            raise QuantizationError(
-                f"module {name!r} is a transposed Conv1D (GPT-2 style), which qconvert does not quantize yet",
-                hint="use transformers + bitsandbytes for this architecture",
-            )
-    tied_targets = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    """The plan for ``ckpt``. ``use_transformers`` forces the meta-model path (tests compare the two)."""
+    layout = None if use_transformers else known_layout(ckpt.config(), ckpt.keys())
+    if layout is None:
+        layout = meta_layout(ckpt.config_dir(), list(skip_modules or ()))
+    else:  # the user's patterns on top of the defaults, as transformers applies them
+        skip = sorted(set(layout.skips) | set(skip_modules or ()))
+        layout = Layout(
+            layout.architecture, layout.state_keys,
+            {w for w in layout.quant_weights if not is_skipped(w.removesuffix(".weight"), skip)},
+            skip, layout.tied, layout.prefix,
+        )
+    state_set, prefix, tied = layout.state_keys, layout.prefix, layout.tied
 
     def out_name(k: str) -> str | None:
         if k in state_set:
@@ -181,6 +277,7 @@ def make_plan(
             return k[len(prefix) + 1 :]
         return None
 
+    saved = {o for k in ckpt.keys() if (o := out_name(k)) is not None}
     items: list[Item] = []
     dropped: list[str] = []
     seen: set[str] = set()
@@ -192,11 +289,11 @@ def make_plan(
             nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
             source_bytes += nbytes
             o = out_name(k)
-            if o is None or o in seen or (o in tied_targets and tied_targets and _tie_source_present(model, o, ckpt, out_name)):
+            if o is None or o in seen or tied.get(o) in saved:  # a tied weight is saved once, at its source
                 dropped.append(k)
                 continue
             seen.add(o)
-            q = o in quant_weights
+            q = o in layout.quant_weights
             if q and dt not in QUANTIZABLE_DTYPES:
                 raise QuantizationError(
                     f"{ckpt.root / file}: tensor {k!r} has dtype {dt}, which cannot be quantized",
@@ -208,7 +305,7 @@ def make_plan(
             items.append(Item(k, o, file, dt, tuple(shape), q, size))
     if not any(i.quantize for i in items):
         raise QuantizationError(
-            f"{ckpt.root}: no tensor would be quantized (architecture {type(model).__name__})",
+            f"{ckpt.root}: no tensor would be quantized (architecture {layout.architecture})",
             hint="check --skip-modules; qconvert quantizes the weights of nn.Linear layers",
         )
     shards: list[list[int]] = [[]]
@@ -223,15 +320,9 @@ def make_plan(
         items=items,
         shards=shards,
         dropped=dropped,
-        skip_patterns=skip,
-        architecture=type(model).__name__,
+        skip_patterns=layout.skips,
+        architecture=layout.architecture,
         source_bytes=source_bytes,
         source_dtype=max(dtypes, key=dtypes.get) if dtypes else "float32",
     )
 
-
-def _tie_source_present(model, target: str, ckpt: Checkpoint, out_name) -> bool:
-    """A tied weight (e.g. lm_head.weight tied to the embeddings) is not saved by save_pretrained
-    when the tensor it is tied to is saved."""
-    src = model.all_tied_weights_keys.get(target)
-    return src is not None and any(out_name(k) == src for k in ckpt.keys())

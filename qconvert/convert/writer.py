@@ -1,10 +1,19 @@
 """A safetensors shard written one tensor at a time.
 
 ``safetensors.torch.save_file`` needs every tensor in memory at once; a streaming converter must not.
-Tensor bytes go to a spill file as they are produced; closing the shard writes the standard header
-(8-byte little-endian length, JSON with dtype/shape/data_offsets and ``__metadata__``, space-padded
-to a multiple of 8) and then the data, into ``<name>.tmp``, which is renamed into place only when
-complete. The result is an ordinary safetensors file (tests read it back with the safetensors library).
+A safetensors file starts with its header (8-byte little-endian length, then JSON with
+dtype/shape/data_offsets and ``__metadata__``, space-padded to a multiple of 8), and the header is only
+known once every tensor has been written. Two ways around that:
+
+- ``reserve`` given (the converter knows every tensor name of a shard in advance and passes an
+  upper bound from :func:`header_bound`): tensor bytes go straight to their final place after a
+  reserved header slot, and closing the shard writes the header into the slot, padded with spaces
+  (which safetensors readers skip). Each byte is written once.
+- no ``reserve`` (merge, which finds its names as it goes), or a header that outgrew the slot: tensor
+  bytes go to a spill file first and are copied behind the header on close.
+
+Either way the file is built as ``<name>.tmp`` and renamed into place only when complete, and the
+result is an ordinary safetensors file (tests read it back with the safetensors library).
 """
 
 from __future__ import annotations
@@ -20,27 +29,63 @@ import torch
 from ..format.checkpoint import DTYPE_NAMES
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor, without a copy when it is already contiguous."""
+    t = t.detach().cpu().reshape(-1).contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return memoryview(t.numpy()).cast("B")
+
+
+def header_bound(entries: list[tuple[str, int]], metadata: dict[str, str]) -> int:
+    """An upper bound on the JSON header size for tensors with these (name, ndim): every number
+    (shape entries, offsets) counted at 20 digits."""
+    size = len(json.dumps({"__metadata__": metadata}, separators=(",", ":")))
+    for name, ndim in entries:
+        size += len(json.dumps(name)) + len(':{"dtype":"","shape":[],"data_offsets":[,]},') + 8 + 21 * (ndim + 2)
+    return size + 8
+
+
+def _digest(head: bytes, data_sha256: bytes) -> str:
+    return hashlib.sha256(head + data_sha256).hexdigest()
+
+
+def shard_digest(path: Path) -> str:
+    """What :meth:`ShardWriter.close` returns for the file at ``path``: sha256 over the header block
+    and the sha256 of the data area (so a resumed run can check a finished shard)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head = struct.pack("<Q", n) + f.read(n)
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return _digest(head, h.digest())
 
 
 class ShardWriter:
-    def __init__(self, path: Path, metadata: dict[str, str]):
+    def __init__(self, path: Path, metadata: dict[str, str], reserve: int | None = None):
         self.path = Path(path)
         self.metadata = dict(metadata)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.spill_path = self.path.with_name(self.path.name + ".data")
-        self.spill = open(self.spill_path, "wb")
+        self.reserve = None if reserve is None else reserve + (-reserve % 8)
+        if self.reserve is None:
+            self.out = open(self.spill_path, "wb")
+        else:
+            self.out = open(self.tmp, "wb")
+            self.out.seek(8 + self.reserve)
         self.entries: dict[str, dict] = {}
         self.offset = 0
+        self.data_hash = hashlib.sha256()
 
     def add(self, name: str, t: torch.Tensor) -> int:
         if name in self.entries:
             raise ValueError(f"tensor {name!r} written twice to {self.path.name}")
-        data = tensor_bytes(t)
-        self.spill.write(data)
+        data = tensor_view(t)
+        self.out.write(data)
+        self.data_hash.update(data)
         self.entries[name] = {
             "dtype": DTYPE_NAMES[t.dtype],
             "shape": list(t.shape),
@@ -50,35 +95,36 @@ class ShardWriter:
         return len(data)
 
     def close(self) -> tuple[int, str]:
-        """Finish the file; returns (data bytes, sha256 of the whole file)."""
-        self.spill.close()
+        """Finish the file; returns (data bytes, :func:`shard_digest` of it)."""
         header = {"__metadata__": self.metadata, **self.entries}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        h = hashlib.sha256()
-        with open(tmp, "wb") as out, open(self.spill_path, "rb") as src:
+        if self.reserve is not None and len(raw) <= self.reserve:
+            raw += b" " * (self.reserve - len(raw))
             head = struct.pack("<Q", len(raw)) + raw
-            out.write(head)
-            h.update(head)
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
-                h.update(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
-        os.unlink(self.spill_path)
-        return self.offset, h.hexdigest()
+            self.out.seek(0)
+            self.out.write(head)
+            self.out.flush()
+            os.fsync(self.out.fileno())
+            self.out.close()
+        else:
+            self.out.close()
+            if self.reserve is not None:  # the slot was too small: move the data behind a new header
+                os.replace(self.tmp, self.spill_path)
+            head = struct.pack("<Q", len(raw)) + raw
+            with open(self.tmp, "wb") as out, open(self.spill_path, "rb") as src:
+                if self.reserve is not None:
+                    src.seek(8 + self.reserve)
+                out.write(head)
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.unlink(self.spill_path)
+        os.replace(self.tmp, self.path)
+        return self.offset, _digest(head, self.data_hash.digest())
 
     def abort(self) -> None:
-        self.spill.close()
-        for p in (self.spill_path, self.path.with_name(self.path.name + ".tmp")):
+        self.out.close()
+        for p in (self.spill_path, self.tmp):
             p.unlink(missing_ok=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,0 +1,124 @@
+"""The plan read off config.json (KNOWN_DECODERS) is the plan transformers' own model classes give.
+
+Every table entry is built with transformers under each config flag that changes its module tree
+(tie, biases), saved with and without the tied head, and planned both ways: with the table, and on a
+meta-device model (``use_transformers=True``). Tensor names, which get quantized, dropped tensors and
+the skip list must agree. A checkpoint the table does not describe must take the transformers path.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from qconvert.convert.plan import KNOWN_DECODERS, known_layout, make_plan
+from qconvert.convert.quantize import bnb_quantization_config
+from qconvert.format.checkpoint import Checkpoint
+
+FLAGS = {  # config fields that add or remove modules, per family
+    "llama": [{"attention_bias": a, "mlp_bias": m} for a, m in itertools.product((False, True), repeat=2)],
+    "mistral": [{}],
+    "qwen2": [{}],
+    "qwen3": [{"attention_bias": False}, {"attention_bias": True}],
+    "gemma": [{"attention_bias": False}, {"attention_bias": True}],
+}
+
+
+def save_tiny(path, arch: str, tie: bool, flags: dict, *, keep_tied_head: bool = False, extra_key: str | None = None):
+    import transformers
+    from safetensors.torch import save_file
+
+    spec = KNOWN_DECODERS[arch]
+    cfg = transformers.AutoConfig.for_model(
+        spec.model_type, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=tie,
+        architectures=[arch], **flags,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(cfg)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if tie and not keep_tied_head:
+        sd.pop("lm_head.weight", None)
+    if extra_key:
+        sd[extra_key] = torch.zeros(3)
+    path.mkdir(parents=True)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(path)
+    return path
+
+
+def same_plan(a, b) -> None:
+    assert [(i.source_key, i.out_key, i.quantize, i.shape) for i in a.items] == [
+        (i.source_key, i.out_key, i.quantize, i.shape) for i in b.items
+    ]
+    assert a.dropped == b.dropped and a.skip_patterns == b.skip_patterns and a.architecture == b.architecture
+    assert a.shards == b.shards and a.source_dtype == b.source_dtype
+
+
+CASES = [
+    (arch, tie, flags)
+    for arch, spec in KNOWN_DECODERS.items()
+    for tie in (False, True)
+    for flags in FLAGS[spec.model_type]
+]
+
+
+@pytest.mark.parametrize("arch,tie,flags", CASES, ids=[f"{a}-tie{t}-{'-'.join(k for k, v in f.items() if v)}" for a, t, f in CASES])
+def test_table_plan_equals_transformers_plan(tmp_path, arch, tie, flags):
+    assert set(FLAGS) == {s.model_type for s in KNOWN_DECODERS.values()}
+    heads = (False, True) if tie else (False,)
+    for keep_head, skips in itertools.product(heads, ([], ["mlp.down_proj", "model.layers.1"])):
+        d = save_tiny(tmp_path / f"m-{keep_head}-{len(skips)}", arch, tie, flags, keep_tied_head=keep_head)
+        ckpt = Checkpoint(d)
+        assert known_layout(ckpt.config(), ckpt.keys()) is not None, "the table path was not taken"
+        fast = make_plan(ckpt, skip_modules=skips, max_shard_size=20_000)
+        slow = make_plan(ckpt, skip_modules=skips, max_shard_size=20_000, use_transformers=True)
+        same_plan(fast, slow)
+        assert sum(i.quantize for i in fast.items) == (6 if skips else 14)  # layer 1 and layer 0's down_proj skipped
+        if tie and keep_head:
+            assert fast.dropped == ["lm_head.weight"]
+
+
+def test_unexpected_names_take_the_transformers_path(tmp_path):
+    # a key the table does not know (here a stray buffer), a missing one, and a config it does not cover
+    d = save_tiny(tmp_path / "extra", "LlamaForCausalLM", False, {}, extra_key="model.layers.0.self_attn.rotary_emb.inv_freq")
+    ckpt = Checkpoint(d)
+    assert known_layout(ckpt.config(), ckpt.keys()) is None
+    plan = make_plan(ckpt)
+    assert plan.dropped == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    same_plan(plan, make_plan(ckpt, use_transformers=True))
+    cfg = ckpt.config()
+    keys = [k for k in ckpt.keys() if k != "model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert known_layout(cfg, keys) is not None
+    assert known_layout(cfg, [k for k in keys if k != "model.norm.weight"]) is None
+    assert known_layout({**cfg, "model_type": "mistral"}, keys) is None
+    assert known_layout({**cfg, "auto_map": {"AutoModel": "x.Y"}}, keys) is None
+    assert known_layout({**cfg, "num_hidden_layers": 3}, keys) is None
+
+
+@pytest.mark.parametrize("qtype,dq,dtype,user_skips", [
+    ("nf4", True, "bfloat16", []), ("fp4", False, "float16", ["lm_head", "mlp"]), ("nf4", False, "float32", ["x"]),
+])
+def test_quantization_config_is_what_transformers_writes(qtype, dq, dtype, user_skips):
+    from transformers import BitsAndBytesConfig
+
+    skips = sorted(["lm_head", *user_skips])
+    ours = bnb_quantization_config({
+        "quant_type": qtype, "double_quant": dq, "compute_dtype": dtype, "skip_modules": skips,
+        "user_skip_modules": user_skips,
+    })
+    theirs = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=qtype, bnb_4bit_use_double_quant=dq,
+        bnb_4bit_compute_dtype=getattr(torch, dtype), llm_int8_skip_modules=skips if user_skips else None,
+    ).to_dict()
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("arch", sorted(KNOWN_DECODERS))
+def test_tie_default_is_the_config_class_default(arch):
+    import transformers
+
+    spec = KNOWN_DECODERS[arch]
+    assert transformers.AutoConfig.for_model(spec.model_type).tie_word_embeddings is spec.tie_default
