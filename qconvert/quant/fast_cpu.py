@@ -72,17 +72,49 @@ class _Binner:
         table[cell & 0xFFFF] = ((base << 16) + (0xFFFF - split)).to(torch.int32)
         self.table = table
 
-    def bins(self, scaled: torch.Tensor) -> torch.Tensor:
-        """Number of midpoints strictly below each float32 value (= torch.bucketize, right=False), as int32."""
-        key = float_keys(scaled.contiguous())
-        e = torch.index_select(self.table, 0, (key >> 16) & 0xFFFF)
-        e += key & 0xFFFF
+    def bins(self, scaled: torch.Tensor, work: "_Work | None" = None) -> torch.Tensor:
+        """Number of midpoints strictly below each float32 value (= torch.bucketize, right=False), as
+        int32. With ``work``, the result and the temporaries live in its buffers."""
+        if scaled.dtype != torch.float32:
+            raise TypeError(f"bins() takes float32 values, not {scaled.dtype}")
+        m = scaled.numel()
+        w = work or _Work(m)
+        bits = scaled.contiguous().view(torch.int32)
+        key, cell, e = w.key[:m], w.cell[:m], w.e[:m]
+        torch.bitwise_right_shift(bits, 31, out=key)  # the sort key: flip the magnitude of negatives
+        key &= _SIGN_OFF
+        key ^= bits
+        torch.bitwise_right_shift(key, 16, out=cell)
+        cell &= 0xFFFF
+        torch.index_select(self.table, 0, cell, out=e)
+        key &= 0xFFFF
+        e += key
         e >>= 16
         return e
 
-    def codes(self, scaled: torch.Tensor) -> torch.Tensor:
-        b = self.bins(scaled).to(torch.uint8)
-        return b if self.identity else torch.index_select(self.order, 0, b.to(torch.int32))
+    def codes(self, scaled: torch.Tensor, work: "_Work | None" = None) -> torch.Tensor:
+        """The 4-bit code of each value, as uint8."""
+        w = work or _Work(scaled.numel())
+        b = self.bins(scaled, w)
+        out = w.codes[: b.numel()]
+        if self.identity:
+            return out.copy_(b)
+        return torch.index_select(self.order, 0, b, out=out)
+
+
+class _Work:
+    """Scratch buffers for one chunk. Reusing them instead of allocating each temporary keeps the
+    chunk loop out of the allocator, which measured both faster and far steadier here."""
+
+    def __init__(self, n: int):
+        self.body = torch.empty(n, dtype=torch.float32)
+        self.absval = torch.empty(n, dtype=torch.float32)
+        self.key = torch.empty(n, dtype=torch.int32)
+        self.cell = torch.empty(n, dtype=torch.int32)
+        self.e = torch.empty(n, dtype=torch.int32)
+        self.codes = torch.empty(n + n % 2, dtype=torch.uint8)
+        self.hi = torch.empty((n + 1) // 2, dtype=torch.int16)
+        self.lo = torch.empty((n + 1) // 2, dtype=torch.int16)
 
 
 _BINNERS: dict[str, _Binner] = {}
@@ -94,12 +126,17 @@ def binner(quant_type: str) -> _Binner:
     return _BINNERS[quant_type]
 
 
-def pack_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """:func:`pack_nibbles` for an even count of uint8 codes, through contiguous 16-bit lanes."""
+def pack_pairs(codes: torch.Tensor, out: torch.Tensor, work: _Work) -> None:
+    """:func:`pack_nibbles` of an even count of uint8 codes into ``out``, through 16-bit lanes."""
     if sys.byteorder != "little":
-        return pack_nibbles(codes).reshape(-1)
+        out.copy_(pack_nibbles(codes).reshape(-1))
+        return
     v = codes.view(torch.int16)  # element 2i in the low byte, 2i + 1 in the high byte
-    return ((v << 4) | (v >> 8)).to(torch.uint8)
+    hi, lo = work.hi[: v.numel()], work.lo[: v.numel()]
+    torch.bitwise_left_shift(v, 4, out=hi)
+    torch.bitwise_right_shift(v, 8, out=lo)
+    hi |= lo
+    out.copy_(hi)  # keeps the low byte: codes[2i] << 4 | codes[2i + 1]
 
 
 def quantize_4bit_fast(
@@ -123,17 +160,20 @@ def quantize_4bit_fast(
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     # whole blocks, chunk by chunk (a chunk is a whole number of blocks, so an even count)
     step = max(blocksize, CHUNK - CHUNK % blocksize)
+    work = _Work(min(step, full)) if full else None
     for start in range(0, full, step):
         stop = min(start + step, full)
-        body = flat[start:stop].to(torch.float32).view(-1, blocksize)
-        am = body.abs().amax(dim=1)
+        m = stop - start
+        body = work.body[:m]
+        body.copy_(flat[start:stop])
+        am = absmax[start // blocksize : stop // blocksize]
+        torch.amax(torch.abs(body, out=work.absval[:m]).view(-1, blocksize), dim=1, out=am)
         if not bool(torch.isfinite(am).all()):  # amax propagates NaN and Inf: one cheap check per chunk
             check_quantizable(x, name, quant_type, blocksize)  # raises, naming the first bad element
-        absmax[start // blocksize : stop // blocksize] = am
         # The reference clamps the scaled values to [-1, 1]; they can only pass it by a rounding
         # step, and such a value lands in the outermost bin either way, so the clamp is left out.
-        scaled = body * (1.0 / am.clamp(min=_TINY)).unsqueeze(1)
-        packed[start // 2 : stop // 2] = pack_pairs(search.codes(scaled.view(-1)))
+        body.view(-1, blocksize).mul_((1.0 / am.clamp(min=_TINY)).unsqueeze(1))
+        pack_pairs(search.codes(body, work), packed[start // 2 : stop // 2], work)
     if full < n:  # the ragged last block: the reference's own code, on a handful of values
         tail_absmax, tail_scaled = absmax_blocks(flat[full:].to(torch.float32), blocksize)
         absmax[-1] = tail_absmax[0]
