@@ -16,3 +16,22 @@ def test_import_is_light():
     r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[] False"
+
+
+CONVERT = """
+import sys
+from qconvert.convert.quantize import quantize_checkpoint
+quantize_checkpoint(sys.argv[1], sys.argv[2])
+print([m for m in ("transformers", "peft", "triton") if m in sys.modules])
+"""
+
+
+def test_converting_a_known_decoder_imports_no_transformers(tmp_path):
+    """Llama-family plans come from config.json (tests/test_plan.py checks them against transformers);
+    the 3-4 s transformers import is what this keeps out of a conversion."""
+    from helpers import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
