@@ -99,6 +99,39 @@ def test_unsupported_dtype(tmp_path):
     assert "model.layers.0.mlp.gate_proj.weight" in err and "torch.int8" in err and "cannot be quantized" in err
 
 
+def test_dtype_torch_cannot_hold(tmp_path):
+    """A dtype safetensors knows but torch does not (here F8_E8M0, set in the header by hand)."""
+    import struct
+
+    src = make_tiny_llama(tmp_path / "src")
+    p = src / "model.safetensors"
+    raw = p.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header["model.norm.weight"]["dtype"] = "F8_E8M0"
+    start, stop = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["shape"] = [stop - start]  # one byte per element: same data area
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    p.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n :])
+    err = fails("quantize", src, tmp_path / "out")
+    assert "model.norm.weight" in err and "F8_E8M0" in err and "cannot read or copy" in err
+    no_output(tmp_path)
+
+
+def test_float8_tensor_copied_as_is(tmp_path):
+    """Unquantized tensors keep their dtype and bytes, float8 included (numpy has no float8)."""
+    src = make_tiny_llama(tmp_path / "src")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    r = subprocess.run([*QCONVERT, "quantize", str(src), str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"]
+    assert got.dtype == torch.float8_e4m3fn
+    assert torch.equal(got.view(torch.uint8), tensors["model.norm.weight"].view(torch.uint8))
+
+
 def test_bad_options(tmp_path, src):
     assert "block size 100" in fails("quantize", src, tmp_path / "out", "--blocksize", "100")
     assert "cannot read size" in fails("quantize", src, tmp_path / "out", "--max-shard-size", "lots")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, OptionError, QuantizationError
-from ..format.checkpoint import Checkpoint
+from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_STATE_JSON_ESTIMATE = 240  # bytes; only used to decide shard membership
@@ -286,6 +286,11 @@ def make_plan(
     for file in ckpt.files:
         for k in ckpt.iter_file(file):
             dt, shape = ckpt.info(k)
+            if ckpt.dtype_name(k) not in SAFETENSORS_DTYPES:
+                raise FormatError(
+                    f"{ckpt.root / file}: tensor {k!r} has dtype {ckpt.dtype_name(k)}, which qconvert cannot read or copy",
+                    hint="convert that tensor to a torch dtype first, or use transformers + bitsandbytes for this model",
+                )
             nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
             source_bytes += nbytes
             o = out_name(k)

@@ -34,9 +34,7 @@ def tensor_view(t: torch.Tensor) -> memoryview:
     t = t.detach().cpu().reshape(-1).contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+    return memoryview(t.view(torch.uint8).numpy())  # any dtype, numpy's or not (bfloat16, float8)
 
 
 def header_bound(entries: list[tuple[str, int]], metadata: dict[str, str]) -> int:

@@ -31,6 +31,11 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
@@ -211,6 +216,14 @@ class Checkpoint:
         if dt not in SAFETENSORS_DTYPES:
             return torch.float32, tuple(sl.get_shape())  # unknown to torch (F8 etc.): sized as 4-byte
         return SAFETENSORS_DTYPES[dt], tuple(sl.get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype string of a tensor (``str(torch dtype)`` for .bin checkpoints)."""
+        f = self.weight_map[name]
+        if self.is_bin:
+            dt = self._load_bin(f)[name].dtype
+            return DTYPE_NAMES.get(dt, str(dt))
+        return self._open(f).get_slice(name).get_dtype()
 
     def nbytes(self, name: str) -> int:
         dt, shape = self.info(name)
