@@ -214,7 +214,7 @@ class Checkpoint:
         sl = self._open(f).get_slice(name)
         dt = sl.get_dtype()
         if dt not in SAFETENSORS_DTYPES:
-            return torch.float32, tuple(sl.get_shape())  # unknown to torch (F8 etc.): sized as 4-byte
+            return torch.float32, tuple(sl.get_shape())  # unknown to torch (F8_E8M0, F4 ...): sized as 4-byte
         return SAFETENSORS_DTYPES[dt], tuple(sl.get_shape())
 
     def dtype_name(self, name: str) -> str:
