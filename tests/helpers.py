@@ -135,3 +135,32 @@ def float32_reference(qdir):
     model.load_state_dict(sd, strict=False)
     model.tie_weights()
     return model.eval()
+
+
+def make_tiny_decoder(path, arch: str, tie: bool, flags: dict, *, keep_tied_head: bool = False, extra_key: str | None = None):
+    """A tiny randomly initialised ``arch`` (a qconvert.convert.plan.KNOWN_DECODERS entry) saved in
+    Hugging Face layout, optionally with the tied head saved anyway or with an extra tensor."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from qconvert.convert.plan import KNOWN_DECODERS
+
+    spec = KNOWN_DECODERS[arch]
+    cfg = transformers.AutoConfig.for_model(
+        spec.model_type, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=tie,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        architectures=[arch], **flags,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(cfg)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if tie and not keep_tied_head:
+        sd.pop("lm_head.weight", None)
+    if extra_key:
+        sd[extra_key] = torch.zeros(3)
+    path = Path(path)
+    path.mkdir(parents=True)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(path)
+    return path

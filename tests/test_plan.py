@@ -17,36 +17,17 @@ from qconvert.convert.plan import KNOWN_DECODERS, known_layout, make_plan
 from qconvert.convert.quantize import bnb_quantization_config
 from qconvert.format.checkpoint import Checkpoint
 
+from helpers import make_tiny_decoder
+
 FLAGS = {  # config fields that add or remove modules, per family
     "llama": [{"attention_bias": a, "mlp_bias": m} for a, m in itertools.product((False, True), repeat=2)],
+    "granite": [{"attention_bias": a, "mlp_bias": m} for a, m in itertools.product((False, True), repeat=2)],
+    "smollm3": [{"attention_bias": a, "mlp_bias": m} for a, m in itertools.product((False, True), repeat=2)],
     "mistral": [{}],
     "qwen2": [{}],
-    "qwen3": [{"attention_bias": False}, {"attention_bias": True}],
-    "gemma": [{"attention_bias": False}, {"attention_bias": True}],
+    "phi3": [{}],
+    **{t: [{"attention_bias": False}, {"attention_bias": True}] for t in ("qwen3", "gemma", "gemma2", "gemma3_text", "olmo2")},
 }
-
-
-def save_tiny(path, arch: str, tie: bool, flags: dict, *, keep_tied_head: bool = False, extra_key: str | None = None):
-    import transformers
-    from safetensors.torch import save_file
-
-    spec = KNOWN_DECODERS[arch]
-    cfg = transformers.AutoConfig.for_model(
-        spec.model_type, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=tie,
-        architectures=[arch], **flags,
-    )
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)(cfg)
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if tie and not keep_tied_head:
-        sd.pop("lm_head.weight", None)
-    if extra_key:
-        sd[extra_key] = torch.zeros(3)
-    path.mkdir(parents=True)
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    cfg.save_pretrained(path)
-    return path
 
 
 def same_plan(a, b) -> None:
@@ -70,20 +51,21 @@ def test_table_plan_equals_transformers_plan(tmp_path, arch, tie, flags):
     assert set(FLAGS) == {s.model_type for s in KNOWN_DECODERS.values()}
     heads = (False, True) if tie else (False,)
     for keep_head, skips in itertools.product(heads, ([], ["mlp.down_proj", "model.layers.1"])):
-        d = save_tiny(tmp_path / f"m-{keep_head}-{len(skips)}", arch, tie, flags, keep_tied_head=keep_head)
+        d = make_tiny_decoder(tmp_path / f"m-{keep_head}-{len(skips)}", arch, tie, flags, keep_tied_head=keep_head)
         ckpt = Checkpoint(d)
         assert known_layout(ckpt.config(), ckpt.keys()) is not None, "the table path was not taken"
         fast = make_plan(ckpt, skip_modules=skips, max_shard_size=20_000)
         slow = make_plan(ckpt, skip_modules=skips, max_shard_size=20_000, use_transformers=True)
         same_plan(fast, slow)
-        assert sum(i.quantize for i in fast.items) == (6 if skips else 14)  # layer 1 and layer 0's down_proj skipped
+        per_layer = len(KNOWN_DECODERS[arch].linears)  # with skips: layer 1 and layer 0's down_proj
+        assert sum(i.quantize for i in fast.items) == (per_layer - 1 if skips else 2 * per_layer)
         if tie and keep_head:
             assert fast.dropped == ["lm_head.weight"]
 
 
 def test_unexpected_names_take_the_transformers_path(tmp_path):
     # a key the table does not know (here a stray buffer), a missing one, and a config it does not cover
-    d = save_tiny(tmp_path / "extra", "LlamaForCausalLM", False, {}, extra_key="model.layers.0.self_attn.rotary_emb.inv_freq")
+    d = make_tiny_decoder(tmp_path / "extra", "LlamaForCausalLM", False, {}, extra_key="model.layers.0.self_attn.rotary_emb.inv_freq")
     ckpt = Checkpoint(d)
     assert known_layout(ckpt.config(), ckpt.keys()) is None
     plan = make_plan(ckpt)

@@ -125,24 +125,42 @@ _NORMS = ("input_layernorm", "post_attention_layernorm")
 
 @dataclass(frozen=True)
 class Decoder:
-    """A decoder-only family: model.embed_tokens, model.layers.N.{norms, attention, MLP}, model.norm, lm_head."""
+    """A decoder-only family: model.embed_tokens, model.layers.N.{norms, linears}, model.norm, lm_head."""
 
     model_type: str
     tie_default: bool
     biases: Any  # config dict -> the linear modules that have a bias
     norms: tuple[str, ...] = _NORMS
+    linears: tuple[str, ...] = _ATTN + _MLP
 
+
+def _attn_bias(c: dict) -> tuple[str, ...]:
+    return _ATTN if c.get("attention_bias") else ()
+
+
+def _attn_mlp_bias(c: dict) -> tuple[str, ...]:
+    return _attn_bias(c) + (_MLP if c.get("mlp_bias") else ())
+
+
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+_SANDWICH = _NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 KNOWN_DECODERS: dict[str, Decoder] = {
-    "LlamaForCausalLM": Decoder(
-        "llama", False, lambda c: (_ATTN if c.get("attention_bias") else ()) + (_MLP if c.get("mlp_bias") else ())
-    ),
+    "LlamaForCausalLM": Decoder("llama", False, _attn_mlp_bias),
     "MistralForCausalLM": Decoder("mistral", False, lambda c: ()),
     "Qwen2ForCausalLM": Decoder("qwen2", False, lambda c: _ATTN[:3]),
-    "Qwen3ForCausalLM": Decoder(
-        "qwen3", False, lambda c: _ATTN if c.get("attention_bias") else (), _NORMS + ("self_attn.q_norm", "self_attn.k_norm")
+    "Qwen3ForCausalLM": Decoder("qwen3", False, _attn_bias, _NORMS + _QK_NORMS),
+    "GemmaForCausalLM": Decoder("gemma", True, _attn_bias),
+    "Gemma2ForCausalLM": Decoder("gemma2", True, _attn_bias, _SANDWICH),
+    "Gemma3ForCausalLM": Decoder("gemma3_text", True, _attn_bias, _SANDWICH + _QK_NORMS),
+    "Olmo2ForCausalLM": Decoder(
+        "olmo2", False, _attn_bias, ("post_attention_layernorm", "post_feedforward_layernorm") + _QK_NORMS
     ),
-    "GemmaForCausalLM": Decoder("gemma", True, lambda c: _ATTN if c.get("attention_bias") else ()),
+    "GraniteForCausalLM": Decoder("granite", False, _attn_mlp_bias),
+    "SmolLM3ForCausalLM": Decoder("smollm3", True, _attn_mlp_bias),
+    "Phi3ForCausalLM": Decoder(
+        "phi3", False, lambda c: (), linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    ),
 }
 
 
@@ -157,7 +175,7 @@ def known_layout(config: dict[str, Any] | None, keys: list[str]) -> Layout | Non
         return None
     tie = config.get("tie_word_embeddings", spec.tie_default)
     biases = set(spec.biases(config))
-    linear = {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in _ATTN + _MLP}
+    linear = {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in spec.linears}
     state = linear | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     state |= {f"model.layers.{i}.{m}.bias" for i in range(layers) for m in biases}
     state |= {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in spec.norms}
