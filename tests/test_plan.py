@@ -76,7 +76,6 @@ def test_unexpected_names_take_the_transformers_path(tmp_path):
     assert known_layout(cfg, keys) is not None
     assert known_layout(cfg, [k for k in keys if k != "model.norm.weight"]) is None
     assert known_layout({**cfg, "model_type": "mistral"}, keys) is None
-    assert known_layout({**cfg, "auto_map": {"AutoModel": "x.Y"}}, keys) is None
     assert known_layout({**cfg, "num_hidden_layers": 3}, keys) is None
 
 
@@ -104,3 +103,17 @@ def test_tie_default_is_the_config_class_default(arch):
 
     spec = KNOWN_DECODERS[arch]
     assert transformers.AutoConfig.for_model(spec.model_type).tie_word_embeddings is spec.tie_default
+
+
+def test_remote_code_map_does_not_change_the_plan(tmp_path):
+    """Phi-3 checkpoints on the Hub carry an auto_map; without remote code (qconvert never runs it)
+    transformers uses its own Phi3ForCausalLM, and so does the table."""
+    import json
+
+    d = make_tiny_decoder(tmp_path / "phi3", "Phi3ForCausalLM", False, {})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_phi3.Phi3Config", "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    ckpt = Checkpoint(d)
+    assert known_layout(ckpt.config(), ckpt.keys()) is not None
+    same_plan(make_plan(ckpt), make_plan(ckpt, use_transformers=True))

@@ -166,7 +166,9 @@ KNOWN_DECODERS: dict[str, Decoder] = {
 
 def known_layout(config: dict[str, Any] | None, keys: list[str]) -> Layout | None:
     """The layout of a ``KNOWN_DECODERS`` checkpoint from its config alone, or None (use transformers)."""
-    if not isinstance(config, dict) or config.get("auto_map"):
+    # An auto_map (remote code) does not matter: qconvert never runs remote code, and without it
+    # transformers builds its own class for the architecture, which is what the table describes.
+    if not isinstance(config, dict):
         return None
     archs = config.get("architectures")
     spec = KNOWN_DECODERS.get(archs[0]) if isinstance(archs, list) and len(archs) == 1 else None
