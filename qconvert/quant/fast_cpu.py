@@ -136,7 +136,8 @@ def pack_pairs(codes: torch.Tensor, out: torch.Tensor, work: _Work) -> None:
     torch.bitwise_left_shift(v, 4, out=hi)
     torch.bitwise_right_shift(v, 8, out=lo)
     hi |= lo
-    out.copy_(hi)  # keeps the low byte: codes[2i] << 4 | codes[2i + 1]
+    hi &= 0xFF  # the low byte, codes[2i] << 4 | codes[2i + 1]: in range, so the cast cannot saturate
+    out.copy_(hi)
 
 
 def quantize_4bit_fast(
