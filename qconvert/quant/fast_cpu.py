@@ -25,9 +25,9 @@ import sys
 
 import torch
 
-from ..format.constants import codebook, quantize_midpoints
+from ..format.constants import quantize_midpoints
 from ..format.layout import QuantizedTensor
-from .reference import _TINY, absmax_blocks, check_quantizable, codes_for, double_quantize, pack_nibbles
+from .reference import _TINY, absmax_blocks, assemble, check_quantizable, pack_nibbles, pack_scaled
 
 #: Elements per chunk: 1 MB of float32 working set, the fastest size measured on a 2-core VM.
 CHUNK = 1 << 18
@@ -178,20 +178,7 @@ def quantize_4bit_fast(
     if full < n:  # the ragged last block: the reference's own code, on a handful of values
         tail_absmax, tail_scaled = absmax_blocks(flat[full:].to(torch.float32), blocksize)
         absmax[-1] = tail_absmax[0]
-        if tail_scaled.numel() % 2:
-            tail_scaled = torch.cat([tail_scaled, tail_scaled.new_zeros(1)])
-        packed[full // 2 :] = pack_nibbles(codes_for(tail_scaled, quant_type)).reshape(-1)
+        packed[full // 2 :] = pack_scaled(tail_scaled, quant_type).reshape(-1)
     if not bool(torch.isfinite(absmax).all()):  # the ragged tail
         check_quantizable(x, name, quant_type, blocksize)
-    qt = QuantizedTensor(
-        packed=packed.reshape(-1, 1),
-        absmax=absmax,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
-        quant_type=quant_type,
-        blocksize=blocksize,
-        quant_map=codebook(quant_type),
-    )
-    if double_quant:
-        double_quantize(qt, name)
-    return qt
+    return assemble(x, packed, absmax, quant_type, blocksize, double_quant, name)

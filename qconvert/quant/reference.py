@@ -14,7 +14,6 @@ then rounded to the logical dtype.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import QuantizationError
@@ -76,8 +75,34 @@ def codes_for(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Two codes per byte, element 2i in the high nibble; an odd count is padded with ``pad``."""
+    """Two codes per byte, element 2i in the high nibble (an even count of codes)."""
     return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
+
+
+def pack_scaled(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The packed codes of scaled values; an odd count is padded with the code of 0.0."""
+    if scaled.numel() % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    return pack_nibbles(codes_for(scaled, quant_type))
+
+
+def assemble(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str
+) -> QuantizedTensor:
+    """The QuantizedTensor of ``x`` from its packed codes and float32 block scales, double-quantized
+    when asked (shared by every quantizer, so they differ only in how they find the codes)."""
+    qt = QuantizedTensor(
+        packed=packed.reshape(-1, 1),
+        absmax=absmax,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        quant_map=codebook(quant_type, x.device),
+    )
+    if double_quant:
+        double_quantize(qt, name)
+    return qt
 
 
 LUT_SIZE = 65536
@@ -130,21 +155,7 @@ def quantize_4bit_ref(
     check_quantizable(x, name, quant_type, blocksize)
     flat = x.detach().reshape(-1).to(torch.float32)
     absmax, scaled = absmax_blocks(flat, blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.cat([scaled, scaled.new_zeros(1)])  # the pad nibble is the code of 0.0
-    packed = pack_nibbles(codes_for(scaled, quant_type))
-    qt = QuantizedTensor(
-        packed=packed,
-        absmax=absmax,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
-        quant_type=quant_type,
-        blocksize=blocksize,
-        quant_map=codebook(quant_type, x.device),
-    )
-    if double_quant:
-        double_quantize(qt, name)
-    return qt
+    return assemble(x, pack_scaled(scaled, quant_type), absmax, quant_type, blocksize, double_quant, name)
 
 
 def double_quantize(qt: QuantizedTensor, name: str = "tensor") -> QuantizedTensor:
