@@ -30,6 +30,7 @@ import torch
 
 from ..errors import FormatError, OptionError, QuantizationError
 from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint
+from ..format.layout import dtype_name
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_STATE_JSON_ESTIMATE = 240  # bytes; only used to decide shard membership
@@ -44,6 +45,7 @@ class Item:
     shape: tuple[int, ...]
     quantize: bool
     out_bytes: int  # estimated
+    src_bytes: int
 
 
 @dataclass
@@ -306,12 +308,12 @@ def make_plan(
     for file in ckpt.files:
         for k in ckpt.iter_file(file):
             dt, shape = ckpt.info(k)
-            if ckpt.dtype_name(k) not in SAFETENSORS_DTYPES:
+            if (raw := ckpt.dtype_name(k)) not in SAFETENSORS_DTYPES:
                 raise FormatError(
-                    f"{ckpt.root / file}: tensor {k!r} has dtype {ckpt.dtype_name(k)}, which qconvert cannot read or copy",
+                    f"{ckpt.root / file}: tensor {k!r} has dtype {raw}, which qconvert cannot read or copy",
                     hint="convert that tensor to a torch dtype first, or use transformers + bitsandbytes for this model",
                 )
-            nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            nbytes = math.prod(shape) * dt.itemsize
             source_bytes += nbytes
             o = out_name(k)
             if o is None or o in seen or tied.get(o) in saved:  # a tied weight is saved once, at its source
@@ -325,9 +327,9 @@ def make_plan(
                     hint="only float32, float16 and bfloat16 weights are quantized; skip it with --skip-modules",
                 )
             if q:
-                dtypes[str(dt).removeprefix("torch.")] = dtypes.get(str(dt).removeprefix("torch."), 0) + nbytes
+                dtypes[dtype_name(dt)] = dtypes.get(dtype_name(dt), 0) + nbytes
             size = quantized_size(math.prod(shape), blocksize, double_quant) if q else nbytes
-            items.append(Item(k, o, file, dt, tuple(shape), q, size))
+            items.append(Item(k, o, file, dt, tuple(shape), q, size, nbytes))
     if not any(i.quantize for i in items):
         raise QuantizationError(
             f"{ckpt.root}: no tensor would be quantized (architecture {layout.architecture})",

@@ -149,7 +149,7 @@ def quantize_checkpoint(
                 q_core += rec["q_core_bytes"]
                 q_params += rec["q_params"]
                 if bar:
-                    bar.update(sum(_src_bytes(plan, i) for i in idx))
+                    bar.update(sum(plan.items[i].src_bytes for i in idx))
                 say(f"kept {name} from the interrupted run (sha256 verified)")
                 continue
             entries = []
@@ -187,7 +187,7 @@ def quantize_checkpoint(
                     if remaining_uses[it.source_file] == 0:
                         src.release(it.source_file)
                     if bar:
-                        bar.update(_src_bytes(plan, i))
+                        bar.update(it.src_bytes)
                 data_bytes, digest = writer.close()
             except BaseException:
                 writer.abort()
@@ -236,27 +236,14 @@ def quantize_checkpoint(
 
 # ---------------------------------------------------------------------------------------------
 def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str):
-    if torch.cuda.is_available():  # a GPU when present: the reference math on the device
-        from ..quant.reference import quantize_4bit_ref
-
-        qt = quantize_4bit_ref(t.cuda(), quant_type, blocksize, double_quant, name)
-        for f in ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map"):
-            if getattr(qt, f) is not None:
-                setattr(qt, f, getattr(qt, f).cpu())
-        return qt
     from ..quant.fast_cpu import quantize_4bit_fast
 
-    # t is usually a view of a memory-mapped shard. Copying it first faults its pages in with one
-    # sequential read; letting the quantizer's threads fault them chunk by chunk measured 1.8x slower.
-    return quantize_4bit_fast(t.clone(), quant_type, blocksize, double_quant, name)
-
-
-def _src_bytes(plan: Plan, i: int) -> int:
-    it = plan.items[i]
-    n = 1
-    for d in it.shape:
-        n *= d
-    return n * torch.empty((), dtype=it.dtype).element_size()
+    # On a GPU, quantize_4bit_fast runs the reference math there (the writer copies each entry back
+    # to the host). On CPU, t is usually a view of a memory-mapped shard: copying it first faults its
+    # pages in with one sequential read; the quantizer's threads faulting them chunk by chunk measured
+    # 1.8x slower.
+    t = t.cuda() if torch.cuda.is_available() else t.clone()
+    return quantize_4bit_fast(t, quant_type, blocksize, double_quant, name)
 
 
 def _maybe_die(i: int) -> None:
