@@ -20,9 +20,7 @@ import torch
 
 from .errors import FormatError
 from .format.checkpoint import Checkpoint
-from .format.layout import companion_keys, find_quantized
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from .format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:

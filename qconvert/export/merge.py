@@ -26,9 +26,7 @@ import torch
 
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
-from ..format.layout import companion_keys, find_quantized
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from ..format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized
 
 
 class LoraAdapter:
@@ -93,7 +91,7 @@ def merge_adapter(
 ) -> dict[str, Any]:
     from .. import __version__
     from ..convert.plan import parse_size
-    from ..convert.quantize import _publish, check_output, staging_dir
+    from ..convert.quantize import _copy_extra_files, _publish, check_output, staging_dir
     from ..convert.writer import ShardWriter
     from ..loader import resolve_model_path
     from ..quant.fast_cpu import quantize_4bit_fast
@@ -153,12 +151,9 @@ def merge_adapter(
             if k in owned and k not in quantized:
                 continue
             if k in quantized:
-                if orig is not None:
-                    w = orig.get(k).float()
-                else:
-                    qt = ckpt.quantized(k)
-                    w = dequantize_4bit_ref(qt, torch.float32)
-                qtype, bs, dq = (qt.quant_type, qt.blocksize, qt.double_quant) if orig is None else (qc.get("bnb_4bit_quant_type", "nf4"), 64, bool(qc.get("bnb_4bit_use_double_quant")))
+                qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
+                qtype, bs, dq = qt.quant_type, qt.blocksize, qt.double_quant
+                w = orig.get(k).float() if orig is not None else dequantize_4bit_ref(qt, torch.float32)
             else:
                 w = ckpt.get(k)
             if k in targets:
@@ -199,11 +194,7 @@ def merge_adapter(
     for a, b in zip(shard_files, final):
         os.replace(stage / a, stage / b)
     rename = dict(zip(shard_files, final))
-    for rel, path in ckpt.extra_files():
-        if rel in ("config.json", "README.md"):
-            continue
-        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, stage / rel)
+    _copy_extra_files(ckpt, stage)
     prov = cfg.get("qconvert") or {}
     source = prov.get("source") if "/" in str(prov.get("source") or "") else (repo_id or lora.config.get("base_model_name_or_path"))
     new_cfg = dict(cfg)
