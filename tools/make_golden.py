@@ -22,7 +22,6 @@ from qconvert.format.layout import dtype_name
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 
 OUT = Path(__file__).resolve().parent.parent / "formats" / "golden" / "vectors.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def tensor_hex(t: torch.Tensor) -> str:
