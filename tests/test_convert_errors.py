@@ -4,6 +4,7 @@ output that looks complete."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import QCONVERT, make_tiny_llama
+from helpers import QCONVERT, make_tiny_llama, run_cli
 
 
 
@@ -80,29 +81,34 @@ def test_tensor_in_index_missing_from_shard(tmp_path, src):
     no_output(tmp_path)
 
 
-def test_nan_weight_named(tmp_path):
+def tiny_llama_with(tmp_path: Path, name: str, change) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny one-file Llama whose tensor ``name`` is replaced by ``change(tensor)``."""
     src = make_tiny_llama(tmp_path / "src")
     tensors = load_file(str(src / "model.safetensors"))
-    tensors["model.layers.1.self_attn.o_proj.weight"][5, 7] = float("nan")
+    tensors[name] = change(tensors[name])
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    return src, tensors
+
+
+def test_nan_weight_named(tmp_path):
+    def nan_at_5_7(t):
+        t[5, 7] = float("nan")
+        return t
+
+    src, _ = tiny_llama_with(tmp_path, "model.layers.1.self_attn.o_proj.weight", nan_at_5_7)
     err = fails("quantize", src, tmp_path / "out")
     assert "model.layers.1.self_attn.o_proj.weight: holds NaN or Inf (first at index [5, 7])" in err
     no_output(tmp_path)
 
 
 def test_unsupported_dtype(tmp_path):
-    src = make_tiny_llama(tmp_path / "src")
-    tensors = load_file(str(src / "model.safetensors"))
-    tensors["model.layers.0.mlp.gate_proj.weight"] = tensors["model.layers.0.mlp.gate_proj.weight"].to(torch.int8)
-    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    src, _ = tiny_llama_with(tmp_path, "model.layers.0.mlp.gate_proj.weight", lambda t: t.to(torch.int8))
     err = fails("quantize", src, tmp_path / "out")
     assert "model.layers.0.mlp.gate_proj.weight" in err and "torch.int8" in err and "cannot be quantized" in err
 
 
 def test_dtype_torch_cannot_hold(tmp_path):
     """A dtype safetensors knows but torch does not (here F8_E8M0, set in the header by hand)."""
-    import struct
-
     src = make_tiny_llama(tmp_path / "src")
     p = src / "model.safetensors"
     raw = p.read_bytes()
@@ -121,12 +127,8 @@ def test_dtype_torch_cannot_hold(tmp_path):
 
 def test_float8_tensor_copied_as_is(tmp_path):
     """Unquantized tensors keep their dtype and bytes, float8 included (numpy has no float8)."""
-    src = make_tiny_llama(tmp_path / "src")
-    tensors = load_file(str(src / "model.safetensors"))
-    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
-    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
-    r = subprocess.run([*QCONVERT, "quantize", str(src), str(tmp_path / "out")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    src, tensors = tiny_llama_with(tmp_path, "model.norm.weight", lambda t: t.to(torch.float8_e4m3fn))
+    run_cli("quantize", src, tmp_path / "out")
     got = load_file(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"]
     assert got.dtype == torch.float8_e4m3fn
     assert torch.equal(got.view(torch.uint8), tensors["model.norm.weight"].view(torch.uint8))
