@@ -20,7 +20,7 @@ import torch
 
 from .errors import FormatError
 from .format.checkpoint import Checkpoint
-from .format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized
+from .format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized, is_4bit_config
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
@@ -79,7 +79,7 @@ def load_model(
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)
     qc = getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
-    if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+    if not is_4bit_config(qc):
         raise FormatError(
             f"{root}: not a 4-bit checkpoint (config.json has no bitsandbytes 4-bit quantization_config)",
             hint=f"run `qconvert quantize {path_or_repo_id} OUT` first and load OUT",

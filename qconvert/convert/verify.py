@@ -10,7 +10,7 @@ import torch
 
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
-from ..format.layout import companion_keys, find_quantized
+from ..format.layout import companion_keys, find_quantized, is_4bit_config
 
 
 def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
     cfg = ckpt.config() or {}
     qc = cfg.get("quantization_config")
     if quantized:
-        if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        if not is_4bit_config(qc):
             raise FormatError(f"{ckpt.root}/config.json: no bitsandbytes 4-bit quantization_config", hint="the checkpoint will not load as 4-bit")
         qs_types = {k.rsplit("__", 1)[1] for k in keys if ".quant_state.bitsandbytes__" in k}
         if qc.get("bnb_4bit_quant_type", "fp4") not in qs_types or len(qs_types) != 1:

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
-from ..format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized
+from ..format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized, is_4bit_config
 
 
 class LoraAdapter:
@@ -106,7 +106,7 @@ def merge_adapter(
     ckpt = Checkpoint(root, streaming=True)
     cfg = ckpt.config() or {}
     qc = cfg.get("quantization_config") or {}
-    if not (qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")):
+    if not is_4bit_config(qc):
         raise FormatError(f"{root}: not a 4-bit checkpoint", hint="BASE must be the 4-bit checkpoint the adapter was trained on")
     lora = LoraAdapter(adapter)
     orig = Checkpoint(base_original, streaming=True) if base_original else None

@@ -225,6 +225,12 @@ def unpack_quant_state(t: torch.Tensor, where: str = "quant state") -> dict[str,
     return d
 
 
+def is_4bit_config(quantization_config: Any) -> bool:
+    """Whether a config.json ``quantization_config`` describes bitsandbytes 4-bit weights (spec 5.2)."""
+    qc = quantization_config
+    return isinstance(qc, Mapping) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
 def find_quantized(keys: "list[str] | set[str] | Mapping[str, Any]") -> list[str]:
     """Names P of the 4-bit weights among safetensors keys (those with a P.quant_state.* entry)."""
     names = []

@@ -28,8 +28,10 @@ def folder_kind(folder: Path) -> str:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)")
+    from ..format.layout import is_4bit_config  # here: the adapter path of push needs no torch
+
     qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
-    return "quantized" if qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit") else "merge"
+    return "quantized" if is_4bit_config(qc) else "merge"
 
 
 def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
