@@ -115,3 +115,11 @@ def test_train_from_hub_id_names_the_hub_base(hub, tmp_path):
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "acme/tiny-q4"
     assert 'base_model: "acme/tiny-q4"' in (tmp_path / "ad" / "README.md").read_text()
+
+
+def test_plan_reads_headers_only(hub, tmp_path):
+    """--dry-run plans from the safetensors headers the Hub serves: no weight shard is downloaded."""
+    r = quantize(hub, tmp_path, "acme/tiny-llama", tmp_path / "out", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quantized"] == 14
+    assert not [p for p in tmp_path.rglob("*.safetensors")], "a shard was downloaded to plan"

@@ -307,12 +307,12 @@ def make_plan(
     dtypes: dict[str, int] = {}
     for file in ckpt.files:
         for k in ckpt.iter_file(file):
-            dt, shape = ckpt.info(k)
             if (raw := ckpt.dtype_name(k)) not in SAFETENSORS_DTYPES:
                 raise FormatError(
                     f"{ckpt.root / file}: tensor {k!r} has dtype {raw}, which qconvert cannot read or copy",
                     hint="convert that tensor to a torch dtype first, or use transformers + bitsandbytes for this model",
                 )
+            dt, shape = ckpt.info(k)
             nbytes = math.prod(shape) * dt.itemsize
             source_bytes += nbytes
             o = out_name(k)

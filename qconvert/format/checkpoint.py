@@ -272,7 +272,7 @@ class Checkpoint:
         return QuantizedTensor.from_state_dict(name, tensors, where=str(self.root / files.pop()))
 
     def config(self) -> dict[str, Any] | None:
-        p = self.root / "config.json"
+        p = self.config_dir() / "config.json"
         if not p.is_file():
             return None
         try:

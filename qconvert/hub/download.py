@@ -128,25 +128,29 @@ class HubCheckpoint(Checkpoint):
                     ck = Checkpoint(p)
                     for k in ck.keys():
                         self.weight_map[k] = f
-                        self._infos[k] = ck.info(k)
+                        self._infos[k] = (ck.dtype_name(k), ck.info(k)[1])
             else:
                 meta = get_safetensors_metadata(repo_id, revision=self.sha)
                 for f, fm in meta.files_metadata.items():
                     check_member_name(f, f"{repo_id}: weight_map")
                     for k, ti in fm.tensors.items():
                         self.weight_map[k] = f
-                        self._infos[k] = (SAFETENSORS_DTYPES.get(ti.dtype), tuple(ti.shape))
+                        self._infos[k] = (ti.dtype, tuple(ti.shape))
                 self.weight_map = {k: meta.weight_map[k] for k in meta.weight_map} if meta.weight_map else self.weight_map
         for f in self.repo_files:  # small files now (config, tokenizer...): needed for the plan
             if not is_weight_file(f) and not f.startswith("."):
                 with hub_errors(repo_id, self.sha):
                     self._local[f] = Path(self._download(repo_id, f, revision=self.sha))
 
+    # dtype and shape come from the headers read at start: planning downloads no shard
     def info(self, name: str):
-        dt, shape = self._infos[name]
-        if dt is None:
-            raise SourceError(f"{self.repo_id}: tensor {name!r} has a dtype qconvert cannot read")
-        return dt, shape
+        raw, shape = self._infos[name]
+        if raw not in SAFETENSORS_DTYPES:
+            raise SourceError(f"{self.repo_id}: tensor {name!r} has dtype {raw}, which qconvert cannot read")
+        return SAFETENSORS_DTYPES[raw], shape
+
+    def dtype_name(self, name: str) -> str:
+        return self._infos[name][0]
 
     def config_dir(self) -> Path:
         if "config.json" not in self._local:
@@ -157,12 +161,6 @@ class HubCheckpoint(Checkpoint):
         for f in sorted(self._local):
             if not is_weight_file(f) and not f.startswith("."):
                 yield f, self._local[f]
-
-    def config(self):
-        import json
-
-        p = self._local.get("config.json")
-        return json.loads(p.read_text()) if p else None
 
     # -------------------------------------------------------------- shards
     def prefetch(self, file: str) -> None:
