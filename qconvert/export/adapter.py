@@ -25,7 +25,9 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
 
     src, out = Path(source), Path(output)
     if not (src / "adapter_config.json").is_file():
-        ckpts = sorted(src.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+        from ..train.loop import checkpoints
+
+        ckpts = checkpoints(src)
         if not ckpts:
             raise FormatError(f"{src}: no adapter_config.json and no checkpoint-N folder", hint="pass a qconvert train output or checkpoint")
         src = ckpts[-1]

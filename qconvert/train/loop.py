@@ -84,6 +84,19 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the positions whose label is not -100."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint-N folders of a training output, by step."""
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def base_model_id(model_path: str, repo_id: str | None) -> str:
     """What the adapter names as its base: the Hub id when the model came from the Hub (never the
     local cache path it was downloaded to), else the folder as the user gave it."""
@@ -228,9 +241,7 @@ def train(
             for mb in micro:
                 b = {k: v.to(device) for k, v in collate(mb, pad).items()}
                 logits = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-                ) / n_tok
+                loss = label_loss_sum(logits, b["labels"]) / n_tok
                 loss.backward()
                 loss_sum += loss.detach().cpu()
                 tokens += int(b["attention_mask"].sum())
@@ -295,9 +306,8 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
         for i in range(0, len(examples), batch_size):
             b = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            labels = b["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").item()
-            count += (labels != -100).sum().item()
+            total += label_loss_sum(logits, b["labels"]).item()
+            count += (b["labels"][:, 1:] != -100).sum().item()
     model.train()
     return total / max(1.0, count)
 
@@ -306,7 +316,7 @@ def _find_resume(out: Path, resume) -> Path | None:
     if not resume:
         return None
     if resume is True or resume == "latest":
-        ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = checkpoints(out)
         if not ckpts:
             raise DataError(f"{out}: no checkpoint-N folder to resume from", hint="run without --resume to start")
         return ckpts[-1]
@@ -334,8 +344,7 @@ def _save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int |
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if limit:
-        ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[:-limit]:
+        for old in checkpoints(out)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
 
