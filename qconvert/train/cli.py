@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from ..cli import register
+from ..runtime_cli import BACKENDS
 
 
 @register
@@ -38,7 +39,7 @@ from ..cli import register
 @click.option("--save-total-limit", type=int, help="Keep only the newest N checkpoints.")
 @click.option("--logging-steps", type=int, default=1, show_default=True)
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, help="Resume from the latest checkpoint, or from PATH.")
-@click.option("--backend", type=click.Choice(["auto", "reference", "triton", "bitsandbytes"]), default="auto", show_default=True)
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub id.")
 @click.option("--stop-after", type=int, hidden=True, help="Save a checkpoint and stop after N steps of this run (as Ctrl-C does).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Publish the adapter when training finishes (see `qconvert push`).")
