@@ -22,6 +22,19 @@ import torch
 from ..errors import BackendError
 
 NAMES = ("auto", "reference", "triton", "bitsandbytes")
+
+
+class Backend:
+    """What every backend shares: a matmul that dequantizes the whole weight, then calls the vendor
+    matmul. A backend supplies ``name`` and ``dequantize`` (and may override ``matmul``)."""
+
+    name = "?"
+
+    def dequantize(self, qt, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, qt, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)
 ENV = "QCONVERT_BACKEND"
 
 

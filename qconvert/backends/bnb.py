@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..format.layout import QuantizedTensor
+from . import Backend
 
 
-class BitsandbytesBackend:
+class BitsandbytesBackend(Backend):
     name = "bitsandbytes"
 
     def state(self, qt: QuantizedTensor):
@@ -35,6 +36,3 @@ class BitsandbytesBackend:
 
         w = F.dequantize_4bit(qt.packed, self.state(qt)).reshape(qt.shape)
         return w.to(dtype)
-
-    def matmul(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)

@@ -6,13 +6,11 @@ import torch
 
 from ..format.layout import QuantizedTensor
 from ..quant.reference import dequantize_4bit_ref
+from . import Backend
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     name = "reference"
 
     def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_4bit_ref(qt, dtype)
-
-    def matmul(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)

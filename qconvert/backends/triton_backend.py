@@ -12,6 +12,7 @@ import torch
 
 from ..errors import BackendError
 from ..format.layout import QuantizedTensor
+from . import Backend
 
 SMALL_BATCH = 16
 BLOCK = 1024
@@ -22,7 +23,7 @@ def _launch_opts(device: torch.device) -> dict:
     return {} if device.type == "cpu" else {"enable_fp_fusion": False}
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self):
@@ -54,7 +55,7 @@ class TritonBackend:
         rows = x.numel() // x.shape[-1]
         if rows <= SMALL_BATCH and len(qt.shape) == 2:
             return self.gemv(x, qt, bias)
-        return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)
+        return super().matmul(x, qt, bias)
 
     def gemv(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         N, K = qt.shape

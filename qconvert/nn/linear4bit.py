@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format.layout import QuantizedTensor
+from ..format.layout import QuantizedTensor, dtype_name
 
 
 class _Matmul4bit(torch.autograd.Function):
@@ -91,5 +91,5 @@ class Linear4bit(nn.Linear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{self.quant_type}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}, "
-            f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}, backend={self.backend.name}"
+            f"compute_dtype={dtype_name(self.compute_dtype)}, backend={self.backend.name}"
         )
