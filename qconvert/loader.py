@@ -51,6 +51,20 @@ def _set_tensor(model, name: str, value: torch.Tensor) -> None:
         raise FormatError(f"checkpoint tensor {name!r} has no place in the model ({type(model).__name__})")
 
 
+def _as_dtype(d: torch.dtype | str) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    name = str(d).removeprefix("torch.")
+    if name not in DTYPES:
+        raise FormatError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """A stored unquantized tensor on ``device``, floating ones cast to ``dtype`` when one is given."""
+    return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
+
 def load_model(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -58,12 +72,18 @@ def load_model(
     device: str | torch.device | None = None,
     backend: str = "auto",
     compute_dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None,
     adapter: str | os.PathLike | None = None,
 ):
     """Load a qconvert (or transformers + bitsandbytes) 4-bit checkpoint; see the module docstring.
 
     ``backend``: "auto", "reference", "triton" or "bitsandbytes" (also QCONVERT_BACKEND).
-    ``compute_dtype`` defaults to the checkpoint's ``bnb_4bit_compute_dtype``.
+    ``dtype`` (as transformers' ``dtype=``): None or "auto" keeps every unquantized tensor
+    (embeddings, norms, biases, output head) in its stored dtype; a dtype casts them all to it.
+    ``compute_dtype``: the dtype of the 4-bit layers' matmuls; defaults to ``dtype`` when that is
+    given, else to the checkpoint's ``bnb_4bit_compute_dtype``. The 4-bit weights are always their
+    logical values (spec section 8), converted to ``compute_dtype``. So
+    ``load_model(path, dtype=torch.float32)`` is an all-float32 model.
     ``adapter``: a PEFT LoRA folder to attach (returns a PeftModel).
     """
     import transformers
@@ -84,8 +104,8 @@ def load_model(
             f"{root}: not a 4-bit checkpoint (config.json has no bitsandbytes 4-bit quantization_config)",
             hint=f"run `qconvert quantize {path_or_repo_id} OUT` first and load OUT",
         )
-    cd = compute_dtype or qc.get("bnb_4bit_compute_dtype") or "float32"
-    cd = DTYPES[cd.removeprefix("torch.")] if isinstance(cd, str) else cd
+    dt = None if dtype in (None, "auto") else _as_dtype(dtype)
+    cd = _as_dtype(compute_dtype or dt or qc.get("bnb_4bit_compute_dtype") or "float32")
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
@@ -108,7 +128,7 @@ def load_model(
         if not isinstance(old, torch.nn.Linear) or tuple(qt.shape) != (old.out_features, old.in_features):
             raise FormatError(f"{root}: 4-bit tensor {name!r} does not fit module {mod_name!r} ({type(old).__name__})")
         bias_key = f"{mod_name}.bias"
-        bias = ckpt.get(bias_key).to(device) if bias_key in ckpt else None
+        bias = _cast(ckpt.get(bias_key), device, dt) if bias_key in ckpt else None
         parent_name, _, child = mod_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Linear4bit(qt, bias, be, cd))
@@ -121,7 +141,7 @@ def load_model(
             continue
         if k not in state_names:
             continue  # e.g. a non-persistent buffer transformers also ignores
-        _set_tensor(model, k, ckpt.get(k).to(device))
+        _set_tensor(model, k, _cast(ckpt.get(k), device, dt))
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

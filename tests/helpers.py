@@ -164,3 +164,61 @@ def make_tiny_decoder(path, arch: str, tie: bool, flags: dict, *, keep_tied_head
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(path)
     return path
+
+
+def bnb_dequantized(qdir) -> dict[str, torch.Tensor]:
+    """Every 4-bit weight of a checkpoint as bitsandbytes itself dequantizes it: its quant-state parsed
+    by ``QuantState.from_dict`` and decoded by ``dequantize_4bit``, which returns the logical dtype's value."""
+    import bitsandbytes.functional as F
+
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.format.layout import companion_keys, find_quantized
+
+    ck = Checkpoint(qdir)
+    out = {}
+    for name in find_quantized(ck.keys()):
+        parts = {k[len(name) + 1:]: ck.get(k) for k in companion_keys(name, ck.keys()) if k != name}
+        st = F.QuantState.from_dict(parts, device=torch.device("cpu"))
+        out[name] = F.dequantize_4bit(ck.get(name), st).reshape(st.shape)
+    return out
+
+
+def bnb_float32_oracle(qdir, auto_class: str = "AutoModelForCausalLM"):
+    """The float32 oracle of a 4-bit checkpoint, built without bitsandbytes' CPU matmul (which computes
+    in bfloat16 on CPUs with AVX-512-BF16, REFERENCE.md section 8): a plain float32 transformers model
+    whose 4-bit weights are bitsandbytes' ``dequantize_4bit`` output widened to float32, every other
+    tensor the stored one widened."""
+    import transformers
+    from transformers import AutoConfig
+
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.format.layout import companion_keys, find_quantized
+
+    cfg = AutoConfig.from_pretrained(qdir)
+    del cfg.quantization_config
+    model = getattr(transformers, auto_class).from_config(cfg).float()
+    ck = Checkpoint(qdir)
+    owned = {c for n in find_quantized(ck.keys()) for c in companion_keys(n, ck.keys())}
+    sd = {k: w.float() for k, w in bnb_dequantized(qdir).items()}
+    sd.update({k: ck.get(k).float() for k in ck.keys() if k not in owned})
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    model.tie_weights()
+    return model.eval()
+
+
+def save_as_bf16(src, out) -> Path:
+    """A copy of a safetensors checkpoint folder with every floating tensor cast to bfloat16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.h5", "*.onnx", "*.msgpack", "onnx", "openvino"))
+    sd = load_file(str(src / "model.safetensors"))
+    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 from qconvert.backends import get_backend
 from qconvert.format.constants import codebook
 from qconvert.format.layout import QuantizedTensor
-from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
+from qconvert.quant.reference import dequantize_4bit_ref, float32_product_ref, quantize_4bit_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: fused matmul tolerance: the output is rounded to the input dtype once; accumulation order differs
@@ -43,6 +43,28 @@ def test_dequantize_bit_exact(triton_backend):
         assert out.dtype == dt and torch.equal(out, ref), (shape, dt, qtype, bs, dq)
         for other in (torch.float32, torch.bfloat16):  # to another dtype than the logical one
             assert torch.equal(triton_backend.dequantize(qt, other).cpu(), dequantize_4bit_ref(on_device(qt), other).cpu())
+
+
+@pytest.mark.parametrize("logical", [torch.float16, torch.bfloat16], ids=str)
+def test_other_output_dtype_is_the_logical_value_converted(triton_backend, logical):
+    """Spec 1.1 section 8: a float32 (or other) output of a 16-bit weight is its logical value
+    converted, not the float32 product; the fused matmul computes with the same values."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 70, generator=g) * 2).to(logical)
+    for dq in (True, False):
+        qt = on_device(quantize_4bit_ref(x, "nf4", 64, dq))
+        logical_value = dequantize_4bit_ref(qt)
+        assert logical_value.dtype == logical
+        for out in (torch.float32, torch.float16, torch.bfloat16):
+            got = triton_backend.dequantize(qt, out)
+            assert got.dtype == out and torch.equal(got.cpu(), logical_value.to(out).cpu()), (out, dq)
+        product = float32_product_ref(qt)
+        assert not torch.equal(product, logical_value.float())  # the reading matters for this weight
+        xin = torch.randn(3, 70, generator=g).to(DEVICE)
+        y = triton_backend.gemv(xin, qt)
+        want = xin.double() @ logical_value.double().T
+        assert (y.double() - want).norm() / want.norm() < 1e-6
+        assert (y.double() - xin.double() @ product.double().T).norm() / want.norm() > 1e-4
 
 
 def test_dequantize_many_nested_blocks(triton_backend):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qconvert
-from helpers import bnb_quantize_save, float32_reference, make_tiny_llama
+from helpers import bnb_float32_oracle, bnb_quantize_save, float32_reference, make_tiny_llama, minilm_dir, save_as_bf16
 from qconvert.errors import BackendError, FormatError
 from qconvert.nn import Linear4bit
 
@@ -40,6 +40,87 @@ def ragged(tmp_path_factory):
 
     quantize_checkpoint(str(src), d / "q")
     return d / "q"
+
+
+@pytest.fixture(scope="module")
+def ragged_bf16(tmp_path_factory):
+    """The ragged model of ``ragged``, stored in bfloat16: its 4-bit weights have logical dtype bfloat16."""
+    d = tmp_path_factory.mktemp("ragged_bf16")
+    src = make_tiny_llama(d / "src", hidden=100, intermediate=70, heads=5, kv_heads=5, dtype=torch.bfloat16)
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    quantize_checkpoint(str(src), d / "q")
+    return d / "q"
+
+
+def all_float32(model) -> bool:
+    return all(t.dtype == torch.float32 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "bitsandbytes"])
+def test_float32_model_equals_bitsandbytes_dequantized_oracle(ragged_bf16, backend):
+    """Spec 1.1 section 8: load_model(..., dtype=float32) of a bf16 checkpoint is an all-float32 model
+    whose 4-bit weights are their bfloat16 values widened: it equals a float32 model built on
+    bitsandbytes' own dequantize_4bit output, to float32 rounding."""
+    oracle = bnb_float32_oracle(ragged_bf16)
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    m = qconvert.load_model(ragged_bf16, backend=backend, device=dev, dtype=torch.float32)
+    assert all_float32(m) and m.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
+    assert m.model.layers[0].self_attn.q_proj.weight_dtype == torch.bfloat16
+    with torch.no_grad():
+        a, b = m(IDS.to(dev)).logits.cpu(), oracle(IDS).logits
+    assert a.dtype == torch.float32 and rel(a, b) < 1e-5, rel(a, b)
+    if backend == "reference":
+        # control: the float32 product, not rounded to bfloat16 (the pre-1.1 reading), is far off
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, Linear4bit):
+                    mod.backend = _ProductBackend()
+            c = m(IDS).logits
+        assert rel(c, b) > 1e-4, rel(c, b)
+
+
+class _ProductBackend:
+    """Dequantizes to the unrounded float32 product: the reading spec 1.1 rules out."""
+
+    name = "product"
+
+    def matmul(self, x, qt, bias=None):
+        from qconvert.quant.reference import float32_product_ref
+
+        return torch.nn.functional.linear(x, float32_product_ref(qt).to(x.dtype), bias)
+
+
+def test_dtype_argument(ragged_bf16):
+    """dtype=None keeps the stored dtypes (compute_dtype alone does not make a float32 model);
+    dtype casts every unquantized tensor, and compute_dtype follows it unless given."""
+    m = qconvert.load_model(ragged_bf16, backend="reference", device="cpu", compute_dtype="float32")
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16 and not all_float32(m)
+    m = qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="float32", compute_dtype=torch.bfloat16)
+    assert all_float32(m) and m.model.layers[1].mlp.down_proj.compute_dtype == torch.bfloat16
+    m = qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="auto")
+    assert m.model.norm.weight.dtype == torch.bfloat16
+    with pytest.raises(FormatError, match="unknown dtype 'float64'"):
+        qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="float64")
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_minilm_float32_model_equals_bitsandbytes_dequantized_oracle(tmp_path, stored):
+    """The real all-MiniLM-L6-v2 (float32 as published, and a bfloat16 copy of it), quantized, loaded
+    as an all-float32 model: equal to the float32 model on bitsandbytes' dequantized weights."""
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    src = minilm_dir() if stored == "float32" else save_as_bf16(minilm_dir(), tmp_path / "bf16")
+    quantize_checkpoint(str(src), tmp_path / "q")
+    oracle = bnb_float32_oracle(tmp_path / "q", auto_class="AutoModel")
+    m = qconvert.load_model(tmp_path / "q", backend="reference", device="cpu", dtype=torch.float32)
+    assert all_float32(m) and m.encoder.layer[0].attention.self.query.weight_dtype == getattr(torch, stored)
+    ids = torch.tensor([[101, 1037, 3231, 6251, 2005, 1996, 4118, 1012, 102], [101, 7592, 2088, 102, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        a, b = m(input_ids=ids, attention_mask=mask), oracle(input_ids=ids, attention_mask=mask)
+    for x, y in ((a.last_hidden_state, b.last_hidden_state), (a.pooler_output, b.pooler_output)):
+        assert x.dtype == torch.float32 and rel(x, y) < 1e-5, rel(x, y)
 
 
 def test_logits_match_transformers_bitsandbytes(aligned):

@@ -1,7 +1,11 @@
 """bitsandbytes' own kernels behind the backend interface (for comparison and benchmarks).
 
 Note: bitsandbytes 0.50's CPU dequantize kernel mis-reads block scales when a weight's row length is
-a multiple of 16 but not of the block size (spec section 11); on CPU this backend inherits that.
+a multiple of 16 but not of the block size, and its native CPU path returns -0.0 for FP4 nibble 0x8
+(spec section 11); on CPU this backend inherits both.
+
+``dequantize_4bit`` returns the logical dtype's value (bf16(code * scale) for a bfloat16 weight);
+another dtype is that value converted, which is the normative reading (spec section 8).
 """
 
 from __future__ import annotations

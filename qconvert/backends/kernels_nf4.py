@@ -5,7 +5,10 @@ Element j of a weight reads its code from byte j // 2 (high nibble first) and it
 j // BLOCKSIZE; with double quantization the scale is decoded in the same kernel:
 scale = float32(dmap[absmax_u8] * nested_absmax[block // 256]) + offset, each step rounded to float32
 (launches pass enable_fp_fusion=False so the GPU compiler does not fuse the multiply and the add).
-Rounding to bfloat16 is done with integer operations (round to nearest, ties to even), because
+The float32 product code * scale is then rounded to the weight's LOGICAL dtype (constexpr LOGICAL:
+0 float32, 1 float16, 2 bfloat16), which is the weight's value (spec section 8), and only then
+converted to the output or input dtype: a float32 output of a bfloat16 weight is the bfloat16 value
+widened, as bitsandbytes' dequantize_4bit(...).to(float32) gives. Rounding to bfloat16 is done with integer operations (round to nearest, ties to even), because
 Triton's CPU interpreter truncates on a float32 -> bfloat16 cast while GPUs round: this way the same
 bits come out everywhere.
 """
@@ -33,6 +36,17 @@ def _rne_bf16(x):
 
 
 @triton.jit
+def _logical(w, LOGICAL: tl.constexpr):
+    """The float32 product -> the float32 value of its rounding to the logical dtype."""
+    if LOGICAL == 2:
+        return _rne_bf16(w)
+    elif LOGICAL == 1:
+        return w.to(tl.float16).to(tl.float32)
+    else:
+        return w
+
+
+@triton.jit
 def _codes(packed_ptr, code_ptr, idx, mask):
     byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
     nib = tl.where((idx % 2) == 0, byte >> 4, byte & 15)
@@ -42,16 +56,16 @@ def _codes(packed_ptr, code_ptr, idx, mask):
 @triton.jit
 def dequantize_kernel(
     packed_ptr, absmax_ptr, nested_ptr, code_ptr, dmap_ptr, out_ptr, n, offset,
-    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, LOGICAL: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One pass: 4-bit codes + (8-bit absmax + nested scales, or float32 absmax) -> out dtype.
-    With BF16_BITS the output buffer is int16 and receives the bfloat16 bit patterns."""
+    """One pass: 4-bit codes + (8-bit absmax + nested scales, or float32 absmax) -> the logical
+    value -> out dtype. With BF16_BITS the output buffer is int16 and receives bfloat16 bit patterns."""
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     v = _codes(packed_ptr, code_ptr, idx, mask)
     a = _scale(absmax_ptr, nested_ptr, dmap_ptr, idx // BLOCKSIZE, mask, offset, DOUBLE)
-    w = v * a
+    w = _logical(v * a, LOGICAL)
     if BF16_BITS:
         bits = (_rne_bf16(w).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
         tl.store(out_ptr + idx, bits, mask=mask)
@@ -63,11 +77,11 @@ def dequantize_kernel(
 def gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, code_ptr, dmap_ptr, bias_ptr, y_ptr,
     N, K, offset, stride_xm, stride_ym,
-    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, LOGICAL: tl.constexpr, HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[m, :] = x[m, :] @ W.T (+ bias) for one row m per program column; W is never written out.
-    Each dequantized weight is rounded to the input dtype before the product, as the
+    Each weight is rounded to its logical dtype, then to the input dtype, before the product, as the
     dequantize-then-matmul path does; products accumulate in float32."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -82,10 +96,11 @@ def gemv_kernel(
         mask = mask_n[:, None] & mask_k[None, :]
         v = _codes(packed_ptr, code_ptr, idx, mask)
         a = _scale(absmax_ptr, nested_ptr, dmap_ptr, idx // BLOCKSIZE, mask, offset, DOUBLE)
+        w = _logical(v * a, LOGICAL)
         if X_BF16:
-            w = _rne_bf16(v * a)
+            w = _rne_bf16(w)
         else:
-            w = (v * a).to(xv.dtype).to(tl.float32)
+            w = w.to(xv.dtype).to(tl.float32)
         acc += tl.sum(w * xv.to(tl.float32)[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)

@@ -16,6 +16,8 @@ from . import Backend
 
 SMALL_BATCH = 16
 BLOCK = 1024
+#: the kernels' LOGICAL constexpr: which dtype the float32 product is rounded to (spec section 8)
+LOGICAL = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _launch_opts(device: torch.device) -> dict:
@@ -47,7 +49,7 @@ class TritonBackend(Backend):
         grid = (triton_cdiv(n, BLOCK),)
         self.k.dequantize_kernel[grid](
             qt.packed, qt.absmax, nested, qt.quant_map, dmap, out, n, offset,
-            BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, BF16_BITS=bf16, BLOCK=BLOCK, **_launch_opts(out.device),
+            BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, LOGICAL=LOGICAL[qt.dtype], BF16_BITS=bf16, BLOCK=BLOCK, **_launch_opts(out.device),
         )
         return (out.view(torch.bfloat16) if bf16 else out).reshape(qt.shape)
 
@@ -68,7 +70,7 @@ class TritonBackend(Backend):
         self.k.gemv_kernel[grid](
             x2, qt.packed, qt.absmax, nested, qt.quant_map, dmap, bias if bias is not None else y, y,
             N, K, offset, x2.stride(0), y.stride(0),
-            BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, HAS_BIAS=bias is not None, X_BF16=x.dtype == torch.bfloat16,
+            BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, LOGICAL=LOGICAL[qt.dtype], HAS_BIAS=bias is not None, X_BF16=x.dtype == torch.bfloat16,
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_launch_opts(x.device),
         )
         return y.reshape(*x.shape[:-1], N)

@@ -8,8 +8,11 @@ runs on any device torch does. It reproduces, bit for bit, what bitsandbytes 0.5
   ragged last block (when ``n % blocksize != 0``) is scaled by dividing by its absmax;
 * the ragged last block's stored absmax is clamped to at least 1e-38 (a full block's is not).
 
-Dequantization is exact and normative: ``W[j] = quant_map[q[j]] * absmax[j // blocksize]`` in float32,
-then rounded to the logical dtype.
+Dequantization is exact and normative (spec section 8): ``W[j] = quant_map[q[j]] * absmax[j // blocksize]``
+in float32, rounded to the weight's logical dtype. That logical value is the weight: asked for another
+dtype (float32 from a bfloat16 weight, say), :func:`dequantize_4bit_ref` converts the logical value, as
+bitsandbytes' ``dequantize_4bit(...).to(dtype)`` does. The float32 product before that rounding is
+available as :func:`float32_product_ref`, for measurements only; it is not what any consumer computes with.
 """
 
 from __future__ import annotations
@@ -199,10 +202,21 @@ def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
     return codes[:n].long()
 
 
-def dequantize_4bit_ref(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Exact dequantization: ``quant_map[q] * absmax`` in float32, rounded to ``dtype`` (default: logical)."""
+def float32_product_ref(qt: QuantizedTensor) -> torch.Tensor:
+    """The float32 products ``quant_map[q] * absmax``, NOT rounded to the logical dtype.
+
+    For a float32 weight this is the dequantized weight. For a float16 or bfloat16 weight it is not
+    (spec section 8): kept only to measure what the rounding to the logical dtype changes.
+    """
     n = qt.numel
     absmax = dequantize_absmax_ref(qt)
     values = qt.quant_map.to(torch.float32)[unpack_codes(qt.packed, n)]
     scale = absmax.repeat_interleave(qt.blocksize)[:n]
-    return (values * scale).to(dtype or qt.dtype).reshape(qt.shape)
+    return (values * scale).reshape(qt.shape)
+
+
+def dequantize_4bit_ref(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The normative dequantized weight: the float32 product rounded to the logical dtype, then
+    converted to ``dtype`` when another one is asked for (float32: the logical value widened, exactly)."""
+    w = float32_product_ref(qt).to(qt.dtype)
+    return w if dtype is None or dtype == qt.dtype else w.to(dtype)
