@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli as run, float32_reference, make_tiny_llama
+from helpers import run_cli as run, bnb_float32_oracle, bnb_quantize_save, float32_reference, make_tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64]])
 
@@ -169,3 +169,31 @@ def test_base_original_merges_into_original_weights_with_warning(setup, tmp_path
     k = "model.layers.0.self_attn.q_proj"
     assert torch.equal(out[k + ".weight"], src[k + ".weight"].float() + lora.delta(k))
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"].float())
+
+
+def test_float32_merge_of_peft_adapter_on_bitsandbytes_base_equals_peft_unmerged(tmp_path):
+    """Spec 1.1: the merged weight is widen(dequant_logical(W4)) + scaling * B @ A. A bf16 model
+    quantized by transformers + bitsandbytes, an adapter made by PEFT on that 4-bit model, merged at
+    float32 and loaded by plain transformers, equals PEFT's unmerged model on bitsandbytes' dequantized
+    base widened to float32 (built without bitsandbytes' CPU matmul, which may compute in bfloat16)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_llama(tmp_path / "src", hidden=100, intermediate=70, heads=5, kv_heads=5, dtype=torch.bfloat16)
+    base = bnb_quantize_save(src, tmp_path / "bnb")
+    torch.manual_seed(0)
+    peft_bnb = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                              LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in peft_bnb.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft_bnb.save_pretrained(tmp_path / "adapter")
+    unmerged = PeftModel.from_pretrained(bnb_float32_oracle(base), tmp_path / "adapter").eval()
+    run("merge", base, tmp_path / "adapter", tmp_path / "m32", "--dtype", "float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m32").eval()
+    assert merged.model.layers[0].self_attn.k_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        a, b = merged(IDS).logits, unmerged(IDS).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-5, ((a - b).norm() / b.norm()).item()

@@ -69,6 +69,7 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
             raise FormatError(f"{src.root}: has no tensor matching {name!r}", hint="--against must be the checkpoint this one was made from")
         qt = ckpt.quantized(name)
         w = src.get(sk).double()
+        # the normative value (spec 8): rounded to the logical dtype, then widened
         d = dequantize_4bit_ref(qt, torch.float32).double().reshape(w.shape)
         err = (w - d).pow(2).sum().item()
         sig = w.pow(2).sum().item()

@@ -1,8 +1,10 @@
 """`qconvert merge`: a LoRA adapter folded into its 4-bit base, written as a standard checkpoint.
 
-Each adapted weight becomes W = dequant(W4) + scaling * B @ A, computed in float32 and then cast.
-That is exactly what the model computed during training (the 4-bit base dequantized, plus the
-adapter). Other quantized weights are dequantized, and everything else is copied. The output has no
+Each adapted weight becomes W = float32(dequant(W4)) + scaling * B @ A, computed in float32 and then
+cast. dequant(W4) is the weight's normative value (spec section 8): the float32 product code * scale
+rounded to the weight's logical dtype (bfloat16 for most LLMs), here widened exactly to float32. That
+is the weight the model computed with during training (bitsandbytes' dequantize_4bit returns it), so
+a float32 merge reproduces the unmerged model to float32 rounding. Other quantized weights are dequantized, and everything else is copied. The output has no
 quantization_config. With ``quantize=True`` the merged weights are re-quantized to 4 bits instead,
 and the cost is measured and reported: re-quantizing loses much of a LoRA update.
 
@@ -153,6 +155,7 @@ def merge_adapter(
             if k in quantized:
                 qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
                 qtype, bs, dq = qt.quant_type, qt.blocksize, qt.double_quant
+                # the logical value widened (spec 8), not the float32 product before rounding
                 w = orig.get(k).float() if orig is not None else dequantize_4bit_ref(qt, torch.float32)
             else:
                 w = ckpt.get(k)
