@@ -20,7 +20,8 @@ import torch
 
 from .errors import FormatError
 from .format.checkpoint import Checkpoint
-from .format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized, is_4bit_config
+from .format.conformance import check_checkpoint
+from .format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, is_4bit_config
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
@@ -118,7 +119,7 @@ def load_model(
 
     ckpt = Checkpoint(root, streaming=True)
     keys = ckpt.keys()
-    quantized = find_quantized(keys)
+    quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
     placed: set[str] = set()
     for name in quantized:
         comp = companion_keys(name, keys)

@@ -27,7 +27,24 @@ def f32_hex(x: float) -> str:
     return "0x%08x" % struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-def nf4_values() -> list[float]:
+def f32(x: float) -> float:
+    """x rounded once to float32 (round to nearest, ties to even)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def linspace_f32(start: float, end: float, n: int, round_ends: bool = True) -> list[float]:
+    """torch.linspace in float32, as spec section 3.1 writes it down: the END POINTS are rounded to
+    float32 first; step = float32((end - start) / (n - 1)); point i is float32(start + step * i) for
+    i < n / 2 and float32(end - step * (n - 1 - i)) otherwise, each evaluated in double (exact here)
+    and rounded once. ``round_ends=False`` keeps the end points as doubles: that variant does NOT
+    reproduce the NF4 table (one entry differs), which is why the spec says to round them first."""
+    if round_ends:
+        start, end = f32(start), f32(end)
+    step = f32((end - start) / (n - 1))
+    return [f32(start + step * i) if i < n / 2 else f32(end - step * (n - 1 - i)) for i in range(n)]
+
+
+def nf4_values(round_ends: bool = True) -> list[float]:
     """NF4: 8 positive and 7 negative normal quantiles plus an exact zero, scaled to [-1, 1].
 
     The positive half takes the quantiles at 9 evenly spaced probabilities from 0.9677083 down to 0.5
@@ -37,8 +54,8 @@ def nf4_values() -> list[float]:
     from scipy.stats import norm
 
     offset = 0.9677083
-    pos = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1]).tolist()
-    neg = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1])).tolist()
+    pos = norm.ppf(linspace_f32(offset, 0.5, 9, round_ends)[:-1]).tolist()
+    neg = (-norm.ppf(linspace_f32(offset, 0.5, 8, round_ends)[:-1])).tolist()
     v = torch.tensor(pos + [0.0] + neg)  # float32, as the reference construction rounds
     v = v.sort().values
     v /= v.max()
@@ -71,7 +88,7 @@ def dynamic_map_values(signed: bool = True, max_exponent_bits: int = 7, total_bi
     non_sign_bits = total_bits - 1
     for i in range(max_exponent_bits):
         n = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
-        b = torch.linspace(0.1, 1, n, dtype=torch.float32)
+        b = torch.tensor(linspace_f32(0.1, 1.0, n), dtype=torch.float32)
         means = (b[:-1] + b[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist()  # scaled in float32, as the original construction does

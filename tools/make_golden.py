@@ -62,6 +62,17 @@ def inputs() -> list[tuple[str, torch.Tensor, str, int, bool]]:
     cases.append(("fp16_two_nested_blocks", (torch.randn(257 * 32, generator=g) * 0.02).to(torch.float16), "nf4", 32, True))
     # 7. fp4 double quant, blocksize 128, 2-D odd shape
     cases.append(("fp4_dq_odd_shape", torch.randn(7, 37, generator=g), "fp4", 128, True))
+    # 8. spec 1.1 section 8, the float32-output reading: a bfloat16 weight whose float32 products mostly
+    #    differ from their bfloat16 roundings; "dequantized_float32" is the bfloat16 value widened
+    cases.append(("bf16_float32_output", (torch.randn(6, 50, generator=g) * 0.1).to(torch.bfloat16), "nf4", 32, False))
+    # 9. spec 1.1 sections 3.1 and 11, FP4's zero: nibble 0x8 is +0.0, so it dequantizes to +0.0 under a
+    #    positive scale (bitsandbytes' native CPU path gives -0.0 for this even row length) and, as
+    #    every zero code does, to -0.0 under a negative decoded scale (block 0 here decodes to -0.0091)
+    z = torch.zeros(100)
+    z[0:6] = torch.tensor([0.01, 1e-7, 0.0, -1e-7, -0.0, 2e-5])
+    z[32:38] = torch.tensor([0.5, 1e-7, 0.0, -1e-7, 1e-3, -0.25])
+    z[64], z[96:100] = 4.0169491767883301, torch.tensor([0.5, 1e-5, 0.0, -0.25])
+    cases.append(("fp4_signed_zero", z.reshape(2, 50), "fp4", 32, True))
     return cases
 
 
@@ -81,6 +92,7 @@ def build() -> str:
             "absmax": tensor_hex(qt.absmax),
             "quant_state": qt.quant_state_dict(),
             "dequantized": tensor_hex(dequantize_4bit_ref(qt)),
+            "dequantized_float32": tensor_hex(dequantize_4bit_ref(qt, torch.float32)),
         }
         if dq:
             v["nested_absmax"] = tensor_hex(qt.nested_absmax)
@@ -88,7 +100,9 @@ def build() -> str:
     doc = {
         "description": "Golden vectors: raw little-endian hex of input, packed codes ([(n+1)//2, 1] uint8), "
         "absmax (uint8 with double quant, else float32), nested_absmax (float32), and the dequantized "
-        "tensor in the input dtype. Produced by the reference quantizer (quantizer version 1).",
+        "tensor in the input dtype (its logical dtype), and dequantized_float32: that logical value "
+        "widened to float32, the float32 output every reader produces (spec 1.1 section 8; NOT the float32 "
+        "product before rounding). Produced by the reference quantizer (quantizer version 1).",
         "vectors": vectors,
     }
     return json.dumps(doc, indent=1) + "\n"

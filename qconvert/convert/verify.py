@@ -10,14 +10,15 @@ import torch
 
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
-from ..format.layout import companion_keys, find_quantized, is_4bit_config
+from ..format.conformance import check_checkpoint
+from ..format.layout import companion_keys, is_4bit_config
 
 
 def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> dict[str, Any]:
     """Raise FormatError at the first violation; return a report (with error figures for ``against``)."""
     ckpt = Checkpoint(path)
     keys = ckpt.keys()
-    quantized = find_quantized(keys)
+    quantized = check_checkpoint(ckpt, strict=True)  # container, metadata, key-set and config rules (spec 9)
     owned: set[str] = set()
     for name in quantized:
         owned.update(companion_keys(name, keys))

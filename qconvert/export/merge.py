@@ -28,7 +28,8 @@ import torch
 
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
-from ..format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, find_quantized, is_4bit_config
+from ..format.conformance import check_checkpoint
+from ..format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, is_4bit_config
 
 
 class LoraAdapter:
@@ -116,7 +117,7 @@ def merge_adapter(
         warnings.warn("--base-original: merging into the original weights, but the adapter was trained against the dequantized 4-bit weights")
         say("warning: merging into the original full-precision weights; the adapter was trained against the dequantized 4-bit weights")
     keys = ckpt.keys()
-    quantized = set(find_quantized(keys))
+    quantized = set(check_checkpoint(ckpt))
     owned = {k for q in quantized for k in companion_keys(q, keys)}
     targets = {m + ".weight": m for m in lora.modules}
     missing = sorted(t for t in targets if t not in keys)

@@ -148,7 +148,10 @@ class Checkpoint:
         if h is None:
             from safetensors import safe_open
 
+            from .conformance import check_header
+
             p = self.root / name
+            check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
             try:
                 h = safe_open(str(p), framework="pt")
             except Exception as e:  # safetensors raises its own SafetensorError and OSError

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -31,6 +32,8 @@ SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 LOGICAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: A quant-state JSON longer than this is refused (a real one is about 200 bytes).
 MAX_QUANT_STATE_BYTES = 65536
+#: the largest finite float32; a nested_offset beyond it is refused
+FLT_MAX = 3.4028234663852886e38
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -155,9 +158,13 @@ class QuantizedTensor:
             if not torch.isfinite(nested_absmax).all():
                 raise FormatError(f"{loc}{name}.nested_absmax holds NaN or Inf")
             kw = dict(nested_absmax=nested_absmax, nested_quant_map=nested_map, nested_offset=qs["nested_offset"])
-        elif not torch.isfinite(absmax).all():
-            raise FormatError(f"{loc}{name}.absmax holds NaN or Inf")
-        return cls(
+        else:
+            extra = [f"{name}.{x}" for x in ("nested_absmax", "nested_quant_map") if f"{name}.{x}" in tensors]
+            if extra:
+                raise FormatError(f"{loc}tensor {name!r}: {extra[0]!r} is present but the quant-state has no nested_* fields")
+            if not torch.isfinite(absmax).all():
+                raise FormatError(f"{loc}{name}.absmax holds NaN or Inf")
+        qt = cls(
             packed=packed,
             absmax=absmax,
             shape=shape,
@@ -167,6 +174,12 @@ class QuantizedTensor:
             quant_map=quant_map,
             **kw,
         )
+        if nested and not torch.isfinite(decoded_scales(qt)).all():
+            raise FormatError(
+                f"{loc}tensor {name!r}: a decoded block scale (nested_absmax * code + nested_offset) overflows float32",
+                hint="no conforming writer produces this; the file is damaged or hostile",
+            )
+        return qt
 
 
 def pack_quant_state(d: Mapping[str, Any]) -> torch.Tensor:
@@ -216,13 +229,38 @@ def unpack_quant_state(t: torch.Tensor, where: str = "quant state") -> dict[str,
             raise FormatError(f"{where}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {d['nested_blocksize']!r}")
         if d["nested_dtype"] != "float32":
             raise FormatError(f"{where}: nested_dtype must be 'float32', got {d['nested_dtype']!r}")
-        off = d["nested_offset"]
-        if not isinstance(off, (int, float)) or isinstance(off, bool) or not math.isfinite(off):
-            raise FormatError(f"{where}: nested_offset must be a finite number, got {off!r}")
+        d["nested_offset"] = offset_float32(d["nested_offset"], where)
     unknown = d.keys() - {"quant_type", "blocksize", "dtype", "shape"} - nested_keys
     if unknown:
         raise FormatError(f"{where}: unknown quant-state fields {sorted(unknown)}")
     return d
+
+
+def offset_float32(off: Any, where: str) -> float:
+    """The float32 value of a JSON ``nested_offset`` (spec 1.1 sections 3.5 and 9): the number read
+    as the nearest double, as ordinary JSON parsers (bitsandbytes' included) read it, then rounded
+    once to float32. Refused: a non-number, a non-finite one, and one whose double lies beyond the
+    largest float32 (which a conforming writer, writing a float32 exactly, never produces)."""
+    if isinstance(off, bool) or not isinstance(off, (int, float)) or (isinstance(off, float) and not math.isfinite(off)):
+        raise FormatError(f"{where}: nested_offset must be a finite number, got {off!r}")
+    try:
+        value = float(off)  # an integer beyond the double range raises here
+    except OverflowError:
+        value = math.inf
+    if abs(value) <= FLT_MAX:
+        return struct.unpack("<f", struct.pack("<f", value))[0]  # rounded once, to nearest even
+    raise FormatError(
+        f"{where}: nested_offset {off!r} is beyond the float32 range",
+        hint="the offset is a float32 (largest 3.4028234663852886e38); the file is damaged or was not written by a conforming writer",
+    )
+
+
+def decoded_scales(qt: "QuantizedTensor") -> torch.Tensor:
+    """The float32 block scales of a double-quantized weight (spec section 3.5): each step rounded
+    to float32 separately, no fused multiply-add."""
+    n = qt.absmax.numel()
+    t = qt.nested_quant_map[qt.absmax.long()] * qt.nested_absmax.repeat_interleave(qt.nested_blocksize)[:n]
+    return t + torch.tensor(qt.nested_offset, dtype=torch.float32, device=t.device)
 
 
 def is_4bit_config(quantization_config: Any) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import QuantizationError
 from ..format.constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_midpoints
-from ..format.layout import QuantizedTensor
+from ..format.layout import QuantizedTensor, decoded_scales
 
 _TINY = 1e-38  # divisor floor, as a float32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -189,10 +189,7 @@ def dequantize_absmax_ref(qt: QuantizedTensor) -> torch.Tensor:
     """The float32 block scales: stored directly, or decoded from 8 bits when double-quantized."""
     if not qt.double_quant:
         return qt.absmax.to(torch.float32)
-    n = qt.absmax.numel()
-    values = qt.nested_quant_map[qt.absmax.long()]
-    scale = qt.nested_absmax.repeat_interleave(qt.nested_blocksize)[:n]
-    return values * scale + torch.tensor(qt.nested_offset, dtype=torch.float32, device=values.device)
+    return decoded_scales(qt)
 
 
 def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
