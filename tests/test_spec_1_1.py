@@ -165,6 +165,26 @@ def test_s35_nested_offset_beyond_float32_refused(text):
         assert bnb_offset(text) == float("inf")
 
 
+def test_s35_schema_agrees_with_the_reader_on_nested_offset():
+    jsonschema = pytest.importorskip("jsonschema")
+    from qconvert.format.constants import load_json
+
+    schema = load_json("quant_state.schema.json")
+    for text, ok in (("3.4028234663852886e38", True), ("0.1", True), ("3.4028235677973366e38", False), ("1e39", False), ("-1e39", False)):
+        obj = json.loads(bytes(qs_bytes(text).tolist()))
+        try:
+            jsonschema.validate(obj, schema)
+            schema_ok = True
+        except jsonschema.ValidationError:
+            schema_ok = False
+        try:
+            unpack_quant_state(qs_bytes(text))
+            reader_ok = True
+        except FormatError:
+            reader_ok = False
+        assert schema_ok == reader_ok == ok, text
+
+
 # ---------------------------------------------------------------- section 9: decoded scales
 def test_s9_infinite_decoded_scale_refused():
     """nested_absmax 3e38 and nested_offset 3e38 pass every per-field check but decode to infinity."""
