@@ -91,6 +91,26 @@ class _ProductBackend:
         return torch.nn.functional.linear(x, float32_product_ref(qt).to(x.dtype), bias)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", "bitsandbytes"])
+def test_every_compute_dtype_uses_the_logical_value(ragged_bf16, backend):
+    """At every compute dtype a 4-bit layer computes with bitsandbytes' dequantize_4bit value (the
+    bf16 value) converted to that dtype: bit-identical to F.linear on it (20 rows, so the triton
+    backend takes its dequantize-then-matmul path; its fused small-batch kernel is tested in test_kernels)."""
+    from helpers import bnb_dequantized
+
+    weights = bnb_dequantized(ragged_bf16)
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = torch.randn(20, 100, generator=torch.Generator().manual_seed(4))
+    for cd in (torch.float32, torch.float16, torch.bfloat16):
+        m = qconvert.load_model(ragged_bf16, backend=backend, device=dev, compute_dtype=cd)
+        for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"):
+            layer = m.get_submodule(name)
+            with torch.no_grad():
+                got = layer(x.to(cd).to(dev)).cpu()
+            want = torch.nn.functional.linear(x.to(cd), weights[name + ".weight"].to(cd))
+            assert got.dtype == cd and torch.equal(got, want), (cd, name)
+
+
 def test_dtype_argument(ragged_bf16):
     """dtype=None keeps the stored dtypes (compute_dtype alone does not make a float32 model);
     dtype casts every unquantized tensor, and compute_dtype follows it unless given."""

@@ -3,7 +3,9 @@
 ``Linear4bit`` subclasses ``nn.Linear`` (with ``in_features``/``out_features``), so PEFT wraps it with
 its standard LoRA layer and ``target_modules="all-linear"`` finds it. ``weight`` holds the packed
 uint8 codes (frozen); the block scales and tables are buffers. Inputs are cast to the compute dtype,
-as bitsandbytes' Linear4bit does, and the output is cast back to the input dtype.
+as bitsandbytes' Linear4bit does, and the output is cast back to the input dtype. The weight the
+matmul uses is the 4-bit weight's value in its logical dtype (``weight_dtype``), converted to the
+compute dtype (spec section 8): at float32 compute, a bfloat16 weight's value widened.
 
 Backward reaches the input (that is what LoRA needs below the adapter) through a custom autograd
 function that saves nothing but a reference to the module: the input gradient dequantizes the weight
