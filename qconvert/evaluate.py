@@ -65,13 +65,15 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
     adapters = list(adapters or [])
     if compare and not adapters:
         raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
-    if not Path(str(data)).exists() and not _maybe_remote(str(data)):
+    from .hub.download import looks_like_repo_id
+
+    if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
         raise DataError(f"{data}: no such file")
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype, device=device)
     tok = lm.tokenizer
     examples = load_examples(data, tok, fmt=fmt, max_length=max_length, train_on_inputs=train_on_inputs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    row = {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if train_on_inputs else "completions"}
+    row = {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if train_on_inputs else "targets"}
     rows = []
     if compare or not adapters:
         rows.append({**row, "adapter": None, **score(lm.model, examples, pad, batch_size=batch_size)})
@@ -81,18 +83,14 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
     return rows
 
 
-def _maybe_remote(data: str) -> bool:
-    """A name the training data reader may resolve itself (a Hub dataset id such as org/name)."""
-    return "/" in data and not data.startswith((".", "/")) and not os.path.splitext(data)[1]
-
-
 def format_table(rows: list[dict]) -> str:
     """One line per scored model; the change against the bare model when it was scored too."""
     base = next((r for r in rows if r["adapter"] is None), None)
     names = [("base " if len(rows) > 1 else "") + r["model"] if r["adapter"] is None else f"+ adapter {r['adapter']}" for r in rows]
     w = max(len("model"), *map(len, names))
     head = f"{'model':<{w}}  {'examples':>8}  {'tokens':>8}  {'loss':>8}  {'perplexity':>11}"
-    lines = [f"data {rows[0]['data']} ({rows[0]['scored']} scored; {rows[0]['kind']} model computing in {rows[0]['dtype']})", head]
+    what = "every token" if rows[0]["scored"] == "all tokens" else "the tokens train learns (completions, assistant turns, texts)"
+    lines = [f"data {rows[0]['data']}: {what} scored; {rows[0]['kind']} model computing in {rows[0]['dtype']}", head]
     for name, r in zip(names, rows):
         line = f"{name:<{w}}  {r['examples']:>8}  {r['tokens']:>8}  {r['loss']:>8.4f}  {r['perplexity']:>11.3f}"
         if base is not None and r is not base:
