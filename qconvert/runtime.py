@@ -123,11 +123,18 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
         except Exception as e:  # transformers raises ValueError, KeyError, OSError... for configs it cannot use
             raise FormatError(f"{root}/config.json: transformers cannot build a config from it ({type(e).__name__})",
                               hint="check model_type and the fields of config.json") from None
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
         try:
             m = cls.from_pretrained(root, config=config, dtype="auto" if dtype == "auto" else LOGICAL_DTYPES[dtype])
         except (OSError, ValueError, RuntimeError) as e:
             raise FormatError(f"{root}: transformers cannot load the weights ({type(e).__name__})",
                               hint="check that the folder holds the model's safetensors files") from None
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         m.to(dev)
         kind = "16-bit"
         computes = next(p.dtype for p in m.parameters() if p.is_floating_point())

@@ -55,8 +55,9 @@ def test_quantize_eval_train_eval_generate_merge_eval(tmp_path):
     run_cli("merge", q, run, merged)  # bf16, no quantization_config: a plain transformers checkpoint
     [m] = eval_rows(merged, "--data", data)
     assert m["kind"] == "16-bit" and m["dtype"] == "bfloat16" and m["tokens"] == after["tokens"]
-    # the merged weights are dequant(W4) + scaling * B @ A rounded once to bf16; activations are bf16 on both sides
-    # (measured: 0.6813 merged against 0.6833 with the adapter, 0.3% apart; bf16 keeps 8 bits: 0.4% per rounding)
-    assert abs(m["loss"] - after["loss"]) <= 0.01 * after["loss"] + 0.002, (m["loss"], after["loss"])
+    # The merged weights are dequant(W4) + scaling * B @ A rounded once to bf16, and activations are bf16 on both
+    # sides. Measured 0.3% and 1.2% apart in two runs (seeds 0 and 42); for scale, the same 4-bit model with the
+    # adapter moves by 0.75% between bf16 and float32 matmuls. A 4-bit re-quantized merge loses 21-49% of the change.
+    assert abs(m["loss"] - after["loss"]) <= 0.03 * after["loss"], (m["loss"], after["loss"])
     print(f"\nloop losses: base {base['loss']:.4f}, last train step {last_train_loss:.4f}, with adapter {after['loss']:.4f}, "
           f"merged bf16 {m['loss']:.4f}; generated {hits}/8 completion words")
