@@ -40,7 +40,12 @@ def models(tmp_path_factory):
             if "lora_B" in n:
                 p.mul_(20)
     peft_model.save_pretrained(d / "adapter")
-    return {"src": src, "q": d / "q", "ttid": ttid, "adapter": d / "adapter", "dir": d}
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(-0.5)
+    peft_model.save_pretrained(d / "adapter2")
+    return {"src": src, "q": d / "q", "ttid": ttid, "adapter": d / "adapter", "adapter2": d / "adapter2", "dir": d}
 
 
 def tok_of(path):
@@ -190,6 +195,12 @@ def test_eval_compare_base_and_adapter(models, capsys, tmp_path):
     [q] = eval_json(capsys, models["q"], "--data", data, "--adapter", models["adapter"])
     m = PeftModel.from_pretrained(qconvert.load_model(models["q"], backend="reference", device="cpu"), str(models["adapter"]))
     assert q["loss"] == pytest.approx(train_eval_loss(m, data, tok), rel=1e-5)
+    # two adapters in one call: one row each, each the score it gets alone
+    rows = eval_json(capsys, models["src"], "--data", data, "--adapter", models["adapter"], "--adapter", models["adapter2"])
+    [alone] = eval_json(capsys, models["src"], "--data", data, "--adapter", models["adapter2"])
+    assert [r["adapter"] for r in rows] == [str(models["adapter"]), str(models["adapter2"])]
+    assert rows[0]["loss"] == pytest.approx(adapted["loss"], rel=1e-6) and rows[1]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+    assert abs(alone["loss"] - adapted["loss"]) > 0.01
     rc, out, err = cli(capsys, "eval", models["src"], "--data", data, "--adapter", models["adapter"], "--compare")
     lines = out.splitlines()
     assert rc == 0 and len(lines) == 4 and lines[1].split() == ["model", "examples", "tokens", "loss", "perplexity"]
