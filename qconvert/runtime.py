@@ -99,10 +99,12 @@ def _tokenizer(root: Path):
 
 def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revision: str | None = None, dtype: str = "auto",
                        device: str | None = None) -> LoadedModel:
-    """Load MODEL (folder or Hub id; 4-bit or not) and its tokenizer for generation and scoring."""
+    """Load MODEL (folder or Hub id; 4-bit or not) and its tokenizer for generation and scoring.
+    Everything that can be refused without reading weights (config, architecture, tokenizer) is checked first."""
     import torch
+    from transformers import AutoConfig
 
-    from .format.layout import LOGICAL_DTYPES, is_4bit_config
+    from .format.layout import is_4bit_config
     from .loader import load_model, resolve_model_path
 
     if dtype not in DTYPE_CHOICES:
@@ -110,37 +112,41 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     root, _ = resolve_model_path(model, revision)
     raw = read_model_config(root)
     cls = causal_lm_class(root, raw)
+    try:
+        config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, KeyError, OSError... for configs it cannot use
+        raise FormatError(f"{root}/config.json: transformers cannot build a config from it ({type(e).__name__})",
+                          hint="check model_type and the fields of config.json") from None
+    tok = _tokenizer(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if is_4bit_config(raw.get("quantization_config")):
         m = load_model(root, backend=backend, device=dev, compute_dtype=None if dtype == "auto" else dtype)
         kind = "4-bit"
         computes = next(mod.compute_dtype for mod in m.modules() if hasattr(mod, "compute_dtype"))
     else:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(root, trust_remote_code=False)
-        except Exception as e:  # transformers raises ValueError, KeyError, OSError... for configs it cannot use
-            raise FormatError(f"{root}/config.json: transformers cannot build a config from it ({type(e).__name__})",
-                              hint="check model_type and the fields of config.json") from None
-        from transformers.utils import logging as hf_logging
-
-        shown = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
-        try:
-            m = cls.from_pretrained(root, config=config, dtype="auto" if dtype == "auto" else LOGICAL_DTYPES[dtype])
-        except (OSError, ValueError, RuntimeError) as e:
-            raise FormatError(f"{root}: transformers cannot load the weights ({type(e).__name__})",
-                              hint="check that the folder holds the model's safetensors files") from None
-        finally:
-            if shown:
-                hf_logging.enable_progress_bar()
-        m.to(dev)
+        m = _load_plain(root, cls, config, dtype).to(dev)
         kind = "16-bit"
         computes = next(p.dtype for p in m.parameters() if p.is_floating_point())
     m.eval()
-    tok = _tokenizer(root)
     return LoadedModel(m, tok, root, str(model), kind, str(computes).removeprefix("torch."), [])
+
+
+def _load_plain(root: Path, cls, config, dtype: str):
+    """A checkpoint without 4-bit weights, through transformers, in its stored dtype ("auto") or ``dtype``."""
+    from transformers.utils import logging as hf_logging
+
+    from .format.layout import LOGICAL_DTYPES
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
+    try:
+        return cls.from_pretrained(root, config=config, dtype="auto" if dtype == "auto" else LOGICAL_DTYPES[dtype])
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{root}: transformers cannot load the weights ({type(e).__name__})",
+                          hint="check that the folder holds the model's safetensors files") from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _adapter_shapes(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, tuple[int, ...]]]]:

@@ -118,7 +118,17 @@ def test_missing_or_invalid_config(env, capsys, tmp_path, config_text, match):
 
 def test_unusable_config_values(env, capsys, tmp_path):
     m = broken_model(env, tmp_path, json.dumps({"model_type": "no-such-model", "architectures": ["LlamaForCausalLM"]}))
-    refused(capsys, "generate", m, "--prompt", "w1", match="config.json")
+    refused(capsys, "generate", m, "--prompt", "w1", match="config.json: transformers cannot build a config from it")
+    # the same in a 4-bit checkpoint's config (its quantization_config intact)
+    cfg = json.loads((env["q"] / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "model_type": "no-such-model"}))
+    refused(capsys, "eval", m, "--data", env["data"], match="config.json: transformers cannot build a config from it")
+
+
+def test_no_tokenizer(env, capsys, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(env["q"], m, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*", "special_tokens*"))
+    refused(capsys, "generate", m, "--prompt", "w1", match="no usable tokenizer")
 
 
 def test_no_such_model(capsys, tmp_path):
