@@ -43,7 +43,7 @@ class LoadedModel:
     tokenizer: Any
     path: Path
     name: str
-    kind: str  # "4-bit" or "16-bit"
+    kind: str  # "4-bit" or "unquantized"
     dtype: str  # what the layers compute in
     adapters: list[str]
 
@@ -71,10 +71,13 @@ def causal_lm_class(root: Path, raw: dict[str, Any]):
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    archs = raw.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(raw.get("model_type"))
+    archs, model_type = raw.get("architectures") or [], raw.get("model_type")
+    if isinstance(archs, list) and archs:
+        arch = archs[0]
+    else:
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
     if not isinstance(arch, str) or not arch:
-        raise FormatError(f"{root}/config.json: names no architecture and model_type {raw.get('model_type')!r} has no causal LM class")
+        raise FormatError(f"{root}/config.json: names no architecture, and model_type {model_type!r} has no causal LM class")
     cls = getattr(transformers, arch, None)
     if cls is None or not isinstance(cls, type):
         raise FormatError(f"{root}/config.json: architecture {arch!r} is not in transformers",
@@ -92,8 +95,6 @@ def _tokenizer(root: Path):
         tok = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     except Exception as e:  # transformers raises several types for a missing or broken tokenizer
         raise DataError(f"{root}: no usable tokenizer ({type(e).__name__})", hint="copy the tokenizer files into the model folder") from None
-    if isinstance(tok, bool) or not callable(tok):
-        raise DataError(f"{root}: no usable tokenizer", hint="copy the tokenizer files into the model folder")
     return tok
 
 
@@ -106,6 +107,7 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
 
     from .format.layout import is_4bit_config
     from .loader import load_model, resolve_model_path
+    from .nn import Linear4bit
 
     if dtype not in DTYPE_CHOICES:
         raise OptionError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
@@ -122,11 +124,12 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     if is_4bit_config(raw.get("quantization_config")):
         m = load_model(root, backend=backend, device=dev, compute_dtype=None if dtype == "auto" else dtype)
         kind = "4-bit"
-        computes = next(mod.compute_dtype for mod in m.modules() if hasattr(mod, "compute_dtype"))
+        computes = next((mod.compute_dtype for mod in m.modules() if isinstance(mod, Linear4bit)), None)
     else:
         m = _load_plain(root, cls, config, dtype).to(dev)
-        kind = "16-bit"
-        computes = next(p.dtype for p in m.parameters() if p.is_floating_point())
+        kind = "unquantized"
+        computes = None
+    computes = computes or next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
     m.eval()
     return LoadedModel(m, tok, root, str(model), kind, str(computes).removeprefix("torch."), [])
 

@@ -54,7 +54,7 @@ def test_quantize_eval_train_eval_generate_merge_eval(tmp_path):
 
     run_cli("merge", q, run, merged)  # bf16, no quantization_config: a plain transformers checkpoint
     [m] = eval_rows(merged, "--data", data)
-    assert m["kind"] == "16-bit" and m["dtype"] == "bfloat16" and m["tokens"] == after["tokens"]
+    assert m["kind"] == "unquantized" and m["dtype"] == "bfloat16" and m["tokens"] == after["tokens"]
     # The merged weights are dequant(W4) + scaling * B @ A rounded once to bf16, and activations are bf16 on both
     # sides. Measured 0.3% and 1.2% apart in two runs (seeds 0 and 42); for scale, the same 4-bit model with the
     # adapter moves by 0.75% between bf16 and float32 matmuls. A 4-bit re-quantized merge loses 21-49% of the change.

@@ -171,7 +171,7 @@ def test_eval_scores_exactly_what_train_scores(models, capsys, tmp_path):
     data, learned = mixed_records(tmp_path)
     tok = tok_of(models["src"])
     [r] = eval_json(capsys, models["src"], "--data", data)
-    assert r["tokens"] == sum(learned) and r["examples"] == 4 and r["kind"] == "16-bit" and r["dtype"] == "float32"
+    assert r["tokens"] == sum(learned) and r["examples"] == 4 and r["kind"] == "unquantized" and r["dtype"] == "float32"
     assert r["loss"] == pytest.approx(train_eval_loss(hf_model(models["src"]), data, tok), rel=1e-5)
     assert r["perplexity"] == pytest.approx(torch.tensor(r["loss"]).exp().item(), rel=1e-6)
     [a] = eval_json(capsys, models["src"], "--data", data, "--train-on-inputs", "--batch-size", 1)
