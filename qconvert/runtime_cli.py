@@ -1,109 +1,77 @@
-"""CLI commands that run a 4-bit model: `qconvert generate` and `qconvert eval`."""
+"""CLI commands that run a model: `qconvert generate` and `qconvert eval` (library: runtime, generation, evaluate)."""
 
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import click
 
 from .cli import register
-from .errors import DataError
 
 BACKENDS = click.Choice(["auto", "reference", "triton", "bitsandbytes"])
-
-
-def _load(model: str, backend: str, revision: str | None):
-    from transformers import AutoTokenizer
-
-    from .loader import load_model, resolve_model_path
-
-    m = load_model(model, backend=backend, revision=revision)
-    root, _ = resolve_model_path(model, revision)
-    try:
-        tok = AutoTokenizer.from_pretrained(root)
-    except Exception as e:  # transformers raises several types for a missing or broken tokenizer
-        raise DataError(f"{root}: no usable tokenizer ({type(e).__name__})", hint="copy the tokenizer files into the model folder") from None
-    return m, tok
+DTYPES = click.Choice(["auto", "bfloat16", "float16", "float32"])
+_DTYPE_HELP = "Compute dtype (auto: a 4-bit checkpoint's bnb_4bit_compute_dtype, a 16-bit checkpoint's stored dtype)."
 
 
 @register
 @click.command()
 @click.argument("model")
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
+@click.option("--adapter", help="A PEFT LoRA adapter folder (a `qconvert train` output) to run on top of MODEL.")
+@click.option("--chat", is_flag=True, help="Render the prompt as a user turn with the tokenizer's chat template.")
+@click.option("--system", help="With --chat: a system message before the prompt.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; above 0: sample.")
+@click.option("--top-p", type=float, help="Nucleus sampling (needs --temperature > 0).")
+@click.option("--top-k", type=int, help="Sample among the K likeliest tokens (needs --temperature > 0).")
+@click.option("--repetition-penalty", type=float, help="Above 1 discourages repeats (greedy or sampled).")
+@click.option("--seed", type=int, help="Seed for sampling: the same seed gives the same text.")
+@click.option("--echo", is_flag=True, help="Print the prompt too, not only the completion.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (completion, token counts, ids, settings).")
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True, help=_DTYPE_HELP)
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True, help="Kernels for a 4-bit MODEL.")
 @click.option("--revision", help="Branch, tag or commit of a Hub repo.")
-def generate(model, prompt, max_new_tokens, backend, revision):
-    """Continue PROMPT greedily with a 4-bit MODEL (folder or Hub id) on qconvert's kernels."""
-    import torch
+def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, echo,
+             as_json, dtype, backend, revision):
+    """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
+    from .generation import check_settings, generate_text
+    from .runtime import attach_adapter, load_for_inference
 
-    m, tok = _load(model, backend, revision)
-    ids = tok(prompt, return_tensors="pt").to(m.device)
-    with torch.no_grad():
-        out = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    click.echo(tok.decode(out[0], skip_special_tokens=True))
-
-
-def read_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataError(f"{path}:{i}: expected an object with a \"text\" string")
-            out.append(rec["text"])
-        texts = out
+    check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   repetition_penalty=repetition_penalty, chat=chat, system=system)  # before minutes of loading
+    lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype)
+    if adapter:
+        attach_adapter(lm, adapter)
+    r = generate_text(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, chat=chat, system=system)
+    if as_json:
+        click.echo(json.dumps({"model": model, "adapter": adapter, **r}))
     else:
-        texts = [t for t in text.split("\n\n") if t.strip()]
-    if not texts:
-        raise DataError(f"{path}: holds no text")
-    return texts
-
-
-def perplexity(model, tok, texts: list[str], max_length: int = 512) -> dict:
-    """Token-weighted mean negative log-likelihood over the texts, and its exponential."""
-    import torch
-
-    nll = 0.0
-    count = 0
-    for t in texts:
-        ids = tok(t, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(model.device)
-        if ids.shape[1] < 2:
-            continue
-        with torch.no_grad():
-            loss = model(input_ids=ids, labels=ids).loss.float().item()
-        n = ids.shape[1] - 1
-        nll += loss * n
-        count += n
-    if count == 0:
-        raise DataError("no text is long enough to score (at least 2 tokens each)")
-    return {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count, "texts": len(texts)}
+        click.echo(r["text"] if echo else r["completion"])
 
 
 @register
 @click.command(name="eval")
 @click.argument("model")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="A .txt file (texts split on blank lines) or .jsonl with a \"text\" field.")
-@click.option("--max-length", type=int, default=512, show_default=True)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@click.option("--data", required=True, help="Records in any format `qconvert train` reads (text, alpaca, prompt/completion, chat).")
+@click.option("--adapter", "adapters", multiple=True, help="A PEFT LoRA adapter folder to score MODEL with (repeatable: one row each).")
+@click.option("--compare", is_flag=True, help="Also score MODEL without the adapters: one table, base vs base+adapter.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "alpaca", "prompt", "chat"]), default="auto", show_default=True)
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example, as in train.")
+@click.option("--train-on-inputs", is_flag=True, help="Score prompts too (as train does with this flag), not only completions.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--dtype", type=DTYPES, default="auto", show_default=True, help=_DTYPE_HELP)
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True, help="Kernels for a 4-bit MODEL.")
 @click.option("--revision", help="Branch, tag or commit of a Hub repo.")
-@click.option("--json", "as_json", is_flag=True)
-def eval_cmd(model, data, max_length, backend, revision, as_json):
-    """Perplexity of a 4-bit MODEL on a text or JSONL file."""
-    texts = read_texts(data)
-    m, tok = _load(model, backend, revision)
-    r = perplexity(m, tok, texts, max_length)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per scored model, one per line.")
+def eval_cmd(model, data, adapters, compare, fmt, max_length, train_on_inputs, batch_size, dtype, backend, revision, as_json):
+    """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
+    from .evaluate import evaluate, format_table
+
+    rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,
+                    train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype)
     if as_json:
-        click.echo(json.dumps(r))
+        for r in rows:
+            click.echo(json.dumps(r))
     else:
-        click.echo(f"{r['texts']} texts, {r['tokens']} tokens: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}")
+        click.echo(format_table(rows))

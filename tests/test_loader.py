@@ -332,7 +332,7 @@ def test_generate_and_eval_cli(aligned, tmp_path):
     shutil.copytree(aligned["float32"], model)
     _tokenizer(model)
     env = dict(os.environ, QCONVERT_BACKEND="reference")
-    r = subprocess.run([sys.executable, "-m", "qconvert", "generate", str(model), "--prompt", "w1 w2 w3", "--max-new-tokens", "4"],
+    r = subprocess.run([sys.executable, "-m", "qconvert", "generate", str(model), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--echo"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     words = r.stdout.split()
@@ -342,13 +342,14 @@ def test_generate_and_eval_cli(aligned, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qconvert", "eval", str(model), "--data", str(data), "--json"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    # the same number computed here, in-process, through the library
+    # the same number computed here, in-process, through the library (text records are scored as train scores them: EOS appended)
     from transformers import AutoTokenizer
 
-    from qconvert.runtime_cli import perplexity, read_texts
+    from qconvert.evaluate import load_examples, score
 
-    want = perplexity(qconvert.load_model(model, backend="reference", device="cpu"), AutoTokenizer.from_pretrained(model), read_texts(data))
-    assert got["tokens"] == want["tokens"] == 33 and abs(got["loss"] - want["loss"]) < 1e-5
+    tok = AutoTokenizer.from_pretrained(model)
+    want = score(qconvert.load_model(model, backend="reference", device="cpu"), load_examples(data, tok), tok.eos_token_id)
+    assert got["tokens"] == want["tokens"] == 36 and abs(got["loss"] - want["loss"]) < 1e-5
     assert 1.0 < got["perplexity"] < 1000
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w1"}\n{oops\n')

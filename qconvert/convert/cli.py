@@ -72,10 +72,15 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
 @click.argument("output_dir")
 @click.option("--against", "source", help="The original checkpoint: report per-tensor quantization error against it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify(output_dir, source, as_json):
+@click.option("--plot", metavar="FILE.png", help="With --against: draw each layer's SQNR by module type into FILE.png.")
+def verify(output_dir, source, as_json, plot):
     """Check a 4-bit checkpoint against the spec; with --against, measure its quantization error."""
     from .verify import verify_checkpoint
 
+    if plot and not source:
+        from ..errors import OptionError
+
+        raise OptionError("--plot needs --against SOURCE", hint="the picture shows the error against the original weights")
     r = verify_checkpoint(output_dir, against=source)
     if as_json:
         click.echo(json.dumps(r, indent=1))
@@ -88,5 +93,9 @@ def verify(output_dir, source, as_json):
                 f"in {e['worst_tensor']}), SQNR mean {e['sqnr_db_mean']:.2f} dB (lowest {e['sqnr_db_min']:.2f} dB); "
                 f"unquantized tensors identical: {e['unquantized_identical']}"
             )
+    if plot:
+        from ..plot import plot_verify_report
+
+        click.echo(f"wrote {plot_verify_report(r, plot)['path']}", err=True)
     if not r["ok"]:
         raise SystemExit(1)

@@ -1,0 +1,96 @@
+"""`qconvert generate`: continue a prompt, greedily by default, or by sampling with a seed.
+
+Sampling happens when ``temperature > 0``; ``top_p`` and ``top_k`` then narrow it, and are refused
+with greedy decoding, where they would silently do nothing. ``repetition_penalty`` applies to both.
+With ``chat`` the prompt becomes one user turn (after an optional system turn) rendered by the
+tokenizer's chat template with the generation prompt appended. The model receives only the
+tokenizer outputs its forward takes. Settings the model's generation_config.json makes for sampling
+are used only when sampling; a greedy run is greedy whatever that file says.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import DataError, OptionError
+
+
+def check_settings(*, max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None,
+                   repetition_penalty: float | None, chat: bool, system: str | None) -> None:
+    """Refuse option values that cannot be used, naming the option."""
+    if max_new_tokens < 1:
+        raise OptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise OptionError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise OptionError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise OptionError(f"--top-k must be at least 1, got {top_k}")
+    if repetition_penalty is not None and not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise OptionError(f"--repetition-penalty must be positive, got {repetition_penalty}")
+    if temperature == 0 and (top_p is not None or top_k is not None):
+        raise OptionError("--top-p and --top-k apply only when sampling", hint="add --temperature T with T > 0")
+    if system is not None and not chat:
+        raise OptionError("--system needs --chat")
+
+
+def encode_prompt(tok, prompt: str, *, chat: bool = False, system: str | None = None):
+    """Tokenized prompt (a BatchEncoding of one row); with ``chat``, through the chat template."""
+    if not chat:
+        return tok(prompt, return_tensors="pt")
+    if not getattr(tok, "chat_template", None):
+        raise DataError("--chat: the tokenizer has no chat template", hint="drop --chat, or add chat_template to tokenizer_config.json")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, return_tensors="pt", add_special_tokens=False)
+
+
+def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float | None = None,
+                  top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+                  chat: bool = False, system: str | None = None) -> dict[str, Any]:
+    """Generate a continuation of ``prompt``; returns the completion, the full text and the token ids."""
+    import copy
+
+    import torch
+
+    from .runtime import forward_inputs
+
+    check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   repetition_penalty=repetition_penalty, chat=chat, system=system)
+    enc = encode_prompt(tok, prompt, chat=chat, system=system)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in forward_inputs(model, enc).items()}
+    n_prompt = inputs["input_ids"].shape[1]
+    if n_prompt == 0:
+        raise DataError("the prompt is empty after tokenization", hint="give a non-empty --prompt")
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.max_new_tokens, cfg.max_length = max_new_tokens, None
+    cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sample = temperature > 0
+    cfg.do_sample = sample
+    if sample:
+        cfg.temperature = temperature
+        cfg.top_p = top_p if top_p is not None else cfg.top_p
+        cfg.top_k = top_k if top_k is not None else cfg.top_k
+    else:  # greedy whatever generation_config.json says about sampling
+        cfg.temperature = cfg.top_p = cfg.top_k = None
+    cfg.repetition_penalty = repetition_penalty
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=cfg)
+    new = out[0, n_prompt:].tolist()
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return {
+        "prompt": prompt,
+        "completion": tok.decode(new, skip_special_tokens=True),
+        "text": tok.decode(out[0].tolist(), skip_special_tokens=True),
+        "prompt_tokens": n_prompt,
+        "completion_tokens": len(new),
+        "completion_ids": new,
+        "finish_reason": "eos" if new and new[-1] in eos else "length",
+        "settings": {"do_sample": sample, "temperature": temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                     "repetition_penalty": repetition_penalty, "seed": seed, "max_new_tokens": max_new_tokens, "chat": chat},
+    }

@@ -1,0 +1,235 @@
+"""A causal language model ready to run, for `qconvert generate` and `qconvert eval`.
+
+:func:`load_for_inference` takes what people have after a qconvert workflow, or before it:
+
+- a 4-bit checkpoint (qconvert's or transformers + bitsandbytes'): loaded by :func:`qconvert.load_model`
+  onto qconvert's kernels, computing in its ``bnb_4bit_compute_dtype`` unless ``dtype`` says otherwise;
+- any other checkpoint (the original model, `qconvert merge` output): loaded by plain transformers in
+  the dtype it is stored in (``dtype="auto"``) or the one asked for.
+
+:func:`attach_adapter` puts a PEFT LoRA adapter on top, after checking that every adapted module
+exists in the model with the shape the adapter was trained for (an adapter of another base is
+refused in one line, before PEFT sees it). Several adapters can be attached under different names;
+the last one attached is active, and ``with model.disable_adapter():`` runs the bare base.
+
+Only decoders are accepted: an encoder such as BERT, or an encoder-decoder, is refused before any
+weight is read. The config is read as JSON first, so a missing or broken config.json is one clear
+error, and no remote code is ever run (``trust_remote_code=False``, architecture looked up in
+transformers itself).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, FormatError, OptionError, SourceError
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer; ``model`` becomes a PeftModel once an adapter is attached."""
+
+    model: Any
+    tokenizer: Any
+    path: Path
+    name: str
+    kind: str  # "4-bit" or "unquantized"
+    dtype: str  # what the layers compute in
+    adapters: list[str]
+
+
+def read_model_config(root: Path) -> dict[str, Any]:
+    """config.json as a dict, or a qconvert error saying what is wrong with it."""
+    path = root / "config.json"
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a model folder", hint="pass a folder with config.json, weights and tokenizer, or a Hub id")
+    if not path.is_file():
+        raise SourceError(f"{root}: no config.json", hint="pass a model folder (config.json, weights, tokenizer)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def causal_lm_class(root: Path, raw: dict[str, Any]):
+    """The transformers class that config.json names, checked to be a decoder that can generate."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs, model_type = raw.get("architectures") or [], raw.get("model_type")
+    if isinstance(archs, list) and archs:
+        arch = archs[0]
+    else:
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if not isinstance(arch, str) or not arch:
+        raise FormatError(f"{root}/config.json: names no architecture, and model_type {model_type!r} has no causal LM class")
+    cls = getattr(transformers, arch, None)
+    if cls is None or not isinstance(cls, type):
+        raise FormatError(f"{root}/config.json: architecture {arch!r} is not in transformers",
+                          hint="qconvert never runs code shipped with a checkpoint")
+    if raw.get("is_encoder_decoder") or not cls.can_generate():
+        raise FormatError(f"{root}: {arch} is not a causal language model",
+                          hint="generate and eval need a decoder such as LlamaForCausalLM, not an encoder like BERT")
+    return cls
+
+
+def _tokenizer(root: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    except Exception as e:  # transformers raises several types for a missing or broken tokenizer
+        raise DataError(f"{root}: no usable tokenizer ({type(e).__name__})", hint="copy the tokenizer files into the model folder") from None
+    return tok
+
+
+def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revision: str | None = None, dtype: str = "auto",
+                       device: str | None = None) -> LoadedModel:
+    """Load MODEL (folder or Hub id; 4-bit or not) and its tokenizer for generation and scoring.
+    Everything that can be refused without reading weights (config, architecture, tokenizer) is checked first."""
+    import torch
+    from transformers import AutoConfig
+
+    from .format.layout import is_4bit_config
+    from .loader import load_model, resolve_model_path
+    from .nn import Linear4bit
+
+    if dtype not in DTYPE_CHOICES:
+        raise OptionError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
+    root, _ = resolve_model_path(model, revision)
+    raw = read_model_config(root)
+    cls = causal_lm_class(root, raw)
+    try:
+        config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, KeyError, OSError... for configs it cannot use
+        raise FormatError(f"{root}/config.json: transformers cannot build a config from it ({type(e).__name__})",
+                          hint="check model_type and the fields of config.json") from None
+    tok = _tokenizer(root)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if is_4bit_config(raw.get("quantization_config")):
+        m = load_model(root, backend=backend, device=dev, compute_dtype=None if dtype == "auto" else dtype)
+        kind = "4-bit"
+        computes = next((mod.compute_dtype for mod in m.modules() if isinstance(mod, Linear4bit)), None)
+    else:
+        m = _load_plain(root, cls, config, dtype).to(dev)
+        kind = "unquantized"
+        computes = None
+    computes = computes or next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
+    m.eval()
+    return LoadedModel(m, tok, root, str(model), kind, str(computes).removeprefix("torch."), [])
+
+
+def _load_plain(root: Path, cls, config, dtype: str):
+    """A checkpoint without 4-bit weights, through transformers, in its stored dtype ("auto") or ``dtype``."""
+    from transformers.utils import logging as hf_logging
+
+    from .format.layout import LOGICAL_DTYPES
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
+    try:
+        return cls.from_pretrained(root, config=config, dtype="auto" if dtype == "auto" else LOGICAL_DTYPES[dtype])
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{root}: transformers cannot load the weights ({type(e).__name__})",
+                          hint="check that the folder holds the model's safetensors files") from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _adapter_shapes(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, tuple[int, ...]]]]:
+    """adapter_config.json and, per adapted module, the shapes of its lora_A and lora_B (read from the header)."""
+    cfg_path = folder / "adapter_config.json"
+    if not folder.is_dir() or not cfg_path.is_file():
+        raise FormatError(f"{folder}: no adapter_config.json", hint="pass a PEFT LoRA adapter folder (a qconvert train output)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{cfg_path}: not valid JSON") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise FormatError(f"{cfg_path}: not a LoRA adapter (peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r})")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise FormatError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FormatError(f"{folder}: no adapter_model.safetensors", hint="qconvert reads adapters in safetensors only (never pickle)")
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    try:
+        with safe_open(str(weights), "pt") as h:
+            for k in h.keys():
+                m = _LORA_KEY.fullmatch(k)
+                if m:
+                    shapes.setdefault(m.group(1), {})[m.group(2)] = tuple(h.get_slice(k).get_shape())
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{weights}: not a readable safetensors file ({type(e).__name__})", hint="re-download or re-export the adapter") from None
+    if not shapes:
+        raise FormatError(f"{weights}: no LoRA weights (keys like base_model.model.<module>.lora_A.weight)")
+    return cfg, shapes
+
+
+def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str, Any]:
+    """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes."""
+    folder = Path(folder)
+    cfg, shapes = _adapter_shapes(folder)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hint = f"it was trained on {cfg.get('base_model_name_or_path')!r}; use it with that model"
+    for mod, ab in sorted(shapes.items()):
+        if set(ab) != {"A", "B"}:
+            raise FormatError(f"{folder}: {mod} has lora_{'A' if 'A' in ab else 'B'} but no lora_{'B' if 'A' in ab else 'A'}")
+        try:
+            target = base.get_submodule(mod)
+        except AttributeError:
+            raise FormatError(f"{folder}: adapts {mod}, which {model_name} does not have", hint=hint) from None
+        a, b = ab["A"], ab["B"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise FormatError(f"{folder}: {mod}: lora_A {list(a)} and lora_B {list(b)} are not [r, in] and [out, r] matrices")
+        want = (getattr(target, "in_features", None), getattr(target, "out_features", None))
+        if None not in want and (a[1], b[0]) != want:  # a layer without in/out_features (Conv1D) is left to PEFT
+            raise FormatError(f"{folder}: {mod} maps {want[0]}->{want[1]} features in {model_name}, the adapter's {a[1]}->{b[0]}", hint=hint)
+    return cfg
+
+
+def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None = None) -> None:
+    """Check the adapter against the model, attach it with PEFT and make it the active one."""
+    from peft import PeftModel
+
+    check_adapter(folder, lm.model, lm.name)
+    name = name or f"adapter{len(lm.adapters)}"
+    try:
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated is_gradient_checkpointing: a FutureWarning users cannot act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            if isinstance(lm.model, PeftModel):
+                lm.model.load_adapter(str(folder), adapter_name=name)
+            else:
+                lm.model = PeftModel.from_pretrained(lm.model, str(folder), adapter_name=name)
+        lm.model.set_adapter(name)
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise FormatError(f"{folder}: PEFT cannot attach this adapter ({type(e).__name__})", hint="check adapter_config.json") from None
+    lm.model.eval()
+    lm.adapters.append(str(folder))
+
+
+def forward_inputs(model, encoding) -> dict[str, Any]:
+    """The tokenizer outputs the model's forward accepts (a Llama takes no token_type_ids)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return {k: v for k, v in encoding.items() if k in params}
