@@ -15,9 +15,11 @@ A folder's config.json says which model to build; the tensors must be exactly wh
    nothing is left over. Buffers the model computes itself may not exceed :data:`MAX_BUFFER_BYTES`
    (or the checkpoint's own size, if larger).
 
-``qconvert verify`` runs the same comparison in its lenient form (``strict=False``): only tensors
-the model knows are checked (a checkpoint that transformers renames on load still verifies), and
-every 4-bit weight must fit its module.
+``qconvert verify`` runs the same comparison in its lenient form (``strict=False``): tensors the
+model has no place for are allowed (transformers ignores them) and float dtypes may mix
+(transformers casts them); tensors the model needs must be present unless transformers renames the
+checkpoint's tensors on load for that model type (MoE experts...). Every 4-bit weight must fit its
+module in both forms.
 """
 
 from __future__ import annotations
@@ -129,8 +131,11 @@ def linear_shape(module) -> tuple[int, int] | None:
     return None
 
 
-def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *, strict: bool = True) -> None:
-    """The checkpoint's tensors against the meta ``model`` (module docstring, point 3)."""
+def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *, strict: bool = True,
+            require_all: bool | None = None) -> None:
+    """The checkpoint's tensors against the meta ``model`` (module docstring, point 3). ``strict``
+    also refuses tensors the model has no place for and a mix of float dtypes; ``require_all``
+    (default: ``strict``) refuses a checkpoint that lacks a tensor the model needs."""
     arch = type(model).__name__
     state = model.state_dict(keep_vars=True)
     keys = ckpt.keys()
@@ -167,9 +172,14 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
         if tuple(shape) != tuple(want_t.shape):
             raise FormatError(f"{where}: tensor {k!r} is {list(shape)}, the {arch} built from config.json needs {list(want_t.shape)}",
                               hint="config.json and the weights disagree; " + _REUPLOAD)
-    if not strict:
-        return
-    _check_one_float_dtype(model, ckpt, [k for k in keys if k not in owned and k in state], where)
+    if strict:
+        _check_one_float_dtype(model, ckpt, [k for k in keys if k not in owned and k in state], where)
+        _refuse_unexpected(model, state, unexpected, arch, where)
+    if strict if require_all is None else require_all:
+        _refuse_missing(state, keys, arch, where)
+
+
+def _refuse_unexpected(model, state, unexpected: list[str], arch: str, where: str) -> None:
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     persistent = set(state)
     computed = {n for n, _ in model.named_buffers()} - persistent
@@ -177,6 +187,9 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
     if unexpected:
         raise FormatError(f"{where}: {len(unexpected)} tensor(s) have no place in the {arch} config.json builds, e.g. {unexpected[0]!r}",
                           hint="config.json and the weights disagree (a layer count?); " + _REUPLOAD)
+
+
+def _refuse_missing(state, keys, arch: str, where: str) -> None:
     present = set(keys)
     groups: dict[int, list[str]] = {}
     for n, t in state.items():
@@ -260,7 +273,12 @@ def check_structure(root: Path, ckpt, cfg: dict[str, Any], *, strict: bool = Tru
     if buffer_bytes(model) > limit:
         raise FormatError(f"{where}: the {cls.__name__} it builds computes {buffer_bytes(model)} bytes of buffers, over the {limit}-byte limit",
                           hint="a size in config.json is far larger than the weights; " + _REUPLOAD)
-    compare(model, ckpt, quant_shapes(ckpt), str(ckpt.root), strict=strict)
+    require_all = strict
+    if not strict:  # checkpoints transformers renames on load (MoE experts...) keep their own names
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        require_all = get_checkpoint_conversion_mapping(config.model_type) is None
+    compare(model, ckpt, quant_shapes(ckpt), str(ckpt.root), strict=strict, require_all=require_all)
     return model
 
 
