@@ -1,8 +1,9 @@
 """The `qconvert` command line: a thin click layer over the library.
 
 Each command parses its options and calls one library function. Errors the library raises on
-purpose (:class:`qconvert.errors.QConvertError`) become one line on stderr with a hint and exit
-code 1; set QCONVERT_DEBUG=1 to see the full traceback instead. Heavy modules are imported inside
+purpose (:class:`qconvert.errors.QConvertError`) become a ``qconvert: error:`` line on stderr with a
+hint and exit code 1 (see :func:`main` for every exit code); set QCONVERT_DEBUG=1 to see the full
+traceback instead. Heavy modules are imported inside
 the commands so that ``qconvert --help`` starts fast.
 """
 
@@ -59,35 +60,73 @@ def _load_commands() -> None:
                 raise
 
 
+#: Exit codes of every command (README "Errors and exit codes"; spec/robustness.md).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _report(message: str, hint: str | None = None) -> None:
+    from .errors import cli_lines
+
+    click.echo("\n".join(cli_lines(message, hint)), err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning qconvert's errors into one line on stderr."""
+    """Entry point: run the CLI; every failure becomes a ``qconvert: error:`` line and an exit code.
+
+    0 success; 1 an error (qconvert's own, an operating-system error such as a full disk or a
+    permission, or an unexpected one, which is a bug); 2 a usage error (unknown command, missing
+    argument, bad option value); 130 interrupted. The first line is at most 200 characters; detail
+    follows on indented lines and the hint on a ``hint:`` line. QCONVERT_DEBUG=1 re-raises instead,
+    showing the traceback.
+    """
     import logging
 
     # bitsandbytes logs at import that an optional CPU kernel package is missing: noise for our users
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    _load_commands()
+    debug = bool(os.environ.get(DEBUG_ENV))
     try:
+        _load_commands()
         cli.main(args=argv, prog_name="qconvert", standalone_mode=False)
-    except QConvertError as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        msg = "qconvert: error: " + " ".join(str(e).split("\n"))
-        if e.hint:
-            msg += f" (hint: {e.hint})"
-        click.echo(msg, err=True)
-        return 1
-    except click.exceptions.Abort:
-        click.echo("qconvert: aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("qconvert: interrupted", err=True)
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
-    return 0
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("qconvert: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except click.UsageError as e:
+        if debug:
+            raise
+        cmd = e.ctx.command_path if e.ctx is not None else "qconvert"
+        _report(e.format_message(), f"see `{cmd} --help`")
+        return EXIT_USAGE
+    except click.ClickException as e:
+        if debug:
+            raise
+        _report(e.format_message())
+        return EXIT_ERROR
+    except QConvertError as e:
+        if debug:
+            raise
+        _report(str(e), e.hint)
+        return EXIT_ERROR
+    except OSError as e:  # the machine said no: a full disk, a permission, a path that is a file
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _report(f"{where}{e.strerror or e}", "check the path, its permissions and the free disk space")
+        return EXIT_ERROR
+    except MemoryError:
+        if debug:
+            raise
+        _report("out of memory", "close other programs or use a machine with more memory")
+        return EXIT_ERROR
+    except Exception as e:  # a bug: say so in one line; the traceback is one variable away
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        _report(f"unexpected {type(e).__name__}: {first}".rstrip(": "),
+                f"this is a bug in qconvert; run again with {DEBUG_ENV}=1 for the traceback and report it")
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ def load_model(
     from .nn import Linear4bit
 
     root, repo_id = resolve_model_path(path_or_repo_id, revision)
+    from .validate import check_model_folder
+
+    check_model_folder(root)  # config.json and every tensor header against the model it builds
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     be = get_backend(backend, device)
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)

@@ -12,6 +12,7 @@ from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import companion_keys, is_4bit_config
+from ..validate import read_config
 
 
 def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> dict[str, Any]:
@@ -19,11 +20,14 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
     ckpt = Checkpoint(path)
     keys = ckpt.keys()
     quantized = check_checkpoint(ckpt, strict=True)  # container, metadata, key-set and config rules (spec 9)
+    if not quantized:
+        raise FormatError(f"{path}: holds no 4-bit weight", hint="verify checks 4-bit checkpoints; run `qconvert quantize` first")
     owned: set[str] = set()
     for name in quantized:
         owned.update(companion_keys(name, keys))
         ckpt.quantized(name)  # validates
-    cfg = ckpt.config() or {}
+    structure = check_model_structure(ckpt)
+    cfg = read_config(ckpt.root)
     qc = cfg.get("quantization_config")
     if quantized:
         if not is_4bit_config(qc):
@@ -45,10 +49,33 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
         "files": ckpt.files,
         "quantized": len(quantized),
         "unquantized": len([k for k in keys if k not in owned]),
+        "structure": structure,
     }
     if against:
         report["error"] = quantization_error(ckpt, quantized, owned, Checkpoint(against))
     return report
+
+
+def check_model_structure(ckpt: Checkpoint) -> str:
+    """The structural rule of verify: config.json builds (on the meta device) a model in which every
+    4-bit weight is the weight of a Linear whose [out, in] equals its quant-state shape, and every
+    other tensor that model knows has its shape and a usable dtype (qconvert.validate, lenient form:
+    names transformers renames on load are not required). A config that needs remote code cannot
+    be built here: then each quant-state shape must at least be 2-D. Returns what was checked."""
+    from ..validate import check_structure, model_class, quant_shapes, read_config
+
+    cfg = read_config(ckpt.root)
+    if cfg.get("auto_map"):
+        try:
+            model_class(cfg, str(ckpt.root / "config.json"))
+        except FormatError:
+            bad = {n: s for n, s in quant_shapes(ckpt).items() if len(s) != 2}
+            if bad:
+                name, shape = next(iter(bad.items()))
+                raise FormatError(f"{ckpt.root}: 4-bit weight {name!r} has quant-state shape {list(shape)}; a Linear weight is 2-D") from None
+            return "not checked against config.json: the model needs remote code"
+    model = check_structure(ckpt.root, ckpt, cfg, strict=False)
+    return f"matches the {type(model).__name__} config.json builds"
 
 
 def _match(name: str, src: Checkpoint) -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -36,38 +35,35 @@ class LoraAdapter:
     """A PEFT LoRA adapter folder: per-module A, B and scaling."""
 
     def __init__(self, folder: str | os.PathLike):
+        from .adapter import read_adapter_config, read_lora_weights
+
         self.folder = Path(folder)
         cfg_path = self.folder / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise FormatError(f"{self.folder}: no adapter_config.json", hint="pass a PEFT LoRA adapter folder")
-        self.config = cfg = json.loads(cfg_path.read_text())
-        if cfg.get("peft_type") != "LORA":
-            raise FormatError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters can be merged")
+        self.config = cfg = read_adapter_config(self.folder)  # validated: see export/adapter.py
         for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
             if cfg.get(flag):
                 raise FormatError(f"{cfg_path}: {what} is not supported by qconvert merge", hint="merge it with PEFT itself")
-        weights = self.folder / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise FormatError(f"{self.folder}: no adapter_model.safetensors")
-        from safetensors.torch import load_file
+        self.weights = self.folder / "adapter_model.safetensors"
+        self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = read_lora_weights(self.folder, cfg)
 
-        sd = load_file(str(weights))
-        self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for k, v in sd.items():
-            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_A(?:\.[^.]+)?\.weight", k)
-            if m:
-                bkey = k.replace(".lora_A", ".lora_B")
-                if bkey not in sd:
-                    raise FormatError(f"{weights}: {k} has no matching lora_B")
-                self.modules[m.group(1)] = (v, sd[bkey])
-        if not self.modules:
-            raise FormatError(f"{weights}: no LoRA weights (keys like base_model.model.<module>.lora_A.weight)")
+    @property
+    def base_model_id(self) -> str | None:
+        """base_model_name_or_path when it is a Hub repo id (a local path must not reach a card)."""
+        from ..hub.download import REPO_ID
+
+        base = self.config.get("base_model_name_or_path")
+        return base if isinstance(base, str) and REPO_ID.match(base) and not os.path.exists(base) else None
+
+    def check_base(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Each module's lora_B @ lora_A has its base weight's [out, in] shape."""
+        from .adapter import check_against_base
+
+        check_against_base(self.weights, self.modules, base_shapes)
 
     def _pattern(self, table: dict, module: str, default):
-        for key, val in (table or {}).items():
-            if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module):
-                return val
-        return default
+        from .adapter import module_value
+
+        return module_value(table, module, default)
 
     def scaling(self, module: str) -> float:
         r = self._pattern(self.config.get("rank_pattern"), module, self.config["r"])
@@ -77,6 +73,14 @@ class LoraAdapter:
     def delta(self, module: str) -> torch.Tensor:
         a, b = self.modules[module]
         return self.scaling(module) * (b.float() @ a.float())
+
+
+def _base_shapes(ckpt: Checkpoint, targets: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """[out, in] of each adapted base weight (a 4-bit one's from its quant state), by module name."""
+    from ..validate import quant_shapes
+
+    q = quant_shapes(ckpt)
+    return {m: tuple(q[k]) if k in q else ckpt.info(k)[1] for k, m in targets.items()}
 
 
 def merge_adapter(
@@ -123,6 +127,7 @@ def merge_adapter(
     missing = sorted(t for t in targets if t not in keys)
     if missing:
         raise FormatError(f"{adapter}: adapts {missing[0]!r}, which {root} does not have", hint="is this adapter for this base?")
+    lora.check_base(_base_shapes(ckpt, targets))
     out_dtype = DTYPES[dtype]
     limit = parse_size(max_shard_size)
     stage = staging_dir(out)
@@ -200,7 +205,7 @@ def merge_adapter(
     rename = dict(zip(shard_files, final))
     _copy_extra_files(ckpt, stage)
     prov = cfg.get("qconvert") or {}
-    source = prov.get("source") if "/" in str(prov.get("source") or "") else (repo_id or lora.config.get("base_model_name_or_path"))
+    source = prov.get("source") if "/" in str(prov.get("source") or "") else (repo_id or lora.base_model_id)
     new_cfg = dict(cfg)
     new_cfg.pop("qconvert", None)
     if not quantize:
