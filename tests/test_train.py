@@ -192,7 +192,7 @@ def test_every_format_masks_the_right_tokens(qmodel):
 def test_bad_data_refused(qmodel, tmp_path, content, message):
     data = tmp_path / "mem.jsonl"
     data.write_text(content)
-    r = train(qmodel, data, tmp_path / "out", "--max-length", 16, ok=False)
+    r = train(qmodel, data, tmp_path / "out", "--max-length", 16, "--strict-data", ok=False)
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 

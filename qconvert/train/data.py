@@ -80,6 +80,12 @@ class DataReport:
     def n_dropped(self) -> int:
         return sum(self.dropped.values())
 
+    def first_problem(self, width: int = 120) -> str:
+        """The first bad record's message, with the source shortened to its file name."""
+        if not self.problems:
+            return ""
+        return self.problems[0].replace(self.source, Path(self.source).name)[:width]
+
 
 def _bad(strict: bool, report: DataReport | None, reason: str, message: str, hint: str | None = None) -> None:
     """A bad record: raise when strict, else count it and go on."""
@@ -159,7 +165,7 @@ def _quiet_datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failures reach the user as our one line
     return datasets
 
 
@@ -175,13 +181,15 @@ def _datasets_records(path: str, shown: str, *, data_files: str | None = None, s
             ds = datasets.load_dataset(path, name=config, data_files=data_files, split=split or "train", cache_dir=cache,
                                        keep_in_memory=True)
             rows = ds.to_list()
-        except UnicodeDecodeError:
-            raise DataError(f"{shown}: not UTF-8 text", hint="re-save the file as UTF-8") from None
         except (ValueError, KeyError, TypeError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+            if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__, UnicodeDecodeError):
+                raise DataError(f"{shown}: not UTF-8 text", hint="re-save the file as UTF-8") from None
             detail = " ".join(str(e).split())[:120]
             raise DataError(f"{shown}: cannot read the data (split {split or 'train'!r}, config {config!r})",
                             hint=f"{type(e).__name__}: {detail}") from None
-    return [(i + 1, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows)]
+    text_lines = path == "text"  # a .txt file: one record per line, blank lines are separators
+    return [(i + 1, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows)
+            if not (text_lines and not str(row.get("text", "")).strip())]
 
 
 def _hub_records(repo_id: str, split: str | None, config: str | None, revision: str | None) -> list[tuple[int, dict]]:

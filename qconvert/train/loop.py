@@ -419,8 +419,8 @@ def read_data(data, tok, o: dict):
 def _none_left(examples: list, report: DataReport, flag: str) -> None:
     if examples:
         return
-    why = f" (all {report.n_dropped} dropped; first: {report.problems[0][:100]})" if report.problems else ""
-    raise DataError(f"{flag} {report.source}: no usable example{why}", hint="check the records' format; --strict-data stops at the first bad one")
+    why = f" (all {report.n_dropped} dropped; first: {report.first_problem(90)})" if report.problems else ""
+    raise DataError(f"{flag} {report.source}: no usable example{why}", hint="check the records' shape")
 
 
 def make_plan(examples, eval_examples, o: dict, world: int) -> Plan:
