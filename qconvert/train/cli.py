@@ -69,7 +69,7 @@ def train(ctx, config_file, **opts):
             raise OptionError(f"missing {how}", hint="give it on the command line or in the --config file")
     push_to = opts.pop("push_to")
     opts["gradient_checkpointing"] = not opts.pop("no_gradient_checkpointing")
-    opts["target_modules"] = list(opts["target_modules"]) or None
+    opts["target_modules"] = list(opts["target_modules"] or ()) or None
     model, data, output = opts.pop("model"), opts.pop("data"), opts.pop("output")
     r = run(model, data, output, log=lambda m: click.echo(m, err=True), **opts)
     if r.get("interrupted"):
@@ -93,8 +93,8 @@ def merge_config(ctx: click.Context, config_file: str | None, opts: dict) -> dic
     params = {p.name: p for p in ctx.command.params}
     for opt, value in read_config(config_file).items():
         name = "no_gradient_checkpointing" if opt == "gradient_checkpointing" else opt
-        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
-            continue  # the flag wins
+        if value is None or ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            continue  # null means "the default"; a flag on the command line wins
         if opt == "gradient_checkpointing":
             value = not _cast(ctx, params[name], value, KEYS[opt][0])
         elif opt == "push_to" and isinstance(value, bool):
@@ -105,7 +105,7 @@ def merge_config(ctx: click.Context, config_file: str | None, opts: dict) -> dic
             value = "latest" if value else None
         elif opt == "target_modules" and isinstance(value, str):
             value = [value]
-        elif value is not None:
+        else:
             value = _cast(ctx, params[name], value, KEYS[opt][0])
         opts[name] = value
     return opts
