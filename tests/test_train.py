@@ -140,9 +140,9 @@ def test_torchrun_two_processes_match_one_process(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     common = ["--max-steps", 4, "--grad-accum", 1, "--lora-r", 4, "--lora-dropout", 0.0, "--lr", "1e-3", "--optim", "adamw"]
     train(qmodel, data, tmp_path / "one", *common, "--batch-size", 4)
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([str(torchrun), "--nproc-per-node", "2", f"--master-port={free_port()}", "-m", "qconvert", "train", str(qmodel),
+    # torchrun as a module of this interpreter (the bin/torchrun script's shebang may name another venv)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}", "-m", "qconvert", "train", str(qmodel),
                         "--data", str(data), "--output", str(tmp_path / "two"), "--backend", "reference", *map(str, common), "--batch-size", "2"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -192,7 +192,7 @@ def test_every_format_masks_the_right_tokens(qmodel):
 def test_bad_data_refused(qmodel, tmp_path, content, message):
     data = tmp_path / "mem.jsonl"
     data.write_text(content)
-    r = train(qmodel, data, tmp_path / "out", "--max-length", 16, ok=False)
+    r = train(qmodel, data, tmp_path / "out", "--max-length", 16, "--strict-data", ok=False)
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 

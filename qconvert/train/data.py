@@ -1,27 +1,57 @@
-"""Training data: JSONL/JSON records in the formats people have, tokenized with loss masks.
+"""Training data: records in the formats people have, read from files or the Hub, tokenized with
+loss masks, with every dropped or truncated record counted.
 
-Formats (``--format auto`` detects from the first record's keys):
+Sources (:func:`load_records`): local ``.jsonl`` / ``.json`` (read here, with line numbers in every
+message), ``.parquet``, ``.csv``, ``.tsv``, ``.arrow`` and ``.txt`` files and dataset folders through
+the ``datasets`` library, and Hub dataset ids (``org/name``, ``--data-split``, ``--data-config``),
+downloaded with huggingface_hub (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply) and then read by
+``datasets`` exactly as a local folder.
+
+Formats (``--format auto`` detects per record from its keys):
 - ``text``: {"text"}; loss on every token.
 - ``alpaca``: {"instruction", "input"?, "output"}: rendered as a "### Instruction / ### Input /
   ### Response" prompt; loss on the output only.
 - ``prompt``: {"prompt", "completion"}; loss on the completion only.
 - ``chat``: {"messages": [{"role", "content"}, ...]}: rendered with the tokenizer's chat template;
   loss on assistant turns only (found by character spans and the tokenizer's offset mapping).
+- ``sharegpt``: {"conversations": [{"from", "value"}, ...]} with from = system / human / gpt
+  (also user / assistant): mapped to chat messages, then as ``chat``.
 ``train_on_inputs`` puts the loss on every token. EOS is appended (to the text, the output, the
 completion; chat templates end turns themselves). Labels of -100 are ignored by the loss.
+
+Length (``truncation``): a record longer than ``max_length`` tokens is cut to its first
+``max_length`` tokens ("truncate", the default) or left out ("drop"). A truncated record loses its
+tail and with it its EOS: the model is not taught to stop where the cut fell. Both are counted in the
+:class:`DataReport`. A record whose prompt alone fills ``max_length`` has nothing left to learn and is
+always dropped.
+
+Bad records (invalid JSON, unknown shape, missing key, not UTF-8...): with ``strict`` (the default
+of these functions, and ``--strict-data`` of the CLI) the first one raises :class:`DataError`;
+otherwise each is left out and counted, and the run goes on with the others.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
 
-FORMATS = ("auto", "text", "alpaca", "prompt", "chat")
+FORMATS = ("auto", "text", "alpaca", "prompt", "chat", "sharegpt")
+TRUNCATION = ("truncate", "drop")
 IGNORE = -100
+#: Local file types read through the ``datasets`` library, by suffix -> its builder.
+DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+#: Files fetched from a Hub dataset repo (the data, and the card whose YAML names configs and splits).
+HUB_PATTERNS = ["*.parquet", "*.csv", "*.tsv", "*.json", "*.jsonl", "*.ndjson", "*.arrow", "*.txt", "README.md", "*.yaml"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -30,42 +60,154 @@ class Example:
     labels: list[int]
 
 
-def load_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs from a .jsonl file or a .json array; clear errors with line numbers."""
+@dataclass
+class DataReport:
+    """What reading and tokenizing made of a source: counts the start summary prints."""
+
+    source: str = "data"
+    records: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    formats: Counter = field(default_factory=Counter)
+
+    def drop(self, reason: str, message: str) -> None:
+        self.dropped[reason] += 1
+        if len(self.problems) < 3:
+            self.problems.append(message)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def first_problem(self, width: int = 120) -> str:
+        """The first bad record's message, with the source shortened to its file name."""
+        if not self.problems:
+            return ""
+        return self.problems[0].replace(self.source, Path(self.source).name)[:width]
+
+
+def _bad(strict: bool, report: DataReport | None, reason: str, message: str, hint: str | None = None) -> None:
+    """A bad record: raise when strict, else count it and go on."""
+    if strict or report is None:
+        raise DataError(message, hint=hint)
+    report.drop(reason, message)
+
+
+def load_records(path: str | Path, *, split: str | None = None, config: str | None = None, revision: str | None = None,
+                 strict: bool = True, report: DataReport | None = None) -> list[tuple[int, dict]]:
+    """(record number, record) pairs from a local file or folder, or a Hub dataset id; numbers are
+    line numbers for .jsonl and 1-based row numbers elsewhere. Clear errors, see the module docstring."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    text = p.read_text(encoding="utf-8")
-    if not text.strip():
+    if report is not None:
+        report.source = str(path)
+    dropped_before = report.n_dropped if report is not None else 0
+    if not p.exists():
+        if HUB_ID.match(str(path)) and p.suffix.lower() not in (*JSON_SUFFIXES, *DATASETS_BUILDERS):
+            records = _hub_records(str(path), split, config, revision)
+        else:
+            raise DataError(f"{p}: no such file", hint="give a .jsonl/.json/.parquet/.csv/.arrow/.txt file or a Hub dataset id org/name")
+    elif p.is_dir():
+        records = _datasets_records(str(p), str(p), split=split, config=config)
+    elif p.suffix.lower() in JSON_SUFFIXES:
+        records = _json_records(p, strict, report)
+    elif p.suffix.lower() in DATASETS_BUILDERS:
+        if split not in (None, "train"):
+            raise DataError(f"{p}: --data-split {split!r} applies to Hub datasets and folders, not to one file")
+        records = _datasets_records(DATASETS_BUILDERS[p.suffix.lower()], str(p), data_files=str(p))
+    else:
+        raise DataError(f"{p}: unknown data file type {p.suffix or '(no suffix)'!r}",
+                        hint="use .jsonl, .json, .parquet, .csv, .tsv, .arrow or .txt")
+    if report is not None:  # every row read, the ones left out here included
+        report.records += len(records) + report.n_dropped - dropped_before
+    if not records and not (report and report.n_dropped):
+        raise DataError(f"{p}: holds no records")
+    return records
+
+
+def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tuple[int, dict]]:
+    raw = p.read_bytes()
+    if not raw.strip():
         raise DataError(f"{p}: the file is empty", hint="give one JSON object per line")
-    records: list[tuple[int, dict]] = []
-    if text.lstrip().startswith("["):
+    if raw.lstrip().startswith(b"["):
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", hint="re-save the file as UTF-8") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-        records = [(i + 1, r) for i, r in enumerate(data)]
-        where = "record"
+        if not isinstance(data, list):
+            raise DataError(f"{p}: expected a JSON array of records, got {type(data).__name__}")
+        pairs, where = [(i + 1, r) for i, r in enumerate(data)], "record"
     else:
-        for i, line in enumerate(text.splitlines(), 1):
+        pairs, where = [], "line"
+        for i, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
-                records.append((i, json.loads(line)))
+                pairs.append((i, json.loads(line.decode("utf-8-sig" if i == 1 else "utf-8"))))
+            except UnicodeDecodeError as e:
+                _bad(strict, report, "not UTF-8", f"{p}:{i}: not UTF-8 text (byte 0x{line[e.start]:02x})", hint="re-save the file as UTF-8")
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{i}: not valid JSON ({e.msg})", hint="each line must be one JSON object") from None
-        where = "line"
-    if not records:
-        raise DataError(f"{p}: holds no records")
-    for n, r in records:
-        if not isinstance(r, dict):
-            raise DataError(f"{p}: {where} {n}: expected a JSON object, got {type(r).__name__}")
+                _bad(strict, report, "not valid JSON", f"{p}:{i}: not valid JSON ({e.msg})", hint="each line must be one JSON object")
+    records = []
+    for n, r in pairs:
+        if isinstance(r, dict):
+            records.append((n, r))
+        else:
+            _bad(strict, report, "not an object", f"{p}: {where} {n}: expected a JSON object, got {type(r).__name__}")
     return records
+
+
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failures reach the user as our one line
+    return datasets
+
+
+def _datasets_records(path: str, shown: str, *, data_files: str | None = None, split: str | None = None,
+                      config: str | None = None) -> list[tuple[int, dict]]:
+    """Rows read by ``datasets.load_dataset``, into a throw-away cache (the user's HF cache is not
+    filled with copies of local files); None values are treated as absent keys."""
+    import tempfile
+
+    datasets = _quiet_datasets()
+    with tempfile.TemporaryDirectory(prefix="qconvert-data-") as cache:
+        try:
+            ds = datasets.load_dataset(path, name=config, data_files=data_files, split=split or "train", cache_dir=cache,
+                                       keep_in_memory=True)
+            rows = ds.to_list()
+        except (ValueError, KeyError, TypeError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+            if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__, UnicodeDecodeError):
+                raise DataError(f"{shown}: not UTF-8 text", hint="re-save the file as UTF-8") from None
+            detail = " ".join(str(e).split())[:120]
+            raise DataError(f"{shown}: cannot read the data (split {split or 'train'!r}, config {config!r})",
+                            hint=f"{type(e).__name__}: {detail}") from None
+    text_lines = path == "text"  # a .txt file: one record per line, blank lines are separators
+    return [(i + 1, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows)
+            if not (text_lines and not str(row.get("text", "")).strip())]
+
+
+def _hub_records(repo_id: str, split: str | None, config: str | None, revision: str | None) -> list[tuple[int, dict]]:
+    """A Hub dataset: the repo's data files downloaded with huggingface_hub, read as a local folder."""
+    from huggingface_hub import snapshot_download
+
+    from ..hub.download import hub_errors
+
+    with hub_errors(repo_id, revision):
+        local = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_PATTERNS)
+    return _datasets_records(local, repo_id, split=split, config=config)
 
 
 def detect(rec: dict) -> str | None:
     if isinstance(rec.get("messages"), list):
         return "chat"
+    if isinstance(rec.get("conversations"), list):
+        return "sharegpt"
     if "instruction" in rec and "output" in rec:
         return "alpaca"
     if "prompt" in rec and "completion" in rec:
@@ -73,6 +215,23 @@ def detect(rec: dict) -> str | None:
     if isinstance(rec.get("text"), str):
         return "text"
     return None
+
+
+def sharegpt_messages(conversations: list) -> list[dict]:
+    """ShareGPT turns ({"from": "human" | "gpt" | "system", "value"}) as chat messages."""
+    out = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise _RecordError(f"turn {i + 1} needs a string 'value'")
+        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise _RecordError(f"turn {i + 1}: unknown speaker {turn.get('from')!r} (expected human, gpt or system)")
+        out.append({"role": role, "content": turn["value"]})
+    return out
+
+
+class _RecordError(Exception):
+    """One record cannot be used (the caller adds where it is)."""
 
 
 def _pair(tok, prompt: str, completion: str, train_on_inputs: bool) -> tuple[list[int], list[int]]:
@@ -84,6 +243,9 @@ def _pair(tok, prompt: str, completion: str, train_on_inputs: bool) -> tuple[lis
 def _chat(tok, messages: list, train_on_inputs: bool) -> tuple[list[int], list[int]]:
     if not getattr(tok, "chat_template", None):
         raise DataError("chat records need a tokenizer with a chat template", hint="use text/prompt records, or add a chat_template")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _RecordError(f"message {i + 1} needs string 'role' and 'content'")
     full = tok.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -99,9 +261,36 @@ def _chat(tok, messages: list, train_on_inputs: bool) -> tuple[list[int], list[i
     return ids, labels
 
 
-def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, source: str = "data") -> list[Example]:
+def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool) -> tuple[list[int], list[int]]:
+    if f == "text":
+        if not isinstance(rec["text"], str):
+            raise _RecordError("'text' must be a string")
+        ids = tok(rec["text"], add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+        return ids, list(ids)
+    if f == "alpaca":
+        prompt = f"### Instruction:\n{rec['instruction']}\n\n"
+        if rec.get("input"):
+            prompt += f"### Input:\n{rec['input']}\n\n"
+        return _pair(tok, prompt + "### Response:\n", str(rec["output"]), train_on_inputs)
+    if f == "prompt":
+        return _pair(tok, str(rec["prompt"]), str(rec["completion"]), train_on_inputs)
+    if f == "sharegpt":
+        if not isinstance(rec["conversations"], list):
+            raise _RecordError("'conversations' must be a list of turns")
+        return _chat(tok, sharegpt_messages(rec["conversations"]), train_on_inputs)
+    if not isinstance(rec["messages"], list):
+        raise _RecordError("'messages' must be a list")
+    return _chat(tok, rec["messages"], train_on_inputs)
+
+
+def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, source: str = "data",
+                   *, truncation: str = "truncate", strict: bool = True, report: DataReport | None = None) -> list[Example]:
+    """Tokenized examples with loss masks. See the module docstring for ``truncation`` and ``strict``;
+    ``report`` (filled in place) counts formats, drops and truncations."""
     if fmt not in FORMATS:
         raise DataError(f"unknown --format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    if truncation not in TRUNCATION:
+        raise DataError(f"unknown --truncation {truncation!r}", hint=f"use one of {', '.join(TRUNCATION)}")
     if tok.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token", hint="set eos_token in tokenizer_config.json")
     out = []
@@ -109,29 +298,36 @@ def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train
         f = detect(rec) if fmt == "auto" else fmt
         where = f"{source}:{n}"
         if f is None:
-            raise DataError(f"{where}: record with keys {sorted(rec)} is of no known shape",
-                            hint='use {"text"}, {"instruction","input","output"}, {"prompt","completion"} or {"messages"}')
+            _bad(strict, report, "unknown shape", f"{where}: record with keys {sorted(rec)[:8]} is of no known shape",
+                 hint='use {"text"}, {"instruction","input","output"}, {"prompt","completion"}, {"messages"} or {"conversations"}')
+            continue
         try:
-            if f == "text":
-                ids = tok(rec["text"], add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
-                labels = list(ids)
-            elif f == "alpaca":
-                prompt = f"### Instruction:\n{rec['instruction']}\n\n"
-                if rec.get("input"):
-                    prompt += f"### Input:\n{rec['input']}\n\n"
-                ids, labels = _pair(tok, prompt + "### Response:\n", str(rec["output"]), train_on_inputs)
-            elif f == "prompt":
-                ids, labels = _pair(tok, str(rec["prompt"]), str(rec["completion"]), train_on_inputs)
-            else:
-                ids, labels = _chat(tok, rec["messages"], train_on_inputs)
+            ids, labels = _tokenize(rec, f, tok, train_on_inputs)
         except KeyError as e:
-            raise DataError(f"{where}: a {f} record needs the key {e.args[0]!r}") from None
+            _bad(strict, report, "missing key", f"{where}: a {f} record needs the key {e.args[0]!r}")
+            continue
+        except _RecordError as e:
+            _bad(strict, report, "malformed", f"{where}: {e}")
+            continue
         first = next((i for i, l in enumerate(labels) if l != IGNORE), None)
         if first is None:
-            raise DataError(f"{where}: no token to learn from (empty completion?)")
+            _bad(strict, report, "nothing to learn", f"{where}: no token to learn from (empty completion?)")
+            continue
         if first >= max_length:
-            raise DataError(f"{where}: --max-length {max_length} is shorter than the prompt ({first} tokens)", hint="raise --max-length")
-        out.append(Example(ids[:max_length], labels[:max_length]))
+            _bad(strict, report, "prompt fills --max-length", f"{where}: --max-length {max_length} is shorter than the prompt ({first} tokens)",
+                 hint="raise --max-length")
+            continue
+        if len(ids) > max_length:
+            if truncation == "drop":
+                if report is not None:
+                    report.drop("longer than --max-length", f"{where}: {len(ids)} tokens, over --max-length {max_length}")
+                continue
+            if report is not None:
+                report.truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        if report is not None:
+            report.formats[f] += 1
+        out.append(Example(ids, labels))
     return out
 
 

@@ -1,0 +1,162 @@
+"""Training checkpoints and the output folder: saved so that loading them runs no code, resumed only
+into the run that wrote them, and never mixed with another run's files.
+
+``trainer_state.pt`` is read with ``torch.load(weights_only=True)``: it holds only tensors, numbers,
+strings, lists and dicts. The RNG states that Python and numpy return as tuples with a numpy array
+are stored as tensors and plain values (:func:`rng_state`) and rebuilt on load. A pickle that asks
+for anything else (a crafted file whose ``__reduce__`` would run code) is refused before any object
+is built. Each checkpoint also records the run it belongs to (:func:`run_signature`): the base
+model and the LoRA shape. ``--resume`` into a run with another signature is refused, because its
+adapter and optimizer state would not fit, or would silently train something else.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError, OptionError, OutputExistsError
+
+STATE = "trainer_state.pt"
+#: Bumped when trainer_state.pt changes shape; an older checkpoint is refused with a clear line.
+STATE_VERSION = 2
+#: Everything ``qconvert train`` writes into its output folder (``--overwrite`` removes these only).
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png", "config.yaml", "runs",
+             ".adapter.tmp")
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint-N folders of a training output, by step."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def rng_state() -> dict:
+    """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    key, mt, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"key": str(key), "state": torch.from_numpy(np.asarray(mt, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(s["torch"])
+    py = s["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = s["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def run_signature(base_id: str, lora) -> dict:
+    """What a checkpoint must share with the run that resumes it: the base model and the LoRA shape."""
+    targets = lora.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    return {"base_model": str(base_id), "r": int(lora.r), "lora_alpha": float(lora.lora_alpha), "target_modules": targets}
+
+
+def load_state(ckpt: Path) -> dict:
+    """Read trainer_state.pt without running any code; refuse what is not ours."""
+    path = ckpt / STATE
+    try:
+        st = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: refused: it asks to run code or build objects a checkpoint never holds",
+                        hint="only resume from checkpoints qconvert wrote") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable training state ({type(e).__name__})",
+                        hint="the checkpoint is damaged; resume from an earlier checkpoint-N") from None
+    if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+        raise DataError(f"{path}: not a training state of this qconvert version",
+                        hint="start the run again without --resume (or with --overwrite)")
+    return st
+
+
+def check_compatible(ckpt: Path, st: dict, signature: dict) -> None:
+    saved = st.get("run") or {}
+    for key, now in signature.items():
+        if saved.get(key) != now:
+            raise DataError(f"{ckpt}: checkpoint from another run ({key} {saved.get(key)!r}, this run {now!r})",
+                            hint="resume with the same model and LoRA options, or start a new --output")
+
+
+def find_resume(out: Path, resume) -> Path | None:
+    if not resume:
+        return None
+    if resume is True or resume == "latest":
+        ckpts = checkpoints(out)
+        if not ckpts:
+            raise DataError(f"{out}: no checkpoint-N folder to resume from", hint="run without --resume to start")
+        return ckpts[-1]
+    p = Path(resume)
+    if not (p / STATE).is_file():
+        raise DataError(f"{p}: not a training checkpoint (no {STATE})")
+    return p
+
+
+def prepare_output(out: Path, *, resume, overwrite: bool) -> None:
+    """Refuse to write over another run: an existing non-empty folder needs --resume or --overwrite.
+    With --overwrite, the old run's files (and only those) are removed first, so that no checkpoint,
+    metric or adapter of it can be mixed into the new run."""
+    if resume and overwrite:
+        raise OptionError("--resume and --overwrite contradict each other", hint="--resume continues the run in --output; --overwrite starts it anew")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder", hint="give --output a folder path")
+    if resume or not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out}: already holds files (a previous run?)",
+                                hint="--resume to continue it, --overwrite to replace it, or another --output")
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    for p in [*checkpoints(out), *out.glob(".checkpoint-*.tmp")]:
+        shutil.rmtree(p, ignore_errors=True)
+    card = out / "README.md"
+    if card.is_file() and "qconvert" in card.read_text(encoding="utf-8", errors="replace")[:2000]:
+        card.unlink()
+
+
+def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | None, rank: int, world: int,
+                    signature: dict, extra: dict[str, Any] | None = None) -> Path | None:
+    rng = rng_state()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rng = gathered
+    if rank != 0:
+        return None
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    state = {"version": STATE_VERSION, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step,
+             "rng": rng, "run": signature, **(extra or {})}
+    torch.save(state, tmp / STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if limit:
+        for old in checkpoints(out)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final

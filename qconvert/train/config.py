@@ -1,0 +1,129 @@
+"""`qconvert train --config run.yaml`: a run's options in a YAML or JSON file, keyed as transformers,
+PEFT and TRL name them (learning_rate, per_device_train_batch_size, gradient_accumulation_steps,
+num_train_epochs, lora_r / r, lora_alpha, ...), with the spellings of axolotl and FinLoRA recipes
+accepted as aliases. Flags given on the command line override the file. Every run writes its
+resolved options to OUTPUT/config.yaml in the same keys, so ``--config OUTPUT/config.yaml`` repeats it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import OptionError
+
+#: option of train() -> (key written to config.yaml, other keys accepted when reading)
+KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model": ("model_name_or_path", ("model", "base_model")),
+    "revision": ("model_revision", ("revision",)),
+    "data": ("dataset_name", ("data", "dataset", "data_path", "train_file")),
+    "data_config": ("dataset_config", ("data_config", "dataset_config_name")),
+    "data_split": ("dataset_train_split", ("data_split", "split")),
+    "fmt": ("data_format", ("format",)),
+    "eval_data": ("eval_dataset", ("eval_data", "eval_file", "validation_file")),
+    "eval_split": ("eval_split", ("val_set_size",)),
+    "output": ("output_dir", ("output",)),
+    "max_length": ("max_length", ("max_seq_length", "sequence_len")),
+    "truncation": ("truncation", ()),
+    "strict_data": ("strict_data", ()),
+    "packing": ("packing", ("sample_packing",)),
+    "train_on_inputs": ("train_on_inputs", ()),
+    "lora_r": ("lora_r", ("r",)),
+    "lora_alpha": ("lora_alpha", ()),
+    "lora_dropout": ("lora_dropout", ()),
+    "target_modules": ("target_modules", ("lora_target_modules",)),
+    "optim": ("optim", ("optimizer",)),
+    "lr": ("learning_rate", ("lr",)),
+    "lr_scheduler": ("lr_scheduler_type", ("lr_scheduler",)),
+    "warmup_ratio": ("warmup_ratio", ()),
+    "max_grad_norm": ("max_grad_norm", ()),
+    "batch_size": ("per_device_train_batch_size", ("batch_size", "micro_batch_size")),
+    "grad_accum": ("gradient_accumulation_steps", ("grad_accum",)),
+    "epochs": ("num_train_epochs", ("num_epochs", "epochs")),
+    "max_steps": ("max_steps", ()),
+    "gradient_checkpointing": ("gradient_checkpointing", ()),
+    "seed": ("seed", ()),
+    "save_steps": ("save_steps", ()),
+    "save_total_limit": ("save_total_limit", ()),
+    "logging_steps": ("logging_steps", ()),
+    "eval_steps": ("eval_steps", ()),
+    "backend": ("backend", ()),
+    "push_to": ("hub_model_id", ("push_to_hub",)),
+    "resume": ("resume_from_checkpoint", ("resume",)),
+    "overwrite": ("overwrite_output_dir", ("overwrite",)),
+}
+#: accepted and checked, but nothing to set: qconvert trains on 4-bit bases only
+FIXED = {"quant_bits": 4, "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+#: per-invocation choices left out of OUTPUT/config.yaml
+NOT_SAVED = ("resume", "overwrite", "push_to")
+LOOKUP = {alias: opt for opt, (key, aliases) in KEYS.items() for alias in (key, *aliases)}
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The file's settings as {train() option: value}; unknown keys are refused with a suggestion."""
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"--config {p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(f"--config {p}: not UTF-8 text") from None
+    if p.suffix.lower() == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise OptionError(f"--config {p}:{e.lineno}: not valid JSON ({e.msg})") from None
+    else:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise OptionError(f"--config {p}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise OptionError(f"--config {p}: expected a mapping of option: value, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key in FIXED:
+            if value != FIXED[key]:
+                raise OptionError(f"--config {p}: {key}: {value!r} is not supported", hint=f"qconvert trains on 4-bit NF4 bases ({key}: {FIXED[key]!r})")
+            continue
+        opt = LOOKUP.get(key)
+        if opt is None:
+            close = difflib.get_close_matches(key, list(LOOKUP) + list(FIXED), n=1)
+            raise OptionError(f"--config {p}: unknown key {key!r}", hint=f"did you mean {close[0]!r}?" if close else "see `qconvert train --help`")
+        if opt in out:
+            raise OptionError(f"--config {p}: {key!r} sets {KEYS[opt][0]} a second time")
+        out[opt] = value
+    return out
+
+
+def resolved_config(model, data, out: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of a run under its config key, with local paths made absolute."""
+    values = dict(options, model=model, data=data, output=out)
+    cfg = {}
+    for opt, (key, _) in KEYS.items():
+        if opt in NOT_SAVED or opt not in values:
+            continue
+        v = values[opt]
+        if opt in ("model", "data", "eval_data", "output") and v is not None and (Path(v).exists() or opt == "output"):
+            v = str(Path(v).resolve())
+        elif isinstance(v, tuple):
+            v = list(v)
+        cfg[key] = v
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> None:
+    import yaml
+
+    head = "# qconvert train: the resolved options of this run; repeat it with `qconvert train --config THIS_FILE --output NEW`\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False), encoding="utf-8")
+    tmp.replace(path)

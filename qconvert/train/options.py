@@ -1,0 +1,100 @@
+"""Checks on `qconvert train`'s options, made before anything is loaded: each bad value is one line
+that names the option, the value and the range it must be in."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import OptionError
+
+FLAG = {  # option -> how the CLI spells it, for the messages
+    "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout", "lr": "--lr", "eval_split": "--eval-split",
+    "batch_size": "--batch-size", "grad_accum": "--grad-accum", "epochs": "--epochs", "max_steps": "--max-steps",
+    "max_length": "--max-length", "warmup_ratio": "--warmup-ratio", "max_grad_norm": "--max-grad-norm", "save_steps": "--save-steps",
+    "save_total_limit": "--save-total-limit", "logging_steps": "--logging-steps", "eval_steps": "--eval-steps", "stop_after": "--stop-after",
+}
+
+# name -> (lowest, lowest included, highest, highest included); None: no bound on that side
+RANGES: dict[str, tuple] = {
+    "lora_r": (1, True, None, None),
+    "lora_alpha": (0, False, None, None),
+    "lora_dropout": (0, True, 1, False),
+    "lr": (0, False, None, None),
+    "eval_split": (0, True, 1, False),
+    "batch_size": (1, True, None, None),
+    "grad_accum": (1, True, None, None),
+    "epochs": (0, False, None, None),
+    "max_steps": (1, True, None, None),
+    "max_length": (2, True, None, None),
+    "warmup_ratio": (0, True, 1, True),
+    "max_grad_norm": (0, False, None, None),
+    "save_steps": (0, True, None, None),
+    "save_total_limit": (0, True, None, None),
+    "logging_steps": (1, True, None, None),
+    "eval_steps": (0, True, None, None),
+    "stop_after": (1, True, None, None),
+}
+INTEGERS = {"lora_r", "batch_size", "grad_accum", "max_steps", "max_length", "save_steps", "save_total_limit", "logging_steps",
+            "eval_steps", "stop_after"}
+
+
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>=' if lo_in else '>'} {lo}")
+    if hi is not None:
+        parts.append(f"{'<=' if hi_in else '<'} {hi}")
+    return " and ".join(parts)
+
+
+def check_options(values: dict[str, Any]) -> None:
+    """Raise OptionError for the first value out of its range (None means "not set" and passes)."""
+    for name, (lo, lo_in, hi, hi_in) in RANGES.items():
+        v = values.get(name)
+        if v is None:
+            continue
+        flag = FLAG[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (name in INTEGERS and not float(v).is_integer()):
+            raise OptionError(f"{flag} {v!r}: expected {'an integer' if name in INTEGERS else 'a number'}")
+        bad = not math.isfinite(v)
+        bad |= lo is not None and (v < lo or (v == lo and not lo_in))
+        bad |= hi is not None and (v > hi or (v == hi and not hi_in))
+        if bad:
+            raise OptionError(f"{flag} {v}: must be {_range_text(lo, lo_in, hi, hi_in)}")
+
+
+def split_modules(names) -> list[str] | None:
+    """--target-modules as PEFT users write it: repeated, or comma/space separated (q_proj,v_proj)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    out = [n for item in names for n in str(item).replace(",", " ").split() if n]
+    return out or None
+
+
+def check_target_modules(model, targets: list[str] | None) -> None:
+    """Each name must match a linear layer (PEFT's rule: the full name, or its last dotted parts)."""
+    if not targets:
+        return
+    linear = linear_module_names(model)
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in linear):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            shown = ", ".join(leaves[:20]) + (" ..." if len(leaves) > 20 else "")
+            raise OptionError(f"--target-modules {t!r}: no linear layer of this model has that name", hint=f"available: {shown}")
+
+
+def linear_module_names(model) -> list[str]:
+    """Names of the layers LoRA can wrap: torch Linear and qconvert's 4-bit Linear, not the output head."""
+    import torch
+
+    out = []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, mod in model.named_modules():
+        if mod is head:
+            continue
+        if isinstance(mod, torch.nn.Linear):  # qconvert's Linear4bit is one
+            out.append(name)
+    return out

@@ -1,0 +1,106 @@
+"""OUTPUT/loss.png: training and evaluation loss against step, the learning rate on a second axis.
+
+Drawn from metrics.jsonl with matplotlib's Agg backend (imported here, only when a plot is made).
+The series actually drawn are read back from the figure's lines and stored, as JSON, in the PNG's
+``qconvert:series`` text chunk, so a test (or a user) can check what the picture shows against the
+metrics without reading pixels (:func:`read_png_series`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+SERIES_KEY = "qconvert:series"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def loss_figure(rows: list[dict]):
+    """The figure for metrics rows; its lines carry labels "train loss", "eval loss" and "learning rate"."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+    if ev:
+        ax.plot(*zip(*ev), label="eval loss", color="tab:orange", marker="o", linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), label="learning rate", color="tab:green", linestyle="--", linewidth=1)
+        ax2.set_ylabel("learning rate")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="upper right")
+    ax.set_title("qconvert train")
+    fig.tight_layout()
+    return fig
+
+
+def figure_series(fig) -> dict[str, dict[str, list[float]]]:
+    """{label: {"x": [...], "y": [...]}} of every line drawn in the figure."""
+    out = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            out[line.get_label()] = {"x": [float(v) for v in line.get_xdata()], "y": [float(v) for v in line.get_ydata()]}
+    return out
+
+
+def write_loss_plot(metrics_path: Path, png_path: Path) -> dict:
+    """Draw metrics.jsonl into png_path (written to a temporary name, then renamed); returns the series."""
+    fig = loss_figure(read_metrics(metrics_path))
+    series = figure_series(fig)
+    tmp = Path(png_path).with_name(Path(png_path).name + ".tmp")
+    fig.savefig(tmp, format="png", metadata={SERIES_KEY: json.dumps(series)})
+    tmp.replace(png_path)
+    return series
+
+
+def read_png_series(path: Path) -> dict:
+    """The series stored in a loss.png, read with nothing but the PNG chunk layout (and CRC-checked)."""
+    data = Path(path).read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError(f"{path}: not a PNG file")
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        if zlib.crc32(kind + body) != crc:
+            raise ValueError(f"{path}: bad CRC in chunk {kind!r}")
+        if kind in (b"tEXt", b"iTXt", b"zTXt"):
+            key, _, rest = body.partition(b"\0")
+            if key.decode("latin-1") == SERIES_KEY:
+                if kind == b"tEXt":
+                    return json.loads(rest.decode("latin-1"))
+                if kind == b"zTXt":
+                    return json.loads(zlib.decompress(rest[1:]).decode("latin-1"))
+                flag, _method, rest = rest[0], rest[1], rest[2:]
+                _lang, _, rest = rest.partition(b"\0")
+                _tkey, _, text = rest.partition(b"\0")
+                return json.loads((zlib.decompress(text) if flag else text).decode("utf-8"))
+        pos += 12 + length
+    raise ValueError(f"{path}: no {SERIES_KEY} chunk")

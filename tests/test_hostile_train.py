@@ -1,0 +1,236 @@
+"""`qconvert train` against hostile and careless input: a crafted checkpoint runs no code, a previous
+run is never overwritten or mixed in, SIGTERM saves like Ctrl-C, and every bad option or model is one
+clear line (exit 1), never a traceback and never a run that "succeeds" on nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import QCONVERT, make_tiny_bert
+from test_train import memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """The run failed with exit 1 and a single `qconvert: error:` line of at most 200 characters
+    (pytest's long temporary folder names not counted: a user's path is as long as it is)."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    err = [l for l in lines if l.startswith("qconvert: error:")]
+    assert len(err) == 1 and len(re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+", "/tmp/T", err[0])) <= 200, lines
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
+# ---------------------------------------------------------------- checkpoints: nothing executed
+
+
+class _Evil:
+    """Unpickling this would create a folder (a stand-in for running any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_resume_refuses_a_crafted_pickle_and_runs_nothing(qmodel, tmp_path):
+    data = memorize_set(tmp_path)
+    out = tmp_path / "run"
+    common = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 4]
+    train(qmodel, data, out, *common, "--stop-after", 1)
+    marker = tmp_path / "pwned"
+    state = out / "checkpoint-1" / "trainer_state.pt"
+    torch.save({"version": 2, "step": 1, "payload": _Evil(marker)}, state)
+    r = train(qmodel, data, out, *common, "--resume", ok=False)
+    one_line_error(r, "trainer_state.pt: refused")
+    assert not marker.exists()
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_checkpoint_state_loads_with_weights_only_and_restores_every_rng():
+    import random
+
+    import numpy as np
+
+    from qconvert.train.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    saved = rng_state()
+    buf = __import__("io").BytesIO()
+    torch.save({"rng": saved}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)["rng"]
+    want = (torch.rand(3), random.random(), np.random.standard_normal(2))
+    set_rng_state(loaded)
+    got = (torch.rand(3), random.random(), np.random.standard_normal(2))
+    assert torch.equal(want[0], got[0]) and want[1] == got[1] and np.array_equal(want[2], got[2])
+
+
+def test_no_pickle_is_loaded_without_weights_only_anywhere_in_the_package():
+    import ast
+
+    offenders = []
+    for f in (ROOT / "qconvert").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            where = f"{f.relative_to(ROOT)}:{node.lineno}"
+            if (owner, node.func.attr) == ("torch", "load"):
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords)
+                if not safe:
+                    offenders.append(f"{where}: torch.load without weights_only=True")
+            elif owner in ("pickle", "dill", "joblib", "cloudpickle") and node.func.attr in ("load", "loads"):
+                offenders.append(f"{where}: {owner}.{node.func.attr}")
+    assert not offenders, offenders
+
+
+# ---------------------------------------------------------------- the output folder: nothing lost
+
+
+def test_existing_run_refused_then_overwrite_starts_clean_and_resume_refuses_another_run(qmodel, tmp_path):
+    data = memorize_set(tmp_path)
+    out = tmp_path / "run"
+    common = ["--batch-size", 2, "--grad-accum", 1, "--lora-dropout", 0.0, "--save-steps", 0]
+    train(qmodel, data, out, *common, "--max-steps", 3, "--lora-r", 4, "--stop-after", 2)
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2"]
+    before = (out / "metrics.jsonl").read_text()
+    # 1. a second run into the same folder is refused and changes nothing
+    r = train(qmodel, data, out, *common, "--max-steps", 2, "--lora-r", 8, ok=False)
+    one_line_error(r, "already holds files", "--overwrite")
+    assert (out / "metrics.jsonl").read_text() == before and (out / "checkpoint-2").is_dir()
+    # 2. resuming it with another LoRA shape is refused: its adapter would not fit
+    r = train(qmodel, data, out, *common, "--max-steps", 3, "--lora-r", 8, "--resume", ok=False)
+    one_line_error(r, "checkpoint from another run", "r 4", "this run 8")
+    # 3. --overwrite: the old run's checkpoints and metrics are gone, the new run is complete
+    train(qmodel, data, out, *common, "--max-steps", 2, "--lora-r", 8, "--overwrite")
+    assert not list(out.glob("checkpoint-*"))
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    # 4. and --resume now has nothing of the old run to pick up
+    r = train(qmodel, data, out, *common, "--max-steps", 3, "--lora-r", 8, "--resume", ok=False)
+    one_line_error(r, "no checkpoint-N folder to resume from")
+
+
+def test_resume_and_overwrite_together_refused(tmp_path):
+    r = subprocess.run([*QCONVERT, "train", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path),
+                        "--resume", "--overwrite"], capture_output=True, text=True)
+    one_line_error(r, "--resume and --overwrite")
+
+
+# ---------------------------------------------------------------- SIGTERM saves, as Ctrl-C does
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmodel, tmp_path):
+    from safetensors.torch import load_file
+
+    data = memorize_set(tmp_path)
+    out = tmp_path / "run"
+    common = ["--batch-size", "2", "--grad-accum", "1", "--lora-r", "4", "--lora-dropout", "0.1", "--lr", "1e-3",
+              "--warmup-ratio", "0", "--seed", "5", "--optim", "adamw"]
+    args = [*QCONVERT, "train", str(qmodel), "--data", str(data), "--output", str(out), "--backend", "reference", *common]
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        p = subprocess.Popen([*args, "--max-steps", "400"], stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.time() + 180
+        while time.time() < deadline and p.poll() is None:
+            if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
+    text = err_file.read_text()
+    assert p.returncode == 128 + signal.SIGTERM, text[-2000:]
+    ckpts = sorted(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and "resume with --resume" in text and not (out / "adapter_config.json").exists()
+    done = int(ckpts[0].name.split("-")[1])
+    assert 3 <= done < 400
+    r = subprocess.run([*args, "--max-steps", str(done + 2), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    train(qmodel, data, tmp_path / "straight", *common, "--max-steps", done + 2)
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(tmp_path / "straight")]
+
+
+# ---------------------------------------------------------------- options: one line each
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--lora-r", "0"], "--lora-r 0: must be >= 1"),
+        (["--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--eval-split", "1.5"], "--eval-split 1.5: must be >= 0 and < 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["--lora-dropout", "1"], "--lora-dropout 1.0: must be >= 0 and < 1"),
+        (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
+        (["--lr", "nan"], "--lr nan: must be > 0"),
+    ],
+)
+def test_bad_option_is_one_line(tmp_path, flags, needle):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "w1 w2"}\n')
+    r = subprocess.run([*QCONVERT, "train", str(tmp_path / "no-model"), "--data", str(data), "--output", str(tmp_path / "out"), *flags],
+                       capture_output=True, text=True)
+    one_line_error(r, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_split_that_leaves_nothing_to_train_on_is_refused(qmodel, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"text": "w1 w2 w3"}\n')
+    r = train(qmodel, data, tmp_path / "out", "--eval-split", "0.5", ok=False)
+    one_line_error(r, "--eval-split 0.5 of 1 examples leaves none to train on")
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_target_modules_comma_form_accepted_and_a_misspelt_name_refused_with_the_list(qmodel, tmp_path):
+    from safetensors.torch import load_file
+
+    data = memorize_set(tmp_path)
+    out = tmp_path / "qv"
+    train(qmodel, data, out, "--target-modules", "q_proj,v_proj", "--max-steps", 1, "--lora-r", 2, "--grad-accum", 1)
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == ["q_proj", "v_proj"]
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert {k.split(".")[-3] for k in keys} == {"q_proj", "v_proj"} and len(keys) == 2 * 2 * 2  # 2 layers x 2 modules x A,B
+    r = train(qmodel, data, tmp_path / "bad", "--target-modules", "q_prj", "--max-steps", 1, ok=False)
+    line = one_line_error(r, "--target-modules 'q_prj'")
+    assert "available: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in line
+    assert not (tmp_path / "bad" / "adapter_config.json").exists()
+
+
+def _tiny_t5(folder: Path) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind, needle", [("t5", "is an encoder-decoder model"), ("bert", "BertModel is not a causal language model")])
+def test_encoder_models_refused(tmp_path, kind, needle):
+    model = _tiny_t5(tmp_path / "t5") if kind == "t5" else make_tiny_bert(tmp_path / "bert")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "w1 w2"}\n')
+    r = subprocess.run([*QCONVERT, "train", str(model), "--data", str(data), "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    one_line_error(r, needle, "decoder-only causal LM")
