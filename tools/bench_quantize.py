@@ -28,9 +28,10 @@ CHILD = r"""
 import resource, sys, time, json
 t = time.perf_counter()
 mode, src, out = sys.argv[1:4]
+workers = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
 if mode == "qconvert":
     from qconvert.convert.quantize import quantize_checkpoint
-    quantize_checkpoint(src, out, max_shard_size="2GB")
+    quantize_checkpoint(src, out, max_shard_size="2GB", **({"workers": int(workers)} if workers else {}))
 else:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

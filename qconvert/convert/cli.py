@@ -25,7 +25,7 @@ def _human(n: int) -> str:
               help="Recorded in quantization_config: the dtype layers compute in after dequantizing.")
 @click.option("--skip-modules", multiple=True, metavar="PATTERN", help="Leave matching modules unquantized (repeatable; transformers' matching rules).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Output shard size, decimal units (5GB = 5e9 bytes).")
-@click.option("--workers", type=int, help="CPU threads for quantization (default: torch's default).")
+@click.option("--workers", metavar="N", help="Threads that quantize (0 or auto: one per CPU this process may use, the default).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, which get quantized, output shards) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists (only once the new output is complete).")
@@ -36,8 +36,10 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
     """Stream a Hugging Face checkpoint (local folder or Hub repo id) into a 4-bit NF4 checkpoint.
 
     Interrupted runs resume: run the same command again."""
+    from .._cpus import parse_workers
     from .quantize import quantize_checkpoint
 
+    workers = parse_workers(workers)  # a bad value fails here, before anything is read
     log = None if as_json else (lambda m: click.echo(m, err=True))
     s = quantize_checkpoint(
         source, output_dir, revision=revision, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
+from .._cpus import resolve_workers
 from ..errors import DiskSpaceError, FormatError, OutputExistsError, QuantizationError
 from ..format.constants import BLOCKSIZES, QUANT_TYPES
 from .plan import Plan, make_plan, parse_size
@@ -65,7 +66,7 @@ def quantize_checkpoint(
     compute_dtype: str = "bfloat16",
     skip_modules: list[str] | tuple[str, ...] = (),
     max_shard_size: str | int = "2GB",
-    workers: int | None = None,
+    workers: int | str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
     keep_source: bool = False,
@@ -85,8 +86,7 @@ def quantize_checkpoint(
     shard_limit = parse_size(max_shard_size)
     if not dry_run:
         check_output(out, overwrite)
-    if workers:
-        torch.set_num_threads(workers)
+    workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
     stage = staging_dir(out)
     t0 = time.perf_counter()
     src = open_source(source, revision, stage / "source", keep=keep_source)
@@ -171,7 +171,7 @@ def quantize_checkpoint(
                         src.prefetch(nxt)
                     t = src.get(it.source_key)
                     if it.quantize:
-                        qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key)
+                        qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key, workers)
                         shard_core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
                         shard_core += (qt.nested_absmax.numel() * 4 + 4) if qt.double_quant else 0
                         shard_params += qt.numel
@@ -235,7 +235,7 @@ def quantize_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
-def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str):
+def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str, workers: int):
     from ..quant.fast_cpu import quantize_4bit_fast
 
     # On a GPU, quantize_4bit_fast runs the reference math there (the writer copies each entry back
@@ -243,7 +243,7 @@ def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bo
     # pages in with one sequential read; the quantizer's threads faulting them chunk by chunk measured
     # 1.8x slower.
     t = t.cuda() if torch.cuda.is_available() else t.clone()
-    return quantize_4bit_fast(t, quant_type, blocksize, double_quant, name)
+    return quantize_4bit_fast(t, quant_type, blocksize, double_quant, name, workers=workers)
 
 
 def _maybe_die(i: int) -> None:

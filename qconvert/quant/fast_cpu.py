@@ -17,11 +17,28 @@ Work goes through the tensor in cache-sized chunks, and non-finite input is dete
 maxima instead of a separate pass. Block scales, the ragged tail and double quantization reuse the
 reference's own functions, so there is one definition of the math and this module only changes how
 fast the codes are found.
+
+Parallelism is coarse on purpose. torch's own intra-op threads split every small op and meet at a
+barrier after each; on a shared machine a descheduled thread stalls every op (measured 10-20x
+slower with one competing process on 2 cores). So the chunk loop runs with torch at one thread, and
+``workers`` threads (the caller's included) take whole chunks, about 1 MB of work each, from a
+shared queue: a worker that loses its CPU delays only its own chunk. torch releases the GIL inside
+each op. Chunks write disjoint slices of the output, so the bytes cannot depend on the worker count.
+
+The one reduction over a whole tensor, the mean of the block scales that double quantization stores
+as ``nested_offset`` (spec section 7.1), is summed in a fixed order: the one torch uses at
+:data:`MEAN_THREADS` threads, its thread count when this module was first imported (its default,
+unless the program changed it earlier). The output therefore does not depend on ``workers``, and it
+equals what transformers + bitsandbytes write in a process with torch's default threads.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,6 +48,12 @@ from .reference import _TINY, absmax_blocks, assemble, check_quantizable, pack_n
 
 #: Elements per chunk: 1 MB of float32 working set, the fastest size measured on a 2-core VM.
 CHUNK = 1 << 18
+
+#: torch's intra-op thread count at import: the summation order of ``nested_offset`` (see above).
+MEAN_THREADS = torch.get_num_threads()
+
+#: torch's grain for parallel reductions (at::internal::GRAIN_SIZE): shorter inputs are summed serially.
+_REDUCE_GRAIN = 32768
 
 _SIGN_OFF = 0x7FFFFFFF
 
@@ -107,6 +130,7 @@ class _Work:
     chunk loop out of the allocator, which measured both faster and far steadier here."""
 
     def __init__(self, n: int):
+        self.size = n
         self.body = torch.empty(n, dtype=torch.float32)
         self.absval = torch.empty(n, dtype=torch.float32)
         self.key = torch.empty(n, dtype=torch.int32)
@@ -140,14 +164,119 @@ def pack_pairs(codes: torch.Tensor, out: torch.Tensor, work: _Work) -> None:
     out.copy_(hi)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count set to ``n``, then restore it."""
+    old = torch.get_num_threads()
+    if old != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if old != n:
+            torch.set_num_threads(old)
+
+
+def mean_in_torch_order(x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``x.mean()`` of a 1-D float32 CPU tensor with the very bits torch gives at ``threads`` intra-op
+    threads, computed at any thread count. torch splits a reduction of at least its grain into
+    min(threads, ceil(n / grain)) equal contiguous parts, sums each serially, adds the partial sums
+    in order and divides by n. tests/test_threads.py checks this against torch at 1 to 4 threads."""
+    n = x.numel()
+    parts = 1 if n < _REDUCE_GRAIN else min(threads, -(-n // _REDUCE_GRAIN))
+    size = -(-n // parts)
+    with torch_threads(1):
+        total = x[:size].sum()
+        for start in range(size, n, size):
+            total = total + x[start : start + size].sum()
+        return total / n
+
+
+_LOCAL = threading.local()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _thread_work(m: int) -> _Work:
+    """This thread's scratch buffers, at least ``m`` elements long (kept for the next tensor)."""
+    w = getattr(_LOCAL, "work", None)
+    if w is None or w.size < m:
+        w = _LOCAL.work = _Work(m)
+    return w
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="qconvert-quantize")
+        return _POOL
+
+
+def run_chunks(task: Callable[[int], None], starts: list[int], workers: int) -> None:
+    """``task(start)`` for every start, on ``workers`` threads: the caller's and ``workers - 1`` pool
+    threads, each taking the next start when it finishes one. The first error is raised once every
+    thread has stopped."""
+    workers = min(workers, len(starts))
+    if workers <= 1:
+        for start in starts:
+            task(start)
+        return
+    queue = iter(starts)
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def drain() -> None:
+        torch.set_num_threads(1)  # a pool thread's own intra-op setting
+        while not failed.is_set():
+            with lock:
+                start = next(queue, None)
+            if start is None:
+                return
+            try:
+                task(start)
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [_pool(workers - 1).submit(drain) for _ in range(workers - 1)]
+    try:
+        drain()
+    finally:
+        errors = [f.exception() for f in futures]  # waits for each
+    for e in errors:
+        if e is not None:
+            raise e
+
+
+_DEFAULT_WORKERS: int | None = None
+
+
+def default_workers() -> int:
+    """The CPUs available to this process (:func:`qconvert._cpus.available_cpus`), read once."""
+    global _DEFAULT_WORKERS
+    if _DEFAULT_WORKERS is None:
+        from .._cpus import available_cpus
+
+        _DEFAULT_WORKERS = available_cpus()
+    return _DEFAULT_WORKERS
+
+
 def quantize_4bit_fast(
     x: torch.Tensor,
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
     name: str = "tensor",
+    workers: int | None = None,
 ) -> QuantizedTensor:
-    """Same result as :func:`qconvert.quant.reference.quantize_4bit_ref`, faster on CPU."""
+    """Same result as :func:`qconvert.quant.reference.quantize_4bit_ref`, faster on CPU.
+
+    ``workers``: threads for the chunk loop (default: the CPUs available to this process, see
+    :mod:`qconvert._cpus`). The bytes are the same for every value. While it runs, torch's intra-op
+    thread count is 1 (restored after), so do not run other torch work beside it in the same process."""
     if x.device.type != "cpu":
         from .reference import quantize_4bit_ref
 
@@ -161,24 +290,29 @@ def quantize_4bit_fast(
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     # whole blocks, chunk by chunk (a chunk is a whole number of blocks, so an even count)
     step = max(blocksize, CHUNK - CHUNK % blocksize)
-    work = _Work(min(step, full)) if full else None
-    for start in range(0, full, step):
+
+    def chunk(start: int) -> None:
         stop = min(start + step, full)
         m = stop - start
+        work = _thread_work(m)
         body = work.body[:m]
         body.copy_(flat[start:stop])
         am = absmax[start // blocksize : stop // blocksize]
         torch.amax(torch.abs(body, out=work.absval[:m]).view(-1, blocksize), dim=1, out=am)
-        if not bool(torch.isfinite(am).all()):  # amax propagates NaN and Inf: one cheap check per chunk
-            check_quantizable(x, name, quant_type, blocksize)  # raises, naming the first bad element
-        # The reference clamps the scaled values to [-1, 1]; they can only pass it by a rounding
-        # step, and such a value lands in the outermost bin either way, so the clamp is left out.
+        # Non-finite input gives NaN or Inf in am (amax propagates both): harmless codes here, and
+        # refused below, once every chunk is done. The reference clamps the scaled values to [-1, 1];
+        # they can only pass it by a rounding step, and such a value lands in the outermost bin
+        # either way, so the clamp is left out.
         body.view(-1, blocksize).mul_((1.0 / am.clamp(min=_TINY)).unsqueeze(1))
         pack_pairs(search.codes(body, work), packed[start // 2 : stop // 2], work)
-    if full < n:  # the ragged last block: the reference's own code, on a handful of values
-        tail_absmax, tail_scaled = absmax_blocks(flat[full:].to(torch.float32), blocksize)
-        absmax[-1] = tail_absmax[0]
-        packed[full // 2 :] = pack_scaled(tail_scaled, quant_type).reshape(-1)
-    if not bool(torch.isfinite(absmax).all()):  # the ragged tail
-        check_quantizable(x, name, quant_type, blocksize)
-    return assemble(x, packed, absmax, quant_type, blocksize, double_quant, name)
+
+    with torch_threads(1):
+        run_chunks(chunk, list(range(0, full, step)), workers or default_workers())
+        if full < n:  # the ragged last block: the reference's own code, on a handful of values
+            tail_absmax, tail_scaled = absmax_blocks(flat[full:].to(torch.float32), blocksize)
+            absmax[-1] = tail_absmax[0]
+            packed[full // 2 :] = pack_scaled(tail_scaled, quant_type).reshape(-1)
+        if not bool(torch.isfinite(absmax).all()):
+            check_quantizable(x, name, quant_type, blocksize)  # raises, naming the first bad element
+        offset = mean_in_torch_order(absmax, MEAN_THREADS) if double_quant else None
+        return assemble(x, packed, absmax, quant_type, blocksize, double_quant, name, offset)

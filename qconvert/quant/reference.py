@@ -90,10 +90,12 @@ def pack_scaled(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
 
 
 def assemble(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str,
+    offset: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """The QuantizedTensor of ``x`` from its packed codes and float32 block scales, double-quantized
-    when asked (shared by every quantizer, so they differ only in how they find the codes)."""
+    when asked (shared by every quantizer, so they differ only in how they find the codes; ``offset``
+    as in :func:`double_quantize`)."""
     qt = QuantizedTensor(
         packed=packed.reshape(-1, 1),
         absmax=absmax,
@@ -104,7 +106,7 @@ def assemble(
         quant_map=codebook(quant_type, x.device),
     )
     if double_quant:
-        double_quantize(qt, name)
+        double_quantize(qt, name, offset)
     return qt
 
 
@@ -161,10 +163,13 @@ def quantize_4bit_ref(
     return assemble(x, pack_scaled(scaled, quant_type), absmax, quant_type, blocksize, double_quant, name)
 
 
-def double_quantize(qt: QuantizedTensor, name: str = "tensor") -> QuantizedTensor:
-    """Replace float32 ``qt.absmax`` by its 8-bit double quantization (spec section 3.5), in place."""
+def double_quantize(qt: QuantizedTensor, name: str = "tensor", offset: torch.Tensor | None = None) -> QuantizedTensor:
+    """Replace float32 ``qt.absmax`` by its 8-bit double quantization (spec section 3.5), in place.
+
+    ``offset`` is ``qt.absmax.mean()`` computed by the caller, for a caller that fixes its summation
+    order (spec section 7.1); by default it is computed here, at torch's current thread count."""
     absmax = qt.absmax
-    offset = absmax.mean()
+    offset = absmax.mean() if offset is None else offset
     if not bool(torch.isfinite(offset)):
         raise QuantizationError(
             f"{name}: the mean of its block scales overflows float32, so double quantization cannot store it",
