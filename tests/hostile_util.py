@@ -65,3 +65,65 @@ def run_limited(code: str, *args: str, mem_mb: int = DEFAULT_LIMIT_MB, timeout_s
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"still running after {timeout_s} s (unbounded time on hostile input): {e.stderr!r}") from None
     return r, time.perf_counter() - t0
+
+
+def make_llama_files(folder: Path, *, layers: int = 1, hidden: int = 16, intermediate: int = 24, vocab: int = 32,
+                     seed: int = 0, config: dict | None = None) -> Path:
+    """A tiny bf16 Llama checkpoint written directly (config.json + model.safetensors), without
+    importing transformers: qconvert plans Llama from config.json, so quantizing it takes well under
+    a second."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)  # noqa: E731
+    sd = {"model.embed_tokens.weight": t(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+          "lm_head.weight": t(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{m}.weight"] = t(hidden, hidden)
+        sd[p + "mlp.gate_proj.weight"] = t(intermediate, hidden)
+        sd[p + "mlp.up_proj.weight"] = t(intermediate, hidden)
+        sd[p + "mlp.down_proj.weight"] = t(hidden, intermediate)
+        sd[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
+           "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": vocab,
+           "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    cfg.update(config or {})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def make_lora(folder: Path, base: Path, *, r: int = 2, modules=("q_proj", "v_proj"), seed: int = 1, hidden: int = 16) -> Path:
+    """A PEFT LoRA adapter for :func:`make_llama_files` models (every layer's ``modules``)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    layers = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
+    sd = {}
+    for i in range(layers):
+        for m in modules:
+            p = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            sd[p + ".lora_A.weight"] = torch.randn(r, hidden, generator=g)
+            sd[p + ".lora_B.weight"] = torch.randn(hidden, r, generator=g) * 0.01
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules), "base_model_name_or_path": "org/base",
+        "task_type": "CAUSAL_LM"}))
+    return folder
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (links as their target) with its bytes: to show inputs unchanged."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def all_bytes(folder: Path) -> bytes:
+    """Everything stored under ``folder``, concatenated (to look for leaked content)."""
+    return b"".join(p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file())

@@ -41,7 +41,7 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
         keys = list(h.keys())
     if not keys or not all(".lora_A." in k or ".lora_B." in k for k in keys):
         raise FormatError(f"{weights}: holds tensors that are not LoRA A/B weights")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[source, src])
     if base_model:
         cfg["base_model_name_or_path"] = base_model
     stage = staging_dir(out)
