@@ -69,16 +69,20 @@ def test_single_file_source_copies_only_the_companions_beside_it(tmp_path):
 
 def test_special_files_with_companion_names_are_skipped(tmp_path):
     """A FIFO named tokenizer.json would block a copy forever (or raise from shutil); a folder named
-    vocab.txt and a dangling link are not files either."""
+    vocab.txt and a dangling link are not files either; a 5 GB tokenizer.model would fill the disk."""
     src = make_llama_files(tmp_path / "src")
     os.mkfifo(src / "tokenizer.json")
     (src / "vocab.txt").mkdir()
     (src / "merges.txt").symlink_to(tmp_path / "nowhere")
+    with open(src / "tokenizer.model", "wb") as f:  # 5 GB that would fill the disk (sparse here)
+        f.truncate(5 * 10**9)
     s, log = quantize(src, tmp_path / "out")
     assert s["copied_files"] == []
     for name in ("tokenizer.json", "vocab.txt", "merges.txt"):
         assert f"warning: {name} not copied: not a regular file" in log
         assert not (tmp_path / "out" / name).exists()
+    assert "warning: tokenizer.model not copied: 5.0 GB is not the size of a tokenizer or config file" in log
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
 
 
 def test_sentence_transformers_modules_are_copied_but_not_walked(tmp_path):

@@ -31,6 +31,8 @@ from .plan import Plan, make_plan, parse_size
 from .writer import ShardWriter, header_bound, shard_digest
 
 JOURNAL = "journal.json"
+#: A companion file larger than this is not copied (the largest tokenizer.json seen is about 35 MB).
+MAX_COMPANION_BYTES = 2**30
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -455,6 +457,8 @@ def _not_copyable(path: Path, rel: str) -> str | None:
     real = path.resolve()
     if not real.is_file():
         return "not a regular file"
+    if real.stat().st_size > MAX_COMPANION_BYTES:
+        return f"{real.stat().st_size / 1e9:.1f} GB is not the size of a tokenizer or config file"
     allowed = [folder]
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
         allowed.append(folder.parent.parent / "blobs")  # a Hugging Face cache snapshot

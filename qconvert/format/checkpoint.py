@@ -62,9 +62,10 @@ COMPANION_FILES = frozenset({
     "LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "LICENCE.txt", "LICENCE.md", "NOTICE", "NOTICE.txt",
     "NOTICE.md", "USE_POLICY.md",
 })
-#: One level of sub-folder: sentence-transformers modules (``1_Pooling/config.json``) and
-#: transformers' extra chat templates (``additional_chat_templates/NAME.jinja``).
+#: Patterns: tiktoken vocabularies, and one level of sub-folder: sentence-transformers modules
+#: (``1_Pooling/config.json``) and transformers' extra chat templates (``additional_chat_templates/NAME.jinja``).
 COMPANION_SUBFILES = (
+    re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.tiktoken"),  # tiktoken vocabularies (qwen.tiktoken)
     re.compile(r"[0-9]+_[A-Za-z][A-Za-z0-9]*/config\.json"),
     re.compile(r"additional_chat_templates/[A-Za-z0-9][A-Za-z0-9_.-]*\.jinja"),
 )
@@ -148,6 +149,9 @@ def read_index(path: Path) -> dict[str, str]:
 class Checkpoint:
     """Lazy view of a checkpoint folder or a single safetensors file."""
 
+    _by_file: tuple[tuple[int, int], dict[str, list[str]]] | None = None  # file -> its tensor names, built once
+    _companions: dict[str, list[str]] | None = None  # 4-bit weight -> its entries, built once
+
     def __init__(self, path: str | os.PathLike, streaming: bool = False):
         #: streaming: read each tensor through a short-lived handle, so a shard's memory-mapped pages
         #: do not stay resident while the next tensors are read (they count towards RSS)
@@ -164,8 +168,6 @@ class Checkpoint:
             )
         self.root = self.path if self.path.is_dir() else self.path.parent
         self.weight_map: dict[str, str] = {}
-        self._by_file: dict[str, list[str]] | None = None  # file -> its tensor names, built once
-        self._companions: dict[str, list[str]] | None = None  # 4-bit weight -> its entries, built once
         self.is_bin = False
         self._handles: dict[str, Any] = {}
         self._bin_cache: tuple[str, dict[str, torch.Tensor]] | None = None
@@ -320,12 +322,13 @@ class Checkpoint:
 
     def _files_to_names(self) -> dict[str, list[str]]:
         # grouped once: looping over all names per file is quadratic in a hostile index of many shards
-        if self._by_file is None or sum(map(len, self._by_file.values())) != len(self.weight_map):
+        stamp = (id(self.weight_map), len(self.weight_map))  # rebuilt if the map was replaced or grew
+        if self._by_file is None or self._by_file[0] != stamp:
             by_file: dict[str, list[str]] = {}
             for k, v in self.weight_map.items():
                 by_file.setdefault(v, []).append(k)
-            self._by_file = by_file
-        return self._by_file
+            self._by_file = (stamp, by_file)
+        return self._by_file[1]
 
     def companions(self, name: str) -> list[str]:
         """Every entry of the 4-bit weight ``name`` (as :func:`layout.companion_keys`), from an index
