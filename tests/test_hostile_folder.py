@@ -180,6 +180,14 @@ def test_index_shard_that_is_a_folder_or_fifo_is_refused(tmp_path):
         Checkpoint(src)
 
 
+def test_huge_index_is_not_read(tmp_path):
+    src = _sharded(tmp_path)
+    with open(src / "model.safetensors.index.json", "r+b") as f:
+        f.truncate(200 * 10**6)
+    with pytest.raises(FormatError, match=r"the index is 200 MB, over the 64 MiB that qconvert reads"):
+        Checkpoint(src)
+
+
 def test_huge_config_is_not_read(tmp_path):
     """A 1 GB config.json (sparse here) is refused from its size, before anything reads it."""
     src = make_llama_files(tmp_path / "src")
@@ -208,3 +216,26 @@ def test_duplicate_tensor_across_shards_is_read_from_the_indexed_shard(tmp_path)
     write_safetensors(src / "decoy.safetensors", {"model.norm.weight": ("BF16", [16], torch.full((16,), 7.0, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes())})
     ck = Checkpoint(src)
     assert ck.file_of("model.norm.weight") == "model.safetensors" and float(ck.get("model.norm.weight")[0]) == 1.0
+
+
+def test_a_listing_with_dotdot_names_writes_nothing_outside(tmp_path):
+    """A Hub server's file list is not trusted either: a companion listed as ``../../.bashrc`` (or
+    any name off the allow-list) is never joined onto the output folder."""
+    from qconvert.convert.quantize import _copy_extra_files
+
+    real = tmp_path / "snap"
+    real.mkdir()
+    (real / "tokenizer.json").write_text("{}")
+
+    class Listing:
+        def extra_files(self):
+            for rel in ("../../.bashrc", "../tokenizer.json", "1_Pooling/../../x/config.json", "tokenizer.json"):
+                yield rel, real / "tokenizer.json"
+
+    stage = tmp_path / "a" / "b" / "stage"
+    stage.mkdir(parents=True)
+    log: list[str] = []
+    assert _copy_extra_files(Listing(), stage, log.append) == ["tokenizer.json"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "a/b/stage/tokenizer.json", "snap/tokenizer.json"]
+    assert "../../.bashrc" in log[-1]

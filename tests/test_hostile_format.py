@@ -131,6 +131,26 @@ def test_inspect_many_quantized_tensors_is_linear(tmp_path):
     assert took < 15, f"inspect took {took:.1f} s"
 
 
+def test_companion_index_equals_companion_keys():
+    """The one-pass index gives each 4-bit weight exactly the entries the per-weight scan gives,
+    on names built to confuse it (suffix words as module names, entries of entries, lookalikes)."""
+    import random
+
+    from qconvert.format.layout import companion_index, companion_keys, find_quantized
+
+    rng = random.Random(0)
+    words = ["a", "b", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state", "bitsandbytes__nf4", "weight"]
+    for _ in range(200):
+        keys = {".".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(30)}
+        for _ in range(4):
+            w = ".".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+            keys |= {w, w + ".quant_state.bitsandbytes__nf4", w + rng.choice([".absmax", ".quant_map", ".absmax.x", ".absmaxx"])}
+        keys = sorted(keys)
+        rng.shuffle(keys)
+        index = companion_index(keys)
+        assert all(index[w] == companion_keys(w, keys) for w in find_quantized(keys))
+
+
 BILLION_LAYERS = """
 import sys
 from qconvert.convert.quantize import quantize_checkpoint

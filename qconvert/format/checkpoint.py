@@ -49,7 +49,7 @@ LAYER_COUNT_KEYS = (
     "encoder_layers", "decoder_layers",
 )
 
-#: The files copied from a source model folder next to the weights (spec/format.md section 9): the
+#: The files copied from a source model folder next to the weights (README, `qconvert quantize`): the
 #: tokenizer, chat templates, generation/processor configs, licences and sentence-transformers
 #: module configs. Nothing else is copied: not notes, keys or code (``*.py`` remote code is never run
 #: by qconvert and is not republished), and no folder is walked.
@@ -246,6 +246,7 @@ class Checkpoint:
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
+            raise_memory_error(e, p)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FormatError(
                 f"{p}: cannot load as a weights-only PyTorch file ({first})",
