@@ -216,3 +216,32 @@ def test_out_of_address_space_is_not_called_corruption(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"SourceError {p}: out of memory or address space while mapping it (2.00 GB)"), r.stdout
     assert "corrupt" not in r.stdout and "re-download" not in r.stdout
+
+
+def test_prefetch_lookahead_is_linear_and_picks_the_next_other_file():
+    """quantize prefetches, at each tensor, the next source file that differs from the tensor's own.
+    Looking ahead from every tensor was quadratic (a checkpoint of 100,000 tensors: hours)."""
+    import random
+
+    from types import SimpleNamespace
+
+    from qconvert.convert.quantize import next_source_files
+
+    def plan_of(files: list[str], shards: list[list[int]]):  # what next_source_files reads of a Plan
+        return SimpleNamespace(items=[SimpleNamespace(source_file=f) for f in files], shards=shards)
+
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(1, 40)
+        files = [f"s{rng.randint(0, 3)}" for _ in range(n)]
+        cuts = sorted(rng.sample(range(1, n), k=min(n - 1, rng.randint(0, 4)))) if n > 1 else []
+        shards = [list(range(a, b)) for a, b in zip([0, *cuts], [*cuts, n])]
+        pending = sorted(rng.sample(range(len(shards)), k=rng.randint(1, len(shards))))
+        order = [i for s in pending for i in shards[s]]
+        want = {i: next((files[j] for j in order[k + 1:] if files[j] != files[i]), None) for k, i in enumerate(order)}
+        assert next_source_files(plan_of(files, shards), pending) == want
+    n = 300_000
+    big = plan_of([f"s{i // 1000}" for i in range(n)], [list(range(a, min(a + 5000, n))) for a in range(0, n, 5000)])
+    t0 = time.perf_counter()
+    nxt = next_source_files(big, list(range(len(big.shards))))
+    assert time.perf_counter() - t0 < 10 and nxt[0] == "s1" and nxt[n - 1] is None
