@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from .format.checkpoint import Checkpoint
-from .format.layout import QUANT_STATE_PREFIX, companion_keys, dtype_name, find_quantized, unpack_quant_state
+from .format.layout import QUANT_STATE_PREFIX, dtype_name, find_quantized, unpack_quant_state
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     tensors: list[dict[str, Any]] = []
     q_params = q_core_bytes = q_bytes = 0
     for name in quantized:
-        comp = companion_keys(name, keys)
+        comp = ckpt.companions(name)
         owned.update(comp)
         qs_key = next(k for k in comp if QUANT_STATE_PREFIX in k)
         qs = unpack_quant_state(ckpt.get(qs_key), f"{ckpt.file_of(qs_key)}: {qs_key}")

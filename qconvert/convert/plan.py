@@ -262,8 +262,12 @@ def meta_model(root) -> Any:
         cls = transformers.AutoModel._model_mapping.get(type(config), None) if hasattr(transformers.AutoModel, "_model_mapping") else None
     if cls is None:
         raise FormatError(f"{root}/config.json: architecture {arch!r} is not in transformers", hint="upgrade transformers")
-    with torch.device("meta"):
-        model = cls(config)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as e:  # a config transformers parses but cannot build (zero heads, bad sizes...)
+        raise FormatError(f"{root}/config.json: transformers cannot build {arch} from it ({type(e).__name__}: {e})"[:300],
+                          hint="use the config.json that came with these weights") from None
     return model, config
 
 

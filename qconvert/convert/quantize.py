@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,12 +25,15 @@ import torch
 
 from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
 from .._cpus import resolve_workers
-from ..errors import DiskSpaceError, FormatError, OutputExistsError, QuantizationError
+from ..errors import DiskSpaceError, FormatError, OptionError, OutputExistsError, QuantizationError
+from ..format.checkpoint import is_companion_file
 from ..format.constants import BLOCKSIZES, QUANT_TYPES
 from .plan import Plan, make_plan, parse_size
 from .writer import ShardWriter, header_bound, shard_digest
 
 JOURNAL = "journal.json"
+#: A companion file larger than this is not copied (the largest tokenizer.json seen is about 35 MB).
+MAX_COMPANION_BYTES = 2**30
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -37,10 +41,51 @@ def staging_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.qconvert-partial"
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse to write over an existing, non-empty OUTPUT_DIR (or a file there) without --overwrite."""
+def check_output(out: Path, overwrite: bool, inputs: "list[str | os.PathLike | None]" = ()) -> None:
+    """Refuse an output location that cannot be written, or whose writing would destroy something:
+
+    - OUT overlapping an input (the same folder, inside it, or holding it): a run never writes
+      inside its inputs, and --overwrite never replaces them (``inputs`` that are not local paths,
+      such as Hub ids, are ignored);
+    - OUT that is the current folder, holds it, or is the home folder or ``/`` (with --overwrite
+      those would be deleted wholesale);
+    - OUT that is a symbolic link (replacing it would swap the link, not write where it points), or
+      whose nearest existing parent is a file or not writable;
+    - a staging or trash folder beside OUT that is not a plain folder (it is emptied or deleted);
+    - an existing, non-empty OUT (or a file there) without ``overwrite``.
+    """
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise OptionError(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
+                          hint="name the folder it points to, or another folder")
+    real = out.resolve()
+    for given in inputs:
+        if given is None or not os.path.exists(given):
+            continue
+        src = Path(given).resolve()
+        if real == src or src in real.parents or real in src.parents:
+            how = "is" if real == src else "is inside" if src in real.parents else "holds"
+            raise OptionError(f"{out}: the output {how} the input {given}", hint="write the output to a folder outside the inputs")
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == Path.home().resolve():
+        what = "the current folder" if real == cwd else "your home folder" if real == Path.home().resolve() else "a parent of the current folder"
+        raise OptionError(f"{out}: the output is {what}", hint="write the output to a new folder, e.g. OUT/model-nf4")
+    parent = real.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(f"{out}: cannot create the output under {parent}, which is a file", hint="choose a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"{out}: {parent} is not writable", hint="choose a folder you can write to")
+    for aside in (staging_dir(out), trash_dir(out)):
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            raise OptionError(f"{aside}: in the way of the output (not a plain folder)", hint="remove it, then re-run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+
+
+def trash_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.qconvert-old"
 
 
 def free_bytes(path: Path) -> int:
@@ -85,7 +130,7 @@ def quantize_checkpoint(
         raise QuantizationError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
     shard_limit = parse_size(max_shard_size)
     if not dry_run:
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=[source])
     workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
     stage = staging_dir(out)
     t0 = time.perf_counter()
@@ -138,6 +183,7 @@ def quantize_checkpoint(
     for s in pending:
         for i in plan.shards[s]:
             remaining_uses[plan.items[i].source_file] = remaining_uses.get(plan.items[i].source_file, 0) + 1
+    next_file = next_source_files(plan, pending)
     try:
         for s, idx in enumerate(plan.shards):
             name = names[s]
@@ -161,12 +207,9 @@ def quantize_checkpoint(
             keys: list[str] = []
             shard_core = shard_params = 0
             try:
-                for n_done, i in enumerate(idx):
+                for i in idx:
                     it = plan.items[i]
-                    upcoming = [plan.items[j].source_file for j in idx[n_done + 1 :]] + [
-                        plan.items[j].source_file for t in pending if t > s for j in plan.shards[t]
-                    ]
-                    nxt = next((f for f in upcoming if f != it.source_file), None)
+                    nxt = next_file[i]
                     if nxt:
                         src.prefetch(nxt)
                     t = src.get(it.source_key)
@@ -209,7 +252,7 @@ def quantize_checkpoint(
         if hasattr(src, "cleanup"):
             src.cleanup()
     _write_config(src, stage, plan, settings)
-    extra = _copy_extra_files(src, stage)
+    extra = _copy_extra_files(src, stage, log)
     summary = {
         "source": source,
         "output": str(out),
@@ -235,6 +278,19 @@ def quantize_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
+def next_source_files(plan: Plan, pending: list[int]) -> dict[int, str | None]:
+    """For each item of the pending shards, the first source file after it (in processing order)
+    that is not its own: the one to prefetch. One backward pass; looking ahead from every item
+    instead was quadratic in the number of tensors (hours for a checkpoint of 100,000 tensors)."""
+    out: dict[int, str | None] = {}
+    after_file = after_other = None
+    for i in reversed([i for s in pending for i in plan.shards[s]]):
+        f = plan.items[i].source_file
+        out[i] = after_file if after_file != f else after_other
+        after_file, after_other = f, out[i]
+    return out
+
+
 def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str, workers: int):
     from ..quant.fast_cpu import quantize_4bit_fast
 
@@ -283,9 +339,9 @@ def _open_journal(stage: Path, settings: dict, plan: Plan) -> dict:
     if path.is_file():
         try:
             j = json.loads(path.read_text())
-            if j.get("settings_hash") == key:
+            if _journal_ok(j, key, plan):
                 return j
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             pass
     if stage.exists():  # another run's leftovers, with other settings: start over
         keep_src = stage / "source"
@@ -298,15 +354,44 @@ def _open_journal(stage: Path, settings: dict, plan: Plan) -> dict:
     return j
 
 
+JOURNAL_FIELDS = {"sha256": str, "file_bytes": int, "data_bytes": int, "keys": list, "q_core_bytes": int, "q_params": int}
+
+
+def _journal_ok(j: Any, key: str, plan: Plan) -> bool:
+    """A journal is trusted only in the exact shape this module writes, for these settings, naming
+    only this plan's shards (a damaged or edited one means starting over)."""
+    if not isinstance(j, dict) or j.get("settings_hash") != key or not isinstance(j.get("done"), dict):
+        return False
+    names = set(plan.shard_names())
+    for name, rec in j["done"].items():
+        if name not in names or not isinstance(rec, dict):
+            return False
+        if any(type(rec.get(f)) is not t for f, t in JOURNAL_FIELDS.items()):
+            return False
+        if not all(isinstance(k, str) for k in rec["keys"]):
+            return False
+    return True
+
+
 def _shard_done(stage: Path, journal: dict, name: str) -> bool:
     rec = journal["done"].get(name)
     p = stage / name
     if not rec or not p.is_file() or p.stat().st_size != rec["file_bytes"]:
         return False
-    if shard_digest(p) != rec["sha256"]:
+    if shard_digest(p) != rec["sha256"] or _header_keys(p) != set(rec["keys"]):
         del journal["done"][name]
         return False
     return True
+
+
+def _header_keys(path: Path) -> set[str] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            return set(h.keys())
+    except Exception:
+        return None
 
 
 def bnb_quantization_config(settings: dict) -> dict[str, Any]:
@@ -344,16 +429,53 @@ def _write_config(src, stage: Path, plan: Plan, settings: dict) -> None:
     _write_json(stage / "config.json", dict(sorted(config.items())))
 
 
-def _copy_extra_files(src, stage: Path) -> list[str]:
-    copied = []
+def _copy_extra_files(src, stage: Path, say: Callable[[str], None] | None = None) -> list[str]:
+    """Copy the source's companion files (tokenizer, chat template, generation and processor configs,
+    licence, sentence-transformers module configs: ``format.checkpoint.COMPANION_FILES``) into the
+    output; returns their names. Never copied: any other file (named in one notice line), and a
+    companion that is not a regular file or that resolves outside the model folder, such as a link
+    to a private key (a warning names each). Hugging Face cache snapshots link every file into the
+    cache's ``blobs/`` folder: such a link is followed."""
+    say = say or (lambda m: warnings.warn(m, stacklevel=3))
+    copied: list[str] = []
+    others: list[str] = []
     for rel, path in src.extra_files():
         if rel in ("config.json", "README.md"):
+            continue
+        if not is_companion_file(rel):
+            others.append(rel + "/" if path.is_dir() else rel)
+            continue
+        why = _not_copyable(path, rel)
+        if why:
+            say(f"warning: {rel} not copied: {why}")
             continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dst)
         copied.append(rel)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        say(f"not copied (not a tokenizer, template, config or licence file): {shown}")
     return copied
+
+
+def _not_copyable(path: Path, rel: str) -> str | None:
+    """Why the companion file at ``path`` must not be copied, or None."""
+    folder = path
+    for _ in rel.split("/"):
+        folder = folder.parent
+    folder = folder.resolve()
+    real = path.resolve()
+    if not real.is_file():
+        return "not a regular file"
+    if real.stat().st_size > MAX_COMPANION_BYTES:
+        return f"{real.stat().st_size / 1e9:.1f} GB is not the size of a tokenizer or config file"
+    allowed = [folder]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        allowed.append(folder.parent.parent / "blobs")  # a Hugging Face cache snapshot
+    if not any(a in real.parents for a in allowed):
+        return "it is a link to a file outside the model folder"
+    return None
 
 
 def _card(summary: dict, plan: Plan) -> str:
@@ -401,11 +523,19 @@ With qconvert's own kernels: `qconvert.load_model("{Path(summary['output']).name
 
 def _publish(stage: Path, out: Path) -> None:
     """Move the finished staging folder into place (replacing ``out`` only when asked to)."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.qconvert-old"
-        shutil.rmtree(trash, ignore_errors=True)
+    if out.exists() or out.is_symlink():
+        trash = trash_dir(out)
+        _remove(trash)
         os.replace(out, trash)
         os.replace(stage, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
     else:
         os.replace(stage, out)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder tree, or a file or link (never what a link points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -54,7 +54,10 @@ def shard_digest(path: Path) -> str:
     """What :meth:`ShardWriter.close` returns for the file at ``path``: sha256 over the header block
     and the sha256 of the data area (so a resumed run can check a finished shard)."""
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
+        first = f.read(8)
+        n = struct.unpack("<Q", first)[0] if len(first) == 8 else -1
+        if not 0 <= n <= os.fstat(f.fileno()).st_size - 8:
+            return "not a shard: its header length is out of bounds"  # matches no sha256
         head = struct.pack("<Q", n) + f.read(n)
         h = hashlib.sha256()
         while chunk := f.read(1 << 22):

@@ -133,7 +133,7 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     cfg = read_adapter_config(src)
     weights = src / "adapter_model.safetensors"
     modules = read_lora_weights(src, cfg)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[source, src])
     if base_model:
         cfg["base_model_name_or_path"] = base_model
     stage = staging_dir(out)

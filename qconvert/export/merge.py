@@ -28,7 +28,7 @@ import torch
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
-from ..format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, is_4bit_config
+from ..format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
 
 
 class LoraAdapter:
@@ -108,8 +108,9 @@ def merge_adapter(
     out = Path(output)
     if dtype not in DTYPES:
         raise FormatError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[base, adapter, base_original])
     root, repo_id = resolve_model_path(base, revision)
+    check_output(out, overwrite, inputs=[root])  # a Hub base, now a local folder
     ckpt = Checkpoint(root, streaming=True)
     cfg = ckpt.config() or {}
     qc = cfg.get("quantization_config") or {}
@@ -122,7 +123,7 @@ def merge_adapter(
         say("warning: merging into the original full-precision weights; the adapter was trained against the dequantized 4-bit weights")
     keys = ckpt.keys()
     quantized = set(check_checkpoint(ckpt))
-    owned = {k for q in quantized for k in companion_keys(q, keys)}
+    owned = {k for q in quantized for k in ckpt.companions(q)}
     targets = {m + ".weight": m for m in lora.modules}
     missing = sorted(t for t in targets if t not in keys)
     if missing:
@@ -142,6 +143,9 @@ def merge_adapter(
 
     def emit(name: str, t: torch.Tensor) -> None:
         nonlocal writer, size, total
+        if t.is_floating_point() and not torch.isfinite(t).all():  # nothing complete-looking gets written
+            raise FormatError(f"{name}: the merged weight holds NaN or Inf as {dtype}",
+                              hint="a value is out of the dtype's range (try --dtype float32) or an input is damaged; nothing was written")
         nb = t.numel() * t.element_size()
         if writer is None or (size and size + nb > limit):
             if writer is not None:
@@ -167,6 +171,9 @@ def merge_adapter(
                 w = ckpt.get(k)
             if k in targets:
                 delta = lora.delta(targets[k])
+                if not torch.isfinite(delta).all():
+                    raise FormatError(f"{adapter}: the LoRA update of {k!r} holds NaN or Inf",
+                                      hint="the adapter is damaged (a diverged training run?); nothing was written")
                 merged = w.float() + delta
                 if quantize and k in quantized:
                     rq = quantize_4bit_fast(merged.to(out_dtype), qtype, bs, dq, name=k)
@@ -182,7 +189,7 @@ def merge_adapter(
                     continue
                 w = merged
             if k in quantized and quantize and orig is None:  # not adapted: keep the stored 4-bit bytes as they are
-                for c in companion_keys(k, keys):
+                for c in ckpt.companions(k):
                     emit(c, ckpt.get(c))
                 continue
             if k in quantized and quantize:
@@ -203,7 +210,7 @@ def merge_adapter(
     for a, b in zip(shard_files, final):
         os.replace(stage / a, stage / b)
     rename = dict(zip(shard_files, final))
-    _copy_extra_files(ckpt, stage)
+    _copy_extra_files(ckpt, stage, say)
     prov = cfg.get("qconvert") or {}
     source = prov.get("source") if "/" in str(prov.get("source") or "") else (repo_id or lora.base_model_id)
     new_cfg = dict(cfg)

@@ -7,9 +7,11 @@ Nothing is loaded until asked for; names in an index are checked before any file
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,11 +40,80 @@ SAFETENSORS_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+#: Largest config.json or index JSON read (a real one is under 10 MB; DeepSeek-V3's index is 9 MB).
+MAX_JSON_BYTES = 64 * 2**20
+#: config.json fields that count layers: each layer has at least one tensor, so none of them may
+#: exceed the number of tensors present (a model skeleton is built from them before any is read).
+LAYER_COUNT_KEYS = (
+    "num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_decoder_layers", "num_encoder_layers",
+    "encoder_layers", "decoder_layers",
+)
+
+#: The files copied from a source model folder next to the weights (README, `qconvert quantize`): the
+#: tokenizer, chat templates, generation/processor configs, licences and sentence-transformers
+#: module configs. Nothing else is copied: not notes, keys or code (``*.py`` remote code is never run
+#: by qconvert and is not republished), and no folder is walked.
+COMPANION_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json", "generation_config.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "image_processor_config.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    "LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "LICENCE.txt", "LICENCE.md", "NOTICE", "NOTICE.txt",
+    "NOTICE.md", "USE_POLICY.md",
+})
+#: Patterns: tiktoken vocabularies, and one level of sub-folder: sentence-transformers modules
+#: (``1_Pooling/config.json``) and transformers' extra chat templates (``additional_chat_templates/NAME.jinja``).
+COMPANION_SUBFILES = (
+    re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.tiktoken"),  # tiktoken vocabularies (qwen.tiktoken)
+    re.compile(r"[0-9]+_[A-Za-z][A-Za-z0-9]*/config\.json"),
+    re.compile(r"additional_chat_templates/[A-Za-z0-9][A-Za-z0-9_.-]*\.jinja"),
+)
+COMPANION_SUBDIRS = re.compile(r"[0-9]+_[A-Za-z][A-Za-z0-9]*|additional_chat_templates")
 
 
 def is_weight_file(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return base.endswith(WEIGHT_SUFFIXES) or base in (SAFE_INDEX, BIN_INDEX)
+
+
+def is_companion_file(rel: str) -> bool:
+    """Whether ``rel`` (a path relative to the model folder, with ``/``) is a file worth carrying over
+    from a source model: see :data:`COMPANION_FILES`."""
+    return rel in COMPANION_FILES or any(p.fullmatch(rel) for p in COMPANION_SUBFILES)
+
+
+def read_json_object(path: Path, what: str, *, unique: bool = False) -> dict[str, Any]:
+    """A JSON object from a small file, refused when too large, not UTF-8 JSON, or not an object.
+    ``unique``: also refuse an object that repeats a name (JSON readers differ on which one wins)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise FormatError(
+                f"{path}: {what} is {size / 1e6:.0f} MB, over the {MAX_JSON_BYTES >> 20} MiB that qconvert reads",
+                hint="a real one is far smaller; re-download it",
+            )
+        with open(path, encoding="utf-8") as f:
+            data = json.loads(f.read(MAX_JSON_BYTES + 1), object_pairs_hook=_unique_object if unique else None)
+    except _RepeatedName as e:
+        raise FormatError(f"{path}: {what} names {e.args[0]!r} twice", hint="readers differ on which entry wins; regenerate it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: cannot read {what} ({type(e).__name__}: {e})", hint="re-download or regenerate it") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: {what} must be a JSON object, got {type(data).__name__}", hint="re-download or regenerate it")
+    return data
+
+
+class _RepeatedName(ValueError):
+    pass
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedName(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return d
 
 
 def check_member_name(name: Any, where: str) -> str:
@@ -66,11 +137,8 @@ def check_member_name(name: Any, where: str) -> str:
 
 def read_index(path: Path) -> dict[str, str]:
     """weight_map of an index file, validated."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read index ({e})", hint="re-download or regenerate the index") from None
-    wm = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json_object(path, "the index", unique=True)
+    wm = data.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise FormatError(f"{path}: no 'weight_map' object", hint="the index must map tensor names to shard files")
     for k, v in wm.items():
@@ -81,6 +149,9 @@ def read_index(path: Path) -> dict[str, str]:
 class Checkpoint:
     """Lazy view of a checkpoint folder or a single safetensors file."""
 
+    _by_file: tuple[tuple[int, int], dict[str, list[str]]] | None = None  # file -> its tensor names, built once
+    _companions: dict[str, list[str]] | None = None  # 4-bit weight -> its entries, built once
+
     def __init__(self, path: str | os.PathLike, streaming: bool = False):
         #: streaming: read each tensor through a short-lived handle, so a shard's memory-mapped pages
         #: do not stay resident while the next tensors are read (they count towards RSS)
@@ -88,6 +159,13 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.exists():
             raise SourceError(f"{self.path}: no such file or folder", hint="pass a checkpoint folder or a .safetensors file")
+        if not self.path.is_dir() and not self.path.is_file():
+            raise SourceError(f"{self.path}: not a regular file or folder", hint="pass a checkpoint folder or a .safetensors file")
+        if self.path.is_file() and not self.path.name.endswith((".safetensors", ".bin")):
+            raise SourceError(
+                f"{self.path}: not a .safetensors (or PyTorch .bin) weights file",
+                hint="pass the checkpoint folder, or one of its .safetensors files",
+            )
         self.root = self.path if self.path.is_dir() else self.path.parent
         self.weight_map: dict[str, str] = {}
         self.is_bin = False
@@ -120,8 +198,10 @@ class Checkpoint:
 
     def _check_files_exist(self) -> None:
         for f in self.files:
-            if not (self.root / f).is_file():
-                raise SourceError(f"{self.root / f}: shard named in the index is missing", hint="re-download the checkpoint")
+            p = self.root / f
+            if not p.is_file():
+                what = "is missing" if not p.exists() and not p.is_symlink() else "is not a regular file"
+                raise SourceError(f"{p}: shard named in the index {what}", hint="re-download the checkpoint")
 
     def _add_file(self, name: str) -> None:
         if name.endswith(".bin"):
@@ -134,10 +214,10 @@ class Checkpoint:
 
     def _verify_index(self) -> None:
         self._check_files_exist()
-        for f in self.files:
+        for f, names in self._files_to_names().items():
             present = set(self._open(f).keys())
-            for k, v in self.weight_map.items():
-                if v == f and k not in present:
+            for k in names:
+                if k not in present:
                     raise FormatError(
                         f"{self.root / f}: tensor {k!r} is listed in {SAFE_INDEX} but missing from this shard",
                         hint="the index and the shards disagree; re-download the checkpoint",
@@ -154,7 +234,8 @@ class Checkpoint:
             check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
             try:
                 h = safe_open(str(p), framework="pt")
-            except Exception as e:  # safetensors raises its own SafetensorError and OSError
+            except Exception as e:  # safetensors raises its own SafetensorError, OSError and MemoryError
+                raise_memory_error(e, p)
                 raise FormatError(
                     f"{p}: not a readable safetensors file ({e})", hint="the file is truncated or corrupt; re-download it"
                 ) from None
@@ -168,6 +249,7 @@ class Checkpoint:
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
+            raise_memory_error(e, p)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FormatError(
                 f"{p}: cannot load as a weights-only PyTorch file ({first})",
@@ -204,6 +286,7 @@ class Checkpoint:
         except FormatError:
             raise
         except Exception as e:
+            raise_memory_error(e, self.root / f)
             raise FormatError(
                 f"{self.root / f}: cannot read tensor {name!r} ({e})", hint="the shard is truncated or corrupt; re-download it"
             ) from None
@@ -239,19 +322,45 @@ class Checkpoint:
 
     def iter_file(self, file: str) -> Iterator[str]:
         """Tensor names stored in ``file``, in the order they appear in the index/file."""
-        return (k for k, v in self.weight_map.items() if v == file)
+        return iter(self._files_to_names().get(file, []))
+
+    def _files_to_names(self) -> dict[str, list[str]]:
+        # grouped once: looping over all names per file is quadratic in a hostile index of many shards
+        stamp = (id(self.weight_map), len(self.weight_map))  # rebuilt if the map was replaced or grew
+        if self._by_file is None or self._by_file[0] != stamp:
+            by_file: dict[str, list[str]] = {}
+            for k, v in self.weight_map.items():
+                by_file.setdefault(v, []).append(k)
+            self._by_file = (stamp, by_file)
+        return self._by_file[1]
+
+    def companions(self, name: str) -> list[str]:
+        """Every entry of the 4-bit weight ``name`` (as :func:`layout.companion_keys`), from an index
+        of all names built once, so that looking up every weight stays linear in the number of names."""
+        from .layout import companion_index
+
+        if self._companions is None:
+            self._companions = companion_index(self.weight_map)
+        return self._companions.get(name) or ([name] if name in self.weight_map else [])
 
     def config_dir(self) -> Path:
         """The folder holding config.json (and tokenizer files)."""
         return self.root
 
     def extra_files(self) -> Iterator[tuple[str, Path]]:
-        """(relative name, path) of every non-weight file: tokenizer, chat template, generation
-        config, processor and sentence-transformers files. Hidden files are left out."""
-        for p in sorted(self.root.rglob("*")):
-            rel = p.relative_to(self.root).as_posix()
-            if p.is_file() and not is_weight_file(rel) and not any(part.startswith(".") for part in rel.split("/")):
-                yield rel, p
+        """(relative name, path) of the entries beside the weights that are not weights or hidden, for
+        the caller to choose from with :func:`is_companion_file`. Only the folder itself is listed,
+        plus one level into the sub-folders that hold companion files (``1_Pooling/``): nothing is
+        walked, and entries are given as they are (links, folders and other non-files included)."""
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") or is_weight_file(p.name):
+                continue
+            if COMPANION_SUBDIRS.fullmatch(p.name) and p.is_dir():
+                for c in sorted(p.iterdir()):
+                    if not c.name.startswith(".") and not is_weight_file(c.name):
+                        yield f"{p.name}/{c.name}", c
+            else:
+                yield p.name, p
 
     def release(self, file: str) -> None:
         """Done with a file (a no-op for local folders)."""
@@ -262,9 +371,9 @@ class Checkpoint:
 
     def quantized(self, name: str, device: "torch.device | str | None" = None):
         """The 4-bit weight ``name`` as a validated QuantizedTensor (its entries must share one file)."""
-        from .layout import QuantizedTensor, companion_keys
+        from .layout import QuantizedTensor
 
-        comp = companion_keys(name, self.keys())
+        comp = self.companions(name)
         files = {self.file_of(k) for k in comp}
         if len(files) != 1:
             raise FormatError(
@@ -275,10 +384,41 @@ class Checkpoint:
         return QuantizedTensor.from_state_dict(name, tensors, where=str(self.root / files.pop()))
 
     def config(self) -> dict[str, Any] | None:
+        """config.json, refused when it is not a JSON object or sizes layers it cannot have: a
+        layer count above the number of tensors present (model skeletons are built from it)."""
         p = self.config_dir() / "config.json"
         if not p.is_file():
             return None
+        config = read_json_object(p, "config.json")
+        check_layer_counts(config, len(self.weight_map), p)
+        return config
+
+
+def check_layer_counts(config: dict[str, Any], n_tensors: int, where: Path | str) -> None:
+    """Refuse a layer count (top level or one level down, e.g. ``text_config``) that is not a
+    non-negative integer no larger than the number of tensors in the checkpoint."""
+    subs = [("", config)] + [(f"{k}.", v) for k, v in config.items() if isinstance(v, dict)]
+    for prefix, d in subs:
+        for key in LAYER_COUNT_KEYS:
+            v = d.get(key)
+            if v is None:
+                continue
+            if type(v) is not int or v < 0 or v > n_tensors:
+                raise FormatError(
+                    f"{where}: {prefix}{key} is {str(v)[:40]}, but the checkpoint holds {n_tensors} tensors",
+                    hint="config.json does not describe these weights; use the config.json that came with them",
+                )
+
+
+def raise_memory_error(e: BaseException, path: Path) -> None:
+    """Raise a SourceError that says memory, not corruption, when reading ``path`` ran out of memory
+    or address space (mapping a valid file needs address space as large as the file)."""
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
         try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise FormatError(f"{p}: not valid JSON ({e})") from None
+            size = f"{path.stat().st_size / 1e9:.2f} GB"
+        except OSError:
+            size = "the file"
+        raise SourceError(
+            f"{path}: out of memory or address space while mapping it ({size})",
+            hint="the file is not necessarily damaged: raise the memory limit (ulimit -v) or free memory, then re-run",
+        ) from None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import SourceError
-from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint, check_member_name, is_weight_file
+from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint, check_member_name, is_companion_file, is_weight_file
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -137,8 +137,8 @@ class HubCheckpoint(Checkpoint):
                         self.weight_map[k] = f
                         self._infos[k] = (ti.dtype, tuple(ti.shape))
                 self.weight_map = {k: meta.weight_map[k] for k in meta.weight_map} if meta.weight_map else self.weight_map
-        for f in self.repo_files:  # small files now (config, tokenizer...): needed for the plan
-            if not is_weight_file(f) and not f.startswith("."):
+        for f in self.repo_files:  # small files now: config.json for the plan, the companions to copy
+            if f == "config.json" or is_companion_file(f):
                 with hub_errors(repo_id, self.sha):
                     self._local[f] = Path(self._download(repo_id, f, revision=self.sha))
 
