@@ -169,7 +169,7 @@ def quantize_checkpoint(
                     nxt = next((f for f in upcoming if f != it.source_file), None)
                     if nxt:
                         src.prefetch(nxt)
-                    t = src.get(it.source_key)
+                    t = _as_saved(src.get(it.source_key), it)
                     if it.quantize:
                         qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key)
                         shard_core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
@@ -216,6 +216,8 @@ def quantize_checkpoint(
         "architecture": plan.architecture,
         "tensors": len(plan.items),
         "quantized": sum(i.quantize for i in plan.items),
+        "dropped": plan.summary()["dropped"],
+        "cast": plan.summary()["cast"],
         "source_bytes": plan.source_bytes,
         "output_bytes": out_bytes,
         "shards": names,
@@ -235,6 +237,14 @@ def quantize_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
+def _as_saved(t: torch.Tensor, it) -> torch.Tensor:
+    """The tensor as transformers holds it before quantizing or saving: a Conv1D weight transposed
+    to [out, in] (contiguous, so the codes follow the transposed order), cast to the plan's dtype."""
+    if it.transpose:
+        t = t.T.contiguous()
+    return t.to(it.out_dtype) if t.dtype != it.out_dtype else t
+
+
 def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str):
     from ..quant.fast_cpu import quantize_4bit_fast
 
@@ -272,7 +282,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _settings_hash(settings: dict, plan: Plan) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for it in plan.items:
-        h.update(f"{it.source_key}|{it.out_key}|{it.dtype}|{it.shape}|{it.quantize}\n".encode())
+        h.update(f"{it.source_key}|{it.out_key}|{it.dtype}|{it.shape}|{it.quantize}|{it.out_dtype}|{it.transpose}\n".encode())
     h.update(json.dumps(plan.shards).encode())
     return h.hexdigest()
 
