@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ class Placements:
     load_dtype: torch.dtype
     places: dict[str, Placement] = field(default_factory=dict)  # source key -> placement
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> reason
+    linear_subclasses: list[str] = field(default_factory=list)  # nn.Linear subclasses bitsandbytes leaves alone
 
 
 def load_dtype(config: dict[str, Any] | None, first_float: torch.dtype | None) -> torch.dtype:
@@ -128,6 +130,21 @@ def is_skipped(module_name: str, patterns) -> bool:
     return False
 
 
+def uses_conv1d(config: dict[str, Any] | None) -> bool:
+    """Whether transformers builds this model with GPT-2 style Conv1D layers (weight stored [in, out];
+    transformers + bitsandbytes quantizes its transpose). Read from the model's modeling source file,
+    which is cheap: no model code is imported. tests/test_arch.py checks it against built models."""
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    mt = (config or {}).get("model_type")
+    if not isinstance(mt, str):
+        return False
+    module = model_type_to_module_name(mt)
+    src = Path(transformers.__file__).parent / "models" / module / f"modeling_{module}.py"
+    return src.is_file() and "Conv1D(" in src.read_text(encoding="utf-8")
+
+
 def quantizable_modules(model, skips: list[str]) -> dict[str, bool]:
     """Module name -> is a Conv1D, for each module that bitsandbytes' integration replaces by a
     4-bit layer: type exactly nn.Linear, or any Conv1D (transformers' replace_with_bnb_linear)."""
@@ -153,6 +170,9 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     skips = sorted(default_skips(model) | set(model._keep_in_fp32_modules or ()) | set(user_skips))
     quantizable = quantizable_modules(model, skips)
     result = Placements(type(model).__name__, skips, ldt)
+    result.linear_subclasses = sorted(
+        {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear}
+    )
     sd = model.state_dict()
     loaded = _loaded_names(model, keys, sd)
     _drop_unplaced(model, loaded, sd, result, root)

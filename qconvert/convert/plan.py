@@ -260,9 +260,10 @@ def make_plan(
         size = quantized_size(math.prod(shape), blocksize, double_quant) if p.quantize else math.prod(shape) * p.out_dtype.itemsize
         items.append(Item(k, p.out_key, files[k], dt, shape, p.quantize, size, nbytes, p.out_dtype, p.transpose, p.cast_reason))
     if not any(i.quantize for i in items):
+        subclasses = f" (its linear layers are {', '.join(placed.linear_subclasses)}, subclasses it leaves alone)" if placed.linear_subclasses else ""
         raise QuantizationError(
-            f"{ckpt.root}: no tensor would be quantized (architecture {placed.architecture})",
-            hint="transformers + bitsandbytes quantizes only nn.Linear and Conv1D layers, and quantizes none here; check --skip-modules",
+            f"{ckpt.root}: no tensor would be quantized: transformers + bitsandbytes quantizes no layer of {placed.architecture}{subclasses}",
+            hint="it quantizes only modules of type exactly nn.Linear, and Conv1D; check --skip-modules",
         )
     shards: list[list[int]] = [[]]
     current = 0
