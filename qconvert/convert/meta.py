@@ -59,6 +59,7 @@ class Placements:
     places: dict[str, Placement] = field(default_factory=dict)  # source key -> placement
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> reason
     linear_subclasses: list[str] = field(default_factory=list)  # nn.Linear subclasses bitsandbytes leaves alone
+    config_dtype: torch.dtype | None = None  # the dtype save_pretrained writes into config.json (default: load_dtype)
 
 
 def load_dtype(config: dict[str, Any] | None, first_float: torch.dtype | None) -> torch.dtype:
@@ -162,9 +163,7 @@ def quantizable_modules(model, skips: list[str]) -> dict[str, bool]:
 def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict | None, user_skips: list[str]) -> Placements:
     """Place every source tensor (``info``: key -> dtype and shape, in checkpoint order) as the anchor
     would; see the module docstring. Raises QuantizationError naming the tensors that have no place."""
-    keys = list(info)
-    dtypes = {k: v[0] for k, v in info.items()}
-    first_float = next((dtypes[k] for k in keys if dtypes[k].is_floating_point), None)
+    first_float = next((dt for dt, _ in info.values() if dt.is_floating_point), None)
     ldt = load_dtype(config, first_float)
     model, _ = meta_model(root, ldt)
     skips = sorted(default_skips(model) | set(model._keep_in_fp32_modules or ()) | set(user_skips))
@@ -174,8 +173,9 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
         {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear}
     )
     sd = model.state_dict()
-    loaded = _loaded_names(model, keys, sd)
+    loaded = _loaded_names(model, list(info), sd)
     _drop_unplaced(model, loaded, sd, result, root)
+    _refuse_missing(model, loaded, root)
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     present = {n for n, _ in loaded.values()}
     dtype_of = _dtype_rule(model, ldt, sd)
@@ -189,19 +189,45 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
         quantize = attr == "weight" and module in quantizable
         if quantize and converter is not None:
             raise QuantizationError(
-                f"{root}: transformers merges {k!r} into the 4-bit layer {module!r} on load, which qconvert does not reproduce",
-                hint="quantize this model with transformers + bitsandbytes",
+                f"{root}: transformers converts {k!r} on load into the 4-bit layer {module!r}, and qconvert cannot write what it saves then",
+                hint="transformers + bitsandbytes would have to quantize this model",
             )
-        out_dtype, why = (ldt, "config.json dtype") if quantize else dtype_of(name)
+        out_dtype, why = dtype_of(name, quantize)
         result.places[k] = Placement(
             out_key=k if converter is not None else name,  # renamed back below; a converted group keeps its source names
             quantize=quantize,
             out_dtype=out_dtype,
             transpose=quantize and quantizable[module],
-            cast_reason=cast_reason(dtypes[k], out_dtype, why),
+            cast_reason=cast_reason(info[k][0], out_dtype, why),
         )
     _saved_names(model, loaded, sd, result, root, info)
+    result.config_dtype = _saved_model_dtype(model, quantizable, dtype_of)
     return result
+
+
+def _saved_model_dtype(model, quantizable: dict, dtype_of) -> torch.dtype:
+    """The ``dtype`` save_pretrained writes into config.json: ``model.dtype``, the dtype of the first
+    floating-point parameter, where the 4-bit weights (uint8 by then) do not count."""
+    for name, p in model.named_parameters():
+        module, _, attr = name.rpartition(".")
+        if p.is_floating_point() and not (attr == "weight" and module in quantizable):
+            return dtype_of(name, False)[0]
+    return torch.float32
+
+
+def _refuse_missing(model, loaded: dict, root) -> None:
+    """Parameters the checkpoint lacks (neither they nor a tied partner are in it): transformers would
+    initialize them randomly and save that. qconvert does not invent weights."""
+    present = {n for n, _ in loaded.values()}
+    tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    partners = {**tied, **{v: k for k, v in tied.items()}}
+    missing = [n for n, _ in model.named_parameters() if n not in present and partners.get(n) not in present]
+    if missing:
+        raise QuantizationError(
+            f"{root}: the checkpoint lacks {len(missing)} parameter(s) of {type(model).__name__}: {', '.join(missing[:3])}"
+            + (" ..." if len(missing) > 3 else ""),
+            hint="transformers would fill them with random values; qconvert does not invent weights: check that config.json belongs to these weights",
+        )
 
 
 def _loaded_names(model, keys: list[str], sd: dict) -> dict[str, tuple[str, str | None]]:
@@ -248,16 +274,20 @@ def _drop_unplaced(model, loaded: dict, sd: dict, result: Placements, root) -> N
 
 
 def _dtype_rule(model, ldt: torch.dtype, sd: dict):
-    """name -> (dtype transformers loads it in, why), for tensors that stay unquantized."""
+    """(name, quantized?) -> (the dtype transformers loads it in, why), as convert_and_load_state_dict_in_model
+    decides: the dtype plan first, then a quantized weight takes the load dtype, any other tensor the
+    dtype the model declares for it when that differs from the load dtype."""
     from transformers.core_model_loading import build_glob_alternation
 
     plan = model._get_dtype_plan(ldt)
     alt, groups, _ = build_glob_alternation(list(plan)) if plan else (None, {}, None)
 
-    def rule(name: str) -> tuple[torch.dtype, str]:
+    def rule(name: str, quantize: bool) -> tuple[torch.dtype, str]:
         m = alt.search(name) if alt is not None else None
         if m is not None:
             return plan[groups[m.lastgroup]], "kept in float32 by transformers (_keep_in_fp32_modules_strict)"
+        if quantize:  # quantized from the load dtype, whatever the model declares
+            return ldt, "config.json dtype"
         own = sd[name].dtype
         if own != ldt:
             return own, f"the model declares this tensor as {str(own).removeprefix('torch.')}"

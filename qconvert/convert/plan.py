@@ -280,5 +280,5 @@ def make_plan(
         skip_patterns=placed.skips,
         architecture=placed.architecture,
         source_bytes=sum(i.src_bytes for i in items) + sum(math.prod(info[k][1]) * info[k][0].itemsize for k in placed.dropped),
-        source_dtype=dtype_name(placed.load_dtype),
+        source_dtype=dtype_name(placed.config_dtype or placed.load_dtype),
     )
