@@ -55,21 +55,25 @@ def test_family_byte_identical_with_anchor(tmp_path, family):
 def test_fp32_kept_module_stays_float32(tmp_path):
     """deepseek_v3's _keep_in_fp32_modules_strict: the bf16 source's e_score_correction_bias comes out
     float32 (as transformers saves it), and the summary says why its dtype changed."""
+    from qconvert.convert.quantize import quantize_checkpoint
+
     src = sweep.build_source("deepseek_v3", tmp_path / "src")
     key = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert load_file(str(src / "model.safetensors"))[key].dtype == torch.bfloat16
-    r = run_cli("quantize", src, tmp_path / "out", "--json")
+    summary = quantize_checkpoint(str(src), tmp_path / "out")  # the summary --json prints
     got = load_file(str(tmp_path / "out" / "model.safetensors"))[key]
     assert got.dtype == torch.float32
     assert torch.equal(got, load_file(str(src / "model.safetensors"))[key].float())
-    cast = json.loads(r.stdout)["cast"]
-    assert cast == [{"tensor": key, "reason": "kept in float32 by transformers (_keep_in_fp32_modules_strict): bfloat16 -> float32"}]
+    assert summary["cast"] == [{"tensor": key, "reason": "kept in float32 by transformers (_keep_in_fp32_modules_strict): bfloat16 -> float32"}]
 
 
 def test_no_source_tensor_lost_in_moe(tmp_path):
     """Every expert weight and router of the source is in the output, quantized or as it was."""
+    from qconvert.convert.quantize import quantize_checkpoint
+
     src = sweep.build_source("qwen3_moe", tmp_path / "src")
-    run_cli("quantize", src, tmp_path / "out")
+    summary = quantize_checkpoint(str(src), tmp_path / "out")
+    assert summary["dropped"] == [] and summary["cast"] == []
     source, out = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     experts = [k for k in source if ".experts." in k]
     assert len(experts) == 2 * 4 * 3  # 2 layers x 4 experts x gate/up/down
@@ -95,13 +99,15 @@ def test_falcon_refused_because_anchor_quantizes_nothing(tmp_path):
 
 
 def test_unplaceable_tensor_is_an_error_naming_it(tmp_path):
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.errors import QuantizationError
+
     src = sweep.build_source("mixtral", tmp_path / "src")
     sd = load_file(str(src / "model.safetensors"))
     sd["model.layers.0.block_sparse_moe.extra_proj.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
     save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
-    r = run_cli("quantize", src, tmp_path / "out", ok=False)
-    assert r.returncode == 1 and "model.layers.0.block_sparse_moe.extra_proj.weight" in r.stderr
-    assert "have no place in MixtralForCausalLM" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(QuantizationError, match=r"1 tensor\(s\) have no place in MixtralForCausalLM .*: model\.layers\.0\.block_sparse_moe\.extra_proj\.weight"):
+        quantize_checkpoint(str(src), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -112,40 +118,53 @@ def _rewrite(folder: Path, change) -> None:
     save_file(sd, str(f), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("family, victim", [
-    ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight"),  # what the old plan dropped
-    ("llama", "model.layers.0.post_attention_layernorm.weight"),
+@pytest.mark.parametrize("family, victim, cli", [
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight", True),  # what the old plan dropped
+    ("llama", "model.layers.0.post_attention_layernorm.weight", False),
 ])
-def test_verify_against_fails_on_a_missing_tensor(tmp_path, family, victim):
+def test_verify_against_fails_on_a_missing_tensor(tmp_path, family, victim, cli):
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.convert.verify import verify_checkpoint
+    from qconvert.errors import FormatError
+
     src = sweep.build_source(family, tmp_path / "src")
-    run_cli("quantize", src, tmp_path / "out")
-    ok = run_cli("verify", tmp_path / "out", "--against", src, "--json")
-    assert json.loads(ok.stdout)["error"]["unquantized_identical"] is True
+    quantize_checkpoint(str(src), tmp_path / "out")
+    assert verify_checkpoint(tmp_path / "out", against=str(src))["error"]["unquantized_identical"] is True
     _rewrite(tmp_path / "out", lambda sd: sd.pop(victim))
-    r = run_cli("verify", tmp_path / "out", "--against", src, ok=False)
-    assert r.returncode == 1 and f"source tensor {victim!r}" in r.stderr and "is missing from the output" in r.stderr
-    run_cli("verify", tmp_path / "out")  # the spec alone cannot see it
+    verify_checkpoint(tmp_path / "out")  # the spec alone cannot see it
+    with pytest.raises(FormatError, match=f"source tensor '{victim}' of .* is missing from the output"):
+        verify_checkpoint(tmp_path / "out", against=str(src))
+    if cli:
+        r = run_cli("verify", tmp_path / "out", "--against", src, ok=False)
+        assert r.returncode == 1 and r.stderr.startswith("qconvert: error: ") and victim in r.stderr
 
 
 def test_verify_against_fails_on_a_wrong_dtype(tmp_path):
-    """The fp32-kept bias written in bf16 (what the old plan wrote) fails; a norm written in fp32 too."""
+    """The fp32-kept bias written in bf16 (what the old plan wrote) fails verification."""
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.convert.verify import verify_checkpoint
+    from qconvert.errors import FormatError
+
     src = sweep.build_source("deepseek_v3", tmp_path / "src")
-    run_cli("quantize", src, tmp_path / "out")
+    quantize_checkpoint(str(src), tmp_path / "out")
+    verify_checkpoint(tmp_path / "out", against=str(src))
     key = "model.layers.1.mlp.gate.e_score_correction_bias"
     _rewrite(tmp_path / "out", lambda sd: sd.__setitem__(key, sd[key].to(torch.bfloat16)))
-    r = run_cli("verify", tmp_path / "out", "--against", src, ok=False)
-    assert f"tensor {key!r} has dtype bfloat16, transformers would save float32" in r.stderr
+    with pytest.raises(FormatError, match=f"tensor '{key}' has dtype bfloat16, transformers would save float32"):
+        verify_checkpoint(tmp_path / "out", against=str(src))
 
 
 def test_verify_against_allows_only_stated_drops(tmp_path):
-    """A tied head saved anyway is dropped (as transformers does) and verify accepts its absence,
-    and lists it; the summary printed it with its reason."""
+    """A tied head saved anyway is dropped (as transformers does); the summary prints it with its
+    reason, and verify accepts its absence and lists it."""
     from helpers import make_tiny_decoder
+
+    from qconvert.convert.verify import verify_checkpoint
 
     src = make_tiny_decoder(tmp_path / "src", "GemmaForCausalLM", True, {}, keep_tied_head=True)
     r = run_cli("quantize", src, tmp_path / "out")
     assert "not written: lm_head.weight (tied to model.embed_tokens.weight: transformers saves the pair once)" in r.stdout
-    v = json.loads(run_cli("verify", tmp_path / "out", "--against", src, "--json").stdout)
+    v = verify_checkpoint(tmp_path / "out", against=str(src))
     assert v["error"]["dropped"] == [{"tensor": "lm_head.weight", "reason": "tied to model.embed_tokens.weight: transformers saves the pair once"}]
 
 
@@ -165,17 +184,21 @@ def test_uses_conv1d_matches_the_built_models():
 
 
 def test_conv1d_checkpoint_refused_by_load_model_and_merge(tmp_path):
-    """qconvert's own runtime does not handle transposed Conv1D weights: one clear line, no garbage."""
+    """qconvert's own runtime does not handle transposed Conv1D weights: a clear error, no garbage."""
+    import qconvert
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.errors import FormatError
+    from qconvert.export.merge import merge_adapter
+
     src = sweep.build_source("gpt2", tmp_path / "src")
-    run_cli("quantize", src, tmp_path / "q")
-    r = run_cli("generate", tmp_path / "q", "--prompt", "hi", ok=False)
-    assert r.returncode == 1 and "GPT-2 style Conv1D layer, which qconvert.load_model does not support" in r.stderr
-    assert "Traceback" not in r.stderr
+    quantize_checkpoint(str(src), tmp_path / "q")
+    with pytest.raises(FormatError, match="belongs to a GPT-2 style Conv1D layer, which qconvert.load_model does not support"):
+        qconvert.load_model(tmp_path / "q", backend="reference")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["c_attn"]}))
     save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(2, 64),
                "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.zeros(192, 2)}, str(adapter / "adapter_model.safetensors"))
-    r = run_cli("merge", tmp_path / "q", adapter, tmp_path / "merged", ok=False)
-    assert r.returncode == 1 and "GPT-2 style Conv1D layers (gpt2), which qconvert merge does not support" in r.stderr
+    with pytest.raises(FormatError, match=r"GPT-2 style Conv1D layers \(gpt2\), which qconvert merge does not support"):
+        merge_adapter(str(tmp_path / "q"), str(adapter), tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
