@@ -40,6 +40,8 @@ RULES = {  # family -> the rule it stands for (and whether the CI also runs a fo
     "granitemoe": ("MoE experts merged on load (granitemoe mapping)", False),
     "deepseek_v2": ("MoE experts merged on load, MLA", False),
     "deepseek_v3": ("MoE experts merged on load, fp32-kept e_score_correction_bias", True),
+    "hy_v4": ("a quantized weight in _keep_in_fp32_modules_strict: quantized from float32", False),
+    "xlnet": ("config.json dtype is model.dtype: a float32-declared parameter comes first", False),
 }
 
 

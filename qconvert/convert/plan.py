@@ -23,7 +23,6 @@ byte-identity tests hold them to transformers' behaviour.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +31,8 @@ import torch
 from ..errors import FormatError, OptionError, QuantizationError
 from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from ..format.layout import dtype_name
-from . import meta
-from .meta import Placement, Placements, cast_reason, default_skips, is_skipped, load_dtype, meta_model, meta_placements  # noqa: F401
+from .meta import TIED, Placement, Placements, cast_reason, is_skipped, load_dtype, meta_placements
+from .meta import default_skips, meta_model  # noqa: F401  (their old home; tests import them from here)
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_STATE_JSON_ESTIMATE = 240  # bytes; only used to decide shard membership
@@ -209,7 +208,7 @@ def table_placements(layout: Layout, info: dict[str, tuple[torch.dtype, tuple[in
     result = Placements(layout.architecture, skips, ldt)
     for k, (dt, _) in info.items():
         if layout.tied.get(k) in info:
-            result.dropped[k] = meta.TIED.format(layout.tied[k])
+            result.dropped[k] = TIED.format(layout.tied[k])
             continue
         q = k in layout.quant_weights and not is_skipped(k.removesuffix(".weight"), skips)
         result.places[k] = Placement(k, q, ldt, False, cast_reason(dt, ldt, "config.json dtype"))

@@ -210,14 +210,15 @@ def quantize_checkpoint(
             src.cleanup()
     _write_config(src, stage, plan, settings)
     extra = _copy_extra_files(src, stage)
+    plan_summary = plan.summary()
     summary = {
         "source": source,
         "output": str(out),
         "architecture": plan.architecture,
         "tensors": len(plan.items),
         "quantized": sum(i.quantize for i in plan.items),
-        "dropped": plan.summary()["dropped"],
-        "cast": plan.summary()["cast"],
+        "dropped": plan_summary["dropped"],
+        "cast": plan_summary["cast"],
         "source_bytes": plan.source_bytes,
         "output_bytes": out_bytes,
         "shards": names,
