@@ -115,12 +115,16 @@ def tiny_config(model_type: str):
     if "num_key_value_heads" in kwargs and getattr(default, "num_key_value_heads", None) == getattr(default, "num_attention_heads", None):
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # multi-head attention (MLA included) stays so
     types = getattr(default, "layer_types", None)
-    settable = not isinstance(getattr(type(default), "layer_types", None), property) and "layer_types" not in getattr(type(default), "attribute_map", {})
+    settable = not isinstance(getattr(type(default), "layer_types", None), property)
     if isinstance(types, list) and types and "num_hidden_layers" in kwargs and settable:  # two layers, of two kinds if there are two
         kinds = list(dict.fromkeys(types))[:2]
         kwargs["layer_types"] = kinds if len(kinds) == 2 else kinds * 2
     kwargs.update(OVERRIDES.get(model_type, {}))
-    cfg = AutoConfig.for_model(model_type, **kwargs)
+    try:
+        cfg = AutoConfig.for_model(model_type, **kwargs)
+    except AttributeError:  # layer_types aliased to a read-only property: let the config derive it
+        kwargs.pop("layer_types", None)
+        cfg = AutoConfig.for_model(model_type, **kwargs)
     _fix_up(cfg)
     for name in getattr(cfg, "sub_configs", {}) or {}:
         sub = getattr(cfg, name, None)
