@@ -204,3 +204,22 @@ def test_conv1d_checkpoint_refused_by_load_model_and_merge(tmp_path):
     with pytest.raises(FormatError, match=r"GPT-2 style Conv1D layers \(gpt2\), which qconvert merge does not support"):
         merge_adapter(str(tmp_path / "q"), str(adapter), tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_keys_transformers_ignores_are_dropped_with_the_reason(tmp_path):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer (model.layers.61) that the model
+    class tells transformers to ignore: the plan drops it and says why, in --dry-run --json too."""
+    from qconvert.convert.plan import make_plan
+    from qconvert.format.checkpoint import Checkpoint
+
+    src = sweep.build_source("deepseek_v3", tmp_path / "src")
+    sd = load_file(str(src / "model.safetensors"))
+    sd["model.layers.61.eh_proj.weight"] = torch.ones(8, 8, dtype=torch.bfloat16)
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    plan = make_plan(Checkpoint(src))
+    assert plan.dropped == {"model.layers.61.eh_proj.weight": "transformers ignores it on load (the model's _keys_to_ignore_on_load_unexpected)"}
+    assert len(plan.items) + len(plan.dropped) == len(sd)  # every source tensor accounted for
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    dry = quantize_checkpoint(str(src), tmp_path / "out", dry_run=True)  # what --dry-run --json prints
+    assert dry["dropped"] == [{"tensor": "model.layers.61.eh_proj.weight", "reason": plan.dropped["model.layers.61.eh_proj.weight"]}]
