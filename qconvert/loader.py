@@ -129,6 +129,11 @@ def load_model(
         qt = ckpt.quantized(name, device)
         mod_name = name.removesuffix(".weight")
         old = model.get_submodule(mod_name)
+        if type(old).__name__ == "Conv1D":  # stored transposed; Linear4bit would compute garbage with it
+            raise FormatError(
+                f"{root}: 4-bit tensor {name!r} belongs to a GPT-2 style Conv1D layer, which qconvert.load_model does not support",
+                hint="load this model with transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained(path)",
+            )
         if not isinstance(old, torch.nn.Linear) or tuple(qt.shape) != (old.out_features, old.in_features):
             raise FormatError(f"{root}: 4-bit tensor {name!r} does not fit module {mod_name!r} ({type(old).__name__})")
         bias_key = f"{mod_name}.bias"

@@ -125,13 +125,19 @@ def test_dtype_torch_cannot_hold(tmp_path):
     no_output(tmp_path)
 
 
-def test_float8_tensor_copied_as_is(tmp_path):
-    """Unquantized tensors keep their dtype and bytes, float8 included (numpy has no float8)."""
+def test_float8_tensor_written_as_transformers_writes_it_and_reported(tmp_path):
+    """transformers loads every tensor in the checkpoint's dtype (config.json): a float8 norm in a bf16
+    model comes out bf16 from the anchor. qconvert writes the same (float8 -> bf16 is exact) and says
+    so in the summary and in --json; it never changes a dtype silently."""
     src, tensors = tiny_llama_with(tmp_path, "model.norm.weight", lambda t: t.to(torch.float8_e4m3fn))
-    run_cli("quantize", src, tmp_path / "out")
+    r = run_cli("quantize", src, tmp_path / "out")
+    assert "written in another dtype: model.norm.weight (config.json dtype: float8_e4m3fn -> bfloat16)" in r.stdout
     got = load_file(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"]
-    assert got.dtype == torch.float8_e4m3fn
-    assert torch.equal(got.view(torch.uint8), tensors["model.norm.weight"].view(torch.uint8))
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, tensors["model.norm.weight"].to(torch.bfloat16))
+    summary = json.loads(run_cli("quantize", src, tmp_path / "out2", "--json").stdout)
+    assert summary["cast"] == [{"tensor": "model.norm.weight", "reason": "config.json dtype: float8_e4m3fn -> bfloat16"}]
+    assert summary["dropped"] == []
 
 
 def test_bad_options(tmp_path, src):

@@ -31,8 +31,8 @@ FLAGS = {  # config fields that add or remove modules, per family
 
 
 def same_plan(a, b) -> None:
-    assert [(i.source_key, i.out_key, i.quantize, i.shape) for i in a.items] == [
-        (i.source_key, i.out_key, i.quantize, i.shape) for i in b.items
+    assert [(i.source_key, i.out_key, i.quantize, i.shape, i.out_dtype, i.transpose) for i in a.items] == [
+        (i.source_key, i.out_key, i.quantize, i.shape, i.out_dtype, i.transpose) for i in b.items
     ]
     assert a.dropped == b.dropped and a.skip_patterns == b.skip_patterns and a.architecture == b.architecture
     assert a.shards == b.shards and a.source_dtype == b.source_dtype
@@ -60,7 +60,7 @@ def test_table_plan_equals_transformers_plan(tmp_path, arch, tie, flags):
         per_layer = len(KNOWN_DECODERS[arch].linears)  # with skips: layer 1 and layer 0's down_proj
         assert sum(i.quantize for i in fast.items) == (per_layer - 1 if skips else 2 * per_layer)
         if tie and keep_head:
-            assert fast.dropped == ["lm_head.weight"]
+            assert fast.dropped == {"lm_head.weight": "tied to model.embed_tokens.weight: transformers saves the pair once"}
 
 
 def test_unexpected_names_take_the_transformers_path(tmp_path):
@@ -69,7 +69,8 @@ def test_unexpected_names_take_the_transformers_path(tmp_path):
     ckpt = Checkpoint(d)
     assert known_layout(ckpt.config(), ckpt.keys()) is None
     plan = make_plan(ckpt)
-    assert plan.dropped == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert list(plan.dropped) == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert "non-persistent buffer 'inv_freq'" in plan.dropped["model.layers.0.self_attn.rotary_emb.inv_freq"]
     same_plan(plan, make_plan(ckpt, use_transformers=True))
     cfg = ckpt.config()
     keys = [k for k in ckpt.keys() if k != "model.layers.0.self_attn.rotary_emb.inv_freq"]

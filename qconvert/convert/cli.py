@@ -13,6 +13,17 @@ def _human(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def _report_drops_and_casts(s: dict) -> None:
+    """Every source tensor that is not written, or written in another dtype, grouped by reason."""
+    for what, entries in (("not written", s["dropped"]), ("written in another dtype", s["cast"])):
+        by_reason: dict[str, list[str]] = {}
+        for e in entries:
+            by_reason.setdefault(e["reason"], []).append(e["tensor"])
+        for reason, names in by_reason.items():
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            click.echo(f"{what}: {', '.join(names[:3])}{more} ({reason})")
+
+
 @register
 @click.command()
 @click.argument("source")
@@ -51,8 +62,7 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
         return
     if dry_run:
         click.echo(f"plan for {source} -> {output_dir} ({s['architecture']}): {s['tensors']} tensors, {s['quantized']} quantized")
-        if s["dropped"]:
-            click.echo(f"not written (not in the model, or tied): {', '.join(s['dropped'])}")
+        _report_drops_and_casts(s)
         for sh in s["shards"]:
             click.echo(f"  {sh['file']}: {sh['tensors']} tensors, about {_human(sh['estimated_bytes'])}")
         click.echo(f"source {_human(s['source_bytes'])} -> about {_human(s['estimated_output_bytes'])}; nothing written")
@@ -62,6 +72,7 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
         f"{'double quant' if s['double_quant'] else 'fp32 scales'}), {_human(s['source_bytes'])} -> {_human(s['output_bytes'])}, "
         f"{s['bits_per_param']:.3f} bits/param, {len(s['shards'])} shard(s), {s['seconds']:.1f} s"
     )
+    _report_drops_and_casts(s)
     if push_to:
         from ..hub.push import push_folder
 

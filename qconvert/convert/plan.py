@@ -1,28 +1,28 @@
-"""Which tensors get quantized, under which names, into which output shard (`qconvert quantize` plan).
+"""Where every source tensor goes (`qconvert quantize` plan): quantized, copied, or dropped for a
+stated reason, under which name and dtype, into which output shard.
 
-The set of quantized tensors is decided exactly as transformers' bitsandbytes integration decides it:
-the model is built on the meta device from config.json (no weights, no memory), every module whose
-type is exactly ``nn.Linear`` is a candidate, and these are excluded: the default skips (tied
-weights, the module of the model's last parameter, the output embeddings), the model's
-``_keep_in_fp32_modules``, and the user's ``--skip-modules`` patterns, matched as transformers matches
-``llm_int8_skip_modules``. The two rules are restated here rather than imported, because importing
-``transformers.quantizers`` loads every quantization backend transformers knows (over 2 s); the
-byte-identity tests against transformers + bitsandbytes hold them to transformers' behaviour.
-Output names are the model's own state-dict names, which is what ``save_pretrained`` writes.
+Every source tensor is accounted for. The plan places each one exactly where transformers +
+bitsandbytes quantize-on-load + save_pretrained puts it (meta.py works that out with transformers'
+own conversion mapping, rename, revert and dtype rules, on a model built on the meta device), or
+drops it with a reason that the summary prints and ``--json`` lists (a tied copy, a key transformers
+ignores, the leftover of a non-persistent buffer). A tensor that fits neither is an error naming it.
 
 Importing transformers' model code costs 3-4 s on a small machine, more than quantizing a 0.5B model.
 For the common decoder-only families in ``KNOWN_DECODERS`` the same answer is read off config.json
 instead: their state-dict names, which of them are ``nn.Linear`` weights, the tie and the default
-skips follow from a few config fields. That table is a restatement too, so tests/test_plan.py
-builds every entry with transformers, under each config flag that changes the module tree, and
-checks that both ways give the same plan; and any checkpoint whose tensor names are not exactly
-what the table expects (an unknown key, a missing one, another prefix) takes the transformers path.
+skips follow from a few config fields. That table is a restatement, so tests/test_plan.py builds
+every entry with transformers, under each config flag that changes the module tree, and checks that
+both ways give the same plan; and any checkpoint whose tensor names are not exactly what the table
+expects (an unknown key, a missing one, another prefix) takes the transformers path. The skip rules
+(default skips, ``_keep_in_fp32_modules``, ``--skip-modules`` matched as transformers matches
+``llm_int8_skip_modules``) are restated in meta.py rather than imported, because importing
+``transformers.quantizers`` loads every quantization backend transformers knows (over 2 s); the
+byte-identity tests hold them to transformers' behaviour.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ import torch
 from ..errors import FormatError, OptionError, QuantizationError
 from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from ..format.layout import dtype_name
+from .meta import TIED, Placement, Placements, cast_reason, is_skipped, load_dtype, meta_placements
+from .meta import default_skips, meta_model  # noqa: F401  (their old home; tests import them from here)
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_STATE_JSON_ESTIMATE = 240  # bytes; only used to decide shard membership
@@ -46,13 +48,16 @@ class Item:
     quantize: bool
     out_bytes: int  # estimated
     src_bytes: int
+    out_dtype: torch.dtype  # the dtype written (quantized: the dtype quantized from)
+    transpose: bool = False  # a Conv1D weight, quantized as its transpose
+    cast_reason: str | None = None
 
 
 @dataclass
 class Plan:
     items: list[Item]
     shards: list[list[int]]  # item indices per output shard, in order
-    dropped: list[str]
+    dropped: dict[str, str]  # source key -> why it is not written
     skip_patterns: list[str]
     architecture: str
     source_bytes: int
@@ -71,7 +76,8 @@ class Plan:
             "architecture": self.architecture,
             "tensors": len(self.items),
             "quantized": sum(i.quantize for i in self.items),
-            "dropped": self.dropped,
+            "dropped": [{"tensor": k, "reason": r} for k, r in self.dropped.items()],
+            "cast": [{"tensor": i.source_key, "reason": i.cast_reason} for i in self.items if i.cast_reason],
             "skip_modules": self.skip_patterns,
             "source_bytes": self.source_bytes,
             "estimated_output_bytes": sum(i.out_bytes for i in self.items),
@@ -194,81 +200,19 @@ def known_layout(config: dict[str, Any] | None, keys: list[str]) -> Layout | Non
     return Layout(archs[0], state, linear, sorted(skips), tied, "model")
 
 
-def meta_layout(root, user_skips: list[str]) -> Layout:
-    """The layout read from the model class itself, built on the meta device by transformers."""
-    from torch import nn
-
-    model, _ = meta_model(root)
-    skip = sorted(default_skips(model) | set(model._keep_in_fp32_modules or ()) | set(user_skips))
-    quant_weights = set()
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and not is_skipped(name, skip):
-            quant_weights.add(f"{name}.weight")
-        elif type(module).__name__ == "Conv1D" and not is_skipped(name, skip):
-            raise QuantizationError(
-                f"module {name!r} is a transposed Conv1D (GPT-2 style), which qconvert does not quantize yet",
-                hint="use transformers + bitsandbytes for this architecture",
-            )
-    return Layout(
-        architecture=type(model).__name__,
-        state_keys=set(model.state_dict().keys()),
-        quant_weights=quant_weights,
-        skips=skip,
-        tied=dict(getattr(model, "all_tied_weights_keys", {}) or {}),
-        prefix=getattr(model, "base_model_prefix", "") or "",
-    )
-
-
-def default_skips(model) -> set[str]:
-    """Modules transformers never quantizes: tied weights (both ends), the module that owns the
-    model's last parameter, and the output embeddings."""
-    skips: set[str] = set()
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    skips.update(tied.keys())
-    skips.update(tied.values())
-    params = list(model.named_parameters())
-    if params:
-        skips.add(params[-1][0])
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out_emb is not None:
-        skips.update(name for name, m in model.named_modules() if m is out_emb)
-    return {k.removesuffix(".weight") for k in skips}
-
-
-def is_skipped(module_name: str, patterns) -> bool:
-    """A pattern skips a module when it matches from the start up to a dot boundary (also as a
-    regular expression), or when the module name ends with it."""
-    for p in patterns:
-        if re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", module_name) or module_name.endswith(p):
-            return True
-    return False
-
-
-def meta_model(root) -> Any:
-    """The model skeleton on the meta device, built from config.json. Never runs remote code."""
-    import transformers
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(root, trust_remote_code=False)
-    except Exception as e:  # transformers raises ValueError/OSError/KeyError for unknown models
-        raise FormatError(
-            f"{root}/config.json: transformers cannot build a config from it ({e})",
-            hint="qconvert needs a model type that transformers knows without trust_remote_code",
-        ) from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModel._model_mapping.get(type(config), None) if hasattr(transformers.AutoModel, "_model_mapping") else None
-    if cls is None:
-        raise FormatError(f"{root}/config.json: architecture {arch!r} is not in transformers", hint="upgrade transformers")
-    try:
-        with torch.device("meta"):
-            model = cls(config)
-    except Exception as e:  # a config transformers parses but cannot build (zero heads, bad sizes...)
-        raise FormatError(f"{root}/config.json: transformers cannot build {arch} from it ({type(e).__name__}: {e})"[:300],
-                          hint="use the config.json that came with these weights") from None
-    return model, config
+def table_placements(layout: Layout, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict, user_skips: list[str]) -> Placements:
+    """Placements for a ``KNOWN_DECODERS`` checkpoint (whose names known_layout has checked)."""
+    skips = sorted(set(layout.skips) | set(user_skips))
+    first_float = next((dt for dt, _ in info.values() if dt.is_floating_point), None)
+    ldt = load_dtype(config, first_float)
+    result = Placements(layout.architecture, skips, ldt)
+    for k, (dt, _) in info.items():
+        if layout.tied.get(k) in info:
+            result.dropped[k] = TIED.format(layout.tied[k])
+            continue
+        q = k in layout.quant_weights and not is_skipped(k.removesuffix(".weight"), skips)
+        result.places[k] = Placement(k, q, ldt, False, cast_reason(dt, ldt, "config.json dtype"))
+    return result
 
 
 def make_plan(
@@ -282,33 +226,8 @@ def make_plan(
     use_transformers: bool = False,
 ) -> Plan:
     """The plan for ``ckpt``. ``use_transformers`` forces the meta-model path (tests compare the two)."""
-    layout = None if use_transformers else known_layout(ckpt.config(), ckpt.keys())
-    if layout is None:
-        layout = meta_layout(ckpt.config_dir(), list(skip_modules or ()))
-    else:  # the user's patterns on top of the defaults, as transformers applies them
-        skip = sorted(set(layout.skips) | set(skip_modules or ()))
-        layout = Layout(
-            layout.architecture, layout.state_keys,
-            {w for w in layout.quant_weights if not is_skipped(w.removesuffix(".weight"), skip)},
-            skip, layout.tied, layout.prefix,
-        )
-    state_set, prefix, tied = layout.state_keys, layout.prefix, layout.tied
-
-    def out_name(k: str) -> str | None:
-        if k in state_set:
-            return k
-        if prefix and f"{prefix}.{k}" in state_set:
-            return f"{prefix}.{k}"
-        if prefix and k.startswith(prefix + ".") and k[len(prefix) + 1 :] in state_set:
-            return k[len(prefix) + 1 :]
-        return None
-
-    saved = {o for k in ckpt.keys() if (o := out_name(k)) is not None}
-    items: list[Item] = []
-    dropped: list[str] = []
-    seen: set[str] = set()
-    source_bytes = 0
-    dtypes: dict[str, int] = {}
+    info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    files: dict[str, str] = {}
     for file in ckpt.files:
         for k in ckpt.iter_file(file):
             if (raw := ckpt.dtype_name(k)) not in SAFETENSORS_DTYPES:
@@ -317,27 +236,33 @@ def make_plan(
                     hint="convert that tensor to a torch dtype first, or use transformers + bitsandbytes for this model",
                 )
             dt, shape = ckpt.info(k)
-            nbytes = math.prod(shape) * dt.itemsize
-            source_bytes += nbytes
-            o = out_name(k)
-            if o is None or o in seen or tied.get(o) in saved:  # a tied weight is saved once, at its source
-                dropped.append(k)
-                continue
-            seen.add(o)
-            q = o in layout.quant_weights
-            if q and dt not in QUANTIZABLE_DTYPES:
-                raise QuantizationError(
-                    f"{ckpt.root / file}: tensor {k!r} has dtype {dt}, which cannot be quantized",
-                    hint="only float32, float16 and bfloat16 weights are quantized; skip it with --skip-modules",
-                )
-            if q:
-                dtypes[dtype_name(dt)] = dtypes.get(dtype_name(dt), 0) + nbytes
-            size = quantized_size(math.prod(shape), blocksize, double_quant) if q else nbytes
-            items.append(Item(k, o, file, dt, tuple(shape), q, size, nbytes))
+            info[k], files[k] = (dt, tuple(shape)), file
+    user = list(skip_modules or ())
+    layout = None if use_transformers else known_layout(ckpt.config(), list(info))
+    if layout is None:
+        placed = meta_placements(ckpt.config_dir(), info, ckpt.config(), user)
+    else:
+        placed = table_placements(layout, info, ckpt.config() or {}, user)
+    items: list[Item] = []
+    for k, (dt, shape) in info.items():
+        p = placed.places.get(k)
+        if p is None:
+            if k not in placed.dropped:  # the placement functions answer for every key; never skip one silently
+                raise QuantizationError(f"{ckpt.root / files[k]}: tensor {k!r} was neither placed nor dropped by the plan")
+            continue
+        if p.quantize and dt not in QUANTIZABLE_DTYPES:
+            raise QuantizationError(
+                f"{ckpt.root / files[k]}: tensor {k!r} has dtype {dt}, which cannot be quantized",
+                hint="only float32, float16 and bfloat16 weights are quantized; skip it with --skip-modules",
+            )
+        nbytes = math.prod(shape) * dt.itemsize
+        size = quantized_size(math.prod(shape), blocksize, double_quant) if p.quantize else math.prod(shape) * p.out_dtype.itemsize
+        items.append(Item(k, p.out_key, files[k], dt, shape, p.quantize, size, nbytes, p.out_dtype, p.transpose, p.cast_reason))
     if not any(i.quantize for i in items):
+        subclasses = f" (its linear layers are {', '.join(placed.linear_subclasses)}, subclasses it leaves alone)" if placed.linear_subclasses else ""
         raise QuantizationError(
-            f"{ckpt.root}: no tensor would be quantized (architecture {layout.architecture})",
-            hint="check --skip-modules; qconvert quantizes the weights of nn.Linear layers",
+            f"{ckpt.root}: no tensor would be quantized: transformers + bitsandbytes quantizes no layer of {placed.architecture}{subclasses}",
+            hint="it quantizes only modules of type exactly nn.Linear, and Conv1D; check --skip-modules",
         )
     shards: list[list[int]] = [[]]
     current = 0
@@ -350,10 +275,9 @@ def make_plan(
     return Plan(
         items=items,
         shards=shards,
-        dropped=dropped,
-        skip_patterns=layout.skips,
-        architecture=layout.architecture,
-        source_bytes=source_bytes,
-        source_dtype=max(dtypes, key=dtypes.get) if dtypes else "float32",
+        dropped=placed.dropped,
+        skip_patterns=placed.skips,
+        architecture=placed.architecture,
+        source_bytes=sum(i.src_bytes for i in items) + sum(math.prod(info[k][1]) * info[k][0].itemsize for k in placed.dropped),
+        source_dtype=dtype_name(placed.config_dtype or placed.load_dtype),
     )
-

@@ -212,7 +212,7 @@ def quantize_checkpoint(
                     nxt = next_file[i]
                     if nxt:
                         src.prefetch(nxt)
-                    t = src.get(it.source_key)
+                    t = _as_saved(src.get(it.source_key), it)
                     if it.quantize:
                         qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key, workers)
                         shard_core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
@@ -253,12 +253,15 @@ def quantize_checkpoint(
             src.cleanup()
     _write_config(src, stage, plan, settings)
     extra = _copy_extra_files(src, stage, log)
+    plan_summary = plan.summary()
     summary = {
         "source": source,
         "output": str(out),
         "architecture": plan.architecture,
         "tensors": len(plan.items),
         "quantized": sum(i.quantize for i in plan.items),
+        "dropped": plan_summary["dropped"],
+        "cast": plan_summary["cast"],
         "source_bytes": plan.source_bytes,
         "output_bytes": out_bytes,
         "shards": names,
@@ -289,6 +292,14 @@ def next_source_files(plan: Plan, pending: list[int]) -> dict[int, str | None]:
         out[i] = after_file if after_file != f else after_other
         after_file, after_other = f, out[i]
     return out
+
+
+def _as_saved(t: torch.Tensor, it) -> torch.Tensor:
+    """The tensor as transformers holds it before quantizing or saving: a Conv1D weight transposed
+    to [out, in] (contiguous, so the codes follow the transposed order), cast to the plan's dtype."""
+    if it.transpose:
+        t = t.T.contiguous()
+    return t.to(it.out_dtype) if t.dtype != it.out_dtype else t
 
 
 def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str, workers: int):
@@ -328,7 +339,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _settings_hash(settings: dict, plan: Plan) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for it in plan.items:
-        h.update(f"{it.source_key}|{it.out_key}|{it.dtype}|{it.shape}|{it.quantize}\n".encode())
+        h.update(f"{it.source_key}|{it.out_key}|{it.dtype}|{it.shape}|{it.quantize}|{it.out_dtype}|{it.transpose}\n".encode())
     h.update(json.dumps(plan.shards).encode())
     return h.hexdigest()
 

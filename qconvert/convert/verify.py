@@ -1,4 +1,6 @@
-"""`qconvert verify`: check a 4-bit checkpoint against the spec, and measure its quantization error."""
+"""`qconvert verify`: check a 4-bit checkpoint against the spec; with ``--against SOURCE``, check that
+every source tensor made it into the output (only the drops that `qconvert quantize` states may be
+absent) in the dtype transformers would save it in, and measure the quantization error."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
-from ..format.layout import companion_keys, is_4bit_config
+from ..format.layout import companion_keys, dtype_name, is_4bit_config
 from ..validate import read_config
 
 
@@ -78,41 +80,76 @@ def check_model_structure(ckpt: Checkpoint) -> str:
     return f"matches the {type(model).__name__} config.json builds"
 
 
-def _match(name: str, src: Checkpoint) -> str | None:
-    if name in src:
-        return name
-    for k in src.keys():
-        if name.endswith("." + k) or k.endswith("." + name):
-            return k
-    return None
+
+def source_plan(ckpt: Checkpoint, src: Checkpoint):
+    """The plan ``qconvert quantize`` makes for ``src`` with the skip list recorded in ``ckpt``: where
+    each source tensor must be in the output, in which dtype, and which ones may be absent."""
+    from .plan import make_plan
+
+    qc = (ckpt.config() or {}).get("quantization_config") or {}
+    skips = qc.get("llm_int8_skip_modules") or []
+    return make_plan(src, skip_modules=list(skips))
+
+
+def check_against(ckpt: Checkpoint, quantized: list[str], src: Checkpoint):
+    """Every source tensor is in the output (bar the plan's stated drops) in the dtype transformers
+    would save it in; nothing in the output comes from elsewhere. Raises FormatError."""
+    plan = source_plan(ckpt, src)
+    qset = set(quantized)
+    plain = set(ckpt.keys())
+    for it in plan.items:
+        if it.out_key in qset:
+            got = ckpt.quantized(it.out_key).dtype
+        elif it.out_key in plain:
+            got = ckpt.info(it.out_key)[0]
+        else:
+            raise FormatError(
+                f"{ckpt.root}: source tensor {it.source_key!r} of {src.root} is missing from the output (expected as {it.out_key!r})",
+                hint="re-run qconvert quantize; only the drops its summary lists (tied copies, keys transformers ignores) may be absent",
+            )
+        if got != it.out_dtype:
+            what = "quant-state dtype" if it.out_key in qset else "dtype"
+            raise FormatError(
+                f"{ckpt.root}: tensor {it.out_key!r} has {what} {dtype_name(got)}, transformers would save {dtype_name(it.out_dtype)}",
+                hint="re-run qconvert quantize with this version",
+            )
+    expected = {it.out_key for it in plan.items}
+    owned = {k for q in quantized for k in companion_keys(q, ckpt.keys())}
+    extra = sorted(k for k in ckpt.keys() if k not in expected and k not in owned)
+    if extra:
+        raise FormatError(f"{ckpt.root}: tensor {extra[0]!r} is not made from any tensor of {src.root}", hint="--against must be the checkpoint this one was made from")
+    return plan
 
 
 def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], src: Checkpoint) -> dict[str, Any]:
+    """Checks the output against its source (check_against), then measures each quantized weight's
+    relative error and SQNR against the original, and whether the other tensors are the source's
+    values in the dtype transformers saves them in."""
     from ..quant.reference import dequantize_4bit_ref
 
+    plan = check_against(ckpt, quantized, src)
+    qset = set(quantized)
     per: list[dict[str, Any]] = []
-    for name in quantized:
-        sk = _match(name, src)
-        if sk is None:
-            raise FormatError(f"{src.root}: has no tensor matching {name!r}", hint="--against must be the checkpoint this one was made from")
-        qt = ckpt.quantized(name)
-        w = src.get(sk).double()
+    identical = True
+    for it in plan.items:
+        w = src.get(it.source_key)
+        if it.transpose:
+            w = w.T
+        if it.out_key not in qset:
+            identical = identical and torch.equal(ckpt.get(it.out_key), w.to(it.out_dtype))
+            continue
+        w = w.double()
         # the normative value (spec 8): rounded to the logical dtype, then widened
-        d = dequantize_4bit_ref(qt, torch.float32).double().reshape(w.shape)
+        d = dequantize_4bit_ref(ckpt.quantized(it.out_key), torch.float32).double().reshape(w.shape)
         err = (w - d).pow(2).sum().item()
         sig = w.pow(2).sum().item()
         per.append({
-            "name": name,
+            "name": it.out_key,
             "rel_error": math.sqrt(err / sig) if sig else 0.0,
             "sqnr_db": 10 * math.log10(sig / err) if err else float("inf"),
         })
-    identical = True
-    for k in ckpt.keys():
-        if k in owned:
-            continue
-        sk = _match(k, src)
-        if sk is None or not torch.equal(ckpt.get(k), src.get(sk)):
-            identical = False
+    if not per:
+        raise FormatError(f"{ckpt.root}: none of its 4-bit tensors is quantized from {src.root}", hint="--against must be the checkpoint this one was made from")
     worst = max(per, key=lambda p: p["rel_error"])
     finite = [p["sqnr_db"] for p in per if math.isfinite(p["sqnr_db"])]
     return {
@@ -123,4 +160,5 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
         "sqnr_db_mean": sum(finite) / len(finite) if finite else float("inf"),
         "sqnr_db_min": min(finite) if finite else float("inf"),
         "unquantized_identical": identical,
+        "dropped": [{"tensor": k, "reason": r} for k, r in plan.dropped.items()],
     }

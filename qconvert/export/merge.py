@@ -116,6 +116,13 @@ def merge_adapter(
     qc = cfg.get("quantization_config") or {}
     if not is_4bit_config(qc):
         raise FormatError(f"{root}: not a 4-bit checkpoint", hint="BASE must be the 4-bit checkpoint the adapter was trained on")
+    from ..convert.meta import uses_conv1d
+
+    if uses_conv1d(cfg):  # its 4-bit weights hold the transpose of what the 16-bit model stores
+        raise FormatError(
+            f"{root}: a model with GPT-2 style Conv1D layers ({cfg.get('model_type')}), which qconvert merge does not support",
+            hint="merge it with PEFT on transformers + bitsandbytes",
+        )
     lora = LoraAdapter(adapter)
     orig = Checkpoint(base_original, streaming=True) if base_original else None
     if orig is not None:
