@@ -219,3 +219,15 @@ def test_runtime_library_modules_import_neither_click_nor_matplotlib():
 
 def test_chat_template_constant_matches_tokenizer(models):
     assert tok_of(models["q"]).chat_template == CHAT_TEMPLATE
+
+
+def test_eval_with_an_embedding_lora(models, capsys, tmp_path):
+    """PEFT's embedding LoRA (lora_embedding_A/B, and the saved embedding itself) is accepted and scored as PEFT scores it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    get_peft_model(hf_model(models["src"]), LoraConfig(r=4, target_modules=["embed_tokens", "o_proj"], init_lora_weights=False,
+                                                       task_type="CAUSAL_LM")).save_pretrained(tmp_path / "emb")
+    data, _ = mixed_records(tmp_path)
+    [r] = eval_json(capsys, models["src"], "--data", data, "--adapter", tmp_path / "emb")
+    assert r["loss"] == pytest.approx(train_eval_loss(hf_model(models["src"], tmp_path / "emb"), data, tok_of(models["src"])), rel=1e-5)
