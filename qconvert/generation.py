@@ -46,43 +46,52 @@ def encode_prompt(tok, prompt: str, *, chat: bool = False, system: str | None = 
     return tok(text, return_tensors="pt", add_special_tokens=False)
 
 
+def generation_config(model, tok, *, max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None,
+                      repetition_penalty: float | None):
+    """The model's generation_config with these settings: greedy unless ``temperature > 0``, whatever
+    generation_config.json says about sampling; stops at the tokenizer's EOS when the model names none."""
+    import copy
+
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.max_new_tokens, cfg.max_length = max_new_tokens, None
+    cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if cfg.eos_token_id is None:
+        cfg.eos_token_id = tok.eos_token_id
+    cfg.do_sample = temperature > 0
+    if cfg.do_sample:
+        cfg.temperature = temperature
+        cfg.top_p = top_p if top_p is not None else cfg.top_p
+        cfg.top_k = top_k if top_k is not None else cfg.top_k
+    else:
+        cfg.temperature = cfg.top_p = cfg.top_k = None
+    cfg.repetition_penalty = repetition_penalty
+    return cfg
+
+
 def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float | None = None,
                   top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                   chat: bool = False, system: str | None = None) -> dict[str, Any]:
     """Generate a continuation of ``prompt``; returns the completion, the full text and the token ids."""
-    import copy
-
     import torch
 
     from .runtime import forward_inputs
 
-    check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   repetition_penalty=repetition_penalty, chat=chat, system=system)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repetition_penalty=repetition_penalty)
+    check_settings(**settings, chat=chat, system=system)
     enc = encode_prompt(tok, prompt, chat=chat, system=system)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in forward_inputs(model, enc).items()}
     n_prompt = inputs["input_ids"].shape[1]
     if n_prompt == 0:
         raise DataError("the prompt is empty after tokenization", hint="give a non-empty --prompt")
-    cfg = copy.deepcopy(model.generation_config)
-    cfg.max_new_tokens, cfg.max_length = max_new_tokens, None
-    cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    sample = temperature > 0
-    cfg.do_sample = sample
-    if sample:
-        cfg.temperature = temperature
-        cfg.top_p = top_p if top_p is not None else cfg.top_p
-        cfg.top_k = top_k if top_k is not None else cfg.top_k
-    else:  # greedy whatever generation_config.json says about sampling
-        cfg.temperature = cfg.top_p = cfg.top_k = None
-    cfg.repetition_penalty = repetition_penalty
+    cfg = generation_config(model, tok, **settings)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=cfg)
     new = out[0, n_prompt:].tolist()
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id])
     return {
         "prompt": prompt,
         "completion": tok.decode(new, skip_special_tokens=True),
@@ -91,6 +100,5 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
         "completion_tokens": len(new),
         "completion_ids": new,
         "finish_reason": "eos" if new and new[-1] in eos else "length",
-        "settings": {"do_sample": sample, "temperature": temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-                     "repetition_penalty": repetition_penalty, "seed": seed, "max_new_tokens": max_new_tokens, "chat": chat},
+        "settings": {**settings, "do_sample": cfg.do_sample, "top_p": cfg.top_p, "top_k": cfg.top_k, "seed": seed, "chat": chat},
     }

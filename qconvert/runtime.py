@@ -32,7 +32,9 @@ from typing import Any
 from .errors import DataError, FormatError, OptionError, SourceError
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+# lora_A / lora_B weights of linear layers (PEFT drops the adapter name when saving; some tools keep it), and the
+# lora_embedding_A / _B parameters of embedding layers
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(?:embedding_)?([AB])(?:\.[^.]+)?(?:\.weight)?")
 
 
 @dataclass
@@ -187,6 +189,8 @@ def _adapter_shapes(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, t
 
 def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str, Any]:
     """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes."""
+    import torch
+
     folder = Path(folder)
     cfg, shapes = _adapter_shapes(folder)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -201,7 +205,10 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
         a, b = ab["A"], ab["B"]
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise FormatError(f"{folder}: {mod}: lora_A {list(a)} and lora_B {list(b)} are not [r, in] and [out, r] matrices")
-        want = (getattr(target, "in_features", None), getattr(target, "out_features", None))
+        if isinstance(target, torch.nn.Embedding):
+            want = (target.num_embeddings, target.embedding_dim)
+        else:
+            want = (getattr(target, "in_features", None), getattr(target, "out_features", None))
         if None not in want and (a[1], b[0]) != want:  # a layer without in/out_features (Conv1D) is left to PEFT
             raise FormatError(f"{folder}: {mod} maps {want[0]}->{want[1]} features in {model_name}, the adapter's {a[1]}->{b[0]}", hint=hint)
     return cfg

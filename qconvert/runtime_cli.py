@@ -7,6 +7,7 @@ import json
 import click
 
 from .cli import register
+from .train.data import FORMATS  # light (no torch, no transformers): eval takes whatever formats train takes
 
 BACKENDS = click.Choice(["auto", "reference", "triton", "bitsandbytes"])
 DTYPES = click.Choice(["auto", "bfloat16", "float16", "float32"])
@@ -56,7 +57,7 @@ def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, 
 @click.option("--data", required=True, help="Records in any format `qconvert train` reads (text, alpaca, prompt/completion, chat).")
 @click.option("--adapter", "adapters", multiple=True, help="A PEFT LoRA adapter folder to score MODEL with (repeatable: one row each).")
 @click.option("--compare", is_flag=True, help="Also score MODEL without the adapters: one table, base vs base+adapter.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "text", "alpaca", "prompt", "chat"]), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
 @click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example, as in train.")
 @click.option("--train-on-inputs", is_flag=True, help="Score prompts too (as train does with this flag), not only completions.")
 @click.option("--batch-size", type=int, default=8, show_default=True)

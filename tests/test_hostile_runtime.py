@@ -220,3 +220,13 @@ def test_a_refusal_from_the_console_script(env):
     r = subprocess.run([*QCONVERT, "generate", str(env["bert"]), "--prompt", "w1"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert "BertModel is not a causal language model" in error_text(r.stderr)
+
+
+def test_embedding_adapter_of_another_base(env, capsys, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(env["other"]), LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                                                task_type="CAUSAL_LM")).save_pretrained(tmp_path / "emb")
+    refused(capsys, "eval", env["src"], "--data", env["data"], "--adapter", tmp_path / "emb",
+            match="model.embed_tokens maps 128->64 features in")

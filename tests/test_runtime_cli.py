@@ -84,7 +84,7 @@ def test_generate_prints_only_the_greedy_completion(models, capsys):
     want = oracle_generate(qconvert.load_model(models["q"], backend="reference", device="cpu"), ids, do_sample=False)
     r = gen_json(capsys, models["q"])
     assert r["completion_ids"] == want and r["prompt_tokens"] == len(ids) == 4 and r["completion_tokens"] == 6
-    assert r["completion"] == tok.decode(want) and r["finish_reason"] in ("eos", "length")
+    assert r["completion"] == tok.decode(want) and r["finish_reason"] == ("eos" if want[-1] == tok.eos_token_id else "length")
     rc, out, _ = cli(capsys, "generate", models["q"], "--prompt", PROMPT, "--max-new-tokens", 6, "--backend", "reference")
     assert rc == 0 and out == tok.decode(want) + "\n"
     rc, out, _ = cli(capsys, "generate", models["q"], "--prompt", PROMPT, "--max-new-tokens", 6, "--backend", "reference", "--echo")
@@ -135,6 +135,8 @@ def test_generate_16bit_model_with_adapter(models, capsys):
     adapted = gen_json(capsys, models["src"], "--adapter", models["adapter"])
     assert adapted["completion_ids"] == oracle_generate(hf_model(models["src"], models["adapter"]), ids, do_sample=False)
     assert adapted["completion_ids"] != plain["completion_ids"]
+    for r in (plain, adapted):
+        assert r["finish_reason"] == ("eos" if r["completion_ids"][-1] == 2 else "length") and r["completion_tokens"] <= 6
 
 
 def mixed_records(tmp_path):
@@ -217,3 +219,15 @@ def test_runtime_library_modules_import_neither_click_nor_matplotlib():
 
 def test_chat_template_constant_matches_tokenizer(models):
     assert tok_of(models["q"]).chat_template == CHAT_TEMPLATE
+
+
+def test_eval_with_an_embedding_lora(models, capsys, tmp_path):
+    """PEFT's embedding LoRA (lora_embedding_A/B, and the saved embedding itself) is accepted and scored as PEFT scores it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    get_peft_model(hf_model(models["src"]), LoraConfig(r=4, target_modules=["embed_tokens", "o_proj"], init_lora_weights=False,
+                                                       task_type="CAUSAL_LM")).save_pretrained(tmp_path / "emb")
+    data, _ = mixed_records(tmp_path)
+    [r] = eval_json(capsys, models["src"], "--data", data, "--adapter", tmp_path / "emb")
+    assert r["loss"] == pytest.approx(train_eval_loss(hf_model(models["src"], tmp_path / "emb"), data, tok_of(models["src"])), rel=1e-5)
