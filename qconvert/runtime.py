@@ -124,7 +124,7 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     tok = _tokenizer(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if is_4bit_config(raw.get("quantization_config")):
-        m = load_model(root, backend=backend, device=dev, compute_dtype=None if dtype == "auto" else dtype)
+        m = load_model(root, backend=backend, device=dev, dtype=None if dtype == "auto" else dtype)  # an all-`dtype` model
         kind = "4-bit"
         computes = next((mod.compute_dtype for mod in m.modules() if isinstance(mod, Linear4bit)), None)
     else:
