@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--no-kernel", action="store_true")
     ap.add_argument("--baseline-src", help="a folder holding another qconvert package, timed at its defaults")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each level's lines as soon as they are measured
     from qconvert._cpus import affinity_cpus, available_cpus, cgroup_cpu_limit
 
     t0 = time.perf_counter()
