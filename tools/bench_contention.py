@@ -14,7 +14,7 @@ done), then measures, interleaved and repeated:
 - conversion: transformers + bitsandbytes quantize-on-load + save_pretrained against
   ``quantize_checkpoint`` at its default worker count and at one worker, each in its own process,
   on the Llama-shaped bf16 checkpoint of tools/bench_quantize.py with --layers layers (8 layers:
-  197M parameters, 0.39 GB; median wall seconds). Every output tensor is compared with the anchor's.
+  200M parameters, 0.40 GB; median wall seconds). Every output tensor is compared with the anchor's.
 
 It prints the ratios the issue sets goals for: qconvert default against the anchor (goal >= 3x) and
 default against --workers 1 (goal: never more than 1.5x slower). --baseline-src DIR also times, in
