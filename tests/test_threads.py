@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qconvert._cpus import available_cpus, cgroup_cpu_limit, parse_workers
+from qconvert._cpus import affinity_cpus, available_cpus, cgroup_cpu_limit, parse_workers, resolve_workers
 from qconvert.errors import OptionError, QuantizationError
 from qconvert.quant import fast_cpu
 from qconvert.quant.fast_cpu import MEAN_THREADS, mean_in_torch_order, quantize_4bit_fast, run_chunks, torch_threads
@@ -76,6 +76,19 @@ def test_unreadable_or_odd_cgroup_files_mean_no_limit(tmp_path, cpu_max):
     assert available_cpus(root, affinity=5) == 5
     assert available_cpus(tmp_path / "nothing-here", affinity=5) == 5  # no /proc at all
     assert available_cpus(tmp_path / "nothing-here", affinity=0) == 1
+
+
+def test_affinity_counts_the_cpus_this_process_may_run_on(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)
+    assert affinity_cpus() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: the CPU count
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert affinity_cpus() == 6
+
+
+def test_resolve_workers_fills_in_the_available_cpus():
+    assert resolve_workers(None) == resolve_workers("auto") == resolve_workers(0) == available_cpus()
+    assert resolve_workers("3") == 3
 
 
 def test_this_machine_has_a_sane_count():

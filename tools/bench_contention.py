@@ -14,7 +14,7 @@ done), then measures, interleaved and repeated:
 - conversion: transformers + bitsandbytes quantize-on-load + save_pretrained against
   ``quantize_checkpoint`` at its default worker count and at one worker, each in its own process,
   on the Llama-shaped bf16 checkpoint of tools/bench_quantize.py with --layers layers (8 layers:
-  197M parameters, 0.39 GB; median wall seconds). Every output tensor is compared with the anchor's.
+  200M parameters, 0.40 GB; median wall seconds). Every output tensor is compared with the anchor's.
 
 It prints the ratios the issue sets goals for: qconvert default against the anchor (goal >= 3x) and
 default against --workers 1 (goal: never more than 1.5x slower). --baseline-src DIR also times, in
@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--no-kernel", action="store_true")
     ap.add_argument("--baseline-src", help="a folder holding another qconvert package, timed at its defaults")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each level's lines as soon as they are measured
     from qconvert._cpus import affinity_cpus, available_cpus, cgroup_cpu_limit
 
     t0 = time.perf_counter()

@@ -184,7 +184,7 @@ def mean_in_torch_order(x: torch.Tensor, threads: int) -> torch.Tensor:
     in order and divides by n. tests/test_threads.py checks this against torch at 1 to 4 threads."""
     n = x.numel()
     parts = 1 if n < _REDUCE_GRAIN else min(threads, -(-n // _REDUCE_GRAIN))
-    size = -(-n // parts)
+    size = max(1, -(-n // parts))
     with torch_threads(1):
         total = x[:size].sum()
         for start in range(size, n, size):
@@ -194,6 +194,7 @@ def mean_in_torch_order(x: torch.Tensor, threads: int) -> torch.Tensor:
 
 _LOCAL = threading.local()
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
@@ -206,30 +207,32 @@ def _thread_work(m: int) -> _Work:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL
+    """The shared pool, with at least ``threads`` threads (kept between tensors)."""
+    global _POOL, _POOL_SIZE
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:
+        if _POOL is None or _POOL_SIZE < threads:
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="qconvert-quantize")
+            _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="qconvert-quantize"), threads
         return _POOL
 
 
 def run_chunks(task: Callable[[int], None], starts: list[int], workers: int) -> None:
     """``task(start)`` for every start, on ``workers`` threads: the caller's and ``workers - 1`` pool
-    threads, each taking the next start when it finishes one. The first error is raised once every
-    thread has stopped."""
+    threads, each taking the next start when it finishes one, all with torch at one intra-op thread.
+    The first error is raised once every thread has stopped."""
     workers = min(workers, len(starts))
     if workers <= 1:
-        for start in starts:
-            task(start)
+        with torch_threads(1):
+            for start in starts:
+                task(start)
         return
     queue = iter(starts)
     lock = threading.Lock()
     failed = threading.Event()
 
     def drain() -> None:
-        torch.set_num_threads(1)  # a pool thread's own intra-op setting
+        torch.set_num_threads(1)  # in a pool thread too (OpenMP keeps the setting per thread)
         while not failed.is_set():
             with lock:
                 start = next(queue, None)
@@ -241,11 +244,12 @@ def run_chunks(task: Callable[[int], None], starts: list[int], workers: int) -> 
                 failed.set()
                 raise
 
-    futures = [_pool(workers - 1).submit(drain) for _ in range(workers - 1)]
-    try:
-        drain()
-    finally:
-        errors = [f.exception() for f in futures]  # waits for each
+    with torch_threads(1):
+        futures = [_pool(workers - 1).submit(drain) for _ in range(workers - 1)]
+        try:
+            drain()
+        finally:
+            errors = [f.exception() for f in futures]  # waits for each
     for e in errors:
         if e is not None:
             raise e
