@@ -216,6 +216,8 @@ CONTAINER = {
     "space_padding": (GOOD, A + B, b"    ", False),
     "tab_newline_padding": (GOOD, A + B, b"\t\n\r ", False),
     "any_order": ('{"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}', B + A, b"", False),
+    "leading_whitespace": ("\t " + GOOD, A + B, b"", False),
+    "unknown_entry_member": (GOOD.replace('"shape":[2],', '"shape":[2],"note":"x",'), A + B, b"", False),
     "nul_padding": (GOOD, A + B, b"\0\0", True),
     "trailing_bytes": (GOOD, A + B + b"\0\0\0\0", b"", True),
     "short_data": (GOOD, A + B[:4], b"", True),
@@ -249,6 +251,14 @@ def test_s9_safetensors_container_rules(tmp_path, name):
     else:
         c = Checkpoint(p)
         assert c.get("a").tolist() == [0.0, 1.0, 2.0, 3.0] and c.get("b").tolist() == [0.0, 1.0]
+
+
+def test_s9_header_length_past_the_end_refused(tmp_path):
+    p = tmp_path / "m.safetensors"
+    for blob in (struct.pack("<Q", 10**6) + b"{}", b"\x02\x00\x00"):
+        p.write_bytes(blob)
+        with pytest.raises(FormatError):
+            Checkpoint(p)
 
 
 # ---------------------------------------------------------------- section 9: metadata
