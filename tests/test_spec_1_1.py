@@ -157,10 +157,12 @@ def test_s35_nested_offset_read_through_a_double(text, value):
     assert bnb_offset(text) == value  # bitsandbytes reads the same float32
 
 
-@pytest.mark.parametrize("text", ["3.4028235677973366e38", "1e39", "-1e39", "1e400", "340282356779733661637539395458142568448" + "0" * 10])
+@pytest.mark.parametrize("text", ["3.4028235677973366e38", "1e39", "-1e39", "1e400", "340282356779733661637539395458142568448" + "0" * 10,
+                                  "NaN", "Infinity", "-Infinity", '"0.5"', "true", "null"])
 def test_s35_nested_offset_beyond_float32_refused(text):
     """A double beyond the largest float32 (the first rounds to FLT_MAX directly but to infinity through a
-    double, which is what bitsandbytes reads) is refused."""
+    double, which is what bitsandbytes reads) is refused; so are the non-standard NaN/Infinity tokens
+    (Python's json accepts them) and non-numbers."""
     with pytest.raises(FormatError, match="nested_offset"):
         unpack_quant_state(qs_bytes(text))
     if text == "3.4028235677973366e38":
