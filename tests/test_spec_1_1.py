@@ -57,17 +57,19 @@ def copy_with(src: Path, dst: Path, edit=None, meta=None, config=None) -> Path:
     return dst
 
 
-def refused_everywhere(path: Path, match: str) -> None:
-    """load_model, verify and merge's reader all refuse ``path`` with a message matching ``match``."""
+def refused_everywhere(path: Path, match: str, culprit: str | None = None) -> None:
+    """The format's reader rules (what merge runs before reading a tensor) refuse ``path`` with a
+    message matching ``match``; load_model and verify refuse it too, with a message that matches
+    ``culprit`` (default ``match``): their model-folder checks (spec/robustness.md) may see it first."""
     from qconvert.convert.verify import verify_checkpoint
     from qconvert.format.conformance import check_checkpoint
 
     with pytest.raises(FormatError, match=match):
+        check_checkpoint(Checkpoint(path, streaming=True))
+    with pytest.raises(FormatError, match=culprit or match):
         qconvert.load_model(path, backend="reference", device="cpu")
-    with pytest.raises(FormatError, match=match):
+    with pytest.raises(FormatError, match=culprit or match):
         verify_checkpoint(path)
-    with pytest.raises(FormatError, match=match):
-        check_checkpoint(Checkpoint(path, streaming=True))  # what merge runs before reading a tensor
 
 
 # ---------------------------------------------------------------- section 8: the float32 reading
@@ -155,10 +157,12 @@ def test_s35_nested_offset_read_through_a_double(text, value):
     assert bnb_offset(text) == value  # bitsandbytes reads the same float32
 
 
-@pytest.mark.parametrize("text", ["3.4028235677973366e38", "1e39", "-1e39", "1e400", "340282356779733661637539395458142568448" + "0" * 10])
+@pytest.mark.parametrize("text", ["3.4028235677973366e38", "1e39", "-1e39", "1e400", "340282356779733661637539395458142568448" + "0" * 10,
+                                  "NaN", "Infinity", "-Infinity", '"0.5"', "true", "null"])
 def test_s35_nested_offset_beyond_float32_refused(text):
     """A double beyond the largest float32 (the first rounds to FLT_MAX directly but to infinity through a
-    double, which is what bitsandbytes reads) is refused."""
+    double, which is what bitsandbytes reads) is refused; so are the non-standard NaN/Infinity tokens
+    (Python's json accepts them) and non-numbers."""
     with pytest.raises(FormatError, match="nested_offset"):
         unpack_quant_state(qs_bytes(text))
     if text == "3.4028235677973366e38":
@@ -216,6 +220,8 @@ CONTAINER = {
     "space_padding": (GOOD, A + B, b"    ", False),
     "tab_newline_padding": (GOOD, A + B, b"\t\n\r ", False),
     "any_order": ('{"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}', B + A, b"", False),
+    "leading_whitespace": ("\t " + GOOD, A + B, b"", False),
+    "unknown_entry_member": (GOOD.replace('"shape":[2],', '"shape":[2],"note":"x",'), A + B, b"", False),
     "nul_padding": (GOOD, A + B, b"\0\0", True),
     "trailing_bytes": (GOOD, A + B + b"\0\0\0\0", b"", True),
     "short_data": (GOOD, A + B[:4], b"", True),
@@ -251,6 +257,14 @@ def test_s9_safetensors_container_rules(tmp_path, name):
         assert c.get("a").tolist() == [0.0, 1.0, 2.0, 3.0] and c.get("b").tolist() == [0.0, 1.0]
 
 
+def test_s9_header_length_past_the_end_refused(tmp_path):
+    p = tmp_path / "m.safetensors"
+    for blob in (struct.pack("<Q", 10**6) + b"{}", b"\x02\x00\x00"):
+        p.write_bytes(blob)
+        with pytest.raises(FormatError):
+            Checkpoint(p)
+
+
 # ---------------------------------------------------------------- section 9: metadata
 def test_s9_format_must_be_pt(ckpt, tmp_path):
     bad = copy_with(ckpt, tmp_path / "tf", meta={"format": "tf"})
@@ -282,15 +296,15 @@ def test_s9_unknown_layout_version_refused_quantizer_version_ignored(ckpt, tmp_p
 def test_s9_unknown_entry_of_a_quantized_weight_refused(ckpt, tmp_path):
     k = "model.layers.0.mlp.up_proj.weight"
     bad = copy_with(ckpt, tmp_path / "extra", edit=lambda sd: sd.update({k + ".bias_correction": torch.zeros(3)}))
-    refused_everywhere(bad, r"up_proj\.weight\.bias_correction' is not an entry")
+    refused_everywhere(bad, r"up_proj\.weight\.bias_correction' is not an entry", r"up_proj\.weight\.bias_correction")
     other = copy_with(ckpt, tmp_path / "qs", edit=lambda sd: sd.update({k + ".quant_state.extra": torch.zeros(3, dtype=torch.uint8)}))
-    refused_everywhere(other, r"quant_state\.extra' is not an entry")
+    refused_everywhere(other, r"quant_state\.extra' is not an entry", r"up_proj\.weight")
 
 
 def test_s9_orphan_companion_refused(ckpt, tmp_path):
     k = "model.layers.0.self_attn.o_proj.weight"
     bad = copy_with(ckpt, tmp_path / "orphan", edit=lambda sd: sd.pop(k + ".quant_state.bitsandbytes__nf4"))
-    refused_everywhere(bad, r"o_proj\.weight\.absmax' is a 4-bit companion entry, but .* has no quant-state")
+    refused_everywhere(bad, r"o_proj\.weight\.absmax' is a 4-bit companion entry, but .* has no quant-state", r"o_proj\.weight")
 
 
 def test_s9_nested_entries_without_nested_fields_refused():

@@ -102,11 +102,12 @@ def quantized_names(keys: Iterable[str], where: str) -> list[str]:
     owned: set[str] = set()
     for name in names:
         owned |= _companion_names(name)
-    prefixes = tuple(n + "." for n in names)
+    quantized = set(names)
     for k in keys:
         if k in owned:
             continue
-        if k.startswith(prefixes):
+        parts = k.split(".")
+        if any(".".join(parts[:i]) in quantized for i in range(1, len(parts))):
             raise FormatError(
                 f"{where}: {k!r} is not an entry of the 4-bit layout for its weight",
                 hint="a 4-bit weight P has only P, P.absmax, P.quant_map, P.nested_absmax, P.nested_quant_map and one P.quant_state.*",
