@@ -51,7 +51,7 @@ def read_config(root: Path) -> dict[str, Any]:
         raise FormatError(f"{p}: {p.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{p}: not valid JSON", detail=str(e), hint="fix the file or re-download it") from None
     if not isinstance(data, dict):
         raise FormatError(f"{p}: must hold a JSON object, not {type(data).__name__}", hint="fix the file or re-download it")

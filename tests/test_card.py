@@ -54,6 +54,7 @@ def test_rendered_card_round_trips():
     ("---\ntags: [a, b\n---\n", "does not parse"),
     ("---\nbase_model: x\n  bad: indent\n---\n", "does not parse"),
     ("---\n- just\n- a list\n---\n", "must be a mapping, not list"),
+    ("---\na: " + "[" * 5000 + "\n---\n", "does not parse"),
 ])
 def test_broken_front_matter_is_one_clear_error(text, message):
     with pytest.raises(FormatError, match=message):

@@ -67,6 +67,7 @@ def truncate(folder: Path) -> None:
 CASES = [
     ("config-invalid-json", dict(raw_config='{"peft_type": "LORA", "r": 4,'), None, r"adapter_config\.json: not valid JSON"),
     ("config-a-list", dict(raw_config="[]"), None, r"adapter_config\.json: must hold a JSON object, not list"),
+    ("config-nested-100k-deep", dict(raw_config="[" * 100_000), None, r"adapter_config\.json: not valid JSON"),
     ("config-not-lora", dict(config=put(peft_type="IA3")), None, r"peft_type 'IA3' is not LORA"),
     ("r-zero", dict(config=put(r=0)), None, r"r must be a positive integer, got 0"),
     ("r-negative", dict(config=put(r=-4)), None, r"r must be a positive integer, got -4"),

@@ -76,6 +76,8 @@ LOAD_CASES = [
     ("config-invalid-json", dict(raw_config=b'{"model_type": "llama",'), r"config\.json: not valid JSON"),
     ("config-not-utf8", dict(raw_config=b'{"model_type": "\xff"}'), r"config\.json: not valid JSON"),
     ("config-a-list", dict(raw_config=b"[1, 2]"), r"config\.json: must hold a JSON object, not list"),
+    ("config-nested-100k-deep", dict(raw_config=b"[" * 100_000), r"config\.json: not valid JSON"),
+    ("config-17-MB", dict(raw_config=b'{"pad": "' + b"x" * (17 * 2**20) + b'"}'), r"config\.json: \d+ bytes, over the 16777216-byte limit"),
     ("config-remote-code", dict(config=put(model_type="evil", architectures=["EvilForCausalLM"],
                                            auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})),
      r"needs remote code \(auto_map\), which qconvert never runs"),
@@ -107,6 +109,9 @@ LOAD_CASES = [
     ("quant-state-transposed", dict(tensors=edit_quant_state(K_PROJ, lambda d: d.update(shape=d["shape"][::-1]))),
      r"'model\.layers\.0\.self_attn\.k_proj\.weight' has quant-state shape \[64, 32\], the LlamaForCausalLM needs \[32, 64\]"),
     ("quant-state-extra-field", dict(tensors=edit_quant_state(K_PROJ, lambda d: d.update(evil="x"))), r"unknown quant-state fields \['evil'\]"),
+    ("quant-state-nested-60k-deep", dict(tensors=lambda sd: sd.update({f"{K_PROJ}.quant_state.bitsandbytes__nf4":
+                                                                       torch.tensor(list(b"[" * 60_000), dtype=torch.uint8)})),
+     r"quant state is not UTF-8 JSON"),
     ("quant-state-missing-shape", dict(tensors=edit_quant_state(K_PROJ, lambda d: d.pop("shape"))), r"shape None must be a list"),
 ]
 

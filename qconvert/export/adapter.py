@@ -51,7 +51,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         raise FormatError(f"{p}: {p.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config")
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{p}: not valid JSON", detail=str(e), hint=_FIX) from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{p}: must hold a JSON object, not {type(cfg).__name__}", hint=_FIX)

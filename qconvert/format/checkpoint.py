@@ -68,7 +68,7 @@ def read_index(path: Path) -> dict[str, str]:
     """weight_map of an index file, validated."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: cannot read index ({e})", hint="re-download or regenerate the index") from None
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not wm:
@@ -277,5 +277,5 @@ class Checkpoint:
             return None
         try:
             return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise FormatError(f"{p}: not valid JSON ({e})") from None

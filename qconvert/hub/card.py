@@ -53,7 +53,7 @@ def read_card_meta(text: str, where: str = "model card") -> dict[str, Any]:
         return {}
     try:
         meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:  # deep nesting exhausts the parser's recursion
         first = (str(e).strip().splitlines() or [""])[0]
         raise FormatError(f"{where}: the YAML front matter does not parse", detail=f"{first} ({type(e).__name__})",
                           hint="fix the YAML between the two --- lines") from None
