@@ -131,6 +131,19 @@ def test_merge_refuses_an_adapter_for_another_base(base, tmp_path, case, tensors
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("raw,message", [("[]", r"config\.json: must hold a JSON object, not list"),
+                                         ("{oops", r"config\.json: not valid JSON")])
+def test_merge_refuses_a_base_with_a_broken_config(base, tmp_path, raw, message):
+    from qconvert.export.merge import merge_adapter
+
+    b = tmp_path / "base"
+    shutil.copytree(base, b)
+    (b / "config.json").write_text(raw)
+    with pytest.raises(FormatError, match=message):
+        merge_adapter(str(b), str(write_adapter(tmp_path / "a")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_of_the_valid_adapter_is_exact_and_keeps_local_paths_out_of_the_card(base, tmp_path):
     """The control: the adapter the cases damage merges to dequant(W4) + (alpha / r) B @ A. Its
     base_model_name_or_path is a local folder, which must not reach the published card."""

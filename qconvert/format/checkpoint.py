@@ -276,6 +276,9 @@ class Checkpoint:
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text(encoding="utf-8"))
+            cfg = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise FormatError(f"{p}: not valid JSON ({e})") from None
+            raise FormatError(f"{p}: not valid JSON", detail=str(e), hint="fix the file or re-download it") from None
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{p}: must hold a JSON object, not {type(cfg).__name__}", hint="fix the file or re-download it")
+        return cfg
