@@ -67,10 +67,6 @@ class HubError(QConvertError, RuntimeError):
     """The Hugging Face Hub refused or failed a request (token, permissions, network)."""
 
 
-class InternalError(QConvertError, RuntimeError):
-    """Something failed that qconvert did not anticipate: a bug (the CLI reports it as one)."""
-
-
 def _split_first_line(line: str, room: int) -> tuple[str, str]:
     """Cut a too-long first line: before a wrapped message in parentheses, after '; ' or ': ', or
     at a space, whichever keeps the most text within ``room`` characters."""
