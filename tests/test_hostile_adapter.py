@@ -213,3 +213,27 @@ def test_push_refuses_damaged_folders(tmp_path, case, damage, message):
     damage(a)
     with pytest.raises(FormatError, match=message):
         validate_folder(a)
+
+
+@pytest.mark.parametrize("case,kw,message", [
+    ("r-zero", dict(config=put(r=0)), r"r must be a positive integer, got 0"),
+    ("in-features-differ", dict(tensors=lambda sd: sd.update({Q_A: torch.zeros(4, 32)})), r"lora_B @ lora_A is \[64, 32\], the base weight is \[64, 64\]"),
+    ("module-not-in-model", dict(tensors=lambda sd: sd.update({f"{PREFIX}model.layers.7.mlp.up_proj.lora_A.weight": torch.zeros(4, 64),
+                                                               f"{PREFIX}model.layers.7.mlp.up_proj.lora_B.weight": torch.zeros(100, 4)})),
+     r"adapts 'model\.layers\.7\.mlp\.up_proj', which is not a Linear layer of the LlamaForCausalLM"),
+    ("truncated", dict(), r"not a readable safetensors file"),
+])
+def test_load_model_refuses_a_damaged_adapter(base, tmp_path, case, kw, message):
+    """load_model(adapter=...) checks the adapter against the loaded model before PEFT sees it
+    (PEFT raises a ValueError or a size-mismatch RuntimeError traceback); the valid one attaches."""
+    import qconvert
+
+    good = qconvert.load_model(base, backend="reference", device="cpu", adapter=write_adapter(tmp_path / "good"))
+    from peft import PeftModel
+
+    assert isinstance(good, PeftModel)
+    a = write_adapter(tmp_path / "a", **kw)
+    if case == "truncated":
+        truncate(a)
+    with pytest.raises(FormatError, match=message):
+        qconvert.load_model(base, backend="reference", device="cpu", adapter=a)

@@ -117,6 +117,26 @@ def check_against_base(weights: Path, modules: Mapping[str, tuple[Any, Any]], ba
                               hint="is this adapter for this base?")
 
 
+def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
+    """A PEFT LoRA folder about to be attached to ``model`` (load_model's ``adapter=``): sections 5.1
+    to 5.4 of spec/robustness.md, with the model's Linear layers as the base."""
+    from ..validate import linear_shape
+
+    folder = Path(folder)
+    modules = read_lora_weights(folder, read_adapter_config(folder))
+    shapes = {}
+    for m in modules:
+        try:
+            shape = linear_shape(model.get_submodule(m))
+        except AttributeError:
+            shape = None
+        if shape is None:
+            raise FormatError(f"{folder}: adapts {m!r}, which is not a Linear layer of the {type(model).__name__}",
+                              hint="is this adapter for this base?")
+        shapes[m] = shape
+    check_against_base(folder / "adapter_model.safetensors", modules, shapes)
+
+
 def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
     from ..convert.quantize import _publish, check_output, staging_dir
