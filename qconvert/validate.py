@@ -290,6 +290,9 @@ def check_model_folder(root: Path) -> None:
 
     cfg = read_config(root)
     qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise FormatError(f"{root / 'config.json'}: quantization_config must be a JSON object, not {type(qc).__name__}",
+                          hint="config.json is damaged or was edited; " + _REUPLOAD)
     if not is_4bit_config(qc):
         return  # load_model refuses it with its own message and hint
     cd = qc.get("bnb_4bit_compute_dtype")

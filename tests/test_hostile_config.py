@@ -93,6 +93,8 @@ LOAD_CASES = [
     ("config-negative-hidden", dict(config=put(hidden_size=-64)), r"config\.json: does not build a LlamaForCausalLM"),
     ("config-float-hidden", dict(config=put(hidden_size=64.5)), r"config\.json: transformers cannot read it"),
     ("config-negative-layers", dict(config=put(num_hidden_layers=-1)), r"num_hidden_layers is -1"),
+    ("config-quantization-config-a-string", dict(config=put(quantization_config="bitsandbytes")),
+     r"quantization_config must be a JSON object, not str"),
     ("config-bad-compute-dtype", dict(config=lambda c: c["quantization_config"].update(bnb_4bit_compute_dtype="int8")),
      r"bnb_4bit_compute_dtype 'int8' is not one of"),
     ("weights-embedding-shape", dict(tensors=lambda sd: sd.update({EMB: sd[EMB][:64].clone()})),
