@@ -13,7 +13,7 @@ A folder's config.json says which model to build; the tensors must be exactly wh
    headers: every 4-bit weight sits on a Linear whose [out, in] is its quant-state shape; every
    other tensor has its parameter's shape and a usable dtype; nothing the model needs is missing and
    nothing is left over. Buffers the model computes itself may not exceed :data:`MAX_BUFFER_BYTES`
-   (or the checkpoint's own size, if larger).
+   or 4 bytes per element in the checkpoint, whichever is larger.
 
 ``qconvert verify`` runs the same comparison in its lenient form (``strict=False``): tensors the
 model has no place for are allowed (transformers ignores them) and float dtypes may mix
