@@ -75,6 +75,7 @@ CASES = [
     ("r-true", dict(config=put(r=True)), None, r"r must be a positive integer, got True"),
     ("alpha-nan", dict(config=put(lora_alpha=math.nan)), None, r"lora_alpha must be a finite number, got nan"),
     ("rank-pattern-zero", dict(config=put(rank_pattern={"q_proj": 0})), None, r"rank_pattern must map module names to positive integers"),
+    ("rank-pattern-bad-regex", dict(config=put(rank_pattern={"q_proj[": 4})), None, r"rank_pattern key 'q_proj\[' is not a valid regular expression"),
     ("lora-B-missing", dict(tensors=lambda sd: sd.pop(Q_B)), None, r"q_proj\.lora_A has no matching lora_B"),
     ("lora-A-missing", dict(tensors=lambda sd: sd.pop(Q_A)), None, r"q_proj\.lora_B has no matching lora_A"),
     ("rank-mismatch", dict(tensors=lambda sd: sd.update({Q_A: torch.zeros(3, 64)})), None,

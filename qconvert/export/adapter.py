@@ -65,6 +65,11 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         t = cfg.get(table)
         if t is not None and not (isinstance(t, dict) and all(isinstance(k, str) and ok(v) for k, v in t.items())):
             raise FormatError(f"{p}: {table} must map module names to {what}", hint=_FIX)
+        for k in t or {}:  # keys are regular expressions over module names (as PEFT reads them)
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise FormatError(f"{p}: {table} key {k[:60]!r} is not a valid regular expression ({e})", hint=_FIX) from None
     return cfg
 
 
