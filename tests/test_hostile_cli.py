@@ -145,3 +145,13 @@ def test_in_a_real_process(files, case):
     r = subprocess.run([*QCONVERT, *map(str, argv(files))], capture_output=True, text=True, env=env)
     first = r.stderr.splitlines()[0]
     assert r.returncode == code and FIRST_LINE.match(first) and fragment in first and "Traceback" not in r.stderr
+
+
+def test_terminal_escapes_in_a_message_are_not_sent_to_the_terminal(capsys, monkeypatch):
+    """A hostile name (here a path; in the wild a tensor name or a file in an index) with an escape
+    sequence that would clear the screen or retitle the terminal is printed escaped."""
+    monkeypatch.delenv("QCONVERT_DEBUG", raising=False)
+    assert main(["inspect", "/no/such/\x1b[2J\x1b]0;owned\x07"]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert err.splitlines()[0] == "qconvert: error: /no/such/\\x1b[2J\\x1b]0;owned\\x07: no such file or folder"
