@@ -197,3 +197,19 @@ def test_verify_remote_code_model_gets_the_2d_rule(good, tmp_path):
     shutil.rmtree(tmp_path / "v")
     with pytest.raises(QConvertError, match=r"quant-state shape \[2048\]; a Linear weight is 2-D"):
         verify_checkpoint(variant(good, tmp_path, config=remote, tensors=flat))
+
+
+def test_checks_accept_every_known_decoder_family(tmp_path):
+    """The controls for the structure checks: what `quantize` writes for each family it plans from
+    config.json (tied heads, so the checkpoint has no lm_head) passes verify and loads."""
+    from helpers import make_tiny_decoder
+
+    from qconvert.convert.plan import KNOWN_DECODERS
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.convert.verify import verify_checkpoint
+
+    for arch in KNOWN_DECODERS:
+        q = tmp_path / f"{arch}-q"
+        quantize_checkpoint(str(make_tiny_decoder(tmp_path / arch, arch, tie=True, flags={})), q)
+        assert verify_checkpoint(q)["structure"] == f"matches the {arch} config.json builds"
+        assert type(qconvert.load_model(q, backend="reference", device="cpu")).__name__ == arch
