@@ -116,6 +116,16 @@ def test_export_adapter_refuses(tmp_path, case, kw, damage, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+@pytest.mark.parametrize("base_id", ["/home/me/base", "./base", "base", ""])
+def test_export_adapter_refuses_a_base_model_that_is_not_a_hub_id(tmp_path, base_id):
+    from qconvert.errors import OptionError
+    from qconvert.export.adapter import export_adapter
+
+    with pytest.raises(OptionError, match=r"--base-model .* is not a Hub repo id"):
+        export_adapter(write_adapter(tmp_path / "a"), tmp_path / "out", base_model=base_id)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case,tensors,message", [
     ("in-features-differ", lambda sd: sd.update({Q_A: torch.zeros(4, 32)}), r"q_proj: lora_B @ lora_A is \[64, 32\], the base weight is \[64, 64\]"),
     ("out-features-differ", lambda sd: sd.update({Q_B: torch.zeros(32, 4)}), r"q_proj: lora_B @ lora_A is \[32, 64\], the base weight is \[64, 64\]"),

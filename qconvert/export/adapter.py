@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import FormatError, OptionError
 
 #: A PEFT LoRA weight key: base_model.model.<module>.lora_A|lora_B[.<adapter name>].weight
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -159,7 +159,12 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     weights = src / "adapter_model.safetensors"
     modules = read_lora_weights(src, cfg)
     check_output(out, overwrite)
-    if base_model:
+    if base_model is not None:
+        from ..hub.download import REPO_ID
+
+        if not REPO_ID.match(base_model) or os.path.exists(base_model):
+            raise OptionError(f"--base-model {base_model!r} is not a Hub repo id (namespace/name)",
+                              hint="name the base model as others will load it from the Hub")
         cfg["base_model_name_or_path"] = base_model
     stage = staging_dir(out)
     shutil.rmtree(stage, ignore_errors=True)
