@@ -67,10 +67,6 @@ class HubError(QConvertError, RuntimeError):
     """The Hugging Face Hub refused or failed a request (token, permissions, network)."""
 
 
-class InternalError(QConvertError, RuntimeError):
-    """Something failed that qconvert did not anticipate: a bug (the CLI reports it as one)."""
-
-
 def _split_first_line(line: str, room: int) -> tuple[str, str]:
     """Cut a too-long first line: before a wrapped message in parentheses, after '; ' or ': ', or
     at a space, whichever keeps the most text within ``room`` characters."""
@@ -86,10 +82,17 @@ def _split_first_line(line: str, room: int) -> tuple[str, str]:
     return line[: room - 4] + " ...", line[room - 4 :]
 
 
+def _printable(text: str) -> str:
+    """Control characters (a terminal escape sequence in a hostile tensor name or path) shown as
+    ``\\xNN`` escapes instead of being sent to the terminal; newlines kept."""
+    return "".join(c if c == "\n" or c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def cli_lines(message: str, hint: str | None = None) -> list[str]:
     """The CLI's lines for an error: ``qconvert: error: FIRST`` (at most MAX_FIRST_LINE characters,
     a long first line cut and continued below), indented detail lines, then ``hint: ...``."""
-    text = message.strip() or "unknown error"
+    text = _printable(message).strip() or "unknown error"
+    hint = _printable(hint) if hint else hint
     first, _, rest = text.partition("\n")
     first, cut = _split_first_line(" ".join(first.split()), MAX_FIRST_LINE - len(PREFIX))
     lines = [PREFIX + first]

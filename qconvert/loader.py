@@ -163,5 +163,9 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
+        from .export.adapter import check_adapter_for_model
+
+        check_adapter_for_model(adapter, model)  # PEFT's own errors for a damaged adapter are tracebacks
+
         model = PeftModel.from_pretrained(model, str(adapter))
     return model

@@ -13,7 +13,7 @@ A folder's config.json says which model to build; the tensors must be exactly wh
    headers: every 4-bit weight sits on a Linear whose [out, in] is its quant-state shape; every
    other tensor has its parameter's shape and a usable dtype; nothing the model needs is missing and
    nothing is left over. Buffers the model computes itself may not exceed :data:`MAX_BUFFER_BYTES`
-   (or the checkpoint's own size, if larger).
+   or 4 bytes per element in the checkpoint, whichever is larger.
 
 ``qconvert verify`` runs the same comparison in its lenient form (``strict=False``): tensors the
 model has no place for are allowed (transformers ignores them) and float dtypes may mix
@@ -51,7 +51,7 @@ def read_config(root: Path) -> dict[str, Any]:
         raise FormatError(f"{p}: {p.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{p}: not valid JSON", detail=str(e), hint="fix the file or re-download it") from None
     if not isinstance(data, dict):
         raise FormatError(f"{p}: must hold a JSON object, not {type(data).__name__}", hint="fix the file or re-download it")
@@ -290,6 +290,9 @@ def check_model_folder(root: Path) -> None:
 
     cfg = read_config(root)
     qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise FormatError(f"{root / 'config.json'}: quantization_config must be a JSON object, not {type(qc).__name__}",
+                          hint="config.json is damaged or was edited; " + _REUPLOAD)
     if not is_4bit_config(qc):
         return  # load_model refuses it with its own message and hint
     cd = qc.get("bnb_4bit_compute_dtype")

@@ -76,6 +76,8 @@ LOAD_CASES = [
     ("config-invalid-json", dict(raw_config=b'{"model_type": "llama",'), r"config\.json: not valid JSON"),
     ("config-not-utf8", dict(raw_config=b'{"model_type": "\xff"}'), r"config\.json: not valid JSON"),
     ("config-a-list", dict(raw_config=b"[1, 2]"), r"config\.json: must hold a JSON object, not list"),
+    ("config-nested-100k-deep", dict(raw_config=b"[" * 100_000), r"config\.json: not valid JSON"),
+    ("config-17-MB", dict(raw_config=b'{"pad": "' + b"x" * (17 * 2**20) + b'"}'), r"config\.json: \d+ bytes, over the 16777216-byte limit"),
     ("config-remote-code", dict(config=put(model_type="evil", architectures=["EvilForCausalLM"],
                                            auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})),
      r"needs remote code \(auto_map\), which qconvert never runs"),
@@ -91,6 +93,8 @@ LOAD_CASES = [
     ("config-negative-hidden", dict(config=put(hidden_size=-64)), r"config\.json: does not build a LlamaForCausalLM"),
     ("config-float-hidden", dict(config=put(hidden_size=64.5)), r"config\.json: transformers cannot read it"),
     ("config-negative-layers", dict(config=put(num_hidden_layers=-1)), r"num_hidden_layers is -1"),
+    ("config-quantization-config-a-string", dict(config=put(quantization_config="bitsandbytes")),
+     r"quantization_config must be a JSON object, not str"),
     ("config-bad-compute-dtype", dict(config=lambda c: c["quantization_config"].update(bnb_4bit_compute_dtype="int8")),
      r"bnb_4bit_compute_dtype 'int8' is not one of"),
     ("weights-embedding-shape", dict(tensors=lambda sd: sd.update({EMB: sd[EMB][:64].clone()})),
@@ -107,6 +111,9 @@ LOAD_CASES = [
     ("quant-state-transposed", dict(tensors=edit_quant_state(K_PROJ, lambda d: d.update(shape=d["shape"][::-1]))),
      r"'model\.layers\.0\.self_attn\.k_proj\.weight' has quant-state shape \[64, 32\], the LlamaForCausalLM needs \[32, 64\]"),
     ("quant-state-extra-field", dict(tensors=edit_quant_state(K_PROJ, lambda d: d.update(evil="x"))), r"unknown quant-state fields \['evil'\]"),
+    ("quant-state-nested-60k-deep", dict(tensors=lambda sd: sd.update({f"{K_PROJ}.quant_state.bitsandbytes__nf4":
+                                                                       torch.tensor(list(b"[" * 60_000), dtype=torch.uint8)})),
+     r"quant state is not UTF-8 JSON"),
     ("quant-state-missing-shape", dict(tensors=edit_quant_state(K_PROJ, lambda d: d.pop("shape"))), r"shape None must be a list"),
 ]
 
@@ -190,3 +197,19 @@ def test_verify_remote_code_model_gets_the_2d_rule(good, tmp_path):
     shutil.rmtree(tmp_path / "v")
     with pytest.raises(QConvertError, match=r"quant-state shape \[2048\]; a Linear weight is 2-D"):
         verify_checkpoint(variant(good, tmp_path, config=remote, tensors=flat))
+
+
+def test_checks_accept_every_known_decoder_family(tmp_path):
+    """The controls for the structure checks: what `quantize` writes for each family it plans from
+    config.json (tied heads, so the checkpoint has no lm_head) passes verify and loads."""
+    from helpers import make_tiny_decoder
+
+    from qconvert.convert.plan import KNOWN_DECODERS
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.convert.verify import verify_checkpoint
+
+    for arch in KNOWN_DECODERS:
+        q = tmp_path / f"{arch}-q"
+        quantize_checkpoint(str(make_tiny_decoder(tmp_path / arch, arch, tie=True, flags={})), q)
+        assert verify_checkpoint(q)["structure"] == f"matches the {arch} config.json builds"
+        assert type(qconvert.load_model(q, backend="reference", device="cpu")).__name__ == arch

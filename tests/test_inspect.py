@@ -57,7 +57,9 @@ def test_inspect_sharded_unquantized(tmp_path):
 
 def test_inspect_errors(tmp_path):
     r = run("inspect", tmp_path / "nope", ok=False)
-    assert r.returncode == 1 and "no such file or folder" in r.stderr and r.stderr.count("\n") == 1
+    first, *rest = r.stderr.splitlines()  # one error: its first line, then only detail and hint lines
+    assert r.returncode == 1 and first.startswith("qconvert: error: ") and "no such file or folder" in first
+    assert rest and all(ln.startswith(("  ", "hint: ")) for ln in rest)
     (tmp_path / "empty").mkdir()
     r = run("inspect", tmp_path / "empty", ok=False)
     assert r.returncode == 1 and "no model.safetensors" in r.stderr

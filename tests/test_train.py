@@ -193,7 +193,8 @@ def test_bad_data_refused(qmodel, tmp_path, content, message):
     data = tmp_path / "mem.jsonl"
     data.write_text(content)
     r = train(qmodel, data, tmp_path / "out", "--max-length", 16, "--strict-data", ok=False)
-    assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    first, *rest = r.stderr.splitlines()  # one error: its first line, then only detail and hint lines
+    assert r.returncode == 1 and message in first and all(ln.startswith(("  ", "hint: ")) for ln in rest), r.stderr
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 

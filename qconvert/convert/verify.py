@@ -64,7 +64,7 @@ def check_model_structure(ckpt: Checkpoint) -> str:
     other tensor that model knows has its shape and a usable dtype (qconvert.validate, lenient form:
     names transformers renames on load are not required). A config that needs remote code cannot
     be built here: then each quant-state shape must at least be 2-D. Returns what was checked."""
-    from ..validate import check_structure, model_class, quant_shapes, read_config
+    from ..validate import check_structure, model_class, quant_shapes
 
     cfg = read_config(ckpt.root)
     if cfg.get("auto_map"):

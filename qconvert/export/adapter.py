@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import FormatError, OptionError
 
 #: A PEFT LoRA weight key: base_model.model.<module>.lora_A|lora_B[.<adapter name>].weight
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -51,7 +51,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         raise FormatError(f"{p}: {p.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config")
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{p}: not valid JSON", detail=str(e), hint=_FIX) from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{p}: must hold a JSON object, not {type(cfg).__name__}", hint=_FIX)
@@ -65,6 +65,11 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         t = cfg.get(table)
         if t is not None and not (isinstance(t, dict) and all(isinstance(k, str) and ok(v) for k, v in t.items())):
             raise FormatError(f"{p}: {table} must map module names to {what}", hint=_FIX)
+        for k in t or {}:  # keys are regular expressions over module names (as PEFT reads them)
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise FormatError(f"{p}: {table} key {k[:60]!r} is not a valid regular expression ({e})", hint=_FIX) from None
     return cfg
 
 
@@ -117,6 +122,26 @@ def check_against_base(weights: Path, modules: Mapping[str, tuple[Any, Any]], ba
                               hint="is this adapter for this base?")
 
 
+def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
+    """A PEFT LoRA folder about to be attached to ``model`` (load_model's ``adapter=``): sections 5.1
+    to 5.4 of spec/robustness.md, with the model's Linear layers as the base."""
+    from ..validate import linear_shape
+
+    folder = Path(folder)
+    modules = read_lora_weights(folder, read_adapter_config(folder))
+    shapes = {}
+    for m in modules:
+        try:
+            shape = linear_shape(model.get_submodule(m))
+        except AttributeError:
+            shape = None
+        if shape is None:
+            raise FormatError(f"{folder}: adapts {m!r}, which is not a Linear layer of the {type(model).__name__}",
+                              hint="is this adapter for this base?")
+        shapes[m] = shape
+    check_against_base(folder / "adapter_model.safetensors", modules, shapes)
+
+
 def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
     from ..convert.quantize import _publish, check_output, staging_dir
@@ -134,7 +159,12 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     weights = src / "adapter_model.safetensors"
     modules = read_lora_weights(src, cfg)
     check_output(out, overwrite, inputs=[source, src])
-    if base_model:
+    if base_model is not None:
+        from ..hub.download import REPO_ID
+
+        if not REPO_ID.match(base_model) or os.path.exists(base_model):
+            raise OptionError(f"--base-model {base_model!r} is not a Hub repo id (namespace/name)",
+                              hint="name the base model as others will load it from the Hub")
         cfg["base_model_name_or_path"] = base_model
     stage = staging_dir(out)
     shutil.rmtree(stage, ignore_errors=True)

@@ -202,7 +202,7 @@ def unpack_quant_state(t: torch.Tensor, where: str = "quant state") -> dict[str,
 
     try:
         d = json.loads(bytes(t.tolist()).decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{where}: quant state is not UTF-8 JSON ({e})") from None
     if not isinstance(d, dict):
         raise FormatError(f"{where}: quant state must be a JSON object")

@@ -1,9 +1,17 @@
-"""Model cards: YAML front matter the Hub reads, then a Markdown body."""
+"""Model cards: YAML front matter the Hub reads, then a Markdown body.
+
+Cards are written with every string as a YAML double-quoted scalar (JSON string syntax), and read
+with yaml.safe_load, so a hand-written card with single quotes, comments, flow lists or block
+scalars reads as the Hub reads it (tests/test_card.py checks both against huggingface_hub's ModelCard).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+from ..errors import FormatError
 
 
 def _yaml_scalar(v: Any) -> str:
@@ -13,7 +21,7 @@ def _yaml_scalar(v: Any) -> str:
         return "null"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(str(v))  # a JSON string is a valid YAML double-quoted scalar
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
 
 
 def render_card(meta: dict[str, Any], body: str) -> str:
@@ -31,43 +39,27 @@ def render_card(meta: dict[str, Any], body: str) -> str:
     return "\n".join(lines) + "\n\n" + body.strip() + "\n"
 
 
-def read_card_meta(text: str) -> dict[str, Any]:
-    """Parse the front matter written by :func:`render_card` (and simple hand-written ones)."""
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    if end < 0:
-        return {}
-    meta: dict[str, Any] = {}
-    key = None
-    for line in text[3:end].splitlines():
-        if not line.strip():
-            continue
-        if line.startswith("- ") and key:
-            meta.setdefault(key, [])
-            meta[key].append(_parse_scalar(line[2:]))
-        elif ":" in line and not line.startswith(" "):
-            key, _, rest = line.partition(":")
-            key = key.strip()
-            meta[key] = _parse_scalar(rest.strip()) if rest.strip() else []
-    return meta
+#: A card's front matter: a first line ``---``, YAML, and a line ``---`` (as the Hub reads it).
+FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
-def _parse_scalar(s: str) -> Any:
-    s = s.strip()
-    if s.startswith('"'):
-        try:
-            return json.loads(s)
-        except json.JSONDecodeError:
-            return s.strip('"')
-    if s in ("true", "false"):
-        return s == "true"
-    if s == "null":
-        return None
+def read_card_meta(text: str, where: str = "model card") -> dict[str, Any]:
+    """The YAML front matter of a model card as a dict ({} when the card has none), read with
+    yaml.safe_load as the Hub reads it. FormatError when the YAML is broken or not a mapping."""
+    import yaml
+
+    m = FRONT_MATTER.match(text)
+    if not m:
+        return {}
     try:
-        return int(s)
-    except ValueError:
-        try:
-            return float(s)
-        except ValueError:
-            return s
+        meta = yaml.safe_load(m.group(1))
+    except (yaml.YAMLError, RecursionError) as e:  # deep nesting exhausts the parser's recursion
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FormatError(f"{where}: the YAML front matter does not parse", detail=f"{first} ({type(e).__name__})",
+                          hint="fix the YAML between the two --- lines") from None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise FormatError(f"{where}: the YAML front matter must be a mapping, not {type(meta).__name__}",
+                          hint="write it as key: value lines")
+    return meta

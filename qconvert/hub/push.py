@@ -10,7 +10,6 @@ not sent again, so re-running an upload that was cut off resumes it (tested: tes
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +29,9 @@ def folder_kind(folder: Path) -> str:
         raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)")
     from ..format.layout import is_4bit_config  # here: the adapter path of push needs no torch
 
-    qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    from ..validate import read_config
+
+    qc = read_config(folder).get("quantization_config") or {}
     return "quantized" if is_4bit_config(qc) else "merge"
 
 
@@ -40,15 +41,11 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(f"{folder}: no such folder")
     kind = folder_kind(folder)
     if kind == "adapter":
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        if cfg.get("peft_type") != "LORA" or not (folder / "adapter_model.safetensors").is_file():
-            raise FormatError(f"{folder}: adapter_config.json must be a PEFT LoRA config next to adapter_model.safetensors")
-        base = cfg.get("base_model_name_or_path") or ""
-        if base.startswith(("/", ".")) or os.sep in base and not _is_repo_id(base):
-            raise FormatError(
-                f"{folder}/adapter_config.json: base_model_name_or_path is a local path ({base!r})",
-                hint="set it to the Hub id of the base model, so others can load the adapter",
-            )
+        from ..export.adapter import read_adapter_config, read_lora_weights
+
+        cfg = read_adapter_config(folder)
+        read_lora_weights(folder, cfg)  # a damaged or half-written adapter is not published
+        check_base_model_id(cfg.get("base_model_name_or_path"), folder / "adapter_config.json")
     elif kind == "quantized":
         from ..convert.verify import verify_checkpoint
 
@@ -56,7 +53,11 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
     card = folder / "README.md"
     if not card.is_file():
         raise FormatError(f"{folder}: no README.md model card", hint="qconvert quantize/train/merge write one")
-    meta = read_card_meta(card.read_text())
+    try:
+        text = card.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{card}: not UTF-8 text", hint="save the model card as UTF-8") from None
+    meta = read_card_meta(text, str(card))
     relation = meta.get("base_model_relation")
     if relation != kind:
         raise FormatError(
@@ -64,6 +65,18 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
             hint=f"set base_model_relation: {kind} in the card's front matter",
         )
     return {"kind": kind, "card": meta}
+
+
+def check_base_model_id(base: object, where: Path) -> None:
+    """An adapter's base_model_name_or_path must be a Hub repo id (namespace/name) that is not also
+    a local path: others cannot load an adapter whose base is a folder on this machine."""
+    if not isinstance(base, str) or not _is_repo_id(base) or os.path.exists(base):
+        what = "missing" if not base else f"a local path ({base!r})" if isinstance(base, str) and (
+            os.path.exists(base) or base.startswith(("/", ".", "~")) or "\\" in base) else f"not a Hub repo id ({base!r})"
+        raise FormatError(
+            f"{where}: base_model_name_or_path is {what}",
+            hint="set it to the Hub id of the base model (namespace/name), e.g. with `qconvert export-adapter SRC OUT --base-model ID`",
+        )
 
 
 def _is_repo_id(s: str) -> bool:
