@@ -136,6 +136,23 @@ def test_resume_and_overwrite_together_refused(tmp_path):
     one_line_error(r, "--resume and --overwrite")
 
 
+def test_output_that_is_a_file_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = subprocess.run([*QCONVERT, "train", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "notes.txt")],
+                       capture_output=True, text=True)
+    one_line_error(r, "notes.txt: exists and is not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_config_file_cannot_build_python_objects(tmp_path):
+    marker = tmp_path / "pwned"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f'learning_rate: !!python/object/apply:os.mkdir ["{marker}"]\n')
+    r = subprocess.run([*QCONVERT, "train", "--config", str(cfg)], capture_output=True, text=True)
+    one_line_error(r, "run.yaml:1: not valid YAML")
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------- SIGTERM saves, as Ctrl-C does
 
 
