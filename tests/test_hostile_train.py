@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ class _Evil:
         return (os.mkdir, (self.marker,))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_crafted_pickle_and_runs_nothing(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     out = tmp_path / "run"
@@ -105,6 +105,7 @@ def test_no_pickle_is_loaded_without_weights_only_anywhere_in_the_package():
 # ---------------------------------------------------------------- the output folder: nothing lost
 
 
+@pytest.mark.slow
 def test_existing_run_refused_then_overwrite_starts_clean_and_resume_refuses_another_run(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     out = tmp_path / "run"
@@ -156,6 +157,7 @@ def test_config_file_cannot_build_python_objects(tmp_path):
 # ---------------------------------------------------------------- SIGTERM saves, as Ctrl-C does
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmodel, tmp_path):
     from safetensors.torch import load_file
 
@@ -221,6 +223,7 @@ def test_eval_split_that_leaves_nothing_to_train_on_is_refused(qmodel, tmp_path)
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_target_modules_comma_form_accepted_and_a_misspelt_name_refused_with_the_list(qmodel, tmp_path):
     from safetensors.torch import load_file
 

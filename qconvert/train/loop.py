@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DataError, FormatError, OptionError
-from .checkpoint import (STATE, check_compatible, checkpoints, find_resume, load_state, prepare_output, run_signature,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
+from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
 from .data import FORMATS, TRUNCATION, DataReport, build_examples, collate, load_records, pack
 from .options import check_options, check_target_modules, split_modules
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
