@@ -182,6 +182,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmode
     assert len(ckpts) == 1 and "resume with --resume" in text and not (out / "adapter_config.json").exists()
     done = int(ckpts[0].name.split("-")[1])
     assert 3 <= done < 400
+    from qconvert.train.plot import read_png_series
+
+    # loss.png is drawn at each save, the interrupt's included, from the metrics so far
+    assert read_png_series(out / "loss.png")["train loss"]["x"] == [m["step"] for m in metrics(out)]
     r = subprocess.run([*args, "--max-steps", str(done + 2), "--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     train(qmodel, data, tmp_path / "straight", *common, "--max-steps", done + 2)
