@@ -144,11 +144,15 @@ def train(
     rank, world = _dist()
     say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
     out = Path(output)
-    prepare_output(out, resume=resume, overwrite=overwrite)
+    prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()  # every rank has looked at --output before rank 0 writes into it
+        dist.barrier()  # every rank has looked at --output before rank 0 changes it
+    if rank == 0:
+        prepare_output(out, resume=resume, overwrite=overwrite)
+    if world > 1:
+        dist.barrier()
     with warnings.catch_warnings():
         # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
         warnings.simplefilter("ignore", FutureWarning)
