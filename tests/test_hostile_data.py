@@ -37,6 +37,7 @@ def test_unusable_data_is_one_line(qmodel, tmp_path, name, content, needle):
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_rows_are_left_out_and_counted_unless_strict(qmodel, tmp_path):
     rows = good_rows(8)
     bad = [
@@ -57,6 +58,7 @@ def test_bad_rows_are_left_out_and_counted_unless_strict(qmodel, tmp_path):
     one_line_error(r, "d.jsonl:5: not valid JSON")
 
 
+@pytest.mark.slow
 def test_truncation_is_counted_and_drop_leaves_records_out(qmodel, tmp_path):
     from transformers import AutoTokenizer
 

@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ class _Evil:
         return (os.mkdir, (self.marker,))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_crafted_pickle_and_runs_nothing(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     out = tmp_path / "run"
@@ -105,6 +105,7 @@ def test_no_pickle_is_loaded_without_weights_only_anywhere_in_the_package():
 # ---------------------------------------------------------------- the output folder: nothing lost
 
 
+@pytest.mark.slow
 def test_existing_run_refused_then_overwrite_starts_clean_and_resume_refuses_another_run(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     out = tmp_path / "run"
@@ -136,9 +137,27 @@ def test_resume_and_overwrite_together_refused(tmp_path):
     one_line_error(r, "--resume and --overwrite")
 
 
+def test_output_that_is_a_file_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = subprocess.run([*QCONVERT, "train", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "notes.txt")],
+                       capture_output=True, text=True)
+    one_line_error(r, "notes.txt: exists and is not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_config_file_cannot_build_python_objects(tmp_path):
+    marker = tmp_path / "pwned"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f'learning_rate: !!python/object/apply:os.mkdir ["{marker}"]\n')
+    r = subprocess.run([*QCONVERT, "train", "--config", str(cfg)], capture_output=True, text=True)
+    one_line_error(r, "run.yaml:1: not valid YAML")
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------- SIGTERM saves, as Ctrl-C does
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmodel, tmp_path):
     from safetensors.torch import load_file
 
@@ -163,6 +182,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmode
     assert len(ckpts) == 1 and "resume with --resume" in text and not (out / "adapter_config.json").exists()
     done = int(ckpts[0].name.split("-")[1])
     assert 3 <= done < 400
+    from qconvert.train.plot import read_png_series
+
+    # loss.png is drawn at each save, the interrupt's included, from the metrics so far
+    assert read_png_series(out / "loss.png")["train loss"]["x"] == [m["step"] for m in metrics(out)]
     r = subprocess.run([*args, "--max-steps", str(done + 2), "--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     train(qmodel, data, tmp_path / "straight", *common, "--max-steps", done + 2)
@@ -204,6 +227,7 @@ def test_eval_split_that_leaves_nothing_to_train_on_is_refused(qmodel, tmp_path)
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_target_modules_comma_form_accepted_and_a_misspelt_name_refused_with_the_list(qmodel, tmp_path):
     from safetensors.torch import load_file
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 import olah_server
-from helpers import QCONVERT
 from test_train import WORDS, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
 
 ALPACA = [{"instruction": f"{WORDS[i]} {WORDS[i + 1]}", "input": "", "output": f"{WORDS[i + 2]} {WORDS[i + 3]}"} for i in range(0, 40, 4)]
@@ -27,6 +25,7 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_parquet_and_csv_train_the_same_records_as_jsonl(qmodel, tmp_path):
     import csv
 
@@ -129,6 +128,7 @@ def hub_env(hub, tmp_path, offline=False) -> dict:
                 HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="30", HF_HUB_DOWNLOAD_TIMEOUT="30")
 
 
+@pytest.mark.slow
 def test_hub_dataset_id_trained_on_with_split_and_config(qmodel, hub, tmp_path):
     env = hub_env(hub, tmp_path)
     common = ["--max-steps", 2, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 2, "--save-steps", 0]

@@ -8,13 +8,15 @@ import json
 import re
 import struct
 import subprocess
-from pathlib import Path
+
+import pytest
 
 from helpers import QCONVERT
 from test_hostile_train import one_line_error
 from test_train import WORDS, memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
 
 
+@pytest.mark.slow
 def test_summary_numbers_log_lines_and_loss_png_come_from_the_run(qmodel, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -65,6 +67,7 @@ def test_summary_numbers_log_lines_and_loss_png_come_from_the_run(qmodel, tmp_pa
     assert "](loss.png)" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_config_file_with_hf_names_flags_override_and_saved_config_repeats_the_run(qmodel, tmp_path):
     import yaml
 

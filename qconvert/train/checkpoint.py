@@ -110,10 +110,11 @@ def find_resume(out: Path, resume) -> Path | None:
     return p
 
 
-def prepare_output(out: Path, *, resume, overwrite: bool) -> None:
+def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) -> None:
     """Refuse to write over another run: an existing non-empty folder needs --resume or --overwrite.
     With --overwrite, the old run's files (and only those) are removed first, so that no checkpoint,
-    metric or adapter of it can be mixed into the new run."""
+    metric or adapter of it can be mixed into the new run. ``clear=False`` only checks (the other
+    processes of a torchrun job, which leave the removal to rank 0)."""
     if resume and overwrite:
         raise OptionError("--resume and --overwrite contradict each other", hint="--resume continues the run in --output; --overwrite starts it anew")
     if out.exists() and not out.is_dir():
@@ -123,6 +124,8 @@ def prepare_output(out: Path, *, resume, overwrite: bool) -> None:
     if not overwrite:
         raise OutputExistsError(f"{out}: already holds files (a previous run?)",
                                 hint="--resume to continue it, --overwrite to replace it, or another --output")
+    if not clear:
+        return
     for name in RUN_FILES:
         p = out / name
         if p.is_dir() and not p.is_symlink():

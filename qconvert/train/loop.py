@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DataError, FormatError, OptionError
-from .checkpoint import (STATE, check_compatible, checkpoints, find_resume, load_state, prepare_output, run_signature,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
+from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
 from .data import FORMATS, TRUNCATION, DataReport, build_examples, collate, load_records, pack
 from .options import check_options, check_target_modules, split_modules
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
@@ -132,9 +132,10 @@ def train(
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
 
     ``save_steps`` None: a checkpoint at the end of each epoch, but no more often than every 50 steps
-    nor every tenth of the run (every max(steps per epoch, total / 10, 50) steps); 0: only on interrupt. ``save_total_limit``: keep
-    the newest N checkpoints (None or 0: all). ``eval_steps`` None: evaluate at each save and at the
-    end; 0: only at the end. Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", ...}."""
+    nor every tenth of the run (every max(steps per epoch, total / 10, 50) steps); 0: only on
+    interrupt. ``save_total_limit``: keep the newest N checkpoints (None or 0: all). ``eval_steps``
+    None: evaluate at each save and at the end; 0: only at the end.
+    Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     options = dict(locals())
     targets = split_modules(target_modules)
     check_options(options)
@@ -144,11 +145,15 @@ def train(
     rank, world = _dist()
     say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
     out = Path(output)
-    prepare_output(out, resume=resume, overwrite=overwrite)
+    prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()  # every rank has looked at --output before rank 0 writes into it
+        dist.barrier()  # every rank has looked at --output before rank 0 changes it
+    if rank == 0:
+        prepare_output(out, resume=resume, overwrite=overwrite)
+    if world > 1:
+        dist.barrier()
     with warnings.catch_warnings():
         # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
         warnings.simplefilter("ignore", FutureWarning)
@@ -166,8 +171,13 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     torch.manual_seed(o["seed"])
     root, repo_id = resolve_model_path(model, o["revision"])
     check_causal_lm(root)
-    tok = AutoTokenizer.from_pretrained(root)
+    try:
+        tok = AutoTokenizer.from_pretrained(root)
+    except Exception as e:  # transformers raises several types for a missing or broken tokenizer
+        raise DataError(f"{root}: no usable tokenizer ({type(e).__name__})", hint="copy the tokenizer files into the model folder") from None
     examples, eval_examples, reports = read_data(data, tok, o)
+    ckpt_dir = find_resume(out, o["resume"])
+    st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     base = load_model(root, device=device, backend=o["backend"])  # a non-4-bit model is refused there, with a hint
     check_target_modules(base, targets)
@@ -185,11 +195,9 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     plan = make_plan(examples, eval_examples, o, world)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o["lr_scheduler"], plan.warmup_steps, plan.total_steps))
     step = 0
-    ckpt_dir = find_resume(out, o["resume"])
     if ckpt_dir is not None:
         from safetensors.torch import load_file
 
-        st = load_state(ckpt_dir)
         check_compatible(ckpt_dir, st, signature)
         set_peft_model_state_dict(peft_model, load_file(str(ckpt_dir / "adapter_model.safetensors")))
         optimizer.load_state_dict(st["optimizer"])

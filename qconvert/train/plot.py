@@ -50,11 +50,12 @@ def loss_figure(rows: list[dict]):
         ax2 = ax.twinx()
         ax2.plot(*zip(*lrs), label="learning rate", color="tab:green", linestyle="--", linewidth=1)
         ax2.set_ylabel("learning rate")
+        ax2.set_ylim(bottom=0)
         ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     if handles:
-        ax.legend(handles, labels, loc="upper right")
+        ax.legend(handles, labels, loc="best")
     ax.set_title("qconvert train")
     fig.tight_layout()
     return fig
