@@ -101,3 +101,40 @@ def test_push_cut_off_before_its_commit_resumes_on_rerun(hub, quantized):
     assert hub.state.lfs_puts == uploaded  # the re-run sent no LFS object again
     local = {p.relative_to(quantized).as_posix(): p.read_bytes() for p in quantized.rglob("*") if p.is_file()}
     assert hub.state.repos["alice/resume"]["branches"]["main"] == local
+
+
+def test_push_of_a_train_output_publishes_the_adapter_not_the_run(hub, tmp_path):
+    """A `qconvert train` output also holds resumable checkpoints, logs and config.yaml (local paths):
+    push publishes the adapter, its card and picture, and leaves the run's own files behind."""
+    from test_hostile_adapter import _adapter_folder
+
+    a = _adapter_folder(tmp_path)
+    (a / "checkpoint-2").mkdir()
+    (a / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
+    (a / "runs").mkdir()
+    (a / "runs" / "events").write_bytes(b"tb")
+    (a / "config.yaml").write_text(f"data: {tmp_path}/private/data.jsonl\n")
+    (a / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    r = push(hub, a, "alice/tiny-lora")
+    assert r.returncode == 0, r.stderr
+    arrived = hub.state.repos["alice/tiny-lora"]["branches"]["main"]
+    assert set(arrived) - {".gitattributes"} == {"README.md", "adapter_config.json", "adapter_model.safetensors", "loss.png"}
+    assert arrived["adapter_model.safetensors"] == (a / "adapter_model.safetensors").read_bytes()
+
+
+def test_push_refuses_a_link_out_of_the_folder(hub, quantized, tmp_path):
+    import shutil
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    q = tmp_path / "q"
+    shutil.copytree(quantized, q)
+    (q / "notes.txt").symlink_to(secret)
+    r = push(hub, q, "alice/tiny-nf4")
+    assert r.returncode == 1 and "notes.txt: a symbolic link out of the folder, nothing was uploaded" in r.stderr, r.stderr
+    assert "alice/tiny-nf4" not in hub.state.repos
+    (q / "notes.txt").unlink()
+    (q / "notes.txt").symlink_to(q / "README.md")  # a link inside the folder is fine
+    r = push(hub, q, "alice/tiny-nf4")
+    assert r.returncode == 0, r.stderr
+    assert hub.state.repos["alice/tiny-nf4"]["branches"]["main"]["notes.txt"] == (q / "README.md").read_bytes()

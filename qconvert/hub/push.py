@@ -67,6 +67,31 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
     return {"kind": kind, "card": meta}
 
 
+#: What a `qconvert train` output holds beside the adapter that is not published with it: resumable
+#: checkpoints (optimizer and RNG state), TensorBoard logs, and the resolved run configuration,
+#: which names local paths (the data, the base model folder).
+RUN_ONLY = ("checkpoint-*/**", "runs/**", "config.yaml")
+
+
+def publish_ignores(kind: str) -> list[str]:
+    """upload_folder's ignore_patterns for a folder of this kind."""
+    return list(RUN_ONLY) if kind == "adapter" else []
+
+
+def check_links_inside(folder: Path) -> None:
+    """Refuse a symbolic link that leads out of the folder: uploading follows links, so a
+    ``notes.txt -> ~/.ssh/id_rsa`` would publish the private file."""
+    root = folder.resolve()
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(top) / name
+            if p.is_symlink() and not p.resolve().is_relative_to(root):
+                raise FormatError(
+                    f"{p.relative_to(folder)}: a symbolic link out of the folder, nothing was uploaded (it leads to {os.readlink(p)})",
+                    hint="replace the link with the file itself, or remove it",
+                )
+
+
 def check_base_model_id(base: object, where: Path) -> None:
     """An adapter's base_model_name_or_path must be a Hub repo id (namespace/name) that is not also
     a local path: others cannot load an adapter whose base is a folder on this machine."""
@@ -126,6 +151,7 @@ def push_folder(
     from huggingface_hub import HfApi, get_token
 
     info = validate_folder(folder)
+    check_links_inside(Path(folder))
     if not _is_repo_id(repo_id):
         raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name")
     token = token or get_token()
@@ -139,5 +165,6 @@ def push_folder(
         commit = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
             commit_message=commit_message or f"Upload {info['kind']} model with qconvert",
+            ignore_patterns=publish_ignores(info["kind"]) or None,
         )
     return {"repo_id": repo_id, "kind": info["kind"], "commit_url": commit.commit_url, "pr_url": getattr(commit, "pr_url", None)}
