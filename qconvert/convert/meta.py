@@ -175,7 +175,6 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     sd = model.state_dict()
     loaded = _loaded_names(model, list(info), sd)
     _drop_unplaced(model, loaded, sd, result, root)
-    _refuse_missing(model, loaded, root)
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     present = {n for n, _ in loaded.values()}
     dtype_of = _dtype_rule(model, ldt, sd)
@@ -200,6 +199,7 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
             transpose=quantize and quantizable[module],
             cast_reason=cast_reason(info[k][0], out_dtype, why),
         )
+    _refuse_missing(model, loaded, root)
     _saved_names(model, loaded, sd, result, root, info)
     result.config_dtype = _saved_model_dtype(model, quantizable, dtype_of)
     return result
