@@ -99,5 +99,6 @@ def verify(output_dir, source, as_json):
                 f"in {e['worst_tensor']}), SQNR mean {e['sqnr_db_mean']:.2f} dB (lowest {e['sqnr_db_min']:.2f} dB); "
                 f"unquantized tensors identical: {e['unquantized_identical']}"
             )
+            _report_drops_and_casts({"dropped": e["dropped"], "cast": []})
     if not r["ok"]:
         raise SystemExit(1)

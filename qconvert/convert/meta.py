@@ -285,7 +285,9 @@ def _dtype_rule(model, ldt: torch.dtype, sd: dict):
     def rule(name: str, quantize: bool) -> tuple[torch.dtype, str]:
         m = alt.search(name) if alt is not None else None
         if m is not None:
-            return plan[groups[m.lastgroup]], "kept in float32 by transformers (_keep_in_fp32_modules_strict)"
+            pattern = groups[m.lastgroup]
+            which = "_keep_in_fp32_modules_strict" if pattern in (model._keep_in_fp32_modules_strict or ()) else "_keep_in_fp32_modules"
+            return plan[pattern], f"kept in float32 by transformers ({which})"
         if quantize:  # quantized from the load dtype, whatever the model declares
             return ldt, "config.json dtype"
         own = sd[name].dtype
