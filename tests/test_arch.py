@@ -223,3 +223,24 @@ def test_keys_transformers_ignores_are_dropped_with_the_reason(tmp_path):
 
     dry = quantize_checkpoint(str(src), tmp_path / "out", dry_run=True)  # what --dry-run --json prints
     assert dry["dropped"] == [{"tensor": "model.layers.61.eh_proj.weight", "reason": plan.dropped["model.layers.61.eh_proj.weight"]}]
+
+
+def test_a_change_in_transformers_conversions_is_an_error(tmp_path, monkeypatch):
+    """The plan's output names are checked against transformers' own save-time revert: if transformers
+    ever wrote other names than the plan (a changed conversion mapping), quantize stops, naming them."""
+    import transformers.core_model_loading as cml
+
+    from qconvert.convert.plan import make_plan
+    from qconvert.errors import QuantizationError
+    from qconvert.format.checkpoint import Checkpoint
+
+    src = sweep.build_source("mixtral", tmp_path / "src")
+    assert any(".experts.0.w1.weight" in i.out_key for i in make_plan(Checkpoint(src)).items)
+    real = cml.revert_weight_conversion
+
+    def renamed(model, state_dict):
+        return {k.replace(".experts.0.w1.", ".experts.0.gate."): v for k, v in real(model, state_dict).items()}
+
+    monkeypatch.setattr(cml, "revert_weight_conversion", renamed)
+    with pytest.raises(QuantizationError, match=r"output names differ from what transformers saves .*experts\.0\.(gate|w1)\.weight"):
+        make_plan(Checkpoint(src))

@@ -106,6 +106,7 @@ def verify(output_dir, source, as_json, plot):
                 f"in {e['worst_tensor']}), SQNR mean {e['sqnr_db_mean']:.2f} dB (lowest {e['sqnr_db_min']:.2f} dB); "
                 f"unquantized tensors identical: {e['unquantized_identical']}"
             )
+            _report_drops_and_casts({"dropped": e["dropped"], "cast": []})
     if plot:
         from ..plot import plot_verify_report
 

@@ -178,7 +178,6 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     sd = model.state_dict()
     loaded = _loaded_names(model, list(info), sd)
     _drop_unplaced(model, loaded, sd, result, root)
-    _refuse_missing(model, loaded, root)
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     present = {n for n, _ in loaded.values()}
     dtype_of = _dtype_rule(model, ldt, sd)
@@ -203,6 +202,7 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
             transpose=quantize and quantizable[module],
             cast_reason=cast_reason(info[k][0], out_dtype, why),
         )
+    _refuse_missing(model, loaded, root)
     _saved_names(model, loaded, sd, result, root, info)
     result.config_dtype = _saved_model_dtype(model, quantizable, dtype_of)
     return result
@@ -288,7 +288,9 @@ def _dtype_rule(model, ldt: torch.dtype, sd: dict):
     def rule(name: str, quantize: bool) -> tuple[torch.dtype, str]:
         m = alt.search(name) if alt is not None else None
         if m is not None:
-            return plan[groups[m.lastgroup]], "kept in float32 by transformers (_keep_in_fp32_modules_strict)"
+            pattern = groups[m.lastgroup]
+            which = "_keep_in_fp32_modules_strict" if pattern in (model._keep_in_fp32_modules_strict or ()) else "_keep_in_fp32_modules"
+            return plan[pattern], f"kept in float32 by transformers ({which})"
         if quantize:  # quantized from the load dtype, whatever the model declares
             return ldt, "config.json dtype"
         own = sd[name].dtype
