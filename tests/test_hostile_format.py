@@ -245,3 +245,20 @@ def test_prefetch_lookahead_is_linear_and_picks_the_next_other_file():
     t0 = time.perf_counter()
     nxt = next_source_files(big, list(range(len(big.shards))))
     assert time.perf_counter() - t0 < 10 and nxt[0] == "s1" and nxt[n - 1] is None
+
+
+def test_quant_state_with_thousands_of_fields_is_refused_fast(tmp_path):
+    """A 62 KB quant-state of 7,000 fields (under the 64 KiB cap): checking it for repeated names
+    took 2.8 s per weight, so a 6 MB file of 100 such weights held inspect for minutes."""
+    from qconvert.format.layout import unpack_quant_state
+
+    fields = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [2, 1], **{str(i): 0 for i in range(7000)}}
+    state = torch.tensor(list(json.dumps(fields, separators=(",", ":")).encode()), dtype=torch.uint8)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        with pytest.raises(FormatError, match=r"unknown quant-state fields \['0', '1', '10', .*\] and 6990 more$"):
+            unpack_quant_state(state)
+    assert time.perf_counter() - t0 < 5
+    repeated = torch.tensor(list(b'{"quant_type":"nf4","quant_type":"fp4","a":1,"a":2}'), dtype=torch.uint8)
+    with pytest.raises(FormatError, match=r"repeats the field\(s\) \['a', 'quant_type'\]"):
+        unpack_quant_state(repeated)
