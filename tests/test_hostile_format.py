@@ -185,6 +185,16 @@ def test_layer_count_in_a_nested_config(tmp_path):
         Checkpoint(src).config()
 
 
+def test_config_expert_count_is_checked_against_the_tensors(tmp_path):
+    """Some transformers models build one module per expert: a billion experts would hang planning.
+    Stacked experts have a dimension of the expert count, so that is allowed up to the largest one."""
+    src = make_llama_files(tmp_path / "src", config={"num_local_experts": 10**9})
+    with pytest.raises(FormatError, match=r"num_local_experts is 1000000000, but the checkpoint holds 12 tensors, none with a dimension"):
+        Checkpoint(src).config()
+    ok = make_llama_files(tmp_path / "ok", vocab=40, config={"num_experts": 40, "text_config": {"n_routed_experts": 13}})
+    assert Checkpoint(ok).config()["num_experts"] == 40
+
+
 def test_enormous_header_length_is_refused(tmp_path):
     for n in (2**63 - 8, 2**40, 10**8 + 8):
         p = tmp_path / "h.safetensors"
