@@ -272,3 +272,21 @@ def test_quant_state_with_thousands_of_fields_is_refused_fast(tmp_path):
     repeated = torch.tensor(list(b'{"quant_type":"nf4","quant_type":"fp4","a":1,"a":2}'), dtype=torch.uint8)
     with pytest.raises(FormatError, match=r"repeats the field\(s\) \['a', 'quant_type'\]"):
         unpack_quant_state(repeated)
+
+
+def test_cli_one_line_for_hostile_files(tmp_path):
+    import os
+    import subprocess
+
+    from helpers import QCONVERT
+
+    def fails(*args) -> str:
+        r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 1 and r.stderr.startswith("qconvert: error: ") and r.stderr.count("\n") == 1, r.stderr
+        return r.stderr
+
+    (tmp_path / "h.safetensors").write_bytes(struct.pack("<Q", 2**62) + b"{}      ")
+    assert "h.safetensors: not a readable safetensors file" in fails("inspect", tmp_path / "h.safetensors")
+    src = make_llama_files(tmp_path / "src", config={"num_hidden_layers": 10**9})
+    assert "num_hidden_layers is 1000000000, but the checkpoint holds 12 tensors" in fails("quantize", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
