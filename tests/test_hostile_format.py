@@ -24,8 +24,9 @@ from qconvert.inspect import inspect_checkpoint
 PACKAGE = Path(qconvert.__file__).parent
 
 # ------------------------------------------------------------------ no pickle, anywhere
-#: modules whose loading functions unpickle (or run code) whatever they are given
-PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib", "pickletools"}
+#: modules whose loading functions unpickle (or run code) whatever they are given, and those functions
+PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
+LOADERS = {"load", "loads", "Unpickler", "open"}
 #: Known and owned elsewhere: train --resume reads trainer_state.pt with weights_only=False (issue 11,
 #: fixed on the train branch by storing the numpy RNG state as plain values). Remove once merged.
 KNOWN = {("qconvert/train/loop.py", "torch.load with weights_only=False")}
@@ -42,23 +43,28 @@ def _dotted(node: ast.AST) -> str:
 
 
 def pickle_uses(source: str) -> list[str]:
-    """What in ``source`` may unpickle data: an import of a pickling module; torch.load (or a bare
-    ``load`` imported from torch) without ``weights_only=True``; torch.jit.load; numpy.load with
-    allow_pickle true; pandas.read_pickle; any ``weights_only=False``."""
+    """What in ``source`` may unpickle data: a loading function of a pickling module (called through
+    the module, or imported by name; ``pickle.UnpicklingError`` and the like are fine); torch.load
+    (or a bare ``load`` imported from torch) without ``weights_only=True``; torch.jit.load; numpy.load
+    with allow_pickle true; pandas.read_pickle; any ``weights_only=False``."""
     found = []
     torch_names = {"torch"}
+    pickling: set[str] = set()
     loads_from_torch = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLING_MODULES]
+            pickling |= {a.asname or a.name for a in node.names if a.name.split(".")[0] in PICKLING_MODULES}
             torch_names |= {a.asname for a in node.names if a.name == "torch" and a.asname}
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module.split(".")[0] in PICKLING_MODULES:
-                found.append(f"from {node.module} import")
+                found += [f"from {node.module} import {a.name}" for a in node.names if a.name in LOADERS or a.name == "*"]
             if node.module.split(".")[0] == "torch":
                 loads_from_torch |= {a.asname or a.name for a in node.names if a.name == "load"}
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
+            if name.rsplit(".", 1)[0] in pickling | PICKLING_MODULES and name.rsplit(".", 1)[-1] in LOADERS:
+                found.append(f"{name}")
+                continue
             kw = {k.arg: k.value for k in node.keywords}
             true = lambda v: isinstance(v, ast.Constant) and v.value is True  # noqa: E731
             if (name.split(".")[0] in torch_names and name.endswith(".load") and "jit" not in name) or name in loads_from_torch:
@@ -82,6 +88,7 @@ def test_the_scanner_finds_what_it_looks_for():
     bad = """
 import pickle, torch as T
 from torch import load
+from dill import loads
 import numpy as np
 pickle.loads(b"")
 T.load("f")
@@ -90,9 +97,10 @@ torch.load("f", map_location="cpu", weights_only=False)
 np.load("x.npy", allow_pickle=True)
 torch.jit.load("m.pt")
 """
-    assert pickle_uses(bad) == ["import pickle", "torch.load without weights_only=True", "torch.load with weights_only=False",
+    assert pickle_uses(bad) == ["from dill import loads", "pickle.loads", "torch.load without weights_only=True", "torch.load with weights_only=False",
                                 "torch.load with weights_only=False", "numpy.load with allow_pickle", "torch.jit.load"]
-    assert pickle_uses('torch.load(p, map_location="cpu", weights_only=True, mmap=True)\nnp.load(p)') == []
+    fine = "import pickle\ntry:\n    torch.load(p, map_location='cpu', weights_only=True, mmap=True)\nexcept pickle.UnpicklingError:\n    pass\nnp.load(p)"
+    assert pickle_uses(fine) == []
 
 
 def test_no_pickle_is_ever_loaded():
