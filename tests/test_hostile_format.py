@@ -24,8 +24,9 @@ from qconvert.inspect import inspect_checkpoint
 PACKAGE = Path(qconvert.__file__).parent
 
 # ------------------------------------------------------------------ no pickle, anywhere
-#: modules whose loading functions unpickle (or run code) whatever they are given
-PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib", "pickletools"}
+#: modules whose loading functions unpickle (or run code) whatever they are given, and those functions
+PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
+LOADERS = {"load", "loads", "Unpickler", "open"}
 #: Known and owned elsewhere: train --resume reads trainer_state.pt with weights_only=False (issue 11,
 #: fixed on the train branch by storing the numpy RNG state as plain values). Remove once merged.
 KNOWN = {("qconvert/train/loop.py", "torch.load with weights_only=False")}
@@ -42,23 +43,28 @@ def _dotted(node: ast.AST) -> str:
 
 
 def pickle_uses(source: str) -> list[str]:
-    """What in ``source`` may unpickle data: an import of a pickling module; torch.load (or a bare
-    ``load`` imported from torch) without ``weights_only=True``; torch.jit.load; numpy.load with
-    allow_pickle true; pandas.read_pickle; any ``weights_only=False``."""
+    """What in ``source`` may unpickle data: a loading function of a pickling module (called through
+    the module, or imported by name; ``pickle.UnpicklingError`` and the like are fine); torch.load
+    (or a bare ``load`` imported from torch) without ``weights_only=True``; torch.jit.load; numpy.load
+    with allow_pickle true; pandas.read_pickle; any ``weights_only=False``."""
     found = []
     torch_names = {"torch"}
+    pickling: set[str] = set()
     loads_from_torch = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLING_MODULES]
+            pickling |= {a.asname or a.name for a in node.names if a.name.split(".")[0] in PICKLING_MODULES}
             torch_names |= {a.asname for a in node.names if a.name == "torch" and a.asname}
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module.split(".")[0] in PICKLING_MODULES:
-                found.append(f"from {node.module} import")
+                found += [f"from {node.module} import {a.name}" for a in node.names if a.name in LOADERS or a.name == "*"]
             if node.module.split(".")[0] == "torch":
                 loads_from_torch |= {a.asname or a.name for a in node.names if a.name == "load"}
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
+            if name.rsplit(".", 1)[0] in pickling | PICKLING_MODULES and name.rsplit(".", 1)[-1] in LOADERS:
+                found.append(f"{name}")
+                continue
             kw = {k.arg: k.value for k in node.keywords}
             true = lambda v: isinstance(v, ast.Constant) and v.value is True  # noqa: E731
             if (name.split(".")[0] in torch_names and name.endswith(".load") and "jit" not in name) or name in loads_from_torch:
@@ -82,6 +88,7 @@ def test_the_scanner_finds_what_it_looks_for():
     bad = """
 import pickle, torch as T
 from torch import load
+from dill import loads
 import numpy as np
 pickle.loads(b"")
 T.load("f")
@@ -90,9 +97,10 @@ torch.load("f", map_location="cpu", weights_only=False)
 np.load("x.npy", allow_pickle=True)
 torch.jit.load("m.pt")
 """
-    assert pickle_uses(bad) == ["import pickle", "torch.load without weights_only=True", "torch.load with weights_only=False",
+    assert pickle_uses(bad) == ["from dill import loads", "pickle.loads", "torch.load without weights_only=True", "torch.load with weights_only=False",
                                 "torch.load with weights_only=False", "numpy.load with allow_pickle", "torch.jit.load"]
-    assert pickle_uses('torch.load(p, map_location="cpu", weights_only=True, mmap=True)\nnp.load(p)') == []
+    fine = "import pickle\ntry:\n    torch.load(p, map_location='cpu', weights_only=True, mmap=True)\nexcept pickle.UnpicklingError:\n    pass\nnp.load(p)"
+    assert pickle_uses(fine) == []
 
 
 def test_no_pickle_is_ever_loaded():
@@ -185,11 +193,21 @@ def test_layer_count_in_a_nested_config(tmp_path):
         Checkpoint(src).config()
 
 
+def test_config_expert_count_is_checked_against_the_tensors(tmp_path):
+    """Some transformers models build one module per expert: a billion experts would hang planning.
+    Stacked experts have a dimension of the expert count, so that is allowed up to the largest one."""
+    src = make_llama_files(tmp_path / "src", config={"num_local_experts": 10**9})
+    with pytest.raises(FormatError, match=r"num_local_experts is 1000000000, but the checkpoint holds 12 tensors, none with a dimension"):
+        Checkpoint(src).config()
+    ok = make_llama_files(tmp_path / "ok", vocab=40, config={"num_experts": 40, "text_config": {"n_routed_experts": 13}})
+    assert Checkpoint(ok).config()["num_experts"] == 40
+
+
 def test_enormous_header_length_is_refused(tmp_path):
     for n in (2**63 - 8, 2**40, 10**8 + 8):
         p = tmp_path / "h.safetensors"
         p.write_bytes(struct.pack("<Q", n) + b"{}" + b" " * 6)
-        with pytest.raises(FormatError, match="not a readable safetensors file"):
+        with pytest.raises(FormatError, match=r"h\.safetensors: "):  # refused at once, without reading n bytes
             Checkpoint(p)
 
 
@@ -245,3 +263,38 @@ def test_prefetch_lookahead_is_linear_and_picks_the_next_other_file():
     t0 = time.perf_counter()
     nxt = next_source_files(big, list(range(len(big.shards))))
     assert time.perf_counter() - t0 < 10 and nxt[0] == "s1" and nxt[n - 1] is None
+
+
+def test_quant_state_with_thousands_of_fields_is_refused_fast(tmp_path):
+    """A 62 KB quant-state of 7,000 fields (under the 64 KiB cap): checking it for repeated names
+    took 2.8 s per weight, so a 6 MB file of 100 such weights held inspect for minutes."""
+    from qconvert.format.layout import unpack_quant_state
+
+    fields = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [2, 1], **{str(i): 0 for i in range(7000)}}
+    state = torch.tensor(list(json.dumps(fields, separators=(",", ":")).encode()), dtype=torch.uint8)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        with pytest.raises(FormatError, match=r"unknown quant-state fields \['0', '1', '10', .*\] and 6990 more$"):
+            unpack_quant_state(state)
+    assert time.perf_counter() - t0 < 5
+    repeated = torch.tensor(list(b'{"quant_type":"nf4","quant_type":"fp4","a":1,"a":2}'), dtype=torch.uint8)
+    with pytest.raises(FormatError, match=r"repeats the field\(s\) \['a', 'quant_type'\]"):
+        unpack_quant_state(repeated)
+
+
+def test_cli_one_line_for_hostile_files(tmp_path):
+    import os
+    import subprocess
+
+    from helpers import QCONVERT
+
+    def fails(*args) -> str:
+        r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 1 and r.stderr.startswith("qconvert: error: ") and "Traceback" not in r.stderr, r.stderr
+        return " ".join(r.stderr.split())  # the message, however the CLI wraps it
+
+    (tmp_path / "h.safetensors").write_bytes(struct.pack("<Q", 2**62) + b"{}      ")
+    assert "h.safetensors: " in fails("inspect", tmp_path / "h.safetensors")
+    src = make_llama_files(tmp_path / "src", config={"num_hidden_layers": 10**9})
+    assert "num_hidden_layers is 1000000000, but the checkpoint holds 12 tensors" in fails("quantize", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -549,8 +549,8 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Delete a folder tree, or a file or link (never what a link points to)."""
+    """Delete a folder tree, or a file or link (never what a link points to), if it is there."""
     if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

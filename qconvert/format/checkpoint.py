@@ -48,6 +48,9 @@ LAYER_COUNT_KEYS = (
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_decoder_layers", "num_encoder_layers",
     "encoder_layers", "decoder_layers",
 )
+#: config.json fields that count experts: stored one tensor per expert or stacked along a dimension,
+#: so none may exceed both the number of tensors and the largest tensor dimension.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 #: The files copied from a source model folder next to the weights (README, `qconvert quantize`): the
 #: tokenizer, chat templates, generation/processor configs, licences and sentence-transformers
@@ -334,6 +337,15 @@ class Checkpoint:
             self._by_file = (stamp, by_file)
         return self._by_file[1]
 
+    def _largest_dim(self) -> int:
+        def dims(k: str) -> tuple[int, ...]:
+            try:
+                return self.info(k)[1]
+            except SourceError:  # a Hub tensor of a dtype torch lacks: its shape does not matter here
+                return ()
+
+        return max((max(dims(k), default=0) for k in self.weight_map), default=0)
+
     def companions(self, name: str) -> list[str]:
         """Every entry of the 4-bit weight ``name`` (as :func:`layout.companion_keys`), from an index
         of all names built once, so that looking up every weight stays linear in the number of names."""
@@ -390,24 +402,27 @@ class Checkpoint:
         if not p.is_file():
             return None
         config = read_json_object(p, "config.json")
-        check_layer_counts(config, len(self.weight_map), p)
+        check_layer_counts(config, len(self.weight_map), p, self._largest_dim)
         return config
 
 
-def check_layer_counts(config: dict[str, Any], n_tensors: int, where: Path | str) -> None:
+def check_layer_counts(config: dict[str, Any], n_tensors: int, where: Path | str, largest_dim=lambda: 0) -> None:
     """Refuse a layer count (top level or one level down, e.g. ``text_config``) that is not a
-    non-negative integer no larger than the number of tensors in the checkpoint."""
+    non-negative integer no larger than the number of tensors in the checkpoint, and an expert count
+    larger than both that and ``largest_dim()`` (asked only then: it reads every tensor's shape)."""
     subs = [("", config)] + [(f"{k}.", v) for k, v in config.items() if isinstance(v, dict)]
     for prefix, d in subs:
-        for key in LAYER_COUNT_KEYS:
-            v = d.get(key)
-            if v is None:
-                continue
-            if type(v) is not int or v < 0 or v > n_tensors:
-                raise FormatError(
-                    f"{where}: {prefix}{key} is {str(v)[:40]}, but the checkpoint holds {n_tensors} tensors",
-                    hint="config.json does not describe these weights; use the config.json that came with them",
-                )
+        for keys, limit in ((LAYER_COUNT_KEYS, lambda: n_tensors), (EXPERT_COUNT_KEYS, lambda: max(n_tensors, largest_dim()))):
+            for key in keys:
+                v = d.get(key)
+                if v is None or (type(v) is int and 0 <= v <= n_tensors):
+                    continue
+                if type(v) is not int or v < 0 or v > limit():
+                    what = "tensors" if keys is LAYER_COUNT_KEYS else "tensors, none with a dimension that large"
+                    raise FormatError(
+                        f"{where}: {prefix}{key} is {str(v)[:40]}, but the checkpoint holds {n_tensors} {what}",
+                        hint="config.json does not describe these weights; use the config.json that came with them",
+                    )
 
 
 def raise_memory_error(e: BaseException, path: Path) -> None:
