@@ -21,7 +21,7 @@ import torch
 from .errors import FormatError
 from .format.checkpoint import Checkpoint
 from .format.conformance import check_checkpoint
-from .format.layout import LOGICAL_DTYPES as DTYPES, companion_keys, is_4bit_config
+from .format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
@@ -125,7 +125,7 @@ def load_model(
     quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
     placed: set[str] = set()
     for name in quantized:
-        comp = companion_keys(name, keys)
+        comp = ckpt.companions(name)
         qt = ckpt.quantized(name, device)
         mod_name = name.removesuffix(".weight")
         old = model.get_submodule(mod_name)

@@ -13,7 +13,7 @@ import torch
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
-from ..format.layout import companion_keys, dtype_name, is_4bit_config
+from ..format.layout import dtype_name, is_4bit_config
 from ..validate import read_config
 
 
@@ -26,7 +26,7 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
         raise FormatError(f"{path}: holds no 4-bit weight", hint="verify checks 4-bit checkpoints; run `qconvert quantize` first")
     owned: set[str] = set()
     for name in quantized:
-        owned.update(companion_keys(name, keys))
+        owned.update(ckpt.companions(name))
         ckpt.quantized(name)  # validates
     structure = check_model_structure(ckpt)
     cfg = read_config(ckpt.root)
@@ -114,7 +114,7 @@ def check_against(ckpt: Checkpoint, quantized: list[str], src: Checkpoint):
                 hint="re-run qconvert quantize with this version",
             )
     expected = {it.out_key for it in plan.items}
-    owned = {k for q in quantized for k in companion_keys(q, ckpt.keys())}
+    owned = {k for q in quantized for k in ckpt.companions(q)}
     extra = sorted(k for k in ckpt.keys() if k not in expected and k not in owned)
     if extra:
         raise FormatError(f"{ckpt.root}: tensor {extra[0]!r} is not made from any tensor of {src.root}", hint="--against must be the checkpoint this one was made from")

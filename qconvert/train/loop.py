@@ -452,7 +452,7 @@ def _save_text(plan: Plan, out: Path, o: dict) -> str:
         keep = f"the newest {o['save_total_limit']} kept" if o["save_total_limit"] else "all kept"
         text = f"checkpoints: every {plan.save_steps} steps into {out}/checkpoint-N ({keep})"
     else:
-        text = f"checkpoints: none before the end (--save-steps); Ctrl-C or SIGTERM saves one"
+        text = "checkpoints: none before the end (--save-steps); Ctrl-C or SIGTERM saves one"
     if plan.eval_examples:
         often = plan.eval_steps and plan.eval_steps < plan.total_steps
         text += f"; evaluation every {plan.eval_steps} steps and at the end" if often else "; evaluation at the end"

@@ -54,7 +54,7 @@ def data_lines(name: str, report, max_length: int, truncation: str) -> list[str]
         reasons = ", ".join(f"{v} {k}" for k, v in report.dropped.most_common())
         out.append(f"  dropped: {reasons}; first: {report.first_problem(150)}")
     if report.truncated and truncation == "truncate":
-        out.append(f"  truncated records lose their tail and EOS (the model is not taught to stop there); --truncation drop leaves them out")
+        out.append("  truncated records lose their tail and EOS (the model is not taught to stop there); --truncation drop leaves them out")
     return out
 
 
