@@ -19,17 +19,21 @@ from .errors import DataError, OptionError
 
 
 def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length: int = 512,
-                  train_on_inputs: bool = False) -> list:
-    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of train.data.Example."""
+                  train_on_inputs: bool = False, split: str | None = None, config: str | None = None,
+                  truncation: str = "truncate", report=None) -> list:
+    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of train.data.Example.
+    ``split``/``config`` pick a Hub dataset's (or a dataset folder's) split and configuration;
+    ``truncation`` ("truncate" or "drop") treats records over ``max_length`` as train does, and
+    ``report`` (a train.data.DataReport) counts what was truncated or dropped."""
     from .train.data import build_examples, load_records
 
     if max_length < 2:
         raise OptionError(f"--max-length must be at least 2, got {max_length}")
     try:
-        records = load_records(data)
+        records = load_records(data, split=split, config=config, report=report)
     except UnicodeDecodeError as e:
         raise DataError(f"{data}: not UTF-8 text (invalid byte at offset {e.start})", hint="re-encode the file as UTF-8") from None
-    return build_examples(records, tok, fmt, max_length, train_on_inputs, source=str(data))
+    return build_examples(records, tok, fmt, max_length, train_on_inputs, source=str(data), truncation=truncation, report=report)
 
 
 def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[str, Any]:
@@ -57,7 +61,8 @@ def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[st
 
 def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: list[str] | None = None, compare: bool = False,
              fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, batch_size: int = 8,
-             backend: str = "auto", revision: str | None = None, dtype: str = "auto", device: str | None = None) -> list[dict]:
+             backend: str = "auto", revision: str | None = None, dtype: str = "auto", device: str | None = None,
+             data_split: str | None = None, data_config: str | None = None, truncation: str = "truncate") -> list[dict]:
     """Score MODEL, and MODEL with each adapter; one row each. With ``compare`` the bare model is scored
     first even when adapters are given (base vs base+adapter in one run, the base loaded once)."""
     from .runtime import attach_adapter, load_for_inference
@@ -71,9 +76,16 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
         raise DataError(f"{data}: no such file")
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype, device=device)
     tok = lm.tokenizer
-    examples = load_examples(data, tok, fmt=fmt, max_length=max_length, train_on_inputs=train_on_inputs)
+    from .train.data import DataReport
+
+    report = DataReport()
+    examples = load_examples(data, tok, fmt=fmt, max_length=max_length, train_on_inputs=train_on_inputs,
+                             split=data_split, config=data_config, truncation=truncation, report=report)
+    if not examples:
+        raise DataError(f"{data}: no record left to score ({report.n_dropped} dropped)", hint="raise --max-length or use --truncation truncate")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    row = {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if train_on_inputs else "targets"}
+    row = {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if train_on_inputs else "targets",
+           "records": report.records, "truncated": report.truncated, "dropped": report.n_dropped}
     rows = []
     if compare or not adapters:
         rows.append({**row, "adapter": None, **score(lm.model, examples, pad, batch_size=batch_size)})

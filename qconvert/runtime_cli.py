@@ -57,20 +57,30 @@ def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, 
 @click.option("--data", required=True, help="Records in any format `qconvert train` reads (text, alpaca, prompt/completion, chat).")
 @click.option("--adapter", "adapters", multiple=True, help="A PEFT LoRA adapter folder to score MODEL with (repeatable: one row each).")
 @click.option("--compare", is_flag=True, help="Also score MODEL without the adapters: one table, base vs base+adapter.")
+@click.option("--data-split", help="Split of a Hub dataset id or dataset folder (default: train).")
+@click.option("--data-config", help="Configuration (subset) of a Hub dataset id.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
 @click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example, as in train.")
+@click.option("--truncation", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True,
+              help="Records over --max-length: scored on their first tokens, or left out (counted either way).")
 @click.option("--train-on-inputs", is_flag=True, help="Score prompts too (as train does with this flag), not only completions.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--dtype", type=DTYPES, default="auto", show_default=True, help=_DTYPE_HELP)
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True, help="Kernels for a 4-bit MODEL.")
 @click.option("--revision", help="Branch, tag or commit of a Hub repo.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per scored model, one per line.")
-def eval_cmd(model, data, adapters, compare, fmt, max_length, train_on_inputs, batch_size, dtype, backend, revision, as_json):
+def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_length, truncation, train_on_inputs, batch_size, dtype,
+             backend, revision, as_json):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
     from .evaluate import evaluate, format_table
 
     rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,
-                    train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype)
+                    train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype,
+                    data_split=data_split, data_config=data_config, truncation=truncation)
+    r0 = rows[0]
+    if (r0["truncated"] or r0["dropped"]) and not as_json:
+        click.echo(f"{data}: {r0['records']} records, {r0['truncated']} truncated to --max-length {max_length}, "
+                   f"{r0['dropped']} left out", err=True)
     if as_json:
         for r in rows:
             click.echo(json.dumps(r))

@@ -183,6 +183,27 @@ def test_eval_scores_exactly_what_train_scores(models, capsys, tmp_path):
     assert q["kind"] == "4-bit" and q["tokens"] == r["tokens"] and q["loss"] == pytest.approx(want, rel=1e-5)
 
 
+def test_eval_reads_parquet_and_counts_over_long_records(models, capsys, tmp_path):
+    """eval reads what train reads through `datasets` (here parquet), and treats records over
+    --max-length as train does: truncated (scored on their first tokens) or dropped, counted."""
+    import pandas as pd
+
+    texts = random_texts(5, 10, seed=5)
+    rows = [{"text": t} for t in texts[:4]] + [{"text": " ".join([texts[4]] * 6)}]  # the last one is 60 words
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    short = write_jsonl(tmp_path / "short.jsonl", rows[:4])
+    tok = tok_of(models["src"])
+    [whole] = eval_json(capsys, models["src"], "--data", tmp_path / "d.parquet", "--max-length", 512)
+    assert whole["records"] == 5 and whole["truncated"] == 0 and whole["dropped"] == 0 and whole["examples"] == 5
+    [cut] = eval_json(capsys, models["src"], "--data", tmp_path / "d.parquet", "--max-length", 20)
+    assert cut["truncated"] == 1 and cut["dropped"] == 0 and cut["examples"] == 5 and cut["tokens"] == 4 * 10 + 19
+    [drop] = eval_json(capsys, models["src"], "--data", tmp_path / "d.parquet", "--max-length", 20, "--truncation", "drop")
+    assert drop["dropped"] == 1 and drop["examples"] == 4
+    assert drop["loss"] == pytest.approx(train_eval_loss(hf_model(models["src"]), short, tok), rel=1e-5)
+    rc, out, err = cli(capsys, "eval", models["src"], "--data", tmp_path / "d.parquet", "--max-length", 20, "--backend", "reference")
+    assert rc == 0 and "5 records, 1 truncated to --max-length 20, 0 left out" in err
+
+
 def test_eval_compare_base_and_adapter(models, capsys, tmp_path):
     from peft import PeftModel
 
