@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import qconvert.ops as ops
+from qconvert import ops
 from qconvert.backends import get_backend
 from qconvert.backends.dispatch import DeviceBackend
 from qconvert.nn import Linear4bit
@@ -78,6 +78,34 @@ def test_opcheck_quantize_is_the_reference(dq):
         qt = quantize_4bit_ref(x, "nf4", 64, dq)
         assert torch.equal(got[0], qt.packed) and torch.equal(got[1], qt.absmax)
         assert got[5].item() == (qt.nested_offset if dq else 0.0)
+        via = impl.quantize_via_cpu(*args)  # the CUDA kernel: the CPU one, results copied back
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(via, want))
+
+
+def test_conversion_goes_through_the_quantize_op(tmp_path, monkeypatch):
+    """quantize_checkpoint calls the op, which takes the fast CPU kernel, even when a GPU is
+    present: never the slow reference on a GPU, and no tensor is moved to one."""
+    from helpers import make_tiny_llama
+
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.quant import fast_cpu
+
+    seen = []
+    fast = fast_cpu.quantize_4bit_fast
+
+    def counted(x, *a, **k):
+        seen.append(x.device.type)
+        return fast(x, *a, **k)
+
+    def no_reference(*a, **k):
+        raise AssertionError("the reference quantizer ran")
+
+    monkeypatch.setattr(fast_cpu, "quantize_4bit_fast", counted)
+    monkeypatch.setattr(reference, "quantize_4bit_ref", no_reference)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    src = make_tiny_llama(tmp_path / "src")
+    quantize_checkpoint(str(src), tmp_path / "q")
+    assert seen and set(seen) == {"cpu"}
 
 
 def test_opcheck_triton_kernels_in_the_interpreter():
@@ -107,7 +135,7 @@ def test_import_registers_lazily():
         "import qconvert.ops\n"
         "print(before, hasattr(torch.ops.qconvert, 'matmul_4bit'), 'triton' in sys.modules, torch.cuda.is_initialized())\n"
     )
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True", "False", "False"]
 
@@ -172,6 +200,25 @@ def test_moved_model_follows_its_device(monkeypatch):
             assert calls.take() == {"reference": 1, "triton": 0}
 
 
+def test_backward_through_the_op_keeps_no_dequantized_weight():
+    """The op's autograd saves the module's own tensors only: no weight-shaped float copy."""
+    m = layer(get_backend("auto", "cpu"))
+    own = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    saved = []
+
+    def pack(t):
+        if t.dtype.is_floating_point and t.untyped_storage().data_ptr() not in own and t.dim() == 2 and 20 in t.shape and 70 in t.shape:
+            saved.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(3, 70, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    y.sum().backward()
+    assert saved == [] and x.grad.shape == (3, 70)
+    assert torch.allclose(x.grad, torch.ones(3, 20) @ m.dequantized(torch.float32))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_moved_to_cuda_uses_triton(monkeypatch):
     pytest.importorskip("triton")
@@ -223,7 +270,7 @@ print(ok)
 
 def _compile(backend: str):
     env = {k: v for k, v in __import__("os").environ.items() if k != "TORCHDYNAMO_DISABLE"}
-    r = subprocess.run([sys.executable, "-c", COMPILE, backend], capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([sys.executable, "-c", COMPILE, backend], check=False, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.strip().splitlines()[-1] == "[True, True, True, True]", r.stdout
 

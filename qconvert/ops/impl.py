@@ -6,19 +6,17 @@ qconvert.backends call the same math. Nothing here imports Triton at import time
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..format.constants import NESTED_BLOCKSIZE
+from ..format.constants import NESTED_BLOCKSIZE  # noqa: F401 (the fake quantize reads it here)
 from ..format.layout import QuantizedTensor
-
-__all__ = ["NESTED_BLOCKSIZE"]
 
 
 def as_quantized(
-    packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-    nested_quant_map: Optional[torch.Tensor], nested_offset: float, blocksize: int, shape: Sequence[int], logical_dtype: torch.dtype,
+    packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None, nested_offset: float, blocksize: int, shape: Sequence[int], logical_dtype: torch.dtype,
 ) -> QuantizedTensor:
     """A QuantizedTensor over the ops' arguments (quant_type is not needed: quant_map is the table)."""
     dq = nested_absmax is not None
@@ -91,21 +89,21 @@ def _unpack(qt: QuantizedTensor, device: torch.device) -> tuple:
     return tuple(t.to(device) for t in (qt.packed, qt.absmax, qt.quant_map.clone(), nested[0], nested[1].clone(), nested[2]))
 
 
-def quantize_reference(x, quant_type, blocksize, double_quant, name) -> tuple:
+def quantize_reference(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
     from ..quant.reference import quantize_4bit_ref
 
     return _unpack(quantize_4bit_ref(x, quant_type, blocksize, double_quant, name), x.device)
 
 
-def quantize_cpu(x, quant_type, blocksize, double_quant, name) -> tuple:
+def quantize_cpu(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
     from ..quant.fast_cpu import quantize_4bit_fast
 
-    return _unpack(quantize_4bit_fast(x, quant_type, blocksize, double_quant, name), x.device)
+    return _unpack(quantize_4bit_fast(x, quant_type, blocksize, double_quant, name, workers=workers or None), x.device)
 
 
-def quantize_via_cpu(x, quant_type, blocksize, double_quant, name) -> tuple:
+def quantize_via_cpu(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
     """The fast CPU quantizer for a tensor on another device, results copied back: bit-identical to
     the reference, and far faster than the reference's bucketize on a GPU."""
     from ..quant.fast_cpu import quantize_4bit_fast
 
-    return _unpack(quantize_4bit_fast(x.cpu(), quant_type, blocksize, double_quant, name), x.device)
+    return _unpack(quantize_4bit_fast(x.cpu(), quant_type, blocksize, double_quant, name, workers=workers or None), x.device)
