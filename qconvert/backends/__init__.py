@@ -1,4 +1,4 @@
-"""Compute backends for 4-bit weights, chosen at load time.
+"""Compute backends for 4-bit weights.
 
 Each backend offers ``dequantize(qt, dtype) -> Tensor`` and ``matmul(x, qt, bias) -> Tensor`` over a
 :class:`qconvert.format.layout.QuantizedTensor` whose tensors live on the compute device.
@@ -7,10 +7,15 @@ Each backend offers ``dequantize(qt, dtype) -> Tensor`` and ``matmul(x, qt, bias
 - ``triton``: qconvert's own Triton kernels (one-pass dequantize with double-quant decode; a fused
   small-batch matmul). Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (for tests).
 - ``bitsandbytes``: bitsandbytes' own kernels, for comparison.
-- ``auto``: triton on CUDA when Triton is importable, else reference.
+- ``auto``: the device-dispatched ops (``torch.ops.qconvert.*``, qconvert.ops): the kernels follow
+  the tensors' device at every call, so a model moved with ``.to(...)`` computes with its new
+  device's kernels (Triton on CUDA when Triton is importable, the reference elsewhere).
 
-The environment variable QCONVERT_BACKEND selects one when the caller passes "auto". Importing this
-module imports neither Triton nor bitsandbytes.
+``reference``, ``triton`` and ``bitsandbytes`` are forced choices: they compute with those kernels
+on whatever device the tensors are on, bypassing the dispatcher (the reference for CI and numerics
+debugging; triton on CPU under TRITON_INTERPRET=1 for tests). The environment variable
+QCONVERT_BACKEND selects one when the caller passes "auto". Importing this module imports neither
+Triton nor bitsandbytes, and does not register the ops.
 """
 
 from __future__ import annotations
@@ -39,15 +44,15 @@ ENV = "QCONVERT_BACKEND"
 
 
 def resolve(name: str | None, device: torch.device) -> str:
+    """The backend a caller's ``name`` stands for: "auto" (the device-dispatched ops) unless
+    QCONVERT_BACKEND or the name forces one; raises BackendError for one that cannot run here."""
     name = name or "auto"
     if name == "auto":
         name = os.environ.get(ENV) or "auto"
     if name not in NAMES:
         raise BackendError(f"unknown backend {name!r}", hint=f"use one of {', '.join(NAMES)} (argument or {ENV})")
     if name == "auto":
-        if device.type == "cuda" and _triton_ok():
-            return "triton"
-        return "reference"
+        return "auto"
     if name == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         raise BackendError(
             f"the triton backend needs a CUDA device (got {device})",
@@ -81,6 +86,10 @@ def get_backend(name: str | None, device: torch.device | str):
         from .bnb import BitsandbytesBackend
 
         return BitsandbytesBackend()
-    from .reference import ReferenceBackend
+    if resolved == "reference":
+        from .reference import ReferenceBackend
 
-    return ReferenceBackend()
+        return ReferenceBackend()
+    from .dispatch import DeviceBackend
+
+    return DeviceBackend()

@@ -303,18 +303,18 @@ def _as_saved(t: torch.Tensor, it) -> torch.Tensor:
 
 
 def _quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, name: str, workers: int):
-    from ..quant.fast_cpu import quantize_4bit_fast, torch_threads
+    from .. import ops
+    from ..quant.fast_cpu import torch_threads
 
-    # On a GPU, quantize_4bit_fast runs the reference math there (the writer copies each entry back
-    # to the host). On CPU, t is usually a view of a memory-mapped shard: copying it first faults its
-    # pages in with one sequential read; the quantizer's threads faulting them chunk by chunk measured
-    # 1.8x slower. One torch thread for the copy: on a busy machine two measured 5x slower.
-    if torch.cuda.is_available():
-        t = t.cuda()
-    else:
-        with torch_threads(1):
-            t = t.clone()
-    return quantize_4bit_fast(t, quant_type, blocksize, double_quant, name, workers=workers)
+    # Through the quantize op, on the host: its CPU kernel is the fast quantizer, bit-identical to the
+    # reference. There is no GPU quantize kernel (the op's CUDA kernel is that same CPU path), so the
+    # tensor is not moved to a GPU; register one in qconvert.ops and move it here. t is usually a view
+    # of a memory-mapped shard: copying it first faults its pages in with one sequential read; the
+    # quantizer's threads faulting them chunk by chunk measured 1.8x slower. One torch thread for the
+    # copy: on a busy machine two measured 5x slower.
+    with torch_threads(1):
+        t = t.clone()
+    return ops.quantize(t, quant_type, blocksize, double_quant, name, workers=workers)
 
 
 def _maybe_die(i: int) -> None:

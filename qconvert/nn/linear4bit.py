@@ -7,9 +7,16 @@ as bitsandbytes' Linear4bit does, and the output is cast back to the input dtype
 matmul uses is the 4-bit weight's value in its logical dtype (``weight_dtype``), converted to the
 compute dtype (spec section 8): at float32 compute, a bfloat16 weight's value widened.
 
-Backward reaches the input (that is what LoRA needs below the adapter) through a custom autograd
-function that saves nothing but a reference to the module: the input gradient dequantizes the weight
-again instead of keeping a dequantized copy alive between forward and backward.
+With the ``auto`` backend the forward is one call of the custom op ``torch.ops.qconvert.matmul_4bit``
+(qconvert.ops) over the module's current tensors: the dispatcher picks the kernels from their device,
+so a moved module computes with its new device's kernels, and torch.compile sees one opaque op with a
+fake implementation. A forced backend object (``--backend reference``, ``triton``, ``bitsandbytes``)
+is called directly instead.
+
+Backward reaches the input (that is what LoRA needs below the adapter) and saves nothing but the
+module's own tensors (the op's registered autograd) or a reference to the module (the autograd
+function below, for forced backends): the input gradient dequantizes the weight again instead of
+keeping a dequantized copy alive between forward and backward.
 """
 
 from __future__ import annotations
@@ -83,7 +90,13 @@ class Linear4bit(nn.Linear):
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
+        if getattr(self.backend, "dispatches", False):
+            offset = float(self.nested_offset) if self.nested_absmax is not None else 0.0
+            y = torch.ops.qconvert.matmul_4bit(
+                xc, self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, offset,
+                self.blocksize, [self.out_features, self.in_features], self.weight_dtype, bias,
+            )
+        elif torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
             y = _Matmul4bit.apply(xc, bias, self)
         else:
             y = self.backend.matmul(xc, self.quantized(), bias)

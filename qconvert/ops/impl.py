@@ -1,0 +1,109 @@
+"""The kernels behind qconvert's ops (qconvert/ops/__init__.py), over the ops' plain arguments.
+
+One function per (op, kernel family); the ops register them per device, and the forced backends of
+qconvert.backends call the same math. Nothing here imports Triton at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..format.constants import NESTED_BLOCKSIZE  # noqa: F401 (the fake quantize reads it here)
+from ..format.layout import QuantizedTensor
+
+
+def as_quantized(
+    packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None, nested_offset: float, blocksize: int, shape: Sequence[int], logical_dtype: torch.dtype,
+) -> QuantizedTensor:
+    """A QuantizedTensor over the ops' arguments (quant_type is not needed: quant_map is the table)."""
+    dq = nested_absmax is not None
+    return QuantizedTensor(
+        packed=packed, absmax=absmax, shape=tuple(shape), dtype=logical_dtype, quant_type="nf4", blocksize=blocksize,
+        quant_map=quant_map, nested_absmax=nested_absmax, nested_quant_map=nested_quant_map if dq else None,
+        nested_offset=nested_offset if dq else None,
+    )
+
+
+def dequantize_reference(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                         logical_dtype, dtype) -> torch.Tensor:
+    from ..quant.reference import dequantize_4bit_ref
+
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    return dequantize_4bit_ref(qt, dtype)
+
+
+def matmul_reference(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                     logical_dtype, bias) -> torch.Tensor:
+    w = dequantize_reference(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                             logical_dtype, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+_TRITON = None
+
+
+def _triton():
+    """The Triton launcher (imports triton: on the first CUDA call, never at import)."""
+    global _TRITON
+    if _TRITON is None:
+        from ..backends.triton_backend import TritonBackend
+
+        _TRITON = TritonBackend()
+    return _TRITON
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def dequantize_triton(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                      logical_dtype, dtype) -> torch.Tensor:
+    if not _triton_available():
+        return dequantize_reference(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                                    shape, logical_dtype, dtype)
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    return _triton().dequantize(qt, dtype)
+
+
+def matmul_triton(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                  logical_dtype, bias) -> torch.Tensor:
+    if not _triton_available():
+        return matmul_reference(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                                shape, logical_dtype, bias)
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    return _triton().matmul(x, qt, bias)
+
+
+def _unpack(qt: QuantizedTensor, device: torch.device) -> tuple:
+    """quantize_4bit's outputs from a QuantizedTensor (empty nested tensors without double quant)."""
+    if qt.double_quant:
+        nested = (qt.nested_absmax, qt.nested_quant_map, torch.tensor(qt.nested_offset, dtype=torch.float32))
+    else:
+        nested = (torch.empty(0), torch.empty(0), torch.zeros((), dtype=torch.float32))
+    # the tables may be shared, cached tensors: an op's outputs must be its own
+    return tuple(t.to(device) for t in (qt.packed, qt.absmax, qt.quant_map.clone(), nested[0], nested[1].clone(), nested[2]))
+
+
+def quantize_reference(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
+    from ..quant.reference import quantize_4bit_ref
+
+    return _unpack(quantize_4bit_ref(x, quant_type, blocksize, double_quant, name), x.device)
+
+
+def quantize_cpu(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
+    from ..quant.fast_cpu import quantize_4bit_fast
+
+    return _unpack(quantize_4bit_fast(x, quant_type, blocksize, double_quant, name, workers=workers or None), x.device)
+
+
+def quantize_via_cpu(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
+    """The fast CPU quantizer for a tensor on another device, results copied back: bit-identical to
+    the reference, and far faster than the reference's bucketize on a GPU."""
+    from ..quant.fast_cpu import quantize_4bit_fast
+
+    return _unpack(quantize_4bit_fast(x.cpu(), quant_type, blocksize, double_quant, name, workers=workers or None), x.device)
