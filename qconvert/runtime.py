@@ -121,8 +121,12 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     except Exception as e:  # transformers raises ValueError, KeyError, OSError... for configs it cannot use
         raise FormatError(f"{root}/config.json: transformers cannot build a config from it ({type(e).__name__})",
                           hint="check model_type and the fields of config.json") from None
-    tok = _tokenizer(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if is_4bit_config(raw.get("quantization_config")):
+        from .validate import check_model_folder
+
+        check_model_folder(root)  # the weights against config.json (headers only) before anything else
+    tok = _tokenizer(root)
     if is_4bit_config(raw.get("quantization_config")):
         m = load_model(root, backend=backend, device=dev, dtype=None if dtype == "auto" else dtype)  # an all-`dtype` model
         kind = "4-bit"

@@ -198,8 +198,8 @@ def test_huge_config_is_not_read(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("text, what", [("[1, 2]", "must be a JSON object, got list"), ('"llama"', "must be a JSON object, got str"),
-                                        ("\xff\xfe{}", "cannot read config.json"), ("[" * 100000, "cannot read config.json")])
+@pytest.mark.parametrize("text, what", [("[1, 2]", "must hold a JSON object, not list"), ('"llama"', "must hold a JSON object, not str"),
+                                        ("\xff\xfe{}", "config.json: not valid JSON"), ("[" * 100000, "config.json: not valid JSON")])
 def test_config_that_is_not_an_object_is_refused(tmp_path, text, what):
     src = make_llama_files(tmp_path / "src")
     (src / "config.json").write_bytes(text.encode("latin-1"))

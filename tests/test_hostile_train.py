@@ -28,9 +28,11 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     err = [l for l in lines if l.startswith("qconvert: error:")]
     assert len(err) == 1 and len(re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+", "/tmp/T", err[0])) <= 200, lines
+    block = "\n".join(lines[lines.index(err[0]):])  # the error: its first line, then detail and hint lines
+    assert all(l.startswith(("  ", "hint: ")) for l in block.splitlines()[1:]), block
     for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
+        assert n in block, block
+    return block
 
 
 # ---------------------------------------------------------------- checkpoints: nothing executed

@@ -101,9 +101,9 @@ def read_json_object(path: Path, what: str, *, unique: bool = False) -> dict[str
     except _RepeatedName as e:
         raise FormatError(f"{path}: {what} names {e.args[0]!r} twice", hint="readers differ on which entry wins; regenerate it") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: cannot read {what} ({type(e).__name__}: {e})", hint="re-download or regenerate it") from None
+        raise FormatError(f"{path}: not valid JSON (the {what})", detail=f"{type(e).__name__}: {e}", hint="re-download or regenerate it") from None
     if not isinstance(data, dict):
-        raise FormatError(f"{path}: {what} must be a JSON object, got {type(data).__name__}", hint="re-download or regenerate it")
+        raise FormatError(f"{path}: must hold a JSON object, not {type(data).__name__}", hint="re-download or regenerate it")
     return data
 
 
