@@ -156,6 +156,11 @@ class Calls:
             return tri()
 
         monkeypatch.setattr(reference, "dequantize_4bit_ref", counted_ref)
+        # the forced reference backend binds the name at its import: patch it there too, whichever
+        # test imported it first (otherwise this test passes alone and fails after others)
+        import qconvert.backends.reference as forced_ref
+
+        monkeypatch.setattr(forced_ref, "dequantize_4bit_ref", counted_ref)
         monkeypatch.setattr(impl, "_triton", counted_triton)
 
     def take(self) -> dict:
