@@ -24,7 +24,6 @@ module in both forms.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -47,15 +46,16 @@ def read_config(root: Path) -> dict[str, Any]:
     p = root / "config.json"
     if not p.is_file():
         raise FormatError(f"{p}: missing", hint="a model folder needs the config.json it was saved with")
+    check_config_size(p)
+    from .format.checkpoint import read_json_object
+
+    return read_json_object(p, "config.json")
+
+
+def check_config_size(p: Path) -> None:
+    """Refuse a config file over :data:`MAX_CONFIG_BYTES` before reading it."""
     if p.stat().st_size > MAX_CONFIG_BYTES:
         raise FormatError(f"{p}: {p.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{p}: not valid JSON", detail=str(e), hint="fix the file or re-download it") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{p}: must hold a JSON object, not {type(data).__name__}", hint="fix the file or re-download it")
-    return data
 
 
 def model_class(cfg: dict[str, Any], where: str):

@@ -20,7 +20,6 @@ from ..errors import FormatError, OptionError
 
 #: A PEFT LoRA weight key: base_model.model.<module>.lora_A|lora_B[.<adapter name>].weight
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
-MAX_CONFIG_BYTES = 16 * 2**20
 _FIX = "the adapter is damaged or was edited; export it again from its training run"
 
 
@@ -47,14 +46,11 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     p = folder / "adapter_config.json"
     if not p.is_file():
         raise FormatError(f"{folder}: no adapter_config.json", hint="pass a PEFT LoRA adapter folder")
-    if p.stat().st_size > MAX_CONFIG_BYTES:
-        raise FormatError(f"{p}: {p.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{p}: not valid JSON", detail=str(e), hint=_FIX) from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{p}: must hold a JSON object, not {type(cfg).__name__}", hint=_FIX)
+    from ..format.checkpoint import read_json_object
+    from ..validate import check_config_size
+
+    check_config_size(p)
+    cfg = read_json_object(p, "adapter_config.json")
     if cfg.get("peft_type") != "LORA":
         raise FormatError(f"{p}: peft_type {cfg.get('peft_type')!r} is not LORA", hint="qconvert handles PEFT LoRA adapters only")
     if not _positive_int(cfg.get("r")):
