@@ -123,15 +123,13 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
                           hint="check model_type and the fields of config.json") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if is_4bit_config(raw.get("quantization_config")):
-        from .validate import check_model_folder
-
-        check_model_folder(root)  # the weights against config.json (headers only) before anything else
-    tok = _tokenizer(root)
-    if is_4bit_config(raw.get("quantization_config")):
+        # load_model checks the weights against config.json first, before the tokenizer is looked at
         m = load_model(root, backend=backend, device=dev, dtype=None if dtype == "auto" else dtype)  # an all-`dtype` model
         kind = "4-bit"
         computes = next((mod.compute_dtype for mod in m.modules() if isinstance(mod, Linear4bit)), None)
+        tok = _tokenizer(root)
     else:
+        tok = _tokenizer(root)
         m = _load_plain(root, cls, config, dtype).to(dev)
         kind = "unquantized"
         computes = None
