@@ -122,6 +122,7 @@ def _midpoint_block(quant_type: str, blocksize: int) -> torch.Tensor:
     return torch.cat([vals, torch.zeros(blocksize - vals.numel())]) if vals.numel() < blocksize else vals[:blocksize]
 
 
+@pytest.mark.slow
 def test_quantize_kernel_bit_exact(triton_backend):
     """The Triton quantizer's codes and float32 block scales equal the reference's, byte for byte:
     full and ragged blocks, odd counts, every dtype, both code tables, every block size, and the
