@@ -110,3 +110,40 @@ def test_golden_vectors_bit_exact(triton_backend):
         qt = on_device(stored(v))
         assert to_hex(triton_backend.dequantize(qt, qt.dtype).cpu()) == v["dequantized"], v["name"]
         assert to_hex(triton_backend.dequantize(qt, torch.float32).cpu()) == v["dequantized_float32"], v["name"]
+
+
+def _midpoint_block(quant_type: str, blocksize: int) -> torch.Tensor:
+    """A block whose scaled values sit exactly on every decision midpoint (and on -1, 0, 1): the
+    ties, which take the lower bin."""
+    from qconvert.format.constants import quantize_midpoints
+
+    mid, _ = quantize_midpoints(quant_type)
+    vals = torch.cat([torch.tensor([1.0, -1.0, 0.0]), mid, -mid])
+    return torch.cat([vals, torch.zeros(blocksize - vals.numel())]) if vals.numel() < blocksize else vals[:blocksize]
+
+
+@pytest.mark.slow
+def test_quantize_kernel_bit_exact(triton_backend):
+    """The Triton quantizer's codes and float32 block scales equal the reference's, byte for byte:
+    full and ragged blocks, odd counts, every dtype, both code tables, every block size, and the
+    edge cases (all-zero blocks, subnormal scales, values on the midpoints)."""
+    from qconvert.format.constants import BLOCKSIZES
+
+    g = torch.Generator().manual_seed(11)
+    shapes = ((1,), (7,), (63,), (64,), (65,), (33, 65), (5, 257), (2, 4097))
+    for shape, dt, qtype, bs in itertools.product(shapes, (torch.float32, torch.float16, torch.bfloat16), ("nf4", "fp4"), BLOCKSIZES):
+        x = (torch.randn(shape, generator=g) * 3).to(dt)
+        ref = quantize_4bit_ref(x, qtype, bs, double_quant=False)
+        packed, absmax = triton_backend.quantize_blocks(x.to(DEVICE), qtype, bs)
+        assert torch.equal(packed.cpu(), ref.packed) and torch.equal(absmax.cpu(), ref.absmax), (shape, dt, qtype, bs)
+    for qtype in ("nf4", "fp4"):
+        specials = torch.cat([
+            torch.zeros(64),  # an all-zero full block: scale 0, every code the code of 0.0
+            torch.full((64,), 1e-40),  # a subnormal scale (the reference clamps only its divisor)
+            _midpoint_block(qtype, 64),
+            _midpoint_block(qtype, 64) * 3.5,  # ties after a reciprocal that is not exact
+            torch.zeros(5),  # an all-zero ragged last block: its stored scale is the 1e-38 floor
+        ])
+        ref = quantize_4bit_ref(specials, qtype, 64, double_quant=False)
+        packed, absmax = triton_backend.quantize_blocks(specials.to(DEVICE), qtype, 64)
+        assert torch.equal(packed.cpu(), ref.packed) and torch.equal(absmax.cpu(), ref.absmax), qtype

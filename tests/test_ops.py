@@ -12,6 +12,7 @@ import torch
 from qconvert import ops
 from qconvert.backends import get_backend
 from qconvert.backends.dispatch import DeviceBackend
+from qconvert.errors import QuantizationError
 from qconvert.nn import Linear4bit
 from qconvert.ops import impl
 from qconvert.quant import reference
@@ -125,6 +126,25 @@ def test_opcheck_triton_kernels_in_the_interpreter():
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
         y = torch.ops.qconvert.matmul_4bit(*margs)
     assert rel(y, x @ dequantize_4bit_ref(qt, torch.float32).T) < GEMV_TOL
+
+
+def test_quantize_op_on_the_triton_kernel_in_the_interpreter():
+    """quantize_4bit's CUDA kernel (Triton codes and scales, double quantization on the CPU path),
+    standing in on CPU tensors: opcheck, and the reference's bytes, nested offset included."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA kernel runs on CUDA here (tests/test_kernels.py)")
+    g = torch.Generator().manual_seed(4)
+    for x, dq in ((torch.randn(33, 65, generator=g), True), (torch.randn(7, generator=g).bfloat16(), True),
+                  (torch.randn(3, 130, generator=g).half(), False)):
+        args = (x, "nf4", 64, dq, "w")
+        want = impl.quantize_reference(*args)
+        with ops.stand_in("cpu"):
+            torch.library.opcheck(torch.ops.qconvert.quantize_4bit.default, args, test_utils=("test_schema", "test_faketensor"))
+            got = torch.ops.qconvert.quantize_4bit(*args)
+        assert all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want)), dq
+    with ops.stand_in("cpu"), pytest.raises(QuantizationError, match="NaN or Inf"):
+        torch.ops.qconvert.quantize_4bit(torch.tensor([1.0, float("nan")]), "nf4", 64, True, "w")
 
 
 def test_import_registers_lazily():

@@ -13,3 +13,4 @@ fi
 export TRITON_INTERPRET=0
 python3 -m pytest -q tests/test_kernels.py tests/test_loader.py -x
 python3 tools/bench_kernels.py
+python3 tools/bench_quantize_kernel.py --device cuda

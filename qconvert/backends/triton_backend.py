@@ -16,6 +16,8 @@ from . import Backend
 
 SMALL_BATCH = 16
 BLOCK = 1024
+#: blocks per program of the quantize kernel
+QUANT_ROWS = 16
 #: the kernels' LOGICAL constexpr: which dtype the float32 product is rounded to (spec section 8)
 LOGICAL = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -74,6 +76,28 @@ class TritonBackend(Backend):
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_launch_opts(x.device),
         )
         return y.reshape(*x.shape[:-1], N)
+
+    def quantize_blocks(self, x: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed codes [(n + 1) // 2, 1] uint8, float32 block scales) of ``x`` on its device: the
+        first level of the reference's quantize_4bit_ref, bit for bit (kernels_quant.py). The caller
+        checks the input (quant.reference.check_quantizable) and double-quantizes the scales."""
+        from ..format.constants import quantize_midpoints
+        from . import kernels_quant
+
+        flat = x.detach().reshape(-1).contiguous()
+        n = flat.numel()
+        nblocks = triton_cdiv(n, blocksize)
+        mid, order = quantize_midpoints(quant_type)
+        mid = mid.to(device=flat.device, dtype=torch.float32)
+        order = order.to(device=flat.device, dtype=torch.int32)
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=flat.device)
+        absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
+        grid = (triton_cdiv(nblocks, QUANT_ROWS),)
+        kernels_quant.quantize_kernel[grid](
+            flat, mid, order, packed, absmax, n, n // blocksize, nblocks,
+            BLOCKSIZE=blocksize, ROWS=QUANT_ROWS, **_launch_opts(flat.device),
+        )
+        return packed, absmax
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -10,9 +10,10 @@ op                                     kernels
                                        dequantize, then ``F.linear``. Autograd: input and bias
                                        gradients, the weight dequantized again in backward.
 ``qconvert::quantize_4bit``            default: the reference; CPU: the fast quantizer
-                                       (quant/fast_cpu.py), bit-identical; CUDA: the same fast
-                                       CPU quantizer, results copied back (there is no Triton
-                                       quantize kernel yet, and the reference is slow on a GPU)
+                                       (quant/fast_cpu.py), bit-identical; CUDA: the Triton
+                                       kernel (kernels_quant.py) for codes and scales, the scales'
+                                       double quantization on the CPU path (bit-identical); the
+                                       fast CPU quantizer when Triton is not installed
 =====================================  ===========================================================
 
 Every argument is a plain tensor or scalar (packed codes, absmax as uint8 or float32, nested
@@ -72,7 +73,7 @@ _LIB.impl("quantize_4bit", impl.quantize_reference, "CompositeExplicitAutograd")
 _LIB.impl("dequantize_4bit", impl.dequantize_triton, "CUDA")
 _LIB.impl("matmul_4bit", impl.matmul_triton, "CUDA")
 _LIB.impl("quantize_4bit", impl.quantize_cpu, "CPU")
-_LIB.impl("quantize_4bit", impl.quantize_via_cpu, "CUDA")
+_LIB.impl("quantize_4bit", impl.quantize_triton, "CUDA")
 
 
 @torch.library.register_fake("qconvert::dequantize_4bit", lib=_LIB)
@@ -152,7 +153,7 @@ def weight_args(qt) -> tuple:
 @contextmanager
 def stand_in(device_type: str = "cpu", kernels: str = "triton") -> Iterator[None]:
     """Within the block, tensors on ``device_type`` take the ``kernels`` ("triton": what CUDA
-    tensors get) for dequantize_4bit and matmul_4bit. For tests without a GPU: with
+    tensors get) for dequantize_4bit, matmul_4bit and quantize_4bit. For tests without a GPU: with
     TRITON_INTERPRET=1, CPU tensors run the CUDA path's Triton kernels in the interpreter."""
     if kernels != "triton":
         raise ValueError(f"unknown kernels {kernels!r}: only 'triton' can stand in")
@@ -160,6 +161,7 @@ def stand_in(device_type: str = "cpu", kernels: str = "triton") -> Iterator[None
     key = torch._C._dispatch_key_for_device(device_type)
     lib.impl("dequantize_4bit", impl.dequantize_triton, key)
     lib.impl("matmul_4bit", impl.matmul_triton, key)
+    lib.impl("quantize_4bit", impl.quantize_triton, key)
     try:
         yield
     finally:

@@ -101,6 +101,22 @@ def quantize_cpu(x, quant_type, blocksize, double_quant, name, workers=0) -> tup
     return _unpack(quantize_4bit_fast(x, quant_type, blocksize, double_quant, name, workers=workers or None), x.device)
 
 
+def quantize_triton(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
+    """The Triton quantize kernel on x's device for the codes and float32 scales (bit-identical to
+    the reference), then the scales' double quantization on the CPU with the fast path's fixed
+    summation order (n / blocksize floats: the bytes do not depend on where the weight was)."""
+    if not _triton_available():
+        return quantize_via_cpu(x, quant_type, blocksize, double_quant, name, workers)
+    from ..quant.fast_cpu import MEAN_THREADS, mean_in_torch_order
+    from ..quant.reference import assemble, check_quantizable
+
+    check_quantizable(x, name, quant_type, blocksize)
+    packed, absmax = _triton().quantize_blocks(x, quant_type, blocksize)
+    absmax = absmax.cpu()
+    offset = mean_in_torch_order(absmax, MEAN_THREADS) if double_quant else None
+    return _unpack(assemble(x, packed, absmax, quant_type, blocksize, double_quant, name, offset), x.device)
+
+
 def quantize_via_cpu(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
     """The fast CPU quantizer for a tensor on another device, results copied back: bit-identical to
     the reference, and far faster than the reference's bucketize on a GPU."""
