@@ -7,12 +7,10 @@ import os
 
 import click
 
-from ..cli import register
 from ..errors import OptionError
-from ..runtime_cli import BACKENDS
+from . import options
 
 
-@register
 @click.command()
 @click.argument("model", required=False)
 @click.option("--config", "config_file", metavar="FILE", help="YAML or JSON file of options, keyed as transformers/PEFT name them; flags override it.")
@@ -51,7 +49,7 @@ from ..runtime_cli import BACKENDS
 @click.option("--logging-steps", type=int, default=1, show_default=True, help="Metrics row (and, off a terminal, a log line) every N steps.")
 @click.option("--eval-steps", type=int, help="Evaluate every N steps (0: only at the end) [default: at each checkpoint and at the end].")
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, help="Resume from the latest checkpoint, or from PATH.")
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@options.backend(None)
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub id.")
 @click.option("--stop-after", type=int, hidden=True, help="Save a checkpoint and stop after N steps of this run (as Ctrl-C does).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Publish the adapter when training finishes (see `qconvert push`).")
@@ -61,7 +59,7 @@ def train(ctx, config_file, **opts):
     a checkpoint; --resume continues it.
 
     Data-parallel: torchrun --nproc-per-node N qconvert train ... (NCCL on GPU, gloo on CPU)."""
-    from .loop import train as run
+    from ..train.loop import train as run
 
     opts = merge_config(ctx, config_file, opts)
     for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
@@ -88,7 +86,7 @@ def merge_config(ctx: click.Context, config_file: str | None, opts: dict) -> dic
         return opts
     from click.core import ParameterSource
 
-    from .config import KEYS, read_config
+    from ..train.config import KEYS, read_config
 
     params = {p.name: p for p in ctx.command.params}
     for opt, value in read_config(config_file).items():
@@ -116,3 +114,6 @@ def _cast(ctx, param: click.Parameter, value, key: str):
         return param.type_cast_value(ctx, value)
     except click.BadParameter as e:
         raise OptionError(f"--config: {key}: {' '.join(e.format_message().split())[:150]}") from None
+
+
+COMMANDS = [train]
