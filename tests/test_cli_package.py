@@ -43,7 +43,7 @@ def test_no_library_module_imports_click_or_the_cli():
     for path in sorted(PACKAGE.rglob("*.py")):
         if cli_dir in path.parents or path.name == "__main__.py":
             continue
-        bad = sorted(m for m in _imports(path) if m == "click" or m.startswith("click.") or m == "qconvert.cli" or m.startswith("qconvert.cli."))
+        bad = sorted(m for m in _imports(path) if m in ("click", "qconvert.cli") or m.startswith(("click.", "qconvert.cli.")))
         if bad:
             offenders.append(f"{path.relative_to(PACKAGE)}: {', '.join(bad)}")
     assert not offenders, offenders

@@ -26,4 +26,4 @@ from .main import (  # noqa: F401  (the entry point and what tests and callers i
     register,
 )
 
-__all__ = ["main", "cli", "register"]
+__all__ = ["cli", "main", "register"]

@@ -7,7 +7,8 @@ import json
 
 import click
 
-from ..train.data import FORMATS, TRUNCATION  # light (no torch, no transformers): eval takes whatever train takes
+# light (no torch): eval takes whatever train takes
+from ..train.data import FORMATS, TRUNCATION
 from . import options
 
 

@@ -109,7 +109,7 @@ class TrainConfig:
     lora_r: int = _opt(64, "--lora-r", "--r", aliases=("r",), range=_at_least(1))
     lora_alpha: float = _opt(16.0, "--lora-alpha", range=_above(0))  # 16.0, as the CLI's float flag always gave
     lora_dropout: float = _opt(0.05, "--lora-dropout", range=(0, True, 1, False))
-    target_modules: list[str] | None = _opt(None, "--target-modules", aliases=("lora_target_modules",), kind="list",
+    target_modules: list[str] | None = _opt(None, "--target-modules", aliases=("lora_target_modules",), kind="list",  # noqa: RUF009
                                             help="Module names for LoRA (repeatable or comma-separated; default: all linear layers but the output head).")
     optim: str = _opt("paged_adamw_32bit", "--optim", aliases=("optimizer",), choices=OPTIMIZERS)
     lr: float = _opt(2e-4, "--lr", "--learning-rate", key="learning_rate", aliases=("lr",), range=_above(0))
