@@ -59,6 +59,11 @@ class BackendError(QConvertError, RuntimeError):
     """A compute backend is unknown or not available on this machine."""
 
 
+class UnknownBackendError(OptionError, BackendError):
+    """A backend name that is not one of qconvert.backends.NAMES: an option value like any other
+    (OptionError), still caught by ``except BackendError`` as before."""
+
+
 class DataError(QConvertError, ValueError):
     """Training or evaluation data is empty, malformed or of an unknown shape."""
 

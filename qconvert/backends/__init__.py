@@ -15,17 +15,21 @@ Each backend offers ``dequantize(qt, dtype) -> Tensor`` and ``matmul(x, qt, bias
 on whatever device the tensors are on, bypassing the dispatcher (the reference for CI and numerics
 debugging; triton on CPU under TRITON_INTERPRET=1 for tests). The environment variable
 QCONVERT_BACKEND selects one when the caller passes "auto". Importing this module imports neither
-Triton nor bitsandbytes, and does not register the ops.
+torch, Triton nor bitsandbytes, and does not register the ops: the CLI takes :data:`NAMES` from here
+at start-up.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
+from ..errors import BackendError, UnknownBackendError
 
-from ..errors import BackendError
+if TYPE_CHECKING:
+    import torch
 
+#: Every backend name a caller, a CLI flag (--backend), a train config file or QCONVERT_BACKEND may give.
 NAMES = ("auto", "reference", "triton", "bitsandbytes")
 
 
@@ -39,6 +43,8 @@ class Backend:
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, qt, bias: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
         return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)
 ENV = "QCONVERT_BACKEND"
 
@@ -50,7 +56,7 @@ def resolve(name: str | None, device: torch.device) -> str:
     if name == "auto":
         name = os.environ.get(ENV) or "auto"
     if name not in NAMES:
-        raise BackendError(f"unknown backend {name!r}", hint=f"use one of {', '.join(NAMES)} (argument or {ENV})")
+        raise UnknownBackendError(f"unknown backend {name!r}", hint=f"use one of {', '.join(NAMES)} (argument or {ENV})")
     if name == "auto":
         return "auto"
     if name == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -76,6 +82,8 @@ def _triton_ok() -> bool:
 
 def get_backend(name: str | None, device: torch.device | str):
     """The backend object for ``name`` on ``device`` (raises BackendError if unknown or unavailable)."""
+    import torch
+
     device = torch.device(device)
     resolved = resolve(name, device)
     if resolved == "triton":

@@ -13,51 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
+from .settings import NOT_SAVED, all_specs
 
-#: option of train() -> (key written to config.yaml, other keys accepted when reading)
-KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "model": ("model_name_or_path", ("model", "base_model")),
-    "revision": ("model_revision", ("revision",)),
-    "data": ("dataset_name", ("data", "dataset", "data_path", "train_file")),
-    "data_config": ("dataset_config", ("data_config", "dataset_config_name")),
-    "data_split": ("dataset_train_split", ("data_split", "split")),
-    "fmt": ("data_format", ("format",)),
-    "eval_data": ("eval_dataset", ("eval_data", "eval_file", "validation_file")),
-    "eval_split": ("eval_split", ("val_set_size",)),
-    "output": ("output_dir", ("output",)),
-    "max_length": ("max_length", ("max_seq_length", "sequence_len")),
-    "truncation": ("truncation", ()),
-    "strict_data": ("strict_data", ()),
-    "packing": ("packing", ("sample_packing",)),
-    "train_on_inputs": ("train_on_inputs", ()),
-    "lora_r": ("lora_r", ("r",)),
-    "lora_alpha": ("lora_alpha", ()),
-    "lora_dropout": ("lora_dropout", ()),
-    "target_modules": ("target_modules", ("lora_target_modules",)),
-    "optim": ("optim", ("optimizer",)),
-    "lr": ("learning_rate", ("lr",)),
-    "lr_scheduler": ("lr_scheduler_type", ("lr_scheduler",)),
-    "warmup_ratio": ("warmup_ratio", ()),
-    "max_grad_norm": ("max_grad_norm", ()),
-    "batch_size": ("per_device_train_batch_size", ("batch_size", "micro_batch_size")),
-    "grad_accum": ("gradient_accumulation_steps", ("grad_accum",)),
-    "epochs": ("num_train_epochs", ("num_epochs", "epochs")),
-    "max_steps": ("max_steps", ()),
-    "gradient_checkpointing": ("gradient_checkpointing", ()),
-    "seed": ("seed", ()),
-    "save_steps": ("save_steps", ()),
-    "save_total_limit": ("save_total_limit", ()),
-    "logging_steps": ("logging_steps", ()),
-    "eval_steps": ("eval_steps", ()),
-    "backend": ("backend", ()),
-    "push_to": ("hub_model_id", ("push_to_hub",)),
-    "resume": ("resume_from_checkpoint", ("resume",)),
-    "overwrite": ("overwrite_output_dir", ("overwrite",)),
-}
+#: option -> (key written to config.yaml, other keys accepted when reading); declared with each
+#: option in qconvert.train.settings (RUN_OPTIONS, then the TrainConfig fields)
+KEYS: dict[str, tuple[str, tuple[str, ...]]] = {name: (spec.key, spec.aliases) for name, spec in all_specs().items()}
 #: accepted and checked, but nothing to set: qconvert trains on 4-bit bases only
 FIXED = {"quant_bits": 4, "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-#: per-invocation choices left out of OUTPUT/config.yaml
-NOT_SAVED = ("resume", "overwrite", "push_to")
 LOOKUP = {alias: opt for opt, (key, aliases) in KEYS.items() for alias in (key, *aliases)}
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, OptionError
 
 FORMATS = ("auto", "text", "alpaca", "prompt", "chat", "sharegpt")
 TRUNCATION = ("truncate", "drop")
@@ -288,9 +288,9 @@ def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train
     """Tokenized examples with loss masks. See the module docstring for ``truncation`` and ``strict``;
     ``report`` (filled in place) counts formats, drops and truncations."""
     if fmt not in FORMATS:
-        raise DataError(f"unknown --format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+        raise OptionError(f"unknown --format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     if truncation not in TRUNCATION:
-        raise DataError(f"unknown --truncation {truncation!r}", hint=f"use one of {', '.join(TRUNCATION)}")
+        raise OptionError(f"unknown --truncation {truncation!r}", hint=f"use one of {', '.join(TRUNCATION)}")
     if tok.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token", hint="set eos_token in tokenizer_config.json")
     out = []

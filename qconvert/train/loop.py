@@ -91,57 +91,26 @@ def train(
     model: str,
     data: str,
     output: str | os.PathLike,
+    config: TrainConfig | None = None,
     *,
-    fmt: str = "auto",
-    eval_data: str | None = None,
-    eval_split: float = 0.0,
-    max_length: int = 512,
-    packing: bool = False,
-    train_on_inputs: bool = False,
-    lora_r: int = 64,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.05,
-    target_modules: list[str] | str | None = None,
-    optim: str = "paged_adamw_32bit",
-    lr: float = 2e-4,
-    lr_scheduler: str = "constant",
-    warmup_ratio: float = 0.03,
-    max_grad_norm: float = 0.3,
-    batch_size: int = 1,
-    grad_accum: int = 16,
-    epochs: float = 1.0,
-    max_steps: int | None = None,
-    stop_after: int | None = None,
-    gradient_checkpointing: bool = True,
-    seed: int = 42,
-    save_steps: int | None = None,
-    save_total_limit: int | None = 2,
-    logging_steps: int = 1,
-    eval_steps: int | None = None,
-    resume: str | bool | None = None,
-    overwrite: bool = False,
-    backend: str = "auto",
-    revision: str | None = None,
-    data_split: str | None = None,
-    data_config: str | None = None,
-    truncation: str = "truncate",
-    strict_data: bool = False,
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
 
-    ``save_steps`` None: a checkpoint at the end of each epoch, but no more often than every 50 steps
-    nor every tenth of the run (every max(steps per epoch, total / 10, 50) steps); 0: only on
-    interrupt. ``save_total_limit``: keep the newest N checkpoints (None or 0: all). ``eval_steps``
-    None: evaluate at each save and at the end; 0: only at the end.
+    The run's options are ``config`` (a :class:`qconvert.train.settings.TrainConfig`; default: its
+    defaults) with ``options`` over it, the same names as keywords (``lr=1e-3, max_steps=10``);
+    each option, its default and its range are described there. Every value is checked before
+    anything is loaded (OptionError).
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
-    options = dict(locals())
-    targets = split_modules(target_modules)
-    check_options(options)
-    for name, allowed in (("lr_scheduler", SCHEDULERS), ("fmt", FORMATS), ("optim", OPTIMIZERS), ("truncation", TRUNCATION)):
-        if options[name] not in allowed:
-            raise OptionError(f"unknown --{name.replace('fmt', 'format').replace('_', '-')} {options[name]!r}", hint=f"use one of {', '.join(allowed)}")
+    from .settings import TrainConfig
+
+    cfg = TrainConfig.of(config, options)
+    cfg.check()
+    options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
+    targets = cfg.target_modules
+    resume, overwrite = cfg.resume, cfg.overwrite
     rank, world = _dist()
     say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
     out = Path(output)

@@ -7,36 +7,14 @@ import math
 from typing import Any
 
 from ..errors import OptionError
+from .settings import SPECS
 
-FLAG = {  # option -> how the CLI spells it, for the messages
-    "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout", "lr": "--lr", "eval_split": "--eval-split",
-    "batch_size": "--batch-size", "grad_accum": "--grad-accum", "epochs": "--epochs", "max_steps": "--max-steps",
-    "max_length": "--max-length", "warmup_ratio": "--warmup-ratio", "max_grad_norm": "--max-grad-norm", "save_steps": "--save-steps",
-    "save_total_limit": "--save-total-limit", "logging_steps": "--logging-steps", "eval_steps": "--eval-steps", "stop_after": "--stop-after",
-}
-
-# name -> (lowest, lowest included, highest, highest included); None: no bound on that side
-RANGES: dict[str, tuple] = {
-    "lora_r": (1, True, None, None),
-    "lora_alpha": (0, False, None, None),
-    "lora_dropout": (0, True, 1, False),
-    "lr": (0, False, None, None),
-    "eval_split": (0, True, 1, False),
-    "batch_size": (1, True, None, None),
-    "grad_accum": (1, True, None, None),
-    "epochs": (0, False, None, None),
-    "max_steps": (1, True, None, None),
-    "max_length": (2, True, None, None),
-    "warmup_ratio": (0, True, 1, True),
-    "max_grad_norm": (0, False, None, None),
-    "save_steps": (0, True, None, None),
-    "save_total_limit": (0, True, None, None),
-    "logging_steps": (1, True, None, None),
-    "eval_steps": (0, True, None, None),
-    "stop_after": (1, True, None, None),
-}
-INTEGERS = {"lora_r", "batch_size", "grad_accum", "max_steps", "max_length", "save_steps", "save_total_limit", "logging_steps",
-            "eval_steps", "stop_after"}
+# Declared once, in qconvert.train.settings (each TrainConfig field's Spec); these views keep their old names.
+#: option -> how the CLI spells it, for the messages
+FLAG: dict[str, str] = {name: spec.flag for name, spec in SPECS.items() if spec.range is not None}
+#: option -> (lowest, lowest included, highest, highest included); None: no bound on that side
+RANGES: dict[str, tuple] = {name: spec.range for name, spec in SPECS.items() if spec.range is not None}
+INTEGERS = {name for name in RANGES if SPECS[name].kind == "int"}
 
 
 def _range_text(lo, lo_in, hi, hi_in) -> str:

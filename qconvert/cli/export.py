@@ -1,4 +1,4 @@
-"""CLI command `qconvert merge`."""
+"""CLI commands `qconvert merge` and `qconvert export-adapter` (library: qconvert.export)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,24 @@ import json
 
 import click
 
-from ..cli import register
+from . import options
 
 
-@register
 @click.command()
 @click.argument("base")
 @click.argument("adapter")
 @click.argument("output_dir")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@options.dtype(auto=False)
 @click.option("--quantize", is_flag=True, help="Re-quantize the merged weights to 4 bits, and print what that costs.")
-@click.option("--max-shard-size", default="2GB", show_default=True)
+@options.max_shard_size()
 @click.option("--base-original", help="Merge into these original full-precision weights instead (warns: training saw the dequantized ones).")
-@click.option("--revision", help="Branch, tag or commit of BASE when it is a Hub id.")
-@click.option("--overwrite", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Publish the result (see `qconvert push`).")
+@options.revision("Branch, tag or commit of BASE when it is a Hub id.")
+@options.overwrite()
+@options.json_output()
+@options.push_to_hub()
 def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json, push_to):
     """Merge a PEFT LoRA ADAPTER into its 4-bit BASE: W = dequant(W4) + scaling * B @ A, in float32, then cast."""
-    from .merge import merge_adapter
+    from ..export.merge import merge_adapter
 
     s = merge_adapter(base, adapter, output_dir, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size,
                       base_original=base_original, overwrite=overwrite, revision=revision,
@@ -46,16 +45,18 @@ def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_origi
         click.echo(f"pushed to {push_to}: {s['pushed']['commit_url']}")
 
 
-@register
 @click.command(name="export-adapter")
 @click.argument("source")
 @click.argument("output_dir")
 @click.option("--base-model", help="Set base_model_name_or_path (use the Hub id of the 4-bit base).")
-@click.option("--overwrite", is_flag=True)
+@options.overwrite()
 def export_adapter_cmd(source, output_dir, base_model, overwrite):
     """Write a clean PEFT adapter folder (config, weights, card) from a `qconvert train` output or checkpoint-N
     (given a train output with no final adapter, its latest checkpoint)."""
-    from .adapter import export_adapter
+    from ..export.adapter import export_adapter
 
     r = export_adapter(source, output_dir, base_model=base_model, overwrite=overwrite)
     click.echo(f"wrote {r['output']}: {r['tensors']} LoRA tensors from {r['source']} (base model {r['base_model']})")
+
+
+COMMANDS = [merge, export_adapter_cmd]

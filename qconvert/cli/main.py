@@ -1,24 +1,25 @@
-"""The `qconvert` command line: a thin click layer over the library.
+"""The `qconvert` group: version, help, and how every failure becomes a ``qconvert: error:`` line
+and an exit code (see :func:`main`).
 
-Each command parses its options and calls one library function. Errors the library raises on
-purpose (:class:`qconvert.errors.QConvertError`) become a ``qconvert: error:`` line on stderr with a
-hint and exit code 1 (see :func:`main` for every exit code); set QCONVERT_DEBUG=1 to see the full
-traceback instead. Heavy modules are imported inside
-the commands so that ``qconvert --help`` starts fast.
+The commands live in the sibling modules (:data:`COMMAND_MODULES`); each lists its commands in
+``COMMANDS`` and :func:`_load_commands` adds them to the group. No library module imports from
+this package.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import sys
 
 import click
 
-from . import __version__
-from .errors import QConvertError
+from .. import __version__
+from ..errors import QConvertError
 
 DEBUG_ENV = "QCONVERT_DEBUG"
+#: The modules of qconvert.cli that define commands, each with a ``COMMANDS`` list.
+COMMAND_MODULES = ("convert", "train", "export", "hub", "runtime")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,37 +28,18 @@ def cli() -> None:
     """qconvert: QLoRA-style 4-bit (NF4) checkpoints: quantize, inspect, verify, load, train, merge, push."""
 
 
-@cli.command()
-@click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def inspect(path: str, as_json: bool) -> None:
-    """Show every tensor of a checkpoint folder or .safetensors file: shape, dtype, quant type, block size,
-    double quant, stored bytes; and bits per parameter over the quantized tensors."""
-    from .inspect import format_report, inspect_checkpoint
-
-    report = inspect_checkpoint(path)
-    if as_json:
-        click.echo(json.dumps(report, indent=1))
-    else:
-        click.echo(format_report(report))
-
-
 def register(command: click.Command) -> click.Command:
-    """Add a command defined in another module (keeps this file thin)."""
+    """Add a command to the group (for a command defined outside qconvert.cli)."""
     cli.add_command(command)
     return command
 
 
 def _load_commands() -> None:
-    """Import the modules that define further commands; each calls ``register``."""
-    import importlib
-
-    for mod in ("qconvert.convert.cli", "qconvert.runtime_cli", "qconvert.train.cli", "qconvert.export.cli", "qconvert.hub.cli"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    """Add every command of :data:`COMMAND_MODULES` to the group (cheap: the modules import only
+    click and light library constants; each command imports its library code when it runs)."""
+    for name in COMMAND_MODULES:
+        for command in importlib.import_module(f"{__package__}.{name}").COMMANDS:
+            cli.add_command(command)
 
 
 #: Exit codes of every command (README "Errors and exit codes"; spec/robustness.md).
@@ -65,7 +47,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _report(message: str, hint: str | None = None) -> None:
-    from .errors import cli_lines
+    from ..errors import cli_lines
 
     click.echo("\n".join(cli_lines(message, hint)), err=True)
 

@@ -6,23 +6,25 @@ import json
 
 import click
 
-from ..cli import register
+from . import options
 
 
-@register
 @click.command()
 @click.argument("folder")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
-@click.option("--revision", help="Branch to push to (created if missing).")
+@options.revision("Branch to push to (created if missing).")
 @click.option("--commit-message")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
-@click.option("--json", "as_json", is_flag=True)
+@options.json_output()
 def push(folder, repo_id, private, revision, commit_message, create_pr, as_json):
     """Validate FOLDER (spec check, adapter config, model card) and publish it to the Hub as REPO_ID.
 
     Uses HF_TOKEN and HF_ENDPOINT. An interrupted upload resumes when the command is run again."""
-    from .push import push_folder
+    from ..hub.push import push_folder
 
     r = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message, create_pr=create_pr)
     click.echo(json.dumps(r) if as_json else f"pushed {r['kind']} model {folder} to {repo_id}: {r['pr_url'] or r['commit_url']}")
+
+
+COMMANDS = [push]

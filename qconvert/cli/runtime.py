@@ -1,4 +1,5 @@
-"""CLI commands that run a model: `qconvert generate` and `qconvert eval` (library: runtime, generation, evaluate)."""
+"""CLI commands that run a model: `qconvert generate` and `qconvert eval` (library: qconvert.runtime,
+qconvert.generation, qconvert.evaluate)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,11 @@ import json
 
 import click
 
-from .cli import register
-from .train.data import FORMATS  # light (no torch, no transformers): eval takes whatever formats train takes
-
-BACKENDS = click.Choice(["auto", "reference", "triton", "bitsandbytes"])
-DTYPES = click.Choice(["auto", "bfloat16", "float16", "float32"])
-_DTYPE_HELP = "Compute dtype (auto: a 4-bit checkpoint's bnb_4bit_compute_dtype, a 16-bit checkpoint's stored dtype)."
+# light (no torch): eval takes whatever train takes
+from ..train.data import FORMATS, TRUNCATION
+from . import options
 
 
-@register
 @click.command()
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
@@ -28,15 +25,15 @@ _DTYPE_HELP = "Compute dtype (auto: a 4-bit checkpoint's bnb_4bit_compute_dtype,
 @click.option("--repetition-penalty", type=float, help="Above 1 discourages repeats (greedy or sampled).")
 @click.option("--seed", type=int, help="Seed for sampling: the same seed gives the same text.")
 @click.option("--echo", is_flag=True, help="Print the prompt too, not only the completion.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (completion, token counts, ids, settings).")
-@click.option("--dtype", type=DTYPES, default="auto", show_default=True, help=_DTYPE_HELP)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True, help="Kernels for a 4-bit MODEL.")
-@click.option("--revision", help="Branch, tag or commit of a Hub repo.")
+@options.json_output("Print one JSON object (completion, token counts, ids, settings).")
+@options.dtype(auto=True)
+@options.backend()
+@options.revision()
 def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, echo,
              as_json, dtype, backend, revision):
     """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
-    from .generation import check_settings, generate_text
-    from .runtime import attach_adapter, load_for_inference
+    from ..generation import check_settings, generate_text
+    from ..runtime import attach_adapter, load_for_inference
 
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, chat=chat, system=system)  # before minutes of loading
@@ -51,7 +48,6 @@ def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, 
         click.echo(r["text"] if echo else r["completion"])
 
 
-@register
 @click.command(name="eval")
 @click.argument("model")
 @click.option("--data", required=True, help="Records in any format `qconvert train` reads (text, alpaca, prompt/completion, chat).")
@@ -61,18 +57,18 @@ def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, 
 @click.option("--data-config", help="Configuration (subset) of a Hub dataset id.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
 @click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example, as in train.")
-@click.option("--truncation", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True,
+@click.option("--truncation", type=click.Choice(TRUNCATION), default="truncate", show_default=True,
               help="Records over --max-length: scored on their first tokens, or left out (counted either way).")
 @click.option("--train-on-inputs", is_flag=True, help="Score prompts too (as train does with this flag), not only completions.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--dtype", type=DTYPES, default="auto", show_default=True, help=_DTYPE_HELP)
-@click.option("--backend", type=BACKENDS, default="auto", show_default=True, help="Kernels for a 4-bit MODEL.")
-@click.option("--revision", help="Branch, tag or commit of a Hub repo.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per scored model, one per line.")
+@options.dtype(auto=True)
+@options.backend()
+@options.revision()
+@options.json_output("One JSON object per scored model, one per line.")
 def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_length, truncation, train_on_inputs, batch_size, dtype,
              backend, revision, as_json):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
-    from .evaluate import evaluate, format_table
+    from ..evaluate import evaluate, format_table
 
     rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,
                     train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype,
@@ -86,3 +82,6 @@ def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_l
             click.echo(json.dumps(r))
     else:
         click.echo(format_table(rows))
+
+
+COMMANDS = [generate, eval_cmd]

@@ -1,4 +1,5 @@
-"""CLI commands `qconvert quantize` and `qconvert verify`."""
+"""CLI commands `qconvert quantize`, `qconvert verify` and `qconvert inspect` (library: qconvert.convert,
+qconvert.inspect)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import click
 
-from ..cli import register
+from . import options
 
 
 def _human(n: int) -> str:
@@ -24,31 +25,29 @@ def _report_drops_and_casts(s: dict) -> None:
             click.echo(f"{what}: {', '.join(names[:3])}{more} ({reason})")
 
 
-@register
 @click.command()
 @click.argument("source")
 @click.argument("output_dir")
-@click.option("--revision", help="Branch, tag or commit of a Hub repo.")
+@options.revision()
 @click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True)
 @click.option("--blocksize", type=int, default=64, show_default=True, help="32, 64, 128, ..., 4096.")
 @click.option("--no-double-quant", is_flag=True, help="Store block scales as float32 (4.5 bits/param) instead of 8-bit.")
-@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
-              help="Recorded in quantization_config: the dtype layers compute in after dequantizing.")
+@options.compute_dtype()
 @click.option("--skip-modules", multiple=True, metavar="PATTERN", help="Leave matching modules unquantized (repeatable; transformers' matching rules).")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Output shard size, decimal units (5GB = 5e9 bytes).")
+@options.max_shard_size()
 @click.option("--workers", metavar="N", help="Threads that quantize (0 or auto: one per CPU this process may use, the default).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, which get quantized, output shards) and write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists (only once the new output is complete).")
+@options.json_output("Print a machine-readable summary on stdout.")
+@options.overwrite()
 @click.option("--keep-source", is_flag=True, help="Keep downloaded Hub shards in the Hugging Face cache (default: delete each after use).")
-@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Publish the result (see `qconvert push`).")
+@options.push_to_hub()
 def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quant, compute_dtype, skip_modules, max_shard_size,
              workers, dry_run, as_json, overwrite, keep_source, push_to):
     """Stream a Hugging Face checkpoint (local folder or Hub repo id) into a 4-bit NF4 checkpoint.
 
     Interrupted runs resume: run the same command again."""
     from .._cpus import parse_workers
-    from .quantize import quantize_checkpoint
+    from ..convert.quantize import quantize_checkpoint
 
     workers = parse_workers(workers)  # a bad value fails here, before anything is read
     log = None if as_json else (lambda m: click.echo(m, err=True))
@@ -80,15 +79,14 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
         click.echo(f"pushed to {push_to}: {r['commit_url']}")
 
 
-@register
 @click.command()
 @click.argument("output_dir")
 @click.option("--against", "source", help="The original checkpoint: report per-tensor quantization error against it.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@options.json_output()
 @click.option("--plot", metavar="FILE.png", help="With --against: draw each layer's SQNR by module type into FILE.png.")
 def verify(output_dir, source, as_json, plot):
     """Check a 4-bit checkpoint against the spec; with --against, measure its quantization error."""
-    from .verify import verify_checkpoint
+    from ..convert.verify import verify_checkpoint
 
     if plot and not source:
         from ..errors import OptionError
@@ -113,3 +111,21 @@ def verify(output_dir, source, as_json, plot):
         click.echo(f"wrote {plot_verify_report(r, plot)['path']}", err=True)
     if not r["ok"]:
         raise SystemExit(1)
+
+
+@click.command()
+@click.argument("path")
+@options.json_output("Print one JSON object instead of a table.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show every tensor of a checkpoint folder or .safetensors file: shape, dtype, quant type, block size,
+    double quant, stored bytes; and bits per parameter over the quantized tensors."""
+    from ..inspect import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(path)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(format_report(report))
+
+
+COMMANDS = [inspect, quantize, verify]

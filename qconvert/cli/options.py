@@ -1,0 +1,51 @@
+"""Options that several commands share, each declared once here.
+
+Each function returns a click decorator; ``help`` (and for a few, the default) may be given where
+the option means something slightly different for one command (``push --revision`` names the branch
+pushed to). Every command that has one of these options takes it from here.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..backends import NAMES as BACKEND_NAMES
+
+#: dtypes a model can be written in or compute in (``auto`` is added where a command can infer it)
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+_DTYPE_AUTO_HELP = "Compute dtype (auto: a 4-bit checkpoint's bnb_4bit_compute_dtype, a 16-bit checkpoint's stored dtype)."
+
+
+def revision(help: str = "Branch, tag or commit of a Hub repo."):
+    return click.option("--revision", help=help)
+
+
+def json_output(help: str = "Print one JSON object instead of text."):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def overwrite(help: str = "Replace OUTPUT_DIR if it exists (only once the new output is complete)."):
+    return click.option("--overwrite", is_flag=True, help=help)
+
+
+def backend(help: str = "Kernels for a 4-bit MODEL."):
+    return click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True, help=help)
+
+
+def push_to_hub(help: str = "Publish the result (see `qconvert push`)."):
+    return click.option("--push-to-hub", "push_to", metavar="REPO_ID", help=help)
+
+
+def max_shard_size(help: str = "Output shard size, decimal units (5GB = 5e9 bytes)."):
+    return click.option("--max-shard-size", default="2GB", show_default=True, help=help)
+
+
+def dtype(*, auto: bool, default: str | None = None, help: str | None = None):
+    """--dtype: with ``auto``, "auto" is a choice and the default (the model's own dtype)."""
+    choices = (("auto",) if auto else ()) + DTYPE_NAMES
+    return click.option("--dtype", type=click.Choice(choices), default=default or choices[0], show_default=True,
+                        help=help or (_DTYPE_AUTO_HELP if auto else None))
+
+
+def compute_dtype(help: str = "Recorded in quantization_config: the dtype layers compute in after dequantizing."):
+    return click.option("--compute-dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True, help=help)

@@ -1,0 +1,82 @@
+"""CLI command `qconvert train`: its options are generated from qconvert.train.settings (one
+declaration per option: flags, default, config key, range, help); an optional --config file lies
+under the flags; then one call to :func:`qconvert.train.loop.train` with a TrainConfig."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import OptionError
+from ..train.settings import RUN_OPTIONS, SPECS, Spec
+
+
+def click_option(spec: Spec):
+    """The click option of one train option, as its Spec declares it. A flag's default is the
+    TrainConfig default; a value not given on the command line is left to --config and the
+    defaults (see :func:`qconvert.train.settings.load_run`)."""
+    kw = dict(help=spec.help, hidden=spec.hidden, metavar=spec.metavar)
+    if spec.kind == "bool":
+        # a flag that is on by default is spelled --no-NAME and turns it off
+        kw.update(is_flag=True, flag_value=not spec.default, default=spec.default)
+    elif spec.kind == "resume":
+        kw.update(is_flag=False, flag_value="latest", default=None)
+    elif spec.kind == "list":
+        kw.update(multiple=True)
+    else:
+        kw.update(type=click.Choice(spec.choices) if spec.kind == "choice" else {"int": int, "float": float, "str": str}[spec.kind],
+                  default=spec.default, show_default=spec.default is not None)
+    return click.option(*spec.flags, spec.name, **kw)
+
+
+def train_options(f):
+    """Every flag of `qconvert train`: --data and --output, each TrainConfig field, --push-to-hub."""
+    specs = [RUN_OPTIONS["data"], RUN_OPTIONS["output"], *SPECS.values(), RUN_OPTIONS["push_to"]]
+    for spec in reversed(specs):
+        f = click_option(spec)(f)
+    return f
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--config", "config_file", metavar="FILE", help="YAML or JSON file of options, keyed as transformers/PEFT name them; flags override it.")
+@train_options
+@click.pass_context
+def train(ctx, model, config_file, **flags):
+    """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id). Ctrl-C or SIGTERM saves
+    a checkpoint; --resume continues it.
+
+    Data-parallel: torchrun --nproc-per-node N qconvert train ... (NCCL on GPU, gloo on CPU)."""
+    from ..train.settings import load_run
+
+    run_options, config = load_run(config_file, given_options(ctx, model, flags))
+    for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
+        if not run_options[name]:
+            raise OptionError(f"missing {how}", hint="give it on the command line or in the --config file")
+    from ..train.loop import train as run
+
+    output = run_options["output"]
+    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True))
+    if r.get("interrupted"):
+        raise SystemExit(128 + r["signal"] if r.get("signal") else 0)
+    push_to = run_options["push_to"]
+    if push_to and int(os.environ.get("RANK", "0")) == 0:
+        from ..hub.push import push_folder
+
+        p = push_folder(output, push_to)
+        click.echo(f"pushed adapter to {push_to}: {p['commit_url']}")
+
+
+def given_options(ctx: click.Context, model: str | None, flags: dict) -> dict:
+    """The options given on the command line (a flag left at its default is not one: --config or
+    the TrainConfig default decides it)."""
+    from click.core import ParameterSource
+
+    given = {name: value for name, value in flags.items() if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    if model is not None:
+        given["model"] = model
+    return given
+
+
+COMMANDS = [train]

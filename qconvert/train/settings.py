@@ -1,0 +1,291 @@
+"""Every option of `qconvert train`, declared once: :class:`TrainConfig`.
+
+Each field holds one option's default, and in its metadata (a :class:`Spec`) its command-line
+spellings, its config-file key and accepted aliases, its range and its help. From that one
+declaration come:
+
+- the click options of ``qconvert train`` (qconvert.cli.train generates them);
+- the config-file keys (qconvert.train.config.KEYS) and how a file's values are converted
+  (:func:`coerce`);
+- the range checks (qconvert.train.options.RANGES, check_options) and the choice checks
+  (:meth:`TrainConfig.check`);
+- the keyword options of :func:`qconvert.train.loop.train`.
+
+Adding an option is one field here (plus its use in the training loop). A Python caller may build
+a TrainConfig, read one from a file (:meth:`TrainConfig.from_file`), or pass the same names as
+keywords to ``train()``. Options that name the run rather than configure it (MODEL, --data,
+--output, --push-to-hub) are in :data:`RUN_OPTIONS`: they have flags and config keys but are not
+TrainConfig fields. This module imports neither click nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backends import NAMES as BACKENDS
+from ..errors import OptionError, UnknownBackendError
+from .data import FORMATS, TRUNCATION
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+SCHEDULERS = ("constant", "cosine", "linear")
+KINDS = ("int", "float", "str", "bool", "choice", "list", "resume")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one option is spelled and checked. ``kind``: int, float, str, bool (a flag), choice
+    (one of ``choices``), list (repeatable / comma-separated names), resume (a flag or a PATH).
+    ``range``: (lowest, lowest included, highest, highest included), None for no bound."""
+
+    name: str
+    flags: tuple[str, ...]
+    key: str
+    aliases: tuple[str, ...] = ()
+    kind: str = "str"
+    choices: tuple[str, ...] | None = None
+    range: tuple | None = None
+    help: str | None = None
+    metavar: str | None = None
+    hidden: bool = False
+    default: Any = None
+
+    @property
+    def flag(self) -> str:
+        """The spelling messages use."""
+        return self.flags[0]
+
+
+def _opt(default, *flags: str, key: str | None = None, aliases: tuple[str, ...] = (), kind: str | None = None,
+         choices: tuple[str, ...] | None = None, range: tuple | None = None, help: str | None = None,
+         metavar: str | None = None, hidden: bool = False):
+    """A TrainConfig field: its default, and its Spec in the metadata (name and key filled in below)."""
+    if kind is None:
+        kind = "choice" if choices else "bool" if isinstance(default, bool) else "str" if default is None else type(default).__name__
+    assert kind in KINDS, kind
+    spec = dict(flags=flags, key=key, aliases=aliases, kind=kind, choices=choices, range=range, help=help, metavar=metavar,
+                hidden=hidden, default=default)
+    return field(default=default, metadata={"spec": spec})
+
+
+def _at_least(lo):
+    return (lo, True, None, None)
+
+
+def _above(lo):
+    return (lo, False, None, None)
+
+
+@dataclass
+class TrainConfig:
+    """The options of one training run (everything but the model, the data and the output folder).
+
+    ``save_steps`` None: a checkpoint at the end of each epoch, but no more often than every 50
+    steps nor every tenth of the run; 0: only on interrupt. ``save_total_limit``: keep the newest N
+    checkpoints (None or 0: all). ``eval_steps`` None: evaluate at each save and at the end; 0: only
+    at the end. ``target_modules`` is kept as a list of names (a comma-separated string is split).
+    """
+
+    data_split: str | None = _opt(None, "--data-split", key="dataset_train_split", aliases=("data_split", "split"),
+                                  help="Split of a Hub dataset or folder [default: train].")
+    data_config: str | None = _opt(None, "--data-config", key="dataset_config", aliases=("data_config", "dataset_config_name"),
+                                   help="Configuration (subset) of a Hub dataset or folder.")
+    overwrite: bool = _opt(False, "--overwrite", key="overwrite_output_dir", aliases=("overwrite",),
+                           help="Replace the previous run in --output (its checkpoints and metrics are removed first).")
+    fmt: str = _opt("auto", "--format", key="data_format", aliases=("format",), choices=FORMATS)
+    eval_data: str | None = _opt(None, "--eval-data", key="eval_dataset", aliases=("eval_data", "eval_file", "validation_file"),
+                                 help="Evaluation records (same formats and sources).")
+    eval_split: float = _opt(0.0, "--eval-split", aliases=("val_set_size",), range=(0, True, 1, False),
+                             help="Fraction of --data held out for evaluation (if no --eval-data).")
+    max_length: int = _opt(512, "--max-length", "--max-seq-length", aliases=("max_seq_length", "sequence_len"), range=_at_least(2))
+    truncation: str = _opt("truncate", "--truncation", choices=TRUNCATION,
+                           help="Records over --max-length: cut (the tail and its EOS are lost, counted) or left out (counted).")
+    strict_data: bool = _opt(False, "--strict-data", help="Stop at the first bad record instead of leaving it out and counting it.")
+    packing: bool = _opt(False, "--packing", aliases=("sample_packing",), help="Concatenate examples into --max-length pieces.")
+    train_on_inputs: bool = _opt(False, "--train-on-inputs",
+                                 help="Put the loss on prompts too, not only on completions / assistant turns.")
+    lora_r: int = _opt(64, "--lora-r", "--r", aliases=("r",), range=_at_least(1))
+    lora_alpha: float = _opt(16.0, "--lora-alpha", range=_above(0))  # 16.0, as the CLI's float flag always gave
+    lora_dropout: float = _opt(0.05, "--lora-dropout", range=(0, True, 1, False))
+    target_modules: list[str] | None = _opt(None, "--target-modules", aliases=("lora_target_modules",), kind="list",  # noqa: RUF009
+                                            help="Module names for LoRA (repeatable or comma-separated; default: all linear layers but the output head).")
+    optim: str = _opt("paged_adamw_32bit", "--optim", aliases=("optimizer",), choices=OPTIMIZERS)
+    lr: float = _opt(2e-4, "--lr", "--learning-rate", key="learning_rate", aliases=("lr",), range=_above(0))
+    lr_scheduler: str = _opt("constant", "--lr-scheduler", "--lr-scheduler-type", key="lr_scheduler_type", aliases=("lr_scheduler",),
+                             choices=SCHEDULERS)
+    warmup_ratio: float = _opt(0.03, "--warmup-ratio", range=(0, True, 1, True))
+    max_grad_norm: float = _opt(0.3, "--max-grad-norm", range=_above(0))
+    batch_size: int = _opt(1, "--batch-size", "--per-device-train-batch-size", key="per_device_train_batch_size",
+                           aliases=("batch_size", "micro_batch_size"), range=_at_least(1), help="Per process.")
+    grad_accum: int = _opt(16, "--grad-accum", "--gradient-accumulation-steps", key="gradient_accumulation_steps",
+                           aliases=("grad_accum",), range=_at_least(1))
+    epochs: float = _opt(1.0, "--epochs", "--num-train-epochs", key="num_train_epochs", aliases=("num_epochs", "epochs"), range=_above(0))
+    max_steps: int | None = _opt(None, "--max-steps", kind="int", range=_at_least(1), help="Overrides --epochs.")
+    gradient_checkpointing: bool = _opt(True, "--no-gradient-checkpointing",
+                                        help="Recompute activations in the backward pass (less memory, slower); the flag turns it off.")
+    seed: int = _opt(42, "--seed")
+    save_steps: int | None = _opt(None, "--save-steps", kind="int", range=_at_least(0),
+                                  help="Checkpoint every N steps into OUTPUT/checkpoint-N; 0: only on Ctrl-C/SIGTERM "
+                                       "[default: at each epoch's end, but at least 50 steps and a tenth of the run apart].")
+    save_total_limit: int | None = _opt(2, "--save-total-limit", range=_at_least(0), help="Keep only the newest N checkpoints (0: all).")
+    logging_steps: int = _opt(1, "--logging-steps", range=_at_least(1),
+                              help="Metrics row (and, off a terminal, a log line) every N steps.")
+    eval_steps: int | None = _opt(None, "--eval-steps", kind="int", range=_at_least(0),
+                                  help="Evaluate every N steps (0: only at the end) [default: at each checkpoint and at the end].")
+    resume: str | None = _opt(None, "--resume", key="resume_from_checkpoint", aliases=("resume",), kind="resume",
+                              help="Resume from the latest checkpoint, or from PATH.")
+    backend: str = _opt("auto", "--backend", choices=BACKENDS)
+    revision: str | None = _opt(None, "--revision", key="model_revision", aliases=("revision",),
+                                help="Branch, tag or commit when MODEL is a Hub id.")
+    stop_after: int | None = _opt(None, "--stop-after", kind="int", range=_at_least(1), hidden=True,
+                                  help="Save a checkpoint and stop after N steps of this run (as Ctrl-C does).")
+
+    def __post_init__(self) -> None:
+        from .options import split_modules
+
+        self.target_modules = split_modules(self.target_modules)
+
+    def check(self) -> None:
+        """Raise OptionError for the first value out of its range or not among its choices."""
+        from .options import check_options
+
+        values = self.as_options()
+        check_options(values)
+        check_choices(values)
+
+    def as_options(self) -> dict[str, Any]:
+        """{option: value}, the keyword options of ``train()``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """The options of a config file (run keys such as output_dir are read and left out),
+        with ``overrides`` (train() keywords) over them."""
+        return load_run(path, overrides)[1]
+
+    @classmethod
+    def of(cls, config: TrainConfig | None = None, options: dict[str, Any] | None = None) -> TrainConfig:
+        """``config`` (or the defaults) with ``options`` (train() keywords) over it; an unknown name
+        is a TypeError, as for any keyword argument."""
+        options = options or {}
+        unknown = sorted(set(options) - set(SPECS) - set(RUN_OPTIONS)) or sorted(set(options) & set(RUN_OPTIONS))
+        if unknown:
+            raise TypeError(f"train() got an unexpected keyword argument {unknown[0]!r}")
+        if config is None:
+            return cls(**options)
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"train(): config must be a TrainConfig, not {type(config).__name__}")
+        return dataclasses.replace(config, **options)
+
+
+def _spec(f: dataclasses.Field) -> Spec:
+    s = f.metadata["spec"]
+    return Spec(name=f.name, **dict(s, key=s["key"] or f.name))
+
+
+#: option -> Spec, for every TrainConfig field, in declaration order
+SPECS: dict[str, Spec] = {f.name: _spec(f) for f in dataclasses.fields(TrainConfig)}
+#: the options that name the run: MODEL (an argument, or the config file's model_name_or_path),
+#: --data, --output, --push-to-hub
+RUN_OPTIONS: dict[str, Spec] = {
+    "model": Spec("model", (), "model_name_or_path", ("model", "base_model"), help="The 4-bit base model."),
+    "data": Spec("data", ("--data",), "dataset_name", ("data", "dataset", "data_path", "train_file"),
+                 help="JSONL/JSON/parquet/CSV/TSV/arrow/txt file, dataset folder, or Hub dataset id (org/name)."),
+    "output": Spec("output", ("--output", "--output-dir"), "output_dir", ("output",),
+                   help="Folder for the adapter, checkpoints, metrics.jsonl, loss.png and config.yaml."),
+    "push_to": Spec("push_to", ("--push-to-hub",), "hub_model_id", ("push_to_hub",), metavar="REPO_ID",
+                    help="Publish the adapter when training finishes (see `qconvert push`)."),
+}
+#: per-invocation choices a run leaves out of OUTPUT/config.yaml
+NOT_SAVED = ("resume", "overwrite", "push_to", "stop_after")
+
+
+def all_specs() -> dict[str, Spec]:
+    """Run options first, then every TrainConfig field."""
+    return {**RUN_OPTIONS, **SPECS}
+
+
+def check_choices(values: dict[str, Any]) -> None:
+    """OptionError for a value that is not one of its option's choices (None passes)."""
+    for name, spec in SPECS.items():
+        v = values.get(name)
+        if spec.kind != "choice" or v is None or v in spec.choices:
+            continue
+        if name == "backend":  # the message and class backends.resolve gives for the same name
+            raise UnknownBackendError(f"unknown backend {v!r}", hint=f"use one of {', '.join(BACKENDS)}")
+        raise OptionError(f"unknown {spec.flag} {v!r}", hint=f"use one of {', '.join(spec.choices)}")
+
+
+_TRUE, _FALSE = ("true", "yes", "y", "on", "t", "1"), ("false", "no", "n", "off", "f", "0")
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """A config-file value converted to what the option's flag would give (None stays None);
+    OptionError ``WHERE: KEY: ...`` when it cannot be."""
+    spec = all_specs()[name]
+
+    def bad(what: str):
+        return OptionError(f"{where}: {spec.key}: {value!r} {what}"[:190])
+
+    if value is None:
+        return None
+    kind = spec.kind
+    if name == "push_to" and isinstance(value, bool):
+        if value:
+            raise OptionError(f"{where}: push_to_hub: true needs hub_model_id: REPO_ID")
+        return None
+    if kind == "resume" and isinstance(value, bool):
+        return "latest" if value else None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise bad("is not a valid boolean")
+    if kind == "list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise bad("is not a list of module names")
+        return list(items)
+    if isinstance(value, (dict, list, tuple)):
+        raise bad(f"is not a valid {'integer' if kind == 'int' else 'float' if kind == 'float' else 'string'}")
+    if kind == "int":
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise bad("is not a valid integer") from None
+    if kind == "float":
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("is not a valid float") from None
+    value = str(value)
+    if kind == "choice" and value not in spec.choices:
+        raise bad(f"is not one of {', '.join(spec.choices)}")
+    return value
+
+
+def load_run(file: str | Path | None, given: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
+    """The run options ({model, data, output, push_to}, None where unset) and the TrainConfig of a
+    run: ``given`` (flags or keywords) over the config ``file`` over the defaults. A file value
+    that a given option overrides is not looked at; null in the file means the default."""
+    given = dict(given or {})
+    values: dict[str, Any] = {}
+    if file:
+        from .config import read_config
+
+        for name, raw in read_config(file).items():
+            if name in given:
+                continue
+            value = coerce(name, raw, f"--config {file}")
+            if value is not None:
+                values[name] = value
+    values.update(given)
+    run = {name: values.pop(name, None) for name in RUN_OPTIONS}
+    return run, TrainConfig.of(None, values)
