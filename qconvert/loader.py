@@ -14,7 +14,6 @@ peaked at 567 MB RSS, of which 239 MB is the interpreter with torch/transformers
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
@@ -22,23 +21,7 @@ from .errors import FormatError
 from .format.checkpoint import Checkpoint
 from .format.conformance import check_checkpoint
 from .format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
-
-
-def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder, or a Hub repo id downloaded with huggingface_hub; returns (folder, repo id)."""
-    p = Path(path_or_repo_id)
-    if p.exists():
-        return p, None
-    from .errors import SourceError
-    from .hub.download import hub_errors, looks_like_repo_id
-
-    rid = str(path_or_repo_id)
-    if not looks_like_repo_id(rid):
-        raise SourceError(f"{rid}: no such folder, and not a Hub repo id of the form org/name")
-    from huggingface_hub import snapshot_download
-
-    with hub_errors(rid, revision):
-        return Path(snapshot_download(rid, revision=revision)), rid
+from .io.source import resolve_model_path  # also imported from here by train and runtime
 
 
 def _set_tensor(model, name: str, value: torch.Tensor) -> None:
