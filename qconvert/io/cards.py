@@ -21,15 +21,46 @@ from ..errors import FormatError
 RELATIONS = ("quantized", "adapter", "merge")
 
 
+def _front_matter_yaml(data: dict[str, Any]) -> str:
+    """``data`` as YAML block text with every string value double-quoted and the keys plain
+    (``base_model_relation: "merge"``), as qconvert has always written cards and tests look for."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def quoted(dumper, value: str):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+
+    def plain_keys(dumper, mapping: dict):
+        node = dumper.represent_mapping("tag:yaml.org,2002:map", mapping)
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str" and _plain_key(key.value):
+                key.style = None
+        return node
+
+    Dumper.add_representer(str, quoted)
+    Dumper.add_representer(dict, plain_keys)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1 << 16).strip()
+
+
+def _plain_key(key: str) -> bool:
+    return bool(key) and all(c.isalnum() or c in "_-" for c in key) and key[0].isalpha()
+
+
 def render_card(meta: dict[str, Any], body: str) -> str:
     """README.md text: the ``---``-delimited YAML of ``meta`` (None values left out, keys in the
-    given order) and the body."""
+    given order) and the body. The metadata goes through ``ModelCardData`` (the Hub's own
+    normalisation), and the card is checked to read back through ``ModelCard`` as that data."""
     from huggingface_hub import ModelCard, ModelCardData
 
     meta = {k: v for k, v in meta.items() if v is not None}
-    data = ModelCardData(**meta)
-    card = ModelCard(f"---\n{data.to_yaml(original_order=list(meta))}\n---\n\n{body.strip()}\n")
-    return str(card)
+    data = ModelCardData(**meta).to_dict()
+    data = {k: data[k] for k in [*meta, *(k for k in data if k not in meta)] if k in data}
+    text = f"---\n{_front_matter_yaml(data)}\n---\n\n{body.strip()}\n"
+    if ModelCard(text).data.to_dict() != data:  # a value YAML cannot carry as given (never for str/int/list)
+        raise ValueError(f"model card metadata does not round-trip: {data!r}")
+    return text
 
 
 def _yaml_block(text: str) -> str | None:
