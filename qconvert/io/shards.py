@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..format.checkpoint import DTYPE_NAMES
+from ..format.checkpoint import DTYPE_NAMES, SAFE_INDEX
 
 
 def tensor_view(t: torch.Tensor) -> memoryview:
@@ -137,8 +137,6 @@ class ShardWriter:
         for p in (self.spill_path, self.tmp):
             p.unlink(missing_ok=True)
 
-
-SAFE_INDEX = "model.safetensors.index.json"
 
 
 def shard_names(n: int) -> list[str]:
