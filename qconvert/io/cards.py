@@ -54,12 +54,13 @@ def render_card(meta: dict[str, Any], body: str) -> str:
     normalisation), and the card is checked to read back through ``ModelCard`` as that data."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    meta = {k: v for k, v in meta.items() if v is not None}
+    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items() if v is not None}
     data = ModelCardData(**meta).to_dict()
     data = {k: data[k] for k in [*meta, *(k for k in data if k not in meta)] if k in data}
     text = f"---\n{_front_matter_yaml(data)}\n---\n\n{body.strip()}\n"
-    if ModelCard(text).data.to_dict() != data:  # a value YAML cannot carry as given (never for str/int/list)
-        raise ValueError(f"model card metadata does not round-trip: {data!r}")
+    if ModelCard(text).data.to_dict() != data:  # a value YAML cannot carry as given (not for str/number/bool/list)
+        raise FormatError("model card metadata does not read back as written", detail=repr(data)[:500],
+                          hint="card metadata values must be strings, numbers, booleans or lists of them")
     return text
 
 
