@@ -22,23 +22,7 @@ from .errors import FormatError
 from .format.checkpoint import Checkpoint
 from .format.conformance import check_checkpoint
 from .format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
-
-
-def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder, or a Hub repo id downloaded with huggingface_hub; returns (folder, repo id)."""
-    p = Path(path_or_repo_id)
-    if p.exists():
-        return p, None
-    from .errors import SourceError
-    from .hub.download import hub_errors, looks_like_repo_id
-
-    rid = str(path_or_repo_id)
-    if not looks_like_repo_id(rid):
-        raise SourceError(f"{rid}: no such folder, and not a Hub repo id of the form org/name")
-    from huggingface_hub import snapshot_download
-
-    with hub_errors(rid, revision):
-        return Path(snapshot_download(rid, revision=revision)), rid
+from .io.source import resolve_model_path  # also imported from here by train and runtime
 
 
 def _set_tensor(model, name: str, value: torch.Tensor) -> None:
@@ -87,12 +71,9 @@ def load_model(
     ``load_model(path, dtype=torch.float32)`` is an all-float32 model.
     ``adapter``: a PEFT LoRA folder to attach (returns a PeftModel).
     """
-    import transformers
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     from .backends import get_backend
-    from .nn import Linear4bit
 
     root, repo_id = resolve_model_path(path_or_repo_id, revision)
     from .validate import check_model_folder
@@ -110,6 +91,35 @@ def load_model(
         )
     dt = None if dtype in (None, "auto") else _as_dtype(dtype)
     cd = _as_dtype(compute_dtype or dt or qc.get("bnb_4bit_compute_dtype") or "float32")
+    model = _skeleton(root, config, qc)
+    ckpt = Checkpoint(root, streaming=True)
+    placed = _place_4bit(model, ckpt, root, device, dt, be, cd)
+    _place_others(model, ckpt, placed, device, dt)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise FormatError(f"{root}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    model.to(device)
+    model.is_loaded_in_4bit = True
+    model.qconvert_backend = be.name
+    model.config.name_or_path = repo_id or str(root)
+    model.eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        from .export.adapter import check_adapter_for_model
+
+        check_adapter_for_model(adapter, model)  # PEFT's own errors for a damaged adapter are tracebacks
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model
+
+
+def _skeleton(root: Path, config, qc: dict):
+    """The model built from ``config`` with its parameters on the meta device."""
+    import transformers
+    from accelerate import init_empty_weights
+
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
@@ -119,9 +129,14 @@ def load_model(
     with init_empty_weights(include_buffers=False):
         model = cls(config)
     config.quantization_config = qc
+    return model
 
-    ckpt = Checkpoint(root, streaming=True)
-    keys = ckpt.keys()
+
+def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, be, cd) -> set[str]:
+    """Each 4-bit weight's nn.Linear replaced by a Linear4bit holding it (and its bias); returns the
+    checkpoint tensors used."""
+    from .nn import Linear4bit
+
     quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
     placed: set[str] = set()
     for name in quantized:
@@ -144,28 +159,15 @@ def load_model(
         placed.update(comp)
         if bias is not None:
             placed.add(bias_key)
+    return placed
+
+
+def _place_others(model, ckpt: Checkpoint, placed: set[str], device: torch.device, dt) -> None:
+    """Every other stored tensor the model has a place for, as stored (cast to ``dt`` when given)."""
     state_names = set(model.state_dict().keys())
-    for k in keys:
+    for k in ckpt.keys():
         if k in placed:
             continue
         if k not in state_names:
             continue  # e.g. a non-persistent buffer transformers also ignores
         _set_tensor(model, k, _cast(ckpt.get(k), device, dt))
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise FormatError(f"{root}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
-    model.to(device)
-    model.is_loaded_in_4bit = True
-    model.qconvert_backend = be.name
-    model.config.name_or_path = repo_id or str(root)
-    model.eval()
-    if adapter is not None:
-        from peft import PeftModel
-
-        from .export.adapter import check_adapter_for_model
-
-        check_adapter_for_model(adapter, model)  # PEFT's own errors for a damaged adapter are tracebacks
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    return model

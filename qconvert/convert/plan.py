@@ -65,10 +65,9 @@ class Plan:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def shard_names(self) -> list[str]:
-        n = len(self.shards)
-        if n == 1:
-            return ["model.safetensors"]
-        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        from ..io.shards import shard_names
+
+        return shard_names(len(self.shards))
 
     def summary(self) -> dict[str, Any]:
         names = self.shard_names()

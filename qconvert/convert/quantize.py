@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,79 +25,45 @@ import torch
 
 from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
 from .._cpus import resolve_workers
-from ..errors import DiskSpaceError, FormatError, OptionError, OutputExistsError, QuantizationError
-from ..format.checkpoint import is_companion_file
+from ..errors import DiskSpaceError, FormatError, QuantizationError
 from ..format.constants import BLOCKSIZES, QUANT_TYPES
+from ..io.cards import quantized_card
+from ..io.reader import CheckpointReader, cleanup
+from ..io.shards import ShardWriter, header_bound, shard_digest, write_index
+
+# the staging helpers live in qconvert.io.staging; the old names stay importable from here
+from ..io.staging import MAX_COMPANION_BYTES, check_output, free_bytes, staging_dir, trash_dir  # noqa: F401
+from ..io.staging import copy_companions as _copy_extra_files
+from ..io.staging import not_copyable as _not_copyable  # noqa: F401
+from ..io.staging import publish as _publish
+from ..io.staging import remove as _remove  # noqa: F401
+from ..io.staging import write_json as _write_json
 from .plan import Plan, make_plan, parse_size
-from .writer import ShardWriter, header_bound, shard_digest
 
 JOURNAL = "journal.json"
-#: A companion file larger than this is not copied (the largest tokenizer.json seen is about 35 MB).
-MAX_COMPANION_BYTES = 2**30
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-
-
-def staging_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.qconvert-partial"
-
-
-def check_output(out: Path, overwrite: bool, inputs: "list[str | os.PathLike | None]" = ()) -> None:
-    """Refuse an output location that cannot be written, or whose writing would destroy something:
-
-    - OUT overlapping an input (the same folder, inside it, or holding it): a run never writes
-      inside its inputs, and --overwrite never replaces them (``inputs`` that are not local paths,
-      such as Hub ids, are ignored);
-    - OUT that is the current folder, holds it, or is the home folder or ``/`` (with --overwrite
-      those would be deleted wholesale);
-    - OUT that is a symbolic link (replacing it would swap the link, not write where it points), or
-      whose nearest existing parent is a file or not writable;
-    - a staging or trash folder beside OUT that is not a plain folder (it is emptied or deleted);
-    - an existing, non-empty OUT (or a file there) without ``overwrite``.
-    """
-    out = Path(os.path.abspath(out))
-    if out.is_symlink():
-        raise OptionError(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
-                          hint="name the folder it points to, or another folder")
-    real = out.resolve()
-    for given in inputs:
-        if given is None or not os.path.exists(given):
-            continue
-        src = Path(given).resolve()
-        if real == src or src in real.parents or real in src.parents:
-            how = "is" if real == src else "is inside" if src in real.parents else "holds"
-            raise OptionError(f"{out}: the output {how} the input {given}", hint="write the output to a folder outside the inputs")
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents or real == Path.home().resolve():
-        what = "the current folder" if real == cwd else "your home folder" if real == Path.home().resolve() else "a parent of the current folder"
-        raise OptionError(f"{out}: the output is {what}", hint="write the output to a new folder, e.g. OUT/model-nf4")
-    parent = real.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OptionError(f"{out}: cannot create the output under {parent}, which is a file", hint="choose a folder path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OptionError(f"{out}: {parent} is not writable", hint="choose a folder you can write to")
-    for aside in (staging_dir(out), trash_dir(out)):
-        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
-            raise OptionError(f"{aside}: in the way of the output (not a plain folder)", hint="remove it, then re-run")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
-
-
-def trash_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.qconvert-old"
-
-
-def free_bytes(path: Path) -> int:
-    """Free disk space where ``path`` (or its nearest existing parent) lives."""
-    p = path
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def progress_enabled() -> bool:
     return sys.stderr.isatty() and not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+@dataclass
+class _Totals:
+    """What the finished shards add up to (from the journal for kept ones, as written for new ones)."""
+
+    weight_map: dict[str, str] = field(default_factory=dict)
+    total_size: int = 0  # tensor data bytes, for the index
+    out_bytes: int = 0  # file bytes
+    q_core: int = 0  # codes + scales bytes of the quantized weights
+    q_params: int = 0  # their element count
+
+    def add(self, name: str, rec: dict[str, Any]) -> None:
+        self.weight_map.update({k: name for k in rec["keys"]})
+        self.total_size += rec["data_bytes"]
+        self.out_bytes += rec["file_bytes"]
+        self.q_core += rec["q_core_bytes"]
+        self.q_params += rec["q_params"]
 
 
 def quantize_checkpoint(
@@ -118,24 +84,49 @@ def quantize_checkpoint(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Convert ``source`` (folder or Hub id) into a 4-bit checkpoint at ``output``; returns a summary."""
-    from ..hub.download import open_source
+    from ..io.source import open_checkpoint
 
     say = log or (lambda m: None)
     out = Path(output)
-    if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
-    if blocksize not in BLOCKSIZES:
-        raise QuantizationError(f"block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise QuantizationError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
+    _check_options(quant_type, blocksize, compute_dtype)
     shard_limit = parse_size(max_shard_size)
     if not dry_run:
         check_output(out, overwrite, inputs=[source])
     workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
     stage = staging_dir(out)
     t0 = time.perf_counter()
-    src = open_source(source, revision, stage / "source", keep=keep_source)
+    src = open_checkpoint(source, revision, stage / "source", keep=keep_source)
     plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules), max_shard_size=shard_limit)
+    settings = _settings(src, source, plan, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                         compute_dtype=compute_dtype, skip_modules=skip_modules, max_shard_size=shard_limit)
+    plan.settings = settings
+    if dry_run:
+        return {"dry_run": True, "source": source, "output": str(out), **plan.summary()}
+    _check_space(src, plan, out)
+    journal = _open_journal(stage, settings, plan)
+    try:
+        totals = _write_shards(src, plan, stage, journal, settings, workers, say)
+    finally:
+        cleanup(src)
+    _write_config(src, stage, plan, settings)
+    copied = _copy_extra_files(src, stage, log)
+    summary = _summary(source, out, plan, settings, totals, copied, t0)
+    _finish(stage, out, plan, totals, summary)
+    return summary
+
+
+def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise QuantizationError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise QuantizationError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str, blocksize: int, double_quant: bool,
+              compute_dtype: str, skip_modules, max_shard_size: int) -> dict[str, Any]:
+    """The conversion's settings and provenance (written to config.json, hashed into the journal)."""
     provenance = {
         "layout_version": LAYOUT_VERSION,
         "quantizer_version": QUANTIZER_VERSION,
@@ -143,19 +134,20 @@ def quantize_checkpoint(
         "source": getattr(src, "repo_id", None) or Path(source).resolve().name,
         "source_revision": getattr(src, "sha", None),
     }
-    settings = {
+    return {
         "quant_type": quant_type,
         "blocksize": blocksize,
         "double_quant": double_quant,
         "compute_dtype": compute_dtype,
         "skip_modules": plan.skip_patterns,
         "user_skip_modules": sorted(skip_modules),
-        "max_shard_size": shard_limit,
+        "max_shard_size": max_shard_size,
         "provenance": provenance,
     }
-    plan.settings = settings
-    if dry_run:
-        return {"dry_run": True, "source": source, "output": str(out), **plan.summary()}
+
+
+def _check_space(src: CheckpointReader, plan: Plan, out: Path) -> None:
+    """The output (and, for a Hub source, its largest shard being downloaded) must fit on the disk."""
     need = sum(i.out_bytes for i in plan.items) + (0 if getattr(src, "repo_id", None) is None else max(i.out_bytes for i in plan.items))
     free = free_bytes(out.parent)
     if free < need * 1.05 + 16 * 2**20:
@@ -163,9 +155,11 @@ def quantize_checkpoint(
             f"{out.parent}: {free / 1e9:.2f} GB free, the output needs about {need / 1e9:.2f} GB",
             hint="free some space or write the output elsewhere",
         )
-    journal = _open_journal(stage, settings, plan)
-    names = plan.shard_names()
-    meta = {
+
+
+def _shard_metadata(provenance: dict[str, Any]) -> dict[str, str]:
+    """The ``__metadata__`` of every output shard."""
+    return {
         "format": "pt",
         "qconvert.layout_version": LAYOUT_VERSION,
         "qconvert.quantizer_version": QUANTIZER_VERSION,
@@ -173,86 +167,86 @@ def quantize_checkpoint(
         "qconvert.source": provenance["source"],
         "qconvert.source_revision": provenance["source_revision"] or "",
     }
-    bar = _bar(plan.source_bytes)
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    out_bytes = 0
-    q_core = q_params = 0  # codes + scales bytes and element count of the quantized weights
-    remaining_uses: dict[str, int] = {}
+
+
+def _write_shards(src: CheckpointReader, plan: Plan, stage: Path, journal: dict, settings: dict, workers: int,
+                  say: Callable[[str], None]) -> _Totals:
+    """Every output shard into ``stage``: the journal's finished ones kept, the others written, each
+    recorded in the journal as it is finished."""
+    names = plan.shard_names()
+    meta = _shard_metadata(settings["provenance"])
+    totals = _Totals()
     pending = [s for s in range(len(plan.shards)) if not _shard_done(stage, journal, names[s])]
+    remaining_uses: dict[str, int] = {}  # items left to read from each source file
     for s in pending:
         for i in plan.shards[s]:
             remaining_uses[plan.items[i].source_file] = remaining_uses.get(plan.items[i].source_file, 0) + 1
     next_file = next_source_files(plan, pending)
+    bar = _bar(plan.source_bytes)
     try:
         for s, idx in enumerate(plan.shards):
             name = names[s]
             if s not in pending:
-                rec = journal["done"][name]
-                weight_map.update({k: name for k in rec["keys"]})
-                total_size += rec["data_bytes"]
-                out_bytes += rec["file_bytes"]
-                q_core += rec["q_core_bytes"]
-                q_params += rec["q_params"]
+                totals.add(name, journal["done"][name])
                 if bar:
                     bar.update(sum(plan.items[i].src_bytes for i in idx))
                 say(f"kept {name} from the interrupted run (sha256 verified)")
                 continue
-            entries = []
-            for i in idx:
-                it = plan.items[i]
-                # a quantized weight: its 6 entries (spec 4.1) under names at most 40 characters longer
-                entries += [(it.out_key + "x" * 40, 2)] * 6 if it.quantize else [(it.out_key, len(it.shape))]
-            writer = ShardWriter(stage / name, meta, reserve=header_bound(entries, meta))
-            keys: list[str] = []
-            shard_core = shard_params = 0
-            try:
-                for i in idx:
-                    it = plan.items[i]
-                    nxt = next_file[i]
-                    if nxt:
-                        src.prefetch(nxt)
-                    t = _as_saved(src.get(it.source_key), it)
-                    if it.quantize:
-                        qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key, workers)
-                        shard_core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
-                        shard_core += (qt.nested_absmax.numel() * 4 + 4) if qt.double_quant else 0
-                        shard_params += qt.numel
-                        for k, v in qt.state_dict(it.out_key).items():
-                            writer.add(k, v)
-                            keys.append(k)
-                    else:
-                        writer.add(it.out_key, t)
-                        keys.append(it.out_key)
-                    del t
-                    _maybe_die(i)
-                    remaining_uses[it.source_file] -= 1
-                    if remaining_uses[it.source_file] == 0:
-                        src.release(it.source_file)
-                    if bar:
-                        bar.update(it.src_bytes)
-                data_bytes, digest = writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            file_bytes = (stage / name).stat().st_size
-            journal["done"][name] = {
-                "sha256": digest, "file_bytes": file_bytes, "data_bytes": data_bytes, "keys": keys,
-                "q_core_bytes": shard_core, "q_params": shard_params,
-            }
+            rec = _write_shard(src, plan, idx, stage / name, meta, settings, workers, next_file, remaining_uses, bar)
+            journal["done"][name] = rec
             _write_json(stage / JOURNAL, journal)
-            weight_map.update({k: name for k in keys})
-            total_size += data_bytes
-            out_bytes += file_bytes
-            q_core += shard_core
-            q_params += shard_params
+            totals.add(name, rec)
     finally:
         if bar:
             bar.close()
-        if hasattr(src, "cleanup"):
-            src.cleanup()
-    _write_config(src, stage, plan, settings)
-    extra = _copy_extra_files(src, stage, log)
+    return totals
+
+
+def _write_shard(src: CheckpointReader, plan: Plan, idx: list[int], path: Path, meta: dict[str, str], settings: dict,
+                 workers: int, next_file: dict[int, str | None], remaining_uses: dict[str, int], bar) -> dict[str, Any]:
+    """One output shard: its items read, quantized where the plan says so, and written; returns its
+    journal record."""
+    entries = []
+    for i in idx:
+        it = plan.items[i]
+        # a quantized weight: its 6 entries (spec 4.1) under names at most 40 characters longer
+        entries += [(it.out_key + "x" * 40, 2)] * 6 if it.quantize else [(it.out_key, len(it.shape))]
+    writer = ShardWriter(path, meta, reserve=header_bound(entries, meta))
+    keys: list[str] = []
+    core = params = 0
+    try:
+        for i in idx:
+            it = plan.items[i]
+            if next_file[i]:
+                src.prefetch(next_file[i])
+            t = _as_saved(src.get(it.source_key), it)
+            if it.quantize:
+                qt = _quantize(t, settings["quant_type"], settings["blocksize"], settings["double_quant"], it.source_key, workers)
+                core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
+                core += (qt.nested_absmax.numel() * 4 + 4) if qt.double_quant else 0
+                params += qt.numel
+                for k, v in qt.state_dict(it.out_key).items():
+                    writer.add(k, v)
+                    keys.append(k)
+            else:
+                writer.add(it.out_key, t)
+                keys.append(it.out_key)
+            del t
+            _maybe_die(i)
+            remaining_uses[it.source_file] -= 1
+            if remaining_uses[it.source_file] == 0:
+                src.release(it.source_file)
+            if bar:
+                bar.update(it.src_bytes)
+        data_bytes, digest = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"sha256": digest, "file_bytes": path.stat().st_size, "data_bytes": data_bytes, "keys": keys,
+            "q_core_bytes": core, "q_params": params}
+
+
+def _summary(source: str, out: Path, plan: Plan, settings: dict, totals: _Totals, copied: list[str], t0: float) -> dict[str, Any]:
     plan_summary = plan.summary()
     summary = {
         "source": source,
@@ -263,21 +257,25 @@ def quantize_checkpoint(
         "dropped": plan_summary["dropped"],
         "cast": plan_summary["cast"],
         "source_bytes": plan.source_bytes,
-        "output_bytes": out_bytes,
-        "shards": names,
-        "copied_files": extra,
+        "output_bytes": totals.out_bytes,
+        "shards": plan.shard_names(),
+        "copied_files": copied,
         "seconds": round(time.perf_counter() - t0, 3),
         **{k: v for k, v in settings.items() if k != "max_shard_size"},
     }
-    summary["bits_per_param"] = 8 * q_core / q_params
-    summary["quantized_params"] = q_params
-    (stage / "README.md").write_text(_card(summary, plan), encoding="utf-8")
-    if len(names) > 1:  # the index is the last file written
-        _write_json(stage / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    summary["bits_per_param"] = 8 * totals.q_core / totals.q_params
+    summary["quantized_params"] = totals.q_params
+    return summary
+
+
+def _finish(stage: Path, out: Path, plan: Plan, totals: _Totals, summary: dict[str, Any]) -> None:
+    """The card and (sharded) the index into ``stage``, the journal and downloads out, then publish."""
+    (stage / "README.md").write_text(quantized_card(summary, plan.skip_patterns), encoding="utf-8")
+    if len(plan.shards) > 1:  # the index is the last file written
+        write_index(stage, totals.weight_map, totals.total_size)
     (stage / JOURNAL).unlink()
     shutil.rmtree(stage / "source", ignore_errors=True)
     _publish(stage, out)
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,12 +330,6 @@ def _bar(total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="quantize", dynamic_ncols=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _settings_hash(settings: dict, plan: Plan) -> str:
@@ -442,115 +434,3 @@ def _write_config(src, stage: Path, plan: Plan, settings: dict) -> None:
     config["quantization_config"] = bnb_quantization_config(settings)
     config["qconvert"] = settings["provenance"]
     _write_json(stage / "config.json", dict(sorted(config.items())))
-
-
-def _copy_extra_files(src, stage: Path, say: Callable[[str], None] | None = None) -> list[str]:
-    """Copy the source's companion files (tokenizer, chat template, generation and processor configs,
-    licence, sentence-transformers module configs: ``format.checkpoint.COMPANION_FILES``) into the
-    output; returns their names. Never copied: any other file (named in one notice line), and a
-    companion that is not a regular file or that resolves outside the model folder, such as a link
-    to a private key (a warning names each). Hugging Face cache snapshots link every file into the
-    cache's ``blobs/`` folder: such a link is followed."""
-    say = say or (lambda m: warnings.warn(m, stacklevel=3))
-    copied: list[str] = []
-    others: list[str] = []
-    for rel, path in src.extra_files():
-        if rel in ("config.json", "README.md"):
-            continue
-        if not is_companion_file(rel):
-            others.append(rel + "/" if path.is_dir() else rel)
-            continue
-        why = _not_copyable(path, rel)
-        if why:
-            say(f"warning: {rel} not copied: {why}")
-            continue
-        dst = stage / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst)
-        copied.append(rel)
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        say(f"not copied (not a tokenizer, template, config or licence file): {shown}")
-    return copied
-
-
-def _not_copyable(path: Path, rel: str) -> str | None:
-    """Why the companion file at ``path`` must not be copied, or None."""
-    folder = path
-    for _ in rel.split("/"):
-        folder = folder.parent
-    folder = folder.resolve()
-    real = path.resolve()
-    if not real.is_file():
-        return "not a regular file"
-    if real.stat().st_size > MAX_COMPANION_BYTES:
-        return f"{real.stat().st_size / 1e9:.1f} GB is not the size of a tokenizer or config file"
-    allowed = [folder]
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        allowed.append(folder.parent.parent / "blobs")  # a Hugging Face cache snapshot
-    if not any(a in real.parents for a in allowed):
-        return "it is a link to a file outside the model folder"
-    return None
-
-
-def _card(summary: dict, plan: Plan) -> str:
-    from ..hub.card import render_card
-
-    prov = summary["provenance"]
-    src = prov["source"]
-    meta = {
-        "base_model": src if "/" in (src or "") else None,
-        "base_model_relation": "quantized",
-        "library_name": "transformers",
-        "tags": ["qconvert", "4-bit", summary["quant_type"], "bitsandbytes", "qlora"],
-    }
-    gb = lambda b: f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"  # noqa: E731
-    body = f"""# {Path(summary['output']).name}
-
-A 4-bit {summary['quant_type'].upper()} quantization of `{src}`{f" (revision `{prov['source_revision']}`)" if prov['source_revision'] else ''}, written by
-[qconvert](https://pypi.org/project/qconvert/) {prov['version']} in the bitsandbytes 4-bit layout.
-
-| | |
-|---|---|
-| quant type | {summary['quant_type']} |
-| block size | {summary['blocksize']} |
-| double quantization | {'yes (8-bit absmax, nested block 256)' if summary['double_quant'] else 'no'} |
-| compute dtype | {summary['compute_dtype']} |
-| quantized tensors | {summary['quantized']} of {summary['tensors']} |
-| bits per parameter (quantized weights) | {summary['bits_per_param']:.3f} |
-| size before | {gb(summary['source_bytes'])} |
-| size after | {gb(summary['output_bytes'])} |
-| left unquantized | {', '.join(plan.skip_patterns) or 'none'} (and embeddings, norms, biases) |
-
-## Loading
-
-With transformers and bitsandbytes, no qconvert needed:
-
-```python
-from transformers import AutoModel
-model = AutoModel.from_pretrained("{Path(summary['output']).name}")
-```
-
-With qconvert's own kernels: `qconvert.load_model("{Path(summary['output']).name}")`.
-"""
-    return render_card(meta, body)
-
-
-def _publish(stage: Path, out: Path) -> None:
-    """Move the finished staging folder into place (replacing ``out`` only when asked to)."""
-    if out.exists() or out.is_symlink():
-        trash = trash_dir(out)
-        _remove(trash)
-        os.replace(out, trash)
-        os.replace(stage, out)
-        _remove(trash)
-    else:
-        os.replace(stage, out)
-
-
-def _remove(path: Path) -> None:
-    """Delete a folder tree, or a file or link (never what a link points to), if it is there."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)

@@ -7,7 +7,6 @@ into a new folder, so it can be shared or pushed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -140,8 +139,8 @@ def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
 
 def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
-    from ..convert.quantize import _publish, check_output, staging_dir
-    from ..hub.card import render_card
+    from ..io.cards import exported_adapter_card
+    from ..io.staging import check_output, publish, staged, write_json
 
     src, out = Path(source), Path(output)
     if not (src / "adapter_config.json").is_file():
@@ -162,15 +161,10 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
             raise OptionError(f"--base-model {base_model!r} is not a Hub repo id (namespace/name)",
                               hint="name the base model as others will load it from the Hub")
         cfg["base_model_name_or_path"] = base_model
-    stage = staging_dir(out)
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    shutil.copyfile(weights, stage / "adapter_model.safetensors")
-    (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    with staged(out) as stage:
+        shutil.copyfile(weights, stage / "adapter_model.safetensors")
+        write_json(stage / "adapter_config.json", cfg, sort_keys=True)
+        (stage / "README.md").write_text(exported_adapter_card(src, cfg))
+        publish(stage, out)
     base = cfg.get("base_model_name_or_path")
-    body = (f"# LoRA adapter\n\nExported by qconvert from `{src}`: r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}, "
-            f"target modules {cfg.get('target_modules')}. Base model: `{base}`.\n")
-    (stage / "README.md").write_text(render_card({"base_model": base, "base_model_relation": "adapter", "library_name": "peft",
-                                                   "tags": ["qconvert", "lora"]}, body))
-    _publish(stage, out)
     return {"source": str(src), "output": str(out), "tensors": 2 * len(modules), "base_model": base}

@@ -9,26 +9,30 @@ quantization_config. With ``quantize=True`` the merged weights are re-quantized 
 and the cost is measured and reported: re-quantizing loses much of a LoRA update.
 
 Streaming: the base is read one tensor at a time and output shards are written as they fill
-(convert.writer). Everything goes to a staging folder that is renamed into place at the end.
+(qconvert.io.shards). Everything goes to a staging folder that is renamed into place at the end.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import __version__
 from ..errors import FormatError
 from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
-from ..format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
+from ..format.layout import LOGICAL_DTYPES as DTYPES
+from ..format.layout import is_4bit_config
+from ..io.cards import merged_card
+from ..io.shards import SizeShards
+from ..io.source import resolve_model_path
 
 
 class LoraAdapter:
@@ -83,6 +87,27 @@ def _base_shapes(ckpt: Checkpoint, targets: dict[str, str]) -> dict[str, tuple[i
     return {m: tuple(q[k]) if k in q else ckpt.info(k)[1] for k, m in targets.items()}
 
 
+@dataclass
+class _Merge:
+    """One merge's inputs and settings, shared by the steps of :func:`merge_adapter`."""
+
+    ckpt: Checkpoint
+    lora: LoraAdapter
+    adapter: str
+    orig: Checkpoint | None
+    quantized: set[str]
+    owned: set[str]
+    targets: dict[str, str]  # adapted weight name -> module name
+    quantize: bool
+    dtype: str
+    costs: list[dict[str, float]] = field(default_factory=list)
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
 def merge_adapter(
     base: str,
     adapter: str,
@@ -96,13 +121,8 @@ def merge_adapter(
     revision: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from .. import __version__
     from ..convert.plan import parse_size
-    from ..convert.quantize import _copy_extra_files, _publish, check_output, staging_dir
-    from ..convert.writer import ShardWriter
-    from ..loader import resolve_model_path
-    from ..quant.fast_cpu import quantize_4bit_fast
-    from ..quant.reference import dequantize_4bit_ref
+    from ..io.staging import check_output, copy_companions, publish, staged
 
     say = log or (lambda m: None)
     out = Path(output)
@@ -111,18 +131,41 @@ def merge_adapter(
     check_output(out, overwrite, inputs=[base, adapter, base_original])
     root, repo_id = resolve_model_path(base, revision)
     check_output(out, overwrite, inputs=[root])  # a Hub base, now a local folder
+    ckpt, cfg = _open_base(root)
+    job = _prepare(ckpt, root, adapter, base_original, quantize, dtype, say)
+    limit = parse_size(max_shard_size)
+    with staged(out) as stage:
+        shards = _write_merged(job, stage, limit)
+        copy_companions(ckpt, stage, say)
+        _write_merged_config(cfg, stage, quantize, dtype)
+        summary = _summary(base, adapter, out, job, shards)
+        source = _card_source(cfg, repo_id, job.lora)
+        (stage / "README.md").write_text(merged_card(summary, source, __version__))
+        shards.write_index()
+        publish(stage, out)
+    return summary
+
+
+def _open_base(root: Path) -> tuple[Checkpoint, dict[str, Any]]:
+    """The 4-bit base checkpoint and its config; refused when it is not 4-bit or has Conv1D layers."""
+    from ..convert.meta import uses_conv1d
+
     ckpt = Checkpoint(root, streaming=True)
     cfg = ckpt.config() or {}
     qc = cfg.get("quantization_config") or {}
     if not is_4bit_config(qc):
         raise FormatError(f"{root}: not a 4-bit checkpoint", hint="BASE must be the 4-bit checkpoint the adapter was trained on")
-    from ..convert.meta import uses_conv1d
-
     if uses_conv1d(cfg):  # its 4-bit weights hold the transpose of what the 16-bit model stores
         raise FormatError(
             f"{root}: a model with GPT-2 style Conv1D layers ({cfg.get('model_type')}), which qconvert merge does not support",
             hint="merge it with PEFT on transformers + bitsandbytes",
         )
+    return ckpt, cfg
+
+
+def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | None, quantize: bool, dtype: str,
+             say: Callable[[str], None]) -> _Merge:
+    """The adapter read and checked against the base; which tensors are 4-bit, owned or adapted."""
     lora = LoraAdapter(adapter)
     orig = Checkpoint(base_original, streaming=True) if base_original else None
     if orig is not None:
@@ -136,100 +179,103 @@ def merge_adapter(
     if missing:
         raise FormatError(f"{adapter}: adapts {missing[0]!r}, which {root} does not have", hint="is this adapter for this base?")
     lora.check_base(_base_shapes(ckpt, targets))
-    out_dtype = DTYPES[dtype]
-    limit = parse_size(max_shard_size)
-    stage = staging_dir(out)
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    costs: list[dict[str, float]] = []
-    weight_map: dict[str, str] = {}
-    shard_files: list[str] = []
-    writer = None
-    size = total = 0
-    g = torch.Generator().manual_seed(0)
+    return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, quantize, dtype)
 
-    def emit(name: str, t: torch.Tensor) -> None:
-        nonlocal writer, size, total
-        if t.is_floating_point() and not torch.isfinite(t).all():  # nothing complete-looking gets written
-            raise FormatError(f"{name}: the merged weight holds NaN or Inf as {dtype}",
+
+def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
+    """Every output tensor, in the base's order, into shards of at most ``limit`` bytes."""
+
+    def finite(name: str, t: torch.Tensor) -> None:  # nothing complete-looking gets written
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FormatError(f"{name}: the merged weight holds NaN or Inf as {job.dtype}",
                               hint="a value is out of the dtype's range (try --dtype float32) or an input is damaged; nothing was written")
-        nb = t.numel() * t.element_size()
-        if writer is None or (size and size + nb > limit):
-            if writer is not None:
-                writer.close()
-            shard_files.append(f"part-{len(shard_files) + 1:05d}.safetensors")
-            writer = ShardWriter(stage / shard_files[-1], {"format": "pt"})
-            size = 0
-        writer.add(name, t)
-        weight_map[name] = shard_files[-1]
-        size += nb
-        total += nb
 
+    shards = SizeShards(stage, limit, {"format": "pt"}, check=finite)
     try:
-        for k in keys:
-            if k in owned and k not in quantized:
+        for k in job.ckpt.keys():
+            if k in job.owned and k not in job.quantized:
                 continue
-            if k in quantized:
-                qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
-                qtype, bs, dq = qt.quant_type, qt.blocksize, qt.double_quant
-                # the logical value widened (spec 8), not the float32 product before rounding
-                w = orig.get(k).float() if orig is not None else dequantize_4bit_ref(qt, torch.float32)
-            else:
-                w = ckpt.get(k)
-            if k in targets:
-                delta = lora.delta(targets[k])
-                if not torch.isfinite(delta).all():
-                    raise FormatError(f"{adapter}: the LoRA update of {k!r} holds NaN or Inf",
-                                      hint="the adapter is damaged (a diverged training run?); nothing was written")
-                merged = w.float() + delta
-                if quantize and k in quantized:
-                    rq = quantize_4bit_fast(merged.to(out_dtype), qtype, bs, dq, name=k)
-                    back = dequantize_4bit_ref(rq, torch.float32)
-                    probe = torch.randn(64, merged.shape[1], generator=g)
-                    ref = probe @ merged.T
-                    costs.append({
-                        "output_error": ((probe @ back.T - ref).norm() / ref.norm()).item(),
-                        "adapter_change_lost": ((back - merged).norm() / delta.norm()).item() if delta.norm() > 0 else 0.0,
-                    })
-                    for name, t in rq.state_dict(k).items():
-                        emit(name, t)
-                    continue
-                w = merged
-            if k in quantized and quantize and orig is None:  # not adapted: keep the stored 4-bit bytes as they are
-                for c in ckpt.companions(k):
-                    emit(c, ckpt.get(c))
-                continue
-            if k in quantized and quantize:
-                rq = quantize_4bit_fast(w.to(out_dtype), qtype, bs, dq, name=k)
-                for name, t in rq.state_dict(k).items():
-                    emit(name, t)
-                continue
-            emit(k, w.to(out_dtype) if w.is_floating_point() else w)
-        if writer is not None:
-            writer.close()
+            for name, t in _output_tensors(job, k):
+                shards.add(name, t)
+        shards.finish()
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(stage, ignore_errors=True)
+        shards.abort()
         raise
-    n = len(shard_files)
-    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for a, b in zip(shard_files, final):
-        os.replace(stage / a, stage / b)
-    rename = dict(zip(shard_files, final))
-    _copy_extra_files(ckpt, stage, say)
-    prov = cfg.get("qconvert") or {}
-    source = prov.get("source") if "/" in str(prov.get("source") or "") else (repo_id or lora.base_model_id)
+    return shards
+
+
+def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast."""
+    from ..quant.fast_cpu import quantize_4bit_fast
+    from ..quant.reference import dequantize_4bit_ref
+
+    ckpt, is_4bit = job.ckpt, k in job.quantized
+    qt = None
+    if is_4bit:
+        qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
+        # the logical value widened (spec 8), not the float32 product before rounding
+        w = job.orig.get(k).float() if job.orig is not None else dequantize_4bit_ref(qt, torch.float32)
+    else:
+        w = ckpt.get(k)
+    if k in job.targets:
+        delta = job.lora.delta(job.targets[k])
+        if not torch.isfinite(delta).all():
+            raise FormatError(f"{job.adapter}: the LoRA update of {k!r} holds NaN or Inf",
+                              hint="the adapter is damaged (a diverged training run?); nothing was written")
+        w = w.float() + delta
+        if job.quantize and is_4bit:
+            yield from _requantized_with_cost(job, k, w, delta, qt)
+            return
+    elif is_4bit and job.quantize and job.orig is None:  # not adapted: keep the stored 4-bit bytes as they are
+        for c in ckpt.companions(k):
+            yield c, ckpt.get(c)
+        return
+    if is_4bit and job.quantize:
+        yield from quantize_4bit_fast(w.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k).state_dict(k).items()
+        return
+    yield k, (w.to(job.out_dtype) if w.is_floating_point() else w)
+
+
+def _requantized_with_cost(job: _Merge, k: str, merged: torch.Tensor, delta: torch.Tensor, qt) -> Iterator[tuple[str, torch.Tensor]]:
+    """A merged weight re-quantized to 4 bits, with what that costs measured on a random probe."""
+    from ..quant.fast_cpu import quantize_4bit_fast
+    from ..quant.reference import dequantize_4bit_ref
+
+    rq = quantize_4bit_fast(merged.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k)
+    back = dequantize_4bit_ref(rq, torch.float32)
+    probe = torch.randn(64, merged.shape[1], generator=job.generator)
+    ref = probe @ merged.T
+    job.costs.append({
+        "output_error": ((probe @ back.T - ref).norm() / ref.norm()).item(),
+        "adapter_change_lost": ((back - merged).norm() / delta.norm()).item() if delta.norm() > 0 else 0.0,
+    })
+    yield from rq.state_dict(k).items()
+
+
+def _write_merged_config(cfg: dict[str, Any], stage: Path, quantize: bool, dtype: str) -> None:
+    """The base's config.json without qconvert's provenance, and without quantization_config unless re-quantized."""
+    from ..io.staging import write_json
+
     new_cfg = dict(cfg)
     new_cfg.pop("qconvert", None)
     if not quantize:
         new_cfg.pop("quantization_config", None)
     new_cfg["dtype"] = dtype
-    (stage / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
+    write_json(stage / "config.json", new_cfg, sort_keys=True)
+
+
+def _card_source(cfg: dict[str, Any], repo_id: str | None, lora: LoraAdapter) -> str | None:
+    """The Hub id the card names as base_model: the 4-bit base's own source, else its Hub id, else the adapter's."""
+    prov = cfg.get("qconvert") or {}
+    return prov.get("source") if "/" in str(prov.get("source") or "") else (repo_id or lora.base_model_id)
+
+
+def _summary(base: str, adapter: str, out: Path, job: _Merge, shards: SizeShards) -> dict[str, Any]:
     summary = {
-        "base": str(base), "adapter": str(adapter), "output": str(out), "dtype": dtype, "quantized": quantize,
-        "merged_modules": len(targets), "shards": final, "bytes": total,
+        "base": str(base), "adapter": str(adapter), "output": str(out), "dtype": job.dtype, "quantized": job.quantize,
+        "merged_modules": len(job.targets), "shards": shards.files, "bytes": shards.total,
     }
+    costs = job.costs
     if costs:
         summary["requantization_cost"] = {
             "layers": len(costs),
@@ -237,21 +283,4 @@ def merge_adapter(
             "output_error_max": max(c["output_error"] for c in costs),
             "adapter_change_lost_mean": sum(c["adapter_change_lost"] for c in costs) / len(costs),
         }
-    from ..hub.card import render_card
-
-    body = (
-        f"# {out.name}\n\nThe LoRA adapter `{adapter}` merged into `{source or base}` by qconvert {__version__}: each adapted "
-        f"weight is dequant(W4) + scaling * B @ A computed in float32, then {'re-quantized to 4 bits' if quantize else f'stored as {dtype}'}.\n"
-    )
-    if costs:
-        c = summary["requantization_cost"]
-        body += (f"\nRe-quantizing cost: relative output error {c['output_error_mean']:.4f} (mean over {c['layers']} merged layers) "
-                 f"against the 16-bit merge; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost.\n")
-    meta = {"base_model": source, "base_model_relation": "quantized" if quantize else "merge", "library_name": "transformers",
-            "tags": ["qconvert", "lora", "merge"]}
-    (stage / "README.md").write_text(render_card(meta, body))
-    if n > 1:
-        (stage / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": {k: rename[v] for k, v in sorted(weight_map.items())}}, indent=2) + "\n")
-    _publish(stage, out)
     return summary

@@ -255,11 +255,7 @@ def _offline() -> bool:
 
 
 def open_source(source: str, revision: str | None, workdir: Path, keep: bool = False) -> Checkpoint:
-    """A local folder / file, or a Hub repo id (``org/name``)."""
-    if os.path.exists(source):
-        if revision:
-            raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders")
-        return Checkpoint(source, streaming=True)
-    if looks_like_repo_id(source):
-        return HubCheckpoint(source, revision, workdir, keep=keep)
-    raise SourceError(f"{source}: no such folder, and not a Hub repo id of the form org/name", hint="check the path")
+    """A local folder / file, or a Hub repo id (``org/name``): see :func:`qconvert.io.source.open_checkpoint`."""
+    from ..io.source import open_checkpoint
+
+    return open_checkpoint(source, revision, workdir, keep=keep)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, HubError
-from .card import read_card_meta
+from ..io.cards import read_card
 
 
 def folder_kind(folder: Path) -> str:
@@ -50,18 +50,11 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
         from ..convert.verify import verify_checkpoint
 
         verify_checkpoint(folder)
-    card = folder / "README.md"
-    if not card.is_file():
-        raise FormatError(f"{folder}: no README.md model card", hint="qconvert quantize/train/merge write one")
-    try:
-        text = card.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise FormatError(f"{card}: not UTF-8 text", hint="save the model card as UTF-8") from None
-    meta = read_card_meta(text, str(card))
+    meta = read_card(folder)
     relation = meta.get("base_model_relation")
     if relation != kind:
         raise FormatError(
-            f"{card}: base_model_relation is {relation!r}, but the folder holds a {kind} model",
+            f"{folder / 'README.md'}: base_model_relation is {relation!r}, but the folder holds a {kind} model",
             hint=f"set base_model_relation: {kind} in the card's front matter",
         )
     return {"kind": kind, "card": meta}

@@ -1,0 +1,186 @@
+"""Model cards, rendered and read through huggingface_hub's ModelCard/ModelCardData.
+
+A card is YAML front matter the Hub reads (``base_model``, ``base_model_relation``, tags...) and a
+Markdown body. Writing goes through ``ModelCardData.to_yaml`` and reading through ``ModelCard(text)``,
+so a card means to qconvert exactly what it means to the Hub: a hand-edited card with quoted values,
+flow or block lists and comments reads as the Hub reads it. One template per relation:
+:func:`quantized_card` (qconvert quantize), :func:`adapter_card` (train, export-adapter) and
+:func:`merged_card` (merge; ``quantized`` again when the merge is re-quantized).
+
+huggingface_hub is imported on first use, never at ``import qconvert``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+
+#: The ``base_model_relation`` of each kind of folder qconvert writes (and push checks).
+RELATIONS = ("quantized", "adapter", "merge")
+
+
+def _front_matter_yaml(data: dict[str, Any]) -> str:
+    """``data`` as YAML block text with every string value double-quoted and the keys plain
+    (``base_model_relation: "merge"``), as qconvert has always written cards and tests look for."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def quoted(dumper, value: str):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+
+    def plain_keys(dumper, mapping: dict):
+        node = dumper.represent_mapping("tag:yaml.org,2002:map", mapping)
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str" and _plain_key(key.value):
+                key.style = None
+        return node
+
+    Dumper.add_representer(str, quoted)
+    Dumper.add_representer(dict, plain_keys)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1 << 16).strip()
+
+
+def _plain_key(key: str) -> bool:
+    return bool(key) and all(c.isalnum() or c in "_-" for c in key) and key[0].isalpha()
+
+
+def render_card(meta: dict[str, Any], body: str) -> str:
+    """README.md text: the ``---``-delimited YAML of ``meta`` (None values left out, keys in the
+    given order) and the body. The metadata goes through ``ModelCardData`` (the Hub's own
+    normalisation), and the card is checked to read back through ``ModelCard`` as that data."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items() if v is not None}
+    data = ModelCardData(**meta).to_dict()
+    data = {k: data[k] for k in [*meta, *(k for k in data if k not in meta)] if k in data}
+    text = f"---\n{_front_matter_yaml(data)}\n---\n\n{body.strip()}\n"
+    if ModelCard(text).data.to_dict() != data:  # a value YAML cannot carry as given (not for str/number/bool/list)
+        raise FormatError("model card metadata does not read back as written", detail=repr(data)[:500],
+                          hint="card metadata values must be strings, numbers, booleans or lists of them")
+    return text
+
+
+def _yaml_block(text: str) -> str | None:
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    m = REGEX_YAML_BLOCK.search(text)
+    return m.group(2) if m else None
+
+
+def read_card_meta(text: str, where: str = "model card") -> dict[str, Any]:
+    """The YAML front matter of a model card as a dict ({} when the card has none), as
+    huggingface_hub's ModelCard reads it (null values left out). FormatError when the YAML does not
+    parse or is not a mapping."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    block = _yaml_block(text)
+    if block is None:
+        return {}
+    try:
+        card = ModelCard(text, ignore_metadata_errors=True)
+    except (yaml.YAMLError, RecursionError) as e:  # deep nesting exhausts the parser's recursion
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FormatError(f"{where}: the YAML front matter does not parse", detail=f"{first} ({type(e).__name__})",
+                          hint="fix the YAML between the two --- lines") from None
+    except (ValueError, TypeError):  # not a mapping, or a mapping with keys that are not strings
+        kind = type(yaml.safe_load(block)).__name__
+        what = "a mapping with keys that are not strings" if kind == "dict" else kind
+        raise FormatError(f"{where}: the YAML front matter must be a mapping, not {what}",
+                          hint="write it as key: value lines") from None
+    return card.data.to_dict()
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    """The front matter of ``folder/README.md``; FormatError when there is none or it is unreadable."""
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        raise FormatError(f"{folder}: no README.md model card", hint="qconvert quantize/train/merge write one")
+    try:
+        text = card.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{card}: not UTF-8 text", hint="save the model card as UTF-8") from None
+    return read_card_meta(text, str(card))
+
+
+def _size(b: int) -> str:
+    return f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
+def quantized_card(summary: dict[str, Any], skip_patterns: list[str]) -> str:
+    """The card of a `qconvert quantize` output, from its summary."""
+    prov = summary["provenance"]
+    src = prov["source"]
+    name = Path(summary["output"]).name
+    meta = {
+        "base_model": src if "/" in (src or "") else None,
+        "base_model_relation": "quantized",
+        "library_name": "transformers",
+        "tags": ["qconvert", "4-bit", summary["quant_type"], "bitsandbytes", "qlora"],
+    }
+    revision = f" (revision `{prov['source_revision']}`)" if prov["source_revision"] else ""
+    dq = "yes (8-bit absmax, nested block 256)" if summary["double_quant"] else "no"
+    body = f"""# {name}
+
+A 4-bit {summary['quant_type'].upper()} quantization of `{src}`{revision}, written by
+[qconvert](https://pypi.org/project/qconvert/) {prov['version']} in the bitsandbytes 4-bit layout.
+
+| | |
+|---|---|
+| quant type | {summary['quant_type']} |
+| block size | {summary['blocksize']} |
+| double quantization | {dq} |
+| compute dtype | {summary['compute_dtype']} |
+| quantized tensors | {summary['quantized']} of {summary['tensors']} |
+| bits per parameter (quantized weights) | {summary['bits_per_param']:.3f} |
+| size before | {_size(summary['source_bytes'])} |
+| size after | {_size(summary['output_bytes'])} |
+| left unquantized | {', '.join(skip_patterns) or 'none'} (and embeddings, norms, biases) |
+
+## Loading
+
+With transformers and bitsandbytes, no qconvert needed:
+
+```python
+from transformers import AutoModel
+model = AutoModel.from_pretrained("{name}")
+```
+
+With qconvert's own kernels: `qconvert.load_model("{name}")`.
+"""
+    return render_card(meta, body)
+
+
+def adapter_card(base_model: str | None, body: str) -> str:
+    """The card of a PEFT LoRA adapter folder (train output, export-adapter)."""
+    meta = {"base_model": base_model, "base_model_relation": "adapter", "library_name": "peft", "tags": ["qconvert", "lora"]}
+    return render_card(meta, body)
+
+
+def exported_adapter_card(source: Path, cfg: dict[str, Any]) -> str:
+    """The card of a `qconvert export-adapter` output."""
+    base = cfg.get("base_model_name_or_path")
+    body = (f"# LoRA adapter\n\nExported by qconvert from `{source}`: r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}, "
+            f"target modules {cfg.get('target_modules')}. Base model: `{base}`.\n")
+    return adapter_card(base, body)
+
+
+def merged_card(summary: dict[str, Any], source: str | None, version: str) -> str:
+    """The card of a `qconvert merge` output: relation ``merge``, or ``quantized`` when re-quantized."""
+    quantize = summary["quantized"]
+    how = "re-quantized to 4 bits" if quantize else f"stored as {summary['dtype']}"
+    body = (
+        f"# {Path(summary['output']).name}\n\nThe LoRA adapter `{summary['adapter']}` merged into `{source or summary['base']}` by "
+        f"qconvert {version}: each adapted weight is dequant(W4) + scaling * B @ A computed in float32, then {how}.\n"
+    )
+    c = summary.get("requantization_cost")
+    if c:
+        body += (f"\nRe-quantizing cost: relative output error {c['output_error_mean']:.4f} (mean over {c['layers']} merged layers) "
+                 f"against the 16-bit merge; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost.\n")
+    meta = {"base_model": source, "base_model_relation": "quantized" if quantize else "merge", "library_name": "transformers",
+            "tags": ["qconvert", "lora", "merge"]}
+    return render_card(meta, body)

@@ -1,0 +1,46 @@
+"""Where a model comes from: a local folder (or file), or a Hub repo id at a revision.
+
+:func:`resolve_model_path` turns either into a local folder (a Hub repo is downloaded whole into the
+Hugging Face cache: loading, merging and training read every file anyway). :func:`open_checkpoint`
+turns either into a :class:`.reader.CheckpointReader` without downloading the weights up front
+(quantizing reads one shard at a time, and deletes each once consumed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import SourceError
+from .reader import CheckpointReader
+
+
+def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder, or a Hub repo id downloaded with huggingface_hub; returns (folder, repo id)."""
+    p = Path(path_or_repo_id)
+    if p.exists():
+        return p, None
+    from ..hub.download import hub_errors, looks_like_repo_id
+
+    rid = str(path_or_repo_id)
+    if not looks_like_repo_id(rid):
+        raise SourceError(f"{rid}: no such folder, and not a Hub repo id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(rid, revision):
+        return Path(snapshot_download(rid, revision=revision)), rid
+
+
+def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool = False) -> CheckpointReader:
+    """A local folder / file, or a Hub repo id (``org/name``) whose shards are fetched into
+    ``workdir`` as they are read (and kept there when ``keep``)."""
+    from ..format.checkpoint import Checkpoint
+    from ..hub.download import HubCheckpoint, looks_like_repo_id
+
+    if os.path.exists(source):
+        if revision:
+            raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders")
+        return Checkpoint(source, streaming=True)
+    if looks_like_repo_id(source):
+        return HubCheckpoint(source, revision, workdir, keep=keep)
+    raise SourceError(f"{source}: no such folder, and not a Hub repo id of the form org/name", hint="check the path")

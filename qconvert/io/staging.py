@@ -1,0 +1,195 @@
+"""Output folders: refusing a destructive location, the staging folder beside the output, copying
+companion files from inside the model folder only, and the one-rename publish.
+
+Every writer (quantize, merge, export-adapter) builds its output in ``.<name>.qconvert-partial``
+beside OUT and moves it into place with :func:`publish` at the very end, so OUT is either absent,
+the previous OUT, or complete: never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import OptionError, OutputExistsError
+from ..format.checkpoint import is_companion_file
+
+#: A companion file larger than this is not copied (the largest tokenizer.json seen is about 35 MB).
+MAX_COMPANION_BYTES = 2**30
+
+
+def staging_dir(out: Path) -> Path:
+    """The folder an output is built in before :func:`publish` renames it to ``out``."""
+    return out.parent / f".{out.name}.qconvert-partial"
+
+
+def trash_dir(out: Path) -> Path:
+    """Where a replaced output goes for the moment between the two renames of :func:`publish`."""
+    return out.parent / f".{out.name}.qconvert-old"
+
+
+def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse an output location that cannot be written, or whose writing would destroy something:
+
+    - OUT overlapping an input (the same folder, inside it, or holding it): a run never writes
+      inside its inputs, and --overwrite never replaces them (``inputs`` that are not local paths,
+      such as Hub ids, are ignored);
+    - OUT that is the current folder, holds it, or is the home folder or ``/`` (with --overwrite
+      those would be deleted wholesale);
+    - OUT that is a symbolic link (replacing it would swap the link, not write where it points), or
+      whose nearest existing parent is a file or not writable;
+    - a staging or trash folder beside OUT that is not a plain folder (it is emptied or deleted);
+    - an existing, non-empty OUT (or a file there) without ``overwrite``.
+    """
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise OptionError(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
+                          hint="name the folder it points to, or another folder")
+    real = out.resolve()
+    _check_not_an_input(out, real, inputs)
+    _check_not_a_home(out, real)
+    _check_parent_writable(out, real)
+    for aside in (staging_dir(out), trash_dir(out)):
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            raise OptionError(f"{aside}: in the way of the output (not a plain folder)", hint="remove it, then re-run")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+
+
+def _check_not_an_input(out: Path, real: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    for given in inputs:
+        if given is None or not os.path.exists(given):
+            continue
+        src = Path(given).resolve()
+        if real == src or src in real.parents or real in src.parents:
+            how = "is" if real == src else "is inside" if src in real.parents else "holds"
+            raise OptionError(f"{out}: the output {how} the input {given}", hint="write the output to a folder outside the inputs")
+
+
+def _check_not_a_home(out: Path, real: Path) -> None:
+    cwd = Path.cwd().resolve()
+    home = Path.home().resolve()
+    if real == cwd or real in cwd.parents or real == home:
+        what = "the current folder" if real == cwd else "your home folder" if real == home else "a parent of the current folder"
+        raise OptionError(f"{out}: the output is {what}", hint="write the output to a new folder, e.g. OUT/model-nf4")
+
+
+def _check_parent_writable(out: Path, real: Path) -> None:
+    parent = real.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(f"{out}: cannot create the output under {parent}, which is a file", hint="choose a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"{out}: {parent} is not writable", hint="choose a folder you can write to")
+
+
+def free_bytes(path: Path) -> int:
+    """Free disk space where ``path`` (or its nearest existing parent) lives."""
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def fresh_stage(out: Path) -> Path:
+    """An empty staging folder for ``out`` (another run's leftovers there are deleted)."""
+    stage = staging_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    return stage
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """An empty staging folder for ``out``, deleted again when the block raises. The block ends by
+    calling :func:`publish` itself (after which there is no staging folder left to delete)."""
+    stage = fresh_stage(out)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj: Any, *, sort_keys: bool = False) -> None:
+    """``obj`` as indented JSON, written beside ``path`` and renamed onto it (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move the finished staging folder into place (replacing ``out`` only when asked to)."""
+    if out.exists() or out.is_symlink():
+        trash = trash_dir(out)
+        remove(trash)
+        os.replace(out, trash)
+        os.replace(stage, out)
+        remove(trash)
+    else:
+        os.replace(stage, out)
+
+
+def remove(path: Path) -> None:
+    """Delete a folder tree, or a file or link (never what a link points to), if it is there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_companions(src, stage: Path, say: Callable[[str], None] | None = None) -> list[str]:
+    """Copy the source's companion files (tokenizer, chat template, generation and processor configs,
+    licence, sentence-transformers module configs: ``format.checkpoint.COMPANION_FILES``) into the
+    output; returns their names. ``src`` is anything with ``extra_files()`` (a checkpoint reader).
+    Never copied: any other file (named in one notice line), and a companion that is not a regular
+    file or that resolves outside the model folder, such as a link to a private key (a warning names
+    each). Hugging Face cache snapshots link every file into the cache's ``blobs/`` folder: such a
+    link is followed."""
+    say = say or (lambda m: warnings.warn(m, stacklevel=3))
+    copied: list[str] = []
+    others: list[str] = []
+    for rel, path in src.extra_files():
+        if rel in ("config.json", "README.md"):
+            continue
+        if not is_companion_file(rel):
+            others.append(rel + "/" if path.is_dir() else rel)
+            continue
+        why = not_copyable(path, rel)
+        if why:
+            say(f"warning: {rel} not copied: {why}")
+            continue
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst)
+        copied.append(rel)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        say(f"not copied (not a tokenizer, template, config or licence file): {shown}")
+    return copied
+
+
+def not_copyable(path: Path, rel: str) -> str | None:
+    """Why the companion file at ``path`` must not be copied, or None."""
+    folder = path
+    for _ in rel.split("/"):
+        folder = folder.parent
+    folder = folder.resolve()
+    real = path.resolve()
+    if not real.is_file():
+        return "not a regular file"
+    if real.stat().st_size > MAX_COMPANION_BYTES:
+        return f"{real.stat().st_size / 1e9:.1f} GB is not the size of a tokenizer or config file"
+    allowed = [folder]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        allowed.append(folder.parent.parent / "blobs")  # a Hugging Face cache snapshot
+    if not any(a in real.parents for a in allowed):
+        return "it is a link to a file outside the model folder"
+    return None
