@@ -7,10 +7,11 @@ import json
 import click
 
 from .cli import register
+from .names import BACKEND_NAMES, DTYPE_CHOICES
 from .train.data import FORMATS  # light (no torch, no transformers): eval takes whatever formats train takes
 
-BACKENDS = click.Choice(["auto", "reference", "triton", "bitsandbytes"])
-DTYPES = click.Choice(["auto", "bfloat16", "float16", "float32"])
+BACKENDS = click.Choice(BACKEND_NAMES)
+DTYPES = click.Choice(DTYPE_CHOICES)
 _DTYPE_HELP = "Compute dtype (auto: a 4-bit checkpoint's bnb_4bit_compute_dtype, a 16-bit checkpoint's stored dtype)."
 
 

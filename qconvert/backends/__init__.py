@@ -25,8 +25,7 @@ import os
 import torch
 
 from ..errors import BackendError
-
-NAMES = ("auto", "reference", "triton", "bitsandbytes")
+from ..names import BACKEND_NAMES as NAMES
 
 
 class Backend:

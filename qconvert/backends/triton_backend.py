@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendError
+from ..format.constants import FLOAT_DTYPES, ceil_div
 from ..format.layout import QuantizedTensor
 from . import Backend
 
 SMALL_BATCH = 16
 BLOCK = 1024
 #: the kernels' LOGICAL constexpr: which dtype the float32 product is rounded to (spec section 8)
-LOGICAL = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LOGICAL = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}  # float32 0, float16 1, bfloat16 2
 
 
 def _launch_opts(device: torch.device) -> dict:
@@ -40,13 +41,13 @@ class TritonBackend(Backend):
         return nested, dmap, offset
 
     def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in FLOAT_DTYPES:
             raise BackendError(f"cannot dequantize to {dtype}")
         n = qt.numel
         bf16 = dtype == torch.bfloat16
         out = torch.empty(n, dtype=torch.int16 if bf16 else dtype, device=qt.packed.device)
         nested, dmap, offset = self._tables(qt)
-        grid = (triton_cdiv(n, BLOCK),)
+        grid = (ceil_div(n, BLOCK),)
         self.k.dequantize_kernel[grid](
             qt.packed, qt.absmax, nested, qt.quant_map, dmap, out, n, offset,
             BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, LOGICAL=LOGICAL[qt.dtype], BF16_BITS=bf16, BLOCK=BLOCK, **_launch_opts(out.device),
@@ -66,7 +67,7 @@ class TritonBackend(Backend):
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         nested, dmap, offset = self._tables(qt)
         BLOCK_N, BLOCK_K = 32, 64
-        grid = (triton_cdiv(N, BLOCK_N), M)
+        grid = (ceil_div(N, BLOCK_N), M)
         self.k.gemv_kernel[grid](
             x2, qt.packed, qt.absmax, nested, qt.quant_map, dmap, bias if bias is not None else y, y,
             N, K, offset, x2.stride(0), y.stride(0),
@@ -74,7 +75,3 @@ class TritonBackend(Backend):
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_launch_opts(x.device),
         )
         return y.reshape(*x.shape[:-1], N)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..cli import register
+from ..names import FLOAT_DTYPE_NAMES, QUANT_TYPES
 
 
 def _human(n: int) -> str:
@@ -29,10 +30,10 @@ def _report_drops_and_casts(s: dict) -> None:
 @click.argument("source")
 @click.argument("output_dir")
 @click.option("--revision", help="Branch, tag or commit of a Hub repo.")
-@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True)
+@click.option("--quant-type", type=click.Choice(QUANT_TYPES), default="nf4", show_default=True)
 @click.option("--blocksize", type=int, default=64, show_default=True, help="32, 64, 128, ..., 4096.")
 @click.option("--no-double-quant", is_flag=True, help="Store block scales as float32 (4.5 bits/param) instead of 8-bit.")
-@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+@click.option("--compute-dtype", type=click.Choice(sorted(FLOAT_DTYPE_NAMES)), default="bfloat16", show_default=True,
               help="Recorded in quantization_config: the dtype layers compute in after dequantizing.")
 @click.option("--skip-modules", multiple=True, metavar="PATTERN", help="Leave matching modules unquantized (repeatable; transformers' matching rules).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Output shard size, decimal units (5GB = 5e9 bytes).")

@@ -27,14 +27,14 @@ from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
 from .._cpus import resolve_workers
 from ..errors import DiskSpaceError, FormatError, OptionError, OutputExistsError, QuantizationError
 from ..format.checkpoint import is_companion_file
-from ..format.constants import BLOCKSIZES, QUANT_TYPES
+from ..format.constants import BLOCKSIZES, FLOAT_DTYPE_NAMES, QUANT_TYPES
 from .plan import Plan, make_plan, parse_size
 from .writer import ShardWriter, header_bound, shard_digest
 
 JOURNAL = "journal.json"
 #: A companion file larger than this is not copied (the largest tokenizer.json seen is about 35 MB).
 MAX_COMPANION_BYTES = 2**30
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = tuple(sorted(FLOAT_DTYPE_NAMES))
 
 
 def staging_dir(out: Path) -> Path:
@@ -215,8 +215,7 @@ def quantize_checkpoint(
                     t = _as_saved(src.get(it.source_key), it)
                     if it.quantize:
                         qt = _quantize(t, quant_type, blocksize, double_quant, it.source_key, workers)
-                        shard_core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
-                        shard_core += (qt.nested_absmax.numel() * 4 + 4) if qt.double_quant else 0
+                        shard_core += qt.core_nbytes
                         shard_params += qt.numel
                         for k, v in qt.state_dict(it.out_key).items():
                             writer.add(k, v)

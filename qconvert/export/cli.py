@@ -7,6 +7,7 @@ import json
 import click
 
 from ..cli import register
+from ..names import FLOAT_DTYPE_NAMES
 
 
 @register
@@ -14,7 +15,7 @@ from ..cli import register
 @click.argument("base")
 @click.argument("adapter")
 @click.argument("output_dir")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(FLOAT_DTYPE_NAMES)), default="bfloat16", show_default=True)
 @click.option("--quantize", is_flag=True, help="Re-quantize the merged weights to 4 bits, and print what that costs.")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--base-original", help="Merge into these original full-precision weights instead (warns: training saw the dequantized ones).")
