@@ -14,10 +14,11 @@ from qconvert.backends import get_backend
 from qconvert.format.constants import codebook
 from qconvert.format.layout import QuantizedTensor
 from qconvert.quant.reference import dequantize_4bit_ref, float32_product_ref, quantize_4bit_ref
+from tolerances import GEMV_REL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: fused matmul tolerance: the output is rounded to the input dtype once; accumulation order differs
-GEMV_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GEMV_TOL = GEMV_REL
 
 
 @pytest.fixture(scope="module")
