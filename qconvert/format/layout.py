@@ -103,6 +103,8 @@ def stored_nbytes(numel: int, blocksize: int, double_quant: bool, quant_state_by
 def core_nbytes(sizes: Mapping[str, int], double_quant: bool) -> int:
     """The bytes bits-per-parameter counts, from the stored size of each entry (suffix -> bytes)."""
     return sum(sizes[s] for s in CORE_SUFFIXES if s in sizes) + (NESTED_OFFSET_BYTES if double_quant else 0)
+
+
 #: A quant-state JSON longer than this is refused (a real one is about 200 bytes).
 MAX_QUANT_STATE_BYTES = 65536
 #: the largest finite float32; a nested_offset beyond it is refused
