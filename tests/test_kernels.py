@@ -33,6 +33,7 @@ def on_device(qt: QuantizedTensor) -> QuantizedTensor:
     return qt
 
 
+@pytest.mark.slow
 def test_dequantize_bit_exact(triton_backend):
     g = torch.Generator().manual_seed(0)
     shapes = ((1,), (7,), (63,), (65,), (33, 65), (5, 257), (3, 4097))
@@ -46,6 +47,7 @@ def test_dequantize_bit_exact(triton_backend):
             assert torch.equal(triton_backend.dequantize(qt, other).cpu(), dequantize_4bit_ref(on_device(qt), other).cpu())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logical", [torch.float16, torch.bfloat16], ids=str)
 def test_other_output_dtype_is_the_logical_value_converted(triton_backend, logical):
     """Spec 1.1 section 8: a float32 (or other) output of a 16-bit weight is its logical value
@@ -74,6 +76,7 @@ def test_dequantize_many_nested_blocks(triton_backend):
     assert torch.equal(triton_backend.dequantize(on_device(qt), torch.bfloat16).cpu(), dequantize_4bit_ref(qt))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fused_small_batch_matmul(triton_backend, dt):
     g = torch.Generator().manual_seed(1)
@@ -89,6 +92,7 @@ def test_fused_small_batch_matmul(triton_backend, dt):
         assert err < GEMV_TOL[dt], (n, k, rows, bias, dq, err)
 
 
+@pytest.mark.slow
 def test_codebook_probe_every_backend():
     """Bytes 0x01, 0x23, ..., 0xEF with absmax 1.0 dequantize to exactly the table, in nibble order."""
     packed = torch.tensor([0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF], dtype=torch.uint8).reshape(-1, 1)

@@ -58,6 +58,7 @@ def all_float32(model) -> bool:
     return all(t.dtype == torch.float32 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton", "bitsandbytes"])
 def test_float32_model_equals_bitsandbytes_dequantized_oracle(ragged_bf16, backend):
     """Spec 1.1 section 8: load_model(..., dtype=float32) of a bf16 checkpoint is an all-float32 model
@@ -125,6 +126,7 @@ def test_dtype_argument(ragged_bf16):
         qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="float64")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
 def test_minilm_float32_model_equals_bitsandbytes_dequantized_oracle(tmp_path, stored):
     """The real all-MiniLM-L6-v2 (float32 as published, and a bfloat16 copy of it), quantized, loaded
@@ -166,6 +168,7 @@ def test_logits_match_transformers_bitsandbytes(aligned):
         assert rel(a, c) < BF16_REL, (cd, rel(a, c))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton", "bitsandbytes"])
 def test_ragged_model_matches_float32_reference_on_every_backend(ragged, backend):
     ref = float32_reference(ragged)
@@ -177,6 +180,7 @@ def test_ragged_model_matches_float32_reference_on_every_backend(ragged, backend
     assert rel(a.float(), b) < FLOAT32_REL, rel(a.float(), b)
 
 
+@pytest.mark.slow
 def test_lora_backward_triton_equals_reference(ragged):
     """The GPU training path (fused kernel forward at <= 16 rows, Triton dequant in the input
     gradient), run in the interpreter on the ragged model: same loss and LoRA gradients as reference."""
@@ -322,6 +326,7 @@ def _tokenizer(folder):
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_generate_and_eval_cli(aligned, tmp_path):
     import json
     import os

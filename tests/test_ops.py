@@ -31,6 +31,7 @@ def weight(shape=(20, 70), dtype=torch.float32, dq=True, seed=0):
     return quantize_4bit_ref((torch.randn(shape, generator=g) * 2).to(dtype), "nf4", 64, dq)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dq", [True, False])
 @pytest.mark.parametrize("logical", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_dequantize(dq, logical):
@@ -41,6 +42,7 @@ def test_opcheck_dequantize(dq, logical):
         assert torch.equal(torch.ops.qconvert.dequantize_4bit(*args), dequantize_4bit_ref(qt, out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dq", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_matmul(dq, bias):
@@ -66,6 +68,7 @@ def test_opcheck_matmul(dq, bias):
         assert torch.allclose(gb, b.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dq", [True, False])
 def test_opcheck_quantize_is_the_reference(dq):
     """The CPU kernel (the fast quantizer) and the default (the reference) give the same bytes."""
@@ -83,6 +86,7 @@ def test_opcheck_quantize_is_the_reference(dq):
         assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(via, want))
 
 
+@pytest.mark.slow
 def test_conversion_goes_through_the_quantize_op(tmp_path, monkeypatch):
     """quantize_checkpoint calls the op, which takes the fast CPU kernel, even when a GPU is
     present: never the slow reference on a GPU, and no tensor is moved to one."""
@@ -128,6 +132,7 @@ def test_opcheck_triton_kernels_in_the_interpreter():
     assert rel(y, x @ dequantize_4bit_ref(qt, torch.float32).T) < GEMV_TOL
 
 
+@pytest.mark.slow
 def test_import_registers_lazily():
     """qconvert.backends does not register the ops; importing qconvert.ops does, without Triton or CUDA."""
     probe = (
@@ -281,6 +286,7 @@ def _compile(backend: str):
     assert r.stdout.strip().splitlines()[-1] == "[True, True, True, True]", r.stdout
 
 
+@pytest.mark.slow
 def test_compile_forward_and_backward_fullgraph():
     """torch.compile(fullgraph=True) of a 4-bit layer plus a LoRA-like layer, forward and backward,
     through Dynamo and AOTAutograd (the op is one opaque node with its fake and autograd): equals eager."""
