@@ -76,6 +76,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_and_adapter_loads_in_peft_on_bitsandbytes(qmodel, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -113,6 +114,7 @@ def test_tiny_model_learns_and_adapter_loads_in_peft_on_bitsandbytes(qmodel, tmp
     assert abs(after_bnb - after_ours) < LOSS_ACROSS_RUNS_REL * max(1.0, after_bnb)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_adapter(qmodel, tmp_path):
     from safetensors.torch import load_file
 
@@ -137,6 +139,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     common = ["--max-steps", 4, "--grad-accum", 1, "--lora-r", 4, "--lora-dropout", 0.0, "--lr", "1e-3", "--optim", "adamw"]
@@ -190,6 +193,7 @@ def test_every_format_masks_the_right_tokens(qmodel):
         ('{"prompt": "' + " ".join(WORDS[:30]) + '", "completion": "w1"}\n', "--max-length 16 is shorter than the prompt"),
     ],
 )
+@pytest.mark.slow
 def test_bad_data_refused(qmodel, tmp_path, content, message):
     data = tmp_path / "mem.jsonl"
     data.write_text(content)
@@ -199,6 +203,7 @@ def test_bad_data_refused(qmodel, tmp_path, content, message):
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_not_a_4bit_model(tmp_path):
     src = make_tiny_llama(tmp_path / "plain")
     make_tokenizer(src)
@@ -206,6 +211,7 @@ def test_not_a_4bit_model(tmp_path):
     assert r.returncode == 1 and "not a 4-bit checkpoint" in r.stderr and "qconvert quantize" in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qmodel, tmp_path):
     import signal
     import time
