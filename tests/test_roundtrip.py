@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 import torch
 from helpers import run_cli as q, make_tiny_llama
 from hub_server import LoopbackHub
@@ -14,6 +16,7 @@ from tolerances import FLOAT32_REL
 
 
 
+@pytest.mark.slow
 def test_quantize_train_merge_push(tmp_path):
     from safetensors.torch import load_file, save_file
 
