@@ -70,7 +70,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
     adapters = list(adapters or [])
     if compare and not adapters:
         raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
-    from .hub.download import looks_like_repo_id
+    from .io.hub import looks_like_repo_id
 
     if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
         raise DataError(f"{data}: no such file")

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from .format.checkpoint import Checkpoint
-from .format.layout import QUANT_STATE_PREFIX, dtype_name, find_quantized, unpack_quant_state
+from .format.layout import CORE_SUFFIXES, QUANT_STATE_PREFIX, core_nbytes, dtype_name, entry_key, find_quantized, unpack_quant_state
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -32,9 +32,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         qs = unpack_quant_state(ckpt.get(qs_key), f"{ckpt.file_of(qs_key)}: {qs_key}")
         stored = sum(ckpt.nbytes(k) for k in comp)
         numel = math.prod(qs["shape"])
-        core = ckpt.nbytes(name) + ckpt.nbytes(f"{name}.absmax")
-        if "nested_offset" in qs:
-            core += ckpt.nbytes(f"{name}.nested_absmax") + 4
+        dq = "nested_offset" in qs
+        core = core_nbytes({s: ckpt.nbytes(entry_key(name, s)) for s in CORE_SUFFIXES if s != "nested_absmax" or dq}, dq)
         q_params += numel
         q_core_bytes += core
         q_bytes += stored

@@ -107,7 +107,7 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        from .export.adapter import check_adapter_for_model
+        from .adapters import check_adapter_for_model
 
         check_adapter_for_model(adapter, model)  # PEFT's own errors for a damaged adapter are tracebacks
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, FormatError, OptionError, SourceError
+from .names import DTYPE_CHOICES
 
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 # lora_A / lora_B weights of linear layers (PEFT drops the adapter name when saving; some tools keep it), and the
 # lora_embedding_A / _B parameters of embedding layers
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(?:embedding_)?([AB])(?:\.[^.]+)?(?:\.weight)?")

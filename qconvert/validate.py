@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .names import SAFETENSORS_FLOAT_NAMES
 
 MAX_CONFIG_BYTES = 16 * 2**20
 MAX_BUFFER_BYTES = 2**30
@@ -37,7 +38,7 @@ LAYER_COUNT_KEYS = frozenset({
     "num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers", "num_encoder_layers",
     "decoder_layers", "encoder_layers",
 })
-FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
+FLOAT_DTYPES = frozenset(SAFETENSORS_FLOAT_NAMES)
 _REUPLOAD = "re-download the model, or quantize its source again"
 
 

@@ -46,6 +46,7 @@ RULES = {  # family -> the rule it stands for (and whether the CI also runs a fo
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(RULES))
 def test_family_byte_identical_with_anchor(tmp_path, family):
     row = sweep.sweep_one(family, tmp_path, forward=RULES[family][1])
@@ -88,6 +89,7 @@ def test_no_source_tensor_lost_in_moe(tmp_path):
     assert "model.layers.0.mlp.gate.weight" in out
 
 
+@pytest.mark.slow
 def test_falcon_refused_because_anchor_quantizes_nothing(tmp_path):
     """transformers 5.23's Falcon uses FalconLinear (an nn.Linear subclass), which bitsandbytes'
     integration does not replace: the anchor writes no 4-bit tensor, and qconvert says so."""
@@ -125,6 +127,7 @@ def _rewrite(folder: Path, change) -> None:
     ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight", True),  # what the old plan dropped
     ("llama", "model.layers.0.post_attention_layernorm.weight", False),
 ])
+@pytest.mark.slow
 def test_verify_against_fails_on_a_missing_tensor(tmp_path, family, victim, cli):
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.convert.verify import verify_checkpoint
@@ -162,6 +165,7 @@ def test_verify_against_fails_on_a_wrong_dtype(tmp_path):
         verify_checkpoint(tmp_path / "out", against=str(src))
 
 
+@pytest.mark.slow
 def test_verify_against_allows_only_stated_drops(tmp_path):
     """A tied head saved anyway is dropped (as transformers does); the summary prints it with its
     reason, and verify accepts its absence and lists it."""

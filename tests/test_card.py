@@ -56,6 +56,7 @@ def test_rendered_card_round_trips():
     ("---\n- just\n- a list\n---\n", "must be a mapping, not list"),
     ("---\na: " + "[" * 5000 + "\n---\n", "does not parse"),
 ])
+@pytest.mark.slow
 def test_broken_front_matter_is_one_clear_error(text, message):
     with pytest.raises(FormatError, match=message):
         read_card_meta(text, "README.md")

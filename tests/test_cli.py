@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 import qconvert
 from helpers import QCONVERT
 
@@ -21,6 +23,7 @@ def test_version_and_help():
     assert r.returncode == 0 and "inspect" in r.stdout
 
 
+@pytest.mark.slow
 def test_library_error_is_one_line_with_hint():
     r = run("inspect", "/definitely/not/here")
     assert r.returncode == 1
@@ -28,6 +31,7 @@ def test_library_error_is_one_line_with_hint():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_debug_env_shows_traceback():
     env = dict(os.environ, QCONVERT_DEBUG="1")
     r = run("inspect", "/definitely/not/here", env=env)

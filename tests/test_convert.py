@@ -41,6 +41,7 @@ def assert_same_tensors(ours: Path, anchor: Path) -> None:
         ("bert", [], {}),
     ],
 )
+@pytest.mark.slow
 def test_byte_identical_with_transformers_bitsandbytes(tmp_path, kind, opts, bnb_kw):
     if kind == "llama":  # ragged: intermediate 100, k/v projections of 32 rows
         src, auto = make_tiny_llama(tmp_path / "src", max_shard_size="40KB"), "AutoModelForCausalLM"
@@ -63,6 +64,7 @@ def test_byte_identical_with_transformers_bitsandbytes(tmp_path, kind, opts, bnb
     ("Phi3ForCausalLM", False, {}),  # fused qkv and gate_up projections
     ("Qwen2ForCausalLM", False, {}),  # q/k/v biases
 ])
+@pytest.mark.slow
 def test_table_families_byte_identical_and_loadable(tmp_path, arch, tie, flags):
     """Families whose plan comes from config.json (no transformers import): same bytes as the anchor,
     and plain transformers loads the output and computes what it computes from the anchor's output."""
@@ -84,6 +86,7 @@ def test_table_families_byte_identical_and_loadable(tmp_path, arch, tie, flags):
     assert layers[0] == layers[1] and len(layers[0]) == sum(k.endswith(".quant_map") for k in tensors(tmp_path / "ours"))
 
 
+@pytest.mark.slow
 def test_minilm_real_checkpoint_and_plain_transformers_load(tmp_path):
     from transformers import AutoModel
 
@@ -105,6 +108,7 @@ def test_minilm_real_checkpoint_and_plain_transformers_load(tmp_path):
     assert type(ours.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"
 
 
+@pytest.mark.slow
 def test_dry_run_writes_nothing(tmp_path):
     src = make_tiny_llama(tmp_path / "src")
     r = run("quantize", src, tmp_path / "out", "--dry-run", "--json")
@@ -115,6 +119,7 @@ def test_dry_run_writes_nothing(tmp_path):
     assert "14 quantized" in r.stdout and "model.safetensors" in r.stdout
 
 
+@pytest.mark.slow
 def test_skip_modules_and_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -130,6 +135,7 @@ def test_skip_modules_and_reload(tmp_path):
     assert type(m.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_is_byte_identical(tmp_path):
     src = make_tiny_llama(tmp_path / "src", layers=3, max_shard_size="30KB")
     straight = tmp_path / "uninterrupted" / "out"  # same folder name: the card names the folder
@@ -152,6 +158,7 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path):
     assert not stage.exists()
 
 
+@pytest.mark.slow
 def test_corrupted_finished_shard_is_redone(tmp_path):
     src = make_tiny_llama(tmp_path / "src")
     run("quantize", src, tmp_path / "ref", "--max-shard-size", "20KB")

@@ -36,10 +36,12 @@ def src(tmp_path) -> Path:
     return make_tiny_llama(tmp_path / "src", max_shard_size="40KB")
 
 
+@pytest.mark.slow
 def test_missing_source(tmp_path):
     assert "no such folder, and not a Hub repo id" in fails("quantize", tmp_path / "nope" / "x", tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_existing_output_needs_overwrite(tmp_path, src):
     out = tmp_path / "out"
     out.mkdir()
@@ -51,6 +53,7 @@ def test_existing_output_needs_overwrite(tmp_path, src):
     assert r.returncode == 0 and not (out / "mine.txt").exists() and (out / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_truncated_shard(tmp_path, src):
     shard = sorted(src.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
@@ -60,6 +63,7 @@ def test_truncated_shard(tmp_path, src):
     no_output(tmp_path)
 
 
+@pytest.mark.slow
 def test_index_names_file_outside_folder(tmp_path, src):
     idx = src / "model.safetensors.index.json"
     d = json.loads(idx.read_text())
@@ -71,6 +75,7 @@ def test_index_names_file_outside_folder(tmp_path, src):
     no_output(tmp_path)
 
 
+@pytest.mark.slow
 def test_tensor_in_index_missing_from_shard(tmp_path, src):
     idx = src / "model.safetensors.index.json"
     d = json.loads(idx.read_text())
@@ -92,6 +97,7 @@ def tiny_llama_with(tmp_path: Path, name: str, change) -> tuple[Path, dict[str, 
     return src, tensors
 
 
+@pytest.mark.slow
 def test_nan_weight_named(tmp_path):
     def nan_at_5_7(t):
         t[5, 7] = float("nan")
@@ -103,12 +109,14 @@ def test_nan_weight_named(tmp_path):
     no_output(tmp_path)
 
 
+@pytest.mark.slow
 def test_unsupported_dtype(tmp_path):
     src, _ = tiny_llama_with(tmp_path, "model.layers.0.mlp.gate_proj.weight", lambda t: t.to(torch.int8))
     err = fails("quantize", src, tmp_path / "out")
     assert "model.layers.0.mlp.gate_proj.weight" in err and "torch.int8" in err and "cannot be quantized" in err
 
 
+@pytest.mark.slow
 def test_dtype_torch_cannot_hold(tmp_path):
     """A dtype safetensors knows but torch does not (here F8_E8M0, set in the header by hand)."""
     src = make_tiny_llama(tmp_path / "src")
@@ -127,6 +135,7 @@ def test_dtype_torch_cannot_hold(tmp_path):
     no_output(tmp_path)
 
 
+@pytest.mark.slow
 def test_float8_tensor_written_as_transformers_writes_it_and_reported(tmp_path):
     """transformers loads every tensor in the checkpoint's dtype (config.json): a float8 norm in a bf16
     model comes out bf16 from the anchor. qconvert writes the same (float8 -> bf16 is exact) and says
@@ -142,6 +151,7 @@ def test_float8_tensor_written_as_transformers_writes_it_and_reported(tmp_path):
     assert summary["dropped"] == []
 
 
+@pytest.mark.slow
 def test_bad_options(tmp_path, src):
     assert "block size 100" in fails("quantize", src, tmp_path / "out", "--blocksize", "100")
     assert "cannot read size" in fails("quantize", src, tmp_path / "out", "--max-shard-size", "lots")
@@ -157,6 +167,7 @@ def test_too_little_disk_checked_before_work(tmp_path, src, monkeypatch):
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.qconvert-partial").exists()
 
 
+@pytest.mark.slow
 def test_pytorch_bin_source_weights_only(tmp_path):
     """pytorch_model.bin sources load with weights_only=True and give the same bytes as safetensors."""
     st = make_tiny_llama(tmp_path / "st")

@@ -49,6 +49,7 @@ def test_bins_exact_around_every_midpoint_and_cell_edge(qtype):
         assert torch.equal(b.bins(v).long(), torch.bucketize(v, mids)), qtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
 def test_same_bytes_as_reference(qtype, monkeypatch):
     import qconvert.quant.fast_cpu as fc

@@ -37,12 +37,14 @@ def test_constants_read_from_formats_files():
     assert load_json("codebooks.json") == on_disk
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["make_formats.py", "make_golden.py"])
 def test_formats_regenerate_identically(tool):
     r = subprocess.run([PY, str(ROOT / "tools" / tool), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_installed_wheel_reads_formats(tmp_path):
     """Build the wheel, install it into an empty folder, and read the tables from there (not the checkout)."""
     wheel_dir = tmp_path / "wheel"

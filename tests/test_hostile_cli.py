@@ -137,6 +137,7 @@ def test_unexpected_errors_are_one_line_and_say_how_to_see_the_traceback(files, 
         main(["inspect", str(files["q"])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["generate-config-invalid", "merge-adapter-r0"])
 def test_in_a_real_process(files, case):
     """The same shape from the installed entry point, in a subprocess (exit code included)."""

@@ -199,6 +199,7 @@ def test_verify_remote_code_model_gets_the_2d_rule(good, tmp_path):
         verify_checkpoint(variant(good, tmp_path, config=remote, tensors=flat))
 
 
+@pytest.mark.slow
 def test_checks_accept_every_known_decoder_family(tmp_path):
     """The controls for the structure checks: what `quantize` writes for each family it plans from
     config.json (tied heads, so the checkpoint has no lm_head) passes verify and loads."""

@@ -29,6 +29,7 @@ def good_rows(n: int = 8) -> list[str]:
         ("d.exe", b"MZ", "unknown data file type '.exe'"),
     ],
 )
+@pytest.mark.slow
 def test_unusable_data_is_one_line(qmodel, tmp_path, name, content, needle):
     data = tmp_path / name
     data.write_bytes(content)

@@ -128,6 +128,7 @@ def _many_quantized(path: Path, n: int) -> Path:
     return write_safetensors(path, entries)
 
 
+@pytest.mark.slow
 def test_inspect_many_quantized_tensors_is_linear(tmp_path):
     """20,000 tensor names (5,000 4-bit weights of 4 entries, 3 MB): matching each weight's entries by
     scanning every name was quadratic (a 5 MB file did not finish in 120 s)."""
@@ -170,6 +171,7 @@ except QConvertError as e:
 """
 
 
+@pytest.mark.slow
 def test_billion_layers_fail_fast_in_bounded_memory(tmp_path):
     """num_hidden_layers: 1000000000 used to take quantize to 7.4 GB and a MemoryError traceback."""
     src = make_llama_files(tmp_path / "src", config={"num_hidden_layers": 10**9})
@@ -224,6 +226,7 @@ except QConvertError as e:
 """
 
 
+@pytest.mark.slow
 def test_out_of_address_space_is_not_called_corruption(tmp_path):
     """A valid 2 GB file (sparse: all zeros) that cannot be mapped within the address-space limit
     is reported as a memory problem, not as "truncated or corrupt; re-download"."""
@@ -282,6 +285,7 @@ def test_quant_state_with_thousands_of_fields_is_refused_fast(tmp_path):
         unpack_quant_state(repeated)
 
 
+@pytest.mark.slow
 def test_cli_one_line_for_hostile_files(tmp_path):
     import os
     import subprocess

@@ -213,6 +213,7 @@ def cli_fails(*args, cwd=None) -> str:
     return " ".join(r.stderr.split())
 
 
+@pytest.mark.slow
 def test_cli_one_line_for_output_refusals(tmp_path, src, base):
     before = tree_digest(src)
     assert "the output is the input" in cli_fails("quantize", src, src, "--overwrite")

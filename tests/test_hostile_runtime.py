@@ -214,6 +214,7 @@ def test_adapter_files(env, capsys, tmp_path):
     check(a, "adapts model.layers.0.cross_attn.q_proj, which")
 
 
+@pytest.mark.slow
 def test_a_refusal_from_the_console_script(env):
     """The same path through a real process: exit code 1, the error on stderr, no traceback."""
     r = subprocess.run([*QCONVERT, "generate", str(env["bert"]), "--prompt", "w1"], capture_output=True, text=True)

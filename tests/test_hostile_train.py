@@ -133,12 +133,14 @@ def test_existing_run_refused_then_overwrite_starts_clean_and_resume_refuses_ano
     one_line_error(r, "no checkpoint-N folder to resume from")
 
 
+@pytest.mark.slow
 def test_resume_and_overwrite_together_refused(tmp_path):
     r = subprocess.run([*QCONVERT, "train", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path),
                         "--resume", "--overwrite"], capture_output=True, text=True)
     one_line_error(r, "--resume and --overwrite")
 
 
+@pytest.mark.slow
 def test_output_that_is_a_file_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     r = subprocess.run([*QCONVERT, "train", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "notes.txt")],
@@ -147,6 +149,7 @@ def test_output_that_is_a_file_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_config_file_cannot_build_python_objects(tmp_path):
     marker = tmp_path / "pwned"
     cfg = tmp_path / "run.yaml"
@@ -212,6 +215,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmode
         (["--lr", "nan"], "--lr nan: must be > 0"),
     ],
 )
+@pytest.mark.slow
 def test_bad_option_is_one_line(tmp_path, flags, needle):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "w1 w2"}\n')
@@ -221,6 +225,7 @@ def test_bad_option_is_one_line(tmp_path, flags, needle):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_eval_split_that_leaves_nothing_to_train_on_is_refused(qmodel, tmp_path):
     data = tmp_path / "one.jsonl"
     data.write_text('{"text": "w1 w2 w3"}\n')
@@ -253,6 +258,7 @@ def _tiny_t5(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, needle", [("t5", "is an encoder-decoder model"), ("bert", "BertModel is not a causal language model")])
 def test_encoder_models_refused(tmp_path, kind, needle):
     model = _tiny_t5(tmp_path / "t5") if kind == "t5" else make_tiny_bert(tmp_path / "bert")

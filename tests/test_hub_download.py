@@ -59,6 +59,7 @@ def tensors(folder: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_quantize_from_hub_equals_local(hub, tmp_path):
     r = quantize(hub, tmp_path, "acme/tiny-llama", tmp_path / "from-hub", "--max-shard-size", "30KB")
     assert r.returncode == 0, r.stderr + (hub.dir / "olah.log").read_text()[-2000:]
@@ -76,6 +77,7 @@ def test_quantize_from_hub_equals_local(hub, tmp_path):
     assert not (tmp_path / ".from-hub.qconvert-partial").exists()
 
 
+@pytest.mark.slow
 def test_revision_pin_and_keep_source_then_offline(hub, tmp_path):
     r = quantize(hub, tmp_path, "acme/tiny-llama", tmp_path / "a", "--revision", hub.sha, "--keep-source")
     assert r.returncode == 0, r.stderr
@@ -86,6 +88,7 @@ def test_revision_pin_and_keep_source_then_offline(hub, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_hub_errors(hub, tmp_path):
     r = quantize(hub, tmp_path, "acme/no-such-model", tmp_path / "x")
     assert r.returncode == 1 and "acme/no-such-model" in r.stderr and "not found" in r.stderr
@@ -98,6 +101,7 @@ def test_hub_errors(hub, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_train_from_hub_id_names_the_hub_base(hub, tmp_path):
     """A 4-bit model trained from its Hub id: the adapter names that id, never the local cache path."""
     from qconvert.convert.quantize import quantize_checkpoint

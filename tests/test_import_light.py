@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import sys, torch
 import qconvert, qconvert.cli, qconvert.backends, qconvert.format, qconvert.quant
@@ -26,6 +28,7 @@ print([m for m in ("transformers", "peft", "triton") if m in sys.modules])
 """
 
 
+@pytest.mark.slow
 def test_converting_a_known_decoder_imports_no_transformers(tmp_path):
     """Llama-family plans come from config.json (tests/test_plan.py checks them against transformers);
     the 3-4 s transformers import is what this keeps out of a conversion."""

@@ -19,6 +19,7 @@ def minilm_bnb(tmp_path_factory):
     return bnb_quantize_save(minilm_dir(), tmp_path_factory.mktemp("minilm") / "bnb", auto_class="AutoModel")
 
 
+@pytest.mark.slow
 def test_inspect_json_on_transformers_bitsandbytes_checkpoint(minilm_bnb):
     report = json.loads(run("inspect", minilm_bnb, "--json").stdout)
     q = [t for t in report["tensors"] if t["quant_type"]]
@@ -47,6 +48,7 @@ def test_inspect_table_and_single_file(minilm_bnb):
     assert "37 quantized" in out and "4.127 bits/param" in out
 
 
+@pytest.mark.slow
 def test_inspect_sharded_unquantized(tmp_path):
     src = make_tiny_llama(tmp_path / "llama", max_shard_size="20KB")
     assert len(list(src.glob("model-*.safetensors"))) > 1
@@ -55,6 +57,7 @@ def test_inspect_sharded_unquantized(tmp_path):
     assert all(t["quant_type"] is None and t["dtype"] == "bfloat16" for t in report["tensors"])
 
 
+@pytest.mark.slow
 def test_inspect_errors(tmp_path):
     r = run("inspect", tmp_path / "nope", ok=False)
     first, *rest = r.stderr.splitlines()  # one error: its first line, then only detail and hint lines

@@ -46,6 +46,7 @@ def train_dir(tmp_path_factory):
     return d, out, want
 
 
+@pytest.mark.slow
 def test_export_adapter_is_clean_and_loads_in_peft(train_dir, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -78,6 +79,7 @@ def test_export_adapter_is_clean_and_loads_in_peft(train_dir, tmp_path):
     assert set(arrived) - {".gitattributes"} == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
 
 
+@pytest.mark.slow
 def test_export_adapter_errors(train_dir, tmp_path):
     _, out, _ = train_dir
     r = run("export-adapter", tmp_path, tmp_path / "o")

@@ -46,6 +46,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,tie,flags", CASES, ids=[f"{a}-tie{t}-{'-'.join(k for k, v in f.items() if v)}" for a, t, f in CASES])
 def test_table_plan_equals_transformers_plan(tmp_path, arch, tie, flags):
     assert set(FLAGS) == {s.model_type for s in KNOWN_DECODERS.values()}

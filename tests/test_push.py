@@ -37,6 +37,7 @@ def hub(tmp_path):
         yield h
 
 
+@pytest.mark.slow
 def test_push_quantized_checkpoint_arrives_intact(hub, quantized):
     r = push(hub, quantized, "alice/tiny-nf4", "--private", "--commit-message", "first upload")
     assert r.returncode == 0, r.stderr
@@ -56,6 +57,7 @@ def test_push_quantized_checkpoint_arrives_intact(hub, quantized):
     assert r.returncode == 0 and "discussions/1" in r.stdout
 
 
+@pytest.mark.slow
 def test_push_refuses_invalid_folders_before_uploading(hub, quantized, tmp_path):
     import shutil
 
@@ -78,6 +80,7 @@ def test_push_refuses_invalid_folders_before_uploading(hub, quantized, tmp_path)
     assert "alice/x" not in hub.state.repos  # nothing was created
 
 
+@pytest.mark.slow
 def test_push_errors_are_friendly(hub, quantized, tmp_path):
     r = push(hub, quantized, "alice/y", token=None)
     assert r.returncode == 1 and "no Hugging Face token" in r.stderr and "HF_TOKEN" in r.stderr
@@ -89,6 +92,7 @@ def test_push_errors_are_friendly(hub, quantized, tmp_path):
     assert dead.returncode == 1 and "re-running the same command resumes" in dead.stderr
 
 
+@pytest.mark.slow
 def test_push_cut_off_before_its_commit_resumes_on_rerun(hub, quantized):
     hub.state.fail_commits = 1
     r = push(hub, quantized, "alice/resume")
@@ -122,6 +126,7 @@ def test_push_of_a_train_output_publishes_the_adapter_not_the_run(hub, tmp_path)
     assert arrived["adapter_model.safetensors"] == (a / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_push_refuses_a_link_out_of_the_folder(hub, quantized, tmp_path):
     import shutil
 

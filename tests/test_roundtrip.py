@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 import torch
 from helpers import run_cli as q, make_tiny_llama
 from hub_server import LoopbackHub
 from test_train import make_tokenizer, memorize_set
+from tolerances import FLOAT32_REL
 
 
 
 
+@pytest.mark.slow
 def test_quantize_train_merge_push(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -47,4 +51,4 @@ def test_quantize_train_merge_push(tmp_path):
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dl").eval()(**batch).logits
         unmerged = qconvert.load_model(tmp_path / "q", backend="reference", device="cpu", adapter=tmp_path / "adapter")(**batch).logits
-    assert ((merged - unmerged).norm() / unmerged.norm()).item() < 1e-5
+    assert ((merged - unmerged).norm() / unmerged.norm()).item() < FLOAT32_REL

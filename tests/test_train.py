@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import QCONVERT, make_tiny_llama
+from tolerances import LOSS_ACROSS_RUNS_REL
 
 WORDS = [f"w{i}" for i in range(120)]
 CHAT_TEMPLATE = (
@@ -75,6 +76,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_and_adapter_loads_in_peft_on_bitsandbytes(qmodel, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -109,9 +111,10 @@ def test_tiny_model_learns_and_adapter_loads_in_peft_on_bitsandbytes(qmodel, tmp
         ours = qconvert.load_model(qmodel, backend="reference", device="cpu", adapter=out)
         after_ours = ours(**batch).loss.item()
     assert after_bnb < 0.5 * before
-    assert abs(after_bnb - after_ours) < 1e-4 * max(1.0, after_bnb)
+    assert abs(after_bnb - after_ours) < LOSS_ACROSS_RUNS_REL * max(1.0, after_bnb)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_adapter(qmodel, tmp_path):
     from safetensors.torch import load_file
 
@@ -136,6 +139,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     common = ["--max-steps", 4, "--grad-accum", 1, "--lora-r", 4, "--lora-dropout", 0.0, "--lr", "1e-3", "--optim", "adamw"]
@@ -149,7 +153,7 @@ def test_torchrun_two_processes_match_one_process(qmodel, tmp_path):
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]), (a, b)
+        assert abs(a["loss"] - b["loss"]) < LOSS_ACROSS_RUNS_REL * abs(a["loss"]), (a, b)
 
 
 def test_every_format_masks_the_right_tokens(qmodel):
@@ -189,6 +193,7 @@ def test_every_format_masks_the_right_tokens(qmodel):
         ('{"prompt": "' + " ".join(WORDS[:30]) + '", "completion": "w1"}\n', "--max-length 16 is shorter than the prompt"),
     ],
 )
+@pytest.mark.slow
 def test_bad_data_refused(qmodel, tmp_path, content, message):
     data = tmp_path / "mem.jsonl"
     data.write_text(content)
@@ -198,6 +203,7 @@ def test_bad_data_refused(qmodel, tmp_path, content, message):
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_not_a_4bit_model(tmp_path):
     src = make_tiny_llama(tmp_path / "plain")
     make_tokenizer(src)
@@ -205,6 +211,7 @@ def test_not_a_4bit_model(tmp_path):
     assert r.returncode == 1 and "not a 4-bit checkpoint" in r.stderr and "qconvert quantize" in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qmodel, tmp_path):
     import signal
     import time

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up on a fresh machine and run the whole test-suite (what CI runs).
+# Set everything up on a fresh machine, lint, and run the whole test-suite (what CI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -8,4 +8,8 @@ if [ -f tools/setup_olah.sh ]; then
   export QCONVERT_REQUIRE_OLAH=1    # so those tests fail, rather than skip, if it is missing
 fi
 export PYTHONUNBUFFERED=1
+# lint first: ruff (pyproject [tool.ruff]) and the layering contracts (pyproject [tool.importlinter])
+.venv/bin/ruff check qconvert tools tests
+.venv/bin/lint-imports
+# every test; the fast loop is `bash tools/test.sh -m "not slow"` (tests/README.md)
 exec .venv/bin/python -m pytest -q "$@"

@@ -25,12 +25,12 @@ import os
 from typing import TYPE_CHECKING
 
 from ..errors import BackendError, UnknownBackendError
+#: Every backend name a caller, a CLI flag (--backend), a train config file or QCONVERT_BACKEND may
+#: give: one tuple, in qconvert.names, which the CLI reads without importing torch.
+from ..names import BACKEND_NAMES as NAMES
 
 if TYPE_CHECKING:
     import torch
-
-#: Every backend name a caller, a CLI flag (--backend), a train config file or QCONVERT_BACKEND may give.
-NAMES = ("auto", "reference", "triton", "bitsandbytes")
 
 
 class Backend:

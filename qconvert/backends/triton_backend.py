@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendError
+from ..format.constants import FLOAT_DTYPES, ceil_div
 from ..format.layout import QuantizedTensor
 from . import Backend
 
@@ -19,7 +20,7 @@ BLOCK = 1024
 #: blocks per program of the quantize kernel
 QUANT_ROWS = 16
 #: the kernels' LOGICAL constexpr: which dtype the float32 product is rounded to (spec section 8)
-LOGICAL = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LOGICAL = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}  # float32 0, float16 1, bfloat16 2
 
 
 def _launch_opts(device: torch.device) -> dict:
@@ -42,13 +43,13 @@ class TritonBackend(Backend):
         return nested, dmap, offset
 
     def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in FLOAT_DTYPES:
             raise BackendError(f"cannot dequantize to {dtype}")
         n = qt.numel
         bf16 = dtype == torch.bfloat16
         out = torch.empty(n, dtype=torch.int16 if bf16 else dtype, device=qt.packed.device)
         nested, dmap, offset = self._tables(qt)
-        grid = (triton_cdiv(n, BLOCK),)
+        grid = (ceil_div(n, BLOCK),)
         self.k.dequantize_kernel[grid](
             qt.packed, qt.absmax, nested, qt.quant_map, dmap, out, n, offset,
             BLOCKSIZE=qt.blocksize, DOUBLE=qt.double_quant, LOGICAL=LOGICAL[qt.dtype], BF16_BITS=bf16, BLOCK=BLOCK, **_launch_opts(out.device),
@@ -68,7 +69,7 @@ class TritonBackend(Backend):
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         nested, dmap, offset = self._tables(qt)
         BLOCK_N, BLOCK_K = 32, 64
-        grid = (triton_cdiv(N, BLOCK_N), M)
+        grid = (ceil_div(N, BLOCK_N), M)
         self.k.gemv_kernel[grid](
             x2, qt.packed, qt.absmax, nested, qt.quant_map, dmap, bias if bias is not None else y, y,
             N, K, offset, x2.stride(0), y.stride(0),
@@ -86,19 +87,15 @@ class TritonBackend(Backend):
 
         flat = x.detach().reshape(-1).contiguous()
         n = flat.numel()
-        nblocks = triton_cdiv(n, blocksize)
+        nblocks = ceil_div(n, blocksize)
         mid, order = quantize_midpoints(quant_type)
         mid = mid.to(device=flat.device, dtype=torch.float32)
         order = order.to(device=flat.device, dtype=torch.int32)
         packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=flat.device)
         absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
-        grid = (triton_cdiv(nblocks, QUANT_ROWS),)
+        grid = (ceil_div(nblocks, QUANT_ROWS),)
         kernels_quant.quantize_kernel[grid](
             flat, mid, order, packed, absmax, n, n // blocksize, nblocks,
             BLOCKSIZE=blocksize, ROWS=QUANT_ROWS, **_launch_opts(flat.device),
         )
         return packed, absmax
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

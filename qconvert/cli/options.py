@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import click
 
-from ..backends import NAMES as BACKEND_NAMES
+from ..names import BACKEND_NAMES, FLOAT_DTYPE_NAMES, QUANT_TYPES  # noqa: F401 (QUANT_TYPES: for the commands)
 
-#: dtypes a model can be written in or compute in (``auto`` is added where a command can infer it)
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
+#: dtypes a model can be written in or compute in, as choices (``auto`` is added where a command can infer it)
+DTYPE_NAMES = tuple(sorted(FLOAT_DTYPE_NAMES))
 _DTYPE_AUTO_HELP = "Compute dtype (auto: a 4-bit checkpoint's bnb_4bit_compute_dtype, a 16-bit checkpoint's stored dtype)."
 
 

@@ -30,11 +30,12 @@ import torch
 
 from ..errors import FormatError, OptionError, QuantizationError
 from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint
-from ..format.layout import dtype_name
+from ..format.constants import FLOAT_DTYPES
+from ..format.layout import dtype_name, stored_nbytes
 from .meta import TIED, Placement, Placements, cast_reason, is_skipped, load_dtype, meta_placements
 from .meta import default_skips, meta_model  # noqa: F401  (their old home; tests import them from here)
 
-QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+QUANTIZABLE_DTYPES = FLOAT_DTYPES
 QUANT_STATE_JSON_ESTIMATE = 240  # bytes; only used to decide shard membership
 
 
@@ -89,13 +90,9 @@ class Plan:
 
 
 def quantized_size(numel: int, blocksize: int, double_quant: bool) -> int:
-    nblocks = -(-numel // blocksize)
-    size = (numel + 1) // 2 + 64 + QUANT_STATE_JSON_ESTIMATE
-    if double_quant:
-        size += nblocks + 4 * -(-nblocks // 256) + 1024
-    else:
-        size += 4 * nblocks
-    return size
+    """Estimated bytes of one 4-bit weight in its shard: the layout's entries, exact, plus an estimate
+    of its quant-state JSON."""
+    return stored_nbytes(numel, blocksize, double_quant, QUANT_STATE_JSON_ESTIMATE)
 
 
 def parse_size(text: str | int) -> int:

@@ -26,7 +26,7 @@ import torch
 from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
 from .._cpus import resolve_workers
 from ..errors import DiskSpaceError, FormatError, QuantizationError
-from ..format.constants import BLOCKSIZES, QUANT_TYPES
+from ..format.constants import BLOCKSIZES, FLOAT_DTYPE_NAMES, QUANT_TYPES
 from ..io.cards import quantized_card
 from ..io.reader import CheckpointReader, cleanup
 from ..io.shards import ShardWriter, header_bound, shard_digest, write_index
@@ -41,7 +41,7 @@ from ..io.staging import write_json as _write_json
 from .plan import Plan, make_plan, parse_size
 
 JOURNAL = "journal.json"
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = tuple(sorted(FLOAT_DTYPE_NAMES))
 
 
 def progress_enabled() -> bool:
@@ -222,8 +222,7 @@ def _write_shard(src: CheckpointReader, plan: Plan, idx: list[int], path: Path, 
             t = _as_saved(src.get(it.source_key), it)
             if it.quantize:
                 qt = _quantize(t, settings["quant_type"], settings["blocksize"], settings["double_quant"], it.source_key, workers)
-                core += qt.packed.numel() + qt.absmax.numel() * qt.absmax.element_size()
-                core += (qt.nested_absmax.numel() * 4 + 4) if qt.double_quant else 0
+                core += qt.core_nbytes
                 params += qt.numel
                 for k, v in qt.state_dict(it.out_key).items():
                     writer.add(k, v)

@@ -39,7 +39,7 @@ class LoraAdapter:
     """A PEFT LoRA adapter folder: per-module A, B and scaling."""
 
     def __init__(self, folder: str | os.PathLike):
-        from .adapter import read_adapter_config, read_lora_weights
+        from ..adapters import read_adapter_config, read_lora_weights
 
         self.folder = Path(folder)
         cfg_path = self.folder / "adapter_config.json"
@@ -53,19 +53,19 @@ class LoraAdapter:
     @property
     def base_model_id(self) -> str | None:
         """base_model_name_or_path when it is a Hub repo id (a local path must not reach a card)."""
-        from ..hub.download import REPO_ID
+        from ..io.hub import REPO_ID
 
         base = self.config.get("base_model_name_or_path")
         return base if isinstance(base, str) and REPO_ID.match(base) and not os.path.exists(base) else None
 
     def check_base(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
         """Each module's lora_B @ lora_A has its base weight's [out, in] shape."""
-        from .adapter import check_against_base
+        from ..adapters import check_against_base
 
         check_against_base(self.weights, self.modules, base_shapes)
 
     def _pattern(self, table: dict, module: str, default):
-        from .adapter import module_value
+        from ..adapters import module_value
 
         return module_value(table, module, default)
 

@@ -21,7 +21,8 @@ import struct
 from typing import Any, Iterable, Mapping
 
 from ..errors import FormatError
-from .layout import QUANT_STATE_PREFIX, SUFFIXES, find_quantized
+from .constants import QUANT_TYPES
+from .layout import QUANT_STATE_PREFIX, SUFFIXES, entry_key, find_quantized, quant_state_key
 
 #: the layout versions this reader implements (spec section 1.3)
 LAYOUT_VERSIONS = ("1",)
@@ -91,7 +92,7 @@ def check_layout_version(version: Any, where: str) -> None:
 
 
 def _companion_names(name: str) -> set[str]:
-    return {name} | {f"{name}.{s}" for s in SUFFIXES} | {f"{name}.{QUANT_STATE_PREFIX}{t}" for t in ("nf4", "fp4")}
+    return {name} | {entry_key(name, s) for s in SUFFIXES} | {quant_state_key(name, t) for t in QUANT_TYPES}
 
 
 def quantized_names(keys: Iterable[str], where: str) -> list[str]:

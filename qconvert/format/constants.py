@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
+from ..names import BLOCKSIZES, FLOAT_DTYPE_NAMES, NESTED_BLOCKSIZE, QUANT_TYPES, ceil_div  # noqa: F401  (re-exported)
+
+#: The floating dtypes of qconvert.names.FLOAT_DTYPE_NAMES as torch dtypes, in the same order.
+FLOAT_DTYPES = tuple(getattr(torch, name) for name in FLOAT_DTYPE_NAMES)
 #: Storage dtype of the packed codes and of double-quantized absmax.
 STORAGE_DTYPE = torch.uint8
 

@@ -12,6 +12,9 @@ key                                    dtype      shape
 ``P.nested_quant_map`` (double quant)  float32    ``[256]``
 ``P.quant_state.bitsandbytes__<qt>``   uint8      ``[len(json)]``
 =====================================  =========  ====================================
+
+That table is :data:`ENTRIES` below, written once: validation, planning, inspect and bits per
+parameter read it (:func:`entries`, :func:`stored_nbytes`, :func:`core_nbytes`).
 """
 
 from __future__ import annotations
@@ -20,16 +23,88 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..errors import FormatError
-from .constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map
+from .constants import BLOCKSIZES, FLOAT_DTYPE_NAMES, NESTED_BLOCKSIZE, QUANT_TYPES, ceil_div, codebook, dynamic_map
 
 QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
-SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-LOGICAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: torch dtype of each logical dtype name a quant-state may hold, in the spec's order
+LOGICAL_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPE_NAMES}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored entry of a 4-bit weight ``P``: the key ``P.<suffix>`` (``P`` itself for suffix ""),
+    its dtype, and its shape as a function of the weight's element count and block size. ``double_quant``
+    says in which layout it is stored: None in both, True only with double quantization, False only
+    without it."""
+
+    suffix: str
+    dtype: torch.dtype
+    shape: Callable[[int, int], tuple[int, ...]]
+    double_quant: bool | None = None
+
+
+def nblocks(numel: int, blocksize: int) -> int:
+    """The number of blocks of a weight of ``numel`` elements (the last one may be ragged)."""
+    return ceil_div(numel, blocksize)
+
+
+#: The entries of a 4-bit weight besides its quant-state (spec section 4.1), in the order they are
+#: validated. The quant-state entry is ``P.quant_state.bitsandbytes__<quant_type>``, uint8 [L] with
+#: L the bytes of its JSON (:func:`pack_quant_state`).
+ENTRIES = (
+    Entry("", torch.uint8, lambda n, bs: ((n + 1) // 2, 1)),
+    Entry("absmax", torch.float32, lambda n, bs: (nblocks(n, bs),), double_quant=False),
+    Entry("absmax", torch.uint8, lambda n, bs: (nblocks(n, bs),), double_quant=True),
+    Entry("quant_map", torch.float32, lambda n, bs: (16,)),
+    Entry("nested_absmax", torch.float32, lambda n, bs: (ceil_div(nblocks(n, bs), NESTED_BLOCKSIZE),), double_quant=True),
+    Entry("nested_quant_map", torch.float32, lambda n, bs: (256,), double_quant=True),
+)
+#: The companion suffixes (every entry but the codes and the quant-state), in table order.
+SUFFIXES = tuple(dict.fromkeys(e.suffix for e in ENTRIES if e.suffix))
+#: Bytes of the float32 ``nested_offset`` held in the quant-state of a double-quantized weight.
+NESTED_OFFSET_BYTES = 4
+#: The entries that bits-per-parameter counts (spec section 3.6): codes and block scales, plus
+#: NESTED_OFFSET_BYTES with double quantization; not the per-tensor tables nor the quant-state.
+CORE_SUFFIXES = ("", "absmax", "nested_absmax")
+
+
+def entry_key(name: str, suffix: str) -> str:
+    """The safetensors key of the entry ``suffix`` of the weight ``name``."""
+    return f"{name}.{suffix}" if suffix else name
+
+
+def quant_state_key(name: str, quant_type: str) -> str:
+    return f"{name}.{QUANT_STATE_PREFIX}{quant_type}"
+
+
+def entries(numel: int, blocksize: int, double_quant: bool) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """suffix -> (dtype, shape) of every entry a weight of ``numel`` elements stores, quant-state aside."""
+    return {
+        e.suffix: (e.dtype, e.shape(numel, blocksize))
+        for e in ENTRIES
+        if e.double_quant is None or e.double_quant == double_quant
+    }
+
+
+def entry_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def stored_nbytes(numel: int, blocksize: int, double_quant: bool, quant_state_bytes: int) -> int:
+    """Bytes a 4-bit weight stores: every entry, plus its quant-state JSON of ``quant_state_bytes``."""
+    return sum(entry_nbytes(*e) for e in entries(numel, blocksize, double_quant).values()) + quant_state_bytes
+
+
+def core_nbytes(sizes: Mapping[str, int], double_quant: bool) -> int:
+    """The bytes bits-per-parameter counts, from the stored size of each entry (suffix -> bytes)."""
+    return sum(sizes[s] for s in CORE_SUFFIXES if s in sizes) + (NESTED_OFFSET_BYTES if double_quant else 0)
+
+
 #: A quant-state JSON longer than this is refused (a real one is about 200 bytes).
 MAX_QUANT_STATE_BYTES = 65536
 #: the largest finite float32; a nested_offset beyond it is refused
@@ -66,7 +141,7 @@ class QuantizedTensor:
 
     @property
     def nblocks(self) -> int:
-        return -(-self.numel // self.blocksize)
+        return nblocks(self.numel, self.blocksize)
 
     def quant_state_dict(self) -> dict[str, Any]:
         """The non-tensor fields, in the key order bitsandbytes writes them."""
@@ -101,6 +176,12 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict("w").values())
 
+    @property
+    def core_nbytes(self) -> int:
+        """The bytes bits-per-parameter counts (:func:`core_nbytes`)."""
+        held = {"": self.packed, "absmax": self.absmax, "nested_absmax": self.nested_absmax}
+        return core_nbytes({s: t.numel() * t.element_size() for s, t in held.items() if t is not None}, self.double_quant)
+
     @classmethod
     def from_state_dict(cls, name: str, tensors: Mapping[str, torch.Tensor], where: str = "") -> "QuantizedTensor":
         """Rebuild from safetensors entries, validating every field (spec section 9).
@@ -120,28 +201,26 @@ class QuantizedTensor:
         if qs_keys[0].rsplit("__", 1)[1] != qs["quant_type"]:
             raise FormatError(f"{loc}tensor {name!r}: key {qs_keys[0]!r} disagrees with quant_type {qs['quant_type']!r}")
 
+        shape = tuple(qs["shape"])
+        nested = "nested_offset" in qs
+        expected = entries(math.prod(shape), qs["blocksize"], nested)
+
         def need(suffix: str) -> torch.Tensor:
-            key = f"{name}.{suffix}" if suffix else name
+            """The entry ``suffix``, present and of the dtype and shape of the layout table."""
+            key = entry_key(name, suffix)
             if key not in tensors:
                 raise FormatError(f"{loc}tensor {name!r}: missing entry {key!r}")
-            return tensors[key]
-
-        def check(t: torch.Tensor, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-            if t.dtype != dtype or tuple(t.shape) != shape:
+            t = tensors[key]
+            dtype, want = expected[suffix]
+            if t.dtype != dtype or tuple(t.shape) != want:
                 raise FormatError(
-                    f"{loc}{key!r}: expected {dtype_name(dtype)} {list(shape)}, got {dtype_name(t.dtype)} {list(t.shape)}"
+                    f"{loc}{key!r}: expected {dtype_name(dtype)} {list(want)}, got {dtype_name(t.dtype)} {list(t.shape)}"
                 )
+            return t
 
-        shape = tuple(qs["shape"])
-        n = math.prod(shape)
-        nblocks = -(-n // qs["blocksize"])
         packed = need("")
-        check(packed, name, torch.uint8, ((n + 1) // 2, 1))
-        nested = "nested_offset" in qs
         absmax = need("absmax")
-        check(absmax, f"{name}.absmax", torch.uint8 if nested else torch.float32, (nblocks,))
         quant_map = need("quant_map")
-        check(quant_map, f"{name}.quant_map", torch.float32, (16,))
         if not torch.equal(quant_map.cpu(), codebook(qs["quant_type"])):
             raise FormatError(
                 f"{loc}{name}.quant_map is not the standard {qs['quant_type']} codebook",
@@ -150,16 +229,14 @@ class QuantizedTensor:
         kw: dict[str, Any] = {}
         if nested:
             nested_absmax = need("nested_absmax")
-            check(nested_absmax, f"{name}.nested_absmax", torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
             nested_map = need("nested_quant_map")
-            check(nested_map, f"{name}.nested_quant_map", torch.float32, (256,))
             if not torch.equal(nested_map.cpu(), dynamic_map()):
                 raise FormatError(f"{loc}{name}.nested_quant_map is not the standard 8-bit dynamic map")
             if not torch.isfinite(nested_absmax).all():
                 raise FormatError(f"{loc}{name}.nested_absmax holds NaN or Inf")
             kw = dict(nested_absmax=nested_absmax, nested_quant_map=nested_map, nested_offset=qs["nested_offset"])
         else:
-            extra = [f"{name}.{x}" for x in ("nested_absmax", "nested_quant_map") if f"{name}.{x}" in tensors]
+            extra = [entry_key(name, x) for x in SUFFIXES if x not in expected and entry_key(name, x) in tensors]
             if extra:
                 raise FormatError(f"{loc}tensor {name!r}: {extra[0]!r} is present but the quant-state has no nested_* fields")
             if not torch.isfinite(absmax).all():

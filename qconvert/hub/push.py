@@ -41,7 +41,7 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(f"{folder}: no such folder")
     kind = folder_kind(folder)
     if kind == "adapter":
-        from ..export.adapter import read_adapter_config, read_lora_weights
+        from ..adapters import read_adapter_config, read_lora_weights
 
         cfg = read_adapter_config(folder)
         read_lora_weights(folder, cfg)  # a damaged or half-written adapter is not published

@@ -20,7 +20,7 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
     p = Path(path_or_repo_id)
     if p.exists():
         return p, None
-    from ..hub.download import hub_errors, looks_like_repo_id
+    from .hub import hub_errors, looks_like_repo_id
 
     rid = str(path_or_repo_id)
     if not looks_like_repo_id(rid):
@@ -35,7 +35,7 @@ def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool
     """A local folder / file, or a Hub repo id (``org/name``) whose shards are fetched into
     ``workdir`` as they are read (and kept there when ``keep``)."""
     from ..format.checkpoint import Checkpoint
-    from ..hub.download import HubCheckpoint, looks_like_repo_id
+    from .hub import HubCheckpoint, looks_like_repo_id
 
     if os.path.exists(source):
         if revision:

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..format.layout import entries
 from . import impl
 
 __all__ = ["dequantize_4bit", "matmul_4bit", "quantize", "quantize_4bit", "stand_in", "weight_args"]
@@ -88,17 +89,14 @@ def _(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offs
 
 @torch.library.register_fake("qconvert::quantize_4bit", lib=_LIB)
 def _(x, quant_type, blocksize, double_quant, name, workers=0):
-    n = x.numel()
-    nblocks = -(-n // blocksize)
-    f32 = {"dtype": torch.float32}
-    return (
-        x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
-        x.new_empty((nblocks,), dtype=torch.uint8 if double_quant else torch.float32),
-        x.new_empty((16,), **f32),
-        x.new_empty((-(-nblocks // impl.NESTED_BLOCKSIZE) if double_quant else 0,), **f32),
-        x.new_empty((256 if double_quant else 0,), **f32),
-        x.new_empty((), **f32),
-    )
+    spec = entries(x.numel(), blocksize, double_quant)  # the layout's table; nested entries are empty without double quant
+    none = (torch.float32, (0,))
+
+    def empty(suffix: str) -> torch.Tensor:
+        dtype, shape = spec.get(suffix, none)
+        return x.new_empty(shape, dtype=dtype)
+
+    return (*(empty(s) for s in ("", "absmax", "quant_map", "nested_absmax", "nested_quant_map")), x.new_empty((), dtype=torch.float32))
 
 
 def _matmul_setup_context(ctx, inputs, output):

@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..format.constants import quantize_midpoints
+from ..format.constants import ceil_div, quantize_midpoints
 from ..format.layout import QuantizedTensor
 from .reference import _TINY, absmax_blocks, assemble, check_quantizable, pack_nibbles, pack_scaled
 
@@ -183,8 +183,8 @@ def mean_in_torch_order(x: torch.Tensor, threads: int) -> torch.Tensor:
     min(threads, ceil(n / grain)) equal contiguous parts, sums each serially, adds the partial sums
     in order and divides by n. tests/test_threads.py checks this against torch at 1 to 4 threads."""
     n = x.numel()
-    parts = 1 if n < _REDUCE_GRAIN else min(threads, -(-n // _REDUCE_GRAIN))
-    size = max(1, -(-n // parts))
+    parts = 1 if n < _REDUCE_GRAIN else min(threads, ceil_div(n, _REDUCE_GRAIN))
+    size = max(1, ceil_div(n, parts))
     with torch_threads(1):
         total = x[:size].sum()
         for start in range(size, n, size):
@@ -291,7 +291,7 @@ def quantize_4bit_fast(
     full = n - n % blocksize
     search = binner(quant_type)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    absmax = torch.empty(ceil_div(n, blocksize), dtype=torch.float32)
     # whole blocks, chunk by chunk (a chunk is a whole number of blocks, so an even count)
     step = max(blocksize, CHUNK - CHUNK % blocksize)
 

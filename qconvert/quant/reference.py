@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import QuantizationError
-from ..format.constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_midpoints
-from ..format.layout import QuantizedTensor, decoded_scales
+from ..format.constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_midpoints
+from ..format.layout import QuantizedTensor, decoded_scales, nblocks as count_blocks
 
 _TINY = 1e-38  # divisor floor, as a float32
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_quantizable(
@@ -140,7 +139,7 @@ def quantize_8bit_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     block whose absmax is 0 stores absmax 0 and codes 0.
     """
     n = x.numel()
-    nblocks = -(-n // blocksize)
+    nblocks = count_blocks(n, blocksize)
     padded = torch.cat([x, x.new_zeros(nblocks * blocksize - n)]).view(nblocks, blocksize)
     absmax = padded.abs().amax(dim=1)
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)

@@ -196,7 +196,7 @@ def _hub_records(repo_id: str, split: str | None, config: str | None, revision: 
     """A Hub dataset: the repo's data files downloaded with huggingface_hub, read as a local folder."""
     from huggingface_hub import snapshot_download
 
-    from ..hub.download import hub_errors
+    from ..io.hub import hub_errors
 
     with hub_errors(repo_id, revision):
         local = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_PATTERNS)

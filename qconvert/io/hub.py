@@ -1,0 +1,261 @@
+"""Reading a Hub repo: a repo id fetched with huggingface_hub, shard by shard.
+
+For a Hub repo the small files (config, tokenizer, index...) are downloaded at once and the weight
+shards one at a time, on demand, by :class:`HubCheckpoint`; the next shard downloads in a background
+thread while the current one is converted. Shards that were already in the user's Hugging Face cache
+are used in place and never deleted; shards downloaded for this run go to a private folder and are
+deleted once consumed, unless the caller keeps them. Every huggingface_hub failure becomes a
+:class:`qconvert.errors.SourceError` that says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import SourceError
+from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint, check_member_name, is_companion_file, is_weight_file, raise_memory_error
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one clear SourceError."""
+    from huggingface_hub import errors as E
+
+    rev = f" at revision {revision!r}" if revision else ""
+    try:
+        yield
+    except E.GatedRepoError:
+        raise SourceError(
+            f"{repo_id}: this repository is gated and your token has no access",
+            hint="accept its terms on the Hub, then set HF_TOKEN to a token of that account",
+        ) from None
+    except E.RevisionNotFoundError:
+        raise SourceError(f"{repo_id}: revision {revision!r} not found", hint="check the branch, tag or commit sha") from None
+    except E.EntryNotFoundError as e:
+        raise SourceError(f"{repo_id}{rev}: file not found in the repository ({e})") from None
+    except E.RepositoryNotFoundError:
+        raise SourceError(
+            f"{repo_id}: repository not found (or private and your token has no access)",
+            hint="check the repo id; for a private repo set HF_TOKEN",
+        ) from None
+    except E.OfflineModeIsEnabled:
+        raise SourceError(f"{repo_id}{rev}: offline mode is on (HF_HUB_OFFLINE) and the files are not cached", hint="unset HF_HUB_OFFLINE or download first") from None
+    except E.LocalEntryNotFoundError:
+        raise SourceError(
+            f"{repo_id}{rev}: not in the local cache and the Hub cannot be reached",
+            hint="check the network or HF_ENDPOINT, or unset HF_HUB_OFFLINE",
+        ) from None
+    except E.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise SourceError(f"{repo_id}: the Hub refused access (HTTP {status})", hint="set HF_TOKEN to a valid token with read access") from None
+        raise SourceError(f"{repo_id}{rev}: the Hub answered with an error ({e})", hint="try again; HF_ENDPOINT points at " + _endpoint()) from None
+    except Exception as e:
+        if isinstance(e, SourceError) or not is_network_error(e):
+            raise
+        raise SourceError(f"{repo_id}{rev}: cannot reach the Hub ({type(e).__name__}: {e})", hint="check the network or HF_ENDPOINT") from None
+
+
+def is_network_error(e: BaseException) -> bool:
+    """A transport failure from the HTTP stack under huggingface_hub (connection refused, timeout...)."""
+    if isinstance(e, (OSError, ConnectionError, TimeoutError)):
+        return True
+    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def looks_like_repo_id(source: str) -> bool:
+    return bool(REPO_ID.match(source)) and not os.path.exists(source)
+
+
+class HubCheckpoint(Checkpoint):
+    """A Hub model's checkpoint, read from safetensors headers fetched over HTTP, with shards
+    downloaded one at a time. Same reading interface as :class:`Checkpoint`."""
+
+    def __init__(self, repo_id: str, revision: str | None, workdir: Path, keep: bool = False):
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        self.repo_id = repo_id
+        self.keep = keep
+        self.streaming = False
+        self._download = hf_hub_download
+        self.path = self.root = Path(workdir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.is_bin = False
+        self._handles = {}
+        self._bin_cache = None
+        self._local: dict[str, Path] = {}
+        self._owned: set[str] = set()
+        self._threads: dict[str, threading.Thread] = {}
+        self._errors: dict[str, BaseException] = {}
+        offline = _offline()
+        with hub_errors(repo_id, revision):
+            if offline:
+                from huggingface_hub import snapshot_download
+
+                snap = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+                self.sha = snap.name
+                files = [str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()]
+            else:
+                info = _model_info(repo_id, revision)
+                self.sha = info.sha
+                files = [s.rfilename for s in info.siblings or []]
+        self.revision = self.sha
+        self.repo_files = sorted(files)
+        weights = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+        if not weights:
+            raise SourceError(f"{repo_id}: no .safetensors weights in the repository", hint="qconvert reads safetensors from the Hub")
+        self.weight_map = {}
+        self._infos: dict[str, tuple] = {}
+        with hub_errors(repo_id, self.sha):
+            if offline:
+                for f in weights:
+                    p = Path(snap) / f
+                    self._local[f] = p
+                    ck = Checkpoint(p)
+                    for k in ck.keys():
+                        self.weight_map[k] = f
+                        self._infos[k] = (ck.dtype_name(k), ck.info(k)[1])
+            else:
+                meta = get_safetensors_metadata(repo_id, revision=self.sha)
+                for f, fm in meta.files_metadata.items():
+                    check_member_name(f, f"{repo_id}: weight_map")
+                    for k, ti in fm.tensors.items():
+                        self.weight_map[k] = f
+                        self._infos[k] = (ti.dtype, tuple(ti.shape))
+                self.weight_map = {k: meta.weight_map[k] for k in meta.weight_map} if meta.weight_map else self.weight_map
+        for f in self.repo_files:  # small files now: config.json for the plan, the companions to copy
+            if f == "config.json" or is_companion_file(f):
+                with hub_errors(repo_id, self.sha):
+                    self._local[f] = Path(self._download(repo_id, f, revision=self.sha))
+
+    # dtype and shape come from the headers read at start: planning downloads no shard
+    def info(self, name: str):
+        raw, shape = self._infos[name]
+        if raw not in SAFETENSORS_DTYPES:
+            raise SourceError(f"{self.repo_id}: tensor {name!r} has dtype {raw}, which qconvert cannot read")
+        return SAFETENSORS_DTYPES[raw], shape
+
+    def dtype_name(self, name: str) -> str:
+        return self._infos[name][0]
+
+    def config_dir(self) -> Path:
+        if "config.json" not in self._local:
+            raise SourceError(f"{self.repo_id}: no config.json in the repository")
+        return self._local["config.json"].parent
+
+    def extra_files(self):
+        for f in sorted(self._local):
+            if not is_weight_file(f) and not f.startswith("."):
+                yield f, self._local[f]
+
+    # -------------------------------------------------------------- shards
+    def prefetch(self, file: str) -> None:
+        if file in self._local or file in self._threads:
+            return
+        t = threading.Thread(target=self._fetch, args=(file,), daemon=True)
+        self._threads[file] = t
+        t.start()
+
+    def _fetch(self, file: str) -> None:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(self.repo_id, file, revision=self.sha)
+            if isinstance(cached, str) and not self.keep:
+                self._local[file] = Path(cached)  # the user's cache: use in place, never delete
+                return
+            with hub_errors(self.repo_id, self.sha):
+                if self.keep:
+                    p = Path(self._download(self.repo_id, file, revision=self.sha))
+                else:
+                    p = Path(self._download(self.repo_id, file, revision=self.sha, local_dir=self.root / "shards"))
+                    self._owned.add(file)
+            self._local[file] = p
+        except BaseException as e:  # re-raised in the converting thread by ensure()
+            self._errors[file] = e
+
+    def ensure(self, file: str) -> Path:
+        self.prefetch(file)
+        t = self._threads.get(file)
+        if t is not None:
+            t.join()
+        if file in self._errors:
+            raise self._errors.pop(file)
+        return self._local[file]
+
+    def _open(self, name: str):
+        h = self._handles.get(name)
+        if h is None:
+            from safetensors import safe_open
+
+            p = self.ensure(name)
+            try:
+                h = safe_open(str(p), framework="pt")
+            except Exception as e:
+                raise_memory_error(e, p)
+                raise SourceError(f"{self.repo_id}/{name}: downloaded shard is not readable ({e})", hint="delete it from the cache and re-run") from None
+            self._handles[name] = h
+        return h
+
+    def release(self, file: str) -> None:
+        """Done with a shard: close it, and delete it if this run downloaded it privately."""
+        self._handles.pop(file, None)
+        if file in self._owned and not self.keep:
+            p = self._local.pop(file, None)
+            if p is not None:
+                p.unlink(missing_ok=True)
+
+    def cleanup(self) -> None:
+        for t in self._threads.values():
+            t.join()
+        if not self.keep:
+            shutil.rmtree(self.root / "shards", ignore_errors=True)
+
+
+def _model_info(repo_id: str, revision: str | None):
+    """model_info, telling a missing revision from a missing repo even where a server answers both
+    with 404 'repository not found' (olah does, offline): if the repo resolves without the revision,
+    it is the revision that is missing."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as E
+
+    api = HfApi()
+    try:
+        return api.model_info(repo_id, revision=revision)
+    except E.GatedRepoError:
+        raise
+    except E.RepositoryNotFoundError:
+        if revision is None:
+            raise
+        try:
+            api.model_info(repo_id)
+        except Exception:
+            raise E.RepositoryNotFoundError(f"{repo_id} not found") from None
+        raise SourceError(f"{repo_id}: revision {revision!r} not found", hint="check the branch, tag or commit sha") from None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def open_source(source: str, revision: str | None, workdir: Path, keep: bool = False) -> Checkpoint:
+    """A local folder / file, or a Hub repo id (``org/name``): see :func:`qconvert.io.source.open_checkpoint`."""
+    from .source import open_checkpoint
+
+    return open_checkpoint(source, revision, workdir, keep=keep)

@@ -1,0 +1,29 @@
+"""The named tolerances of the test-suite, one per kind of claim (tests/README.md explains each).
+
+Bit-exact claims (codes, bytes, file contents, quant-state JSON, dequantized values against the
+reference) use equality and have no constant here. Timing is never asserted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: float32 math against a float32 reference that computes the same thing in another order (another
+#: kernel, a merged against an unmerged weight, another library): relative error, ||a - b|| / ||b||
+#: for tensors, |a - b| / |b| for a loss.
+FLOAT32_REL = 1e-5
+#: float32 results that differ only in summation order inside one op (a gradient by autograd against
+#: one by hand, the same loss printed twice): relative.
+FLOAT32_SAME_MATH_REL = 1e-6
+#: gradients and trained weights after backward through a whole model in float32: relative.
+GRAD_REL = 1e-4
+#: a loss curve (or a trained model's loss) across process counts, or across backends that train
+#: the same model: relative, per logged step.
+LOSS_ACROSS_RUNS_REL = 1e-4
+#: bfloat16 compute against a float32 reference (8 bits of mantissa): relative.
+BF16_REL = 1e-2
+#: a figure reported by qconvert and recomputed by the test from the same float64 numbers.
+REPORTED_FIGURE_REL = 1e-12
+#: the fused small-batch matmul (Triton kernel or torch op) against the float64 reference, by the
+#: dtype of its input: the output is rounded to that dtype once; accumulation order differs.
+GEMV_REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
