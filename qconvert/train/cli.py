@@ -51,6 +51,8 @@ from ..runtime_cli import BACKENDS
 @click.option("--logging-steps", type=int, default=1, show_default=True, help="Metrics row (and, off a terminal, a log line) every N steps.")
 @click.option("--eval-steps", type=int, help="Evaluate every N steps (0: only at the end) [default: at each checkpoint and at the end].")
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, help="Resume from the latest checkpoint, or from PATH.")
+@click.option("--fsdp", is_flag=True, help="Shard the 4-bit base, adapter, gradients and optimizer state across the torchrun processes (FSDP2).")
+@click.option("--fsdp-offload", is_flag=True, help="With --fsdp: keep the shards in host memory, copying one block at a time to the device.")
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True)
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub id.")
 @click.option("--stop-after", type=int, hidden=True, help="Save a checkpoint and stop after N steps of this run (as Ctrl-C does).")

@@ -50,6 +50,8 @@ KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "logging_steps": ("logging_steps", ()),
     "eval_steps": ("eval_steps", ()),
     "backend": ("backend", ()),
+    "fsdp": ("fsdp", ()),
+    "fsdp_offload": ("fsdp_offload", ("fsdp_offload_params", "offload_params")),
     "push_to": ("hub_model_id", ("push_to_hub",)),
     "resume": ("resume_from_checkpoint", ("resume",)),
     "overwrite": ("overwrite_output_dir", ("overwrite",)),
