@@ -143,10 +143,13 @@ def full_adapter(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _options():
+def _options(strict: bool = True):
+    """Only the trainable tensors (the frozen base is read from the model folder). Loading is not
+    strict because the model's frozen tensors are absent from the checkpoint on purpose; a LoRA
+    tensor missing from it still fails, in dcp.load."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def save_sharded(model, optimizer, folder: Path) -> None:
@@ -168,7 +171,7 @@ def load_sharded(model, optimizer, folder: Path) -> None:
     msd, osd = get_state_dict(model, optimizer, options=_options())
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(folder / SHARDED))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(strict=False))
 
 
 def _mb(n: float) -> str:
