@@ -179,7 +179,7 @@ def _mb(n: float) -> str:
 
 
 def memory_estimate(model, *, world: int, fsdp: bool, offload: bool, optim: str, batch_size: int, max_length: int,
-                    checkpointing: bool) -> str:
+                    checkpointing: bool, device_type: str = "cuda") -> str:
     """One start line: what a process will hold (before sharding is applied), by part. Activations are
     a rough figure: with gradient checkpointing, each block's input kept plus one block's working set."""
     base = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
@@ -200,15 +200,14 @@ def memory_estimate(model, *, world: int, fsdp: bool, offload: bool, optim: str,
     share = world if fsdp else 1
     held = (base + 2 * adapter + optim_bytes) / share
     gathered = 2 * max(per_block)  # the block computed and the next one prefetched
-    where = "host" if offload else "device"
-    total = (gathered + acts) if offload else held + gathered + acts
+    on_device = (gathered + acts) if offload else held + gathered + acts
     mode = f"FSDP over {world}" if fsdp else (f"DDP, {world} full copies" if world > 1 else "1 process")
     text = (f"memory estimate per process ({mode}): 4-bit base {_mb(base / share)}"
             + (f" (1/{world} of {_mb(base)})" if fsdp and world > 1 else "")
             + f", adapter + gradients {_mb(2 * adapter / share)}, optimizer {_mb(optim_bytes / share)}")
     if fsdp:
         text += f", 2 gathered blocks {_mb(gathered)}"
-    text += f", activations ~{_mb(acts)} (batch {batch_size} x {max_length} tokens); ~{_mb(total)} on the {where if not offload else 'device'}"
+    text += f", activations ~{_mb(acts)} (batch {batch_size} x {max_length} tokens at most); ~{_mb(on_device)} on {device_type}"
     if offload:
         text += f" + {_mb(held)} in host memory (offloaded)"
     return text

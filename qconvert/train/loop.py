@@ -242,7 +242,7 @@ class _Run:
         if self.fsdp:
             self.memory_line = fs.memory_estimate(self.model, world=self.world, fsdp=True, offload=o.get("fsdp_offload", False),
                                                   optim=o["optim"], batch_size=o["batch_size"], max_length=o["max_length"],
-                                                  checkpointing=o["gradient_checkpointing"])
+                                                  checkpointing=o["gradient_checkpointing"], device_type=self.device.type)
             fs.shard(self.model, self.world, self.device, o.get("fsdp_offload", False))
             mine, whole = fs.local_bytes(self.model)
             self.memory_line += f"\nFSDP: this process holds {mine:,} of the frozen base's {whole:,} bytes"
