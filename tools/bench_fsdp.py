@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps: checks that every mode runs")
     p.add_argument("--json", default="bench_fsdp.json")
+    p.add_argument("--keep", metavar="DIR", help="build the model and data in DIR (reused when already there) instead of a temporary folder")
     a = p.parse_args()
     import torch
 
@@ -105,10 +106,17 @@ def main() -> None:
     print(f"device: {a.nproc} x {name}; model hidden {a.hidden}, intermediate {a.inter}, {a.layers} layers, vocab {a.vocab}; "
           f"batch {a.batch} x {a.seq_len} tokens per process", flush=True)
     with tempfile.TemporaryDirectory() as t:
-        tmp = Path(t)
-        model, data = build(tmp, a)
+        tmp = Path(a.keep or t)
+        if a.keep and (tmp / "q" / "config.json").is_file() and (tmp / "data.jsonl").is_file():
+            model, data = tmp / "q", tmp / "data.jsonl"
+        else:
+            tmp.mkdir(parents=True, exist_ok=True)
+            model, data = build(tmp, a)
         results = []
         for mode in a.modes.split(","):
+            import shutil
+
+            shutil.rmtree(tmp / mode, ignore_errors=True)
             res = run_mode(mode, model, data, tmp / mode, a)
             results.append(res)
             if "error" in res:

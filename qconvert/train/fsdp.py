@@ -90,6 +90,16 @@ def blocks(model) -> list[torch.nn.Module]:
     return found
 
 
+def _ends(model) -> list[torch.nn.Module]:
+    """The input embedding and the output head as units of their own (gathered only around their own
+    forward and backward, not for the whole step as the root unit is), unless they share a weight."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if emb is None or head is None or head.weight is emb.weight:
+        return []
+    return [emb, head]
+
+
 def shard(model, world: int, device: torch.device, offload: bool) -> None:
     """fully_shard each block, then the whole model; gradients summed (not averaged) across processes.
     ``offload``: sharded parameters, gradients and optimizer state stay in (pinned) host memory and
@@ -100,8 +110,8 @@ def shard(model, world: int, device: torch.device, offload: bool) -> None:
     mesh = init_device_mesh(device.type, (world,))
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     scales_to_parameters(model)
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, offload_policy=policy)
+    for unit in [*blocks(model), *_ends(model)]:
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
     fully_shard(model, mesh=mesh, offload_policy=policy)
     for m in model.modules():
         if isinstance(m, FSDPModule):
