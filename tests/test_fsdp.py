@@ -154,3 +154,8 @@ def test_config_file_keys(tmp_path):
     assert read_config(tmp_path / "a.yaml") == {"fsdp": True, "fsdp_offload": True}
     r = subprocess.run([*QCONVERT, "train", "--help"], capture_output=True, text=True)
     assert "--fsdp" in r.stdout and "--fsdp-offload" in r.stdout
+
+
+def test_offload_without_fsdp_is_refused(qmodel, tmp_path):
+    r = train(qmodel, memorize_set(tmp_path), tmp_path / "o", "--fsdp-offload", ok=False)
+    assert r.returncode == 1 and "qconvert: error: --fsdp-offload without --fsdp" in r.stderr and "hint: add --fsdp" in r.stderr, r.stderr

@@ -168,6 +168,8 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     from ..loader import resolve_model_path
     from . import fsdp as fs
 
+    if o.get("fsdp_offload") and not o.get("fsdp"):
+        raise OptionError("--fsdp-offload without --fsdp", hint="add --fsdp (offload moves FSDP's shards to host memory)")
     random.seed(o["seed"])
     torch.manual_seed(o["seed"])
     root, repo_id = resolve_model_path(model, o["revision"])
@@ -247,7 +249,12 @@ class _Run:
             mine, whole = fs.local_bytes(self.model)
             self.memory_line += f"\nFSDP: this process holds {mine:,} of the frozen base's {whole:,} bytes"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, self.optim_used = make_optimizer(o["optim"], self.params, o["lr"], self.device, self.say)
+        optim = o["optim"]
+        if self.fsdp and optim != "adamw" and self.device.type == "cuda":
+            self.say(f"note: {optim} (bitsandbytes) does not take FSDP's sharded DTensor parameters (bitsandbytes issue #1633); "
+                     f"using torch AdamW, its state sharded with the parameters")
+            optim = "adamw"
+        self.optimizer, self.optim_used = make_optimizer(optim, self.params, o["lr"], self.device, self.say)
 
     def resume(self, ckpt_dir: Path, st: dict) -> None:
         from peft import set_peft_model_state_dict
