@@ -1,8 +1,8 @@
 """FSDP-QLoRA: `qconvert train --fsdp` shards the frozen 4-bit base and the adapter with PyTorch FSDP2.
 
-Each transformer block (the model's ``_no_split_modules`` classes) and then the whole model become
-``torch.distributed.fsdp.fully_shard`` units over a 1-D device mesh of all processes. Every
-parameter of a unit is a DTensor sharded along dim 0: the packed 4-bit codes (``weight``, uint8),
+Each transformer block (the model's ``_no_split_modules`` classes), the input embedding and the
+output head (unless tied), and then the whole model become ``torch.distributed.fsdp.fully_shard``
+units over a 1-D device mesh of all processes. Every parameter of a unit is a DTensor sharded along dim 0: the packed 4-bit codes (``weight``, uint8),
 the block scales (``absmax``, and ``nested_absmax`` under double quantization, turned from buffers
 into frozen Parameters by :func:`scales_to_parameters` so that FSDP shards them too), the
 unquantized tensors (norms, embeddings, head) and the LoRA weights, whose gradients are
@@ -17,8 +17,9 @@ divide factor to 1.
 
 Loading: the model is first built by :func:`qconvert.load_model` on the CPU, whose tensors are
 zero-copy views of the memory-mapped safetensors files; ``fully_shard`` copies each process's own
-rows out of them (moving them to the GPU when the mesh is on CUDA), so a process reads and keeps
-only its share of the pages (measured in the README).
+rows out of them (moving them to the GPU when the mesh is on CUDA), so a process reads only its
+share of the file's pages (the reader's checks also read every block-scale table, about 1/32 of
+the codes' bytes) and keeps only its shard once the views are dropped (measured in the README).
 
 Checkpoints (:func:`save_sharded`, :func:`load_sharded`): ``checkpoint-N/sharded/`` holds the LoRA
 weights and the optimizer state as torch.distributed.checkpoint writes them, one file per process,
