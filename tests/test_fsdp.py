@@ -124,6 +124,7 @@ def test_checkpoint_of_one_process_resumes_on_two(qmodel, tmp_path):
     assert_close_adapters(adapter(tmp_path / "two"), adapter(tmp_path / "mixed"))
 
 
+@pytest.mark.slow
 def test_fsdp_over_one_process_matches_the_plain_run_and_offload_too(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     common = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 2, "--lora-r", 4, "--lora-dropout", 0.0, "--lr", "1e-3",
@@ -135,6 +136,7 @@ def test_fsdp_over_one_process_matches_the_plain_run_and_offload_too(qmodel, tmp
     assert_close_adapters(adapter(tmp_path / "plain"), adapter(tmp_path / "fsdp"))
 
 
+@pytest.mark.slow
 def test_checkpoints_do_not_cross_between_fsdp_and_plain_runs(qmodel, tmp_path):
     data = memorize_set(tmp_path)
     common = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 4, "--optim", "adamw"]
