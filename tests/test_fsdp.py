@@ -61,11 +61,14 @@ def assert_same_curve(one: list[dict], two: list[dict]) -> None:
 @pytest.mark.slow
 def test_two_fsdp_processes_match_one_process(qmodel, tmp_path):
     data = memorize_set(tmp_path)
-    common = ["--max-steps", 4, "--grad-accum", 2, "--lora-r", 4, "--lora-dropout", 0.0, "--lr", "1e-3", "--optim", "adamw"]
-    train(qmodel, data, tmp_path / "one", *common, "--batch-size", 2)
-    r = train_fsdp(2, qmodel, data, tmp_path / "two", *common, "--batch-size", 1)
+    common = ["--max-steps", 4, "--grad-accum", 2, "--lora-r", 4, "--lora-dropout", 0.0, "--lr", "1e-3", "--optim", "adamw",
+              "--eval-split", 0.25, "--eval-steps", 2]
+    train(qmodel, data, tmp_path / "one", *common, "--batch-size", 1, "--grad-accum", 4)
+    r = train_fsdp(2, qmodel, data, tmp_path / "two", *common, "--batch-size", 1)  # accumulation: one reduce-scatter per step
     assert "memory estimate per process (FSDP over 2)" in r.stderr and "FSDP: this process holds" in r.stderr
     assert_same_curve(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+    evals = [[m["eval_loss"] for m in metrics(tmp_path / d) if "eval_loss" in m] for d in ("one", "two")]
+    assert len(evals[0]) == 2 and all(abs(a - b) < TOL * a for a, b in zip(*evals)), evals  # every process evaluates under FSDP
     assert_close_adapters(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
     # the final adapter is PEFT's, laid out as one process writes it (target_modules is a set: its order varies)
     a, b = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("one", "two"))
