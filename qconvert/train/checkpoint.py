@@ -163,3 +163,47 @@ def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | 
         for old in checkpoints(out)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _gather_rng(world: int):
+    rng = rng_state()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rng = gathered
+    return rng
+
+
+def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | None, rank: int, world: int,
+                         signature: dict) -> Path | None:
+    """checkpoint-N of an FSDP run (every process calls it): the LoRA and optimizer shards in
+    ``sharded/`` (torch.distributed.checkpoint, see fsdp.py), the gathered adapter in PEFT format
+    and trainer_state.pt without the optimizer (rank 0). Published by one rename when complete."""
+    import torch.distributed as dist
+
+    from . import fsdp
+
+    rng = [rng_state()] if world == 1 else _gather_rng(world)
+    adapter = fsdp.full_adapter(model)
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    fsdp.save_sharded(model, optimizer, tmp)
+    dist.barrier()
+    if rank != 0:
+        return None
+    model.save_pretrained(tmp, state_dict=adapter)
+    state = {"version": STATE_VERSION, "scheduler": sched.state_dict(), "step": step, "rng": rng, "run": signature,
+             "fsdp_world": world}
+    torch.save(state, tmp / STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if limit:
+        for old in checkpoints(out)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final

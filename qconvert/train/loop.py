@@ -24,15 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import DataError, FormatError, OptionError
+from ..errors import DataError, FormatError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
-from .data import FORMATS, TRUNCATION, DataReport, build_examples, collate, load_records, pack
-from .options import check_options, check_target_modules, split_modules
+from .data import DataReport, build_examples, collate, load_records, pack
+from .options import check_target_modules
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
+from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
-SCHEDULERS = ("constant", "cosine", "linear")
 AUTO_SAVE_MIN_STEPS = 50
 
 
@@ -104,8 +103,6 @@ def train(
     each option, its default and its range are described there. Every value is checked before
     anything is loaded (OptionError).
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
-    from .settings import TrainConfig
-
     cfg = TrainConfig.of(config, options)
     cfg.check()
     options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
@@ -130,154 +127,264 @@ def train(
 
 
 def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from transformers import AutoTokenizer
-
-    from ..loader import load_model, resolve_model_path
-    from .config import resolved_config, write_config
+    from ..loader import resolve_model_path
+    from . import fsdp as fs
 
     random.seed(o["seed"])
     torch.manual_seed(o["seed"])
     root, repo_id = resolve_model_path(model, o["revision"])
     check_causal_lm(root)
-    try:
-        tok = AutoTokenizer.from_pretrained(root)
-    except Exception as e:  # transformers raises several types for a missing or broken tokenizer
-        raise DataError(f"{root}: no usable tokenizer ({type(e).__name__})", hint="copy the tokenizer files into the model folder") from None
+    tok = _tokenizer(root)
     examples, eval_examples, reports = read_data(data, tok, o)
     ckpt_dir = find_resume(out, o["resume"])
     st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    base = load_model(root, device=device, backend=o["backend"])  # a non-4-bit model is refused there, with a hint
-    check_target_modules(base, targets)
-    base.config.use_cache = False  # no KV cache while training (and no notice about it)
-    if o["gradient_checkpointing"]:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    cfg = LoraConfig(r=o["lora_r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"], task_type="CAUSAL_LM",
-                     target_modules=targets or "all-linear")
-    torch.manual_seed(o["seed"])
-    peft_model = get_peft_model(base, cfg)
-    signature = run_signature(config_identity(root), peft_model.peft_config["default"])
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer, optim_used = make_optimizer(o["optim"], params, o["lr"], device, say)
-    plan = make_plan(examples, eval_examples, o, world)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o["lr_scheduler"], plan.warmup_steps, plan.total_steps))
-    step = 0
-    if ckpt_dir is not None:
+    device = fs.local_rank_device()
+    made_group = fs.ensure_group(world, device) if o.get("fsdp") else False
+    try:
+        r = _Run(o, out, rank, world, device, say)
+        r.setup_model(root, targets)
+        r.plan = make_plan(examples, eval_examples, o, world)
+        r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o["lr_scheduler"], r.plan.warmup_steps, r.plan.total_steps))
+        if ckpt_dir is not None:
+            r.resume(ckpt_dir, st)
+        r.prepare_outputs(model, data, ckpt_dir)
+        r.report_start(reports, targets)
+        r.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        result = r.run(examples, eval_examples, progress)
+        if result.get("interrupted"):
+            return result
+        r.finish(base_model_id(model, repo_id), len(examples))
+        return result
+    finally:
+        fs.end_group(made_group)
+
+
+def _tokenizer(root: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(root)
+    except Exception as e:  # transformers raises several types for a missing or broken tokenizer
+        raise DataError(f"{root}: no usable tokenizer ({type(e).__name__})", hint="copy the tokenizer files into the model folder") from None
+
+
+class _Run:
+    """One training run's state, from the loaded model to the final adapter (`_train` drives it)."""
+
+    def __init__(self, o: dict, out: Path, rank: int, world: int, device, say):
+        self.o, self.out, self.rank, self.world, self.device, self.say = o, out, rank, world, device, say
+        self.fsdp = bool(o.get("fsdp"))
+        self.step = 0
+        self.last_loss = self.last_eval = None
+        self.metrics_path = out / "metrics.jsonl"
+        self.show = say
+        self.memory_line = None
+
+    def setup_model(self, root: Path, targets) -> None:
+        """The 4-bit base, gradient checkpointing, LoRA, FSDP sharding (with --fsdp), the optimizer."""
+        from peft import LoraConfig, get_peft_model
+
+        from ..loader import load_model
+        from . import fsdp as fs
+
+        o = self.o
+        # with --fsdp the whole model is built on the CPU as views of the mapped files; sharding copies each process's rows
+        base = load_model(root, device=torch.device("cpu") if self.fsdp else self.device, backend=o["backend"])
+        check_target_modules(base, targets)
+        base.config.use_cache = False  # no KV cache while training (and no notice about it)
+        if o["gradient_checkpointing"]:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        self.cfg = LoraConfig(r=o["lora_r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"], task_type="CAUSAL_LM",
+                              target_modules=targets or "all-linear")
+        torch.manual_seed(o["seed"])
+        self.model = get_peft_model(base, self.cfg)
+        self.signature = run_signature(config_identity(root), self.model.peft_config["default"])
+        self.n_total = count_parameters(self.model)
+        if self.fsdp:
+            self.memory_line = fs.memory_estimate(self.model, world=self.world, fsdp=True, offload=o.get("fsdp_offload", False),
+                                                  optim=o["optim"], batch_size=o["batch_size"], max_length=o["max_length"],
+                                                  checkpointing=o["gradient_checkpointing"], device_type=self.device.type)
+            fs.shard(self.model, self.world, self.device, o.get("fsdp_offload", False))
+            mine, whole = fs.local_bytes(self.model)
+            self.memory_line += f"\nFSDP: this process holds {mine:,} of the frozen base's {whole:,} bytes"
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        optim = o["optim"]
+        if self.fsdp and optim != "adamw" and self.device.type == "cuda":
+            self.say(f"note: {optim} (bitsandbytes) does not take FSDP's sharded DTensor parameters (bitsandbytes issue #1633); "
+                     f"using torch AdamW, its state sharded with the parameters")
+            optim = "adamw"
+        self.optimizer, self.optim_used = make_optimizer(optim, self.params, o["lr"], self.device, self.say)
+
+    def resume(self, ckpt_dir: Path, st: dict) -> None:
+        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        check_compatible(ckpt_dir, st, signature)
-        set_peft_model_state_dict(peft_model, load_file(str(ckpt_dir / "adapter_model.safetensors")))
-        optimizer.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step = st["step"]
-        set_rng_state(st["rng"][rank] if isinstance(st["rng"], list) else st["rng"])
-        say(f"resumed from {ckpt_dir} at step {step}")
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt_dir is None and metrics_path.exists():
-            metrics_path.unlink()
-        write_config(out / "config.yaml", resolved_config(model, data, out, o))
-    n_trainable = sum(p.numel() for p in params)
-    n_total = count_parameters(peft_model)
-    for name, rep in reports.items():
-        for line in data_lines(name, rep, o["max_length"], o["truncation"]):
-            say(line)
-    lora_text = f"r {o['lora_r']}, alpha {o['lora_alpha']:g}, dropout {o['lora_dropout']:g} on {', '.join(targets) if targets else 'all linear layers'}"
-    save_text = _save_text(plan, out, o)
-    for line in start_lines(plan, trainable=n_trainable, total_params=n_total, lora=lora_text, optim=optim_used, lr=o["lr"],
-                            scheduler=o["lr_scheduler"], device=device, save_text=save_text):
-        say(line)
+        from . import fsdp as fs
 
-    stop = _StopSignals(world)
-    bar = None
-    terminal = rank == 0 and on_terminal(progress)
-    if terminal:
-        from tqdm.auto import tqdm
+        check_compatible(ckpt_dir, st, self.signature)
+        if self.fsdp:
+            fs.load_sharded(self.model, self.optimizer, ckpt_dir)
+            rng = st["rng"][self.rank % len(st["rng"])] if isinstance(st["rng"], list) else st["rng"]
+        else:
+            if "optimizer" not in st:
+                raise DataError(f"{ckpt_dir}: a checkpoint written with --fsdp", hint="resume it with --fsdp")
+            set_peft_model_state_dict(self.model, load_file(str(ckpt_dir / "adapter_model.safetensors")))
+            self.optimizer.load_state_dict(st["optimizer"])
+            rng = st["rng"][self.rank] if isinstance(st["rng"], list) else st["rng"]
+        self.sched.load_state_dict(st["scheduler"])
+        self.step = st["step"]
+        set_rng_state(rng)
+        self.say(f"resumed from {ckpt_dir} at step {self.step}")
 
-        bar = tqdm(total=plan.total_steps, initial=step, desc="train", dynamic_ncols=True)
-    show = bar.write if bar else say
-    tb = _tensorboard(out) if rank == 0 else None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    peft_model.train()
-    last_loss = last_eval = None
-    t_start = time.perf_counter()
-    ran = 0
-    saved: list[Path] = []
-    per_step = plan.effective_batch
-    try:
-        while step < plan.total_steps:
-            if stop.requested():
-                break
-            epoch, pos = divmod(step, plan.steps_per_epoch)
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(o["seed"] + epoch)).tolist()
-            chunk = [examples[i] for i in order[pos * per_step : (pos + 1) * per_step]]
-            t0 = time.perf_counter()
-            last_loss, tokens = _step(peft_model, chunk[rank::world], chunk, o["batch_size"], pad, device, params, world)
-            torch.nn.utils.clip_grad_norm_(params, o["max_grad_norm"])
-            optimizer.step()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            ran += 1
-            dt = time.perf_counter() - t0
-            last_step = step == plan.total_steps
-            if rank == 0:
-                row = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens * world / dt,
-                       "epoch": step / plan.steps_per_epoch}
-                if step % o["logging_steps"] == 0 or last_step:
-                    _append(metrics_path, row)
-                    if tb:
-                        for key in ("loss", "lr", "tokens_per_s"):
-                            tb.add_scalar(f"train/{key}", row[key], step)
-                    if not bar:
-                        say(step_line(step, plan.total_steps, row, time.perf_counter() - t_start))
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if eval_examples and rank == 0 and ((plan.eval_steps and step % plan.eval_steps == 0) or last_step):
-                last_eval = evaluate(peft_model, eval_examples, pad, o["batch_size"], device)
-                _append(metrics_path, {"step": step, "eval_loss": last_eval})
-                if tb:
-                    tb.add_scalar("eval/loss", last_eval, step)
-                show(f"step {step}/{plan.total_steps}  eval_loss {last_eval:.4f}")
-            if plan.save_steps and step % plan.save_steps == 0 and not last_step:
-                saved.append(_checkpoint(peft_model, optimizer, sched, step, out, o, rank, world, signature, show))
-            if o["stop_after"] is not None and ran >= o["stop_after"]:
-                stop.request(None)
-        if stop.flag and step < plan.total_steps:
-            _checkpoint(peft_model, optimizer, sched, step, out, o, rank, world, signature, lambda m: None)
-            say(f"interrupted at step {step}: saved {out / f'checkpoint-{step}'}; resume with --resume")
-            return {"interrupted": True, "step": step, "loss": last_loss, "signal": stop.signum}
-    finally:
+    def prepare_outputs(self, model, data, ckpt_dir) -> None:
+        from .config import resolved_config, write_config
+
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if ckpt_dir is None and self.metrics_path.exists():
+                self.metrics_path.unlink()
+            write_config(self.out / "config.yaml", resolved_config(model, data, self.out, self.o))
+
+    def report_start(self, reports, targets) -> None:
+        o = self.o
+        n_trainable = sum(p.numel() for p in self.params)
+        for name, rep in reports.items():
+            for line in data_lines(name, rep, o["max_length"], o["truncation"]):
+                self.say(line)
+        lora_text = f"r {o['lora_r']}, alpha {o['lora_alpha']:g}, dropout {o['lora_dropout']:g} on {', '.join(targets) if targets else 'all linear layers'}"
+        for line in start_lines(self.plan, trainable=n_trainable, total_params=self.n_total, lora=lora_text, optim=self.optim_used,
+                                lr=o["lr"], scheduler=o["lr_scheduler"], device=self.device, save_text=_save_text(self.plan, self.out, o)):
+            self.say(line)
+        if self.memory_line:
+            for line in self.memory_line.splitlines():
+                self.say(line)
+
+    def run(self, examples, eval_examples, progress) -> dict[str, Any]:
+        """The step loop; returns the result dict (``interrupted`` when a signal or --stop-after ended it)."""
+        o, plan = self.o, self.plan
+        stop = _StopSignals(self.world)
+        bar = None
+        if self.rank == 0 and on_terminal(progress):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self.bar = bar
+        self.show = bar.write if bar else self.say
+        self.tb = _tensorboard(self.out) if self.rank == 0 else None
+        self.model.train()
+        self.t_start = time.perf_counter()
+        ran = 0
+        try:
+            while self.step < plan.total_steps:
+                if stop.requested():
+                    break
+                self.one_step(examples)
+                ran += 1
+                last_step = self.step == plan.total_steps
+                if eval_examples and ((plan.eval_steps and self.step % plan.eval_steps == 0) or last_step):
+                    self.evaluate(eval_examples)
+                if plan.save_steps and self.step % plan.save_steps == 0 and not last_step:
+                    self.checkpoint(self.show)
+                if o["stop_after"] is not None and ran >= o["stop_after"]:
+                    stop.request(None)
+            if stop.flag and self.step < plan.total_steps:
+                self.checkpoint(lambda m: None)
+                self.say(f"interrupted at step {self.step}: saved {self.out / f'checkpoint-{self.step}'}; resume with --resume")
+                return {"interrupted": True, "step": self.step, "loss": self.last_loss, "signal": stop.signum}
+        finally:
+            if bar:
+                bar.close()
+            if self.tb:
+                self.tb.close()
+            stop.restore()
+        return {"interrupted": False, "step": self.step, "loss": self.last_loss, "eval_loss": self.last_eval,
+                "optimizer": self.optim_used, "examples": len(examples), "steps_per_epoch": plan.steps_per_epoch}
+
+    def one_step(self, examples) -> None:
+        o, plan, rank, world = self.o, self.plan, self.rank, self.world
+        epoch, pos = divmod(self.step, plan.steps_per_epoch)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(o["seed"] + epoch)).tolist()
+        per_step = plan.effective_batch
+        chunk = [examples[i] for i in order[pos * per_step : (pos + 1) * per_step]]
+        t0 = time.perf_counter()
+        self.last_loss, tokens = _step(self.model, chunk[rank::world], chunk, o["batch_size"], self.pad, self.device, self.params, world,
+                                       fsdp=self.fsdp)
+        torch.nn.utils.clip_grad_norm_(self.params, o["max_grad_norm"])
+        self.optimizer.step()
+        self.sched.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if rank == 0:
+            self.log_row(tokens * world / (time.perf_counter() - t0))
+
+    def log_row(self, tokens_per_s: float) -> None:
+        step, plan, bar = self.step, self.plan, self.bar
+        row = {"step": step, "loss": self.last_loss, "lr": self.sched.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+               "epoch": step / plan.steps_per_epoch}
+        if step % self.o["logging_steps"] == 0 or step == plan.total_steps:
+            _append(self.metrics_path, row)
+            if self.tb:
+                for key in ("loss", "lr", "tokens_per_s"):
+                    self.tb.add_scalar(f"train/{key}", row[key], step)
+            if not bar:
+                self.say(step_line(step, plan.total_steps, row, time.perf_counter() - self.t_start))
         if bar:
-            bar.close()
-        if tb:
-            tb.close()
-        stop.restore()
-    if rank == 0:
-        _write_adapter(peft_model, out, base_model_id(model, repo_id), cfg, {
-            "steps": step, "examples": len(examples), "optimizer": optim_used, "lr": o["lr"], "final_loss": last_loss,
-            "eval_loss": last_eval,
-        })
-        _plot(out)
-    elapsed = time.perf_counter() - t_start
-    for line in final_lines(out, step, elapsed, last_loss, last_eval, checkpoints(out), device):
-        say(line)
-    return {"interrupted": False, "step": step, "loss": last_loss, "eval_loss": last_eval, "optimizer": optim_used,
-            "examples": len(examples), "steps_per_epoch": plan.steps_per_epoch}
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def evaluate(self, eval_examples) -> None:
+        """Rank 0 evaluates (every process does under FSDP: each forward gathers from all of them)."""
+        if self.rank != 0 and not self.fsdp:
+            return
+        self.last_eval = evaluate(self.model, eval_examples, self.pad, self.o["batch_size"], self.device)
+        if self.rank != 0:
+            return
+        _append(self.metrics_path, {"step": self.step, "eval_loss": self.last_eval})
+        if self.tb:
+            self.tb.add_scalar("eval/loss", self.last_eval, self.step)
+        self.show(f"step {self.step}/{self.plan.total_steps}  eval_loss {self.last_eval:.4f}")
+
+    def checkpoint(self, show) -> None:
+        o = self.o
+        if self.fsdp:
+            from .checkpoint import save_fsdp_checkpoint
+
+            path = save_fsdp_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
+                                        self.world, self.signature)
+        else:
+            path = save_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
+                                   self.world, self.signature)
+        if self.rank == 0:
+            _plot(self.out)
+            show(f"step {self.step}: saved {path}")
+
+    def finish(self, base_id: str, n_examples: int) -> None:
+        from . import fsdp as fs
+
+        state = fs.full_adapter(self.model) if self.fsdp else None  # a collective: every process gathers
+        if self.rank == 0:
+            _write_adapter(self.model, self.out, base_id, self.cfg, {
+                "steps": self.step, "examples": n_examples, "optimizer": self.optim_used, "lr": self.o["lr"],
+                "final_loss": self.last_loss, "eval_loss": self.last_eval,
+            }, state_dict=state)
+            _plot(self.out)
+        elapsed = time.perf_counter() - self.t_start
+        for line in final_lines(self.out, self.step, elapsed, self.last_loss, self.last_eval, checkpoints(self.out), self.device):
+            self.say(line)
 
 
-def _step(model, mine, chunk, batch_size: int, pad: int, device, params, world: int) -> tuple[float, int]:
+def _step(model, mine, chunk, batch_size: int, pad: int, device, params, world: int, fsdp: bool = False) -> tuple[float, int]:
     """Forward and backward over this process's share of one global batch; returns (loss, tokens).
-    The loss is normalised by the label tokens of the whole global batch (every process's share)."""
+    The loss is normalised by the label tokens of the whole global batch (every process's share).
+    Under FSDP the gradients are reduce-scattered (summed) after the last micro-batch only."""
     micro = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     n_tok = torch.tensor(float(sum(sum(l != -100 for l in e.labels[1:]) for e in chunk)))
     loss_sum = torch.zeros(())
     tokens = 0
-    for mb in micro:
+    for i, mb in enumerate(micro):
+        if fsdp:
+            model.set_requires_gradient_sync(i == len(micro) - 1)
         b = {k: v.to(device) for k, v in collate(mb, pad).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         loss = label_loss_sum(logits, b["labels"]) / n_tok
@@ -287,10 +394,11 @@ def _step(model, mine, chunk, batch_size: int, pad: int, device, params, world: 
     if world > 1:
         import torch.distributed as dist
 
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+        if not fsdp:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
         dist.all_reduce(loss_sum)
     return loss_sum.item(), tokens
 
@@ -480,12 +588,12 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
     return total / max(1.0, count)
 
 
-def _write_adapter(model, out: Path, base_id: str, cfg, info: dict) -> None:
+def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
     from ..hub.card import render_card
 
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     acfg = json.loads((tmp / "adapter_config.json").read_text())
     acfg["base_model_name_or_path"] = base_id
     (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")

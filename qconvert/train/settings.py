@@ -136,6 +136,10 @@ class TrainConfig:
                                   help="Evaluate every N steps (0: only at the end) [default: at each checkpoint and at the end].")
     resume: str | None = _opt(None, "--resume", key="resume_from_checkpoint", aliases=("resume",), kind="resume",
                               help="Resume from the latest checkpoint, or from PATH.")
+    fsdp: bool = _opt(False, "--fsdp",
+                      help="Shard the 4-bit base, adapter, gradients and optimizer state across the torchrun processes (FSDP2).")
+    fsdp_offload: bool = _opt(False, "--fsdp-offload", aliases=("fsdp_offload_params", "offload_params"),
+                              help="With --fsdp: keep the shards in host memory, copying one block at a time to the device.")
     backend: str = _opt("auto", "--backend", choices=BACKENDS)
     revision: str | None = _opt(None, "--revision", key="model_revision", aliases=("revision",),
                                 help="Branch, tag or commit when MODEL is a Hub id.")
@@ -154,6 +158,8 @@ class TrainConfig:
         values = self.as_options()
         check_options(values)
         check_choices(values)
+        if self.fsdp_offload and not self.fsdp:
+            raise OptionError("--fsdp-offload without --fsdp", hint="add --fsdp (offload moves FSDP's shards to host memory)")
 
     def as_options(self) -> dict[str, Any]:
         """{option: value}, the keyword options of ``train()``."""

@@ -1,0 +1,228 @@
+"""FSDP-QLoRA: `qconvert train --fsdp` shards the frozen 4-bit base and the adapter with PyTorch FSDP2.
+
+Each transformer block (the model's ``_no_split_modules`` classes), the input embedding and the
+output head (unless tied), and then the whole model become ``torch.distributed.fsdp.fully_shard``
+units over a 1-D device mesh of all processes. Every parameter of a unit is a DTensor sharded along dim 0: the packed 4-bit codes (``weight``, uint8),
+the block scales (``absmax``, and ``nested_absmax`` under double quantization, turned from buffers
+into frozen Parameters by :func:`scales_to_parameters` so that FSDP shards them too), the
+unquantized tensors (norms, embeddings, head) and the LoRA weights, whose gradients are
+reduce-scattered and whose optimizer state lives with their shard. FSDP gathers a block's tensors
+for its forward (and again for its backward) and frees them after, so between blocks a process
+holds about 1/N of the model. The 16-entry code table and the 256-entry nested table stay
+replicated buffers.
+
+The loss of a step is already normalised by the global batch's label tokens, so gradients must be
+SUMMED across processes: FSDP2 averages by default, and :func:`shard` sets every unit's gradient
+divide factor to 1.
+
+Loading: the model is first built by :func:`qconvert.load_model` on the CPU, whose tensors are
+zero-copy views of the memory-mapped safetensors files; ``fully_shard`` copies each process's own
+rows out of them (moving them to the GPU when the mesh is on CUDA), so a process reads only its
+share of the file's pages (the reader's checks also read every block-scale table, about 1/32 of
+the codes' bytes) and keeps only its shard once the views are dropped (measured in the README).
+
+Checkpoints (:func:`save_sharded`, :func:`load_sharded`): ``checkpoint-N/sharded/`` holds the LoRA
+weights and the optimizer state as torch.distributed.checkpoint writes them, one file per process,
+readable by any number of processes; ``trainer_state.pt`` holds the rest (scheduler, step, every
+rank's RNG state) and ``adapter_model.safetensors`` the gathered adapter, as a single-process
+checkpoint does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError, OptionError
+
+SHARDED = "sharded"
+
+
+def ensure_group(world: int, device: torch.device) -> bool:
+    """A process group for FSDP. torchrun's is made by the loop; a single process without torchrun
+    gets a one-process group here (FSDP over one process: the CPU-offload case). True when this
+    function made it (and :func:`end_group` should destroy it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if world != 1:
+        raise OptionError("--fsdp: no process group", hint="launch with torchrun --nproc-per-node N")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def end_group(made: bool) -> None:
+    if made:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def scales_to_parameters(model) -> int:
+    """Turn every Linear4bit's block scales (``absmax``, ``nested_absmax``) from buffers into frozen
+    Parameters, so that FSDP shards them with the packed codes. Returns how many were turned."""
+    from ..nn import Linear4bit
+
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, Linear4bit):
+            continue
+        for name in ("absmax", "nested_absmax"):
+            t = m._buffers.get(name)
+            if t is None:
+                continue
+            del m._buffers[name]
+            m.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+            n += 1
+    return n
+
+
+def blocks(model) -> list[torch.nn.Module]:
+    """The transformer blocks: modules of the classes transformers never splits across devices."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found:
+        raise OptionError(f"--fsdp: {type(inner).__name__} names no transformer block class (_no_split_modules)",
+                          hint="train this model without --fsdp")
+    return found
+
+
+def _ends(model) -> list[torch.nn.Module]:
+    """The input embedding and the output head as units of their own (gathered only around their own
+    forward and backward, not for the whole step as the root unit is), unless they share a weight."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if emb is None or head is None or head.weight is emb.weight:
+        return []
+    return [emb, head]
+
+
+def shard(model, world: int, device: torch.device, offload: bool) -> None:
+    """fully_shard each block, then the whole model; gradients summed (not averaged) across processes.
+    ``offload``: sharded parameters, gradients and optimizer state stay in (pinned) host memory and
+    only a block being computed is copied to the device (FSDP2's CPUOffloadPolicy)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
+    scales_to_parameters(model)
+    for unit in [*blocks(model), *_ends(model)]:
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; nothing to scale)
+
+
+def set_sync(model, sync: bool) -> None:
+    """Reduce-scatter gradients after this backward (the last micro-batch) or keep accumulating locally."""
+    model.set_requires_gradient_sync(sync)
+
+
+def local_bytes(model, frozen: bool = True) -> tuple[int, int]:
+    """(bytes this process holds, bytes of the whole) over the frozen (or trainable) parameters,
+    from the sharded tensors' local sizes."""
+    from torch.distributed.tensor import DTensor
+
+    mine = whole = 0
+    for p in model.parameters():
+        if p.requires_grad == frozen:
+            continue
+        size = p.element_size()
+        local = p.to_local() if isinstance(p, DTensor) else p
+        mine += local.numel() * size
+        whole += p.numel() * size
+    return mine, whole
+
+
+def full_adapter(model) -> dict[str, torch.Tensor]:
+    """The trainable tensors gathered to full size on the CPU (a collective: every process calls it),
+    under the model's own names, for PEFT's save_pretrained(state_dict=...)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            out[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+    return out
+
+
+def _options(strict: bool = True):
+    """Only the trainable tensors (the frozen base is read from the model folder). Loading is not
+    strict because the model's frozen tensors are absent from the checkpoint on purpose; a LoRA
+    tensor missing from it still fails, in dcp.load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def save_sharded(model, optimizer, folder: Path) -> None:
+    """The LoRA shards and the optimizer state into ``folder/sharded`` (every process writes its own)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_options())
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / SHARDED))
+
+
+def load_sharded(model, optimizer, folder: Path) -> None:
+    """Read ``folder/sharded`` back into this run's shards, whatever the process count that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (folder / SHARDED).is_dir():
+        raise DataError(f"{folder}: a checkpoint written without --fsdp", hint="resume it without --fsdp")
+    msd, osd = get_state_dict(model, optimizer, options=_options())
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(folder / SHARDED))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(strict=False))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def memory_estimate(model, *, world: int, fsdp: bool, offload: bool, optim: str, batch_size: int, max_length: int,
+                    checkpointing: bool, device_type: str = "cuda") -> str:
+    """One start line: what a process will hold (before sharding is applied), by part. Activations are
+    a rough figure: with gradient checkpointing, each block's input kept plus one block's working set."""
+    base = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    base += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    adapter = sum(p.numel() * p.element_size() for p in trainable)
+    n = sum(p.numel() for p in trainable)
+    optim_bytes = n * (2 if "8bit" in optim else 8)
+    per_block = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks(model)] if fsdp else [0]
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    inter = getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden
+    tokens = batch_size * max_length
+    one_block = tokens * (10 * hidden + 3 * inter) * 4
+    acts = tokens * hidden * 4 * layers + one_block if checkpointing else one_block * layers
+    acts += tokens * (getattr(cfg, "vocab_size", 0) or 0) * 4 * 2  # logits and their float32 copy
+    share = world if fsdp else 1
+    held = (base + 2 * adapter + optim_bytes) / share
+    gathered = 2 * max(per_block)  # the block computed and the next one prefetched
+    on_device = (gathered + acts) if offload else held + gathered + acts
+    mode = f"FSDP over {world}" if fsdp else (f"DDP, {world} full copies" if world > 1 else "1 process")
+    text = (f"memory estimate per process ({mode}): 4-bit base {_mb(base / share)}"
+            + (f" (1/{world} of {_mb(base)})" if fsdp and world > 1 else "")
+            + f", adapter + gradients {_mb(2 * adapter / share)}, optimizer {_mb(optim_bytes / share)}")
+    if fsdp:
+        text += f", 2 gathered blocks {_mb(gathered)}"
+    text += f", activations ~{_mb(acts)} (batch {batch_size} x {max_length} tokens at most); ~{_mb(on_device)} on {device_type}"
+    if offload:
+        text += f" + {_mb(held)} in host memory (offloaded)"
+    return text
+
+
+def local_rank_device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
