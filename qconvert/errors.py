@@ -64,6 +64,16 @@ class UnknownBackendError(OptionError, BackendError):
     (OptionError), still caught by ``except BackendError`` as before."""
 
 
+class QuantizeOptionError(OptionError, QuantizationError):
+    """A quantization option (quant type, block size, compute dtype) out of its vocabulary: an option
+    value like any other (OptionError), still caught by ``except QuantizationError`` as before."""
+
+
+class DtypeOptionError(OptionError, FormatError):
+    """A dtype option of load_model or merge that is not one of the float dtypes: an option value
+    (OptionError), still caught by ``except FormatError`` as before."""
+
+
 class DataError(QConvertError, ValueError):
     """Training or evaluation data is empty, malformed or of an unknown shape."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError
+from .errors import DtypeOptionError, FormatError
 from .format.checkpoint import Checkpoint
 from .format.conformance import check_checkpoint
 from .format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
@@ -41,7 +41,7 @@ def _as_dtype(d: torch.dtype | str) -> torch.dtype:
         return d
     name = str(d).removeprefix("torch.")
     if name not in DTYPES:
-        raise FormatError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
+        raise DtypeOptionError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -75,6 +75,9 @@ def load_model(
 
     from .backends import get_backend
 
+    for given in (dtype, compute_dtype):  # option values first, before any file is read or downloaded
+        if given not in (None, "auto"):
+            _as_dtype(given)
     root, repo_id = resolve_model_path(path_or_repo_id, revision)
     from .validate import check_model_folder
 

@@ -194,3 +194,31 @@ def test_train_checks_options_before_touching_anything(tmp_path):
     with pytest.raises(TypeError, match="learning_rate"):
         train("no-model", "no-data", tmp_path / "out", learning_rate=1e-3)
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_option_values_are_option_errors_from_every_library_entry(tmp_path):
+    """One class for a bad option value, whichever function takes it (each is also still the class it
+    was before, so existing ``except`` clauses keep working)."""
+    import torch
+
+    from qconvert.errors import FormatError, OptionError, QuantizationError
+    from qconvert.export.merge import merge_adapter
+    from qconvert.loader import load_model
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.quant.reference import quantize_4bit_ref
+
+    x = torch.randn(64)
+    for kw in ({"quant_type": "nf5"}, {"blocksize": 100}):
+        with pytest.raises(OptionError) as e:
+            quantize_4bit_ref(x, **kw)
+        assert isinstance(e.value, QuantizationError)
+    for kw in ({"quant_type": "int4"}, {"blocksize": 48}, {"compute_dtype": "float64"}):
+        with pytest.raises(OptionError) as e:
+            quantize_checkpoint(str(tmp_path / "nowhere"), tmp_path / "out", **kw)
+        assert isinstance(e.value, QuantizationError)
+    with pytest.raises(OptionError) as e:
+        load_model(str(tmp_path / "nowhere"), compute_dtype="float64")
+    assert isinstance(e.value, FormatError)
+    with pytest.raises(OptionError) as e:
+        merge_adapter(str(tmp_path / "nowhere"), str(tmp_path / "adapter"), tmp_path / "merged", dtype="int8")
+    assert isinstance(e.value, FormatError)

@@ -25,7 +25,7 @@ import torch
 
 from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
 from .._cpus import resolve_workers
-from ..errors import DiskSpaceError, FormatError, QuantizationError
+from ..errors import DiskSpaceError, FormatError, QuantizeOptionError
 from ..format.constants import BLOCKSIZES, FLOAT_DTYPE_NAMES, QUANT_TYPES
 from ..io.cards import quantized_card
 from ..io.reader import CheckpointReader, cleanup
@@ -117,11 +117,11 @@ def quantize_checkpoint(
 
 def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
     if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+        raise QuantizeOptionError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
     if blocksize not in BLOCKSIZES:
-        raise QuantizationError(f"block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}")
+        raise QuantizeOptionError(f"block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}")
     if compute_dtype not in COMPUTE_DTYPES:
-        raise QuantizationError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
+        raise QuantizeOptionError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
 
 
 def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str, blocksize: int, double_quant: bool,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import FormatError
+from ..errors import DtypeOptionError, FormatError
 from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import LOGICAL_DTYPES as DTYPES
@@ -127,7 +127,7 @@ def merge_adapter(
     say = log or (lambda m: None)
     out = Path(output)
     if dtype not in DTYPES:
-        raise FormatError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
+        raise DtypeOptionError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
     check_output(out, overwrite, inputs=[base, adapter, base_original])
     root, repo_id = resolve_model_path(base, revision)
     check_output(out, overwrite, inputs=[root])  # a Hub base, now a local folder

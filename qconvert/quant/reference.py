@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import QuantizationError
+from ..errors import QuantizationError, QuantizeOptionError
 from ..format.constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_midpoints
 from ..format.layout import QuantizedTensor, decoded_scales, nblocks as count_blocks
 
@@ -31,9 +31,9 @@ def check_quantizable(
 ) -> None:
     """Raise QuantizationError for anything the format cannot hold."""
     if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"{name}: unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+        raise QuantizeOptionError(f"{name}: unknown quant type {quant_type!r}", hint="use nf4 or fp4")
     if blocksize not in BLOCKSIZES:
-        raise QuantizationError(
+        raise QuantizeOptionError(
             f"{name}: block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}"
         )
     if x.dtype not in FLOAT_DTYPES:
