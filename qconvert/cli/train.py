@@ -47,7 +47,8 @@ def train(ctx, model, config_file, **flags):
     """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id). Ctrl-C or SIGTERM saves
     a checkpoint; --resume continues it.
 
-    Data-parallel: torchrun --nproc-per-node N qconvert train ... (NCCL on GPU, gloo on CPU)."""
+    Several processes: torchrun --nproc-per-node N qconvert train ... (NCCL on GPU, gloo on CPU);
+    data-parallel by default, --fsdp shards the 4-bit base, adapter and optimizer state (FSDP2)."""
     from ..train.settings import load_run
 
     run_options, config = load_run(config_file, given_options(ctx, model, flags))
