@@ -47,6 +47,7 @@ def main(model: str, out: str, mode: str = "fsdp") -> None:
            "rss_after_shard_mib": after_shard, "rss_end_mib": rss_mib()["VmRSS"]}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(row, f)
+    dist.barrier()  # every process is done with the group before any tears it down
     dist.destroy_process_group()
 
 
