@@ -141,21 +141,21 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
 
 def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | None, rank: int, world: int,
                     signature: dict, extra: dict[str, Any] | None = None) -> Path | None:
-    rng = rng_state()
-    if world > 1:
-        import torch.distributed as dist
-
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, rng)
-        rng = gathered
+    rng = _gather_rng(world)
     if rank != 0:
         return None
-    final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     state = {"version": STATE_VERSION, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step,
              "rng": rng, "run": signature, **(extra or {})}
+    return _publish(tmp, state, out, step, limit)
+
+
+def _publish(tmp: Path, state: dict, out: Path, step: int, limit: int | None) -> Path:
+    """Write trainer_state.pt into the finished ``tmp`` folder, rename it to checkpoint-N in one step,
+    and keep only the newest ``limit`` checkpoints."""
+    final = out / f"checkpoint-{step}"
     torch.save(state, tmp / STATE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -166,6 +166,7 @@ def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | 
 
 
 def _gather_rng(world: int):
+    """This process's RNG state (one process), or every process's, gathered (a collective)."""
     rng = rng_state()
     if world > 1:
         import torch.distributed as dist
@@ -187,7 +188,6 @@ def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: i
 
     rng = [rng_state()] if world == 1 else _gather_rng(world)
     adapter = fsdp.full_adapter(model)
-    final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,10 +200,4 @@ def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: i
     model.save_pretrained(tmp, state_dict=adapter)
     state = {"version": STATE_VERSION, "scheduler": sched.state_dict(), "step": step, "rng": rng, "run": signature,
              "fsdp_world": world}
-    torch.save(state, tmp / STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if limit:
-        for old in checkpoints(out)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    return _publish(tmp, state, out, step, limit)
