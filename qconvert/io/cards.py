@@ -155,9 +155,10 @@ With qconvert's own kernels: `qconvert.load_model("{name}")`.
     return render_card(meta, body)
 
 
-def adapter_card(base_model: str | None, body: str) -> str:
+def adapter_card(base_model: str | None, body: str, extra_tags: tuple[str, ...] = ()) -> str:
     """The card of a PEFT LoRA adapter folder (train output, export-adapter)."""
-    meta = {"base_model": base_model, "base_model_relation": "adapter", "library_name": "peft", "tags": ["qconvert", "lora"]}
+    meta = {"base_model": base_model, "base_model_relation": "adapter", "library_name": "peft",
+            "tags": ["qconvert", "lora", *extra_tags]}
     return render_card(meta, body)
 
 

@@ -589,7 +589,7 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
-    from ..hub.card import render_card
+    from ..io.cards import adapter_card
 
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -603,8 +603,7 @@ def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: 
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
             + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
             f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_id}\"), \"{out.name}\")`.\n")
-    (tmp / "README.md").write_text(render_card({"base_model": base_id, "base_model_relation": "adapter", "library_name": "peft",
-                                                 "tags": ["qconvert", "lora", "qlora"]}, body))
+    (tmp / "README.md").write_text(adapter_card(base_id, body, extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", "adapter_config.json"):  # the config last
         os.replace(tmp / f, out / f)
     shutil.rmtree(tmp, ignore_errors=True)
