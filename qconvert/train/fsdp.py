@@ -25,7 +25,8 @@ Checkpoints (:func:`save_sharded`, :func:`load_sharded`): ``checkpoint-N/sharded
 weights and the optimizer state as torch.distributed.checkpoint writes them, one file per process,
 readable by any number of processes; ``trainer_state.pt`` holds the rest (scheduler, step, every
 rank's RNG state) and ``adapter_model.safetensors`` the gathered adapter, as a single-process
-checkpoint does.
+checkpoint does. bitsandbytes' optimizers run on each process's shards (bnb_shards.py), whose
+8-bit state is also written as it is, per process, next to the sharded files.
 """
 
 from __future__ import annotations
@@ -200,10 +201,13 @@ def save_sharded(model, optimizer, folder: Path) -> None:
 
     msd, osd = get_state_dict(model, optimizer, options=_options())
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / SHARDED))
+    if hasattr(optimizer, "save_exact"):  # bitsandbytes' 8-bit state as it is, per process (bnb_shards.py)
+        optimizer.save_exact(folder / SHARDED, *_rank_world())
 
 
-def load_sharded(model, optimizer, folder: Path) -> None:
-    """Read ``folder/sharded`` back into this run's shards, whatever the process count that wrote it."""
+def load_sharded(model, optimizer, folder: Path) -> str | None:
+    """Read ``folder/sharded`` back into this run's shards, whatever the process count that wrote it.
+    Returns a note to show when bitsandbytes' 8-bit state could not be restored bit for bit."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -213,6 +217,18 @@ def load_sharded(model, optimizer, folder: Path) -> None:
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(folder / SHARDED))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(strict=False))
+    if hasattr(optimizer, "load_exact"):  # bitsandbytes' 8-bit state as it was written, when the shards are the same
+        rank, world = _rank_world()
+        if optimizer.load_exact(folder / SHARDED, rank, world) is False:
+            return (f"note: {folder} was written by another number of processes than {world}: "
+                    f"the 8-bit optimizer state re-quantized from its float32 copy (not bit for bit the state it had)")
+    return None
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _mb(n: float) -> str:

@@ -47,18 +47,34 @@ def _dist():
     return 0, 1
 
 
-def make_optimizer(name: str, params, lr: float, device: torch.device, say: Callable[[str], None]):
+def make_optimizer(name: str, params, lr: float, device: torch.device, say: Callable[[str], None], sharded: bool = False):
+    """The optimizer ``name`` over ``params`` and the name of the one used. bitsandbytes' optimizers
+    on CUDA; off CUDA its 8-bit AdamW (its CPU kernels; nothing is paged there) for the 8-bit
+    choices and torch's AdamW for the 32-bit ones. ``sharded``: the parameters are FSDP's DTensors
+    (bitsandbytes then updates each process's shard, see bnb_shards.py)."""
     if name not in OPTIMIZERS:
         raise DataError(f"unknown --optim {name!r}", hint=f"use one of {', '.join(OPTIMIZERS)}")
-    if name != "adamw" and device.type == "cuda":
-        import bitsandbytes as bnb
+    params = list(params)
+    if name == "adamw" or (device.type != "cuda" and "8bit" not in name):
+        if name != "adamw":
+            say(f"note: {name} needs a CUDA device; using torch AdamW (32-bit, not paged) on {device.type}")
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), "adamw"
+    import bitsandbytes as bnb
 
-        cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-               "adamw_8bit": bnb.optim.AdamW8bit}[name]
-        return cls(params, lr=lr, weight_decay=0.0), name
-    if name != "adamw":
-        say(f"note: {name} needs a CUDA device; using torch AdamW (32-bit, not paged) on {device.type}")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), "adamw"
+    used = name if device.type == "cuda" else "adamw_8bit"
+    if used != name:
+        say(f"note: {name}: bitsandbytes pages optimizer state on CUDA only; using its 8-bit AdamW, not paged, on {device.type}")
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "adamw_8bit": bnb.optim.AdamW8bit}[used]
+
+    def make(tensors):
+        return cls(tensors, lr=lr, weight_decay=0.0)
+
+    if sharded:
+        from .bnb_shards import ShardedBnb
+
+        return ShardedBnb(params, make), used
+    return make(params), used
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -209,12 +225,7 @@ class _Run:
             mine, whole = fs.local_bytes(self.model)
             self.memory_line += f"\nFSDP: this process holds {mine:,} of the frozen base's {whole:,} bytes"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optim = o["optim"]
-        if self.fsdp and optim != "adamw" and self.device.type == "cuda":
-            self.say(f"note: {optim} (bitsandbytes) does not take FSDP's sharded DTensor parameters (bitsandbytes issue #1633); "
-                     f"using torch AdamW, its state sharded with the parameters")
-            optim = "adamw"
-        self.optimizer, self.optim_used = make_optimizer(optim, self.params, o["lr"], self.device, self.say)
+        self.optimizer, self.optim_used = make_optimizer(o["optim"], self.params, o["lr"], self.device, self.say, sharded=self.fsdp)
 
     def resume(self, ckpt_dir: Path, st: dict) -> None:
         from peft import set_peft_model_state_dict
@@ -224,7 +235,9 @@ class _Run:
 
         check_compatible(ckpt_dir, st, self.signature)
         if self.fsdp:
-            fs.load_sharded(self.model, self.optimizer, ckpt_dir)
+            note = fs.load_sharded(self.model, self.optimizer, ckpt_dir)
+            if note:
+                self.say(note)
             rng = st["rng"][self.rank % len(st["rng"])] if isinstance(st["rng"], list) else st["rng"]
         else:
             if "optimizer" not in st:
