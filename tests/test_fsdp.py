@@ -307,3 +307,61 @@ def test_requantize_gives_bitsandbytes_8bit_state_back():
         theirs, q = F.quantize_blockwise(x, code=table, blocksize=256)
         negative_extreme += int((q.absmax < scales * (1 - 1e-6)).sum())
     assert negative_extreme > 0  # the case bitsandbytes' quantize_blockwise gets wrong occurs here
+
+
+def saved_for_backward(model, ids) -> tuple[int, int]:
+    """(bytes autograd keeps for the backward after a forward, the most one block adds), measured with
+    saved-tensor hooks (tensors counted once per storage; parameters and buffers left out)."""
+    from qconvert.train.fsdp import blocks
+
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+    marks: list[int] = []
+    per_block: list[int] = []
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    hooks = [b.register_forward_pre_hook(lambda *_: marks.append(sum(seen.values()))) for b in blocks(model)]
+    hooks += [b.register_forward_hook(lambda *_: per_block.append(sum(seen.values()) - marks.pop())) for b in blocks(model)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    for h in hooks:
+        h.remove()
+    return sum(seen.values()), max(per_block)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_activation_estimate_matches_what_autograd_keeps(tmp_path, dropout):
+    """The start line's activation figure against the bytes autograd really keeps for the backward on
+    a small Llama: without gradient checkpointing, all of the forward's; with it, what the forward
+    keeps plus the largest block's recomputation (measured in a run without checkpointing)."""
+    from peft import LoraConfig, get_peft_model
+
+    import qconvert
+    from helpers import make_tiny_llama
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.train.fsdp import activation_bytes
+
+    src = make_tiny_llama(tmp_path / "src", hidden=256, intermediate=688, layers=4, heads=4, kv_heads=2, vocab=1000, dtype=torch.float32)
+    quantize_checkpoint(str(src), tmp_path / "q", compute_dtype="float32")
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    measured, estimated = {}, {}
+    for checkpointing in (False, True):
+        base = qconvert.load_model(tmp_path / "q", device="cpu", backend="reference")
+        base.config.use_cache = False
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        model = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
+        model.train()
+        measured[checkpointing] = saved_for_backward(model, ids)
+        estimated[checkpointing] = activation_bytes(model, tokens=ids.numel(), checkpointing=checkpointing)
+    kept_without, block = measured[False]
+    kept_with, _ = measured[True]
+    assert kept_with < kept_without / 3  # checkpointing really was on
+    for est, real in ((estimated[False], kept_without), (estimated[True], kept_with + block)):
+        assert 0.8 <= est / real <= 1.25, (dropout, est, real)
