@@ -61,7 +61,7 @@ def run_mode(mode: str, model: Path, data: Path, out: Path, a) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc), f"--master-port={free_port()}",
            "-m", "qconvert", "train", str(model), "--data", str(data), "--output", str(out), "--max-steps", str(a.steps),
            "--batch-size", str(a.batch), "--grad-accum", "1", "--max-length", str(a.seq_len), "--lora-r", "64",
-           "--save-steps", "0", "--optim", "paged_adamw_32bit" if a.device == "cuda" else "adamw", *MODES[mode]]
+           "--save-steps", "0", "--optim", a.optim or ("paged_adamw_32bit" if a.device == "cuda" else "adamw"), *MODES[mode]]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--optim", default=None, help="qconvert train's --optim (default: paged_adamw_32bit on CUDA, adamw on CPU)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps: checks that every mode runs")
     p.add_argument("--json", default="bench_fsdp.json")
     p.add_argument("--keep", metavar="DIR", help="build the model and data in DIR (reused when already there) instead of a temporary folder")
