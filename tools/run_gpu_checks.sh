@@ -14,3 +14,7 @@ export TRITON_INTERPRET=0
 python3 -m pytest -q tests/test_kernels.py tests/test_loader.py -x
 python3 tools/bench_kernels.py
 python3 tools/bench_quantize_kernel.py --device cuda
+# FSDP-QLoRA on the visible GPUs: every mode runs with bitsandbytes' paged 8-bit AdamW over the shards,
+# then DDP / FSDP / FSDP+offload on a 1-8B-shaped random model (memory per device, step time)
+python3 tools/bench_fsdp.py --device cuda --tiny --optim paged_adamw_8bit --json /tmp/bench_fsdp_tiny.json
+python3 tools/bench_fsdp.py --device cuda --json bench_fsdp.json
