@@ -62,6 +62,8 @@ class ShardedBnb(torch.optim.Optimizer):
         for inner in inner_groups:
             for j, old in enumerate(inner["params"]):
                 new = _local(flat[i])
+                if not new.is_contiguous():  # bitsandbytes would update a contiguous copy, not the shard
+                    raise RuntimeError(f"parameter {i}'s local shard is not contiguous; bitsandbytes cannot update it in place")
                 if new is not old:
                     inner["params"][j] = new
                     if old in self.inner.state:
