@@ -211,6 +211,23 @@ def test_merge_requantized_keeps_the_4bit_layout(gpt2, tmp_path):
         assert rel(model(x).logits, float32_reference(tmp_path / "rq")(x).logits) < FLOAT32_REL
 
 
+def test_merge_into_the_original_conv1d_weights(gpt2, tmp_path):
+    """merge --base-original on a GPT-2: the original [in, out] weights plus the update transposed to
+    match; a weight the adapter does not touch is the original's, bit for bit."""
+    from qconvert.export.merge import LoraAdapter, merge_adapter
+
+    src, q = gpt2
+    adapter = peft_adapter(float32_reference(q), tmp_path / "adapter", ["c_attn"])
+    with pytest.warns(UserWarning, match="--base-original"):
+        merge_adapter(str(q), str(adapter), tmp_path / "merged", dtype="float32", base_original=str(src))
+    orig, got = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    key = "transformer.h.1.attn.c_attn.weight"
+    delta = LoraAdapter(adapter).delta("transformer.h.1.attn.c_attn")
+    assert delta.shape == (120, 40) and got[key].shape == orig[key].shape == (40, 120)
+    assert rel(got[key], orig[key] + delta.T) < FLOAT32_REL and rel(got[key], orig[key]) > 0.01
+    assert torch.equal(got["transformer.h.1.mlp.c_fc.weight"], orig["transformer.h.1.mlp.c_fc.weight"])
+
+
 @pytest.fixture(scope="module")
 def trained(gpt2, tmp_path_factory):
     """A LoRA adapter trained by qconvert on the 4-bit GPT-2 (all linear layers)."""
@@ -236,6 +253,7 @@ def test_train_on_gpt2_writes_an_adapter_for_the_16bit_model(gpt2, trained, tmp_
 
     import qconvert
     from qconvert.export.adapter import export_adapter
+    from qconvert.runtime import attach_adapter, load_for_inference
 
     src, q = gpt2
     run, _, result = trained
@@ -256,6 +274,8 @@ def test_train_on_gpt2_writes_an_adapter_for_the_16bit_model(gpt2, trained, tmp_
             warnings.simplefilter("always")
             orig = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src), adapter).eval()
             ours = qconvert.load_model(q, backend="reference", device="cpu", dtype=torch.float32, adapter=adapter).eval()
+            lm = load_for_inference(q, backend="reference", device="cpu", dtype="float32")  # generate/eval --adapter
+            attach_adapter(lm, adapter)
         assert not [w for w in seen if "fan_in_fan_out" in str(w.message)], [str(w.message) for w in seen]
         layer = orig.base_model.model.transformer.h[1].attn.c_attn
         assert isinstance(layer, LoraLinear) and isinstance(layer.get_base_layer(), Conv1D) and layer.fan_in_fan_out
@@ -266,6 +286,7 @@ def test_train_on_gpt2_writes_an_adapter_for_the_16bit_model(gpt2, trained, tmp_
             assert rel(layer(h) - layer.get_base_layer()(h), 2.0 * (h @ a.T @ b.T)) < FLOAT32_REL
             same_weights = PeftModel.from_pretrained(float32_reference(q), adapter).eval()
             assert rel(ours(x).logits, same_weights(x).logits) < FLOAT32_REL
+            assert rel(lm.model(x).logits, same_weights(x).logits) < FLOAT32_REL
             # and PEFT's merge on the Conv1D model (which fan_in_fan_out=True makes transpose) changes nothing
             assert rel(same_weights.merge_and_unload()(x).logits, ours(x).logits) < FLOAT32_REL
             # the adapter moves the 16-bit original as it moves the 4-bit model (up to the quantization error)
