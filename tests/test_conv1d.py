@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from helpers import float32_reference, run_cli
 from runtime_helpers import make_word_tokenizer, random_texts, write_jsonl
-from tolerances import FLOAT32_REL, LORA_CHANGE_ACROSS_NF4_REL
+from tolerances import FLOAT32_REL, LORA_CHANGE_ACROSS_NF4_REL, LOSS_ACROSS_RUNS_REL
 
 CONV1D = ("c_attn", "c_proj", "c_fc")
 
@@ -294,6 +294,36 @@ def test_train_on_gpt2_writes_an_adapter_for_the_16bit_model(gpt2, trained, tmp_
             base_ours = qconvert.load_model(q, backend="reference", device="cpu", dtype=torch.float32)(x).logits
             d_orig, d_ours = orig(x).logits - base_orig, ours(x).logits - base_ours
             assert rel(d_ours, d_orig) < LORA_CHANGE_ACROSS_NF4_REL and d_orig.norm() > 0.1 * base_orig.norm()
+
+
+@pytest.mark.slow
+def test_trained_gpt2_adapter_on_transformers_bitsandbytes(gpt2, trained):
+    """The same adapter on the same 4-bit checkpoint loaded by transformers + bitsandbytes (whose 4-bit
+    layers replace the Conv1D too): PEFT attaches it without a notice, and the loss it gives is ours."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qconvert
+    from qconvert.train.data import build_examples, collate, load_records
+
+    q, (run, data, _) = gpt2[1], trained
+    tok = AutoTokenizer.from_pretrained(q)
+    batch = collate(build_examples(load_records(data), tok), tok.pad_token_id)
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    base = AutoModelForCausalLM.from_pretrained(q, **no_dropout)
+    base.train()  # bitsandbytes' torch path (its CPU inference path computes in bf16, REFERENCE.md section 8)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        before = base(**batch).loss.item()
+        peft = PeftModel.from_pretrained(base, run)
+        peft.train()
+        after_bnb = peft(**batch).loss.item()
+    assert not [w for w in seen if "fan_in_fan_out" in str(w.message)]
+    ours = qconvert.load_model(q, backend="reference", device="cpu", adapter=run)
+    with torch.no_grad():
+        after_ours = ours(**batch).loss.item()
+    assert after_bnb < 0.5 * before
+    assert abs(after_bnb - after_ours) < LOSS_ACROSS_RUNS_REL * max(1.0, after_bnb)
 
 
 @pytest.mark.slow
