@@ -151,8 +151,9 @@ def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, b
         old = model.get_submodule(mod_name)
         # a GPT-2 style Conv1D holds its weight as [in, out]: the stored 4-bit tensor is its transpose,
         # [out, in], so the Linear4bit that takes its place computes x @ W.T + b, what the Conv1D computed
-        if linear_shape(old) is None or tuple(qt.shape) != linear_shape(old):
-            want = "not a Linear or Conv1D" if linear_shape(old) is None else f"[out, in] {list(linear_shape(old))}"
+        shape = linear_shape(old)
+        if shape is None or tuple(qt.shape) != shape:
+            want = "not a Linear or Conv1D" if shape is None else f"[out, in] {list(shape)}"
             raise FormatError(f"{root}: 4-bit tensor {name!r} (quant-state shape {list(qt.shape)}) does not fit module {mod_name!r} "
                               f"({type(old).__name__}, {want})", hint="config.json does not describe these weights; quantize the source again")
         bias_key = f"{mod_name}.bias"

@@ -8,7 +8,7 @@ matmul uses is the 4-bit weight's value in its logical dtype (``weight_dtype``),
 compute dtype (spec section 8): at float32 compute, a bfloat16 weight's value widened.
 
 It also takes the place of a GPT-2 style ``Conv1D`` (weight stored [in, out]): the 4-bit tensor
-holds that weight's transpose, [out, in] (spec section 9), so ``x @ W.T + b`` is what the Conv1D
+holds that weight's transpose, [out, in] (spec section 10), so ``x @ W.T + b`` is what the Conv1D
 computed. ``from_conv1d`` records it, for the adapters and merges written for the 16-bit model.
 
 With the ``auto`` backend the forward is one call of the custom op ``torch.ops.qconvert.matmul_4bit``
