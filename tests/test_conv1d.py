@@ -12,6 +12,7 @@ below are plain transformers and PEFT on float32 GPT-2 models whose Conv1D weigh
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -211,21 +212,48 @@ def test_merge_requantized_keeps_the_4bit_layout(gpt2, tmp_path):
         assert rel(model(x).logits, float32_reference(tmp_path / "rq")(x).logits) < FLOAT32_REL
 
 
-def test_merge_into_the_original_conv1d_weights(gpt2, tmp_path):
+def without_prefix(src: Path, out: Path) -> Path:
+    """A copy of a GPT-2 folder named as the gpt2 checkpoint on the Hub names its tensors (GPT2Model's
+    names: ``h.0.attn.c_attn.weight``, no ``transformer.`` and no tied head), which transformers loads."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, out)
+    sd = load_file(str(src / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("hub_names", [False, True])
+def test_merge_into_the_original_conv1d_weights(gpt2, tmp_path, hub_names):
     """merge --base-original on a GPT-2: the original [in, out] weights plus the update transposed to
-    match; a weight the adapter does not touch is the original's, bit for bit."""
+    match; a weight the adapter does not touch is the original's, bit for bit. The original may name
+    its tensors without the model's prefix, as the gpt2 checkpoint on the Hub does; one that lacks a
+    4-bit weight is refused before anything is written."""
+    from safetensors.torch import save_file
+
+    from qconvert.errors import FormatError
     from qconvert.export.merge import LoraAdapter, merge_adapter
 
     src, q = gpt2
+    orig_dir = without_prefix(src, tmp_path / "orig") if hub_names else src
     adapter = peft_adapter(float32_reference(q), tmp_path / "adapter", ["c_attn"])
     with pytest.warns(UserWarning, match="--base-original"):
-        merge_adapter(str(q), str(adapter), tmp_path / "merged", dtype="float32", base_original=str(src))
+        merge_adapter(str(q), str(adapter), tmp_path / "merged", dtype="float32", base_original=str(orig_dir))
     orig, got = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
     key = "transformer.h.1.attn.c_attn.weight"
     delta = LoraAdapter(adapter).delta("transformer.h.1.attn.c_attn")
     assert delta.shape == (120, 40) and got[key].shape == orig[key].shape == (40, 120)
     assert rel(got[key], orig[key] + delta.T) < FLOAT32_REL and rel(got[key], orig[key]) > 0.01
     assert torch.equal(got["transformer.h.1.mlp.c_fc.weight"], orig["transformer.h.1.mlp.c_fc.weight"])
+    if hub_names:
+        sd = load_file(str(orig_dir / "model.safetensors"))
+        del sd["h.1.mlp.c_fc.weight"]
+        save_file(sd, str(orig_dir / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.warns(UserWarning), pytest.raises(FormatError, match=r"orig: has no tensor 'transformer\.h\.1\.mlp\.c_fc\.weight' "
+                                                                        r"\(nor 'h\.1\.mlp\.c_fc\.weight'\), a 4-bit weight of "):
+            merge_adapter(str(q), str(adapter), tmp_path / "merged2", dtype="float32", base_original=str(orig_dir))
+        assert not (tmp_path / "merged2").exists()
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,7 @@ class _Merge:
     conv1d: set[str]  # weights of GPT-2 style Conv1D layers: written [in, out] in a 16-bit checkpoint
     quantize: bool
     dtype: str
+    orig_names: dict[str, str] = field(default_factory=dict)  # 4-bit weight -> its name in ``orig``
     costs: list[dict[str, float]] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
@@ -195,7 +196,28 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
         raise FormatError(f"{adapter}: adapts {missing[0]!r}, which {root} does not have", hint="is this adapter for this base?")
     conv1d = _conv1d_weights(root, ckpt.config() or {})
     lora.check_base(_base_shapes(ckpt, targets, conv1d))
-    return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, conv1d, quantize, dtype)
+    orig_names = _original_names(orig, base_original, quantized, ckpt.config() or {}, root) if orig is not None else {}
+    return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, conv1d, quantize, dtype, orig_names)
+
+
+def _original_names(orig: Checkpoint, where: str, quantized: set[str], cfg: dict[str, Any], root: Path) -> dict[str, str]:
+    """The original checkpoint's name for each 4-bit weight: the same name, or the name without the
+    model's base_model_prefix, which transformers also accepts on load (the gpt2 checkpoint on the Hub
+    holds ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn.weight``)."""
+    have = set(orig.keys())
+    names = {k: k for k in quantized if k in have}
+    if len(names) == len(quantized):
+        return names
+    from ..validate import model_class
+
+    prefix = getattr(model_class(cfg, f"{root}/config.json"), "base_model_prefix", "") + "."
+    for k in sorted(quantized - names.keys()):
+        short = k.removeprefix(prefix) if prefix != "." else k
+        if short not in have:
+            raise FormatError(f"{where}: has no tensor {k!r}" + (f" (nor {short!r})" if short != k else "") + f", a 4-bit weight of {root}",
+                              hint="--base-original must be the original checkpoint that BASE was quantized from")
+        names[k] = short
+    return names
 
 
 def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
@@ -232,7 +254,7 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
     if is_4bit:
         qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
         if job.orig is not None:
-            w = job.orig.get(k).float()
+            w = job.orig.get(job.orig_names[k]).float()
             w = w.T.contiguous() if conv1d else w  # the original holds a Conv1D weight as [in, out]
         else:  # the logical value widened (spec 8), not the float32 product before rounding
             w = dequantize_4bit_ref(qt, torch.float32)
