@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +134,34 @@ def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
                               hint="is this adapter for this base?")
         shapes[m] = shape
     check_against_base(folder / "adapter_model.safetensors", modules, shapes)
+
+
+# GPT-2 style Conv1D layers (weight stored [in, out]) and PEFT's fan_in_fan_out. PEFT builds the same
+# LoRA layer on a Conv1D as on a Linear (lora_A [r, in], lora_B [out, r], output + B(A(x)) * scaling);
+# fan_in_fan_out=True only tells it that the base weight is stored transposed, for merging. qconvert's
+# 4-bit model holds a Linear4bit (from_conv1d) where the 16-bit model holds a Conv1D, so an adapter
+# trained on it is saved with fan_in_fan_out=True (what PEFT needs on the 16-bit model), and PEFT's
+# notice when that adapter meets the Linear4bit again ("Setting fan_in_fan_out to False") is expected.
+_LINEAR_FAN_IN_FAN_OUT = r"fan_in_fan_out is set to True but the target module is `torch\.nn\.Linear`"
+
+
+def adapts_conv1d(peft_model) -> bool:
+    """Whether a LoRA layer of ``peft_model`` wraps a 4-bit layer that stands in for a Conv1D."""
+    from peft.tuners.lora import LoraLayer
+
+    return any(getattr(m.get_base_layer(), "from_conv1d", False) for m in peft_model.modules() if isinstance(m, LoraLayer))
+
+
+def has_conv1d_4bit(model) -> bool:
+    """Whether ``model`` holds a Linear4bit that stands in for a GPT-2 style Conv1D."""
+    return any(getattr(m, "from_conv1d", False) for m in model.modules())
+
+
+@contextmanager
+def conv1d_notice_hidden(model):
+    """Attach adapters to ``model`` inside this: PEFT's fan_in_fan_out notice is hidden when the model's
+    4-bit layers stand in for Conv1D (the adapter says True for the 16-bit model; False is right here)."""
+    with warnings.catch_warnings():
+        if has_conv1d_4bit(model):
+            warnings.filterwarnings("ignore", message=_LINEAR_FAN_IN_FAN_OUT, category=UserWarning)
+        yield

@@ -110,11 +110,12 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        from .adapters import check_adapter_for_model
+        from .adapters import check_adapter_for_model, conv1d_notice_hidden
 
         check_adapter_for_model(adapter, model)  # PEFT's own errors for a damaged adapter are tracebacks
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with conv1d_notice_hidden(model):
+            model = PeftModel.from_pretrained(model, str(adapter))
     return model
 
 
@@ -136,9 +137,10 @@ def _skeleton(root: Path, config, qc: dict):
 
 
 def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, be, cd) -> set[str]:
-    """Each 4-bit weight's nn.Linear replaced by a Linear4bit holding it (and its bias); returns the
-    checkpoint tensors used."""
+    """Each 4-bit weight's nn.Linear (or GPT-2 style Conv1D) replaced by a Linear4bit holding it (and
+    its bias); returns the checkpoint tensors used."""
     from .nn import Linear4bit
+    from .validate import is_conv1d, linear_shape
 
     quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
     placed: set[str] = set()
@@ -147,18 +149,18 @@ def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, b
         qt = ckpt.quantized(name, device)
         mod_name = name.removesuffix(".weight")
         old = model.get_submodule(mod_name)
-        if type(old).__name__ == "Conv1D":  # stored transposed; Linear4bit would compute garbage with it
-            raise FormatError(
-                f"{root}: 4-bit tensor {name!r} belongs to a GPT-2 style Conv1D layer, which qconvert.load_model does not support",
-                hint="load this model with transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained(path)",
-            )
-        if not isinstance(old, torch.nn.Linear) or tuple(qt.shape) != (old.out_features, old.in_features):
-            raise FormatError(f"{root}: 4-bit tensor {name!r} does not fit module {mod_name!r} ({type(old).__name__})")
+        # a GPT-2 style Conv1D holds its weight as [in, out]: the stored 4-bit tensor is its transpose,
+        # [out, in], so the Linear4bit that takes its place computes x @ W.T + b, what the Conv1D computed
+        shape = linear_shape(old)
+        if shape is None or tuple(qt.shape) != shape:
+            want = "not a Linear or Conv1D" if shape is None else f"[out, in] {list(shape)}"
+            raise FormatError(f"{root}: 4-bit tensor {name!r} (quant-state shape {list(qt.shape)}) does not fit module {mod_name!r} "
+                              f"({type(old).__name__}, {want})", hint="config.json does not describe these weights; quantize the source again")
         bias_key = f"{mod_name}.bias"
         bias = _cast(ckpt.get(bias_key), device, dt) if bias_key in ckpt else None
         parent_name, _, child = mod_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit(qt, bias, be, cd))
+        setattr(parent, child, Linear4bit(qt, bias, be, cd, from_conv1d=is_conv1d(old)))
         placed.update(comp)
         if bias is not None:
             placed.add(bias_key)

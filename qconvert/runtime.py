@@ -193,6 +193,8 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
     """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes."""
     import torch
 
+    from .validate import linear_shape
+
     folder = Path(folder)
     cfg, shapes = _adapter_shapes(folder)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -209,9 +211,10 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
             raise FormatError(f"{folder}: {mod}: lora_A {list(a)} and lora_B {list(b)} are not [r, in] and [out, r] matrices")
         if isinstance(target, torch.nn.Embedding):
             want = (target.num_embeddings, target.embedding_dim)
-        else:
-            want = (getattr(target, "in_features", None), getattr(target, "out_features", None))
-        if None not in want and (a[1], b[0]) != want:  # a layer without in/out_features (Conv1D) is left to PEFT
+        else:  # a Linear, qconvert's 4-bit one, or a GPT-2 style Conv1D (weight [in, out]): lora_A [r, in], lora_B [out, r] on all
+            out_in = linear_shape(target) or (None, None)
+            want = (out_in[1], out_in[0])
+        if None not in want and (a[1], b[0]) != want:  # any other kind of layer is left to PEFT
             raise FormatError(f"{folder}: {mod} maps {want[0]}->{want[1]} features in {model_name}, the adapter's {a[1]}->{b[0]}", hint=hint)
     return cfg
 
@@ -220,10 +223,12 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
     """Check the adapter against the model, attach it with PEFT and make it the active one."""
     from peft import PeftModel
 
+    from .adapters import conv1d_notice_hidden
+
     check_adapter(folder, lm.model, lm.name)
     name = name or f"adapter{len(lm.adapters)}"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), conv1d_notice_hidden(lm.model):
             # PEFT reads transformers' deprecated is_gradient_checkpointing: a FutureWarning users cannot act on
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             if isinstance(lm.model, PeftModel):

@@ -121,13 +121,21 @@ def build_meta(cls, config, where: str):
     return model
 
 
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is a GPT-2 style Conv1D (transformers' ``Conv1D`` or a subclass): a linear
+    layer whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
 def linear_shape(module) -> tuple[int, int] | None:
     """[out, in] of a module a 4-bit weight can replace (nn.Linear, or transformers' Conv1D)."""
     import torch
 
     if isinstance(module, torch.nn.Linear):
         return module.out_features, module.in_features
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+    if is_conv1d(module) and getattr(module, "weight", None) is not None:
         return tuple(reversed(module.weight.shape))
     return None
 

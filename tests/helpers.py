@@ -115,8 +115,10 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def float32_reference(qdir):
     """The dequantize-then-run reference of a 4-bit checkpoint: a float32 transformers model whose
-    weights are the reference dequantization of the stored 4-bit ones."""
+    weights are the reference dequantization of the stored 4-bit ones (a GPT-2 style Conv1D's
+    transposed back to its [in, out])."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     from qconvert.format.checkpoint import Checkpoint
     from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
@@ -130,7 +132,8 @@ def float32_reference(qdir):
     for name in find_quantized(ck.keys()):
         comp = companion_keys(name, ck.keys())
         owned.update(comp)
-        sd[name] = dequantize_4bit_ref(QuantizedTensor.from_state_dict(name, {k: ck.get(k) for k in comp}), torch.float32)
+        w = dequantize_4bit_ref(QuantizedTensor.from_state_dict(name, {k: ck.get(k) for k in comp}), torch.float32)
+        sd[name] = w.T.contiguous() if isinstance(model.get_submodule(name.removesuffix(".weight")), Conv1D) else w
     sd.update({k: ck.get(k).float() for k in ck.keys() if k not in owned})
     model.load_state_dict(sd, strict=False)
     model.tie_weights()

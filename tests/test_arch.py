@@ -195,25 +195,37 @@ def test_uses_conv1d_matches_the_built_models():
         assert uses_conv1d({"model_type": family}) == has, family
 
 
-def test_conv1d_checkpoint_refused_by_load_model_and_merge(tmp_path):
-    """qconvert's own runtime does not handle transposed Conv1D weights: a clear error, no garbage."""
+def test_conv1d_checkpoint_loads_and_merges(tmp_path):
+    """qconvert's own runtime takes the transposed Conv1D weights (it refused them before): load_model
+    runs the bf16 gpt2 of the sweep as the dequantize-then-run reference does, and a merge writes each
+    Conv1D weight back as [in, out]. tests/test_conv1d.py covers the family end to end."""
     import qconvert
     from qconvert.convert.quantize import quantize_checkpoint
-    from qconvert.errors import FormatError
     from qconvert.export.merge import merge_adapter
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.quant.reference import dequantize_4bit_ref
+
+    from helpers import float32_reference
+    from tolerances import FLOAT32_REL
 
     src = sweep.build_source("gpt2", tmp_path / "src")
     quantize_checkpoint(str(src), tmp_path / "q")
-    with pytest.raises(FormatError, match="belongs to a GPT-2 style Conv1D layer, which qconvert.load_model does not support"):
-        qconvert.load_model(tmp_path / "q", backend="reference")
+    model = qconvert.load_model(tmp_path / "q", backend="reference", dtype=torch.float32)
+    x = torch.arange(1, 9).reshape(1, 8)
+    with torch.no_grad():
+        ours, ref = model(x).logits, float32_reference(tmp_path / "q")(x).logits
+    assert ((ours - ref).norm() / ref.norm()).item() < FLOAT32_REL
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["c_attn"]}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["c_attn"],
+                                                              "fan_in_fan_out": True}))
     save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(2, 64),
                "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.zeros(192, 2)}, str(adapter / "adapter_model.safetensors"))
-    with pytest.raises(FormatError, match=r"GPT-2 style Conv1D layers \(gpt2\), which qconvert merge does not support"):
-        merge_adapter(str(tmp_path / "q"), str(adapter), tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
+    merge_adapter(str(tmp_path / "q"), str(adapter), tmp_path / "merged", dtype="float32")
+    key = "transformer.h.0.attn.c_attn.weight"
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))[key]
+    assert torch.equal(merged, dequantize_4bit_ref(Checkpoint(tmp_path / "q").quantized(key), torch.float32).T)
+    assert merged.shape == load_file(str(src / "model.safetensors"))[key].shape == (64, 192)
 
 
 def test_keys_transformers_ignores_are_dropped_with_the_reason(tmp_path):

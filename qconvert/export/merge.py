@@ -5,7 +5,9 @@ cast. dequant(W4) is the weight's normative value (spec section 8): the float32 
 rounded to the weight's logical dtype (bfloat16 for most LLMs), here widened exactly to float32. That
 is the weight the model computed with during training (bitsandbytes' dequantize_4bit returns it), so
 a float32 merge reproduces the unmerged model to float32 rounding. Other quantized weights are dequantized, and everything else is copied. The output has no
-quantization_config. With ``quantize=True`` the merged weights are re-quantized to 4 bits instead,
+quantization_config. A GPT-2 style Conv1D weight (stored [in, out] by the 16-bit model; its 4-bit
+tensor and its LoRA update are [out, in]) is written back as [in, out], so transformers loads the
+output as it loads the original. With ``quantize=True`` the merged weights are re-quantized to 4 bits instead,
 and the cost is measured and reported: re-quantizing loses much of a LoRA update.
 
 Streaming: the base is read one tensor at a time and output shards are written as they fill
@@ -44,9 +46,10 @@ class LoraAdapter:
         self.folder = Path(folder)
         cfg_path = self.folder / "adapter_config.json"
         self.config = cfg = read_adapter_config(self.folder)  # validated: see export/adapter.py
-        for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
-            if cfg.get(flag):
-                raise FormatError(f"{cfg_path}: {what} is not supported by qconvert merge", hint="merge it with PEFT itself")
+        # fan_in_fan_out (GPT-2 style Conv1D) only says how the 16-bit base stores a weight; lora_A is [r, in]
+        # and lora_B [out, r] either way, and the base's layout is read from the model itself (_conv1d_weights)
+        if cfg.get("use_dora"):
+            raise FormatError(f"{cfg_path}: DoRA is not supported by qconvert merge", hint="merge it with PEFT itself")
         self.weights = self.folder / "adapter_model.safetensors"
         self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = read_lora_weights(self.folder, cfg)
 
@@ -79,12 +82,30 @@ class LoraAdapter:
         return self.scaling(module) * (b.float() @ a.float())
 
 
-def _base_shapes(ckpt: Checkpoint, targets: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    """[out, in] of each adapted base weight (a 4-bit one's from its quant state), by module name."""
+def _base_shapes(ckpt: Checkpoint, targets: dict[str, str], conv1d: set[str]) -> dict[str, tuple[int, ...]]:
+    """[out, in] of each adapted base weight (a 4-bit one's from its quant state; an unquantized
+    Conv1D weight's is its shape reversed), by module name."""
     from ..validate import quant_shapes
 
     q = quant_shapes(ckpt)
-    return {m: tuple(q[k]) if k in q else ckpt.info(k)[1] for k, m in targets.items()}
+    return {m: tuple(q[k]) if k in q else tuple(reversed(ckpt.info(k)[1])) if k in conv1d else ckpt.info(k)[1]
+            for k, m in targets.items()}
+
+
+def _conv1d_weights(root: Path, cfg: dict[str, Any]) -> set[str]:
+    """The weights of the model's GPT-2 style Conv1D layers, stored [in, out] in a 16-bit checkpoint
+    (their 4-bit tensors hold the transpose, [out, in]); read from the model built on the meta device."""
+    from ..convert.meta import uses_conv1d
+
+    if not uses_conv1d(cfg):  # cheap: no model built for the families without Conv1D
+        return set()
+    from transformers import AutoConfig
+
+    from ..validate import build_meta, is_conv1d, model_class
+
+    cls = model_class(cfg, f"{root}/config.json")
+    model = build_meta(cls, AutoConfig.from_pretrained(root, trust_remote_code=False), f"{root}/config.json")
+    return {f"{name}.weight" for name, m in model.named_modules() if is_conv1d(m)}
 
 
 @dataclass
@@ -98,8 +119,10 @@ class _Merge:
     quantized: set[str]
     owned: set[str]
     targets: dict[str, str]  # adapted weight name -> module name
+    conv1d: set[str]  # weights of GPT-2 style Conv1D layers: written [in, out] in a 16-bit checkpoint
     quantize: bool
     dtype: str
+    orig_names: dict[str, str] = field(default_factory=dict)  # 4-bit weight -> its name in ``orig``
     costs: list[dict[str, float]] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
@@ -147,19 +170,12 @@ def merge_adapter(
 
 
 def _open_base(root: Path) -> tuple[Checkpoint, dict[str, Any]]:
-    """The 4-bit base checkpoint and its config; refused when it is not 4-bit or has Conv1D layers."""
-    from ..convert.meta import uses_conv1d
-
+    """The 4-bit base checkpoint and its config; refused when it is not 4-bit."""
     ckpt = Checkpoint(root, streaming=True)
     cfg = ckpt.config() or {}
     qc = cfg.get("quantization_config") or {}
     if not is_4bit_config(qc):
         raise FormatError(f"{root}: not a 4-bit checkpoint", hint="BASE must be the 4-bit checkpoint the adapter was trained on")
-    if uses_conv1d(cfg):  # its 4-bit weights hold the transpose of what the 16-bit model stores
-        raise FormatError(
-            f"{root}: a model with GPT-2 style Conv1D layers ({cfg.get('model_type')}), which qconvert merge does not support",
-            hint="merge it with PEFT on transformers + bitsandbytes",
-        )
     return ckpt, cfg
 
 
@@ -178,8 +194,30 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
     missing = sorted(t for t in targets if t not in keys)
     if missing:
         raise FormatError(f"{adapter}: adapts {missing[0]!r}, which {root} does not have", hint="is this adapter for this base?")
-    lora.check_base(_base_shapes(ckpt, targets))
-    return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, quantize, dtype)
+    conv1d = _conv1d_weights(root, ckpt.config() or {})
+    lora.check_base(_base_shapes(ckpt, targets, conv1d))
+    orig_names = _original_names(orig, base_original, quantized, ckpt.config() or {}, root) if orig is not None else {}
+    return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, conv1d, quantize, dtype, orig_names)
+
+
+def _original_names(orig: Checkpoint, where: str, quantized: set[str], cfg: dict[str, Any], root: Path) -> dict[str, str]:
+    """The original checkpoint's name for each 4-bit weight: the same name, or the name without the
+    model's base_model_prefix, which transformers also accepts on load (the gpt2 checkpoint on the Hub
+    holds ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn.weight``)."""
+    have = set(orig.keys())
+    names = {k: k for k in quantized if k in have}
+    if len(names) == len(quantized):
+        return names
+    from ..validate import model_class
+
+    prefix = getattr(model_class(cfg, f"{root}/config.json"), "base_model_prefix", "") + "."
+    for k in sorted(quantized - names.keys()):
+        short = k.removeprefix(prefix) if prefix != "." else k
+        if short not in have:
+            raise FormatError(f"{where}: has no tensor {k!r}" + (f" (nor {short!r})" if short != k else "") + f", a 4-bit weight of {root}",
+                              hint="--base-original must be the original checkpoint that BASE was quantized from")
+        names[k] = short
+    return names
 
 
 def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
@@ -205,16 +243,21 @@ def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
 
 
 def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast."""
+    """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast. A 4-bit weight and
+    a LoRA update are [out, in]; a Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint
+    (the original, the output, an unquantized base tensor), so it is transposed on the way in and out."""
     from ..quant.fast_cpu import quantize_4bit_fast
     from ..quant.reference import dequantize_4bit_ref
 
-    ckpt, is_4bit = job.ckpt, k in job.quantized
+    ckpt, is_4bit, conv1d = job.ckpt, k in job.quantized, k in job.conv1d
     qt = None
     if is_4bit:
         qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
-        # the logical value widened (spec 8), not the float32 product before rounding
-        w = job.orig.get(k).float() if job.orig is not None else dequantize_4bit_ref(qt, torch.float32)
+        if job.orig is not None:
+            w = job.orig.get(job.orig_names[k]).float()
+            w = w.T.contiguous() if conv1d else w  # the original holds a Conv1D weight as [in, out]
+        else:  # the logical value widened (spec 8), not the float32 product before rounding
+            w = dequantize_4bit_ref(qt, torch.float32)
     else:
         w = ckpt.get(k)
     if k in job.targets:
@@ -222,7 +265,7 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
         if not torch.isfinite(delta).all():
             raise FormatError(f"{job.adapter}: the LoRA update of {k!r} holds NaN or Inf",
                               hint="the adapter is damaged (a diverged training run?); nothing was written")
-        w = w.float() + delta
+        w = w.float() + (delta.T if conv1d and not is_4bit else delta)
         if job.quantize and is_4bit:
             yield from _requantized_with_cost(job, k, w, delta, qt)
             return
@@ -233,6 +276,8 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
     if is_4bit and job.quantize:
         yield from quantize_4bit_fast(w.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k).state_dict(k).items()
         return
+    if is_4bit and conv1d:  # back to the Conv1D's [in, out]
+        w = w.T.contiguous()
     yield k, (w.to(job.out_dtype) if w.is_floating_point() else w)
 
 

@@ -7,6 +7,10 @@ as bitsandbytes' Linear4bit does, and the output is cast back to the input dtype
 matmul uses is the 4-bit weight's value in its logical dtype (``weight_dtype``), converted to the
 compute dtype (spec section 8): at float32 compute, a bfloat16 weight's value widened.
 
+It also takes the place of a GPT-2 style ``Conv1D`` (weight stored [in, out]): the 4-bit tensor
+holds that weight's transpose, [out, in] (spec section 10), so ``x @ W.T + b`` is what the Conv1D
+computed. ``from_conv1d`` records it, for the adapters and merges written for the 16-bit model.
+
 With the ``auto`` backend the forward is one call of the custom op ``torch.ops.qconvert.matmul_4bit``
 (qconvert.ops) over the module's current tensors: the dispatcher picks the kernels from their device,
 so a moved module computes with its new device's kernels, and torch.compile sees one opaque op with a
@@ -50,7 +54,8 @@ class _Matmul4bit(torch.autograd.Function):
 class Linear4bit(nn.Linear):
     """y = x @ dequant(W4).T + b, with W4 frozen in the packed 4-bit format."""
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend, compute_dtype: torch.dtype):
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend, compute_dtype: torch.dtype, *,
+                 from_conv1d: bool = False):
         nn.Module.__init__(self)
         if len(qt.shape) != 2:
             raise ValueError(f"a 4-bit linear weight must be 2-D, got shape {list(qt.shape)}")
@@ -67,6 +72,9 @@ class Linear4bit(nn.Linear):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.backend = backend
         self.compute_dtype = compute_dtype
+        #: this layer stands in for a GPT-2 style Conv1D of the 16-bit model (weight stored [in, out] there):
+        #: a LoRA adapter trained on it is saved with PEFT's fan_in_fan_out=True, merged weights transposed back
+        self.from_conv1d = from_conv1d
 
     def quantized(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor over this module's current (possibly moved) tensors."""

@@ -200,6 +200,7 @@ class _Run:
         """The 4-bit base, gradient checkpointing, LoRA, FSDP sharding (with --fsdp), the optimizer."""
         from peft import LoraConfig, get_peft_model
 
+        from ..adapters import adapts_conv1d
         from ..loader import load_model
         from . import fsdp as fs
 
@@ -215,6 +216,8 @@ class _Run:
                               target_modules=targets or "all-linear")
         torch.manual_seed(o["seed"])
         self.model = get_peft_model(base, self.cfg)
+        if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.adapters)
+            self.model.peft_config["default"].fan_in_fan_out = True  # saved in adapter_config.json; the layers keep False
         self.signature = run_signature(config_identity(root), self.model.peft_config["default"])
         self.n_total = count_parameters(self.model)
         if self.fsdp:
