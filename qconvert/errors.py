@@ -16,6 +16,8 @@ from __future__ import annotations
 PREFIX = "qconvert: error: "
 MAX_FIRST_LINE = 200
 MAX_DETAIL_LINES = 12
+#: How to fix running out of file descriptors (EMFILE/ENFILE), which is not damage to any file.
+OPEN_FILES_HINT = "the file is not necessarily damaged: raise the open-file limit (ulimit -n) or close other programs, then re-run"
 
 
 class QConvertError(Exception):

@@ -93,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the machine said no: a full disk, a permission, a path that is a file
         if debug:
             raise
+        import errno
+
+        from ..errors import OPEN_FILES_HINT
+
         where = f"{e.filename}: " if e.filename else ""
-        _report(f"{where}{e.strerror or e}", "check the path, its permissions and the free disk space")
+        out_of_files = e.errno in (errno.EMFILE, errno.ENFILE)
+        _report(f"{where}{e.strerror or e}", OPEN_FILES_HINT if out_of_files else "check the path, its permissions and the free disk space")
         return EXIT_ERROR
     except MemoryError:
         if debug:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import FormatError, SourceError
+from ..errors import OPEN_FILES_HINT, FormatError, SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -101,7 +101,8 @@ def read_json_object(path: Path, what: str, *, unique: bool = False) -> dict[str
     except _RepeatedName as e:
         raise FormatError(f"{path}: {what} names {e.args[0]!r} twice", hint="readers differ on which entry wins; regenerate it") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON (the {what})", detail=f"{type(e).__name__}: {e}", hint="re-download or regenerate it") from None
+        raise_resource_error(e, path)
+        raise FormatError(f"{path}: not valid JSON ({what})", detail=f"{type(e).__name__}: {e}", hint="re-download or regenerate it") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: must hold a JSON object, not {type(data).__name__}", hint="re-download or regenerate it")
     return data
@@ -234,11 +235,15 @@ class Checkpoint:
             from .conformance import check_header
 
             p = self.root / name
-            check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
+            try:
+                check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
+            except OSError as e:  # a permission, a missing file: the CLI reports the OSError as it is
+                raise_resource_error(e, p)
+                raise
             try:
                 h = safe_open(str(p), framework="pt")
             except Exception as e:  # safetensors raises its own SafetensorError, OSError and MemoryError
-                raise_memory_error(e, p)
+                raise_resource_error(e, p)
                 raise FormatError(
                     f"{p}: not a readable safetensors file ({e})", hint="the file is truncated or corrupt; re-download it"
                 ) from None
@@ -252,7 +257,7 @@ class Checkpoint:
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise_memory_error(e, p)
+            raise_resource_error(e, p)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FormatError(
                 f"{p}: cannot load as a weights-only PyTorch file ({first})",
@@ -289,7 +294,7 @@ class Checkpoint:
         except FormatError:
             raise
         except Exception as e:
-            raise_memory_error(e, self.root / f)
+            raise_resource_error(e, self.root / f)
             raise FormatError(
                 f"{self.root / f}: cannot read tensor {name!r} ({e})", hint="the shard is truncated or corrupt; re-download it"
             ) from None
@@ -425,9 +430,10 @@ def check_layer_counts(config: dict[str, Any], n_tensors: int, where: Path | str
                     )
 
 
-def raise_memory_error(e: BaseException, path: Path) -> None:
-    """Raise a SourceError that says memory, not corruption, when reading ``path`` ran out of memory
-    or address space (mapping a valid file needs address space as large as the file)."""
+def raise_resource_error(e: BaseException, path: Path) -> None:
+    """Raise a SourceError that names the exhausted resource, not corruption, when reading ``path``
+    failed for want of memory or address space (mapping a valid file needs address space as large as
+    the file) or of file descriptors (the open-file limit, ``ulimit -n``); return otherwise."""
     if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
         try:
             size = f"{path.stat().st_size / 1e9:.2f} GB"
@@ -437,3 +443,42 @@ def raise_memory_error(e: BaseException, path: Path) -> None:
             f"{path}: out of memory or address space while mapping it ({size})",
             hint="the file is not necessarily damaged: raise the memory limit (ulimit -v) or free memory, then re-run",
         ) from None
+    if out_of_file_descriptors(e):
+        raise SourceError(
+            f"{path}: too many open files while opening it ({open_file_limit()})",
+            hint=OPEN_FILES_HINT,
+        ) from None
+
+
+def out_of_file_descriptors(e: BaseException) -> bool:
+    """Whether ``e`` came from the process (EMFILE) or the system (ENFILE) running out of file
+    descriptors. safetensors reports a failed open() as a FileNotFoundError or RuntimeError without
+    an errno, so for any other exception this asks the system itself: it opens two descriptors
+    (``safe_open`` holds two at once) and looks at the errno of a refusal."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    held: list[int] = []
+    try:
+        for _ in range(2):
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as probe:
+        return probe.errno in (errno.EMFILE, errno.ENFILE)
+    finally:
+        for fd in held:
+            os.close(fd)
+    return False
+
+
+def open_file_limit() -> str:
+    """The process's open-file limit, in words (for the error above)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return "the open-file limit is reached"
+    return "the open-file limit is reached" if soft == resource.RLIM_INFINITY else f"this process may hold {soft} open files"
+
+
+#: the name before open files were told apart too (qconvert.io.hub imported it)
+raise_memory_error = raise_resource_error

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import SourceError
-from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint, check_member_name, is_companion_file, is_weight_file, raise_memory_error
+from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint, check_member_name, is_companion_file, is_weight_file, raise_resource_error
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -206,7 +206,7 @@ class HubCheckpoint(Checkpoint):
             try:
                 h = safe_open(str(p), framework="pt")
             except Exception as e:
-                raise_memory_error(e, p)
+                raise_resource_error(e, p)
                 raise SourceError(f"{self.repo_id}/{name}: downloaded shard is not readable ({e})", hint="delete it from the cache and re-run") from None
             self._handles[name] = h
         return h

@@ -1,0 +1,153 @@
+"""Hostile and careless input on the I/O side that the other test_hostile_* files do not cover: the
+open-file limit, and adapter patterns that would make Python's regular expressions backtrack for
+ever. Each case checks the error's text (what, where, how to fix) or the correct result."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from hostile_util import make_llama_files, make_lora, run_limited, tree_digest
+
+#: Tensors of the 12-layer make_llama_files model: one shard each, more shards than the open-file
+#: limit (64) that the children below run under.
+MANY_LAYERS = 12
+
+
+def one_tensor_per_shard(folder: Path) -> Path:
+    """Split ``model.safetensors`` into one shard per tensor, with transformers' names and index."""
+    sd = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(sd)
+    weight_map = {}
+    for i, k in enumerate(names):
+        weight_map[k] = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        save_file({k: sd[k]}, str(folder / weight_map[k]), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> Path:
+    return one_tensor_per_shard(make_llama_files(tmp_path_factory.mktemp("many") / "src", layers=MANY_LAYERS))
+
+
+#: Runs argv[3:] through the CLI with RLIMIT_NOFILE at 64, after taking all but ``FREE`` (argv[1];
+#: -1: none taken) of the descriptors (a process that already holds files, or a limit set very low);
+#: prints the exit code. argv[2], a JSON list, is a run made first with every descriptor available,
+#: so that the modules a command imports as it runs are imported already: this is about the
+#: checkpoint's files, not about Python's imports.
+UNDER_FILE_LIMIT = """
+import json, os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+from qconvert.cli.main import main
+warm = json.loads(sys.argv[2])
+if warm:
+    assert main(warm) == 0
+free = int(sys.argv[1])
+held = []
+if free >= 0:
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    for _ in range(free):
+        os.close(held.pop())
+print("exit", main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_more_shards_than_the_open_file_limit(many_shards, tmp_path):
+    """111 shards under a limit of 64 open files: quantize, inspect, verify and merge read one shard
+    at a time (safetensors keeps a mapping, not a descriptor), so all of them succeed."""
+    src = many_shards
+    assert len(list(src.glob("*.safetensors"))) == 111
+    before = tree_digest(src)
+    q, m = tmp_path / "q", tmp_path / "m"
+    lora = make_lora(tmp_path / "lora", src)
+    for args in (["quantize", src, q, "--max-shard-size", "1KB"], ["inspect", src], ["inspect", q],
+                 ["verify", q, "--against", src], ["merge", q, lora, m, "--max-shard-size", "1KB"]):
+        r, _ = run_limited(UNDER_FILE_LIMIT, "-1", "[]", *args, timeout_s=120)
+        assert r.stdout.rstrip().endswith("exit 0"), (args, r.stderr[-2000:])
+    assert len(list(q.glob("*.safetensors"))) == 111 and len(list(m.glob("*.safetensors"))) > 64
+    assert tree_digest(src) == before
+    merged = {}
+    for f in m.glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+    source = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(merged) == set(source)  # every tensor of the base, merged or copied
+
+
+@pytest.fixture(scope="module")
+def many_quantized(many_shards, tmp_path_factory) -> Path:
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("many-q") / "q"
+    quantize_checkpoint(str(many_shards), out, max_shard_size="1KB")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["quantize", "inspect", "verify"])
+def test_running_out_of_file_descriptors_is_not_called_corruption(many_shards, many_quantized, tmp_path, command):
+    """With one or two descriptors left, opening a shard fails; safetensors says "No such file" or
+    a RuntimeError, which qconvert reported as a truncated or corrupt file ("re-download it"). It is
+    reported as the open-file limit, with the fix, and no output appears."""
+    src = many_shards if command == "quantize" else many_quantized
+    args = [command, src, tmp_path / "out"] if command == "quantize" else [command, src]
+    warm = json.dumps([command, str(src), str(tmp_path.parent / f"{tmp_path.name}-warm"), "--overwrite"] if command == "quantize" else [command, str(src)])
+    refused = 0
+    for free in (0, 1, 2):  # a command that holds fewer descriptors at once may succeed at 1 or 2
+        r, _ = run_limited(UNDER_FILE_LIMIT, str(free), warm, *args, timeout_s=60)
+        if r.stdout.rstrip().endswith("exit 0"):
+            continue
+        refused += 1
+        assert r.stdout.rstrip().endswith("exit 1"), r.stderr[-2000:]
+        lines = r.stderr.splitlines()
+        # the first file of the checkpoint that the command opens: its index or a shard
+        assert re.fullmatch(rf"qconvert: error: {re.escape(str(src))}/(model\.safetensors\.index\.json|model-000\d\d-of-00111\.safetensors): "
+                            r"too many open files while opening it \(this process may hold 64 open files\)", lines[0]), lines
+        assert lines[-1] == ("hint: the file is not necessarily damaged: raise the open-file limit (ulimit -n) or close other "
+                             "programs, then re-run")
+        assert not (tmp_path / "out").exists()  # a resumable .out.qconvert-partial/ at most
+    assert refused
+
+
+
+def test_out_of_file_descriptors_is_told_apart_from_other_errors():
+    """The probe behind the message: an OSError by its errno; anything else (safetensors' errors
+    carry none) by whether the process can open two more descriptors right now."""
+    import errno
+
+    from qconvert.format.checkpoint import out_of_file_descriptors
+
+    assert out_of_file_descriptors(OSError(errno.EMFILE, "Too many open files"))
+    assert out_of_file_descriptors(OSError(errno.ENFILE, "Too many open files in system"))
+    assert not out_of_file_descriptors(OSError(errno.ENOENT, "No such file"))
+    assert not out_of_file_descriptors(RuntimeError("unable to open file"))
+    assert not out_of_file_descriptors(FileNotFoundError("No such file or directory: x"))  # no errno: probed
+
+
+def test_cli_names_the_open_file_limit_for_an_emfile_oserror(tmp_path, capsys, monkeypatch):
+    """An EMFILE OSError from anywhere (an import, an output file) gets the ulimit hint, not
+    "check the path, its permissions and the free disk space"."""
+    import errno
+
+    import importlib
+
+    cli_main = importlib.import_module("qconvert.cli.main")
+
+    def boom(*a, **k):
+        raise OSError(errno.EMFILE, "Too many open files", str(tmp_path / "x"))
+
+    monkeypatch.setattr(cli_main, "_load_commands", boom)
+    assert cli_main.main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"qconvert: error: {tmp_path / 'x'}: Too many open files",
+                   "hint: the file is not necessarily damaged: raise the open-file limit (ulimit -n) or close other programs, then re-run"]
