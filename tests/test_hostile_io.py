@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from hostile_util import make_llama_files, make_lora, run_limited, tree_digest
@@ -151,3 +152,124 @@ def test_cli_names_the_open_file_limit_for_an_emfile_oserror(tmp_path, capsys, m
     err = capsys.readouterr().err.splitlines()
     assert err == [f"qconvert: error: {tmp_path / 'x'}: Too many open files",
                    "hint: the file is not necessarily damaged: raise the open-file limit (ulimit -n) or close other programs, then re-run"]
+
+
+# ------------------------------------------------------------------ adapter regular expressions
+#: Patterns that Python's re never finishes (or takes seconds) on a ~30-character module name: a
+#: repeated group that can match the same text in many ways, or many wildcards in a row.
+BACKTRACKING = ["(.*)*X", "(.|.)*X", ".*.*.*.*.*.*.*.*.*.*.*X", r"(\w+\.?)+X"]
+
+
+@pytest.fixture(scope="module")
+def tiny_q(tmp_path_factory) -> Path:
+    from helpers import make_tiny_llama
+
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    d = tmp_path_factory.mktemp("regex")
+    quantize_checkpoint(str(make_tiny_llama(d / "src", hidden=64, intermediate=128, dtype=torch.float32)), d / "q")
+    return d / "q"
+
+
+def peft_adapter(q: Path, out: Path, **lora) -> Path:
+    """A LoRA adapter made by PEFT itself on ``q``'s float32 twin, with nonzero B."""
+    from helpers import float32_reference
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    m = get_peft_model(float32_reference(q), LoraConfig(lora_dropout=0.0, **lora))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    m.save_pretrained(out)
+    return out
+
+
+def edit_config(folder: Path, **kv) -> Path:
+    p = folder / "adapter_config.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), **kv}))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", BACKTRACKING)
+@pytest.mark.parametrize("field", ["rank_pattern", "target_modules"])
+def test_backtracking_adapter_pattern_is_refused_in_bounded_time(tiny_q, tmp_path, monkeypatch, field, pattern):
+    """merge, export-adapter and push match rank/alpha patterns against the adapter's modules, and
+    load_model lets PEFT match target_modules against every module of the model: a pattern that
+    backtracks for ever is stopped at the deadline and named, and nothing is written."""
+    import time
+
+    from qconvert import adapters
+    from qconvert.errors import FormatError
+    from qconvert.export.merge import merge_adapter
+
+    monkeypatch.setattr(adapters, "PATTERN_SECONDS", 1.0)  # the mechanism, without waiting 5 s per case
+    a = peft_adapter(tiny_q, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    edit_config(a, **{field: {pattern: 2} if field == "rank_pattern" else pattern})
+    what = "rank_pattern key" if field == "rank_pattern" else "target_modules"
+    t0 = time.perf_counter()
+    import qconvert
+
+    with pytest.raises(FormatError) as e:
+        if field == "rank_pattern":
+            merge_adapter(str(tiny_q), str(a), tmp_path / "out")
+        else:
+            qconvert.load_model(tiny_q, backend="reference", device="cpu", adapter=a)
+    assert time.perf_counter() - t0 < 15
+    n = 4 if field == "rank_pattern" else None  # the adapter's modules (2 layers); load_model: the model's too
+    first = str(e.value).splitlines()[0]
+    assert re.fullmatch(rf"{re.escape(str(a / 'adapter_config.json'))}: {what} {re.escape(repr(pattern))} does not finish matching "
+                        rf"the {n if n else '[0-9,]+'} module names within 1 s", first), first
+    assert e.value.hint == 'name the modules in a list ("target_modules": ["q_proj", "v_proj"]) instead of a regular expression'
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.qconvert-partial").exists()
+    if field == "target_modules":  # generate / eval --adapter check adapters on their own path
+        from qconvert.runtime import check_adapter
+
+        model = qconvert.load_model(tiny_q, backend="reference", device="cpu")
+        with pytest.raises(FormatError, match=r"target_modules .* does not finish matching the [0-9,]+ module names within 1 s"):
+            check_adapter(a, model, "the model")
+
+
+def test_adapter_pattern_length_and_type_are_checked(tmp_path):
+    from qconvert.adapters import read_adapter_config
+    from qconvert.errors import FormatError
+
+    base = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
+    for extra, message in (
+        ({"target_modules": "q_proj|" * 200}, r"target_modules 'q_proj\|q_proj.*'\.\.\. is 1,400 characters, over the 1000 qconvert accepts"),
+        ({"exclude_modules": 7}, r"exclude_modules must be a string or a list of strings, got int"),
+        ({"modules_to_save": ["lm_head", ["x"]]}, r"modules_to_save must be a string or a list of strings, got list"),
+        ({"layers_pattern": "layers("}, r"layers_pattern 'layers\(' is not a valid regular expression"),
+        ({"alpha_pattern": {"(q|k)_proj)": 2}}, r"alpha_pattern key '\(q\|k\)_proj\)' is not a valid regular expression"),
+    ):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({**base, **extra}))
+        with pytest.raises(FormatError, match=message):
+            read_adapter_config(d)
+
+
+@pytest.mark.slow
+def test_regular_expression_patterns_keep_peft_semantics(tiny_q, tmp_path):
+    """Patterns that finish are not refused, and qconvert reads them as PEFT does: a string
+    target_modules with re.fullmatch, rank/alpha pattern keys as get_pattern_key (an alternation
+    matches either name: qconvert's merge used to read 'q_proj|v_proj' as '(.*\\.)?q_proj' or the bare
+    name 'v_proj', and gave v_proj the default rank). load_model attaches the adapter PEFT made, and
+    merge's scaling of each module equals PEFT's."""
+    import qconvert
+    from qconvert.export.merge import LoraAdapter
+
+    a = peft_adapter(tiny_q, tmp_path / "a", r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj|down_proj)",
+                     rank_pattern={"q_proj|v_proj": 2}, alpha_pattern={r"layers\.1\..*": 3, "down_proj": 5})
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == r".*\.(q_proj|v_proj|down_proj)"  # saved as the string
+    model = qconvert.load_model(tiny_q, backend="reference", device="cpu", adapter=a)
+    peft_scaling = {name.removeprefix("base_model.model."): mod.scaling["default"]
+                    for name, mod in model.named_modules() if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling}
+    lora = LoraAdapter(a)
+    assert sorted(lora.modules) == sorted(peft_scaling) and len(peft_scaling) == 6
+    assert {k: lora.scaling(k) for k in peft_scaling} == peft_scaling
+    assert peft_scaling["model.layers.0.self_attn.v_proj"] == 8 / 2 and peft_scaling["model.layers.1.self_attn.v_proj"] == 3 / 2
+    assert peft_scaling["model.layers.0.mlp.down_proj"] == 5 / 4
