@@ -273,3 +273,88 @@ def test_regular_expression_patterns_keep_peft_semantics(tiny_q, tmp_path):
     assert {k: lora.scaling(k) for k in peft_scaling} == peft_scaling
     assert peft_scaling["model.layers.0.self_attn.v_proj"] == 8 / 2 and peft_scaling["model.layers.1.self_attn.v_proj"] == 3 / 2
     assert peft_scaling["model.layers.0.mlp.down_proj"] == 5 / 4
+
+
+# ------------------------------------------------------------------ checkpoint files
+def test_tensor_that_the_index_does_not_list_is_refused(tmp_path):
+    """A shard named by the index holds a tensor the index leaves out: it was never read, so neither
+    quantize's accounting (every tensor quantized, copied or dropped for a reason) nor verify saw it.
+    An index that lists one tensor of a whole model.safetensors hid the other eleven the same way.
+    (A copy in a file the index does not name is still ignored: test_hostile_folder's decoy.)"""
+    from qconvert.errors import FormatError
+    from qconvert.format.checkpoint import Checkpoint
+
+    src = make_llama_files(tmp_path / "src")
+    sd = load_file(str(src / "model.safetensors"))
+    sd["model.backdoor"] = torch.zeros(4)
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    index = src / "model.safetensors.index.json"
+    listed = {k: "model.safetensors" for k in sd if k != "model.backdoor"}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": listed}))
+    with pytest.raises(FormatError) as e:
+        Checkpoint(src)
+    assert str(e.value) == (f"{src / 'model.safetensors'}: holds 1 tensor(s) that model.safetensors.index.json does not list, "
+                            "e.g. 'model.backdoor'")
+    assert "re-download the checkpoint" in e.value.hint
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": "model.safetensors"}}))
+    with pytest.raises(FormatError, match=r"holds 12 tensor\(s\) that model\.safetensors\.index\.json does not list, e\.g\. 'lm_head\.weight'"):
+        Checkpoint(src)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {**listed, "model.backdoor": "model.safetensors"}}))
+    assert sorted(Checkpoint(src).keys()) == sorted(sd)
+
+
+def test_safetensors_header_errors_say_how_to_fix(tmp_path):
+    """The container errors qconvert raises itself (before safetensors) carry a hint line too."""
+    import struct
+
+    from qconvert.errors import FormatError
+    from qconvert.format.checkpoint import Checkpoint
+
+    for name, raw in (("short", b"\x01\x02"), ("len-2^63", struct.pack("<Q", 2**63) + b"{}      "),
+                      ("not-json", struct.pack("<Q", 8) + b"{oops!  "), ("a-list", struct.pack("<Q", 8) + b"[1, 2]  "),
+                      ("deep", struct.pack("<Q", 100_000) + b"[" * 100_000)):
+        p = tmp_path / f"{name}.safetensors"
+        p.write_bytes(raw)
+        with pytest.raises(FormatError) as e:
+            Checkpoint(p)
+        assert str(e.value).startswith(f"{p}: ") and e.value.hint == "the file is truncated or corrupt, or not a safetensors file; re-download it"
+
+
+#: Runs the CLI (argv[2:]) with files limited to argv[1] bytes, the limit a full disk sets in effect:
+#: a write past it fails with EFBIG (SIGXFSZ ignored, as a shell's ``ulimit -f`` child would not).
+UNDER_FILE_SIZE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from qconvert.cli.main import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+print("exit", main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["quantize", "merge"])
+def test_a_full_disk_is_named_and_leaves_nothing_that_looks_complete(tmp_path, command):
+    """A write that fails (disk full, quota, file-size limit) said only "qconvert: error: File too
+    large" (the write's OSError carries no file name), and merge's clean-up raised a second error
+    while closing the half-written shard, which hid the first. Now the first line names the file
+    being written, the hint says what to free, OUT does not appear, and no half shard is left."""
+    src = make_llama_files(tmp_path / "src", layers=2, hidden=256, intermediate=512, vocab=512)  # 3 MB of bf16
+    if command == "quantize":
+        args = ["quantize", src, tmp_path / "out"]
+    else:
+        from qconvert.convert.quantize import quantize_checkpoint
+
+        quantize_checkpoint(str(src), tmp_path / "q")
+        args = ["merge", tmp_path / "q", make_lora(tmp_path / "lora", src, hidden=256), tmp_path / "out"]
+    before = tree_digest(src)
+    r, _ = run_limited(UNDER_FILE_SIZE, "100000", *args, timeout_s=120)
+    assert r.stdout.rstrip().endswith("exit 1"), r.stderr[-2000:]
+    lines = r.stderr.splitlines()
+    stage = tmp_path / ".out.qconvert-partial"
+    shard = "model.safetensors.tmp" if command == "quantize" else "part-00001.safetensors.data"
+    assert lines == [f"qconvert: error: {stage / shard}: File too large",
+                     "hint: free space on that file system (or raise the file-size limit, ulimit -f), or write the output elsewhere, then re-run"]
+    assert not (tmp_path / "out").exists()
+    left = sorted(p.name for p in stage.iterdir()) if stage.exists() else []
+    assert left in ([], ["journal.json"]), left  # quantize keeps its resume journal, never a half shard
+    assert tree_digest(src) == before

@@ -98,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         from ..errors import OPEN_FILES_HINT
 
         where = f"{e.filename}: " if e.filename else ""
-        out_of_files = e.errno in (errno.EMFILE, errno.ENFILE)
-        _report(f"{where}{e.strerror or e}", OPEN_FILES_HINT if out_of_files else "check the path, its permissions and the free disk space")
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            hint = OPEN_FILES_HINT
+        elif e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = "free space on that file system (or raise the file-size limit, ulimit -f), or write the output elsewhere, then re-run"
+        else:
+            hint = "check the path, its permissions and the free disk space"
+        _report(f"{where}{e.strerror or e}", hint)
         return EXIT_ERROR
     except MemoryError:
         if debug:

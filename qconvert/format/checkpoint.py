@@ -226,6 +226,13 @@ class Checkpoint:
                         f"{self.root / f}: tensor {k!r} is listed in {SAFE_INDEX} but missing from this shard",
                         hint="the index and the shards disagree; re-download the checkpoint",
                     )
+            hidden = present.difference(self.weight_map)  # named nowhere in the index: never read, never checked
+            if hidden:
+                raise FormatError(
+                    f"{self.root / f}: holds {len(hidden)} tensor(s) that {SAFE_INDEX} does not list, e.g. {min(hidden)!r}",
+                    hint="the index and the shards disagree (a tensor it leaves out would be neither converted nor checked); "
+                    "re-download the checkpoint",
+                )
 
     def _open(self, name: str):
         h = self._handles.get(name)

@@ -25,10 +25,12 @@ most a given size when the names come one at a time (merge); :func:`write_index`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -72,6 +74,18 @@ def shard_digest(path: Path) -> str:
     return _digest(head, h.digest())
 
 
+@contextlib.contextmanager
+def _named(path) -> Iterator[None]:
+    """An OSError from a write (a full disk, a file-size limit) names the file being written: the
+    write itself does not, and the user's message would say only "No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
 class ShardWriter:
     def __init__(self, path: Path, metadata: dict[str, str], reserve: int | None = None):
         self.path = Path(path)
@@ -92,7 +106,8 @@ class ShardWriter:
         if name in self.entries:
             raise ValueError(f"tensor {name!r} written twice to {self.path.name}")
         data = tensor_view(t)
-        self.out.write(data)
+        with _named(self.out.name):
+            self.out.write(data)
         self.data_hash.update(data)
         self.entries[name] = {
             "dtype": DTYPE_NAMES[t.dtype],
@@ -104,6 +119,10 @@ class ShardWriter:
 
     def close(self) -> tuple[int, str]:
         """Finish the file; returns (data bytes, :func:`shard_digest` of it)."""
+        with _named(self.tmp):
+            return self._close()
+
+    def _close(self) -> tuple[int, str]:
         header = {"__metadata__": self.metadata, **self.entries}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
@@ -133,7 +152,10 @@ class ShardWriter:
         return self.offset, _digest(head, self.data_hash.digest())
 
     def abort(self) -> None:
-        self.out.close()
+        try:
+            self.out.close()  # flushes what is buffered: fails again when the disk is full
+        except OSError:
+            pass  # the error being handled is the one to report; the file goes anyway
         for p in (self.spill_path, self.tmp):
             p.unlink(missing_ok=True)
 
