@@ -358,3 +358,26 @@ def test_a_full_disk_is_named_and_leaves_nothing_that_looks_complete(tmp_path, c
     left = sorted(p.name for p in stage.iterdir()) if stage.exists() else []
     assert left in ([], ["journal.json"]), left  # quantize keeps its resume journal, never a half shard
     assert tree_digest(src) == before
+
+
+def test_names_from_a_checkpoint_cannot_drive_the_terminal(tmp_path, capsys):
+    """A tensor or file name holding a terminal escape sequence (here one that sets the window title)
+    reached the terminal raw through inspect's table and quantize's notices; only error lines were
+    escaped. Every line the CLI prints about a checkpoint now shows control characters as \\xNN."""
+    from hostile_util import write_safetensors
+
+    from qconvert.cli.main import main
+
+    title = "\x1b]0;pwned\x07"
+    p = write_safetensors(tmp_path / "esc.safetensors", {f"{title}w.weight": ("F32", [2], b"\x00" * 8)})
+    assert main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert out.splitlines()[2].split()[0] == "\\x1b]0;pwned\\x07w.weight"
+    src = make_llama_files(tmp_path / "src")
+    (src / f"{title}notes.txt").write_text("x")
+    assert main(["quantize", str(src), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "not copied (not a tokenizer, template, config or licence file): \\x1b]0;pwned\\x07notes.txt" in err
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
+    assert "\x1b" not in capsys.readouterr().out  # JSON escapes them itself
