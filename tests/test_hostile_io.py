@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -381,3 +382,87 @@ def test_names_from_a_checkpoint_cannot_drive_the_terminal(tmp_path, capsys):
     assert "\x1b" not in err and "not copied (not a tokenizer, template, config or licence file): \\x1b]0;pwned\\x07notes.txt" in err
     assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
     assert "\x1b" not in capsys.readouterr().out  # JSON escapes them itself
+
+
+# ------------------------------------------------------------------ Hub sources
+def _two_shards(folder: Path, hidden: dict | None = None) -> Path:
+    """make_llama_files split in two shards with an index; ``hidden`` tensors go into the second
+    shard without an index entry."""
+    sd = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(sd)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in parts.items():
+        extra = hidden or {} if f.startswith("model-00002") else {}
+        save_file({**{k: sd[k] for k in keys}, **extra}, str(folder / f), metadata={"format": "pt"})
+    weight_map = {k: f for f, keys in parts.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def olah_hub(tmp_path_factory):
+    import olah_server
+
+    if not olah_server.available():
+        pytest.skip("olah not installed (tools/setup_olah.sh)")
+    d = tmp_path_factory.mktemp("olah")
+    decoy = _two_shards(make_llama_files(d / "decoy"))
+    # a consolidated copy under other names beside the indexed shards, as Mistral's repos ship one
+    save_file({"tok_embeddings.weight": torch.zeros(32, 16, dtype=torch.bfloat16)}, str(decoy / "consolidated.safetensors"))
+    hidden = _two_shards(make_llama_files(d / "hidden"), hidden={"model.backdoor": torch.zeros(4)})
+    h = olah_server.OlahHub(d / "hub")
+    h.add_repo("acme/decoy", decoy)
+    h.add_repo("acme/hidden", hidden)
+    h.local = {"acme/decoy": decoy, "acme/hidden": hidden}
+    h.start()
+    yield h
+    h.stop()
+
+
+def _hub_run(hub, home: Path, *args, offline: bool = False, code: str | None = None):
+    import os
+    import subprocess
+
+    from helpers import QCONVERT
+
+    env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", code, *args] if code else [*QCONVERT, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_hub_source_reads_what_its_index_lists_online_and_offline(olah_hub, tmp_path):
+    """Offline, a Hub source was read from every top-level .safetensors file of the cached snapshot,
+    not from its index: a repo that also ships consolidated.safetensors (Mistral's do) mixed both
+    name sets and stopped with "has no place in the model". Online and offline now read what the
+    index lists, and give the bytes a local quantize of the same folder gives."""
+    home = tmp_path / "hf-home"
+    r = _hub_run(olah_hub, home, "acme/decoy", code="import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1])")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list(home.rglob("consolidated.safetensors"))  # the whole repo is in the cache
+    outs = {}
+    for mode in ("online", "offline"):
+        r = _hub_run(olah_hub, home, "quantize", "acme/decoy", tmp_path / mode, offline=mode == "offline")
+        assert r.returncode == 0, (mode, r.stderr[-2000:])
+        outs[mode] = load_file(str(tmp_path / mode / "model.safetensors"))
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    local = tmp_path / "local"
+    quantize_checkpoint(str(olah_hub.local["acme/decoy"]), local)
+    want = load_file(str(local / "model.safetensors"))
+    for mode, got in outs.items():
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), mode
+
+
+@pytest.mark.slow
+def test_hub_source_with_a_tensor_its_index_hides_is_refused(olah_hub, tmp_path):
+    """The Hub reader built its tensor list from the index and dropped whatever else a listed
+    shard held, unsaid; like a local folder, it now refuses the checkpoint and names the tensor."""
+    r = _hub_run(olah_hub, tmp_path / "hf-home", "quantize", "acme/hidden", tmp_path / "out")
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert lines[0] == ("qconvert: error: acme/hidden/model-00002-of-00002.safetensors: holds 1 tensor(s) that "
+                        "model.safetensors.index.json does not list, e.g. 'model.backdoor'"), lines
+    assert lines[-1].startswith("hint: the index and the shards disagree") and not (tmp_path / "out").exists()

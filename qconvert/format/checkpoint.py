@@ -219,20 +219,7 @@ class Checkpoint:
     def _verify_index(self) -> None:
         self._check_files_exist()
         for f, names in self._files_to_names().items():
-            present = set(self._open(f).keys())
-            for k in names:
-                if k not in present:
-                    raise FormatError(
-                        f"{self.root / f}: tensor {k!r} is listed in {SAFE_INDEX} but missing from this shard",
-                        hint="the index and the shards disagree; re-download the checkpoint",
-                    )
-            hidden = present.difference(self.weight_map)  # named nowhere in the index: never read, never checked
-            if hidden:
-                raise FormatError(
-                    f"{self.root / f}: holds {len(hidden)} tensor(s) that {SAFE_INDEX} does not list, e.g. {min(hidden)!r}",
-                    hint="the index and the shards disagree (a tensor it leaves out would be neither converted nor checked); "
-                    "re-download the checkpoint",
-                )
+            check_shard_against_index(self.weight_map, names, self._open(f).keys(), self.root / f)
 
     def _open(self, name: str):
         h = self._handles.get(name)
@@ -416,6 +403,26 @@ class Checkpoint:
         config = read_json_object(p, "config.json")
         check_layer_counts(config, len(self.weight_map), p, self._largest_dim)
         return config
+
+
+def check_shard_against_index(weight_map: dict[str, str], listed: list[str], present, where: Path | str) -> None:
+    """A shard named by an index holds exactly what the index lists for it (``listed``), apart from
+    copies of tensors the index places in another shard: a tensor it leaves out entirely would be
+    neither converted nor checked, and one it lists but the shard lacks cannot be read."""
+    present = set(present)
+    for k in listed:
+        if k not in present:
+            raise FormatError(
+                f"{where}: tensor {k!r} is listed in {SAFE_INDEX} but missing from this shard",
+                hint="the index and the shards disagree; re-download the checkpoint",
+            )
+    hidden = present.difference(weight_map)
+    if hidden:
+        raise FormatError(
+            f"{where}: holds {len(hidden)} tensor(s) that {SAFE_INDEX} does not list, e.g. {min(hidden)!r}",
+            hint="the index and the shards disagree (a tensor it leaves out would be neither converted nor checked); "
+            "re-download the checkpoint",
+        )
 
 
 def check_layer_counts(config: dict[str, Any], n_tensors: int, where: Path | str, largest_dim=lambda: 0) -> None:
