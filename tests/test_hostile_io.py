@@ -95,6 +95,30 @@ def many_quantized(many_shards, tmp_path_factory) -> Path:
     return out
 
 
+def test_shards_held_open_at_once_are_bounded(many_shards, monkeypatch):
+    """Each open safetensors handle holds a memory map, and a process may hold 65,530 of them
+    (vm.max_map_count): a Checkpoint kept a handle on every shard it had opened, so a checkpoint of
+    more shards than that failed as "out of memory". At most MAX_OPEN_SHARDS stay open now (4
+    here, for 111 shards); every tensor still reads back exactly, and each header is checked once."""
+    from qconvert.format import checkpoint, conformance
+
+    checked = []
+    real_check = conformance.check_header
+    monkeypatch.setattr(checkpoint, "MAX_OPEN_SHARDS", 4)
+    monkeypatch.setattr(conformance, "check_header", lambda p: checked.append(Path(p).name) or real_check(p))
+
+    def mapped() -> list[str]:  # the files of this checkpoint that this process has mapped
+        return sorted({line.split()[-1] for line in open("/proc/self/maps") if str(many_shards) + "/" in line})
+
+    ck = checkpoint.Checkpoint(many_shards)  # opens each shard once to check it against the index
+    assert len(ck._handles) == 4 and mapped() == sorted(str(many_shards / f) for f in ck._handles), mapped()
+    for f in sorted(many_shards.glob("*.safetensors"), reverse=True):
+        for k, v in load_file(str(f)).items():
+            assert ck.info(k) == (v.dtype, tuple(v.shape)) and torch.equal(ck.get(k), v)
+    assert len(ck._handles) == 4 and mapped() == sorted(str(many_shards / f) for f in ck._handles), mapped()
+    assert sorted(checked) == sorted(p.name for p in many_shards.glob("*.safetensors"))  # once each
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["quantize", "inspect", "verify"])
 def test_running_out_of_file_descriptors_is_not_called_corruption(many_shards, many_quantized, tmp_path, command):

@@ -40,6 +40,8 @@ SAFETENSORS_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+#: Safetensors handles (memory maps) a Checkpoint keeps open at once; see Checkpoint._open.
+MAX_OPEN_SHARDS = 256
 #: Largest config.json or index JSON read (a real one is under 10 MB; DeepSeek-V3's index is 9 MB).
 MAX_JSON_BYTES = 64 * 2**20
 #: config.json fields that count layers: each layer has at least one tensor, so none of them may
@@ -173,7 +175,8 @@ class Checkpoint:
         self.root = self.path if self.path.is_dir() else self.path.parent
         self.weight_map: dict[str, str] = {}
         self.is_bin = False
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}  # file -> safetensors handle, least recently used first
+        self._checked: set[str] = set()  # files whose header passed check_header
         self._bin_cache: tuple[str, dict[str, torch.Tensor]] | None = None
         if self.path.is_file():
             self._add_file(self.path.name)
@@ -222,18 +225,24 @@ class Checkpoint:
             check_shard_against_index(self.weight_map, names, self._open(f).keys(), self.root / f)
 
     def _open(self, name: str):
-        h = self._handles.get(name)
+        """A safetensors handle on weight file ``name``. At most :data:`MAX_OPEN_SHARDS` stay open
+        (the least recently used is let go): each holds a memory map, and a process may hold only
+        so many (vm.max_map_count, 65,530 by default), so a checkpoint of more shards than that
+        failed as "out of memory". A file's header is checked once, however often it is reopened."""
+        h = self._handles.pop(name, None)
         if h is None:
             from safetensors import safe_open
 
             from .conformance import check_header
 
             p = self.root / name
-            try:
-                check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
-            except OSError as e:  # a permission, a missing file: the CLI reports the OSError as it is
-                raise_resource_error(e, p)
-                raise
+            if name not in self._checked:
+                try:
+                    check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
+                except OSError as e:  # a permission, a missing file: the CLI reports the OSError as it is
+                    raise_resource_error(e, p)
+                    raise
+                self._checked.add(name)
             try:
                 h = safe_open(str(p), framework="pt")
             except Exception as e:  # safetensors raises its own SafetensorError, OSError and MemoryError
@@ -241,7 +250,9 @@ class Checkpoint:
                 raise FormatError(
                     f"{p}: not a readable safetensors file ({e})", hint="the file is truncated or corrupt; re-download it"
                 ) from None
-            self._handles[name] = h
+            while len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.pop(next(iter(self._handles)))
+        self._handles[name] = h  # the most recently used last
         return h
 
     def _load_bin(self, name: str) -> dict[str, torch.Tensor]:
