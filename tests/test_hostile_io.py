@@ -345,6 +345,30 @@ def test_safetensors_header_errors_say_how_to_fix(tmp_path):
         assert str(e.value).startswith(f"{p}: ") and e.value.hint == "the file is truncated or corrupt, or not a safetensors file; re-download it"
 
 
+@pytest.mark.slow
+def test_non_finite_values_in_a_copied_tensor_are_copied_and_verify_says_so(tmp_path):
+    """quantize refuses NaN or Inf in a weight it quantizes (test_convert_errors); a tensor it copies
+    unquantized is copied byte for byte, NaN and Inf included, as transformers would load it
+    (README). verify --against then called the copy not identical: torch.equal(NaN, NaN) is False."""
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.convert.verify import verify_checkpoint
+    from qconvert.errors import QuantizationError
+
+    src = make_llama_files(tmp_path / "src")
+    sd = load_file(str(src / "model.safetensors"))
+    sd["model.norm.weight"][:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    quantize_checkpoint(str(src), tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out["model.norm.weight"].view(torch.int16).tolist() == sd["model.norm.weight"].view(torch.int16).tolist()
+    assert verify_checkpoint(tmp_path / "out", against=str(src))["error"]["unquantized_identical"] is True
+    sd["model.layers.0.mlp.up_proj.weight"][1, 2] = float("nan")
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: holds NaN or Inf \(first at index \[1, 2\]\)"):
+        quantize_checkpoint(str(src), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
 #: Runs the CLI (argv[2:]) with files limited to argv[1] bytes, the limit a full disk sets in effect:
 #: a write past it fails with EFBIG (SIGXFSZ ignored, as a shell's ``ulimit -f`` child would not).
 UNDER_FILE_SIZE = """
