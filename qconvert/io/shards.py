@@ -25,17 +25,16 @@ most a given size when the names come one at a time (merge); :func:`write_index`
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..format.checkpoint import DTYPE_NAMES, SAFE_INDEX
+from .staging import named_write_errors as _named
 
 
 def tensor_view(t: torch.Tensor) -> memoryview:
@@ -72,18 +71,6 @@ def shard_digest(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return _digest(head, h.digest())
-
-
-@contextlib.contextmanager
-def _named(path) -> Iterator[None]:
-    """An OSError from a write (a full disk, a file-size limit) names the file being written: the
-    write itself does not, and the user's message would say only "No space left on device"."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None and e.errno is not None:
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
 
 
 class ShardWriter:

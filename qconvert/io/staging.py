@@ -118,10 +118,23 @@ def staged(out: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def named_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError from a write (a full disk, a quota, a file-size limit) names the file being
+    written: the write's own error does not, and the user would read only "No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
 def write_json(path: Path, obj: Any, *, sort_keys: bool = False) -> None:
     """``obj`` as indented JSON, written beside ``path`` and renamed onto it (never half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    with named_write_errors(tmp):
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
