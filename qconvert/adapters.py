@@ -67,7 +67,8 @@ def adapter_patterns(cfg: Mapping[str, Any], where: Path) -> list[tuple[str, str
         elif isinstance(v, str) and field != "modules_to_save":
             v = [v]
         if not (isinstance(v, list) and all(isinstance(p, str) for p in v)):
-            raise FormatError(f"{where}: {field} must be a string or a list of strings, got {type(v).__name__}", hint=_FIX)
+            kinds = "a list of strings" if field == "modules_to_save" else "a string or a list of strings"
+            raise FormatError(f"{where}: {field} must be {kinds}, got {type(v).__name__}", hint=_FIX)
         found += [(field, p) for p in v]
     for field, p in found:
         what = f"{field} key" if field.endswith("_pattern") and field != "layers_pattern" else field

@@ -265,7 +265,8 @@ def test_adapter_pattern_length_and_type_are_checked(tmp_path):
     for extra, message in (
         ({"target_modules": "q_proj|" * 200}, r"target_modules 'q_proj\|q_proj.*'\.\.\. is 1,400 characters, over the 1000 qconvert accepts"),
         ({"exclude_modules": 7}, r"exclude_modules must be a string or a list of strings, got int"),
-        ({"modules_to_save": ["lm_head", ["x"]]}, r"modules_to_save must be a string or a list of strings, got list"),
+        ({"modules_to_save": ["lm_head", ["x"]]}, r"modules_to_save must be a list of strings, got list"),
+        ({"modules_to_save": "lm_head"}, r"modules_to_save must be a list of strings, got str"),  # PEFT would match each letter
         ({"layers_pattern": "layers("}, r"layers_pattern 'layers\(' is not a valid regular expression"),
         ({"alpha_pattern": {"(q|k)_proj)": 2}}, r"alpha_pattern key '\(q\|k\)_proj\)' is not a valid regular expression"),
     ):
