@@ -128,7 +128,7 @@ def test_running_out_of_file_descriptors_is_not_called_corruption(many_shards, m
     src = many_shards if command == "quantize" else many_quantized
     args = [command, src, tmp_path / "out"] if command == "quantize" else [command, src]
     warm = json.dumps([command, str(src), str(tmp_path.parent / f"{tmp_path.name}-warm"), "--overwrite"] if command == "quantize" else [command, str(src)])
-    refused = 0
+    refused = named_shard = 0
     for free in (0, 1, 2):  # a command that holds fewer descriptors at once may succeed at 1 or 2
         r, _ = run_limited(UNDER_FILE_LIMIT, str(free), warm, *args, timeout_s=60)
         if r.stdout.rstrip().endswith("exit 0"):
@@ -136,13 +136,16 @@ def test_running_out_of_file_descriptors_is_not_called_corruption(many_shards, m
         refused += 1
         assert r.stdout.rstrip().endswith("exit 1"), r.stderr[-2000:]
         lines = r.stderr.splitlines()
-        # the first file of the checkpoint that the command opens: its index or a shard
-        assert re.fullmatch(rf"qconvert: error: {re.escape(str(src))}/(model\.safetensors\.index\.json|model-000\d\d-of-00111\.safetensors): "
-                            r"too many open files while opening it \(this process may hold 64 open files\)", lines[0]), lines
+        # the first file of the checkpoint that the command opens (its index or a shard), or quantize's output lock
+        shard = rf"{re.escape(str(src))}/(model\.safetensors\.index\.json|model-000\d\d-of-00111\.safetensors)"
+        on_shard = re.fullmatch(rf"qconvert: error: {shard}: too many open files while opening it \(this process may hold 64 open files\)",
+                                lines[0])
+        assert on_shard or lines[0] == f"qconvert: error: {tmp_path / '.out.qconvert-lock'}: Too many open files", lines
+        named_shard += bool(on_shard)
         assert lines[-1] == ("hint: the file is not necessarily damaged: raise the open-file limit (ulimit -n) or close other "
                              "programs, then re-run")
         assert not (tmp_path / "out").exists()  # a resumable .out.qconvert-partial/ at most
-    assert refused
+    assert refused and named_shard
 
 
 
@@ -515,3 +518,30 @@ def test_hub_source_with_a_tensor_its_index_hides_is_refused(olah_hub, tmp_path)
     assert lines[0] == ("qconvert: error: acme/hidden/model-00002-of-00002.safetensors: holds 1 tensor(s) that "
                         "model.safetensors.index.json does not list, e.g. 'model.backdoor'"), lines
     assert lines[-1].startswith("hint: the index and the shards disagree") and not (tmp_path / "out").exists()
+
+
+def test_two_runs_writing_one_output_are_refused(tmp_path):
+    """The same quantize started twice (or with other options) shared OUT's staging folder: one run
+    deleted or renamed the other's shards, and the run that finished reported success over an
+    output of mixed shards (seen here: a model.safetensors.tmp beside the index in OUT). A run now
+    holds a lock on OUT from its check to its publish; a second one is refused at once and writes
+    nothing, and the lock file goes with the run."""
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.errors import OutputExistsError
+    from qconvert.export.merge import merge_adapter
+    from qconvert.io.staging import output_lock
+
+    src = make_llama_files(tmp_path / "src")
+    out = tmp_path / "out"
+    with output_lock(out):  # another run, between its check and its publish
+        with pytest.raises(OutputExistsError) as e:
+            quantize_checkpoint(str(src), out)
+        assert str(e.value) == f"{out}: another qconvert run is writing it (the lock .out.qconvert-lock beside it is held)"
+        assert e.value.hint == "wait for that run to finish, or write to another folder"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.qconvert-lock", "src"]
+    quantize_checkpoint(str(src), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    lora = make_lora(tmp_path / "lora", src)
+    with output_lock(tmp_path / "m"), pytest.raises(OutputExistsError, match=r"m: another qconvert run is writing it"):
+        merge_adapter(str(out), str(lora), tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "out", "src"]
