@@ -545,3 +545,22 @@ def test_two_runs_writing_one_output_are_refused(tmp_path):
     with output_lock(tmp_path / "m"), pytest.raises(OutputExistsError, match=r"m: another qconvert run is writing it"):
         merge_adapter(str(out), str(lora), tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "out", "src"]
+
+
+@pytest.mark.slow
+def test_verify_plot_does_not_replace_an_existing_file(tmp_path, capsys):
+    """`verify --plot notes.png` replaced whatever file had that name. It is refused before the
+    checkpoint is read, unless --overwrite."""
+    from qconvert.cli.main import main
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    src = make_llama_files(tmp_path / "src")
+    quantize_checkpoint(str(src), tmp_path / "q")
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"my own picture")
+    assert main(["verify", str(tmp_path / "q"), "--against", str(src), "--plot", str(mine)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"qconvert: error: --plot {mine}: already exists",
+                                                    "hint: pass --overwrite to replace it, or choose another file name"]
+    assert mine.read_bytes() == b"my own picture"
+    assert main(["verify", str(tmp_path / "q"), "--against", str(src), "--plot", str(mine), "--overwrite"]) == 0
+    assert mine.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

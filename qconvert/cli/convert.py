@@ -92,7 +92,8 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
 @click.option("--against", "source", help="The original checkpoint: report per-tensor quantization error against it.")
 @options.json_output()
 @click.option("--plot", metavar="FILE.png", help="With --against: draw each layer's SQNR by module type into FILE.png.")
-def verify(output_dir, source, as_json, plot):
+@options.overwrite("Replace FILE.png if it exists.")
+def verify(output_dir, source, as_json, plot, overwrite):
     """Check a 4-bit checkpoint against the spec; with --against, measure its quantization error."""
     from ..convert.verify import verify_checkpoint
 
@@ -100,6 +101,10 @@ def verify(output_dir, source, as_json, plot):
         from ..errors import OptionError
 
         raise OptionError("--plot needs --against SOURCE", hint="the picture shows the error against the original weights")
+    if plot:
+        from ..plot import check_plot_path
+
+        check_plot_path(plot, overwrite)  # before the work
     r = verify_checkpoint(output_dir, against=source)
     if as_json:
         echo(json.dumps(r, indent=1))
@@ -116,7 +121,7 @@ def verify(output_dir, source, as_json, plot):
     if plot:
         from ..plot import plot_verify_report
 
-        echo(f"wrote {plot_verify_report(r, plot)['path']}", err=True)
+        echo(f"wrote {plot_verify_report(r, plot, overwrite)['path']}", err=True)
     if not r["ok"]:
         raise SystemExit(1)
 
