@@ -38,8 +38,11 @@ MAX_PATTERN_CHARS = 1000
 #: ``(.*)*X`` never finishes on a 30-character name. Matching that finishes here finishes as fast
 #: when PEFT repeats it (the same engine on the same strings).
 PATTERN_SECONDS = 5.0
-#: A pattern of these characters only has no repetition to backtrack over; it is not timed.
+#: A pattern of these characters only has no repetition to backtrack over; it is not timed, unless
+#: a module name is longer than MAX_PLAIN_NAME_CHARS (PEFT's ``(.*\.)?(p)$`` tries ``p`` after every
+#: dot of the name, each ``.`` of ``p`` matching any character).
 _PLAIN = re.compile(r"[\w.-]*")
+MAX_PLAIN_NAME_CHARS = 4096
 
 
 def module_value(table: Mapping | None, module: str, default):
@@ -104,11 +107,13 @@ def check_pattern_time(cfg: Mapping[str, Any], names, where: Path) -> None:
     import subprocess
     import sys
 
-    found = [(f, p) for f, p in adapter_patterns(cfg, where) if not _PLAIN.fullmatch(p)]
+    names = sorted(set(names))
+    long_names = any(len(n) > MAX_PLAIN_NAME_CHARS for n in names)  # the adapter's own names come from its file
+    found = [(f, p) for f, p in adapter_patterns(cfg, where) if long_names or not _PLAIN.fullmatch(p)]
     if not found:
         return
     forms = [PATTERN_FORMS[f][0].format(p=p) for f, p in found]
-    job = json.dumps({"forms": [[e, PATTERN_FORMS[f][1]] for e, (f, _) in zip(forms, found)], "names": sorted(set(names))})
+    job = json.dumps({"forms": [[e, PATTERN_FORMS[f][1]] for e, (f, _) in zip(forms, found)], "names": names})
     try:
         r = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_ALL], input=job, capture_output=True, text=True,
                            timeout=PATTERN_SECONDS)
@@ -123,7 +128,7 @@ def check_pattern_time(cfg: Mapping[str, Any], names, where: Path) -> None:
     field, p = found[started[-1]] if started else found[0]
     what = f"{field} key" if field in ("rank_pattern", "alpha_pattern") else field
     raise FormatError(
-        f"{where}: {what} {p[:60]!r} does not finish matching the {len(set(names)):,} module names within {PATTERN_SECONDS:g} s",
+        f"{where}: {what} {p[:60]!r} does not finish matching the {len(names):,} module names within {PATTERN_SECONDS:g} s",
         detail="the regular expression backtracks catastrophically (nested or repeated wildcards); PEFT would hang on it",
         hint='name the modules in a list ("target_modules": ["q_proj", "v_proj"]) instead of a regular expression',
     )
