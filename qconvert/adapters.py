@@ -5,6 +5,7 @@ adapter=)``), merging, exporting and pushing all read adapters through here.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -21,13 +22,118 @@ LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight
 _FIX = "the adapter is damaged or was edited; export it again from its training run"
 
 
+#: How PEFT matches each adapter_config.json field that holds regular expressions against a module
+#: name (peft.tuners.tuners_utils.check_target_module_exists, peft.utils.other.get_pattern_key):
+#: field -> the expression built from one pattern ``{p}``, and whether it is re.fullmatch (else re.match).
+PATTERN_FORMS = {
+    "target_modules": ("{p}", True),  # when a string; a list is matched by name and dotted suffix
+    "exclude_modules": ("{p}", True),  # likewise
+    "modules_to_save": (r"(^|.*\.){p}($|\..*)", False),
+    "layers_pattern": (r"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", False),
+    "rank_pattern": (r"(.*\.)?({p})$", False),  # the keys
+    "alpha_pattern": (r"(.*\.)?({p})$", False),
+}
+#: The longest pattern accepted (a real one is a few dozen characters).
+MAX_PATTERN_CHARS = 1000
+#: The time all patterns together may take to match every module name, in a child process that is
+#: stopped at this deadline: Python's regular expressions backtrack, and a pattern such as
+#: ``(.*)*X`` never finishes on a 30-character name. Matching that finishes here finishes as fast
+#: when PEFT repeats it (the same engine on the same strings).
+PATTERN_SECONDS = 5.0
+#: A pattern of these characters only has no repetition to backtrack over; it is not timed, unless
+#: a module name is longer than MAX_PLAIN_NAME_CHARS (PEFT's ``(.*\.)?(p)$`` tries ``p`` after every
+#: dot of the name, each ``.`` of ``p`` matching any character).
+_PLAIN = re.compile(r"[\w.-]*")
+MAX_PLAIN_NAME_CHARS = 4096
+
+
 def module_value(table: Mapping | None, module: str, default):
-    """The value of a PEFT rank_pattern/alpha_pattern for ``module`` (a full name, a dotted suffix or
-    a regular expression over the name), else ``default``."""
+    """The value of a PEFT rank_pattern/alpha_pattern for ``module``, else ``default``: as PEFT's
+    get_pattern_key, the first key that matches the name's end at a dot (a full name, a dotted
+    suffix, or a regular expression, alternations included)."""
     for key, val in (table or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return val
     return default
+
+
+def adapter_patterns(cfg: Mapping[str, Any], where: Path) -> list[tuple[str, str]]:
+    """(field, pattern) for every regular expression PEFT will evaluate from ``cfg``; refuses a field
+    of the wrong type, a pattern over :data:`MAX_PATTERN_CHARS` and one that does not compile."""
+    found: list[tuple[str, str]] = []
+    for field in PATTERN_FORMS:
+        v = cfg.get(field)
+        if v is None or (field in ("target_modules", "exclude_modules") and isinstance(v, list)):
+            continue  # a list of names: no regular expression
+        if field in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(v, dict):
+                raise FormatError(f"{where}: {field} must map module names to values, got {type(v).__name__}", hint=_FIX)
+            v = list(v)  # the keys are the patterns
+        elif isinstance(v, str) and field != "modules_to_save":
+            v = [v]
+        if not (isinstance(v, list) and all(isinstance(p, str) for p in v)):
+            kinds = "a list of strings" if field == "modules_to_save" else "a string or a list of strings"
+            raise FormatError(f"{where}: {field} must be {kinds}, got {type(v).__name__}", hint=_FIX)
+        found += [(field, p) for p in v]
+    for field, p in found:
+        what = f"{field} key" if field.endswith("_pattern") and field != "layers_pattern" else field
+        if len(p) > MAX_PATTERN_CHARS:
+            raise FormatError(f"{where}: {what} {p[:60]!r}... is {len(p):,} characters, over the {MAX_PATTERN_CHARS} qconvert accepts",
+                              hint="name the modules in a list instead of one long regular expression")
+        form, _ = PATTERN_FORMS[field]
+        try:
+            re.compile(form.format(p=p))
+        except (re.error, RecursionError, OverflowError) as e:
+            raise FormatError(f"{where}: {what} {p[:60]!r} is not a valid regular expression ({e})", hint=_FIX) from None
+    return found
+
+
+#: The child process of :func:`check_pattern_time`: reads {"forms": [[expr, fullmatch]], "names": [...]}
+#: on stdin and prints each form's index before matching it against every name.
+_MATCH_ALL = """
+import json, re, sys
+job = json.load(sys.stdin)
+for i, (expr, full) in enumerate(job["forms"]):
+    print(i, flush=True)
+    match = (re.compile(expr).fullmatch if full else re.compile(expr).match)
+    for name in job["names"]:
+        match(name)
+print("done", flush=True)
+"""
+
+
+def check_pattern_time(cfg: Mapping[str, Any], names, where: Path) -> None:
+    """Refuse an adapter whose regular expressions (:func:`adapter_patterns`) do not finish matching
+    ``names`` (the module names PEFT or qconvert will match them against) within
+    :data:`PATTERN_SECONDS`. Plain names are not timed; the others run in a child process."""
+    import subprocess
+    import sys
+
+    names = sorted(set(names))
+    long_names = any(len(n) > MAX_PLAIN_NAME_CHARS for n in names)  # the adapter's own names come from its file
+    found = [(f, p) for f, p in adapter_patterns(cfg, where) if long_names or not _PLAIN.fullmatch(p)]
+    if not found:
+        return
+    forms = [PATTERN_FORMS[f][0].format(p=p) for f, p in found]
+    job = json.dumps({"forms": [[e, PATTERN_FORMS[f][1]] for e, (f, _) in zip(forms, found)], "names": names})
+    try:
+        r = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_ALL], input=job, capture_output=True, text=True,
+                           timeout=PATTERN_SECONDS)
+        done = r.returncode == 0 and r.stdout.rstrip().endswith("done")
+        out = r.stdout
+    except subprocess.TimeoutExpired as e:
+        done = False
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    if done:
+        return
+    started = [int(x) for x in out.split() if x.isdigit()]
+    field, p = found[started[-1]] if started else found[0]
+    what = f"{field} key" if field in ("rank_pattern", "alpha_pattern") else field
+    raise FormatError(
+        f"{where}: {what} {p[:60]!r} does not finish matching the {len(names):,} module names within {PATTERN_SECONDS:g} s",
+        detail="the regular expression backtracks catastrophically (nested or repeated wildcards); PEFT would hang on it",
+        hint='name the modules in a list ("target_modules": ["q_proj", "v_proj"]) instead of a regular expression',
+    )
 
 
 def _positive_int(v: Any) -> bool:
@@ -59,18 +165,15 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         t = cfg.get(table)
         if t is not None and not (isinstance(t, dict) and all(isinstance(k, str) and ok(v) for k, v in t.items())):
             raise FormatError(f"{p}: {table} must map module names to {what}", hint=_FIX)
-        for k in t or {}:  # keys are regular expressions over module names (as PEFT reads them)
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise FormatError(f"{p}: {table} key {k[:60]!r} is not a valid regular expression ({e})", hint=_FIX) from None
+    adapter_patterns(cfg, p)  # rank/alpha pattern keys and the other regular expressions: valid and short
     return cfg
 
 
-def read_lora_weights(folder: Path, cfg: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+def read_lora_weights(folder: Path, cfg: Mapping[str, Any], base_names=()) -> dict[str, tuple[Any, Any]]:
     """{module: (lora_A, lora_B)} from adapter_model.safetensors, validated against ``cfg``: every
     tensor a LoRA A/B weight, each A with its B, A [r, in] and B [out, r] in a float dtype, r the
-    module's rank (rank_pattern, else r)."""
+    module's rank (rank_pattern, else r). ``cfg``'s regular expressions must finish matching these
+    modules and ``base_names`` (the base model's modules, which PEFT matches) in bounded time."""
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise FormatError(f"{folder}: no adapter_model.safetensors", hint="pass a PEFT LoRA adapter folder")
@@ -90,6 +193,7 @@ def read_lora_weights(folder: Path, cfg: Mapping[str, Any]) -> dict[str, tuple[A
         pairs.setdefault(m.group(1), {})[m.group(2)] = v
     if not pairs:
         raise FormatError(f"{weights}: no LoRA weights (keys like base_model.model.<module>.lora_A.weight)", hint=_FIX)
+    check_pattern_time(cfg, [*pairs, *base_names], folder / "adapter_config.json")
     out = {}
     for module, ab in sorted(pairs.items()):
         for have, lack in (("A", "B"), ("B", "A")):
@@ -122,7 +226,7 @@ def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
     from .validate import linear_shape
 
     folder = Path(folder)
-    modules = read_lora_weights(folder, read_adapter_config(folder))
+    modules = read_lora_weights(folder, read_adapter_config(folder), [name for name, _ in model.named_modules()])
     shapes = {}
     for m in modules:
         try:

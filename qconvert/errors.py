@@ -16,6 +16,8 @@ from __future__ import annotations
 PREFIX = "qconvert: error: "
 MAX_FIRST_LINE = 200
 MAX_DETAIL_LINES = 12
+#: How to fix running out of file descriptors (EMFILE/ENFILE), which is not damage to any file.
+OPEN_FILES_HINT = "the file is not necessarily damaged: raise the open-file limit (ulimit -n) or close other programs, then re-run"
 
 
 class QConvertError(Exception):
@@ -97,10 +99,14 @@ def _split_first_line(line: str, room: int) -> tuple[str, str]:
     return line[: room - 4] + " ...", line[room - 4 :]
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """Control characters (a terminal escape sequence in a hostile tensor name or path) shown as
-    ``\\xNN`` escapes instead of being sent to the terminal; newlines kept."""
+    ``\\xNN`` escapes instead of being sent to the terminal; newlines kept. The CLI passes its
+    errors and every line it prints about a checkpoint through this."""
     return "".join(c if c == "\n" or c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+_printable = printable
 
 
 def cli_lines(message: str, hint: str | None = None) -> list[str]:

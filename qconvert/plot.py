@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError
+from .errors import OptionError, OutputExistsError
 
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+?)(?:\.weight)?$")
 
@@ -45,16 +45,27 @@ def plot_data(error: dict[str, Any]) -> dict[str, Any]:
     return {"series": series, "other": other, "exact": exact}
 
 
-def plot_quantization_error(error: dict[str, Any], path: str | os.PathLike, *, title: str | None = None) -> dict[str, Any]:
-    """Draw SQNR (dB) against layer index, one line per module type; tensors outside the numbered layers
-    are drawn as labelled points after the last layer. Writes a PNG and returns the plotted values
-    (``lines``: label -> (x, y) as read back from the axes) next to :func:`plot_data`'s series."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def check_plot_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The picture's file: a ``.png`` name, and not an existing file unless ``overwrite`` (a
+    careless ``--plot`` naming a file that is already there replaced it)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise OptionError(f"--plot {path}: the picture is written as PNG", hint="give a file name ending in .png")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"--plot {path}: already exists", hint="pass --overwrite to replace it, or choose another file name")
+    return path
+
+
+def plot_quantization_error(error: dict[str, Any], path: str | os.PathLike, *, title: str | None = None,
+                            overwrite: bool = False) -> dict[str, Any]:
+    """Draw SQNR (dB) against layer index, one line per module type; tensors outside the numbered layers
+    are drawn as labelled points after the last layer. Writes a PNG (refusing to replace a file
+    unless ``overwrite``) and returns the plotted values (``lines``: label -> (x, y) as read back
+    from the axes) next to :func:`plot_data`'s series."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = check_plot_path(path, overwrite)
     data = plot_data(error)
     fig = Figure(figsize=(9, 5), dpi=100)
     FigureCanvasAgg(fig)
@@ -87,8 +98,8 @@ def plot_quantization_error(error: dict[str, Any], path: str | os.PathLike, *, t
     return data
 
 
-def plot_verify_report(report: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+def plot_verify_report(report: dict[str, Any], path: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
     """The verify CLI's hook: the picture needs the per-tensor error that ``--against`` measures."""
     if "error" not in report:
         raise OptionError("--plot needs --against SOURCE", hint="the picture shows the error against the original weights")
-    return plot_quantization_error(report["error"], path)
+    return plot_quantization_error(report["error"], path, overwrite=overwrite)

@@ -193,11 +193,13 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
     """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes."""
     import torch
 
+    from .adapters import check_pattern_time
     from .validate import linear_shape
 
     folder = Path(folder)
     cfg, shapes = _adapter_shapes(folder)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_pattern_time(cfg, [*shapes, *(name for name, _ in base.named_modules())], folder / "adapter_config.json")
     hint = f"it was trained on {cfg.get('base_model_name_or_path')!r}; use it with that model"
     for mod, ab in sorted(shapes.items()):
         if set(ab) != {"A", "B"}:

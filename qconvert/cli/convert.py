@@ -10,6 +10,14 @@ import click
 from . import options
 
 
+def echo(text: str, err: bool = False) -> None:
+    """click.echo of a line that may hold names from the checkpoint (tensor and file names), with
+    control characters escaped: a name may carry a terminal escape sequence."""
+    from ..errors import printable
+
+    click.echo(printable(text), err=err)
+
+
 def _human(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -22,7 +30,7 @@ def _report_drops_and_casts(s: dict) -> None:
             by_reason.setdefault(e["reason"], []).append(e["tensor"])
         for reason, names in by_reason.items():
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            click.echo(f"{what}: {', '.join(names[:3])}{more} ({reason})")
+            echo(f"{what}: {', '.join(names[:3])}{more} ({reason})")
 
 
 @click.command()
@@ -50,23 +58,23 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
     from ..convert.quantize import quantize_checkpoint
 
     workers = parse_workers(workers)  # a bad value fails here, before anything is read
-    log = None if as_json else (lambda m: click.echo(m, err=True))
+    log = None if as_json else (lambda m: echo(m, err=True))
     s = quantize_checkpoint(
         source, output_dir, revision=revision, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
         compute_dtype=compute_dtype, skip_modules=list(skip_modules), max_shard_size=max_shard_size, workers=workers,
         dry_run=dry_run, overwrite=overwrite, keep_source=keep_source, log=log,
     )
     if as_json:
-        click.echo(json.dumps(s, indent=1))
+        echo(json.dumps(s, indent=1))
         return
     if dry_run:
-        click.echo(f"plan for {source} -> {output_dir} ({s['architecture']}): {s['tensors']} tensors, {s['quantized']} quantized")
+        echo(f"plan for {source} -> {output_dir} ({s['architecture']}): {s['tensors']} tensors, {s['quantized']} quantized")
         _report_drops_and_casts(s)
         for sh in s["shards"]:
-            click.echo(f"  {sh['file']}: {sh['tensors']} tensors, about {_human(sh['estimated_bytes'])}")
-        click.echo(f"source {_human(s['source_bytes'])} -> about {_human(s['estimated_output_bytes'])}; nothing written")
+            echo(f"  {sh['file']}: {sh['tensors']} tensors, about {_human(sh['estimated_bytes'])}")
+        echo(f"source {_human(s['source_bytes'])} -> about {_human(s['estimated_output_bytes'])}; nothing written")
         return
-    click.echo(
+    echo(
         f"wrote {s['output']}: {s['quantized']} of {s['tensors']} tensors quantized ({s['quant_type']}, block {s['blocksize']}, "
         f"{'double quant' if s['double_quant'] else 'fp32 scales'}), {_human(s['source_bytes'])} -> {_human(s['output_bytes'])}, "
         f"{s['bits_per_param']:.3f} bits/param, {len(s['shards'])} shard(s), {s['seconds']:.1f} s"
@@ -76,7 +84,7 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
         from ..hub.push import push_folder
 
         r = push_folder(output_dir, push_to)
-        click.echo(f"pushed to {push_to}: {r['commit_url']}")
+        echo(f"pushed to {push_to}: {r['commit_url']}")
 
 
 @click.command()
@@ -84,7 +92,8 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
 @click.option("--against", "source", help="The original checkpoint: report per-tensor quantization error against it.")
 @options.json_output()
 @click.option("--plot", metavar="FILE.png", help="With --against: draw each layer's SQNR by module type into FILE.png.")
-def verify(output_dir, source, as_json, plot):
+@options.overwrite("Replace FILE.png if it exists.")
+def verify(output_dir, source, as_json, plot, overwrite):
     """Check a 4-bit checkpoint against the spec; with --against, measure its quantization error."""
     from ..convert.verify import verify_checkpoint
 
@@ -92,14 +101,18 @@ def verify(output_dir, source, as_json, plot):
         from ..errors import OptionError
 
         raise OptionError("--plot needs --against SOURCE", hint="the picture shows the error against the original weights")
+    if plot:
+        from ..plot import check_plot_path
+
+        check_plot_path(plot, overwrite)  # before the work
     r = verify_checkpoint(output_dir, against=source)
     if as_json:
-        click.echo(json.dumps(r, indent=1))
+        echo(json.dumps(r, indent=1))
     else:
-        click.echo(f"{output_dir}: OK: {r['quantized']} quantized and {r['unquantized']} other tensors in {len(r['files'])} file(s) follow the spec")
+        echo(f"{output_dir}: OK: {r['quantized']} quantized and {r['unquantized']} other tensors in {len(r['files'])} file(s) follow the spec")
         if source:
             e = r["error"]
-            click.echo(
+            echo(
                 f"quantization error against {source}: relative error mean {e['rel_error_mean']:.4f} (worst {e['rel_error_max']:.4f} "
                 f"in {e['worst_tensor']}), SQNR mean {e['sqnr_db_mean']:.2f} dB (lowest {e['sqnr_db_min']:.2f} dB); "
                 f"unquantized tensors identical: {e['unquantized_identical']}"
@@ -108,7 +121,7 @@ def verify(output_dir, source, as_json, plot):
     if plot:
         from ..plot import plot_verify_report
 
-        click.echo(f"wrote {plot_verify_report(r, plot)['path']}", err=True)
+        echo(f"wrote {plot_verify_report(r, plot, overwrite)['path']}", err=True)
     if not r["ok"]:
         raise SystemExit(1)
 
@@ -123,9 +136,9 @@ def inspect(path: str, as_json: bool) -> None:
 
     report = inspect_checkpoint(path)
     if as_json:
-        click.echo(json.dumps(report, indent=1))
+        echo(json.dumps(report, indent=1))
     else:
-        click.echo(format_report(report))
+        echo(format_report(report))
 
 
 COMMANDS = [inspect, quantize, verify]

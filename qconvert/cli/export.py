@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..errors import printable
 from . import options
 
 
@@ -27,7 +28,7 @@ def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_origi
 
     s = merge_adapter(base, adapter, output_dir, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size,
                       base_original=base_original, overwrite=overwrite, revision=revision,
-                      log=lambda m: click.echo(m, err=True))
+                      log=lambda m: click.echo(printable(m), err=True))
     if push_to:
         from ..hub.push import push_folder
 

@@ -93,8 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the machine said no: a full disk, a permission, a path that is a file
         if debug:
             raise
+        import errno
+
+        from ..errors import OPEN_FILES_HINT
+
         where = f"{e.filename}: " if e.filename else ""
-        _report(f"{where}{e.strerror or e}", "check the path, its permissions and the free disk space")
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            hint = OPEN_FILES_HINT
+        elif e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = "free space on that file system (or raise the file-size limit, ulimit -f), or write the output elsewhere, then re-run"
+        else:
+            hint = "check the path, its permissions and the free disk space"
+        _report(f"{where}{e.strerror or e}", hint)
         return EXIT_ERROR
     except MemoryError:
         if debug:

@@ -11,6 +11,7 @@ sharded output) is the last file written into the staging folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from ..io.reader import CheckpointReader, cleanup
 from ..io.shards import ShardWriter, header_bound, shard_digest, write_index
 
 # the staging helpers live in qconvert.io.staging; the old names stay importable from here
-from ..io.staging import MAX_COMPANION_BYTES, check_output, free_bytes, staging_dir, trash_dir  # noqa: F401
+from ..io.staging import MAX_COMPANION_BYTES, check_output, free_bytes, output_lock, staging_dir, trash_dir  # noqa: F401
 from ..io.staging import copy_companions as _copy_extra_files
 from ..io.staging import not_copyable as _not_copyable  # noqa: F401
 from ..io.staging import publish as _publish
@@ -90,28 +91,32 @@ def quantize_checkpoint(
     out = Path(output)
     _check_options(quant_type, blocksize, compute_dtype)
     shard_limit = parse_size(max_shard_size)
-    if not dry_run:
-        check_output(out, overwrite, inputs=[source])
-    workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
-    stage = staging_dir(out)
-    t0 = time.perf_counter()
-    src = open_checkpoint(source, revision, stage / "source", keep=keep_source)
-    plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules), max_shard_size=shard_limit)
-    settings = _settings(src, source, plan, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-                         compute_dtype=compute_dtype, skip_modules=skip_modules, max_shard_size=shard_limit)
-    plan.settings = settings
-    if dry_run:
-        return {"dry_run": True, "source": source, "output": str(out), **plan.summary()}
-    _check_space(src, plan, out)
-    journal = _open_journal(stage, settings, plan)
-    try:
-        totals = _write_shards(src, plan, stage, journal, settings, workers, say)
-    finally:
-        cleanup(src)
-    _write_config(src, stage, plan, settings)
-    copied = _copy_extra_files(src, stage, log)
-    summary = _summary(source, out, plan, settings, totals, copied, t0)
-    _finish(stage, out, plan, totals, summary)
+    with contextlib.ExitStack() as hold:
+        if not dry_run:
+            check_output(out, overwrite, inputs=[source])
+            hold.enter_context(output_lock(out))  # one run at a time writes OUT (and its staging folder)
+            check_output(out, overwrite, inputs=[source])  # again: another run may have finished meanwhile
+        workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
+        stage = staging_dir(out)
+        t0 = time.perf_counter()
+        src = open_checkpoint(source, revision, stage / "source", keep=keep_source)
+        plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules),
+                         max_shard_size=shard_limit)
+        settings = _settings(src, source, plan, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                             compute_dtype=compute_dtype, skip_modules=skip_modules, max_shard_size=shard_limit)
+        plan.settings = settings
+        if dry_run:
+            return {"dry_run": True, "source": source, "output": str(out), **plan.summary()}
+        _check_space(src, plan, out)
+        journal = _open_journal(stage, settings, plan)
+        try:
+            totals = _write_shards(src, plan, stage, journal, settings, workers, say)
+        finally:
+            cleanup(src)
+        _write_config(src, stage, plan, settings)
+        copied = _copy_extra_files(src, stage, log)
+        summary = _summary(source, out, plan, settings, totals, copied, t0)
+        _finish(stage, out, plan, totals, summary)
     return summary
 
 

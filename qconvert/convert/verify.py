@@ -136,7 +136,7 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
         if it.transpose:
             w = w.T
         if it.out_key not in qset:
-            identical = identical and torch.equal(ckpt.get(it.out_key), w.to(it.out_dtype))
+            identical = identical and same_values(ckpt.get(it.out_key), w.to(it.out_dtype))
             continue
         w = w.double()
         # the normative value (spec 8): rounded to the logical dtype, then widened
@@ -162,3 +162,13 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
         "unquantized_identical": identical,
         "dropped": [{"tensor": k, "reason": r} for k, r in plan.dropped.items()],
     }
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors, NaN equal to NaN (torch.equal says a tensor holding NaN differs from itself,
+    so a NaN copied byte for byte made ``unquantized tensors identical`` False)."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or not a.is_floating_point():
+        return False
+    return torch.allclose(a.float(), b.float(), rtol=0, atol=0, equal_nan=True)

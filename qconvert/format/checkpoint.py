@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import FormatError, SourceError
+from ..errors import OPEN_FILES_HINT, FormatError, SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -40,6 +40,8 @@ SAFETENSORS_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+#: Safetensors handles (memory maps) a Checkpoint keeps open at once; see Checkpoint._open.
+MAX_OPEN_SHARDS = 256
 #: Largest config.json or index JSON read (a real one is under 10 MB; DeepSeek-V3's index is 9 MB).
 MAX_JSON_BYTES = 64 * 2**20
 #: config.json fields that count layers: each layer has at least one tensor, so none of them may
@@ -101,7 +103,8 @@ def read_json_object(path: Path, what: str, *, unique: bool = False) -> dict[str
     except _RepeatedName as e:
         raise FormatError(f"{path}: {what} names {e.args[0]!r} twice", hint="readers differ on which entry wins; regenerate it") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON (the {what})", detail=f"{type(e).__name__}: {e}", hint="re-download or regenerate it") from None
+        raise_resource_error(e, path)
+        raise FormatError(f"{path}: not valid JSON ({what})", detail=f"{type(e).__name__}: {e}", hint="re-download or regenerate it") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: must hold a JSON object, not {type(data).__name__}", hint="re-download or regenerate it")
     return data
@@ -172,7 +175,8 @@ class Checkpoint:
         self.root = self.path if self.path.is_dir() else self.path.parent
         self.weight_map: dict[str, str] = {}
         self.is_bin = False
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}  # file -> safetensors handle, least recently used first
+        self._checked: set[str] = set()  # files whose header passed check_header
         self._bin_cache: tuple[str, dict[str, torch.Tensor]] | None = None
         if self.path.is_file():
             self._add_file(self.path.name)
@@ -218,31 +222,37 @@ class Checkpoint:
     def _verify_index(self) -> None:
         self._check_files_exist()
         for f, names in self._files_to_names().items():
-            present = set(self._open(f).keys())
-            for k in names:
-                if k not in present:
-                    raise FormatError(
-                        f"{self.root / f}: tensor {k!r} is listed in {SAFE_INDEX} but missing from this shard",
-                        hint="the index and the shards disagree; re-download the checkpoint",
-                    )
+            check_shard_against_index(self.weight_map, names, self._open(f).keys(), self.root / f)
 
     def _open(self, name: str):
-        h = self._handles.get(name)
+        """A safetensors handle on weight file ``name``. At most :data:`MAX_OPEN_SHARDS` stay open
+        (the least recently used is let go): each holds a memory map, and a process may hold only
+        so many (vm.max_map_count, 65,530 by default), so a checkpoint of more shards than that
+        failed as "out of memory". A file's header is checked once, however often it is reopened."""
+        h = self._handles.pop(name, None)
         if h is None:
             from safetensors import safe_open
 
             from .conformance import check_header
 
             p = self.root / name
-            check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
+            if name not in self._checked:
+                try:
+                    check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
+                except OSError as e:  # a permission, a missing file: the CLI reports the OSError as it is
+                    raise_resource_error(e, p)
+                    raise
+                self._checked.add(name)
             try:
                 h = safe_open(str(p), framework="pt")
             except Exception as e:  # safetensors raises its own SafetensorError, OSError and MemoryError
-                raise_memory_error(e, p)
+                raise_resource_error(e, p)
                 raise FormatError(
                     f"{p}: not a readable safetensors file ({e})", hint="the file is truncated or corrupt; re-download it"
                 ) from None
-            self._handles[name] = h
+            while len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.pop(next(iter(self._handles)))
+        self._handles[name] = h  # the most recently used last
         return h
 
     def _load_bin(self, name: str) -> dict[str, torch.Tensor]:
@@ -252,7 +262,7 @@ class Checkpoint:
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise_memory_error(e, p)
+            raise_resource_error(e, p)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FormatError(
                 f"{p}: cannot load as a weights-only PyTorch file ({first})",
@@ -289,7 +299,7 @@ class Checkpoint:
         except FormatError:
             raise
         except Exception as e:
-            raise_memory_error(e, self.root / f)
+            raise_resource_error(e, self.root / f)
             raise FormatError(
                 f"{self.root / f}: cannot read tensor {name!r} ({e})", hint="the shard is truncated or corrupt; re-download it"
             ) from None
@@ -406,6 +416,26 @@ class Checkpoint:
         return config
 
 
+def check_shard_against_index(weight_map: dict[str, str], listed: list[str], present, where: Path | str) -> None:
+    """A shard named by an index holds exactly what the index lists for it (``listed``), apart from
+    copies of tensors the index places in another shard: a tensor it leaves out entirely would be
+    neither converted nor checked, and one it lists but the shard lacks cannot be read."""
+    present = set(present)
+    for k in listed:
+        if k not in present:
+            raise FormatError(
+                f"{where}: tensor {k!r} is listed in {SAFE_INDEX} but missing from this shard",
+                hint="the index and the shards disagree; re-download the checkpoint",
+            )
+    hidden = present.difference(weight_map)
+    if hidden:
+        raise FormatError(
+            f"{where}: holds {len(hidden)} tensor(s) that {SAFE_INDEX} does not list, e.g. {min(hidden)!r}",
+            hint="the index and the shards disagree (a tensor it leaves out would be neither converted nor checked); "
+            "re-download the checkpoint",
+        )
+
+
 def check_layer_counts(config: dict[str, Any], n_tensors: int, where: Path | str, largest_dim=lambda: 0) -> None:
     """Refuse a layer count (top level or one level down, e.g. ``text_config``) that is not a
     non-negative integer no larger than the number of tensors in the checkpoint, and an expert count
@@ -425,9 +455,10 @@ def check_layer_counts(config: dict[str, Any], n_tensors: int, where: Path | str
                     )
 
 
-def raise_memory_error(e: BaseException, path: Path) -> None:
-    """Raise a SourceError that says memory, not corruption, when reading ``path`` ran out of memory
-    or address space (mapping a valid file needs address space as large as the file)."""
+def raise_resource_error(e: BaseException, path: Path) -> None:
+    """Raise a SourceError that names the exhausted resource, not corruption, when reading ``path``
+    failed for want of memory or address space (mapping a valid file needs address space as large as
+    the file) or of file descriptors (the open-file limit, ``ulimit -n``); return otherwise."""
     if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
         try:
             size = f"{path.stat().st_size / 1e9:.2f} GB"
@@ -437,3 +468,42 @@ def raise_memory_error(e: BaseException, path: Path) -> None:
             f"{path}: out of memory or address space while mapping it ({size})",
             hint="the file is not necessarily damaged: raise the memory limit (ulimit -v) or free memory, then re-run",
         ) from None
+    if out_of_file_descriptors(e):
+        raise SourceError(
+            f"{path}: too many open files while opening it ({open_file_limit()})",
+            hint=OPEN_FILES_HINT,
+        ) from None
+
+
+def out_of_file_descriptors(e: BaseException) -> bool:
+    """Whether ``e`` came from the process (EMFILE) or the system (ENFILE) running out of file
+    descriptors. safetensors reports a failed open() as a FileNotFoundError or RuntimeError without
+    an errno, so for any other exception this asks the system itself: it opens two descriptors
+    (``safe_open`` holds two at once) and looks at the errno of a refusal."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    held: list[int] = []
+    try:
+        for _ in range(2):
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as probe:
+        return probe.errno in (errno.EMFILE, errno.ENFILE)
+    finally:
+        for fd in held:
+            os.close(fd)
+    return False
+
+
+def open_file_limit() -> str:
+    """The process's open-file limit, in words (for the error above)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return "the open-file limit is reached"
+    return "the open-file limit is reached" if soft == resource.RLIM_INFINITY else f"this process may hold {soft} open files"
+
+
+#: the name before open files were told apart too (qconvert.io.hub imported it)
+raise_memory_error = raise_resource_error

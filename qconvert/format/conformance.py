@@ -28,6 +28,7 @@ from .layout import QUANT_STATE_PREFIX, SUFFIXES, entry_key, find_quantized, qua
 LAYOUT_VERSIONS = ("1",)
 #: the safetensors library refuses longer headers; so does this check, before reading one
 MAX_HEADER_BYTES = 100_000_000
+_DAMAGED = "the file is truncated or corrupt, or not a safetensors file; re-download it"
 
 
 def _no_duplicates(where: str):
@@ -55,17 +56,17 @@ def check_header(path: str | os.PathLike) -> dict[str, Any]:
         head = f.read(8)
         size = os.fstat(f.fileno()).st_size
         if len(head) < 8:
-            raise FormatError(f"{path}: shorter than a safetensors header length (8 bytes)")
+            raise FormatError(f"{path}: shorter than a safetensors header length (8 bytes)", hint=_DAMAGED)
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, MAX_HEADER_BYTES):
-            raise FormatError(f"{path}: header length {n} runs past the end of the file ({size} bytes) or over the limit")
+            raise FormatError(f"{path}: header length {n} runs past the end of the file ({size} bytes) or over the limit", hint=_DAMAGED)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(str(path)))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: the safetensors header is not UTF-8 JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: the safetensors header is not UTF-8 JSON ({e})", hint=_DAMAGED) from None
     if not isinstance(header, dict):
-        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+        raise FormatError(f"{path}: the safetensors header is not a JSON object", hint=_DAMAGED)
     return header
 
 

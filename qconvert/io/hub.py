@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import SourceError
-from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint, check_member_name, is_companion_file, is_weight_file, raise_memory_error
+from ..format.checkpoint import (
+    SAFETENSORS_DTYPES, Checkpoint, check_member_name, check_shard_against_index, is_companion_file, is_weight_file,
+    raise_resource_error,
+)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -121,14 +124,15 @@ class HubCheckpoint(Checkpoint):
         self.weight_map = {}
         self._infos: dict[str, tuple] = {}
         with hub_errors(repo_id, self.sha):
-            if offline:
-                for f in weights:
-                    p = Path(snap) / f
-                    self._local[f] = p
-                    ck = Checkpoint(p)
-                    for k in ck.keys():
-                        self.weight_map[k] = f
-                        self._infos[k] = (ck.dtype_name(k), ck.info(k)[1])
+            if offline:  # the cached snapshot read as a local folder: its index decides, as online
+                ck = Checkpoint(snap)
+                if ck.is_bin:
+                    raise SourceError(f"{repo_id}: no model.safetensors or safetensors index in the cached snapshot",
+                                      hint="qconvert reads safetensors from the Hub; go online to fetch them")
+                for k in ck.keys():
+                    self.weight_map[k] = f = ck.file_of(k)
+                    self._local[f] = Path(snap) / f
+                    self._infos[k] = (ck.dtype_name(k), ck.info(k)[1])
             else:
                 meta = get_safetensors_metadata(repo_id, revision=self.sha)
                 for f, fm in meta.files_metadata.items():
@@ -136,7 +140,10 @@ class HubCheckpoint(Checkpoint):
                     for k, ti in fm.tensors.items():
                         self.weight_map[k] = f
                         self._infos[k] = (ti.dtype, tuple(ti.shape))
-                self.weight_map = {k: meta.weight_map[k] for k in meta.weight_map} if meta.weight_map else self.weight_map
+                if meta.weight_map:
+                    self.weight_map = dict(meta.weight_map)
+                    for f, names in self._files_to_names().items():
+                        check_shard_against_index(self.weight_map, names, meta.files_metadata[f].tensors, f"{repo_id}/{f}")
         for f in self.repo_files:  # small files now: config.json for the plan, the companions to copy
             if f == "config.json" or is_companion_file(f):
                 with hub_errors(repo_id, self.sha):
@@ -206,7 +213,7 @@ class HubCheckpoint(Checkpoint):
             try:
                 h = safe_open(str(p), framework="pt")
             except Exception as e:
-                raise_memory_error(e, p)
+                raise_resource_error(e, p)
                 raise SourceError(f"{self.repo_id}/{name}: downloaded shard is not readable ({e})", hint="delete it from the cache and re-run") from None
             self._handles[name] = h
         return h

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..format.checkpoint import DTYPE_NAMES, SAFE_INDEX
+from .staging import named_write_errors as _named
 
 
 def tensor_view(t: torch.Tensor) -> memoryview:
@@ -92,7 +93,8 @@ class ShardWriter:
         if name in self.entries:
             raise ValueError(f"tensor {name!r} written twice to {self.path.name}")
         data = tensor_view(t)
-        self.out.write(data)
+        with _named(self.out.name):
+            self.out.write(data)
         self.data_hash.update(data)
         self.entries[name] = {
             "dtype": DTYPE_NAMES[t.dtype],
@@ -104,6 +106,10 @@ class ShardWriter:
 
     def close(self) -> tuple[int, str]:
         """Finish the file; returns (data bytes, :func:`shard_digest` of it)."""
+        with _named(self.tmp):
+            return self._close()
+
+    def _close(self) -> tuple[int, str]:
         header = {"__metadata__": self.metadata, **self.entries}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
@@ -133,7 +139,10 @@ class ShardWriter:
         return self.offset, _digest(head, self.data_hash.digest())
 
     def abort(self) -> None:
-        self.out.close()
+        try:
+            self.out.close()  # flushes what is buffered: fails again when the disk is full
+        except OSError:
+            pass  # the error being handled is the one to report; the file goes anyway
         for p in (self.spill_path, self.tmp):
             p.unlink(missing_ok=True)
 

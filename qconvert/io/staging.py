@@ -108,20 +108,82 @@ def fresh_stage(out: Path) -> Path:
 
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """An empty staging folder for ``out``, deleted again when the block raises. The block ends by
-    calling :func:`publish` itself (after which there is no staging folder left to delete)."""
-    stage = fresh_stage(out)
+    """An empty staging folder for ``out``, deleted again when the block raises, with ``out`` locked
+    (:func:`output_lock`) throughout. The block ends by calling :func:`publish` itself (after which
+    there is no staging folder left to delete)."""
+    with output_lock(out):
+        stage = fresh_stage(out)
+        try:
+            yield stage
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of :func:`output_lock`, beside ``out``."""
+    return out.parent / f".{out.name}.qconvert-lock"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on writing ``out`` (``flock`` on :func:`lock_path`), or refuse at once.
+
+    Two runs writing one OUT (the same command started twice, or a second one with other options)
+    shared its staging folder: one deleted or renamed the other's files mid-run, and the one that
+    finished last could report success over an output of mixed or missing shards. The lock is the
+    kernel's, so a killed run leaves no stale lock (only the empty file, reused next time); the file
+    is removed when the run ends. Where ``fcntl`` does not exist (Windows) nothing is locked."""
     try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as the staging folder's would be
+    for _ in range(10):  # the holder may remove the file between our open and our flock: open it again
+        f = open(path, "a+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise OutputExistsError(
+                f"{out}: another qconvert run is writing it (the lock {path.name} beside it is held)",
+                hint="wait for that run to finish, or write to another folder",
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    else:
+        raise OutputExistsError(f"{out}: could not take the lock {path.name}", hint="re-run; if it persists, remove that file")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        f.close()
+
+
+@contextmanager
+def named_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError from a write (a full disk, a quota, a file-size limit) names the file being
+    written: the write's own error does not, and the user would read only "No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
 def write_json(path: Path, obj: Any, *, sort_keys: bool = False) -> None:
     """``obj`` as indented JSON, written beside ``path`` and renamed onto it (never half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    with named_write_errors(tmp):
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
