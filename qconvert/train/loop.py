@@ -250,7 +250,7 @@ class _Run:
         o = self.o
         n_trainable = sum(p.numel() for p in self.params)
         for name, rep in reports.items():
-            for line in data_lines(name, rep, o["max_length"], o["truncation"]):
+            for line in data_lines(name, rep, o["max_length"], o["truncation"], show_split=name == "eval data"):
                 self.say(line)
         lora_text = f"r {o['lora_r']}, alpha {o['lora_alpha']:g}, dropout {o['lora_dropout']:g} on {', '.join(targets) if targets else 'all linear layers'}"
         for line in start_lines(self.plan, trainable=n_trainable, total_params=self.n_total, lora=lora_text, optim=self.optim_used,
@@ -483,11 +483,17 @@ def read_data(data, tok, o: dict):
     examples = build_examples(recs, tok, source=str(data), report=reports["data"], **kw)
     _none_left(examples, reports["data"], "--data")
     eval_examples: list = []
-    if o["eval_data"]:
-        reports["eval data"] = DataReport(str(o["eval_data"]))
-        recs = load_records(o["eval_data"], strict=strict, report=reports["eval data"])
-        eval_examples = build_examples(recs, tok, source=str(o["eval_data"]), report=reports["eval data"], **kw)
-        _none_left(eval_examples, reports["eval data"], "--eval-data")
+    eval_source = o["eval_data"] or (data if o["eval_data_split"] else None)  # --eval-data-split alone: a split of --data
+    if eval_source:
+        rep = reports["eval data"] = DataReport(str(eval_source))
+        same = str(eval_source) == str(data)
+        recs = load_records(eval_source, split=o["eval_data_split"], config=o["data_config"] if same else None, strict=strict,
+                            report=rep, evaluation=True)
+        if same and rep.split is not None and rep.split == reports["data"].split:
+            raise DataError(f"{eval_source}: the evaluation split {rep.split!r} is the split trained on",
+                            hint="name another split with --eval-data-split, or hold out a fraction of --data with --eval-split")
+        eval_examples = build_examples(recs, tok, source=str(eval_source), report=rep, **kw)
+        _none_left(eval_examples, rep, "--eval-data")
     elif o["eval_split"] > 0:
         n_eval = max(1, int(len(examples) * o["eval_split"]))
         if n_eval >= len(examples):

@@ -96,7 +96,11 @@ class TrainConfig:
                            help="Replace the previous run in --output (its checkpoints and metrics are removed first).")
     fmt: str = _opt("auto", "--format", key="data_format", aliases=("format",), choices=FORMATS)
     eval_data: str | None = _opt(None, "--eval-data", key="eval_dataset", aliases=("eval_data", "eval_file", "validation_file"),
-                                 help="Evaluation records (same formats and sources).")
+                                 help="Evaluation records (same formats and sources); a Hub dataset or folder gives its "
+                                      "validation split, else its test split, never its train split.")
+    eval_data_split: str | None = _opt(None, "--eval-data-split", key="dataset_test_split", aliases=("eval_data_split",),
+                                       help="Split of --eval-data to evaluate on; without --eval-data, a split of --data "
+                                            "(which must not be the one trained on) [default: validation, else test].")
     eval_split: float = _opt(0.0, "--eval-split", aliases=("val_set_size",), range=(0, True, 1, False),
                              help="Fraction of --data held out for evaluation (if no --eval-data).")
     max_length: int = _opt(512, "--max-length", "--max-seq-length", aliases=("max_seq_length", "sequence_len"), range=_at_least(2))
