@@ -595,14 +595,13 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
+    from ..adapters import stable_adapter_config
     from ..io.cards import adapter_card
 
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    acfg = json.loads((tmp / "adapter_config.json").read_text())
-    acfg["base_model_name_or_path"] = base_id
-    (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+    stable_adapter_config(tmp, base_model_name_or_path=base_id)
     body = (f"# LoRA adapter for {base_id}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
             f"lr {info['lr']}, final training loss {info['final_loss']:.4f}"
