@@ -106,6 +106,10 @@ def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_adapter(qmodel, tmp
     assert "interrupted at step" in err, err[-3000:]
     [ckpt] = [c for c in split.iterdir() if c.name.startswith("checkpoint-")]
     stopped = int(ckpt.name.split("-")[1])
+    # the workers end cleanly, rank 0 with one line; the one traceback (and exit 1) is torchrun's own agent's
+    # (its SignalException): `qconvert train --nproc-per-node` exits 143 without it (test_hostile_train.py)
+    assert f"interrupted at step {stopped}: saved {ckpt}; resume with --resume\n" in err, err[-3000:]
+    assert err.count("Traceback") <= 1 and ("Traceback" not in err or "SignalException" in err.split("Traceback")[1]), err[-3000:]
     assert 2 <= stopped < 24 and (ckpt / "sharded").is_dir() and (ckpt / "adapter_model.safetensors").is_file()
     assert not (split / "adapter_config.json").exists()
     train_fsdp(2, qmodel, data, split, *common, "--resume")

@@ -36,15 +36,30 @@ AUTO_SAVE_MIN_STEPS = 50
 
 
 def _dist():
-    """(rank, world) — torch.distributed initialised from torchrun's environment when present."""
+    """(rank, world, made) — torch.distributed initialised from torchrun's environment when present;
+    ``made``: this call created the process group (and :func:`_end_dist` destroys it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        made = not dist.is_initialized()
+        if made:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), world
-    return 0, 1
+        return dist.get_rank(), world, made
+    return 0, 1, False
+
+
+def _end_dist(made: bool, finished: bool) -> None:
+    """Destroy the process group :func:`_dist` made. After a finished or interrupted run every
+    process first waits for the others (one leaving early can abort another's teardown); after an
+    error it cannot, as another process may never arrive."""
+    if not made:
+        return
+    import torch.distributed as dist
+
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def make_optimizer(name: str, params, lr: float, device: torch.device, say: Callable[[str], None]):
@@ -108,22 +123,28 @@ def train(
     options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
     targets = cfg.target_modules
     resume, overwrite = cfg.resume, cfg.overwrite
-    rank, world = _dist()
-    say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
-    out = Path(output)
-    prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
-    if world > 1:
-        import torch.distributed as dist
+    rank, world, made = _dist()
+    finished = False
+    try:
+        say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
+        out = Path(output)
+        prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
+        if world > 1:
+            import torch.distributed as dist
 
-        dist.barrier()  # every rank has looked at --output before rank 0 changes it
-    if rank == 0:
-        prepare_output(out, resume=resume, overwrite=overwrite)
-    if world > 1:
-        dist.barrier()
-    with warnings.catch_warnings():
-        # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
-        warnings.simplefilter("ignore", FutureWarning)
-        return _train(model, data, out, options, targets, rank, world, say, progress)
+            dist.barrier()  # every rank has looked at --output before rank 0 changes it
+        if rank == 0:
+            prepare_output(out, resume=resume, overwrite=overwrite)
+        if world > 1:
+            dist.barrier()
+        with warnings.catch_warnings():
+            # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
+            warnings.simplefilter("ignore", FutureWarning)
+            result = _train(model, data, out, options, targets, rank, world, say, progress)
+        finished = True
+        return result
+    finally:
+        _end_dist(made, finished)
 
 
 def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress) -> dict[str, Any]:

@@ -144,6 +144,9 @@ class TrainConfig:
                       help="Shard the 4-bit base, adapter, gradients and optimizer state across the torchrun processes (FSDP2).")
     fsdp_offload: bool = _opt(False, "--fsdp-offload", aliases=("fsdp_offload_params", "offload_params"),
                               help="With --fsdp: keep the shards in host memory, copying one block at a time to the device.")
+    nproc_per_node: int | None = _opt(None, "--nproc-per-node", kind="int", range=_at_least(1),
+                                      help="Start N training processes on this machine, as torchrun does (data-parallel, or "
+                                           "--fsdp); Ctrl-C or SIGTERM stops them all once the checkpoint is saved.")
     backend: str = _opt("auto", "--backend", choices=BACKENDS)
     revision: str | None = _opt(None, "--revision", key="model_revision", aliases=("revision",),
                                 help="Branch, tag or commit when MODEL is a Hub id.")
@@ -209,7 +212,7 @@ RUN_OPTIONS: dict[str, Spec] = {
                     help="Publish the adapter when training finishes (see `qconvert push`)."),
 }
 #: per-invocation choices a run leaves out of OUTPUT/config.yaml
-NOT_SAVED = ("resume", "overwrite", "push_to", "stop_after")
+NOT_SAVED = ("resume", "overwrite", "push_to", "stop_after", "nproc_per_node")
 
 
 def all_specs() -> dict[str, Spec]:
