@@ -257,6 +257,27 @@ def test_nproc_per_node_error_is_one_line_not_one_per_process(qmodel, tmp_path):
 # ---------------------------------------------------------------- options: one line each
 
 
+@pytest.mark.slow
+def test_output_that_is_the_model_folder_is_refused_even_with_overwrite(qmodel, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(qmodel, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    r = train(model, memorize_set(tmp_path), f"{model}/", "--max-steps", 1, "--overwrite", ok=False)
+    one_line_error(r, f"--output {model}/ is the model folder itself", "hint: give --output a folder of its own")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # its card was replaced, an adapter written in
+
+
+@pytest.mark.parametrize("missing", ["MODEL", "--data", "--output"])
+def test_missing_model_data_or_output_is_a_usage_error(tmp_path, missing):
+    args = {"MODEL": [str(tmp_path / "m")], "--data": ["--data", str(tmp_path / "d.jsonl")], "--output": ["--output", str(tmp_path / "o")]}
+    r = subprocess.run([*QCONVERT, "train", *[a for k, v in args.items() if k != missing for a in v]], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"qconvert: error: missing {missing}: give it on the command line or in the --config file", "hint: see `qconvert train --help`"], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "flags, needle",
     [

@@ -8,7 +8,6 @@ import os
 
 import click
 
-from ..errors import OptionError
 from ..train.settings import RUN_OPTIONS, SPECS, Spec
 
 
@@ -56,8 +55,8 @@ def train(ctx, model, config_file, **flags):
 
     run_options, config = load_run(config_file, given_options(ctx, model, flags))
     for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
-        if not run_options[name]:
-            raise OptionError(f"missing {how}", hint="give it on the command line or in the --config file")
+        if not run_options[name]:  # a usage error (exit 2), as click's own missing argument is
+            raise click.UsageError(f"missing {how}: give it on the command line or in the --config file", ctx=ctx)
     if (config.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the launcher; its processes are the workers
         from ..train.launch import launch
 

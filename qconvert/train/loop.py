@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import DataError, FormatError
+from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
 from .data import DataReport, build_examples, collate, load_records, pack
@@ -120,6 +120,9 @@ def train(
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
     cfg.check()
+    if Path(model).is_dir() and Path(output).resolve() == Path(model).resolve():
+        raise OptionError(f"--output {output} is the model folder itself",
+                          hint="give --output a folder of its own: the adapter would be written into the model (and its card replaced)")
     options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
     targets = cfg.target_modules
     resume, overwrite = cfg.resume, cfg.overwrite
