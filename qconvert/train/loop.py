@@ -120,7 +120,8 @@ def train(
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
     cfg.check()
-    if Path(model).is_dir() and Path(output).resolve() == Path(model).resolve():
+    same_folder = Path(model).is_dir() and Path(output).resolve() == Path(model).resolve()
+    if same_folder and not (cfg.resume and cfg.overwrite):  # (both given: prepare_output says they contradict)
         raise OptionError(f"--output {output} is the model folder itself",
                           hint="give --output a folder of its own: the adapter would be written into the model (and its card replaced)")
     options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
