@@ -169,6 +169,29 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
+#: adapter_config.json keys PEFT keeps as sets (their order then follows the process's string hashing)
+SET_KEYS = ("target_modules", "exclude_modules")
+
+
+def stable_adapter_config(folder: Path, **updates: Any) -> dict[str, Any]:
+    """Rewrite the adapter_config.json that PEFT's ``save_pretrained`` wrote into ``folder`` so that
+    the same adapter always gives the same bytes: keys sorted, and the lists of :data:`SET_KEYS`
+    (sets in PEFT, written in an order that changes from one process to the next) sorted. PEFT reads
+    a list where it wrote a set. ``updates`` set keys first (``base_model_name_or_path``). Written
+    beside and renamed onto the file."""
+    import json
+
+    p = folder / "adapter_config.json"
+    cfg = {**json.loads(p.read_text(encoding="utf-8")), **updates}
+    for key in SET_KEYS:
+        if isinstance(cfg.get(key), list) and all(isinstance(v, str) for v in cfg[key]):
+            cfg[key] = sorted(cfg[key])
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+    return cfg
+
+
 def read_lora_weights(folder: Path, cfg: Mapping[str, Any], base_names=()) -> dict[str, tuple[Any, Any]]:
     """{module: (lora_A, lora_B)} from adapter_model.safetensors, validated against ``cfg``: every
     tensor a LoRA A/B weight, each A with its B, A [r, in] and B [out, r] in a float dtype, r the

@@ -71,9 +71,8 @@ def test_two_fsdp_processes_match_one_process(qmodel, tmp_path):
     evals = [[m["eval_loss"] for m in metrics(tmp_path / d) if "eval_loss" in m] for d in ("one", "two")]
     assert len(evals[0]) == 2 and all(abs(a - b) < TOL * a for a, b in zip(*evals)), evals  # every process evaluates under FSDP
     assert_close_adapters(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
-    # the final adapter is PEFT's, laid out as one process writes it (target_modules is a set: its order varies)
-    a, b = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("one", "two"))
-    assert sorted(a.pop("target_modules")) == sorted(b.pop("target_modules")) and a == b
+    # the final adapter is PEFT's, written as one process writes it, byte for byte (target_modules sorted)
+    assert (tmp_path / "one" / "adapter_config.json").read_bytes() == (tmp_path / "two" / "adapter_config.json").read_bytes()
     assert not list((tmp_path / "two").glob("*.distcp"))
 
 
@@ -106,6 +105,10 @@ def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_adapter(qmodel, tmp
     assert "interrupted at step" in err, err[-3000:]
     [ckpt] = [c for c in split.iterdir() if c.name.startswith("checkpoint-")]
     stopped = int(ckpt.name.split("-")[1])
+    # the workers end cleanly, rank 0 with one line; the one traceback (and exit 1) is torchrun's own agent's
+    # (its SignalException): `qconvert train --nproc-per-node` exits 143 without it (test_hostile_train.py)
+    assert f"interrupted at step {stopped}: saved {ckpt}; resume with --resume\n" in err, err[-3000:]
+    assert err.count("Traceback") <= 1 and ("Traceback" not in err or "SignalException" in err.split("Traceback")[1]), err[-3000:]
     assert 2 <= stopped < 24 and (ckpt / "sharded").is_dir() and (ckpt / "adapter_model.safetensors").is_file()
     assert not (split / "adapter_config.json").exists()
     train_fsdp(2, qmodel, data, split, *common, "--resume")

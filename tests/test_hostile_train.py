@@ -186,6 +186,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmode
     ckpts = sorted(out.glob("checkpoint-*"))
     assert len(ckpts) == 1 and "resume with --resume" in text and not (out / "adapter_config.json").exists()
     done = int(ckpts[0].name.split("-")[1])
+    # the last line says where the checkpoint is and how to go on; no traceback
+    assert "Traceback" not in text and text.strip().splitlines()[-1] == f"interrupted at step {done}: saved {ckpts[0]}; resume with --resume"
     assert 3 <= done < 400
     from qconvert.train.plot import read_png_series
 
@@ -200,7 +202,80 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmode
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(tmp_path / "straight")]
 
 
+def _stop_when_logged(args: list[str], out: Path, signum: int, steps: int = 3) -> tuple[subprocess.Popen, str]:
+    """Start ``args``, send ``signum`` once ``steps`` metrics rows are logged; (process, its stderr)."""
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= steps):
+        assert p.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.1)
+    p.send_signal(signum)
+    return p, p.communicate(timeout=300)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, mode", [(signal.SIGTERM, []), (signal.SIGINT, ["--fsdp"])])
+def test_nproc_per_node_stopped_by_a_signal_saves_exits_128_plus_it_and_resumes_exactly(qmodel, tmp_path, signum, mode):
+    """`train --nproc-per-node 2`: the signal reaches both processes, each saves its part of the
+    checkpoint, and the launcher exits as one process would (130 / 143, one line, no traceback; torchrun
+    exits 1 with its own). Resumed, the run ends with the adapter of an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    data = memorize_set(tmp_path)
+    out = tmp_path / "run"
+    common = ["--batch-size", "1", "--grad-accum", "1", "--lora-r", "4", "--lora-dropout", "0.1", "--lr", "1e-3", "--seed", "5", "--warmup-ratio", "0",
+              "--optim", "adamw", "--save-steps", "0", *mode]
+    args = [*QCONVERT, "train", str(qmodel), "--nproc-per-node", "2", "--data", str(data), "--output", str(out), "--backend", "reference",
+            *common]
+    p, err = _stop_when_logged([*args, "--max-steps", "400"], out, signum)
+    assert p.returncode == 128 + signum and "Traceback" not in err, err[-3000:]
+    [ckpt] = out.glob("checkpoint-*")
+    done = int(ckpt.name.split("-")[1])
+    assert 3 <= done < 400 and err.strip().splitlines()[-1] == f"interrupted at step {done}: saved {ckpt}; resume with --resume", err[-2000:]
+    assert not (out / "adapter_config.json").exists()
+    r = subprocess.run([*args, "--max-steps", str(done + 2), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0 and f"resumed from {ckpt} at step {done}" in r.stderr, r.stderr[-3000:]
+    straight = tmp_path / "straight"
+    r = subprocess.run([*args[:args.index("--output") + 1], str(straight), *args[args.index("--output") + 2:], "--max-steps", str(done + 2)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(straight / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(straight)]
+
+
+@pytest.mark.slow
+def test_nproc_per_node_error_is_one_line_not_one_per_process(qmodel, tmp_path):
+    base = [*QCONVERT, "train", str(qmodel), "--nproc-per-node", "2", "--output", str(tmp_path / "out"), "--backend", "reference"]
+    r = subprocess.run([*base, "--data", str(tmp_path / "d.jsonl"), "--lr", "-1"], capture_output=True, text=True)
+    one_line_error(r, "--lr -1.0: must be > 0")  # checked before any process starts
+    r = subprocess.run([*base, "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True)
+    one_line_error(r, "missing.jsonl: no such file")  # both processes fail alike: rank 0 says it, once
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
 # ---------------------------------------------------------------- options: one line each
+
+
+@pytest.mark.slow
+def test_output_that_is_the_model_folder_is_refused_even_with_overwrite(qmodel, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(qmodel, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    r = train(model, memorize_set(tmp_path), f"{model}/", "--max-steps", 1, "--overwrite", ok=False)
+    one_line_error(r, f"--output {model}/ is the model folder itself", "hint: give --output a folder of its own")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # its card was replaced, an adapter written in
+
+
+@pytest.mark.parametrize("missing", ["MODEL", "--data", "--output"])
+def test_missing_model_data_or_output_is_a_usage_error(tmp_path, missing):
+    args = {"MODEL": [str(tmp_path / "m")], "--data": ["--data", str(tmp_path / "d.jsonl")], "--output": ["--output", str(tmp_path / "o")]}
+    r = subprocess.run([*QCONVERT, "train", *[a for k, v in args.items() if k != missing for a in v]], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"qconvert: error: missing {missing}: give it on the command line or in the --config file", "hint: see `qconvert train --help`"], r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

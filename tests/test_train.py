@@ -246,3 +246,36 @@ def test_packing_keeps_labels_with_their_tokens():
     packed = pack(ex, 4)
     assert [p.input_ids for p in packed] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
     assert [p.labels for p in packed] == [[-100, 2, 3, -100], [-100, 6, 7, 8], [9]]
+
+
+@pytest.mark.slow
+def test_two_runs_with_one_seed_write_the_same_adapter_bytes_plain_and_fsdp(qmodel, tmp_path):
+    """PEFT keeps target_modules as a set, whose order follows the process's string hashing: the
+    adapter_config.json written (final and checkpoints, with and without --fsdp) lists them sorted."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    import qconvert
+
+    data = memorize_set(tmp_path)
+    common = ["--max-steps", 2, "--save-steps", 1, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 2, "--optim", "adamw", "--seed", 7]
+    files = ["adapter_config.json", "adapter_model.safetensors", "checkpoint-1/adapter_config.json",
+             "checkpoint-1/adapter_model.safetensors"]
+    for mode in ([], ["--fsdp"]):
+        runs = []
+        for hash_seed in ("1", "2"):  # two processes that order a set of strings differently
+            out = tmp_path / f"run{''.join(mode)}{hash_seed}"
+            train(qmodel, data, out, *common, *mode, env=dict(os.environ, PYTHONHASHSEED=hash_seed))
+            runs.append(out)
+        for f in files:
+            assert (runs[0] / f).read_bytes() == (runs[1] / f).read_bytes(), (mode, f)
+        cfg = json.loads((runs[0] / "adapter_config.json").read_text())
+        want = {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        assert cfg["target_modules"] == sorted(want), cfg["target_modules"]
+    # PEFT reads the list as it reads its own set, and loads the weights onto the 4-bit base
+    peft = PeftModel.from_pretrained(qconvert.load_model(qmodel, backend="reference", device="cpu"), runs[0])
+    assert peft.peft_config["default"].target_modules == set(cfg["target_modules"])
+    saved = load_file(str(runs[0] / "adapter_model.safetensors"))
+    state = {k.replace(".default", ""): v for k, v in peft.state_dict().items() if "lora_" in k}
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)

@@ -146,3 +146,62 @@ def test_hub_dataset_id_trained_on_with_split_and_config(qmodel, hub, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("qconvert: error: acme/tiny-alpaca: cannot read the data (split 'validation'"), r.stderr
     r = train(qmodel, "acme/missing", tmp_path / "missing", *common, env=env, ok=False)
     assert r.returncode == 1 and r.stderr.startswith("qconvert: error: acme/missing") and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_eval_data_from_the_hub_reads_its_evaluation_split_never_the_train_split(qmodel, hub, tmp_path):
+    env = hub_env(hub, tmp_path)
+    common = ["--max-steps", 1, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 2, "--save-steps", 0, "--seed", 1]
+
+    def eval_loss(out: Path) -> float:
+        [e] = [m["eval_loss"] for m in metrics(out) if "eval_loss" in m]
+        return e
+
+    # the same Hub dataset as --eval-data: its test split (no validation split), as the start summary says
+    r = train(qmodel, "acme/tiny-alpaca", tmp_path / "hub", *common, "--eval-data", "acme/tiny-alpaca", env=env)
+    assert "eval data: 2 records from acme/tiny-alpaca split test (alpaca 2); 0 dropped" in r.stderr, r.stderr
+    assert "examples: 8 for training, 2 for evaluation" in r.stderr, r.stderr
+    # --eval-data-split alone names a split of --data; a local copy of the test rows scores the very same loss
+    train(qmodel, "acme/tiny-alpaca", tmp_path / "split", *common, "--eval-data-split", "test", env=env)
+    local = tmp_path / "test.jsonl"
+    local.write_text("".join(json.dumps(row) + "\n" for row in ALPACA[8:]))
+    train(qmodel, "acme/tiny-alpaca", tmp_path / "local", *common, "--eval-data", local, env=env)
+    assert eval_loss(tmp_path / "hub") == eval_loss(tmp_path / "split") == eval_loss(tmp_path / "local")
+    # a config with a train split only is refused, and so is naming the split trained on; nothing is written
+    r = train(qmodel, "acme/tiny-alpaca", tmp_path / "plain", *common, "--data-config", "plain", "--eval-data", "acme/tiny-alpaca",
+              env=env, ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-2:] == [
+        "qconvert: error: acme/tiny-alpaca: no 'validation' or 'test' split to evaluate on (its splits: train)",
+        "hint: name one with --eval-data-split, or hold out a fraction of --data with --eval-split (e.g. 0.1)"], r.stderr
+    r = train(qmodel, "acme/tiny-alpaca", tmp_path / "same", *common, "--eval-data-split", "train", env=env, ok=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-2:] == [
+        "qconvert: error: acme/tiny-alpaca: the evaluation split 'train' is the split trained on",
+        "hint: name another split with --eval-data-split, or hold out a fraction of --data with --eval-split"], r.stderr
+    assert not (tmp_path / "plain" / "adapter_config.json").exists() and not (tmp_path / "same" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_split_of_a_folder_is_validation_else_test_and_never_train(tmp_path):
+    from qconvert.errors import DataError
+    from qconvert.train.data import DataReport, load_records
+
+    def folder(name: str, *splits: str) -> Path:
+        for s in splits:
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f"{s}.jsonl").write_text(json.dumps({"text": f"{WORDS[0]} {s}"}) + "\n")
+        return tmp_path / name
+
+    for name, splits, want in [("a", ("train", "valid", "test"), "validation"), ("b", ("train", "test"), "test")]:
+        rep = DataReport()
+        recs = load_records(folder(name, *splits), evaluation=True, report=rep)
+        assert rep.split == want and [r["text"] for _, r in recs] == [f"{WORDS[0]} {'valid' if want == 'validation' else want}"]
+    rep = DataReport()
+    assert [r["text"] for _, r in load_records(tmp_path / "a", split="train", evaluation=True, report=rep)] == [f"{WORDS[0]} train"]
+    with pytest.raises(DataError) as e:
+        load_records(folder("c", "train"), evaluation=True)
+    assert str(e.value) == f"{tmp_path / 'c'}: no 'validation' or 'test' split to evaluate on (its splits: train)"
+    with pytest.raises(DataError) as e:
+        load_records(folder("a", "train"), evaluation=True, split="validation") and load_records(tmp_path / "a" / "train.jsonl", split="test",
+                                                                                                 evaluation=True)
+    assert str(e.value) == f"{tmp_path / 'a' / 'train.jsonl'}: --eval-data-split 'test' applies to Hub datasets and folders, not to one file"

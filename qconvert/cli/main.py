@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get(DEBUG_ENV))
     try:
         _load_commands()
-        cli.main(args=argv, prog_name="qconvert", standalone_mode=False)
+        args = list(sys.argv[1:] if argv is None else argv)
+        cli.main(args=args, prog_name="qconvert", standalone_mode=False, obj={"argv": args})  # argv: for train --nproc-per-node
     except click.exceptions.Exit as e:
         return e.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):

@@ -8,7 +8,6 @@ import os
 
 import click
 
-from ..errors import OptionError
 from ..train.settings import RUN_OPTIONS, SPECS, Spec
 
 
@@ -47,14 +46,22 @@ def train(ctx, model, config_file, **flags):
     """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id). Ctrl-C or SIGTERM saves
     a checkpoint; --resume continues it.
 
-    Several processes: torchrun --nproc-per-node N qconvert train ... (NCCL on GPU, gloo on CPU);
-    data-parallel by default, --fsdp shards the 4-bit base, adapter and optimizer state (FSDP2)."""
+    Several processes: qconvert train --nproc-per-node N ..., or torchrun --nproc-per-node N qconvert train ...
+    (NCCL on GPU, gloo on CPU); data-parallel by default, --fsdp shards the 4-bit base, adapter and
+    optimizer state (FSDP2). Stopped by Ctrl-C or SIGTERM, every process saves its part of the
+    checkpoint; --nproc-per-node then exits 130 or 143 as one process does (torchrun exits 1 with its
+    own traceback, and kills processes still saving after 30 s)."""
     from ..train.settings import load_run
 
     run_options, config = load_run(config_file, given_options(ctx, model, flags))
     for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
-        if not run_options[name]:
-            raise OptionError(f"missing {how}", hint="give it on the command line or in the --config file")
+        if not run_options[name]:  # a usage error (exit 2), as click's own missing argument is
+            raise click.UsageError(f"missing {how}: give it on the command line or in the --config file", ctx=ctx)
+    if (config.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the launcher; its processes are the workers
+        from ..train.launch import launch
+
+        config.check()  # a bad value is one line here, not one per process
+        raise SystemExit(launch(config.nproc_per_node, worker_args(ctx)))
     from ..train.loop import train as run
 
     output = run_options["output"]
@@ -67,6 +74,14 @@ def train(ctx, model, config_file, **flags):
 
         p = push_folder(output, push_to)
         click.echo(f"pushed adapter to {push_to}: {p['commit_url']}")
+
+
+def worker_args(ctx: click.Context) -> list[str]:
+    """The command line each process of --nproc-per-node runs: this one (they see WORLD_SIZE and train)."""
+    import sys
+
+    root = ctx.find_root()
+    return list((root.obj or {}).get("argv") or sys.argv[1:])
 
 
 def given_options(ctx: click.Context, model: str | None, flags: dict) -> dict:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..adapters import stable_adapter_config
 from ..errors import DataError, OptionError, OutputExistsError
 
 STATE = "trainer_state.pt"
@@ -147,6 +148,7 @@ def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | 
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    stable_adapter_config(tmp)
     state = {"version": STATE_VERSION, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step,
              "rng": rng, "run": signature, **(extra or {})}
     return _publish(tmp, state, out, step, limit)
@@ -198,6 +200,7 @@ def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: i
     if rank != 0:
         return None
     model.save_pretrained(tmp, state_dict=adapter)
+    stable_adapter_config(tmp)
     state = {"version": STATE_VERSION, "scheduler": sched.state_dict(), "step": step, "rng": rng, "run": signature,
              "fsdp_world": world}
     return _publish(tmp, state, out, step, limit)

@@ -7,6 +7,12 @@ the ``datasets`` library, and Hub dataset ids (``org/name``, ``--data-split``, `
 downloaded with huggingface_hub (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply) and then read by
 ``datasets`` exactly as a local folder.
 
+Splits: a Hub dataset or a folder has named splits (from its card's YAML or its file names: a
+``valid``/``val``/``dev`` file is the "validation" split). Training reads "train" unless
+``--data-split`` names another. Evaluation (``load_records(..., evaluation=True)``, for
+``--eval-data``) reads the split ``--eval-data-split`` names, else the first of :data:`EVAL_SPLITS`
+the source has; a source with neither is refused, never read as its training split.
+
 Formats (``--format auto`` detects per record from its keys):
 - ``text``: {"text"}; loss on every token.
 - ``alpaca``: {"instruction", "input"?, "output"}: rendered as a "### Instruction / ### Input /
@@ -49,6 +55,8 @@ DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arro
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 #: Files fetched from a Hub dataset repo (the data, and the card whose YAML names configs and splits).
 HUB_PATTERNS = ["*.parquet", "*.csv", "*.tsv", "*.json", "*.jsonl", "*.ndjson", "*.arrow", "*.txt", "README.md", "*.yaml"]
+#: The splits evaluation reads from a Hub dataset or folder when none is named: the first one it has.
+EVAL_SPLITS = ("validation", "test")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool"}
@@ -65,6 +73,7 @@ class DataReport:
     """What reading and tokenizing made of a source: counts the start summary prints."""
 
     source: str = "data"
+    split: str | None = None  # the split read, for a Hub dataset or a folder
     records: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -95,25 +104,30 @@ def _bad(strict: bool, report: DataReport | None, reason: str, message: str, hin
 
 
 def load_records(path: str | Path, *, split: str | None = None, config: str | None = None, revision: str | None = None,
-                 strict: bool = True, report: DataReport | None = None) -> list[tuple[int, dict]]:
+                 strict: bool = True, report: DataReport | None = None, evaluation: bool = False) -> list[tuple[int, dict]]:
     """(record number, record) pairs from a local file or folder, or a Hub dataset id; numbers are
-    line numbers for .jsonl and 1-based row numbers elsewhere. Clear errors, see the module docstring."""
+    line numbers for .jsonl and 1-based row numbers elsewhere. ``split`` names the split of a Hub
+    dataset or folder; without it "train" is read, or with ``evaluation`` the first of
+    :data:`EVAL_SPLITS` the source has (the split read is ``report.split``). Clear errors, see the
+    module docstring."""
     p = Path(path)
+    flag = "--eval-data-split" if evaluation else "--data-split"
     if report is not None:
         report.source = str(path)
     dropped_before = report.n_dropped if report is not None else 0
     if not p.exists():
         if HUB_ID.match(str(path)) and p.suffix.lower() not in (*JSON_SUFFIXES, *DATASETS_BUILDERS):
-            records = _hub_records(str(path), split, config, revision)
+            records = _split_records(_hub_folder(str(path), revision), str(path), split, config, evaluation, report)
         else:
             raise DataError(f"{p}: no such file", hint="give a .jsonl/.json/.parquet/.csv/.arrow/.txt file or a Hub dataset id org/name")
     elif p.is_dir():
-        records = _datasets_records(str(p), str(p), split=split, config=config)
+        records = _split_records(str(p), str(p), split, config, evaluation, report)
+    elif split not in (None, "train"):
+        raise DataError(f"{p}: {flag} {split!r} applies to Hub datasets and folders, not to one file",
+                        hint=f"leave out {flag}: the whole file is read")
     elif p.suffix.lower() in JSON_SUFFIXES:
         records = _json_records(p, strict, report)
     elif p.suffix.lower() in DATASETS_BUILDERS:
-        if split not in (None, "train"):
-            raise DataError(f"{p}: --data-split {split!r} applies to Hub datasets and folders, not to one file")
         records = _datasets_records(DATASETS_BUILDERS[p.suffix.lower()], str(p), data_files=str(p))
     else:
         raise DataError(f"{p}: unknown data file type {p.suffix or '(no suffix)'!r}",
@@ -192,15 +206,50 @@ def _datasets_records(path: str, shown: str, *, data_files: str | None = None, s
             if not (text_lines and not str(row.get("text", "")).strip())]
 
 
-def _hub_records(repo_id: str, split: str | None, config: str | None, revision: str | None) -> list[tuple[int, dict]]:
-    """A Hub dataset: the repo's data files downloaded with huggingface_hub, read as a local folder."""
+def _hub_folder(repo_id: str, revision: str | None) -> str:
+    """A Hub dataset's data files, downloaded with huggingface_hub: the local folder that holds them."""
     from huggingface_hub import snapshot_download
 
     from ..io.hub import hub_errors
 
     with hub_errors(repo_id, revision):
-        local = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_PATTERNS)
-    return _datasets_records(local, repo_id, split=split, config=config)
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_PATTERNS)
+
+
+def _split_records(folder: str, shown: str, split: str | None, config: str | None, evaluation: bool,
+                   report: DataReport | None) -> list[tuple[int, dict]]:
+    """The records of one split of a dataset folder (a Hub dataset's download, or the user's)."""
+    if split is None:
+        split = _eval_split(folder, shown, config) if evaluation else "train"
+    if report is not None:
+        report.split = split
+    return _datasets_records(folder, shown, split=split, config=config)
+
+
+def split_names(folder: str, shown: str, config: str | None = None) -> list[str]:
+    """The splits of a dataset folder as ``datasets`` resolves them (its card's YAML, else its file
+    names), without reading any data."""
+    import tempfile
+
+    datasets = _quiet_datasets()
+    with tempfile.TemporaryDirectory(prefix="qconvert-data-") as cache:
+        try:
+            files = datasets.load_dataset_builder(folder, name=config, cache_dir=cache).config.data_files
+        except (ValueError, KeyError, TypeError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+            detail = " ".join(str(e).split())[:120]
+            raise DataError(f"{shown}: cannot read the data (config {config!r})", hint=f"{type(e).__name__}: {detail}") from None
+    return [str(s) for s in (files or {})]
+
+
+def _eval_split(folder: str, shown: str, config: str | None) -> str:
+    """The first of EVAL_SPLITS the dataset has; refused when it has none (its train split is never
+    taken for evaluation in silence)."""
+    have = split_names(folder, shown, config)
+    for name in EVAL_SPLITS:
+        if name in have:
+            return name
+    raise DataError(f"{shown}: no {' or '.join(map(repr, EVAL_SPLITS))} split to evaluate on (its splits: {', '.join(have) or 'none'})",
+                    hint="name one with --eval-data-split, or hold out a fraction of --data with --eval-split (e.g. 0.1)")
 
 
 def detect(rec: dict) -> str | None:

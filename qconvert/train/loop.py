@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import DataError, FormatError
+from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
 from .data import DataReport, build_examples, collate, load_records, pack
@@ -36,15 +36,30 @@ AUTO_SAVE_MIN_STEPS = 50
 
 
 def _dist():
-    """(rank, world) — torch.distributed initialised from torchrun's environment when present."""
+    """(rank, world, made) — torch.distributed initialised from torchrun's environment when present;
+    ``made``: this call created the process group (and :func:`_end_dist` destroys it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        made = not dist.is_initialized()
+        if made:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), world
-    return 0, 1
+        return dist.get_rank(), world, made
+    return 0, 1, False
+
+
+def _end_dist(made: bool, finished: bool) -> None:
+    """Destroy the process group :func:`_dist` made. After a finished or interrupted run every
+    process first waits for the others (one leaving early can abort another's teardown); after an
+    error it cannot, as another process may never arrive."""
+    if not made:
+        return
+    import torch.distributed as dist
+
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def make_optimizer(name: str, params, lr: float, device: torch.device, say: Callable[[str], None], sharded: bool = False):
@@ -121,25 +136,35 @@ def train(
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
     cfg.check()
+    same_folder = Path(model).is_dir() and Path(output).resolve() == Path(model).resolve()
+    if same_folder and not (cfg.resume and cfg.overwrite):  # (both given: prepare_output says they contradict)
+        raise OptionError(f"--output {output} is the model folder itself",
+                          hint="give --output a folder of its own: the adapter would be written into the model (and its card replaced)")
     options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
     targets = cfg.target_modules
     resume, overwrite = cfg.resume, cfg.overwrite
-    rank, world = _dist()
-    say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
-    out = Path(output)
-    prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
-    if world > 1:
-        import torch.distributed as dist
+    rank, world, made = _dist()
+    finished = False
+    try:
+        say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
+        out = Path(output)
+        prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
+        if world > 1:
+            import torch.distributed as dist
 
-        dist.barrier()  # every rank has looked at --output before rank 0 changes it
-    if rank == 0:
-        prepare_output(out, resume=resume, overwrite=overwrite)
-    if world > 1:
-        dist.barrier()
-    with warnings.catch_warnings():
-        # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
-        warnings.simplefilter("ignore", FutureWarning)
-        return _train(model, data, out, options, targets, rank, world, say, progress)
+            dist.barrier()  # every rank has looked at --output before rank 0 changes it
+        if rank == 0:
+            prepare_output(out, resume=resume, overwrite=overwrite)
+        if world > 1:
+            dist.barrier()
+        with warnings.catch_warnings():
+            # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
+            warnings.simplefilter("ignore", FutureWarning)
+            result = _train(model, data, out, options, targets, rank, world, say, progress)
+        finished = True
+        return result
+    finally:
+        _end_dist(made, finished)
 
 
 def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress) -> dict[str, Any]:
@@ -266,7 +291,7 @@ class _Run:
         o = self.o
         n_trainable = sum(p.numel() for p in self.params)
         for name, rep in reports.items():
-            for line in data_lines(name, rep, o["max_length"], o["truncation"]):
+            for line in data_lines(name, rep, o["max_length"], o["truncation"], show_split=name == "eval data"):
                 self.say(line)
         lora_text = f"r {o['lora_r']}, alpha {o['lora_alpha']:g}, dropout {o['lora_dropout']:g} on {', '.join(targets) if targets else 'all linear layers'}"
         for line in start_lines(self.plan, trainable=n_trainable, total_params=self.n_total, lora=lora_text, optim=self.optim_used,
@@ -499,11 +524,17 @@ def read_data(data, tok, o: dict):
     examples = build_examples(recs, tok, source=str(data), report=reports["data"], **kw)
     _none_left(examples, reports["data"], "--data")
     eval_examples: list = []
-    if o["eval_data"]:
-        reports["eval data"] = DataReport(str(o["eval_data"]))
-        recs = load_records(o["eval_data"], strict=strict, report=reports["eval data"])
-        eval_examples = build_examples(recs, tok, source=str(o["eval_data"]), report=reports["eval data"], **kw)
-        _none_left(eval_examples, reports["eval data"], "--eval-data")
+    eval_source = o["eval_data"] or (data if o["eval_data_split"] else None)  # --eval-data-split alone: a split of --data
+    if eval_source:
+        rep = reports["eval data"] = DataReport(str(eval_source))
+        same = str(eval_source) == str(data)
+        recs = load_records(eval_source, split=o["eval_data_split"], config=o["data_config"] if same else None, strict=strict,
+                            report=rep, evaluation=True)
+        if same and rep.split is not None and rep.split == reports["data"].split:
+            raise DataError(f"{eval_source}: the evaluation split {rep.split!r} is the split trained on",
+                            hint="name another split with --eval-data-split, or hold out a fraction of --data with --eval-split")
+        eval_examples = build_examples(recs, tok, source=str(eval_source), report=rep, **kw)
+        _none_left(eval_examples, rep, "--eval-data")
     elif o["eval_split"] > 0:
         n_eval = max(1, int(len(examples) * o["eval_split"]))
         if n_eval >= len(examples):
@@ -605,14 +636,13 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
+    from ..adapters import stable_adapter_config
     from ..io.cards import adapter_card
 
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    acfg = json.loads((tmp / "adapter_config.json").read_text())
-    acfg["base_model_name_or_path"] = base_id
-    (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+    stable_adapter_config(tmp, base_model_name_or_path=base_id)
     body = (f"# LoRA adapter for {base_id}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
             f"lr {info['lr']}, final training loss {info['final_loss']:.4f}"

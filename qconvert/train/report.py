@@ -45,9 +45,11 @@ def memory_text(device) -> str:
     return text
 
 
-def data_lines(name: str, report, max_length: int, truncation: str) -> list[str]:
+def data_lines(name: str, report, max_length: int, truncation: str, show_split: bool = False) -> list[str]:
+    """The summary of one data source; ``show_split`` names the split read (evaluation shows it)."""
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.formats.items())) or "none"
-    line = f"{name}: {report.records} records from {report.source} ({kinds}); "
+    split = f" split {report.split}" if show_split and report.split else ""
+    line = f"{name}: {report.records} records from {report.source}{split} ({kinds}); "
     line += f"{report.n_dropped} dropped, {report.truncated} truncated at --max-length {max_length}"
     out = [line]
     if report.n_dropped:

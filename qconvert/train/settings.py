@@ -96,7 +96,11 @@ class TrainConfig:
                            help="Replace the previous run in --output (its checkpoints and metrics are removed first).")
     fmt: str = _opt("auto", "--format", key="data_format", aliases=("format",), choices=FORMATS)
     eval_data: str | None = _opt(None, "--eval-data", key="eval_dataset", aliases=("eval_data", "eval_file", "validation_file"),
-                                 help="Evaluation records (same formats and sources).")
+                                 help="Evaluation records (same formats and sources); a Hub dataset or folder gives its "
+                                      "validation split, else its test split, never its train split.")
+    eval_data_split: str | None = _opt(None, "--eval-data-split", key="dataset_test_split", aliases=("eval_data_split",),
+                                       help="Split of --eval-data to evaluate on; without --eval-data, a split of --data "
+                                            "(which must not be the one trained on) [default: validation, else test].")
     eval_split: float = _opt(0.0, "--eval-split", aliases=("val_set_size",), range=(0, True, 1, False),
                              help="Fraction of --data held out for evaluation (if no --eval-data).")
     max_length: int = _opt(512, "--max-length", "--max-seq-length", aliases=("max_seq_length", "sequence_len"), range=_at_least(2))
@@ -140,6 +144,9 @@ class TrainConfig:
                       help="Shard the 4-bit base, adapter, gradients and optimizer state across the torchrun processes (FSDP2).")
     fsdp_offload: bool = _opt(False, "--fsdp-offload", aliases=("fsdp_offload_params", "offload_params"),
                               help="With --fsdp: keep the shards in host memory, copying one block at a time to the device.")
+    nproc_per_node: int | None = _opt(None, "--nproc-per-node", kind="int", range=_at_least(1),
+                                      help="Start N training processes on this machine, as torchrun does (data-parallel, or "
+                                           "--fsdp); Ctrl-C or SIGTERM stops them all once the checkpoint is saved.")
     backend: str = _opt("auto", "--backend", choices=BACKENDS)
     revision: str | None = _opt(None, "--revision", key="model_revision", aliases=("revision",),
                                 help="Branch, tag or commit when MODEL is a Hub id.")
@@ -205,7 +212,7 @@ RUN_OPTIONS: dict[str, Spec] = {
                     help="Publish the adapter when training finishes (see `qconvert push`)."),
 }
 #: per-invocation choices a run leaves out of OUTPUT/config.yaml
-NOT_SAVED = ("resume", "overwrite", "push_to", "stop_after")
+NOT_SAVED = ("resume", "overwrite", "push_to", "stop_after", "nproc_per_node")
 
 
 def all_specs() -> dict[str, Spec]:
