@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; every failure becomes a ``qconvert: error:`` line and an exit code.
 
     0 success; 1 an error (qconvert's own, an operating-system error such as a full disk or a
-    permission, or an unexpected one, which is a bug); 2 a usage error (unknown command, missing
-    argument, bad option value); 130 interrupted. The first line is at most 200 characters; detail
+    permission, or an unexpected one, which is a bug); 2 a usage error found while parsing the command line (unknown
+    command, missing argument, a value of the wrong type; a value qconvert checks itself exits 1); 130 interrupted. The first line is at most 200 characters; detail
     follows on indented lines and the hint on a ``hint:`` line. QCONVERT_DEBUG=1 re-raises instead,
     showing the traceback.
     """

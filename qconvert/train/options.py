@@ -34,12 +34,14 @@ def check_options(values: dict[str, Any]) -> None:
             continue
         flag = FLAG[name]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (name in INTEGERS and not float(v).is_integer()):
-            raise OptionError(f"{flag} {v!r}: expected {'an integer' if name in INTEGERS else 'a number'}")
+            raise OptionError(f"{flag} {v!r}: expected {'an integer' if name in INTEGERS else 'a number'}",
+                              hint=f"give {flag} {'an integer' if name in INTEGERS else 'a number'} {_range_text(lo, lo_in, hi, hi_in)}")
         bad = not math.isfinite(v)
         bad |= lo is not None and (v < lo or (v == lo and not lo_in))
         bad |= hi is not None and (v > hi or (v == hi and not hi_in))
         if bad:
-            raise OptionError(f"{flag} {v}: must be {_range_text(lo, lo_in, hi, hi_in)}")
+            raise OptionError(f"{flag} {v}: must be {_range_text(lo, lo_in, hi, hi_in)}",
+                              hint=f"give {flag} a value {_range_text(lo, lo_in, hi, hi_in)} (qconvert train --help lists every option)")
 
 
 def split_modules(names) -> list[str] | None:
