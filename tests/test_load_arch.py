@@ -1,0 +1,120 @@
+"""`qconvert.load_model` on the families whose tensors transformers renames or merges on load.
+
+For each family tests/test_arch.py holds byte-identical to the anchor with a rename or a converter
+(gpt_neox's ``embed_out`` -> ``lm_head``, hy_v4's 4-bit ``linear_gate`` -> ``gate_proj``, the MoE
+experts that transformers stacks into 3-D parameters), a tiny source (tools/arch_sweep.py) is
+quantized, loaded with ``load_model(q, device="cpu", backend="reference")`` in float32, and compared
+with plain transformers on the SOURCE checkpoint whose quantized weights were replaced by their
+reference-dequantized values (their logical dtype, so the replacement is exact): every tensor that
+is not 4-bit equal, bit for bit, to transformers' own renamed/merged parameter, and the logits within
+FLOAT32_REL. Then `train` runs two steps on gpt_neox and one MoE family, and `merge` of that adapter
+gives a checkpoint with the source's names that transformers loads to the unmerged model's logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tolerances import FLOAT32_REL
+
+_spec = importlib.util.spec_from_file_location("arch_sweep", Path(__file__).parent.parent / "tools" / "arch_sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+# family -> what transformers does to its checkpoint on load
+FAMILIES = {
+    "gpt_neox": "embed_out renamed to lm_head",
+    "mixtral": "block_sparse_moe renamed to mlp, experts merged",
+    "phimoe": "block_sparse_moe renamed to mlp, experts merged",
+    "qwen2_moe": "experts merged, shared expert",
+    "qwen3_moe": "experts merged",
+    "olmoe": "experts merged",
+    "granitemoe": "input_linear/output_linear experts",
+    "deepseek_v2": "experts merged, MLA",
+    "deepseek_v3": "experts merged, fp32-kept e_score_correction_bias",
+    "hy_v4": "4-bit linear_gate renamed to gate_proj",
+}
+FAST = ("gpt_neox", "mixtral")  # the CI's fast loop runs these two; the rest are slow
+
+
+def quantized_family(family: str, work: Path, tokenizer: bool = False) -> tuple[Path, Path]:
+    """A tiny ``family`` source (bfloat16) and its qconvert quantize output."""
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    src = sweep.build_source(family, work / "src")
+    if tokenizer:
+        from test_train import make_tokenizer
+
+        make_tokenizer(src)
+    quantize_checkpoint(str(src), work / "q")
+    return src, work / "q"
+
+
+def dequantized_source_model(src: Path, q: Path, out: Path):
+    """transformers' own float32 model of the source checkpoint in which every weight that ``q`` holds
+    in 4 bits is replaced by its reference dequantization (same names: quantize keeps the source's)."""
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
+    from qconvert.quant.reference import dequantize_4bit_ref
+
+    shutil.copytree(src, out)
+    sd = load_file(str(out / "model.safetensors"))
+    ck = Checkpoint(q)
+    quantized = find_quantized(ck.keys())
+    assert quantized
+    for name in quantized:
+        assert name in sd, name
+        qt = QuantizedTensor.from_state_dict(name, {k: ck.get(k) for k in companion_keys(name, ck.keys())})
+        sd[name] = dequantize_4bit_ref(qt)  # its logical dtype: bf16 here, float32 for hy_v4's kept module
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_family(family: str, work: Path) -> None:
+    import qconvert
+    from qconvert.nn import Linear4bit
+
+    src, q = quantized_family(family, work)
+    ours = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
+    ref = dequantized_source_model(src, q, work / "ref")
+    four_bit = {n for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    assert four_bit
+    ref_sd = ref.state_dict()
+    ours_sd = ours.state_dict()
+    assert {n.removesuffix(".weight") for n in ref_sd if n.endswith(".weight")} >= four_bit
+    for n, t in ours_sd.items():  # renamed and merged tensors are transformers' own, bit for bit
+        mod, _, attr = n.rpartition(".")
+        if mod in four_bit and attr != "bias":
+            continue
+        assert torch.equal(t, ref_sd[n]), n
+    for n in four_bit:  # the 4-bit layers hold the dequantized weights transformers loaded
+        assert torch.equal(ours.get_submodule(n).dequantized(torch.float32), ref_sd[f"{n}.weight"]), n
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(input_ids=ids, use_cache=False).logits
+        want = ref(input_ids=ids, use_cache=False).logits
+    assert got.dtype == want.dtype == torch.float32
+    assert rel(got, want) < FLOAT32_REL, rel(got, want)
+
+
+@pytest.mark.parametrize("family", FAST)
+def test_load_model_matches_transformers_on_dequantized_source(tmp_path, family):
+    check_family(family, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(FAST)))
+def test_load_model_matches_transformers_on_dequantized_source_slow(tmp_path, family):
+    check_family(family, tmp_path)
