@@ -118,3 +118,74 @@ def test_load_model_matches_transformers_on_dequantized_source(tmp_path, family)
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(FAST)))
 def test_load_model_matches_transformers_on_dequantized_source_slow(tmp_path, family):
     check_family(family, tmp_path)
+
+
+def merged_matches_unmerged(src: Path, q: Path, adapter: Path, work: Path) -> None:
+    """`merge` of ``adapter`` into ``q`` (float32) writes the source checkpoint's names, and plain
+    transformers on it gives the logits of PEFT's unmerged adapter on the dequantized source."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.export.merge import merge_adapter
+
+    merge_adapter(str(q), str(adapter), work / "merged", dtype="float32")
+    assert set(sweep.tensors(work / "merged")) == set(sweep.tensors(src))  # the stored names, nothing quantized
+    merged = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.float32).eval()
+    unmerged = PeftModel.from_pretrained(dequantized_source_model(src, q, work / "ref"), str(adapter)).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = merged(input_ids=ids, use_cache=False).logits
+        want = unmerged(input_ids=ids, use_cache=False).logits
+        base = unmerged.get_base_model()
+        with unmerged.disable_adapter():
+            bare = base(input_ids=ids, use_cache=False).logits
+    assert rel(want, bare) > 100 * FLOAT32_REL  # the adapter changes the model, so the check below means something
+    assert rel(got, want) < FLOAT32_REL, rel(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAST)
+def test_train_two_steps_then_merge(tmp_path, family):
+    """`train` runs on the 4-bit model (LoRA on its linear layers; PEFT's "all-linear" would also wrap
+    the merged expert parameters), PEFT loads the adapter on qconvert's model and on transformers'
+    with the same logits, and `merge` writes the source's names with the unmerged logits."""
+    import qconvert
+    from qconvert.train.loop import train
+    from test_train import memorize_set
+
+    src, q = quantized_family(family, tmp_path, tokenizer=True)
+    out = tmp_path / "run"
+    r = train(str(q), str(memorize_set(tmp_path)), out, max_steps=2, backend="reference", lora_r=4, lora_alpha=8,
+              grad_accum=1, lr=1e-2)
+    assert r["step"] == 2 and not r["interrupted"]
+    lora = load_file(str(out / "adapter_model.safetensors"))
+    assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    assert any(".lora_B." in k and t.abs().sum() > 0 for k, t in lora.items())  # trained: B left zero
+    ours = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32, adapter=out)
+    from peft import PeftModel
+
+    theirs = PeftModel.from_pretrained(dequantized_source_model(src, q, tmp_path / "ref0"), str(out)).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel(ours(input_ids=ids, use_cache=False).logits, theirs(input_ids=ids, use_cache=False).logits) < FLOAT32_REL
+    merged_matches_unmerged(src, q, out, tmp_path)
+
+
+@pytest.mark.slow
+def test_merge_of_a_renamed_4bit_layer_keeps_the_stored_name(tmp_path):
+    """hy_v4's 4-bit ``linear_gate`` is the model's ``gate_proj``: an adapter on the model's names is
+    merged into the stored ``linear_gate`` weights, and the result is the unmerged model."""
+    from peft import LoraConfig, get_peft_model
+
+    import qconvert
+    from qconvert.nn import Linear4bit
+
+    src, q = quantized_family("hy_v4", tmp_path)
+    model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
+    targets = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    renamed = [n for n in targets if n.endswith(".gate_proj")]
+    assert renamed and all(f"{n.replace('.gate_proj', '.linear_gate')}.weight" in sweep.tensors(src) for n in renamed)
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    merged_matches_unmerged(src, q, tmp_path / "adapter", tmp_path)

@@ -175,11 +175,30 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
     quantized = set(check_checkpoint(ckpt))
     owned = {k for q in quantized for k in ckpt.companions(q)}
     targets = {m + ".weight": m for m in lora.modules}
+    if any(t not in ckpt for t in targets):  # the adapter names the model's modules; transformers may rename on load
+        stored = _stored_names(root, ckpt, owned, quantized)
+        targets = {stored.get(t, t): m for t, m in targets.items()}
     missing = sorted(t for t in targets if t not in keys)
     if missing:
         raise FormatError(f"{adapter}: adapts {missing[0]!r}, which {root} does not have", hint="is this adapter for this base?")
     lora.check_base(_base_shapes(ckpt, targets))
     return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, quantize, dtype)
+
+
+def _stored_names(root: Path, ckpt: Checkpoint, owned: set[str], quantized: set[str]) -> dict[str, str]:
+    """The model's name -> the checkpoint's, for the tensors transformers renames on load (hy_v4's
+    ``linear_gate`` is the model's ``gate_proj``): an adapter names the model's modules, the merged
+    checkpoint keeps the stored names. Tensors a converter merges (MoE experts) have no single
+    stored name and are left out."""
+    from transformers import AutoConfig
+
+    from ..conversions import load_map
+    from ..validate import build_meta, model_class, read_config
+
+    where = str(root / "config.json")
+    model = build_meta(model_class(read_config(root), where), AutoConfig.from_pretrained(root, trust_remote_code=False), where)
+    lm = load_map(model, [k for k in ckpt.keys() if k not in owned or k in quantized])
+    return {name: k for k, name in lm.names.items() if name != k}
 
 
 def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
