@@ -189,3 +189,22 @@ def test_merge_of_a_renamed_4bit_layer_keeps_the_stored_name(tmp_path):
     peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
     peft.save_pretrained(tmp_path / "adapter")
     merged_matches_unmerged(src, q, tmp_path / "adapter", tmp_path)
+
+
+def test_merge_refuses_lora_on_merged_expert_parameters(tmp_path):
+    """PEFT can put LoRA on the 3-D expert parameters transformers merges (target_parameters; its
+    "all-linear" does so on MoE models): merge refuses that adapter with one line, writing nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    import qconvert
+    from qconvert.errors import FormatError
+    from qconvert.export.merge import merge_adapter
+
+    _, q = quantized_family("mixtral", tmp_path)
+    model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"], lora_dropout=0.0)
+    get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(FormatError, match=r"adapter_config\.json: LoRA on parameters \(target_parameters \['mlp\.experts\.gate_up_proj'\]\) "
+                                          r"is not supported by qconvert merge$"):
+        merge_adapter(str(q), str(tmp_path / "adapter"), tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -47,6 +47,11 @@ class LoraAdapter:
         for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
             if cfg.get(flag):
                 raise FormatError(f"{cfg_path}: {what} is not supported by qconvert merge", hint="merge it with PEFT itself")
+        if cfg.get("target_parameters"):  # PEFT's ParamWrapper: LoRA on a parameter, e.g. MoE experts merged into 3-D
+            raise FormatError(
+                f"{cfg_path}: LoRA on parameters (target_parameters {sorted(cfg['target_parameters'])[:3]}) is not supported by qconvert merge",
+                hint="merge it with PEFT on the transformers model (merge_and_unload), or train with qconvert train, which adapts linear layers only",
+            )
         self.weights = self.folder / "adapter_model.safetensors"
         self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = read_lora_weights(self.folder, cfg)
 
