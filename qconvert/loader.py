@@ -157,7 +157,8 @@ def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, b
     group_of = lm.group_of
     for name in quantized:
         if name in group_of or name not in lm.names:  # check_model_folder refuses both first
-            raise FormatError(f"{root}: 4-bit tensor {name!r} has no place qconvert.load_model can fill")
+            raise FormatError(f"{root}: 4-bit tensor {name!r} has no place qconvert.load_model can fill",
+                              hint="load this model with transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained(path)")
         comp = ckpt.companions(name)
         qt = ckpt.quantized(name, device)
         stored_mod = name.removesuffix(".weight")
@@ -172,7 +173,8 @@ def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, b
             raise FormatError(f"{root}: 4-bit tensor {name!r} does not fit module {mod_name!r} ({type(old).__name__})")
         bias_key = f"{stored_mod}.bias"
         if bias_key in ckpt and lm.names.get(bias_key) != f"{mod_name}.bias":
-            raise FormatError(f"{root}: the bias {bias_key!r} of 4-bit tensor {name!r} loads elsewhere than its weight")
+            raise FormatError(f"{root}: the bias {bias_key!r} of 4-bit tensor {name!r} loads elsewhere than its weight",
+                              hint="load this model with transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained(path)")
         bias = _cast(ckpt.get(bias_key), device, dt) if bias_key in ckpt else None
         parent_name, _, child = mod_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
