@@ -208,3 +208,30 @@ def test_merge_refuses_lora_on_merged_expert_parameters(tmp_path):
                                           r"is not supported by qconvert merge$"):
         merge_adapter(str(q), str(tmp_path / "adapter"), tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop", "lacks 1 tensor(s) the MixtralForCausalLM built from config.json needs, e.g. 'model.layers.1.block_sparse_moe.experts.3.w2.weight'"),
+    ("extra", "1 tensor(s) have no place in the MixtralForCausalLM config.json builds, e.g. 'model.layers.1.block_sparse_moe.experts.4.w2.weight'"),
+    ("shape", "tensor 'model.layers.1.block_sparse_moe.experts.3.w2.weight' is [64, 32], the MixtralForCausalLM built from config.json needs [64, 128]"),
+])
+def test_merged_experts_are_checked_one_by_one(tmp_path, change, message):
+    """A tensor transformers merges is still checked by its own name before anything is read: a
+    missing expert, an expert the model has no place for, or a wrong shape is an error naming it."""
+    import qconvert
+    from qconvert.errors import FormatError
+
+    _, q = quantized_family("mixtral", tmp_path)
+    f = q / "model.safetensors"
+    sd = load_file(str(f))
+    victim = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    if change == "drop":
+        del sd[victim]
+    elif change == "extra":
+        sd[victim.replace(".3.", ".4.")] = sd[victim].clone()
+    else:
+        sd[victim] = sd[victim][:, :32].contiguous()
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(FormatError) as e:
+        qconvert.load_model(q, device="cpu", backend="reference")
+    assert str(e.value) == f"{q}: {message}"
