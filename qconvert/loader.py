@@ -3,7 +3,11 @@
 The model is built from config.json with its parameters on the meta device (no full-precision
 weights are ever allocated); each nn.Linear whose weight is stored in 4 bits becomes a
 :class:`qconvert.nn.Linear4bit` holding the packed tensors, placed directly on the target device;
-every other tensor is loaded as stored. Host memory while loading stays near one tensor beyond the
+every other tensor is loaded as stored. Each tensor goes where transformers loads it, by transformers'
+own conversion mapping (qconvert.conversions): renamed ones (GPT-NeoX's ``embed_out``, a 4-bit weight
+of a renamed module) to their new place, and the groups a converter merges (MoE experts stacked into
+3-D parameters) merged by that converter's operations, one group at a time (a merged parameter is a
+new tensor, not a view of the file). Host memory while loading stays near one tensor beyond the
 quantized checkpoint itself. On CPU the tensors stay zero-copy views of the memory-mapped safetensors
 file (safetensors maps it copy-on-write), so most of that memory is file-backed page cache; on CUDA
 each tensor is copied to the device and its host pages are released with the short-lived handle.
