@@ -3,7 +3,11 @@
 The model is built from config.json with its parameters on the meta device (no full-precision
 weights are ever allocated); each nn.Linear whose weight is stored in 4 bits becomes a
 :class:`qconvert.nn.Linear4bit` holding the packed tensors, placed directly on the target device;
-every other tensor is loaded as stored. Host memory while loading stays near one tensor beyond the
+every other tensor is loaded as stored. Each tensor goes where transformers loads it, by transformers'
+own conversion mapping (qconvert.conversions): renamed ones (GPT-NeoX's ``embed_out``, a 4-bit weight
+of a renamed module) to their new place, and the groups a converter merges (MoE experts stacked into
+3-D parameters) merged by that converter's operations, one group at a time (a merged parameter is a
+new tensor, not a view of the file). Host memory while loading stays near one tensor beyond the
 quantized checkpoint itself. On CPU the tensors stay zero-copy views of the memory-mapped safetensors
 file (safetensors maps it copy-on-write), so most of that memory is file-backed page cache; on CUDA
 each tensor is copied to the device and its host pages are released with the short-lived handle.
@@ -96,8 +100,10 @@ def load_model(
     cd = _as_dtype(compute_dtype or dt or qc.get("bnb_4bit_compute_dtype") or "float32")
     model = _skeleton(root, config, qc)
     ckpt = Checkpoint(root, streaming=True)
-    placed = _place_4bit(model, ckpt, root, device, dt, be, cd)
-    _place_others(model, ckpt, placed, device, dt)
+    quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
+    lm = _load_map(model, ckpt, quantized)
+    placed = _place_4bit(model, ckpt, root, device, dt, be, cd, quantized, lm)
+    _place_others(model, ckpt, placed, device, dt, lm)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -136,18 +142,33 @@ def _skeleton(root: Path, config, qc: dict):
     return model
 
 
-def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, be, cd) -> set[str]:
-    """Each 4-bit weight's nn.Linear (or GPT-2 style Conv1D) replaced by a Linear4bit holding it (and
-    its bias); returns the checkpoint tensors used."""
+def _load_map(model, ckpt: Checkpoint, quantized: list[str]):
+    """Where transformers loads each checkpoint tensor (qconvert.conversions): the 4-bit weights and
+    every other tensor, the quant-state entries left out (they follow their weight)."""
+    from .conversions import load_map
+    from .validate import owned_keys
+
+    owned = owned_keys(ckpt.keys(), quantized)
+    q = set(quantized)
+    return load_map(model, [k for k in ckpt.keys() if k not in owned or k in q])
+
+
+def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, be, cd, quantized: list[str], lm) -> set[str]:
+    """Each 4-bit weight's nn.Linear or GPT-2 style Conv1D (at the place transformers loads the weight:
+    ``lm``) replaced by a Linear4bit holding it (and its bias); returns the checkpoint tensors used."""
     from .nn import Linear4bit
     from .validate import is_conv1d, linear_shape
 
-    quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
     placed: set[str] = set()
+    group_of = lm.group_of
     for name in quantized:
+        if name in group_of or name not in lm.names:  # check_model_folder refuses both first
+            raise FormatError(f"{root}: 4-bit tensor {name!r} has no place qconvert.load_model can fill",
+                              hint="load this model with transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained(path)")
         comp = ckpt.companions(name)
         qt = ckpt.quantized(name, device)
-        mod_name = name.removesuffix(".weight")
+        stored_mod = name.removesuffix(".weight")
+        mod_name = lm.names[name].removesuffix(".weight")  # renamed on load by transformers, or the same
         old = model.get_submodule(mod_name)
         # a GPT-2 style Conv1D holds its weight as [in, out]: the stored 4-bit tensor is its transpose,
         # [out, in], so the Linear4bit that takes its place computes x @ W.T + b, what the Conv1D computed
@@ -156,7 +177,10 @@ def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, b
             want = "not a Linear or Conv1D" if shape is None else f"[out, in] {list(shape)}"
             raise FormatError(f"{root}: 4-bit tensor {name!r} (quant-state shape {list(qt.shape)}) does not fit module {mod_name!r} "
                               f"({type(old).__name__}, {want})", hint="config.json does not describe these weights; quantize the source again")
-        bias_key = f"{mod_name}.bias"
+        bias_key = f"{stored_mod}.bias"
+        if bias_key in ckpt and lm.names.get(bias_key) != f"{mod_name}.bias":
+            raise FormatError(f"{root}: the bias {bias_key!r} of 4-bit tensor {name!r} loads elsewhere than its weight",
+                              hint="load this model with transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained(path)")
         bias = _cast(ckpt.get(bias_key), device, dt) if bias_key in ckpt else None
         parent_name, _, child = mod_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -167,12 +191,25 @@ def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, b
     return placed
 
 
-def _place_others(model, ckpt: Checkpoint, placed: set[str], device: torch.device, dt) -> None:
-    """Every other stored tensor the model has a place for, as stored (cast to ``dt`` when given)."""
-    state_names = set(model.state_dict().keys())
+def _place_others(model, ckpt: Checkpoint, placed: set[str], device: torch.device, dt, lm) -> None:
+    """Every other stored tensor the model has a place for, as stored (cast to ``dt`` when given), at
+    the place transformers loads it (``lm``); the groups a transformers converter merges (MoE
+    experts) merged by that converter, one group at a time, each tensor read once."""
+    from .conversions import convert_group
+
+    state = model.state_dict()
     for k in ckpt.keys():
-        if k in placed:
-            continue
-        if k not in state_names:
-            continue  # e.g. a non-persistent buffer transformers also ignores
-        _set_tensor(model, k, _cast(ckpt.get(k), device, dt))
+        if k in placed or k not in lm.names:
+            continue  # groups below; a key with no place is one check_model_folder allowed (a computed buffer)
+        _set_tensor(model, lm.names[k], _cast(ckpt.get(k), device, dt))
+    for first in lm.groups:
+        merged = convert_group(model, lm, first, lambda k: _cast(ckpt.get(k), device, dt))
+        for name, value in merged.items():
+            want = state.get(name)
+            if want is None or tuple(value.shape) != tuple(want.shape):
+                raise FormatError(
+                    f"{ckpt.root}: transformers' conversion of {[k for k, _ in lm.groups[first]][:2]} gives {name!r} of shape "
+                    f"{list(value.shape)}, the model needs {None if want is None else list(want.shape)}",
+                    hint="config.json and the weights disagree; re-download the model, or quantize its source again",
+                )
+            _set_tensor(model, name, value)

@@ -142,20 +142,30 @@ def linear_shape(module) -> tuple[int, int] | None:
 
 def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *, strict: bool = True,
             require_all: bool | None = None) -> None:
-    """The checkpoint's tensors against the meta ``model`` (module docstring, point 3). ``strict``
-    also refuses tensors the model has no place for and a mix of float dtypes; ``require_all``
-    (default: ``strict``) refuses a checkpoint that lacks a tensor the model needs."""
+    """The checkpoint's tensors against the meta ``model`` (module docstring, point 3), each at the
+    place transformers loads it (qconvert.conversions: renamed, or merged by a converter).
+    ``strict`` also refuses tensors the model has no place for and a mix of float dtypes;
+    ``require_all`` (default: ``strict``) refuses a checkpoint that lacks a tensor the model needs."""
+    from .conversions import converted_sources, load_map
+
     arch = type(model).__name__
     state = model.state_dict(keep_vars=True)
     keys = ckpt.keys()
     owned = owned_keys(keys, quant_shapes)
+    lm = load_map(model, [k for k in keys if k not in owned or k in quant_shapes], state)
+    group_of = lm.group_of
     for name, shape in quant_shapes.items():
-        mod_name = name.removesuffix(".weight")
+        if name in group_of:
+            raise FormatError(f"{where}: 4-bit weight {name!r} is one that transformers merges on load into {group_of[name]!r}, "
+                              "which qconvert cannot do with packed 4-bit data",
+                              hint="qconvert quantize never writes this; load the model with transformers + bitsandbytes")
+        target = lm.names.get(name, name)
+        mod_name = target.removesuffix(".weight")
         try:
-            module = model.get_submodule(mod_name) if name.endswith(".weight") else None
+            module = model.get_submodule(mod_name) if target.endswith(".weight") else None
         except AttributeError:
             module = None
-        if module is None or name not in state:
+        if module is None or target not in state:
             raise FormatError(f"{where}: 4-bit weight {name!r} has no place in the {arch} config.json builds",
                               hint="config.json and the weights disagree (a layer count?); " + _REUPLOAD)
         want = linear_shape(module)
@@ -165,16 +175,29 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
         if tuple(shape) != tuple(want):
             raise FormatError(f"{where}: 4-bit weight {name!r} has quant-state shape {list(shape)}, the {arch} needs {list(want)}",
                               hint="the quant state is damaged or config.json was edited; " + _REUPLOAD)
+    try:
+        sources = converted_sources(model, lm, state)
+    except Exception as e:  # a conversion transformers cannot run on meta tensors: nothing to check against
+        if not strict:  # verify's lenient form: the merged tensors go unchecked, as names it does not know
+            sources = {}
+        else:
+            raise FormatError(f"{where}: cannot work out the tensors transformers merges into the {arch} ({type(e).__name__}: {e})"[:300],
+                              hint="load this model with transformers") from None
     unexpected = []
+    placed = {}  # checkpoint key -> the model's name for it (plain keys)
     for k in keys:
         if k in owned:
             continue
-        if k not in state:
+        if k in lm.names:
+            want_t = state[lm.names[k]]
+            placed[k] = lm.names[k]
+        elif k in group_of and k in sources:
+            want_t = sources[k]
+        else:
             unexpected.append(k)
             continue
         dt = ckpt.dtype_name(k)
         _, shape = ckpt.info(k)
-        want_t = state[k]
         if want_t.is_floating_point() != (dt in FLOAT_DTYPES) or (not want_t.is_floating_point() and dt.startswith("F")):
             raise FormatError(f"{where}: tensor {k!r} is stored as {dt}, the {arch} needs a {want_t.dtype} tensor",
                               hint=_REUPLOAD)
@@ -182,10 +205,16 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
             raise FormatError(f"{where}: tensor {k!r} is {list(shape)}, the {arch} built from config.json needs {list(want_t.shape)}",
                               hint="config.json and the weights disagree; " + _REUPLOAD)
     if strict:
-        _check_one_float_dtype(model, ckpt, [k for k in keys if k not in owned and k in state], where)
+        floats = [k for k in keys if k not in owned and (k in placed or k in sources)]
+        _check_one_float_dtype(model, ckpt, floats, where, {**placed, **{k: group_of[k] for k in floats if k in group_of}})
         _refuse_unexpected(model, state, unexpected, arch, where)
     if strict if require_all is None else require_all:
-        _refuse_missing(state, keys, arch, where)
+        present = set(keys)
+        lacking = [k for k in sources if k not in present]  # a converted parameter made from every source
+        if lacking:
+            raise FormatError(f"{where}: lacks {len(lacking)} tensor(s) the {arch} built from config.json needs, e.g. {lacking[0]!r}",
+                              hint="config.json and the weights disagree (a layer count?); " + _REUPLOAD)
+        _refuse_missing(state, lm.placed_names(), arch, where)
 
 
 def _refuse_unexpected(model, state, unexpected: list[str], arch: str, where: str) -> None:
@@ -198,8 +227,9 @@ def _refuse_unexpected(model, state, unexpected: list[str], arch: str, where: st
                           hint="config.json and the weights disagree (a layer count?); " + _REUPLOAD)
 
 
-def _refuse_missing(state, keys, arch: str, where: str) -> None:
-    present = set(keys)
+def _refuse_missing(state, present, arch: str, where: str) -> None:
+    """``present``: the model names the checkpoint fills."""
+    present = set(present)
     groups: dict[int, list[str]] = {}
     for n, t in state.items():
         groups.setdefault(id(t), []).append(n)
@@ -209,18 +239,23 @@ def _refuse_missing(state, keys, arch: str, where: str) -> None:
                           hint="config.json and the weights disagree (a layer count?); " + _REUPLOAD)
 
 
-def _check_one_float_dtype(model, ckpt, names: list[str], where: str) -> None:
+def _check_one_float_dtype(model, ckpt, names: list[str], where: str, model_names: dict[str, str] | None = None) -> None:
     """Unquantized floating tensors share one dtype (float32 is also allowed in the modules the
-    model keeps in float32): a mix loads but fails in the first matmul."""
+    model keeps in float32): a mix loads but fails in the first matmul. ``model_names``: checkpoint
+    key -> the model's name for it, where transformers renames it (the fp32 modules are model names)."""
     from collections import Counter
 
+    model_names = model_names or {}
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     floats = {k: ckpt.dtype_name(k) for k in names if ckpt.dtype_name(k) in FLOAT_DTYPES}
+    kept = {k for k in floats if any(m in k or m in model_names.get(k, k) for m in keep)}
     if not floats:
         return
-    common = Counter(floats.values()).most_common(1)[0][0]
+    # the model's dtype is the one of the tensors it does not keep in float32 (hy_v4 keeps most in float32)
+    common = Counter(dt for k, dt in floats.items() if k not in kept).most_common(1)
+    common = common[0][0] if common else Counter(floats.values()).most_common(1)[0][0]
     for k, dt in floats.items():
-        if dt != common and not (dt == "F32" and any(m in k for m in keep)):
+        if dt != common and not (dt == "F32" and k in kept):
             raise FormatError(f"{where}: tensor {k!r} is {dt}, the other unquantized tensors are {common}",
                               hint="a model computes in one dtype; cast the tensor, or quantize the source again")
 

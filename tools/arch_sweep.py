@@ -196,6 +196,24 @@ def loads_and_runs(path: Path) -> str:
     return "yes"
 
 
+def qconvert_loads_and_runs(path: Path) -> str:
+    """``qconvert.load_model`` (reference backend, float32) loads ``path`` and a forward pass gives
+    finite logits; else the reason, its first line."""
+    import qconvert
+    from qconvert.errors import QConvertError
+
+    try:
+        model = qconvert.load_model(path, device="cpu", backend="reference", dtype=torch.float32)
+    except QConvertError as e:
+        return "refused: " + str(e).splitlines()[0].replace(str(path), "OUT")[:200]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), use_cache=False).logits
+    except Exception as e:
+        return f"forward fails: {first_line(e)}"
+    return "yes" if torch.isfinite(logits).all() else "non-finite logits"
+
+
 def _source_runs(src: Path) -> bool:
     from transformers import AutoModelForCausalLM
 
@@ -211,8 +229,9 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:160]
 
 
-def sweep_one(model_type: str, work: Path, forward: bool = True) -> dict:
-    """One family through both tools; see the module docstring. Never raises."""
+def sweep_one(model_type: str, work: Path, forward: bool = True, load: bool = False) -> dict:
+    """One family through both tools; see the module docstring. Never raises. ``load``: also
+    :func:`qconvert_loads_and_runs` on qconvert's output (row key ``qconvert_load``)."""
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.errors import QConvertError
 
@@ -255,6 +274,11 @@ def sweep_one(model_type: str, work: Path, forward: bool = True) -> dict:
             row["note"] = "; ".join(
                 f"{k}: {', '.join(c[k][:3])}" for k in ("only_ours", "only_anchor", "different") if c[k]
             ) or f"quantization_config equal {c['quantization_config_equal']}, dtype equal {c['dtype_equal']}"
+    if load:
+        try:
+            row["qconvert_load"] = qconvert_loads_and_runs(ours)
+        except Exception as e:
+            row["qconvert_load"] = f"CRASH: {first_line(e)}"
     if forward:
         try:
             row["loads"] = loads_and_runs(ours)
@@ -286,6 +310,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated model types (default: every causal-LM type)")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--no-forward", action="store_true", help="skip the load-and-forward check")
+    ap.add_argument("--load-model", action="store_true", help="also load qconvert's output with qconvert.load_model and run a forward")
     args = ap.parse_args()
     types = args.only.split(",") if args.only else causal_lm_types()
     rows = []
@@ -294,12 +319,13 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix=f"sweep-{mt}-"))
         t = time.perf_counter()
         try:
-            row = sweep_one(mt, work, forward=not args.no_forward)
+            row = sweep_one(mt, work, forward=not args.no_forward, load=args.load_model)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         row["seconds"] = round(time.perf_counter() - t, 1)
         rows.append(row)
-        print(f"{mt:28s} {row['status']:12s} {row['identical']:4d}/{row['total']:<4d} q={row['quantized']:<3d} loads={row['loads'] or '-':4s} {row['note'][:150]}",
+        qload = f" load_model={row['qconvert_load'][:100]}" if "qconvert_load" in row else ""
+        print(f"{mt:28s} {row['status']:12s} {row['identical']:4d}/{row['total']:<4d} q={row['quantized']:<3d} loads={row['loads'] or '-':4s}{qload} {row['note'][:150]}",
               flush=True, file=sys.stderr)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -307,6 +333,10 @@ def main() -> int:
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if args.load_model:
+        tried = [r["qconvert_load"] for r in rows if "qconvert_load" in r]
+        print(f"\nqconvert.load_model: {sum(v == 'yes' for v in tried)} of {len(tried)} outputs load and run; "
+              f"{sum(v.startswith('refused') for v in tried)} refused, {sum(v.startswith('forward') for v in tried)} load but fail the forward")
     print(f"\n{len(rows)} families in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return 1 if any(r["status"] in ("DIFFERENT", "QCONVERT CRASH") for r in rows) else 0
 

@@ -50,6 +50,11 @@ class LoraAdapter:
         # and lora_B [out, r] either way, and the base's layout is read from the model itself (_conv1d_weights)
         if cfg.get("use_dora"):
             raise FormatError(f"{cfg_path}: DoRA is not supported by qconvert merge", hint="merge it with PEFT itself")
+        if cfg.get("target_parameters"):  # PEFT's ParamWrapper: LoRA on a parameter, e.g. MoE experts merged into 3-D
+            raise FormatError(
+                f"{cfg_path}: LoRA on parameters (target_parameters {sorted(cfg['target_parameters'])[:3]}) is not supported by qconvert merge",
+                hint="merge it with PEFT on the transformers model (merge_and_unload), or train with qconvert train, which adapts linear layers only",
+            )
         self.weights = self.folder / "adapter_model.safetensors"
         self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = read_lora_weights(self.folder, cfg)
 
@@ -191,6 +196,9 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
     quantized = set(check_checkpoint(ckpt))
     owned = {k for q in quantized for k in ckpt.companions(q)}
     targets = {m + ".weight": m for m in lora.modules}
+    if any(t not in ckpt for t in targets):  # the adapter names the model's modules; transformers may rename on load
+        stored = _stored_names(root, ckpt, owned, quantized)
+        targets = {stored.get(t, t): m for t, m in targets.items()}
     missing = sorted(t for t in targets if t not in keys)
     if missing:
         raise FormatError(f"{adapter}: adapts {missing[0]!r}, which {root} does not have", hint="is this adapter for this base?")
@@ -218,6 +226,22 @@ def _original_names(orig: Checkpoint, where: str, quantized: set[str], cfg: dict
                               hint="--base-original must be the original checkpoint that BASE was quantized from")
         names[k] = short
     return names
+
+
+def _stored_names(root: Path, ckpt: Checkpoint, owned: set[str], quantized: set[str]) -> dict[str, str]:
+    """The model's name -> the checkpoint's, for the tensors transformers renames on load (hy_v4's
+    ``linear_gate`` is the model's ``gate_proj``): an adapter names the model's modules, the merged
+    checkpoint keeps the stored names. Tensors a converter merges (MoE experts) have no single
+    stored name and are left out."""
+    from transformers import AutoConfig
+
+    from ..conversions import load_map
+    from ..validate import build_meta, model_class, read_config
+
+    where = str(root / "config.json")
+    model = build_meta(model_class(read_config(root), where), AutoConfig.from_pretrained(root, trust_remote_code=False), where)
+    lm = load_map(model, [k for k in ckpt.keys() if k not in owned or k in quantized])
+    return {name: k for k, name in lm.names.items() if name != k}
 
 
 def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
