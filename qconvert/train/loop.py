@@ -28,7 +28,7 @@ from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
 from .data import DataReport, build_examples, collate, load_records, pack
-from .options import check_target_modules, linear_module_names
+from .options import check_target_modules, default_targets
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
@@ -237,11 +237,11 @@ class _Run:
         if o["gradient_checkpointing"]:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        # The default is every linear layer but the head, named one by one: PEFT's "all-linear" shorthand
+        # The default is every linear layer but the head, by name (default_targets): PEFT's "all-linear" shorthand
         # also targets the 3-D expert parameters that transformers merges MoE checkpoints into (its
         # ParamWrapper, which refuses LoRA dropout and qconvert merge cannot fold), not only linear layers.
         self.cfg = LoraConfig(r=o["lora_r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"], task_type="CAUSAL_LM",
-                              target_modules=targets or linear_module_names(base))
+                              target_modules=targets or default_targets(base))
         torch.manual_seed(o["seed"])
         self.model = get_peft_model(base, self.cfg)
         if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.adapters)

@@ -66,6 +66,19 @@ def check_target_modules(model, targets: list[str] | None) -> None:
             raise OptionError(f"--target-modules {t!r}: no linear layer of this model has that name", hint=f"available: {shown}")
 
 
+def default_targets(model) -> list[str]:
+    """LoRA's default targets: every linear layer but the head, as the sorted set of their last name
+    parts (``q_proj``, ``down_proj``...: what PEFT's "all-linear" expands to, and what PEFT matches
+    as a suffix), or by full name when one of those parts also names a module that is not a linear
+    layer (PEFT would then try to wrap that one too)."""
+    names = linear_module_names(model)
+    leaves = {n.rpartition(".")[2] for n in names}
+    chosen = set(names)
+    if all(name in chosen for name, _ in model.named_modules() if name and name.rpartition(".")[2] in leaves):
+        return sorted(leaves)
+    return names
+
+
 def linear_module_names(model) -> list[str]:
     """Names of the layers LoRA can wrap: torch Linear and qconvert's 4-bit Linear, not the output head."""
     import torch
