@@ -83,6 +83,10 @@ def main(out: str) -> None:
         json.dump(row, f)
     dist.barrier()
     dist.destroy_process_group()
+    # leave as `qconvert train` does (qconvert.cli.main.run): gloo can abort in interpreter finalization
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

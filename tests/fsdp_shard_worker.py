@@ -49,6 +49,10 @@ def main(model: str, out: str, mode: str = "fsdp") -> None:
         json.dump(row, f)
     dist.barrier()  # every process is done with the group before any tears it down
     dist.destroy_process_group()
+    # leave as `qconvert train` does (qconvert.cli.main.run): gloo can abort in interpreter finalization
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .main import (  # noqa: F401  (the entry point and what tests and callers i
     cli,
     main,
     register,
+    run,
 )
 
-__all__ = ["cli", "main", "register"]
+__all__ = ["cli", "main", "register", "run"]

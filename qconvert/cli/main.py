@@ -122,5 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def run() -> None:
+    """The program's entry point (the ``qconvert`` script, ``python -m qconvert``): :func:`main`, then
+    exit with its code. A process that took part in a torch.distributed process group (``train``
+    under torchrun or ``--nproc-per-node``, or with ``--fsdp``) leaves with ``os._exit`` once its
+    output is flushed, after the group was destroyed: interpreter finalization then destroys what
+    still refers to the group (FSDP's device mesh) in no set order, and gloo's worker threads aborted
+    the process there ("terminate called without an active exception", exit -6) about once in ten
+    runs on a loaded machine, after the run had finished and written everything."""
+    code = main()
+    fsdp = sys.modules.get("qconvert.train.fsdp")
+    if fsdp is not None and fsdp.GROUP_USED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

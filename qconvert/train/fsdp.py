@@ -39,6 +39,8 @@ import torch
 from ..errors import DataError, OptionError
 
 SHARDED = "sharded"
+#: set once this process has made a torch.distributed process group for training (qconvert.cli.main.run reads it)
+GROUP_USED = False
 
 
 def ensure_group(world: int, device: torch.device) -> bool:
@@ -52,7 +54,13 @@ def ensure_group(world: int, device: torch.device) -> bool:
     if world != 1:
         raise OptionError("--fsdp: no process group", hint="launch with torchrun --nproc-per-node N")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mark_group_used()
     return True
+
+
+def mark_group_used() -> None:
+    global GROUP_USED
+    GROUP_USED = True
 
 
 def end_group(made: bool) -> None:

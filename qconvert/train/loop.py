@@ -44,7 +44,10 @@ def _dist():
 
         made = not dist.is_initialized()
         if made:
+            from .fsdp import mark_group_used
+
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            mark_group_used()
         return dist.get_rank(), world, made
     return 0, 1, False
 
