@@ -4,13 +4,12 @@ must agree bit for bit; then a sharded checkpoint is written, read back into fre
 runs go on. Each process writes what it found to OUT/rank{r}.json."""
 
 import copy
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers import finish_worker
 
 
 def model() -> torch.nn.Module:
@@ -79,14 +78,7 @@ def main(out: str) -> None:
         loaded = all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(again.parameters(), sharded.parameters()))
         after = steps(again, opt2, ref, ref_opt, 3, 2)
         row[name] = {"exact_before": before, "exact_after_resume": after, "params_loaded": loaded, "state_dtypes": kinds}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(row, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    # leave as `qconvert train` does (qconvert.cli.main.run): gloo can abort in interpreter finalization
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_worker(out, rank, row)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 model, shard it as `qconvert train --fsdp` does, run one forward and backward, then write this
 process's local bytes of the frozen base (from the DTensors' local shards) and its peak RSS."""
 
-import json
-import os
 import resource
 import sys
 
 import torch
 import torch.distributed as dist
+from helpers import finish_worker
 
 from qconvert.train import fsdp
 
@@ -45,14 +44,7 @@ def main(model: str, out: str, mode: str = "fsdp") -> None:
            "scales_sharded": all(isinstance(s, DTensor) for s in scales) and len(scales) > 0,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mib": after_load,
            "rss_after_shard_mib": after_shard, "rss_end_mib": rss_mib()["VmRSS"]}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(row, f)
-    dist.barrier()  # every process is done with the group before any tears it down
-    dist.destroy_process_group()
-    # leave as `qconvert train` does (qconvert.cli.main.run): gloo can abort in interpreter finalization
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_worker(out, rank, row)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,18 @@ def save_as_bf16(src, out) -> Path:
     cfg["dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+def finish_worker(out, rank: int, row: dict) -> None:
+    """End a torchrun test worker: its row to OUT/rank{rank}.json, every process done with the group
+    before any tears it down, then leave as `qconvert train` does (qconvert.train.fsdp.leave_process)."""
+    import json
+    import torch.distributed as dist
+
+    from qconvert.train.fsdp import leave_process
+
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(row, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    leave_process(0)

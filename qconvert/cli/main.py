@@ -133,9 +133,7 @@ def run() -> None:
     code = main()
     fsdp = sys.modules.get("qconvert.train.fsdp")
     if fsdp is not None and fsdp.GROUP_USED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        fsdp.leave_process(code)
     sys.exit(code)
 
 

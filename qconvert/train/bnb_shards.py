@@ -117,10 +117,9 @@ class ShardedBnb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        pairs = self._sync()
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
-        self._sync()
+        pairs = self._sync()
         # the saved groups list the parameters in this optimizer's order, by index or (from
         # torch.distributed.checkpoint) by name, as torch's own load_state_dict reads them
         keys = [k for g in state_dict["param_groups"] for k in g["params"]]
