@@ -170,7 +170,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 
 
 #: adapter_config.json keys PEFT keeps as sets (their order then follows the process's string hashing)
-SET_KEYS = ("target_modules", "exclude_modules")
+SET_KEYS = ("target_modules", "exclude_modules", "target_parameters")
 
 
 def stable_adapter_config(folder: Path, **updates: Any) -> dict[str, Any]:
@@ -292,3 +292,66 @@ def conv1d_notice_hidden(model):
         if has_conv1d_4bit(model):
             warnings.filterwarnings("ignore", message=_LINEAR_FAN_IN_FAN_OUT, category=UserWarning)
         yield
+
+
+# PEFT 0.21 under transformers 5 rewrites, on every adapter it attaches to a model type that transformers
+# maps to the qwen2_moe or mixtral conversion pattern (deepseek_v2/v3, glm4_moe, qwen3_moe, qwen3_next,
+# ...), each target_modules entry that ends in an old per-expert projection name (gate_proj, up_proj,
+# down_proj, gate; w1/w2/w3 for mixtral) into target_parameters on the fused experts
+# (peft.utils.transformers_weight_conversion._convert_peft_config_moe). That is right for an adapter trained
+# on transformers 4's per-expert Linear layers, but it also takes the full names of Linear layers that
+# still exist (a shared expert's or a dense layer's gate_proj): the adapter then loses those layers and
+# gains LoRA on the routed experts (peft issue #3711, fixed in peft PR #3715). qconvert attaches adapters
+# inside module_targets_kept(), which keeps such names as module targets, as that fix does.
+
+
+def _moe_conversion():
+    """PEFT's transformers-5 MoE module, or None where this PEFT has none."""
+    try:
+        from peft.utils import transformers_weight_conversion as twc
+    except ImportError:
+        return None
+    return twc if callable(getattr(twc, "_convert_peft_config_moe", None)) else None
+
+
+def peft_moves_to_parameters(model, names) -> set[str]:
+    """Which of the target_modules ``names`` PEFT's transformers-5 MoE conversion would turn into
+    target_parameters on ``model`` (empty where it converts nothing)."""
+    from peft import LoraConfig
+
+    twc = _moe_conversion()
+    if twc is None or not names:
+        return set()
+    cfg = LoraConfig(target_modules=list(names))
+    twc._convert_peft_config_moe(cfg, model)
+    return set(names) - set(cfg.target_modules or ())
+
+
+@contextmanager
+def module_targets_kept():
+    """Attach PEFT adapters inside this: a target_modules entry that is the full name of one of the
+    model's modules stays a module target through PEFT's MoE conversion (see above); every other entry
+    is converted as PEFT converts it."""
+    twc = _moe_conversion()
+    if twc is None:
+        yield
+        return
+    original = twc._convert_peft_config_moe
+
+    def convert(peft_config, model, *args, **kwargs):
+        targets = peft_config.target_modules
+        if isinstance(targets, str) or not targets:
+            return original(peft_config, model, *args, **kwargs)
+        full = {n for n, _ in model.named_modules() if "." in n}
+        kept = {t for t in targets if t in full}
+        peft_config.target_modules = set(targets) - kept
+        try:
+            return original(peft_config, model, *args, **kwargs)
+        finally:
+            peft_config.target_modules = set(peft_config.target_modules or ()) | kept
+
+    twc._convert_peft_config_moe = convert
+    try:
+        yield
+    finally:
+        twc._convert_peft_config_moe = original
