@@ -7,6 +7,9 @@ shared experts, Mamba/linear-attention projections. Left out, each for a reason 
   its update to the output and fails on it);
 - a module PEFT refuses for the model type (the out_proj of Mamba mixers in falcon_h1, falcon_mamba...,
   found by asking PEFT's own check, so the list follows the installed PEFT);
+- a layer whose weight its parent multiplies by directly on the 16-bit model (dt_proj in jamba's and
+  falcon_mamba's mixers, read from the class's code): a LoRA there would work on qconvert's 4-bit model
+  (config._is_quantized makes the mixer call the layer) but be skipped by PEFT on the 16-bit original;
 - the routed experts, which transformers 5 stores as 3-D parameters, not Linear layers. ``--lora-experts``
   adapts them the way PEFT does (``target_parameters``: one LoRA pair per parameter, rank r per expert);
   PEFT cannot apply dropout there, so the run's LoRA dropout is then 0.
@@ -59,6 +62,21 @@ def peft_refuses(model, leaf: str) -> bool:
     return False
 
 
+def read_as_weight(model, name: str) -> bool:
+    """Whether the module holding layer ``name`` multiplies by ``self.<layer>.weight`` in its own code
+    instead of calling the layer: jamba's and falcon_mamba's mixers do so with dt_proj on a 16-bit model
+    (they call it only when config._is_quantized is set), so PEFT on the 16-bit original would skip a
+    LoRA there while the 4-bit model used it."""
+    import inspect
+
+    parent, _, leaf = name.rpartition(".")
+    try:
+        source = inspect.getsource(type(model.get_submodule(parent)))
+    except (OSError, TypeError):
+        return False
+    return re.search(rf"self\.{re.escape(leaf)}\.weight\s*@", source) is not None
+
+
 def linear_layers(model) -> tuple[list[str], dict[str, str]]:
     """(the linear layers LoRA goes on by default, {left-out layer: why})."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -72,6 +90,8 @@ def linear_layers(model) -> tuple[list[str], dict[str, str]]:
             left_out[name] = f"a {type(mod).__name__}: a Linear with a forward of its own"
         elif refused.setdefault(leaf, peft_refuses(model, leaf)):
             left_out[name] = f"PEFT refuses LoRA on {leaf} in {model.config.model_type}"
+        elif read_as_weight(model, name):
+            left_out[name] = "the 16-bit model multiplies by its weight directly (PEFT's LoRA there would be skipped)"
         else:
             chosen.append(name)
     return chosen, left_out
