@@ -193,6 +193,7 @@ def merge_and_compare(family: str, family_dir, tmp_path: Path) -> None:
     assert experts and summary["merged_parameters"] == len(experts)  # every expert parameter adapted, and merged
     for n in experts:  # PEFT's own merge of the parameter adapters, in float32
         assert rel(ours[n], ref[n]) < FLOAT32_REL, n
+    check_adapter_loads(src, q, run, tmp_path, peft)
     sd = load_file(str(run / "adapter_model.safetensors"))
     scaling = cfg["lora_alpha"] / cfg["r"]
     linear = [k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in sd if k.endswith(".lora_A.weight")]
@@ -202,6 +203,30 @@ def merge_and_compare(family: str, family_dir, tmp_path: Path) -> None:
     for m in linear:  # dequant + scaling * B @ A, float32
         a, b = sd[f"base_model.model.{m}.lora_A.weight"], sd[f"base_model.model.{m}.lora_B.weight"]
         assert rel(ours[f"{m}.weight"], deq[f"{m}.weight"] + scaling * (b.float() @ a.float())) < FLOAT32_SAME_MATH_REL, m
+
+
+def check_adapter_loads(src: Path, q: Path, run: Path, tmp_path: Path, peft) -> None:
+    """load_model(adapter=) gives the logits of ``peft`` (the adapter on the dequantized model); the
+    export-adapter folder loads in PEFT on the 16-bit original with every tensor where it was trained."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    import qconvert
+    from qconvert.adapters import module_targets_kept
+    from qconvert.export.adapter import export_adapter
+
+    ours = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32, adapter=run)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(ours(input_ids=ids, use_cache=False).logits, peft(input_ids=ids, use_cache=False).logits) < FLOAT32_REL
+    export_adapter(run, tmp_path / "exported")
+    with module_targets_kept():
+        original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src), str(tmp_path / "exported"))
+    saved = load_file(str(tmp_path / "exported" / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(original)
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
 
 
 @pytest.mark.slow
