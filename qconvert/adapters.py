@@ -409,7 +409,10 @@ def peft_moves_to_parameters(model, names) -> set[str]:
     if twc is None or not names:
         return set()
     cfg = LoraConfig(target_modules=list(names))
-    twc._convert_peft_config_moe(cfg, model)
+    try:
+        twc._convert_peft_config_moe(cfg, model)
+    except ValueError:  # PEFT refuses part of a fused pair (gate_proj without up_proj): it would take them all
+        return set(names)
     return set(names) - set(cfg.target_modules or ())
 
 

@@ -13,6 +13,7 @@ sweep loads (issue 20, item 4), on tiny sources built as tools/arch_sweep.py bui
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,28 @@ def check_adapter_loads(src: Path, q: Path, run: Path, tmp_path: Path, peft) -> 
 def test_train_lora_experts_then_merge_exact(family, family_dir, tmp_path):
     """Before: `merge` refused any adapter with target_parameters."""
     merge_and_compare(family, family_dir, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, given, message", [
+    ("falcon_h1", "out_proj", "--target-modules 'out_proj': PEFT refuses LoRA on out_proj in falcon_h1"),
+    ("llama4_text", "router", "--target-modules 'router': model.layers.0.feed_forward.router is a Llama4Router, a Linear with a forward of its own"),
+])
+def test_given_targets_lora_cannot_take_are_refused(family, given, message, family_dir, tmp_path):
+    """Before: `unexpected ValueError` (PEFT's Mamba check) and `unexpected AttributeError` (the tuple)."""
+    from qconvert.errors import OptionError
+
+    _, q = family_dir(family)
+    with pytest.raises(OptionError, match="^" + re.escape(message)):
+        train_steps(q, tmp_path / "run", tmp_path, target_modules=[given])
+
+
+@pytest.mark.slow
+def test_given_shared_expert_leaf_stays_on_the_shared_expert(family_dir, tmp_path):
+    """--target-modules gate_proj,up_proj on deepseek_v3: the dense and shared-expert layers of that name
+    (PEFT alone would move the names onto the routed experts and fail on the dropout)."""
+    _, q = family_dir("deepseek_v3")
+    train_steps(q, tmp_path / "run", tmp_path, target_modules=["gate_proj", "up_proj"])
+    adapted = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in load_file(str(tmp_path / "run" / "adapter_model.safetensors"))}
+    assert adapted == {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.shared_experts.gate_proj",
+                       "model.layers.1.mlp.shared_experts.up_proj"}

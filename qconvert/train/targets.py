@@ -157,10 +157,19 @@ def check_given(model, targets: list[str]) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
     for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in linear):
+        matched = [n for n in linear if n == t or n.endswith("." + t)]
+        if not matched:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
             shown = ", ".join(leaves[:20]) + (" ..." if len(leaves) > 20 else "")
             raise OptionError(f"--target-modules {t!r}: no linear layer of this model has that name", hint=f"available: {shown}")
+        odd = next((n for n in matched if not wrappable(model.get_submodule(n))), None)
+        if odd is not None:
+            raise OptionError(f"--target-modules {t!r}: {odd} is a {type(model.get_submodule(odd)).__name__}, a Linear with a forward "
+                              "of its own that LoRA cannot wrap", hint="leave it out of --target-modules")
+        leaf = t.rpartition(".")[2]
+        if peft_refuses(model, leaf):
+            raise OptionError(f"--target-modules {t!r}: PEFT refuses LoRA on {leaf} in {model.config.model_type}",
+                              hint="leave it out of --target-modules")
 
 
 def _pattern(names) -> str:
