@@ -260,3 +260,40 @@ def test_given_shared_expert_leaf_stays_on_the_shared_expert(family_dir, tmp_pat
     adapted = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in load_file(str(tmp_path / "run" / "adapter_model.safetensors"))}
     assert adapted == {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.shared_experts.gate_proj",
                        "model.layers.1.mlp.shared_experts.up_proj"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, message", [
+    ("rows", "model.layers.0.mlp.experts.down_proj: lora_A is [6, 128] and lora_B [64, 6]; the parameter [4, 64, 128] at rank 2 "
+             "needs [8, 128] and [64, 8]"),
+    ("nesting", "model.layers.0.mlp.experts.base_layer.base_layer: 3 nested parameter adapters on 'model.layers.0.mlp.experts', "
+                "which has 2 targeted parameter(s)"),
+])
+def test_merge_refuses_a_damaged_parameter_adapter(change, message, family_dir, tmp_path):
+    """A parameter adapter whose A/B do not fit the expert parameter, or that nests more wrappers than the
+    module has targeted parameters, is refused with one line naming it; nothing is written."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    import qconvert
+    from qconvert.errors import FormatError
+    from qconvert.export.merge import merge_adapter
+
+    _, q = family_dir("mixtral")
+    model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                     lora_dropout=0.0, init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    key = "base_model.model.model.layers.0.mlp.experts"
+    if change == "rows":
+        sd[f"{key}.lora_A.weight"] = sd[f"{key}.lora_A.weight"][:6].contiguous()
+        sd[f"{key}.lora_B.weight"] = sd[f"{key}.lora_B.weight"][:, :6].contiguous()
+    else:
+        for ab in "AB":
+            sd[f"{key}.base_layer.base_layer.lora_{ab}.weight"] = sd[f"{key}.lora_{ab}.weight"].clone()
+    save_file(sd, str(f))
+    with pytest.raises(FormatError, match=re.escape(message)):
+        merge_adapter(str(q), str(tmp_path / "adapter"), tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
