@@ -293,3 +293,18 @@ def test_merge_refuses_a_damaged_parameter_adapter(change, message, family_dir, 
     with pytest.raises(FormatError, match=re.escape(message)):
         merge_adapter(str(q), str(tmp_path / "adapter"), tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["falcon_h1", "deepseek_v3"])
+def test_train_defaults_then_merge(family, family_dir, tmp_path):
+    """Hybrid Mamba/attention (falcon_h1) and shared-expert (deepseek_v3) defaults: the merged folder,
+    with the source's names, gives in plain transformers the logits of the unmerged adapter (PEFT on the
+    dequantized source, the shared-expert names kept)."""
+    from qconvert.adapters import module_targets_kept
+    from test_load_arch import merged_matches_unmerged
+
+    src, q = family_dir(family)
+    train_steps(q, tmp_path / "run", tmp_path, steps=2)
+    with module_targets_kept():
+        merged_matches_unmerged(src, q, tmp_path / "run", tmp_path)
