@@ -22,6 +22,7 @@ move to the experts, and the adapter is attached with those names kept.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -67,11 +68,18 @@ def read_as_weight(model, name: str) -> bool:
     instead of calling the layer: jamba's and falcon_mamba's mixers do so with dt_proj on a 16-bit model
     (they call it only when config._is_quantized is set), so PEFT on the 16-bit original would skip a
     LoRA there while the 4-bit model used it."""
+    parent, _, leaf = name.rpartition(".")
+    return _multiplies_by_weight(type(model.get_submodule(parent)), leaf)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiplies_by_weight(cls: type, leaf: str) -> bool:
+    """Whether ``cls``'s code has ``self.<leaf>.weight @`` (once per class and name: reading a class's
+    source parses its whole file)."""
     import inspect
 
-    parent, _, leaf = name.rpartition(".")
     try:
-        source = inspect.getsource(type(model.get_submodule(parent)))
+        source = inspect.getsource(cls)
     except (OSError, TypeError):
         return False
     return re.search(rf"self\.{re.escape(leaf)}\.weight\s*@", source) is not None
