@@ -314,6 +314,10 @@ def parameter_adapters(cfg: Mapping[str, Any], modules: dict[str, tuple[Any, Any
             raise FormatError(f"{where}: {key}: lora_A is {list(a.shape)} and lora_B {list(b.shape)}; the parameter {list(shape)} "
                               f"at rank {r} needs [{experts * r}, {in_f}] and [{out_f}, {experts * r}]", hint="is this adapter for this base?")
         out[key] = ParameterLora(key, a, b, shape, transposed)
+    for name, (a, _) in modules.items():  # the module adapters read_lora_weights let through as possible parameter ones
+        r = module_value(cfg.get("rank_pattern"), name, cfg["r"])
+        if a.shape[0] != r:
+            raise FormatError(f"{where}: {name}: lora_A is {list(a.shape)}, rank {r} needs [{r}, in]", hint=_FIX)
     return out
 
 
