@@ -324,3 +324,16 @@ def test_lora_experts_resume_is_exact(family_dir, tmp_path):
     a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "split"))
     assert any(".experts.base_layer.lora_A." in k for k in a) and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_cli_train_defaults_exit_0(family_dir, tmp_path):
+    """`qconvert train` with default options on qwen3_next (before: exit 1, `unexpected ValueError:
+    lora.ParamWrapper does not work with lora_dropout != 0`)."""
+    from test_train import memorize_set
+    from test_train import train as cli_train
+
+    _, q = family_dir("qwen3_next")
+    r = cli_train(q, memorize_set(tmp_path), tmp_path / "run", "--max-steps", 1, "--grad-accum", 1, "--lora-r", 4)
+    assert "LoRA: r 4, alpha 16, dropout 0.05 on 15 linear layers [" in r.stderr
+    assert "model.layers.*.mlp.shared_expert.gate_proj (2)" in r.stderr
