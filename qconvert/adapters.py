@@ -12,6 +12,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 
 
 #: adapter_config.json keys PEFT keeps as sets (their order then follows the process's string hashing)
-SET_KEYS = ("target_modules", "exclude_modules")
+SET_KEYS = ("target_modules", "exclude_modules", "target_parameters")
 
 
 def stable_adapter_config(folder: Path, **updates: Any) -> dict[str, Any]:
@@ -226,10 +227,97 @@ def read_lora_weights(folder: Path, cfg: Mapping[str, Any], base_names=()) -> di
         r = module_value(cfg.get("rank_pattern"), module, cfg["r"])
         if not (a.is_floating_point() and b.is_floating_point()):
             raise FormatError(f"{weights}: {module}: lora_A/lora_B must be floating point, got {a.dtype}/{b.dtype}", hint=_FIX)
+        if may_wrap_parameter(cfg, module) and a.dim() == b.dim() == 2 and a.shape[0] == b.shape[1]:
+            r = a.shape[0]  # LoRA on a parameter: [experts * r, in], checked against the model (parameter_adapters)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise FormatError(f"{weights}: {module}: lora_A is {list(a.shape)} and lora_B {list(b.shape)}, rank {r} needs [{r}, in] and [out, {r}]",
                               hint=_FIX)
         out[module] = (a, b)
+    return out
+
+
+def may_wrap_parameter(cfg: Mapping[str, Any], module: str) -> bool:
+    """Whether adapter module ``module`` may be one of PEFT's ParamWrappers (LoRA on a parameter): the
+    config has target_parameters whose module part the name (less its ``.base_layer`` nesting) ends in."""
+    targets = cfg.get("target_parameters") or ()
+    base = unwrapped(module)[0]
+    return any(not t.rpartition(".")[0] or base == t.rpartition(".")[0] or base.endswith("." + t.rpartition(".")[0]) for t in targets)
+
+
+def unwrapped(module: str) -> tuple[str, int]:
+    """(the model's module name, how many ParamWrappers deep): PEFT nests one ParamWrapper per adapted
+    parameter of a module, and names the inner ones ``MODULE.base_layer``, ``MODULE.base_layer.base_layer``..."""
+    depth = 0
+    while module.endswith(".base_layer"):
+        module, depth = module.removesuffix(".base_layer"), depth + 1
+    return module, depth
+
+
+@dataclass
+class ParameterLora:
+    """LoRA on one parameter (PEFT's ParamWrapper): ``a`` [experts * r, in], ``b`` [out, experts * r]
+    for a parameter ``shape`` [experts, out, in] (``transposed`` False) or [experts, in, out]
+    (``transposed``: the module's ``is_transposed``); a 2-D parameter [out, in] is one expert."""
+
+    parameter: str  # the model's parameter name: MODULE.NAME, what rank/alpha patterns are matched against
+    a: Any
+    b: Any
+    shape: tuple[int, ...]
+    transposed: bool
+
+    def delta(self, scaling: float):
+        """scaling * the update PEFT adds to the parameter, in float32 and the parameter's shape: for
+        expert e, B_e @ A_e with A_e the e-th block of r rows of A, and B_e the columns e, e + E, e + 2E...
+        of B (PEFT reshapes A to [E, r, in] and B to [out, r, E]); transposed for [experts, in, out]."""
+        import torch
+
+        a, b = self.a.float(), self.b.float()
+        if len(self.shape) == 2:
+            return scaling * (b @ a)
+        e = self.shape[0]
+        a3 = a.reshape(e, -1, a.shape[-1])  # [E, r, in]
+        b3 = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [E, out, r]
+        d = scaling * torch.bmm(b3, a3)  # [E, out, in]
+        return d.transpose(1, 2).contiguous() if self.transposed else d
+
+
+def parameter_adapters(cfg: Mapping[str, Any], modules: dict[str, tuple[Any, Any]], model, where: Path) -> dict[str, ParameterLora]:
+    """Take the ParamWrapper entries out of ``modules`` (from :func:`read_lora_weights`), each resolved
+    to the parameter of ``model`` (a real or meta model) it adapts, as PEFT nests them: on one module,
+    the parameters that target_parameters matches (the module's own, in registration order) are wrapped
+    first to last, so the outermost wrapper (``MODULE``) holds the last one and ``MODULE.base_layer``
+    the one before. Checks each A/B pair against the parameter's shape and rank."""
+    targets = list(cfg.get("target_parameters") or ())
+    out: dict[str, ParameterLora] = {}
+    for name in [m for m in modules if targets and may_wrap_parameter(cfg, m)]:
+        base, depth = unwrapped(name)
+        try:
+            mod = model.get_submodule(base)
+        except AttributeError:
+            continue  # not a module of this model: left for the module checks, which name it
+        own = [p for p, _ in mod.named_parameters(recurse=False)
+               if f"{base}.{p}" in targets or any(f"{base}.{p}".endswith("." + t) for t in targets)]
+        if not own:
+            continue  # a module adapter (its parameters are not targeted)
+        if depth >= len(own):
+            raise FormatError(f"{where}: {name}: {depth + 1} nested parameter adapters on {base!r}, which has {len(own)} targeted parameter(s)",
+                              hint="is this adapter for this base?")
+        param = own[len(own) - 1 - depth]
+        a, b = modules.pop(name)
+        shape = tuple(getattr(mod, param).shape)
+        transposed = bool(getattr(mod, "is_transposed", False))
+        key = f"{base}.{param}"
+        experts = shape[0] if len(shape) == 3 else 1
+        in_f, out_f = (shape[1], shape[0]) if len(shape) == 2 else (shape[1], shape[2]) if transposed else (shape[2], shape[1])
+        r = module_value(cfg.get("rank_pattern"), key, cfg["r"])
+        if len(shape) not in (2, 3) or tuple(a.shape) != (experts * r, in_f) or tuple(b.shape) != (out_f, experts * r):
+            raise FormatError(f"{where}: {key}: lora_A is {list(a.shape)} and lora_B {list(b.shape)}; the parameter {list(shape)} "
+                              f"at rank {r} needs [{experts * r}, {in_f}] and [{out_f}, {experts * r}]", hint="is this adapter for this base?")
+        out[key] = ParameterLora(key, a, b, shape, transposed)
+    for name, (a, _) in modules.items():  # the module adapters read_lora_weights let through as possible parameter ones
+        r = module_value(cfg.get("rank_pattern"), name, cfg["r"])
+        if a.shape[0] != r:
+            raise FormatError(f"{where}: {name}: lora_A is {list(a.shape)}, rank {r} needs [{r}, in]", hint=_FIX)
     return out
 
 
@@ -249,7 +337,9 @@ def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
     from .validate import linear_shape
 
     folder = Path(folder)
-    modules = read_lora_weights(folder, read_adapter_config(folder), [name for name, _ in model.named_modules()])
+    cfg = read_adapter_config(folder)
+    modules = read_lora_weights(folder, cfg, [name for name, _ in model.named_modules()])
+    parameter_adapters(cfg, modules, model, folder / "adapter_model.safetensors")  # checked, and taken out of ``modules``
     shapes = {}
     for m in modules:
         try:
@@ -292,3 +382,69 @@ def conv1d_notice_hidden(model):
         if has_conv1d_4bit(model):
             warnings.filterwarnings("ignore", message=_LINEAR_FAN_IN_FAN_OUT, category=UserWarning)
         yield
+
+
+# PEFT 0.21 under transformers 5 rewrites, on every adapter it attaches to a model type that transformers
+# maps to the qwen2_moe or mixtral conversion pattern (deepseek_v2/v3, glm4_moe, qwen3_moe, qwen3_next,
+# ...), each target_modules entry that ends in an old per-expert projection name (gate_proj, up_proj,
+# down_proj, gate; w1/w2/w3 for mixtral) into target_parameters on the fused experts
+# (peft.utils.transformers_weight_conversion._convert_peft_config_moe). That is right for an adapter trained
+# on transformers 4's per-expert Linear layers, but it also takes the full names of Linear layers that
+# still exist (a shared expert's or a dense layer's gate_proj): the adapter then loses those layers and
+# gains LoRA on the routed experts (peft issue #3711, fixed in peft PR #3715). qconvert attaches adapters
+# inside module_targets_kept(), which keeps such names as module targets, as that fix does.
+
+
+def _moe_conversion():
+    """PEFT's transformers-5 MoE module, or None where this PEFT has none."""
+    try:
+        from peft.utils import transformers_weight_conversion as twc
+    except ImportError:
+        return None
+    return twc if callable(getattr(twc, "_convert_peft_config_moe", None)) else None
+
+
+def peft_moves_to_parameters(model, names) -> set[str]:
+    """Which of the target_modules ``names`` PEFT's transformers-5 MoE conversion would turn into
+    target_parameters on ``model`` (empty where it converts nothing)."""
+    from peft import LoraConfig
+
+    twc = _moe_conversion()
+    if twc is None or not names:
+        return set()
+    cfg = LoraConfig(target_modules=list(names))
+    try:
+        twc._convert_peft_config_moe(cfg, model)
+    except ValueError:  # PEFT refuses part of a fused pair (gate_proj without up_proj): it would take them all
+        return set(names)
+    return set(names) - set(cfg.target_modules or ())
+
+
+@contextmanager
+def module_targets_kept():
+    """Attach PEFT adapters inside this: a target_modules entry that is the full name of one of the
+    model's modules stays a module target through PEFT's MoE conversion (see above); every other entry
+    is converted as PEFT converts it."""
+    twc = _moe_conversion()
+    if twc is None:
+        yield
+        return
+    original = twc._convert_peft_config_moe
+
+    def convert(peft_config, model, *args, **kwargs):
+        targets = peft_config.target_modules
+        if isinstance(targets, str) or not targets:
+            return original(peft_config, model, *args, **kwargs)
+        full = {n for n, _ in model.named_modules() if "." in n}
+        kept = {t for t in targets if t in full}
+        peft_config.target_modules = set(targets) - kept
+        try:
+            return original(peft_config, model, *args, **kwargs)
+        finally:
+            peft_config.target_modules = set(peft_config.target_modules or ()) | kept
+
+    twc._convert_peft_config_moe = convert
+    try:
+        yield
+    finally:
+        twc._convert_peft_config_moe = original

@@ -114,3 +114,17 @@ def convert_group(model, lm: LoadMap, first: str, read: Callable[[str], torch.Te
         converter.add_tensor(first, key, pattern, lambda key=key: read(key))
     out = converter.convert(first, model=model, config=model.config)
     return {name: (t[0] if isinstance(t, list) else t) for name, t in out.items()}
+
+
+def revert_group(model, lm: LoadMap, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> tensor for converted parameters ``params`` (model name -> value, a whole
+    group's), by transformers' save-time revert: what ``save_pretrained`` writes for them (the experts of
+    a 3-D parameter split back into the stored per-expert tensors)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    previous = getattr(model, "_weight_conversions", None)
+    model._weight_conversions = [t for t in lm.transforms if t.was_used()]
+    try:
+        return dict(revert_weight_conversion(model, params))
+    finally:
+        model._weight_conversions = previous

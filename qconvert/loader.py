@@ -110,19 +110,31 @@ def load_model(
         raise FormatError(f"{root}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     model.to(device)
     model.is_loaded_in_4bit = True
+    _mark_quantized(model)
     model.qconvert_backend = be.name
     model.config.name_or_path = repo_id or str(root)
     model.eval()
     if adapter is not None:
         from peft import PeftModel
 
-        from .adapters import check_adapter_for_model, conv1d_notice_hidden
+        from .adapters import check_adapter_for_model, conv1d_notice_hidden, module_targets_kept
 
         check_adapter_for_model(adapter, model)  # PEFT's own errors for a damaged adapter are tracebacks
 
-        with conv1d_notice_hidden(model):
+        with conv1d_notice_hidden(model), module_targets_kept():
             model = PeftModel.from_pretrained(model, str(adapter))
     return model
+
+
+def _mark_quantized(model) -> None:
+    """``config._is_quantized``, as transformers' quantizers set it after loading: Jamba's and FalconMamba's
+    mixers then call ``dt_proj(x)`` instead of multiplying by ``dt_proj.weight`` (here the packed 4-bit
+    bytes, and a LoRA on dt_proj would be bypassed)."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m.config._is_quantized = True
 
 
 def _skeleton(root: Path, config, qc: dict):

@@ -193,7 +193,7 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
     """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes."""
     import torch
 
-    from .adapters import check_pattern_time
+    from .adapters import check_pattern_time, unwrapped
     from .validate import linear_shape
 
     folder = Path(folder)
@@ -205,7 +205,7 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
         if set(ab) != {"A", "B"}:
             raise FormatError(f"{folder}: {mod} has lora_{'A' if 'A' in ab else 'B'} but no lora_{'B' if 'A' in ab else 'A'}")
         try:
-            target = base.get_submodule(mod)
+            target = base.get_submodule(unwrapped(mod)[0])  # LoRA on parameters: MODULE(.base_layer)*
         except AttributeError:
             raise FormatError(f"{folder}: adapts {mod}, which {model_name} does not have", hint=hint) from None
         a, b = ab["A"], ab["B"]
@@ -225,12 +225,12 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
     """Check the adapter against the model, attach it with PEFT and make it the active one."""
     from peft import PeftModel
 
-    from .adapters import conv1d_notice_hidden
+    from .adapters import conv1d_notice_hidden, module_targets_kept
 
     check_adapter(folder, lm.model, lm.name)
     name = name or f"adapter{len(lm.adapters)}"
     try:
-        with warnings.catch_warnings(), conv1d_notice_hidden(lm.model):
+        with warnings.catch_warnings(), conv1d_notice_hidden(lm.model), module_targets_kept():
             # PEFT reads transformers' deprecated is_gradient_checkpointing: a FutureWarning users cannot act on
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             if isinstance(lm.model, PeftModel):

@@ -191,23 +191,30 @@ def test_merge_of_a_renamed_4bit_layer_keeps_the_stored_name(tmp_path):
     merged_matches_unmerged(src, q, tmp_path / "adapter", tmp_path)
 
 
-def test_merge_refuses_lora_on_merged_expert_parameters(tmp_path):
-    """PEFT can put LoRA on the 3-D expert parameters transformers merges (target_parameters; its
-    "all-linear" does so on MoE models): merge refuses that adapter with one line, writing nothing."""
-    from peft import LoraConfig, get_peft_model
+@pytest.mark.slow
+def test_merge_folds_lora_on_merged_expert_parameters(tmp_path):
+    """PEFT's LoRA on the 3-D expert parameters transformers merges (target_parameters): merge folds it
+    into the stored per-expert tensors; transformers' model of the merged folder holds PEFT's own
+    merge_and_unload of that adapter on the dequantized model (float32), and gives its unmerged logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     import qconvert
-    from qconvert.errors import FormatError
-    from qconvert.export.merge import merge_adapter
 
-    _, q = quantized_family("mixtral", tmp_path)
+    src, q = quantized_family("mixtral", tmp_path)
     model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"], lora_dropout=0.0)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                     lora_dropout=0.0, init_lora_weights=False)
+    torch.manual_seed(0)
     get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
-    with pytest.raises(FormatError, match=r"adapter_config\.json: LoRA on parameters \(target_parameters \['mlp\.experts\.gate_up_proj'\]\) "
-                                          r"is not supported by qconvert merge$"):
-        merge_adapter(str(q), str(tmp_path / "adapter"), tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
+    merged_matches_unmerged(src, q, tmp_path / "adapter", tmp_path)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    peft = PeftModel.from_pretrained(dequantized_source_model(src, q, tmp_path / "ref2"), str(tmp_path / "adapter"))
+    theirs = peft.merge_and_unload().state_dict()
+    experts = [n for n in ours if ".experts." in n]
+    assert len(experts) == 4
+    for n in experts:
+        assert rel(ours[n], theirs[n]) < FLOAT32_REL, n
 
 
 @pytest.mark.parametrize("change, message", [

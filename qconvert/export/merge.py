@@ -50,11 +50,6 @@ class LoraAdapter:
         # and lora_B [out, r] either way, and the base's layout is read from the model itself (_conv1d_weights)
         if cfg.get("use_dora"):
             raise FormatError(f"{cfg_path}: DoRA is not supported by qconvert merge", hint="merge it with PEFT itself")
-        if cfg.get("target_parameters"):  # PEFT's ParamWrapper: LoRA on a parameter, e.g. MoE experts merged into 3-D
-            raise FormatError(
-                f"{cfg_path}: LoRA on parameters (target_parameters {sorted(cfg['target_parameters'])[:3]}) is not supported by qconvert merge",
-                hint="merge it with PEFT on the transformers model (merge_and_unload), or train with qconvert train, which adapts linear layers only",
-            )
         self.weights = self.folder / "adapter_model.safetensors"
         self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = read_lora_weights(self.folder, cfg)
 
@@ -114,6 +109,22 @@ def _conv1d_weights(root: Path, cfg: dict[str, Any]) -> set[str]:
 
 
 @dataclass
+class _ParameterMerge:
+    """LoRA on parameters (PEFT's ParamWrapper, e.g. on the 3-D experts transformers merges MoE checkpoints
+    into), folded where the checkpoint stores the parameter: a tensor loaded as it is (``direct``: key ->
+    parameter), or a group of tensors a transformers converter merges (``group_of``: key -> the group's
+    first target). A group is merged as transformers merges it on load (float32), the updates added, and
+    split back into its stored tensors by transformers' save-time revert, one group at a time."""
+
+    model: Any  # the model on the meta device: converters and reverts run against it
+    lm: Any  # qconvert.conversions.LoadMap of the checkpoint on that model
+    loras: dict[str, Any]  # parameter name -> qconvert.adapters.ParameterLora
+    direct: dict[str, str]
+    group_of: dict[str, str]
+    pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # first target -> reverted tensors not yet written
+
+
+@dataclass
 class _Merge:
     """One merge's inputs and settings, shared by the steps of :func:`merge_adapter`."""
 
@@ -128,6 +139,7 @@ class _Merge:
     quantize: bool
     dtype: str
     orig_names: dict[str, str] = field(default_factory=dict)  # 4-bit weight -> its name in ``orig``
+    params: _ParameterMerge | None = None  # LoRA on parameters (target_parameters), when the adapter has any
     costs: list[dict[str, float]] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
@@ -195,6 +207,7 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
     keys = ckpt.keys()
     quantized = set(check_checkpoint(ckpt))
     owned = {k for q in quantized for k in ckpt.companions(q)}
+    params = _parameter_merge(root, ckpt, lora, owned, quantized) if lora.config.get("target_parameters") else None
     targets = {m + ".weight": m for m in lora.modules}
     if any(t not in ckpt for t in targets):  # the adapter names the model's modules; transformers may rename on load
         stored = _stored_names(root, ckpt, owned, quantized)
@@ -205,7 +218,38 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
     conv1d = _conv1d_weights(root, ckpt.config() or {})
     lora.check_base(_base_shapes(ckpt, targets, conv1d))
     orig_names = _original_names(orig, base_original, quantized, ckpt.config() or {}, root) if orig is not None else {}
-    return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, conv1d, quantize, dtype, orig_names)
+    return _Merge(ckpt, lora, adapter, orig, quantized, owned, targets, conv1d, quantize, dtype, orig_names, params=params)
+
+
+def _meta_model(root: Path):
+    from transformers import AutoConfig
+
+    from ..validate import build_meta, model_class, read_config
+
+    where = str(root / "config.json")
+    return build_meta(model_class(read_config(root), where), AutoConfig.from_pretrained(root, trust_remote_code=False), where)
+
+
+def _parameter_merge(root: Path, ckpt: Checkpoint, lora: LoraAdapter, owned: set[str], quantized: set[str]) -> _ParameterMerge:
+    """The adapter's LoRA on parameters (taken out of ``lora.modules``), each placed where ``ckpt``
+    stores its parameter (see :class:`_ParameterMerge`)."""
+    from ..adapters import parameter_adapters
+    from ..conversions import load_map
+
+    model = _meta_model(root)
+    loras = parameter_adapters(lora.config, lora.modules, model, lora.weights)
+    lm = load_map(model, [k for k in ckpt.keys() if k not in owned or k in quantized])
+    stored = {name: k for k, name in lm.names.items()}
+    direct, group_of = {}, {}
+    for p in loras:
+        if p in stored:
+            direct[stored[p]] = p
+            continue
+        first = next((f for f, ts in lm.targets.items() if p in ts), None)
+        if first is None:
+            raise FormatError(f"{lora.weights}: adapts parameter {p!r}, which {root} does not store", hint="is this adapter for this base?")
+        group_of.update({k: first for k, _ in lm.groups[first]})
+    return _ParameterMerge(model, lm, loras, direct, group_of)
 
 
 def _original_names(orig: Checkpoint, where: str, quantized: set[str], cfg: dict[str, Any], root: Path) -> dict[str, str]:
@@ -274,6 +318,10 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
     from ..quant.reference import dequantize_4bit_ref
 
     ckpt, is_4bit, conv1d = job.ckpt, k in job.quantized, k in job.conv1d
+    if job.params is not None and (k in job.params.direct or k in job.params.group_of):
+        w = _merged_parameter(job, k)
+        yield k, w.to(job.out_dtype)
+        return
     qt = None
     if is_4bit:
         qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
@@ -303,6 +351,41 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
     if is_4bit and conv1d:  # back to the Conv1D's [in, out]
         w = w.T.contiguous()
     yield k, (w.to(job.out_dtype) if w.is_floating_point() else w)
+
+
+def _read_float32(job: _Merge, k: str) -> torch.Tensor:
+    """A stored tensor's value in float32: a 4-bit one's logical value (spec 8), widened."""
+    from ..quant.reference import dequantize_4bit_ref
+
+    return dequantize_4bit_ref(job.ckpt.quantized(k), torch.float32) if k in job.quantized else job.ckpt.get(k).float()
+
+
+def _parameter_delta(job: _Merge, name: str) -> torch.Tensor:
+    pl = job.params.loras[name]
+    delta = pl.delta(job.lora.scaling(name))
+    if not torch.isfinite(delta).all():
+        raise FormatError(f"{job.adapter}: the LoRA update of {name!r} holds NaN or Inf",
+                          hint="the adapter is damaged (a diverged training run?); nothing was written")
+    return delta
+
+
+def _merged_parameter(job: _Merge, k: str) -> torch.Tensor:
+    """Stored tensor ``k`` with the LoRA on the parameter it loads into folded in, float32 (a converted
+    group is merged and reverted once, when its first tensor is written)."""
+    from ..conversions import convert_group, revert_group
+
+    pm = job.params
+    if k in pm.direct:
+        return _read_float32(job, k) + _parameter_delta(job, pm.direct[k])
+    first = pm.group_of[k]
+    if first not in pm.pending:
+        merged = convert_group(pm.model, pm.lm, first, lambda key: _read_float32(job, key))
+        merged = {n: (t.float() + _parameter_delta(job, n) if n in pm.loras else t.float()) for n, t in merged.items()}
+        pm.pending[first] = revert_group(pm.model, pm.lm, merged)
+    out = pm.pending[first].pop(k)
+    if not pm.pending[first]:
+        del pm.pending[first]
+    return out
 
 
 def _requantized_with_cost(job: _Merge, k: str, merged: torch.Tensor, delta: torch.Tensor, qt) -> Iterator[tuple[str, torch.Tensor]]:
@@ -342,7 +425,8 @@ def _card_source(cfg: dict[str, Any], repo_id: str | None, lora: LoraAdapter) ->
 def _summary(base: str, adapter: str, out: Path, job: _Merge, shards: SizeShards) -> dict[str, Any]:
     summary = {
         "base": str(base), "adapter": str(adapter), "output": str(out), "dtype": job.dtype, "quantized": job.quantize,
-        "merged_modules": len(job.targets), "shards": shards.files, "bytes": shards.total,
+        "merged_modules": len(job.targets), "merged_parameters": len(job.params.loras) if job.params else 0,
+        "shards": shards.files, "bytes": shards.total,
     }
     costs = job.costs
     if costs:

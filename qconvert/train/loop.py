@@ -28,7 +28,6 @@ from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
 from .data import DataReport, build_examples, collate, load_records, pack
-from .options import check_target_modules, default_targets
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
@@ -228,25 +227,29 @@ class _Run:
         """The 4-bit base, gradient checkpointing, LoRA, FSDP sharding (with --fsdp), the optimizer."""
         from peft import LoraConfig, get_peft_model
 
-        from ..adapters import adapts_conv1d
+        from ..adapters import adapts_conv1d, module_targets_kept
         from ..loader import load_model
+        from .targets import choose as choose_targets
         from . import fsdp as fs
 
         o = self.o
         # with --fsdp the whole model is built on the CPU as views of the mapped files; sharding copies each process's rows
         base = load_model(root, device=torch.device("cpu") if self.fsdp else self.device, backend=o["backend"])
-        check_target_modules(base, targets)
+        self.targets = choose_targets(base, targets, o.get("lora_experts", False))
         base.config.use_cache = False  # no KV cache while training (and no notice about it)
         if o["gradient_checkpointing"]:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        # The default is every linear layer but the head, by name (default_targets): PEFT's "all-linear" shorthand
-        # also targets the 3-D expert parameters that transformers merges MoE checkpoints into (its
-        # ParamWrapper, which refuses LoRA dropout and qconvert merge cannot fold), not only linear layers.
-        self.cfg = LoraConfig(r=o["lora_r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"], task_type="CAUSAL_LM",
-                              target_modules=targets or default_targets(base))
+        # Targets by name (qconvert.train.targets), never PEFT's "all-linear", which also takes the routed experts'
+        # 3-D parameters; those only with --lora-experts, where PEFT's parameter LoRA allows no dropout.
+        dropout = 0.0 if self.targets.parameters else o["lora_dropout"]
+        if dropout != o["lora_dropout"]:
+            self.say(f"note: --lora-experts: LoRA dropout 0 (not {o['lora_dropout']:g}): PEFT's LoRA on parameters cannot apply dropout")
+        self.cfg = LoraConfig(r=o["lora_r"], lora_alpha=o["lora_alpha"], lora_dropout=dropout, task_type="CAUSAL_LM",
+                              target_modules=self.targets.modules, target_parameters=self.targets.parameters or None)
         torch.manual_seed(o["seed"])
-        self.model = get_peft_model(base, self.cfg)
+        with module_targets_kept():
+            self.model = get_peft_model(base, self.cfg)
         if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.adapters)
             self.model.peft_config["default"].fan_in_fan_out = True  # saved in adapter_config.json; the layers keep False
         self.signature = run_signature(config_identity(root), self.model.peft_config["default"])
@@ -299,7 +302,9 @@ class _Run:
         for name, rep in reports.items():
             for line in data_lines(name, rep, o["max_length"], o["truncation"], show_split=name == "eval data"):
                 self.say(line)
-        lora_text = f"r {o['lora_r']}, alpha {o['lora_alpha']:g}, dropout {o['lora_dropout']:g} on {', '.join(targets) if targets else 'all linear layers'}"
+        from .targets import describe
+
+        lora_text = f"r {o['lora_r']}, alpha {o['lora_alpha']:g}, dropout {self.cfg.lora_dropout:g} on {describe(self.model, self.targets)}"
         for line in start_lines(self.plan, trainable=n_trainable, total_params=self.n_total, lora=lora_text, optim=self.optim_used,
                                 lr=o["lr"], scheduler=o["lr_scheduler"], device=self.device, save_text=_save_text(self.plan, self.out, o)):
             self.say(line)

@@ -114,7 +114,10 @@ class TrainConfig:
     lora_alpha: float = _opt(16.0, "--lora-alpha", range=_above(0))  # 16.0, as the CLI's float flag always gave
     lora_dropout: float = _opt(0.05, "--lora-dropout", range=(0, True, 1, False))
     target_modules: list[str] | None = _opt(None, "--target-modules", aliases=("lora_target_modules",), kind="list",  # noqa: RUF009
-                                            help="Module names for LoRA (repeatable or comma-separated; default: all linear layers but the output head).")
+                                            help="Module names for LoRA (repeatable or comma-separated; default: the linear layers LoRA can wrap but the output head; the start summary lists them).")
+    lora_experts: bool = _opt(False, "--lora-experts",
+                              help="Also put LoRA on the routed experts (MoE; PEFT's target_parameters, rank r per expert). "
+                                   "PEFT applies no dropout there: the run's LoRA dropout becomes 0.")
     optim: str = _opt("paged_adamw_32bit", "--optim", aliases=("optimizer",), choices=OPTIMIZERS)
     lr: float = _opt(2e-4, "--lr", "--learning-rate", key="learning_rate", aliases=("lr",), range=_above(0))
     lr_scheduler: str = _opt("constant", "--lr-scheduler", "--lr-scheduler-type", key="lr_scheduler_type", aliases=("lr_scheduler",),
