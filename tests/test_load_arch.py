@@ -83,24 +83,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_family(family: str, work: Path) -> None:
+    """load_model against transformers on the dequantized source; the routed experts of MoE families
+    are 4-bit (the default) and each expert's dequantized matrix is transformers' merged one."""
     import qconvert
     from qconvert.nn import Linear4bit
+    from qconvert.nn.experts4bit import Experts4bitWeight
 
     src, q = quantized_family(family, work)
     ours = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
     ref = dequantized_source_model(src, q, work / "ref")
     four_bit = {n for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    experts = {n: m for n, m in ours.named_modules() if isinstance(m, Experts4bitWeight)}
     assert four_bit
+    assert bool(experts) == (family != "gpt_neox"), family  # every other family here is a MoE
     ref_sd = ref.state_dict()
     ours_sd = ours.state_dict()
     assert {n.removesuffix(".weight") for n in ref_sd if n.endswith(".weight")} >= four_bit
     for n, t in ours_sd.items():  # renamed and merged tensors are transformers' own, bit for bit
         mod, _, attr = n.rpartition(".")
-        if mod in four_bit and attr != "bias":
+        if (mod in four_bit and attr != "bias") or mod in experts:
             continue
         assert torch.equal(t, ref_sd[n]), n
     for n in four_bit:  # the 4-bit layers hold the dequantized weights transformers loaded
         assert torch.equal(ours.get_submodule(n).dequantized(torch.float32), ref_sd[f"{n}.weight"]), n
+    for n, w in experts.items():  # and so does each 4-bit expert, one expert at a time
+        assert all(torch.equal(w.expert(e, torch.float32), ref_sd[n][e]) for e in range(w.num_experts)), n
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = ours(input_ids=ids, use_cache=False).logits
