@@ -43,8 +43,8 @@ FAMILIES = {
 FAST = ("gpt_neox", "mixtral")  # the CI's fast loop runs these two; the rest are slow
 
 
-def quantized_family(family: str, work: Path, tokenizer: bool = False) -> tuple[Path, Path]:
-    """A tiny ``family`` source (bfloat16) and its qconvert quantize output."""
+def quantized_family(family: str, work: Path, tokenizer: bool = False, experts: str = "4bit") -> tuple[Path, Path]:
+    """A tiny ``family`` source (bfloat16) and its qconvert quantize output (``experts``: its option)."""
     from qconvert.convert.quantize import quantize_checkpoint
 
     src = sweep.build_source(family, work / "src")
@@ -52,7 +52,7 @@ def quantized_family(family: str, work: Path, tokenizer: bool = False) -> tuple[
         from test_train import make_tokenizer
 
         make_tokenizer(src)
-    quantize_checkpoint(str(src), work / "q")
+    quantize_checkpoint(str(src), work / "q", experts=experts)
     return src, work / "q"
 
 
@@ -207,7 +207,7 @@ def test_merge_refuses_lora_on_merged_expert_parameters(tmp_path):
     from qconvert.errors import FormatError
     from qconvert.export.merge import merge_adapter
 
-    _, q = quantized_family("mixtral", tmp_path)
+    _, q = quantized_family("mixtral", tmp_path, experts="16bit")  # 16-bit experts: parameters PEFT can wrap
     model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"], lora_dropout=0.0)
     get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
@@ -228,7 +228,7 @@ def test_merged_experts_are_checked_one_by_one(tmp_path, change, message):
     import qconvert
     from qconvert.errors import FormatError
 
-    _, q = quantized_family("mixtral", tmp_path)
+    _, q = quantized_family("mixtral", tmp_path, experts="16bit")  # 4-bit experts: tests/test_experts4bit.py
     f = q / "model.safetensors"
     sd = load_file(str(f))
     victim = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
