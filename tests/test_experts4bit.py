@@ -126,6 +126,20 @@ def plain_transformers_refuses(q: Path) -> None:
         AutoModelForCausalLM.from_pretrained(q)
 
 
+def refuses_an_unknown_extension(q: Path) -> None:
+    """A later layout extension in config.json is refused by load_model and verify, never guessed."""
+    import qconvert
+    from qconvert.convert.verify import verify_checkpoint
+    from qconvert.errors import FormatError
+
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["qconvert"]["layout_extensions"] = ["experts-1", "experts-2"]
+    (q / "config.json").write_text(json.dumps(cfg))
+    for load in (lambda: qconvert.load_model(q, device="cpu", backend="reference"), lambda: verify_checkpoint(q)):
+        with pytest.raises(FormatError, match=r"layout extension\(s\) \['experts-2'\]; this reader implements experts-1"):
+            load()
+
+
 @pytest.mark.slow
 def test_fused_3d_experts_quantize_load_and_refuse(tmp_path):
     """qwen3_moe with fused 3-D expert tensors: each is written as one 4-bit [E, out, in] weight,
@@ -169,11 +183,19 @@ def test_per_expert_sources_figures_and_refusal(tmp_path):
     assert 4.1 < s["bits_per_param"] < 4.2
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "qconvert" and qc["experts_4bit"] is True and "load_in_4bit" not in qc
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(qc, load_json("quantization_config.schema.json"))  # formats/ describes it
+    with pytest.raises(jsonschema.ValidationError):  # and refuses it with a bitsandbytes flag
+        jsonschema.validate({**qc, "load_in_4bit": True}, load_json("quantization_config.schema.json"))
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["qconvert"]["layout_extensions"] == ["experts-1"]
+    jsonschema.validate(cfg["qconvert"], {**load_json("quantization_config.schema.json")["$defs"]["provenance"]})
     card = (tmp_path / "q" / "README.md").read_text()
     assert f"| bits per parameter (whole model) | {s['bits_per_param_model']:.3f} |" in card and "plain transformers refuses" in card
     r = inspect_checkpoint(tmp_path / "q")
     assert r["experts_4bit"] and r["experts_4bit_tensors"] == len(experts) and r["total_params"] == params
     plain_transformers_refuses(tmp_path / "q")
+    refuses_an_unknown_extension(tmp_path / "q")
     s16 = quantize_checkpoint(str(src), tmp_path / "q16", experts="16bit")
     out16 = load_file(str(tmp_path / "q16" / "model.safetensors"))
     assert all(torch.equal(out16[k], source[k]) for k in experts)

@@ -144,6 +144,11 @@ def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str
         "source": getattr(src, "repo_id", None) or Path(source).resolve().name,
         "source_revision": getattr(src, "sha", None),
     }
+    experts_4bit = any(i.expert and i.quantize for i in plan.items)
+    if experts_4bit:
+        from ..format.layout import EXPERTS_EXTENSION
+
+        provenance["layout_extensions"] = [EXPERTS_EXTENSION]
     return {
         "quant_type": quant_type,
         "blocksize": blocksize,
@@ -152,7 +157,7 @@ def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str
         "skip_modules": plan.skip_patterns,
         "user_skip_modules": sorted(skip_modules),
         "max_shard_size": max_shard_size,
-        "experts_4bit": any(i.expert and i.quantize for i in plan.items),
+        "experts_4bit": experts_4bit,
         "provenance": provenance,
     }
 

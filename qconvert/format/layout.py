@@ -344,6 +344,10 @@ def decoded_scales(qt: "QuantizedTensor") -> torch.Tensor:
 
 #: ``quantization_config.quant_method`` of a folder whose routed experts are 4-bit (spec section 14.4)
 EXPERTS_QUANT_METHOD = "qconvert"
+#: The layout extension of 4-bit routed experts (spec section 14), recorded in config.json's
+#: ``qconvert.layout_extensions``; the extensions this reader implements
+EXPERTS_EXTENSION = "experts-1"
+LAYOUT_EXTENSIONS = (EXPERTS_EXTENSION,)
 
 
 def is_4bit_config(quantization_config: Any) -> bool:

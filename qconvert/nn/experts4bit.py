@@ -31,6 +31,7 @@ import types
 import torch
 from torch import nn
 
+from ..errors import FormatError
 from ..format.layout import NESTED_BLOCKSIZE, QuantizedTensor, dtype_name
 
 
@@ -60,7 +61,8 @@ class Experts4bitWeight(nn.Module):
         """A fused [E, out, in] 4-bit tensor (spec 14.2: each expert a whole number of blocks)."""
         e, o, i = qt.shape
         if (o * i) % qt.blocksize:
-            raise ValueError(f"an expert's {o} x {i} elements are not a whole number of {qt.blocksize}-blocks")
+            raise FormatError(f"a fused 4-bit experts stack {list(qt.shape)}: an expert's {o} x {i} elements are not a whole "
+                              f"number of {qt.blocksize}-element blocks (spec section 14.2)", hint="quantize the source again with qconvert")
         part = {"shape": (o, i), "codes": qt.packed.reshape(e, o * i // 2), "absmax": qt.absmax.reshape(e, -1)}
         if qt.double_quant:
             part["nested_absmax"] = qt.nested_absmax.reshape(1, -1)
