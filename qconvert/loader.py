@@ -7,7 +7,9 @@ every other tensor is loaded as stored. Each tensor goes where transformers load
 own conversion mapping (qconvert.conversions): renamed ones (GPT-NeoX's ``embed_out``, a 4-bit weight
 of a renamed module) to their new place, and the groups a converter merges (MoE experts stacked into
 3-D parameters) merged by that converter's operations, one group at a time (a merged parameter is a
-new tensor, not a view of the file). Host memory while loading stays near one tensor beyond the
+new tensor, not a view of the file). 4-bit routed MoE experts (spec section 14) go into
+:class:`qconvert.nn.experts4bit.Experts4bitWeight` holders in place of the experts' 3-D parameters,
+which dequantize one routed expert at a time in the forward. Host memory while loading stays near one tensor beyond the
 quantized checkpoint itself. On CPU the tensors stay zero-copy views of the memory-mapped safetensors
 file (safetensors maps it copy-on-write), so most of that memory is file-backed page cache; on CUDA
 each tensor is copied to the device and its host pages are released with the short-lived handle.

@@ -158,6 +158,14 @@ def test_fused_3d_experts_quantize_load_and_refuse(tmp_path):
     r = verify_checkpoint(tmp_path / "q", against=str(src))
     assert name in {t["name"] for t in r["error"]["tensors"]} and r["error"]["unquantized_identical"]
     plain_transformers_refuses(tmp_path / "q")
+    # a quant-state whose shape holds the same elements in another arrangement is refused, never misread
+    import qconvert
+    from qconvert.errors import FormatError
+
+    out[f"{name}.quant_state.bitsandbytes__nf4"] = pack_quant_state({**qs, "shape": [4, 64, 128]})
+    save_file(out, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=rf"4-bit expert weight '{name}' has quant-state shape \[4, 64, 128\], the Qwen3MoeForCausalLM needs \[4, 128, 64\]"):
+        qconvert.load_model(tmp_path / "q", device="cpu", backend="reference")
 
 
 @pytest.mark.slow
@@ -170,7 +178,9 @@ def test_per_expert_sources_figures_and_refusal(tmp_path):
 
     src = sweep.build_source("mixtral", tmp_path / "src")
     source = load_file(str(src / "model.safetensors"))
+    plan = quantize_checkpoint(str(src), tmp_path / "q", dry_run=True)  # what --dry-run --json prints
     s = quantize_checkpoint(str(src), tmp_path / "q")
+    assert plan["quantized"] == s["quantized"] and plan["experts"] == s["experts"] and plan["experts"]["mode"] == "4bit"
     out = load_file(str(tmp_path / "q" / "model.safetensors"))
     experts = [k for k in source if ".experts." in k]
     assert experts and all(f"{k}.absmax" in out for k in experts)
