@@ -253,3 +253,23 @@ def test_only_the_routed_experts_are_dequantized(tmp_path, monkeypatch):
     rows = evaluate(tmp_path / "q", data, backend="reference", dtype="float32", device="cpu")
     oracle = score(ref, load_examples(data, lm.tokenizer), lm.tokenizer.pad_token_id)
     assert rows[0]["kind"] == "4-bit" and math.isclose(rows[0]["loss"], oracle["loss"], rel_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_experts_stored_unalike_are_refused(tmp_path):
+    """One expert's 4-bit tensor re-quantized with another block size (each file entry valid on its
+    own): load_model refuses the stack instead of reading it with the other experts' block size."""
+    import qconvert
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.errors import FormatError
+
+    src = sweep.build_source("mixtral", tmp_path / "src")
+    quantize_checkpoint(str(src), tmp_path / "q")
+    f = tmp_path / "q" / "model.safetensors"
+    sd = load_file(str(f))
+    victim = "model.layers.0.block_sparse_moe.experts.2.w1.weight"
+    other = quantize_4bit_ref(load_file(str(src / "model.safetensors"))[victim], "nf4", 32, True)
+    sd = {k: t for k, t in sd.items() if not k.startswith(victim)} | other.state_dict(victim)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="differ in quant type, block size"):
+        qconvert.load_model(tmp_path / "q", device="cpu", backend="reference")

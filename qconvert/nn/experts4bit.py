@@ -74,9 +74,16 @@ class Experts4bitWeight(nn.Module):
         """Expert e's rows are the 2-D 4-bit weights ``experts[e]`` stacked in order (same shapes,
         quant type, block size and double quantization for every expert)."""
         first = experts[0][0]
+        if len({len(ex) for ex in experts}) > 1:
+            raise FormatError("the experts of one parameter are made of different numbers of 4-bit tensors",
+                              hint="quantize the source again with qconvert")
         parts = []
         for p in range(len(experts[0])):
             qts = [ex[p] for ex in experts]
+            if len({_kind(q) for q in qts} | {_kind(first)}) > 1 or len({tuple(q.shape) for q in qts}) > 1:
+                raise FormatError(f"the 4-bit experts of one parameter {[list(q.shape) for q in qts[:2]]} differ in quant type, block "
+                                  "size, dtype, double quantization or shape; the spec stores every expert alike (section 14.3)",
+                                  hint="quantize the source again with qconvert")
             part = {"shape": tuple(qts[0].shape), "codes": torch.stack([q.packed.reshape(-1) for q in qts]),
                     "absmax": torch.stack([q.absmax for q in qts])}
             if first.double_quant:
@@ -116,6 +123,10 @@ class Experts4bitWeight(nn.Module):
     def extra_repr(self) -> str:
         return (f"shape={list(self.shape)}, {self.quant_type}, blocksize={self.blocksize}, "
                 f"double_quant={self.nested_quant_map is not None}, compute_dtype={dtype_name(self.compute_dtype)}")
+
+
+def _kind(qt: QuantizedTensor) -> tuple:
+    return qt.quant_type, qt.blocksize, qt.dtype, qt.double_quant
 
 
 def quantize_experts_module(module: nn.Module, weights: dict[str, Experts4bitWeight]) -> None:
