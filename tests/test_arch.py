@@ -135,7 +135,7 @@ def test_verify_against_fails_on_a_missing_tensor(tmp_path, family, victim, cli)
     from qconvert.errors import FormatError
 
     src = sweep.build_source(family, tmp_path / "src")
-    quantize_checkpoint(str(src), tmp_path / "out")
+    quantize_checkpoint(str(src), tmp_path / "out", experts="16bit")  # 4-bit experts: tests/test_experts4bit.py
     assert verify_checkpoint(tmp_path / "out", against=str(src))["error"]["unquantized_identical"] is True
     _rewrite(tmp_path / "out", lambda sd: sd.pop(victim))
     structural = re.escape(f"needs, e.g. '{victim}'")

@@ -126,6 +126,20 @@ def plain_transformers_refuses(q: Path) -> None:
         AutoModelForCausalLM.from_pretrained(q)
 
 
+def lose_one_expert_then_verify(src: Path, q: Path, victim: str) -> None:
+    """verify --against accepts the output, then names a 4-bit expert that is missing (every entry)."""
+    from qconvert.convert.verify import verify_checkpoint
+    from qconvert.errors import FormatError
+
+    assert verify_checkpoint(q, against=str(src))["error"]["unquantized_identical"] is True
+    f = q / "model.safetensors"
+    sd = load_file(str(f))
+    save_file({k: t for k, t in sd.items() if not k.startswith(victim)}, str(f), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=f"source tensor '{victim}' of .* is missing from the output|needs, e.g. '{victim}'"):
+        verify_checkpoint(q, against=str(src))
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
 def refuses_an_unknown_extension(q: Path) -> None:
     """A later layout extension in config.json is refused by load_model and verify, never guessed."""
     import qconvert
@@ -205,6 +219,7 @@ def test_per_expert_sources_figures_and_refusal(tmp_path):
     r = inspect_checkpoint(tmp_path / "q")
     assert r["experts_4bit"] and r["experts_4bit_tensors"] == len(experts) and r["total_params"] == params
     plain_transformers_refuses(tmp_path / "q")
+    lose_one_expert_then_verify(src, tmp_path / "q", "model.layers.1.block_sparse_moe.experts.3.w2.weight")
     refuses_an_unknown_extension(tmp_path / "q")
     s16 = quantize_checkpoint(str(src), tmp_path / "q16", experts="16bit")
     out16 = load_file(str(tmp_path / "q16" / "model.safetensors"))
