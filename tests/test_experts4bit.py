@@ -288,3 +288,31 @@ def test_experts_stored_unalike_are_refused(tmp_path):
     save_file(sd, str(f), metadata={"format": "pt"})
     with pytest.raises(FormatError, match="differ in quant type, block size"):
         qconvert.load_model(tmp_path / "q", device="cpu", backend="reference")
+
+
+@pytest.mark.slow
+def test_backward_through_4bit_experts_recomputes_them(tmp_path, monkeypatch):
+    """Training through 4-bit experts (LoRA below them needs the input gradient): the gradient equals
+    the float32 oracle's, and backward dequantizes the experts again instead of autograd keeping every
+    dequantized expert of every layer alive between forward and backward."""
+    import qconvert
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.nn.experts4bit import Experts4bitWeight
+
+    src = sweep.build_source("mixtral", tmp_path / "src")
+    quantize_checkpoint(str(src), tmp_path / "q")
+    ours = qconvert.load_model(tmp_path / "q", device="cpu", backend="reference", dtype=torch.float32)
+    ref = dequantized_source_model(src, tmp_path / "q", tmp_path / "ref")
+    calls = []
+    real = Experts4bitWeight.expert
+    monkeypatch.setattr(Experts4bitWeight, "expert", lambda self, e, dtype=None: calls.append(e) or real(self, e, dtype))
+    embeds = ref.get_input_embeddings()(torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(3))).detach()
+    grads, forward_calls = [], 0
+    for model in (ours, ref):
+        x = embeds.clone().requires_grad_(True)
+        loss = model(inputs_embeds=x, use_cache=False).logits.square().mean()
+        forward_calls = len(calls) if model is ours else forward_calls
+        loss.backward()
+        grads.append(x.grad)
+    assert 0 < forward_calls < len(calls)  # backward dequantized the experts it needed again
+    assert rel(grads[0], grads[1]) < FLOAT32_REL, rel(grads[0], grads[1])

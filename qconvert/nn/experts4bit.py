@@ -22,11 +22,18 @@ Either way expert e's value is bit for bit the spec's dequantization of its code
 block scales are decoded as section 3.5 decodes them (each step rounded to float32), then the
 backend's own dequantization of a plain (float32-scaled) 4-bit weight rounds the products to the
 logical dtype, exactly as for the whole tensor. The value is then converted to the compute dtype.
+
+Under autograd (LoRA training needs the gradient to flow through the experts to the layers below), a
+linear layer saves its weight for backward: the module's forward keeps, through
+``torch.autograd.graph.saved_tensors_hooks``, only (stack, expert) in its place and dequantizes that
+expert again in backward, as Linear4bit does; otherwise every expert used in a step, in every layer,
+would stay dequantized until backward.
 """
 
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -48,6 +55,7 @@ class Experts4bitWeight(nn.Module):
         self.shared_nested = shared_nested  # a fused stack: nested blocks run over all experts' scales
         self.quant_type, self.blocksize, self.weight_dtype = meta.quant_type, meta.blocksize, meta.dtype
         self.backend, self.compute_dtype = backend, compute_dtype
+        self._made: dict | None = None  # set by the experts module's forward while autograd records
         self.register_buffer("quant_map", meta.quant_map)
         self.register_buffer("nested_quant_map", meta.nested_quant_map)
         for i, p in enumerate(parts):
@@ -111,7 +119,10 @@ class Experts4bitWeight(nn.Module):
             qt = QuantizedTensor(packed=getattr(self, f"codes{p}")[e].reshape(-1, 1), absmax=self._scales(p, e), shape=shape,
                                  dtype=self.weight_dtype, quant_type=self.quant_type, blocksize=self.blocksize, quant_map=self.quant_map)
             values.append(self.backend.dequantize(qt, dtype or self.compute_dtype))
-        return values[0] if len(values) == 1 else torch.cat(values)
+        value = values[0] if len(values) == 1 else torch.cat(values)
+        if self._made is not None:  # a forward under autograd: let the saved-tensor hook recognise it
+            self._made[value.data_ptr()] = (weakref.ref(value), self, e, dtype)
+        return value
 
     def __getitem__(self, e) -> torch.Tensor:
         return self.expert(int(e))
@@ -143,7 +154,44 @@ def quantize_experts_module(module: nn.Module, weights: dict[str, Experts4bitWei
         def to(a):
             return a.to(compute) if torch.is_tensor(a) and a.is_floating_point() else a
 
-        out = eager(self, hidden_states.to(compute), *map(to, args), **{k: to(v) for k, v in kwargs.items()})
+        call = (self, hidden_states.to(compute), *map(to, args))
+        kw = {k: to(v) for k, v in kwargs.items()}
+        if not torch.is_grad_enabled():
+            return eager(*call, **kw).to(hidden_states.dtype)
+        made: dict = {}
+        for w in weights.values():
+            w._made = made
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: _pack(made, t), _unpack):
+                out = eager(*call, **kw)
+        finally:
+            for w in weights.values():
+                w._made = None
         return out.to(hidden_states.dtype)
 
     module.forward = types.MethodType(forward, module)
+
+
+def _pack(made: dict, t: torch.Tensor):
+    """What autograd keeps of a tensor it saves for backward: a dequantized expert matrix (or its
+    transpose, which a linear layer saves) is kept as (holder, expert, dtype, transposed) and
+    dequantized again in backward, as Linear4bit does: training through the experts never holds
+    the dequantized experts of every layer between forward and backward."""
+    hit = made.get(t.data_ptr())
+    w = hit[0]() if hit is not None else None
+    if w is None:
+        return t
+    if t is w:
+        return hit[1:] + (False,)
+    root = w if w._base is None else w._base  # views of views keep the first tensor as their base
+    if t._base is root and t.shape == w.t().shape and t.stride() == w.t().stride():
+        return hit[1:] + (True,)
+    return t
+
+
+def _unpack(x):
+    if not isinstance(x, tuple):
+        return x
+    holder, e, dtype, transposed = x
+    value = holder.expert(e, dtype)
+    return value.t() if transposed else value
