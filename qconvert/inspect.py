@@ -69,7 +69,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     tensors.sort(key=lambda t: t["name"])
     total = sum(t["bytes"] for t in tensors)
     params = sum(math.prod(t["shape"]) for t in tensors)
-    qc = (ckpt.config() or {}).get("quantization_config")
+    cfg = ckpt.config() or {}
+    qc = cfg.get("quantization_config")
+    prov = cfg.get("qconvert") if isinstance(cfg.get("qconvert"), dict) else {}
+    source_bytes = prov.get("source_bytes") if type(prov.get("source_bytes")) is int and prov.get("source_bytes") > 0 else None
+    file_bytes = sum((ckpt.root / f).stat().st_size for f in ckpt.files)
     return {
         "path": str(path),
         "files": ckpt.files,
@@ -83,6 +87,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "bits_per_param_stored": (8 * q_bytes / q_params) if q_params else None,
         # every stored tensor byte over every parameter: the 16-bit embeddings, head and norms included
         "bits_per_param_model": (8 * total / params) if params else None,
+        "file_bytes": file_bytes,
+        # output / source bytes, when config.json records the source's size (qconvert quantize does)
+        "size_ratio": file_bytes / source_bytes if source_bytes else None,
         "experts_4bit": has_4bit_experts(qc),
         "experts_4bit_tensors": sum(1 for t in tensors if t["quant_type"] and ".experts." in t["name"]),
     }
@@ -117,6 +124,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"quantized weights: {r['quantized_params']:,} parameters at {bpp:.3f} bits/param "
             f"({r['bits_per_param_stored']:.3f} counting per-tensor tables); whole model {r['bits_per_param_model']:.3f} bits/param"
         )
+    if r["size_ratio"] is not None:
+        lines.append(f"size: {r['size_ratio']:.3f} of the source checkpoint's tensor files")
     if r["experts_4bit"]:
         lines.append(f"routed experts in 4 bits (spec section 14): {r['experts_4bit_tensors']} tensor(s); loads with qconvert.load_model")
     return "\n".join(lines)

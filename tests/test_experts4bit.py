@@ -218,6 +218,7 @@ def test_per_expert_sources_figures_and_refusal(tmp_path):
     assert f"| bits per parameter (whole model) | {s['bits_per_param_model']:.3f} |" in card and "plain transformers refuses" in card
     r = inspect_checkpoint(tmp_path / "q")
     assert r["experts_4bit"] and r["experts_4bit_tensors"] == len(experts) and r["total_params"] == params
+    assert math.isclose(r["size_ratio"], s["size_ratio"]) and math.isclose(r["bits_per_param"], s["bits_per_param"])
     plain_transformers_refuses(tmp_path / "q")
     lose_one_expert_then_verify(src, tmp_path / "q", "model.layers.1.block_sparse_moe.experts.3.w2.weight")
     refuses_an_unknown_extension(tmp_path / "q")

@@ -143,6 +143,7 @@ def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str
         "version": __version__,
         "source": getattr(src, "repo_id", None) or Path(source).resolve().name,
         "source_revision": getattr(src, "sha", None),
+        "source_bytes": plan.source_bytes,  # so that inspect can give the output/source size ratio
     }
     experts_4bit = any(i.expert and i.quantize for i in plan.items)
     if experts_4bit:
