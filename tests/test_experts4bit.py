@@ -317,3 +317,33 @@ def test_backward_through_4bit_experts_recomputes_them(tmp_path, monkeypatch):
         grads.append(x.grad)
     assert 0 < forward_calls < len(calls)  # backward dequantized the experts it needed again
     assert rel(grads[0], grads[1]) < FLOAT32_REL, rel(grads[0], grads[1])
+
+
+def test_a_fused_stack_that_straddles_blocks_stays_16bit_with_the_reason():
+    """A fused expert stack whose experts are not whole blocks is kept 16-bit (never a block across
+    two experts), and the plan says why; 16-bit sources of other dtypes are refused by name."""
+    from qconvert.convert.plan import expert_unquantizable
+
+    assert expert_unquantizable((4, 128, 64), torch.bfloat16, 64) is None
+    assert expert_unquantizable((8, 48, 20), torch.bfloat16, 128) == \
+        "an expert's 48 x 20 elements are not a multiple of the block size 128"
+    assert expert_unquantizable((4, 64), torch.bfloat16, 64) is None  # one expert's 2-D matrix: the 2-D rule
+    assert expert_unquantizable((4, 64), torch.int8, 64) == "dtype torch.int8 cannot be quantized"
+
+
+@pytest.mark.slow
+def test_cli_experts_option_and_dry_run(tmp_path):
+    """`quantize --dry-run` (text and --json) states the experts' share; `--experts 16bit` says they
+    stay 16-bit; an unknown value is refused before anything is read."""
+    from helpers import run_cli
+
+    src = sweep.build_source("qwen3_moe", tmp_path / "src")
+    r = run_cli("quantize", src, tmp_path / "out", "--dry-run", "--json")
+    plan = json.loads(r.stdout)
+    assert plan["experts"]["mode"] == "4bit" and plan["quantized"] == 32 and not (tmp_path / "out").exists()
+    r = run_cli("quantize", src, tmp_path / "out", "--dry-run")
+    assert f"routed experts in 4 bits ({plan['experts']['share']:.1%} of the parameters)" in r.stdout
+    r = run_cli("quantize", src, tmp_path / "out", "--dry-run", "--experts", "16bit")
+    assert "routed experts stay 16-bit (--experts 16bit" in r.stdout
+    r = run_cli("quantize", src, tmp_path / "out", "--experts", "8bit", ok=False)
+    assert r.returncode != 0 and "8bit" in r.stderr and not (tmp_path / "out").exists()
