@@ -237,34 +237,42 @@ def _place_experts(model, ckpt: Checkpoint, root: Path, device: torch.device, be
 
 def expert_parts(model, lm, first: str, rows: dict[str, int], root: Path) -> dict[str, list[list[str]]]:
     """For each parameter the converted group ``first`` fills: per expert, the checkpoint keys whose
-    whole matrices make its rows, in order (``rows``: each key's row count). Worked out by running transformers' own converter on
-    probes (each key a column of its (key, row) numbers), so nothing here restates a family's merge;
-    a converter that does anything but stack whole matrices by rows is refused."""
+    whole matrices make its rows, in order (``rows``: each key's row count). Worked out by running
+    transformers' own converter on probes (key k becomes the column k * 2**32 + row), so nothing here
+    restates a family's merge; a converter that does anything but stack whole matrices by rows is
+    refused."""
     from .conversions import convert_group
 
     members = [k for k, _ in lm.groups[first]]
-    ident = {k: i for i, k in enumerate(members)}
 
     def probe(k: str) -> torch.Tensor:
-        return (ident[k] * 2.0**32 + torch.arange(rows[k], dtype=torch.float64)).reshape(-1, 1)
+        return (members.index(k) * 2.0**32 + torch.arange(rows[k], dtype=torch.float64)).reshape(-1, 1)
 
     out: dict[str, list[list[str]]] = {}
     for target, merged in convert_group(model, lm, first, probe).items():
-        out[target] = []
-        for column in merged.reshape(merged.shape[0], -1).tolist() if merged.dim() == 3 and merged.shape[-1] == 1 else [None]:
-            keys, at = [], 0
-            while column is not None and at < len(column):
-                k = members[int(column[at] // 2.0**32)]
-                if [int(v - ident[k] * 2.0**32) for v in column[at:at + rows[k]]] != list(range(rows[k])):
-                    column = None
-                    break
-                keys.append(k)
-                at += rows[k]
-            if column is None:
-                raise FormatError(f"{root}: transformers merges {members[:2]} into {target!r} in a way qconvert cannot do on 4-bit "
-                                  "experts", hint="quantize this model with --experts 16bit")
-            out[target].append(keys)
+        columns = merged.reshape(merged.shape[0], -1).tolist() if merged.dim() == 3 and merged.shape[-1] == 1 else [None]
+        out[target] = [_whole_matrices(column, members, rows) for column in columns]
+        if any(keys is None for keys in out[target]):
+            raise FormatError(f"{root}: transformers merges {members[:2]} into {target!r} in a way qconvert cannot do on 4-bit "
+                              "experts", hint="quantize this model with --experts 16bit")
     return out
+
+
+def _whole_matrices(column: list[float] | None, members: list[str], rows: dict[str, int]) -> list[str] | None:
+    """The keys whose probes fill ``column`` one whole matrix after another, rows in order; None if
+    the column is anything else (a split, a transpose, an interleave)."""
+    keys: list[str] = []
+    at = 0
+    while column is not None and at < len(column):
+        i = int(column[at] // 2.0**32)
+        if i >= len(members):
+            return None
+        k = members[i]
+        if [v - i * 2.0**32 for v in column[at:at + rows[k]]] != [float(r) for r in range(rows[k])]:
+            return None
+        keys.append(k)
+        at += rows[k]
+    return keys if column is not None else None
 
 
 def _place_others(model, ckpt: Checkpoint, placed: set[str], device: torch.device, dt, lm) -> None:
