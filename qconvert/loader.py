@@ -104,7 +104,8 @@ def load_model(
     ckpt = Checkpoint(root, streaming=True)
     quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
     lm = _load_map(model, ckpt, quantized)
-    placed = _place_experts(model, ckpt, root, device, be, cd, quantized, lm)
+    with ckpt.held_open():  # hundreds of per-expert 4-bit weights: one header parse per file
+        placed = _place_experts(model, ckpt, root, device, be, cd, quantized, lm)
     quantized = [n for n in quantized if n not in placed]
     placed |= _place_4bit(model, ckpt, root, device, dt, be, cd, quantized, lm)
     _place_others(model, ckpt, placed, device, dt, lm)
