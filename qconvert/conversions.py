@@ -128,3 +128,28 @@ def revert_group(model, lm: LoadMap, params: dict[str, torch.Tensor]) -> dict[st
         return dict(revert_weight_conversion(model, params))
     finally:
         model._weight_conversions = previous
+
+
+def is_experts_module(module) -> bool:
+    """Whether ``module`` is one of transformers 5's fused routed-experts modules: a class wrapped by
+    ``use_experts_implementation`` (it sets ``_apply_gate`` and wraps ``forward``), holding
+    ``num_experts`` 3-D parameters. Their eager forward indexes each parameter by expert
+    (``self.gate_up_proj[expert_idx]``), which is what lets a 4-bit holder dequantize only the
+    experts the router picks (qconvert.nn.experts4bit)."""
+    cls = type(module)
+    return (hasattr(cls, "_apply_gate") and hasattr(cls.forward, "__wrapped__")
+            and isinstance(getattr(module, "num_experts", None), int))
+
+
+def routed_expert_params(model) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every routed-expert parameter of ``model``: a floating 3-D parameter
+    [num_experts, out, in] of an experts module (:func:`is_experts_module`). These are what
+    ``quantize --experts 4bit`` writes in 4 bits (spec/format.md section 14)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        for attr, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and p.is_floating_point() and p.shape[0] == module.num_experts:
+                out[f"{mod_name}.{attr}" if mod_name else attr] = tuple(p.shape)
+    return out

@@ -7,7 +7,8 @@ import os
 from typing import Any
 
 from .format.checkpoint import Checkpoint
-from .format.layout import CORE_SUFFIXES, QUANT_STATE_PREFIX, core_nbytes, dtype_name, entry_key, find_quantized, unpack_quant_state
+from .format.layout import (CORE_SUFFIXES, QUANT_STATE_PREFIX, core_nbytes, dtype_name, entry_key, find_quantized, has_4bit_experts,
+                            unpack_quant_state)
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -68,6 +69,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     tensors.sort(key=lambda t: t["name"])
     total = sum(t["bytes"] for t in tensors)
     params = sum(math.prod(t["shape"]) for t in tensors)
+    cfg = ckpt.config() or {}
+    qc = cfg.get("quantization_config")
+    prov = cfg.get("qconvert") if isinstance(cfg.get("qconvert"), dict) else {}
+    source_bytes = prov.get("source_bytes") if type(prov.get("source_bytes")) is int and prov.get("source_bytes") > 0 else None
+    file_bytes = sum((ckpt.root / f).stat().st_size for f in ckpt.files)
     return {
         "path": str(path),
         "files": ckpt.files,
@@ -79,6 +85,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "quantized_params": q_params,
         "bits_per_param": (8 * q_core_bytes / q_params) if q_params else None,
         "bits_per_param_stored": (8 * q_bytes / q_params) if q_params else None,
+        # every stored tensor byte over every parameter: the 16-bit embeddings, head and norms included
+        "bits_per_param_model": (8 * total / params) if params else None,
+        "file_bytes": file_bytes,
+        # output / source bytes, when config.json records the source's size (qconvert quantize does)
+        "size_ratio": file_bytes / source_bytes if source_bytes else None,
+        "experts_4bit": has_4bit_experts(qc),
+        "experts_4bit_tensors": sum(1 for t in tensors if t["quant_type"] and ".experts." in t["name"]),
     }
 
 
@@ -109,8 +122,12 @@ def format_report(r: dict[str, Any]) -> str:
     if bpp is not None:
         lines.append(
             f"quantized weights: {r['quantized_params']:,} parameters at {bpp:.3f} bits/param "
-            f"({r['bits_per_param_stored']:.3f} counting per-tensor tables)"
+            f"({r['bits_per_param_stored']:.3f} counting per-tensor tables); whole model {r['bits_per_param_model']:.3f} bits/param"
         )
+    if r["size_ratio"] is not None:
+        lines.append(f"size: {r['size_ratio']:.3f} of the source checkpoint's tensor files")
+    if r["experts_4bit"]:
+        lines.append(f"routed experts in 4 bits (spec section 14): {r['experts_4bit_tensors']} tensor(s); loads with qconvert.load_model")
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ every other tensor is loaded as stored. Each tensor goes where transformers load
 own conversion mapping (qconvert.conversions): renamed ones (GPT-NeoX's ``embed_out``, a 4-bit weight
 of a renamed module) to their new place, and the groups a converter merges (MoE experts stacked into
 3-D parameters) merged by that converter's operations, one group at a time (a merged parameter is a
-new tensor, not a view of the file). Host memory while loading stays near one tensor beyond the
+new tensor, not a view of the file). 4-bit routed MoE experts (spec section 14) go into
+:class:`qconvert.nn.experts4bit.Experts4bitWeight` holders in place of the experts' 3-D parameters,
+which dequantize one routed expert at a time in the forward. Host memory while loading stays near one tensor beyond the
 quantized checkpoint itself. On CPU the tensors stay zero-copy views of the memory-mapped safetensors
 file (safetensors maps it copy-on-write), so most of that memory is file-backed page cache; on CUDA
 each tensor is copied to the device and its host pages are released with the short-lived handle.
@@ -102,7 +104,10 @@ def load_model(
     ckpt = Checkpoint(root, streaming=True)
     quantized = check_checkpoint(ckpt)  # the reader rules of spec section 9 beyond single weights
     lm = _load_map(model, ckpt, quantized)
-    placed = _place_4bit(model, ckpt, root, device, dt, be, cd, quantized, lm)
+    with ckpt.held_open():  # hundreds of per-expert 4-bit weights: one header parse per file
+        placed = _place_experts(model, ckpt, root, device, be, cd, quantized, lm)
+    quantized = [n for n in quantized if n not in placed]
+    placed |= _place_4bit(model, ckpt, root, device, dt, be, cd, quantized, lm)
     _place_others(model, ckpt, placed, device, dt, lm)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -203,6 +208,86 @@ def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, b
     return placed
 
 
+def _place_experts(model, ckpt: Checkpoint, root: Path, device: torch.device, be, cd, quantized: list[str], lm) -> set[str]:
+    """The 4-bit routed experts (spec section 14), each stack in an Experts4bitWeight in place of its
+    experts module's 3-D parameter: a fused 4-bit stack loaded 1:1, or the per-expert 4-bit weights of
+    a group that transformers' converter merges, stacked as that converter stacks them
+    (:func:`expert_parts`); returns the checkpoint tensors used."""
+    from .conversions import converted_sources, routed_expert_params
+    from .nn.experts4bit import Experts4bitWeight, quantize_experts_module
+
+    experts = routed_expert_params(model)
+    q = set(quantized)
+    sources = converted_sources(model, lm, model.state_dict()) if any(k in q for k in lm.group_of) else {}
+    stacks: dict[str, Experts4bitWeight] = {}
+    used: set[str] = set()
+    for name in quantized:
+        if lm.names.get(name) in experts:
+            stacks[lm.names[name]] = Experts4bitWeight.from_fused(ckpt.quantized(name, device), be, cd)
+            used.add(name)
+    for first, members in lm.groups.items():
+        keys = [k for k, _ in members]
+        if not any(k in q for k in keys):
+            continue
+        if not all(k in q for k in keys) or not all(t in experts for t in lm.targets[first]):
+            raise FormatError(f"{root}: 4-bit tensors {keys[:2]} are merged by transformers into {lm.targets[first]}, "
+                              "which are not all 4-bit routed experts", hint="quantize the source again with qconvert")
+        rows = {k: sources[k].shape[0] for k in keys}
+        for target, parts in expert_parts(model, lm, first, rows, root).items():
+            stacks[target] = Experts4bitWeight.from_parts([[ckpt.quantized(k, device) for k in ks] for ks in parts], be, cd)
+        used.update(keys)
+    by_module: dict[str, dict] = {}
+    for target, w in stacks.items():
+        if tuple(w.shape) != experts[target]:
+            raise FormatError(f"{root}: the 4-bit experts for {target!r} make {list(w.shape)}, the model needs {list(experts[target])}",
+                              hint="config.json and the weights disagree; quantize the source again")
+        mod, _, attr = target.rpartition(".")
+        by_module.setdefault(mod, {})[attr] = w
+    for mod, weights in by_module.items():
+        quantize_experts_module(model.get_submodule(mod), weights)
+    return {c for n in used for c in ckpt.companions(n)}
+
+
+def expert_parts(model, lm, first: str, rows: dict[str, int], root: Path) -> dict[str, list[list[str]]]:
+    """For each parameter the converted group ``first`` fills: per expert, the checkpoint keys whose
+    whole matrices make its rows, in order (``rows``: each key's row count). Worked out by running
+    transformers' own converter on probes (key k becomes the column k * 2**32 + row), so nothing here
+    restates a family's merge; a converter that does anything but stack whole matrices by rows is
+    refused."""
+    from .conversions import convert_group
+
+    members = [k for k, _ in lm.groups[first]]
+
+    def probe(k: str) -> torch.Tensor:
+        return (members.index(k) * 2.0**32 + torch.arange(rows[k], dtype=torch.float64)).reshape(-1, 1)
+
+    out: dict[str, list[list[str]]] = {}
+    for target, merged in convert_group(model, lm, first, probe).items():
+        columns = merged.reshape(merged.shape[0], -1).tolist() if merged.dim() == 3 and merged.shape[-1] == 1 else [None]
+        out[target] = [_whole_matrices(column, members, rows) for column in columns]
+        if any(keys is None for keys in out[target]):
+            raise FormatError(f"{root}: transformers merges {members[:2]} into {target!r} in a way qconvert cannot do on 4-bit "
+                              "experts", hint="quantize this model with --experts 16bit")
+    return out
+
+
+def _whole_matrices(column: list[float] | None, members: list[str], rows: dict[str, int]) -> list[str] | None:
+    """The keys whose probes fill ``column`` one whole matrix after another, rows in order; None if
+    the column is anything else (a split, a transpose, an interleave)."""
+    keys: list[str] = []
+    at = 0
+    while column is not None and at < len(column):
+        i = int(column[at] // 2.0**32)
+        if i >= len(members):
+            return None
+        k = members[i]
+        if [v - i * 2.0**32 for v in column[at:at + rows[k]]] != [float(r) for r in range(rows[k])]:
+            return None
+        keys.append(k)
+        at += rows[k]
+    return keys if column is not None else None
+
+
 def _place_others(model, ckpt: Checkpoint, placed: set[str], device: torch.device, dt, lm) -> None:
     """Every other stored tensor the model has a place for, as stored (cast to ``dt`` when given), at
     the place transformers loads it (``lm``); the groups a transformers converter merges (MoE
@@ -215,6 +300,8 @@ def _place_others(model, ckpt: Checkpoint, placed: set[str], device: torch.devic
             continue  # groups below; a key with no place is one check_model_folder allowed (a computed buffer)
         _set_tensor(model, lm.names[k], _cast(ckpt.get(k), device, dt))
     for first in lm.groups:
+        if all(k in placed for k, _ in lm.groups[first]):
+            continue  # 4-bit experts, placed by _place_experts
         merged = convert_group(model, lm, first, lambda k: _cast(ckpt.get(k), device, dt))
         for name, value in merged.items():
             want = state.get(name)

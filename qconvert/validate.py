@@ -146,7 +146,7 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
     place transformers loads it (qconvert.conversions: renamed, or merged by a converter).
     ``strict`` also refuses tensors the model has no place for and a mix of float dtypes;
     ``require_all`` (default: ``strict``) refuses a checkpoint that lacks a tensor the model needs."""
-    from .conversions import converted_sources, load_map
+    from .conversions import converted_sources, load_map, routed_expert_params
 
     arch = type(model).__name__
     state = model.state_dict(keep_vars=True)
@@ -154,7 +154,18 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
     owned = owned_keys(keys, quant_shapes)
     lm = load_map(model, [k for k in keys if k not in owned or k in quant_shapes], state)
     group_of = lm.group_of
+    try:
+        sources = converted_sources(model, lm, state)
+    except Exception as e:  # a conversion transformers cannot run on meta tensors: nothing to check against
+        if not strict:  # verify's lenient form: the merged tensors go unchecked, as names it does not know
+            sources = {}
+        else:
+            raise FormatError(f"{where}: cannot work out the tensors transformers merges into the {arch} ({type(e).__name__}: {e})"[:300],
+                              hint="load this model with transformers") from None
+    experts = routed_expert_params(model)
     for name, shape in quant_shapes.items():
+        if _check_4bit_expert(name, shape, lm, experts, sources, arch, where):
+            continue
         if name in group_of:
             raise FormatError(f"{where}: 4-bit weight {name!r} is one that transformers merges on load into {group_of[name]!r}, "
                               "which qconvert cannot do with packed 4-bit data",
@@ -175,14 +186,6 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
         if tuple(shape) != tuple(want):
             raise FormatError(f"{where}: 4-bit weight {name!r} has quant-state shape {list(shape)}, the {arch} needs {list(want)}",
                               hint="the quant state is damaged or config.json was edited; " + _REUPLOAD)
-    try:
-        sources = converted_sources(model, lm, state)
-    except Exception as e:  # a conversion transformers cannot run on meta tensors: nothing to check against
-        if not strict:  # verify's lenient form: the merged tensors go unchecked, as names it does not know
-            sources = {}
-        else:
-            raise FormatError(f"{where}: cannot work out the tensors transformers merges into the {arch} ({type(e).__name__}: {e})"[:300],
-                              hint="load this model with transformers") from None
     unexpected = []
     placed = {}  # checkpoint key -> the model's name for it (plain keys)
     for k in keys:
@@ -215,6 +218,23 @@ def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *
             raise FormatError(f"{where}: lacks {len(lacking)} tensor(s) the {arch} built from config.json needs, e.g. {lacking[0]!r}",
                               hint="config.json and the weights disagree (a layer count?); " + _REUPLOAD)
         _refuse_missing(state, lm.placed_names(), arch, where)
+
+
+def _check_4bit_expert(name: str, shape, lm, experts: dict, sources: dict, arch: str, where: str) -> bool:
+    """Whether the 4-bit weight ``name`` is a routed expert (spec section 14), checked: a fused
+    [E, out, in] stack loaded 1:1 into an experts parameter of that shape, or one expert's matrix
+    that transformers merges into one (the shape its save-time revert gives). False: not an expert."""
+    target = lm.group_of.get(name) or lm.names.get(name)
+    targets = lm.targets.get(target, [target])
+    if not targets or not all(t in experts for t in targets):
+        return False
+    want = experts[target] if name in lm.names else getattr(sources.get(name), "shape", None)
+    if want is None and not sources:
+        return True  # verify's lenient form, where transformers cannot revert the conversion on meta tensors
+    if want is None or tuple(shape) != tuple(want):
+        raise FormatError(f"{where}: 4-bit expert weight {name!r} has quant-state shape {list(shape)}, the {arch} needs "
+                          f"{None if want is None else list(want)}", hint="the quant state is damaged or config.json was edited; " + _REUPLOAD)
+    return True
 
 
 def _refuse_unexpected(model, state, unexpected: list[str], arch: str, where: str) -> None:

@@ -72,11 +72,12 @@ def test_fp32_kept_module_stays_float32(tmp_path):
 
 
 def test_no_source_tensor_lost_in_moe(tmp_path):
-    """Every expert weight and router of the source is in the output, quantized or as it was."""
+    """Every expert weight and router of the source is in the output, quantized or as it was
+    (``--experts 16bit``: the anchor's choice; tests/test_experts4bit.py covers the 4-bit default)."""
     from qconvert.convert.quantize import quantize_checkpoint
 
     src = sweep.build_source("qwen3_moe", tmp_path / "src")
-    summary = quantize_checkpoint(str(src), tmp_path / "out")
+    summary = quantize_checkpoint(str(src), tmp_path / "out", experts="16bit")
     assert summary["dropped"] == [] and summary["cast"] == []
     source, out = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     experts = [k for k in source if ".experts." in k]
@@ -134,7 +135,7 @@ def test_verify_against_fails_on_a_missing_tensor(tmp_path, family, victim, cli)
     from qconvert.errors import FormatError
 
     src = sweep.build_source(family, tmp_path / "src")
-    quantize_checkpoint(str(src), tmp_path / "out")
+    quantize_checkpoint(str(src), tmp_path / "out", experts="16bit")  # 4-bit experts: tests/test_experts4bit.py
     assert verify_checkpoint(tmp_path / "out", against=str(src))["error"]["unquantized_identical"] is True
     _rewrite(tmp_path / "out", lambda sd: sd.pop(victim))
     structural = re.escape(f"needs, e.g. '{victim}'")

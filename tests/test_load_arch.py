@@ -43,8 +43,8 @@ FAMILIES = {
 FAST = ("gpt_neox", "mixtral")  # the CI's fast loop runs these two; the rest are slow
 
 
-def quantized_family(family: str, work: Path, tokenizer: bool = False) -> tuple[Path, Path]:
-    """A tiny ``family`` source (bfloat16) and its qconvert quantize output."""
+def quantized_family(family: str, work: Path, tokenizer: bool = False, experts: str = "4bit") -> tuple[Path, Path]:
+    """A tiny ``family`` source (bfloat16) and its qconvert quantize output (``experts``: its option)."""
     from qconvert.convert.quantize import quantize_checkpoint
 
     src = sweep.build_source(family, work / "src")
@@ -52,7 +52,7 @@ def quantized_family(family: str, work: Path, tokenizer: bool = False) -> tuple[
         from test_train import make_tokenizer
 
         make_tokenizer(src)
-    quantize_checkpoint(str(src), work / "q")
+    quantize_checkpoint(str(src), work / "q", experts=experts)
     return src, work / "q"
 
 
@@ -83,24 +83,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_family(family: str, work: Path) -> None:
+    """load_model against transformers on the dequantized source; the routed experts of MoE families
+    are 4-bit (the default) and each expert's dequantized matrix is transformers' merged one."""
     import qconvert
     from qconvert.nn import Linear4bit
+    from qconvert.nn.experts4bit import Experts4bitWeight
 
     src, q = quantized_family(family, work)
     ours = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
     ref = dequantized_source_model(src, q, work / "ref")
     four_bit = {n for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    experts = {n: m for n, m in ours.named_modules() if isinstance(m, Experts4bitWeight)}
     assert four_bit
+    assert bool(experts) == (family != "gpt_neox"), family  # every other family here is a MoE
     ref_sd = ref.state_dict()
     ours_sd = ours.state_dict()
     assert {n.removesuffix(".weight") for n in ref_sd if n.endswith(".weight")} >= four_bit
     for n, t in ours_sd.items():  # renamed and merged tensors are transformers' own, bit for bit
         mod, _, attr = n.rpartition(".")
-        if mod in four_bit and attr != "bias":
+        if (mod in four_bit and attr != "bias") or mod in experts:
             continue
         assert torch.equal(t, ref_sd[n]), n
     for n in four_bit:  # the 4-bit layers hold the dequantized weights transformers loaded
         assert torch.equal(ours.get_submodule(n).dequantized(torch.float32), ref_sd[f"{n}.weight"]), n
+    for n, w in experts.items():  # and so does each 4-bit expert, one expert at a time
+        assert all(torch.equal(w.expert(e, torch.float32), ref_sd[n][e]) for e in range(w.num_experts)), n
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = ours(input_ids=ids, use_cache=False).logits
@@ -201,7 +208,7 @@ def test_merge_folds_lora_on_merged_expert_parameters(tmp_path):
 
     import qconvert
 
-    src, q = quantized_family("mixtral", tmp_path)
+    src, q = quantized_family("mixtral", tmp_path, experts="16bit")  # 16-bit experts: parameters PEFT can wrap
     model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
                      lora_dropout=0.0, init_lora_weights=False)
@@ -228,7 +235,7 @@ def test_merged_experts_are_checked_one_by_one(tmp_path, change, message):
     import qconvert
     from qconvert.errors import FormatError
 
-    _, q = quantized_family("mixtral", tmp_path)
+    _, q = quantized_family("mixtral", tmp_path, experts="16bit")  # 4-bit experts: tests/test_experts4bit.py
     f = q / "model.safetensors"
     sd = load_file(str(f))
     victim = "model.layers.1.block_sparse_moe.experts.3.w2.weight"

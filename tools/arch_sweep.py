@@ -248,7 +248,7 @@ def sweep_one(model_type: str, work: Path, forward: bool = True, load: bool = Fa
     except Exception as e:
         anchor_error = first_line(e)
     try:
-        quantize_checkpoint(str(src), ours)
+        quantize_checkpoint(str(src), ours, experts="16bit")  # the anchor's experts: 16-bit (issue 20)
     except QConvertError as e:  # a refusal always states its reason; the note says what the anchor did
         reason = str(e).replace(str(src), "SRC")
         if anchor_error:

@@ -22,6 +22,7 @@ from qconvert.format.layout import dtype_name
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 
 OUT = Path(__file__).resolve().parent.parent / "formats" / "golden" / "vectors.json"
+OUT_EXPERTS = OUT.parent / "experts.json"  # spec section 14: fused [E, out, in] routed-expert stacks
 
 
 def tensor_hex(t: torch.Tensor) -> str:
@@ -108,19 +109,56 @@ def build() -> str:
     return json.dumps(doc, indent=1) + "\n"
 
 
+def expert_inputs() -> list[tuple[str, torch.Tensor, str, int, bool]]:
+    """Fused [E, out, in] stacks (spec section 14.2): each expert a whole number of blocks."""
+    g = torch.Generator().manual_seed(2020)
+    scale = torch.tensor([1.0, 0.01, 30.0]).reshape(3, 1, 1)  # experts of very different ranges share nested blocks
+    return [
+        ("experts_bf16_dq", (torch.randn(3, 4, 32, generator=g) * scale).to(torch.bfloat16), "nf4", 64, True),
+        ("experts_f32_plain", torch.randn(2, 8, 16, generator=g), "nf4", 32, False),
+        # 6 experts of 12 x 128 = 48 blocks of 32 each: expert 5's scales (240..287) straddle the nested
+        # block boundary at 256, so its scales decode from two nested absmax values
+        ("experts_fp16_two_nested", (torch.randn(6, 12, 128, generator=g) * 0.02).to(torch.float16), "nf4", 32, True),
+    ]
+
+
+def build_experts() -> str:
+    vectors = []
+    for name, x, qtype, bs, dq in expert_inputs():
+        qt = quantize_4bit_ref(x, qtype, bs, dq, name=name)
+        n_e = x[0].numel()
+        v = {
+            "name": name, "quant_type": qtype, "blocksize": bs, "double_quant": dq, "dtype": dtype_name(x.dtype),
+            "shape": list(x.shape), "expert_code_bytes": n_e // 2, "expert_blocks": n_e // bs,
+            "input": tensor_hex(x), "packed": tensor_hex(qt.packed), "absmax": tensor_hex(qt.absmax),
+            "quant_state": qt.quant_state_dict(), "dequantized": tensor_hex(dequantize_4bit_ref(qt)),
+        }
+        if dq:
+            v["nested_absmax"] = tensor_hex(qt.nested_absmax)
+        vectors.append(v)
+    doc = {
+        "description": "Golden vectors of the routed-experts extension (spec section 14): a fused [E, out, in] "
+        "stack stored as one 4-bit weight over its expert-major flattening, each expert a whole number of "
+        "blocks; expert e's codes are packed bytes [e*expert_code_bytes, (e+1)*expert_code_bytes) and its "
+        "block scales absmax entries [e*expert_blocks, (e+1)*expert_blocks). Fields as in vectors.json.",
+        "vectors": vectors,
+    }
+    return json.dumps(doc, indent=1) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
-    text = build()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print("formats/golden/vectors.json is stale: run python tools/make_golden.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(OUT.parents[2])}")
+    for out, text in ((OUT, build()), (OUT_EXPERTS, build_experts())):
+        if args.check:
+            if not out.exists() or out.read_text() != text:
+                print(f"formats/golden/{out.name} is stale: run python tools/make_golden.py", file=sys.stderr)
+                return 1
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out.relative_to(out.parents[2])}")
     return 0
 
 

@@ -33,6 +33,21 @@ def _report_drops_and_casts(s: dict) -> None:
             echo(f"{what}: {', '.join(names[:3])}{more} ({reason})")
 
 
+def _report_experts(s: dict) -> None:
+    """What happened to the routed MoE experts, with their share of the parameters (issue 20)."""
+    e = s.get("experts") or {}
+    if not e.get("params"):
+        return
+    if e["mode"] == "16bit":
+        echo(f"routed experts stay 16-bit (--experts 16bit, as transformers + bitsandbytes writes them): {e['share']:.1%} of the parameters")
+        return
+    echo(f"routed experts in 4 bits ({e['share']:.1%} of the parameters); plain transformers refuses this folder, qconvert.load_model loads it")
+    if e["kept_16bit_params"]:
+        names = [k["tensor"] for k in e["kept_16bit"]]
+        echo(f"experts kept 16-bit: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
+             f"({e['kept_16bit_share']:.1%} of the parameters; {e['kept_16bit'][0]['reason']})")
+
+
 @click.command()
 @click.argument("source")
 @click.argument("output_dir")
@@ -48,9 +63,11 @@ def _report_drops_and_casts(s: dict) -> None:
 @options.json_output("Print a machine-readable summary on stdout.")
 @options.overwrite()
 @click.option("--keep-source", is_flag=True, help="Keep downloaded Hub shards in the Hugging Face cache (default: delete each after use).")
+@click.option("--experts", type=click.Choice(["4bit", "16bit"]), default="4bit", show_default=True,
+              help="Routed MoE experts: 4-bit (loads with qconvert only) or 16-bit as transformers + bitsandbytes writes them.")
 @options.push_to_hub()
 def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quant, compute_dtype, skip_modules, max_shard_size,
-             workers, dry_run, as_json, overwrite, keep_source, push_to):
+             workers, dry_run, as_json, overwrite, keep_source, experts, push_to):
     """Stream a Hugging Face checkpoint (local folder or Hub repo id) into a 4-bit NF4 checkpoint.
 
     Interrupted runs resume: run the same command again."""
@@ -62,7 +79,7 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
     s = quantize_checkpoint(
         source, output_dir, revision=revision, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
         compute_dtype=compute_dtype, skip_modules=list(skip_modules), max_shard_size=max_shard_size, workers=workers,
-        dry_run=dry_run, overwrite=overwrite, keep_source=keep_source, log=log,
+        dry_run=dry_run, overwrite=overwrite, keep_source=keep_source, experts=experts, log=log,
     )
     if as_json:
         echo(json.dumps(s, indent=1))
@@ -72,13 +89,17 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
         _report_drops_and_casts(s)
         for sh in s["shards"]:
             echo(f"  {sh['file']}: {sh['tensors']} tensors, about {_human(sh['estimated_bytes'])}")
+        _report_experts(s)
         echo(f"source {_human(s['source_bytes'])} -> about {_human(s['estimated_output_bytes'])}; nothing written")
         return
     echo(
         f"wrote {s['output']}: {s['quantized']} of {s['tensors']} tensors quantized ({s['quant_type']}, block {s['blocksize']}, "
         f"{'double quant' if s['double_quant'] else 'fp32 scales'}), {_human(s['source_bytes'])} -> {_human(s['output_bytes'])}, "
-        f"{s['bits_per_param']:.3f} bits/param, {len(s['shards'])} shard(s), {s['seconds']:.1f} s"
+        f"{len(s['shards'])} shard(s), {s['seconds']:.1f} s"
     )
+    echo(f"size: {s['size_ratio']:.3f} of the source; {s['bits_per_param_model']:.3f} bits/param over the whole model, "
+         f"{s['bits_per_param']:.3f} over the {s['quantized_params']:,} 4-bit parameters")
+    _report_experts(s)
     _report_drops_and_casts(s)
     if push_to:
         from ..hub.push import push_folder

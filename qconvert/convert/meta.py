@@ -49,6 +49,7 @@ class Placement:
     out_dtype: torch.dtype
     transpose: bool = False
     cast_reason: str | None = None  # why out_dtype differs from the source dtype, when it does
+    expert: bool = False  # a routed-expert tensor (one expert's matrix, or a fused [E, out, in] stack)
 
 
 @dataclass
@@ -163,9 +164,13 @@ def quantizable_modules(model, skips: list[str]) -> dict[str, bool]:
     return out
 
 
-def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict | None, user_skips: list[str]) -> Placements:
+def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict | None, user_skips: list[str],
+                    quantize_experts: bool = False) -> Placements:
     """Place every source tensor (``info``: key -> dtype and shape, in checkpoint order) as the anchor
-    would; see the module docstring. Raises QuantizationError naming the tensors that have no place."""
+    would; see the module docstring. Raises QuantizationError naming the tensors that have no place.
+    ``quantize_experts``: also quantize the routed experts (:func:`expert_source`), which the anchor
+    leaves 16-bit; every other placement is the anchor's."""
+    from ..conversions import routed_expert_params
     first_float = next((dt for dt, _ in info.values() if dt.is_floating_point), None)
     ldt = load_dtype(config, first_float)
     model, _ = meta_model(root, ldt)
@@ -181,6 +186,7 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     present = {n for n, _ in loaded.values()}
     dtype_of = _dtype_rule(model, ldt, sd)
+    experts = routed_expert_params(model)
     for k, (name, converter) in loaded.items():
         if k in result.dropped:
             continue
@@ -194,18 +200,27 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
                 f"{root}: transformers converts {k!r} on load into the 4-bit layer {module!r}, and qconvert cannot write what it saves then",
                 hint="transformers + bitsandbytes would have to quantize this model",
             )
-        out_dtype, why = dtype_of(name, quantize)
+        expert = name in experts and not is_skipped(module, skips) and expert_source(info[k][1], converter, experts[name])
+        out_dtype, why = dtype_of(name, quantize or (expert and quantize_experts))
         result.places[k] = Placement(
             out_key=k if converter is not None else name,  # renamed back below; a converted group keeps its source names
-            quantize=quantize,
+            quantize=quantize or (expert and quantize_experts),
             out_dtype=out_dtype,
             transpose=quantize and quantizable[module],
             cast_reason=cast_reason(info[k][0], out_dtype, why),
+            expert=expert,
         )
     _refuse_missing(model, loaded, root)
     _saved_names(model, loaded, sd, result, root, info)
     result.config_dtype = _saved_model_dtype(model, quantizable, dtype_of)
     return result
+
+
+def expert_source(shape: tuple[int, ...], converter: str | None, param: tuple[int, ...]) -> bool:
+    """Whether a source tensor of a routed-expert parameter ``param`` [E, out, in] can be quantized
+    expert by expert: the fused parameter itself (loaded 1:1, same shape), or, for a checkpoint that
+    transformers merges on load, one expert's 2-D matrix (each a weight of its own: spec section 14)."""
+    return tuple(shape) == tuple(param) if converter is None else len(shape) == 2
 
 
 def _saved_model_dtype(model, quantizable: dict, dtype_of) -> torch.dtype:
@@ -310,7 +325,8 @@ def _saved_names(model, loaded: dict, sd: dict, result: Placements, root, info: 
     renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
     for k, p in list(result.places.items()):
         if loaded[k][1] is None:
-            result.places[k] = Placement(apply_renamings(p.out_key, renamings), p.quantize, p.out_dtype, p.transpose, p.cast_reason)
+            result.places[k] = Placement(apply_renamings(p.out_key, renamings), p.quantize, p.out_dtype, p.transpose, p.cast_reason,
+                                         p.expert)
     ignore = set(model._keys_to_ignore_on_save or ())
     for k, p in list(result.places.items()):
         if p.out_key in ignore or loaded[k][0] in ignore:

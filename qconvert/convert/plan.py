@@ -52,6 +52,7 @@ class Item:
     out_dtype: torch.dtype  # the dtype written (quantized: the dtype quantized from)
     transpose: bool = False  # a Conv1D weight, quantized as its transpose
     cast_reason: str | None = None
+    expert: bool = False  # a routed-expert tensor (quantized or not: see Plan.experts)
 
 
 @dataclass
@@ -64,6 +65,17 @@ class Plan:
     source_bytes: int
     source_dtype: str
     settings: dict[str, Any] = field(default_factory=dict)
+    experts: str = "4bit"  # what was asked for the routed experts: "4bit" or "16bit"
+    experts_kept: dict[str, str] = field(default_factory=dict)  # expert tensor kept 16-bit under --experts 4bit -> why
+
+    def expert_figures(self) -> dict[str, Any]:
+        """The routed experts' share of the model's parameters, and how many of those stay 16-bit."""
+        total = sum(math.prod(i.shape) for i in self.items)
+        routed = sum(math.prod(i.shape) for i in self.items if i.expert)
+        kept = sum(math.prod(i.shape) for i in self.items if i.expert and not i.quantize)
+        return {"mode": self.experts, "params": routed, "share": routed / total if total else 0.0,
+                "kept_16bit_params": kept, "kept_16bit_share": kept / total if total else 0.0,
+                "kept_16bit": [{"tensor": k, "reason": r} for k, r in self.experts_kept.items()]}
 
     def shard_names(self) -> list[str]:
         from ..io.shards import shard_names
@@ -86,6 +98,7 @@ class Plan:
                 for s, idx in enumerate(self.shards)
             ],
             "settings": self.settings,
+            "experts": self.expert_figures(),
         }
 
 
@@ -220,8 +233,13 @@ def make_plan(
     skip_modules: list[str] | None = None,
     max_shard_size: int = 2 * 10**9,
     use_transformers: bool = False,
+    experts: str = "4bit",
 ) -> Plan:
-    """The plan for ``ckpt``. ``use_transformers`` forces the meta-model path (tests compare the two)."""
+    """The plan for ``ckpt``. ``use_transformers`` forces the meta-model path (tests compare the two).
+    ``experts``: "4bit" quantizes the routed experts (spec section 14), "16bit" leaves them as
+    transformers + bitsandbytes does (byte-identical output)."""
+    if experts not in EXPERT_MODES:
+        raise OptionError(f"unknown experts mode {experts!r}", hint=f"use one of {', '.join(EXPERT_MODES)}")
     info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     files: dict[str, str] = {}
     for file in ckpt.files:
@@ -236,16 +254,20 @@ def make_plan(
     user = list(skip_modules or ())
     layout = None if use_transformers else known_layout(ckpt.config(), list(info))
     if layout is None:
-        placed = meta_placements(ckpt.config_dir(), info, ckpt.config(), user)
+        placed = meta_placements(ckpt.config_dir(), info, ckpt.config(), user, quantize_experts=experts == "4bit")
     else:
         placed = table_placements(layout, info, ckpt.config() or {}, user)
     items: list[Item] = []
+    kept: dict[str, str] = {}
     for k, (dt, shape) in info.items():
         p = placed.places.get(k)
         if p is None:
             if k not in placed.dropped:  # the placement functions answer for every key; never skip one silently
                 raise QuantizationError(f"{ckpt.root / files[k]}: tensor {k!r} was neither placed nor dropped by the plan")
             continue
+        if p.expert and p.quantize and (why := expert_unquantizable(shape, dt, blocksize)):
+            kept[k] = why
+            p = Placement(p.out_key, False, p.out_dtype, p.transpose, p.cast_reason, True)
         if p.quantize and dt not in QUANTIZABLE_DTYPES:
             raise QuantizationError(
                 f"{ckpt.root / files[k]}: tensor {k!r} has dtype {dt}, which cannot be quantized",
@@ -253,7 +275,8 @@ def make_plan(
             )
         nbytes = math.prod(shape) * dt.itemsize
         size = quantized_size(math.prod(shape), blocksize, double_quant) if p.quantize else math.prod(shape) * p.out_dtype.itemsize
-        items.append(Item(k, p.out_key, files[k], dt, shape, p.quantize, size, nbytes, p.out_dtype, p.transpose, p.cast_reason))
+        items.append(Item(k, p.out_key, files[k], dt, shape, p.quantize, size, nbytes, p.out_dtype, p.transpose, p.cast_reason,
+                          p.expert))
     if not any(i.quantize for i in items):
         subclasses = f" (its linear layers are {', '.join(placed.linear_subclasses)}, subclasses it leaves alone)" if placed.linear_subclasses else ""
         raise QuantizationError(
@@ -276,4 +299,20 @@ def make_plan(
         architecture=placed.architecture,
         source_bytes=sum(i.src_bytes for i in items) + sum(math.prod(info[k][1]) * info[k][0].itemsize for k in placed.dropped),
         source_dtype=dtype_name(placed.config_dtype or placed.load_dtype),
+        experts=experts,
+        experts_kept=kept,
     )
+
+
+EXPERT_MODES = ("4bit", "16bit")
+
+
+def expert_unquantizable(shape: tuple[int, ...], dtype: torch.dtype, blocksize: int) -> str | None:
+    """Why a routed-expert tensor stays 16-bit under ``--experts 4bit``, or None. A fused [E, out, in]
+    stack is quantized over its expert-major flattening, so each expert's out * in elements must be
+    a whole number of blocks (no block straddles two experts: spec section 14.2)."""
+    if dtype not in QUANTIZABLE_DTYPES:
+        return f"dtype {dtype} cannot be quantized"
+    if len(shape) == 3 and (shape[1] * shape[2]) % blocksize:
+        return f"an expert's {shape[1]} x {shape[2]} elements are not a multiple of the block size {blocksize}"
+    return None

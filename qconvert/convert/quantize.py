@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -82,9 +83,13 @@ def quantize_checkpoint(
     dry_run: bool = False,
     overwrite: bool = False,
     keep_source: bool = False,
+    experts: str = "4bit",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Convert ``source`` (folder or Hub id) into a 4-bit checkpoint at ``output``; returns a summary."""
+    """Convert ``source`` (folder or Hub id) into a 4-bit checkpoint at ``output``; returns a summary.
+    ``experts``: "4bit" (default) also quantizes routed MoE experts (spec section 14; such a folder
+    loads in qconvert, and plain transformers refuses it); "16bit" keeps them as transformers +
+    bitsandbytes does, byte-identical to its output."""
     from ..io.source import open_checkpoint
 
     say = log or (lambda m: None)
@@ -101,7 +106,7 @@ def quantize_checkpoint(
         t0 = time.perf_counter()
         src = open_checkpoint(source, revision, stage / "source", keep=keep_source)
         plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules),
-                         max_shard_size=shard_limit)
+                         max_shard_size=shard_limit, experts=experts)
         settings = _settings(src, source, plan, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                              compute_dtype=compute_dtype, skip_modules=skip_modules, max_shard_size=shard_limit)
         plan.settings = settings
@@ -138,7 +143,13 @@ def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str
         "version": __version__,
         "source": getattr(src, "repo_id", None) or Path(source).resolve().name,
         "source_revision": getattr(src, "sha", None),
+        "source_bytes": plan.source_bytes,  # so that inspect can give the output/source size ratio
     }
+    experts_4bit = any(i.expert and i.quantize for i in plan.items)
+    if experts_4bit:
+        from ..format.layout import EXPERTS_EXTENSION
+
+        provenance["layout_extensions"] = [EXPERTS_EXTENSION]
     return {
         "quant_type": quant_type,
         "blocksize": blocksize,
@@ -147,6 +158,7 @@ def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str
         "skip_modules": plan.skip_patterns,
         "user_skip_modules": sorted(skip_modules),
         "max_shard_size": max_shard_size,
+        "experts_4bit": experts_4bit,
         "provenance": provenance,
     }
 
@@ -267,9 +279,22 @@ def _summary(source: str, out: Path, plan: Plan, settings: dict, totals: _Totals
         "seconds": round(time.perf_counter() - t0, 3),
         **{k: v for k, v in settings.items() if k != "max_shard_size"},
     }
-    summary["bits_per_param"] = 8 * totals.q_core / totals.q_params
-    summary["quantized_params"] = totals.q_params
+    summary.update(size_figures(totals.q_core, totals.q_params, totals.out_bytes, sum(math.prod(i.shape) for i in plan.items), plan.source_bytes))
+    summary["experts"] = plan_summary["experts"]
     return summary
+
+
+def size_figures(q_core: int, q_params: int, out_bytes: int, params: int, source_bytes: int) -> dict[str, Any]:
+    """The honest size figures (issue 20): bits per parameter over the 4-bit weights alone (codes and
+    block scales, spec section 3.6) and over the whole model (every output byte over every parameter,
+    the 16-bit embeddings, head, norms and any 16-bit experts included), and output / source bytes."""
+    return {
+        "bits_per_param": 8 * q_core / q_params if q_params else None,
+        "quantized_params": q_params,
+        "params": params,
+        "bits_per_param_model": 8 * out_bytes / params if params else None,
+        "size_ratio": out_bytes / source_bytes if source_bytes else None,
+    }
 
 
 def _finish(stage: Path, out: Path, plan: Plan, totals: _Totals, summary: dict[str, Any]) -> None:
@@ -427,6 +452,20 @@ def bnb_quantization_config(settings: dict) -> dict[str, Any]:
     }
 
 
+def quantization_config(settings: dict) -> dict[str, Any]:
+    """config.json's ``quantization_config``: the bitsandbytes one, or, when routed experts are 4-bit,
+    the same fields under ``quant_method: qconvert`` without the ``load_in_*`` flags (spec 14.4):
+    transformers picks bitsandbytes whenever ``load_in_4bit`` is set, and bitsandbytes cannot hold a
+    4-bit expert, so such a folder must not claim to be a bitsandbytes checkpoint."""
+    from ..format.layout import EXPERTS_QUANT_METHOD
+
+    qc = bnb_quantization_config(settings)
+    if not settings.get("experts_4bit"):
+        return qc
+    qc = {k: v for k, v in qc.items() if "load_in_" not in k}
+    return dict(sorted({**qc, "quant_method": EXPERTS_QUANT_METHOD, "experts_4bit": True}.items()))
+
+
 def _write_config(src, stage: Path, plan: Plan, settings: dict) -> None:
     """The source's config.json plus quantization_config, dtype (the weights' source dtype, which
     transformers gives the tensors that stay unquantized) and qconvert's provenance."""
@@ -435,6 +474,6 @@ def _write_config(src, stage: Path, plan: Plan, settings: dict) -> None:
         raise FormatError(f"{src.config_dir() / 'config.json'}: missing", hint="a checkpoint folder needs its config.json")
     config.pop("torch_dtype", None)  # the old name of dtype; transformers 5 writes dtype only
     config["dtype"] = plan.source_dtype
-    config["quantization_config"] = bnb_quantization_config(settings)
+    config["quantization_config"] = quantization_config(settings)
     config["qconvert"] = settings["provenance"]
     _write_json(stage / "config.json", dict(sorted(config.items())))

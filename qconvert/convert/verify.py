@@ -86,9 +86,13 @@ def source_plan(ckpt: Checkpoint, src: Checkpoint):
     each source tensor must be in the output, in which dtype, and which ones may be absent."""
     from .plan import make_plan
 
+    from ..format.layout import find_quantized, has_4bit_experts
+
     qc = (ckpt.config() or {}).get("quantization_config") or {}
     skips = qc.get("llm_int8_skip_modules") or []
-    return make_plan(src, skip_modules=list(skips))
+    quantized = find_quantized(ckpt.keys())
+    blocksize = ckpt.quantized(quantized[0]).blocksize if quantized else 64  # decides which experts fit (spec 14.2)
+    return make_plan(src, skip_modules=list(skips), blocksize=blocksize, experts="4bit" if has_4bit_experts(qc) else "16bit")
 
 
 def check_against(ckpt: Checkpoint, quantized: list[str], src: Checkpoint):

@@ -7,6 +7,7 @@ Nothing is loaded until asked for; names in an index are checked before any file
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -274,6 +275,19 @@ class Checkpoint:
     def close(self) -> None:
         self._handles.clear()
         self._bin_cache = None
+
+    @contextlib.contextmanager
+    def held_open(self):
+        """Within the block a streaming checkpoint reads through its cached handles (one header parse
+        per file, not one per tensor), and lets them go at the end. Loading a MoE's per-expert 4-bit
+        weights (6 entries each) re-parsed a 4,700-key header 5,445 times: 108 of a 169 s load."""
+        streaming, self.streaming = self.streaming, False
+        try:
+            yield self
+        finally:
+            self.streaming = streaming
+            if streaming:
+                self._handles.clear()
 
     # --------------------------------------------------------------- tensors
     def keys(self) -> list[str]:

@@ -92,6 +92,21 @@ def check_layout_version(version: Any, where: str) -> None:
         )
 
 
+def check_layout_extensions(extensions: Any, where: str) -> None:
+    """Layout extensions (spec section 14) this reader implements; anything else is refused, as an
+    unknown layout version is (section 1.3): a reader that guesses computes with wrong weights."""
+    from .layout import LAYOUT_EXTENSIONS
+
+    if extensions is None:
+        return
+    if not isinstance(extensions, list) or not all(isinstance(e, str) for e in extensions):
+        raise FormatError(f"{where}: layout_extensions must be a list of strings, got {extensions!r}"[:200])
+    unknown = [e for e in extensions if e not in LAYOUT_EXTENSIONS]
+    if unknown:
+        raise FormatError(f"{where}: layout extension(s) {unknown[:3]}; this reader implements {', '.join(LAYOUT_EXTENSIONS)}"[:300],
+                          hint="upgrade qconvert to read it")
+
+
 def _companion_names(name: str) -> set[str]:
     return {name} | {entry_key(name, s) for s in SUFFIXES} | {quant_state_key(name, t) for t in QUANT_TYPES}
 
@@ -129,6 +144,7 @@ def check_config(cfg: Mapping[str, Any] | None, keys: Iterable[str], where: str)
     prov = cfg.get("qconvert")
     if isinstance(prov, Mapping):
         check_layout_version(prov.get("layout_version"), f"{where}: qconvert")
+        check_layout_extensions(prov.get("layout_extensions"), f"{where}: qconvert")
     qc = cfg.get("quantization_config")
     if not isinstance(qc, Mapping):
         return

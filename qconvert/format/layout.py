@@ -342,10 +342,26 @@ def decoded_scales(qt: "QuantizedTensor") -> torch.Tensor:
     return t + torch.tensor(qt.nested_offset, dtype=torch.float32, device=t.device)
 
 
+#: ``quantization_config.quant_method`` of a folder whose routed experts are 4-bit (spec section 14.4)
+EXPERTS_QUANT_METHOD = "qconvert"
+#: The layout extension of 4-bit routed experts (spec section 14), recorded in config.json's
+#: ``qconvert.layout_extensions``; the extensions this reader implements
+EXPERTS_EXTENSION = "experts-1"
+LAYOUT_EXTENSIONS = (EXPERTS_EXTENSION,)
+
+
 def is_4bit_config(quantization_config: Any) -> bool:
-    """Whether a config.json ``quantization_config`` describes bitsandbytes 4-bit weights (spec 5.2)."""
+    """Whether a config.json ``quantization_config`` describes 4-bit weights: bitsandbytes' (spec 5.2),
+    or qconvert's with 4-bit routed experts (spec 14.4)."""
     qc = quantization_config
-    return isinstance(qc, Mapping) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+    return isinstance(qc, Mapping) and (
+        (qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))) or has_4bit_experts(qc))
+
+
+def has_4bit_experts(quantization_config: Any) -> bool:
+    """Whether a ``quantization_config`` says the routed experts are 4-bit (spec section 14.4)."""
+    qc = quantization_config
+    return isinstance(qc, Mapping) and qc.get("quant_method") == EXPERTS_QUANT_METHOD and qc.get("experts_4bit") is True
 
 
 def find_quantized(keys: "list[str] | set[str] | Mapping[str, Any]") -> list[str]:

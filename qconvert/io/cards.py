@@ -137,22 +137,41 @@ A 4-bit {summary['quant_type'].upper()} quantization of `{src}`{revision}, writt
 | compute dtype | {summary['compute_dtype']} |
 | quantized tensors | {summary['quantized']} of {summary['tensors']} |
 | bits per parameter (quantized weights) | {summary['bits_per_param']:.3f} |
+| bits per parameter (whole model) | {summary['bits_per_param_model']:.3f} |
 | size before | {_size(summary['source_bytes'])} |
-| size after | {_size(summary['output_bytes'])} |
-| left unquantized | {', '.join(skip_patterns) or 'none'} (and embeddings, norms, biases) |
+| size after | {_size(summary['output_bytes'])} ({summary['size_ratio']:.3f} of before) |
+{_experts_row(summary)}| left unquantized | {', '.join(skip_patterns) or 'none'} (and embeddings, norms, biases) |
 
 ## Loading
 
-With transformers and bitsandbytes, no qconvert needed:
+{_loading(summary, name)}
+"""
+    return render_card(meta, body)
+
+
+def _experts_row(summary: dict[str, Any]) -> str:
+    """The table row for routed MoE experts, or nothing for a dense model."""
+    e = summary.get("experts") or {}
+    if not e.get("params"):
+        return ""
+    if e["mode"] == "4bit" and not e["kept_16bit_params"]:
+        return f"| routed experts | 4-bit ({e['share']:.1%} of the parameters; qconvert layout extension, spec section 14) |\n"
+    return f"| routed experts | {e['kept_16bit_share']:.1%} of the parameters left 16-bit |\n"
+
+
+def _loading(summary: dict[str, Any], name: str) -> str:
+    """How to load the folder: plain transformers + bitsandbytes, unless its routed experts are 4-bit."""
+    if summary.get("experts_4bit"):
+        return (f"Its routed experts are 4-bit, which bitsandbytes cannot hold: plain transformers refuses this folder.\n"
+                f"Load it with qconvert: `qconvert.load_model(\"{name}\")`.")
+    return f"""With transformers and bitsandbytes, no qconvert needed:
 
 ```python
 from transformers import AutoModel
 model = AutoModel.from_pretrained("{name}")
 ```
 
-With qconvert's own kernels: `qconvert.load_model("{name}")`.
-"""
-    return render_card(meta, body)
+With qconvert's own kernels: `qconvert.load_model("{name}")`."""
 
 
 def adapter_card(base_model: str | None, body: str, extra_tags: tuple[str, ...] = ()) -> str:
