@@ -41,13 +41,14 @@ DEFAULTS = {
 
 @pytest.fixture(scope="module")
 def family_dir(tmp_path_factory):
-    """family -> (source, 4-bit folder), each built once per module."""
-    made: dict[str, tuple[Path, Path]] = {}
+    """(family, experts) -> (source, 4-bit folder), each built once per module. ``experts`` is quantize's
+    option: "4bit" (its default) or "16bit" (the expert parameters PEFT's target_parameters can wrap)."""
+    made: dict[tuple[str, str], tuple[Path, Path]] = {}
 
-    def get(family: str) -> tuple[Path, Path]:
-        if family not in made:
-            made[family] = quantized_family(family, tmp_path_factory.mktemp(family), tokenizer=True)
-        return made[family]
+    def get(family: str, experts: str = "4bit") -> tuple[Path, Path]:
+        if (family, experts) not in made:
+            made[family, experts] = quantized_family(family, tmp_path_factory.mktemp(family), tokenizer=True, experts=experts)
+        return made[family, experts]
 
     return get
 
@@ -165,7 +166,7 @@ def merge_and_compare(family: str, family_dir, tmp_path: Path) -> None:
     from qconvert.adapters import module_targets_kept
     from qconvert.export.merge import merge_adapter
 
-    src, q = family_dir(family)
+    src, q = family_dir(family, "16bit")  # LoRA on expert parameters: 16-bit experts
     run = tmp_path / "run"
     r, lines = train_steps(q, run, tmp_path, steps=2, lora_experts=True)
     assert any("LoRA dropout 0" in line for line in lines)
@@ -275,7 +276,7 @@ def test_merge_refuses_a_damaged_parameter_adapter(change, message, family_dir, 
     from qconvert.errors import FormatError
     from qconvert.export.merge import merge_adapter
 
-    _, q = family_dir("mixtral")
+    _, q = family_dir("mixtral", "16bit")
     model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
                      lora_dropout=0.0, init_lora_weights=False)
@@ -314,7 +315,7 @@ def test_train_defaults_then_merge(family, family_dir, tmp_path):
 def test_lora_experts_resume_is_exact(family_dir, tmp_path):
     """A --lora-experts run stopped after step 1 and resumed writes the adapter of the uninterrupted run,
     byte for byte (the parameter adapters' checkpoint is read back by PEFT's own state-dict loader)."""
-    _, q = family_dir("qwen3_moe")
+    _, q = family_dir("qwen3_moe", "16bit")
     kw = dict(steps=3, lora_experts=True, save_steps=1, optim="adamw")
     train_steps(q, tmp_path / "whole", tmp_path, **kw)
     r, _ = train_steps(q, tmp_path / "split", tmp_path, stop_after=1, **kw)
@@ -337,3 +338,16 @@ def test_cli_train_defaults_exit_0(family_dir, tmp_path):
     r = cli_train(q, memorize_set(tmp_path), tmp_path / "run", "--max-steps", 1, "--grad-accum", 1, "--lora-r", 4)
     assert "LoRA: r 4, alpha 16, dropout 0.05 on 15 linear layers [" in r.stderr
     assert "model.layers.*.mlp.shared_expert.gate_proj (2)" in r.stderr
+
+
+@pytest.mark.slow
+def test_lora_experts_on_4bit_experts_is_refused_with_the_way_out(family_dir, tmp_path):
+    """quantize's default writes the routed experts in 4 bits, which PEFT's LoRA on parameters cannot wrap:
+    --lora-experts then says so in one line and names `quantize --experts 16bit`; nothing is trained."""
+    from qconvert.errors import OptionError
+
+    _, q = family_dir("qwen3_moe")
+    with pytest.raises(OptionError, match=r"^--lora-experts: the routed experts of this model are stored in 4 bits") as e:
+        train_steps(q, tmp_path / "run", tmp_path, lora_experts=True)
+    assert "--experts 16bit" in e.value.hint
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()

@@ -150,14 +150,28 @@ def choose(model, given: list[str] | None, experts: bool) -> Targets:
         modules = _names(model, chosen, "module", peft_moves_to_parameters(model, leaves))
     params: list[str] = []
     found = expert_parameters(model)
+    packed = experts_in_4bit(model)
     if experts:
+        if packed and not found:
+            raise OptionError(f"--lora-experts: the routed experts of this model are stored in 4 bits ({len(packed)} stacks, e.g. "
+                              f"{packed[0]}); PEFT's LoRA on parameters needs them in 16 bits",
+                              hint="re-quantize the model with `qconvert quantize --experts 16bit`, or leave out --lora-experts")
         if not found:
             raise OptionError("--lora-experts: this model has no routed-expert parameters LoRA can be put on",
                               hint="leave out --lora-experts (the experts of this model are not 3-D parameters in 16 bits)")
         params = _names(model, found, "parameter")
     elif found:
         left_out.update({n: "routed experts (--lora-experts adapts them)" for n in found})
+    left_out.update({n: "routed experts, stored in 4 bits (LoRA on them needs quantize --experts 16bit and --lora-experts)"
+                     for n in packed})
     return Targets(modules, params, left_out)
+
+
+def experts_in_4bit(model) -> list[str]:
+    """The routed-expert stacks that load_model holds in 4 bits (qconvert.nn.experts4bit), by name."""
+    from ..nn.experts4bit import Experts4bitWeight
+
+    return [n for n, m in model.named_modules() if isinstance(m, Experts4bitWeight)]
 
 
 def check_given(model, targets: list[str]) -> None:
