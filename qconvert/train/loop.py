@@ -245,6 +245,7 @@ class _Run:
         dropout = 0.0 if self.targets.parameters else o["lora_dropout"]
         if dropout != o["lora_dropout"]:
             self.say(f"note: --lora-experts: LoRA dropout 0 (not {o['lora_dropout']:g}): PEFT's LoRA on parameters cannot apply dropout")
+            o["lora_dropout"] = dropout  # config.yaml and the card record the dropout the run used
         self.cfg = LoraConfig(r=o["lora_r"], lora_alpha=o["lora_alpha"], lora_dropout=dropout, task_type="CAUSAL_LM",
                               target_modules=self.targets.modules, target_parameters=self.targets.parameters or None)
         torch.manual_seed(o["seed"])
