@@ -216,6 +216,7 @@ def test_per_expert_sources_figures_and_refusal(tmp_path):
     jsonschema.validate(cfg["qconvert"], {**load_json("quantization_config.schema.json")["$defs"]["provenance"]})
     card = (tmp_path / "q" / "README.md").read_text()
     assert f"| bits per parameter (whole model) | {s['bits_per_param_model']:.3f} |" in card and "plain transformers refuses" in card
+    assert "\nlibrary_name: \"qconvert\"\n" in card  # not "transformers", which cannot load it
     r = inspect_checkpoint(tmp_path / "q")
     assert r["experts_4bit"] and r["experts_4bit_tensors"] == len(experts) and r["total_params"] == params
     assert math.isclose(r["size_ratio"], s["size_ratio"]) and math.isclose(r["bits_per_param"], s["bits_per_param"])

@@ -119,7 +119,9 @@ def quantized_card(summary: dict[str, Any], skip_patterns: list[str]) -> str:
     meta = {
         "base_model": src if "/" in (src or "") else None,
         "base_model_relation": "quantized",
-        "library_name": "transformers",
+        # 4-bit routed experts load only in qconvert (plain transformers refuses the folder): the Hub's widget and
+        # "use this model" snippet must not promise transformers
+        "library_name": "qconvert" if summary.get("experts_4bit") else "transformers",
         "tags": ["qconvert", "4-bit", summary["quant_type"], "bitsandbytes", "qlora"],
     }
     revision = f" (revision `{prov['source_revision']}`)" if prov["source_revision"] else ""
