@@ -40,6 +40,7 @@ from ..io.staging import publish as _publish
 from ..io.staging import remove as _remove  # noqa: F401
 from ..io.staging import write_json as _write_json
 from .plan import Plan, make_plan, parse_size
+from .sources import DequantizingReader, reading_view
 
 JOURNAL = "journal.json"
 COMPUTE_DTYPES = tuple(sorted(FLOAT_DTYPE_NAMES))
@@ -99,7 +100,7 @@ def quantize_checkpoint(
         workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
         stage = staging_dir(out)
         t0 = time.perf_counter()
-        src = open_checkpoint(source, revision, stage / "source", keep=keep_source)
+        src = reading_view(open_checkpoint(source, revision, stage / "source", keep=keep_source))  # FP8/MXFP4: dequantized
         plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules),
                          max_shard_size=shard_limit)
         settings = _settings(src, source, plan, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
@@ -224,7 +225,7 @@ def _write_shard(src: CheckpointReader, plan: Plan, idx: list[int], path: Path, 
             it = plan.items[i]
             if next_file[i]:
                 src.prefetch(next_file[i])
-            t = _as_saved(src.get(it.source_key), it)
+            t = _as_saved(_read(src, it), it)
             if it.quantize:
                 qt = _quantize(t, settings["quant_type"], settings["blocksize"], settings["double_quant"], it.source_key, workers)
                 core += qt.core_nbytes
@@ -266,6 +267,7 @@ def _summary(source: str, out: Path, plan: Plan, settings: dict, totals: _Totals
         "copied_files": copied,
         "seconds": round(time.perf_counter() - t0, 3),
         **{k: v for k, v in settings.items() if k != "max_shard_size"},
+        "source_scheme": plan.source_scheme,
     }
     summary["bits_per_param"] = 8 * totals.q_core / totals.q_params
     summary["quantized_params"] = totals.q_params
@@ -294,6 +296,12 @@ def next_source_files(plan: Plan, pending: list[int]) -> dict[int, str | None]:
         out[i] = after_file if after_file != f else after_other
         after_file, after_other = f, out[i]
     return out
+
+
+def _read(src: CheckpointReader, it) -> torch.Tensor:
+    """Item ``it``'s source tensor; from an FP8/MXFP4 source dequantized straight into the dtype the
+    plan writes, as transformers dequantizes into the parameter's own dtype."""
+    return src.get(it.source_key, it.out_dtype) if isinstance(src, DequantizingReader) else src.get(it.source_key)
 
 
 def _as_saved(t: torch.Tensor, it) -> torch.Tensor:
