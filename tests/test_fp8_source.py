@@ -256,3 +256,48 @@ def test_fp8_weight_without_scale_refused(tmp_path):
                             {"model.layers.0.mlp.up_proj.weight": torch.zeros(8, 8).to(torch.float8_e4m3fn)})
     with pytest.raises(FormatError, match="up_proj.weight' has no 'model.layers.0.mlp.up_proj.weight_scale_inv'"):
         make_plan(Checkpoint(src))
+
+
+def make_deepseek_fp8_source(tmp: Path) -> Path:
+    """A tiny DeepSeek-V3 stored as its FP8 release is: every 2-D weight of the layers float8 with block
+    scales (ragged: kv_a_proj_with_mqa has 160 rows), bar the router; per-expert tensors; the fp32
+    e_score_correction_bias."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, n_routed_experts=4, n_shared_experts=1,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, num_hidden_layers=2, first_k_dense_replace=1,
+                           num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=32,
+                           qk_nope_head_dim=64, v_head_dim=64, vocab_size=128, max_position_embeddings=64)
+    DeepseekV3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp / "bf16")
+    stored = {}
+    for k, v in load_file(str(tmp / "bf16" / "model.safetensors")).items():
+        if k.startswith("model.layers.") and v.dim() == 2 and not k.endswith(("norm.weight", "mlp.gate.weight")):
+            stored[k], stored[k + "_scale_inv"] = fp8_blocks(v, (128, 128), torch.float8_e4m3fn)
+        else:
+            stored[k] = v
+    out = tmp / "fp8"
+    out.mkdir()
+    save_file(stored, str(out / "model.safetensors"), metadata={"format": "pt"})
+    c = json.loads((tmp / "bf16" / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (out / "config.json").write_text(json.dumps(c))
+    return out
+
+
+@pytest.mark.slow
+def test_deepseek_v3_fp8_source_byte_identical(tmp_path):
+    """The transformers-planned path (per-expert source tensors merged on load, a float32 bias, ragged
+    blocks): the same bytes as transformers + bitsandbytes on the bf16 model built with transformers'
+    _dequantize_fp8_weight (its loader refuses the 160-row weight)."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    src = make_deepseek_fp8_source(tmp_path)
+    stored = load_file(str(src / "model.safetensors"))
+    assert stored["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
+    deq = {k: _dequantize_fp8_weight(v, stored[k + "_scale_inv"], [128, 128], torch.float32).to(torch.bfloat16)
+           if k + "_scale_inv" in stored else v for k, v in stored.items() if not k.endswith("_scale_inv")}
+    anchor = bnb_quantize_save(save_16bit(src, tmp_path / "deq", deq), tmp_path / "anchor")
+    s = quantize_checkpoint(str(src), tmp_path / "ours")
+    assert s["source_scheme"]["dequantized_tensors"] == sum(k.endswith("_scale_inv") for k in stored)
+    assert_same_output(tmp_path / "ours", anchor)
