@@ -301,3 +301,37 @@ def test_deepseek_v3_fp8_source_byte_identical(tmp_path):
     s = quantize_checkpoint(str(src), tmp_path / "ours")
     assert s["source_scheme"]["dequantized_tensors"] == sum(k.endswith("_scale_inv") for k in stored)
     assert_same_output(tmp_path / "ours", anchor)
+
+
+def test_pair_split_over_two_shards_keeps_both_until_read(tmp_path):
+    """A weight and its scale in different shards: the scale's shard is let go (deleted, for a Hub
+    download) only after the weight that needs it was dequantized, whatever order the writer finishes
+    files in; each pair is read only when asked for."""
+    from qconvert.convert.sources import DequantizingReader, Scheme
+
+    w = torch.randn(130, 70)
+    q, s = fp8_blocks(w, (128, 128), torch.float8_e4m3fn)
+    save_file({"a.weight": q, "b.weight": torch.ones(3)}, str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({"a.weight_scale_inv": s}, str(tmp_path / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00001-of-00002.safetensors",
+        "a.weight_scale_inv": "model-00002-of-00002.safetensors"}}))
+    released, reads = [], []
+
+    class Recording(Checkpoint):
+        def release(self, file):
+            released.append(file)
+
+        def get(self, name):
+            reads.append(name)
+            return super().get(name)
+
+    r = DequantizingReader(Recording(tmp_path), Scheme("fp8", (128, 128)))
+    assert r.keys() == ["a.weight", "b.weight"] and r.info("a.weight") == (torch.float32, (130, 70)) and reads == []
+    assert r.nbytes("a.weight") == 130 * 70 + 4 * 2
+    r.release("model-00002-of-00002.safetensors")
+    assert released == []
+    got = r.get("a.weight", torch.bfloat16)
+    assert released == ["model-00002-of-00002.safetensors"] and reads == ["a.weight", "a.weight_scale_inv"]
+    full = s.repeat_interleave(128, 0)[:130].repeat_interleave(128, 1)[:, :70]
+    assert torch.equal(got, (q.float() * full).bfloat16())
