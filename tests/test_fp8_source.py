@@ -124,6 +124,15 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_verify_sees_the_dequantized_source(ours: Path, src: Path, deq: Path) -> None:
+    """`verify --against` an FP8/MXFP4 source measures against transformers' dequantized values: the
+    same report as against the dequantized 16-bit checkpoint itself."""
+    from qconvert.convert.verify import verify_checkpoint
+
+    a, b = verify_checkpoint(ours, against=str(src))["error"], verify_checkpoint(ours, against=str(deq))["error"]
+    assert a["unquantized_identical"] and a["tensors"] == b["tensors"]
+
+
 def assert_same_output(ours: Path, anchor: Path) -> None:
     a, b = tensors(ours), tensors(anchor)
     assert a.keys() == b.keys(), a.keys() ^ b.keys()
@@ -188,6 +197,7 @@ def test_fp8_source_byte_identical_with_transformers_bitsandbytes(tmp_path, fmt,
     s = quantize_checkpoint(str(src), tmp_path / "ours")
     assert s["source_scheme"] == plan["source_scheme"] and s["quantized"] == 14
     assert_same_output(tmp_path / "ours", anchor)
+    assert_verify_sees_the_dequantized_source(tmp_path / "ours", src, tmp_path / "deq")
 
 
 @pytest.mark.slow
@@ -220,6 +230,7 @@ def test_mxfp4_source_byte_identical_with_transformers_bitsandbytes(tmp_path):
     assert s["source_scheme"]["quant_method"] == "mxfp4" and s["source_scheme"]["dequantized_tensors"] == 4
     assert_same_output(tmp_path / "ours", anchor)
     assert tensors(tmp_path / "ours")["model.layers.1.mlp.experts.down_proj"].shape == (4, 96, 64)
+    assert_verify_sees_the_dequantized_source(tmp_path / "ours", src, tmp_path / "deq")
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -40,7 +40,7 @@ from ..io.staging import publish as _publish
 from ..io.staging import remove as _remove  # noqa: F401
 from ..io.staging import write_json as _write_json
 from .plan import Plan, make_plan, parse_size
-from .sources import DequantizingReader, reading_view
+from .sources import read_source, reading_view
 
 JOURNAL = "journal.json"
 COMPUTE_DTYPES = tuple(sorted(FLOAT_DTYPE_NAMES))
@@ -225,7 +225,7 @@ def _write_shard(src: CheckpointReader, plan: Plan, idx: list[int], path: Path, 
             it = plan.items[i]
             if next_file[i]:
                 src.prefetch(next_file[i])
-            t = _as_saved(_read(src, it), it)
+            t = _as_saved(read_source(src, it.source_key, it.out_dtype), it)
             if it.quantize:
                 qt = _quantize(t, settings["quant_type"], settings["blocksize"], settings["double_quant"], it.source_key, workers)
                 core += qt.core_nbytes
@@ -296,12 +296,6 @@ def next_source_files(plan: Plan, pending: list[int]) -> dict[int, str | None]:
         out[i] = after_file if after_file != f else after_other
         after_file, after_other = f, out[i]
     return out
-
-
-def _read(src: CheckpointReader, it) -> torch.Tensor:
-    """Item ``it``'s source tensor; from an FP8/MXFP4 source dequantized straight into the dtype the
-    plan writes, as transformers dequantizes into the parameter's own dtype."""
-    return src.get(it.source_key, it.out_dtype) if isinstance(src, DequantizingReader) else src.get(it.source_key)
 
 
 def _as_saved(t: torch.Tensor, it) -> torch.Tensor:

@@ -76,6 +76,12 @@ def _block_size(value: Any, where: str) -> tuple[int, int] | None:
     return value[0], value[1]
 
 
+def read_source(src, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Source tensor ``name`` for a plan item written in ``dtype``: from a quantized source dequantized
+    straight into that dtype, as transformers dequantizes into the parameter's own dtype."""
+    return src.get(name, dtype) if isinstance(src, DequantizingReader) else src.get(name)
+
+
 def reading_view(ckpt):
     """``ckpt`` itself for a plain checkpoint, else a :class:`DequantizingReader` over it."""
     if isinstance(ckpt, DequantizingReader):
