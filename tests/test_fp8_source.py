@@ -346,3 +346,16 @@ def test_pair_split_over_two_shards_keeps_both_until_read(tmp_path):
     assert released == ["model-00002-of-00002.safetensors"] and reads == ["a.weight", "a.weight_scale_inv"]
     full = s.repeat_interleave(128, 0)[:130].repeat_interleave(128, 1)[:, :70]
     assert torch.equal(got, (q.float() * full).bfloat16())
+
+
+@pytest.mark.parametrize("qc, extra, says", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]},  # 200 x 300 in 128 x 128 blocks: a 2 x 3 grid
+     {"m.weight": torch.zeros(200, 300).to(torch.float8_e4m3fn), "m.weight_scale_inv": torch.ones(2, 2)}, r"has \[2, 3\]"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, {}, "two positive integers"),
+    ({"quant_method": "mxfp4"}, {"e.down_proj_blocks": torch.zeros(2, 8, 2, 8, dtype=torch.uint8),
+                                 "e.down_proj_scales": torch.zeros(2, 8, 2, dtype=torch.uint8)}, "not \\[experts, out, groups, 16\\]"),
+    ({"quant_method": "mxfp4"}, {"e.down_proj_scales": torch.zeros(2, 8, 2, dtype=torch.uint8)}, "have no blocks"),
+])
+def test_malformed_quantized_source_refused_before_reading(tmp_path, qc, extra, says):
+    with pytest.raises((FormatError, SourceError), match=says):
+        make_plan(Checkpoint(_quantized_source(tmp_path / "src", qc, extra)))

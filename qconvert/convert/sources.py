@@ -27,7 +27,7 @@ import torch
 from ..errors import FormatError, SourceError
 from ..format.checkpoint import DTYPE_NAMES
 from ..format.layout import dtype_name
-from ..quant.source_dequant import FP8_DTYPES, dequantize_fp8, dequantize_mxfp4, mxfp4_shape
+from ..quant.source_dequant import FP8_DTYPES, MXFP4_BLOCK_BYTES, dequantize_fp8, dequantize_mxfp4, fp8_scale_grid, mxfp4_shape
 from .meta import load_dtype
 
 FP8_SCALE = "_scale_inv"  # P.weight_scale_inv beside P.weight
@@ -121,8 +121,14 @@ class DequantizingReader:
                 w = k.removesuffix(FP8_SCALE)
                 if w not in keys:
                     raise FormatError(f"{where}: FP8 scale {k!r} has no weight {w!r} beside it")
-                if self.inner.info(w)[0] not in FP8_DTYPES:
+                (dt, shape), grid = self.inner.info(w), tuple(self.inner.info(k)[1])
+                if dt not in FP8_DTYPES:
                     raise FormatError(f"{where}: {w!r} has a block scale but dtype {self.inner.dtype_name(w)}, not FP8")
+                block = self.scheme.block or tuple(shape[-2:])
+                if len(shape) < 2 or (grid != fp8_scale_grid(tuple(shape), block) and not (self.scheme.block is None and math.prod(grid) == 1)):
+                    raise FormatError(f"{where}: {k!r} has shape {list(grid)}; a {list(shape)} weight in blocks of "
+                                      f"{block[0]}x{block[1]} has {list(fp8_scale_grid(tuple(shape), block))}",
+                                      hint="check quantization_config.weight_block_size against the checkpoint")
                 self.parts[w] = (w, k)
         for k in sorted(keys - set(self.parts)):
             if self.inner.dtype_name(k) in ("F8_E4M3", "F8_E5M2"):
@@ -138,6 +144,10 @@ class DequantizingReader:
                     raise FormatError(f"{where}: MXFP4 blocks {k!r} have no scales {base + MX_SCALES!r}")
                 if base in keys:
                     raise FormatError(f"{where}: both {base!r} and its MXFP4 blocks {k!r} are stored")
+                b, sc = self.inner.info(k)[1], self.inner.info(base + MX_SCALES)[1]
+                if len(b) != 4 or b[-1] != MXFP4_BLOCK_BYTES or tuple(sc) != tuple(b[:-1]):
+                    raise FormatError(f"{where}: MXFP4 blocks {k!r} {list(b)} and scales {list(sc)} are not "
+                                      f"[experts, out, groups, {MXFP4_BLOCK_BYTES}] and [experts, out, groups]")
                 self.parts[base] = (k, base + MX_SCALES)
         paired = {s for _, s in self.parts.values()}
         for k in sorted(keys):
