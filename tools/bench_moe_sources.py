@@ -11,7 +11,7 @@ dense intermediate 18432, expert intermediate 2048, vocab 129280; layer 0 dense,
 128x128 weight_scale_inv blocks) and gpt-oss-20b (hidden 2880, 64 heads of 64, 8 KV heads, 32 experts
 of intermediate 2880, vocab 201088; experts as *_blocks / *_scales, the rest bf16). One shard per layer.
 
-Each conversion runs in its own subprocess (wall time, peak RSS = its ru_maxrss). The anchor is two
+Each conversion runs in its own subprocess (wall time, peak RSS = its VmHWM). The anchor is two
 processes, as a user runs it: from_pretrained(FineGrainedFP8Config / Mxfp4Config(dequantize=True))
 and the dequantized state dict saved (save_pretrained would quantize it back), then
 from_pretrained(BitsAndBytesConfig) + save_pretrained. Sizes come from the output headers: output
@@ -45,7 +45,7 @@ GPTOSS = dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, nu
 GPTOSS_REAL = {"layers": 24, "dense": 0, "experts": 32}
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 t = time.perf_counter()
 mode, src, out = sys.argv[1:4]
 err = None
@@ -80,8 +80,9 @@ try:
 except Exception as e:
     err = f"{type(e).__name__}: {e}".splitlines()
     err = next((l for l in err if "not divisible" in l), err[0])[:200]
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "error": err}))
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's at fork (the parent that built the sources)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": hwm / 1024, "error": err}))
 """
 
 
@@ -198,6 +199,9 @@ def run(mode: str, src: Path, out: Path) -> dict:
         return {"error": (r.stderr.strip().splitlines() or ["killed"])[-1][:200], "wall_s": time.perf_counter() - t, "peak_rss_mb": 0}
     res = json.loads(r.stdout.strip().splitlines()[-1])
     res["wall_s"] = time.perf_counter() - t
+    why = [line.strip() for line in r.stderr.splitlines() if "not divisible" in line]  # transformers' load report
+    if res.get("error") and why:
+        res["error"] = why[0][:200]
     return res
 
 
