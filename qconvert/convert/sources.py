@@ -121,19 +121,25 @@ class DequantizingReader:
                 w = k.removesuffix(FP8_SCALE)
                 if w not in keys:
                     raise FormatError(f"{where}: FP8 scale {k!r} has no weight {w!r} beside it")
-                (dt, shape), grid = self.inner.info(w), tuple(self.inner.info(k)[1])
-                if dt not in FP8_DTYPES:
-                    raise FormatError(f"{where}: {w!r} has a block scale but dtype {self.inner.dtype_name(w)}, not FP8")
-                block = self.scheme.block or tuple(shape[-2:])
-                if len(shape) < 2 or (grid != fp8_scale_grid(tuple(shape), block) and not (self.scheme.block is None and math.prod(grid) == 1)):
-                    raise FormatError(f"{where}: {k!r} has shape {list(grid)}; a {list(shape)} weight in blocks of "
-                                      f"{block[0]}x{block[1]} has {list(fp8_scale_grid(tuple(shape), block))}",
-                                      hint="check quantization_config.weight_block_size against the checkpoint")
+                self._check_fp8_pair(w, k)
                 self.parts[w] = (w, k)
         for k in sorted(keys - set(self.parts)):
             if self.inner.dtype_name(k) in ("F8_E4M3", "F8_E5M2"):
                 raise FormatError(f"{where}: FP8 tensor {k!r} has no {k + FP8_SCALE!r} beside it",
                                   hint="qconvert reads block-scaled FP8 weights (weight + weight_scale_inv)")
+
+    def _check_fp8_pair(self, w: str, k: str) -> None:
+        """An FP8 weight (2-D or more) and a scale grid of one scale per block, from the headers."""
+        (dt, shape), grid = self.inner.info(w), tuple(self.inner.info(k)[1])
+        if dt not in FP8_DTYPES or len(shape) < 2:
+            raise FormatError(f"{self.root}: {w!r} has a block scale but is {self.inner.dtype_name(w)} {list(shape)}, "
+                              "not an FP8 matrix")
+        block = self.scheme.block or tuple(shape[-2:])
+        want = fp8_scale_grid(tuple(shape), block)
+        if grid != want and not (self.scheme.block is None and math.prod(grid) == 1):
+            raise FormatError(f"{self.root}: {k!r} has shape {list(grid)}; a {list(shape)} weight in blocks of "
+                              f"{block[0]}x{block[1]} has {list(want)}",
+                              hint="check quantization_config.weight_block_size against the checkpoint")
 
     def _pair_mxfp4(self, keys: set[str]) -> None:
         where = self.root
