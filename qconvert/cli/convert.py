@@ -23,7 +23,13 @@ def _human(n: int) -> str:
 
 
 def _report_drops_and_casts(s: dict) -> None:
-    """Every source tensor that is not written, or written in another dtype, grouped by reason."""
+    """The source's own quantization (FP8, MXFP4), then every source tensor that is not written, or
+    written in another dtype, grouped by reason."""
+    if sc := s.get("source_scheme"):
+        block = f"blocks of {sc['weight_block_size'][0]}x{sc['weight_block_size'][1]}" if sc.get("weight_block_size") else (
+            "blocks of 32" if sc["quant_method"] == "mxfp4" else "one scale per tensor")
+        echo(f"source: {sc['quant_method']} ({', '.join(sc['stored_dtypes'])}, {block}): {sc['dequantized_tensors']} tensors "
+             f"dequantized to {sc['dequantized_to']}, as transformers dequantizes them")
     for what, entries in (("not written", s["dropped"]), ("written in another dtype", s["cast"])):
         by_reason: dict[str, list[str]] = {}
         for e in entries:

@@ -34,6 +34,7 @@ from ..format.constants import FLOAT_DTYPES
 from ..format.layout import dtype_name, stored_nbytes
 from .meta import TIED, Placement, Placements, cast_reason, is_skipped, load_dtype, meta_placements
 from .meta import default_skips, meta_model  # noqa: F401  (their old home; tests import them from here)
+from .sources import DequantizingReader, reading_view
 
 QUANTIZABLE_DTYPES = FLOAT_DTYPES
 QUANT_STATE_JSON_ESTIMATE = 240  # bytes; only used to decide shard membership
@@ -67,6 +68,7 @@ class Plan:
     settings: dict[str, Any] = field(default_factory=dict)
     experts: str = "4bit"  # what was asked for the routed experts: "4bit" or "16bit"
     experts_kept: dict[str, str] = field(default_factory=dict)  # expert tensor kept 16-bit under --experts 4bit -> why
+    source_scheme: dict[str, Any] | None = None  # an FP8 / MXFP4 source: what is dequantized (sources.py)
 
     def expert_figures(self) -> dict[str, Any]:
         """The routed experts' share of the model's parameters, and how many of those stay 16-bit."""
@@ -99,6 +101,7 @@ class Plan:
             ],
             "settings": self.settings,
             "experts": self.expert_figures(),
+            "source_scheme": self.source_scheme,
         }
 
 
@@ -237,9 +240,11 @@ def make_plan(
 ) -> Plan:
     """The plan for ``ckpt``. ``use_transformers`` forces the meta-model path (tests compare the two).
     ``experts``: "4bit" quantizes the routed experts (spec section 14), "16bit" leaves them as
-    transformers + bitsandbytes does (byte-identical output)."""
+    transformers + bitsandbytes does (byte-identical output). An FP8 or MXFP4 source is planned as the
+    16-bit checkpoint transformers dequantizes it into."""
     if experts not in EXPERT_MODES:
         raise OptionError(f"unknown experts mode {experts!r}", hint=f"use one of {', '.join(EXPERT_MODES)}")
+    ckpt = reading_view(ckpt)
     info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     files: dict[str, str] = {}
     for file in ckpt.files:
@@ -273,7 +278,7 @@ def make_plan(
                 f"{ckpt.root / files[k]}: tensor {k!r} has dtype {dt}, which cannot be quantized",
                 hint="only float32, float16 and bfloat16 weights are quantized; skip it with --skip-modules",
             )
-        nbytes = math.prod(shape) * dt.itemsize
+        nbytes = ckpt.nbytes(k)
         size = quantized_size(math.prod(shape), blocksize, double_quant) if p.quantize else math.prod(shape) * p.out_dtype.itemsize
         items.append(Item(k, p.out_key, files[k], dt, shape, p.quantize, size, nbytes, p.out_dtype, p.transpose, p.cast_reason,
                           p.expert))
@@ -283,6 +288,7 @@ def make_plan(
             f"{ckpt.root}: no tensor would be quantized: transformers + bitsandbytes quantizes no layer of {placed.architecture}{subclasses}",
             hint="it quantizes only modules of type exactly nn.Linear, and Conv1D; check --skip-modules",
         )
+    source_dropped = ckpt.dropped if isinstance(ckpt, DequantizingReader) else {}
     shards: list[list[int]] = [[]]
     current = 0
     for idx, it in enumerate(items):
@@ -294,13 +300,14 @@ def make_plan(
     return Plan(
         items=items,
         shards=shards,
-        dropped=placed.dropped,
+        dropped={**placed.dropped, **source_dropped},
         skip_patterns=placed.skips,
         architecture=placed.architecture,
-        source_bytes=sum(i.src_bytes for i in items) + sum(math.prod(info[k][1]) * info[k][0].itemsize for k in placed.dropped),
+        source_bytes=sum(i.src_bytes for i in items) + sum(ckpt.nbytes(k) for k in (*placed.dropped, *source_dropped)),
         source_dtype=dtype_name(placed.config_dtype or placed.load_dtype),
         experts=experts,
         experts_kept=kept,
+        source_scheme=ckpt.describe() if isinstance(ckpt, DequantizingReader) else None,
     )
 
 

@@ -41,6 +41,7 @@ from ..io.staging import publish as _publish
 from ..io.staging import remove as _remove  # noqa: F401
 from ..io.staging import write_json as _write_json
 from .plan import Plan, make_plan, parse_size
+from .sources import read_source, reading_view
 
 JOURNAL = "journal.json"
 COMPUTE_DTYPES = tuple(sorted(FLOAT_DTYPE_NAMES))
@@ -104,7 +105,7 @@ def quantize_checkpoint(
         workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
         stage = staging_dir(out)
         t0 = time.perf_counter()
-        src = open_checkpoint(source, revision, stage / "source", keep=keep_source)
+        src = reading_view(open_checkpoint(source, revision, stage / "source", keep=keep_source))  # FP8/MXFP4: dequantized
         plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules),
                          max_shard_size=shard_limit, experts=experts)
         settings = _settings(src, source, plan, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
@@ -236,7 +237,7 @@ def _write_shard(src: CheckpointReader, plan: Plan, idx: list[int], path: Path, 
             it = plan.items[i]
             if next_file[i]:
                 src.prefetch(next_file[i])
-            t = _as_saved(src.get(it.source_key), it)
+            t = _as_saved(read_source(src, it.source_key, it.out_dtype), it)
             if it.quantize:
                 qt = _quantize(t, settings["quant_type"], settings["blocksize"], settings["double_quant"], it.source_key, workers)
                 core += qt.core_nbytes
@@ -278,6 +279,7 @@ def _summary(source: str, out: Path, plan: Plan, settings: dict, totals: _Totals
         "copied_files": copied,
         "seconds": round(time.perf_counter() - t0, 3),
         **{k: v for k, v in settings.items() if k != "max_shard_size"},
+        "source_scheme": plan.source_scheme,
     }
     summary.update(size_figures(totals.q_core, totals.q_params, totals.out_bytes, sum(math.prod(i.shape) for i in plan.items), plan.source_bytes))
     summary["experts"] = plan_summary["experts"]

@@ -15,6 +15,7 @@ from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import dtype_name, is_4bit_config
 from ..validate import read_config
+from .sources import read_source, reading_view
 
 
 def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
         "structure": structure,
     }
     if against:
-        report["error"] = quantization_error(ckpt, quantized, owned, Checkpoint(against))
+        report["error"] = quantization_error(ckpt, quantized, owned, reading_view(Checkpoint(against)))  # FP8/MXFP4: dequantized
     return report
 
 
@@ -136,7 +137,7 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
     per: list[dict[str, Any]] = []
     identical = True
     for it in plan.items:
-        w = src.get(it.source_key)
+        w = read_source(src, it.source_key, it.out_dtype)
         if it.transpose:
             w = w.T
         if it.out_key not in qset:
