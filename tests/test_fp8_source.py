@@ -191,10 +191,10 @@ def test_fp8_source_byte_identical_with_transformers_bitsandbytes(tmp_path, fmt,
 
     src = make_fp8_source(tmp_path, hidden=256, intermediate=384, fmt=fmt, block=block)
     anchor = bnb_quantize_save(transformers_dequantized(src, tmp_path / "deq", FineGrainedFP8Config(dequantize=True)), tmp_path / "anchor")
-    plan = quantize_checkpoint(str(src), tmp_path / "plan", dry_run=True)
+    plan = quantize_checkpoint(str(src), tmp_path / "plan", dry_run=True, experts="16bit")
     assert plan["source_scheme"]["quant_method"] == "fp8" and plan["source_scheme"]["weight_block_size"] == list(block)
     assert plan["source_scheme"]["dequantized_tensors"] == 14 and plan["source_scheme"]["dequantized_to"] == "bfloat16"
-    s = quantize_checkpoint(str(src), tmp_path / "ours")
+    s = quantize_checkpoint(str(src), tmp_path / "ours", experts="16bit")  # routed experts as transformers + bitsandbytes leaves them
     assert s["source_scheme"] == plan["source_scheme"] and s["quantized"] == 14
     assert_same_output(tmp_path / "ours", anchor)
     assert_verify_sees_the_dequantized_source(tmp_path / "ours", src, tmp_path / "deq")
@@ -213,7 +213,7 @@ def test_fp8_ragged_edges_and_activation_scales(tmp_path):
            if k + "_scale_inv" in stored else v for k, v in stored.items() if not k.endswith(("_scale_inv", "activation_scale"))}
     assert stored["model.layers.0.mlp.up_proj.weight_scale_inv"].shape == (2, 2)
     anchor = bnb_quantize_save(save_16bit(src, tmp_path / "deq", deq), tmp_path / "anchor")
-    s = quantize_checkpoint(str(src), tmp_path / "ours")
+    s = quantize_checkpoint(str(src), tmp_path / "ours", experts="16bit")  # routed experts as transformers + bitsandbytes leaves them
     assert_same_output(tmp_path / "ours", anchor)
     dropped = {d["tensor"]: d["reason"] for d in s["dropped"]}
     assert sorted(dropped) == sorted(k for k in stored if k.endswith("activation_scale")) and len(dropped) == 14
@@ -226,11 +226,17 @@ def test_mxfp4_source_byte_identical_with_transformers_bitsandbytes(tmp_path):
 
     src = make_mxfp4_source(tmp_path)
     anchor = bnb_quantize_save(transformers_dequantized(src, tmp_path / "deq", Mxfp4Config(dequantize=True)), tmp_path / "anchor")
-    s = quantize_checkpoint(str(src), tmp_path / "ours")
+    s = quantize_checkpoint(str(src), tmp_path / "ours", experts="16bit")  # routed experts as transformers + bitsandbytes leaves them
     assert s["source_scheme"]["quant_method"] == "mxfp4" and s["source_scheme"]["dequantized_tensors"] == 4
     assert_same_output(tmp_path / "ours", anchor)
     assert tensors(tmp_path / "ours")["model.layers.1.mlp.experts.down_proj"].shape == (4, 96, 64)
     assert_verify_sees_the_dequantized_source(tmp_path / "ours", src, tmp_path / "deq")
+    # quantize's default, 4-bit experts: the MXFP4 source gives the bytes of transformers' dequantized bf16 model
+    quantize_checkpoint(str(src), tmp_path / "ours4")
+    quantize_checkpoint(str(tmp_path / "deq"), tmp_path / "deq4")
+    ours4, deq4 = tensors(tmp_path / "ours4"), tensors(tmp_path / "deq4")
+    assert "model.layers.1.mlp.experts.down_proj.absmax" in ours4 and ours4.keys() == deq4.keys()
+    assert all(torch.equal(ours4[k], deq4[k]) for k in ours4)
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -309,7 +315,7 @@ def test_deepseek_v3_fp8_source_byte_identical(tmp_path):
     deq = {k: _dequantize_fp8_weight(v, stored[k + "_scale_inv"], [128, 128], torch.float32).to(torch.bfloat16)
            if k + "_scale_inv" in stored else v for k, v in stored.items() if not k.endswith("_scale_inv")}
     anchor = bnb_quantize_save(save_16bit(src, tmp_path / "deq", deq), tmp_path / "anchor")
-    s = quantize_checkpoint(str(src), tmp_path / "ours")
+    s = quantize_checkpoint(str(src), tmp_path / "ours", experts="16bit")  # routed experts as transformers + bitsandbytes leaves them
     assert s["source_scheme"]["dequantized_tensors"] == sum(k.endswith("_scale_inv") for k in stored)
     assert_same_output(tmp_path / "ours", anchor)
 
