@@ -4,11 +4,14 @@
 op                                     kernels
 =====================================  ===========================================================
 ``qconvert::dequantize_4bit``          default: the reference (qconvert.quant.reference), any
-                                       device; CUDA: the Triton kernel (triton_backend.py)
-``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CUDA: the
-                                       fused Triton kernel up to SMALL_BATCH rows, else Triton
-                                       dequantize, then ``F.linear``. Autograd: input and bias
-                                       gradients, the weight dequantized again in backward.
+                                       device; CPU: the fast dequantizer (quant/fast_dequant.py),
+                                       bit-identical; CUDA: the Triton kernel (triton_backend.py)
+``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CPU: the
+                                       fast dequantizer, then ``F.linear`` (the same result);
+                                       CUDA: the fused Triton kernel up to SMALL_BATCH rows, else
+                                       Triton dequantize, then ``F.linear``. Autograd: input and
+                                       bias gradients, the weight dequantized again in backward
+                                       (by the op, so on CPU by the fast dequantizer).
 ``qconvert::quantize_4bit``            default: the reference; CPU: the fast quantizer
                                        (quant/fast_cpu.py), bit-identical; CUDA: the Triton
                                        kernel (kernels_quant.py) for codes and scales, the scales'
@@ -71,7 +74,9 @@ _LIB.impl("dequantize_4bit", impl.dequantize_reference, "CompositeExplicitAutogr
 _LIB.impl("matmul_4bit", impl.matmul_reference, "CompositeExplicitAutograd")
 _LIB.impl("quantize_4bit", impl.quantize_reference, "CompositeExplicitAutograd")
 # device kernels: each registers only what it speeds up over the default
+_LIB.impl("dequantize_4bit", impl.dequantize_cpu, "CPU")
 _LIB.impl("dequantize_4bit", impl.dequantize_triton, "CUDA")
+_LIB.impl("matmul_4bit", impl.matmul_cpu, "CPU")
 _LIB.impl("matmul_4bit", impl.matmul_triton, "CUDA")
 _LIB.impl("quantize_4bit", impl.quantize_cpu, "CPU")
 _LIB.impl("quantize_4bit", impl.quantize_triton, "CUDA")

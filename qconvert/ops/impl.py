@@ -42,6 +42,23 @@ def matmul_reference(x, packed, absmax, quant_map, nested_absmax, nested_quant_m
     return torch.nn.functional.linear(x, w, bias)
 
 
+def dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                   logical_dtype, dtype) -> torch.Tensor:
+    """The fast CPU dequantizer (quant/fast_dequant.py): the reference's values, bit for bit."""
+    from ..quant.fast_dequant import dequantize_4bit_fast
+
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    return dequantize_4bit_fast(qt, dtype)
+
+
+def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+               logical_dtype, bias) -> torch.Tensor:
+    """The fast CPU dequantizer, then ``F.linear``: the reference's result, bit for bit."""
+    w = dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                       logical_dtype, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
 _TRITON = None
 
 
