@@ -161,3 +161,81 @@ def test_not_the_layouts_sizes_falls_back_to_the_reference():
         dequantize_4bit_ref(qt, torch.float32)
     with pytest.raises(type(ref_error.value)):
         dequantize_4bit_fast(qt, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tmp_path_factory):
+    """A one-layer Llama (float32), its 4-bit checkpoint, and a hand-written LoRA adapter on v_proj."""
+    import json
+
+    from helpers import make_tiny_llama
+    from safetensors.torch import save_file
+
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    d = tmp_path_factory.mktemp("fastdq")
+    src = make_tiny_llama(d / "src", hidden=64, intermediate=100, layers=1, dtype=torch.float32)
+    quantize_checkpoint(str(src), d / "q")
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v_proj"], "task_type": "CAUSAL_LM"}))
+    g = torch.Generator().manual_seed(7)
+    module = "base_model.model.model.layers.0.self_attn.v_proj"
+    save_file({f"{module}.lora_A.weight": torch.randn(2, 64, generator=g), f"{module}.lora_B.weight": torch.randn(32, 2, generator=g)},
+              str(d / "adapter" / "adapter_model.safetensors"))
+    return d
+
+
+def counting(monkeypatch) -> list:
+    calls: list = []
+    real = fast_dequant.dequantize_4bit_fast
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", counted)
+    return calls
+
+
+@pytest.mark.slow
+def test_verify_against_uses_the_fast_path(tiny_quantized, monkeypatch):
+    """verify --against dequantizes every 4-bit weight once, through the CPU op, to the reference's bits."""
+    from qconvert.convert.verify import verify_checkpoint
+    from qconvert.format.checkpoint import Checkpoint
+    from tolerances import REPORTED_FIGURE_REL
+
+    d = tiny_quantized
+    calls = counting(monkeypatch)
+    report = verify_checkpoint(d / "q", against=str(d / "src"))
+    assert len(calls) == report["quantized"] == len(report["error"]["tensors"]) > 0
+    ckpt, src = Checkpoint(d / "q"), Checkpoint(d / "src")
+    first = report["error"]["tensors"][0]
+    w = src.get(first["name"]).double()
+    err = (w - dequantize_4bit_ref(ckpt.quantized(first["name"]), torch.float32).double()).pow(2).sum().item()
+    assert first["rel_error"] == pytest.approx((err / w.pow(2).sum().item()) ** 0.5, rel=REPORTED_FIGURE_REL)
+
+
+@pytest.mark.slow
+def test_merge_uses_the_fast_path(tiny_quantized, monkeypatch, tmp_path):
+    """merge dequantizes each 4-bit weight through the CPU op; the merged weights are the reference's
+    dequantized values plus the LoRA update, bit for bit."""
+    from safetensors.torch import load_file
+
+    from qconvert.export.merge import LoraAdapter, merge_adapter
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.format.layout import find_quantized
+
+    d = tiny_quantized
+    calls = counting(monkeypatch)
+    summary = merge_adapter(str(d / "q"), str(d / "adapter"), tmp_path / "m", dtype="float32")
+    ckpt = Checkpoint(d / "q")
+    names = find_quantized(ckpt.keys())
+    assert len(calls) == len(names) > 0, summary
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    v = "model.layers.0.self_attn.v_proj.weight"
+    delta = LoraAdapter(d / "adapter").delta("model.layers.0.self_attn.v_proj")
+    assert same(merged[v], dequantize_4bit_ref(ckpt.quantized(v), torch.float32) + delta)
+    for k in names:
+        if k != v:
+            assert same(merged[k], dequantize_4bit_ref(ckpt.quantized(k), torch.float32)), k
