@@ -127,38 +127,57 @@ def scale_into(values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, lo
     out.copy_(rounded)  # the logical value converted, as dequantize_4bit_ref's .to(dtype)
 
 
-def dequantize_4bit_fast(qt: QuantizedTensor, dtype: torch.dtype | None = None, workers: int | None = None,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+class Decoder:
+    """One weight's packed bytes, pair table and float32 block scales, ready to decode any run of
+    whole blocks (the scales decoded once, for every run)."""
+
+    def __init__(self, qt: QuantizedTensor):
+        self.packed = qt.packed.reshape(-1)
+        self.table = pair_table(qt.quant_map)
+        self.scales = block_scales(qt)
+        self.n, self.bs, self.logical = qt.numel, qt.blocksize, qt.dtype
+        self.full = self.n - self.n % self.bs  # where the ragged last block starts
+
+    def into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Elements [start, stop) into ``out`` (1-D, stop - start long): ``start`` a multiple of the
+        block size, ``stop`` one too or the element count."""
+        bs, full = self.bs, self.full
+        body = min(stop, full)
+        if body > start:
+            work = _thread_work((body - start) // 2)
+            values = values_of(self.packed[start // 2 : body // 2], self.table, work)
+            scale_into(values, self.scales[start // bs : body // bs], out[: body - start], self.logical, work)
+        if stop > full:  # the ragged last block; an odd count ends in half a byte
+            m = self.n - full
+            work = _thread_work((m + 1) // 2)
+            values = values_of(self.packed[full // 2 :], self.table, work)[:m]
+            scale_into(values, self.scales[-1:], out[full - start :], self.logical, work)
+
+
+def usable(qt: QuantizedTensor) -> bool:
+    """Whether the fast path can read ``qt`` (CPU, little-endian, the layout's sizes); elsewhere the
+    reference computes, and raises what it raises."""
+    packed = qt.packed
+    return (sys.byteorder == "little" and packed.device.type == "cpu" and packed.dtype == torch.uint8
+            and packed.numel() == (qt.numel + 1) // 2 and qt.absmax.numel() == qt.nblocks)
+
+
+def dequantize_4bit_fast(qt: QuantizedTensor, dtype: torch.dtype | None = None, workers: int | None = None) -> torch.Tensor:
     """Same result as :func:`qconvert.quant.reference.dequantize_4bit_ref`, faster on CPU.
 
     ``workers``: threads for the chunk loop (default: the CPUs available to this process). The
-    values do not depend on it. Off the CPU, on a big-endian machine, or where the tensors do not
-    have the layout's sizes, the reference computes the result (and raises what it raises)."""
+    values do not depend on it."""
     dtype = dtype or qt.dtype
-    n, bs = qt.numel, qt.blocksize
-    packed = qt.packed.reshape(-1)
-    if (sys.byteorder != "little" or packed.device.type != "cpu" or packed.dtype != torch.uint8
-            or packed.numel() != (n + 1) // 2 or qt.absmax.numel() != qt.nblocks):
+    if not usable(qt):
         from .reference import dequantize_4bit_ref
 
         return dequantize_4bit_ref(qt, dtype)
-    out = torch.empty(n, dtype=dtype) if out is None else out.view(-1)
-    table = pair_table(qt.quant_map)
+    n = qt.numel
+    out = torch.empty(n, dtype=dtype)
     with torch_threads(1):
-        scales = block_scales(qt)
-        full = n - n % bs
-        step = max(bs, 2 * CHUNK_BYTES - 2 * CHUNK_BYTES % bs)  # elements: whole blocks
-
-        def chunk(start: int) -> None:
-            stop = min(start + step, full)
-            work = _thread_work((stop - start) // 2)
-            values = values_of(packed[start // 2 : stop // 2], table, work)
-            scale_into(values, scales[start // bs : stop // bs], out[start:stop], qt.dtype, work)
-
-        starts = list(range(0, full, step))
-        run_chunks(chunk, starts, 1 if len(starts) < 2 else workers or default_workers())
-        if full < n:  # the ragged last block; an odd count ends in half a byte
-            work = _thread_work(n - full)
-            values = values_of(packed[full // 2 :], table, work)[: n - full]
-            scale_into(values, scales[-1:], out[full:], qt.dtype, work)
+        dec = Decoder(qt)
+        step = max(dec.bs, 2 * CHUNK_BYTES - 2 * CHUNK_BYTES % dec.bs)  # elements: whole blocks
+        starts = list(range(0, n, step))
+        run_chunks(lambda start: dec.into(start, min(start + step, n), out[start : start + step]), starts,
+                   1 if len(starts) < 2 else workers or default_workers())
     return out.reshape(qt.shape)
