@@ -153,6 +153,19 @@ def test_matmul_and_input_gradient_match_the_reference(dtype):
     assert err < (FLOAT32_SAME_MATH_REL if dtype == torch.float32 else BF16_REL)
 
 
+def test_matmul_buffer_reuse_keeps_results_apart(monkeypatch):
+    """Consecutive matmuls decode into one reused buffer: each result stays the reference's, and a
+    weight over the limit (a new tensor each call) gives the same values."""
+    g = torch.Generator().manual_seed(4)
+    qts = [quantize_4bit_ref(torch.randn(40, 96, generator=g), "nf4", 64, dq) for dq in (True, False)]
+    x = torch.randn(3, 96, generator=g)
+    ys = [torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qt), None) for qt in qts]
+    for qt, y in zip(qts, ys):
+        assert same(y, torch.nn.functional.linear(x, dequantize_4bit_ref(qt, torch.float32)))
+    monkeypatch.setattr(impl, "SCRATCH_LIMIT", 0)
+    assert same(torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qts[0]), None), ys[0])
+
+
 def test_not_the_layouts_sizes_falls_back_to_the_reference():
     """Packed bytes of the wrong count are the reference's to judge: the same result or the same error."""
     qt = quantize_4bit_ref(sample(100, torch.float32, 4), "nf4", 64, False)

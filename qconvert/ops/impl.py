@@ -6,6 +6,7 @@ qconvert.backends call the same math. Nothing here imports Triton at import time
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -51,12 +52,34 @@ def dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, n
     return dequantize_4bit_fast(qt, dtype)
 
 
+#: Bytes of the per-thread buffer that matmul_cpu decodes a weight into: a weight up to this size
+#: reuses it (grown to the largest such weight seen), a larger one gets a new tensor each call.
+SCRATCH_LIMIT = 64 << 20
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` elements of ``dtype`` in this thread's reused buffer (overwritten by its next use)."""
+    need = n * dtype.itemsize
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _SCRATCH.buf = torch.empty(-(-need // 8) * 8, dtype=torch.uint8)
+    return buf[: -(-need // 8) * 8].view(dtype)[:n]
+
+
 def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
                logical_dtype, bias) -> torch.Tensor:
-    """The fast CPU dequantizer, then ``F.linear``: the reference's result, bit for bit."""
-    w = dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                       logical_dtype, x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+    """The fast CPU dequantizer, then ``F.linear``: the reference's result, bit for bit. The weight,
+    a temporary here (autograd saves only the packed tensors), is decoded into a reused buffer when
+    it fits :data:`SCRATCH_LIMIT`: fresh memory costs a page fault per 4 KiB, measured as much as the
+    decoding itself on a 4096x4096 weight."""
+    from ..quant.fast_dequant import dequantize_4bit_fast
+
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    reuse = x.device.type == "cpu" and qt.numel * x.dtype.itemsize <= SCRATCH_LIMIT
+    w = dequantize_4bit_fast(qt, x.dtype, out=_scratch(qt.numel, x.dtype) if reuse else None)
+    return torch.nn.functional.linear(x, w.view(qt.shape), bias)
 
 
 _TRITON = None

@@ -162,18 +162,24 @@ def usable(qt: QuantizedTensor) -> bool:
             and packed.numel() == (qt.numel + 1) // 2 and qt.absmax.numel() == qt.nblocks)
 
 
-def dequantize_4bit_fast(qt: QuantizedTensor, dtype: torch.dtype | None = None, workers: int | None = None) -> torch.Tensor:
+def dequantize_4bit_fast(qt: QuantizedTensor, dtype: torch.dtype | None = None, workers: int | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Same result as :func:`qconvert.quant.reference.dequantize_4bit_ref`, faster on CPU.
 
     ``workers``: threads for the chunk loop (default: the CPUs available to this process). The
-    values do not depend on it."""
+    values do not depend on it. ``out``: a contiguous CPU tensor of ``dtype`` and ``qt.numel``
+    elements to write into (a caller's reused buffer) instead of a new one."""
     dtype = dtype or qt.dtype
     if not usable(qt):
         from .reference import dequantize_4bit_ref
 
         return dequantize_4bit_ref(qt, dtype)
     n = qt.numel
-    out = torch.empty(n, dtype=dtype)
+    if out is None:
+        out = torch.empty(n, dtype=dtype)
+    elif not (out.dtype == dtype and out.numel() == n and out.is_contiguous() and out.device.type == "cpu"):
+        raise ValueError(f"out: need a contiguous CPU {dtype} tensor of {n} elements, got {out.dtype} {tuple(out.shape)}")
+    out = out.view(-1)
     with torch_threads(1):
         dec = Decoder(qt)
         step = max(dec.bs, 2 * CHUNK_BYTES - 2 * CHUNK_BYTES % dec.bs)  # elements: whole blocks
