@@ -18,7 +18,8 @@ Timed, interleaved, median of --reps (each returns a new tensor, as a dequantize
 - ``clone()`` of a tensor of the output's dtype and size: allocating and writing the output bytes,
   the memory-bound floor (the goal: qconvert within 3x of it);
 - ``copy_`` into a preallocated tensor: the same bytes without the page faults of fresh memory.
-Prints Mparam/s, the ratios, the load average and the time, so a figure carries its conditions.
+Prints Mparam/s (wall), the CPU time per call (all threads; less sensitive to a busy machine), the
+ratios, the load average and the time, so a figure carries its conditions.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def cpu_name() -> str:
 def conditions() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average {load}"
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (every thread): the work done, which a busy
+    machine inflates far less than wall time."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -95,12 +105,14 @@ def main() -> int:
     runs = {"bitsandbytes dequantize_4bit": bnb_dq, "qconvert dequantize_4bit": qconvert_dq,
             "clone (allocate + write the output)": src.clone, "copy_ into a preallocated tensor": lambda: dst.copy_(src)}
     times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     start = conditions()
     for _ in range(args.reps):
         for name, fn in runs.items():
-            t = time.perf_counter()
+            c, t = cpu_seconds(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(cpu_seconds() - c)
     rate = {k: n / statistics.median(v) / 1e6 for k, v in times.items()}
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"bitsandbytes {__import__('bitsandbytes').__version__}; qconvert {default_workers()} workers")
@@ -108,8 +120,10 @@ def main() -> int:
           f"median of {args.reps} interleaved runs")
     print(f"start: {start}\nend:   {conditions()}")
     print(f"outputs: qconvert = reference (bit for bit); qconvert = bitsandbytes: {'yes' if agree else 'NO (see REFERENCE.md section 9)'}\n")
+    print(f"{'':<36} {'wall':>15}  {'':>10}  {'CPU time, all threads':>21}")
     for name, r in rate.items():
-        print(f"{name:<36} {r:9.1f} Mparam/s  ({statistics.median(times[name]) * 1e3:7.2f} ms)")
+        print(f"{name:<36} {r:9.1f} Mparam/s  ({statistics.median(times[name]) * 1e3:7.2f} ms)  "
+              f"{statistics.median(cpu[name]) * 1e3:8.2f} ms")
     q = rate["qconvert dequantize_4bit"]
     print(f"\nqconvert / bitsandbytes: {q / rate['bitsandbytes dequantize_4bit']:.2f}x (goal >= 2x)")
     print(f"qconvert time / clone time: {rate['clone (allocate + write the output)'] / q:.2f}x (goal <= 3x)")
