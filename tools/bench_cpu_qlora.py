@@ -2,7 +2,7 @@
 bitsandbytes + PEFT, same 4-bit checkpoint, same data, one run.
 
     .venv/bin/python tools/bench_cpu_qlora.py [--steps 6] [--reps 3] [--dtypes float32 bfloat16]
-                                              [--hidden 256] [--layers 4] [--vocab 8000]
+                                              [--hidden 256] [--layers 4] [--vocab 8000] [--threads N]
 
 The model: a random Llama (hidden 256, intermediate 704, 4 layers, 4 heads, vocab 8000), bf16,
 quantized by qconvert (NF4, block size 64, double quant); transformers loads the same folder with
@@ -145,7 +145,10 @@ def main() -> int:
     ap.add_argument("--intermediate", type=int, default=704)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both sides (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import bitsandbytes
     import transformers
 

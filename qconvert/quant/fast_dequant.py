@@ -24,7 +24,8 @@ double quantization, and on ragged and odd element counts.
 
 Chunks are whole blocks (the ragged last block is done on its own) and go to the workers of
 :func:`qconvert.quant.fast_cpu.run_chunks`, for the reasons given there: torch at one intra-op
-thread, coarse chunks taken from a shared queue. A tensor of a single chunk runs inline.
+thread, coarse chunks taken from a shared queue. A tensor of a single chunk (a small model's
+weights) runs inline, at the caller's torch thread count, without touching it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import threading
 import torch
 
 from ..format.layout import QuantizedTensor, decoded_scales
-from .fast_cpu import default_workers, run_chunks, torch_threads
+from .fast_cpu import default_workers, run_chunks
 
 #: Bytes of packed codes per chunk (twice as many values). Each chunk costs a handful of torch ops
 #: whose fixed cost (about 3 us each from Python) outweighed cache residency: on a 4096x4096 bf16
@@ -182,10 +183,11 @@ def dequantize_4bit_fast(qt: QuantizedTensor, dtype: torch.dtype | None = None, 
     elif not (out.dtype == dtype and out.numel() == n and out.is_contiguous() and out.device.type == "cpu"):
         raise ValueError(f"out: need a contiguous CPU {dtype} tensor of {n} elements, got {out.dtype} {tuple(out.shape)}")
     out = out.view(-1)
-    with torch_threads(1):
-        dec = Decoder(qt)
-        step = max(dec.bs, 2 * CHUNK_BYTES - 2 * CHUNK_BYTES % dec.bs)  # elements: whole blocks
-        starts = list(range(0, n, step))
-        run_chunks(lambda start: dec.into(start, min(start + step, n), out[start : start + step]), starts,
-                   1 if len(starts) < 2 else workers or default_workers())
+    dec = Decoder(qt)
+    step = max(dec.bs, 2 * CHUNK_BYTES - 2 * CHUNK_BYTES % dec.bs)  # elements: whole blocks
+    if step >= n:  # one chunk (most weights of a small model): no pool, torch's threads left as they are
+        dec.into(0, n, out)
+    else:
+        run_chunks(lambda start: dec.into(start, min(start + step, n), out[start : start + step]),
+                   list(range(0, n, step)), workers or default_workers())
     return out.reshape(qt.shape)
