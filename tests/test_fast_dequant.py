@@ -166,6 +166,30 @@ def test_matmul_buffer_reuse_keeps_results_apart(monkeypatch):
     assert same(torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qts[0]), None), ys[0])
 
 
+def test_input_gradient_with_create_graph_stays_differentiable():
+    """Backward with create_graph takes the differentiable path (dequantize, then a product): the
+    same input gradient as the usual backward's grad_input_4bit, and it has a gradient itself."""
+    qt = quantize_4bit_ref(sample(24 * 64, torch.float32, 6).reshape(24, 64) * 0.01, "nf4", 64, True)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    y = torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qt), None)
+    (plain,) = torch.autograd.grad((y ** 2).sum(), x, retain_graph=True)
+    (graphed,) = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    assert graphed.requires_grad and same(graphed.detach(), plain)
+    graphed.sum().backward()
+    w = dequantize_4bit_ref(qt, torch.float32)  # d/dx sum(2 (x W^T) W) = 2 * (1 W^T) W per row
+    want = 2 * (torch.ones(5, 64) @ w.T) @ w
+    assert ((x.grad - want).norm() / want.norm()).item() < FLOAT32_SAME_MATH_REL
+
+
+@pytest.mark.slow
+def test_opcheck_grad_input():
+    qt = quantize_4bit_ref(sample(20 * 70, torch.bfloat16, 8).reshape(20, 70), "nf4", 64, True)
+    g = torch.randn(3, 20, generator=torch.Generator().manual_seed(8))
+    args = (g, *ops.weight_args(qt))
+    torch.library.opcheck(torch.ops.qconvert.grad_input_4bit.default, args)
+    assert same(torch.ops.qconvert.grad_input_4bit(*args), g @ dequantize_4bit_ref(qt, torch.float32))
+
+
 def test_not_the_layouts_sizes_falls_back_to_the_reference():
     """Packed bytes of the wrong count are the reference's to judge: the same result or the same error."""
     qt = quantize_4bit_ref(sample(100, torch.float32, 4), "nf4", 64, False)

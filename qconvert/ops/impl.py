@@ -68,18 +68,42 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: -(-need // 8) * 8].view(dtype)[:n]
 
 
-def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-               logical_dtype, bias) -> torch.Tensor:
-    """The fast CPU dequantizer, then ``F.linear``: the reference's result, bit for bit. The weight,
-    a temporary here (autograd saves only the packed tensors), is decoded into a reused buffer when
-    it fits :data:`SCRATCH_LIMIT`: fresh memory costs a page fault per 4 KiB, measured as much as the
-    decoding itself on a 4096x4096 weight."""
+def _temporary_weight(dtype: torch.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
+                      blocksize, shape, logical_dtype) -> torch.Tensor:
+    """The weight in ``dtype`` by the fast CPU dequantizer, for a product that only reads it: in this
+    thread's reused buffer when it fits :data:`SCRATCH_LIMIT` (fresh memory costs a page fault per
+    4 KiB, measured as much as the decoding itself on a 4096x4096 weight, and most of the input
+    gradient's time in a small model's training step), else in a new tensor."""
     from ..quant.fast_dequant import dequantize_4bit_fast
 
     qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
-    reuse = x.device.type == "cpu" and qt.numel * x.dtype.itemsize <= SCRATCH_LIMIT
-    w = dequantize_4bit_fast(qt, x.dtype, out=_scratch(qt.numel, x.dtype) if reuse else None)
-    return torch.nn.functional.linear(x, w.view(qt.shape), bias)
+    reuse = packed.device.type == "cpu" and qt.numel * dtype.itemsize <= SCRATCH_LIMIT
+    return dequantize_4bit_fast(qt, dtype, out=_scratch(qt.numel, dtype) if reuse else None).view(qt.shape)
+
+
+def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+               logical_dtype, bias) -> torch.Tensor:
+    """The fast CPU dequantizer, then ``F.linear``: the reference's result, bit for bit. The weight
+    is a temporary here (autograd saves only the packed tensors)."""
+    w = _temporary_weight(x.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                          shape, logical_dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def grad_input_cpu(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                   logical_dtype) -> torch.Tensor:
+    """``grad_out @ W`` with the weight decoded as in :func:`matmul_cpu`."""
+    w = _temporary_weight(grad_out.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
+                          blocksize, shape, logical_dtype)
+    return grad_out @ w
+
+
+def grad_input_dispatched(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                          shape, logical_dtype) -> torch.Tensor:
+    """``grad_out @ W`` with the weight from the dequantize_4bit op (the device's kernel)."""
+    w = torch.ops.qconvert.dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
+                                           blocksize, shape, logical_dtype, grad_out.dtype)
+    return grad_out @ w
 
 
 _TRITON = None
