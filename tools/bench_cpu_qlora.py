@@ -14,7 +14,9 @@ models (no LoRA), --reps times each in turn: the median tokens per second. The f
 of the two sides are printed beside each other (the same weights: they agree to float rounding).
 
 Prints the ratios (anchor time / qconvert time: above 1 means qconvert is faster), the load average
-and the time, so the figures carry their conditions. Takes about a minute on a quiet 2-core VM.
+and the time, so the figures carry their conditions. With --threads 1 --steps 4 --reps 2 it took 64 s
+on the project's shared 2-core VM at load average 13.6 (2026-12-06); with torch's two threads at that
+load a step took 19 s (its threads wait on each other), so give --threads 1 on a busy machine.
 """
 
 from __future__ import annotations
