@@ -190,14 +190,18 @@ def test_opcheck_grad_input():
     assert same(torch.ops.qconvert.grad_input_4bit(*args), g @ dequantize_4bit_ref(qt, torch.float32))
 
 
-def test_not_the_layouts_sizes_falls_back_to_the_reference():
-    """Packed bytes of the wrong count are the reference's to judge: the same result or the same error."""
-    qt = quantize_4bit_ref(sample(100, torch.float32, 4), "nf4", 64, False)
-    qt.packed = qt.packed[:-1]
-    with pytest.raises(Exception) as ref_error:
-        dequantize_4bit_ref(qt, torch.float32)
-    with pytest.raises(type(ref_error.value)):
-        dequantize_4bit_fast(qt, torch.float32)
+@pytest.mark.parametrize("damage", ["packed", "quant_map", "nested_quant_map"])
+def test_not_the_layouts_sizes_falls_back_to_the_reference(damage):
+    """Tensors of the wrong size are the reference's to judge: the same result or the same error."""
+    qt = quantize_4bit_ref(sample(100, torch.float32, 4), "nf4", 64, True)
+    setattr(qt, damage, getattr(qt, damage)[:-1])
+    try:
+        want = dequantize_4bit_ref(qt, torch.float32)
+    except Exception as ref_error:  # noqa: BLE001 (whatever the reference raises, the fast path raises too)
+        with pytest.raises(type(ref_error)):
+            dequantize_4bit_fast(qt, torch.float32)
+    else:
+        assert same(dequantize_4bit_fast(qt, torch.float32), want)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ same arithmetic in fewer passes over cache-sized chunks:
   is the reference's ``(code * absmax).to(logical_dtype)``. Where the asked dtype is neither the
   logical dtype nor a widening of a float32 weight, the logical value is rounded in a scratch
   buffer first and then converted, as the reference does;
-- double quantization's 8-bit scales are decoded once per call, by the reference's own
-  :func:`qconvert.format.layout.decoded_scales`.
+- double quantization's 8-bit scales are decoded once per call, with the arithmetic of
+  :func:`qconvert.format.layout.decoded_scales` (each step rounded to float32) over broadcast
+  views (:func:`block_scales`; tested bit-identical to it).
 
 Every product is the same float32 multiplication of the same two float32 numbers as in the
 reference, rounded the same way, so the output is the reference's bit for bit; tests/
@@ -162,7 +163,8 @@ def usable(qt: QuantizedTensor) -> bool:
     reference computes, and raises what it raises."""
     packed = qt.packed
     return (sys.byteorder == "little" and packed.device.type == "cpu" and packed.dtype == torch.uint8
-            and packed.numel() == (qt.numel + 1) // 2 and qt.absmax.numel() == qt.nblocks)
+            and packed.numel() == (qt.numel + 1) // 2 and qt.absmax.numel() == qt.nblocks and qt.quant_map.numel() == 16
+            and (not qt.double_quant or qt.nested_quant_map.numel() == 256))
 
 
 def dequantize_4bit_fast(qt: QuantizedTensor, dtype: torch.dtype | None = None, workers: int | None = None,
