@@ -15,7 +15,7 @@ from qconvert.backends.dispatch import DeviceBackend
 from qconvert.errors import QuantizationError
 from qconvert.nn import Linear4bit
 from qconvert.ops import impl
-from qconvert.quant import reference
+from qconvert.quant import fast_dequant, reference
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 from tolerances import FLOAT32_SAME_MATH_REL, GEMV_REL
 
@@ -170,12 +170,16 @@ class Calls:
     """Counts which kernel family computed (patched into the functions the registered kernels call)."""
 
     def __init__(self, monkeypatch):
-        self.n = {"reference": 0, "triton": 0}
-        ref, tri = reference.dequantize_4bit_ref, impl._triton
+        self.n = {"reference": 0, "cpu": 0, "triton": 0}
+        ref, fast, tri = reference.dequantize_4bit_ref, fast_dequant.dequantize_4bit_fast, impl._triton
 
         def counted_ref(*a, **k):
             self.n["reference"] += 1
             return ref(*a, **k)
+
+        def counted_fast(*a, **k):
+            self.n["cpu"] += 1
+            return fast(*a, **k)
 
         def counted_triton():
             self.n["triton"] += 1
@@ -188,9 +192,10 @@ class Calls:
 
         monkeypatch.setattr(forced_ref, "dequantize_4bit_ref", counted_ref)
         monkeypatch.setattr(impl, "_triton", counted_triton)
+        monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", counted_fast)
 
     def take(self) -> dict:
-        n, self.n = self.n, {"reference": 0, "triton": 0}
+        n, self.n = self.n, {"reference": 0, "cpu": 0, "triton": 0}
         return n
 
 
@@ -201,7 +206,7 @@ def layer(backend, seed=0):
 
 
 def test_moved_model_follows_its_device(monkeypatch):
-    """One auto-backend model, no rebinding: CPU tensors take the default (reference) kernels; with
+    """One auto-backend model, no rebinding: CPU tensors take the CPU kernels (fast_dequant); with
     the Triton kernels standing in for the CUDA ones on CPU tensors, the same module takes them; on
     the meta device, the fake kernel; forced backends ignore the device's kernels."""
     calls = Calls(monkeypatch)
@@ -210,25 +215,25 @@ def test_moved_model_follows_its_device(monkeypatch):
     x = torch.randn(3, 70)
     with torch.no_grad():
         y_cpu = m(x)
-        assert calls.take() == {"reference": 1, "triton": 0}
+        assert calls.take() == {"reference": 0, "cpu": 1, "triton": 0}
         assert torch.equal(y_cpu, torch.nn.functional.linear(x, m[0].dequantized(torch.float32), m[0].bias))
         calls.take()
         if not torch.cuda.is_available():
             pytest.importorskip("triton")
             with ops.stand_in("cpu"):
                 y_cuda = m(x)
-                assert calls.take() == {"reference": 0, "triton": 1}
+                assert calls.take() == {"reference": 0, "cpu": 0, "triton": 1}
             assert rel(y_cuda, y_cpu) < GEMV_TOL
             m(x)
-            assert calls.take() == {"reference": 1, "triton": 0}  # back to the CPU kernels
+            assert calls.take() == {"reference": 0, "cpu": 1, "triton": 0}  # back to the CPU kernels
         y_meta = m.to("meta")(x.to("meta"))
         assert y_meta.device.type == "meta" and y_meta.shape == (3, 20)
-        assert calls.take() == {"reference": 0, "triton": 0}
+        assert calls.take() == {"reference": 0, "cpu": 0, "triton": 0}
         forced = layer(get_backend("reference", "cpu"))
         if not torch.cuda.is_available():
             with ops.stand_in("cpu"):
                 forced(x)
-            assert calls.take() == {"reference": 1, "triton": 0}
+            assert calls.take() == {"reference": 1, "cpu": 0, "triton": 0}
 
 
 def test_backward_through_the_op_keeps_no_dequantized_weight():
@@ -259,12 +264,12 @@ def test_moved_to_cuda_uses_triton(monkeypatch):
     y_cpu = m(x)
     y_cpu.sum().backward()
     g_cpu = x.grad
-    assert calls.take() == {"reference": 2, "triton": 0}
+    assert calls.take() == {"reference": 0, "cpu": 2, "triton": 0}
     m.to("cuda")
     xc = x.detach().cuda().requires_grad_()
     y = m(xc)
     y.sum().backward()
-    assert calls.take() == {"reference": 0, "triton": 2}
+    assert calls.take() == {"reference": 0, "cpu": 0, "triton": 2}
     assert rel(y.cpu(), y_cpu) < GEMV_TOL and rel(xc.grad.cpu(), g_cpu) < FLOAT32_SAME_MATH_REL
 
 

@@ -130,7 +130,7 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
     """Checks the output against its source (check_against), then measures each quantized weight's
     relative error and SQNR against the original, and whether the other tensors are the source's
     values in the dtype transformers saves them in."""
-    from ..quant.reference import dequantize_4bit_ref
+    from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
 
     plan = check_against(ckpt, quantized, src)
     qset = set(quantized)
@@ -145,7 +145,7 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
             continue
         w = w.double()
         # the normative value (spec 8): rounded to the logical dtype, then widened
-        d = dequantize_4bit_ref(ckpt.quantized(it.out_key), torch.float32).double().reshape(w.shape)
+        d = dequantize_4bit(*weight_args(ckpt.quantized(it.out_key)), torch.float32).double().reshape(w.shape)
         err = (w - d).pow(2).sum().item()
         sig = w.pow(2).sum().item()
         per.append({

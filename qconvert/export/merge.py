@@ -314,8 +314,8 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast. A 4-bit weight and
     a LoRA update are [out, in]; a Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint
     (the original, the output, an unquantized base tensor), so it is transposed on the way in and out."""
+    from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
     from ..quant.fast_cpu import quantize_4bit_fast
-    from ..quant.reference import dequantize_4bit_ref
 
     ckpt, is_4bit, conv1d = job.ckpt, k in job.quantized, k in job.conv1d
     if job.params is not None and (k in job.params.direct or k in job.params.group_of):
@@ -329,7 +329,7 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
             w = job.orig.get(job.orig_names[k]).float()
             w = w.T.contiguous() if conv1d else w  # the original holds a Conv1D weight as [in, out]
         else:  # the logical value widened (spec 8), not the float32 product before rounding
-            w = dequantize_4bit_ref(qt, torch.float32)
+            w = dequantize_4bit(*weight_args(qt), torch.float32)
     else:
         w = ckpt.get(k)
     if k in job.targets:
@@ -390,11 +390,11 @@ def _merged_parameter(job: _Merge, k: str) -> torch.Tensor:
 
 def _requantized_with_cost(job: _Merge, k: str, merged: torch.Tensor, delta: torch.Tensor, qt) -> Iterator[tuple[str, torch.Tensor]]:
     """A merged weight re-quantized to 4 bits, with what that costs measured on a random probe."""
+    from ..ops import dequantize_4bit, weight_args
     from ..quant.fast_cpu import quantize_4bit_fast
-    from ..quant.reference import dequantize_4bit_ref
 
     rq = quantize_4bit_fast(merged.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k)
-    back = dequantize_4bit_ref(rq, torch.float32)
+    back = dequantize_4bit(*weight_args(rq), torch.float32)
     probe = torch.randn(64, merged.shape[1], generator=job.generator)
     ref = probe @ merged.T
     job.costs.append({

@@ -4,11 +4,17 @@
 op                                     kernels
 =====================================  ===========================================================
 ``qconvert::dequantize_4bit``          default: the reference (qconvert.quant.reference), any
-                                       device; CUDA: the Triton kernel (triton_backend.py)
-``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CUDA: the
-                                       fused Triton kernel up to SMALL_BATCH rows, else Triton
-                                       dequantize, then ``F.linear``. Autograd: input and bias
-                                       gradients, the weight dequantized again in backward.
+                                       device; CPU: the fast dequantizer (quant/fast_dequant.py),
+                                       bit-identical; CUDA: the Triton kernel (triton_backend.py)
+``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CPU: the
+                                       fast dequantizer into a reused buffer, then ``F.linear``
+                                       (the same result); CUDA: the fused Triton kernel up to
+                                       SMALL_BATCH rows, else Triton dequantize, then ``F.linear``.
+                                       Autograd: input and bias gradients, the weight dequantized
+                                       again in backward (by grad_input_4bit).
+``qconvert::grad_input_4bit``          ``grad_out @ W``, matmul_4bit's input gradient. default:
+                                       the dispatched dequantize_4bit, then the product; CPU: as
+                                       matmul_4bit, the weight in the reused buffer.
 ``qconvert::quantize_4bit``            default: the reference; CPU: the fast quantizer
                                        (quant/fast_cpu.py), bit-identical; CUDA: the Triton
                                        kernel (kernels_quant.py) for codes and scales, the scales'
@@ -57,10 +63,12 @@ _WEIGHT = ("Tensor packed, Tensor absmax, Tensor quant_map, Tensor? nested_absma
            "float nested_offset, int blocksize, int[] shape, ScalarType logical_dtype")
 _LIB.define(f"dequantize_4bit({_WEIGHT}, ScalarType dtype) -> Tensor")
 _LIB.define(f"matmul_4bit(Tensor x, {_WEIGHT}, Tensor? bias) -> Tensor")
+_LIB.define(f"grad_input_4bit(Tensor grad_out, {_WEIGHT}) -> Tensor")
 _LIB.define("quantize_4bit(Tensor x, str quant_type, int blocksize, bool double_quant, str name, int workers=0) "
             "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 #: dequantize_4bit: the weight's logical value (spec section 8) converted to ``dtype``.
 #: matmul_4bit: ``x @ W.T + bias`` in x's dtype, W the 4-bit weight's logical value.
+#: grad_input_4bit: ``grad_out @ W`` in grad_out's dtype (matmul_4bit's input gradient; not differentiable).
 #: quantize_4bit: (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset) of x;
 #: without double quantization the nested tensors are empty and the offset 0. ``name`` labels
 #: errors; ``workers``: CPU threads for a kernel that uses them (0: the CPUs available; the bytes
@@ -70,8 +78,12 @@ _LIB.define("quantize_4bit(Tensor x, str quant_type, int blocksize, bool double_
 _LIB.impl("dequantize_4bit", impl.dequantize_reference, "CompositeExplicitAutograd")
 _LIB.impl("matmul_4bit", impl.matmul_reference, "CompositeExplicitAutograd")
 _LIB.impl("quantize_4bit", impl.quantize_reference, "CompositeExplicitAutograd")
+_LIB.impl("grad_input_4bit", impl.grad_input_dispatched, "CompositeExplicitAutograd")
 # device kernels: each registers only what it speeds up over the default
+_LIB.impl("dequantize_4bit", impl.dequantize_cpu, "CPU")
 _LIB.impl("dequantize_4bit", impl.dequantize_triton, "CUDA")
+_LIB.impl("matmul_4bit", impl.matmul_cpu, "CPU")
+_LIB.impl("grad_input_4bit", impl.grad_input_cpu, "CPU")
 _LIB.impl("matmul_4bit", impl.matmul_triton, "CUDA")
 _LIB.impl("quantize_4bit", impl.quantize_cpu, "CPU")
 _LIB.impl("quantize_4bit", impl.quantize_triton, "CUDA")
@@ -99,6 +111,11 @@ def _(x, quant_type, blocksize, double_quant, name, workers=0):
     return (*(empty(s) for s in ("", "absmax", "quant_map", "nested_absmax", "nested_quant_map")), x.new_empty((), dtype=torch.float32))
 
 
+@torch.library.register_fake("qconvert::grad_input_4bit", lib=_LIB)
+def _(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype):
+    return grad_out.new_empty((*grad_out.shape[:-1], shape[1]))
+
+
 def _matmul_setup_context(ctx, inputs, output):
     _, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype, _ = inputs
     # the module's own tensors, not a dequantized copy: backward dequantizes again
@@ -110,7 +127,10 @@ def _matmul_backward(ctx, grad_out):
     packed, absmax, quant_map, nested_absmax, nested_quant_map = ctx.saved_tensors
     nested_offset, blocksize, shape, logical_dtype = ctx.scalars
     grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and not torch.is_grad_enabled():  # the usual backward: one op, per-device kernels
+        grad_x = torch.ops.qconvert.grad_input_4bit(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map,
+                                                    nested_offset, blocksize, shape, logical_dtype)
+    elif ctx.needs_input_grad[0]:  # create_graph: differentiable ops, so the gradient has a gradient
         w = torch.ops.qconvert.dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
                                                blocksize, shape, logical_dtype, grad_out.dtype)
         grad_x = grad_out @ w
@@ -151,14 +171,16 @@ def weight_args(qt) -> tuple:
 @contextmanager
 def stand_in(device_type: str = "cpu", kernels: str = "triton") -> Iterator[None]:
     """Within the block, tensors on ``device_type`` take the ``kernels`` ("triton": what CUDA
-    tensors get) for dequantize_4bit, matmul_4bit and quantize_4bit. For tests without a GPU: with
-    TRITON_INTERPRET=1, CPU tensors run the CUDA path's Triton kernels in the interpreter."""
+    tensors get) for dequantize_4bit, matmul_4bit, grad_input_4bit and quantize_4bit. For tests without a GPU: with
+    TRITON_INTERPRET=1, CPU tensors run the CUDA path's Triton kernels in the interpreter
+    (grad_input_4bit through the dispatched dequantize_4bit, as on CUDA)."""
     if kernels != "triton":
         raise ValueError(f"unknown kernels {kernels!r}: only 'triton' can stand in")
     lib = torch.library.Library("qconvert", "IMPL")  # a fragment, removed on exit
     key = torch._C._dispatch_key_for_device(device_type)
     lib.impl("dequantize_4bit", impl.dequantize_triton, key)
     lib.impl("matmul_4bit", impl.matmul_triton, key)
+    lib.impl("grad_input_4bit", impl.grad_input_dispatched, key)
     lib.impl("quantize_4bit", impl.quantize_triton, key)
     try:
         yield
