@@ -498,8 +498,10 @@ def count_parameters(model) -> int:
 
 def check_causal_lm(root: Path) -> None:
     """`train` needs a decoder-only causal LM: refuse encoders (BERT) and encoder-decoders (T5)."""
+    from ..validate import read_config
+
     try:
-        cfg = json.loads((Path(root) / "config.json").read_text(encoding="utf-8"))
+        cfg = read_config(Path(root))  # the one config.json reader, its size limit
     except (OSError, ValueError):
         return  # load_model reports a missing or broken config.json
     arch = (cfg.get("architectures") or [None])[0]
