@@ -286,11 +286,14 @@ class _Run:
 
     def prepare_outputs(self, model, data, ckpt_dir) -> None:
         from .config import resolved_config, write_config
+        from .plot import read_metrics
 
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if ckpt_dir is None and self.metrics_path.exists():
                 self.metrics_path.unlink()
+            elif ckpt_dir is not None:  # resuming: a damaged log is refused now, not after the run
+                read_metrics(self.metrics_path)
             write_config(self.out / "config.yaml", resolved_config(model, data, self.out, self.o))
 
     def report_start(self, reports, targets) -> None:
