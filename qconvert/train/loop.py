@@ -27,7 +27,7 @@ import torch
 from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
-from .data import DataReport, build_examples, collate, load_records, pack
+from .data import DataReport, build_examples, check_token_ids, collate, load_records, pack
 from .options import check_target_modules, default_targets
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
@@ -187,6 +187,7 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     try:
         r = _Run(o, out, rank, world, device, say)
         r.setup_model(root, targets)
+        check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, str(data))
         r.plan = make_plan(examples, eval_examples, o, world)
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o["lr_scheduler"], r.plan.warmup_steps, r.plan.total_steps))
         if ckpt_dir is not None:
