@@ -130,6 +130,7 @@ def test_csv_with_200000_columns_is_refused_within_bounds(tmp_path):
     assert lines[1].startswith("DataError") and "many.csv has 20000 columns, over the 10000 qconvert reads" in lines[1], lines
 
 
+@pytest.mark.slow
 def test_records_over_the_size_bound_are_cut_or_left_out_and_counted(tmp_path):
     """A text record over record_bound(max_length) characters is cut before tokenizing when it would
     be truncated anyway (same first tokens), any other is left out and counted."""
@@ -190,3 +191,51 @@ def test_token_ids_past_the_model_embeddings_are_one_line(qmodel, tmp_path):
     data.write_text("\n".join(good_rows(4) + [json.dumps({"text": "w1 zzqq w2"})]) + "\n")
     r = train(model, data, tmp_path / "out", "--max-steps", 1, ok=False)
     one_line_error(r, "the tokenizer gives token id 128 ('zzqq'), past the model's 128 input embeddings")
+
+
+CHAT = [(1, {"messages": [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2"}, {"role": "assistant", "content": "w3"}]}),
+        (2, {"messages": [{"role": "user", "content": "w2"}, {"role": "assistant", "content": "w3 w4"}]})]
+REFUSES_SYSTEM = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+
+
+@pytest.mark.slow
+def test_chat_template_that_refuses_a_record_drops_that_record_only(tmp_path):
+    """Gemma's and Mistral's templates raise for a system turn: the old run ended on that record."""
+    from transformers import AutoTokenizer
+
+    from qconvert.errors import DataError
+    from qconvert.train.data import DataReport, build_examples
+    from test_train import make_tokenizer
+
+    make_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    want = build_examples(CHAT[1:], tok, max_length=64)[0]
+    tok.chat_template = REFUSES_SYSTEM + tok.chat_template
+    rep = DataReport()
+    ex = build_examples(CHAT, tok, max_length=64, strict=False, report=rep)
+    assert [(e.input_ids, e.labels) for e in ex] == [(want.input_ids, want.labels)]
+    assert rep.dropped == {"chat template refused": 1} and "refuses this record (System role not supported)" in rep.problems[0]
+    with pytest.raises(DataError, match="data:1: the chat template refuses this record"):
+        build_examples(CHAT, tok, max_length=64, strict=True)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "the chat template ran past 2 s rendering one record"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}" + "x" * 60 + "{% endfor %}{% endfor %}",
+     "the chat template produced over 4194304 characters rendering one record"),
+], ids=["loops", "floods"])
+@pytest.mark.slow
+def test_chat_template_that_loops_or_floods_is_stopped(tmp_path, body, needle):
+    """The old render ran for hours (loops) or grew to gigabytes (floods); now a DataError within the
+    bounds (QCONVERT_TEMPLATE_SECONDS=2 here), in a child capped at 1.5 GiB."""
+    from hostile_util import run_limited
+    from test_train import make_tokenizer
+
+    make_tokenizer(tmp_path / "tok")
+    code = ("import os, sys; os.environ['QCONVERT_TEMPLATE_SECONDS'] = '2'\n"
+            "from transformers import AutoTokenizer; from qconvert.train.data import build_examples\n"
+            "tok = AutoTokenizer.from_pretrained(sys.argv[1]); tok.chat_template = sys.argv[2] + tok.chat_template\n"
+            f"try:\n    build_examples({CHAT!r}, tok, max_length=64, strict=False)\n"
+            "except Exception as e:\n    print(type(e).__name__, e)")
+    r, seconds = run_limited(code, tmp_path / "tok", body, mem_mb=1536, timeout_s=40)
+    assert r.stdout.startswith("TemplateOverrun") and needle in r.stdout, (r.stdout, r.stderr[-2000:])

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, OptionError
+from .templates import TemplateRefused, render
 
 FORMATS = ("auto", "text", "alpaca", "prompt", "chat", "sharegpt")
 TRUNCATION = ("truncate", "drop")
@@ -348,18 +349,18 @@ def _pair(tok, prompt: str, completion: str, train_on_inputs: bool) -> tuple[lis
     return p + c, (p if train_on_inputs else [IGNORE] * len(p)) + c
 
 
-def _chat(tok, messages: list, train_on_inputs: bool) -> tuple[list[int], list[int]]:
+def _chat(tok, messages: list, train_on_inputs: bool, max_chars: int) -> tuple[list[int], list[int]]:
     if not getattr(tok, "chat_template", None):
         raise DataError("chat records need a tokenizer with a chat template", hint="use text/prompt records, or add a chat_template")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise _RecordError(f"message {i + 1} needs string 'role' and 'content'")
-    full = tok.apply_chat_template(messages, tokenize=False)
+    full = render(tok, messages, max_chars)
     spans = []
     for i, m in enumerate(messages):
         if m.get("role") == "assistant":
-            start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
-            end = len(tok.apply_chat_template(messages[: i + 1], tokenize=False))
+            start = len(render(tok, messages[:i], max_chars, add_generation_prompt=True)) if i else 0
+            end = len(render(tok, messages[: i + 1], max_chars))
             spans.append((start, end))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -369,7 +370,7 @@ def _chat(tok, messages: list, train_on_inputs: bool) -> tuple[list[int], list[i
     return ids, labels
 
 
-def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool) -> tuple[list[int], list[int]]:
+def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool, max_chars: int) -> tuple[list[int], list[int]]:
     if f == "text":
         if not isinstance(rec["text"], str):
             raise _RecordError("'text' must be a string")
@@ -385,10 +386,10 @@ def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool) -> tuple[list[int],
     if f == "sharegpt":
         if not isinstance(rec["conversations"], list):
             raise _RecordError("'conversations' must be a list of turns")
-        return _chat(tok, sharegpt_messages(rec["conversations"]), train_on_inputs)
+        return _chat(tok, sharegpt_messages(rec["conversations"]), train_on_inputs, max_chars)
     if not isinstance(rec["messages"], list):
         raise _RecordError("'messages' must be a list")
-    return _chat(tok, rec["messages"], train_on_inputs)
+    return _chat(tok, rec["messages"], train_on_inputs, max_chars)
 
 
 def record_bound(max_length: int) -> int:
@@ -464,9 +465,12 @@ def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train
                 report.drop("over the size bound", f"{where}: {over} characters, over {record_bound(max_length)} (--max-length x {CHARS_PER_TOKEN})")
             continue
         try:
-            ids, labels = _tokenize(rec, f, tok, train_on_inputs)
+            ids, labels = _tokenize(rec, f, tok, train_on_inputs, 4 * record_bound(max_length))
         except KeyError as e:
             _bad(strict, report, "missing key", f"{where}: a {f} record needs the key {e.args[0]!r}")
+            continue
+        except TemplateRefused as e:
+            _bad(strict, report, "chat template refused", f"{where}: the chat template refuses this record ({e})")
             continue
         except _RecordError as e:
             _bad(strict, report, "malformed", f"{where}: {e}")
