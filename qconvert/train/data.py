@@ -218,13 +218,11 @@ def _datasets_records(path: str, shown: str, *, data_files: str | None = None, s
 
 
 def _hub_folder(repo_id: str, revision: str | None) -> str:
-    """A Hub dataset's data files, downloaded with huggingface_hub: the local folder that holds them."""
-    from huggingface_hub import snapshot_download
+    """A Hub dataset's data files, downloaded through qconvert's checked path
+    (:func:`qconvert.io.hub.fetch_snapshot`): the snapshot folder in the Hugging Face cache."""
+    from ..io.hub import fetch_snapshot
 
-    from ..io.hub import hub_errors
-
-    with hub_errors(repo_id, revision):
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_PATTERNS)
+    return str(fetch_snapshot(repo_id, revision, HUB_PATTERNS, repo_type="dataset"))
 
 
 def _split_records(folder: str, shown: str, split: str | None, config: str | None, evaluation: bool,
