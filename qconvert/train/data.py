@@ -4,8 +4,8 @@ loss masks, with every dropped or truncated record counted.
 Sources (:func:`load_records`): local ``.jsonl`` / ``.json`` (read here, with line numbers in every
 message), ``.parquet``, ``.csv``, ``.tsv``, ``.arrow`` and ``.txt`` files and dataset folders through
 the ``datasets`` library, and Hub dataset ids (``org/name``, ``--data-split``, ``--data-config``),
-downloaded with huggingface_hub (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply) and then read by
-``datasets`` exactly as a local folder.
+downloaded through :func:`qconvert.io.hub.fetch_snapshot` into the Hugging Face cache (HF_ENDPOINT,
+HF_TOKEN and HF_HUB_OFFLINE apply) and then read by ``datasets`` exactly as a local folder.
 
 Splits: a Hub dataset or a folder has named splits (from its card's YAML or its file names: a
 ``valid``/``val``/``dev`` file is the "validation" split). Training reads "train" unless
@@ -29,7 +29,14 @@ Length (``truncation``): a record longer than ``max_length`` tokens is cut to it
 ``max_length`` tokens ("truncate", the default) or left out ("drop"). A truncated record loses its
 tail and with it its EOS: the model is not taught to stop where the cut fell. Both are counted in the
 :class:`DataReport`. A record whose prompt alone fills ``max_length`` has nothing left to learn and is
-always dropped.
+always dropped. Before tokenizing, a record over :func:`record_bound` characters is cut to it (a
+text record that "truncate" cuts anyway) or left out, counted as "over the size bound": records are
+tokenized whole, and a 12 KB parquet file can hold a 120 MB string.
+
+Confinement: a folder's or Hub dataset's files (as its card's ``data_files`` name them) must lie
+inside it, links resolved; CSV/parquet files have at most :data:`MAX_COLUMNS` columns. Chat
+templates render within bounds (:mod:`.templates`); one that raises for a record drops that record,
+counted as "chat template refused".
 
 Bad records (invalid JSON, unknown shape, missing key, not UTF-8...): with ``strict`` (the default
 of these functions, and ``--strict-data`` of the CLI) the first one raises :class:`DataError`;
