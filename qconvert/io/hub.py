@@ -89,12 +89,12 @@ class HubCheckpoint(Checkpoint):
     downloaded one at a time. Same reading interface as :class:`Checkpoint`."""
 
     def __init__(self, repo_id: str, revision: str | None, workdir: Path, keep: bool = False):
-        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+        from huggingface_hub import get_safetensors_metadata
 
         self.repo_id = repo_id
         self.keep = keep
         self.streaming = False
-        self._download = hf_hub_download
+        self._download = _checked_download
         self.path = self.root = Path(workdir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.is_bin = False
@@ -114,8 +114,8 @@ class HubCheckpoint(Checkpoint):
                 files = [str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()]
             else:
                 info = _model_info(repo_id, revision)
-                self.sha = info.sha
-                files = [s.rfilename for s in info.siblings or []]
+                self.sha = _checked_sha(info.sha, repo_id)
+                files = [check_repo_path(s.rfilename, repo_id) for s in info.siblings or []]
         self.revision = self.sha
         self.repo_files = sorted(files)
         weights = [f for f in files if f.endswith(".safetensors") and "/" not in f]
@@ -278,6 +278,11 @@ SAFE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DOWNLOAD_SECONDS = 4 * 3600.0
 
 
+def _checked_download(repo_id: str, name: str, *, revision: str, local_dir: Path | None = None) -> str:
+    """hf_hub_download's call shape, through :func:`fetch_file` (HubCheckpoint's downloader)."""
+    return str(fetch_file(repo_id, revision, name, local_dir=local_dir))
+
+
 def check_repo_path(name, repo_id: str) -> str:
     """A file name from a repo's listing, refused unless it is a plain relative path inside the repo."""
     parts = name.split("/") if isinstance(name, str) else [""]
@@ -296,7 +301,7 @@ def download_seconds() -> float:
         raise SourceError(f"QCONVERT_DOWNLOAD_SECONDS={raw!r} is not a number of seconds") from None
 
 
-def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str], repo_type: str = "dataset") -> Path:
+def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str] | None, repo_type: str = "dataset") -> Path:
     """The files of a Hub repo matching ``patterns``, in the Hugging Face cache's own layout
     (blobs/ETAG, snapshots/SHA/NAME linking to it, refs/REVISION), so ``HF_HUB_OFFLINE=1`` finds them
     later. Unlike huggingface_hub 2.4, which builds those paths from the server's ETag and commit sha
@@ -335,8 +340,36 @@ def _checked_sha(sha, repo_id: str) -> str:
     return sha
 
 
-def _fetch_file(repo_id: str, repo_type: str, sha: str, name: str, storage: Path, deadline: float) -> None:
-    """One file into blobs/ETAG (skipped when that blob is there), linked from snapshots/SHA/NAME."""
+def fetch_file(repo_id: str, sha: str, name: str, *, local_dir: Path | None = None, repo_type: str = "model") -> Path:
+    """One file of a Hub repo at commit ``sha`` through the checks of :func:`fetch_snapshot`: into the
+    Hugging Face cache (the snapshot's path is returned), or with ``local_dir`` into ``local_dir/name``
+    (a private folder the caller deletes)."""
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    _checked_sha(sha, repo_id)
+    check_repo_path(name, repo_id)
+    deadline = time.monotonic() + download_seconds()
+    with hub_errors(repo_id, sha):
+        if _offline():  # the cache alone: no server answer becomes a path
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(repo_id, name, repo_type=repo_type, revision=sha, local_dir=local_dir,
+                                        local_files_only=True))
+        if local_dir is not None:
+            meta = _checked_meta(repo_id, repo_type, sha, name)
+            dest = Path(local_dir) / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _stream(meta.location, dest, meta.size, deadline, f"{repo_id}: {name}")
+            return dest
+        storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+        _fetch_file(repo_id, repo_type, sha, name, storage, deadline)
+        return storage / "snapshots" / sha / name
+
+
+def _checked_meta(repo_id: str, repo_type: str, sha: str, name: str):
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     meta = get_hf_file_metadata(hf_hub_url(repo_id, name, repo_type=repo_type, revision=sha))
@@ -346,6 +379,12 @@ def _fetch_file(repo_id: str, repo_type: str, sha: str, name: str, storage: Path
     if not isinstance(meta.etag, str) or not BLOB_ETAG.fullmatch(meta.etag):
         raise SourceError(f"{repo_id}: the Hub gives {name!r} the ETag {meta.etag!r}, which is not a blob id",
                           hint="a server that answers this is broken or hostile; check HF_ENDPOINT")
+    return meta
+
+
+def _fetch_file(repo_id: str, repo_type: str, sha: str, name: str, storage: Path, deadline: float) -> None:
+    """One file into blobs/ETAG (skipped when that blob is there), linked from snapshots/SHA/NAME."""
+    meta = _checked_meta(repo_id, repo_type, sha, name)
     blob = storage / "blobs" / meta.etag
     if not (blob.is_file() and not blob.is_symlink() and (meta.size is None or blob.stat().st_size == meta.size)):
         blob.parent.mkdir(parents=True, exist_ok=True)
