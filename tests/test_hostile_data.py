@@ -143,7 +143,7 @@ def test_records_over_the_size_bound_are_cut_or_left_out_and_counted(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     n = record_bound(16) // 3 + 10  # words of 3 characters: just over the bound
     long_text = {"text": "w1 w2 w3 " * (n // 3)}
-    recs = [(1, long_text), (2, {"prompt": "w1 " * n, "completion": "w2"}), (3, {"text": "w4 w5"}),
+    recs = [(1, long_text), (2, {"prompt": "w1 " * n, "completion": "w2"}), (3, {"text": "w4 w5", "raw": "x" * 3 * n}),
             (4, {"messages": [{"role": "user", "content": "w1 " * n}, {"role": "assistant", "content": "w2"}]})]
     rep = DataReport()
     ex = build_examples(recs, tok, max_length=16, report=rep, strict=True)

@@ -403,6 +403,11 @@ def record_bound(max_length: int) -> int:
     return max(MIN_RECORD_CHARS, CHARS_PER_TOKEN * max_length)
 
 
+#: the keys of a record each format tokenizes (other columns are never tokenized, nor counted)
+FORMAT_KEYS = {"text": ("text",), "alpaca": ("instruction", "input", "output"), "prompt": ("prompt", "completion"),
+               "chat": ("messages",), "sharegpt": ("conversations",)}
+
+
 def _chars(value) -> int:
     """Characters in the strings of a record (its keys and values, nested lists and dicts), counted
     without recursion."""
@@ -425,7 +430,7 @@ def _bounded(rec: dict, f: str, max_length: int, truncation: str) -> tuple[dict 
     is left out ((None, its length)): the caller counts it."""
     bound = record_bound(max_length)
     text = rec.get("text") if f == "text" else None
-    n = len(text) if isinstance(text, str) else _chars(rec)
+    n = len(text) if isinstance(text, str) else _chars([rec.get(k) for k in FORMAT_KEYS.get(f, ())])
     if n <= bound:
         return rec, 0
     if isinstance(text, str) and truncation == "truncate":
