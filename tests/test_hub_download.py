@@ -184,3 +184,22 @@ def test_hub_dataset_download_lands_in_the_cache_layout_and_is_read_offline(tmp_
             assert r.stdout.strip() == "[(1, {'text': 'w1 w2'}), (2, {'text': 'w3'})]", r.stderr[-2000:]
     snap = tmp_path / "hf-home" / "hub" / "datasets--acme--ds" / "snapshots" / ("c" * 40)
     assert (snap / "data" / "train.jsonl").is_symlink() and (snap / "data" / "train.jsonl").read_bytes() == DS_FILES["data/train.jsonl"]
+
+
+@pytest.mark.slow
+def test_hub_dataset_card_naming_a_local_file_is_refused(tmp_path):
+    """A Hub dataset's card whose data_files names an absolute local path: the old `train --data
+    org/ds` read that file (and echoed its keys under --strict-data)."""
+    from hub_server import LoopbackHub
+
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "w1", "api_key": "SECRET-VALUE"}\n')
+    card = f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {secret}\n---\n".encode()
+    code = ("import os, sys; os.environ.update(HF_ENDPOINT=sys.argv[1], HF_HOME=sys.argv[2], HF_HUB_DISABLE_XET='1', HF_HUB_OFFLINE='0')\n"
+            "from qconvert.train.data import load_records\n"
+            "try:\n    print(load_records('acme/ds'))\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    with LoopbackHub({}) as hub:
+        hub.state.datasets["acme/ds"] = {"files": dict(DS_FILES, **{"README.md": card}), "sha": "c" * 40}
+        r = subprocess.run([sys.executable, "-c", code, hub.endpoint, tmp_path / "hf-home"], capture_output=True, text=True)
+    assert "SECRET-VALUE" not in r.stdout and "api_key" not in r.stdout, r.stdout
+    assert r.stdout.startswith("DataError acme/ds: split 'train' names the file") and "outside the dataset" in r.stdout, r.stdout
