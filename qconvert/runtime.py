@@ -52,20 +52,13 @@ class LoadedModel:
 
 def read_model_config(root: Path) -> dict[str, Any]:
     """config.json as a dict, or a qconvert error saying what is wrong with it."""
-    path = root / "config.json"
     if not root.is_dir():
         raise SourceError(f"{root}: not a model folder", hint="pass a folder with config.json, weights and tokenizer, or a Hub id")
-    if not path.is_file():
+    if not (root / "config.json").is_file():
         raise SourceError(f"{root}: no config.json", hint="pass a model folder (config.json, weights, tokenizer)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    from .validate import read_config
+
+    return read_config(root)  # the one config.json reader: size limit, UTF-8 JSON object
 
 
 def causal_lm_class(root: Path, raw: dict[str, Any]):

@@ -4,7 +4,9 @@ can be tested through the real client. No public server accepts uploads offline.
 Implemented: POST /api/repos/create, POST /api/models/{repo}/branch/{branch},
 POST /api/models/{repo}/preupload/{rev}, POST /{repo}.git/info/lfs/objects/batch, PUT /lfs/{oid},
 POST /api/models/{repo}/commit/{rev} (NDJSON: header, file, lfsFile), POST /api/validate-yaml,
-GET /api/whoami-v2.
+GET /api/whoami-v2; for downloads, GET /api/datasets/{repo}[/revision/{rev}], its /tree/{rev}, and GET/HEAD
+/datasets/{repo}/resolve/{rev}/{path} of the datasets in ``state.datasets`` (a test can make them
+hostile: a planted ETag or commit sha, sibling names, a body trickled a byte at a time).
 Tokens map to user names; a repo outside the caller's namespace answers 403, a missing or unknown
 token 401. ``state.fail_commits`` makes commits fail with HTTP 500, to test that a re-run resumes.
 This server speaks LFS, not xet. huggingface_hub 2.4 does not ask the server whether to use xet: it
@@ -19,6 +21,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -30,6 +33,7 @@ class HubState:
         self.validated_cards: list[str] = []
         self.lfs_puts: list[str] = []  # oids, in the order their bytes arrived
         self.fail_commits = 0  # answer this many commit requests with HTTP 500 (an upload cut off before its commit)
+        self.datasets: dict[str, dict] = {}  # repo_id -> {"files": {path: bytes}, "sha": ...}, served for download
         self.lock = threading.Lock()
 
 
@@ -79,7 +83,41 @@ def make_handler(state: HubState):
                 if user:
                     self._json(200, {"name": user, "type": "user", "auth": {"accessToken": {"role": "write"}}})
                 return
-            self._json(404, {"error": "not found"})
+            self._download(body=True)
+
+        def do_HEAD(self):
+            self._download(body=False)
+
+        def _download(self, body: bool):
+            """Dataset downloads: repo info and resolve, with the hostile answers a test sets in
+            ``state.datasets[repo_id]`` ("sha", "etag", "commit" header, extra "siblings", "trickle")."""
+            path = self.path.split("?")[0]
+            m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+            ds = state.datasets.get(m.group(1)) if m else None
+            if ds is not None:
+                names = sorted(ds["files"]) + ds.get("siblings", [])
+                return self._json(200, {"id": m.group(1), "sha": ds["sha"], "siblings": [{"rfilename": n} for n in names]})
+            m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)", path)  # what snapshot_download lists
+            ds = state.datasets.get(m.group(1)) if m else None
+            if ds is not None:
+                names = sorted(ds["files"]) + ds.get("siblings", [])
+                return self._json(200, [{"type": "file", "path": n, "size": len(ds["files"].get(n, b"")), "oid": "0" * 40} for n in names])
+            m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            ds = state.datasets.get(m.group(1)) if m else None
+            if ds is None or m.group(3) not in ds["files"]:
+                return self._json(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
+            data = ds["files"][m.group(3)]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", '"%s"' % ds.get("etag", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()))
+            self.send_header("X-Repo-Commit", ds.get("commit", ds["sha"]))
+            self.end_headers()
+            if body:
+                for i in range(len(data)) if ds.get("trickle") else [None]:
+                    self.wfile.write(data if i is None else data[i:i + 1])
+                    self.wfile.flush()
+                    if i is not None:
+                        time.sleep(ds["trickle"])
 
         def do_PUT(self):
             m = re.fullmatch(r"/lfs/([0-9a-f]{64})", self.path)

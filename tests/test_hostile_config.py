@@ -214,3 +214,38 @@ def test_checks_accept_every_known_decoder_family(tmp_path):
         quantize_checkpoint(str(make_tiny_decoder(tmp_path / arch, arch, tie=True, flags={})), q)
         assert verify_checkpoint(q)["structure"] == f"matches the {arch} config.json builds"
         assert type(qconvert.load_model(q, backend="reference", device="cpu")).__name__ == arch
+
+
+# ---------------------------------------------------------------- train --config: bounded reading
+
+
+def _alias_bomb() -> str:
+    """Billion laughs in YAML: ten levels of nine aliases each, under 500 bytes."""
+    lines = ["learning_rate:", '  - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"  - &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 9) + "]" for i in range(1, 10)]
+    return "\n".join(lines) + "\n"
+
+
+RUN_CONFIG_CASES = [
+    ("alias-bomb", "run.yaml", _alias_bomb(), "run.yaml:3: uses the alias *a, which qconvert does not expand"),
+    ("32-MB", "run.yaml", "target_modules:\n" + "  - q_proj\n" * (32 * 2**20 // 11), "bytes, over the 262144-byte limit for a run config"),
+    ("yaml-nested-deep", "run.yaml", "learning_rate: " + "[" * 50_000, "nested too deep (over 64 levels)"),
+    ("json-nested-deep", "run.json", '{"learning_rate": ' + "[" * 50_000, "nested too deep (over 64 levels)"),
+    ("yaml-key-twice", "run.yaml", "learning_rate: 1e-4\nlora_r: 8\nlearning_rate: 2e-4\n", "run.yaml:3: gives the key 'learning_rate' twice"),
+    ("json-key-twice", "run.json", '{"learning_rate": 1e-4, "learning_rate": 2e-4}', "run.json: names 'learning_rate' twice"),
+]
+
+
+@pytest.mark.parametrize("case,name,text,needle", RUN_CONFIG_CASES, ids=[c[0] for c in RUN_CONFIG_CASES])
+def test_train_config_file_is_read_within_bounds(tmp_path, case, name, text, needle):
+    """Each failed on the old reader: the alias bomb and the 32 MB file ran past the deadline, deep
+    nesting ended in a RecursionError ("bug" line), a repeated key was accepted with the last value."""
+    from hostile_util import run_limited
+
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    code = "import runpy, sys; sys.argv = ['qconvert', 'train', '--config', sys.argv[1]]; runpy.run_module('qconvert', run_name='__main__')"
+    r, seconds = run_limited(code, cfg, mem_mb=1024, timeout_s=20)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[0].startswith("qconvert: error: --config") and needle in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and seconds < 10, (seconds, r.stderr[-2000:])

@@ -115,8 +115,10 @@ def broken_model(env, tmp_path, config_text: str | None):
 
 @pytest.mark.parametrize("config_text, match", [
     (None, "no config.json"),
-    ('{"model_type": "llama",', "config.json: not valid JSON (line 1"),
-    ("[1, 2]", "config.json: expected a JSON object, got list"),
+    ('{"model_type": "llama",', "config.json: not valid JSON"),
+    ("[1, 2]", "config.json: must hold a JSON object, not list"),
+    ("[" * 100_000, "config.json: not valid JSON"),  # a RecursionError before one config.json reader
+    ('{"pad": "' + "x" * (17 * 2**20) + '"}', "bytes, over the 16777216-byte limit for a config"),  # read whole before
     (json.dumps({"model_type": "evil", "architectures": ["EvilForCausalLM"], "auto_map": {"AutoModelForCausalLM": "evil.EvilForCausalLM"}}),
      "architecture 'EvilForCausalLM' is not in transformers"),
 ])

@@ -65,6 +65,62 @@ def test_resume_refuses_a_crafted_pickle_and_runs_nothing(qmodel, tmp_path):
     assert not (out / "adapter_config.json").exists()
 
 
+def test_trainer_state_that_would_inflate_is_refused_before_loading(tmp_path):
+    """A 66 KB trainer_state.pt whose entries inflate to 64 MB (deflated zeros: torch.load inflates
+    them) is refused from the zip directory, in a child capped at 1 GiB; the old reader loaded it.
+    What torch.save writes passes the same check."""
+    import io
+    import zipfile
+
+    from hostile_util import run_limited
+    from qconvert.train.checkpoint import STATE_VERSION, load_state
+
+    ckpt, plain = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
+    ckpt.mkdir(), plain.mkdir()
+    buf = io.BytesIO()
+    torch.save({"version": STATE_VERSION, "step": 1, "x": torch.zeros(2**26, dtype=torch.uint8)}, buf)
+    (plain / "trainer_state.pt").write_bytes(buf.getvalue())
+    assert load_state(plain)["x"].shape == (2**26,)  # what torch.save writes passes the check
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(ckpt / "trainer_state.pt", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    assert (ckpt / "trainer_state.pt").stat().st_size < 2**17
+    code = ("import sys; from pathlib import Path; from qconvert.train.checkpoint import load_state\n"
+            "try:\n    load_state(Path(sys.argv[1]))\nexcept Exception as e:\n    print(type(e).__name__, e)\nelse:\n    print('loaded')")
+    r, seconds = run_limited(code, ckpt, mem_mb=1024, timeout_s=30)
+    assert r.stdout.startswith("DataError") and "trainer_state.pt: refused: entry" in r.stdout and "is compressed" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ('{"step": 2, "lo{"step": 3, "loss": 1.0}', "metrics.jsonl:2: not a metrics row (not valid JSON)"),  # killed mid-write
+    ("[" * 50_000, "metrics.jsonl:2: not a metrics row (not valid JSON)"),  # a RecursionError before
+    ('{"step": "2", "loss": 1.0}', "metrics.jsonl:2: not a metrics row (a JSON object with a numeric step"),
+    ('{"step": 2, "loss": "' + "x" * 70_000 + '"}', "metrics.jsonl:2: a line over 65536 bytes"),
+])
+def test_damaged_metrics_log_is_one_named_line(tmp_path, damage, needle):
+    from qconvert.errors import DataError
+    from qconvert.train.plot import read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.5, "lr": 0.001}\n' + damage + "\n")
+    with pytest.raises(DataError, match=re.escape(needle)):
+        read_metrics(log)
+    log.write_text('{"step": 1, "loss": 2.5, "lr": 0.001}\n\n{"step": 1, "eval_loss": 2.0}\n')
+    assert read_metrics(log) == [{"step": 1, "loss": 2.5, "lr": 0.001}, {"step": 1, "eval_loss": 2.0}]
+
+
+@pytest.mark.slow
+def test_resume_with_a_damaged_metrics_log_is_refused_before_training(qmodel, tmp_path):
+    data, out = memorize_set(tmp_path), tmp_path / "run"
+    common = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 4]
+    train(qmodel, data, out, *common, "--stop-after", 1)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a run killed while writing its log
+    r = train(qmodel, data, out, *common, "--resume", ok=False)
+    one_line_error(r, "metrics.jsonl:2: not a metrics row")
+    assert not (out / "checkpoint-2").exists() and not (out / "adapter_config.json").exists()
+
+
 def test_checkpoint_state_loads_with_weights_only_and_restores_every_rng():
     import random
 

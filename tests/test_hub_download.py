@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,78 @@ def test_plan_reads_headers_only(hub, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["quantized"] == 14
     assert not [p for p in tmp_path.rglob("*.safetensors")], "a shard was downloaded to plan"
+
+
+# ---------------------------------------------------------------- a hostile Hub endpoint (issue 21)
+
+DS_FILES = {"data/train.jsonl": b'{"text": "w1 w2"}\n{"text": "w3"}\n', "README.md": b"---\nlicense: mit\n---\n# tiny\n"}
+HOSTILE = [
+    ("etag", {"etag": "PLANT"}, "the ETag '../"),
+    ("sha", {"sha": "../../../../" + "a" * 28}, "which is not 40 hex digits"),
+    ("commit-header", {"commit": "../" + "b" * 37}, "from commit '../"),
+    ("file-name", {"siblings": ["data/../../../escape.jsonl"]}, "the Hub lists a file named 'data/../../../escape.jsonl'"),
+    ("trickle", {"trickle": 1.0}, "the download ran past 3 s"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, answers, needle", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_hub_dataset_download_is_refused_and_writes_nothing_outside(tmp_path, case, answers, needle):
+    """huggingface_hub 2.4 made cache paths of the server's ETag and sha: the old `train --data
+    org/ds` wrote a file outside the cache (etag), or waited for the trickle without end. Now each is
+    refused before it becomes a path, in a child under a memory and time limit
+    (QCONVERT_DOWNLOAD_SECONDS=3)."""
+    from hostile_util import run_limited
+    from hub_server import LoopbackHub
+
+    home, marker = tmp_path / "hf-home", tmp_path / "pwned"
+    storage = home / "hub" / "datasets--acme--ds"
+    if answers.get("etag") == "PLANT":
+        answers = {"etag": os.path.relpath(marker, storage / "blobs")}
+    code = ("import os, sys; os.environ.update(HF_ENDPOINT=sys.argv[1], HF_HOME=sys.argv[2], HF_HUB_DISABLE_XET='1',"
+            " HF_HUB_OFFLINE='0', QCONVERT_DOWNLOAD_SECONDS='3')\n"
+            "from qconvert.train.data import load_records\n"
+            "try:\n    print(load_records('acme/ds'))\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    with LoopbackHub({}) as hub:
+        hub.state.datasets["acme/ds"] = dict({"files": DS_FILES, "sha": "c" * 40}, **answers)
+        r, seconds = run_limited(code, hub.endpoint, home, mem_mb=1536, timeout_s=40)
+    assert not marker.exists() and not (tmp_path / "escape.jsonl").exists(), r.stdout
+    assert r.stdout.startswith("SourceError acme/ds") and needle in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert all(Path(p).resolve().is_relative_to(home.resolve()) for p in home.rglob("*"))
+
+
+@pytest.mark.slow
+def test_hub_dataset_download_lands_in_the_cache_layout_and_is_read_offline(tmp_path):
+    """The checked path writes the Hugging Face cache's own layout: huggingface_hub finds it offline."""
+    from hub_server import LoopbackHub
+
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
+    code = ("import os, sys; os.environ.update(HF_ENDPOINT=sys.argv[1], HF_HUB_OFFLINE=sys.argv[2])\n"
+            "from qconvert.train.data import load_records; print(load_records('acme/ds'))")
+    with LoopbackHub({}) as hub:
+        hub.state.datasets["acme/ds"] = {"files": DS_FILES, "sha": "c" * 40}
+        for offline in ("0", "1"):
+            r = subprocess.run([sys.executable, "-c", code, hub.endpoint, offline], capture_output=True, text=True,
+                               env=dict(os.environ, **env))
+            assert r.stdout.strip() == "[(1, {'text': 'w1 w2'}), (2, {'text': 'w3'})]", r.stderr[-2000:]
+    snap = tmp_path / "hf-home" / "hub" / "datasets--acme--ds" / "snapshots" / ("c" * 40)
+    assert (snap / "data" / "train.jsonl").is_symlink() and (snap / "data" / "train.jsonl").read_bytes() == DS_FILES["data/train.jsonl"]
+
+
+@pytest.mark.slow
+def test_hub_dataset_card_naming_a_local_file_is_refused(tmp_path):
+    """A Hub dataset's card whose data_files names an absolute local path: the old `train --data
+    org/ds` read that file (and echoed its keys under --strict-data)."""
+    from hub_server import LoopbackHub
+
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "w1", "api_key": "SECRET-VALUE"}\n')
+    card = f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {secret}\n---\n".encode()
+    code = ("import os, sys; os.environ.update(HF_ENDPOINT=sys.argv[1], HF_HOME=sys.argv[2], HF_HUB_DISABLE_XET='1', HF_HUB_OFFLINE='0')\n"
+            "from qconvert.train.data import load_records\n"
+            "try:\n    print(load_records('acme/ds'))\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    with LoopbackHub({}) as hub:
+        hub.state.datasets["acme/ds"] = {"files": dict(DS_FILES, **{"README.md": card}), "sha": "c" * 40}
+        r = subprocess.run([sys.executable, "-c", code, hub.endpoint, tmp_path / "hf-home"], capture_output=True, text=True)
+    assert "SECRET-VALUE" not in r.stdout and "api_key" not in r.stdout, r.stdout
+    assert r.stdout.startswith("DataError acme/ds: split 'train' names the file") and "outside the dataset" in r.stdout, r.stdout

@@ -89,12 +89,12 @@ class HubCheckpoint(Checkpoint):
     downloaded one at a time. Same reading interface as :class:`Checkpoint`."""
 
     def __init__(self, repo_id: str, revision: str | None, workdir: Path, keep: bool = False):
-        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+        from huggingface_hub import get_safetensors_metadata
 
         self.repo_id = repo_id
         self.keep = keep
         self.streaming = False
-        self._download = hf_hub_download
+        self._download = _checked_download
         self.path = self.root = Path(workdir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.is_bin = False
@@ -114,8 +114,8 @@ class HubCheckpoint(Checkpoint):
                 files = [str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()]
             else:
                 info = _model_info(repo_id, revision)
-                self.sha = info.sha
-                files = [s.rfilename for s in info.siblings or []]
+                self.sha = _checked_sha(info.sha, repo_id)
+                files = [check_repo_path(s.rfilename, repo_id) for s in info.siblings or []]
         self.revision = self.sha
         self.repo_files = sorted(files)
         weights = [f for f in files if f.endswith(".safetensors") and "/" not in f]
@@ -266,3 +266,171 @@ def open_source(source: str, revision: str | None, workdir: Path, keep: bool = F
     from .source import open_checkpoint
 
     return open_checkpoint(source, revision, workdir, keep=keep)
+
+
+# ---------------------------------------------------------------- checked downloads into the HF cache
+#: a commit sha as the Hub gives it
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+#: an ETag that may name a blob: a git blob sha1 or an LFS sha256, hex
+BLOB_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+SAFE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: seconds a whole download may take; QCONVERT_DOWNLOAD_SECONDS sets another bound
+DOWNLOAD_SECONDS = 4 * 3600.0
+
+
+def _checked_download(repo_id: str, name: str, *, revision: str, local_dir: Path | None = None) -> str:
+    """hf_hub_download's call shape, through :func:`fetch_file` (HubCheckpoint's downloader)."""
+    return str(fetch_file(repo_id, revision, name, local_dir=local_dir))
+
+
+def check_repo_path(name, repo_id: str) -> str:
+    """A file name from a repo's listing, refused unless it is a plain relative path inside the repo."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if (not isinstance(name, str) or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts)
+            or any(ord(c) < 32 or c == "\x7f" for c in name) or len(name) > 1024):
+        raise SourceError(f"{repo_id}: the Hub lists a file named {name!r}, which is not a path inside the repository",
+                          hint="a server that answers this is broken or hostile; check HF_ENDPOINT")
+    return name
+
+
+def download_seconds() -> float:
+    raw = os.environ.get("QCONVERT_DOWNLOAD_SECONDS")
+    try:
+        return float(raw) if raw else DOWNLOAD_SECONDS
+    except ValueError:
+        raise SourceError(f"QCONVERT_DOWNLOAD_SECONDS={raw!r} is not a number of seconds") from None
+
+
+def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str] | None, repo_type: str = "dataset") -> Path:
+    """The files of a Hub repo matching ``patterns``, in the Hugging Face cache's own layout
+    (blobs/ETAG, snapshots/SHA/NAME linking to it, refs/REVISION), so ``HF_HUB_OFFLINE=1`` finds them
+    later. Unlike huggingface_hub 2.4, which builds those paths from the server's ETag and commit sha
+    unchecked, every name is checked before it becomes a path (sha: 40 hex; ETag: a hex blob id;
+    file names: :func:`check_repo_path`), and the whole download has a deadline
+    (:func:`download_seconds`). Offline, the cached snapshot is returned as huggingface_hub finds it."""
+    import time
+
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import filter_repo_objects
+
+    with hub_errors(repo_id, revision):
+        if _offline():
+            return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns,
+                                          local_files_only=True))
+        deadline = time.monotonic() + download_seconds()
+        info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision)
+        sha = _checked_sha(info.sha, repo_id)
+        names = [check_repo_path(s.rfilename, repo_id) for s in info.siblings or []]
+        storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+        snapshot = storage / "snapshots" / sha
+        for name in filter_repo_objects(names, allow_patterns=patterns):
+            _fetch_file(repo_id, repo_type, sha, name, storage, deadline)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        ref = "main" if revision is None else revision
+        if ref != sha and SAFE_REF.fullmatch(ref):
+            _write_atomic(storage / "refs" / ref, sha.encode())
+        return snapshot
+
+
+def _checked_sha(sha, repo_id: str) -> str:
+    if not isinstance(sha, str) or not COMMIT_SHA.fullmatch(sha):
+        raise SourceError(f"{repo_id}: the Hub answered the commit sha {sha!r}, which is not 40 hex digits",
+                          hint="a server that answers this is broken or hostile; check HF_ENDPOINT")
+    return sha
+
+
+def fetch_file(repo_id: str, sha: str, name: str, *, local_dir: Path | None = None, repo_type: str = "model") -> Path:
+    """One file of a Hub repo at commit ``sha`` through the checks of :func:`fetch_snapshot`: into the
+    Hugging Face cache (the snapshot's path is returned), or with ``local_dir`` into ``local_dir/name``
+    (a private folder the caller deletes)."""
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    _checked_sha(sha, repo_id)
+    check_repo_path(name, repo_id)
+    deadline = time.monotonic() + download_seconds()
+    with hub_errors(repo_id, sha):
+        if _offline():  # the cache alone: no server answer becomes a path
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(repo_id, name, repo_type=repo_type, revision=sha, local_dir=local_dir,
+                                        local_files_only=True))
+        if local_dir is not None:
+            meta = _checked_meta(repo_id, repo_type, sha, name)
+            dest = Path(local_dir) / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _stream(meta.location, dest, meta.size, deadline, f"{repo_id}: {name}")
+            return dest
+        storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+        _fetch_file(repo_id, repo_type, sha, name, storage, deadline)
+        return storage / "snapshots" / sha / name
+
+
+def _checked_meta(repo_id: str, repo_type: str, sha: str, name: str):
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    meta = get_hf_file_metadata(hf_hub_url(repo_id, name, repo_type=repo_type, revision=sha))
+    if meta.commit_hash != sha:
+        raise SourceError(f"{repo_id}: the Hub serves {name!r} from commit {meta.commit_hash!r}, not {sha}",
+                          hint="a server that answers this is broken or hostile; check HF_ENDPOINT")
+    if not isinstance(meta.etag, str) or not BLOB_ETAG.fullmatch(meta.etag):
+        raise SourceError(f"{repo_id}: the Hub gives {name!r} the ETag {meta.etag!r}, which is not a blob id",
+                          hint="a server that answers this is broken or hostile; check HF_ENDPOINT")
+    return meta
+
+
+def _fetch_file(repo_id: str, repo_type: str, sha: str, name: str, storage: Path, deadline: float) -> None:
+    """One file into blobs/ETAG (skipped when that blob is there), linked from snapshots/SHA/NAME."""
+    meta = _checked_meta(repo_id, repo_type, sha, name)
+    blob = storage / "blobs" / meta.etag
+    if not (blob.is_file() and not blob.is_symlink() and (meta.size is None or blob.stat().st_size == meta.size)):
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        _stream(meta.location, blob, meta.size, deadline, f"{repo_id}: {name}")
+    pointer = storage / "snapshots" / sha / name
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_name(f".{pointer.name}.qconvert-{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(blob, pointer.parent))
+    os.replace(tmp, pointer)
+
+
+def _stream(url: str, dest: Path, size: int | None, deadline: float, shown: str) -> None:
+    """GET ``url`` into ``dest`` through a temporary file created exclusively, never through a link;
+    stopped at the deadline however slowly the bytes come, and at more bytes than announced."""
+    import time
+
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    tmp = dest.with_name(f".{dest.name}.qconvert-{os.getpid()}.incomplete")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        got = 0
+        with os.fdopen(fd, "wb") as f, get_session().stream("GET", url, headers=build_hf_headers(), follow_redirects=True) as r:
+            hf_raise_for_status(r)
+            for chunk in r.iter_bytes():
+                got += len(chunk)
+                if size is not None and got > size:
+                    raise SourceError(f"{shown}: the server sent more than the {size} bytes it announced")
+                if time.monotonic() > deadline:
+                    raise SourceError(f"{shown}: the download ran past {download_seconds():g} s ({got} bytes received)",
+                                      hint="the server is too slow or stalls; QCONVERT_DOWNLOAD_SECONDS sets the bound")
+                f.write(chunk)
+        if size is not None and got != size:
+            raise SourceError(f"{shown}: the server sent {got} of the {size} bytes it announced", hint="try again")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.qconvert-{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -16,19 +16,18 @@ from .reader import CheckpointReader
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder, or a Hub repo id downloaded with huggingface_hub; returns (folder, repo id)."""
+    """A local folder, or a Hub repo id downloaded through qconvert's checked path; returns (folder, repo id)."""
     p = Path(path_or_repo_id)
     if p.exists():
         return p, None
-    from .hub import hub_errors, looks_like_repo_id
+    from .hub import looks_like_repo_id
 
     rid = str(path_or_repo_id)
     if not looks_like_repo_id(rid):
         raise SourceError(f"{rid}: no such folder, and not a Hub repo id of the form org/name")
-    from huggingface_hub import snapshot_download
+    from .hub import fetch_snapshot
 
-    with hub_errors(rid, revision):
-        return Path(snapshot_download(rid, revision=revision)), rid
+    return fetch_snapshot(rid, revision, None, repo_type="model"), rid  # names checked, a deadline
 
 
 def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool = False) -> CheckpointReader:

@@ -75,6 +75,7 @@ def run_signature(base_id: str, lora) -> dict:
 def load_state(ckpt: Path) -> dict:
     """Read trainer_state.pt without running any code; refuse what is not ours."""
     path = ckpt / STATE
+    check_state_archive(path)
     try:
         st = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
@@ -87,6 +88,30 @@ def load_state(ckpt: Path) -> dict:
         raise DataError(f"{path}: not a training state of this qconvert version",
                         hint="start the run again without --resume (or with --overwrite)")
     return st
+
+
+#: entries a trainer_state.pt may hold (torch.save writes one per tensor storage, plus a handful)
+MAX_STATE_ENTRIES = 1_000_000
+
+
+def check_state_archive(path: Path) -> None:
+    """Refuse a trainer_state.pt whose zip entries would inflate beyond the file before torch reads
+    it: torch.save stores every entry uncompressed, but torch.load also inflates deflated ones (a 2 MB
+    file can hold 2 GB of zeros). Checked from the zip's directory, before any entry is read."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise DataError(f"{path}: not a readable training state ({type(e).__name__})",
+                        hint="the checkpoint is damaged; resume from an earlier checkpoint-N") from None
+    bad = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None)
+    if bad is not None or len(infos) > MAX_STATE_ENTRIES or sum(i.file_size for i in infos) > size:
+        what = f"entry {bad.filename!r} is compressed" if bad is not None else "its entries claim more bytes than the file holds"
+        raise DataError(f"{path}: refused: {what} (torch.save writes every entry stored, uncompressed)",
+                        hint="only resume from checkpoints qconvert wrote")
 
 
 def check_compatible(ckpt: Path, st: dict, signature: dict) -> None:

@@ -8,7 +8,6 @@ resolved options to OUTPUT/config.yaml in the same keys, so ``--config OUTPUT/co
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +24,13 @@ LOOKUP = {alias: opt for opt, (key, aliases) in KEYS.items() for alias in (key, 
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The file's settings as {train() option: value}; unknown keys are refused with a suggestion."""
+    from ..io.readers import MAX_RUN_CONFIG_BYTES, read_json, read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise OptionError(f"--config {p}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise OptionError(f"--config {p}: not UTF-8 text") from None
-    if p.suffix.lower() == ".json":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise OptionError(f"--config {p}:{e.lineno}: not valid JSON ({e.msg})") from None
-    else:
-        import yaml
-
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise OptionError(f"--config {p}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    reader = read_json if p.suffix.lower() == ".json" else read_yaml
+    raw = reader(p, "a run config", OptionError, limit=MAX_RUN_CONFIG_BYTES, shown=f"--config {p}")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

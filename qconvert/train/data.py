@@ -4,8 +4,8 @@ loss masks, with every dropped or truncated record counted.
 Sources (:func:`load_records`): local ``.jsonl`` / ``.json`` (read here, with line numbers in every
 message), ``.parquet``, ``.csv``, ``.tsv``, ``.arrow`` and ``.txt`` files and dataset folders through
 the ``datasets`` library, and Hub dataset ids (``org/name``, ``--data-split``, ``--data-config``),
-downloaded with huggingface_hub (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply) and then read by
-``datasets`` exactly as a local folder.
+downloaded through :func:`qconvert.io.hub.fetch_snapshot` into the Hugging Face cache (HF_ENDPOINT,
+HF_TOKEN and HF_HUB_OFFLINE apply) and then read by ``datasets`` exactly as a local folder.
 
 Splits: a Hub dataset or a folder has named splits (from its card's YAML or its file names: a
 ``valid``/``val``/``dev`` file is the "validation" split). Training reads "train" unless
@@ -29,7 +29,14 @@ Length (``truncation``): a record longer than ``max_length`` tokens is cut to it
 ``max_length`` tokens ("truncate", the default) or left out ("drop"). A truncated record loses its
 tail and with it its EOS: the model is not taught to stop where the cut fell. Both are counted in the
 :class:`DataReport`. A record whose prompt alone fills ``max_length`` has nothing left to learn and is
-always dropped.
+always dropped. Before tokenizing, a record over :func:`record_bound` characters is cut to it (a
+text record that "truncate" cuts anyway) or left out, counted as "over the size bound": records are
+tokenized whole, and a 12 KB parquet file can hold a 120 MB string.
+
+Confinement: a folder's or Hub dataset's files (as its card's ``data_files`` name them) must lie
+inside it, links resolved; CSV/parquet files have at most :data:`MAX_COLUMNS` columns. Chat
+templates render within bounds (:mod:`.templates`); one that raises for a record drops that record,
+counted as "chat template refused".
 
 Bad records (invalid JSON, unknown shape, missing key, not UTF-8...): with ``strict`` (the default
 of these functions, and ``--strict-data`` of the CLI) the first one raises :class:`DataError`;
@@ -46,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, OptionError
+from .templates import TemplateRefused, render
 
 FORMATS = ("auto", "text", "alpaca", "prompt", "chat", "sharegpt")
 TRUNCATION = ("truncate", "drop")
@@ -57,6 +65,14 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 HUB_PATTERNS = ["*.parquet", "*.csv", "*.tsv", "*.json", "*.jsonl", "*.ndjson", "*.arrow", "*.txt", "README.md", "*.yaml"]
 #: The splits evaluation reads from a Hub dataset or folder when none is named: the first one it has.
 EVAL_SPLITS = ("validation", "test")
+#: characters a record may hold per --max-length token before tokenizing (about 4 per token in
+#: English; 64 leaves room for any script), and never fewer than MIN_RECORD_CHARS
+CHARS_PER_TOKEN = 64
+MIN_RECORD_CHARS = 2**20
+#: columns a CSV/TSV or parquet data file may have (a record format uses a handful)
+MAX_COLUMNS = 10_000
+MAX_HEADER_BYTES = 2**20
+_COLUMNS_HINT = "training records use a few columns (text, or prompt/completion, or messages...); check the file"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool"}
@@ -117,7 +133,8 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
     dropped_before = report.n_dropped if report is not None else 0
     if not p.exists():
         if HUB_ID.match(str(path)) and p.suffix.lower() not in (*JSON_SUFFIXES, *DATASETS_BUILDERS):
-            records = _split_records(_hub_folder(str(path), revision), str(path), split, config, evaluation, report)
+            snapshot = _hub_folder(str(path), revision)  # links into the repo's blobs/, two levels up
+            records = _split_records(snapshot, str(path), split, config, evaluation, report, link_root=str(Path(snapshot).parents[1]))
         else:
             raise DataError(f"{p}: no such file", hint="give a .jsonl/.json/.parquet/.csv/.arrow/.txt file or a Hub dataset id org/name")
     elif p.is_dir():
@@ -128,6 +145,7 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
     elif p.suffix.lower() in JSON_SUFFIXES:
         records = _json_records(p, strict, report)
     elif p.suffix.lower() in DATASETS_BUILDERS:
+        check_columns(p, str(p))
         records = _datasets_records(DATASETS_BUILDERS[p.suffix.lower()], str(p), data_files=str(p))
     else:
         raise DataError(f"{p}: unknown data file type {p.suffix or '(no suffix)'!r}",
@@ -207,28 +225,28 @@ def _datasets_records(path: str, shown: str, *, data_files: str | None = None, s
 
 
 def _hub_folder(repo_id: str, revision: str | None) -> str:
-    """A Hub dataset's data files, downloaded with huggingface_hub: the local folder that holds them."""
-    from huggingface_hub import snapshot_download
+    """A Hub dataset's data files, downloaded through qconvert's checked path
+    (:func:`qconvert.io.hub.fetch_snapshot`): the snapshot folder in the Hugging Face cache."""
+    from ..io.hub import fetch_snapshot
 
-    from ..io.hub import hub_errors
-
-    with hub_errors(repo_id, revision):
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_PATTERNS)
+    return str(fetch_snapshot(repo_id, revision, HUB_PATTERNS, repo_type="dataset"))
 
 
 def _split_records(folder: str, shown: str, split: str | None, config: str | None, evaluation: bool,
-                   report: DataReport | None) -> list[tuple[int, dict]]:
-    """The records of one split of a dataset folder (a Hub dataset's download, or the user's)."""
+                   report: DataReport | None, link_root: str | None = None) -> list[tuple[int, dict]]:
+    """The records of one split of a dataset folder (a Hub dataset's download, or the user's): its
+    files checked first (:func:`_check_data_files`)."""
+    files = _data_files(folder, shown, config)
+    _check_data_files(files, folder, shown, link_root or folder)
     if split is None:
-        split = _eval_split(folder, shown, config) if evaluation else "train"
+        split = _eval_split(list(files), shown) if evaluation else "train"
     if report is not None:
         report.split = split
     return _datasets_records(folder, shown, split=split, config=config)
 
 
-def split_names(folder: str, shown: str, config: str | None = None) -> list[str]:
-    """The splits of a dataset folder as ``datasets`` resolves them (its card's YAML, else its file
-    names), without reading any data."""
+def _data_files(folder: str, shown: str, config: str | None) -> dict[str, list[str]]:
+    """{split: [file, ...]} as ``datasets`` resolves a folder's card and file names, nothing read."""
     import tempfile
 
     datasets = _quiet_datasets()
@@ -238,13 +256,60 @@ def split_names(folder: str, shown: str, config: str | None = None) -> list[str]
         except (ValueError, KeyError, TypeError, OSError, datasets.exceptions.DatasetGenerationError) as e:
             detail = " ".join(str(e).split())[:120]
             raise DataError(f"{shown}: cannot read the data (config {config!r})", hint=f"{type(e).__name__}: {detail}") from None
-    return [str(s) for s in (files or {})]
+    return {str(s): [str(f) for f in paths] for s, paths in (files or {}).items()}
 
 
-def _eval_split(folder: str, shown: str, config: str | None) -> str:
+def _check_data_files(files: dict[str, list[str]], folder: str, shown: str, link_root: str) -> None:
+    """Every data file of a dataset folder lies inside it, by name (no ``../``, absolute path or URL
+    from a card's ``data_files``) and once links are resolved (inside ``link_root``: the folder, or
+    for a Hub download the repo's cache folder that holds the blobs its snapshot links to); and each
+    has a bounded number of columns (:func:`check_columns`)."""
+    import os
+
+    lex_root, real_root = os.path.abspath(folder), os.path.realpath(link_root)
+    for split, paths in files.items():
+        for f in paths:
+            lex, real = os.path.normpath(os.path.abspath(f)), os.path.realpath(f)
+            if "://" in f or not _inside(lex, lex_root) or not _inside(real, real_root):
+                raise DataError(f"{shown}: split {split!r} names the file {f!r}, outside the dataset",
+                                hint="a dataset's files must lie inside its folder or Hub repo (no ../, absolute path or link out)")
+            check_columns(Path(f), shown)
+
+
+def _inside(path: str, root: str) -> bool:
+    import os
+
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_columns(path: Path, shown: str) -> None:
+    """Refuse a CSV/TSV or parquet file with more than :data:`MAX_COLUMNS` columns before ``datasets``
+    reads it (a 200,000-column CSV keeps its reader busy for minutes); a CSV header is counted in
+    its first :data:`MAX_HEADER_BYTES` bytes."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, "rb") as f:
+            head = f.read(MAX_HEADER_BYTES)
+        line = head.split(b"\n", 1)[0]
+        if len(line) == MAX_HEADER_BYTES:
+            raise DataError(f"{shown}: {path.name}: the header line is over {MAX_HEADER_BYTES} bytes", hint=_COLUMNS_HINT)
+        n = line.count(b"\t" if suffix == ".tsv" else b",") + 1
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            n = len(pq.read_schema(path).names)
+        except (OSError, ValueError):
+            return  # ``datasets`` names what is wrong with it
+    else:
+        return
+    if n > MAX_COLUMNS:
+        raise DataError(f"{shown}: {path.name} has {n} columns, over the {MAX_COLUMNS} qconvert reads", hint=_COLUMNS_HINT)
+
+
+def _eval_split(have: list[str], shown: str) -> str:
     """The first of EVAL_SPLITS the dataset has; refused when it has none (its train split is never
     taken for evaluation in silence)."""
-    have = split_names(folder, shown, config)
     for name in EVAL_SPLITS:
         if name in have:
             return name
@@ -289,18 +354,18 @@ def _pair(tok, prompt: str, completion: str, train_on_inputs: bool) -> tuple[lis
     return p + c, (p if train_on_inputs else [IGNORE] * len(p)) + c
 
 
-def _chat(tok, messages: list, train_on_inputs: bool) -> tuple[list[int], list[int]]:
+def _chat(tok, messages: list, train_on_inputs: bool, max_chars: int) -> tuple[list[int], list[int]]:
     if not getattr(tok, "chat_template", None):
         raise DataError("chat records need a tokenizer with a chat template", hint="use text/prompt records, or add a chat_template")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise _RecordError(f"message {i + 1} needs string 'role' and 'content'")
-    full = tok.apply_chat_template(messages, tokenize=False)
+    full = render(tok, messages, max_chars)
     spans = []
     for i, m in enumerate(messages):
         if m.get("role") == "assistant":
-            start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
-            end = len(tok.apply_chat_template(messages[: i + 1], tokenize=False))
+            start = len(render(tok, messages[:i], max_chars, add_generation_prompt=True)) if i else 0
+            end = len(render(tok, messages[: i + 1], max_chars))
             spans.append((start, end))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -310,7 +375,7 @@ def _chat(tok, messages: list, train_on_inputs: bool) -> tuple[list[int], list[i
     return ids, labels
 
 
-def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool) -> tuple[list[int], list[int]]:
+def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool, max_chars: int) -> tuple[list[int], list[int]]:
     if f == "text":
         if not isinstance(rec["text"], str):
             raise _RecordError("'text' must be a string")
@@ -326,10 +391,64 @@ def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool) -> tuple[list[int],
     if f == "sharegpt":
         if not isinstance(rec["conversations"], list):
             raise _RecordError("'conversations' must be a list of turns")
-        return _chat(tok, sharegpt_messages(rec["conversations"]), train_on_inputs)
+        return _chat(tok, sharegpt_messages(rec["conversations"]), train_on_inputs, max_chars)
     if not isinstance(rec["messages"], list):
         raise _RecordError("'messages' must be a list")
-    return _chat(tok, rec["messages"], train_on_inputs)
+    return _chat(tok, rec["messages"], train_on_inputs, max_chars)
+
+
+def record_bound(max_length: int) -> int:
+    """Characters a record may hold before it is tokenized: records are tokenized whole, and a
+    12 KB parquet file can hold a 120 MB string (several GB once tokenized)."""
+    return max(MIN_RECORD_CHARS, CHARS_PER_TOKEN * max_length)
+
+
+#: the keys of a record each format tokenizes (other columns are never tokenized, nor counted)
+FORMAT_KEYS = {"text": ("text",), "alpaca": ("instruction", "input", "output"), "prompt": ("prompt", "completion"),
+               "chat": ("messages",), "sharegpt": ("conversations",)}
+
+
+def _chars(value) -> int:
+    """Characters in the strings of a record (its keys and values, nested lists and dicts), counted
+    without recursion."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            n += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return n
+
+
+def _bounded(rec: dict, f: str, max_length: int, truncation: str) -> tuple[dict | None, int]:
+    """(record, 0) when it is within :func:`record_bound`; over it, a text record that will be
+    truncated anyway is cut to the bound before tokenizing ((cut record, its length)), and any other
+    is left out ((None, its length)): the caller counts it."""
+    bound = record_bound(max_length)
+    text = rec.get("text") if f == "text" else None
+    n = len(text) if isinstance(text, str) else _chars([rec.get(k) for k in FORMAT_KEYS.get(f, ())])
+    if n <= bound:
+        return rec, 0
+    if isinstance(text, str) and truncation == "truncate":
+        return dict(rec, text=text[:bound]), n
+    return None, n
+
+
+def check_token_ids(examples: list[Example], embeddings, tok, source: str) -> None:
+    """Every token id has a row in the model's input embeddings (a tokenizer with tokens added after
+    the model was saved gives ids past them, and the embedding lookup fails mid-run)."""
+    rows = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
+    if top >= rows:
+        raise DataError(f"{source}: the tokenizer gives token id {top} ({tok.convert_ids_to_tokens(top)!r}), "
+                        f"past the model's {rows} input embeddings",
+                        hint="use the tokenizer saved with the model; tokens added later need resized embeddings")
 
 
 def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, source: str = "data",
@@ -350,10 +469,18 @@ def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train
             _bad(strict, report, "unknown shape", f"{where}: record with keys {sorted(rec)[:8]} is of no known shape",
                  hint='use {"text"}, {"instruction","input","output"}, {"prompt","completion"}, {"messages"} or {"conversations"}')
             continue
+        rec, over = _bounded(rec, f, max_length, truncation)
+        if rec is None:
+            if report is not None:
+                report.drop("over the size bound", f"{where}: {over} characters, over {record_bound(max_length)} (--max-length x {CHARS_PER_TOKEN})")
+            continue
         try:
-            ids, labels = _tokenize(rec, f, tok, train_on_inputs)
+            ids, labels = _tokenize(rec, f, tok, train_on_inputs, 4 * record_bound(max_length))
         except KeyError as e:
             _bad(strict, report, "missing key", f"{where}: a {f} record needs the key {e.args[0]!r}")
+            continue
+        except TemplateRefused as e:
+            _bad(strict, report, "chat template refused", f"{where}: the chat template refuses this record ({e})")
             continue
         except _RecordError as e:
             _bad(strict, report, "malformed", f"{where}: {e}")
@@ -365,6 +492,10 @@ def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train
         if first >= max_length:
             _bad(strict, report, "prompt fills --max-length", f"{where}: --max-length {max_length} is shorter than the prompt ({first} tokens)",
                  hint="raise --max-length")
+            continue
+        if over and len(ids) <= max_length:  # the cut text fell short: its first tokens are not known
+            if report is not None:
+                report.drop("over the size bound", f"{where}: {over} characters, over {record_bound(max_length)}")
             continue
         if len(ids) > max_length:
             if truncation == "drop":

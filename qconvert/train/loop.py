@@ -27,7 +27,7 @@ import torch
 from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
-from .data import DataReport, build_examples, collate, load_records, pack
+from .data import DataReport, build_examples, check_token_ids, collate, load_records, pack
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
@@ -186,6 +186,7 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     try:
         r = _Run(o, out, rank, world, device, say)
         r.setup_model(root, targets)
+        check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, str(data))
         r.plan = make_plan(examples, eval_examples, o, world)
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o["lr_scheduler"], r.plan.warmup_steps, r.plan.total_steps))
         if ckpt_dir is not None:
@@ -290,11 +291,14 @@ class _Run:
 
     def prepare_outputs(self, model, data, ckpt_dir) -> None:
         from .config import resolved_config, write_config
+        from .plot import read_metrics
 
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if ckpt_dir is None and self.metrics_path.exists():
                 self.metrics_path.unlink()
+            elif ckpt_dir is not None:  # resuming: a damaged log is refused now, not after the run
+                read_metrics(self.metrics_path)
             write_config(self.out / "config.yaml", resolved_config(model, data, self.out, self.o))
 
     def report_start(self, reports, targets) -> None:
@@ -504,8 +508,10 @@ def count_parameters(model) -> int:
 
 def check_causal_lm(root: Path) -> None:
     """`train` needs a decoder-only causal LM: refuse encoders (BERT) and encoder-decoders (T5)."""
+    from ..validate import read_config
+
     try:
-        cfg = json.loads((Path(root) / "config.json").read_text(encoding="utf-8"))
+        cfg = read_config(Path(root))  # the one config.json reader, its size limit
     except (OSError, ValueError):
         return  # load_model reports a missing or broken config.json
     arch = (cfg.get("architectures") or [None])[0]

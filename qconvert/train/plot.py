@@ -15,15 +15,39 @@ from pathlib import Path
 
 SERIES_KEY = "qconvert:series"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: a metrics.jsonl row is about 150 bytes
+MAX_METRICS_LINE = 2**16
+#: the numeric columns the plot draws
+PLOTTED = ("loss", "eval_loss", "lr")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
+    """The rows of metrics.jsonl, read line by line (each at most :data:`MAX_METRICS_LINE` bytes);
+    a damaged line (a run killed while writing it, a hand edit) is a DataError naming it."""
+    rows: list[dict] = []
+    if not Path(path).is_file():
+        return rows
+    with open(path, "rb") as f:
+        for n, line in enumerate(iter(lambda: f.readline(MAX_METRICS_LINE + 1), b""), 1):
             if line.strip():
-                rows.append(json.loads(line))
+                rows.append(_metrics_row(line, f"{path}:{n}"))
     return rows
+
+
+def _metrics_row(line: bytes, where: str) -> dict:
+    from ..errors import DataError
+
+    hint = "remove or repair that line of metrics.jsonl (a run killed while writing it?), then run again"
+    if len(line) > MAX_METRICS_LINE:
+        raise DataError(f"{where}: a line over {MAX_METRICS_LINE} bytes, not a metrics row", hint=hint)
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise DataError(f"{where}: not a metrics row (not valid JSON)", hint=hint) from None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(row, dict) or not number(row.get("step")) or any(k in row and not number(row[k]) for k in PLOTTED):
+        raise DataError(f"{where}: not a metrics row (a JSON object with a numeric step, loss, eval_loss, lr)", hint=hint)
+    return row
 
 
 def loss_figure(rows: list[dict]):
