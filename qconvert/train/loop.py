@@ -643,18 +643,19 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
     from ..adapters import stable_adapter_config
-    from ..io.cards import adapter_card
+    from ..io.cards import adapter_card, hub_id, shown
 
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     stable_adapter_config(tmp, base_model_name_or_path=base_id)
-    body = (f"# LoRA adapter for {base_id}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
+    base_name = hub_id(base_id) or Path(base_id).name  # a card never carries a local path (io/cards.shown)
+    body = (f"# LoRA adapter for {shown(base_id)}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
             f"lr {info['lr']}, final training loss {info['final_loss']:.4f}"
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
             + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
-            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_id}\"), \"{out.name}\")`.\n")
+            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"{out.name}\")`.\n")
     (tmp / "README.md").write_text(adapter_card(base_id, body, extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", "adapter_config.json"):  # the config last
         os.replace(tmp / f, out / f)
