@@ -30,6 +30,7 @@ from .checkpoint import check_compatible, find_resume, load_state, prepare_outpu
 from .data import DataReport, build_examples, collate, load_records, pack
 from .options import check_target_modules, default_targets
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
+from .resume import resumed_config, run_settings
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
 AUTO_SAVE_MIN_STEPS = 50
@@ -143,8 +144,6 @@ def train(
     if same_folder and not (cfg.resume and cfg.overwrite):  # (both given: prepare_output says they contradict)
         raise OptionError(f"--output {output} is the model folder itself",
                           hint="give --output a folder of its own: the adapter would be written into the model (and its card replaced)")
-    options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
-    targets = cfg.target_modules
     resume, overwrite = cfg.resume, cfg.overwrite
     rank, world, made = _dist()
     finished = False
@@ -160,17 +159,22 @@ def train(
             prepare_output(out, resume=resume, overwrite=overwrite)
         if world > 1:
             dist.barrier()
+        ckpt_dir = find_resume(out, resume)
+        st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
+        if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
+            cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
+        options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
         with warnings.catch_warnings():
             # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
             warnings.simplefilter("ignore", FutureWarning)
-            result = _train(model, data, out, options, targets, rank, world, say, progress)
+            result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st))
         finished = True
         return result
     finally:
         _end_dist(made, finished)
 
 
-def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress) -> dict[str, Any]:
+def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed) -> dict[str, Any]:
     from ..loader import resolve_model_path
     from . import fsdp as fs
 
@@ -180,8 +184,7 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     check_causal_lm(root)
     tok = _tokenizer(root)
     examples, eval_examples, reports = read_data(data, tok, o)
-    ckpt_dir = find_resume(out, o["resume"])
-    st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
+    ckpt_dir, st = resumed
     device = fs.local_rank_device()
     made_group = fs.ensure_group(world, device) if o.get("fsdp") else False
     try:
@@ -223,6 +226,7 @@ class _Run:
         self.metrics_path = out / "metrics.jsonl"
         self.show = say
         self.memory_line = None
+        self.settings = {"settings": run_settings(o, world)}  # recorded in each checkpoint, taken back on --resume
 
     def setup_model(self, root: Path, targets) -> None:
         """The 4-bit base, gradient checkpointing, LoRA, FSDP sharding (with --fsdp), the optimizer."""
@@ -398,10 +402,10 @@ class _Run:
             from .checkpoint import save_fsdp_checkpoint
 
             path = save_fsdp_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
-                                        self.world, self.signature)
+                                        self.world, self.signature, extra=self.settings)
         else:
             path = save_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
-                                   self.world, self.signature)
+                                   self.world, self.signature, extra=self.settings)
         if self.rank == 0:
             _plot(self.out)
             show(f"step {self.step}: saved {path}")
