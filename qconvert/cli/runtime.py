@@ -32,11 +32,13 @@ from . import options
 def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, echo,
              as_json, dtype, backend, revision):
     """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
+    from .._cpus import cap_torch_threads
     from ..generation import check_settings, generate_text
     from ..runtime import attach_adapter, load_for_inference
 
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, chat=chat, system=system)  # before minutes of loading
+    cap_torch_threads()
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype)
     if adapter:
         attach_adapter(lm, adapter)
@@ -68,8 +70,10 @@ def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, 
 def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_length, truncation, train_on_inputs, batch_size, dtype,
              backend, revision, as_json):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
+    from .._cpus import cap_torch_threads
     from ..evaluate import evaluate, format_table
 
+    cap_torch_threads()
     rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,
                     train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype,
                     data_split=data_split, data_config=data_config, truncation=truncation)
