@@ -53,10 +53,10 @@ def test_resume_takes_the_run_settings_and_refuses_a_contradiction_by_name():
 def test_resume_keeps_the_global_batch_across_process_counts():
     run = dict(RUN, batch_size=2, grad_accum=4)
     assert resumed("--grad-accum", "2", world=2, run=run).grad_accum == 2  # 2 x 2 x 2 processes = 2 x 4 x 1
-    with pytest.raises(OptionError, match=r"2 process\(es\) make a global batch of 16, the run being resumed has 8") as e:
+    with pytest.raises(OptionError, match=r"2 process\(es\) give a global batch of 16, the run being resumed has 8") as e:
         resumed(world=2, run=run)
     assert e.value.hint == "give --grad-accum 2"
-    with pytest.raises(OptionError, match=r"--batch-size 4 make a global batch of 16"):
+    with pytest.raises(OptionError, match=r"--batch-size 4 gives a global batch of 16"):
         resumed("--batch-size", "4", run=run)
 
 

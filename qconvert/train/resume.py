@@ -91,7 +91,8 @@ def _check_batch(cfg: TrainConfig, saved: dict, was_world: int, world: int, give
         return
     named = [_shown(k, getattr(cfg, k)) for k in BATCH if k in given] or [f"{world} process(es)"]
     fits = was % (cfg.batch_size * world) == 0
-    raise OptionError(f"--resume: {' and '.join(named)} make a global batch of {now}, the run being resumed has {was} "
+    verb = "gives" if len(named) == 1 and not named[0].endswith("process(es)") else "give"
+    raise OptionError(f"--resume: {' and '.join(named)} {verb} a global batch of {now}, the run being resumed has {was} "
                       f"({saved['batch_size']} x {saved['grad_accum']} accumulation x {was_world} process(es); {where})",
                       hint=f"give --grad-accum {was // (cfg.batch_size * world)}" if fits
                       else "resume with the run's --batch-size and --grad-accum, on as many processes")
