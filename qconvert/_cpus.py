@@ -16,6 +16,10 @@ workers take as they become free, so a worker that the kernel descheduled delays
 chunk. tools/bench_contention.py measures that default against one worker under competing load.
 
 Every reader takes ``root`` (default ``/``) so tests can feed a fake /proc and /sys tree.
+
+The single-process commands that run torch ops (train, generate, eval, merge) cap torch's intra-op
+thread count at the same figure (:func:`cap_torch_threads`): torch's default counts the machine's
+cores, and more threads than the process can run make every small op wait for a descheduled one.
 """
 
 from __future__ import annotations
@@ -148,3 +152,20 @@ def resolve_workers(value: str | int | None) -> int:
     """``parse_workers`` with the automatic choice filled in: :func:`available_cpus`."""
     n = parse_workers(value)
     return n if n is not None else available_cpus()
+
+
+def cap_torch_threads() -> int:
+    """Cap torch's intra-op threads at :func:`available_cpus` for a single-process command, and
+    return the count in force. torch's default counts the machine's cores, not a container's quota
+    or the affinity: beyond what the process can run, each op waits for a descheduled thread (10-20x
+    slower on a loaded machine). ``OMP_NUM_THREADS``, when set, is the user's choice, left alone.
+    The load of other processes is not looked at (see the module docstring)."""
+    import torch
+
+    now = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return now
+    n = min(now, available_cpus())
+    if n != now:
+        torch.set_num_threads(n)
+    return n

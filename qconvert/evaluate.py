@@ -74,6 +74,9 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
 
     if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
         raise DataError(f"{data}: no such file")
+    from .io.source import resolve_adapter_path
+
+    folders = [resolve_adapter_path(a)[0] for a in adapters]  # folders or Hub ids, fetched before the model loads
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype, device=device)
     tok = lm.tokenizer
     from .train.data import DataReport
@@ -89,8 +92,8 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
     rows = []
     if compare or not adapters:
         rows.append({**row, "adapter": None, **score(lm.model, examples, pad, batch_size=batch_size)})
-    for a in adapters:
-        attach_adapter(lm, a)
+    for a, folder in zip(adapters, folders):
+        attach_adapter(lm, folder)
         rows.append({**row, "adapter": str(a), **score(lm.model, examples, pad, batch_size=batch_size)})
     return rows
 

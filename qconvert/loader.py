@@ -28,7 +28,7 @@ from .errors import DtypeOptionError, FormatError
 from .format.checkpoint import Checkpoint
 from .format.conformance import check_checkpoint
 from .format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
-from .io.source import resolve_model_path  # also imported from here by train and runtime
+from .io.source import resolve_adapter_path, resolve_model_path  # also imported from here by train and runtime
 
 
 def _set_tensor(model, name: str, value: torch.Tensor) -> None:
@@ -75,7 +75,7 @@ def load_model(
     given, else to the checkpoint's ``bnb_4bit_compute_dtype``. The 4-bit weights are always their
     logical values (spec section 8), converted to ``compute_dtype``. So
     ``load_model(path, dtype=torch.float32)`` is an all-float32 model.
-    ``adapter``: a PEFT LoRA folder to attach (returns a PeftModel).
+    ``adapter``: a PEFT LoRA folder, or its Hub id, to attach (returns a PeftModel).
     """
     from transformers import AutoConfig
 
@@ -84,6 +84,7 @@ def load_model(
     for given in (dtype, compute_dtype):  # option values first, before any file is read or downloaded
         if given not in (None, "auto"):
             _as_dtype(given)
+    adapter_dir = None if adapter is None else resolve_adapter_path(adapter)[0]  # a folder or a Hub id, before the model loads
     root, repo_id = resolve_model_path(path_or_repo_id, revision)
     from .validate import check_model_folder
 
@@ -124,10 +125,10 @@ def load_model(
 
         from .adapters import check_adapter_for_model, conv1d_notice_hidden, module_targets_kept
 
-        check_adapter_for_model(adapter, model)  # PEFT's own errors for a damaged adapter are tracebacks
+        check_adapter_for_model(adapter_dir, model)  # PEFT's own errors for a damaged adapter are tracebacks
 
         with conv1d_notice_hidden(model), module_targets_kept():
-            model = PeftModel.from_pretrained(model, str(adapter))
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model
 
 

@@ -215,11 +215,14 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
 
 
 def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None = None) -> None:
-    """Check the adapter against the model, attach it with PEFT and make it the active one."""
+    """Check the adapter (a folder, or a Hub id: :func:`qconvert.io.source.resolve_adapter_path`)
+    against the model, attach it with PEFT and make it the active one."""
     from peft import PeftModel
 
     from .adapters import conv1d_notice_hidden, module_targets_kept
+    from .io.source import resolve_adapter_path
 
+    given, (folder, _) = folder, resolve_adapter_path(folder)
     check_adapter(folder, lm.model, lm.name)
     name = name or f"adapter{len(lm.adapters)}"
     try:
@@ -234,7 +237,7 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
         raise FormatError(f"{folder}: PEFT cannot attach this adapter ({type(e).__name__})", hint="check adapter_config.json") from None
     lm.model.eval()
-    lm.adapters.append(str(folder))
+    lm.adapters.append(str(given))
 
 
 def forward_inputs(model, encoding) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def make_tiny_bert(out: str | os.PathLike, *, dtype: torch.dtype = torch.float32
     return out
 
 
-def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.bfloat16):
+def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.bfloat16, quant_storage=torch.uint8):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -96,6 +96,7 @@ def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 

@@ -188,7 +188,7 @@ def test_adapter_files(env, capsys, tmp_path):
     def check(folder, match):
         refused(capsys, "generate", env["q"], "--prompt", "w1", "--adapter", folder, "--backend", "reference", match=match)
 
-    check(tmp_path / "none", "no adapter_config.json")
+    check(tmp_path / "none", "no such adapter folder, and not a Hub repo id")  # neither a folder nor an org/name id
     a = adapter_copy(env, tmp_path, "badjson")
     (a / "adapter_config.json").write_text("{not json")
     check(a, "adapter_config.json: not valid JSON")

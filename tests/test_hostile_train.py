@@ -175,9 +175,9 @@ def test_existing_run_refused_then_overwrite_starts_clean_and_resume_refuses_ano
     r = train(qmodel, data, out, *common, "--max-steps", 2, "--lora-r", 8, ok=False)
     one_line_error(r, "already holds files", "--overwrite")
     assert (out / "metrics.jsonl").read_text() == before and (out / "checkpoint-2").is_dir()
-    # 2. resuming it with another LoRA shape is refused: its adapter would not fit
+    # 2. resuming it with another LoRA shape is refused, by name (train/resume.py): its adapter would not fit
     r = train(qmodel, data, out, *common, "--max-steps", 3, "--lora-r", 8, "--resume", ok=False)
-    one_line_error(r, "checkpoint from another run", "r 4", "this run 8")
+    one_line_error(r, "--lora-r 8 contradicts the run being resumed: its lora_r is 4")
     # 3. --overwrite: the old run's checkpoints and metrics are gone, the new run is complete
     train(qmodel, data, out, *common, "--max-steps", 2, "--lora-r", 8, "--overwrite")
     assert not list(out.glob("checkpoint-*"))

@@ -215,3 +215,59 @@ def test_conversion_bytes_do_not_depend_on_workers(tmp_path):
             assert filecmp.cmp(outs[0] / f, out / f, shallow=False), f
     with pytest.raises(OptionError):
         quantize_checkpoint(str(src), tmp_path / "bad", workers=-2)
+
+
+# ---------------------------------------------------------------- torch's threads in single-process commands
+class _Reached(Exception):
+    """Raised by the stand-in for a command's work, with torch's thread count at that moment."""
+
+
+@pytest.mark.parametrize("command, target, args", [
+    ("qconvert.cli.train:train", "qconvert.train.loop.train", ["m", "--data", "d.jsonl", "--output", "o"]),
+    ("qconvert.cli.runtime:generate", "qconvert.runtime.load_for_inference", ["m", "--prompt", "hi"]),
+    ("qconvert.cli.runtime:eval_cmd", "qconvert.evaluate.evaluate", ["m", "--data", "d.jsonl"]),
+    ("qconvert.cli.export:merge", "qconvert.export.merge.merge_adapter", ["b", "a", "o"]),
+])
+def test_single_process_commands_take_torch_threads_from_the_available_cpus(monkeypatch, command, target, args):
+    """train, generate, eval and merge set torch's intra-op threads from qconvert._cpus before their
+    work starts (issue 24: torch's default counts the machine's cores); OMP_NUM_THREADS, when set, wins."""
+    import importlib
+
+    import qconvert._cpus as cpus
+
+    module, name = command.split(":")
+    cmd = getattr(importlib.import_module(module), name)
+    mod, attr = target.rsplit(".", 1)
+
+    def reached(*a, **k):
+        raise _Reached(torch.get_num_threads())
+
+    monkeypatch.setattr(importlib.import_module(mod), attr, reached)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    old = torch.get_num_threads()
+    try:
+        for omp, available, expected in ((None, 1, 1), ("2", 1, 2)):
+            torch.set_num_threads(2)
+            monkeypatch.setattr(cpus, "available_cpus", lambda: available)
+            if omp is None:
+                monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("OMP_NUM_THREADS", omp)
+            with pytest.raises(_Reached) as e:
+                cmd.main(args, standalone_mode=False)
+            assert e.value.args == (expected,)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_cap_never_raises_torch_threads(monkeypatch):
+    import qconvert._cpus as cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 64)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpus.cap_torch_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

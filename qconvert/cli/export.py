@@ -24,8 +24,10 @@ from . import options
 @options.push_to_hub()
 def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json, push_to):
     """Merge a PEFT LoRA ADAPTER into its 4-bit BASE: W = dequant(W4) + scaling * B @ A, in float32, then cast."""
+    from .._cpus import cap_torch_threads
     from ..export.merge import merge_adapter
 
+    cap_torch_threads()
     s = merge_adapter(base, adapter, output_dir, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size,
                       base_original=base_original, overwrite=overwrite, revision=revision,
                       log=lambda m: click.echo(printable(m), err=True))

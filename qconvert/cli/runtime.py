@@ -15,7 +15,7 @@ from . import options
 @click.command()
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
-@click.option("--adapter", help="A PEFT LoRA adapter folder (a `qconvert train` output) to run on top of MODEL.")
+@click.option("--adapter", help="A PEFT LoRA adapter folder (a `qconvert train` output), or its Hub id, to run on top of MODEL.")
 @click.option("--chat", is_flag=True, help="Render the prompt as a user turn with the tokenizer's chat template.")
 @click.option("--system", help="With --chat: a system message before the prompt.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -32,14 +32,18 @@ from . import options
 def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, echo,
              as_json, dtype, backend, revision):
     """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
+    from .._cpus import cap_torch_threads
     from ..generation import check_settings, generate_text
+    from ..io.source import resolve_adapter_path
     from ..runtime import attach_adapter, load_for_inference
 
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, chat=chat, system=system)  # before minutes of loading
+    cap_torch_threads()
+    folder = resolve_adapter_path(adapter)[0] if adapter else None  # a folder or a Hub id, before minutes of loading
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype)
-    if adapter:
-        attach_adapter(lm, adapter)
+    if folder:
+        attach_adapter(lm, folder)
     r = generate_text(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, chat=chat, system=system)
     if as_json:
@@ -51,7 +55,7 @@ def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, 
 @click.command(name="eval")
 @click.argument("model")
 @click.option("--data", required=True, help="Records in any format `qconvert train` reads (text, alpaca, prompt/completion, chat).")
-@click.option("--adapter", "adapters", multiple=True, help="A PEFT LoRA adapter folder to score MODEL with (repeatable: one row each).")
+@click.option("--adapter", "adapters", multiple=True, help="A PEFT LoRA adapter folder or Hub id to score MODEL with (repeatable: one row each).")
 @click.option("--compare", is_flag=True, help="Also score MODEL without the adapters: one table, base vs base+adapter.")
 @click.option("--data-split", help="Split of a Hub dataset id or dataset folder (default: train).")
 @click.option("--data-config", help="Configuration (subset) of a Hub dataset id.")
@@ -68,8 +72,10 @@ def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, 
 def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_length, truncation, train_on_inputs, batch_size, dtype,
              backend, revision, as_json):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
+    from .._cpus import cap_torch_threads
     from ..evaluate import evaluate, format_table
 
+    cap_torch_threads()
     rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,
                     train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype,
                     data_split=data_split, data_config=data_config, truncation=truncation)

@@ -64,6 +64,10 @@ def train(ctx, model, config_file, **flags):
         raise SystemExit(launch(config.nproc_per_node, worker_args(ctx)))
     from ..train.loop import train as run
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: torch's threads from the CPUs it has
+        from .._cpus import cap_torch_threads
+
+        cap_torch_threads()
     output = run_options["output"]
     r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True))
     if r.get("interrupted"):

@@ -343,7 +343,7 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
             return
     elif is_4bit and job.quantize and job.orig is None:  # not adapted: keep the stored 4-bit bytes as they are
         for c in ckpt.companions(k):
-            yield c, ckpt.get(c)
+            yield c, qt.packed if c == k else ckpt.get(c)  # the codes as uint8, whatever quant_storage held them
         return
     if is_4bit and job.quantize:
         yield from quantize_4bit_fast(w.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k).state_dict(k).items()
@@ -412,6 +412,8 @@ def _write_merged_config(cfg: dict[str, Any], stage: Path, quantize: bool, dtype
     new_cfg.pop("qconvert", None)
     if not quantize:
         new_cfg.pop("quantization_config", None)
+    elif isinstance(new_cfg.get("quantization_config"), dict):  # re-quantized codes are written as uint8
+        new_cfg["quantization_config"] = {**new_cfg["quantization_config"], "bnb_4bit_quant_storage": "uint8"}
     new_cfg["dtype"] = dtype
     write_json(stage / "config.json", new_cfg, sort_keys=True)
 

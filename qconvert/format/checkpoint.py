@@ -158,6 +158,7 @@ class Checkpoint:
 
     _by_file: tuple[tuple[int, int], dict[str, list[str]]] | None = None  # file -> its tensor names, built once
     _companions: dict[str, list[str]] | None = None  # 4-bit weight -> its entries, built once
+    _storage: torch.dtype | None = None  # the dtype config.json says packed codes are stored in, read once
 
     def __init__(self, path: str | os.PathLike, streaming: bool = False):
         #: streaming: read each tensor through a short-lived handle, so a shard's memory-mapped pages
@@ -417,7 +418,17 @@ class Checkpoint:
                 hint="all entries of a weight must share one file",
             )
         tensors = {k: self.get(k) if device is None else self.get(k).to(device) for k in comp}
-        return QuantizedTensor.from_state_dict(name, tensors, where=str(self.root / files.pop()))
+        return QuantizedTensor.from_state_dict(name, tensors, where=str(self.root / files.pop()), storage=self.quant_storage())
+
+    def quant_storage(self) -> torch.dtype:
+        """The dtype the packed codes are stored in, from config.json's ``bnb_4bit_quant_storage``
+        (uint8 without one; layout.quant_storage). Their bytes are the codes, whatever the dtype."""
+        if self._storage is None:
+            from .layout import quant_storage
+
+            cfg = self.config() or {}
+            self._storage = quant_storage(cfg.get("quantization_config"), str(self.config_dir() / "config.json"))
+        return self._storage
 
     def config(self) -> dict[str, Any] | None:
         """config.json, refused when it is not a JSON object or sizes layers it cannot have: a

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import FormatError
 from .constants import QUANT_TYPES
-from .layout import QUANT_STATE_PREFIX, SUFFIXES, entry_key, find_quantized, quant_state_key
+from .layout import QUANT_STATE_PREFIX, QUANT_STORAGE, SUFFIXES, entry_key, check_storage, find_quantized, quant_state_key, quant_storage
 
 #: the layout versions this reader implements (spec section 1.3)
 LAYOUT_VERSIONS = ("1",)
@@ -162,9 +162,7 @@ def check_config(cfg: Mapping[str, Any] | None, keys: Iterable[str], where: str)
         if differ:
             raise FormatError(f"{where}: quantization_config.bnb_4bit_use_double_quant is {dq}, but {differ[0]!r} is "
                               f"{'not ' if dq else ''}double-quantized")
-    storage = qc.get("bnb_4bit_quant_storage")
-    if storage is not None and storage != "uint8":
-        raise FormatError(f"{where}: quantization_config.bnb_4bit_quant_storage is {storage!r}; layout 1 stores uint8")
+    quant_storage(qc, where)  # a name bitsandbytes stores codes in; each weight's dtype is checked as it is read
 
 
 def check_checkpoint(ckpt, strict: bool = False) -> list[str]:
@@ -174,4 +172,8 @@ def check_checkpoint(ckpt, strict: bool = False) -> list[str]:
         check_metadata(ckpt.metadata(f), str(ckpt.root / f), require_format=strict)
     names = quantized_names(ckpt.keys(), str(ckpt.root))
     check_config(ckpt.config(), ckpt.keys(), str(ckpt.root / "config.json"))
+    storage = ckpt.quant_storage()
+    if storage != QUANT_STORAGE["uint8"]:  # every weight stored in it (uint8 codes: the layout table checks them)
+        for name in names:
+            check_storage(ckpt.info(name)[0], storage, f"{ckpt.root / ckpt.file_of(name)}: {name!r}")
     return names

@@ -105,6 +105,47 @@ def core_nbytes(sizes: Mapping[str, int], double_quant: bool) -> int:
     return sum(sizes[s] for s in CORE_SUFFIXES if s in sizes) + (NESTED_OFFSET_BYTES if double_quant else 0)
 
 
+#: bitsandbytes' ``quant_storage`` dtypes, by the names transformers' BitsAndBytesConfig takes: the
+#: packed codes' bytes held in a tensor of that dtype, ``[bytes // itemsize, 1]`` (FSDP-QLoRA set-ups
+#: store them as the model's bfloat16 so that FSDP shards one dtype). Readers take the bytes (spec 1.4).
+QUANT_STORAGE = {name: getattr(torch, name) for name in ("uint8", "int8", "float16", "bfloat16", "float32", "float64")}
+
+
+def quant_storage(quantization_config: Any, where: str) -> torch.dtype:
+    """The dtype config.json's ``bnb_4bit_quant_storage`` names (uint8 when absent, as transformers
+    defaults); FormatError for a name bitsandbytes does not store codes in."""
+    name = quantization_config.get("bnb_4bit_quant_storage") if isinstance(quantization_config, Mapping) else None
+    if name is None:
+        return torch.uint8
+    if name not in QUANT_STORAGE:
+        raise FormatError(f"{where}: quantization_config.bnb_4bit_quant_storage is {name!r}, not one of {list(QUANT_STORAGE)}",
+                          hint="the checkpoint is damaged, or was written by a program qconvert does not know")
+    return QUANT_STORAGE[name]
+
+
+def check_storage(dtype: torch.dtype, storage: torch.dtype, where: str) -> None:
+    """Packed codes stored as ``dtype`` where config.json names ``storage``: they must agree (spec 5.2)."""
+    if dtype != storage:
+        raise FormatError(f"{where}: packed codes stored as {dtype_name(dtype)}, but config.json's "
+                          f"bnb_4bit_quant_storage is {dtype_name(storage)!r}", hint="config.json and the weights disagree")
+
+
+def packed_as_uint8(t: torch.Tensor, storage: torch.dtype, nbytes: int, where: str) -> torch.Tensor:
+    """The packed codes ``t``, stored as ``storage``, as the uint8 ``[nbytes, 1]`` they hold. Refused:
+    a tensor of another dtype than ``storage`` names (config.json and the weights disagree), and one
+    that does not hold exactly ``nbytes`` bytes as ``[nbytes // itemsize, 1]`` (bitsandbytes' CUDA
+    quantizer drops the last bytes of a weight whose byte count ``storage`` does not divide)."""
+    if storage == torch.uint8:
+        return t  # the layout table checks it
+    check_storage(t.dtype, storage, where)
+    want = (nbytes // storage.itemsize, 1)
+    if nbytes % storage.itemsize or tuple(t.shape) != want:
+        raise FormatError(f"{where}: the weight has {nbytes} bytes of codes, stored as {dtype_name(storage)} {list(t.shape)} "
+                          f"({t.numel() * storage.itemsize} bytes)",
+                          hint="the checkpoint is damaged, or its writer dropped codes; quantize the model again")
+    return t.contiguous().view(torch.uint8).reshape(nbytes, 1)
+
+
 #: A quant-state JSON longer than this is refused (a real one is about 200 bytes).
 MAX_QUANT_STATE_BYTES = 65536
 #: the largest finite float32; a nested_offset beyond it is refused
@@ -183,11 +224,13 @@ class QuantizedTensor:
         return core_nbytes({s: t.numel() * t.element_size() for s, t in held.items() if t is not None}, self.double_quant)
 
     @classmethod
-    def from_state_dict(cls, name: str, tensors: Mapping[str, torch.Tensor], where: str = "") -> "QuantizedTensor":
+    def from_state_dict(cls, name: str, tensors: Mapping[str, torch.Tensor], where: str = "",
+                        storage: torch.dtype = torch.uint8) -> "QuantizedTensor":
         """Rebuild from safetensors entries, validating every field (spec section 9).
 
         ``tensors`` maps full keys to tensors (it may hold other keys too). ``where`` names the file
-        for error messages.
+        for error messages. ``storage``: the dtype config.json says the packed codes are stored in
+        (:func:`quant_storage`); their bytes are read as the uint8 codes.
         """
         loc = f"{where}: " if where else ""
         qs_keys = [k for k in tensors if k.startswith(f"{name}.{QUANT_STATE_PREFIX}")]
@@ -210,8 +253,8 @@ class QuantizedTensor:
             key = entry_key(name, suffix)
             if key not in tensors:
                 raise FormatError(f"{loc}tensor {name!r}: missing entry {key!r}")
-            t = tensors[key]
             dtype, want = expected[suffix]
+            t = tensors[key] if suffix else packed_as_uint8(tensors[key], storage, want[0], f"{loc}{key!r}")
             if t.dtype != dtype or tuple(t.shape) != want:
                 raise FormatError(
                     f"{loc}{key!r}: expected {dtype_name(dtype)} {list(want)}, got {dtype_name(t.dtype)} {list(t.shape)}"

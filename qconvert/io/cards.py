@@ -107,6 +107,27 @@ def read_card(folder: Path) -> dict[str, Any]:
     return read_card_meta(text, str(card))
 
 
+def hub_id(value: str | Path | None, known: str | None = None) -> str | None:
+    """The Hub repo id a card may name for an input: ``known`` (the id it was downloaded by), else
+    ``value`` when it is a repo id and not a local path; None for a local folder."""
+    from .hub import looks_like_repo_id
+
+    if known:
+        return known
+    return value if isinstance(value, str) and looks_like_repo_id(value) else None
+
+
+def shown(value: str | Path | None, known: str | None = None) -> str:
+    """How a card's text names an input: its Hub id, else "the local folder `NAME`", the folder's
+    base name only. A card is published (``push``): it never carries a path of the machine that
+    wrote it, and says that the input was local instead."""
+    rid = hub_id(value, known)
+    if rid:
+        return f"`{rid}`"
+    name = Path(str(value or "")).name
+    return f"the local folder `{name}`" if name else "a local folder"
+
+
 def _size(b: int) -> str:
     return f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
 
@@ -178,7 +199,7 @@ With qconvert's own kernels: `qconvert.load_model("{name}")`."""
 
 def adapter_card(base_model: str | None, body: str, extra_tags: tuple[str, ...] = ()) -> str:
     """The card of a PEFT LoRA adapter folder (train output, export-adapter)."""
-    meta = {"base_model": base_model, "base_model_relation": "adapter", "library_name": "peft",
+    meta = {"base_model": hub_id(base_model), "base_model_relation": "adapter", "library_name": "peft",
             "tags": ["qconvert", "lora", *extra_tags]}
     return render_card(meta, body)
 
@@ -186,8 +207,11 @@ def adapter_card(base_model: str | None, body: str, extra_tags: tuple[str, ...] 
 def exported_adapter_card(source: Path, cfg: dict[str, Any]) -> str:
     """The card of a `qconvert export-adapter` output."""
     base = cfg.get("base_model_name_or_path")
-    body = (f"# LoRA adapter\n\nExported by qconvert from `{source}`: r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}, "
-            f"target modules {cfg.get('target_modules')}. Base model: `{base}`.\n")
+    named = shown(base) if base else "not recorded"
+    if base and not hub_id(base):
+        named += " (no Hub id known: the card names no base_model; `--base-model` names one)"
+    body = (f"# LoRA adapter\n\nExported by qconvert from {shown(source)}: r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}, "
+            f"target modules {cfg.get('target_modules')}. Base model: {named}.\n")
     return adapter_card(base, body)
 
 
@@ -196,13 +220,15 @@ def merged_card(summary: dict[str, Any], source: str | None, version: str) -> st
     quantize = summary["quantized"]
     how = "re-quantized to 4 bits" if quantize else f"stored as {summary['dtype']}"
     body = (
-        f"# {Path(summary['output']).name}\n\nThe LoRA adapter `{summary['adapter']}` merged into `{source or summary['base']}` by "
+        f"# {Path(summary['output']).name}\n\nThe LoRA adapter {shown(summary['adapter'])} merged into {shown(summary['base'], source)} by "
         f"qconvert {version}: each adapted weight is dequant(W4) + scaling * B @ A computed in float32, then {how}.\n"
     )
+    if not source:
+        body += "\nNo Hub id is known for the base model, so this card names no `base_model`.\n"
     c = summary.get("requantization_cost")
     if c:
         body += (f"\nRe-quantizing cost: relative output error {c['output_error_mean']:.4f} (mean over {c['layers']} merged layers) "
                  f"against the 16-bit merge; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost.\n")
-    meta = {"base_model": source, "base_model_relation": "quantized" if quantize else "merge", "library_name": "transformers",
+    meta = {"base_model": hub_id(source), "base_model_relation": "quantized" if quantize else "merge", "library_name": "transformers",
             "tags": ["qconvert", "lora", "merge"]}
     return render_card(meta, body)

@@ -30,6 +30,34 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
     return fetch_snapshot(rid, revision, None, repo_type="model"), rid  # names checked, a deadline
 
 
+#: the files of a PEFT LoRA adapter read from a Hub repo (never a pickled adapter_model.bin)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def resolve_adapter_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local adapter folder, or a Hub repo id (PEFT takes both) whose adapter files, and only
+    those (:data:`ADAPTER_FILES`), are downloaded into the Hugging Face cache through the same
+    checked path as a model (:func:`.hub.hub_errors`); returns (folder, repo id). The folder is then
+    read and validated as any local adapter is."""
+    p = Path(path_or_repo_id)
+    if p.exists():
+        return p, None
+    from .hub import hub_errors, looks_like_repo_id
+
+    rid = str(path_or_repo_id)
+    if not looks_like_repo_id(rid):
+        raise SourceError(f"{rid}: no such adapter folder, and not a Hub repo id of the form org/name",
+                          hint="pass a PEFT LoRA adapter folder (a qconvert train output) or its Hub id")
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(rid, revision):
+        folder = Path(snapshot_download(rid, revision=revision, allow_patterns=list(ADAPTER_FILES)))
+    if not (folder / ADAPTER_FILES[0]).is_file():
+        raise SourceError(f"{rid}: the Hub repository holds no {ADAPTER_FILES[0]}: not a PEFT adapter",
+                          hint="pass the Hub id of a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)")
+    return folder, rid
+
+
 def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool = False) -> CheckpointReader:
     """A local folder / file, or a Hub repo id (``org/name``) whose shards are fetched into
     ``workdir`` as they are read (and kept there when ``keep``)."""

@@ -21,6 +21,13 @@ Backward reaches the input (that is what LoRA needs below the adapter) and saves
 module's own tensors (the op's registered autograd) or a reference to the module (the autograd
 function below, for forced backends): the input gradient dequantizes the weight again instead of
 keeping a dequantized copy alive between forward and backward.
+
+The state dict carries the whole quant state, as bitsandbytes' Linear4bit does: the tensors (codes,
+block scales, tables) and, under ``_extra_state``, the packed quant-state JSON of the file format
+(quant type, block size, logical dtype, shape, nested offset; spec section 5), so ``load_state_dict``
+between two layers round-trips the nested offset that is otherwise a plain attribute. Loading refuses
+a state from a layer of another shape or quant setting instead of copying (and silently casting) its
+tensors into this one.
 """
 
 from __future__ import annotations
@@ -28,7 +35,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format.layout import QuantizedTensor, dtype_name
+from ..errors import FormatError
+from ..format.layout import QuantizedTensor, dtype_name, entries, pack_quant_state, unpack_quant_state
+
+_EXTRA = "_extra_state"
+
+
+def _settings(qs: dict) -> dict:
+    """The quant-state fields two layers must share for one's state to load into the other."""
+    return {"shape": qs["shape"], "quant_type": qs["quant_type"], "blocksize": qs["blocksize"], "dtype": qs["dtype"],
+            "double_quant": "nested_offset" in qs, "nested_blocksize": qs.get("nested_blocksize")}
 
 
 class _Matmul4bit(torch.autograd.Function):
@@ -109,6 +125,52 @@ class Linear4bit(nn.Linear):
         else:
             y = self.backend.matmul(xc, self.quantized(), bias)
         return y.to(in_dtype)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The packed quant-state JSON (uint8, as the file format stores it): what the tensors alone
+        do not say, the nested offset included."""
+        return pack_quant_state(self.quantized().quant_state_dict())
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Take the nested offset of a quant state that :meth:`_load_from_state_dict` has checked."""
+        qs = unpack_quant_state(state, "Linear4bit state dict")
+        if "nested_offset" in qs:
+            self.nested_offset = qs["nested_offset"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Check the incoming quant state against this layer before torch copies any tensor."""
+        self._check_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _check_state(self, state_dict, prefix: str) -> None:
+        """Refuse (FormatError) a state whose quant settings differ from this layer's, a quantized tensor
+        given without the quant state that says how to read it, or a tensor of another dtype or shape
+        than the layout table gives for this layer."""
+        where = f"Linear4bit {prefix.rstrip('.') or '(root)'}"
+        mine = _settings(self.quantized().quant_state_dict())
+        given = [s for s in ("weight", "absmax", "nested_absmax") if prefix + s in state_dict]
+        if prefix + _EXTRA not in state_dict:
+            if given:
+                raise FormatError(f"{where}: the state dict holds {prefix + given[0]!r} but no {prefix + _EXTRA!r} "
+                                  "(its quant state), so its nested offset and settings are unknown",
+                                  hint="save the state dict from a qconvert Linear4bit (its state_dict() carries both)")
+            return
+        theirs = _settings(unpack_quant_state(state_dict[prefix + _EXTRA], f"{where}: state dict"))
+        for field in mine:
+            if theirs[field] != mine[field]:
+                raise FormatError(f"{where}: the state dict is from a layer with {field} {theirs.get(field)!r}, "
+                                  f"this layer has {mine.get(field)!r}",
+                                  hint="load a state saved from a layer of the same shape and quant settings")
+        self._check_tensors(state_dict, prefix, where)
+
+    def _check_tensors(self, state_dict, prefix: str, where: str) -> None:
+        table = entries(self.in_features * self.out_features, self.blocksize, self.nested_absmax is not None)
+        for suffix, (dtype, shape) in table.items():
+            t = state_dict.get(prefix + (suffix or "weight"))
+            if t is not None and (t.dtype != dtype or tuple(t.shape) != shape):
+                raise FormatError(f"{where}: state dict entry {suffix or 'weight'!r} is {dtype_name(t.dtype)} "
+                                  f"{list(t.shape)}, this layer holds {dtype_name(dtype)} {list(shape)}",
+                                  hint="load a state saved from a layer of the same shape and quant settings")
 
     def extra_repr(self) -> str:
         return (

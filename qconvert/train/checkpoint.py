@@ -205,7 +205,7 @@ def _gather_rng(world: int):
 
 
 def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | None, rank: int, world: int,
-                         signature: dict) -> Path | None:
+                         signature: dict, extra: dict[str, Any] | None = None) -> Path | None:
     """checkpoint-N of an FSDP run (every process calls it): the LoRA and optimizer shards in
     ``sharded/`` (torch.distributed.checkpoint, see fsdp.py), the gathered adapter in PEFT format
     and trainer_state.pt without the optimizer (rank 0). Published by one rename when complete."""
@@ -227,5 +227,5 @@ def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: i
     model.save_pretrained(tmp, state_dict=adapter)
     stable_adapter_config(tmp)
     state = {"version": STATE_VERSION, "scheduler": sched.state_dict(), "step": step, "rng": rng, "run": signature,
-             "fsdp_world": world}
+             "fsdp_world": world, **(extra or {})}
     return _publish(tmp, state, out, step, limit)

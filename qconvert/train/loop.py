@@ -29,6 +29,7 @@ from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-a
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
 from .data import DataReport, build_examples, check_token_ids, collate, load_records, pack
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
+from .resume import resumed_config, run_settings
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
 AUTO_SAVE_MIN_STEPS = 50
@@ -142,8 +143,6 @@ def train(
     if same_folder and not (cfg.resume and cfg.overwrite):  # (both given: prepare_output says they contradict)
         raise OptionError(f"--output {output} is the model folder itself",
                           hint="give --output a folder of its own: the adapter would be written into the model (and its card replaced)")
-    options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
-    targets = cfg.target_modules
     resume, overwrite = cfg.resume, cfg.overwrite
     rank, world, made = _dist()
     finished = False
@@ -159,17 +158,22 @@ def train(
             prepare_output(out, resume=resume, overwrite=overwrite)
         if world > 1:
             dist.barrier()
+        ckpt_dir = find_resume(out, resume)
+        st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
+        if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
+            cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
+        options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
         with warnings.catch_warnings():
             # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
             warnings.simplefilter("ignore", FutureWarning)
-            result = _train(model, data, out, options, targets, rank, world, say, progress)
+            result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st))
         finished = True
         return result
     finally:
         _end_dist(made, finished)
 
 
-def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress) -> dict[str, Any]:
+def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed) -> dict[str, Any]:
     from ..loader import resolve_model_path
     from . import fsdp as fs
 
@@ -179,8 +183,7 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     check_causal_lm(root)
     tok = _tokenizer(root)
     examples, eval_examples, reports = read_data(data, tok, o)
-    ckpt_dir = find_resume(out, o["resume"])
-    st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
+    ckpt_dir, st = resumed
     device = fs.local_rank_device()
     made_group = fs.ensure_group(world, device) if o.get("fsdp") else False
     try:
@@ -223,6 +226,7 @@ class _Run:
         self.metrics_path = out / "metrics.jsonl"
         self.show = say
         self.memory_line = None
+        self.settings = {"settings": run_settings(o, world)}  # recorded in each checkpoint, taken back on --resume
 
     def setup_model(self, root: Path, targets) -> None:
         """The 4-bit base, gradient checkpointing, LoRA, FSDP sharding (with --fsdp), the optimizer."""
@@ -408,10 +412,10 @@ class _Run:
             from .checkpoint import save_fsdp_checkpoint
 
             path = save_fsdp_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
-                                        self.world, self.signature)
+                                        self.world, self.signature, extra=self.settings)
         else:
             path = save_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
-                                   self.world, self.signature)
+                                   self.world, self.signature, extra=self.settings)
         if self.rank == 0:
             _plot(self.out)
             show(f"step {self.step}: saved {path}")
@@ -655,18 +659,19 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
     from ..adapters import stable_adapter_config
-    from ..io.cards import adapter_card
+    from ..io.cards import adapter_card, hub_id, shown
 
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     stable_adapter_config(tmp, base_model_name_or_path=base_id)
-    body = (f"# LoRA adapter for {base_id}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
+    base_name = hub_id(base_id) or Path(base_id).name  # a card never carries a local path (io/cards.shown)
+    body = (f"# LoRA adapter for {shown(base_id)}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
             f"lr {info['lr']}, final training loss {info['final_loss']:.4f}"
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
             + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
-            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_id}\"), \"{out.name}\")`.\n")
+            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"{out.name}\")`.\n")
     (tmp / "README.md").write_text(adapter_card(base_id, body, extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", "adapter_config.json"):  # the config last
         os.replace(tmp / f, out / f)

@@ -190,10 +190,23 @@ class TrainConfig:
         if unknown:
             raise TypeError(f"train() got an unexpected keyword argument {unknown[0]!r}")
         if config is None:
-            return cls(**options)
+            return cls(**options).with_given(options)
         if not isinstance(config, TrainConfig):
             raise TypeError(f"train(): config must be a TrainConfig, not {type(config).__name__}")
-        return dataclasses.replace(config, **options)
+        return dataclasses.replace(config, **options).with_given(config.given() | set(options))
+
+    def with_given(self, names) -> TrainConfig:
+        """Record which options were given (flags, a config file, keywords), for --resume (train/resume.py)."""
+        self.__dict__["_given"] = frozenset(names)
+        return self
+
+    def given(self) -> frozenset[str]:
+        """The options this config was given, as :meth:`of` and :func:`load_run` record them; for a
+        TrainConfig built directly, those whose value is not the default."""
+        recorded = self.__dict__.get("_given")
+        if recorded is not None:
+            return recorded
+        return frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
 
 
 def _spec(f: dataclasses.Field) -> Spec:
