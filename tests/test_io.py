@@ -218,7 +218,8 @@ def test_a_hand_edited_card_round_trips_through_read_and_push_validation(tmp_pat
 def test_one_template_per_relation():
     summary = {
         "output": "/x/tiny-nf4", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "bfloat16",
-        "quantized": 14, "tensors": 23, "bits_per_param": 4.127, "source_bytes": 2_000_000, "output_bytes": 600_000,
+        "quantized": 14, "tensors": 23, "bits_per_param": 4.127, "bits_per_param_model": 5.2, "source_bytes": 2_000_000,
+        "output_bytes": 600_000, "size_ratio": 0.3,
         "provenance": {"source": "acme/tiny", "source_revision": "abc", "version": "0.1.0"},
     }
     q = read_card_meta(quantized_card(summary, ["lm_head"]))
