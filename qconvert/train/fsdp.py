@@ -223,12 +223,35 @@ def load_sharded(model, optimizer, folder: Path) -> str | None:
     if not (folder / SHARDED).is_dir():
         raise DataError(f"{folder}: a checkpoint written without --fsdp", hint="resume it without --fsdp")
     rank, world = _rank_world()
-    fsdp_checkpoint.load(model, optimizer, folder / SHARDED, rank, world)
+    try:
+        checked = fsdp_checkpoint.check(model, optimizer, folder / SHARDED)
+    except Exception as e:
+        _agree(e, folder)
+        raise
+    _agree(None, folder)
+    fsdp_checkpoint.apply(checked, optimizer, rank, world)
     if hasattr(optimizer, "load_exact"):  # bitsandbytes' 8-bit state as it was written, when the shards are the same
         if optimizer.load_exact(folder / SHARDED, rank, world) is False:
             return (f"note: {folder} was written by another number of processes than {world}: "
                     f"the 8-bit optimizer state re-quantized from its float32 copy (not bit for bit the state it had)")
     return None
+
+
+def _agree(error: BaseException | None, folder: Path) -> None:
+    """Every process checks the whole checkpoint, then learns whether any refused it (a collective),
+    so that all fail together, each with its own line, and the launcher shows rank 0's: a process
+    that failed alone would leave the others waiting in their next collective. Raises a DataError on
+    a process that found nothing wrong when another did (the caller raises its own error)."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0 if error is None else dist.get_rank() + 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    failed = int(flag.item())
+    if failed and error is None:
+        raise DataError(f"{folder}: process {failed - 1} refused this checkpoint", hint="see that process's message")
 
 
 def _rank_world() -> tuple[int, int]:

@@ -186,13 +186,14 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     try:
         size = os.stat(path).st_size
-        if size > MAX_MANIFEST:
-            raise _bad(path, f"{size:,} bytes, more than a manifest holds ({MAX_MANIFEST:,})")
-        with open(path, "rb") as f:
-            text = f.read(MAX_MANIFEST + 1)
-        m = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise _bad(path, "missing (the checkpoint is incomplete)") from None
+    if size > MAX_MANIFEST:
+        raise _bad(path, f"{size:,} bytes, more than a manifest holds ({MAX_MANIFEST:,})")
+    with open(path, "rb") as f:
+        text = f.read(MAX_MANIFEST + 1)
+    try:
+        m = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _bad(path, f"not a manifest ({type(e).__name__}: {str(e)[:80]})") from None
     _check_manifest(m, path)
@@ -398,19 +399,31 @@ def _mine(handles: list, m: dict, key: str, like: torch.Tensor, world: int, rank
     return read_rows(handles, m, key, 0, e["shape"][0] if e["shape"] else 0)
 
 
-def load(model, optimizer, folder: Path, rank: int, world: int) -> None:
-    """Read ``folder`` (written by any number of processes) into this process's shards and optimizer."""
-    from torch.distributed.tensor import DTensor
-
+def check(model, optimizer, folder: Path) -> tuple[dict, dict, list]:
+    """Everything about ``folder`` that can be checked before a tensor is read: the format, the
+    manifest, the manifest against this model and optimizer, every shard file's size and header.
+    Returns (manifest, the trainable parameters by name, the opened shard files)."""
     refuse_old_format(folder)
     m = read_manifest(folder)
     params = check_against(m, model, optimizer, folder / MANIFEST)
-    handles = open_shards(folder, m)
+    return m, params, open_shards(folder, m)
+
+
+def apply(checked: tuple[dict, dict, list], optimizer, rank: int, world: int) -> None:
+    """Read this process's rows into its parameters and build the optimizer's state (after :func:`check`)."""
+    from torch.distributed.tensor import DTensor
+
+    m, params, handles = checked
     with torch.no_grad():
         for n, p in params.items():
             target = p.to_local() if isinstance(p, DTensor) else p
             target.copy_(_mine(handles, m, f"model/{n}", p, world, rank).to(target.device))
     optimizer.load_state_dict(_optimizer_state(handles, m, params, optimizer, world, rank))
+
+
+def load(model, optimizer, folder: Path, rank: int, world: int) -> None:
+    """Read ``folder`` (written by any number of processes) into this process's shards and optimizer."""
+    apply(check(model, optimizer, folder), optimizer, rank, world)
 
 
 def _optimizer_state(handles: list, m: dict, params: dict, optimizer, world: int, rank: int) -> dict:
