@@ -282,15 +282,30 @@ def check_against(m: dict, model, optimizer, path: Path) -> dict[str, torch.Tens
     for g, (saved_g, now, mine) in enumerate(zip(groups, names, optimizer.param_groups)):
         _require(saved_g["params"] == now, path, f"optimizer group {g}: other parameters than this run's")
         _check_settings(saved_g["settings"], mine, g, path)
+    used = {f"model/{n}" for n in params}
     for n, st in m["optimizer"]["state"].items():
         _require(n in params, path, f"optimizer state of {n}, which is not a trainable tensor of this model")
         for k, v in st.items():
-            if "tensor" in v:
-                e = tensors[v["tensor"]]
-                big = math.prod(e["shape"]) > params[n].numel()
-                _require(not big and (e.get("whole") or e["shape"] == list(params[n].shape)), path,
-                         f"tensor {v['tensor']}: shape {e['shape']} does not fit its parameter's {list(params[n].shape)}")
+            _check_state(k, v, tensors, n, params[n], path)
+            used.add(v.get("tensor"))
+    for key in sorted(set(tensors) - used):
+        raise _bad(path, f"tensor {key}: neither a trainable tensor of this model nor optimizer state")
     return params
+
+
+def _check_state(key: str, v: dict, tensors: dict, name: str, p: torch.Tensor, path: Path) -> None:
+    """AdamW's state, as every optimizer qconvert trains with shows it: ``step`` a number or a 0-dim
+    tensor; any other entry (the moments) a floating tensor of the parameter's shape."""
+    what = f"optimizer state {key!r} of {name}"
+    if "value" in v:
+        _require(key == "step" and isinstance(v["value"], (int, float)) and not isinstance(v["value"], bool), path, f"{what} is not a step count")
+        return
+    e = tensors[v["tensor"]]
+    if key == "step":
+        _require(e["shape"] == [] and e["dtype"] in ("float32", "float64", "int64"), path, f"tensor {v['tensor']}: not a step count")
+        return
+    _require(e["shape"] == list(p.shape) and DTYPES[e["dtype"]].is_floating_point, path,
+             f"tensor {v['tensor']}: shape {e['shape']} {e['dtype']} does not fit its parameter's {list(p.shape)}")
 
 
 def _check_settings(saved: dict, group: dict, g: int, path: Path) -> None:
@@ -441,9 +456,8 @@ def _optimizer_state(handles: list, m: dict, params: dict, optimizer, world: int
                 if "value" in v:
                     entry[k] = v["value"]
                     continue
-                e = m["tensors"][v["tensor"]]
-                if e.get("whole"):
-                    entry[k] = _mine(handles, m, v["tensor"], torch.empty(()), world, rank).reshape(e["shape"])
+                if not m["tensors"][v["tensor"]]["shape"]:  # step: a 0-dim tensor, whole
+                    entry[k] = read_rows(handles, m, v["tensor"], 0, 0)
                 else:
                     local = _mine(handles, m, v["tensor"], p, world, rank).to(p.device if not isinstance(p, DTensor) else p.to_local().device)
                     entry[k] = (DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
