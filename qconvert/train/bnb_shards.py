@@ -41,7 +41,7 @@ class ShardedBnb(torch.optim.Optimizer):
     """A bitsandbytes optimizer over the local shards of FSDP2's parameters (see the module).
 
     ``param_groups`` hold the model's own (DTensor) parameters, so learning-rate schedules,
-    ``zero_grad`` and torch.distributed.checkpoint's state-dict functions work as with torch's
+    ``zero_grad`` and the checkpoint's ``state_dict``/``load_state_dict`` work as with torch's
     optimizers; ``make(tensors)`` builds the bitsandbytes optimizer over the shards."""
 
     def __init__(self, params, make):
@@ -120,8 +120,8 @@ class ShardedBnb(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         pairs = self._sync()
-        # the saved groups list the parameters in this optimizer's order, by index or (from
-        # torch.distributed.checkpoint) by name, as torch's own load_state_dict reads them
+        # the saved groups list the parameters in this optimizer's order (by index, or by name), as
+        # torch's own load_state_dict reads them
         keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         if len(keys) != len(pairs):
             raise ValueError(f"optimizer state for {len(keys)} parameters, this optimizer has {len(pairs)}")
