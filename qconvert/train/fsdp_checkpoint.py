@@ -12,7 +12,8 @@ qconvert writes its own format into ``checkpoint-N/sharded/`` and never calls th
   rank's (offset, rows) along dim 0, the optimizer's param groups (numbers, booleans, strings,
   lists of them) with their parameters by name, and which state each parameter has.
 
-Reading (every process, whatever W): the manifest (at most :data:`MAX_MANIFEST` bytes) is checked
+Reading (every process, whatever W): the manifest (at most :data:`MAX_MANIFEST` bytes and
+:data:`MAX_VALUES` values, counted before it is parsed) is checked
 field by field, then against the model (the same trainable tensors, shapes and dtypes; the same
 optimizer groups and setting types), and every shard file's size and header against the manifest,
 before any tensor data is read; each process then reads only the byte ranges of its own new rows
@@ -36,8 +37,14 @@ from ..errors import DataError
 FORMAT = "qconvert-fsdp-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
-#: The manifest lists a few entries per LoRA tensor: a megabyte covers thousands; 64 MiB is far beyond any real one
-MAX_MANIFEST = 64 * 2**20
+#: The manifest's bounds, checked before it is parsed: its bytes, and its ``,``, ``:``, ``[`` and ``{``
+#: (at least one for each JSON value), which bound the memory parsing takes (measured: 4 million
+#: integers, empty objects or 36-character strings took at most 210 MiB more and 6 s on a loaded CPU;
+#: 64 MiB of ``{},`` unbounded took 1.5 GiB and 16 s). A real one: some 4 + 4 x N values
+#: per sharded tensor over N processes: a Llama-70B LoRA of every linear layer (4,480 tensors) over 64
+#: processes is about 1.2 million values in 10 MB.
+MAX_MANIFEST = 32 * 2**20
+MAX_VALUES = 4_000_000
 #: The largest safetensors header read (safetensors' own limit is 100 MB)
 MAX_HEADER = 100 * 10**6
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
@@ -154,7 +161,7 @@ def save(model, optimizer, folder: Path, rank: int, world: int) -> None:
         manifest = {"format": FORMAT, "version": VERSION, "world": world, "tensors": w.entries,
                     "optimizer": {"groups": [{"settings": s, "params": g} for s, g in zip(settings, groups)], "state": state}}
         with open(folder / MANIFEST, "x", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, allow_nan=False)
+            json.dump(manifest, f, separators=(",", ":"), allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
 
@@ -192,6 +199,9 @@ def read_manifest(folder: Path) -> dict:
         raise _bad(path, f"{size:,} bytes, more than a manifest holds ({MAX_MANIFEST:,})")
     with open(path, "rb") as f:
         text = f.read(MAX_MANIFEST + 1)
+    values = sum(text.count(c) for c in (b",", b":", b"[", b"{"))
+    if values > MAX_VALUES:
+        raise _bad(path, f"{values:,} JSON separators and brackets, more than a manifest holds ({MAX_VALUES:,})")
     try:
         m = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
