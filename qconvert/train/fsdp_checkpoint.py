@@ -133,19 +133,13 @@ def param_names(model, optimizer) -> list[list[str]]:
         raise RuntimeError("FSDP checkpoint: the optimizer holds a parameter that is not the model's") from None
 
 
-def save(model, optimizer, folder: Path, rank: int, world: int) -> None:
-    """Write this process's shard file, and (process 0) the manifest, into ``folder``."""
-    from safetensors.torch import save_file
-
-    w = _Writer(rank, world)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            w.add(f"model/{name}", p)
+def _optimizer(w: _Writer, model, optimizer) -> dict:
+    """The optimizer's manifest table (its tensors go to ``w``): each group's settings and parameters
+    by name, and each parameter's state, a tensor named in the manifest or a plain value."""
     groups = param_names(model, optimizer)
     sd = optimizer.state_dict()
-    flat = [n for g in groups for n in g]
     state: dict[str, dict] = {}
-    for i, name in enumerate(flat):
+    for i, name in enumerate(n for g in groups for n in g):
         entry = {}
         for key, v in (sd["state"].get(i) or {}).items():
             if isinstance(v, torch.Tensor):
@@ -156,11 +150,22 @@ def save(model, optimizer, folder: Path, rank: int, world: int) -> None:
         if entry:
             state[name] = entry
     settings = [{k: _value(v, f"optimizer setting {k!r}") for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return {"groups": [{"settings": s, "params": g} for s, g in zip(settings, groups)], "state": state}
+
+
+def save(model, optimizer, folder: Path, rank: int, world: int) -> None:
+    """Write this process's shard file, and (process 0) the manifest, into ``folder``."""
+    from safetensors.torch import save_file
+
+    w = _Writer(rank, world)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            w.add(f"model/{name}", p)
+    opt = _optimizer(w, model, optimizer)
     save_file(w.tensors, str(folder / shard_name(rank, world)), metadata={"format": FORMAT, "rank": str(rank), "world": str(world)})
     if rank == 0:
-        manifest = {"format": FORMAT, "version": VERSION, "world": world, "tensors": w.entries,
-                    "optimizer": {"groups": [{"settings": s, "params": g} for s, g in zip(settings, groups)], "state": state}}
-        with open(folder / MANIFEST, "x", encoding="utf-8") as f:
+        manifest = {"format": FORMAT, "version": VERSION, "world": world, "tensors": w.entries, "optimizer": opt}
+        with open(folder / MANIFEST, "x", encoding="utf-8") as f:  # a fresh folder: never through a planted file
             json.dump(manifest, f, separators=(",", ":"), allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
