@@ -119,6 +119,7 @@ MANIFEST_DAMAGE = {
     "unused tensor": (lambda m: m["tensors"].update({"optim/x": {"shape": [2**39, 2**39], "dtype": "float32", "whole": True}}),
                       "tensor optim/x: neither a trainable tensor of this model nor optimizer state"),
     "state naming nothing": (lambda m: m["optimizer"]["state"]["0.weight"].update(exp_avg={"tensor": "nope"}), "optimizer state 'exp_avg' of 0.weight names no tensor"),
+    "state naming a list": (lambda m: m["optimizer"]["state"]["0.weight"].update(exp_avg={"tensor": []}), "optimizer state 'exp_avg' of 0.weight names no tensor"),
     "version": (lambda m: m.update(version=2), "format version 2; this qconvert reads 1"),
     "world": (lambda m: m.update(world=True), "world True is not a process count"),
 }
@@ -136,7 +137,7 @@ def test_damaged_manifest_is_refused_by_name(ckpt, case):
 
 @pytest.mark.parametrize("text, needle", [("{", "not a manifest (JSONDecodeError"), ('{"lr": NaN}', "NaN is not a number a manifest holds"),
                                           ("[" * 100_000 + "]" * 100_000, "not a manifest (RecursionError"), ("\xff", "not a manifest"),
-                                          ("[]", "not a qconvert-fsdp-checkpoint manifest")])
+                                          ("[]", "not a qconvert-fsdp-checkpoint manifest"), ('{"world": 1' + "0" * 5000 + "}", "not a manifest (ValueError")])
 def test_manifest_that_is_not_one_is_refused(ckpt, text, needle):
     folder = ckpt[0]
     (folder / fc.MANIFEST).write_bytes(text.encode("latin-1"))

@@ -233,7 +233,12 @@ def _check_manifest(m: Any, path: Path) -> None:
     _require(isinstance(tensors, dict), path, "no tensors table")
     for key, e in tensors.items():
         _check_entry(key, e, world, path)
-    opt = m.get("optimizer")
+    _check_optimizer_table(m.get("optimizer"), tensors, path)
+
+
+def _check_optimizer_table(opt: Any, tensors: dict, path: Path) -> None:
+    """Groups of settings (numbers, strings, lists of them) and parameter names; per parameter,
+    state entries that each name a tensor of the manifest or hold a number."""
     _require(isinstance(opt, dict) and isinstance(opt.get("groups"), list) and isinstance(opt.get("state"), dict), path,
              "no optimizer table")
     for g in opt["groups"]:
@@ -245,7 +250,7 @@ def _check_manifest(m: Any, path: Path) -> None:
     for name, st in opt["state"].items():
         _require(isinstance(st, dict), path, f"optimizer state of {name} is not a table")
         for k, v in st.items():
-            ok = isinstance(v, dict) and len(v) == 1 and (v.get("tensor") in tensors or "value" in v)
+            ok = isinstance(v, dict) and len(v) == 1 and ((isinstance(v.get("tensor"), str) and v["tensor"] in tensors) or "value" in v)
             _require(ok, path, f"optimizer state {k!r} of {name} names no tensor of the manifest and holds no value")
             if "value" in v:
                 _require(isinstance(v["value"], _SCALARS), path, f"optimizer state {k!r} of {name} is not a number")
