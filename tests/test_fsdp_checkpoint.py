@@ -162,6 +162,9 @@ def test_manifest_size_is_checked_before_it_is_read(ckpt, monkeypatch):
     os.remove(folder / fc.MANIFEST)
     with pytest.raises(DataError, match="manifest.json: missing"):
         _load(folder)
+    os.mkfifo(folder / fc.MANIFEST)  # opening it would wait for a writer forever
+    with pytest.raises(DataError, match="manifest.json: not a regular file"):
+        _load(folder)
 
 
 def _write_shard(path: Path, tensors: dict) -> None:

@@ -193,13 +193,22 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number a manifest holds")
 
 
+def _regular_size(path: Path, missing: str) -> int:
+    """The size of ``path``, a regular file (a FIFO or a device would block or never end a read)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _bad(path, missing) from None
+    _require(stat.S_ISREG(st.st_mode), path, "not a regular file")
+    return st.st_size
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest, its size checked before it is read and every field's type after."""
     path = folder / MANIFEST
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise _bad(path, "missing (the checkpoint is incomplete)") from None
+    size = _regular_size(path, "missing (the checkpoint is incomplete)")
     if size > MAX_MANIFEST:
         raise _bad(path, f"{size:,} bytes, more than a manifest holds ({MAX_MANIFEST:,})")
     with open(path, "rb") as f:
@@ -379,12 +388,9 @@ def open_shards(folder: Path, m: dict) -> list:
     for r, want in enumerate(expected_files(m)):
         path = folder / shard_name(r, m["world"])
         data = sum(_nbytes(shape, dtype) for shape, dtype in want.values())
-        try:
-            size = os.stat(path).st_size
-            with open(path, "rb") as f:
-                head = int.from_bytes(f.read(8), "little")
-        except FileNotFoundError:
-            raise _bad(path, f"missing (the manifest lists {len(want)} tensors in it)") from None
+        size = _regular_size(path, f"missing (the manifest lists {len(want)} tensors in it)")
+        with open(path, "rb") as f:
+            head = int.from_bytes(f.read(8), "little")
         _require(head <= MAX_HEADER and size == 8 + head + data, path,
                  f"{size:,} bytes where the manifest's tensors take {data:,} bytes after a header ({head:,} bytes)")
         try:
