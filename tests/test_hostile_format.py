@@ -27,6 +27,9 @@ PACKAGE = Path(qconvert.__file__).parent
 #: modules whose loading functions unpickle (or run code) whatever they are given, and those functions
 PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
 LOADERS = {"load", "loads", "Unpickler", "open"}
+#: torch.distributed.checkpoint unpickles its .metadata (pickle.load) and its byte records
+#: (torch.load(weights_only=False)): qconvert imports none of it (FSDP checkpoints: train/fsdp_checkpoint.py)
+DCP = "torch.distributed.checkpoint"
 #: Known and owned elsewhere: train --resume reads trainer_state.pt with weights_only=False (issue 11,
 #: fixed on the train branch by storing the numpy RNG state as plain values). Remove once merged.
 KNOWN = {("qconvert/train/loop.py", "torch.load with weights_only=False")}
@@ -46,7 +49,8 @@ def pickle_uses(source: str) -> list[str]:
     """What in ``source`` may unpickle data: a loading function of a pickling module (called through
     the module, or imported by name; ``pickle.UnpicklingError`` and the like are fine); torch.load
     (or a bare ``load`` imported from torch) without ``weights_only=True``; torch.jit.load; numpy.load
-    with allow_pickle true; pandas.read_pickle; any ``weights_only=False``."""
+    with allow_pickle true; pandas.read_pickle; any ``weights_only=False``; any import of
+    torch.distributed.checkpoint, whose loaders unpickle."""
     found = []
     torch_names = {"torch"}
     pickling: set[str] = set()
@@ -55,7 +59,10 @@ def pickle_uses(source: str) -> list[str]:
         if isinstance(node, ast.Import):
             pickling |= {a.asname or a.name for a in node.names if a.name.split(".")[0] in PICKLING_MODULES}
             torch_names |= {a.asname for a in node.names if a.name == "torch" and a.asname}
+            found += [f"import {a.name}" for a in node.names if a.name.startswith(DCP)]
         elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith(DCP) or (node.module == "torch.distributed" and any(a.name == "checkpoint" for a in node.names)):
+                found.append(f"from {node.module} import {', '.join(a.name for a in node.names)}")
             if node.module.split(".")[0] in PICKLING_MODULES:
                 found += [f"from {node.module} import {a.name}" for a in node.names if a.name in LOADERS or a.name == "*"]
             if node.module.split(".")[0] == "torch":
@@ -96,9 +103,14 @@ load("f", weights_only=False)
 torch.load("f", map_location="cpu", weights_only=False)
 np.load("x.npy", allow_pickle=True)
 torch.jit.load("m.pt")
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed import checkpoint
 """
-    assert pickle_uses(bad) == ["from dill import loads", "pickle.loads", "torch.load without weights_only=True", "torch.load with weights_only=False",
-                                "torch.load with weights_only=False", "numpy.load with allow_pickle", "torch.jit.load"]
+    assert sorted(pickle_uses(bad)) == sorted(["from dill import loads", "pickle.loads", "torch.load without weights_only=True", "torch.load with weights_only=False",
+                                "torch.load with weights_only=False", "numpy.load with allow_pickle", "torch.jit.load",
+                                "import torch.distributed.checkpoint", "from torch.distributed.checkpoint.state_dict import get_state_dict",
+                                "from torch.distributed import checkpoint"])
     fine = "import pickle\ntry:\n    torch.load(p, map_location='cpu', weights_only=True, mmap=True)\nexcept pickle.UnpicklingError:\n    pass\nnp.load(p)"
     assert pickle_uses(fine) == []
 

@@ -10,7 +10,7 @@ element (AdamW is elementwise); only the 8-bit state's block scales cover 256 co
 the shard, so they follow the shard's bounds (and bitsandbytes keeps a tensor under 4,096 values in
 32-bit, judged by the shard's size).
 
-For torch.distributed.checkpoint the state is shown as torch's AdamW shows it: ``step`` and the two
+For checkpoints (fsdp_checkpoint.py) the state is shown as torch's AdamW shows it: ``step`` and the two
 moments ``exp_avg``/``exp_avg_sq`` in float32, as DTensors placed like their parameter, so a
 checkpoint can be read back by any number of processes. 8-bit moments are dequantized for that; as
 re-quantizing a dequantized block does not always give its codes back, each process also writes
@@ -41,7 +41,7 @@ class ShardedBnb(torch.optim.Optimizer):
     """A bitsandbytes optimizer over the local shards of FSDP2's parameters (see the module).
 
     ``param_groups`` hold the model's own (DTensor) parameters, so learning-rate schedules,
-    ``zero_grad`` and torch.distributed.checkpoint's state-dict functions work as with torch's
+    ``zero_grad`` and the checkpoint's ``state_dict``/``load_state_dict`` work as with torch's
     optimizers; ``make(tensors)`` builds the bitsandbytes optimizer over the shards."""
 
     def __init__(self, params, make):
@@ -120,8 +120,8 @@ class ShardedBnb(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         pairs = self._sync()
-        # the saved groups list the parameters in this optimizer's order, by index or (from
-        # torch.distributed.checkpoint) by name, as torch's own load_state_dict reads them
+        # the saved groups list the parameters in this optimizer's order (by index, or by name), as
+        # torch's own load_state_dict reads them
         keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         if len(keys) != len(pairs):
             raise ValueError(f"optimizer state for {len(keys)} parameters, this optimizer has {len(pairs)}")
@@ -175,16 +175,14 @@ class ShardedBnb(torch.optim.Optimizer):
         """Replace the re-quantized 8-bit state by the one this rank wrote, when the checkpoint was
         written by as many processes and the shapes agree. True when it was used; None when this
         optimizer holds no 8-bit state."""
-        from safetensors.torch import load_file
-
         mine = self._quantized()
         if not mine:
             return None
         path = folder / exact_name(rank, world)
         if not path.is_file():
             return False
-        saved = load_file(str(path))
-        if set(saved) != set(mine) or any(saved[k].shape != mine[k].shape for k in saved):
+        saved = _read_if_fits(path, mine)
+        if saved is None:
             return False
         for i, (_, shard) in enumerate(self._sync()):
             s = self.inner.state.get(shard) or {}
@@ -192,6 +190,26 @@ class ShardedBnb(torch.optim.Optimizer):
                 if f"{i}.{k}" in saved:
                     s[k].copy_(saved[f"{i}.{k}"].to(s[k].device))
         return True
+
+
+def _read_if_fits(path: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` when its header lists exactly ``like``'s names, shapes and dtypes
+    (compared before any tensor is read); None when it does not."""
+    from safetensors import safe_open
+
+    from ..errors import DataError
+
+    codes = {torch.uint8: "U8", torch.float32: "F32"}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            heads = {k: f.get_slice(k) for k in f.keys()}
+            if set(heads) != set(like) or any((list(heads[k].get_shape()), heads[k].get_dtype()) != (list(t.shape), codes.get(t.dtype))
+                                             for k, t in like.items()):
+                return None
+            return {k: f.get_tensor(k) for k in like}
+    except Exception as e:  # safetensors' SafetensorError: a damaged header or a truncated file
+        raise DataError(f"{path}: not a readable 8-bit optimizer state ({type(e).__name__})",
+                        hint="the checkpoint is damaged; resume from an earlier checkpoint-N") from None
 
 
 def requantize(x: torch.Tensor, qmap: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

@@ -207,7 +207,7 @@ def _gather_rng(world: int):
 def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | None, rank: int, world: int,
                          signature: dict, extra: dict[str, Any] | None = None) -> Path | None:
     """checkpoint-N of an FSDP run (every process calls it): the LoRA and optimizer shards in
-    ``sharded/`` (torch.distributed.checkpoint, see fsdp.py), the gathered adapter in PEFT format
+    ``sharded/`` (safetensors and a JSON manifest, see fsdp_checkpoint.py), the gathered adapter in PEFT format
     and trainer_state.pt without the optimizer (rank 0). Published by one rename when complete."""
     import torch.distributed as dist
 

@@ -22,8 +22,8 @@ share of the file's pages (the reader's checks also read every block-scale table
 the codes' bytes) and keeps only its shard once the views are dropped (measured in the README).
 
 Checkpoints (:func:`save_sharded`, :func:`load_sharded`): ``checkpoint-N/sharded/`` holds the LoRA
-weights and the optimizer state as torch.distributed.checkpoint writes them, one file per process,
-readable by any number of processes; ``trainer_state.pt`` holds the rest (scheduler, step, every
+weights and the optimizer state, one safetensors file per process and a JSON manifest, readable by
+any number of processes and loaded without pickle (fsdp_checkpoint.py); ``trainer_state.pt`` holds the rest (scheduler, step, every
 rank's RNG state) and ``adapter_model.safetensors`` the gathered adapter, as a single-process
 checkpoint does. bitsandbytes' optimizers run on each process's shards (bnb_shards.py), whose
 8-bit state is also written as it is, per process, next to the sharded files.
@@ -204,22 +204,13 @@ def full_adapter(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _options(strict: bool = True):
-    """Only the trainable tensors (the frozen base is read from the model folder). Loading is not
-    strict because the model's frozen tensors are absent from the checkpoint on purpose; a LoRA
-    tensor missing from it still fails, in dcp.load."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(ignore_frozen_params=True, strict=strict)
-
-
 def save_sharded(model, optimizer, folder: Path) -> None:
-    """The LoRA shards and the optimizer state into ``folder/sharded`` (every process writes its own)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """The LoRA shards and the optimizer state into ``folder/sharded`` (every process writes its own
+    file, process 0 the manifest; fsdp_checkpoint.py: safetensors and JSON, no pickle)."""
+    from . import fsdp_checkpoint
 
-    msd, osd = get_state_dict(model, optimizer, options=_options())
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / SHARDED))
+    (folder / SHARDED).mkdir(exist_ok=True)
+    fsdp_checkpoint.save(model, optimizer, folder / SHARDED, *_rank_world())
     if hasattr(optimizer, "save_exact"):  # bitsandbytes' 8-bit state as it is, per process (bnb_shards.py)
         optimizer.save_exact(folder / SHARDED, *_rank_world())
 
@@ -227,21 +218,40 @@ def save_sharded(model, optimizer, folder: Path) -> None:
 def load_sharded(model, optimizer, folder: Path) -> str | None:
     """Read ``folder/sharded`` back into this run's shards, whatever the process count that wrote it.
     Returns a note to show when bitsandbytes' 8-bit state could not be restored bit for bit."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from . import fsdp_checkpoint
 
     if not (folder / SHARDED).is_dir():
         raise DataError(f"{folder}: a checkpoint written without --fsdp", hint="resume it without --fsdp")
-    msd, osd = get_state_dict(model, optimizer, options=_options())
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(folder / SHARDED))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(strict=False))
+    rank, world = _rank_world()
+    try:
+        checked = fsdp_checkpoint.check(model, optimizer, folder / SHARDED)
+    except Exception as e:
+        _agree(e, folder)
+        raise
+    _agree(None, folder)
+    fsdp_checkpoint.apply(checked, optimizer, rank, world)
     if hasattr(optimizer, "load_exact"):  # bitsandbytes' 8-bit state as it was written, when the shards are the same
-        rank, world = _rank_world()
         if optimizer.load_exact(folder / SHARDED, rank, world) is False:
             return (f"note: {folder} was written by another number of processes than {world}: "
                     f"the 8-bit optimizer state re-quantized from its float32 copy (not bit for bit the state it had)")
     return None
+
+
+def _agree(error: BaseException | None, folder: Path) -> None:
+    """Every process checks the whole checkpoint, then learns whether any refused it (a collective),
+    so that all fail together, each with its own line, and the launcher shows rank 0's: a process
+    that failed alone would leave the others waiting in their next collective. Raises a DataError on
+    a process that found nothing wrong when another did (the caller raises its own error)."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0 if error is None else dist.get_rank() + 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    failed = int(flag.item())
+    if failed and error is None:
+        raise DataError(f"{folder}: process {failed - 1} refused this checkpoint", hint="see that process's message")
 
 
 def _rank_world() -> tuple[int, int]:
