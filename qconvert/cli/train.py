@@ -65,7 +65,7 @@ def train(ctx, model, config_file, **flags):
     from ..train.loop import train as run
 
     output = run_options["output"]
-    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True))
+    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True), config_file=config_file)
     if r.get("interrupted"):
         raise SystemExit(128 + r["signal"] if r.get("signal") else 0)
     push_to = run_options["push_to"]

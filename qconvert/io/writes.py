@@ -173,6 +173,16 @@ def make_dir(path: str | os.PathLike, *, exist_ok: bool = False) -> Path:
     return path
 
 
+def fresh_dir(folder: str | os.PathLike, name: str) -> Path:
+    """A new empty folder ``folder/.NAME.qconvert-tmp`` (a name every process of a distributed run
+    can compute): a leftover at that name is removed first (a link: the link itself), then the
+    folder is made with ``mkdir``, which fails rather than follow anything planted in between."""
+    tmp = Path(folder) / f".{name}{TMP_SUFFIX}"
+    remove(tmp)
+    os.mkdir(tmp)
+    return tmp
+
+
 def temp_dir(folder: str | os.PathLike, name: str) -> Path:
     """A new empty folder in ``folder`` under a unique hidden name, for building ``name``."""
     for _ in range(100):
@@ -196,6 +206,53 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     sync_dir(final.parent)
+
+
+@contextmanager
+def building(tmp: Path, final: Path) -> Iterator[Path]:
+    """A folder ``tmp`` under construction for ``final``: removed if the block raises, so nothing
+    half-written is left, least of all something that looks complete. A library's write that failed
+    on a full disk or a file-size limit without an OSError (safetensors, torch.save by path) is
+    reported as the OSError it was (:func:`write_limit_error`); errors name ``final``, not ``tmp``."""
+    try:
+        yield tmp
+    except BaseException as e:
+        cause = e if isinstance(e, OSError) else write_limit_error(tmp) if isinstance(e, Exception) else None
+        remove(tmp)
+        if cause is None:
+            raise
+        name = cause.filename
+        if name is not None and Path(name).is_relative_to(tmp):
+            name = final / Path(name).relative_to(tmp)
+        raise OSError(cause.errno, cause.strerror, str(name or final)) from None
+
+
+#: Less free space than this after a failed write: the disk was full.
+LOW_SPACE_BYTES = 1 << 20
+
+
+def write_limit_error(folder: Path) -> OSError | None:
+    """The OSError a failed write in ``folder`` met, found from what the system says now: the file
+    system is (all but) full, or a file there reached the file-size limit (``ulimit -f``); None when
+    neither (the failure was something else)."""
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < LOW_SPACE_BYTES:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None)
+    except (OSError, AttributeError):
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    for p in sorted(Path(folder).rglob("*")):
+        st = os.lstat(p)
+        if stat.S_ISREG(st.st_mode) and st.st_size >= soft:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(p))
+    return None
 
 
 def remove(path: str | os.PathLike) -> None:

@@ -11,11 +11,11 @@ back safely, and for the output-folder rules).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 import warnings
@@ -24,9 +24,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import DataError, FormatError, OptionError
+from ..errors import DataError, FormatError, OptionError, OutputExistsError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
-from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
+from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
+from .outdir import check_flags, prepare_output
 from .data import DataReport, build_examples, collate, load_records, pack
 from .options import check_target_modules, default_targets
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
@@ -128,6 +129,7 @@ def train(
     *,
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
+    config_file: str | os.PathLike | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
@@ -135,7 +137,9 @@ def train(
     The run's options are ``config`` (a :class:`qconvert.train.settings.TrainConfig`; default: its
     defaults) with ``options`` over it, the same names as keywords (``lr=1e-3, max_steps=10``);
     each option, its default and its range are described there. Every value is checked before
-    anything is loaded (OptionError).
+    anything is loaded (OptionError). ``config_file``: the --config file the options came from
+    (an input: the output may not be it, lie inside it or hold it). The output folder's rules are
+    in outdir.py.
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
     cfg.check()
@@ -145,29 +149,52 @@ def train(
                           hint="give --output a folder of its own: the adapter would be written into the model (and its card replaced)")
     options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
     targets = cfg.target_modules
-    resume, overwrite = cfg.resume, cfg.overwrite
     rank, world, made = _dist()
     finished = False
     try:
         say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
         out = Path(output)
-        prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # every rank has looked at --output before rank 0 changes it
-        if rank == 0:
-            prepare_output(out, resume=resume, overwrite=overwrite)
-        if world > 1:
-            dist.barrier()
-        with warnings.catch_warnings():
-            # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
-            warnings.simplefilter("ignore", FutureWarning)
-            result = _train(model, data, out, options, targets, rank, world, say, progress)
+        with contextlib.ExitStack() as held:
+            _claim_output(out, cfg, (model, data, cfg.eval_data, config_file), rank, world, held)
+            with warnings.catch_warnings():
+                # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
+                warnings.simplefilter("ignore", FutureWarning)
+                result = _train(model, data, out, options, targets, rank, world, say, progress)
         finished = True
         return result
     finally:
         _end_dist(made, finished)
+
+
+def _claim_output(out: Path, cfg: TrainConfig, inputs, rank: int, world: int, held: contextlib.ExitStack) -> None:
+    """The output policy of every command that writes (io.staging): OUT is not an input, the current
+    or home folder or a link; rank 0 holds the lock beside OUT for the whole run (a second run into
+    the same OUT is refused at once) and prepares OUT (outdir.prepare_output). Every process checks
+    first, and all of them learn whether rank 0 got the lock, so none waits for a rank that left."""
+    from ..io.staging import check_location, output_lock
+
+    check_flags(cfg.resume, cfg.overwrite)
+    check_location(out, [i for i in inputs if i is not None and os.path.exists(i)])
+    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite, clear=False)
+    locked = True
+    if rank == 0:
+        try:
+            held.enter_context(output_lock(out))
+        except OutputExistsError:
+            locked = False
+            if world == 1:
+                raise
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if locked else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank has looked at --output before rank 0 changes it
+        if not flag.item():
+            raise OutputExistsError(f"{out}: another qconvert run is writing it", hint="wait for that run to finish, or write to another folder")
+    if rank == 0:
+        prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    if world > 1:
+        dist.barrier()
 
 
 def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress) -> dict[str, Any]:
@@ -285,12 +312,18 @@ class _Run:
         self.say(f"resumed from {ckpt_dir} at step {self.step}")
 
     def prepare_outputs(self, model, data, ckpt_dir) -> None:
+        from ..io.writes import remove
         from .config import resolved_config, write_config
+        from .outdir import truncate_metrics
 
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            if ckpt_dir is None and self.metrics_path.exists():
-                self.metrics_path.unlink()
+            if ckpt_dir is None:
+                remove(self.metrics_path)
+            else:
+                note = truncate_metrics(self.metrics_path, self.step)
+                if note:
+                    self.say(note)
             write_config(self.out / "config.yaml", resolved_config(model, data, self.out, self.o))
 
     def report_start(self, reports, targets) -> None:
@@ -604,8 +637,9 @@ def _plot(out: Path) -> None:
 
 
 def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    from ..io.writes import append_text
+
+    append_text(path, json.dumps(row) + "\n")  # never through a link planted at metrics.jsonl
 
 
 def _tensorboard(out: Path):
@@ -613,7 +647,9 @@ def _tensorboard(out: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "runs"))
+    from ..io.writes import make_dir
+
+    return SummaryWriter(str(make_dir(out / "runs", exist_ok=True)))  # a plain folder, never a link
 
 
 def final_lines(out: Path, step: int, elapsed: float, loss, eval_loss, ckpts: list[Path], device) -> list[str]:
@@ -644,18 +680,19 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
     from ..adapters import stable_adapter_config
     from ..io.cards import adapter_card
+    from ..io.writes import building, fresh_dir, remove, write_file
 
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    stable_adapter_config(tmp, base_model_name_or_path=base_id)
+    tmp = fresh_dir(out, "adapter")  # made new, never a link followed; removed if the save fails
+    with building(tmp, out / "adapter_model.safetensors"):
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        stable_adapter_config(tmp, base_model_name_or_path=base_id)
     body = (f"# LoRA adapter for {base_id}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
             f"lr {info['lr']}, final training loss {info['final_loss']:.4f}"
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
             + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
             f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_id}\"), \"{out.name}\")`.\n")
-    (tmp / "README.md").write_text(adapter_card(base_id, body, extra_tags=("qlora",)))
+    write_file(tmp / "README.md", adapter_card(base_id, body, extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", "adapter_config.json"):  # the config last
-        os.replace(tmp / f, out / f)
-    shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(tmp / f, out / f)  # a link at that name is replaced, never written through
+    remove(tmp)

@@ -74,9 +74,9 @@ def write_loss_plot(metrics_path: Path, png_path: Path) -> dict:
     """Draw metrics.jsonl into png_path (written to a temporary name, then renamed); returns the series."""
     fig = loss_figure(read_metrics(metrics_path))
     series = figure_series(fig)
-    tmp = Path(png_path).with_name(Path(png_path).name + ".tmp")
-    fig.savefig(tmp, format="png", metadata={SERIES_KEY: json.dumps(series)})
-    tmp.replace(png_path)
+    from ..io.writes import write_file
+
+    write_file(png_path, lambda f: fig.savefig(f, format="png", metadata={SERIES_KEY: json.dumps(series)}))
     return series
 
 
