@@ -168,7 +168,7 @@ def test_train_into_the_current_folder_with_overwrite_is_refused(qmodel, tmp_pat
     (work / "config.yaml").write_text("max_steps: 1\n")
     before = _folder(work)
     r = _run_train(qmodel, data, ".", "--overwrite", cwd=work, config="config.yaml")
-    one_line_error(r, "the output is the input config.yaml")
+    one_line_error(r, "work: the output holds the input config.yaml")
     r = _run_train(qmodel, data, ".", "--overwrite", cwd=work)
     one_line_error(r, "the output is the current folder")
     assert _folder(work) == before
@@ -183,10 +183,12 @@ def test_train_never_writes_inside_an_input(qmodel, tmp_path, where):
     cfg = tmp_path / "cfgs" / "run.yaml"
     cfg.parent.mkdir()
     cfg.write_text("lora_r: 2\n")
-    out = {"dataset folder": ds, "inside the dataset folder": ds / "run", "config folder": cfg.parent}[where]
+    out, given, needle = {"dataset folder": (ds, data, f"ds: the output holds the input {data}"),
+                          "inside the dataset folder": (ds / "run", ds, f"run: the output is inside the input {ds}"),
+                          "config folder": (cfg.parent, data, f"cfgs: the output holds the input {cfg}")}[where]
     before = _folder(tmp_path)
-    r = _run_train(qmodel, ds if where == "dataset folder" else data, out, "--overwrite", config=cfg)
-    one_line_error(r, "the output is" if where != "inside the dataset folder" else "the output is inside the input")
+    r = _run_train(qmodel, given, out, "--overwrite", config=cfg)
+    one_line_error(r, needle)
     assert _folder(tmp_path) == before
 
 
@@ -309,7 +311,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("limit, file", [(60_000, "trainer_state.pt"), (9_000, "adapter_model.safetensors")])
+@pytest.mark.parametrize("limit, file", [(100_000, "trainer_state.pt"), (30_000, "adapter_model.safetensors")])
 def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_checkpoint(qmodel, tmp_path, limit, file):
     """torch.save and safetensors turn the write's OSError into a RuntimeError / SafetensorError
     that said "unexpected ... this is a bug"; and the half-written `.checkpoint-1.tmp/` stayed."""
@@ -322,3 +324,18 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_checkpoint(qmod
     block = one_line_error(r, f"checkpoint-1/{file}: File too large", "hint: free space on that file system")
     assert "unexpected" not in block
     assert not any(p.name.startswith((".checkpoint", "checkpoint")) for p in out.iterdir()), sorted(out.iterdir())
+
+
+# ---------------------------------------------------------------- terminal escapes in export-adapter's line
+
+
+def test_export_adapter_line_escapes_the_base_model_name(tmp_path):
+    from test_hostile_adapter import _adapter_folder
+
+    a = _adapter_folder(tmp_path)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "acme/x\x1b]0;owned\x07\x1b[2J"
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([*QCONVERT, "export-adapter", str(a), str(tmp_path / "clean")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout + r.stderr and "acme/x\\x1b]0;owned\\x07\\x1b[2J" in r.stdout

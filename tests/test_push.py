@@ -139,7 +139,56 @@ def test_push_refuses_a_link_out_of_the_folder(hub, quantized, tmp_path):
     assert r.returncode == 1 and "notes.txt: a symbolic link out of the folder, nothing was uploaded" in r.stderr, r.stderr
     assert "alice/tiny-nf4" not in hub.state.repos
     (q / "notes.txt").unlink()
-    (q / "notes.txt").symlink_to(q / "README.md")  # a link inside the folder is fine
-    r = push(hub, q, "alice/tiny-nf4")
+    (q / "notes.txt").symlink_to(q / "README.md")  # a link inside the folder is fine (published when named)
+    r = push(hub, q, "alice/tiny-nf4", "--include", "notes.txt")
     assert r.returncode == 0, r.stderr
     assert hub.state.repos["alice/tiny-nf4"]["branches"]["main"]["notes.txt"] == (q / "README.md").read_bytes()
+
+
+# ---------------------------------------------------------------- what is published: only what qconvert wrote
+
+
+def test_push_sends_no_leftover_hidden_file_or_secret_and_refuses_unknown_files(hub, tmp_path):
+    """A killed run's `.checkpoint-N.tmp/trainer_state.pt` and `config.yaml.tmp` (local paths), a
+    `.env` and an `id_rsa` that sat in the folder were all published."""
+    from test_hostile_adapter import _adapter_folder
+
+    a = _adapter_folder(tmp_path)
+    (a / ".checkpoint-3.tmp").mkdir()
+    (a / ".checkpoint-3.tmp" / "trainer_state.pt").write_bytes(b"optimizer state")
+    (a / ".checkpoint-4.qconvert-tmp").mkdir()
+    (a / ".checkpoint-4.qconvert-tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    (a / "config.yaml.tmp").write_text(f"data: {tmp_path}/private.jsonl\n")
+    (a / ".qconvert-run.json").write_text("{}")
+    (a / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (a / "id_rsa").write_text("PRIVATE KEY\n")
+    (a / "notes.txt").write_text("mine\n")
+    r = push(hub, a, "alice/leftovers")
+    assert r.returncode == 1 and "qconvert: error: notes.txt: not a file qconvert writes; nothing was uploaded" in r.stderr, r.stderr
+    assert "hint: publish it with --include NAME" in r.stderr
+    assert "warning: .env, id_rsa: looks like a secret (credentials, keys, tokens); not uploaded" in r.stderr
+    assert "alice/leftovers" not in hub.state.repos
+    r = push(hub, a, "alice/leftovers", "--include", "notes.txt")
+    assert r.returncode == 0, r.stderr
+    arrived = hub.state.repos["alice/leftovers"]["branches"]["main"]
+    assert set(arrived) - {".gitattributes"} == {"README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt"}
+    # a secret goes only when named, and the warning says so
+    r = push(hub, a, "alice/leftovers", "--include", "notes.txt", "--include", "id_rsa")
+    assert r.returncode == 0 and "warning: id_rsa: looks like a secret, uploaded because --include names it" in r.stderr
+    assert "id_rsa" in hub.state.repos["alice/leftovers"]["branches"]["main"]
+    # a temporary leftover is never sent, not even when a pattern matches it
+    r = push(hub, a, "alice/leftovers2", "--include", "*")
+    assert r.returncode == 0, r.stderr
+    arrived = hub.state.repos["alice/leftovers2"]["branches"]["main"]
+    assert not any(k.endswith(("tmp", ".tmp")) or "qconvert-tmp" in k or k.startswith(".checkpoint") for k in arrived), sorted(arrived)
+
+
+@pytest.mark.slow
+def test_push_prints_a_folder_name_with_escape_sequences_escaped(hub, quantized, tmp_path):
+    import shutil
+
+    q = tmp_path / "q\x1b]0;owned\x07\x1b[2J"
+    shutil.copytree(quantized, q)
+    r = push(hub, q, "alice/esc")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout + r.stderr and "\\x1b]0;owned\\x07" in r.stdout

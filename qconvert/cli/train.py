@@ -72,8 +72,10 @@ def train(ctx, model, config_file, **flags):
     if push_to and int(os.environ.get("RANK", "0")) == 0:
         from ..hub.push import push_folder
 
-        p = push_folder(output, push_to)
-        click.echo(f"pushed adapter to {push_to}: {p['commit_url']}")
+        from ..errors import printable
+
+        p = push_folder(output, push_to, log=lambda m: click.echo(printable(m), err=True))
+        click.echo(printable(f"pushed adapter to {push_to}: {p['commit_url']}"))
 
 
 def worker_args(ctx: click.Context) -> list[str]:

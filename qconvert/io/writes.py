@@ -94,7 +94,7 @@ def write_file(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO],
     fd, tmp = _create(path.parent, path.name)
     watched = None
     try:
-        with os.fdopen(fd, "wb") as f, named_write_errors(path):
+        with named_write_errors(path), os.fdopen(fd, "wb") as f:  # (closing flushes: its error is named too)
             if callable(data):
                 watched = _Watched(f)
                 try:
@@ -225,6 +225,26 @@ def building(tmp: Path, final: Path) -> Iterator[Path]:
         if name is not None and Path(name).is_relative_to(tmp):
             name = final / Path(name).relative_to(tmp)
         raise OSError(cause.errno, cause.strerror, str(name or final)) from None
+
+
+def check_room(folder: Path, nbytes: int, name: Path) -> None:
+    """Refuse, before a library writes it, a file of at least ``nbytes`` that cannot fit: less free
+    space in ``folder``, or a smaller file-size limit (``ulimit -f``). Libraries that write by path
+    (safetensors) report the OSError of a failed write in their own exception type, and delete the
+    partial file; this names the file (``name``) and the cause instead."""
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < nbytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(name))
+    except AttributeError:  # no statvfs (Windows)
+        pass
+    try:
+        import resource
+    except ImportError:
+        return
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and soft < nbytes:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(name))
 
 
 #: Less free space than this after a failed write: the disk was full.

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..adapters import stable_adapter_config
-from ..io.writes import TMP_SUFFIX, building, fresh_dir
+from ..io.writes import TMP_SUFFIX, building, check_room, fresh_dir
 from ..errors import DataError, OutputExistsError
 
 STATE = "trainer_state.pt"
@@ -117,6 +117,8 @@ def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | 
         return None
     tmp = fresh_dir(out, f"checkpoint-{step}")
     with building(tmp, out / f"checkpoint-{step}"):
+        check_room(tmp, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                   out / f"checkpoint-{step}" / "adapter_model.safetensors")
         model.save_pretrained(tmp)
         stable_adapter_config(tmp)
         state = {"version": STATE_VERSION, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step,
