@@ -450,7 +450,9 @@ class _Run:
             }, state_dict=state)
             _plot(self.out)
         elapsed = time.perf_counter() - self.t_start
-        for line in final_lines(self.out, self.step, elapsed, self.last_loss, self.last_eval, checkpoints(self.out), self.device):
+        from .outdir import run_checkpoints
+
+        for line in final_lines(self.out, self.step, elapsed, self.last_loss, self.last_eval, run_checkpoints(self.out), self.device):
             self.say(line)
 
 
