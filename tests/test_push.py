@@ -176,11 +176,11 @@ def test_push_sends_no_leftover_hidden_file_or_secret_and_refuses_unknown_files(
     r = push(hub, a, "alice/leftovers", "--include", "notes.txt", "--include", "id_rsa")
     assert r.returncode == 0 and "warning: id_rsa: looks like a secret, uploaded because --include names it" in r.stderr
     assert "id_rsa" in hub.state.repos["alice/leftovers"]["branches"]["main"]
-    # a temporary leftover is never sent, not even when a pattern matches it
+    # a wildcard sends neither a temporary leftover nor a hidden file nor a secret
     r = push(hub, a, "alice/leftovers2", "--include", "*")
     assert r.returncode == 0, r.stderr
     arrived = hub.state.repos["alice/leftovers2"]["branches"]["main"]
-    assert not any(k.endswith(("tmp", ".tmp")) or "qconvert-tmp" in k or k.startswith(".checkpoint") for k in arrived), sorted(arrived)
+    assert set(arrived) - {".gitattributes"} == {"README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt"}
 
 
 @pytest.mark.slow
@@ -192,3 +192,22 @@ def test_push_prints_a_folder_name_with_escape_sequences_escaped(hub, quantized,
     r = push(hub, q, "alice/esc")
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout + r.stderr and "\\x1b]0;owned\\x07" in r.stdout
+
+
+def test_upload_plan_keeps_run_files_hidden_files_and_secrets_from_wildcards(tmp_path):
+    from qconvert.hub.push import upload_plan
+
+    for rel in ("README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.yaml", "runs/ev",
+                "checkpoint-2/trainer_state.pt", ".cache/x", "server.pem", "sub/id_rsa.pub", "a[1].txt", ".checkpoint-3.tmp/s.pt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    plan = upload_plan(tmp_path, "adapter", ["*"])
+    assert plan["upload"] == ["README.md", "a[1].txt", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl"]
+    assert plan["secrets"] == ["server.pem", "sub/id_rsa.pub"] and plan["unknown"] == []
+    plan = upload_plan(tmp_path, "adapter", ["config.yaml", "server.pem", ".checkpoint-3.tmp/s.pt"])
+    assert "config.yaml" in plan["upload"] and "server.pem" in plan["upload"] and ".checkpoint-3.tmp/s.pt" not in plan["upload"]
+    assert plan["unknown"] == ["a[1].txt"]
+    from qconvert.hub.push import _literal
+    from fnmatch import fnmatch
+
+    assert fnmatch("a[1].txt", _literal("a[1].txt")) and not fnmatch("a1.txt", _literal("a[1].txt"))

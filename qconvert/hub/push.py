@@ -62,12 +62,12 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
 
 #: What a `qconvert train` output holds beside the adapter that is not published with it: resumable
 #: checkpoints (optimizer and RNG state), TensorBoard logs, and the resolved run configuration,
-#: which names local paths (the data, the base model folder), and metrics.jsonl.
-RUN_ONLY = ("checkpoint-*", "runs", "config.yaml", "metrics.jsonl")
+#: which names local paths (the data, the base model folder).
+RUN_ONLY = ("checkpoint-*", "runs", "config.yaml")
 #: The files qconvert writes, by folder kind (besides the model card and the companion files that
 #: quantize and merge copy, ``format.checkpoint.is_companion_file``): only these are published.
 WRITTEN = {
-    "adapter": ("adapter_config.json", "adapter_model.safetensors", "loss.png"),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl"),
     "quantized": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
     "merge": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
 }
@@ -89,12 +89,14 @@ def _matches(rel: str, patterns) -> bool:
 def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
     """Sort every file under ``folder`` (paths relative to it, with ``/``) into what is published
     and what is not. Published: the files qconvert writes for this kind (:data:`WRITTEN`, the card,
-    the companion files) and those matching an ``include`` pattern. Never: hidden files and folders
-    and qconvert's temporary leftovers (:data:`TEMPORARY`), and a train run's own files
-    (:data:`RUN_ONLY`). ``secrets``: names that look like credentials (:data:`SECRET_PATTERNS`),
-    published only when included; ``unknown``: any other file, which refuses the push unless included."""
+    the companion files) and those matching an ``include`` pattern. Never: qconvert's temporary
+    leftovers (:data:`TEMPORARY`). Hidden files and folders, a train run's own files
+    (:data:`RUN_ONLY`) and ``secrets``, names that look like credentials (:data:`SECRET_PATTERNS`),
+    are published only when an ``include`` names them exactly (no wildcard: ``--include '*'``
+    does not send ``.env``); ``unknown``: any other file, which refuses the push unless included."""
     from ..format.checkpoint import is_companion_file
 
+    exact = [p for p in include if not any(c in p for c in "*?[")]
     plan: dict[str, list[str]] = {"upload": [], "skipped": [], "secrets": [], "unknown": []}
     for top, dirs, files in os.walk(folder):
         dirs.sort()
@@ -102,15 +104,16 @@ def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
             rel = (Path(top) / name).relative_to(folder).as_posix()
             parts = rel.split("/")
             secret = _matches(rel, SECRET_PATTERNS)
+            hidden = any(p.startswith(".") for p in parts) or (kind == "adapter" and _matches(parts[0], RUN_ONLY))
             if secret:
                 plan["secrets"].append(rel)
             if any(_matches(p, TEMPORARY) for p in parts):
                 plan["skipped"].append(rel)
-            elif include and _matches(rel, include):
+            elif _matches(rel, exact) or (include and _matches(rel, include) and not (secret or hidden)):
                 plan["upload"].append(rel)
             elif secret:
                 continue
-            elif any(p.startswith(".") for p in parts) or (kind == "adapter" and _matches(parts[0], RUN_ONLY)):
+            elif hidden:
                 plan["skipped"].append(rel)
             elif rel == "README.md" or _matches(rel, WRITTEN[kind]) or (kind != "adapter" and is_companion_file(rel)):
                 plan["upload"].append(rel)
