@@ -24,10 +24,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import DataError, FormatError, OptionError, OutputExistsError
+from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
-from .outdir import check_flags, prepare_output
+from .outdir import claim_output
 from .data import DataReport, build_examples, collate, load_records, pack
 from .options import check_target_modules, default_targets
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
@@ -155,7 +155,7 @@ def train(
         say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
         out = Path(output)
         with contextlib.ExitStack() as held:
-            _claim_output(out, cfg, (model, data, cfg.eval_data, config_file), rank, world, held)
+            claim_output(out, cfg.resume, cfg.overwrite, (model, data, cfg.eval_data, config_file), rank, world, held)
             with warnings.catch_warnings():
                 # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
                 warnings.simplefilter("ignore", FutureWarning)
@@ -164,37 +164,6 @@ def train(
         return result
     finally:
         _end_dist(made, finished)
-
-
-def _claim_output(out: Path, cfg: TrainConfig, inputs, rank: int, world: int, held: contextlib.ExitStack) -> None:
-    """The output policy of every command that writes (io.staging): OUT is not an input, the current
-    or home folder or a link; rank 0 holds the lock beside OUT for the whole run (a second run into
-    the same OUT is refused at once) and prepares OUT (outdir.prepare_output). Every process checks
-    first, and all of them learn whether rank 0 got the lock, so none waits for a rank that left."""
-    from ..io.staging import check_location, output_lock
-
-    check_flags(cfg.resume, cfg.overwrite)
-    check_location(out, [i for i in inputs if i is not None and os.path.exists(i)])
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite, clear=False)
-    locked = True
-    if rank == 0:
-        try:
-            held.enter_context(output_lock(out))
-        except OutputExistsError:
-            locked = False
-            if world == 1:
-                raise
-    if world > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if locked else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank has looked at --output before rank 0 changes it
-        if not flag.item():
-            raise OutputExistsError(f"{out}: another qconvert run is writing it", hint="wait for that run to finish, or write to another folder")
-    if rank == 0:
-        prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
-    if world > 1:
-        dist.barrier()
 
 
 def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress) -> dict[str, Any]:

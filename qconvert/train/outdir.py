@@ -20,6 +20,7 @@ anything else: the names of :data:`RUN_FILES` and each ``checkpoint-N`` it publi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -84,6 +85,38 @@ def run_checkpoints(out: Path) -> list[Path]:
     listed = read_manifest(out)
     found = checkpoints(out)
     return found if listed is None else [p for p in found if p.name in listed]
+
+
+def claim_output(out: Path, resume, overwrite: bool, inputs, rank: int, world: int, held: contextlib.ExitStack) -> None:
+    """The output policy of every command that writes (io.staging): OUT is not an input, the current
+    or home folder or a link; rank 0 holds the lock beside OUT for the whole run (a second run into
+    the same OUT is refused at once) and prepares OUT (:func:`prepare_output`). Every process checks
+    first, and all of them learn whether rank 0 got the lock, so none waits for a rank that left."""
+    from ..io.staging import check_location, output_lock
+
+    check_flags(resume, overwrite)
+    check_location(out, [i for i in inputs if i is not None and os.path.exists(i)])
+    prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
+    locked = True
+    if rank == 0:
+        try:
+            held.enter_context(output_lock(out))
+        except OutputExistsError:
+            locked = False
+            if world == 1:
+                raise
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if locked else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank has looked at --output before rank 0 changes it
+        if not flag.item():
+            raise OutputExistsError(f"{out}: another qconvert run is writing it", hint="wait for that run to finish, or write to another folder")
+    if rank == 0:
+        prepare_output(out, resume=resume, overwrite=overwrite)
+    if world > 1:
+        dist.barrier()
 
 
 def check_flags(resume, overwrite: bool) -> None:
