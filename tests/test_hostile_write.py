@@ -339,3 +339,12 @@ def test_export_adapter_line_escapes_the_base_model_name(tmp_path):
     r = subprocess.run([*QCONVERT, "export-adapter", str(a), str(tmp_path / "clean")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout + r.stderr and "acme/x\\x1b]0;owned\\x07\\x1b[2J" in r.stdout
+
+
+def test_loss_plot_skips_a_damaged_metrics_line(tmp_path):
+    """A run killed mid-append leaves half a line: drawing the plot raised JSONDecodeError (a "bug" line)."""
+    from qconvert.train.plot import read_png_series, write_loss_plot
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n[1]\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    write_loss_plot(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert read_png_series(tmp_path / "loss.png")["train loss"] == {"x": [1.0, 2.0], "y": [2.0, 1.5]}

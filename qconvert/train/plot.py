@@ -18,11 +18,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line that is not a JSON object (a run killed mid-write) is skipped."""
     rows = []
     if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 
