@@ -143,7 +143,7 @@ def test_resume_and_overwrite_together_refused(tmp_path):
 @pytest.mark.slow
 def test_output_that_is_a_file_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    r = subprocess.run([*QCONVERT, "train", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "notes.txt")],
+    r = subprocess.run([*QCONVERT, "train", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "notes.txt")],
                        capture_output=True, text=True)
     one_line_error(r, "notes.txt: exists and is not a folder")
     assert (tmp_path / "notes.txt").read_text() == "mine"
