@@ -95,7 +95,7 @@ def claim_output(out: Path, resume, overwrite: bool, inputs, rank: int, world: i
     from ..io.staging import check_location, output_lock
 
     check_flags(resume, overwrite)
-    check_location(out, [i for i in inputs if i is not None and os.path.exists(i)])
+    check_location(out, [i for i in inputs if i is not None and os.path.exists(i) and not _own_config(out, i)])
     prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
     locked = True
     if rank == 0:
@@ -117,6 +117,13 @@ def claim_output(out: Path, resume, overwrite: bool, inputs, rank: int, world: i
         prepare_output(out, resume=resume, overwrite=overwrite)
     if world > 1:
         dist.barrier()
+
+
+def _own_config(out: Path, given) -> bool:
+    """``given`` is OUT/config.yaml that a previous run wrote (its manifest lists it): the run's own
+    resolved options, which `--config OUT/config.yaml --resume` (or --overwrite) may read back."""
+    own = Path(out) / "config.yaml"
+    return own.is_file() and Path(given).resolve() == own.resolve() and "config.yaml" in (read_manifest(out) or [])
 
 
 def check_flags(resume, overwrite: bool) -> None:
