@@ -224,7 +224,8 @@ def test_overwrite_of_a_folder_no_run_recorded_is_refused_naming_its_files(qmode
     (out / "config.yaml").write_text("theirs")
     before = _folder(out)
     r = _run_train(qmodel, data, out, "--overwrite")
-    one_line_error(r, "holds files no qconvert train run recorded (checkpoint-7, config.yaml)", "hint: choose another --output")
+    one_line_error(r, "holds files no qconvert train run recorded", "checkpoint-7, config.yaml", "hint: --overwrite removes only what",
+                   "choose another --output")
     assert _folder(out) == before
 
 

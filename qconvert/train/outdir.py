@@ -161,8 +161,9 @@ def _check_replaceable(out: Path, present: list[str], listed: list[str] | None, 
                                 hint="--resume to continue it, --overwrite to replace it, or another --output")
     if listed is None:
         shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
-        raise OutputExistsError(f"{out}: holds files no qconvert train run recorded ({shown}); --overwrite removes only a run's own files",
-                                hint="choose another --output, or remove those files yourself")
+        raise OutputExistsError(f"{out}: holds files no qconvert train run recorded ({shown})",
+                                hint=f"--overwrite removes only what a previous run listed in its {MANIFEST}; choose another --output, "
+                                     "or remove those files yourself")
 
 
 def truncate_metrics(path: Path, step: int) -> str | None:
