@@ -187,9 +187,9 @@ def stable_adapter_config(folder: Path, **updates: Any) -> dict[str, Any]:
     for key in SET_KEYS:
         if isinstance(cfg.get(key), list) and all(isinstance(v, str) for v in cfg[key]):
             cfg[key] = sorted(cfg[key])
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    from .io.writes import write_file
+
+    write_file(p, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
 
 

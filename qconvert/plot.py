@@ -90,9 +90,9 @@ def plot_quantization_error(error: dict[str, Any], path: str | os.PathLike, *, t
         ax.legend(handles=drawn, fontsize=7, ncol=2 if len(drawn) > 8 else 1, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    from .io.writes import write_file
+
+    write_file(path, lambda f: fig.savefig(f, format="png"))  # a unique temporary name, never a link followed
     data["lines"] = {ln.get_label(): ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()]) for ln in drawn}
     data["path"] = str(path)
     return data

@@ -139,7 +139,75 @@ def test_push_refuses_a_link_out_of_the_folder(hub, quantized, tmp_path):
     assert r.returncode == 1 and "notes.txt: a symbolic link out of the folder, nothing was uploaded" in r.stderr, r.stderr
     assert "alice/tiny-nf4" not in hub.state.repos
     (q / "notes.txt").unlink()
-    (q / "notes.txt").symlink_to(q / "README.md")  # a link inside the folder is fine
-    r = push(hub, q, "alice/tiny-nf4")
+    (q / "notes.txt").symlink_to(q / "README.md")  # a link inside the folder is fine (published when named)
+    r = push(hub, q, "alice/tiny-nf4", "--include", "notes.txt")
     assert r.returncode == 0, r.stderr
     assert hub.state.repos["alice/tiny-nf4"]["branches"]["main"]["notes.txt"] == (q / "README.md").read_bytes()
+
+
+# ---------------------------------------------------------------- what is published: only what qconvert wrote
+
+
+def test_push_sends_no_leftover_hidden_file_or_secret_and_refuses_unknown_files(hub, tmp_path):
+    """A killed run's `.checkpoint-N.tmp/trainer_state.pt` and `config.yaml.tmp` (local paths), a
+    `.env` and an `id_rsa` that sat in the folder were all published."""
+    from test_hostile_adapter import _adapter_folder
+
+    a = _adapter_folder(tmp_path)
+    (a / ".checkpoint-3.tmp").mkdir()
+    (a / ".checkpoint-3.tmp" / "trainer_state.pt").write_bytes(b"optimizer state")
+    (a / ".checkpoint-4.qconvert-tmp").mkdir()
+    (a / ".checkpoint-4.qconvert-tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    (a / "config.yaml.tmp").write_text(f"data: {tmp_path}/private.jsonl\n")
+    (a / ".qconvert-run.json").write_text("{}")
+    (a / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (a / "id_rsa").write_text("PRIVATE KEY\n")
+    (a / "notes.txt").write_text("mine\n")
+    r = push(hub, a, "alice/leftovers")
+    assert r.returncode == 1 and "qconvert: error: notes.txt: not a file qconvert writes; nothing was uploaded" in r.stderr, r.stderr
+    assert "hint: publish it with --include NAME" in r.stderr
+    assert "warning: .env, id_rsa: looks like a secret (credentials, keys, tokens); not uploaded" in r.stderr
+    assert "alice/leftovers" not in hub.state.repos
+    r = push(hub, a, "alice/leftovers", "--include", "notes.txt")
+    assert r.returncode == 0, r.stderr
+    arrived = hub.state.repos["alice/leftovers"]["branches"]["main"]
+    assert set(arrived) - {".gitattributes"} == {"README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt"}
+    # a secret goes only when named, and the warning says so
+    r = push(hub, a, "alice/leftovers", "--include", "notes.txt", "--include", "id_rsa")
+    assert r.returncode == 0 and "warning: id_rsa: looks like a secret, uploaded because --include names it" in r.stderr
+    assert "id_rsa" in hub.state.repos["alice/leftovers"]["branches"]["main"]
+    # a wildcard sends neither a temporary leftover nor a hidden file nor a secret
+    r = push(hub, a, "alice/leftovers2", "--include", "*")
+    assert r.returncode == 0, r.stderr
+    arrived = hub.state.repos["alice/leftovers2"]["branches"]["main"]
+    assert set(arrived) - {".gitattributes"} == {"README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt"}
+
+
+@pytest.mark.slow
+def test_push_prints_a_folder_name_with_escape_sequences_escaped(hub, quantized, tmp_path):
+    import shutil
+
+    q = tmp_path / "q\x1b]0;owned\x07\x1b[2J"
+    shutil.copytree(quantized, q)
+    r = push(hub, q, "alice/esc")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout + r.stderr and "\\x1b]0;owned\\x07" in r.stdout
+
+
+def test_upload_plan_keeps_run_files_hidden_files_and_secrets_from_wildcards(tmp_path):
+    from qconvert.hub.push import upload_plan
+
+    for rel in ("README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.yaml", "runs/ev",
+                "checkpoint-2/trainer_state.pt", ".cache/x", "server.pem", "sub/id_rsa.pub", "a[1].txt", ".checkpoint-3.tmp/s.pt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    plan = upload_plan(tmp_path, "adapter", ["*"])
+    assert plan["upload"] == ["README.md", "a[1].txt", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl"]
+    assert plan["secrets"] == ["server.pem", "sub/id_rsa.pub"] and plan["unknown"] == []
+    plan = upload_plan(tmp_path, "adapter", ["config.yaml", "server.pem", ".checkpoint-3.tmp/s.pt"])
+    assert "config.yaml" in plan["upload"] and "server.pem" in plan["upload"] and ".checkpoint-3.tmp/s.pt" not in plan["upload"]
+    assert plan["unknown"] == ["a[1].txt"]
+    from qconvert.hub.push import _literal
+    from fnmatch import fnmatch
+
+    assert fnmatch("a[1].txt", _literal("a[1].txt")) and not fnmatch("a1.txt", _literal("a[1].txt"))

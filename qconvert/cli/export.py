@@ -45,7 +45,7 @@ def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_origi
         click.echo(f"re-quantizing cost: relative output error {c['output_error_mean']:.4f} (max {c['output_error_max']:.4f}) "
                    f"against the 16-bit merge on random probes; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost")
     if push_to:
-        click.echo(f"pushed to {push_to}: {s['pushed']['commit_url']}")
+        click.echo(printable(f"pushed to {push_to}: {s['pushed']['commit_url']}"))
 
 
 @click.command(name="export-adapter")
@@ -59,7 +59,8 @@ def export_adapter_cmd(source, output_dir, base_model, overwrite):
     from ..export.adapter import export_adapter
 
     r = export_adapter(source, output_dir, base_model=base_model, overwrite=overwrite)
-    click.echo(f"wrote {r['output']}: {r['tensors']} LoRA tensors from {r['source']} (base model {r['base_model']})")
+    # the base model's name comes from the adapter's config: escape sequences in it are shown, not sent to the terminal
+    click.echo(printable(f"wrote {r['output']}: {r['tensors']} LoRA tensors from {r['source']} (base model {r['base_model']})"))
 
 
 COMMANDS = [merge, export_adapter_cmd]

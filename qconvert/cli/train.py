@@ -69,15 +69,17 @@ def train(ctx, model, config_file, **flags):
 
         cap_torch_threads()
     output = run_options["output"]
-    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True))
+    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True), config_file=config_file)
     if r.get("interrupted"):
         raise SystemExit(128 + r["signal"] if r.get("signal") else 0)
     push_to = run_options["push_to"]
     if push_to and int(os.environ.get("RANK", "0")) == 0:
         from ..hub.push import push_folder
 
-        p = push_folder(output, push_to)
-        click.echo(f"pushed adapter to {push_to}: {p['commit_url']}")
+        from ..errors import printable
+
+        p = push_folder(output, push_to, log=lambda m: click.echo(printable(m), err=True))
+        click.echo(printable(f"pushed adapter to {push_to}: {p['commit_url']}"))
 
 
 def worker_args(ctx: click.Context) -> list[str]:

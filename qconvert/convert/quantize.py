@@ -40,6 +40,7 @@ from ..io.staging import not_copyable as _not_copyable  # noqa: F401
 from ..io.staging import publish as _publish
 from ..io.staging import remove as _remove  # noqa: F401
 from ..io.staging import write_json as _write_json
+from ..io.writes import write_file
 from .plan import Plan, make_plan, parse_size
 from .sources import read_source, reading_view
 
@@ -301,7 +302,7 @@ def size_figures(q_core: int, q_params: int, out_bytes: int, params: int, source
 
 def _finish(stage: Path, out: Path, plan: Plan, totals: _Totals, summary: dict[str, Any]) -> None:
     """The card and (sharded) the index into ``stage``, the journal and downloads out, then publish."""
-    (stage / "README.md").write_text(quantized_card(summary, plan.skip_patterns), encoding="utf-8")
+    write_file(stage / "README.md", quantized_card(summary, plan.skip_patterns))
     if len(plan.shards) > 1:  # the index is the last file written
         write_index(stage, totals.weight_map, totals.total_size)
     (stage / JOURNAL).unlink()
@@ -385,7 +386,7 @@ def _open_journal(stage: Path, settings: dict, plan: Plan) -> dict:
         keep_src = stage / "source"
         for p in stage.iterdir():
             if p != keep_src:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                _remove(p)  # a link: the link itself
     stage.mkdir(parents=True, exist_ok=True)
     j = {"settings_hash": key, "done": {}}
     _write_json(path, j)

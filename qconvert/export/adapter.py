@@ -24,6 +24,7 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
                    overwrite: bool = False) -> dict[str, Any]:
     from ..io.cards import exported_adapter_card
     from ..io.staging import check_output, publish, staged, write_json
+    from ..io.writes import write_file
 
     src, out = Path(source), Path(output)
     if not (src / "adapter_config.json").is_file():
@@ -47,7 +48,7 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     with staged(out) as stage:
         shutil.copyfile(weights, stage / "adapter_model.safetensors")
         write_json(stage / "adapter_config.json", cfg, sort_keys=True)
-        (stage / "README.md").write_text(exported_adapter_card(src, cfg))
+        write_file(stage / "README.md", exported_adapter_card(src, cfg))
         publish(stage, out)
     base = cfg.get("base_model_name_or_path")
     return {"source": str(src), "output": str(out), "tensors": 2 * len(modules), "base_model": base}

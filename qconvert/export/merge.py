@@ -163,6 +163,7 @@ def merge_adapter(
 ) -> dict[str, Any]:
     from ..convert.plan import parse_size
     from ..io.staging import check_output, copy_companions, publish, staged
+    from ..io.writes import write_file
 
     say = log or (lambda m: None)
     out = Path(output)
@@ -180,7 +181,7 @@ def merge_adapter(
         _write_merged_config(cfg, stage, quantize, dtype)
         summary = _summary(base, adapter, out, job, shards)
         source = _card_source(cfg, repo_id, job.lora)
-        (stage / "README.md").write_text(merged_card(summary, source, __version__))
+        write_file(stage / "README.md", merged_card(summary, source, __version__))
         shards.write_index()
         publish(stage, out)
     return summary

@@ -63,12 +63,80 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
 #: What a `qconvert train` output holds beside the adapter that is not published with it: resumable
 #: checkpoints (optimizer and RNG state), TensorBoard logs, and the resolved run configuration,
 #: which names local paths (the data, the base model folder).
-RUN_ONLY = ("checkpoint-*/**", "runs/**", "config.yaml")
+RUN_ONLY = ("checkpoint-*", "runs", "config.yaml")
+#: The files qconvert writes, by folder kind (besides the model card and the companion files that
+#: quantize and merge copy, ``format.checkpoint.is_companion_file``): only these are published.
+WRITTEN = {
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl"),
+    "quantized": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+    "merge": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+}
+#: Names that look like credentials: never published unless named with --include, and named in a warning.
+SECRET_PATTERNS = ("*.env", ".env*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "*.pfx",
+                   ".netrc", "_netrc", ".git-credentials", ".pypirc", "*credentials*", "*secret*", "*token*", ".npmrc",
+                   "*.kdbx", ".htpasswd")
+#: qconvert's temporary names (a killed run's leftovers): never published, not even with --include.
+TEMPORARY = ("*.tmp", "*.qconvert-tmp", "*.qconvert-partial", "*.qconvert-old", "*.qconvert-lock")
 
 
-def publish_ignores(kind: str) -> list[str]:
-    """upload_folder's ignore_patterns for a folder of this kind."""
-    return list(RUN_ONLY) if kind == "adapter" else []
+def _matches(rel: str, patterns) -> bool:
+    from fnmatch import fnmatchcase
+
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatchcase(name, p) or fnmatchcase(rel, p) for p in patterns)
+
+
+def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
+    """Sort every file under ``folder`` (paths relative to it, with ``/``) into what is published
+    and what is not. Published: the files qconvert writes for this kind (:data:`WRITTEN`, the card,
+    the companion files) and those matching an ``include`` pattern. Never: qconvert's temporary
+    leftovers (:data:`TEMPORARY`). Hidden files and folders, a train run's own files
+    (:data:`RUN_ONLY`) and ``secrets``, names that look like credentials (:data:`SECRET_PATTERNS`),
+    are published only when an ``include`` names them exactly (no wildcard: ``--include '*'``
+    does not send ``.env``); ``unknown``: any other file, which refuses the push unless included."""
+    from ..format.checkpoint import is_companion_file
+
+    exact = [p for p in include if not any(c in p for c in "*?[")]
+    plan: dict[str, list[str]] = {"upload": [], "skipped": [], "secrets": [], "unknown": []}
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            rel = (Path(top) / name).relative_to(folder).as_posix()
+            parts = rel.split("/")
+            secret = _matches(rel, SECRET_PATTERNS)
+            hidden = any(p.startswith(".") for p in parts) or (kind == "adapter" and _matches(parts[0], RUN_ONLY))
+            if secret:
+                plan["secrets"].append(rel)
+            if any(_matches(p, TEMPORARY) for p in parts):
+                plan["skipped"].append(rel)
+            elif _matches(rel, exact) or (include and _matches(rel, include) and not (secret or hidden)):
+                plan["upload"].append(rel)
+            elif secret:
+                continue
+            elif hidden:
+                plan["skipped"].append(rel)
+            elif rel == "README.md" or _matches(rel, WRITTEN[kind]) or (kind != "adapter" and is_companion_file(rel)):
+                plan["upload"].append(rel)
+            else:
+                plan["unknown"].append(rel)
+    return plan
+
+
+def _shown(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_plan(plan: dict[str, list[str]], say) -> None:
+    """Warn about secrets by name; refuse a folder holding files qconvert did not write."""
+    held = [s for s in plan["secrets"] if s not in plan["upload"]]
+    if held:
+        say(f"warning: {_shown(held)}: looks like a secret (credentials, keys, tokens); not uploaded")
+    sent = [s for s in plan["secrets"] if s in plan["upload"]]
+    if sent:
+        say(f"warning: {_shown(sent)}: looks like a secret, uploaded because --include names it")
+    if plan["unknown"]:
+        raise FormatError(f"{_shown(plan['unknown'])}: not a file qconvert writes; nothing was uploaded",
+                          hint="publish it with --include NAME (a name or pattern), or move it out of the folder")
 
 
 def check_links_inside(folder: Path) -> None:
@@ -139,12 +207,20 @@ def push_folder(
     commit_message: str | None = None,
     create_pr: bool = False,
     token: str | None = None,
+    include: tuple[str, ...] | list[str] = (),
+    log=None,
 ) -> dict[str, Any]:
-    """Validate ``folder`` and upload it to ``repo_id``; returns the commit (and PR) URL."""
+    """Validate ``folder`` and upload it to ``repo_id``; returns the commit (and PR) URL and the
+    files sent. Only what qconvert wrote is sent, and what ``include`` names (:func:`upload_plan`);
+    ``log`` gets the warnings (default: ``warnings.warn``)."""
+    import warnings
+
     from huggingface_hub import HfApi, get_token
 
     info = validate_folder(folder)
     check_links_inside(Path(folder))
+    plan = upload_plan(Path(folder), info["kind"], include)
+    check_plan(plan, log or (lambda m: warnings.warn(m, stacklevel=3)))
     if not _is_repo_id(repo_id):
         raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name")
     token = token or get_token()
@@ -158,6 +234,12 @@ def push_folder(
         commit = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
             commit_message=commit_message or f"Upload {info['kind']} model with qconvert",
-            ignore_patterns=publish_ignores(info["kind"]) or None,
+            allow_patterns=[_literal(rel) for rel in plan["upload"]],
         )
-    return {"repo_id": repo_id, "kind": info["kind"], "commit_url": commit.commit_url, "pr_url": getattr(commit, "pr_url", None)}
+    return {"repo_id": repo_id, "kind": info["kind"], "commit_url": commit.commit_url, "pr_url": getattr(commit, "pr_url", None),
+            "files": plan["upload"]}
+
+
+def _literal(rel: str) -> str:
+    """An upload_folder pattern that matches exactly the path ``rel`` (its ``*?[`` escaped)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in rel)

@@ -35,6 +35,7 @@ import torch
 
 from ..format.checkpoint import DTYPE_NAMES, SAFE_INDEX
 from .staging import named_write_errors as _named
+from .writes import create_new
 
 
 def tensor_view(t: torch.Tensor) -> memoryview:
@@ -80,10 +81,9 @@ class ShardWriter:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.spill_path = self.path.with_name(self.path.name + ".data")
         self.reserve = None if reserve is None else reserve + (-reserve % 8)
-        if self.reserve is None:
-            self.out = open(self.spill_path, "wb")
-        else:
-            self.out = open(self.tmp, "wb")
+        self.out_path = self.spill_path if self.reserve is None else self.tmp
+        self.out = create_new(self.out_path)  # never through a link left at that name
+        if self.reserve is not None:
             self.out.seek(8 + self.reserve)
         self.entries: dict[str, dict] = {}
         self.offset = 0
@@ -93,7 +93,7 @@ class ShardWriter:
         if name in self.entries:
             raise ValueError(f"tensor {name!r} written twice to {self.path.name}")
         data = tensor_view(t)
-        with _named(self.out.name):
+        with _named(self.out_path):
             self.out.write(data)
         self.data_hash.update(data)
         self.entries[name] = {
@@ -126,7 +126,7 @@ class ShardWriter:
             if self.reserve is not None:  # the slot was too small: move the data behind a new header
                 os.replace(self.tmp, self.spill_path)
             head = struct.pack("<Q", len(raw)) + raw
-            with open(self.tmp, "wb") as out, open(self.spill_path, "rb") as src:
+            with create_new(self.tmp) as out, open(self.spill_path, "rb") as src:
                 if self.reserve is not None:
                     src.seek(8 + self.reserve)
                 out.write(head)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import OptionError, OutputExistsError
 from ..format.checkpoint import is_companion_file
+from .writes import make_dir, named_write_errors, open_lock_file, remove, write_file  # noqa: F401 (named_write_errors, remove: re-exported)
 
 #: A companion file larger than this is not copied (the largest tokenizer.json seen is about 35 MB).
 MAX_COMPANION_BYTES = 2**30
@@ -47,6 +48,18 @@ def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike 
     - a staging or trash folder beside OUT that is not a plain folder (it is emptied or deleted);
     - an existing, non-empty OUT (or a file there) without ``overwrite``.
     """
+    out = check_location(out, inputs)
+    for aside in (staging_dir(out), trash_dir(out)):
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            raise OptionError(f"{aside}: in the way of the output (not a plain folder)", hint="remove it, then re-run")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+
+
+def check_location(out: Path, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """The checks of :func:`check_output` about where OUT is (not a link, not an input, not the
+    current or home folder, under a writable folder), without the ones about what it holds; returns
+    OUT as an absolute path. ``train`` uses this: its OUT may hold the run it resumes."""
     out = Path(os.path.abspath(out))
     if out.is_symlink():
         raise OptionError(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
@@ -55,11 +68,7 @@ def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike 
     _check_not_an_input(out, real, inputs)
     _check_not_a_home(out, real)
     _check_parent_writable(out, real)
-    for aside in (staging_dir(out), trash_dir(out)):
-        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
-            raise OptionError(f"{aside}: in the way of the output (not a plain folder)", hint="remove it, then re-run")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+    return out
 
 
 def _check_not_an_input(out: Path, real: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
@@ -101,9 +110,8 @@ def free_bytes(path: Path) -> int:
 def fresh_stage(out: Path) -> Path:
     """An empty staging folder for ``out`` (another run's leftovers there are deleted)."""
     stage = staging_dir(out)
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    return stage
+    remove(stage)
+    return make_dir(stage)
 
 
 @contextmanager
@@ -142,7 +150,7 @@ def output_lock(out: Path) -> Iterator[None]:
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)  # as the staging folder's would be
     for _ in range(10):  # the holder may remove the file between our open and our flock: open it again
-        f = open(path, "a+b")
+        f = os.fdopen(open_lock_file(path), "r+b")  # never through a link planted at its name
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -152,7 +160,7 @@ def output_lock(out: Path) -> Iterator[None]:
                 hint="wait for that run to finish, or write to another folder",
             ) from None
         try:
-            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            same = os.lstat(path).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
             same = False
         if same:
@@ -167,24 +175,10 @@ def output_lock(out: Path) -> Iterator[None]:
         f.close()
 
 
-@contextmanager
-def named_write_errors(path: str | os.PathLike) -> Iterator[None]:
-    """An OSError from a write (a full disk, a quota, a file-size limit) names the file being
-    written: the write's own error does not, and the user would read only "No space left on device"."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None and e.errno is not None:
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
-
-
 def write_json(path: Path, obj: Any, *, sort_keys: bool = False) -> None:
-    """``obj`` as indented JSON, written beside ``path`` and renamed onto it (never half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with named_write_errors(tmp):
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """``obj`` as indented JSON, written beside ``path`` and renamed onto it (never half a file;
+    :func:`qconvert.io.writes.write_file`)."""
+    write_file(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def publish(stage: Path, out: Path) -> None:
@@ -197,14 +191,6 @@ def publish(stage: Path, out: Path) -> None:
         remove(trash)
     else:
         os.replace(stage, out)
-
-
-def remove(path: Path) -> None:
-    """Delete a folder tree, or a file or link (never what a link points to), if it is there."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def copy_companions(src, stage: Path, say: Callable[[str], None] | None = None) -> list[str]:
@@ -230,7 +216,8 @@ def copy_companions(src, stage: Path, say: Callable[[str], None] | None = None) 
             continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst)
+        with open(path, "rb") as src_file:
+            write_file(dst, lambda f, src_file=src_file: shutil.copyfileobj(src_file, f))
         copied.append(rel)
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")

@@ -15,21 +15,18 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..adapters import stable_adapter_config
-from ..errors import DataError, OptionError, OutputExistsError
+from ..io.writes import TMP_SUFFIX, building, check_room, fresh_dir
+from ..errors import DataError, OutputExistsError
 
 STATE = "trainer_state.pt"
 #: Bumped when trainer_state.pt changes shape; an older checkpoint is refused with a clear line.
 STATE_VERSION = 2
-#: Everything ``qconvert train`` writes into its output folder (``--overwrite`` removes these only).
-RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png", "config.yaml", "runs",
-             ".adapter.tmp")
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -126,7 +123,9 @@ def find_resume(out: Path, resume) -> Path | None:
     if not resume:
         return None
     if resume is True or resume == "latest":
-        ckpts = checkpoints(out)
+        from .outdir import run_checkpoints
+
+        ckpts = run_checkpoints(out)  # never another tool's checkpoint-N
         if not ckpts:
             raise DataError(f"{out}: no checkpoint-N folder to resume from", hint="run without --resume to start")
         return ckpts[-1]
@@ -136,59 +135,39 @@ def find_resume(out: Path, resume) -> Path | None:
     return p
 
 
-def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) -> None:
-    """Refuse to write over another run: an existing non-empty folder needs --resume or --overwrite.
-    With --overwrite, the old run's files (and only those) are removed first, so that no checkpoint,
-    metric or adapter of it can be mixed into the new run. ``clear=False`` only checks (the other
-    processes of a torchrun job, which leave the removal to rank 0)."""
-    if resume and overwrite:
-        raise OptionError("--resume and --overwrite contradict each other", hint="--resume continues the run in --output; --overwrite starts it anew")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder", hint="give --output a folder path")
-    if resume or not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise OutputExistsError(f"{out}: already holds files (a previous run?)",
-                                hint="--resume to continue it, --overwrite to replace it, or another --output")
-    if not clear:
-        return
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-    for p in [*checkpoints(out), *out.glob(".checkpoint-*.tmp")]:
-        shutil.rmtree(p, ignore_errors=True)
-    card = out / "README.md"
-    if card.is_file() and "qconvert" in card.read_text(encoding="utf-8", errors="replace")[:2000]:
-        card.unlink()
-
-
 def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | None, rank: int, world: int,
                     signature: dict, extra: dict[str, Any] | None = None) -> Path | None:
     rng = _gather_rng(world)
     if rank != 0:
         return None
-    tmp = out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    stable_adapter_config(tmp)
-    state = {"version": STATE_VERSION, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step,
-             "rng": rng, "run": signature, **(extra or {})}
-    return _publish(tmp, state, out, step, limit)
+    tmp = fresh_dir(out, f"checkpoint-{step}")
+    with building(tmp, out / f"checkpoint-{step}"):
+        check_room(tmp, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                   out / f"checkpoint-{step}" / "adapter_model.safetensors")
+        model.save_pretrained(tmp)
+        stable_adapter_config(tmp)
+        state = {"version": STATE_VERSION, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                 "rng": rng, "run": signature, **(extra or {})}
+        return _publish(tmp, state, out, step, limit)
 
 
 def _publish(tmp: Path, state: dict, out: Path, step: int, limit: int | None) -> Path:
-    """Write trainer_state.pt into the finished ``tmp`` folder, rename it to checkpoint-N in one step,
-    and keep only the newest ``limit`` checkpoints."""
+    """Write trainer_state.pt into the finished ``tmp`` folder, record checkpoint-N in the run's
+    manifest, rename the folder to it in one step, and keep only the newest ``limit`` of the run's
+    checkpoints (never a checkpoint-N the run did not write: a foreign one in the way is refused)."""
+    from ..io.writes import remove, replace_dir, write_file
+    from .outdir import read_manifest, record_checkpoint, run_checkpoints
+
     final = out / f"checkpoint-{step}"
-    torch.save(state, tmp / STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if os.path.lexists(final) and final.name not in (read_manifest(out) or []):
+        raise OutputExistsError(f"{final}: in the way, and not written by this run", hint="move it out of --output, then resume with --resume")
+    write_file(tmp / STATE, lambda f: torch.save(state, f))
+    record_checkpoint(out, final.name)
+    replace_dir(tmp, final)
     if limit:
-        for old in checkpoints(out)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in run_checkpoints(out)[:-limit]:
+            remove(old)
+            record_checkpoint(out, old.name, present=False)
     return final
 
 
@@ -215,17 +194,17 @@ def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: i
 
     rng = [rng_state()] if world == 1 else _gather_rng(world)
     adapter = fsdp.full_adapter(model)
-    tmp = out / f".checkpoint-{step}.tmp"
+    tmp = out / f".checkpoint-{step}{TMP_SUFFIX}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_dir(out, f"checkpoint-{step}")
     dist.barrier()
     fsdp.save_sharded(model, optimizer, tmp)
     dist.barrier()
     if rank != 0:
         return None
-    model.save_pretrained(tmp, state_dict=adapter)
-    stable_adapter_config(tmp)
-    state = {"version": STATE_VERSION, "scheduler": sched.state_dict(), "step": step, "rng": rng, "run": signature,
-             "fsdp_world": world, **(extra or {})}
-    return _publish(tmp, state, out, step, limit)
+    with building(tmp, out / f"checkpoint-{step}"):
+        model.save_pretrained(tmp, state_dict=adapter)
+        stable_adapter_config(tmp)
+        state = {"version": STATE_VERSION, "scheduler": sched.state_dict(), "step": step, "rng": rng, "run": signature,
+                 "fsdp_world": world, **(extra or {})}
+        return _publish(tmp, state, out, step, limit)

@@ -72,6 +72,6 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
     import yaml
 
     head = "# qconvert train: the resolved options of this run; repeat it with `qconvert train --config THIS_FILE --output NEW`\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False), encoding="utf-8")
-    tmp.replace(path)
+    from ..io.writes import write_file
+
+    write_file(path, head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False))

@@ -11,11 +11,11 @@ back safely, and for the output-folder rules).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 import warnings
@@ -26,8 +26,9 @@ import torch
 
 from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
-from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
+from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
 from .data import DataReport, build_examples, check_token_ids, collate, load_records, pack
+from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
@@ -128,6 +129,7 @@ def train(
     *,
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
+    config_file: str | os.PathLike | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
@@ -135,7 +137,9 @@ def train(
     The run's options are ``config`` (a :class:`qconvert.train.settings.TrainConfig`; default: its
     defaults) with ``options`` over it, the same names as keywords (``lr=1e-3, max_steps=10``);
     each option, its default and its range are described there. Every value is checked before
-    anything is loaded (OptionError).
+    anything is loaded (OptionError). ``config_file``: the --config file the options came from
+    (an input: the output may not be it, lie inside it or hold it). The output folder's rules are
+    in outdir.py.
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
     cfg.check()
@@ -143,30 +147,22 @@ def train(
     if same_folder and not (cfg.resume and cfg.overwrite):  # (both given: prepare_output says they contradict)
         raise OptionError(f"--output {output} is the model folder itself",
                           hint="give --output a folder of its own: the adapter would be written into the model (and its card replaced)")
-    resume, overwrite = cfg.resume, cfg.overwrite
     rank, world, made = _dist()
     finished = False
     try:
         say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
         out = Path(output)
-        prepare_output(out, resume=resume, overwrite=overwrite, clear=False)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # every rank has looked at --output before rank 0 changes it
-        if rank == 0:
-            prepare_output(out, resume=resume, overwrite=overwrite)
-        if world > 1:
-            dist.barrier()
-        ckpt_dir = find_resume(out, resume)
-        st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
-        if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
-            cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
-        options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
-        with warnings.catch_warnings():
-            # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
-            warnings.simplefilter("ignore", FutureWarning)
-            result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st))
+        with contextlib.ExitStack() as held:
+            claim_output(out, cfg.resume, cfg.overwrite, (model, data, cfg.eval_data, config_file), rank, world, held)
+            ckpt_dir = find_resume(out, cfg.resume)
+            st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
+            if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
+                cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
+            options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
+            with warnings.catch_warnings():
+                # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
+                warnings.simplefilter("ignore", FutureWarning)
+                result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st))
         finished = True
         return result
     finally:
@@ -294,15 +290,18 @@ class _Run:
         self.say(f"resumed from {ckpt_dir} at step {self.step}")
 
     def prepare_outputs(self, model, data, ckpt_dir) -> None:
+        from ..io.writes import remove
         from .config import resolved_config, write_config
-        from .plot import read_metrics
+        from .outdir import truncate_metrics
 
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            if ckpt_dir is None and self.metrics_path.exists():
-                self.metrics_path.unlink()
-            elif ckpt_dir is not None:  # resuming: a damaged log is refused now, not after the run
-                read_metrics(self.metrics_path)
+            if ckpt_dir is None:
+                remove(self.metrics_path)
+            else:
+                note = truncate_metrics(self.metrics_path, self.step)
+                if note:
+                    self.say(note)
             write_config(self.out / "config.yaml", resolved_config(model, data, self.out, self.o))
 
     def report_start(self, reports, targets) -> None:
@@ -431,7 +430,9 @@ class _Run:
             }, state_dict=state)
             _plot(self.out)
         elapsed = time.perf_counter() - self.t_start
-        for line in final_lines(self.out, self.step, elapsed, self.last_loss, self.last_eval, checkpoints(self.out), self.device):
+        from .outdir import run_checkpoints
+
+        for line in final_lines(self.out, self.step, elapsed, self.last_loss, self.last_eval, run_checkpoints(self.out), self.device):
             self.say(line)
 
 
@@ -620,8 +621,9 @@ def _plot(out: Path) -> None:
 
 
 def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    from ..io.writes import append_text
+
+    append_text(path, json.dumps(row) + "\n")  # never through a link planted at metrics.jsonl
 
 
 def _tensorboard(out: Path):
@@ -629,7 +631,9 @@ def _tensorboard(out: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "runs"))
+    from ..io.writes import make_dir
+
+    return SummaryWriter(str(make_dir(out / "runs", exist_ok=True)))  # a plain folder, never a link
 
 
 def final_lines(out: Path, step: int, elapsed: float, loss, eval_loss, ckpts: list[Path], device) -> list[str]:
@@ -660,11 +664,12 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
     from ..adapters import stable_adapter_config
     from ..io.cards import adapter_card, hub_id, shown
+    from ..io.writes import building, fresh_dir, remove, write_file
 
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    stable_adapter_config(tmp, base_model_name_or_path=base_id)
+    tmp = fresh_dir(out, "adapter")  # made new, never a link followed; removed if the save fails
+    with building(tmp, out / "adapter_model.safetensors"):
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        stable_adapter_config(tmp, base_model_name_or_path=base_id)
     base_name = hub_id(base_id) or Path(base_id).name  # a card never carries a local path (io/cards.shown)
     body = (f"# LoRA adapter for {shown(base_id)}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
@@ -672,7 +677,7 @@ def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: 
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
             + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
             f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"{out.name}\")`.\n")
-    (tmp / "README.md").write_text(adapter_card(base_id, body, extra_tags=("qlora",)))
+    write_file(tmp / "README.md", adapter_card(base_id, body, extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", "adapter_config.json"):  # the config last
-        os.replace(tmp / f, out / f)
-    shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(tmp / f, out / f)  # a link at that name is replaced, never written through
+    remove(tmp)

@@ -21,20 +21,34 @@ MAX_METRICS_LINE = 2**16
 PLOTTED = ("loss", "eval_loss", "lr")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl, read line by line (each at most :data:`MAX_METRICS_LINE` bytes);
-    a damaged line (a run killed while writing it, a hand edit) is a DataError naming it."""
+def read_metrics(path: Path, *, strict: bool = True) -> list[dict]:
+    """The rows of metrics.jsonl, read line by line (each at most :data:`MAX_METRICS_LINE` bytes). A
+    damaged line (a hand edit; a run killed while writing it) is a DataError naming it, or with
+    ``strict=False`` skipped (the plot; a resume cuts the log back first: outdir.truncate_metrics)."""
+    from ..errors import DataError
+
     rows: list[dict] = []
-    if not Path(path).is_file():
-        return rows
-    with open(path, "rb") as f:
-        for n, line in enumerate(iter(lambda: f.readline(MAX_METRICS_LINE + 1), b""), 1):
-            if line.strip():
-                rows.append(_metrics_row(line, f"{path}:{n}"))
+    for where, line in metrics_lines(path):
+        try:
+            rows.append(metrics_row(line, where))
+        except DataError:
+            if strict:
+                raise
     return rows
 
 
-def _metrics_row(line: bytes, where: str) -> dict:
+def metrics_lines(path: Path):
+    """(``path:N``, line) for each non-blank line of metrics.jsonl, each read within
+    :data:`MAX_METRICS_LINE` + 1 bytes (a longer line is refused by :func:`_metrics_row`)."""
+    if not Path(path).is_file():
+        return
+    with open(path, "rb") as f:
+        for n, line in enumerate(iter(lambda: f.readline(MAX_METRICS_LINE + 1), b""), 1):
+            if line.strip():
+                yield f"{path}:{n}", line
+
+
+def metrics_row(line: bytes, where: str) -> dict:
     from ..errors import DataError
 
     hint = "remove or repair that line of metrics.jsonl (a run killed while writing it?), then run again"
@@ -96,11 +110,11 @@ def figure_series(fig) -> dict[str, dict[str, list[float]]]:
 
 def write_loss_plot(metrics_path: Path, png_path: Path) -> dict:
     """Draw metrics.jsonl into png_path (written to a temporary name, then renamed); returns the series."""
-    fig = loss_figure(read_metrics(metrics_path))
+    fig = loss_figure(read_metrics(metrics_path, strict=False))  # a line a killed run left half-written is not drawn
     series = figure_series(fig)
-    tmp = Path(png_path).with_name(Path(png_path).name + ".tmp")
-    fig.savefig(tmp, format="png", metadata={SERIES_KEY: json.dumps(series)})
-    tmp.replace(png_path)
+    from ..io.writes import write_file
+
+    write_file(png_path, lambda f: fig.savefig(f, format="png", metadata={SERIES_KEY: json.dumps(series)}))
     return series
 
 
