@@ -40,9 +40,10 @@ def train_options(f):
 @click.command()
 @click.argument("model", required=False)
 @click.option("--config", "config_file", metavar="FILE", help="YAML or JSON file of options, keyed as transformers/PEFT name them; flags override it.")
+@click.option("--config-name", metavar="NAME", help="The run NAME of a --config file of named runs (FinLoRA's); or --config FILE:NAME.")
 @train_options
 @click.pass_context
-def train(ctx, model, config_file, **flags):
+def train(ctx, model, config_file, config_name, **flags):
     """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id). Ctrl-C or SIGTERM saves
     a checkpoint; --resume continues it.
 
@@ -53,7 +54,9 @@ def train(ctx, model, config_file, **flags):
     own traceback, and kills processes still saving after 30 s)."""
     from ..train.settings import load_run
 
-    run_options, config = load_run(config_file, given_options(ctx, model, flags))
+    if config_name and not config_file:
+        raise click.UsageError("--config-name without --config", ctx=ctx)
+    run_options, config = load_run(config_file, given_options(ctx, model, flags), name=config_name, log=lambda m: click.echo(m, err=True))
     for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
         if not run_options[name]:  # a usage error (exit 2), as click's own missing argument is
             raise click.UsageError(f"missing {how}: give it on the command line or in the --config file", ctx=ctx)

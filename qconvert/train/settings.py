@@ -204,7 +204,7 @@ SPECS: dict[str, Spec] = {f.name: _spec(f) for f in dataclasses.fields(TrainConf
 #: --data, --output, --push-to-hub
 RUN_OPTIONS: dict[str, Spec] = {
     "model": Spec("model", (), "model_name_or_path", ("model", "base_model"), help="The 4-bit base model."),
-    "data": Spec("data", ("--data",), "dataset_name", ("data", "dataset", "data_path", "train_file"),
+    "data": Spec("data", ("--data",), "dataset_name", ("data", "dataset", "data_path", "dataset_path", "train_file"),
                  help="JSONL/JSON/parquet/CSV/TSV/arrow/txt file, dataset folder, or Hub dataset id (org/name)."),
     "output": Spec("output", ("--output", "--output-dir"), "output_dir", ("output",),
                    help="Folder for the adapter, checkpoints, metrics.jsonl, loss.png and config.yaml."),
@@ -284,21 +284,23 @@ def coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
-def load_run(file: str | Path | None, given: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
+def load_run(file: str | Path | None, given: dict[str, Any] | None = None, *, name: str | None = None,
+             log=None) -> tuple[dict[str, Any], TrainConfig]:
     """The run options ({model, data, output, push_to}, None where unset) and the TrainConfig of a
-    run: ``given`` (flags or keywords) over the config ``file`` over the defaults. A file value
-    that a given option overrides is not looked at; null in the file means the default."""
+    run: ``given`` (flags or keywords) over the config ``file`` (its run ``name`` in a file of
+    named runs) over the defaults. A file value that a given option overrides is not looked at;
+    null in the file means the default. ``log`` is told the file's keys that change nothing."""
     given = dict(given or {})
     values: dict[str, Any] = {}
     if file:
         from .config import read_config
 
-        for name, raw in read_config(file).items():
-            if name in given:
+        for opt, raw in read_config(file, name, log).items():
+            if opt in given:
                 continue
-            value = coerce(name, raw, f"--config {file}")
+            value = coerce(opt, raw, f"--config {file}")
             if value is not None:
-                values[name] = value
+                values[opt] = value
     values.update(given)
     run = {name: values.pop(name, None) for name in RUN_OPTIONS}
     return run, TrainConfig.of(None, values)
