@@ -252,6 +252,34 @@ def _eval_split(folder: str, shown: str, config: str | None) -> str:
                     hint="name one with --eval-data-split, or hold out a fraction of --data with --eval-split (e.g. 0.1)")
 
 
+def alpaca_prompt(instruction: Any, input: Any = None) -> str:
+    """The prompt train renders for an alpaca record (its output and EOS follow): qconvert's own
+    headers, without the Stanford preamble ("Below is an instruction..."). ``generate --format
+    alpaca`` renders an instruction with this same function."""
+    prompt = f"### Instruction:\n{instruction}\n\n"
+    if input:
+        prompt += f"### Input:\n{input}\n\n"
+    return prompt + "### Response:\n"
+
+
+#: the adapter file that records the prompt format an adapter was trained on
+PROMPT_FORMAT_FILE = "qconvert_prompt_format.json"
+
+
+def prompt_format(formats: dict[str, int]) -> dict[str, Any]:
+    """What an adapter's PROMPT_FORMAT_FILE says: the record formats trained on ({format: count}),
+    and, when all were one format, that ``format`` and how its prompt is rendered."""
+    out: dict[str, Any] = {"formats": dict(sorted(formats.items())), "format": None}
+    if len(formats) == 1:
+        (f,) = formats
+        out["format"] = f
+        out["prompt"] = {"alpaca": alpaca_prompt("{instruction}", "{input}"), "prompt": "{prompt}", "text": "{text}"}.get(
+            f, "the tokenizer's chat template, assistant turn opened")
+        if f == "alpaca":
+            out["prompt_without_input"] = alpaca_prompt("{instruction}")
+    return out
+
+
 def detect(rec: dict) -> str | None:
     if isinstance(rec.get("messages"), list):
         return "chat"
@@ -317,10 +345,7 @@ def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool) -> tuple[list[int],
         ids = tok(rec["text"], add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
         return ids, list(ids)
     if f == "alpaca":
-        prompt = f"### Instruction:\n{rec['instruction']}\n\n"
-        if rec.get("input"):
-            prompt += f"### Input:\n{rec['input']}\n\n"
-        return _pair(tok, prompt + "### Response:\n", str(rec["output"]), train_on_inputs)
+        return _pair(tok, alpaca_prompt(rec["instruction"], rec.get("input")), str(rec["output"]), train_on_inputs)
     if f == "prompt":
         return _pair(tok, str(rec["prompt"]), str(rec["completion"]), train_on_inputs)
     if f == "sharegpt":
