@@ -60,6 +60,8 @@ def train(ctx, model, config_file, config_name, **flags):
     for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
         if not run_options[name]:  # a usage error (exit 2), as click's own missing argument is
             raise click.UsageError(f"missing {how}: give it on the command line or in the --config file", ctx=ctx)
+    if run_options["push_to"]:
+        check_push_base(run_options["model"], config.base_model_id, run_options["push_to"])
     if (config.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the launcher; its processes are the workers
         from ..train.launch import launch
 
@@ -77,6 +79,17 @@ def train(ctx, model, config_file, config_name, **flags):
 
         p = push_folder(output, push_to)
         click.echo(f"pushed adapter to {push_to}: {p['commit_url']}")
+
+
+def check_push_base(model: str, base_model: str | None, push_to: str) -> None:
+    """Before training: an adapter pushed for others must name its base by a Hub id, which a local
+    MODEL folder does not give (push would refuse it after the whole run)."""
+    from ..errors import OptionError
+    from ..io.hub import looks_like_repo_id
+
+    if base_model is None and not looks_like_repo_id(str(model)):
+        raise OptionError(f"--push-to-hub {push_to}: MODEL {model} is a local folder, and the pushed adapter must name its base by Hub id",
+                          hint="name the base model's Hub id with --base-model NAMESPACE/NAME")
 
 
 def worker_args(ctx: click.Context) -> list[str]:

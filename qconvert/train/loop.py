@@ -197,7 +197,7 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
         result = r.run(examples, eval_examples, progress)
         if result.get("interrupted"):
             return result
-        r.finish(base_model_id(model, repo_id), len(examples), reports["data"].formats)
+        r.finish(o["base_model_id"] or base_model_id(model, repo_id), len(examples), reports["data"].formats)
         return result
     finally:
         fs.end_group(made_group)

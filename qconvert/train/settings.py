@@ -148,6 +148,9 @@ class TrainConfig:
                                       help="Start N training processes on this machine, as torchrun does (data-parallel, or "
                                            "--fsdp); Ctrl-C or SIGTERM stops them all once the checkpoint is saved.")
     backend: str = _opt("auto", "--backend", choices=BACKENDS)
+    base_model_id: str | None = _opt(None, "--base-model", key="base_model_name_or_path", metavar="HUB_ID",
+                                     help="The Hub id the adapter names as its base (adapter_config.json, card) when MODEL is "
+                                          "a local folder [default: MODEL]; --push-to-hub needs one.")
     revision: str | None = _opt(None, "--revision", key="model_revision", aliases=("revision",),
                                 help="Branch, tag or commit when MODEL is a Hub id.")
     stop_after: int | None = _opt(None, "--stop-after", kind="int", range=_at_least(1), hidden=True,
@@ -165,6 +168,12 @@ class TrainConfig:
         values = self.as_options()
         check_options(values)
         check_choices(values)
+        if self.base_model_id is not None:
+            from ..io.hub import looks_like_repo_id
+
+            if not looks_like_repo_id(self.base_model_id):
+                raise OptionError(f"--base-model {self.base_model_id!r} is not a Hub repo id (namespace/name)",
+                                  hint="name the base model as others will load it from the Hub")
         if self.fsdp_offload and not self.fsdp:
             raise OptionError("--fsdp-offload without --fsdp", hint="add --fsdp (offload moves FSDP's shards to host memory)")
 
