@@ -44,21 +44,10 @@ FROM_TRAINING = {"alpaca": "alpaca", "chat": "chat", "sharegpt": "chat", "prompt
 def recorded_format(adapter) -> str | None:
     """The --format an adapter folder's PROMPT_FORMAT_FILE (written by train) calls for; None when
     the folder has none (an adapter from elsewhere) or was trained on several formats."""
-    import json
-    from pathlib import Path
+    from .train.data import read_prompt_format
 
-    from .train.data import PROMPT_FORMAT_FILE
-
-    p = Path(adapter) / PROMPT_FORMAT_FILE
-    if not p.is_file():
-        return None
-    try:
-        if p.stat().st_size > 1 << 16:
-            raise ValueError("too large")
-        fmt = json.loads(p.read_text(encoding="utf-8"))["format"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: not a prompt format record ({e})"[:190], hint="give --format raw, alpaca or chat") from None
-    return FROM_TRAINING.get(fmt) if isinstance(fmt, str) or fmt is None else None
+    fmt = read_prompt_format(adapter)
+    return FROM_TRAINING.get(fmt["format"]) if fmt else None
 
 
 def render_prompt(prompt: str, fmt: str) -> str:

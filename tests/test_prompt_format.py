@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from helpers import QCONVERT
+from test_hostile_train import one_line_error
 from test_train import WORDS, qmodel, train, write_jsonl  # noqa: F401  (qmodel is a fixture)
 
 
@@ -49,3 +50,12 @@ def test_alpaca_adapter_records_its_format_and_generate_applies_it(qmodel, tmp_p
     assert raw["rendered_prompt"] == "w7" and raw["prompt_tokens"] == len(tok("w7")["input_ids"])
     bare, _ = generate(qmodel, "--prompt", "w7", "--format", "alpaca")
     assert bare["rendered_prompt"] == r["rendered_prompt"] and bare["prompt_tokens"] == n_prompt
+    # export-adapter carries the record and the card's template; a forged record is refused, not copied
+    from qconvert.export.adapter import export_adapter
+
+    export_adapter(out, tmp_path / "exported", base_model="acme/tiny")
+    assert json.loads((tmp_path / "exported" / "qconvert_prompt_format.json").read_text()) == recorded
+    assert "```\n### Instruction:\n{instruction}\n\n### Response:\n```" in (tmp_path / "exported" / "README.md").read_text()
+    (out / "qconvert_prompt_format.json").write_text(json.dumps(dict(recorded, format="chat")))
+    r = subprocess.run([*QCONVERT, "generate", str(qmodel), "--adapter", str(out), "--prompt", "w7"], capture_output=True, text=True)
+    one_line_error(r, "qconvert_prompt_format.json: not a prompt format record", "disagrees")

@@ -280,6 +280,36 @@ def prompt_format(formats: dict[str, int]) -> dict[str, Any]:
     return out
 
 
+def read_prompt_format(folder) -> dict | None:
+    """An adapter folder's PROMPT_FORMAT_FILE (None when it has none: an adapter from elsewhere);
+    a file that is not one such record is refused (DataError)."""
+    p = Path(folder) / PROMPT_FORMAT_FILE
+    if not p.is_file():
+        return None
+    try:
+        if p.stat().st_size > 1 << 16:
+            raise ValueError("over 64 KiB")
+        fmt = json.loads(p.read_text(encoding="utf-8"))
+        counts = fmt.get("formats") if isinstance(fmt, dict) else None
+        if not isinstance(counts, dict) or not all(k in FORMATS and type(v) is int for k, v in counts.items()):
+            raise ValueError("no 'formats' of {format: count}")
+        if fmt.get("format") != prompt_format(counts)["format"]:
+            raise ValueError("its 'format' disagrees with its 'formats'")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: not a prompt format record ({e})"[:190], hint="remove it, or give generate --format raw, alpaca or chat") from None
+    return fmt
+
+
+def prompt_format_text(fmt: dict) -> str:
+    """The card's paragraph on the prompt format trained on (as recorded in PROMPT_FORMAT_FILE)."""
+    if fmt.get("format") is None:
+        return f"\nTrained on records of several formats ({', '.join(fmt.get('formats') or {})}); see {PROMPT_FORMAT_FILE}.\n"
+    text = f"\nPrompt format: `{fmt['format']}` (recorded in {PROMPT_FORMAT_FILE}; `qconvert generate --adapter` applies it)."
+    if fmt["format"] == "alpaca":
+        text += f" Prompt it as it was trained, the answer follows:\n\n```\n{fmt['prompt_without_input']}```\n\nwith an input:\n\n```\n{fmt['prompt']}```"
+    return text + "\n"
+
+
 def detect(rec: dict) -> str | None:
     if isinstance(rec.get("messages"), list):
         return "chat"

@@ -27,7 +27,7 @@ import torch
 from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, prepare_output, run_signature, save_checkpoint, set_rng_state
-from .data import PROMPT_FORMAT_FILE, DataReport, build_examples, collate, load_records, pack, prompt_format
+from .data import PROMPT_FORMAT_FILE, DataReport, build_examples, collate, load_records, pack, prompt_format, prompt_format_text
 from .options import check_target_modules, default_targets
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
@@ -657,17 +657,8 @@ def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: 
             f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_id}\"), \"{out.name}\")`.\n")
     fmt = prompt_format(info.get("formats") or {})
     (tmp / PROMPT_FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n")
-    (tmp / "README.md").write_text(adapter_card(base_id, body + _format_text(fmt), extra_tags=("qlora",)))
+    (tmp / "README.md").write_text(adapter_card(base_id, body + prompt_format_text(fmt), extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", PROMPT_FORMAT_FILE, "adapter_config.json"):  # the config last
         os.replace(tmp / f, out / f)
     shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _format_text(fmt: dict) -> str:
-    """The card's paragraph on the prompt format trained on (recorded in PROMPT_FORMAT_FILE)."""
-    if fmt["format"] is None:
-        return f"\nTrained on records of several formats ({', '.join(fmt['formats'])}); see {PROMPT_FORMAT_FILE}.\n"
-    text = f"\nPrompt format: `{fmt['format']}` (recorded in {PROMPT_FORMAT_FILE}; `qconvert generate --adapter` applies it)."
-    if fmt["format"] == "alpaca":
-        text += f" Prompt it as it was trained, the answer follows:\n\n```\n{fmt['prompt_without_input']}```\n\nwith an input:\n\n```\n{fmt['prompt']}```"
-    return text + "\n"
