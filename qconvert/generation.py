@@ -35,6 +35,30 @@ def check_settings(*, max_new_tokens: int, temperature: float, top_p: float | No
         raise OptionError("--system needs --chat")
 
 
+#: generate's --format: the prompt as given, an alpaca instruction rendered as train renders it, a chat user turn
+PROMPT_FORMATS = ("raw", "alpaca", "chat")
+#: an adapter's recorded training format -> the --format that prompts it as it was trained
+FROM_TRAINING = {"alpaca": "alpaca", "chat": "chat", "sharegpt": "chat", "prompt": "raw", "text": "raw"}
+
+
+def recorded_format(adapter) -> str | None:
+    """The --format an adapter folder's PROMPT_FORMAT_FILE (written by train) calls for; None when
+    the folder has none (an adapter from elsewhere) or was trained on several formats."""
+    from .train.data import read_prompt_format
+
+    fmt = read_prompt_format(adapter)
+    return FROM_TRAINING.get(fmt["format"]) if fmt else None
+
+
+def render_prompt(prompt: str, fmt: str) -> str:
+    """The text the model is given for ``prompt`` (chat is rendered later, by the tokenizer)."""
+    if fmt == "alpaca":
+        from .train.data import alpaca_prompt
+
+        return alpaca_prompt(prompt)
+    return prompt
+
+
 def encode_prompt(tok, prompt: str, *, chat: bool = False, system: str | None = None):
     """Tokenized prompt (a BatchEncoding of one row); with ``chat``, through the chat template."""
     if not chat:

@@ -84,7 +84,7 @@ def test_every_train_option_has_a_flag_a_config_key_and_the_same_default():
     from qconvert.train.config import KEYS, LOOKUP
 
     params = {p.name: p for p in train.params}
-    assert set(SPECS) | set(RUN_OPTIONS) | {"config_file"} == set(params)
+    assert set(SPECS) | set(RUN_OPTIONS) | {"config_file", "config_name"} == set(params)
     for f in dataclasses.fields(TrainConfig):
         spec = SPECS[f.name]
         p = params[f.name]

@@ -16,7 +16,10 @@ from . import options
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
 @click.option("--adapter", help="A PEFT LoRA adapter folder (a `qconvert train` output), or its Hub id, to run on top of MODEL.")
-@click.option("--chat", is_flag=True, help="Render the prompt as a user turn with the tokenizer's chat template.")
+@click.option("--chat", is_flag=True, help="Render the prompt as a user turn with the tokenizer's chat template (= --format chat).")
+@click.option("--format", "fmt", type=click.Choice(("raw", "alpaca", "chat")),
+              help="raw: the prompt as given; alpaca: an instruction rendered as train renders alpaca records; chat: as --chat "
+                   "[default: the --adapter's recorded training format, else raw].")
 @click.option("--system", help="With --chat: a system message before the prompt.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; above 0: sample.")
@@ -29,25 +32,35 @@ from . import options
 @options.dtype(auto=True)
 @options.backend()
 @options.revision()
-def generate(model, prompt, adapter, chat, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, echo,
+def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, echo,
              as_json, dtype, backend, revision):
     """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
     from .._cpus import cap_torch_threads
-    from ..generation import check_settings, generate_text
+    from ..generation import check_settings, generate_text, recorded_format, render_prompt
     from ..io.source import resolve_adapter_path
     from ..runtime import attach_adapter, load_for_inference
+
+    if chat and fmt not in (None, "chat"):
+        raise click.UsageError(f"--chat and --format {fmt}: give one of them")
+    folder = resolve_adapter_path(adapter)[0] if adapter else None  # a folder or a Hub id, before minutes of loading
+    if fmt is None and not chat and folder:
+        fmt = recorded_format(folder)
+        if fmt:
+            click.echo(f"prompt format: {fmt}, the adapter's training format (--format raw sends the prompt as given)", err=True)
+    chat = chat or fmt == "chat"
+    shown, prompt = prompt, render_prompt(prompt, fmt or "raw")
 
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, chat=chat, system=system)  # before minutes of loading
     cap_torch_threads()
-    folder = resolve_adapter_path(adapter)[0] if adapter else None  # a folder or a Hub id, before minutes of loading
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype)
     if folder:
         attach_adapter(lm, folder)
     r = generate_text(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, chat=chat, system=system)
     if as_json:
-        click.echo(json.dumps({"model": model, "adapter": adapter, **r}))
+        click.echo(json.dumps({"model": model, "adapter": adapter, **r, "prompt": shown, "rendered_prompt": r["prompt"],
+                               "format": "chat" if chat else fmt or "raw"}))
     else:
         click.echo(r["text"] if echo else r["completion"])
 

@@ -40,9 +40,10 @@ def train_options(f):
 @click.command()
 @click.argument("model", required=False)
 @click.option("--config", "config_file", metavar="FILE", help="YAML or JSON file of options, keyed as transformers/PEFT name them; flags override it.")
+@click.option("--config-name", metavar="NAME", help="The run NAME of a --config file of named runs (FinLoRA's); or --config FILE:NAME.")
 @train_options
 @click.pass_context
-def train(ctx, model, config_file, **flags):
+def train(ctx, model, config_file, config_name, **flags):
     """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id). Ctrl-C or SIGTERM saves
     a checkpoint; --resume continues it.
 
@@ -53,10 +54,14 @@ def train(ctx, model, config_file, **flags):
     own traceback, and kills processes still saving after 30 s)."""
     from ..train.settings import load_run
 
-    run_options, config = load_run(config_file, given_options(ctx, model, flags))
+    if config_name and not config_file:
+        raise click.UsageError("--config-name without --config", ctx=ctx)
+    run_options, config = load_run(config_file, given_options(ctx, model, flags), name=config_name, log=lambda m: click.echo(m, err=True))
     for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
         if not run_options[name]:  # a usage error (exit 2), as click's own missing argument is
             raise click.UsageError(f"missing {how}: give it on the command line or in the --config file", ctx=ctx)
+    if run_options["push_to"]:
+        check_push_base(run_options["model"], config.base_model_id, run_options["push_to"])
     if (config.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the launcher; its processes are the workers
         from ..train.launch import launch
 
@@ -80,6 +85,17 @@ def train(ctx, model, config_file, **flags):
 
         p = push_folder(output, push_to, log=lambda m: click.echo(printable(m), err=True))
         click.echo(printable(f"pushed adapter to {push_to}: {p['commit_url']}"))
+
+
+def check_push_base(model: str, base_model: str | None, push_to: str) -> None:
+    """Before training: an adapter pushed for others must name its base by a Hub id, which a local
+    MODEL folder does not give (push would refuse it after the whole run)."""
+    from ..errors import OptionError
+    from ..io.hub import looks_like_repo_id
+
+    if base_model is None and not looks_like_repo_id(str(model)):
+        raise OptionError(f"--push-to-hub {push_to}: MODEL {model} is a local folder, and the pushed adapter must name its base by Hub id",
+                          hint="name the base model's Hub id with --base-model NAMESPACE/NAME")
 
 
 def worker_args(ctx: click.Context) -> list[str]:

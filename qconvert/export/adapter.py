@@ -34,6 +34,8 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
         if not ckpts:
             raise FormatError(f"{src}: no adapter_config.json and no checkpoint-N folder", hint="pass a qconvert train output or checkpoint")
         src = ckpts[-1]
+    from ..train.data import PROMPT_FORMAT_FILE, prompt_format, prompt_format_text, read_prompt_format
+
     cfg = read_adapter_config(src)
     weights = src / "adapter_model.safetensors"
     modules = read_lora_weights(src, cfg)
@@ -48,7 +50,11 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     with staged(out) as stage:
         shutil.copyfile(weights, stage / "adapter_model.safetensors")
         write_json(stage / "adapter_config.json", cfg, sort_keys=True)
-        write_file(stage / "README.md", exported_adapter_card(src, cfg))
+        fmt = read_prompt_format(src) or read_prompt_format(source)  # a checkpoint's: its run's
+        if fmt:  # written anew from the counts: only what train would write
+            fmt = prompt_format(fmt["formats"])
+            write_json(stage / PROMPT_FORMAT_FILE, fmt)
+        write_file(stage / "README.md", exported_adapter_card(src, cfg) + (prompt_format_text(fmt) if fmt else ""))
         publish(stage, out)
     base = cfg.get("base_model_name_or_path")
     return {"source": str(src), "output": str(out), "tensors": 2 * len(modules), "base_model": base}

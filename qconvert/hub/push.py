@@ -67,7 +67,7 @@ RUN_ONLY = ("checkpoint-*", "runs", "config.yaml")
 #: The files qconvert writes, by folder kind (besides the model card and the companion files that
 #: quantize and merge copy, ``format.checkpoint.is_companion_file``): only these are published.
 WRITTEN = {
-    "adapter": ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl"),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl", "qconvert_prompt_format.json"),
     "quantized": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
     "merge": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
 }

@@ -317,6 +317,64 @@ def _eval_split(have: list[str], shown: str) -> str:
                     hint="name one with --eval-data-split, or hold out a fraction of --data with --eval-split (e.g. 0.1)")
 
 
+def alpaca_prompt(instruction: Any, input: Any = None) -> str:
+    """The prompt train renders for an alpaca record (its output and EOS follow): qconvert's own
+    headers, without the Stanford preamble ("Below is an instruction..."). ``generate --format
+    alpaca`` renders an instruction with this same function."""
+    prompt = f"### Instruction:\n{instruction}\n\n"
+    if input:
+        prompt += f"### Input:\n{input}\n\n"
+    return prompt + "### Response:\n"
+
+
+#: the adapter file that records the prompt format an adapter was trained on
+PROMPT_FORMAT_FILE = "qconvert_prompt_format.json"
+
+
+def prompt_format(formats: dict[str, int]) -> dict[str, Any]:
+    """What an adapter's PROMPT_FORMAT_FILE says: the record formats trained on ({format: count}),
+    and, when all were one format, that ``format`` and how its prompt is rendered."""
+    out: dict[str, Any] = {"formats": dict(sorted(formats.items())), "format": None}
+    if len(formats) == 1:
+        (f,) = formats
+        out["format"] = f
+        out["prompt"] = {"alpaca": alpaca_prompt("{instruction}", "{input}"), "prompt": "{prompt}", "text": "{text}"}.get(
+            f, "the tokenizer's chat template, assistant turn opened")
+        if f == "alpaca":
+            out["prompt_without_input"] = alpaca_prompt("{instruction}")
+    return out
+
+
+def read_prompt_format(folder) -> dict | None:
+    """An adapter folder's PROMPT_FORMAT_FILE (None when it has none: an adapter from elsewhere);
+    a file that is not one such record is refused (DataError)."""
+    p = Path(folder) / PROMPT_FORMAT_FILE
+    if not p.is_file():
+        return None
+    try:
+        if p.stat().st_size > 1 << 16:
+            raise ValueError("over 64 KiB")
+        fmt = json.loads(p.read_text(encoding="utf-8"))
+        counts = fmt.get("formats") if isinstance(fmt, dict) else None
+        if not isinstance(counts, dict) or not all(k in FORMATS and type(v) is int for k, v in counts.items()):
+            raise ValueError("no 'formats' of {format: count}")
+        if fmt.get("format") != prompt_format(counts)["format"]:
+            raise ValueError("its 'format' disagrees with its 'formats'")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: not a prompt format record ({e})"[:190], hint="remove it, or give generate --format raw, alpaca or chat") from None
+    return fmt
+
+
+def prompt_format_text(fmt: dict) -> str:
+    """The card's paragraph on the prompt format trained on (as recorded in PROMPT_FORMAT_FILE)."""
+    if fmt.get("format") is None:
+        return f"\nTrained on records of several formats ({', '.join(fmt.get('formats') or {})}); see {PROMPT_FORMAT_FILE}.\n"
+    text = f"\nPrompt format: `{fmt['format']}` (recorded in {PROMPT_FORMAT_FILE}; `qconvert generate --adapter` applies it)."
+    if fmt["format"] == "alpaca":
+        text += f" Prompt it as it was trained, the answer follows:\n\n```\n{fmt['prompt_without_input']}```\n\nwith an input:\n\n```\n{fmt['prompt']}```"
+    return text + "\n"
+
+
 def detect(rec: dict) -> str | None:
     if isinstance(rec.get("messages"), list):
         return "chat"
@@ -382,10 +440,7 @@ def _tokenize(rec: dict, f: str, tok, train_on_inputs: bool, max_chars: int) -> 
         ids = tok(rec["text"], add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
         return ids, list(ids)
     if f == "alpaca":
-        prompt = f"### Instruction:\n{rec['instruction']}\n\n"
-        if rec.get("input"):
-            prompt += f"### Input:\n{rec['input']}\n\n"
-        return _pair(tok, prompt + "### Response:\n", str(rec["output"]), train_on_inputs)
+        return _pair(tok, alpaca_prompt(rec["instruction"], rec.get("input")), str(rec["output"]), train_on_inputs)
     if f == "prompt":
         return _pair(tok, str(rec["prompt"]), str(rec["completion"]), train_on_inputs)
     if f == "sharegpt":

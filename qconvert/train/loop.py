@@ -27,7 +27,7 @@ import torch
 from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
-from .data import DataReport, build_examples, check_token_ids, collate, load_records, pack
+from .data import PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_ids, collate, load_records, pack, prompt_format, prompt_format_text
 from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
@@ -196,7 +196,7 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
         result = r.run(examples, eval_examples, progress)
         if result.get("interrupted"):
             return result
-        r.finish(base_model_id(model, repo_id), len(examples))
+        r.finish(o["base_model_id"] or base_model_id(model, repo_id), len(examples), reports["data"].formats)
         return result
     finally:
         fs.end_group(made_group)
@@ -419,14 +419,14 @@ class _Run:
             _plot(self.out)
             show(f"step {self.step}: saved {path}")
 
-    def finish(self, base_id: str, n_examples: int) -> None:
+    def finish(self, base_id: str, n_examples: int, formats: dict | None = None) -> None:
         from . import fsdp as fs
 
         state = fs.full_adapter(self.model) if self.fsdp else None  # a collective: every process gathers
         if self.rank == 0:
             _write_adapter(self.model, self.out, base_id, self.cfg, {
                 "steps": self.step, "examples": n_examples, "optimizer": self.optim_used, "lr": self.o["lr"],
-                "final_loss": self.last_loss, "eval_loss": self.last_eval,
+                "final_loss": self.last_loss, "eval_loss": self.last_eval, "formats": dict(formats or {}),
             }, state_dict=state)
             _plot(self.out)
         elapsed = time.perf_counter() - self.t_start
@@ -677,7 +677,9 @@ def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: 
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
             + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
             f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"{out.name}\")`.\n")
-    write_file(tmp / "README.md", adapter_card(base_id, body, extra_tags=("qlora",)))
-    for f in ("adapter_model.safetensors", "README.md", "adapter_config.json"):  # the config last
+    fmt = prompt_format(info.get("formats") or {})
+    write_file(tmp / PROMPT_FORMAT_FILE, json.dumps(fmt, indent=2) + "\n")
+    write_file(tmp / "README.md", adapter_card(base_id, body + prompt_format_text(fmt), extra_tags=("qlora",)))
+    for f in ("adapter_model.safetensors", "README.md", PROMPT_FORMAT_FILE, "adapter_config.json"):  # the config last
         os.replace(tmp / f, out / f)  # a link at that name is replaced, never written through
     remove(tmp)

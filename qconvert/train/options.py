@@ -45,10 +45,13 @@ def check_options(values: dict[str, Any]) -> None:
 
 
 def split_modules(names) -> list[str] | None:
-    """--target-modules as PEFT users write it: repeated, or comma/space separated (q_proj,v_proj)."""
+    """--target-modules as PEFT users write it: repeated, or comma/space separated (q_proj,v_proj);
+    ``all-linear`` is the default (None)."""
     if names is None:
         return None
     if isinstance(names, str):
         names = [names]
     out = [n for item in names for n in str(item).replace(",", " ").split() if n]
+    if out == ["all-linear"]:  # PEFT's and TRL's name for the default: every linear layer but the head
+        return None
     return out or None

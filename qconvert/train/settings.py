@@ -151,6 +151,9 @@ class TrainConfig:
                                       help="Start N training processes on this machine, as torchrun does (data-parallel, or "
                                            "--fsdp); Ctrl-C or SIGTERM stops them all once the checkpoint is saved.")
     backend: str = _opt("auto", "--backend", choices=BACKENDS)
+    base_model_id: str | None = _opt(None, "--base-model", key="base_model_name_or_path", metavar="HUB_ID",
+                                     help="The Hub id the adapter names as its base (adapter_config.json, card) when MODEL is "
+                                          "a local folder [default: MODEL]; --push-to-hub needs one.")
     revision: str | None = _opt(None, "--revision", key="model_revision", aliases=("revision",),
                                 help="Branch, tag or commit when MODEL is a Hub id.")
     stop_after: int | None = _opt(None, "--stop-after", kind="int", range=_at_least(1), hidden=True,
@@ -168,6 +171,12 @@ class TrainConfig:
         values = self.as_options()
         check_options(values)
         check_choices(values)
+        if self.base_model_id is not None:
+            from ..io.hub import looks_like_repo_id
+
+            if not looks_like_repo_id(self.base_model_id):
+                raise OptionError(f"--base-model {self.base_model_id!r} is not a Hub repo id (namespace/name)",
+                                  hint="name the base model as others will load it from the Hub")
         if self.fsdp_offload and not self.fsdp:
             raise OptionError("--fsdp-offload without --fsdp", hint="add --fsdp (offload moves FSDP's shards to host memory)")
 
@@ -220,7 +229,7 @@ SPECS: dict[str, Spec] = {f.name: _spec(f) for f in dataclasses.fields(TrainConf
 #: --data, --output, --push-to-hub
 RUN_OPTIONS: dict[str, Spec] = {
     "model": Spec("model", (), "model_name_or_path", ("model", "base_model"), help="The 4-bit base model."),
-    "data": Spec("data", ("--data",), "dataset_name", ("data", "dataset", "data_path", "train_file"),
+    "data": Spec("data", ("--data",), "dataset_name", ("data", "dataset", "data_path", "dataset_path", "train_file"),
                  help="JSONL/JSON/parquet/CSV/TSV/arrow/txt file, dataset folder, or Hub dataset id (org/name)."),
     "output": Spec("output", ("--output", "--output-dir"), "output_dir", ("output",),
                    help="Folder for the adapter, checkpoints, metrics.jsonl, loss.png and config.yaml."),
@@ -300,21 +309,23 @@ def coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
-def load_run(file: str | Path | None, given: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
+def load_run(file: str | Path | None, given: dict[str, Any] | None = None, *, name: str | None = None,
+             log=None) -> tuple[dict[str, Any], TrainConfig]:
     """The run options ({model, data, output, push_to}, None where unset) and the TrainConfig of a
-    run: ``given`` (flags or keywords) over the config ``file`` over the defaults. A file value
-    that a given option overrides is not looked at; null in the file means the default."""
+    run: ``given`` (flags or keywords) over the config ``file`` (its run ``name`` in a file of
+    named runs) over the defaults. A file value that a given option overrides is not looked at;
+    null in the file means the default. ``log`` is told the file's keys that change nothing."""
     given = dict(given or {})
     values: dict[str, Any] = {}
     if file:
         from .config import read_config
 
-        for name, raw in read_config(file).items():
-            if name in given:
+        for opt, raw in read_config(file, name, log).items():
+            if opt in given:
                 continue
-            value = coerce(name, raw, f"--config {file}")
+            value = coerce(opt, raw, f"--config {file}")
             if value is not None:
-                values[name] = value
+                values[opt] = value
     values.update(given)
     run = {name: values.pop(name, None) for name in RUN_OPTIONS}
     return run, TrainConfig.of(None, values)
