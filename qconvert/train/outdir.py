@@ -33,7 +33,7 @@ from ..io.writes import TMP_SUFFIX, remove, write_file
 MANIFEST = ".qconvert-run.json"
 #: Everything ``qconvert train`` writes into OUT besides its checkpoint-N folders.
 RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "metrics.jsonl", "loss.png", "config.yaml",
-             "runs")
+             "runs", "qconvert_prompt_format.json")
 _CHECKPOINT = re.compile(r"checkpoint-[0-9]{1,12}")
 MAX_MANIFEST_BYTES = 1 << 20
 
