@@ -211,3 +211,18 @@ def test_upload_plan_keeps_run_files_hidden_files_and_secrets_from_wildcards(tmp
     from fnmatch import fnmatch
 
     assert fnmatch("a[1].txt", _literal("a[1].txt")) and not fnmatch("a1.txt", _literal("a[1].txt"))
+
+
+def test_upload_plan_publishes_the_tokenizer_files_of_a_model(tmp_path):
+    """A quantized (or merged) model's tokenizer files are companions quantize copied, published with it:
+    "*token*" in the secret patterns must not hold back tokenizer.json and its siblings (a stranger
+    could not use the model without them); a real token file still is held back."""
+    from qconvert.hub.push import upload_plan
+
+    names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "hf_token")
+    for rel in names:
+        (tmp_path / rel).write_text("x")
+    plan = upload_plan(tmp_path, "quantized")
+    assert sorted(plan["upload"]) == sorted(set(names) - {"hf_token"})
+    assert plan["secrets"] == ["hf_token"] and plan["unknown"] == []

@@ -35,4 +35,4 @@ def test_base_model_is_named_in_the_adapter_config_and_card(qmodel, tmp_path):
     train(qmodel, memorize_set(tmp_path), out, "--max-steps", "1", "--grad-accum", "1", "--lora-r", "2", "--base-model", "acme/tiny-llama")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny-llama"
     card = (out / "README.md").read_text()
-    assert read_card_meta(card)["base_model"] == "acme/tiny-llama" and "# LoRA adapter for acme/tiny-llama" in card
+    assert read_card_meta(card)["base_model"] == "acme/tiny-llama" and "# LoRA adapter for `acme/tiny-llama`" in card

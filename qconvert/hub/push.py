@@ -103,7 +103,9 @@ def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
         for name in sorted(files):
             rel = (Path(top) / name).relative_to(folder).as_posix()
             parts = rel.split("/")
-            secret = _matches(rel, SECRET_PATTERNS)
+            # the tokenizer files quantize and merge copy (tokenizer.json, special_tokens_map.json...) are
+            # companions, not credentials, though "*token*" matches their names
+            secret = _matches(rel, SECRET_PATTERNS) and not (kind != "adapter" and is_companion_file(rel))
             hidden = any(p.startswith(".") for p in parts) or (kind == "adapter" and _matches(parts[0], RUN_ONLY))
             if secret:
                 plan["secrets"].append(rel)
