@@ -11,5 +11,7 @@ export PYTHONUNBUFFERED=1
 # lint first: ruff (pyproject [tool.ruff]) and the layering contracts (pyproject [tool.importlinter])
 .venv/bin/ruff check qconvert tools tests
 .venv/bin/lint-imports
+# the guide in docs/ (mkdocs.yml): a broken link, anchor or page left out of the nav fails the build
+.venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 # every test; the fast loop is `bash tools/test.sh -m "not slow"` (tests/README.md)
 exec .venv/bin/python -m pytest -q "$@"

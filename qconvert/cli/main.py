@@ -42,7 +42,7 @@ def _load_commands() -> None:
             cli.add_command(command)
 
 
-#: Exit codes of every command (README "Errors and exit codes"; spec/robustness.md).
+#: Exit codes of every command (docs/refusals.md "Errors and exit codes"; spec/robustness.md).
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 

@@ -55,7 +55,7 @@ LAYER_COUNT_KEYS = (
 #: so none may exceed both the number of tensors and the largest tensor dimension.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
-#: The files copied from a source model folder next to the weights (README, `qconvert quantize`): the
+#: The files copied from a source model folder next to the weights (docs/quantize.md): the
 #: tokenizer, chat templates, generation/processor configs, licences and sentence-transformers
 #: module configs. Nothing else is copied: not notes, keys or code (``*.py`` remote code is never run
 #: by qconvert and is not republished), and no folder is walked.

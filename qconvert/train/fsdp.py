@@ -19,7 +19,7 @@ Loading: the model is first built by :func:`qconvert.load_model` on the CPU, who
 zero-copy views of the memory-mapped safetensors files; ``fully_shard`` copies each process's own
 rows out of them (moving them to the GPU when the mesh is on CUDA), so a process reads only its
 share of the file's pages (the reader's checks also read every block-scale table, about 1/32 of
-the codes' bytes) and keeps only its shard once the views are dropped (measured in the README).
+the codes' bytes) and keeps only its shard once the views are dropped (measured in docs/train.md).
 
 Checkpoints (:func:`save_sharded`, :func:`load_sharded`): ``checkpoint-N/sharded/`` holds the LoRA
 weights and the optimizer state, one safetensors file per process and a JSON manifest, readable by
