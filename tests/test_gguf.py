@@ -1,0 +1,233 @@
+"""`qconvert export-gguf`: llama.cpp itself (through llama-cpp-python) loads the GGUF files qconvert
+writes and computes what transformers computes on the same model.
+
+The model is a tiny Llama (hidden 256 so that llama.cpp's K-quants, which need rows of 256, apply to
+every matrix) with a byte-level BPE tokenizer, quantized to 4 bits by qconvert; the reference is a
+float32 transformers model holding the 4-bit weights' dequantized values (helpers.float32_reference).
+Without llama_cpp these tests skip, unless QCONVERT_REQUIRE_GGUF is set (tools/test.sh sets it) and
+they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import float32_reference, make_tiny_llama, make_tiny_bert, run_cli
+from tolerances import GGUF_F16_LOGIT_REL, GGUF_KL_MAX
+
+try:
+    import llama_cpp
+except ImportError:  # pragma: no cover - depends on the environment
+    llama_cpp = None
+
+if llama_cpp is None:
+    if os.environ.get("QCONVERT_REQUIRE_GGUF"):
+        pytest.fail("llama-cpp-python and gguf are required (QCONVERT_REQUIRE_GGUF=1): run tools/setup.sh", pytrace=False)
+    pytest.skip("llama_cpp is not installed", allow_module_level=True)
+
+VOCAB = 320
+#: fixed prompt token ids (not text: the comparison is of the models, not of two tokenizers)
+PROMPT = [1, 5, 17, 99, 200, 3, 42, 250, 7, 311, 64, 128]
+GREEDY = 32
+
+
+def _bpe_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer (the kind Llama 3 ships) trained on a few words, saved beside the model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """src: the float32 model; q: its qconvert 4-bit checkpoint; adapter: a PEFT LoRA with a non-zero update."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    d = tmp_path_factory.mktemp("gguf")
+    src = make_tiny_llama(d / "src", dtype=torch.float32, hidden=256, intermediate=512, vocab=VOCAB, heads=4, kv_heads=2)
+    sd = load_file(str(src / "model.safetensors"))
+    sd["lm_head.weight"] = sd["lm_head.weight"] * 25  # logits of a trained model's size: greedy is not decided by noise
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    _bpe_tokenizer(src)
+    quantize_checkpoint(str(src), d / "q", compute_dtype="float32")
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     init_lora_weights=False)
+    get_peft_model(base, cfg).save_pretrained(d / "adapter")
+    return {"src": src, "q": d / "q", "adapter": d / "adapter", "dir": d}
+
+
+def _llama(path: Path):
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+
+
+def _gguf_logits(path: Path, ids: list[int]) -> np.ndarray:
+    ll = _llama(path)
+    try:
+        ll.eval(ids)
+        return np.array(ll.scores[: len(ids)], dtype=np.float64)
+    finally:
+        ll.close()
+
+
+def _gguf_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    ll = _llama(path)
+    try:
+        ll.eval(ids)
+        out = []
+        for _ in range(n):
+            nxt = int(np.argmax(ll.scores[ll.n_tokens - 1]))
+            out.append(nxt)
+            ll.eval([nxt])
+        return out
+    finally:
+        ll.close()
+
+
+def _hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(P || Q), P the reference."""
+    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _export(model, out, *extra):
+    r = run_cli("export-gguf", model, out, "--json", *extra)
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_f16_of_a_4bit_model_matches_transformers_and_greedy_is_identical(models):
+    out = models["dir"] / "q-f16.gguf"
+    s = _export(models["q"], out, "--type", "f16")
+    assert s["type"] == "f16" and s["architecture"] == "llama" and Path(s["output"]).stat().st_size == s["bytes"]
+    ref = float32_reference(models["q"])
+    got, want = _gguf_logits(out, PROMPT), _hf_logits(ref, PROMPT)
+    assert _rel(got, want) < GGUF_F16_LOGIT_REL["f16"], _rel(got, want)
+    assert _gguf_greedy(out, PROMPT, GREEDY) == _hf_greedy(ref, PROMPT, GREEDY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_type", ["bf16", "q8_0", "q4_0", "q4_k_m"])
+def test_other_types_within_their_kl_bound(models, out_type):
+    out = models["dir"] / f"q-{out_type}.gguf"
+    s = _export(models["q"], out, "--type", out_type)
+    assert s["type"] == out_type
+    ref = float32_reference(models["q"])
+    kl = _kl(_hf_logits(ref, PROMPT), _gguf_logits(out, PROMPT))
+    assert kl < GGUF_KL_MAX[out_type], kl
+
+
+@pytest.mark.slow
+def test_adapter_merged_on_the_fly_equals_qconvert_merge(models):
+    """export-gguf --adapter computes what `qconvert merge` writes (float32), and not the base model."""
+    from transformers import AutoModelForCausalLM
+
+    merged = models["dir"] / "merged"
+    run_cli("merge", models["q"], models["adapter"], merged, "--dtype", "float32")
+    out = models["dir"] / "merged.gguf"
+    s = _export(models["q"], out, "--adapter", models["adapter"])
+    assert s["merged_modules"] == 14  # 7 linears x 2 layers
+    want = _hf_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), PROMPT)
+    got = _gguf_logits(out, PROMPT)
+    assert _rel(got, want) < GGUF_F16_LOGIT_REL["f16"], _rel(got, want)
+    base = _hf_logits(float32_reference(models["q"]), PROMPT)
+    assert _rel(base, want) > 20 * GGUF_F16_LOGIT_REL["f16"]  # the adapter's change is far above the tolerance
+
+
+@pytest.mark.slow
+def test_16bit_folder_exports_too(models):
+    from transformers import AutoModelForCausalLM
+
+    out = models["dir"] / "src-f16.gguf"
+    _export(models["src"], out)
+    want = _hf_logits(AutoModelForCausalLM.from_pretrained(models["src"], dtype=torch.float32).eval(), PROMPT)
+    assert _rel(_gguf_logits(out, PROMPT), want) < GGUF_F16_LOGIT_REL["f16"]
+
+
+def test_other_architectures_are_refused_by_name(tmp_path):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf import export_gguf
+
+    make_tiny_bert(tmp_path / "bert")
+    with pytest.raises(FormatError, match="'BertModel'.*only LlamaForCausalLM"):
+        export_gguf(str(tmp_path / "bert"), tmp_path / "b.gguf")
+    assert not (tmp_path / "b.gguf").exists()
+
+
+def test_existing_output_is_kept_without_overwrite_and_a_link_is_refused(tmp_path):
+    from qconvert.errors import OptionError, OutputExistsError
+    from qconvert.export.gguf import export_gguf
+
+    src = make_tiny_llama(tmp_path / "m", dtype=torch.float32)
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"mine")
+    with pytest.raises(OutputExistsError):
+        export_gguf(str(src), out)
+    assert out.read_bytes() == b"mine"
+    link = tmp_path / "l.gguf"
+    link.symlink_to(out)
+    with pytest.raises(OptionError, match="link"):
+        export_gguf(str(src), link, overwrite=True)
+    assert out.read_bytes() == b"mine"
+
+
+def test_missing_tokenizer_is_refused_and_leaves_nothing(tmp_path):
+    """The file must run alone: no tokenizer, no file (and no temporary left behind)."""
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf import export_gguf
+
+    src = make_tiny_llama(tmp_path / "m", dtype=torch.float32)
+    with pytest.raises(FormatError, match="no tokenizer llama.cpp can run"):
+        export_gguf(str(src), tmp_path / "o.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_rope_permutation_matches_the_interleaved_pairs():
+    """Head h's rows (first half i, second half i + d/2) go to rows 2i and 2i + 1 of that head."""
+    from qconvert.export.gguf import _rope_permute
+
+    heads, d = 2, 8
+    w = torch.arange(heads * d, dtype=torch.float32)[:, None].repeat(1, 3)
+    got = _rope_permute(w, heads)[:, 0].tolist()
+    want = [h * d + j for h in range(heads) for i in range(d // 2) for j in (i, i + d // 2)]
+    assert got == want
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
