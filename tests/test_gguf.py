@@ -75,12 +75,13 @@ def models(tmp_path_factory):
     return {"src": src, "q": d / "q", "adapter": d / "adapter", "dir": d}
 
 
-def _llama(path: Path):
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+def _llama(path: Path, lora: Path | None = None):
+    kw = {"lora_path": str(lora)} if lora else {}
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False, **kw)
 
 
-def _gguf_logits(path: Path, ids: list[int]) -> np.ndarray:
-    ll = _llama(path)
+def _gguf_logits(path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
+    ll = _llama(path, lora)
     try:
         ll.eval(ids)
         return np.array(ll.scores[: len(ids)], dtype=np.float64)
@@ -158,8 +159,9 @@ def test_adapter_merged_on_the_fly_equals_qconvert_merge(models):
     """export-gguf --adapter computes what `qconvert merge` writes (float32), and not the base model."""
     from transformers import AutoModelForCausalLM
 
-    merged = models["dir"] / "merged"
-    run_cli("merge", models["q"], models["adapter"], merged, "--dtype", "float32")
+    merged = models["dir"] / "merged-hf"
+    if not merged.exists():
+        run_cli("merge", models["q"], models["adapter"], merged, "--dtype", "float32")
     out = models["dir"] / "merged.gguf"
     s = _export(models["q"], out, "--adapter", models["adapter"])
     assert s["merged_modules"] == 14  # 7 linears x 2 layers
@@ -168,6 +170,44 @@ def test_adapter_merged_on_the_fly_equals_qconvert_merge(models):
     assert _rel(got, want) < GGUF_F16_LOGIT_REL["f16"], _rel(got, want)
     base = _hf_logits(float32_reference(models["q"]), PROMPT)
     assert _rel(base, want) > 20 * GGUF_F16_LOGIT_REL["f16"]  # the adapter's change is far above the tolerance
+
+
+@pytest.mark.slow
+def test_lora_only_adapter_applied_by_llama_cpp_equals_the_merged_export(models):
+    """llama.cpp applying the GGUF LoRA adapter to the base's GGUF computes the merged model; the
+    adapter file has llama.cpp's keys and tensor names."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    d = models["dir"]
+    base, lora, merged = d / "base-f16.gguf", d / "lora.gguf", d / "merged-f16.gguf"
+    _export(models["q"], base)
+    _export(models["q"], merged, "--adapter", models["adapter"])
+    s = _export(models["q"], lora, "--adapter", models["adapter"], "--lora-only")
+    assert s["type"] == "lora" and s["tensors"] == 28 and s["lora_alpha"] == 16.0
+    r = gguf.GGUFReader(lora)
+    assert r.fields["general.type"].contents() == "adapter" and r.fields["adapter.type"].contents() == "lora"
+    assert r.fields["adapter.lora.alpha"].contents() == 16.0
+    assert "blk.1.attn_q.weight.lora_b" in {t.name for t in r.tensors}
+    applied = _gguf_logits(base, PROMPT, lora=lora)
+    assert _rel(applied, _gguf_logits(merged, PROMPT)) < GGUF_F16_LOGIT_REL["f16"]
+    merge_dir = d / "merged-hf"
+    if not merge_dir.exists():
+        run_cli("merge", models["q"], models["adapter"], merge_dir, "--dtype", "float32")
+    want = _hf_logits(AutoModelForCausalLM.from_pretrained(merge_dir, dtype=torch.float32).eval(), PROMPT)
+    assert _rel(applied, want) < GGUF_F16_LOGIT_REL["f16"], _rel(applied, want)
+    assert _rel(_gguf_logits(base, PROMPT), want) > 20 * GGUF_F16_LOGIT_REL["f16"]  # the adapter matters
+
+
+def test_lora_only_needs_an_adapter_and_no_type(tmp_path):
+    from qconvert.errors import OptionError
+    from qconvert.export.gguf import export_gguf
+
+    with pytest.raises(OptionError, match="--adapter is missing"):
+        export_gguf("m", tmp_path / "o.gguf", lora_only=True)
+    with pytest.raises(OptionError, match="alone, in float32$") as e:
+        export_gguf("m", tmp_path / "o.gguf", adapter="a", lora_only=True, out_type="q8_0")
+    assert "no --type" in e.value.hint
 
 
 @pytest.mark.slow

@@ -66,20 +66,21 @@ def export_adapter_cmd(source, output_dir, base_model, overwrite):
 @click.command(name="export-gguf")
 @click.argument("model")
 @click.argument("output")
-@click.option("--type", "out_type", type=click.Choice(("f16", "bf16", "q8_0", "q4_0", "q4_k_m")), default="f16", show_default=True,
-              help="GGUF tensor type (q4_k_m by llama.cpp's own quantizer).")
+@click.option("--type", "out_type", type=click.Choice(("f16", "bf16", "q8_0", "q4_0", "q4_k_m")),
+              help="GGUF tensor type, default f16 (q4_k_m by llama.cpp's own quantizer).")
 @click.option("--adapter", help="A PEFT LoRA adapter folder merged on the fly, exactly as `qconvert merge` merges.")
+@click.option("--lora-only", is_flag=True, help="Write the --adapter alone as a GGUF LoRA adapter (llama.cpp --lora) for MODEL's GGUF.")
 @options.overwrite("Replace OUTPUT if it exists (only once the new file is complete).")
 @options.json_output()
 @click.option("--progress", is_flag=True, help="Print one line per tensor written (to stderr).")
-def export_gguf_cmd(model, output, out_type, adapter, overwrite, as_json, progress):
+def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_json, progress):
     """Write MODEL (4-bit: its dequantized values; or 16-bit) as one GGUF file that llama.cpp runs."""
     from .._cpus import cap_torch_threads
     from ..export.gguf import export_gguf
 
     cap_torch_threads()
     log = (lambda m: click.echo(printable(m), err=True)) if progress else None
-    s = export_gguf(model, output, out_type=out_type, adapter=adapter, overwrite=overwrite, log=log)
+    s = export_gguf(model, output, out_type=out_type, adapter=adapter, lora_only=lora_only, overwrite=overwrite, log=log)
     if as_json:
         click.echo(json.dumps(s, indent=1))
         return

@@ -61,20 +61,28 @@ def _gguf():
     return gguf
 
 
-def export_gguf(model: str, output: str | os.PathLike, *, out_type: str = "f16", adapter: str | None = None,
-                overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write MODEL (plus ADAPTER merged as `qconvert merge` merges) to OUTPUT as GGUF of ``out_type``."""
+def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None = None, adapter: str | None = None,
+                lora_only: bool = False, overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write MODEL (plus ADAPTER merged as `qconvert merge` merges) to OUTPUT as GGUF of ``out_type``
+    (default f16); with ``lora_only``, ADAPTER alone as a GGUF LoRA adapter for MODEL's GGUF."""
     from ..io.staging import check_output
     from ..io.writes import write_file
 
     say = log or (lambda m: None)
-    if out_type not in TYPES:
+    if out_type is not None and out_type not in TYPES:
         raise OptionError(f"unknown --type {out_type!r}", hint="use one of " + ", ".join(TYPES))
+    if lora_only and (adapter is None or out_type is not None):
+        raise OptionError("--lora-only writes the --adapter alone, in float32" + ("" if adapter else ": --adapter is missing"),
+                          hint="give --adapter DIR and no --type (the base model's GGUF carries the type)")
     out = Path(output)
     check_output(out, overwrite, inputs=[model, adapter])
+    if lora_only:
+        from .gguf_lora import export_gguf_lora
+
+        return export_gguf_lora(model, adapter, out, say)
+    out_type = out_type or "f16"
     src = _Source.open(model, adapter, say)
-    numpy_type = "f16" if out_type == "q4_k_m" else out_type
-    plan = _plan(src, numpy_type)
+    plan = _plan(src, "f16" if out_type == "q4_k_m" else out_type)
     if out_type == "q4_k_m":
         _write_then_quantize(src, plan, out, say)
     else:
@@ -195,22 +203,27 @@ def _encode(gguf, t: torch.Tensor, qtype):
 
 
 def _write(src: _Source, plan: list[_Planned], out_type: str, f, say) -> None:
-    """The whole GGUF: metadata and tensor table from the plan, then each tensor read and written in turn."""
+    """The whole model GGUF (see :func:`_stream`)."""
+    _stream(src.arch, lambda gw, gguf: _metadata(gw, gguf, src, out_type), plan, src.get, f, say)
+
+
+def _stream(arch: str, metadata, plan: list[_Planned], get, f, say) -> None:
+    """Metadata and tensor table from the plan, then each tensor fetched by ``get(source)``, converted
+    and written in turn (the gguf package's writer, lent the open file ``f``)."""
     import numpy as np
 
     gguf = _gguf()
-    gw = gguf.GGUFWriter(path=None, arch=src.arch)
-    _metadata(gw, gguf, src, out_type)
+    gw = gguf.GGUFWriter(path=None, arch=arch)
+    metadata(gw, gguf)
     for p in plan:
-        nbytes = _nbytes(gguf, p)
-        gw.add_tensor_info(p.name, p.shape, np.float32, nbytes, raw_dtype=p.qtype)  # (not uint8: the shape is the logical one)
+        gw.add_tensor_info(p.name, p.shape, np.float32, _nbytes(gguf, p), raw_dtype=p.qtype)  # (not uint8: the shape is the logical one)
     gw.fout = [f]
     gw.state = gguf.gguf_writer.WriterState.EMPTY
     gw.write_header_to_file()
     gw.write_kv_data_to_file()
     gw.write_ti_data_to_file()
     for i, p in enumerate(plan):
-        t = src.get(p.source)
+        t = get(p.source)
         if p.permute_heads:
             t = _rope_permute(t, p.permute_heads)
         gw.write_tensor_data(_encode(gguf, t, p.qtype))
