@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import float32_reference, make_tiny_llama, make_tiny_bert, run_cli
+from helpers import float32_reference, make_bpe_tokenizer, make_tiny_bert, make_tiny_llama, run_cli
 from tolerances import GGUF_F16_LOGIT_REL, GGUF_KL_MAX
 
 try:
@@ -38,19 +38,6 @@ PROMPT = [1, 5, 17, 99, 200, 3, 42, 250, 7, 311, 64, 128]
 GREEDY = 32
 
 
-def _bpe_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer (the kind Llama 3 ships) trained on a few words, saved beside the model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """src: the float32 model; q: its qconvert 4-bit checkpoint; adapter: a PEFT LoRA with a non-zero update."""
@@ -65,7 +52,7 @@ def models(tmp_path_factory):
     sd = load_file(str(src / "model.safetensors"))
     sd["lm_head.weight"] = sd["lm_head.weight"] * 25  # logits of a trained model's size: greedy is not decided by noise
     save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
-    _bpe_tokenizer(src)
+    make_bpe_tokenizer(src)
     quantize_checkpoint(str(src), d / "q", compute_dtype="float32")
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -208,6 +195,22 @@ def test_lora_only_needs_an_adapter_and_no_type(tmp_path):
     with pytest.raises(OptionError, match="alone, in float32$") as e:
         export_gguf("m", tmp_path / "o.gguf", adapter="a", lora_only=True, out_type="q8_0")
     assert "no --type" in e.value.hint
+
+
+@pytest.mark.slow
+def test_compare_runs_a_gguf_against_the_folder_and_adapter_it_came_from(models):
+    """`qconvert compare` with llama.cpp on one side: the merged F16 export passes against the 4-bit
+    base plus adapter, the base export without the adapter fails."""
+    from qconvert.export.compare import compare
+
+    d = models["dir"]
+    merged, base = d / "cmp-merged.gguf", d / "cmp-base.gguf"
+    _export(models["q"], merged, "--adapter", models["adapter"])
+    _export(models["q"], base)
+    ok = compare(str(models["q"]), str(merged), adapter_a=str(models["adapter"]), new_tokens=4)
+    assert ok["passed"] and ok["kl"] < GGUF_KL_MAX["bf16"] and ok["top1_agreement"] == 1.0
+    bad = compare(str(models["q"]), str(base), adapter_a=str(models["adapter"]), new_tokens=4)
+    assert not bad["passed"] and bad["kl"] > 100 * ok["kl"]
 
 
 @pytest.mark.slow

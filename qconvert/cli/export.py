@@ -88,4 +88,33 @@ def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_j
                          + (f", {s['merged_modules']} LoRA modules merged" if s["merged_modules"] else "")))
 
 
-COMMANDS = [merge, export_adapter_cmd, export_gguf_cmd]
+@click.command(name="compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--adapter-a", help="A PEFT LoRA adapter merged into A (as `qconvert merge` merges).")
+@click.option("--adapter-b", help="A PEFT LoRA adapter merged into B.")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Probe prompts, one a line (default: built-in ones).")
+@click.option("--tolerance", type=float, default=1e-2, show_default=True, help="Largest overall mean KL(A||B) that passes.")
+@click.option("--new-tokens", type=click.IntRange(0, 512), default=16, show_default=True, help="Greedy tokens shown side by side.")
+@options.json_output()
+def compare_cmd(a, b, adapter_a, adapter_b, prompts, tolerance, new_tokens, as_json):
+    """Do A and B compute the same? Each a Hugging Face folder (16- or 4-bit), a folder plus adapter, or a GGUF
+    (run by llama.cpp). Prints KL(A||B), top-1 agreement, max relative logit error; exit 1 above --tolerance."""
+    from .._cpus import cap_torch_threads
+    from ..export.compare import compare
+
+    cap_torch_threads()
+    r = compare(a, b, adapter_a=adapter_a, adapter_b=adapter_b, prompts=prompts, tolerance=tolerance, new_tokens=new_tokens)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+    else:
+        for p in r["prompts"]:
+            click.echo(printable(f"{p['prompt'][:40]!r}: KL {p['kl']:.3g}, top-1 {p['top1_agreement']:.0%}, max rel error {p['max_rel_logit_error']:.3g}"))
+            click.echo(printable(f"  A: {p['greedy_a']!r}\n  B: {p['greedy_b']!r}"))
+        click.echo(f"{'PASS' if r['passed'] else 'FAIL'}: mean KL(A||B) {r['kl']:.3g} (tolerance {tolerance:g}), "
+                   f"top-1 agreement {r['top1_agreement']:.1%}, max relative logit error {r['max_rel_logit_error']:.3g}")
+    if not r["passed"]:
+        raise SystemExit(1)
+
+
+COMMANDS = [merge, export_adapter_cmd, export_gguf_cmd, compare_cmd]

@@ -38,7 +38,7 @@ from ..errors import FormatError, OptionError
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 #: Hugging Face architectures exported so far -> the gguf package's architecture name
 FAMILIES = {"LlamaForCausalLM": "llama"}
-#: why each family the architecture sweep knows is not exported yet (others: "not a family llama.cpp's llama graph runs")
+#: why another family is refused
 _NOT_YET = "not exported by qconvert yet (only LlamaForCausalLM); use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
 
 
@@ -94,16 +94,17 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
 class _Source:
     """The model's tensors by name, each in float32 as the model computes with it."""
 
-    def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job):
+    def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job, family: bool = True):
         self.root, self.ckpt, self.cfg, self.job = root, ckpt, cfg, job
-        self.arch = _family(cfg, root)
+        self.arch = _family(cfg, root) if family else None
         from ..format.conformance import check_checkpoint
 
         self.quantized = set(check_checkpoint(ckpt))
         self.owned = {k for q in self.quantized for k in ckpt.companions(q)}
 
     @classmethod
-    def open(cls, model: str, adapter: str | None, say) -> "_Source":
+    def open(cls, model: str, adapter: str | None, say, family: bool = True) -> "_Source":
+        """``family``: refuse a family export-gguf cannot write (compare reads any causal LM)."""
         from ..format.checkpoint import Checkpoint
         from ..io.source import resolve_model_path
 
@@ -115,7 +116,7 @@ class _Source:
             from .merge import _prepare
 
             job = _prepare(ckpt, root, adapter, None, False, "float32", say)
-        return cls(root, ckpt, cfg, job)
+        return cls(root, ckpt, cfg, job, family)
 
     def names(self) -> list[str]:
         """The model's tensors (a 4-bit weight once, by its weight name), in checkpoint order."""
