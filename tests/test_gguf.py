@@ -186,6 +186,42 @@ def test_lora_only_adapter_applied_by_llama_cpp_equals_the_merged_export(models)
     assert _rel(_gguf_logits(base, PROMPT), want) > 20 * GGUF_F16_LOGIT_REL["f16"]  # the adapter matters
 
 
+@pytest.mark.slow
+def test_lora_only_folds_a_scaling_other_than_alpha_over_r(models, tmp_path):
+    """rsLoRA (scaling alpha / sqrt(r)) and a rank_pattern: llama.cpp's alpha / r times the written
+    lora_b gives PEFT's scaling; checked against the merged export."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"v_proj": 4}, target_modules=["q_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(models["src"], dtype=torch.float32), cfg).save_pretrained(tmp_path / "rs")
+    base, lora, merged = models["dir"] / "rs-base.gguf", tmp_path / "rs.gguf", tmp_path / "rs-merged.gguf"
+    if not base.exists():
+        _export(models["q"], base)
+    _export(models["q"], lora, "--adapter", tmp_path / "rs", "--lora-only")
+    _export(models["q"], merged, "--adapter", tmp_path / "rs")
+    applied, want = _gguf_logits(base, PROMPT, lora=lora), _gguf_logits(merged, PROMPT)
+    assert _rel(applied, want) < GGUF_F16_LOGIT_REL["f16"], _rel(applied, want)
+    assert _rel(_gguf_logits(base, PROMPT), want) > 20 * GGUF_F16_LOGIT_REL["f16"]
+
+
+@pytest.mark.slow
+def test_tied_embeddings_run_from_token_embd(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_llama(tmp_path / "tied", dtype=torch.float32, hidden=256, intermediate=512, vocab=VOCAB, tie=True)
+    make_bpe_tokenizer(src)
+    out = tmp_path / "tied.gguf"
+    s = _export(src, out)
+    import gguf
+
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(out).tensors} and s["tensors"] == 2 * 9 + 2  # blocks, token_embd, output_norm
+    want = _hf_logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), PROMPT)
+    assert _rel(_gguf_logits(out, PROMPT), want) < GGUF_F16_LOGIT_REL["f16"]
+
+
 def test_lora_only_needs_an_adapter_and_no_type(tmp_path):
     from qconvert.errors import OptionError
     from qconvert.export.gguf import export_gguf
