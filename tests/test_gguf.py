@@ -297,6 +297,22 @@ def test_missing_tokenizer_is_refused_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_a_sentencepiece_tokenizer_without_sentencepiece_is_refused_with_the_fix(tmp_path):
+    try:  # the refusal is only reachable where sentencepiece is missing
+        import sentencepiece  # noqa: F401
+        pytest.skip("sentencepiece is installed")
+    except ImportError:
+        pass
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf import export_gguf
+
+    src = make_tiny_llama(tmp_path / "m", dtype=torch.float32)
+    (src / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(FormatError, match="needs the sentencepiece package") as e:
+        export_gguf(str(src), tmp_path / "o.gguf")
+    assert "pip install sentencepiece" in e.value.hint and not (tmp_path / "o.gguf").exists()
+
+
 def test_rope_permutation_matches_the_interleaved_pairs():
     """Head h's rows (first half i, second half i + d/2) go to rows 2i and 2i + 1 of that head."""
     from qconvert.export.gguf import _rope_permute

@@ -293,7 +293,11 @@ def _read_vocab(gguf, folder: Path):
     from gguf.vocab import BpeVocab, SentencePieceVocab
 
     if (folder / "tokenizer.model").is_file():
-        return SentencePieceVocab(folder)
+        try:
+            return SentencePieceVocab(folder)
+        except RuntimeError as e:  # the gguf package's own refusal: sentencepiece is not installed
+            raise FormatError(f"{folder}: reading tokenizer.model needs the sentencepiece package ({e})",
+                              hint="pip install sentencepiece, then re-run") from None
     try:
         return BpeVocab(folder)
     except (FileNotFoundError, KeyError, ValueError) as e:
