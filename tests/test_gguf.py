@@ -114,8 +114,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _export(model, out, *extra):
-    r = run_cli("export-gguf", model, out, "--json", *extra)
+def _export(model, out, *extra, check: bool = False):
+    r = run_cli("export-gguf", model, out, "--json", *extra, *(() if check else ("--no-check",)))
     return json.loads(r.stdout)
 
 
@@ -241,12 +241,15 @@ def test_compare_runs_a_gguf_against_the_folder_and_adapter_it_came_from(models)
 
     d = models["dir"]
     merged, base = d / "cmp-merged.gguf", d / "cmp-base.gguf"
-    _export(models["q"], merged, "--adapter", models["adapter"])
+    s = _export(models["q"], merged, "--adapter", models["adapter"], check=True)  # export-gguf's own check
+    assert s["check"]["passed"] and s["check"]["kl"] < GGUF_KL_MAX["bf16"]
     _export(models["q"], base)
     ok = compare(str(models["q"]), str(merged), adapter_a=str(models["adapter"]), new_tokens=4)
     assert ok["passed"] and ok["kl"] < GGUF_KL_MAX["bf16"] and ok["top1_agreement"] == 1.0
     bad = compare(str(models["q"]), str(base), adapter_a=str(models["adapter"]), new_tokens=4)
     assert not bad["passed"] and bad["kl"] > 100 * ok["kl"]
+    r = run_cli("export-gguf", models["q"], base, "--overwrite", "--check-tolerance", "1e-9", ok=False)  # a bound nothing meets
+    assert r.returncode == 1 and "check FAIL" in r.stdout and base.exists()
 
 
 @pytest.mark.slow
@@ -259,6 +262,7 @@ def test_16bit_folder_exports_too(models):
     assert _rel(_gguf_logits(out, PROMPT), want) < GGUF_F16_LOGIT_REL["f16"]
 
 
+@pytest.mark.slow  # (the first transformers import in the process)
 def test_other_architectures_are_refused_by_name(tmp_path):
     from qconvert.errors import FormatError
     from qconvert.export.gguf import export_gguf

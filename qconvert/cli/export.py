@@ -73,7 +73,9 @@ def export_adapter_cmd(source, output_dir, base_model, overwrite):
 @options.overwrite("Replace OUTPUT if it exists (only once the new file is complete).")
 @options.json_output()
 @click.option("--progress", is_flag=True, help="Print one line per tensor written (to stderr).")
-def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_json, progress):
+@click.option("--no-check", is_flag=True, help="Skip the check: `qconvert compare` of MODEL (+ adapter) against the written file.")
+@click.option("--check-tolerance", type=float, help="Largest mean KL the check passes (default by --type, see docs/gguf.md).")
+def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_json, progress, no_check, check_tolerance):
     """Write MODEL (4-bit: its dequantized values; or 16-bit) as one GGUF file that llama.cpp runs."""
     from .._cpus import cap_torch_threads
     from ..export.gguf import export_gguf
@@ -81,11 +83,28 @@ def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_j
     cap_torch_threads()
     log = (lambda m: click.echo(printable(m), err=True)) if progress else None
     s = export_gguf(model, output, out_type=out_type, adapter=adapter, lora_only=lora_only, overwrite=overwrite, log=log)
+    if not no_check and not lora_only:
+        from ..export.gguf import check_export
+
+        s["check"] = check_export(model, output, s["type"], adapter, check_tolerance)
     if as_json:
         click.echo(json.dumps(s, indent=1))
+    else:
+        click.echo(printable(f"wrote {s['output']}: {s['architecture']} {s['type']}, {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB"
+                             + (f", {s['merged_modules']} LoRA modules merged" if s["merged_modules"] else "")))
+        _say_check(s.get("check"))
+    if s.get("check", {}).get("passed") is False:
+        raise SystemExit(1)
+
+
+def _say_check(c: dict | None) -> None:
+    if c is None:
         return
-    click.echo(printable(f"wrote {s['output']}: {s['architecture']} {s['type']}, {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB"
-                         + (f", {s['merged_modules']} LoRA modules merged" if s["merged_modules"] else "")))
+    if "skipped" in c:
+        click.echo(f"not checked: {c['skipped']}")
+        return
+    click.echo(f"check {'PASS' if c['passed'] else 'FAIL: the file does not compute what MODEL computes'}: mean KL {c['kl']:.3g} "
+               f"(tolerance {c['tolerance']:g}), top-1 agreement {c['top1_agreement']:.1%}, max relative logit error {c['max_rel_logit_error']:.3g}")
 
 
 @click.command(name="compare")

@@ -38,6 +38,10 @@ from ..errors import FormatError, OptionError
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 #: Hugging Face architectures exported so far -> the gguf package's architecture name
 FAMILIES = {"LlamaForCausalLM": "llama"}
+#: --check's default bound on the mean KL(model || GGUF) by type: a gross error (a swapped tensor, a
+#: wrong scaling) gives KL of 10 and more on the tests' tiny Llama, a type's rounding far less. Set from
+#: the tiny model's figures (docs/gguf.md), not calibrated on a real model: pass --check-tolerance.
+CHECK_TOLERANCE = {"f16": 1e-2, "bf16": 1e-2, "q8_0": 5e-2, "q4_0": 0.5, "q4_k_m": 0.5}
 #: why another family is refused
 _NOT_YET = "not exported by qconvert yet (only LlamaForCausalLM); use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
 
@@ -89,6 +93,21 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
         write_file(out, lambda f: _write(src, plan, out_type, f, say))
     return {"model": str(model), "adapter": adapter, "output": str(out), "type": out_type, "architecture": src.arch,
             "tensors": len(plan), "bytes": out.stat().st_size, "merged_modules": len(src.job.targets) if src.job else 0}
+
+
+def check_export(model: str, output: str | os.PathLike, out_type: str, adapter: str | None = None,
+                 tolerance: float | None = None) -> dict[str, Any]:
+    """`qconvert compare` of MODEL (plus ADAPTER, merged) against the GGUF just written, run by llama.cpp:
+    the export computes what was trained, or the verdict says it does not. Skipped (and said so)
+    without llama-cpp-python. It holds MODEL in float32 in memory."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed"}
+    from .compare import compare
+
+    r = compare(model, str(output), adapter_a=adapter, tolerance=CHECK_TOLERANCE[out_type] if tolerance is None else tolerance, new_tokens=0)
+    return {k: r[k] for k in ("kl", "top1_agreement", "max_rel_logit_error", "tolerance", "passed")}
 
 
 class _Source:
