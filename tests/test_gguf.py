@@ -262,13 +262,38 @@ def test_16bit_folder_exports_too(models):
     assert _rel(_gguf_logits(out, PROMPT), want) < GGUF_F16_LOGIT_REL["f16"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_families_match_transformers(tmp_path, family):
+    """Families that llama.cpp runs with its own graphs: mistral (llama's, permuted), qwen2 (q/k/v
+    biases, not permuted), qwen3 (q/k norms, tied embeddings)."""
+    import transformers
+
+    cls = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls + "Config")(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                                               tie_word_embeddings=family == "qwen3")
+    model = getattr(transformers, cls + "ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)  # qwen2's biases start at zero: make them count
+    model.save_pretrained(tmp_path / family)
+    make_bpe_tokenizer(tmp_path / family)
+    out = tmp_path / f"{family}.gguf"
+    _export(tmp_path / family, out)
+    got, want = _gguf_logits(out, PROMPT), _hf_logits(model, PROMPT)
+    assert _rel(got, want) < GGUF_F16_LOGIT_REL["f16"], _rel(got, want)
+
+
 @pytest.mark.slow  # (the first transformers import in the process)
 def test_other_architectures_are_refused_by_name(tmp_path):
     from qconvert.errors import FormatError
     from qconvert.export.gguf import export_gguf
 
     make_tiny_bert(tmp_path / "bert")
-    with pytest.raises(FormatError, match="'BertModel'.*only LlamaForCausalLM"):
+    with pytest.raises(FormatError, match="'BertModel'.*only LlamaForCausalLM, Mistral"):
         export_gguf(str(tmp_path / "bert"), tmp_path / "b.gguf")
     assert not (tmp_path / "b.gguf").exists()
 

@@ -15,10 +15,10 @@ written in turn, so memory holds one tensor at a time. The output is built under
 temporary name in OUT's folder and renamed onto OUT at the end (qconvert.io.writes): an interrupted
 export never leaves a file that looks complete.
 
-Families: llama (LlamaForCausalLM) only so far; any other architecture is refused by name. llama.cpp's
-llama graph applies rotary embeddings to interleaved pairs while transformers rotates the two halves
-of each head, so q_proj and k_proj rows are permuted per head as llama.cpp's own converter does
-(:func:`_rope_permute`).
+Families: :data:`FAMILIES` (llama, mistral as llama, qwen2, qwen3); any other architecture is refused
+by name. llama.cpp's llama graph applies rotary embeddings to interleaved pairs while transformers
+rotates the two halves of each head, so for it q_proj and k_proj rows are permuted per head as
+llama.cpp's own converter does (:func:`_rope_permute`); its qwen2/qwen3 graphs rotate halves (NEOX).
 """
 
 from __future__ import annotations
@@ -37,13 +37,15 @@ from ..errors import FormatError, OptionError
 #: --type choices: the GGUF file types a user picks
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 #: Hugging Face architectures exported so far -> the gguf package's architecture name
-FAMILIES = {"LlamaForCausalLM": "llama"}
+FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+#: the gguf architectures whose llama.cpp graph rotates interleaved pairs (q/k rows permuted, see _rope_permute)
+_PERMUTED = {"llama"}
 #: --check's default bound on the mean KL(model || GGUF) by type: a gross error (a swapped tensor, a
 #: wrong scaling) gives KL of 10 and more on the tests' tiny Llama, a type's rounding far less. Set from
 #: the tiny model's figures (docs/gguf.md), not calibrated on a real model: pass --check-tolerance.
 CHECK_TOLERANCE = {"f16": 1e-2, "bf16": 1e-2, "q8_0": 5e-2, "q4_0": 0.5, "q4_k_m": 0.5}
 #: why another family is refused
-_NOT_YET = "not exported by qconvert yet (only LlamaForCausalLM); use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
+_NOT_YET = "not exported by qconvert yet (only " + ", ".join(FAMILIES) + "); use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
 
 
 @dataclass
@@ -179,7 +181,6 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
     cfg = src.cfg
     arch = gguf.MODEL_ARCH[src.arch.upper()]
     tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     tied = cfg.get("tie_word_embeddings", False)
     plan = []
     for k in src.names():
@@ -189,9 +190,19 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
         if name is None:
             raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
         shape = src.shape(k)
-        perm = heads if k.endswith("self_attn.q_proj.weight") else kv if k.endswith("self_attn.k_proj.weight") else 0
+        perm = rope_heads(src, k)
         plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), perm))
     return plan
+
+
+def rope_heads(src: _Source, k: str) -> int:
+    """The head count by which weight ``k``'s rows are permuted for llama.cpp (0: not permuted)."""
+    if src.arch not in _PERMUTED:
+        return 0
+    heads = src.cfg["num_attention_heads"]
+    if k.endswith("self_attn.q_proj.weight"):
+        return heads
+    return (src.cfg.get("num_key_value_heads") or heads) if k.endswith("self_attn.k_proj.weight") else 0
 
 
 def _tensor_type(gguf, out_type: str, shape: tuple[int, ...]):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
-from .gguf import _gguf, _Planned, _Source, _stream
+from .gguf import _gguf, _Planned, _Source, _stream, rope_heads
 
 
 def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]:
@@ -47,7 +47,6 @@ def _plan(src: _Source) -> list[_Planned]:
     gguf = _gguf()
     cfg = src.cfg
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[src.arch.upper()], cfg["num_hidden_layers"])
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     F32 = gguf.GGMLQuantizationType.F32
     plan = []
     for k, m in src.job.targets.items():
@@ -55,7 +54,7 @@ def _plan(src: _Source) -> list[_Planned]:
         if base is None:
             raise OptionError(f"{src.job.adapter}: adapts {k!r}, which has no GGUF name for {src.arch}", hint="export the merged model instead (drop --lora-only)")
         a, b = src.job.lora.modules[m]
-        perm = heads if k.endswith("self_attn.q_proj.weight") else kv if k.endswith("self_attn.k_proj.weight") else 0
+        perm = rope_heads(src, k)
         plan.append(_Planned(base + ".lora_a", m + "\0a", tuple(a.shape), F32))
         plan.append(_Planned(base + ".lora_b", m + "\0b", tuple(b.shape), F32, perm))
     return plan
