@@ -288,6 +288,30 @@ def test_other_families_match_transformers(tmp_path, family):
 
 
 @pytest.mark.slow  # (the first transformers import in the process)
+@pytest.mark.slow
+def test_chat_template_and_sampling_settings_travel_in_the_file(tmp_path):
+    """The file runs alone: the tokenizer's chat template and generation_config.json's sampling settings
+    are in its metadata (and a config without do_sample writes none)."""
+    import gguf
+
+    src = make_tiny_llama(tmp_path / "m", dtype=torch.float32, hidden=64, vocab=VOCAB)
+    make_bpe_tokenizer(src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
+    (src / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20}))
+    from qconvert.export.gguf import export_gguf
+
+    export_gguf(str(src), tmp_path / "a.gguf")
+    f = gguf.GGUFReader(tmp_path / "a.gguf").fields
+    assert f["tokenizer.chat_template"].contents() == (src / "chat_template.jinja").read_text()
+    assert f["general.sampling.top_k"].contents() == 20
+    assert f["general.sampling.temp"].contents() == pytest.approx(0.6) and f["general.sampling.top_p"].contents() == pytest.approx(0.9)
+    assert f["tokenizer.ggml.bos_token_id"].contents() == 0 and f["tokenizer.ggml.model"].contents() == "gpt2"
+    (src / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    export_gguf(str(src), tmp_path / "b.gguf")
+    assert not [k for k in gguf.GGUFReader(tmp_path / "b.gguf").fields if k.startswith("general.sampling")]
+
+
+@pytest.mark.slow  # (the first transformers import in the process)
 def test_other_architectures_are_refused_by_name(tmp_path):
     from qconvert.errors import FormatError
     from qconvert.export.gguf import export_gguf

@@ -290,6 +290,26 @@ def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
     gw.add_file_type({"f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0, "q4_0": ft.MOSTLY_Q4_0}[out_type])
     gw.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _vocab(gw, gguf, src)
+    _sampling(gw, src.ckpt.config_dir() / "generation_config.json")
+
+
+#: generation_config.json's sampling settings -> the GGUFWriter method that writes each (general.sampling.*)
+_SAMPLING = {"temperature": "add_sampling_temp", "top_k": "add_sampling_top_k", "top_p": "add_sampling_top_p", "min_p": "add_sampling_min_p"}
+
+
+def _sampling(gw, path: Path) -> None:
+    """The model's sampling defaults, so llama.cpp starts from what its authors set (only when sampling is on)."""
+    if not path.is_file():
+        return
+    from ..io.readers import read_json
+
+    gen = read_json(path, "generation config", FormatError, limit=1 << 20)
+    if not isinstance(gen, dict) or not gen.get("do_sample"):
+        return
+    for key, method in _SAMPLING.items():
+        v = gen.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            getattr(gw, method)(int(v) if key == "top_k" else float(v))
 
 
 def _vocab(gw, gguf, src: _Source) -> None:
