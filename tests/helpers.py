@@ -73,6 +73,20 @@ def make_tiny_llama(
     return out
 
 
+def make_bpe_tokenizer(folder: str | os.PathLike) -> None:
+    """A byte-level BPE tokenizer (the kind Llama 3 ships; 290 tokens, ids 0 and 1 are <s> and </s>)
+    trained on a few words and saved in ``folder``: one that llama.cpp's "gpt2" tokenizer can run."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
 def make_tiny_bert(out: str | os.PathLike, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
     """A small BERT (an architecture other than Llama) with ragged shapes (hidden 40, intermediate 70)."""
     from transformers import BertConfig, BertModel

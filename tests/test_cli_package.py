@@ -61,7 +61,7 @@ def test_shared_options_are_the_same_everywhere():
     from qconvert.backends import NAMES
 
     commands = _commands()
-    assert set(commands) == {"inspect", "quantize", "verify", "train", "merge", "export-adapter", "push", "generate", "eval"}
+    assert set(commands) == {"inspect", "quantize", "verify", "train", "merge", "export-adapter", "export-gguf", "compare", "push", "generate", "eval"}
     seen = {}
     for name, cmd in commands.items():
         for p in cmd.params:
@@ -76,7 +76,7 @@ def test_shared_options_are_the_same_everywhere():
             if "--max-shard-size" in getattr(p, "opts", ()):
                 assert p.default == "2GB", name
     assert sorted(seen["--backend"]) == ["eval", "generate", "train"]
-    assert sorted(seen["--json"]) == ["eval", "generate", "inspect", "merge", "push", "quantize", "verify"]
+    assert sorted(seen["--json"]) == ["compare", "eval", "export-gguf", "generate", "inspect", "merge", "push", "quantize", "verify"]
 
 
 def test_every_train_option_has_a_flag_a_config_key_and_the_same_default():

@@ -31,3 +31,15 @@ GEMV_REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 #: same adapter, the base weights differing by the quantization error): relative. Measured 9.3e-3 on
 #: test_conv1d.py's tiny GPT-2, whose NF4 logits are 6.3e-3 from the 16-bit ones (2026-12-01).
 LORA_CHANGE_ACROSS_NF4_REL = 5e-2
+#: llama.cpp running qconvert's F16 GGUF against transformers float32 on the same (dequantized) model:
+#: max |a - b| over all logits / max |b| (F16 weights: 11 bits of mantissa; llama.cpp's kernels).
+#: Measured 5.4e-4 (4-bit source), 6.0e-4 (16-bit source), 7.6e-4 (adapter merged) on test_gguf.py's
+#: tiny Llama (2026-12-06); llama.cpp applying the --lora-only adapter to the base GGUF: 6.6e-4 from
+#: transformers on the `qconvert merge` output, 1.2e-3 from llama.cpp on the merged GGUF; mistral 5.8e-4,
+#: qwen2 6.0e-4, qwen3 9.0e-4 (16-bit sources).
+GGUF_F16_LOGIT_REL = {"f16": 2e-3}
+#: mean KL(transformers float32 || llama.cpp on the GGUF) over the prompt's positions, by --type: the
+#: cost of the type's rounding on test_gguf.py's tiny Llama, whose head is scaled x25 (very sensitive).
+#: Measured (2026-12-06): bf16 3.6e-4, q8_0 2.8e-3, q4_0 1.11, q4_k_m 0.31; llama.cpp on the Q4_0 file
+#: against transformers on that file's own dequantized values: 1.8e-3 (so the 1.11 is Q4_0's rounding).
+GGUF_KL_MAX = {"bf16": 1e-3, "q8_0": 1e-2, "q4_0": 2.0, "q4_k_m": 0.6}

@@ -12,5 +12,8 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -c tools/constraints.txt torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+# llama-cpp-python (a test dependency: export-gguf's tests run llama.cpp) builds llama.cpp from source
+# with cmake and the C++ compiler: minutes on 2 cores
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 .venv/bin/python -m pip install -q -c tools/constraints.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, qconvert; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('qconvert', qconvert.__version__, 'ready in .venv (torch', torch.__version__ + ')')"

@@ -7,6 +7,7 @@ if [ -f tools/setup_olah.sh ]; then
   bash tools/setup_olah.sh          # the loopback Hub server the download tests talk to
   export QCONVERT_REQUIRE_OLAH=1    # so those tests fail, rather than skip, if it is missing
 fi
+export QCONVERT_REQUIRE_GGUF=1      # export-gguf's tests fail, rather than skip, without llama.cpp
 export PYTHONUNBUFFERED=1
 # lint first: ruff (pyproject [tool.ruff]) and the layering contracts (pyproject [tool.importlinter])
 .venv/bin/ruff check qconvert tools tests

@@ -63,4 +63,77 @@ def export_adapter_cmd(source, output_dir, base_model, overwrite):
     click.echo(printable(f"wrote {r['output']}: {r['tensors']} LoRA tensors from {r['source']} (base model {r['base_model']})"))
 
 
-COMMANDS = [merge, export_adapter_cmd]
+@click.command(name="export-gguf")
+@click.argument("model")
+@click.argument("output")
+@click.option("--type", "out_type", type=click.Choice(("f16", "bf16", "q8_0", "q4_0", "q4_k_m")),
+              help="GGUF tensor type, default f16 (q4_k_m by llama.cpp's own quantizer).")
+@click.option("--adapter", help="A PEFT LoRA adapter folder merged on the fly, exactly as `qconvert merge` merges.")
+@click.option("--lora-only", is_flag=True, help="Write the --adapter alone as a GGUF LoRA adapter (llama.cpp --lora) for MODEL's GGUF.")
+@options.overwrite("Replace OUTPUT if it exists (only once the new file is complete).")
+@options.json_output()
+@click.option("--progress", is_flag=True, help="Print one line per tensor written (to stderr).")
+@click.option("--no-check", is_flag=True, help="Skip the check: `qconvert compare` of MODEL (+ adapter) against the written file.")
+@click.option("--check-tolerance", type=float, help="Largest mean KL the check passes (default by --type, see docs/gguf.md).")
+def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_json, progress, no_check, check_tolerance):
+    """Write MODEL (4-bit: its dequantized values; or 16-bit) as one GGUF file that llama.cpp runs."""
+    from .._cpus import cap_torch_threads
+    from ..export.gguf import export_gguf
+
+    cap_torch_threads()
+    log = (lambda m: click.echo(printable(m), err=True)) if progress else None
+    s = export_gguf(model, output, out_type=out_type, adapter=adapter, lora_only=lora_only, overwrite=overwrite, log=log)
+    if not no_check and not lora_only:
+        from ..export.gguf import check_export
+
+        s["check"] = check_export(model, output, s["type"], adapter, check_tolerance)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+    else:
+        click.echo(printable(f"wrote {s['output']}: {s['architecture']} {s['type']}, {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB"
+                             + (f", {s['merged_modules']} LoRA modules merged" if s["merged_modules"] else "")))
+        _say_check(s.get("check"))
+    if s.get("check", {}).get("passed") is False:
+        raise SystemExit(1)
+
+
+def _say_check(c: dict | None) -> None:
+    if c is None:
+        return
+    if "skipped" in c:
+        click.echo(f"not checked: {c['skipped']}")
+        return
+    click.echo(f"check {'PASS' if c['passed'] else 'FAIL: the file does not compute what MODEL computes'}: mean KL {c['kl']:.3g} "
+               f"(tolerance {c['tolerance']:g}), top-1 agreement {c['top1_agreement']:.1%}, max relative logit error {c['max_rel_logit_error']:.3g}")
+
+
+@click.command(name="compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--adapter-a", help="A PEFT LoRA adapter merged into A (as `qconvert merge` merges).")
+@click.option("--adapter-b", help="A PEFT LoRA adapter merged into B.")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Probe prompts, one a line (default: built-in ones).")
+@click.option("--tolerance", type=float, default=1e-2, show_default=True, help="Largest overall mean KL(A||B) that passes.")
+@click.option("--new-tokens", type=click.IntRange(0, 512), default=16, show_default=True, help="Greedy tokens shown side by side.")
+@options.json_output()
+def compare_cmd(a, b, adapter_a, adapter_b, prompts, tolerance, new_tokens, as_json):
+    """Do A and B compute the same? Each a Hugging Face folder (16- or 4-bit), a folder plus adapter, or a GGUF
+    (run by llama.cpp). Prints KL(A||B), top-1 agreement, max relative logit error; exit 1 above --tolerance."""
+    from .._cpus import cap_torch_threads
+    from ..export.compare import compare
+
+    cap_torch_threads()
+    r = compare(a, b, adapter_a=adapter_a, adapter_b=adapter_b, prompts=prompts, tolerance=tolerance, new_tokens=new_tokens)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+    else:
+        for p in r["prompts"]:
+            click.echo(printable(f"{p['prompt'][:40]!r}: KL {p['kl']:.3g}, top-1 {p['top1_agreement']:.0%}, max rel error {p['max_rel_logit_error']:.3g}"))
+            click.echo(printable(f"  A: {p['greedy_a']!r}\n  B: {p['greedy_b']!r}"))
+        click.echo(f"{'PASS' if r['passed'] else 'FAIL'}: mean KL(A||B) {r['kl']:.3g} (tolerance {tolerance:g}), "
+                   f"top-1 agreement {r['top1_agreement']:.1%}, max relative logit error {r['max_rel_logit_error']:.3g}")
+    if not r["passed"]:
+        raise SystemExit(1)
+
+
+COMMANDS = [merge, export_adapter_cmd, export_gguf_cmd, compare_cmd]

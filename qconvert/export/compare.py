@@ -1,0 +1,169 @@
+"""`qconvert compare A B`: do two models compute the same thing? Each is a Hugging Face folder (16-bit,
+or 4-bit: its dequantized values, spec section 8), a folder plus an adapter (merged exactly as `qconvert
+merge` merges), or a GGUF file run by llama.cpp.
+
+On probe prompts (built in, or one a line from ``--prompts FILE``), tokenized once by the tokenizer of
+the first Hugging Face side (a GGUF pair: by llama.cpp from A), both models give logits for the same
+token ids; per prompt and overall it reports KL(A || B) averaged over positions, top-1 agreement, the
+largest logit error relative to A's largest logit, and greedy continuations side by side. The verdict
+fails when the overall mean KL is above ``tolerance``. This is what catches an export that does not
+compute what was trained (a swapped tensor, a wrong scaling, the wrong base): a merge whose weights are
+plausible numbers passes every NaN check and loads everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import FormatError, OptionError
+
+#: built-in probes: short, varied text most tokenizers split into several tokens
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    return",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 5, 8, 13,",
+    "Translate to German: the quick brown fox",
+)
+#: --prompts FILE: read at most this many bytes
+PROMPTS_LIMIT = 1 << 20
+
+
+class _HF:
+    """A Hugging Face folder (plus adapter) as a float32 transformers model of its logical values."""
+
+    def __init__(self, path: str, adapter: str | None):
+        from .gguf import _Source
+
+        self.src = src = _Source.open(path, adapter, lambda m: None, family=False)
+        self.model = _float32_model(src)
+        self.tokenizer = _tokenizer(src.ckpt.config_dir())
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(torch.tensor([ids])).logits[0].double().numpy()
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(self.model(torch.tensor([seq])).logits[0, -1].argmax()))
+        return seq[len(ids):]
+
+
+class _GGUF:
+    """A GGUF file run by llama.cpp (llama-cpp-python)."""
+
+    def __init__(self, path: str):
+        try:
+            import llama_cpp
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise OptionError(f"{path}: comparing a GGUF needs llama.cpp", hint="pip install 'qconvert[gguf]'") from e
+        self.ll = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=512, verbose=False)
+        self.tokenizer = None
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.ll.reset()
+        self.ll.eval(ids)
+        return np.array(self.ll.scores[: len(ids)], dtype=np.float64)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        self.ll.reset()
+        self.ll.eval(ids)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(self.ll.scores[self.ll.n_tokens - 1])))
+            self.ll.eval(out[-1:])
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        return self.ll.tokenize(text.encode("utf-8"), add_bos=True)
+
+
+def _float32_model(src):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(src.root, trust_remote_code=False)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    params = model.state_dict()
+    sd = {}
+    for k in src.names():
+        t = src.get(k)
+        want = params.get(k)
+        sd[k] = t.T.contiguous() if want is not None and t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape) else t
+    missing, _ = model.load_state_dict(sd, strict=False)
+    if [m for m in missing if not (m == "lm_head.weight" and cfg.get_text_config().tie_word_embeddings)]:
+        raise FormatError(f"{src.root}: the model has parameters the checkpoint does not hold: {missing[:3]}", hint="is it a causal LM checkpoint?")
+    model.tie_weights()
+    return model.eval()
+
+
+def _tokenizer(folder: Path):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _open(path: str, adapter: str | None):
+    if str(path).endswith(".gguf") and Path(path).is_file():
+        if adapter:
+            raise OptionError(f"{path}: an adapter is merged into a Hugging Face folder, not into a GGUF", hint="export the adapter merged (export-gguf --adapter) and compare that")
+        return _GGUF(str(path))
+    return _HF(path, adapter)
+
+
+def read_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    from ..io.readers import decode_utf8, read_limited
+
+    text = decode_utf8(read_limited(Path(path), PROMPTS_LIMIT, "prompts file", OptionError), path, OptionError)
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise OptionError(f"{path}: no prompt in it", hint="one prompt a line")
+    return prompts
+
+
+def compare(a: str, b: str, *, adapter_a: str | None = None, adapter_b: str | None = None, prompts: str | None = None,
+            tolerance: float = 1e-2, new_tokens: int = 16) -> dict[str, Any]:
+    """Both models on the probe prompts: per-prompt and overall figures, and the verdict (see module doc)."""
+    ma, mb = _open(a, adapter_a), _open(b, adapter_b)
+    tok = ma.tokenizer or mb.tokenizer
+    encode = (lambda t: tok(t)["input_ids"]) if tok is not None else next(m.encode for m in (ma, mb) if isinstance(m, _GGUF)) \
+        if any(isinstance(m, _GGUF) for m in (ma, mb)) else None
+    if encode is None:
+        raise OptionError(f"{a}, {b}: no tokenizer to make the probes with", hint="add the tokenizer files to one of the folders")
+    rows = []
+    for text in read_prompts(prompts):
+        ids = encode(text)
+        la, lb = ma.logits(ids), mb.logits(ids)
+        if la.shape != lb.shape:
+            raise FormatError(f"{a} and {b} have different vocabularies ({la.shape[-1]} and {lb.shape[-1]} logits)", hint="compare a model with its own exports")
+        ga, gb = ma.greedy(ids, new_tokens), mb.greedy(ids, new_tokens)
+        rows.append({"prompt": text, "tokens": len(ids), **_figures(la, lb), "greedy_a": _show(tok, ga), "greedy_b": _show(tok, gb),
+                     "greedy_same": ga == gb})
+    kl = float(np.mean([r["kl"] for r in rows]))
+    return {"a": str(a), "b": str(b), "adapter_a": adapter_a, "adapter_b": adapter_b, "prompts": rows, "kl": kl,
+            "top1_agreement": float(np.mean([r["top1_agreement"] for r in rows])),
+            "max_rel_logit_error": max(r["max_rel_logit_error"] for r in rows), "tolerance": tolerance, "passed": kl <= tolerance}
+
+
+def _figures(la: np.ndarray, lb: np.ndarray) -> dict[str, float]:
+    lpa = la - np.logaddexp.reduce(la, axis=-1, keepdims=True)
+    lpb = lb - np.logaddexp.reduce(lb, axis=-1, keepdims=True)
+    return {"kl": float((np.exp(lpa) * (lpa - lpb)).sum(-1).mean()),
+            "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).mean()),
+            "max_rel_logit_error": float(np.abs(la - lb).max() / max(np.abs(la).max(), 1e-30))}
+
+
+def _show(tok, ids: list[int]) -> str:
+    return tok.decode(ids) if tok is not None else " ".join(map(str, ids))

@@ -1,0 +1,390 @@
+"""`qconvert export-gguf`: a model (4-bit or 16-bit, optionally with a LoRA adapter merged on the fly)
+written as one GGUF file that llama.cpp runs, or a LoRA adapter alone as a GGUF LoRA adapter.
+
+The values written are the model's logical values: a 4-bit weight's dequantized value (spec section 8,
+the weight the model computed with), a merged weight exactly as `qconvert merge` computes it (this
+module calls merge's per-tensor function, in float32), anything else as stored. The file format,
+tensor names, vocabulary and the Q8_0 / Q4_0 quantizers come from the ``gguf`` package (llama.cpp's own
+Python library); K-quants (Q4_K_M) come from llama.cpp's quantizer through ``llama_cpp``: an F16 file is
+written first beside the output, then quantized into the final file. Nothing of the binary format is
+hand-written here.
+
+Streaming: the tensors' names, shapes and types are planned from the checkpoint's headers (a 4-bit
+weight's shape from its quant state), the header is written, then each tensor is read, converted and
+written in turn, so memory holds one tensor at a time. The output is built under a unique hidden
+temporary name in OUT's folder and renamed onto OUT at the end (qconvert.io.writes): an interrupted
+export never leaves a file that looks complete.
+
+Families: :data:`FAMILIES` (llama, mistral as llama, qwen2, qwen3); any other architecture is refused
+by name. llama.cpp's llama graph applies rotary embeddings to interleaved pairs while transformers
+rotates the two halves of each head, so for it q_proj and k_proj rows are permuted per head as
+llama.cpp's own converter does (:func:`_rope_permute`); its qwen2/qwen3 graphs rotate halves (NEOX).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FormatError, OptionError
+
+#: --type choices: the GGUF file types a user picks
+TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
+#: Hugging Face architectures exported so far -> the gguf package's architecture name
+FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+#: the gguf architectures whose llama.cpp graph rotates interleaved pairs (q/k rows permuted, see _rope_permute)
+_PERMUTED = {"llama"}
+#: --check's default bound on the mean KL(model || GGUF) by type: a gross error (a swapped tensor, a
+#: wrong scaling) gives KL of 10 and more on the tests' tiny Llama, a type's rounding far less. Set from
+#: the tiny model's figures (docs/gguf.md), not calibrated on a real model: pass --check-tolerance.
+CHECK_TOLERANCE = {"f16": 1e-2, "bf16": 1e-2, "q8_0": 5e-2, "q4_0": 0.5, "q4_k_m": 0.5}
+#: why another family is refused
+_NOT_YET = "not exported by qconvert yet (only " + ", ".join(FAMILIES) + "); use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
+
+
+@dataclass
+class _Planned:
+    """One output tensor: its GGUF name, the checkpoint tensor it comes from, shape and GGML type."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    permute_heads: int = 0  # q_proj / k_proj: the head count of the rotary permutation
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise OptionError("export-gguf needs the gguf package", hint="pip install 'qconvert[gguf]' (gguf==0.19.0)") from e
+    return gguf
+
+
+def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None = None, adapter: str | None = None,
+                lora_only: bool = False, overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write MODEL (plus ADAPTER merged as `qconvert merge` merges) to OUTPUT as GGUF of ``out_type``
+    (default f16); with ``lora_only``, ADAPTER alone as a GGUF LoRA adapter for MODEL's GGUF."""
+    from ..io.staging import check_output
+    from ..io.writes import write_file
+
+    say = log or (lambda m: None)
+    if out_type is not None and out_type not in TYPES:
+        raise OptionError(f"unknown --type {out_type!r}", hint="use one of " + ", ".join(TYPES))
+    if lora_only and (adapter is None or out_type is not None):
+        raise OptionError("--lora-only writes the --adapter alone, in float32" + ("" if adapter else ": --adapter is missing"),
+                          hint="give --adapter DIR and no --type (the base model's GGUF carries the type)")
+    out = Path(output)
+    check_output(out, overwrite, inputs=[model, adapter])
+    if lora_only:
+        from .gguf_lora import export_gguf_lora
+
+        return export_gguf_lora(model, adapter, out, say)
+    out_type = out_type or "f16"
+    src = _Source.open(model, adapter, say)
+    plan = _plan(src, "f16" if out_type == "q4_k_m" else out_type)
+    if out_type == "q4_k_m":
+        _write_then_quantize(src, plan, out, say)
+    else:
+        write_file(out, lambda f: _write(src, plan, out_type, f, say))
+    return {"model": str(model), "adapter": adapter, "output": str(out), "type": out_type, "architecture": src.arch,
+            "tensors": len(plan), "bytes": out.stat().st_size, "merged_modules": len(src.job.targets) if src.job else 0}
+
+
+def check_export(model: str, output: str | os.PathLike, out_type: str, adapter: str | None = None,
+                 tolerance: float | None = None) -> dict[str, Any]:
+    """`qconvert compare` of MODEL (plus ADAPTER, merged) against the GGUF just written, run by llama.cpp:
+    the export computes what was trained, or the verdict says it does not. Skipped (and said so)
+    without llama-cpp-python. It holds MODEL in float32 in memory."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed"}
+    from .compare import compare
+
+    r = compare(model, str(output), adapter_a=adapter, tolerance=CHECK_TOLERANCE[out_type] if tolerance is None else tolerance, new_tokens=0)
+    return {k: r[k] for k in ("kl", "top1_agreement", "max_rel_logit_error", "tolerance", "passed")}
+
+
+class _Source:
+    """The model's tensors by name, each in float32 as the model computes with it."""
+
+    def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job, family: bool = True):
+        self.root, self.ckpt, self.cfg, self.job = root, ckpt, cfg, job
+        self.arch = _family(cfg, root) if family else None
+        from ..format.conformance import check_checkpoint
+
+        self.quantized = set(check_checkpoint(ckpt))
+        self.owned = {k for q in self.quantized for k in ckpt.companions(q)}
+
+    @classmethod
+    def open(cls, model: str, adapter: str | None, say, family: bool = True) -> "_Source":
+        """``family``: refuse a family export-gguf cannot write (compare reads any causal LM)."""
+        from ..format.checkpoint import Checkpoint
+        from ..io.source import resolve_model_path
+
+        root, _ = resolve_model_path(model, None)
+        ckpt = Checkpoint(root, streaming=True)
+        cfg = ckpt.config() or {}
+        job = None
+        if adapter:
+            from .merge import _prepare
+
+            job = _prepare(ckpt, root, adapter, None, False, "float32", say)
+        return cls(root, ckpt, cfg, job, family)
+
+    def names(self) -> list[str]:
+        """The model's tensors (a 4-bit weight once, by its weight name), in checkpoint order."""
+        return [k for k in self.ckpt.keys() if k not in self.owned or k in self.quantized]
+
+    def shape(self, k: str) -> tuple[int, ...]:
+        if k in self.quantized:
+            return tuple(self.ckpt.quantized(k).shape)
+        return tuple(self.ckpt.info(k)[1])
+
+    def get(self, k: str) -> torch.Tensor:
+        """Tensor ``k`` in float32: merged exactly as `qconvert merge` merges when an adapter is given."""
+        if self.job is not None:
+            from .merge import _output_tensors
+
+            ((name, t),) = list(_output_tensors(self.job, k))
+            return t.float()
+        if k in self.quantized:
+            from ..ops import dequantize_4bit, weight_args
+
+            return dequantize_4bit(*weight_args(self.ckpt.quantized(k)), torch.float32)
+        return self.ckpt.get(k).float()
+
+
+def _family(cfg: dict[str, Any], root: Path) -> str:
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else cfg.get("model_type", "?")
+    if arch not in FAMILIES:
+        raise FormatError(f"{root}: architecture {arch!r} is {_NOT_YET}", hint="export-gguf runs: " + ", ".join(FAMILIES))
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind not in ("default", None):
+        raise FormatError(f"{root}: rope_type {kind!r} is not exported yet (only the default rotary embedding)",
+                          hint="use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output")
+    return FAMILIES[arch]
+
+
+def _plan(src: _Source, out_type: str) -> list[_Planned]:
+    """Every output tensor in write order, named by the gguf package's map for the family."""
+    gguf = _gguf()
+    cfg = src.cfg
+    arch = gguf.MODEL_ARCH[src.arch.upper()]
+    tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
+    tied = cfg.get("tie_word_embeddings", False)
+    plan = []
+    for k in src.names():
+        if tied and k == "lm_head.weight":
+            continue  # llama.cpp uses token_embd for a missing output.weight
+        name = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
+        shape = src.shape(k)
+        perm = rope_heads(src, k)
+        plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), perm))
+    return plan
+
+
+def rope_heads(src: _Source, k: str) -> int:
+    """The head count by which weight ``k``'s rows are permuted for llama.cpp (0: not permuted)."""
+    if src.arch not in _PERMUTED:
+        return 0
+    heads = src.cfg["num_attention_heads"]
+    if k.endswith("self_attn.q_proj.weight"):
+        return heads
+    return (src.cfg.get("num_key_value_heads") or heads) if k.endswith("self_attn.k_proj.weight") else 0
+
+
+def _tensor_type(gguf, out_type: str, shape: tuple[int, ...]):
+    """The GGML type of one tensor: 1-D tensors (norms) stay F32, as llama.cpp's converter keeps them;
+    a matrix whose rows do not fill the quantizer's blocks is written F16 rather than refused."""
+    Q = gguf.GGMLQuantizationType
+    if len(shape) < 2:
+        return Q.F32
+    q = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[out_type]
+    block = gguf.GGML_QUANT_SIZES[q][0]
+    return q if shape[-1] % block == 0 else Q.F16
+
+
+def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of q_proj / k_proj reordered per head from transformers' rotate-half layout to the
+    interleaved pairs llama.cpp's llama graph rotates (the same reordering as its converter's)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode(gguf, t: torch.Tensor, qtype):
+    """A float32 tensor as the bytes (numpy array) of GGML type ``qtype``, by the gguf package's quantizers."""
+    a = t.contiguous().numpy()
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return a.astype("float32")
+    if qtype == Q.F16:
+        return a.astype("float16")
+    return gguf.quants.quantize(a, qtype)
+
+
+def _write(src: _Source, plan: list[_Planned], out_type: str, f, say) -> None:
+    """The whole model GGUF (see :func:`_stream`)."""
+    _stream(src.arch, lambda gw, gguf: _metadata(gw, gguf, src, out_type), plan, src.get, f, say)
+
+
+def _stream(arch: str, metadata, plan: list[_Planned], get, f, say) -> None:
+    """Metadata and tensor table from the plan, then each tensor fetched by ``get(source)``, converted
+    and written in turn (the gguf package's writer, lent the open file ``f``)."""
+    import numpy as np
+
+    gguf = _gguf()
+    gw = gguf.GGUFWriter(path=None, arch=arch)
+    metadata(gw, gguf)
+    for p in plan:
+        gw.add_tensor_info(p.name, p.shape, np.float32, _nbytes(gguf, p), raw_dtype=p.qtype)  # (not uint8: the shape is the logical one)
+    gw.fout = [f]
+    gw.state = gguf.gguf_writer.WriterState.EMPTY
+    gw.write_header_to_file()
+    gw.write_kv_data_to_file()
+    gw.write_ti_data_to_file()
+    for i, p in enumerate(plan):
+        t = get(p.source)
+        if p.permute_heads:
+            t = _rope_permute(t, p.permute_heads)
+        gw.write_tensor_data(_encode(gguf, t, p.qtype))
+        say(f"[{i + 1}/{len(plan)}] {p.name} {p.qtype.name} {list(p.shape)}")
+    gw.flush()
+
+
+def _nbytes(gguf, p: _Planned) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[p.qtype]
+    return math.prod(p.shape[:-1]) * (p.shape[-1] // block) * size
+
+
+def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
+    """Hyper-parameters, file type and the tokenizer, as llama.cpp's llama loader reads them."""
+    cfg = src.cfg
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    gw.add_name(src.root.name)
+    gw.add_context_length(cfg.get("max_position_embeddings", 2048))
+    gw.add_embedding_length(cfg["hidden_size"])
+    gw.add_block_count(cfg["num_hidden_layers"])
+    gw.add_feed_forward_length(cfg["intermediate_size"])
+    gw.add_head_count(heads)
+    gw.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
+    gw.add_key_length(head_dim)
+    gw.add_value_length(head_dim)
+    gw.add_rope_dimension_count(head_dim)
+    rope = cfg.get("rope_parameters") or {}
+    gw.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    gw.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    gw.add_vocab_size(cfg["vocab_size"])
+    ft = gguf.LlamaFileType
+    gw.add_file_type({"f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0, "q4_0": ft.MOSTLY_Q4_0}[out_type])
+    gw.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _vocab(gw, gguf, src)
+    _sampling(gw, src.ckpt.config_dir() / "generation_config.json")
+
+
+#: generation_config.json's sampling settings -> the GGUFWriter method that writes each (general.sampling.*)
+_SAMPLING = {"temperature": "add_sampling_temp", "top_k": "add_sampling_top_k", "top_p": "add_sampling_top_p", "min_p": "add_sampling_min_p"}
+
+
+def _sampling(gw, path: Path) -> None:
+    """The model's sampling defaults, so llama.cpp starts from what its authors set (only when sampling is on)."""
+    if not path.is_file():
+        return
+    from ..io.readers import read_json
+
+    gen = read_json(path, "generation config", FormatError, limit=1 << 20)
+    if not isinstance(gen, dict) or not gen.get("do_sample"):
+        return
+    for key, method in _SAMPLING.items():
+        v = gen.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            getattr(gw, method)(int(v) if key == "top_k" else float(v))
+
+
+def _vocab(gw, gguf, src: _Source) -> None:
+    """The tokenizer (tokens, types, scores, merges, special ids, chat template) so the file runs alone.
+    A byte-level BPE tokenizer.json is written as llama.cpp's "gpt2" model with its default
+    pre-tokenizer; a SentencePiece tokenizer.model as its "llama" model. Anything else is refused."""
+    folder = src.ckpt.config_dir()
+    vocab = _read_vocab(gguf, folder)
+    tokens, scores, types = [], [], []
+    for text, score, typ in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(typ)
+    n = src.cfg["vocab_size"]
+    if len(tokens) > n:
+        raise FormatError(f"{folder}: the tokenizer has {len(tokens)} tokens, more than vocab_size {n}", hint="is this the model's tokenizer?")
+    for i in range(len(tokens), n):  # the embedding's rows past the tokenizer: unused, as llama.cpp's converter pads
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    gw.add_tokenizer_model(vocab.tokenizer_model)
+    if vocab.tokenizer_model == "gpt2":
+        gw.add_tokenizer_pre("default")
+    gw.add_token_list(tokens)
+    gw.add_token_scores(scores)
+    gw.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=n).add_to_gguf(gw, quiet=True)
+
+
+def _read_vocab(gguf, folder: Path):
+    from gguf.vocab import BpeVocab, SentencePieceVocab
+
+    if (folder / "tokenizer.model").is_file():
+        try:
+            return SentencePieceVocab(folder)
+        except RuntimeError as e:  # the gguf package's own refusal: sentencepiece is not installed
+            raise FormatError(f"{folder}: reading tokenizer.model needs the sentencepiece package ({e})",
+                              hint="pip install sentencepiece, then re-run") from None
+    try:
+        return BpeVocab(folder)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise FormatError(f"{folder}: no tokenizer llama.cpp can run (a byte-level BPE tokenizer.json or a SentencePiece "
+                          f"tokenizer.model): {e}", hint="export-gguf writes the tokenizer into the file; add the model's tokenizer files") from None
+
+
+def _write_then_quantize(src: _Source, plan: list[_Planned], out: Path, say) -> None:
+    """Q4_K_M: the F16 file under a temporary name beside OUT, quantized by llama.cpp into another
+    temporary name, renamed onto OUT; both temporaries removed whatever happens."""
+    from ..io.writes import sync_dir, temp_name
+
+    f16 = temp_name(out.parent, out.name + ".f16")
+    q = temp_name(out.parent, out.name)
+    try:
+        from ..io.writes import write_file
+
+        write_file(f16, lambda f: _write(src, plan, "f16", f, say))
+        _llama_quantize(f16, q, "q4_k_m")
+        os.replace(q, out)
+        sync_dir(out.parent)
+    finally:
+        f16.unlink(missing_ok=True)
+        q.unlink(missing_ok=True)
+
+
+def _llama_quantize(src: Path, dst: Path, out_type: str) -> None:
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise OptionError(f"--type {out_type} needs llama.cpp's quantizer", hint="pip install 'qconvert[gguf]' (llama-cpp-python==0.3.36)") from e
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    import ctypes
+
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise FormatError(f"llama.cpp's quantizer failed on {src} (code {rc})", hint="re-run with --type f16 to get the unquantized file")
+
