@@ -192,6 +192,7 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
             r.resume(ckpt_dir, st)
         r.prepare_outputs(model, data, ckpt_dir)
         r.report_start(reports, targets)
+        r.data_format = _trained_format(reports["data"], o["fmt"])
         r.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         result = r.run(examples, eval_examples, progress)
         if result.get("interrupted"):
@@ -426,7 +427,7 @@ class _Run:
         if self.rank == 0:
             _write_adapter(self.model, self.out, base_id, self.cfg, {
                 "steps": self.step, "examples": n_examples, "optimizer": self.optim_used, "lr": self.o["lr"],
-                "final_loss": self.last_loss, "eval_loss": self.last_eval,
+                "final_loss": self.last_loss, "eval_loss": self.last_eval, "format": getattr(self, "data_format", None),
             }, state_dict=state)
             _plot(self.out)
         elapsed = time.perf_counter() - self.t_start
@@ -571,6 +572,11 @@ def read_data(data, tok, o: dict):
     return examples, eval_examples, reports
 
 
+def _trained_format(report: DataReport, fmt: str) -> str:
+    """The format the adapter learned its prompts in: the option, or with auto the one most records had."""
+    return fmt if fmt != "auto" or not report.formats else report.formats.most_common(1)[0][0]
+
+
 def _none_left(examples: list, report: DataReport, flag: str) -> None:
     if examples:
         return
@@ -663,20 +669,19 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
     from ..adapters import stable_adapter_config
-    from ..io.cards import adapter_card, hub_id, shown
+    from ..io.cards import adapter_card, shown, usage_section
     from ..io.writes import building, fresh_dir, remove, write_file
 
     tmp = fresh_dir(out, "adapter")  # made new, never a link followed; removed if the save fails
     with building(tmp, out / "adapter_model.safetensors"):
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         stable_adapter_config(tmp, base_model_name_or_path=base_id)
-    base_name = hub_id(base_id) or Path(base_id).name  # a card never carries a local path (io/cards.shown)
     body = (f"# LoRA adapter for {shown(base_id)}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
             f"lr {info['lr']}, final training loss {info['final_loss']:.4f}"
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
-            + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
-            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"{out.name}\")`.\n")
+            + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\n"
+            + usage_section(base_id, out.name, info.get("format")))  # a card never carries a local path (io/cards.shown)
     write_file(tmp / "README.md", adapter_card(base_id, body, extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", "adapter_config.json"):  # the config last
         os.replace(tmp / f, out / f)  # a link at that name is replaced, never written through
