@@ -130,6 +130,7 @@ def train(
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
     config_file: str | os.PathLike | None = None,
+    keep_quantized: str | os.PathLike | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
@@ -139,7 +140,8 @@ def train(
     each option, its default and its range are described there. Every value is checked before
     anything is loaded (OptionError). ``config_file``: the --config file the options came from
     (an input: the output may not be it, lie inside it or hold it). The output folder's rules are
-    in outdir.py.
+    in outdir.py. A 16-bit ``model`` is quantized on the way in (convert/on_load.py), into
+    ``keep_quantized`` when given, else a temporary folder; the adapter names ``model`` as its base.
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
     cfg.check()
@@ -159,23 +161,26 @@ def train(
             if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
                 cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
             options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
+            from ..convert.on_load import four_bit_base
+
+            base = four_bit_base(model, cfg.revision, keep_quantized, held, say)
             with warnings.catch_warnings():
                 # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
                 warnings.simplefilter("ignore", FutureWarning)
-                result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st))
+                result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st), base)
         finished = True
         return result
     finally:
         _end_dist(made, finished)
 
 
-def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed) -> dict[str, Any]:
+def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed, base=None) -> dict[str, Any]:
     from ..loader import resolve_model_path
     from . import fsdp as fs
 
     random.seed(o["seed"])
     torch.manual_seed(o["seed"])
-    root, repo_id = resolve_model_path(model, o["revision"])
+    root, repo_id = resolve_model_path(base or model, o["revision"])  # base: the 4-bit copy of a 16-bit model
     check_causal_lm(root)
     tok = _tokenizer(root)
     examples, eval_examples, reports = read_data(data, tok, o)
