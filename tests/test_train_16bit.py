@@ -77,3 +77,41 @@ def test_keep_quantized_with_a_4bit_base_is_refused(base16, tmp_path):
     assert is_16bit(src, None) and not is_16bit(q, None)
     with pytest.raises(OptionError, match="is a 4-bit checkpoint already"):
         four_bit_base(q, None, tmp_path / "k", None, print)
+
+
+@pytest.fixture(scope="module")
+def q4(base16, tmp_path_factory):
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    q = tmp_path_factory.mktemp("q4") / "q"
+    quantize_checkpoint(str(base16[0]), q)
+    return q
+
+
+@pytest.mark.slow
+def test_train_takes_a_dataset_or_a_list_of_records_as_a_file(base16, q4, tmp_path):
+    """SFTTrainer users pass the records: the same adapter as from the file, bit for bit."""
+    import datasets
+
+    from qconvert.errors import DataError
+    from qconvert.train.loop import train
+
+    _, data = base16
+    train(str(q4), str(data), tmp_path / "file", **OPTS)
+    train(str(q4), records(), tmp_path / "list", **OPTS)
+    train(str(q4), datasets.Dataset.from_list(records()), tmp_path / "dataset", **OPTS)
+    a = adapter(tmp_path / "file")
+    for run in ("list", "dataset"):
+        b = adapter(tmp_path / run)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "list" / "config.yaml").read_text())["dataset_name"] is None  # no path to repeat it from
+    said: list[str] = []  # not strict: the non-record is left out and counted, as a JSON file's non-object
+    train(str(q4), [*records(), "not a record"], tmp_path / "lenient", log=said.append, **OPTS)
+    assert all(torch.equal(a[k], adapter(tmp_path / "lenient")[k]) for k in a)
+    assert "data: 7 records from data (list of 7 records) (prompt 6); 1 dropped, 0 truncated at --max-length 512" in said
+    with pytest.raises(DataError, match=r"data \(list of 7 records\): record 7: expected a dict, got str"):
+        train(str(q4), [*records(), "not a record"], tmp_path / "bad", strict_data=True, **OPTS)
+    with pytest.raises(DataError, match="is not one split of records"):
+        train(str(q4), datasets.DatasetDict(train=datasets.Dataset.from_list(records())), tmp_path / "dict", **OPTS)

@@ -27,7 +27,7 @@ import torch
 from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
-from .data import DataReport, build_examples, check_token_ids, collate, load_records, pack
+from .data import DataReport, build_examples, check_token_ids, collate, data_label, load_records, pack
 from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
@@ -123,7 +123,7 @@ def base_model_id(model_path: str, repo_id: str | None) -> str:
 
 def train(
     model: str,
-    data: str,
+    data: str | os.PathLike | Any,
     output: str | os.PathLike,
     config: TrainConfig | None = None,
     *,
@@ -140,7 +140,8 @@ def train(
     each option, its default and its range are described there. Every value is checked before
     anything is loaded (OptionError). ``config_file``: the --config file the options came from
     (an input: the output may not be it, lie inside it or hold it). The output folder's rules are
-    in outdir.py. A 16-bit ``model`` is quantized on the way in (convert/on_load.py), into
+    in outdir.py. ``data``: a file, folder or Hub dataset id, or the records themselves (a
+    ``datasets.Dataset`` or a list of dicts, as SFTTrainer takes them; data.py). A 16-bit ``model`` is quantized on the way in (convert/on_load.py), into
     ``keep_quantized`` when given, else a temporary folder; the adapter names ``model`` as its base.
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
@@ -155,12 +156,13 @@ def train(
         say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
         out = Path(output)
         with contextlib.ExitStack() as held:
-            claim_output(out, cfg.resume, cfg.overwrite, (model, data, cfg.eval_data, config_file), rank, world, held)
+            path_data = data if isinstance(data, (str, os.PathLike)) else None  # else records given as objects (data.py)
+            claim_output(out, cfg.resume, cfg.overwrite, (model, path_data, cfg.eval_data, config_file), rank, world, held)
             ckpt_dir = find_resume(out, cfg.resume)
             st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
             if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
                 cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
-            options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
+            options = dict(cfg.as_options(), model=model, data=path_data, output=output, log=log, progress=progress)
             from ..convert.on_load import four_bit_base
 
             base = four_bit_base(model, cfg.revision, keep_quantized, held, say)
@@ -190,12 +192,12 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     try:
         r = _Run(o, out, rank, world, device, say)
         r.setup_model(root, targets)
-        check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, str(data))
+        check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, data_label(data))
         r.plan = make_plan(examples, eval_examples, o, world)
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o["lr_scheduler"], r.plan.warmup_steps, r.plan.total_steps))
         if ckpt_dir is not None:
             r.resume(ckpt_dir, st)
-        r.prepare_outputs(model, data, ckpt_dir)
+        r.prepare_outputs(model, data if isinstance(data, (str, os.PathLike)) else None, ckpt_dir)  # records given as objects: none to name
         r.report_start(reports, targets)
         r.data_format = _trained_format(reports["data"], o["fmt"])
         r.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -548,9 +550,9 @@ def read_data(data, tok, o: dict):
     """(training examples, evaluation examples, {name: DataReport}); refuses a run left with none."""
     strict = o["strict_data"]
     kw = dict(fmt=o["fmt"], max_length=o["max_length"], train_on_inputs=o["train_on_inputs"], truncation=o["truncation"], strict=strict)
-    reports = {"data": DataReport(str(data))}
+    reports = {"data": DataReport(data_label(data))}
     recs = load_records(data, split=o["data_split"], config=o["data_config"], strict=strict, report=reports["data"])
-    examples = build_examples(recs, tok, source=str(data), report=reports["data"], **kw)
+    examples = build_examples(recs, tok, source=data_label(data), report=reports["data"], **kw)
     _none_left(examples, reports["data"], "--data")
     eval_examples: list = []
     eval_source = o["eval_data"] or (data if o["eval_data_split"] else None)  # --eval-data-split alone: a split of --data
