@@ -22,6 +22,7 @@ import pytest
 import torch
 from helpers import QCONVERT, make_tiny_llama, minilm_dir
 from hub_server import LoopbackHub
+from test_experts4bit import fused_source
 from test_train import WORDS, make_tokenizer
 
 RUN_ALL = r"""
@@ -84,11 +85,13 @@ def test_every_card_snippet_runs_after_push_from_the_repo_id(tmp_path):
     q, mini = tmp_path / "tiny-nf4", tmp_path / "mini-nf4"
     quantize_checkpoint(str(src), q, compute_dtype="float32", base_model="acme/tiny-llama")
     quantize_checkpoint(str(minilm_dir()), mini, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    moe = tmp_path / "moe-nf4"  # 4-bit routed experts: loaded with qconvert.load_model
+    quantize_checkpoint(str(fused_source("qwen3_moe", tmp_path / "moe-src")), moe)
     data = tmp_path / "alpaca.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": " ".join(WORDS[i:i + 4]), "input": "", "output": " ".join(WORDS[i + 4:i + 9])})
                               for i in range(0, 40, 5)) + "\n")
     with LoopbackHub({"tok-alice": "alice"}) as hub:
-        push_all(hub, tmp_path, {"alice/tiny-nf4": q, "alice/mini-nf4": mini})
+        push_all(hub, tmp_path, {"alice/tiny-nf4": q, "alice/mini-nf4": mini, "alice/moe-nf4": moe})
         run = tmp_path / "run-lora"  # trained on the Hub base, by its id, as a stranger would
         r = subprocess.run([*QCONVERT, "train", "alice/tiny-nf4", "--data", str(data), "--output", str(run), "--max-steps", "2",
                             "--lr", "1e-2", "--backend", "reference"], capture_output=True, text=True, env=hub_env(hub, tmp_path / "train-home"))
@@ -97,15 +100,16 @@ def test_every_card_snippet_runs_after_push_from_the_repo_id(tmp_path):
         merge_adapter(str(q), str(run), merged, dtype="float32", base_model="alice/tiny-nf4")
         export_adapter(run, exported)
         folders = {"alice/tiny-nf4": q, "alice/mini-nf4": mini, "alice/run-lora": run, "alice/tiny-merged": merged,
-                   "alice/exported-lora": exported}
-        push_all(hub, tmp_path, {k: v for k, v in folders.items() if k not in ("alice/tiny-nf4", "alice/mini-nf4")})
+                   "alice/exported-lora": exported, "alice/moe-nf4": moe}
+        push_all(hub, tmp_path, {k: v for k, v in folders.items() if k not in ("alice/tiny-nf4", "alice/mini-nf4", "alice/moe-nf4")})
         pushed = {repo: hub.state.repos[repo]["branches"]["main"]["README.md"].decode() for repo in folders}
         codes = {repo: snippets(card) for repo, card in pushed.items()}
         (tmp_path / "codes.json").write_text(json.dumps(codes))
         stranger = tmp_path / "stranger"
         stranger.mkdir()
+        env = dict(hub_env(hub, tmp_path / "stranger-home"), PYTHONPATH=str(Path(__file__).resolve().parent.parent))  # qconvert installed
         r = subprocess.run([sys.executable, "-c", RUN_ALL, str(tmp_path / "codes.json")], capture_output=True, text=True, cwd=stranger,
-                           env=hub_env(hub, tmp_path / "stranger-home"))
+                           env=env)
         assert r.returncode == 0, r.stderr[-3000:]
     printed = json.loads(r.stdout.strip().splitlines()[-1])
     for repo, folder in folders.items():
@@ -117,7 +121,8 @@ def test_every_card_snippet_runs_after_push_from_the_repo_id(tmp_path):
     metas = {repo: read_card_meta(card) for repo, card in pushed.items()}
     assert {repo: m.get("pipeline_tag") for repo, m in metas.items()} == {
         "alice/tiny-nf4": "text-generation", "alice/mini-nf4": "feature-extraction", "alice/run-lora": "text-generation",
-        "alice/tiny-merged": "text-generation", "alice/exported-lora": "text-generation"}
+        "alice/tiny-merged": "text-generation", "alice/exported-lora": "text-generation", "alice/moe-nf4": "text-generation"}
+    assert "model = qconvert.load_model(repo)" in codes["alice/moe-nf4"] and metas["alice/moe-nf4"]["library_name"] == "qconvert"
     assert metas["alice/tiny-nf4"]["base_model"] == "acme/tiny-llama"
     assert metas["alice/mini-nf4"]["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert metas["alice/tiny-merged"]["base_model"] == "alice/tiny-nf4" == metas["alice/run-lora"]["base_model"]

@@ -203,8 +203,7 @@ def _loading(summary: dict[str, Any], name: str, folder: Path | None) -> str:
     """How to load the folder: plain transformers + bitsandbytes, unless its routed experts are 4-bit."""
     if summary.get("experts_4bit"):
         return ("Its routed experts are 4-bit, which bitsandbytes cannot hold: plain transformers refuses this folder.\n"
-                "Load it with qconvert (`pip install qconvert`):\n\n" + _code(["import qconvert", "", repo_line("repo", name),
-                                                                          "model = qconvert.load_model(repo)"]))
+                "Load it with qconvert (`pip install qconvert`):\n\n" + model_snippet(name, folder, qconvert_loader=True))
     return "With transformers and bitsandbytes, no qconvert needed:\n\n" + model_snippet(name, folder) + \
         "\n\nWith qconvert's own kernels: `qconvert.load_model(repo)`."
 
@@ -305,22 +304,26 @@ def pipeline_tag(folder: Path | None) -> str:
     return "text-generation" if is_causal(folder) else "feature-extraction"
 
 
-def model_snippet(name: str, folder: Path | None) -> str:
-    """Python that loads the model folder ``name`` (the repo id once pushed) with transformers and
-    runs it once: generation for a causal LM, the hidden states for an encoder."""
+def model_snippet(name: str, folder: Path | None, qconvert_loader: bool = False) -> str:
+    """Python that loads the model folder ``name`` (the repo id once pushed) with transformers, or
+    with ``qconvert_loader`` with qconvert.load_model, and runs it once: generation for a causal LM,
+    the hidden states for an encoder (token ids stand in for text when the folder has no tokenizer)."""
     auto = "AutoModelForCausalLM" if is_causal(folder) else "AutoModel"
     tok = has_tokenizer(folder)
-    lines = [f"from transformers import {auto}" + (", AutoTokenizer" if tok else ""), "", repo_line("repo", name),
-             f"model = {auto}.from_pretrained(repo)"]
+    out = "logits" if auto != "AutoModel" else "last_hidden_state"
+    head = ["import qconvert"] if qconvert_loader else [f"from transformers import {auto}"]
+    load = "model = qconvert.load_model(repo)" if qconvert_loader else f"model = {auto}.from_pretrained(repo)"
+    if tok:
+        head.append("from transformers import AutoTokenizer")
+    lines = [*head, "", repo_line("repo", name), load]
     if tok and auto == "AutoModel":
         lines += ["tokenizer = AutoTokenizer.from_pretrained(repo)",
-                  'print(model(**tokenizer("Hello world", return_tensors="pt")).last_hidden_state.shape)']
+                  'print(model(**tokenizer("Hello world", return_tensors="pt")).last_hidden_state[0, 0, :4].tolist())']
     elif tok:
         lines += ["tokenizer = AutoTokenizer.from_pretrained(repo)", 'inputs = tokenizer("Hello", return_tensors="pt")',
                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))"]
-    else:  # no tokenizer in the folder: token ids stand in
-        lines = ["import torch", *lines, "print(model(torch.tensor([[1, 2, 3]])).logits.shape)" if auto != "AutoModel"
-                 else "print(model(torch.tensor([[1, 2, 3]])).last_hidden_state.shape)"]
+    else:
+        lines = ["import torch", *lines, f"print(model(torch.tensor([[1, 2, 3]])).{out}[0, -1, :4].tolist())"]
     return _code(lines)
 
 
