@@ -77,6 +77,8 @@ def test_keep_quantized_with_a_4bit_base_is_refused(base16, tmp_path):
     assert is_16bit(src, None) and not is_16bit(q, None)
     with pytest.raises(OptionError, match="is a 4-bit checkpoint already"):
         four_bit_base(q, None, tmp_path / "k", None, print)
+    with pytest.raises(OptionError, match="2 processes would each quantize it"):
+        four_bit_base(src, None, None, None, print, processes=2)
 
 
 @pytest.fixture(scope="module")

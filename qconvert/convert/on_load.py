@@ -43,14 +43,18 @@ def is_16bit(model: str | os.PathLike, revision: str | None) -> bool:
 
 
 def four_bit_base(model: str | os.PathLike, revision: str | None, keep: str | os.PathLike | None,
-                  held: contextlib.ExitStack, say: Callable[[str], None]) -> str:
+                  held: contextlib.ExitStack, say: Callable[[str], None], processes: int = 1) -> str:
     """The folder or Hub id to load as the 4-bit base: ``model`` itself when it is 4-bit, else its
-    quantization (module docstring), which lives as long as ``held``."""
+    quantization (module docstring), which lives as long as ``held``. Several ``processes`` (one
+    run under torchrun) would each quantize the base: refused, with the two commands instead."""
     if not is_16bit(model, revision):
         if keep is not None:
             raise OptionError(f"--keep-quantized {keep}: {model} is a 4-bit checkpoint already",
                               hint="leave out --keep-quantized: it keeps the 4-bit copy of a 16-bit base")
         return str(model)
+    if processes > 1:
+        raise OptionError(f"{model} is a 16-bit model, and {processes} processes would each quantize it",
+                          hint=f"quantize it once: `qconvert quantize {model} DIR`, then train on DIR")
     if keep is not None and _same_quantization(Path(keep), model, revision):
         say(f"base: {model} is 16-bit; using its 4-bit copy in {keep} (--keep-quantized)")
         return str(keep)

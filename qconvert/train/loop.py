@@ -165,7 +165,7 @@ def train(
             options = dict(cfg.as_options(), model=model, data=path_data, output=output, log=log, progress=progress)
             from ..convert.on_load import four_bit_base
 
-            base = four_bit_base(model, cfg.revision, keep_quantized, held, say)
+            base = four_bit_base(model, cfg.revision, keep_quantized, held, say, world)
             with warnings.catch_warnings():
                 # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
                 warnings.simplefilter("ignore", FutureWarning)
