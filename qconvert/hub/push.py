@@ -3,9 +3,11 @@
 Before anything is uploaded the folder is validated: a 4-bit checkpoint must pass ``qconvert verify``
 (the spec check), an adapter needs a PEFT LoRA adapter_config.json and weights, and every folder needs
 a model card whose ``base_model_relation`` matches what the folder is. The upload itself is
-huggingface_hub's ``create_repo(exist_ok=True)`` + ``upload_folder``: file contents go up first (LFS
-objects, or xet chunks when hf_xet is installed), then one commit. Contents the Hub already holds are
-not sent again, so re-running an upload that was cut off resumes it (tested: tests/test_push.py).
+huggingface_hub's ``create_repo(exist_ok=True)`` + ``create_commit`` of the files to publish: file
+contents go up first (LFS objects, or xet chunks when hf_xet is installed), then one commit. Contents
+the Hub already holds are not sent again, so re-running an upload that was cut off resumes it (tested:
+tests/test_push.py). The card is sent as the repo shows it: its usage snippet names the repo id
+instead of the local folder (io/cards.with_repo_id); the local card is not changed.
 """
 
 from __future__ import annotations
