@@ -132,12 +132,18 @@ def test_every_card_snippet_runs_after_push_from_the_repo_id(tmp_path):
         assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)' in codes[repo]
 
 
-def test_base_model_option_takes_hub_ids_only(tmp_path):
+def test_base_model_option_takes_hub_ids_only(tmp_path, monkeypatch):
+    """--base-model on quantize and merge names a Hub id; a local path (even one shaped like an id)
+    or a bare name is refused before anything is read or written."""
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.errors import OptionError
+    from qconvert.export.merge import merge_adapter
 
-    src = make_tiny_llama(tmp_path / "src", layers=1)
-    for bad in ("llama", str(src), "a/b/c"):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "acme" / "llama").mkdir(parents=True)
+    for bad in ("llama", "acme/llama", "a/b/c", str(tmp_path)):
         with pytest.raises(OptionError, match="is not a Hub repo id"):
-            quantize_checkpoint(str(src), tmp_path / "q", base_model=bad)
-    assert not (tmp_path / "q").exists()
+            quantize_checkpoint("no-such-source", tmp_path / "q", base_model=bad)
+        with pytest.raises(OptionError, match="is not a Hub repo id"):
+            merge_adapter("no-such-base", "no-such-adapter", tmp_path / "m", base_model=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acme"]

@@ -66,6 +66,7 @@ def test_16bit_base_trains_as_quantize_then_train(base16, tmp_path, monkeypatch)
     assert all(torch.equal(a[k], t[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_keep_quantized_with_a_4bit_base_is_refused(base16, tmp_path):
     from qconvert.convert.on_load import four_bit_base, is_16bit
     from qconvert.convert.quantize import quantize_checkpoint
