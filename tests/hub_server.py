@@ -4,8 +4,9 @@ can be tested through the real client. No public server accepts uploads offline.
 Implemented: POST /api/repos/create, POST /api/models/{repo}/branch/{branch},
 POST /api/models/{repo}/preupload/{rev}, POST /{repo}.git/info/lfs/objects/batch, PUT /lfs/{oid},
 POST /api/models/{repo}/commit/{rev} (NDJSON: header, file, lfsFile), POST /api/validate-yaml,
-GET /api/whoami-v2; for downloads, GET /api/datasets/{repo}[/revision/{rev}], its /tree/{rev}, and GET/HEAD
-/datasets/{repo}/resolve/{rev}/{path} of the datasets in ``state.datasets`` (a test can make them
+GET /api/whoami-v2; for downloads, GET /api/{datasets,models}/{repo}[/revision/{rev}], its /tree/{rev}, and
+GET/HEAD [/datasets]/{repo}/resolve/{rev}/{path} of the datasets in ``state.datasets`` and of the model
+repos pushed here (so a pushed card's snippet can load what was pushed; a test can make datasets
 hostile: a planted ETag or commit sha, sibling names, a body trickled a byte at a time).
 Tokens map to user names; a repo outside the caller's namespace answers 403, a missing or unknown
 token 401. ``state.fail_commits`` makes commits fail with HTTP 500, to test that a re-run resumes.
@@ -88,22 +89,34 @@ def make_handler(state: HubState):
         def do_HEAD(self):
             self._download(body=False)
 
+        def _served(self, kind: str | None, repo_id: str, rev: str | None) -> dict | None:
+            """A dataset of ``state.datasets``, or a model repo pushed here (its branch ``rev``, else main)."""
+            if kind in ("datasets", "datasets/"):
+                return state.datasets.get(repo_id)
+            repo = state.repos.get(repo_id)
+            if repo is None:
+                return None
+            files = repo["branches"].get((rev or "main").replace("%2F", "/")) or repo["branches"]["main"]
+            return {"files": files, "sha": hashlib.sha1(json.dumps(sorted(files)).encode() + str(len(repo["commits"])).encode()).hexdigest()}
+
         def _download(self, body: bool):
-            """Dataset downloads: repo info and resolve, with the hostile answers a test sets in
-            ``state.datasets[repo_id]`` ("sha", "etag", "commit" header, extra "siblings", "trickle")."""
+            """Downloads of datasets and of the model repos pushed here: repo info, tree and resolve, with
+            the hostile answers a test sets in ``state.datasets[repo_id]`` ("sha", "etag", "commit"
+            header, extra "siblings", "trickle")."""
             path = self.path.split("?")[0]
-            m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
-            ds = state.datasets.get(m.group(1)) if m else None
+            m = re.fullmatch(r"/api/(datasets|models)/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+            ds = self._served(m.group(1), m.group(2), m.group(3)) if m else None
             if ds is not None:
                 names = sorted(ds["files"]) + ds.get("siblings", [])
-                return self._json(200, {"id": m.group(1), "sha": ds["sha"], "siblings": [{"rfilename": n} for n in names]})
-            m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)", path)  # what snapshot_download lists
-            ds = state.datasets.get(m.group(1)) if m else None
+                return self._json(200, {"id": m.group(2), "sha": ds["sha"], "siblings": [{"rfilename": n} for n in names]})
+            m = re.fullmatch(r"/api/(datasets|models)/([^/]+/[^/]+)/tree/([^/]+)", path)  # what snapshot_download lists
+            ds = self._served(m.group(1), m.group(2), m.group(3)) if m else None
             if ds is not None:
                 names = sorted(ds["files"]) + ds.get("siblings", [])
                 return self._json(200, [{"type": "file", "path": n, "size": len(ds["files"].get(n, b"")), "oid": "0" * 40} for n in names])
-            m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-            ds = state.datasets.get(m.group(1)) if m else None
+            m = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            ds = self._served(m.group(1), m.group(2), m.group(3)) if m else None
+            m = m and re.fullmatch(r"/(?:datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             if ds is None or m.group(3) not in ds["files"]:
                 return self._json(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
             data = ds["files"][m.group(3)]

@@ -129,7 +129,7 @@ def test_flags_config_file_and_keywords_build_the_same_config(tmp_path):
                               "overwrite": True}))
     kwargs = dict(lr=1e-3, lora_r=4, epochs=3, target_modules=["q_proj", "v_proj"], gradient_checkpointing=False, resume="latest",
                   backend="reference", fmt="text", max_length=128, save_steps=0, eval_split=0.1, overwrite=True)
-    run = {"model": "base", "data": "d.jsonl", "output": "out", "push_to": None}
+    run = {"model": "base", "data": "d.jsonl", "output": "out", "push_to": None, "keep_quantized": None}
     python = TrainConfig(**kwargs)
     assert python == TrainConfig.of(None, kwargs) == TrainConfig.from_file(cfg) == TrainConfig.from_file(js)
     assert _from_flags(*flags) == (run, python)

@@ -71,9 +71,10 @@ def _report_experts(s: dict) -> None:
 @click.option("--keep-source", is_flag=True, help="Keep downloaded Hub shards in the Hugging Face cache (default: delete each after use).")
 @click.option("--experts", type=click.Choice(["4bit", "16bit"]), default="4bit", show_default=True,
               help="Routed MoE experts: 4-bit (loads with qconvert only) or 16-bit as transformers + bitsandbytes writes them.")
+@click.option("--base-model", metavar="HUB_ID", help="The Hub id of a local SOURCE, for the card's base_model.")
 @options.push_to_hub()
 def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quant, compute_dtype, skip_modules, max_shard_size,
-             workers, dry_run, as_json, overwrite, keep_source, experts, push_to):
+             workers, dry_run, as_json, overwrite, keep_source, experts, base_model, push_to):
     """Stream a Hugging Face checkpoint (local folder or Hub repo id) into a 4-bit NF4 checkpoint.
 
     Interrupted runs resume: run the same command again."""
@@ -85,7 +86,7 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
     s = quantize_checkpoint(
         source, output_dir, revision=revision, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
         compute_dtype=compute_dtype, skip_modules=list(skip_modules), max_shard_size=max_shard_size, workers=workers,
-        dry_run=dry_run, overwrite=overwrite, keep_source=keep_source, experts=experts, log=log,
+        dry_run=dry_run, overwrite=overwrite, keep_source=keep_source, experts=experts, base_model=base_model, log=log,
     )
     if as_json:
         echo(json.dumps(s, indent=1))

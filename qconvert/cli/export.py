@@ -21,15 +21,16 @@ from . import options
 @options.revision("Branch, tag or commit of BASE when it is a Hub id.")
 @options.overwrite()
 @options.json_output()
+@click.option("--base-model", metavar="HUB_ID", help="The Hub id of BASE (or of its source), for the card's base_model.")
 @options.push_to_hub()
-def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json, push_to):
+def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json, base_model, push_to):
     """Merge a PEFT LoRA ADAPTER into its 4-bit BASE: W = dequant(W4) + scaling * B @ A, in float32, then cast."""
     from .._cpus import cap_torch_threads
     from ..export.merge import merge_adapter
 
     cap_torch_threads()
     s = merge_adapter(base, adapter, output_dir, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size,
-                      base_original=base_original, overwrite=overwrite, revision=revision,
+                      base_original=base_original, overwrite=overwrite, revision=revision, base_model=base_model,
                       log=lambda m: click.echo(printable(m), err=True))
     if push_to:
         from ..hub.push import push_folder

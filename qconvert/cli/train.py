@@ -31,7 +31,7 @@ def click_option(spec: Spec):
 
 def train_options(f):
     """Every flag of `qconvert train`: --data and --output, each TrainConfig field, --push-to-hub."""
-    specs = [RUN_OPTIONS["data"], RUN_OPTIONS["output"], *SPECS.values(), RUN_OPTIONS["push_to"]]
+    specs = [RUN_OPTIONS["data"], RUN_OPTIONS["output"], *SPECS.values(), RUN_OPTIONS["push_to"], RUN_OPTIONS["keep_quantized"]]
     for spec in reversed(specs):
         f = click_option(spec)(f)
     return f
@@ -44,8 +44,8 @@ def train_options(f):
 @train_options
 @click.pass_context
 def train(ctx, model, config_file, config_name, **flags):
-    """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id). Ctrl-C or SIGTERM saves
-    a checkpoint; --resume continues it.
+    """QLoRA: train a LoRA adapter on the frozen 4-bit MODEL (folder or Hub id; a 16-bit one is quantized
+    on the way in). Ctrl-C or SIGTERM saves a checkpoint; --resume continues it.
 
     Several processes: qconvert train --nproc-per-node N ..., or torchrun --nproc-per-node N qconvert train ...
     (NCCL on GPU, gloo on CPU); data-parallel by default, --fsdp shards the 4-bit base, adapter and
@@ -74,7 +74,8 @@ def train(ctx, model, config_file, config_name, **flags):
 
         cap_torch_threads()
     output = run_options["output"]
-    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True), config_file=config_file)
+    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True), config_file=config_file,
+            keep_quantized=run_options["keep_quantized"])
     if r.get("interrupted"):
         raise SystemExit(128 + r["signal"] if r.get("signal") else 0)
     push_to = run_options["push_to"]

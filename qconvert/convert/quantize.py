@@ -29,7 +29,7 @@ from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
 from .._cpus import resolve_workers
 from ..errors import DiskSpaceError, FormatError, QuantizeOptionError
 from ..format.constants import BLOCKSIZES, FLOAT_DTYPE_NAMES, QUANT_TYPES
-from ..io.cards import quantized_card
+from ..io.cards import checked_base_model, quantized_card
 from ..io.reader import CheckpointReader, cleanup
 from ..io.shards import ShardWriter, header_bound, shard_digest, write_index
 
@@ -86,17 +86,20 @@ def quantize_checkpoint(
     overwrite: bool = False,
     keep_source: bool = False,
     experts: str = "4bit",
+    base_model: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Convert ``source`` (folder or Hub id) into a 4-bit checkpoint at ``output``; returns a summary.
     ``experts``: "4bit" (default) also quantizes routed MoE experts (spec section 14; such a folder
     loads in qconvert, and plain transformers refuses it); "16bit" keeps them as transformers +
-    bitsandbytes does, byte-identical to its output."""
+    bitsandbytes does, byte-identical to its output. ``base_model``: the Hub id the card names as
+    base_model when ``source`` is a local folder."""
     from ..io.source import open_checkpoint
 
     say = log or (lambda m: None)
     out = Path(output)
     _check_options(quant_type, blocksize, compute_dtype)
+    checked_base_model(base_model)
     shard_limit = parse_size(max_shard_size)
     with contextlib.ExitStack() as hold:
         if not dry_run:
@@ -123,7 +126,7 @@ def quantize_checkpoint(
         _write_config(src, stage, plan, settings)
         copied = _copy_extra_files(src, stage, log)
         summary = _summary(source, out, plan, settings, totals, copied, t0)
-        _finish(stage, out, plan, totals, summary)
+        _finish(stage, out, plan, totals, summary, base_model)
     return summary
 
 
@@ -300,9 +303,9 @@ def size_figures(q_core: int, q_params: int, out_bytes: int, params: int, source
     }
 
 
-def _finish(stage: Path, out: Path, plan: Plan, totals: _Totals, summary: dict[str, Any]) -> None:
+def _finish(stage: Path, out: Path, plan: Plan, totals: _Totals, summary: dict[str, Any], base_model: str | None = None) -> None:
     """The card and (sharded) the index into ``stage``, the journal and downloads out, then publish."""
-    write_file(stage / "README.md", quantized_card(summary, plan.skip_patterns))
+    write_file(stage / "README.md", quantized_card(summary, plan.skip_patterns, stage, base_model))
     if len(plan.shards) > 1:  # the index is the last file written
         write_index(stage, totals.weight_map, totals.total_size)
     (stage / JOURNAL).unlink()

@@ -17,12 +17,12 @@ from typing import Any
 from ..adapters import (  # noqa: F401
     LORA_KEY, check_adapter_for_model, check_against_base, module_value, read_adapter_config, read_lora_weights,
 )
-from ..errors import FormatError, OptionError
+from ..errors import FormatError
 
 
 def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
-    from ..io.cards import exported_adapter_card
+    from ..io.cards import checked_base_model, exported_adapter_card
     from ..io.staging import check_output, publish, staged, write_json
     from ..io.writes import write_file
 
@@ -40,12 +40,7 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     weights = src / "adapter_model.safetensors"
     modules = read_lora_weights(src, cfg)
     check_output(out, overwrite, inputs=[source, src])
-    if base_model is not None:
-        from ..io.hub import REPO_ID
-
-        if not REPO_ID.match(base_model) or os.path.exists(base_model):
-            raise OptionError(f"--base-model {base_model!r} is not a Hub repo id (namespace/name)",
-                              hint="name the base model as others will load it from the Hub")
+    if checked_base_model(base_model) is not None:
         cfg["base_model_name_or_path"] = base_model
     with staged(out) as stage:
         shutil.copyfile(weights, stage / "adapter_model.safetensors")
@@ -54,7 +49,30 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
         if fmt:  # written anew from the counts: only what train would write
             fmt = prompt_format(fmt["formats"])
             write_json(stage / PROMPT_FORMAT_FILE, fmt)
-        write_file(stage / "README.md", exported_adapter_card(src, cfg) + (prompt_format_text(fmt) if fmt else ""))
+        card = exported_adapter_card(src, cfg, out.name, _trained_format(src))
+        write_file(stage / "README.md", card + (prompt_format_text(fmt) if fmt else ""))
         publish(stage, out)
     base = cfg.get("base_model_name_or_path")
     return {"source": str(src), "output": str(out), "tensors": 2 * len(modules), "base_model": base}
+
+
+def _trained_format(src: Path) -> str | None:
+    """The data format the run trained on: config.yaml's data_format, or with auto the format the
+    run's own card names (train writes the format it detected there); None when neither says."""
+    import re
+
+    import yaml
+
+    from ..train.data import FORMATS
+
+    for folder in (src, src.parent):  # a train output, or one of its checkpoint-N folders
+        try:
+            fmt = (yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}).get("data_format")
+            card = (folder / "README.md").read_text(encoding="utf-8") if fmt == "auto" else ""
+        except (OSError, ValueError, yaml.YAMLError, AttributeError):
+            continue
+        m = re.search(r"^Prompt format: (\w+)", card, re.M)
+        fmt = m.group(1) if m else fmt
+        if fmt in FORMATS and fmt != "auto":
+            return fmt
+    return None

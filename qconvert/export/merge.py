@@ -32,7 +32,7 @@ from ..format.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import LOGICAL_DTYPES as DTYPES
 from ..format.layout import is_4bit_config
-from ..io.cards import merged_card
+from ..io.cards import checked_base_model, merged_card
 from ..io.shards import SizeShards
 from ..io.source import resolve_model_path
 
@@ -159,8 +159,11 @@ def merge_adapter(
     base_original: str | None = None,
     overwrite: bool = False,
     revision: str | None = None,
+    base_model: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """Merge ``adapter`` into the 4-bit ``base`` (module docstring); ``base_model``: the Hub id the
+    card names when qconvert cannot tell it from the base (--base-model)."""
     from ..convert.plan import parse_size
     from ..io.staging import check_output, copy_companions, publish, staged
     from ..io.writes import write_file
@@ -169,6 +172,7 @@ def merge_adapter(
     out = Path(output)
     if dtype not in DTYPES:
         raise DtypeOptionError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
+    checked_base_model(base_model)
     check_output(out, overwrite, inputs=[base, adapter, base_original])
     root, repo_id = resolve_model_path(base, revision)
     check_output(out, overwrite, inputs=[root])  # a Hub base, now a local folder
@@ -180,8 +184,8 @@ def merge_adapter(
         copy_companions(ckpt, stage, say)
         _write_merged_config(cfg, stage, quantize, dtype)
         summary = _summary(base, adapter, out, job, shards)
-        source = _card_source(cfg, repo_id, job.lora)
-        write_file(stage / "README.md", merged_card(summary, source, __version__))
+        source = base_model or _card_source(cfg, repo_id, job.lora)
+        write_file(stage / "README.md", merged_card(summary, source, __version__, stage))
         shards.write_index()
         publish(stage, out)
     return summary

@@ -3,9 +3,11 @@
 Before anything is uploaded the folder is validated: a 4-bit checkpoint must pass ``qconvert verify``
 (the spec check), an adapter needs a PEFT LoRA adapter_config.json and weights, and every folder needs
 a model card whose ``base_model_relation`` matches what the folder is. The upload itself is
-huggingface_hub's ``create_repo(exist_ok=True)`` + ``upload_folder``: file contents go up first (LFS
-objects, or xet chunks when hf_xet is installed), then one commit. Contents the Hub already holds are
-not sent again, so re-running an upload that was cut off resumes it (tested: tests/test_push.py).
+huggingface_hub's ``create_repo(exist_ok=True)`` + ``create_commit`` of the files to publish: file
+contents go up first (LFS objects, or xet chunks when hf_xet is installed), then one commit. Contents
+the Hub already holds are not sent again, so re-running an upload that was cut off resumes it (tested:
+tests/test_push.py). The card is sent as the repo shows it: its usage snippet names the repo id
+instead of the local folder (io/cards.with_repo_id); the local card is not changed.
 """
 
 from __future__ import annotations
@@ -103,9 +105,9 @@ def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
         for name in sorted(files):
             rel = (Path(top) / name).relative_to(folder).as_posix()
             parts = rel.split("/")
-            # the tokenizer files quantize and merge copy (tokenizer.json, special_tokens_map.json...) are
-            # companions, not credentials, though "*token*" matches their names
-            secret = _matches(rel, SECRET_PATTERNS) and not (kind != "adapter" and is_companion_file(rel))
+            companion = kind != "adapter" and is_companion_file(rel)
+            # "*token*" names credentials, not the model's tokenizer.json and tokenizer_config.json
+            secret = _matches(rel, SECRET_PATTERNS) and not companion
             hidden = any(p.startswith(".") for p in parts) or (kind == "adapter" and _matches(parts[0], RUN_ONLY))
             if secret:
                 plan["secrets"].append(rel)
@@ -117,7 +119,7 @@ def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
                 continue
             elif hidden:
                 plan["skipped"].append(rel)
-            elif rel == "README.md" or _matches(rel, WRITTEN[kind]) or (kind != "adapter" and is_companion_file(rel)):
+            elif rel == "README.md" or _matches(rel, WRITTEN[kind]) or companion:
                 plan["upload"].append(rel)
             else:
                 plan["unknown"].append(rel)
@@ -233,15 +235,28 @@ def push_folder(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
+        commit = api.create_commit(
+            repo_id, _operations(Path(folder), plan["upload"], repo_id), revision=revision, create_pr=create_pr,
             commit_message=commit_message or f"Upload {info['kind']} model with qconvert",
-            allow_patterns=[_literal(rel) for rel in plan["upload"]],
         )
     return {"repo_id": repo_id, "kind": info["kind"], "commit_url": commit.commit_url, "pr_url": getattr(commit, "pr_url", None),
             "files": plan["upload"]}
 
 
-def _literal(rel: str) -> str:
-    """An upload_folder pattern that matches exactly the path ``rel`` (its ``*?[`` escaped)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in rel)
+def _operations(folder: Path, files: list[str], repo_id: str) -> list:
+    """One commit's additions: the files as they are, but the card as the repo will show it, its
+    usage snippet naming ``repo_id`` instead of the local folder (io/cards.with_repo_id). The
+    local card is read, never rewritten: the folder stays as it was written."""
+    from huggingface_hub import CommitOperationAdd
+
+    from ..io.cards import with_repo_id
+
+    ops = []
+    for rel in files:
+        src = folder / rel
+        if rel == "README.md":
+            card = with_repo_id(src.read_text(encoding="utf-8"), repo_id).encode("utf-8")
+            ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=card))
+        else:
+            ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(src)))
+    return ops

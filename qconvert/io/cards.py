@@ -12,6 +12,7 @@ huggingface_hub is imported on first use, never at ``import qconvert``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,18 @@ def hub_id(value: str | Path | None, known: str | None = None) -> str | None:
     return value if isinstance(value, str) and looks_like_repo_id(value) else None
 
 
+def checked_base_model(value: str | None) -> str | None:
+    """``--base-model``: a Hub repo id (namespace/name) that is not a local path, else OptionError.
+    A card names the base as others load it from the Hub, which qconvert cannot know for a local folder."""
+    from ..errors import OptionError
+    from .hub import REPO_ID
+
+    if value is not None and (not REPO_ID.match(value) or Path(value).exists()):
+        raise OptionError(f"--base-model {value!r} is not a Hub repo id (namespace/name)",
+                          hint="name the base model as others will load it from the Hub")
+    return value
+
+
 def shown(value: str | Path | None, known: str | None = None) -> str:
     """How a card's text names an input: its Hub id, else "the local folder `NAME`", the folder's
     base name only. A card is published (``push``): it never carries a path of the machine that
@@ -132,14 +145,18 @@ def _size(b: int) -> str:
     return f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
 
 
-def quantized_card(summary: dict[str, Any], skip_patterns: list[str]) -> str:
-    """The card of a `qconvert quantize` output, from its summary."""
+def quantized_card(summary: dict[str, Any], skip_patterns: list[str], folder: Path | None = None,
+                   base_model: str | None = None) -> str:
+    """The card of a `qconvert quantize` output, from its summary; ``folder``: the written folder
+    (its config.json and tokenizer shape the usage snippet); ``base_model``: the Hub id of a local
+    source (--base-model)."""
     prov = summary["provenance"]
     src = prov["source"]
     name = Path(summary["output"]).name
     meta = {
-        "base_model": src if "/" in (src or "") else None,
+        "base_model": base_model or hub_id(src),
         "base_model_relation": "quantized",
+        "pipeline_tag": pipeline_tag(folder),
         # 4-bit routed experts load only in qconvert (plain transformers refuses the folder): the Hub's widget and
         # "use this model" snippet must not promise transformers
         "library_name": "qconvert" if summary.get("experts_4bit") else "transformers",
@@ -167,7 +184,7 @@ A 4-bit {summary['quant_type'].upper()} quantization of `{src}`{revision}, writt
 
 ## Loading
 
-{_loading(summary, name)}
+{_loading(summary, name, folder)}
 """
     return render_card(meta, body)
 
@@ -182,41 +199,36 @@ def _experts_row(summary: dict[str, Any]) -> str:
     return f"| routed experts | {e['kept_16bit_share']:.1%} of the parameters left 16-bit |\n"
 
 
-def _loading(summary: dict[str, Any], name: str) -> str:
+def _loading(summary: dict[str, Any], name: str, folder: Path | None) -> str:
     """How to load the folder: plain transformers + bitsandbytes, unless its routed experts are 4-bit."""
     if summary.get("experts_4bit"):
-        return (f"Its routed experts are 4-bit, which bitsandbytes cannot hold: plain transformers refuses this folder.\n"
-                f"Load it with qconvert: `qconvert.load_model(\"{name}\")`.")
-    return f"""With transformers and bitsandbytes, no qconvert needed:
-
-```python
-from transformers import AutoModel
-model = AutoModel.from_pretrained("{name}")
-```
-
-With qconvert's own kernels: `qconvert.load_model("{name}")`."""
+        return ("Its routed experts are 4-bit, which bitsandbytes cannot hold: plain transformers refuses this folder.\n"
+                "Load it with qconvert (`pip install qconvert`):\n\n" + model_snippet(name, folder, qconvert_loader=True))
+    return "With transformers and bitsandbytes, no qconvert needed:\n\n" + model_snippet(name, folder) + \
+        "\n\nWith qconvert's own kernels: `qconvert.load_model(repo)`."
 
 
 def adapter_card(base_model: str | None, body: str, extra_tags: tuple[str, ...] = ()) -> str:
     """The card of a PEFT LoRA adapter folder (train output, export-adapter)."""
     meta = {"base_model": hub_id(base_model), "base_model_relation": "adapter", "library_name": "peft",
-            "tags": ["qconvert", "lora", *extra_tags]}
+            "pipeline_tag": "text-generation", "tags": ["qconvert", "lora", *extra_tags]}
     return render_card(meta, body)
 
 
-def exported_adapter_card(source: Path, cfg: dict[str, Any]) -> str:
-    """The card of a `qconvert export-adapter` output."""
+def exported_adapter_card(source: Path, cfg: dict[str, Any], name: str = "adapter", fmt: str | None = None) -> str:
+    """The card of a `qconvert export-adapter` output named ``name``; ``fmt``: the training format, when known."""
     base = cfg.get("base_model_name_or_path")
     named = shown(base) if base else "not recorded"
     if base and not hub_id(base):
         named += " (no Hub id known: the card names no base_model; `--base-model` names one)"
     body = (f"# LoRA adapter\n\nExported by qconvert from {shown(source)}: r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}, "
-            f"target modules {cfg.get('target_modules')}. Base model: {named}.\n")
+            f"target modules {cfg.get('target_modules')}. Base model: {named}.\n\n{usage_section(base, name, fmt)}")
     return adapter_card(base, body)
 
 
-def merged_card(summary: dict[str, Any], source: str | None, version: str) -> str:
-    """The card of a `qconvert merge` output: relation ``merge``, or ``quantized`` when re-quantized."""
+def merged_card(summary: dict[str, Any], source: str | None, version: str, folder: Path | None = None) -> str:
+    """The card of a `qconvert merge` output: relation ``merge``, or ``quantized`` when re-quantized;
+    ``folder``: the written folder (its config.json and tokenizer shape the usage snippet)."""
     quantize = summary["quantized"]
     how = "re-quantized to 4 bits" if quantize else f"stored as {summary['dtype']}"
     body = (
@@ -224,11 +236,130 @@ def merged_card(summary: dict[str, Any], source: str | None, version: str) -> st
         f"qconvert {version}: each adapted weight is dequant(W4) + scaling * B @ A computed in float32, then {how}.\n"
     )
     if not source:
-        body += "\nNo Hub id is known for the base model, so this card names no `base_model`.\n"
+        body += "\nNo Hub id is known for the base model, so this card names no `base_model` (`--base-model HUB_ID` names one).\n"
     c = summary.get("requantization_cost")
     if c:
         body += (f"\nRe-quantizing cost: relative output error {c['output_error_mean']:.4f} (mean over {c['layers']} merged layers) "
                  f"against the 16-bit merge; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost.\n")
+    body += f"\n## Usage\n\n{model_snippet(Path(summary['output']).name, folder)}\n"
     meta = {"base_model": hub_id(source), "base_model_relation": "quantized" if quantize else "merge", "library_name": "transformers",
-            "tags": ["qconvert", "lora", "merge"]}
+            "pipeline_tag": pipeline_tag(folder), "tags": ["qconvert", "lora", "merge"]}
     return render_card(meta, body)
+
+
+# --- usage snippets that run for a stranger -------------------------------------------------------
+# A card's snippet must run as written once the folder is on the Hub. The repo id is known only at
+# push time, so the line naming the folder carries REPO_MARK: the card written locally names the
+# folder (the snippet runs beside it), and `qconvert push` uploads a copy whose marked lines name the
+# repo id instead (:func:`with_repo_id`); the local folder is never changed.
+
+#: the comment that marks the line `qconvert push` rewrites to the repo id
+REPO_MARK = "# the repo id (qconvert push writes it here)"
+_REPO_LINE = re.compile(r'^(\w+) = "[^"\n]*"  ' + re.escape(REPO_MARK) + "$", re.M)
+#: architectures loaded with AutoModelForCausalLM (a head that generates); others with AutoModel
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+#: files that make a folder's tokenizer loadable by AutoTokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def repo_line(var: str, name: str) -> str:
+    """``var = "name"`` with :data:`REPO_MARK`: the line push rewrites."""
+    return f'{var} = "{name}"  {REPO_MARK}'
+
+
+def with_repo_id(text: str, repo_id: str) -> str:
+    """The card ``text`` with every marked snippet line naming ``repo_id`` (what push uploads)."""
+    return _REPO_LINE.sub(lambda m: repo_line(m.group(1), repo_id), text)
+
+
+def _code(lines: list[str]) -> str:
+    return "```python\n" + "\n".join(lines) + "\n```"
+
+
+def _config(folder: Path | None) -> dict[str, Any]:
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")) if folder else {}
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def is_causal(folder: Path | None) -> bool:
+    """Whether the folder's config names a generating architecture (``*ForCausalLM``); a folder
+    without a config is taken as causal, as qconvert's train and merge outputs are."""
+    archs = _config(folder).get("architectures")
+    if not isinstance(archs, list) or not archs:
+        return True
+    return any(isinstance(a, str) and a.endswith(_CAUSAL_SUFFIXES) for a in archs)
+
+
+def has_tokenizer(folder: Path | None) -> bool:
+    return folder is not None and any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def pipeline_tag(folder: Path | None) -> str:
+    """The Hub's pipeline_tag: text-generation for a causal LM, feature-extraction for an encoder."""
+    return "text-generation" if is_causal(folder) else "feature-extraction"
+
+
+def model_snippet(name: str, folder: Path | None, qconvert_loader: bool = False) -> str:
+    """Python that loads the model folder ``name`` (the repo id once pushed) with transformers, or
+    with ``qconvert_loader`` with qconvert.load_model, and runs it once: generation for a causal LM,
+    the hidden states for an encoder (token ids stand in for text when the folder has no tokenizer)."""
+    auto = "AutoModelForCausalLM" if is_causal(folder) else "AutoModel"
+    tok = has_tokenizer(folder)
+    out = "logits" if auto != "AutoModel" else "last_hidden_state"
+    head = ["import qconvert"] if qconvert_loader else [f"from transformers import {auto}"]
+    load = "model = qconvert.load_model(repo)" if qconvert_loader else f"model = {auto}.from_pretrained(repo)"
+    if tok:
+        head.append("from transformers import AutoTokenizer")
+    lines = [*head, "", repo_line("repo", name), load]
+    if tok and auto == "AutoModel":
+        lines += ["tokenizer = AutoTokenizer.from_pretrained(repo)",
+                  'print(model(**tokenizer("Hello world", return_tensors="pt")).last_hidden_state[0, 0, :4].tolist())']
+    elif tok:
+        lines += ["tokenizer = AutoTokenizer.from_pretrained(repo)", 'inputs = tokenizer("Hello", return_tensors="pt")',
+                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))"]
+    else:
+        lines = ["import torch", *lines, f"print(model(torch.tensor([[1, 2, 3]])).{out}[0, -1, :4].tolist())"]
+    return _code(lines)
+
+
+#: how a prompt is written for each training format (data.py builds the training text the same way)
+_PROMPTS = {
+    "alpaca": ('"### Instruction:\\nName a colour.\\n\\n### Response:\\n"', "alpaca (`### Instruction:` / `### Input:` / `### Response:`)"),
+    "prompt": ('"Name a colour."', "prompt/completion: the prompt as given, the completion follows it"),
+    "text": ('"Once upon a time"', "plain text"),
+}
+
+
+def adapter_snippet(base: str, name: str, fmt: str | None) -> tuple[str, str]:
+    """(what the prompt format is, Python that loads the adapter ``name`` on ``base`` with PEFT and
+    generates once from a prompt in the format the adapter was trained with)."""
+    lines = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f'base = "{base}"', repo_line("adapter", name),
+             "tokenizer = AutoTokenizer.from_pretrained(base)",
+             "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)"]
+    if fmt in ("chat", "sharegpt"):
+        what = "chat: the base tokenizer's chat template"
+        lines += ['messages = [{"role": "user", "content": "Name a colour."}]',
+                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)']
+    else:
+        prompt, what = _PROMPTS.get(fmt or "text", _PROMPTS["text"])
+        lines += [f"inputs = tokenizer({prompt}, return_tensors=\"pt\")"]
+    lines += ["print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))"]
+    return what, _code(lines)
+
+
+def usage_section(base: str | None, name: str, fmt: str | None) -> str:
+    """The adapter card's "Usage" section; without a Hub id for the base it says how to name one."""
+    if not hub_id(base):
+        shown_base = Path(str(base or "")).name or "BASE"
+        note = (f"\n\nThe base is {shown(base)}, which has no Hub id: replace `base` with its repo id "
+                "(give `--base-model HUB_ID` when training or exporting to have it written here).")
+    else:
+        shown_base, note = str(base), ""
+    what, code = adapter_snippet(shown_base, name, fmt)
+    return f"## Usage\n\nPrompt format: {what}.\n\n{code}{note}\n"

@@ -46,6 +46,7 @@ otherwise each is left out and counted, and the run goes on with the others.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
     dataset or folder; without it "train" is read, or with ``evaluation`` the first of
     :data:`EVAL_SPLITS` the source has (the split read is ``report.split``). Clear errors, see the
     module docstring."""
+    if not isinstance(path, (str, os.PathLike)):  # records given as objects (the training API)
+        return _given_records(path, split, strict, report)
     p = Path(path)
     flag = "--eval-data-split" if evaluation else "--data-split"
     if report is not None:
@@ -154,6 +157,47 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
         report.records += len(records) + report.n_dropped - dropped_before
     if not records and not (report and report.n_dropped):
         raise DataError(f"{p}: holds no records")
+    return records
+
+
+def data_label(data) -> str:
+    """How messages name the data: its path or Hub id, or what the records given as objects are."""
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    kind = "datasets.Dataset" if type(data).__module__.split(".")[0] == "datasets" else type(data).__name__
+    n = len(data) if hasattr(data, "__len__") else "?"
+    return f"data ({kind} of {n} records)"
+
+
+def _given_records(data, split: str | None, strict: bool, report: DataReport | None) -> list[tuple[int, dict]]:
+    """(record number, record) pairs of records given as objects, as SFTTrainer takes them: a
+    ``datasets.Dataset`` (its rows, None values as absent keys, as for files read through datasets)
+    or a list or tuple of dicts (anything else in it is refused or counted, as a JSON file's
+    non-object). The same checks and bounds follow (build_examples) as for records read from files."""
+    shown = data_label(data)
+    if report is not None:
+        report.source = shown
+    if split is not None:
+        raise DataError(f"{shown}: --data-split applies to Hub datasets and folders", hint="pass the split itself, e.g. ds['train']")
+    if type(data).__module__.split(".")[0] == "datasets":
+        if not hasattr(data, "to_list"):  # a DatasetDict or an IterableDataset
+            raise DataError(f"{shown}: a {type(data).__name__} is not one split of records",
+                            hint="pass one split, e.g. dataset['train'] (a datasets.Dataset)")
+        pairs = [(i + 1, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(data.to_list())]
+    elif isinstance(data, (list, tuple)):
+        pairs = list(enumerate(data, 1))
+    else:
+        raise DataError(f"{shown}: data must be a path, a Hub dataset id, a datasets.Dataset or a list of records (dicts)")
+    records = []
+    for n, r in pairs:
+        if isinstance(r, dict):
+            records.append((n, r))
+        else:
+            _bad(strict, report, "not an object", f"{shown}: record {n}: expected a dict, got {type(r).__name__}")
+    if report is not None:
+        report.records += len(pairs)
+    if not records and not (report and report.n_dropped):
+        raise DataError(f"{shown}: holds no records")
     return records
 
 

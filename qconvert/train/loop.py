@@ -27,7 +27,8 @@ import torch
 from ..errors import DataError, FormatError, OptionError
 from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
-from .data import PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_ids, collate, load_records, pack, prompt_format, prompt_format_text
+from .data import (PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_ids, collate, data_label, load_records, pack,
+                   prompt_format, prompt_format_text)
 from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
@@ -123,13 +124,14 @@ def base_model_id(model_path: str, repo_id: str | None) -> str:
 
 def train(
     model: str,
-    data: str,
+    data: str | os.PathLike | Any,
     output: str | os.PathLike,
     config: TrainConfig | None = None,
     *,
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
     config_file: str | os.PathLike | None = None,
+    keep_quantized: str | os.PathLike | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
@@ -139,7 +141,9 @@ def train(
     each option, its default and its range are described there. Every value is checked before
     anything is loaded (OptionError). ``config_file``: the --config file the options came from
     (an input: the output may not be it, lie inside it or hold it). The output folder's rules are
-    in outdir.py.
+    in outdir.py. ``data``: a file, folder or Hub dataset id, or the records themselves (a
+    ``datasets.Dataset`` or a list of dicts, as SFTTrainer takes them; data.py). A 16-bit ``model`` is quantized on the way in (convert/on_load.py), into
+    ``keep_quantized`` when given, else a temporary folder; the adapter names ``model`` as its base.
     Returns {"interrupted", "step", "loss", "eval_loss", "optimizer", "examples", "steps_per_epoch"}."""
     cfg = TrainConfig.of(config, options)
     cfg.check()
@@ -153,29 +157,33 @@ def train(
         say = (log or (lambda m: None)) if rank == 0 else (lambda m: None)
         out = Path(output)
         with contextlib.ExitStack() as held:
-            claim_output(out, cfg.resume, cfg.overwrite, (model, data, cfg.eval_data, config_file), rank, world, held)
+            path_data = data if isinstance(data, (str, os.PathLike)) else None  # else records given as objects (data.py)
+            claim_output(out, cfg.resume, cfg.overwrite, (model, path_data, cfg.eval_data, config_file), rank, world, held)
             ckpt_dir = find_resume(out, cfg.resume)
             st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
             if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
                 cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
-            options = dict(cfg.as_options(), model=model, data=data, output=output, log=log, progress=progress)
+            options = dict(cfg.as_options(), model=model, data=path_data, output=output, log=log, progress=progress)
+            from ..convert.on_load import four_bit_base
+
+            base = four_bit_base(model, cfg.revision, keep_quantized, held, say, world)
             with warnings.catch_warnings():
                 # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
                 warnings.simplefilter("ignore", FutureWarning)
-                result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st))
+                result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st), base)
         finished = True
         return result
     finally:
         _end_dist(made, finished)
 
 
-def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed) -> dict[str, Any]:
+def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed, base=None) -> dict[str, Any]:
     from ..loader import resolve_model_path
     from . import fsdp as fs
 
     random.seed(o["seed"])
     torch.manual_seed(o["seed"])
-    root, repo_id = resolve_model_path(model, o["revision"])
+    root, repo_id = resolve_model_path(base or model, o["revision"])  # base: the 4-bit copy of a 16-bit model
     check_causal_lm(root)
     tok = _tokenizer(root)
     examples, eval_examples, reports = read_data(data, tok, o)
@@ -185,13 +193,14 @@ def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say,
     try:
         r = _Run(o, out, rank, world, device, say)
         r.setup_model(root, targets)
-        check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, str(data))
+        check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, data_label(data))
         r.plan = make_plan(examples, eval_examples, o, world)
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o["lr_scheduler"], r.plan.warmup_steps, r.plan.total_steps))
         if ckpt_dir is not None:
             r.resume(ckpt_dir, st)
-        r.prepare_outputs(model, data, ckpt_dir)
+        r.prepare_outputs(model, data if isinstance(data, (str, os.PathLike)) else None, ckpt_dir)  # records given as objects: none to name
         r.report_start(reports, targets)
+        r.data_format = _trained_format(reports["data"], o["fmt"])
         r.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         result = r.run(examples, eval_examples, progress)
         if result.get("interrupted"):
@@ -427,6 +436,7 @@ class _Run:
             _write_adapter(self.model, self.out, base_id, self.cfg, {
                 "steps": self.step, "examples": n_examples, "optimizer": self.optim_used, "lr": self.o["lr"],
                 "final_loss": self.last_loss, "eval_loss": self.last_eval, "formats": dict(formats or {}),
+                "format": getattr(self, "data_format", None),
             }, state_dict=state)
             _plot(self.out)
         elapsed = time.perf_counter() - self.t_start
@@ -542,9 +552,9 @@ def read_data(data, tok, o: dict):
     """(training examples, evaluation examples, {name: DataReport}); refuses a run left with none."""
     strict = o["strict_data"]
     kw = dict(fmt=o["fmt"], max_length=o["max_length"], train_on_inputs=o["train_on_inputs"], truncation=o["truncation"], strict=strict)
-    reports = {"data": DataReport(str(data))}
+    reports = {"data": DataReport(data_label(data))}
     recs = load_records(data, split=o["data_split"], config=o["data_config"], strict=strict, report=reports["data"])
-    examples = build_examples(recs, tok, source=str(data), report=reports["data"], **kw)
+    examples = build_examples(recs, tok, source=data_label(data), report=reports["data"], **kw)
     _none_left(examples, reports["data"], "--data")
     eval_examples: list = []
     eval_source = o["eval_data"] or (data if o["eval_data_split"] else None)  # --eval-data-split alone: a split of --data
@@ -569,6 +579,11 @@ def read_data(data, tok, o: dict):
     if o["packing"]:
         examples = pack(examples, o["max_length"])
     return examples, eval_examples, reports
+
+
+def _trained_format(report: DataReport, fmt: str) -> str:
+    """The format the adapter learned its prompts in: the option, or with auto the one most records had."""
+    return fmt if fmt != "auto" or not report.formats else report.formats.most_common(1)[0][0]
 
 
 def _none_left(examples: list, report: DataReport, flag: str) -> None:
@@ -663,20 +678,19 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
     from ..adapters import stable_adapter_config
-    from ..io.cards import adapter_card, hub_id, shown
+    from ..io.cards import adapter_card, shown, usage_section
     from ..io.writes import building, fresh_dir, remove, write_file
 
     tmp = fresh_dir(out, "adapter")  # made new, never a link followed; removed if the save fails
     with building(tmp, out / "adapter_model.safetensors"):
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         stable_adapter_config(tmp, base_model_name_or_path=base_id)
-    base_name = hub_id(base_id) or Path(base_id).name  # a card never carries a local path (io/cards.shown)
     body = (f"# LoRA adapter for {shown(base_id)}\n\nTrained with qconvert on a 4-bit NF4 base: r={cfg.r}, alpha={cfg.lora_alpha}, "
             f"dropout={cfg.lora_dropout}; {info['steps']} steps on {info['examples']} examples, optimizer {info['optimizer']}, "
             f"lr {info['lr']}, final training loss {info['final_loss']:.4f}"
             + (f", evaluation loss {info['eval_loss']:.4f}" if info.get("eval_loss") is not None else "")
-            + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\nLoad with PEFT: "
-            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"{out.name}\")`.\n")
+            + ".\n\n![Training and evaluation loss against step, learning rate on the right axis](loss.png)\n\n"
+            + usage_section(base_id, out.name, info.get("format")))  # a card never carries a local path (io/cards.shown)
     fmt = prompt_format(info.get("formats") or {})
     write_file(tmp / PROMPT_FORMAT_FILE, json.dumps(fmt, indent=2) + "\n")
     write_file(tmp / "README.md", adapter_card(base_id, body + prompt_format_text(fmt), extra_tags=("qlora",)))

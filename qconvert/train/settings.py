@@ -228,13 +228,15 @@ SPECS: dict[str, Spec] = {f.name: _spec(f) for f in dataclasses.fields(TrainConf
 #: the options that name the run: MODEL (an argument, or the config file's model_name_or_path),
 #: --data, --output, --push-to-hub
 RUN_OPTIONS: dict[str, Spec] = {
-    "model": Spec("model", (), "model_name_or_path", ("model", "base_model"), help="The 4-bit base model."),
+    "model": Spec("model", (), "model_name_or_path", ("model", "base_model"), help="The base model (4-bit, or 16-bit: quantized on the way in)."),
     "data": Spec("data", ("--data",), "dataset_name", ("data", "dataset", "data_path", "dataset_path", "train_file"),
                  help="JSONL/JSON/parquet/CSV/TSV/arrow/txt file, dataset folder, or Hub dataset id (org/name)."),
     "output": Spec("output", ("--output", "--output-dir"), "output_dir", ("output",),
                    help="Folder for the adapter, checkpoints, metrics.jsonl, loss.png and config.yaml."),
     "push_to": Spec("push_to", ("--push-to-hub",), "hub_model_id", ("push_to_hub",), metavar="REPO_ID",
                     help="Publish the adapter when training finishes (see `qconvert push`)."),
+    "keep_quantized": Spec("keep_quantized", ("--keep-quantized",), "keep_quantized", (), metavar="DIR",
+                           help="A 16-bit MODEL is quantized on the way in: keep that 4-bit copy in DIR (reused by later runs)."),
 }
 #: per-invocation choices a run leaves out of OUTPUT/config.yaml
 NOT_SAVED = ("resume", "overwrite", "push_to", "stop_after", "nproc_per_node")
