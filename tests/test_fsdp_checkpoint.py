@@ -238,6 +238,8 @@ def test_former_format_is_refused_without_being_opened(ckpt, tmp_path):
 
 
 COMMON = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 4, "--lora-dropout", 0.0, "--optim", "adamw"]
+#: COMMON for a resume on two processes: the same global batch (2), which a resume must keep (train/resume.py)
+TWO = [1 if i and COMMON[i - 1] == "--batch-size" else v for i, v in enumerate(COMMON)]
 
 
 def _old_format_run(qmodel, data, out: Path) -> Path:
@@ -287,7 +289,7 @@ def test_resume_of_a_crafted_former_checkpoint_runs_nothing(qmodel, tmp_path, cr
     if crafted == "metadata":
         (sharded / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
         r = subprocess.run([*QCONVERT, "train", str(qmodel), "--data", str(data), "--output", str(out), "--backend", "reference",
-                            "--fsdp", "--nproc-per-node", "2", "--resume", *map(str, COMMON)], capture_output=True, text=True)
+                            "--fsdp", "--nproc-per-node", "2", "--resume", *map(str, TWO)], capture_output=True, text=True)
     else:
         assert _evil_byte_record(sharded, marker).startswith("optim.param_groups.")
         r = train(qmodel, data, out, *COMMON, "--fsdp", "--resume", ok=False)
@@ -312,7 +314,7 @@ def test_resume_ignores_planted_former_files_and_refuses_a_damaged_manifest_in_o
     man["tensors"][name]["shape"][1] += 1
     (sharded / fc.MANIFEST).write_text(json.dumps(man))
     r = subprocess.run([*QCONVERT, "train", str(qmodel), "--data", str(data), "--output", str(out), "--backend", "reference", "--fsdp",
-                        "--nproc-per-node", "2", "--resume", *map(str, COMMON)], capture_output=True, text=True)
+                        "--nproc-per-node", "2", "--resume", *map(str, TWO)], capture_output=True, text=True)
     one_line_error(r, "sharded/manifest.json", f"tensor {name}: shape [4, 65] float32, this model's is [4, 64] float32")
     assert "[rank" not in r.stderr
     (sharded / fc.MANIFEST).write_text(keep)

@@ -213,6 +213,10 @@ def save_sharded(model, optimizer, folder: Path) -> None:
     fsdp_checkpoint.save(model, optimizer, folder / SHARDED, *_rank_world())
     if hasattr(optimizer, "save_exact"):  # bitsandbytes' 8-bit state as it is, per process (bnb_shards.py)
         optimizer.save_exact(folder / SHARDED, *_rank_world())
+    if _rank_world()[1] > 1:  # the checkpoint is whole (process 0's manifest written) when any process returns
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def load_sharded(model, optimizer, folder: Path) -> str | None:
