@@ -204,11 +204,16 @@ def test_bad_data_refused(qmodel, tmp_path, content, message):
 
 
 @pytest.mark.slow
-def test_not_a_4bit_model(tmp_path):
+@pytest.mark.slow
+def test_a_16bit_model_is_quantized_on_the_way_in(tmp_path):
+    """A 16-bit MODEL was refused ("not a 4-bit checkpoint"); it is now quantized as `qconvert quantize`
+    writes it, said in one line, and the run writes its adapter (tests/test_train_16bit.py holds the
+    adapter bit-identical to quantize-then-train)."""
     src = make_tiny_llama(tmp_path / "plain")
     make_tokenizer(src)
-    r = train(src, memorize_set(tmp_path), tmp_path / "out", ok=False)
-    assert r.returncode == 1 and "not a 4-bit checkpoint" in r.stderr and "qconvert quantize" in r.stderr
+    r = train(src, memorize_set(tmp_path), tmp_path / "out", "--max-steps", "1")
+    assert "is 16-bit; quantizing it to 4-bit NF4 on the way in" in r.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
