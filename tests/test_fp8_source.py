@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import bnb_quantize_save, make_tiny_llama, run_cli
-from safetensors import safe_open
+from test_convert import tensors
 from safetensors.torch import load_file, save_file
 
 from qconvert.convert.plan import make_plan
@@ -114,14 +114,6 @@ def transformers_dequantized(src: Path, out: Path, qconfig) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qconfig, device_map="cpu")
     return save_16bit(src, out, {k: v.detach() for k, v in model.state_dict().items()})
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def assert_verify_sees_the_dequantized_source(ours: Path, src: Path, deq: Path) -> None:

@@ -358,20 +358,18 @@ def _read_vocab(gguf, folder: Path):
 def _write_then_quantize(src: _Source, plan: list[_Planned], out: Path, say) -> None:
     """Q4_K_M: the F16 file under a temporary name beside OUT, quantized by llama.cpp into another
     temporary name, renamed onto OUT; both temporaries removed whatever happens."""
-    from ..io.writes import sync_dir, temp_name
+    from ..io.writes import remove, sync_dir, temp_name, write_file
 
     f16 = temp_name(out.parent, out.name + ".f16")
     q = temp_name(out.parent, out.name)
     try:
-        from ..io.writes import write_file
-
         write_file(f16, lambda f: _write(src, plan, "f16", f, say))
         _llama_quantize(f16, q, "q4_k_m")
         os.replace(q, out)
         sync_dir(out.parent)
     finally:
-        f16.unlink(missing_ok=True)
-        q.unlink(missing_ok=True)
+        remove(f16)  # the one writer's removal: a link planted at a temporary name is unlinked, never followed
+        remove(q)
 
 
 def _llama_quantize(src: Path, dst: Path, out_type: str) -> None:
