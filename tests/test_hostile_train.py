@@ -5,9 +5,11 @@ clear line (exit 1), never a traceback and never a run that "succeeds" on nothin
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from helpers import QCONVERT, make_tiny_bert
-from test_train import memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
+from test_train import free_port, memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,6 +149,22 @@ def test_checkpoint_state_loads_with_weights_only_and_restores_every_rng():
     assert torch.equal(want[0], got[0]) and want[1] == got[1] and np.array_equal(want[2], got[2])
 
 
+OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
+                      "send_object_list", "recv_object_list")
+
+
+@pytest.mark.slow
+def test_rng_states_are_gathered_across_processes_without_pickle():
+    """A multi-process checkpoint gathers each process's RNG state (train/checkpoint._gather_rng) as
+    safetensors bytes in tensors; all_gather_object would unpickle what the other processes send."""
+    worker = ROOT / "tests" / "rng_gather_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}", str(worker)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ok 0" in r.stderr and "ok 1" in r.stderr
+
+
 def test_no_pickle_is_loaded_without_weights_only_anywhere_in_the_package():
     import ast
 
@@ -163,6 +181,8 @@ def test_no_pickle_is_loaded_without_weights_only_anywhere_in_the_package():
                     offenders.append(f"{where}: torch.load without weights_only=True")
             elif owner in ("pickle", "dill", "joblib", "cloudpickle") and node.func.attr in ("load", "loads"):
                 offenders.append(f"{where}: {owner}.{node.func.attr}")
+            elif node.func.attr in OBJECT_COLLECTIVES:  # torch.distributed pickles these objects across processes
+                offenders.append(f"{where}: {node.func.attr}")
     assert not offenders, offenders
 
 

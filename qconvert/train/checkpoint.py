@@ -172,15 +172,54 @@ def _publish(tmp: Path, state: dict, out: Path, step: int, limit: int | None) ->
 
 
 def _gather_rng(world: int):
-    """This process's RNG state (one process), or every process's, gathered (a collective)."""
+    """This process's RNG state (one process), or every process's, gathered (a collective).
+
+    Gathered as bytes in tensors, never with ``all_gather_object``: that pickles each state and
+    unpickles what the other processes send, and qconvert runs no pickle, its own included."""
     rng = rng_state()
     if world > 1:
         import torch.distributed as dist
 
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, rng)
-        rng = gathered
+        blob = _rng_to_bytes(rng)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        size = torch.tensor([blob.numel()], dtype=torch.int64, device=device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        longest = int(max(int(s) for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[: blob.numel()] = blob.to(device)
+        blobs = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(blobs, padded)
+        rng = [_rng_from_bytes(b[: int(n)].cpu()) for b, n in zip(blobs, sizes)]
     return rng
+
+
+def _rng_to_bytes(state: dict) -> torch.Tensor:
+    """One RNG state (:func:`rng_state`) as safetensors bytes: tensors as tensors, the rest as JSON."""
+    import json
+
+    from safetensors.torch import save
+
+    cuda = state.get("cuda") or []
+    tensors = {"torch": state["torch"], "python": state["python"]["state"], "numpy": state["numpy"]["state"],
+               **{f"cuda.{i}": t for i, t in enumerate(cuda)}}
+    plain = {"python": {k: v for k, v in state["python"].items() if k != "state"},
+             "numpy": {k: v for k, v in state["numpy"].items() if k != "state"}, "cuda": len(cuda) if state.get("cuda") is not None else None}
+    tensors["plain"] = torch.frombuffer(bytearray(json.dumps(plain).encode()), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(save({k: t.contiguous().cpu() for k, t in tensors.items()})), dtype=torch.uint8)
+
+
+def _rng_from_bytes(blob: torch.Tensor) -> dict:
+    """The inverse of :func:`_rng_to_bytes` (no pickle: safetensors and JSON)."""
+    import json
+
+    from safetensors.torch import load
+
+    tensors = load(blob.numpy().tobytes())
+    plain = json.loads(tensors.pop("plain").numpy().tobytes())
+    cuda = None if plain["cuda"] is None else [tensors[f"cuda.{i}"] for i in range(plain["cuda"])]
+    return {"torch": tensors["torch"], "python": {**plain["python"], "state": tensors["python"]},
+            "numpy": {**plain["numpy"], "state": tensors["numpy"]}, "cuda": cuda}
 
 
 def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | None, rank: int, world: int,

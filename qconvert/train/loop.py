@@ -292,7 +292,7 @@ class _Run:
                 raise DataError(f"{ckpt_dir}: a checkpoint written with --fsdp", hint="resume it with --fsdp")
             set_peft_model_state_dict(self.model, load_file(str(ckpt_dir / "adapter_model.safetensors")))
             self.optimizer.load_state_dict(st["optimizer"])
-            rng = st["rng"][self.rank] if isinstance(st["rng"], list) else st["rng"]
+            rng = st["rng"][self.rank % len(st["rng"])] if isinstance(st["rng"], list) else st["rng"]
         self.sched.load_state_dict(st["scheduler"])
         self.step = st["step"]
         set_rng_state(rng)
