@@ -94,3 +94,22 @@ def test_export_adapter_errors(train_dir, tmp_path):
     (tmp_path / "full" / "x").write_text("mine")
     r = run("export-adapter", out, tmp_path / "full")
     assert r.returncode == 1 and "--overwrite" in r.stderr and (tmp_path / "full" / "x").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_export_adapter_picks_the_runs_own_latest_checkpoint_not_another_tools(train_dir, tmp_path):
+    """A run folder whose manifest (train/outdir.py) lists checkpoint-2 only: the checkpoint-10 beside it
+    belongs to another tool, so export-adapter takes checkpoint-2's adapter (it took the newest by name)."""
+    from safetensors.torch import load_file
+
+    from qconvert.train.outdir import write_manifest
+
+    _, out, _ = train_dir
+    run_dir = tmp_path / "run"
+    shutil.copytree(out, run_dir)
+    write_manifest(run_dir, ["checkpoint-2"])
+    r = run("export-adapter", run_dir, tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint-2" in r.stdout and "checkpoint-10" not in r.stdout
+    got, want = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -28,9 +28,9 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
 
     src, out = Path(source), Path(output)
     if not (src / "adapter_config.json").is_file():
-        from ..train.loop import checkpoints
+        from ..train.outdir import run_checkpoints
 
-        ckpts = checkpoints(src)
+        ckpts = run_checkpoints(src)  # the run's own (its manifest), never another tool's checkpoint-N
         if not ckpts:
             raise FormatError(f"{src}: no adapter_config.json and no checkpoint-N folder", hint="pass a qconvert train output or checkpoint")
         src = ckpts[-1]
