@@ -90,8 +90,10 @@ def test_eval_scores_prompts_in_the_adapters_recorded_format(src16, tmp_path, ca
     _, q, data = src16
     out = tmp_path / "run"
     rows = [{"instruction": WORDS[i], "input": "", "output": WORDS[i + 1]} for i in range(8)]
+    said: list[str] = []
     train(str(q), rows, out, max_steps=2, batch_size=4, grad_accum=1, lr=3e-2, backend="reference", lora_r=4, lora_alpha=8,
-          lora_dropout=0.0, progress=False)
+          lora_dropout=0.0, progress=False, log=said.append)
+    assert any(m.startswith(f"threads: {torch.get_num_threads()} (") for m in said)  # item 6: train's start lines name its threads
     template = json.loads((out / "qconvert_prompt_format.json").read_text())["prompt_without_input"]
     (rec,), err = json_rows(capsys, "eval", q, "--data", data, "--adapter", out, "--dtype", "float32")
     assert "prompt format: alpaca, the adapter" in err and rec["prompt_format"] == "alpaca"
