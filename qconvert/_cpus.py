@@ -245,7 +245,8 @@ def cap_torch_threads() -> int:
     import torch
 
     now = torch.get_num_threads()
-    setting = os.environ.get(THREADS_ENV) or None
+    setting = os.environ.get(THREADS_ENV, "").strip() or None
+    setting = None if setting and setting.lower() == "auto" else setting  # auto: as if unset
     if os.environ.get("OMP_NUM_THREADS") and setting is None:
         n, why = now, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     else:

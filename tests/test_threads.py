@@ -339,6 +339,10 @@ def test_cap_takes_the_measured_load_and_says_why(monkeypatch):
         torch.set_num_threads(2)
         monkeypatch.setattr(cpus, "idle_cpus", lambda: 1.96)
         assert cpus.cap_torch_threads() == 2 and cpus.thread_line() == "threads: 2 (2.0 of 2 available CPUs idle; QCONVERT_THREADS=N sets it)"
+        monkeypatch.setenv("QCONVERT_THREADS", "auto")  # as unset: measured
+        torch.set_num_threads(2)
+        monkeypatch.setattr(cpus, "idle_cpus", lambda: 0.5)
+        assert cpus.cap_torch_threads() == 1 and cpus.thread_line() == "threads: 1 (0.5 of 2 available CPUs idle; QCONVERT_THREADS=N sets it)"
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         monkeypatch.setenv("QCONVERT_THREADS", "1")
         assert cpus.cap_torch_threads() == 1 and cpus.thread_line() == "threads: 1 (QCONVERT_THREADS=1)"
