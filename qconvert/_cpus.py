@@ -217,8 +217,8 @@ def torch_thread_choice(available: int, idle: float | None, setting: str | None)
     ``setting``: the QCONVERT_THREADS value (a count wins; "auto" or unset: decide). Otherwise one
     thread per available CPU that is at least THREAD_IDLE_SHARE idle (``idle``: :func:`idle_cpus`),
     at least one: torch's threads meet at the end of every op, so a thread without a CPU of its own
-    stalls all the others (a 4-step train measured 2.5x slower at 2 threads than at 1 beside other
-    work on 2 CPUs; docs/benchmarks.md)."""
+    stalls all the others (a 4-step train measured 1.7-3.1x slower at 2 threads than at 1 beside other
+    work on 2 CPUs; docs/quantize.md)."""
     if setting is not None and setting.strip().lower() not in ("", "auto"):
         try:
             n = int(setting)
