@@ -353,3 +353,18 @@ def test_cap_takes_the_measured_load_and_says_why(monkeypatch):
         assert cpus.thread_line() == "threads: 1 (torch's setting)"
     finally:
         torch.set_num_threads(old)
+
+
+def test_a_bad_qconvert_threads_is_one_line_from_the_cli(monkeypatch, capsys):
+    """The promised error shape before anything loads (the model named here does not exist)."""
+    from qconvert.cli import main
+
+    monkeypatch.setenv("QCONVERT_THREADS", "two")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    old = torch.get_num_threads()
+    try:
+        rc = main(["generate", "no-such-model-folder", "--prompt", "hi"])
+    finally:
+        torch.set_num_threads(old)
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1 and err == ["qconvert: error: QCONVERT_THREADS=two: not a thread count", "hint: give a whole number from 1 to 4096, or auto"]
