@@ -17,9 +17,12 @@ chunk. tools/bench_contention.py measures that default against one worker under 
 
 Every reader takes ``root`` (default ``/``) so tests can feed a fake /proc and /sys tree.
 
-The single-process commands that run torch ops (train, generate, eval, merge) cap torch's intra-op
-thread count at the same figure (:func:`cap_torch_threads`): torch's default counts the machine's
-cores, and more threads than the process can run make every small op wait for a descheduled one.
+The single-process commands that run torch ops (train, generate, eval, merge) set torch's intra-op
+thread count from the same figure (:func:`cap_torch_threads`), and there the present load does
+count: torch's threads meet at the end of every op, so one descheduled thread stalls the others
+(the quantizer's independent chunks do not). torch's default counts the machine's cores; qconvert
+gives one thread per available CPU that is mostly idle over a tenth of a second at start
+(:func:`idle_cpus`, /proc/stat), or ``QCONVERT_THREADS``.
 """
 
 from __future__ import annotations
@@ -154,18 +157,113 @@ def resolve_workers(value: str | int | None) -> int:
     return n if n is not None else available_cpus()
 
 
+#: the environment variable that sets torch's threads for train, generate, eval and merge (a count, or auto)
+THREADS_ENV = "QCONVERT_THREADS"
+#: how long :func:`idle_cpus` watches /proc/stat (10 jiffies per CPU at the usual USER_HZ of 100)
+IDLE_SAMPLE_S = 0.1
+#: a CPU counts for a thread when at least this much of one is idle (:func:`torch_thread_choice`)
+THREAD_IDLE_SHARE = 0.75
+
+
+def _cpu_idle_total(root: Path, cpus: set[int] | None) -> tuple[int, int] | None:
+    """(idle, total) jiffies summed over the ``cpuN`` lines of /proc/stat for N in ``cpus`` (all
+    when None); idle counts iowait too. None when the file cannot be read."""
+    text = _read(root / "proc/stat")
+    if text is None:
+        return None
+    idle = total = 0
+    for line in text.splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        try:
+            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal (guest is inside user)
+        except ValueError:
+            return None
+        if len(values) < 5:
+            return None
+        idle += values[3] + values[4]
+        total += sum(values)
+    return (idle, total) if total else None
+
+
+def idle_cpus(root: str | os.PathLike = "/", seconds: float = IDLE_SAMPLE_S) -> float | None:
+    """How many of this process's CPUs (its affinity) were idle over the next ``seconds``, from
+    /proc/stat: 1.0 for a CPU idle the whole time. Unlike the load average this is the present, not
+    the past minute, and counts only the CPUs this process may run on. None where /proc/stat is
+    unreadable (not Linux) or did not advance."""
+    import time
+
+    try:
+        mine = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = None
+    root = Path(root)
+    before = _cpu_idle_total(root, mine)
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after = _cpu_idle_total(root, mine)
+    if after is None or after[1] <= before[1]:
+        return None
+    n = len(mine) if mine else max(1, os.cpu_count() or 1)
+    return n * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def torch_thread_choice(available: int, idle: float | None, setting: str | None) -> tuple[int, str]:
+    """(torch threads, why) for a single-process command; the decision only, measured values given.
+    ``setting``: the QCONVERT_THREADS value (a count wins; "auto" or unset: decide). Otherwise one
+    thread per available CPU that is at least THREAD_IDLE_SHARE idle (``idle``: :func:`idle_cpus`),
+    at least one: torch's threads meet at the end of every op, so a thread without a CPU of its own
+    stalls all the others (a 4-step train measured 1.7-3.1x slower at 2 threads than at 1 beside other
+    work on 2 CPUs; docs/quantize.md)."""
+    if setting is not None and setting.strip().lower() not in ("", "auto"):
+        try:
+            n = int(setting)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 4096:
+            raise OptionError(f"{THREADS_ENV}={setting}: not a thread count", hint="give a whole number from 1 to 4096, or auto")
+        return n, f"{THREADS_ENV}={n}"
+    if idle is None:
+        return available, f"{available} available CPU{'s' * (available != 1)} (their load unknown)"
+    n = max(1, min(available, math.floor(idle + (1 - THREAD_IDLE_SHARE))))
+    return n, f"{idle:.1f} of {available} available CPUs idle; {THREADS_ENV}=N sets it"
+
+
+_chosen: list[str] = []  # the last choice cap_torch_threads made in this process, for thread_line
+
+
 def cap_torch_threads() -> int:
-    """Cap torch's intra-op threads at :func:`available_cpus` for a single-process command, and
-    return the count in force. torch's default counts the machine's cores, not a container's quota
-    or the affinity: beyond what the process can run, each op waits for a descheduled thread (10-20x
-    slower on a loaded machine). ``OMP_NUM_THREADS``, when set, is the user's choice, left alone.
-    The load of other processes is not looked at (see the module docstring)."""
+    """Set torch's intra-op threads for a single-process command (train, generate, eval, merge) by
+    :func:`torch_thread_choice`, never above torch's own default (it counts the machine's cores, not
+    a container's quota, the affinity or the other processes' load), and return the count in force.
+    ``OMP_NUM_THREADS``, when set, is the user's choice, left alone (``QCONVERT_THREADS`` wins over
+    it). The choice is kept for :func:`thread_line`."""
     import torch
 
     now = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS"):
-        return now
-    n = min(now, available_cpus())
-    if n != now:
-        torch.set_num_threads(n)
+    setting = os.environ.get(THREADS_ENV, "").strip() or None
+    setting = None if setting and setting.lower() == "auto" else setting  # auto: as if unset
+    if os.environ.get("OMP_NUM_THREADS") and setting is None:
+        n, why = now, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    else:
+        available = available_cpus()
+        n, why = torch_thread_choice(available, idle_cpus() if available > 1 and setting is None else None, setting)
+        if setting is None:
+            n = min(n, now)
+        if n != now:
+            torch.set_num_threads(n)
+    _chosen[:] = [f"threads: {n} ({why})"]
     return n
+
+
+def thread_line() -> str:
+    """``threads: N (why)`` for a start summary: the choice :func:`cap_torch_threads` made, or
+    torch's own setting where it was not called (the library, not the CLI)."""
+    import torch
+
+    n = torch.get_num_threads()
+    return _chosen[0] if _chosen and _chosen[0].startswith(f"threads: {n} ") else f"threads: {n} (torch's setting)"

@@ -62,39 +62,112 @@ def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[st
 def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: list[str] | None = None, compare: bool = False,
              fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, batch_size: int = 8,
              backend: str = "auto", revision: str | None = None, dtype: str = "auto", device: str | None = None,
-             data_split: str | None = None, data_config: str | None = None, truncation: str = "truncate") -> list[dict]:
+             data_split: str | None = None, data_config: str | None = None, truncation: str = "truncate",
+             load_in_4bit: bool = False, keep_quantized: str | os.PathLike | None = None, log=None) -> list[dict]:
     """Score MODEL, and MODEL with each adapter; one row each. With ``compare`` the bare model is scored
-    first even when adapters are given (base vs base+adapter in one run, the base loaded once)."""
-    from .runtime import attach_adapter, load_for_inference
+    first even when adapters are given (base vs base+adapter in one run, the base loaded once).
+    ``fmt`` "auto": each adapter's recorded prompt format applies (:func:`prompt_formats`); "raw":
+    records as detected, prompts as written. ``load_in_4bit`` / ``keep_quantized``: a 16-bit MODEL
+    is quantized on the way in, as train does (convert/on_load.py). ``log`` gets the notices."""
+    import contextlib
 
-    adapters = list(adapters or [])
-    if compare and not adapters:
-        raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
     from .io.hub import looks_like_repo_id
-
-    if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
-        raise DataError(f"{data}: no such file")
     from .io.source import resolve_adapter_path
 
+    adapters = list(adapters or [])
+    if max_length < 2:
+        raise OptionError(f"--max-length must be at least 2, got {max_length}")
+    if compare and not adapters:
+        raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
+    if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
+        raise DataError(f"{data}: no such file")
     folders = [resolve_adapter_path(a)[0] for a in adapters]  # folders or Hub ids, fetched before the model loads
-    lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype, device=device)
-    tok = lm.tokenizer
-    from .train.data import DataReport
+    say = log or (lambda m: None)
+    formats = prompt_formats(folders, fmt, say)
+    with contextlib.ExitStack() as held:  # a 16-bit MODEL's temporary 4-bit copy lives as long as the scoring
+        from .convert.on_load import inference_base
 
+        loaded, rev = inference_base(model, revision, load_in_4bit, keep_quantized, held, say)
+        return _evaluate(model, loaded, data, list(zip(adapters, folders, formats)), compare=compare, fmt=fmt, max_length=max_length,
+                         train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=rev, dtype=dtype,
+                         device=device, data_split=data_split, data_config=data_config, truncation=truncation)
+
+
+def prompt_formats(folders: list, fmt: str, say) -> list[str]:
+    """The prompt format each adapter is scored in, as generate prompts it: with ``fmt`` "auto" the
+    adapter's recorded training format (train.data.PROMPT_FORMAT_FILE; "raw" when it has none),
+    else "raw" (the records' own format, or the one ``fmt`` forces)."""
+    from .generation import recorded_format
+
+    out = []
+    for folder in folders:
+        pf = (recorded_format(folder) if fmt == "auto" else None) or "raw"
+        if pf != "raw":
+            say(f"prompt format: {pf}, the adapter {folder}'s training format: prompt/completion records are rendered in it "
+                f"(--format raw scores them as written)")
+        out.append(pf)
+    return out
+
+
+def as_prompt_format(records: list, pf: str) -> list:
+    """``records`` ((line, record) pairs) with each {"prompt", "completion"} record in the prompt
+    format ``pf``: "alpaca" makes the prompt the instruction (as ``generate --format alpaca``),
+    "chat" a user turn answered by the completion; "raw" and records of other shapes (which carry
+    their own format) are left as they are."""
+    from .train.data import detect
+
+    if pf == "raw":
+        return records
+    out = []
+    for n, rec in records:
+        if detect(rec) == "prompt":
+            rec = ({"instruction": rec["prompt"], "output": rec["completion"]} if pf == "alpaca" else
+                   {"messages": [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]})
+        out.append((n, rec))
+    return out
+
+
+def _evaluate(model, loaded: str, data, runs: list, *, compare, fmt, max_length, train_on_inputs, batch_size, backend, revision, dtype,
+              device, data_split, data_config, truncation) -> list[dict]:
+    """``runs``: (adapter as given, its folder, its prompt format) each."""
+    import copy
+
+    from .runtime import attach_adapter, load_for_inference
+    from .train.data import DataReport, build_examples, load_records
+
+    lm = load_for_inference(loaded, backend=backend, revision=revision, dtype=dtype, device=device)
+    tok = lm.tokenizer
     report = DataReport()
-    examples = load_examples(data, tok, fmt=fmt, max_length=max_length, train_on_inputs=train_on_inputs,
-                             split=data_split, config=data_config, truncation=truncation, report=report)
-    if not examples:
-        raise DataError(f"{data}: no record left to score ({report.n_dropped} dropped)", hint="raise --max-length or use --truncation truncate")
+    try:
+        records = load_records(data, split=data_split, config=data_config, report=report)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{data}: not UTF-8 text (invalid byte at offset {e.start})", hint="re-encode the file as UTF-8") from None
+    built: dict[str, tuple[list, DataReport]] = {}
+
+    def examples(pf: str):  # tokenized once per prompt format
+        if pf not in built:
+            rep = copy.deepcopy(report)  # what reading counted; tokenizing adds its own counts
+            ex = build_examples(as_prompt_format(records, pf), tok, "auto" if fmt == "raw" else fmt, max_length, train_on_inputs,
+                                source=str(data), truncation=truncation, report=rep)
+            if not ex:
+                raise DataError(f"{data}: no record left to score ({rep.n_dropped} dropped)", hint="raise --max-length or use --truncation truncate")
+            built[pf] = ex, rep
+        return built[pf]
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    row = {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if train_on_inputs else "targets",
-           "records": report.records, "truncated": report.truncated, "dropped": report.n_dropped}
+
+    def row(adapter, pf: str) -> dict:
+        ex, rep = examples(pf)
+        return {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if train_on_inputs else "targets",
+                "records": rep.records, "truncated": rep.truncated, "dropped": rep.n_dropped, "adapter": adapter, "prompt_format": pf,
+                **score(lm.model, ex, pad, batch_size=batch_size)}
+
     rows = []
-    if compare or not adapters:
-        rows.append({**row, "adapter": None, **score(lm.model, examples, pad, batch_size=batch_size)})
-    for a, folder in zip(adapters, folders):
+    if compare or not runs:  # the bare model in the first adapter's prompt format: the same tokens, base vs adapter
+        rows.append(row(None, runs[0][2] if runs else "raw"))
+    for a, folder, pf in runs:
         attach_adapter(lm, folder)
-        rows.append({**row, "adapter": str(a), **score(lm.model, examples, pad, batch_size=batch_size)})
+        rows.append(row(str(a), pf))
     return rows
 
 
@@ -102,6 +175,7 @@ def format_table(rows: list[dict]) -> str:
     """One line per scored model; the change against the bare model when it was scored too."""
     base = next((r for r in rows if r["adapter"] is None), None)
     names = [("base " if len(rows) > 1 else "") + r["model"] if r["adapter"] is None else f"+ adapter {r['adapter']}" for r in rows]
+    names = [n + (f" [{r['prompt_format']} prompts]" if r.get("prompt_format", "raw") != "raw" else "") for n, r in zip(names, rows)]
     w = max(len("model"), *map(len, names))
     head = f"{'model':<{w}}  {'examples':>8}  {'tokens':>8}  {'loss':>8}  {'perplexity':>11}"
     what = "every token" if rows[0]["scored"] == "all tokens" else "the tokens train learns (completions, assistant turns, texts)"

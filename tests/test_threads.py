@@ -271,3 +271,100 @@ def test_cap_never_raises_torch_threads(monkeypatch):
         assert cpus.cap_torch_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- the load of other processes (issue 24 item 6)
+def stat_text(per_cpu: list[tuple[int, int]]) -> str:
+    """/proc/stat with one ``cpuN`` line per (busy, idle) jiffies (busy as user time; iowait 1 counted idle)."""
+    lines = [f"cpu  {sum(b for b, _ in per_cpu)} 0 0 {sum(i for _, i in per_cpu)} 0 0 0 0 0 0"]
+    lines += [f"cpu{n} {b} 0 0 {i - 1} 1 0 0 0 0 0" for n, (b, i) in enumerate(per_cpu)]
+    return "\n".join(lines + ["intr 1 2 3", "ctxt 5"]) + "\n"
+
+
+def test_idle_cpus_counts_the_idle_share_of_this_processs_cpus(tmp_path, monkeypatch):
+    """idle CPUs = (CPUs of the affinity) x idle jiffies / all jiffies between two reads of /proc/stat,
+    over the affinity's CPUs only; no /proc/stat, or one that did not advance: None."""
+    import time
+
+    import qconvert._cpus as cpus
+
+    (tmp_path / "proc").mkdir()
+    stat = tmp_path / "proc/stat"
+    stat.write_text(stat_text([(100, 100), (100, 100), (0, 0)]))
+    # over the sample: cpu0 fully busy (10 busy jiffies), cpu1 idle 8 of 10, cpu2 (not ours) idle
+    monkeypatch.setattr(time, "sleep", lambda s: stat.write_text(stat_text([(110, 100), (102, 108), (0, 10)])))
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpus.idle_cpus(tmp_path) == pytest.approx(2 * 8 / 20)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert cpus.idle_cpus(tmp_path) is None  # no jiffy went by
+    assert cpus.idle_cpus(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("available, idle, setting, expected", [
+    (2, 2.0, None, 2), (2, 1.8, None, 2), (2, 1.7, None, 1), (2, 1.0, None, 1), (2, 0.0, None, 1),
+    (4, 2.9, None, 3), (4, 2.7, None, 2), (8, 16.0, None, 8), (2, None, None, 2), (2, 1.0, "auto", 1), (2, 2.0, "1", 1), (2, 0.0, "3", 3),
+])
+def test_torch_thread_choice_gives_a_thread_per_mostly_idle_cpu(available, idle, setting, expected):
+    from qconvert._cpus import torch_thread_choice
+
+    n, why = torch_thread_choice(available, idle, setting)
+    assert n == expected
+    assert why == (f"QCONVERT_THREADS={expected}" if setting not in (None, "auto") else
+                   "2 available CPUs (their load unknown)" if idle is None else
+                   f"{idle:.1f} of {available} available CPUs idle; QCONVERT_THREADS=N sets it")
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-1", "5000"])
+def test_a_bad_qconvert_threads_is_refused_by_name(bad):
+    from qconvert._cpus import torch_thread_choice
+
+    with pytest.raises(OptionError, match=f"QCONVERT_THREADS={bad}: not a thread count"):
+        torch_thread_choice(2, 2.0, bad)
+
+
+def test_cap_takes_the_measured_load_and_says_why(monkeypatch):
+    """With one of two CPUs busy elsewhere the single-process commands run one torch thread (they
+    took both before), and train's start lines say so; QCONVERT_THREADS wins, even over OMP_NUM_THREADS."""
+    import qconvert._cpus as cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("QCONVERT_THREADS", raising=False)
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 2)
+    monkeypatch.setattr(cpus, "idle_cpus", lambda: 1.04)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpus.cap_torch_threads() == 1 and torch.get_num_threads() == 1
+        assert cpus.thread_line() == "threads: 1 (1.0 of 2 available CPUs idle; QCONVERT_THREADS=N sets it)"
+        torch.set_num_threads(2)
+        monkeypatch.setattr(cpus, "idle_cpus", lambda: 1.96)
+        assert cpus.cap_torch_threads() == 2 and cpus.thread_line() == "threads: 2 (2.0 of 2 available CPUs idle; QCONVERT_THREADS=N sets it)"
+        monkeypatch.setenv("QCONVERT_THREADS", "auto")  # as unset: measured
+        torch.set_num_threads(2)
+        monkeypatch.setattr(cpus, "idle_cpus", lambda: 0.5)
+        assert cpus.cap_torch_threads() == 1 and cpus.thread_line() == "threads: 1 (0.5 of 2 available CPUs idle; QCONVERT_THREADS=N sets it)"
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setenv("QCONVERT_THREADS", "1")
+        assert cpus.cap_torch_threads() == 1 and cpus.thread_line() == "threads: 1 (QCONVERT_THREADS=1)"
+        monkeypatch.delenv("QCONVERT_THREADS")
+        torch.set_num_threads(2)
+        assert cpus.cap_torch_threads() == 2 and cpus.thread_line() == "threads: 2 (OMP_NUM_THREADS=2)"
+        torch.set_num_threads(1)  # a count the last choice did not set: torch's own
+        assert cpus.thread_line() == "threads: 1 (torch's setting)"
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_a_bad_qconvert_threads_is_one_line_from_the_cli(monkeypatch, capsys):
+    """The promised error shape before anything loads (the model named here does not exist)."""
+    from qconvert.cli import main
+
+    monkeypatch.setenv("QCONVERT_THREADS", "two")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    old = torch.get_num_threads()
+    try:
+        rc = main(["generate", "no-such-model-folder", "--prompt", "hi"])
+    finally:
+        torch.set_num_threads(old)
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1 and err == ["qconvert: error: QCONVERT_THREADS=two: not a thread count", "hint: give a whole number from 1 to 4096, or auto"]

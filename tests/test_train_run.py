@@ -44,6 +44,7 @@ def test_summary_numbers_log_lines_and_loss_png_come_from_the_run(qmodel, tmp_pa
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert f"{sum(t.numel() for t in adapter.values()):,} trainable parameters" in text, text
     assert "optimizer adamw, lr 0.0002 linear, 2 warmup steps; device cpu; memory peak RSS" in text
+    assert re.search(r"^threads: \d+ \((OMP_NUM_THREADS=|QCONVERT_THREADS=|\S+ of \d+ available CPUs idle|\d+ available CPU)", text, re.M), text
     assert "FutureWarning" not in text and "use_cache" not in text and "\r" not in text  # no bar, no third-party noise
     rows = metrics(out)
     train_rows = [m for m in rows if "loss" in m]

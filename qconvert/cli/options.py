@@ -49,3 +49,15 @@ def dtype(*, auto: bool, default: str | None = None, help: str | None = None):
 
 def compute_dtype(help: str = "Recorded in quantization_config: the dtype layers compute in after dequantizing."):
     return click.option("--compute-dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True, help=help)
+
+
+def load_in_4bit():
+    """--load-in-4bit and --keep-quantized DIR of generate and eval: a 16-bit MODEL quantized on the
+    way in, as train does (convert/on_load.py); without them it runs unquantized."""
+    def wrap(f):
+        f = click.option("--keep-quantized", metavar="DIR",
+                         help="With --load-in-4bit (implied): keep the 4-bit copy in DIR (reused by later runs).")(f)
+        return click.option("--load-in-4bit", is_flag=True,
+                            help="A 16-bit MODEL is quantized to 4-bit NF4 on the way in, as `qconvert quantize` writes it "
+                                 "and train trains on it [default: a 16-bit MODEL runs unquantized].")(f)
+    return wrap

@@ -3,6 +3,7 @@ qconvert.generation, qconvert.evaluate)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import click
@@ -32,10 +33,12 @@ from . import options
 @options.dtype(auto=True)
 @options.backend()
 @options.revision()
+@options.load_in_4bit()
 def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, echo,
-             as_json, dtype, backend, revision):
+             as_json, dtype, backend, revision, load_in_4bit, keep_quantized):
     """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
     from .._cpus import cap_torch_threads
+    from ..convert.on_load import inference_base
     from ..generation import check_settings, generate_text, recorded_format, render_prompt
     from ..io.source import resolve_adapter_path
     from ..runtime import attach_adapter, load_for_inference
@@ -53,11 +56,13 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, chat=chat, system=system)  # before minutes of loading
     cap_torch_threads()
-    lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype)
-    if folder:
-        attach_adapter(lm, folder)
-    r = generate_text(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, chat=chat, system=system)
+    with contextlib.ExitStack() as held:  # a 16-bit MODEL's temporary 4-bit copy lives as long as the run
+        base, rev = inference_base(model, revision, load_in_4bit, keep_quantized, held, lambda m: click.echo(m, err=True))
+        lm = load_for_inference(base, backend=backend, revision=rev, dtype=dtype)
+        if folder:
+            attach_adapter(lm, folder)
+        r = generate_text(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, chat=chat, system=system)
     if as_json:
         click.echo(json.dumps({"model": model, "adapter": adapter, **r, "prompt": shown, "rendered_prompt": r["prompt"],
                                "format": "chat" if chat else fmt or "raw"}))
@@ -72,7 +77,9 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
 @click.option("--compare", is_flag=True, help="Also score MODEL without the adapters: one table, base vs base+adapter.")
 @click.option("--data-split", help="Split of a Hub dataset id or dataset folder (default: train).")
 @click.option("--data-config", help="Configuration (subset) of a Hub dataset id.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice((*FORMATS, "raw")), default="auto", show_default=True,
+              help="Record format (auto: per record). auto also renders prompt/completion records in an --adapter's recorded "
+                   "training format (alpaca, chat), as generate does; raw scores them as written.")
 @click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example, as in train.")
 @click.option("--truncation", type=click.Choice(TRUNCATION), default="truncate", show_default=True,
               help="Records over --max-length: scored on their first tokens, or left out (counted either way).")
@@ -82,8 +89,9 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
 @options.backend()
 @options.revision()
 @options.json_output("One JSON object per scored model, one per line.")
+@options.load_in_4bit()
 def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_length, truncation, train_on_inputs, batch_size, dtype,
-             backend, revision, as_json):
+             backend, revision, as_json, load_in_4bit, keep_quantized):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
     from .._cpus import cap_torch_threads
     from ..evaluate import evaluate, format_table
@@ -91,7 +99,8 @@ def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_l
     cap_torch_threads()
     rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,
                     train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype,
-                    data_split=data_split, data_config=data_config, truncation=truncation)
+                    data_split=data_split, data_config=data_config, truncation=truncation, load_in_4bit=load_in_4bit,
+                    keep_quantized=keep_quantized, log=lambda m: click.echo(m, err=True))
     r0 = rows[0]
     if (r0["truncated"] or r0["dropped"]) and not as_json:
         click.echo(f"{data}: {r0['records']} records, {r0['truncated']} truncated to --max-length {max_length}, "

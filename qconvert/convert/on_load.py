@@ -12,6 +12,11 @@ private temporary folder (under TMPDIR) removed when the run ends, and not insid
 folder: that folder is what ``push`` publishes and ``--overwrite`` removes by its manifest, and a
 hidden copy of the whole base in it would travel with every copy of the run. A resumed run without
 ``keep`` quantizes again; quantization is deterministic, so it resumes on the same bytes.
+
+``generate`` and ``eval`` run a 16-bit model as it is by default (a merged model, or the original
+to compare with, is scored in its own weights); ``--load-in-4bit`` (or ``--keep-quantized DIR``)
+makes them quantize it on the way in through :func:`inference_base`, the same code and message
+as train, so an adapter trained on a 16-bit base runs on the very weights it was trained on.
 """
 
 from __future__ import annotations
@@ -97,3 +102,14 @@ def _tensor_bytes(path: Path) -> int:
     with open(path, "rb") as f:
         header = int.from_bytes(f.read(8), "little")
     return path.stat().st_size - 8 - header
+
+
+def inference_base(model: str | os.PathLike, revision: str | None, load_in_4bit: bool, keep: str | os.PathLike | None,
+                   held: contextlib.ExitStack, say: Callable[[str], None]) -> tuple[str, str | None]:
+    """(model, revision) for generate and eval to load: as given unless ``load_in_4bit`` or ``keep``
+    asks for the 4-bit base (:func:`four_bit_base`; a 16-bit model's copy is a local folder, loaded
+    without a revision)."""
+    if not load_in_4bit and keep is None:
+        return str(model), revision
+    base = four_bit_base(model, revision, keep, held, say)
+    return base, (revision if base == str(model) else None)

@@ -325,6 +325,10 @@ class _Run:
         for line in start_lines(self.plan, trainable=n_trainable, total_params=self.n_total, lora=lora_text, optim=self.optim_used,
                                 lr=o["lr"], scheduler=o["lr_scheduler"], device=self.device, save_text=_save_text(self.plan, self.out, o)):
             self.say(line)
+        if self.device.type == "cpu" and self.world == 1:  # torch's threads and why (_cpus.py)
+            from .._cpus import thread_line
+
+            self.say(thread_line())
         if self.memory_line:
             for line in self.memory_line.splitlines():
                 self.say(line)
