@@ -282,7 +282,8 @@ def _cpu_has(flag: str) -> bool:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
     """Build the AVX-512, AVX2 and plain C paths (where this CPU runs them) and check each against
-    the reference: a machine without AVX-512 runs the same bits."""
+    the reference: a machine without AVX-512 runs the same bits (and its fused kernel, within
+    GEMV_REL); a plain C build leaves the few-row product to torch."""
     need = {"avx512": "avx512f", "avx2": "avx2", "plain": None}[variant]
     if need and not _cpu_has(need):
         pytest.skip(f"this CPU has no {need}")
@@ -290,6 +291,7 @@ def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
     path = build.library_path(cc, VARIANTS[variant])
     build.compile_library(cc, VARIANTS[variant], path)
     lib = build._bind(path)
+    assert lib.simd == {"avx512": 512, "avx2": 256, "plain": 0}[variant]
     monkeypatch.setattr(calls, "library", lambda: lib)
     monkeypatch.setattr(calls, "CHUNK", 256)
     for n, blocksize, dq in ((4097, 64, True), (8 * 256 * 32 + 33, 32, False), (3 * 4096 + 7, 4096, True)):
@@ -299,4 +301,8 @@ def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
             assert matches(dequant(qt, dtype), dequantize_4bit_ref(qt, dtype), logical), (variant, n, logical, dtype)
     for dtype in FLOAT_DTYPES:
         qt, x, b, want = gemv_case(3, 40, 130, torch.bfloat16, dtype, True, True, seed=5)
-        assert rel(calls.gemv(x, *ops.weight_args(qt), b), want) < GEMV_REL[dtype], (variant, dtype)
+        got = calls.gemv(x, *ops.weight_args(qt), b)
+        if variant == "plain":  # slower than dequantize + torch's product: not used
+            assert got is None
+        else:
+            assert rel(got, want) < GEMV_REL[dtype], (variant, dtype)

@@ -50,7 +50,7 @@ FLAG_SETS = (
     ("-O3", "-ffp-contract=off"),
 )
 #: the ABI of nf4.c this module binds (nf4.c's qc_abi())
-ABI = 1
+ABI = 2
 BUILD_SECONDS = 300
 
 _LOG = logging.getLogger("qconvert")
@@ -145,6 +145,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qc_dequantize.argtypes = [*weight, i32, p, i64, i32]
     lib.qc_gemv.argtypes = [*weight, p, i32, i64, i64, i32, p, p, p, i32]
     lib.qc_dequantize.restype = lib.qc_gemv.restype = i32
+    lib.simd = lib.qc_simd()
     return lib
 
 
@@ -198,4 +199,5 @@ def describe() -> str:
         return f"torch path ({ENV}=torch)"
     if library() is None:
         return f"torch path: {_STATE.get('why')}"
-    return "compiled: " + " ".join(_STATE["flags"])  # type: ignore[arg-type]
+    simd = _STATE["lib"].simd  # type: ignore[union-attr]
+    return f"compiled ({f'{simd}-bit vectors' if simd else 'plain C'}): " + " ".join(_STATE["flags"])  # type: ignore[arg-type]

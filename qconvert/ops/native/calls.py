@@ -100,11 +100,11 @@ def dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, neste
 def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
          logical_dtype, bias: torch.Tensor | None) -> torch.Tensor | None:
     """``x @ W.T + bias`` in x's dtype by the fused kernel, for at most :data:`MAX_ROWS` rows of x,
-    the weight never written out; None: use the torch path. Within float32 summation order of the
-    reference (tests/tolerances.py GEMV_REL)."""
+    the weight never written out; None: use the torch path (also on a build without vector code).
+    Within float32 summation order of the reference (tests/tolerances.py GEMV_REL)."""
     lib = library()
-    if lib is None or x.device.type != "cpu" or x.dtype not in CODES or len(shape) != 2 or x.dim() == 0:
-        return None
+    if lib is None or not lib.simd or x.device.type != "cpu" or x.dtype not in CODES or len(shape) != 2 or x.dim() == 0:
+        return None  # (a plain-C build: dequantize + torch's product is faster)
     O, K = shape  # noqa: N806 (the matrix's sides)
     if x.shape[-1] != K or K <= 0:
         return None

@@ -78,6 +78,10 @@ static inline float block_scale(const weight_t *w, int64_t b) {
 /* The 16 products code * s of the 16 codes in 8 packed bytes (high nibble first), in element order:
  * one in-register table lookup where the CPU has one (AVX-512: vpermps over the 16 codes; AVX2: two
  * 8-entry lookups and a blend on the code's top bit), else a loop. The same float32 products either way. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+#define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#endif
+
 #if defined(__AVX512F__)
 #define VEC512 1
 static inline __m512 decode16v(const uint8_t *pb, __m512 table, __m512 sv) {
@@ -96,8 +100,6 @@ static inline __m512i bf16_bits16(__m512 v, uint32_t nan_bits) {
     return _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_set1_epi32((int)nan_bits));
 }
 
-#define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-
 static inline __m512 round16(int t, __m512 v) {
     if (t == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v, BF16_NAN), 16));
     if (t == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, RNE));
@@ -109,6 +111,46 @@ static inline void store16(int out, int logical, void *dst, int64_t i, __m512 v)
     if (out == F32) _mm512_storeu_ps((float *)dst + i, v);
     else if (out == BF16) _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtepi32_epi16(bf16_bits16(v, nan)));
     else _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtps_ph(v, RNE));
+}
+#endif
+
+#if !defined(VEC512) && defined(__AVX2__) && defined(__F16C__)
+#define VEC256 1
+/* the AVX2 twin of decode16v, 8 codes from 4 bytes: two 8-entry lookups, a blend on the code's bit 3 */
+static inline __m256 decode8v(const uint8_t *pb, __m256 lo, __m256 hi, __m256 sv) {
+    uint32_t word;
+    memcpy(&word, pb, 4);
+    __m128i b = _mm_cvtsi32_si128((int)word);
+    __m256i d = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)); /* b0 b0 b1 b1 ... */
+    __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(d, _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4)), _mm256_set1_epi32(15));
+    __m256 top = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), top);
+    return _mm256_mul_ps(val, sv);
+}
+
+static inline __m256i bf16_bits8(__m256 v, uint32_t nan_bits) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32((int)nan_bits), nan);
+}
+
+static inline __m256 round8(int t, __m256 v) {
+    if (t == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v, BF16_NAN), 16));
+    if (t == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, RNE));
+    return v;
+}
+
+static inline void store8(int out, int logical, void *dst, int64_t i, __m256 v) {
+    if (out == F32) {
+        _mm256_storeu_ps((float *)dst + i, v);
+    } else if (out == BF16) {
+        __m256i r = bf16_bits8(v, logical == F16 ? BF16_NAN_FROM_F16 : BF16_NAN);
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)); /* 0..0xFFFF: no saturation */
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), h);
+    } else {
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), _mm256_cvtps_ph(v, RNE));
+    }
 }
 #endif
 
@@ -159,6 +201,13 @@ dequant_range(const weight_t *w, int64_t e0, int64_t e1, void *dst, int out, int
             if (logical != F32 && logical != out) v = round16(logical, v);
             store16(out, logical, dst, e, v);
         }
+#elif defined(VEC256)
+        __m256 lo = _mm256_loadu_ps(q), hi = _mm256_loadu_ps(q + 8), sv = _mm256_set1_ps(s);
+        for (; e + 8 <= stop; e += 8) {
+            __m256 v = decode8v(p + (e >> 1), lo, hi, sv);
+            if (logical != F32 && logical != out) v = round8(logical, v);
+            store8(out, logical, dst, e, v);
+        }
 #else
         for (; e + 16 <= stop; e += 16) {
             float v[16];
@@ -199,6 +248,9 @@ int qc_dequantize(const uint8_t *packed, const float *qmap, const float *absmax,
     weight_t w0 = weight(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n);
     const weight_t *w = &w0;
     int64_t nchunks = (n + chunk - 1) / chunk;
+#ifndef _OPENMP
+    (void)threads;
+#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nchunks > 1)
     for (int64_t c = 0; c < nchunks; c++) {
         int64_t e0 = c * chunk, e1 = e0 + chunk < n ? e0 + chunk : n;
@@ -244,6 +296,20 @@ gemv_row(const weight_t *w, int64_t o, int64_t K, int rows, int t, int logical, 
                 _mm512_storeu_ps(lane[r], _mm512_fmadd_ps(_mm512_loadu_ps(xr + r * K + k), v, l));
             }
         }
+#elif defined(VEC256)
+        __m256 lo = _mm256_loadu_ps(q), hi = _mm256_loadu_ps(q + 8), sv = _mm256_set1_ps(s);
+        for (; k + LANES <= len; k += LANES) {
+            const uint8_t *pb = p + ((e + k) >> 1);
+            __m256 v0 = round8(t, round8(logical, decode8v(pb, lo, hi, sv)));
+            __m256 v1 = round8(t, round8(logical, decode8v(pb + 4, lo, hi, sv)));
+            for (int r = 0; r < rows; r++) {
+                const float *xk = xr + r * K + k;
+                __m256 l0 = _mm256_add_ps(_mm256_loadu_ps(lane[r]), _mm256_mul_ps(_mm256_loadu_ps(xk), v0));
+                __m256 l1 = _mm256_add_ps(_mm256_loadu_ps(lane[r] + 8), _mm256_mul_ps(_mm256_loadu_ps(xk + 8), v1));
+                _mm256_storeu_ps(lane[r], l0);
+                _mm256_storeu_ps(lane[r] + 8, l1);
+            }
+        }
 #endif
         for (; k + LANES <= len; k += LANES) {
             float v[LANES];
@@ -279,9 +345,12 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
     weight_t w0 = weight(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n);
     const weight_t *w = &w0;
     for (int64_t i = 0; i < rows * K; i++) xf[i] = load_as_float(t, x, i);
+#ifndef _OPENMP
+    (void)threads;
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t o = 0; o < O; o++) {
-        float acc[MAXROWS];
+        float acc[MAXROWS] = {0};
         switch (t * 3 + logical) {
             GV(F32, F32) GV(F32, F16) GV(F32, BF16)
             GV(F16, F32) GV(F16, F16) GV(F16, BF16)
@@ -298,5 +367,17 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
     return 0;
 }
 
-/* the ABI version calls.py checks after loading (bumped with any signature change) */
-int qc_abi(void) { return 1; }
+/* the ABI version build.py checks after loading (bumped with any signature change) */
+int qc_abi(void) { return 2; }
+
+/* the vector width of the build's hot loops in bits (512, 256), or 0 for plain C: calls.py runs the
+ * fused kernel only on a vector build (plain C is slower than dequantize + torch's product) */
+int qc_simd(void) {
+#if defined(VEC512)
+    return 512;
+#elif defined(VEC256)
+    return 256;
+#else
+    return 0;
+#endif
+}
