@@ -306,3 +306,19 @@ def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
             assert got is None
         else:
             assert rel(got, want) < GEMV_REL[dtype], (variant, dtype)
+
+
+@needs_cc
+def test_concurrent_calls_from_python_threads(monkeypatch):
+    """Several Python threads calling the kernels at once (the GIL released, OpenMP teams side by
+    side, as an overlapped merge dequantizes): each gets its own weight's exact result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(calls, "CHUNK", 1024)  # many chunks: each call opens an OpenMP team
+    monkeypatch.setattr(calls, "_threads", lambda: 2)
+    qts = [quantize_4bit_ref(sample(64 * 300 + 2 * i, torch.bfloat16, i), "nf4", 64, i % 2 == 0) for i in range(6)]
+    wants = [dequantize_4bit_ref(qt, torch.float32) for qt in qts]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(5):
+            gots = list(pool.map(lambda qt: dequant(qt, torch.float32), qts))
+            assert all(same(g, w) for g, w in zip(gots, wants))
