@@ -15,6 +15,7 @@ import math
 import torch
 
 from ...format.constants import NESTED_BLOCKSIZE
+from ...quant.fast_cpu import default_workers
 from .build import library
 
 #: nf4.c's dtype codes
@@ -29,8 +30,6 @@ MAX_ROWS = 8
 def _threads() -> int:
     """OpenMP threads: the CPUs available (qconvert._cpus), at most torch's intra-op count (which
     honours OMP_NUM_THREADS and a caller that holds torch to one thread)."""
-    from ...quant.fast_cpu import default_workers
-
     return max(1, min(default_workers(), torch.get_num_threads()))
 
 
@@ -92,7 +91,7 @@ def dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, neste
     elif not (out.dtype == dtype and out.numel() == n and out.is_contiguous() and out.device.type == "cpu"):
         return None
     chunk = max(blocksize, CHUNK - CHUNK % blocksize)
-    lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads())
+    lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads() if n > chunk else 1)
     del keep
     return out.view(tuple(shape))
 
