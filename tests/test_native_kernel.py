@@ -216,8 +216,8 @@ def test_hostile_shapes_never_reach_c():
 @pytest.mark.slow
 def test_build_caches_once_per_key_and_trusts_only_its_own(fresh_state):
     """The first call builds into the private cache (no temporary left, not writable by others);
-    the next process state loads it without building; a folder others can write to, or a link in
-    place of the library, is never loaded."""
+    the next process state loads it without building; a folder others can write to (or whose
+    parent they can), or a link in place of the library, is never loaded."""
     assert build.library() is not None
     libs = sorted(p.name for p in fresh_state.iterdir())
     assert len(libs) == 1 and libs[0].startswith("nf4-") and libs[0].endswith(".so")
@@ -232,6 +232,10 @@ def test_build_caches_once_per_key_and_trusts_only_its_own(fresh_state):
         os.chmod(fresh_state, 0o777)
         assert build.library() is None and "only this user" in build.describe()
         os.chmod(fresh_state, 0o700)
+        os.chmod(fresh_state.parent, 0o777)  # others could rename the folder away and put theirs
+        build._STATE.clear()
+        assert build.library() is None and "only this user" in build.describe()
+        os.chmod(fresh_state.parent, 0o700)
         lib = fresh_state / libs[0]
         lib.rename(fresh_state / "elsewhere.so")
         lib.symlink_to(fresh_state / "elsewhere.so")

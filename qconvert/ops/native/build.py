@@ -98,8 +98,12 @@ def library_path(cc: str, flags: tuple[str, ...]) -> Path:
 
 
 def _trusted_dir(folder: Path) -> bool:
-    st = os.lstat(folder)
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    """A real folder of this user's that no one else can write to, in a folder where no one else can
+    rename it away (not writable by others, or sticky as /tmp is)."""
+    st, up = os.lstat(folder), os.stat(folder.parent)
+    others = stat.S_IWGRP | stat.S_IWOTH
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & others
+            and (not up.st_mode & others or bool(up.st_mode & stat.S_ISVTX)))
 
 
 def _trusted_file(path: Path) -> bool:
