@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import platform
 
 import pytest
 import torch
@@ -271,7 +272,7 @@ def test_failed_build_falls_back(fresh_state, monkeypatch, tmp_path):
 #: the code paths of nf4.c and flags that select each on an x86-64 CPU (the widest first)
 VARIANTS = {"avx512": ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
             "avx2": ("-O3", "-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-fopenmp", "-ffp-contract=off"),
-            "plain": ("-O3", "-ffp-contract=off")}
+            "plain": ("-O3", "-ffp-contract=off", *(("-mno-avx2", "-mno-avx512f") if platform.machine() in ("x86_64", "AMD64") else ()))}
 
 
 def _cpu_has(flag: str) -> bool:
