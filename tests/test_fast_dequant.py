@@ -5,6 +5,7 @@ on hostile stored bytes, and whichever worker count and chunking computes it."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -114,7 +115,9 @@ def test_worker_counts_agree(small_chunks):
 
 
 def test_cpu_op_runs_the_fast_path(monkeypatch):
-    """CPU tensors take the fast dequantizer, in dequantize_4bit, matmul_4bit and its backward."""
+    """Without the compiled kernels (QCONVERT_CPU_KERNEL=torch), CPU tensors take the fast
+    dequantizer, in dequantize_4bit, matmul_4bit and its backward."""
+    monkeypatch.setenv("QCONVERT_CPU_KERNEL", "torch")
     calls = []
     real = fast_dequant.dequantize_4bit_fast
 
@@ -155,7 +158,10 @@ def test_matmul_and_input_gradient_match_the_reference(dtype):
 
 def test_matmul_buffer_reuse_keeps_results_apart(monkeypatch):
     """Consecutive matmuls decode into one reused buffer: each result stays the reference's, and a
-    weight over the limit (a new tensor each call) gives the same values."""
+    weight over the limit (a new tensor each call) gives the same values. (Both paths: the torch
+    one, and the compiled one past its fused kernel's rows.)"""
+    if os.environ.get("QCONVERT_CPU_KERNEL") != "torch":
+        monkeypatch.setattr(impl, "GEMV_ROWS", {})
     g = torch.Generator().manual_seed(4)
     qts = [quantize_4bit_ref(torch.randn(40, 96, generator=g), "nf4", 64, dq) for dq in (True, False)]
     x = torch.randn(3, 96, generator=g)
@@ -228,6 +234,8 @@ def tiny_quantized(tmp_path_factory):
 
 
 def counting(monkeypatch) -> list:
+    """Calls of the torch path's dequantizer, with the compiled kernels switched off."""
+    monkeypatch.setenv("QCONVERT_CPU_KERNEL", "torch")
     calls: list = []
     real = fast_dequant.dequantize_4bit_fast
 

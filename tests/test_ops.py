@@ -57,16 +57,16 @@ def test_opcheck_matmul(dq, bias):
     y = torch.ops.qconvert.matmul_4bit(*args)
     w = dequantize_4bit_ref(qt, torch.float32)
     want = torch.nn.functional.linear(x, w, b)
-    assert torch.equal(y, want)
+    assert rel(y, want) < GEMV_TOL  # 3 rows: the compiled fused kernel where it builds (the same bits on the torch path)
     y.square().sum().backward()
     gx, gb = x.grad.clone(), None if b is None else b.grad.clone()
     x.grad = None
     if b is not None:
         b.grad = None
     want.square().sum().backward()
-    assert torch.allclose(gx, x.grad, rtol=1e-6, atol=1e-6)
+    assert rel(gx, x.grad) < GEMV_TOL  # d(y^2)/dy = 2y: y's own difference carries over
     if b is not None:
-        assert torch.allclose(gb, b.grad, rtol=1e-6, atol=1e-6)
+        assert rel(gb, b.grad) < GEMV_TOL
 
 
 @pytest.mark.slow
@@ -192,6 +192,15 @@ class Calls:
 
         monkeypatch.setattr(forced_ref, "dequantize_4bit_ref", counted_ref)
         monkeypatch.setattr(impl, "_triton", counted_triton)
+        from qconvert.ops.native import calls as native  # the compiled CPU kernels count as "cpu" when they compute
+
+        for name in ("dequantize", "gemv"):
+            def counted_native(*a, _real=getattr(native, name), **k):
+                out = _real(*a, **k)
+                self.n["cpu"] += out is not None
+                return out
+
+            monkeypatch.setattr(native, name, counted_native)
         monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", counted_fast)
 
     def take(self) -> dict:
@@ -216,7 +225,7 @@ def test_moved_model_follows_its_device(monkeypatch):
     with torch.no_grad():
         y_cpu = m(x)
         assert calls.take() == {"reference": 0, "cpu": 1, "triton": 0}
-        assert torch.equal(y_cpu, torch.nn.functional.linear(x, m[0].dequantized(torch.float32), m[0].bias))
+        assert rel(y_cpu, torch.nn.functional.linear(x, m[0].dequantized(torch.float32), m[0].bias)) < GEMV_TOL
         calls.take()
         if not torch.cuda.is_available():
             pytest.importorskip("triton")

@@ -24,8 +24,9 @@ LOSS_ACROSS_RUNS_REL = 1e-4
 BF16_REL = 1e-2
 #: a figure reported by qconvert and recomputed by the test from the same float64 numbers.
 REPORTED_FIGURE_REL = 1e-12
-#: the fused small-batch matmul (Triton kernel or torch op) against the float64 reference, by the
-#: dtype of its input: the output is rounded to that dtype once; accumulation order differs.
+#: the fused small-batch matmul (Triton kernel, the compiled CPU kernel of qconvert/ops/native, or
+#: the torch op) against the float64 product with the reference weight, by the dtype of its input:
+#: the output is rounded to that dtype once; float32 accumulation in another order.
 GEMV_REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 #: what a LoRA adapter changes in a model's logits, on the 16-bit model against on its NF4 model (the
 #: same adapter, the base weights differing by the quantization error): relative. Measured 9.3e-3 on

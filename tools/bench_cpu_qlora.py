@@ -158,6 +158,9 @@ def main() -> int:
           f"bitsandbytes {bitsandbytes.__version__}, {os.cpu_count()} CPUs")
     print(f"model: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab {args.vocab}; "
           "NF4, block size 64, double quant")
+    from qconvert.ops.native.build import describe
+
+    print(f"qconvert's CPU kernel: {describe()} (QCONVERT_CPU_KERNEL=torch measures the torch path)")
     print(f"start: {conditions()}")
     with tempfile.TemporaryDirectory() as d:
         qdir = build(Path(d), args)

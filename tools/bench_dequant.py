@@ -13,8 +13,10 @@ disagreement is printed, not hidden.
 
 Timed, interleaved, median of --reps (each returns a new tensor, as a dequantize does):
 - bitsandbytes ``dequantize_4bit`` (torch's intra-op threads; --threads sets them);
-- qconvert's op on CPU tensors (the fast path, quant/fast_dequant.py; its own workers, one per
-  available CPU);
+- qconvert's op on CPU tensors: the compiled kernel (qconvert/ops/native, OpenMP threads, one per
+  available CPU) where it builds, else the torch path;
+- qconvert's torch path (quant/fast_dequant.py; its own workers, one per available CPU), which the
+  op runs where no C compiler works (or with QCONVERT_CPU_KERNEL=torch);
 - ``clone()`` of a tensor of the output's dtype and size: allocating and writing the output bytes,
   the memory-bound floor (the goal: qconvert within 3x of it);
 - ``copy_`` into a preallocated tensor: the same bytes without the page faults of fresh memory.
@@ -69,7 +71,9 @@ def main() -> int:
     import bitsandbytes.functional as F
 
     from qconvert import ops
+    from qconvert.ops.native.build import describe
     from qconvert.quant.fast_cpu import default_workers, quantize_4bit_fast
+    from qconvert.quant.fast_dequant import dequantize_4bit_fast
     from qconvert.quant.reference import dequantize_4bit_ref
 
     dtype = getattr(torch, args.dtype)
@@ -86,14 +90,18 @@ def main() -> int:
     def bnb_dq():
         return F.dequantize_4bit(packed, state)
 
+    def torch_path_dq():
+        return dequantize_4bit_fast(qt, dtype)
+
     ours = qconvert_dq()
     assert torch.equal(bits(ours), bits(dequantize_4bit_ref(qt, dtype))), "qconvert differs from the reference"
+    assert torch.equal(bits(torch_path_dq()), bits(ours)), "the torch path differs from the op"
     theirs = bnb_dq()
     agree = bool(torch.equal(bits(ours), bits(theirs.to(dtype))))
     src, dst = torch.empty_like(ours), torch.empty_like(ours)
     src.fill_(1.0)
     dst.copy_(src)
-    runs = {"bitsandbytes dequantize_4bit": bnb_dq, "qconvert dequantize_4bit": qconvert_dq,
+    runs = {"bitsandbytes dequantize_4bit": bnb_dq, "qconvert dequantize_4bit": qconvert_dq, "qconvert torch path": torch_path_dq,
             "clone (allocate + write the output)": src.clone, "copy_ into a preallocated tensor": lambda: dst.copy_(src)}
     times: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
@@ -106,7 +114,7 @@ def main() -> int:
             cpu[name].append(cpu_seconds() - c)
     rate = {k: n / statistics.median(v) / 1e6 for k, v in times.items()}
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"bitsandbytes {__import__('bitsandbytes').__version__}; qconvert {default_workers()} workers")
+          f"bitsandbytes {__import__('bitsandbytes').__version__}; qconvert {default_workers()} workers; op's CPU kernel: {describe()}")
     print(f"weight: {args.size}x{args.size} {args.dtype}, nf4, blocksize {args.blocksize}, double quant {'on' if args.dq else 'off'}; "
           f"median of {args.reps} interleaved runs")
     print(f"start: {start}\nend:   {conditions()}")
@@ -116,7 +124,8 @@ def main() -> int:
         print(f"{name:<36} {r:9.1f} Mparam/s  ({statistics.median(times[name]) * 1e3:7.2f} ms)  "
               f"{statistics.median(cpu[name]) * 1e3:8.2f} ms")
     q = rate["qconvert dequantize_4bit"]
-    print(f"\nqconvert / bitsandbytes: {q / rate['bitsandbytes dequantize_4bit']:.2f}x (goal >= 2x)")
+    print(f"\nqconvert / bitsandbytes: {q / rate['bitsandbytes dequantize_4bit']:.2f}x (goal >= 2x); "
+          f"torch path / bitsandbytes: {rate['qconvert torch path'] / rate['bitsandbytes dequantize_4bit']:.2f}x")
     print(f"qconvert time / clone time: {rate['clone (allocate + write the output)'] / q:.2f}x (goal <= 3x)")
     print(f"qconvert time / copy_ time: {rate['copy_ into a preallocated tensor'] / q:.2f}x")
     return 0

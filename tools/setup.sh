@@ -16,4 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # with cmake and the C++ compiler: minutes on 2 cores
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 .venv/bin/python -m pip install -q -c tools/constraints.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# the compiled CPU kernels (qconvert/ops/native/nf4.c), built now with the system C compiler into the
+# user's cache; without a compiler (or if the build fails) qconvert runs its torch path: never fatal
+.venv/bin/python -m qconvert.ops.native || echo "qconvert: the CPU kernels were not built; the torch path will run"
 .venv/bin/python -c "import torch, qconvert; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('qconvert', qconvert.__version__, 'ready in .venv (torch', torch.__version__ + ')')"

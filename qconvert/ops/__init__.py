@@ -4,11 +4,13 @@
 op                                     kernels
 =====================================  ===========================================================
 ``qconvert::dequantize_4bit``          default: the reference (qconvert.quant.reference), any
-                                       device; CPU: the fast dequantizer (quant/fast_dequant.py),
+                                       device; CPU: the compiled kernel (ops/native), else the
+                                       fast dequantizer (quant/fast_dequant.py), both
                                        bit-identical; CUDA: the Triton kernel (triton_backend.py)
 ``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CPU: the
-                                       fast dequantizer into a reused buffer, then ``F.linear``
-                                       (the same result); CUDA: the fused Triton kernel up to
+                                       compiled fused kernel up to impl.GEMV_ROWS rows (within
+                                       GEMV_REL), else the CPU dequantizer into a reused buffer,
+                                       then ``F.linear`` (the same result); CUDA: the fused Triton kernel up to
                                        SMALL_BATCH rows, else Triton dequantize, then ``F.linear``.
                                        Autograd: input and bias gradients, the weight dequantized
                                        again in backward (by grad_input_4bit).

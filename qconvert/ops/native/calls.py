@@ -1,0 +1,132 @@
+"""The compiled kernels' Python side: every size, dtype, device and contiguity checked, then one C call.
+
+nf4.c trusts its arguments, so this module is where memory safety is decided: a buffer's length
+is only ever what the checks below proved (a contiguous CPU tensor of the right dtype and element
+count, kept alive for the call). Anything else (another device, an odd block size, a table of the
+wrong size, a dtype the kernels do not write) returns ``None`` and the caller runs the torch path,
+which computes the same result or raises what the reference raises: these functions never raise
+for bad input themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...format.constants import NESTED_BLOCKSIZE
+from ...quant.fast_cpu import default_workers
+from .build import library
+
+#: nf4.c's dtype codes
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: elements per chunk of the dequantizer's OpenMP loop (rounded down to whole blocks): 32 KiB of
+#: codes and 128 KiB of float32 output, a few hundred chunks on a 4096x4096 weight
+CHUNK = 1 << 16
+#: the most rows of input the fused kernel takes (nf4.c's MAXROWS)
+MAX_ROWS = 8
+
+
+def _threads() -> int:
+    """OpenMP threads: the CPUs available (qconvert._cpus), at most torch's intra-op count (which
+    honours OMP_NUM_THREADS and a caller that holds torch to one thread)."""
+    return max(1, min(default_workers(), torch.get_num_threads()))
+
+
+def _f32(t: torch.Tensor | None, numel: int) -> torch.Tensor | None:
+    """``t`` as a contiguous float32 CPU tensor of ``numel`` elements (converted as the reference's
+    ``.to(torch.float32)`` converts), or None."""
+    if t is None or t.device.type != "cpu" or t.numel() != numel or not t.dtype.is_floating_point:
+        return None
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                logical_dtype) -> tuple[tuple, tuple] | None:
+    """(C arguments, tensors that back them) for a weight the kernels can read, else None."""
+    n = math.prod(shape) if all(isinstance(s, int) and s > 0 for s in shape) else 0
+    if (n == 0 or logical_dtype not in CODES or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2
+            or packed.device.type != "cpu" or packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2):
+        return None
+    nblocks = -(-n // blocksize)
+    qmap = _f32(quant_map, 16)
+    codes8 = nested = nqm = None
+    if nested_absmax is None:
+        scales = _f32(absmax, nblocks)
+        if qmap is None or scales is None:
+            return None
+    else:
+        scales = None
+        nested, nqm = _f32(nested_absmax, -(-nblocks // NESTED_BLOCKSIZE)), _f32(nested_quant_map, 256)
+        if (qmap is None or nested is None or nqm is None or absmax.device.type != "cpu" or absmax.dtype != torch.uint8
+                or absmax.numel() != nblocks):
+            return None
+        codes8 = absmax.contiguous()
+    packed = packed.contiguous()
+    keep = (packed, qmap, scales, codes8, nested, nqm)
+    args = (packed.data_ptr(), qmap.data_ptr(), _ptr(scales), _ptr(codes8), _ptr(nested), _ptr(nqm),
+            float(nested_offset) if nested_absmax is not None else 0.0, NESTED_BLOCKSIZE, blocksize, n, CODES[logical_dtype])
+    return args, keep
+
+
+def dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype,
+               dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The weight's value in ``dtype`` by the compiled kernel (the reference's bits), shaped ``shape``;
+    into ``out`` (a contiguous CPU tensor of that dtype and size) when given. None: use the torch path."""
+    lib = library()
+    if lib is None or dtype not in CODES:
+        return None
+    prepared = weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                           logical_dtype)
+    if prepared is None:
+        return None
+    args, keep = prepared
+    n = args[9]
+    if out is None:
+        out = torch.empty(n, dtype=dtype)
+    elif not (out.dtype == dtype and out.numel() == n and out.is_contiguous() and out.device.type == "cpu"):
+        return None
+    chunk = max(blocksize, CHUNK - CHUNK % blocksize)
+    lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads() if n > chunk else 1)
+    del keep
+    return out.view(tuple(shape))
+
+
+def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+         logical_dtype, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x @ W.T + bias`` in x's dtype by the fused kernel, for at most :data:`MAX_ROWS` rows of x,
+    the weight never written out; None: use the torch path (also on a build without vector code).
+    Within float32 summation order of the reference (tests/tolerances.py GEMV_REL)."""
+    lib = library()
+    if lib is None or not lib.simd or x.device.type != "cpu" or x.dtype not in CODES or len(shape) != 2 or x.dim() == 0:
+        return None  # (a plain-C build: dequantize + torch's product is faster)
+    O, K = shape  # noqa: N806 (the matrix's sides)
+    if x.shape[-1] != K or K <= 0:
+        return None
+    rows = x.numel() // K
+    if not 1 <= rows <= MAX_ROWS:
+        return None
+    if bias is not None and not (bias.device.type == "cpu" and bias.dtype == x.dtype and bias.numel() == O):
+        return None
+    prepared = weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                           logical_dtype)
+    if prepared is None:
+        return None
+    args, keep = prepared
+    xc = x.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    y = torch.empty((*x.shape[:-1], O), dtype=x.dtype)
+    scratch = torch.empty(rows * K, dtype=torch.float32)
+    threads = _threads() if O * K >= PARALLEL_GEMV else 1
+    lib.qc_gemv(*args, xc.data_ptr(), rows, O, K, CODES[x.dtype], _ptr(b), y.data_ptr(), scratch.data_ptr(), threads)
+    del keep, xc, b, scratch
+    return y
+
+
+#: weights with fewer elements than this run the fused kernel on one thread (waking a second one
+#: costs more than it saves)
+PARALLEL_GEMV = 1 << 18

@@ -1,0 +1,383 @@
+/* qconvert's compiled CPU kernels for the 4-bit layout (spec/format.md): a dequantizer, and a fused
+ * dequantize-and-multiply for a few rows of input that never writes the weight out.
+ *
+ * Built at first use (and by tools/setup.sh) by qconvert/ops/native/build.py with the system C
+ * compiler and no torch headers; called through ctypes by qconvert/ops/native/calls.py, which checks
+ * every size, dtype and contiguity before the call. These functions trust their arguments: the
+ * buffers are exactly as long as the layout says (packed: (n + 1) / 2 bytes; absmax: ceil(n / bs)
+ * entries; nested: ceil(nblocks / nbs) floats; code tables of 16 and 256 floats) and bs is even.
+ *
+ * Exactness (tests/test_native_kernel.py compares every result bit for bit with the torch reference):
+ * every weight value is the float32 product code * scale, rounded to the logical dtype, then converted
+ * to the output dtype, each rounding to nearest even as torch's casts round (NaN: torch writes 0xFFFF
+ * in bfloat16 and keeps sign and top payload bits in float16). Double-quant scales are
+ * nested_quant_map[code] * nested_absmax, rounded, then + offset, rounded: the build passes
+ * -ffp-contract=off so no multiply-add is fused. */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+typedef struct {
+    const uint8_t *packed;
+    const float *qmap;     /* 16 code values */
+    const float *absmax;   /* float32 scales, or NULL with double quantization */
+    const uint8_t *codes8; /* 8-bit scales (double quantization) */
+    const float *nested;   /* their per-nbs-block scales */
+    const float *nqm;      /* their 256-entry map */
+    float offset;
+    int64_t nbs, bs, n;
+} weight_t;
+
+static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* NaN as bfloat16: torch's vectorised float32 -> bfloat16 cast writes 0xFFFF; its float16 -> bfloat16
+ * cast (element by element, c10's rule) writes 0x7FC0 */
+#define BF16_NAN 0xFFFFu
+#define BF16_NAN_FROM_F16 0x7FC0u
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u = bits_of(f);
+    if (f != f) return BF16_NAN;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint16_t to_f16(float f) {
+    uint32_t u = bits_of(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((a >> 13) & 0x3FFu)); /* NaN, quieted */
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);                       /* rounds past 65504 */
+    if (a < 0x38800000u) /* subnormal: 0.5 + |f| has a unit in the last place of 2^-24, the half's */
+        return (uint16_t)(sign | (bits_of(float_of(a) + 0.5f) - 0x3F000000u));
+    return (uint16_t)(sign | ((a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13));
+}
+
+static inline float from_f16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) return float_of(bits_of((float)m * 0x1p-24f) | sign);
+    if (e == 31) return float_of(sign | 0x7F800000u | (m << 13));
+    return float_of(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+/* v rounded to dtype t and widened back to float32 (exact) */
+static inline float round_to(int t, float v) {
+    if (t == BF16) return float_of((uint32_t)to_bf16(v) << 16);
+    if (t == F16) return from_f16(to_f16(v));
+    return v;
+}
+
+static inline float block_scale(const weight_t *w, int64_t b) {
+    if (w->absmax) return w->absmax[b];
+    float t = w->nqm[w->codes8[b]] * w->nested[w->nbs == 256 ? b >> 8 : b / w->nbs];
+    return t + w->offset;
+}
+
+/* The 16 products code * s of the 16 codes in 8 packed bytes (high nibble first), in element order:
+ * one in-register table lookup where the CPU has one (AVX-512: vpermps over the 16 codes; AVX2: two
+ * 8-entry lookups and a blend on the code's top bit), else a loop. The same float32 products either way. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+#define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#endif
+
+#if defined(__AVX512F__)
+#define VEC512 1
+static inline __m512 decode16v(const uint8_t *pb, __m512 table, __m512 sv) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)pb);
+    __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)); /* b0 b0 b1 b1 ... */
+    __m512i shift = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(d, shift), _mm512_set1_epi32(15));
+    return _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), sv);
+}
+
+/* bfloat16 bits (in 32-bit lanes) of 16 floats, as to_bf16 */
+static inline __m512i bf16_bits16(__m512 v, uint32_t nan_bits) {
+    __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_set1_epi32((int)nan_bits));
+}
+
+static inline __m512 round16(int t, __m512 v) {
+    if (t == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v, BF16_NAN), 16));
+    if (t == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, RNE));
+    return v;
+}
+
+static inline void store16(int out, int logical, void *dst, int64_t i, __m512 v) {
+    uint32_t nan = logical == F16 ? BF16_NAN_FROM_F16 : BF16_NAN;
+    if (out == F32) _mm512_storeu_ps((float *)dst + i, v);
+    else if (out == BF16) _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtepi32_epi16(bf16_bits16(v, nan)));
+    else _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtps_ph(v, RNE));
+}
+#endif
+
+#if !defined(VEC512) && defined(__AVX2__) && defined(__F16C__)
+#define VEC256 1
+/* the AVX2 twin of decode16v, 8 codes from 4 bytes: two 8-entry lookups, a blend on the code's bit 3 */
+static inline __m256 decode8v(const uint8_t *pb, __m256 lo, __m256 hi, __m256 sv) {
+    uint32_t word;
+    memcpy(&word, pb, 4);
+    __m128i b = _mm_cvtsi32_si128((int)word);
+    __m256i d = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)); /* b0 b0 b1 b1 ... */
+    __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(d, _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4)), _mm256_set1_epi32(15));
+    __m256 top = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), top);
+    return _mm256_mul_ps(val, sv);
+}
+
+static inline __m256i bf16_bits8(__m256 v, uint32_t nan_bits) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32((int)nan_bits), nan);
+}
+
+static inline __m256 round8(int t, __m256 v) {
+    if (t == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v, BF16_NAN), 16));
+    if (t == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, RNE));
+    return v;
+}
+
+static inline void store8(int out, int logical, void *dst, int64_t i, __m256 v) {
+    if (out == F32) {
+        _mm256_storeu_ps((float *)dst + i, v);
+    } else if (out == BF16) {
+        __m256i r = bf16_bits8(v, logical == F16 ? BF16_NAN_FROM_F16 : BF16_NAN);
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)); /* 0..0xFFFF: no saturation */
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), h);
+    } else {
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), _mm256_cvtps_ph(v, RNE));
+    }
+}
+#endif
+
+static inline void decode16(const uint8_t *pb, const float *q, float s, float *v) {
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(v, decode16v(pb, _mm512_loadu_ps(q), _mm512_set1_ps(s)));
+#elif defined(__AVX2__)
+    __m128i b = _mm_loadl_epi64((const __m128i *)pb);
+    __m128i pairs = _mm_unpacklo_epi8(b, b); /* b0 b0 b1 b1 ... */
+    __m256i shift = _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    __m256 lo = _mm256_loadu_ps(q), hi = _mm256_loadu_ps(q + 8), sv = _mm256_set1_ps(s);
+    for (int h = 0; h < 2; h++) {
+        __m256i d = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(pairs, 8) : pairs);
+        __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(d, shift), _mm256_set1_epi32(15));
+        __m256 top = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign bit = the code's bit 3 */
+        __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), top);
+        _mm256_storeu_ps(v + 8 * h, _mm256_mul_ps(val, sv));
+    }
+#else
+    for (int j = 0; j < 8; j++) {
+        v[2 * j] = q[pb[j] >> 4] * s;
+        v[2 * j + 1] = q[pb[j] & 15] * s;
+    }
+#endif
+}
+
+/* the weight's value in dtype `out` of a float32 product: rounded to the logical dtype first */
+static inline __attribute__((always_inline)) void put(int out, int logical, void *dst, int64_t i, float v) {
+    if (logical != F32 && logical != out) v = round_to(logical, v);
+    if (out == F32) ((float *)dst)[i] = v;
+    else if (out == BF16 && logical == F16) ((uint16_t *)dst)[i] = v != v ? BF16_NAN_FROM_F16 : to_bf16(v);
+    else if (out == BF16) ((uint16_t *)dst)[i] = to_bf16(v);
+    else ((uint16_t *)dst)[i] = to_f16(v);
+}
+
+/* elements [e0, e1) into dst[e0 - base ...]: e0 a multiple of bs */
+static inline __attribute__((always_inline)) void
+dequant_range(const weight_t *w, int64_t e0, int64_t e1, void *dst, int out, int logical) {
+    const uint8_t *p = w->packed;
+    const float *q = w->qmap;
+    for (int64_t b = e0 / w->bs, start = e0; start < e1; b++, start += w->bs) {
+        float s = block_scale(w, b);
+        int64_t stop = start + w->bs < e1 ? start + w->bs : e1, e = start;
+#ifdef VEC512
+        __m512 table = _mm512_loadu_ps(q), sv = _mm512_set1_ps(s);
+        for (; e + 16 <= stop; e += 16) {
+            __m512 v = decode16v(p + (e >> 1), table, sv);
+            if (logical != F32 && logical != out) v = round16(logical, v);
+            store16(out, logical, dst, e, v);
+        }
+#elif defined(VEC256)
+        __m256 lo = _mm256_loadu_ps(q), hi = _mm256_loadu_ps(q + 8), sv = _mm256_set1_ps(s);
+        for (; e + 8 <= stop; e += 8) {
+            __m256 v = decode8v(p + (e >> 1), lo, hi, sv);
+            if (logical != F32 && logical != out) v = round8(logical, v);
+            store8(out, logical, dst, e, v);
+        }
+#else
+        for (; e + 16 <= stop; e += 16) {
+            float v[16];
+            decode16(p + (e >> 1), q, s, v);
+            for (int j = 0; j < 16; j++) put(out, logical, dst, e + j, v[j]);
+        }
+#endif
+        for (; e + 1 < stop; e += 2) {
+            uint8_t byte = p[e >> 1];
+            put(out, logical, dst, e, q[byte >> 4] * s);
+            put(out, logical, dst, e + 1, q[byte & 15] * s);
+        }
+        if (e < stop) put(out, logical, dst, e, q[p[e >> 1] >> 4] * s); /* an odd count's last element */
+    }
+}
+
+#define DQ(O, L) case O * 3 + L: dequant_range(w, e0, e1, dst, O, L); break;
+
+static void dequant_chunk(const weight_t *w, int64_t e0, int64_t e1, void *dst, int out, int logical) {
+    switch (out * 3 + logical) {
+        DQ(F32, F32) DQ(F32, F16) DQ(F32, BF16)
+        DQ(F16, F32) DQ(F16, F16) DQ(F16, BF16)
+        DQ(BF16, F32) DQ(BF16, F16) DQ(BF16, BF16)
+    }
+}
+
+static weight_t weight(const uint8_t *packed, const float *qmap, const float *absmax, const uint8_t *codes8,
+                       const float *nested, const float *nqm, float offset, int64_t nbs, int64_t bs, int64_t n) {
+    weight_t w = {packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n};
+    return w;
+}
+
+/* The weight's n values into dst (n elements of dtype out), in chunks of `chunk` elements (a multiple
+ * of bs) over `threads` OpenMP threads. Returns 0. */
+int qc_dequantize(const uint8_t *packed, const float *qmap, const float *absmax, const uint8_t *codes8,
+                  const float *nested, const float *nqm, float offset, int64_t nbs, int64_t bs, int64_t n,
+                  int logical, int out, void *dst, int64_t chunk, int threads) {
+    weight_t w0 = weight(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n);
+    const weight_t *w = &w0;
+    int64_t nchunks = (n + chunk - 1) / chunk;
+#ifndef _OPENMP
+    (void)threads;
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nchunks > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t e0 = c * chunk, e1 = e0 + chunk < n ? e0 + chunk : n;
+        dequant_chunk(w, e0, e1, dst, out, logical);
+    }
+    return 0;
+}
+
+#define MAXROWS 8
+#define LANES 16
+
+static inline float load_as_float(int t, const void *src, int64_t i) {
+    if (t == BF16) return float_of((uint32_t)((const uint16_t *)src)[i] << 16);
+    if (t == F16) return from_f16(((const uint16_t *)src)[i]);
+    return ((const float *)src)[i];
+}
+
+/* one output row o of y = x @ W.T for `rows` rows of x (dtype t, K long each): the sums of
+ * x[r, k] * W[o, k], each W value as dequantize(W, t) gives it, accumulated in float32 lanes */
+static inline __attribute__((always_inline)) void
+gemv_row(const weight_t *w, int64_t o, int64_t K, int rows, int t, int logical, const float *xf, float *acc) {
+    const uint8_t *p = w->packed;
+    const float *q = w->qmap;
+    float lane[MAXROWS][LANES];
+    memset(lane, 0, sizeof lane);
+    int64_t e = o * K, end = e + K, b = e / w->bs;
+    for (; e < end; b++) {
+        int64_t stop = (b + 1) * w->bs < end ? (b + 1) * w->bs : end;
+        float s = block_scale(w, b);
+        const float *xr = xf + (e - o * K);
+        int64_t k = 0, len = stop - e;
+        if (e & 1) { /* a row that starts in the middle of a byte */
+            float v = round_to(t, round_to(logical, q[p[e >> 1] & 15] * s));
+            for (int r = 0; r < rows; r++) lane[r][0] += xr[r * K] * v;
+            k = 1;
+        }
+#ifdef VEC512
+        __m512 table = _mm512_loadu_ps(q), sv = _mm512_set1_ps(s);
+        for (; k + LANES <= len; k += LANES) {
+            __m512 v = round16(t, round16(logical, decode16v(p + ((e + k) >> 1), table, sv)));
+            for (int r = 0; r < rows; r++) {
+                __m512 l = _mm512_loadu_ps(lane[r]);
+                _mm512_storeu_ps(lane[r], _mm512_fmadd_ps(_mm512_loadu_ps(xr + r * K + k), v, l));
+            }
+        }
+#elif defined(VEC256)
+        __m256 lo = _mm256_loadu_ps(q), hi = _mm256_loadu_ps(q + 8), sv = _mm256_set1_ps(s);
+        for (; k + LANES <= len; k += LANES) {
+            const uint8_t *pb = p + ((e + k) >> 1);
+            __m256 v0 = round8(t, round8(logical, decode8v(pb, lo, hi, sv)));
+            __m256 v1 = round8(t, round8(logical, decode8v(pb + 4, lo, hi, sv)));
+            for (int r = 0; r < rows; r++) {
+                const float *xk = xr + r * K + k;
+                __m256 l0 = _mm256_add_ps(_mm256_loadu_ps(lane[r]), _mm256_mul_ps(_mm256_loadu_ps(xk), v0));
+                __m256 l1 = _mm256_add_ps(_mm256_loadu_ps(lane[r] + 8), _mm256_mul_ps(_mm256_loadu_ps(xk + 8), v1));
+                _mm256_storeu_ps(lane[r], l0);
+                _mm256_storeu_ps(lane[r] + 8, l1);
+            }
+        }
+#endif
+        for (; k + LANES <= len; k += LANES) {
+            float v[LANES];
+            decode16(p + ((e + k) >> 1), q, s, v);
+            for (int j = 0; j < LANES; j++) v[j] = round_to(t, round_to(logical, v[j]));
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < LANES; j++) lane[r][j] += xr[r * K + k + j] * v[j];
+        }
+        for (; k < len; k++) {
+            int64_t i = e + k;
+            uint8_t byte = p[i >> 1];
+            float v = round_to(t, round_to(logical, q[(i & 1) ? (byte & 15) : (byte >> 4)] * s));
+            for (int r = 0; r < rows; r++) lane[r][0] += xr[r * K + k] * v;
+        }
+        e = stop;
+    }
+    for (int r = 0; r < rows; r++) {
+        float sum = 0.0f;
+        for (int j = 0; j < LANES; j++) sum += lane[r][j];
+        acc[r] = sum;
+    }
+}
+
+#define GV(T, L) case T * 3 + L: gemv_row(w, o, K, rows, T, L, xf, acc); break;
+
+/* y[r, o] = sum_k x[r, k] * W[o, k] (+ bias[o]) for r < rows <= MAXROWS; x, bias and y of dtype t; W
+ * of O x K elements (O * K == n). xf: scratch for x as float32, rows * K floats. Rows of W split
+ * over `threads` OpenMP threads. Returns 0, or -1 for too many rows. */
+int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const uint8_t *codes8,
+            const float *nested, const float *nqm, float offset, int64_t nbs, int64_t bs, int64_t n, int logical,
+            const void *x, int rows, int64_t O, int64_t K, int t, const void *bias, void *y, float *xf, int threads) {
+    if (rows < 1 || rows > MAXROWS) return -1;
+    weight_t w0 = weight(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n);
+    const weight_t *w = &w0;
+    for (int64_t i = 0; i < rows * K; i++) xf[i] = load_as_float(t, x, i);
+#ifndef _OPENMP
+    (void)threads;
+#endif
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t o = 0; o < O; o++) {
+        float acc[MAXROWS] = {0};
+        switch (t * 3 + logical) {
+            GV(F32, F32) GV(F32, F16) GV(F32, BF16)
+            GV(F16, F32) GV(F16, F16) GV(F16, BF16)
+            GV(BF16, F32) GV(BF16, F16) GV(BF16, BF16)
+        }
+        float bo = bias ? load_as_float(t, bias, o) : 0.0f;
+        for (int r = 0; r < rows; r++) {
+            float v = acc[r] + bo;
+            if (t == F32) ((float *)y)[r * O + o] = v;
+            else if (t == BF16) ((uint16_t *)y)[r * O + o] = to_bf16(v);
+            else ((uint16_t *)y)[r * O + o] = to_f16(v);
+        }
+    }
+    return 0;
+}
+
+/* the ABI version build.py checks after loading (bumped with any signature change) */
+int qc_abi(void) { return 2; }
+
+/* the vector width of the build's hot loops in bits (512, 256), or 0 for plain C: calls.py runs the
+ * fused kernel only on a vector build (plain C is slower than dequantize + torch's product) */
+int qc_simd(void) {
+#if defined(VEC512)
+    return 512;
+#elif defined(VEC256)
+    return 256;
+#else
+    return 0;
+#endif
+}

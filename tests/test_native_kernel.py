@@ -1,0 +1,329 @@
+"""The compiled CPU kernels (qconvert/ops/native) against the reference: the dequantizer bit for bit on
+every block size, quant type, dtype pair, double quant on and off, ragged and odd shapes and hostile
+stored bytes; the fused small-batch matmul within GEMV_REL; every code path of nf4.c (AVX-512, AVX2,
+plain C) built and checked where this CPU runs it; hostile shapes refused before any C call; the
+build's cache, trust checks and fallback to the torch path."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import platform
+
+import pytest
+import torch
+
+from qconvert import ops
+from qconvert.format.constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_TYPES
+from qconvert.ops import impl
+from qconvert.ops.native import build, calls
+from qconvert.quant import fast_dequant
+from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
+from test_fast_dequant import SIZES, hostile, same, sample
+from tolerances import GEMV_REL
+
+needs_cc = pytest.mark.skipif(build.compiler() is None, reason="no C compiler: the torch path runs (tested elsewhere)")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    monkeypatch.delenv(build.ENV, raising=False)
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A private cache folder and no library loaded yet in this process (restored after)."""
+    monkeypatch.setenv("QCONVERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "_STATE", {})
+    return tmp_path / "cache" / "kernels"
+
+
+def matches(got: torch.Tensor, want: torch.Tensor, logical: torch.dtype) -> bool:
+    """Bit for bit; the one exception: a float16 NaN widened to float32, whose bits torch itself
+    writes two ways (its vector loop keeps the payload, its scalar tail for the last n % 8 elements
+    writes 0x7FFFFFFF; torch 2.13), so there any NaN must be a NaN at the same place."""
+    if same(got, want):
+        return True
+    if not (logical == torch.float16 and want.dtype == torch.float32 and got.shape == want.shape):
+        return False
+    nan = want.isnan()
+    return torch.equal(got.isnan(), nan) and same(got[~nan], want[~nan])
+
+
+def dequant(qt, dtype):
+    got = calls.dequantize(*ops.weight_args(qt), dtype)
+    assert got is not None, "the compiled kernel did not take a plain weight"
+    return got
+
+
+@needs_cc
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_bit_identical_to_the_reference(blocksize, quant_type, monkeypatch):
+    """Every logical dtype asked as every dtype, double quant on and off, sizes odd, ragged and over
+    several OpenMP chunks."""
+    monkeypatch.setattr(calls, "CHUNK", 64)
+    for n, logical, dq in itertools.product((*SIZES, 3 * blocksize + 5, 40 * blocksize + 18), FLOAT_DTYPES, (False, True)):
+        qt = quantize_4bit_ref(sample(n, logical, n), quant_type, blocksize, dq)
+        for dtype in FLOAT_DTYPES:
+            assert same(dequant(qt, dtype), dequantize_4bit_ref(qt, dtype)), (n, logical, dq, dtype)
+
+
+@needs_cc
+@pytest.mark.parametrize("dq", [False, True])
+def test_bit_identical_on_hostile_bytes(dq):
+    """NaN, Inf, -0.0, subnormal and overflowing scales, random code tables, every byte value: the
+    rounding and NaN rules of torch's casts, to the bit."""
+    for n, blocksize in ((4097, 32), (8 * 256 * 32 + 33, 32), (9, 4096)):
+        qt = hostile(n, blocksize, dq, seed=n)
+        for logical, dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):
+            qt.dtype = logical
+            assert matches(dequant(qt, dtype), dequantize_4bit_ref(qt, dtype), logical), (n, logical, dtype)
+
+
+@needs_cc
+def test_rounding_edges_to_the_bit():
+    """Products on every rounding edge of float16 and bfloat16: ties to even, the largest finite
+    values and the overflow to infinity, float16's subnormals down to zero, NaN payloads."""
+    edges = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26,
+                          2.0 ** -25 * 1.0001, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -8, 3.3895e38, 1e-40])
+    table = torch.cat([edges, torch.tensor([float("nan"), -float("inf")])])
+    payload = torch.tensor([0x7FA12345, -0x12345], dtype=torch.int32).view(torch.float32)
+    table[14:] = payload
+    packed = torch.arange(256, dtype=torch.uint8).reshape(-1, 1)
+    for scale in (1.0, -1.0, 0.5, 2.0 ** -10):
+        for logical, dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):
+            from qconvert.format.layout import QuantizedTensor
+
+            qt = QuantizedTensor(packed=packed, absmax=torch.tensor([scale]), shape=(512,), dtype=logical,
+                                 quant_type="nf4", blocksize=512, quant_map=table.clone())
+            assert matches(dequant(qt, dtype), dequantize_4bit_ref(qt, dtype), logical), (scale, logical, dtype)
+
+
+def gemv_case(rows: int, out_f: int, in_f: int, logical, dtype, dq: bool, bias: bool, seed: int):
+    qt = quantize_4bit_ref(sample(out_f * in_f, logical, seed).reshape(out_f, in_f) * 0.01, "nf4", 64, dq)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_f, generator=g).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype) if bias else None
+    w = dequantize_4bit_ref(qt, dtype).double()
+    want = x.double() @ w.T + (b.double() if bias else 0)
+    return qt, x, b, want
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (0 where both are exactly zero: a weight of one zero block)."""
+    diff = (a.double() - b).norm().item()
+    return 0.0 if diff == 0 else diff / b.norm().item()
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fused_matmul_within_tolerance(dtype):
+    """Rows 1..MAX_ROWS, rows of W that start mid-byte and mid-block (in_features odd), blocks that
+    span rows, bias or none, double quant or not, every logical dtype: within GEMV_REL[dtype] of the
+    float64 product with the reference weight."""
+    for rows, (out_f, in_f), logical, dq, bias in itertools.product(
+            (1, 3, calls.MAX_ROWS), ((1, 1), (7, 33), (5, 97), (40, 130), (3, 1000)), FLOAT_DTYPES, (False, True), (False, True)):
+        qt, x, b, want = gemv_case(rows, out_f, in_f, logical, dtype, dq, bias, seed=out_f * in_f + rows)
+        got = calls.gemv(x, *ops.weight_args(qt), b)
+        assert got is not None and got.dtype == dtype and got.shape == (rows, out_f)
+        assert rel(got, want) < GEMV_REL[dtype], (rows, out_f, in_f, logical, dq, bias)
+
+
+@needs_cc
+def test_matmul_op_takes_the_fused_kernel_for_few_rows(monkeypatch):
+    """matmul_4bit on CPU: up to GEMV_ROWS[dtype] rows the fused kernel (within tolerance, batch
+    dimensions kept); more rows the dequantized weight and F.linear (the reference's bits)."""
+    used = []
+    real = calls.gemv
+    monkeypatch.setattr(calls, "gemv", lambda *a: used.append(1) or real(*a))
+    for dtype in FLOAT_DTYPES:
+        limit = impl.GEMV_ROWS[dtype]
+        qt, x, b, want = gemv_case(limit, 48, 130, torch.bfloat16, dtype, True, True, seed=11)
+        y = torch.ops.qconvert.matmul_4bit(x.reshape(1, limit, 130), *ops.weight_args(qt), b)
+        assert used and y.shape == (1, limit, 48) and rel(y.reshape(limit, 48), want) < GEMV_REL[dtype]
+        used.clear()
+        x = torch.randn(limit + 1, 130, dtype=dtype)
+        y = torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qt), b)
+        assert not used and same(y, torch.nn.functional.linear(x, dequantize_4bit_ref(qt, dtype), b))
+
+
+@needs_cc
+def test_cpu_ops_take_the_compiled_kernel(monkeypatch):
+    """dequantize_4bit, matmul_4bit's many-row forward and its input gradient dequantize in C, never
+    by the torch path, and give the reference's results."""
+    monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", lambda *a, **k: pytest.fail("torch path used"))
+    qt = quantize_4bit_ref(sample(20 * 70, torch.bfloat16, 1).reshape(20, 70), "nf4", 64, True)
+    args = ops.weight_args(qt)
+    assert same(torch.ops.qconvert.dequantize_4bit(*args, torch.float32), dequantize_4bit_ref(qt, torch.float32))
+    x = torch.randn(9, 70, requires_grad=True)
+    y = torch.ops.qconvert.matmul_4bit(x, *args, None)
+    y.backward(torch.ones_like(y))
+    w = dequantize_4bit_ref(qt, torch.float32)
+    assert same(y.detach(), torch.nn.functional.linear(x.detach(), w))
+    assert same(x.grad, torch.ones(9, 20) @ w)
+
+
+def test_env_switch_forces_the_torch_path(monkeypatch):
+    """QCONVERT_CPU_KERNEL=torch: no compiled call; the ops run the torch path (same bits)."""
+    monkeypatch.setenv(build.ENV, "torch")
+    assert build.library() is None and calls.dequantize(*ops.weight_args(quantize_4bit_ref(torch.ones(64), "nf4")),
+                                                        torch.float32) is None
+    taken = []
+    real = fast_dequant.dequantize_4bit_fast
+    monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", lambda *a, **k: taken.append(1) or real(*a, **k))
+    qt = quantize_4bit_ref(sample(300, torch.float16, 2), "fp4", 32, True)
+    assert same(torch.ops.qconvert.dequantize_4bit(*ops.weight_args(qt), torch.bfloat16), dequantize_4bit_ref(qt, torch.bfloat16))
+    assert taken
+
+
+@needs_cc
+def test_hostile_shapes_never_reach_c():
+    """Sizes that disagree with the layout, odd block sizes, wrong dtypes, other devices, an input
+    of the wrong width, too many rows, a bias of the wrong size: None (the torch path judges), so no
+    C call can read or write past a buffer."""
+    qt = quantize_4bit_ref(sample(40 * 64, torch.float32, 3).reshape(40, 64), "nf4", 64, True)
+    good = list(ops.weight_args(qt))
+    assert calls.dequantize(*good, torch.float32) is not None
+    P, A, Q, NA, NQ, OFF, BS, SHAPE, LOG = range(9)  # noqa: N806
+    bad = {
+        "packed short": (P, qt.packed[:-1]), "packed long": (P, torch.cat([qt.packed, qt.packed[:1]])),
+        "packed int8": (P, qt.packed.view(torch.int8)), "packed on meta": (P, qt.packed.to("meta")),
+        "absmax short": (A, qt.absmax[:-1]), "absmax float": (A, qt.absmax.float()),
+        "quant_map 15": (Q, qt.quant_map[:15]), "nested short": (NA, qt.nested_absmax[:0]),
+        "nested map 255": (NQ, qt.nested_quant_map[:255]), "nested map missing": (NQ, None),
+        "odd blocksize": (BS, 63), "zero blocksize": (BS, 0), "negative blocksize": (BS, -64),
+        "shape larger": (SHAPE, [41, 64]), "shape with zero": (SHAPE, [0, 64]), "shape negative": (SHAPE, [-40, -64]),
+        "logical int": (LOG, torch.int32),
+    }
+    for name, (i, value) in bad.items():
+        args = list(good)
+        args[i] = value
+        assert calls.dequantize(*args, torch.float32) is None, name
+        assert calls.gemv(torch.randn(1, 64), *args, None) is None, name
+    assert calls.dequantize(*good, torch.int8) is None
+    assert calls.dequantize(*good, torch.float32, out=torch.empty(40 * 64 - 1)) is None
+    assert calls.dequantize(*good, torch.float32, out=torch.empty(40 * 64 * 2)[::2]) is None
+    for x, b in ((torch.randn(1, 63), None), (torch.randn(calls.MAX_ROWS + 1, 64), None), (torch.randn(1, 64), torch.randn(39)),
+                 (torch.randn(1, 64), torch.randn(40, dtype=torch.float64)), (torch.randn(1, 64, dtype=torch.float64), None),
+                 (torch.randn(()), None)):
+        assert calls.gemv(x, *good, b) is None, (x.shape, None if b is None else b.shape)
+    xt = torch.randn(64, 2).T  # not contiguous: copied, not read with the wrong strides
+    assert rel(calls.gemv(xt, *good, None), xt.double() @ dequantize_4bit_ref(qt, torch.float32).double().T) < GEMV_REL[torch.float32]
+
+
+@needs_cc
+@pytest.mark.slow
+def test_build_caches_once_per_key_and_trusts_only_its_own(fresh_state):
+    """The first call builds into the private cache (no temporary left, not writable by others);
+    the next process state loads it without building; a folder others can write to (or whose
+    parent they can), or a link in place of the library, is never loaded."""
+    assert build.library() is not None
+    libs = sorted(p.name for p in fresh_state.iterdir())
+    assert len(libs) == 1 and libs[0].startswith("nf4-") and libs[0].endswith(".so")
+    assert oct(fresh_state.stat().st_mode & 0o777) == "0o700" and not (fresh_state / libs[0]).stat().st_mode & 0o022
+    build._STATE.clear()
+    built = []
+    real = build.compile_library
+    build.compile_library = lambda *a: built.append(1) or real(*a)
+    try:
+        assert build.library() is not None and not built
+        build._STATE.clear()
+        os.chmod(fresh_state, 0o777)
+        assert build.library() is None and "only this user" in build.describe()
+        os.chmod(fresh_state, 0o700)
+        os.chmod(fresh_state.parent, 0o777)  # others could rename the folder away and put theirs
+        build._STATE.clear()
+        assert build.library() is None and "only this user" in build.describe()
+        os.chmod(fresh_state.parent, 0o700)
+        lib = fresh_state / libs[0]
+        lib.rename(fresh_state / "elsewhere.so")
+        lib.symlink_to(fresh_state / "elsewhere.so")
+        build._STATE.clear()
+        assert build.library() is None and "only this user" in build.describe() and not built
+    finally:
+        build.compile_library = real
+
+
+def test_no_compiler_falls_back_with_one_debug_note(fresh_state, monkeypatch, caplog):
+    """No compiler: None, one debug line, nothing written; the op still gives the reference's bits."""
+    monkeypatch.setenv("CC", "qconvert-no-such-compiler")
+    with caplog.at_level(logging.DEBUG, logger="qconvert"):
+        assert build.library() is None and build.library() is None
+    notes = [r for r in caplog.records if "torch path" in r.getMessage()]
+    assert len(notes) == 1 and "qconvert-no-such-compiler" in notes[0].getMessage()
+    assert not fresh_state.exists()
+    qt = quantize_4bit_ref(sample(200, torch.bfloat16, 9), "nf4", 64, True)
+    assert same(torch.ops.qconvert.dequantize_4bit(*ops.weight_args(qt), torch.float16), dequantize_4bit_ref(qt, torch.float16))
+
+
+@needs_cc
+def test_failed_build_falls_back(fresh_state, monkeypatch, tmp_path):
+    """A compiler that fails every flag set: None, the reason kept, no library or temporary left."""
+    fake = tmp_path / "badcc"
+    fake.write_text("#!/bin/sh\necho 'cc: error: broken on purpose' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert build.library() is None and "broken on purpose" in build.describe()
+    assert list(fresh_state.iterdir()) == []
+
+
+#: the code paths of nf4.c and flags that select each on an x86-64 CPU (the widest first)
+VARIANTS = {"avx512": ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
+            "avx2": ("-O3", "-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-fopenmp", "-ffp-contract=off"),
+            "plain": ("-O3", "-ffp-contract=off", *(("-mno-avx2", "-mno-avx512f") if platform.machine() in ("x86_64", "AMD64") else ()))}
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@needs_cc
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
+    """Build the AVX-512, AVX2 and plain C paths (where this CPU runs them) and check each against
+    the reference: a machine without AVX-512 runs the same bits (and its fused kernel, within
+    GEMV_REL); a plain C build leaves the few-row product to torch."""
+    need = {"avx512": "avx512f", "avx2": "avx2", "plain": None}[variant]
+    if need and not _cpu_has(need):
+        pytest.skip(f"this CPU has no {need}")
+    cc = build.compiler()
+    path = build.library_path(cc, VARIANTS[variant])
+    build.compile_library(cc, VARIANTS[variant], path)
+    lib = build._bind(path)
+    assert lib.simd == {"avx512": 512, "avx2": 256, "plain": 0}[variant]
+    monkeypatch.setattr(calls, "library", lambda: lib)
+    monkeypatch.setattr(calls, "CHUNK", 256)
+    for n, blocksize, dq in ((4097, 64, True), (8 * 256 * 32 + 33, 32, False), (3 * 4096 + 7, 4096, True)):
+        qt = hostile(n, blocksize, dq, seed=n)
+        for logical, dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):
+            qt.dtype = logical
+            assert matches(dequant(qt, dtype), dequantize_4bit_ref(qt, dtype), logical), (variant, n, logical, dtype)
+    for dtype in FLOAT_DTYPES:
+        qt, x, b, want = gemv_case(3, 40, 130, torch.bfloat16, dtype, True, True, seed=5)
+        got = calls.gemv(x, *ops.weight_args(qt), b)
+        if variant == "plain":  # slower than dequantize + torch's product: not used
+            assert got is None
+        else:
+            assert rel(got, want) < GEMV_REL[dtype], (variant, dtype)
+
+
+@needs_cc
+def test_concurrent_calls_from_python_threads(monkeypatch):
+    """Several Python threads calling the kernels at once (the GIL released, OpenMP teams side by
+    side, as an overlapped merge dequantizes): each gets its own weight's exact result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(calls, "CHUNK", 1024)  # many chunks: each call opens an OpenMP team
+    monkeypatch.setattr(calls, "_threads", lambda: 2)
+    qts = [quantize_4bit_ref(sample(64 * 300 + 2 * i, torch.bfloat16, i), "nf4", 64, i % 2 == 0) for i in range(6)]
+    wants = [dequantize_4bit_ref(qt, torch.float32) for qt in qts]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(5):
+            gots = list(pool.map(lambda qt: dequant(qt, torch.float32), qts))
+            assert all(same(g, w) for g, w in zip(gots, wants))
