@@ -32,6 +32,7 @@ from .data import (PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_i
 from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
+from .score import label_loss_sum, loss_sums
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
 AUTO_SAVE_MIN_STEPS = 50
@@ -107,13 +108,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
         return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the positions whose label is not -100."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
 
 
 def base_model_id(model_path: str, repo_id: str | None) -> str:
@@ -664,16 +658,9 @@ def final_lines(out: Path, step: int, elapsed: float, loss, eval_loss, ckpts: li
     return lines
 
 def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
-    model.eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            b = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad).items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            total += label_loss_sum(logits, b["labels"]).item()
-            count += (b["labels"][:, 1:] != -100).sum().item()
-    model.train()
-    return total / max(1.0, count)
+    """The eval loss train logs: the one scorer's token-weighted mean (score.py); 0.0 with no labelled token."""
+    total, count = loss_sums(model, examples, pad, batch_size, device)
+    return total / max(1, count)
 
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
