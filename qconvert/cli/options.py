@@ -49,3 +49,26 @@ def dtype(*, auto: bool, default: str | None = None, help: str | None = None):
 
 def compute_dtype(help: str = "Recorded in quantization_config: the dtype layers compute in after dequantizing."):
     return click.option("--compute-dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True, help=help)
+
+
+#: train's data options that `eval` takes as well (its data goes through train's pipeline): the
+#: TrainConfig fields, declared once in qconvert.train.settings (flags, default, choices, help)
+TRAIN_DATA_OPTIONS = ("data_split", "data_config", "fmt", "max_length", "truncation", "train_on_inputs")
+
+
+def train_data_options(**helps: str):
+    """--data (required) and :data:`TRAIN_DATA_OPTIONS`, spelled, defaulted and checked as `train`
+    declares them; ``helps`` rewords an option's help for a command that uses it otherwise (eval
+    scores the tokens train learns from)."""
+    from dataclasses import replace
+
+    from ..train.settings import RUN_OPTIONS, SPECS
+    from .train import click_option
+
+    def decorate(f):
+        for name in reversed(TRAIN_DATA_OPTIONS):
+            f = click_option(replace(SPECS[name], help=helps.get(name, SPECS[name].help)))(f)
+        data = RUN_OPTIONS["data"]
+        return click.option(*data.flags, data.name, type=str, default=None, required=True, help=helps.get("data", data.help))(f)
+
+    return decorate
