@@ -23,3 +23,29 @@ def test_eval_takes_trains_data_options_as_train_declares_them(name):
     assert ours.default == theirs.default and ours.is_flag == theirs.is_flag
     assert getattr(ours.type, "choices", None) == getattr(theirs.type, "choices", None) and ours.type.name == theirs.type.name
     assert ours.required == (name == "data")
+
+
+@pytest.mark.slow
+def test_quantize_takes_one_frozen_options_object(tmp_path):
+    """QuantizeOptions carries a run's settings whole (frozen); the keywords give the very same bytes;
+    an unknown keyword is a TypeError, as before."""
+    import dataclasses
+
+    import torch
+
+    from helpers import make_tiny_llama
+    from qconvert.convert.options import QuantizeOptions
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    src = make_tiny_llama(tmp_path / "src", dtype=torch.float32, layers=1)
+    opts = QuantizeOptions(blocksize=128, double_quant=False, compute_dtype="float32", skip_modules=["v_proj"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.blocksize = 64
+    a = quantize_checkpoint(str(src), tmp_path / "a", opts)
+    b = quantize_checkpoint(str(src), tmp_path / "b", blocksize=128, double_quant=False, compute_dtype="float32", skip_modules=["v_proj"])
+    c = quantize_checkpoint(str(src), tmp_path / "c", dataclasses.replace(opts, blocksize=64), double_quant=True)
+    assert (a["blocksize"], a["double_quant"], a["user_skip_modules"]) == (128, False, ["v_proj"]) and a["quantized"] == b["quantized"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (c["blocksize"], c["double_quant"]) == (64, True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'block_size'"):
+        quantize_checkpoint(str(src), tmp_path / "d", block_size=128)
