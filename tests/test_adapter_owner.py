@@ -111,3 +111,42 @@ def test_a_link_inside_the_adapter_folder_is_read(tmp_path):
     os.symlink("real.safetensors", a / "adapter_model.safetensors")
     modules = read_lora_weights(a, read_adapter_config(a))
     assert sorted(modules) == [m.removeprefix(PREFIX) for m in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")]
+
+
+MERGE_BOTH = """
+import sys
+from pathlib import Path
+from qconvert.export.gguf import export_gguf
+from qconvert.export.merge import merge_adapter
+q, local, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+for name, adapter in (("hub", "acme/tiny-lora"), ("local", local)):
+    merge_adapter(q, adapter, out / f"merged-{name}", dtype="float32")
+    export_gguf(q, out / f"{name}.gguf", adapter=adapter, lora_only=True)
+"""
+
+
+@pytest.mark.slow
+def test_merge_and_export_gguf_take_an_adapter_hub_id_as_generate_and_eval_do(base, tmp_path):
+    """Hub/local resolution has one owner too (qconvert.io.source.resolve_adapter_path): merge and
+    export-gguf fetch an adapter's two files by Hub id, as generate, eval and load_model do, and write
+    the bytes the local folder gives. Before, they took local folders only ("no adapter_config.json")."""
+    import subprocess
+    import sys
+
+    import olah_server
+
+    if not olah_server.available():
+        pytest.skip("olah not installed (tools/setup_olah.sh)")
+    a = write_adapter(tmp_path / "tiny-lora")  # the GGUF adapter is named after the folder (or repo) name
+    hub = olah_server.OlahHub(tmp_path / "olah")
+    hub.add_repo("acme/tiny-lora", a)
+    hub.start()
+    try:
+        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
+        r = subprocess.run([sys.executable, "-c", MERGE_BOTH, str(base), str(a), str(tmp_path)], capture_output=True, text=True, env=env)
+    finally:
+        hub.stop()
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = [(tmp_path / f"merged-{n}" / "model.safetensors").read_bytes() for n in ("hub", "local")]
+    assert merged[0] == merged[1]
+    assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
