@@ -116,19 +116,21 @@ def test_a_link_inside_the_adapter_folder_is_read(tmp_path):
 MERGE_BOTH = """
 import sys
 from pathlib import Path
+from qconvert.export.adapter import export_adapter
 from qconvert.export.gguf import export_gguf
 from qconvert.export.merge import merge_adapter
 q, local, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 for name, adapter in (("hub", "acme/tiny-lora"), ("local", local)):
     merge_adapter(q, adapter, out / f"merged-{name}", dtype="float32")
     export_gguf(q, out / f"{name}.gguf", adapter=adapter, lora_only=True)
+    export_adapter(adapter, out / f"exported-{name}")
 """
 
 
 @pytest.mark.slow
-def test_merge_and_export_gguf_take_an_adapter_hub_id_as_generate_and_eval_do(base, tmp_path):
-    """Hub/local resolution has one owner too (qconvert.io.source.resolve_adapter_path): merge and
-    export-gguf fetch an adapter's two files by Hub id, as generate, eval and load_model do, and write
+def test_merge_and_exports_take_an_adapter_hub_id_as_generate_and_eval_do(base, tmp_path):
+    """Hub/local resolution has one owner too (qconvert.io.source.resolve_adapter_path): merge,
+    export-gguf and export-adapter fetch an adapter's two files by Hub id, as generate, eval and load_model do, and write
     the bytes the local folder gives. Before, they took local folders only ("no adapter_config.json")."""
     import subprocess
     import sys
@@ -150,3 +152,5 @@ def test_merge_and_export_gguf_take_an_adapter_hub_id_as_generate_and_eval_do(ba
     merged = [(tmp_path / f"merged-{n}" / "model.safetensors").read_bytes() for n in ("hub", "local")]
     assert merged[0] == merged[1]
     assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+    exported = [(tmp_path / f"exported-{n}" / "adapter_model.safetensors").read_bytes() for n in ("hub", "local")]
+    assert exported[0] == exported[1] == (a / "adapter_model.safetensors").read_bytes()
