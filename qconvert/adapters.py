@@ -1,6 +1,10 @@
 """A PEFT LoRA adapter folder, read and checked before anything uses it: adapter_config.json and
-adapter_model.safetensors (spec/robustness.md sections 5.1 to 5.4). Loading (``load_model(...,
-adapter=)``), merging, exporting and pushing all read adapters through here.
+adapter_model.safetensors (spec/robustness.md section 5). The one reader of adapters: loading
+(``load_model(..., adapter=)``), generate and eval (``runtime.check_adapter``), merging, exporting
+(export-adapter, export-gguf) and pushing all read them through :func:`read_adapter_config` and
+:func:`lora_shapes` / :func:`read_lora_weights`, so one hostile adapter gets one refusal everywhere
+(tests/test_adapter_owner.py). Where the folder comes from (a path or a Hub id) is
+:func:`qconvert.io.source.resolve_adapter_path`'s to decide, for every command.
 """
 
 from __future__ import annotations
