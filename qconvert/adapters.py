@@ -1,6 +1,10 @@
 """A PEFT LoRA adapter folder, read and checked before anything uses it: adapter_config.json and
-adapter_model.safetensors (spec/robustness.md sections 5.1 to 5.4). Loading (``load_model(...,
-adapter=)``), merging, exporting and pushing all read adapters through here.
+adapter_model.safetensors (spec/robustness.md section 5). The one reader of adapters: loading
+(``load_model(..., adapter=)``), generate and eval (``runtime.check_adapter``), merging, exporting
+(export-adapter, export-gguf) and pushing all read them through :func:`read_adapter_config` and
+:func:`lora_shapes` / :func:`read_lora_weights`, so one hostile adapter gets one refusal everywhere
+(tests/test_adapter_owner.py). Where the folder comes from (a path or a Hub id) is
+:func:`qconvert.io.source.resolve_adapter_path`'s to decide, for every command.
 """
 
 from __future__ import annotations
@@ -14,12 +18,19 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import FormatError
 
 #: A PEFT LoRA weight key: base_model.model.<module>.lora_A|lora_B[.<adapter name>].weight
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+#: PEFT's LoRA on an embedding layer: lora_embedding_A|B[.<adapter name>], saved without ``.weight``
+#: (accepted only where PEFT attaches the adapter: generate, eval; merge has no embedding form)
+EMBEDDING_KEY = re.compile(r"base_model\.model\.(.+)\.lora_embedding_([AB])(?:\.[^.]+)?(?:\.weight)?")
+#: the two files of a PEFT LoRA adapter folder
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+#: safetensors dtype names of floating-point tensors (F16, F32, F64, BF16, F8_E4M3, F8_E5M2)
+_FLOAT_DTYPES = ("F", "BF")
 _FIX = "the adapter is damaged or was edited; export it again from its training run"
 
 
@@ -145,19 +156,36 @@ def _finite_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def adapter_file(folder: Path, name: str) -> Path:
+    """``folder/name`` (:data:`ADAPTER_CONFIG` or :data:`ADAPTER_WEIGHTS`), refused unless it is a regular
+    file that lies inside the folder once links are followed (a Hub snapshot's links into the cache's
+    ``blobs/`` are inside: io/links.py): an adapter is copied by export-adapter and published by push."""
+    p = folder / name
+    if not p.is_file():
+        hint = ("qconvert reads adapters in safetensors only (never pickle)" if name == ADAPTER_WEIGHTS
+                else "pass a PEFT LoRA adapter folder (a qconvert train output)")
+        raise FormatError(f"{folder}: no {name}", hint=hint)
+    from .io.links import outside_folder
+
+    if outside_folder(p, folder):
+        raise FormatError(f"{p}: a link to a file outside the adapter folder ({p.resolve()})",
+                          hint="replace the link with the file itself")
+    return p
+
+
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """adapter_config.json of a PEFT LoRA adapter, validated: a JSON object with peft_type LORA, a
-    positive integer r, a finite lora_alpha, and rank/alpha patterns of the same kinds."""
-    p = folder / "adapter_config.json"
-    if not p.is_file():
-        raise FormatError(f"{folder}: no adapter_config.json", hint="pass a PEFT LoRA adapter folder")
+    positive integer r, a finite lora_alpha, and rank/alpha patterns of the same kinds. The one reader
+    of adapter_config.json (merge, export-adapter, export-gguf, push, load_model, generate, eval)."""
+    p = adapter_file(Path(folder), ADAPTER_CONFIG)
     from .format.checkpoint import read_json_object
     from .validate import check_config_size
 
     check_config_size(p)
     cfg = read_json_object(p, "adapter_config.json")
     if cfg.get("peft_type") != "LORA":
-        raise FormatError(f"{p}: peft_type {cfg.get('peft_type')!r} is not LORA", hint="qconvert handles PEFT LoRA adapters only")
+        raise FormatError(f"{p}: not a LoRA adapter (peft_type {cfg.get('peft_type')!r} is not LORA)",
+                          hint="qconvert handles PEFT LoRA adapters only")
     if not _positive_int(cfg.get("r")):
         raise FormatError(f"{p}: r must be a positive integer, got {cfg.get('r')!r}", hint=_FIX)
     if "lora_alpha" in cfg and not _finite_number(cfg["lora_alpha"]):
@@ -193,14 +221,79 @@ def stable_adapter_config(folder: Path, **updates: Any) -> dict[str, Any]:
     return cfg
 
 
+class LoraEntry(NamedTuple):
+    """One adapted module as the weights file's header gives it: its lora_A and lora_B keys and shapes."""
+
+    a_key: str
+    a_shape: tuple[int, ...]
+    b_key: str
+    b_shape: tuple[int, ...]
+
+
+def _header(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (safetensors dtype name, shape)} of adapter_model.safetensors, from its header alone."""
+    weights = adapter_file(folder, ADAPTER_WEIGHTS)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as h:
+            return {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
+    except Exception as e:  # safetensors raises SafetensorError and OSError for damaged files
+        raise FormatError(f"{weights}: not a readable safetensors file", detail=str(e),
+                          hint="the file is truncated or corrupt; copy or export it again") from None
+
+
+def _pairs(header: dict, weights: Path, attach: bool) -> dict[str, dict[str, tuple[str, str, tuple[int, ...]]]]:
+    """{module: {"A"|"B": (key, dtype, shape)}}; a tensor that is not a LoRA A/B weight is refused, except
+    where PEFT attaches the adapter (``attach``): there embedding LoRA is a pair too and other tensors
+    (a saved embedding, modules_to_save) are PEFT's to load, so nothing is dropped silently either way."""
+    pairs: dict[str, dict[str, tuple[str, str, tuple[int, ...]]]] = {}
+    for k, (dtype, shape) in header.items():
+        m = LORA_KEY.fullmatch(k) or (EMBEDDING_KEY.fullmatch(k) if attach else None)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = (k, dtype, shape)
+        elif not attach:
+            raise FormatError(f"{weights}: tensor {k!r} is not a LoRA A/B weight (base_model.model.<module>.lora_A.weight)",
+                              hint="only plain LoRA layers can be used (no DoRA magnitudes, embeddings or modules_to_save)")
+    if not pairs:
+        raise FormatError(f"{weights}: no LoRA weights (keys like base_model.model.<module>.lora_A.weight)", hint=_FIX)
+    return pairs
+
+
+def lora_shapes(folder: Path, cfg: Mapping[str, Any], base_names=(), *, attach: bool = False) -> dict[str, LoraEntry]:
+    """{module: LoraEntry} from adapter_model.safetensors's header (no tensor read), validated against
+    ``cfg`` (spec/robustness.md 5.2, 5.3): every tensor a LoRA A/B weight (``attach``: see :func:`_pairs`),
+    each A with its B, A [r, in] and B [out, r] in a float dtype, r the module's rank (rank_pattern,
+    else r). ``cfg``'s regular expressions must finish matching these modules and ``base_names`` (the
+    base model's modules, which PEFT matches) in bounded time. The one owner of these rules."""
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    pairs = _pairs(_header(folder), weights, attach)
+    check_pattern_time(cfg, [*pairs, *base_names], folder / ADAPTER_CONFIG)
+    out = {}
+    for module, ab in sorted(pairs.items()):
+        for have, lack in (("A", "B"), ("B", "A")):
+            if have in ab and lack not in ab:
+                raise FormatError(f"{weights}: {module}.lora_{have} has no matching lora_{lack}", hint=_FIX)
+        (ka, da, a), (kb, db, b) = ab["A"], ab["B"]
+        r = module_value(cfg.get("rank_pattern"), module, cfg["r"])
+        if not (da.startswith(_FLOAT_DTYPES) and db.startswith(_FLOAT_DTYPES)):
+            raise FormatError(f"{weights}: {module}: lora_A/lora_B must be floating point, got {da}/{db}", hint=_FIX)
+        if may_wrap_parameter(cfg, module) and len(a) == len(b) == 2 and a[0] == b[1]:
+            r = a[0]  # LoRA on a parameter: [experts * r, in], checked against the model (parameter_adapters)
+        if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+            raise FormatError(f"{weights}: {module}: lora_A is {list(a)} and lora_B {list(b)}, rank {r} needs [{r}, in] and [out, {r}]",
+                              hint=_FIX)
+        out[module] = LoraEntry(ka, a, kb, b)
+    return out
+
+
 def read_lora_weights(folder: Path, cfg: Mapping[str, Any], base_names=()) -> dict[str, tuple[Any, Any]]:
-    """{module: (lora_A, lora_B)} from adapter_model.safetensors, validated against ``cfg``: every
-    tensor a LoRA A/B weight, each A with its B, A [r, in] and B [out, r] in a float dtype, r the
-    module's rank (rank_pattern, else r). ``cfg``'s regular expressions must finish matching these
-    modules and ``base_names`` (the base model's modules, which PEFT matches) in bounded time."""
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FormatError(f"{folder}: no adapter_model.safetensors", hint="pass a PEFT LoRA adapter folder")
+    """{module: (lora_A, lora_B)} of an adapter that :func:`lora_shapes` accepts (plain LoRA only: what
+    merge, export and load_model use); each tensor read is checked to be the one the header described."""
+    folder = Path(folder)
+    shapes = lora_shapes(folder, cfg, base_names)
+    weights = folder / ADAPTER_WEIGHTS
     from safetensors.torch import load_file
 
     try:
@@ -208,32 +301,17 @@ def read_lora_weights(folder: Path, cfg: Mapping[str, Any], base_names=()) -> di
     except Exception as e:  # safetensors raises SafetensorError and OSError for damaged files
         raise FormatError(f"{weights}: not a readable safetensors file", detail=str(e),
                           hint="the file is truncated or corrupt; copy or export it again") from None
-    pairs: dict[str, dict[str, Any]] = {}
-    for k, v in sd.items():
-        m = LORA_KEY.fullmatch(k)
-        if not m:
-            raise FormatError(f"{weights}: tensor {k!r} is not a LoRA A/B weight (base_model.model.<module>.lora_A.weight)",
-                              hint="only plain LoRA layers can be used (no DoRA magnitudes, embeddings or modules_to_save)")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = v
-    if not pairs:
-        raise FormatError(f"{weights}: no LoRA weights (keys like base_model.model.<module>.lora_A.weight)", hint=_FIX)
-    check_pattern_time(cfg, [*pairs, *base_names], folder / "adapter_config.json")
     out = {}
-    for module, ab in sorted(pairs.items()):
-        for have, lack in (("A", "B"), ("B", "A")):
-            if have in ab and lack not in ab:
-                raise FormatError(f"{weights}: {module}.lora_{have} has no matching lora_{lack}", hint=_FIX)
-        a, b = ab["A"], ab["B"]
-        r = module_value(cfg.get("rank_pattern"), module, cfg["r"])
-        if not (a.is_floating_point() and b.is_floating_point()):
-            raise FormatError(f"{weights}: {module}: lora_A/lora_B must be floating point, got {a.dtype}/{b.dtype}", hint=_FIX)
-        if may_wrap_parameter(cfg, module) and a.dim() == b.dim() == 2 and a.shape[0] == b.shape[1]:
-            r = a.shape[0]  # LoRA on a parameter: [experts * r, in], checked against the model (parameter_adapters)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise FormatError(f"{weights}: {module}: lora_A is {list(a.shape)} and lora_B {list(b.shape)}, rank {r} needs [{r}, in] and [out, {r}]",
-                              hint=_FIX)
+    for module, e in shapes.items():
+        a, b = sd.get(e.a_key), sd.get(e.b_key)
+        if a is None or b is None or tuple(a.shape) != e.a_shape or tuple(b.shape) != e.b_shape or set(sd) != set(_keys(shapes)):
+            raise FormatError(f"{weights}: changed while it was read", hint="read it again once nothing writes it")
         out[module] = (a, b)
     return out
+
+
+def _keys(shapes: Mapping[str, LoraEntry]) -> list[str]:
+    return [k for e in shapes.values() for k in (e.a_key, e.b_key)]
 
 
 def may_wrap_parameter(cfg: Mapping[str, Any], module: str) -> bool:

@@ -3,7 +3,7 @@
 The data goes through the training data pipeline (:mod:`qconvert.train.data`): every file format and
 record shape that ``train`` reads, the same prompt rendering, the same EOS, and the same loss mask
 (completions and assistant turns only, unless ``train_on_inputs``). The loss is the token-weighted
-mean next-token cross-entropy over the labelled tokens (:func:`qconvert.train.loop.label_loss_sum`),
+mean next-token cross-entropy over the labelled tokens (:mod:`qconvert.train.score`, the scorer train's evaluation uses),
 so the number equals the eval loss ``train`` reports for the same records, and a merged model scores
 what the 4-bit base plus its adapter scored, up to the rounding of the merged weights.
 """
@@ -37,22 +37,14 @@ def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length
 
 
 def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[str, Any]:
-    """Mean loss over the labelled tokens of ``examples``, its exponential, and the counts."""
-    import torch
-
-    from .train.data import IGNORE, collate
-    from .train.loop import label_loss_sum
+    """Mean loss over the labelled tokens of ``examples``, its exponential, and the counts: the scorer
+    train's evaluation uses (:func:`qconvert.train.score.loss_sums`); no labelled token is refused."""
+    from .train.score import loss_sums
 
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            b = {k: v.to(device) for k, v in collate(examples[i: i + batch_size], pad_id).items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            total += label_loss_sum(logits, b["labels"]).item()
-            count += int((b["labels"][:, 1:] != IGNORE).sum())
+    total, count = loss_sums(model, examples, pad_id, batch_size, device)
     if count == 0:
         raise DataError("no token to score: every example has fewer than 2 tokens")
     loss = total / count

@@ -21,9 +21,7 @@ transformers itself).
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +30,6 @@ from typing import Any
 from .errors import DataError, FormatError, OptionError, SourceError
 from .names import DTYPE_CHOICES
 
-# lora_A / lora_B weights of linear layers (PEFT drops the adapter name when saving; some tools keep it), and the
-# lora_embedding_A / _B parameters of embedding layers
-_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(?:embedding_)?([AB])(?:\.[^.]+)?(?:\.weight)?")
 
 
 @dataclass
@@ -149,61 +144,26 @@ def _load_plain(root: Path, cls, config, dtype: str):
             hf_logging.enable_progress_bar()
 
 
-def _adapter_shapes(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, tuple[int, ...]]]]:
-    """adapter_config.json and, per adapted module, the shapes of its lora_A and lora_B (read from the header)."""
-    cfg_path = folder / "adapter_config.json"
-    if not folder.is_dir() or not cfg_path.is_file():
-        raise FormatError(f"{folder}: no adapter_config.json", hint="pass a PEFT LoRA adapter folder (a qconvert train output)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatError(f"{cfg_path}: not valid JSON") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise FormatError(f"{cfg_path}: not a LoRA adapter (peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r})")
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise FormatError(f"{cfg_path}: r must be a positive integer, got {r!r}")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FormatError(f"{folder}: no adapter_model.safetensors", hint="qconvert reads adapters in safetensors only (never pickle)")
-    from safetensors import SafetensorError, safe_open
-
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    try:
-        with safe_open(str(weights), "pt") as h:
-            for k in h.keys():
-                m = _LORA_KEY.fullmatch(k)
-                if m:
-                    shapes.setdefault(m.group(1), {})[m.group(2)] = tuple(h.get_slice(k).get_shape())
-    except (SafetensorError, OSError) as e:
-        raise FormatError(f"{weights}: not a readable safetensors file ({type(e).__name__})", hint="re-download or re-export the adapter") from None
-    if not shapes:
-        raise FormatError(f"{weights}: no LoRA weights (keys like base_model.model.<module>.lora_A.weight)")
-    return cfg, shapes
-
-
 def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str, Any]:
-    """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes."""
+    """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes.
+    The files are read and checked by the one adapter reader (:mod:`qconvert.adapters`), as PEFT attaches
+    them (embedding LoRA accepted); only the fit to this model is checked here."""
     import torch
 
-    from .adapters import check_pattern_time, unwrapped
+    from .adapters import lora_shapes, read_adapter_config, unwrapped
     from .validate import linear_shape
 
     folder = Path(folder)
-    cfg, shapes = _adapter_shapes(folder)
+    cfg = read_adapter_config(folder)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    check_pattern_time(cfg, [*shapes, *(name for name, _ in base.named_modules())], folder / "adapter_config.json")
+    shapes = lora_shapes(folder, cfg, [name for name, _ in base.named_modules()], attach=True)
     hint = f"it was trained on {cfg.get('base_model_name_or_path')!r}; use it with that model"
-    for mod, ab in sorted(shapes.items()):
-        if set(ab) != {"A", "B"}:
-            raise FormatError(f"{folder}: {mod} has lora_{'A' if 'A' in ab else 'B'} but no lora_{'B' if 'A' in ab else 'A'}")
+    for mod, e in shapes.items():
         try:
             target = base.get_submodule(unwrapped(mod)[0])  # LoRA on parameters: MODULE(.base_layer)*
         except AttributeError:
             raise FormatError(f"{folder}: adapts {mod}, which {model_name} does not have", hint=hint) from None
-        a, b = ab["A"], ab["B"]
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise FormatError(f"{folder}: {mod}: lora_A {list(a)} and lora_B {list(b)} are not [r, in] and [out, r] matrices")
+        a, b = e.a_shape, e.b_shape
         if isinstance(target, torch.nn.Embedding):
             want = (target.num_embeddings, target.embedding_dim)
         else:  # a Linear, qconvert's 4-bit one, or a GPT-2 style Conv1D (weight [in, out]): lora_A [r, in], lora_B [out, r] on all

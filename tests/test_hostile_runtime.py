@@ -210,7 +210,7 @@ def test_adapter_files(env, capsys, tmp_path):
 
     sd = load_file(str(a / "adapter_model.safetensors"))
     save_file({k: v for k, v in sd.items() if "lora_B" not in k}, str(a / "adapter_model.safetensors"))
-    check(a, "has lora_A but no lora_B")
+    check(a, "lora_A has no matching lora_B")
     a = adapter_copy(env, tmp_path, "elsewhere")
     save_file({k.replace("self_attn", "cross_attn"): v for k, v in sd.items()}, str(a / "adapter_model.safetensors"))
     check(a, "adapts model.layers.0.cross_attn.q_proj, which")

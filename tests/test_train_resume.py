@@ -33,7 +33,7 @@ def flags(*args: str) -> TrainConfig:
 
 
 def resumed(*args: str, world: int = 1, run=RUN, run_world: int = 1, said=None) -> TrainConfig:
-    saved = run_settings(TrainConfig.of(None, run).as_options(), run_world)
+    saved = run_settings(TrainConfig.of(None, run), run_world)
     return resumed_config(flags("--resume", *args), saved, world, "out/checkpoint-1", (said if said is not None else []).append)
 
 

@@ -79,15 +79,14 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
 
     Interrupted runs resume: run the same command again."""
     from .._cpus import parse_workers
+    from ..convert.options import QuantizeOptions
     from ..convert.quantize import quantize_checkpoint
 
-    workers = parse_workers(workers)  # a bad value fails here, before anything is read
-    log = None if as_json else (lambda m: echo(m, err=True))
-    s = quantize_checkpoint(
-        source, output_dir, revision=revision, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
-        compute_dtype=compute_dtype, skip_modules=list(skip_modules), max_shard_size=max_shard_size, workers=workers,
-        dry_run=dry_run, overwrite=overwrite, keep_source=keep_source, experts=experts, base_model=base_model, log=log,
-    )
+    opts = QuantizeOptions(revision=revision, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
+                           compute_dtype=compute_dtype, skip_modules=skip_modules, max_shard_size=max_shard_size,
+                           workers=parse_workers(workers),  # a bad value fails here, before anything is read
+                           dry_run=dry_run, overwrite=overwrite, keep_source=keep_source, experts=experts, base_model=base_model)
+    s = quantize_checkpoint(source, output_dir, opts, log=None if as_json else (lambda m: echo(m, err=True)))
     if as_json:
         echo(json.dumps(s, indent=1))
         return

@@ -61,3 +61,30 @@ def load_in_4bit():
                             help="A 16-bit MODEL is quantized to 4-bit NF4 on the way in, as `qconvert quantize` writes it "
                                  "and train trains on it [default: a 16-bit MODEL runs unquantized].")(f)
     return wrap
+
+
+#: train's data options that `eval` takes as well (its data goes through train's pipeline): the
+#: TrainConfig fields, declared once in qconvert.train.settings (flags, default, choices, help)
+TRAIN_DATA_OPTIONS = ("data_split", "data_config", "fmt", "max_length", "truncation", "train_on_inputs")
+
+
+def train_data_options(extra_choices: dict[str, tuple[str, ...]] | None = None, **helps: str):
+    """--data (required) and :data:`TRAIN_DATA_OPTIONS`, spelled, defaulted and checked as `train`
+    declares them; ``helps`` rewords an option's help for a command that uses it otherwise (eval
+    scores the tokens train learns from); ``extra_choices`` adds choices only that command has
+    (eval's ``--format raw``)."""
+    from dataclasses import replace
+
+    from ..train.settings import RUN_OPTIONS, SPECS
+    from .train import click_option
+
+    def decorate(f):
+        for name in reversed(TRAIN_DATA_OPTIONS):
+            spec = replace(SPECS[name], help=helps.get(name, SPECS[name].help))
+            if name in (extra_choices or {}):
+                spec = replace(spec, choices=(*spec.choices, *extra_choices[name]))
+            f = click_option(spec)(f)
+        data = RUN_OPTIONS["data"]
+        return click.option(*data.flags, data.name, type=str, default=None, required=True, help=helps.get("data", data.help))(f)
+
+    return decorate

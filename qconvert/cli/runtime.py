@@ -8,8 +8,6 @@ import json
 
 import click
 
-# light (no torch): eval takes whatever train takes
-from ..train.data import FORMATS, TRUNCATION
 from . import options
 
 
@@ -72,18 +70,16 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
 
 @click.command(name="eval")
 @click.argument("model")
-@click.option("--data", required=True, help="Records in any format `qconvert train` reads (text, alpaca, prompt/completion, chat).")
+@options.train_data_options(  # train's own declarations (qconvert.train.settings), worded for scoring
+    extra_choices={"fmt": ("raw",)},
+    fmt="Record format (auto: per record). auto also renders prompt/completion records in an --adapter's recorded "
+        "training format (alpaca, chat), as generate does; raw scores them as written.",
+    data="Records in any format `qconvert train` reads (text, alpaca, prompt/completion, chat).",
+    max_length="Tokens per example, as in train.",
+    truncation="Records over --max-length: scored on their first tokens, or left out (counted either way).",
+    train_on_inputs="Score prompts too (as train does with this flag), not only completions.")
 @click.option("--adapter", "adapters", multiple=True, help="A PEFT LoRA adapter folder or Hub id to score MODEL with (repeatable: one row each).")
 @click.option("--compare", is_flag=True, help="Also score MODEL without the adapters: one table, base vs base+adapter.")
-@click.option("--data-split", help="Split of a Hub dataset id or dataset folder (default: train).")
-@click.option("--data-config", help="Configuration (subset) of a Hub dataset id.")
-@click.option("--format", "fmt", type=click.Choice((*FORMATS, "raw")), default="auto", show_default=True,
-              help="Record format (auto: per record). auto also renders prompt/completion records in an --adapter's recorded "
-                   "training format (alpaca, chat), as generate does; raw scores them as written.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example, as in train.")
-@click.option("--truncation", type=click.Choice(TRUNCATION), default="truncate", show_default=True,
-              help="Records over --max-length: scored on their first tokens, or left out (counted either way).")
-@click.option("--train-on-inputs", is_flag=True, help="Score prompts too (as train does with this flag), not only completions.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @options.dtype(auto=True)
 @options.backend()

@@ -41,6 +41,7 @@ from ..io.staging import publish as _publish
 from ..io.staging import remove as _remove  # noqa: F401
 from ..io.staging import write_json as _write_json
 from ..io.writes import write_file
+from .options import QuantizeOptions
 from .plan import Plan, make_plan, parse_size
 from .sources import read_source, reading_view
 
@@ -73,49 +74,40 @@ class _Totals:
 def quantize_checkpoint(
     source: str,
     output: str | os.PathLike,
+    options: QuantizeOptions | None = None,
     *,
-    revision: str | None = None,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    compute_dtype: str = "bfloat16",
-    skip_modules: list[str] | tuple[str, ...] = (),
-    max_shard_size: str | int = "2GB",
-    workers: int | str | None = None,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    keep_source: bool = False,
-    experts: str = "4bit",
-    base_model: str | None = None,
     log: Callable[[str], None] | None = None,
+    **keywords: Any,
 ) -> dict[str, Any]:
     """Convert ``source`` (folder or Hub id) into a 4-bit checkpoint at ``output``; returns a summary.
+    The run's settings are ``options`` (a :class:`qconvert.convert.options.QuantizeOptions`; default:
+    its defaults) with ``keywords`` over it, the same names as keywords (``blocksize=128``).
     ``experts``: "4bit" (default) also quantizes routed MoE experts (spec section 14; such a folder
     loads in qconvert, and plain transformers refuses it); "16bit" keeps them as transformers +
     bitsandbytes does, byte-identical to its output. ``base_model``: the Hub id the card names as
     base_model when ``source`` is a local folder."""
     from ..io.source import open_checkpoint
 
+    o = QuantizeOptions.of(options, keywords)
     say = log or (lambda m: None)
     out = Path(output)
-    _check_options(quant_type, blocksize, compute_dtype)
-    checked_base_model(base_model)
-    shard_limit = parse_size(max_shard_size)
+    _check_options(o.quant_type, o.blocksize, o.compute_dtype)
+    checked_base_model(o.base_model)
+    shard_limit = parse_size(o.max_shard_size)
     with contextlib.ExitStack() as hold:
-        if not dry_run:
-            check_output(out, overwrite, inputs=[source])
+        if not o.dry_run:
+            check_output(out, o.overwrite, inputs=[source])
             hold.enter_context(output_lock(out))  # one run at a time writes OUT (and its staging folder)
-            check_output(out, overwrite, inputs=[source])  # again: another run may have finished meanwhile
-        workers = resolve_workers(workers)  # None, 0 or "auto": the CPUs available to this process
+            check_output(out, o.overwrite, inputs=[source])  # again: another run may have finished meanwhile
+        workers = resolve_workers(o.workers)  # None, 0 or "auto": the CPUs available to this process
         stage = staging_dir(out)
         t0 = time.perf_counter()
-        src = reading_view(open_checkpoint(source, revision, stage / "source", keep=keep_source))  # FP8/MXFP4: dequantized
-        plan = make_plan(src, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip_modules=list(skip_modules),
-                         max_shard_size=shard_limit, experts=experts)
-        settings = _settings(src, source, plan, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-                             compute_dtype=compute_dtype, skip_modules=skip_modules, max_shard_size=shard_limit)
+        src = reading_view(open_checkpoint(source, o.revision, stage / "source", keep=o.keep_source))  # FP8/MXFP4: dequantized
+        plan = make_plan(src, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant,
+                         skip_modules=list(o.skip_modules), max_shard_size=shard_limit, experts=o.experts)
+        settings = _settings(src, source, plan, o, shard_limit)
         plan.settings = settings
-        if dry_run:
+        if o.dry_run:
             return {"dry_run": True, "source": source, "output": str(out), **plan.summary()}
         _check_space(src, plan, out)
         journal = _open_journal(stage, settings, plan)
@@ -126,7 +118,7 @@ def quantize_checkpoint(
         _write_config(src, stage, plan, settings)
         copied = _copy_extra_files(src, stage, log)
         summary = _summary(source, out, plan, settings, totals, copied, t0)
-        _finish(stage, out, plan, totals, summary, base_model)
+        _finish(stage, out, plan, totals, summary, o.base_model)
     return summary
 
 
@@ -139,8 +131,7 @@ def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
         raise QuantizeOptionError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
 
 
-def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str, blocksize: int, double_quant: bool,
-              compute_dtype: str, skip_modules, max_shard_size: int) -> dict[str, Any]:
+def _settings(src: CheckpointReader, source: str, plan: Plan, o: QuantizeOptions, max_shard_size: int) -> dict[str, Any]:
     """The conversion's settings and provenance (written to config.json, hashed into the journal)."""
     provenance = {
         "layout_version": LAYOUT_VERSION,
@@ -156,12 +147,12 @@ def _settings(src: CheckpointReader, source: str, plan: Plan, *, quant_type: str
 
         provenance["layout_extensions"] = [EXPERTS_EXTENSION]
     return {
-        "quant_type": quant_type,
-        "blocksize": blocksize,
-        "double_quant": double_quant,
-        "compute_dtype": compute_dtype,
+        "quant_type": o.quant_type,
+        "blocksize": o.blocksize,
+        "double_quant": o.double_quant,
+        "compute_dtype": o.compute_dtype,
         "skip_modules": plan.skip_patterns,
-        "user_skip_modules": sorted(skip_modules),
+        "user_skip_modules": sorted(o.skip_modules),
         "max_shard_size": max_shard_size,
         "experts_4bit": experts_4bit,
         "provenance": provenance,

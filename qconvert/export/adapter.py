@@ -26,7 +26,9 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     from ..io.staging import check_output, publish, staged, write_json
     from ..io.writes import write_file
 
-    src, out = Path(source), Path(output)
+    from ..io.source import resolve_adapter_path
+
+    src, out = resolve_adapter_path(source)[0], Path(output)  # a folder, or an adapter's Hub id (its two files fetched)
     if not (src / "adapter_config.json").is_file():
         from ..train.outdir import run_checkpoints
 

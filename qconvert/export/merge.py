@@ -42,8 +42,9 @@ class LoraAdapter:
 
     def __init__(self, folder: str | os.PathLike):
         from ..adapters import read_adapter_config, read_lora_weights
+        from ..io.source import resolve_adapter_path
 
-        self.folder = Path(folder)
+        self.folder = resolve_adapter_path(folder)[0]  # a folder, or a Hub id fetched as generate/eval/load_model fetch it
         cfg_path = self.folder / "adapter_config.json"
         self.config = cfg = read_adapter_config(self.folder)  # validated: see export/adapter.py
         # fan_in_fan_out (GPT-2 style Conv1D) only says how the 16-bit base stores a weight; lora_A is [r, in]

@@ -236,9 +236,8 @@ def not_copyable(path: Path, rel: str) -> str | None:
         return "not a regular file"
     if real.stat().st_size > MAX_COMPANION_BYTES:
         return f"{real.stat().st_size / 1e9:.1f} GB is not the size of a tokenizer or config file"
-    allowed = [folder]
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        allowed.append(folder.parent.parent / "blobs")  # a Hugging Face cache snapshot
-    if not any(a in real.parents for a in allowed):
+    from .links import outside_folder
+
+    if outside_folder(path, folder):  # the Hugging Face cache's links into blobs/ are inside
         return "it is a link to a file outside the model folder"
     return None

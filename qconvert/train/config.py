@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
-from .settings import NOT_SAVED, all_specs
+from .settings import NOT_SAVED, TrainConfig, all_specs
 
 #: option -> (key written to config.yaml, other keys accepted when reading); declared with each
 #: option in qconvert.train.settings (RUN_OPTIONS, then the TrainConfig fields)
@@ -166,9 +166,9 @@ def read_config(path: str | Path, name: str | None = None, log=None) -> dict[str
     return map_keys(_entry(raw, name, f"--config {p}"), f"--config {p}", log)
 
 
-def resolved_config(model, data, out: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Every option of a run under its config key, with local paths made absolute."""
-    values = dict(options, model=model, data=data, output=out)
+def resolved_config(model, data, out: Path, run: TrainConfig) -> dict[str, Any]:
+    """Every option of a run (``run`` and the run options) under its config key, with local paths made absolute."""
+    values = dict(run.as_options(), model=model, data=data, output=out)
     cfg = {}
     for opt, (key, _) in KEYS.items():
         if opt in NOT_SAVED or opt not in values:

@@ -12,6 +12,7 @@ back safely, and for the output-folder rules).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from .data import (PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_i
 from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
+from .score import label_loss_sum, loss_sums
 from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
 
 AUTO_SAVE_MIN_STEPS = 50
@@ -109,13 +111,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the positions whose label is not -100."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
-
-
 def base_model_id(model_path: str, repo_id: str | None) -> str:
     """What the adapter names as its base: the Hub id when the model came from the Hub (never the
     local cache path it was downloaded to), else the folder as the user gave it."""
@@ -163,49 +158,48 @@ def train(
             st = load_state(ckpt_dir) if ckpt_dir is not None else None  # a crafted file is refused before the model loads
             if st is not None:  # the run's own settings; a given option that contradicts them is refused (resume.py)
                 cfg = resumed_config(cfg, st.get("settings"), world, ckpt_dir, say)
-            options = dict(cfg.as_options(), model=model, data=path_data, output=output, log=log, progress=progress)
             from ..convert.on_load import four_bit_base
 
             base = four_bit_base(model, cfg.revision, keep_quantized, held, say, world)
             with warnings.catch_warnings():
                 # transformers' deprecation notices (gradient_checkpointing_enable...) are not the user's to act on
                 warnings.simplefilter("ignore", FutureWarning)
-                result = _train(model, data, out, options, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st), base)
+                result = _train(model, data, out, cfg, cfg.target_modules, rank, world, say, progress, (ckpt_dir, st), base)
         finished = True
         return result
     finally:
         _end_dist(made, finished)
 
 
-def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed, base=None) -> dict[str, Any]:
+def _train(model, data, out: Path, o: TrainConfig, targets, rank: int, world: int, say, progress, resumed, base=None) -> dict[str, Any]:
     from ..loader import resolve_model_path
     from . import fsdp as fs
 
-    random.seed(o["seed"])
-    torch.manual_seed(o["seed"])
-    root, repo_id = resolve_model_path(base or model, o["revision"])  # base: the 4-bit copy of a 16-bit model
+    random.seed(o.seed)
+    torch.manual_seed(o.seed)
+    root, repo_id = resolve_model_path(base or model, o.revision)  # base: the 4-bit copy of a 16-bit model
     check_causal_lm(root)
     tok = _tokenizer(root)
     examples, eval_examples, reports = read_data(data, tok, o)
     ckpt_dir, st = resumed
     device = fs.local_rank_device()
-    made_group = fs.ensure_group(world, device) if o.get("fsdp") else False
+    made_group = fs.ensure_group(world, device) if o.fsdp else False
     try:
         r = _Run(o, out, rank, world, device, say)
         r.setup_model(root, targets)
         check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, data_label(data))
         r.plan = make_plan(examples, eval_examples, o, world)
-        r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o["lr_scheduler"], r.plan.warmup_steps, r.plan.total_steps))
+        r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o.lr_scheduler, r.plan.warmup_steps, r.plan.total_steps))
         if ckpt_dir is not None:
             r.resume(ckpt_dir, st)
         r.prepare_outputs(model, data if isinstance(data, (str, os.PathLike)) else None, ckpt_dir)  # records given as objects: none to name
         r.report_start(reports, targets)
-        r.data_format = _trained_format(reports["data"], o["fmt"])
+        r.data_format = _trained_format(reports["data"], o.fmt)
         r.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         result = r.run(examples, eval_examples, progress)
         if result.get("interrupted"):
             return result
-        r.finish(o["base_model_id"] or base_model_id(model, repo_id), len(examples), reports["data"].formats)
+        r.finish(o.base_model_id or base_model_id(model, repo_id), len(examples), reports["data"].formats)
         return result
     finally:
         fs.end_group(made_group)
@@ -223,9 +217,9 @@ def _tokenizer(root: Path):
 class _Run:
     """One training run's state, from the loaded model to the final adapter (`_train` drives it)."""
 
-    def __init__(self, o: dict, out: Path, rank: int, world: int, device, say):
+    def __init__(self, o: TrainConfig, out: Path, rank: int, world: int, device, say):
         self.o, self.out, self.rank, self.world, self.device, self.say = o, out, rank, world, device, say
-        self.fsdp = bool(o.get("fsdp"))
+        self.fsdp = bool(o.fsdp)
         self.step = 0
         self.last_loss = self.last_eval = None
         self.metrics_path = out / "metrics.jsonl"
@@ -244,21 +238,21 @@ class _Run:
 
         o = self.o
         # with --fsdp the whole model is built on the CPU as views of the mapped files; sharding copies each process's rows
-        base = load_model(root, device=torch.device("cpu") if self.fsdp else self.device, backend=o["backend"])
-        self.targets = choose_targets(base, targets, o.get("lora_experts", False))
+        base = load_model(root, device=torch.device("cpu") if self.fsdp else self.device, backend=o.backend)
+        self.targets = choose_targets(base, targets, o.lora_experts)
         base.config.use_cache = False  # no KV cache while training (and no notice about it)
-        if o["gradient_checkpointing"]:
+        if o.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         # Targets by name (qconvert.train.targets), never PEFT's "all-linear", which also takes the routed experts'
         # 3-D parameters; those only with --lora-experts, where PEFT's parameter LoRA allows no dropout.
-        dropout = 0.0 if self.targets.parameters else o["lora_dropout"]
-        if dropout != o["lora_dropout"]:
-            self.say(f"note: --lora-experts: LoRA dropout 0 (not {o['lora_dropout']:g}): PEFT's LoRA on parameters cannot apply dropout")
-            o["lora_dropout"] = dropout  # config.yaml and the card record the dropout the run used
-        self.cfg = LoraConfig(r=o["lora_r"], lora_alpha=o["lora_alpha"], lora_dropout=dropout, task_type="CAUSAL_LM",
+        dropout = 0.0 if self.targets.parameters else o.lora_dropout
+        if dropout != o.lora_dropout:
+            self.say(f"note: --lora-experts: LoRA dropout 0 (not {o.lora_dropout:g}): PEFT's LoRA on parameters cannot apply dropout")
+            self.o = o = dataclasses.replace(o, lora_dropout=dropout)  # config.yaml records the dropout the run used
+        self.cfg = LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                               target_modules=self.targets.modules, target_parameters=self.targets.parameters or None)
-        torch.manual_seed(o["seed"])
+        torch.manual_seed(o.seed)
         with module_targets_kept():
             self.model = get_peft_model(base, self.cfg)
         if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.adapters)
@@ -266,14 +260,14 @@ class _Run:
         self.signature = run_signature(config_identity(root), self.model.peft_config["default"])
         self.n_total = count_parameters(self.model)
         if self.fsdp:
-            self.memory_line = fs.memory_estimate(self.model, world=self.world, fsdp=True, offload=o.get("fsdp_offload", False),
-                                                  optim=o["optim"], batch_size=o["batch_size"], max_length=o["max_length"],
-                                                  checkpointing=o["gradient_checkpointing"], device_type=self.device.type)
-            fs.shard(self.model, self.world, self.device, o.get("fsdp_offload", False))
+            self.memory_line = fs.memory_estimate(self.model, world=self.world, fsdp=True, offload=o.fsdp_offload,
+                                                  optim=o.optim, batch_size=o.batch_size, max_length=o.max_length,
+                                                  checkpointing=o.gradient_checkpointing, device_type=self.device.type)
+            fs.shard(self.model, self.world, self.device, o.fsdp_offload)
             mine, whole = fs.local_bytes(self.model)
             self.memory_line += f"\nFSDP: this process holds {mine:,} of the frozen base's {whole:,} bytes"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, self.optim_used = make_optimizer(o["optim"], self.params, o["lr"], self.device, self.say, sharded=self.fsdp)
+        self.optimizer, self.optim_used = make_optimizer(o.optim, self.params, o.lr, self.device, self.say, sharded=self.fsdp)
 
     def resume(self, ckpt_dir: Path, st: dict) -> None:
         from peft import set_peft_model_state_dict
@@ -317,13 +311,13 @@ class _Run:
         o = self.o
         n_trainable = sum(p.numel() for p in self.params)
         for name, rep in reports.items():
-            for line in data_lines(name, rep, o["max_length"], o["truncation"], show_split=name == "eval data"):
+            for line in data_lines(name, rep, o.max_length, o.truncation, show_split=name == "eval data"):
                 self.say(line)
         from .targets import describe
 
-        lora_text = f"r {o['lora_r']}, alpha {o['lora_alpha']:g}, dropout {self.cfg.lora_dropout:g} on {describe(self.model, self.targets)}"
+        lora_text = f"r {o.lora_r}, alpha {o.lora_alpha:g}, dropout {self.cfg.lora_dropout:g} on {describe(self.model, self.targets)}"
         for line in start_lines(self.plan, trainable=n_trainable, total_params=self.n_total, lora=lora_text, optim=self.optim_used,
-                                lr=o["lr"], scheduler=o["lr_scheduler"], device=self.device, save_text=_save_text(self.plan, self.out, o)):
+                                lr=o.lr, scheduler=o.lr_scheduler, device=self.device, save_text=_save_text(self.plan, self.out, o)):
             self.say(line)
         if self.device.type == "cpu" and self.world == 1:  # torch's threads and why (_cpus.py)
             from .._cpus import thread_line
@@ -359,7 +353,7 @@ class _Run:
                     self.evaluate(eval_examples)
                 if plan.save_steps and self.step % plan.save_steps == 0 and not last_step:
                     self.checkpoint(self.show)
-                if o["stop_after"] is not None and ran >= o["stop_after"]:
+                if o.stop_after is not None and ran >= o.stop_after:
                     stop.request(None)
             if stop.flag and self.step < plan.total_steps:
                 self.checkpoint(lambda m: None)
@@ -377,13 +371,13 @@ class _Run:
     def one_step(self, examples) -> None:
         o, plan, rank, world = self.o, self.plan, self.rank, self.world
         epoch, pos = divmod(self.step, plan.steps_per_epoch)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(o["seed"] + epoch)).tolist()
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(o.seed + epoch)).tolist()
         per_step = plan.effective_batch
         chunk = [examples[i] for i in order[pos * per_step : (pos + 1) * per_step]]
         t0 = time.perf_counter()
-        self.last_loss, tokens = _step(self.model, chunk[rank::world], chunk, o["batch_size"], self.pad, self.device, self.params, world,
+        self.last_loss, tokens = _step(self.model, chunk[rank::world], chunk, o.batch_size, self.pad, self.device, self.params, world,
                                        fsdp=self.fsdp)
-        torch.nn.utils.clip_grad_norm_(self.params, o["max_grad_norm"])
+        torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
         self.optimizer.step()
         self.sched.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -395,7 +389,7 @@ class _Run:
         step, plan, bar = self.step, self.plan, self.bar
         row = {"step": step, "loss": self.last_loss, "lr": self.sched.get_last_lr()[0], "tokens_per_s": tokens_per_s,
                "epoch": step / plan.steps_per_epoch}
-        if step % self.o["logging_steps"] == 0 or step == plan.total_steps:
+        if step % self.o.logging_steps == 0 or step == plan.total_steps:
             _append(self.metrics_path, row)
             if self.tb:
                 for key in ("loss", "lr", "tokens_per_s"):
@@ -410,7 +404,7 @@ class _Run:
         """Rank 0 evaluates (every process does under FSDP: each forward gathers from all of them)."""
         if self.rank != 0 and not self.fsdp:
             return
-        self.last_eval = evaluate(self.model, eval_examples, self.pad, self.o["batch_size"], self.device)
+        self.last_eval = evaluate(self.model, eval_examples, self.pad, self.o.batch_size, self.device)
         if self.rank != 0:
             return
         _append(self.metrics_path, {"step": self.step, "eval_loss": self.last_eval})
@@ -423,10 +417,10 @@ class _Run:
         if self.fsdp:
             from .checkpoint import save_fsdp_checkpoint
 
-            path = save_fsdp_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
+            path = save_fsdp_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o.save_total_limit, self.rank,
                                         self.world, self.signature, extra=self.settings)
         else:
-            path = save_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o["save_total_limit"], self.rank,
+            path = save_checkpoint(self.model, self.optimizer, self.sched, self.step, self.out, o.save_total_limit, self.rank,
                                    self.world, self.signature, extra=self.settings)
         if self.rank == 0:
             _plot(self.out)
@@ -438,7 +432,7 @@ class _Run:
         state = fs.full_adapter(self.model) if self.fsdp else None  # a collective: every process gathers
         if self.rank == 0:
             _write_adapter(self.model, self.out, base_id, self.cfg, {
-                "steps": self.step, "examples": n_examples, "optimizer": self.optim_used, "lr": self.o["lr"],
+                "steps": self.step, "examples": n_examples, "optimizer": self.optim_used, "lr": self.o.lr,
                 "final_loss": self.last_loss, "eval_loss": self.last_eval, "formats": dict(formats or {}),
                 "format": getattr(self, "data_format", None),
             }, state_dict=state)
@@ -552,36 +546,36 @@ def config_identity(root: Path) -> str:
     return "config-sha256:" + hashlib.sha256((Path(root) / "config.json").read_bytes()).hexdigest()[:16]
 
 
-def read_data(data, tok, o: dict):
+def read_data(data, tok, o: TrainConfig):
     """(training examples, evaluation examples, {name: DataReport}); refuses a run left with none."""
-    strict = o["strict_data"]
-    kw = dict(fmt=o["fmt"], max_length=o["max_length"], train_on_inputs=o["train_on_inputs"], truncation=o["truncation"], strict=strict)
+    strict = o.strict_data
+    kw = dict(fmt=o.fmt, max_length=o.max_length, train_on_inputs=o.train_on_inputs, truncation=o.truncation, strict=strict)
     reports = {"data": DataReport(data_label(data))}
-    recs = load_records(data, split=o["data_split"], config=o["data_config"], strict=strict, report=reports["data"])
+    recs = load_records(data, split=o.data_split, config=o.data_config, strict=strict, report=reports["data"])
     examples = build_examples(recs, tok, source=data_label(data), report=reports["data"], **kw)
     _none_left(examples, reports["data"], "--data")
     eval_examples: list = []
-    eval_source = o["eval_data"] or (data if o["eval_data_split"] else None)  # --eval-data-split alone: a split of --data
+    eval_source = o.eval_data or (data if o.eval_data_split else None)  # --eval-data-split alone: a split of --data
     if eval_source:
         rep = reports["eval data"] = DataReport(str(eval_source))
         same = str(eval_source) == str(data)
-        recs = load_records(eval_source, split=o["eval_data_split"], config=o["data_config"] if same else None, strict=strict,
+        recs = load_records(eval_source, split=o.eval_data_split, config=o.data_config if same else None, strict=strict,
                             report=rep, evaluation=True)
         if same and rep.split is not None and rep.split == reports["data"].split:
             raise DataError(f"{eval_source}: the evaluation split {rep.split!r} is the split trained on",
                             hint="name another split with --eval-data-split, or hold out a fraction of --data with --eval-split")
         eval_examples = build_examples(recs, tok, source=str(eval_source), report=rep, **kw)
         _none_left(eval_examples, rep, "--eval-data")
-    elif o["eval_split"] > 0:
-        n_eval = max(1, int(len(examples) * o["eval_split"]))
+    elif o.eval_split > 0:
+        n_eval = max(1, int(len(examples) * o.eval_split))
         if n_eval >= len(examples):
-            raise DataError(f"--eval-split {o['eval_split']} of {len(examples)} examples leaves none to train on",
+            raise DataError(f"--eval-split {o.eval_split} of {len(examples)} examples leaves none to train on",
                             hint="lower --eval-split or give more data")
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(o["seed"])).tolist()
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(o.seed)).tolist()
         eval_examples = [examples[i] for i in order[:n_eval]]
         examples = [examples[i] for i in sorted(order[n_eval:])]
-    if o["packing"]:
-        examples = pack(examples, o["max_length"])
+    if o.packing:
+        examples = pack(examples, o.max_length)
     return examples, eval_examples, reports
 
 
@@ -597,25 +591,25 @@ def _none_left(examples: list, report: DataReport, flag: str) -> None:
     raise DataError(f"{flag} {report.source}: no usable example{why}", hint="check the records' shape")
 
 
-def make_plan(examples, eval_examples, o: dict, world: int) -> Plan:
-    per_step = o["batch_size"] * o["grad_accum"] * world
+def make_plan(examples, eval_examples, o: TrainConfig, world: int) -> Plan:
+    per_step = o.batch_size * o.grad_accum * world
     steps_per_epoch = max(1, len(examples) // per_step)
-    total = o["max_steps"] or max(1, math.ceil(o["epochs"] * steps_per_epoch))
-    save = o["save_steps"]
+    total = o.max_steps or max(1, math.ceil(o.epochs * steps_per_epoch))
+    save = o.save_steps
     if save is None:  # at each epoch's end, but at least 50 steps and a tenth of the run apart
         save = max(steps_per_epoch, math.ceil(total / 10), AUTO_SAVE_MIN_STEPS)
-    ev = o["eval_steps"]
+    ev = o.eval_steps
     if ev is None:
         ev = save
     return Plan(examples=len(examples), eval_examples=len(eval_examples), tokens=sum(len(e.input_ids) for e in examples),
-                label_tokens=sum(sum(l != -100 for l in e.labels[1:]) for e in examples), batch_size=o["batch_size"],
-                grad_accum=o["grad_accum"], world=world, steps_per_epoch=steps_per_epoch, total_steps=total,
-                warmup_steps=int(o["warmup_ratio"] * total), save_steps=save, eval_steps=ev)
+                label_tokens=sum(sum(l != -100 for l in e.labels[1:]) for e in examples), batch_size=o.batch_size,
+                grad_accum=o.grad_accum, world=world, steps_per_epoch=steps_per_epoch, total_steps=total,
+                warmup_steps=int(o.warmup_ratio * total), save_steps=save, eval_steps=ev)
 
 
-def _save_text(plan: Plan, out: Path, o: dict) -> str:
+def _save_text(plan: Plan, out: Path, o: TrainConfig) -> str:
     if plan.save_steps and plan.save_steps < plan.total_steps:
-        keep = f"the newest {o['save_total_limit']} kept" if o["save_total_limit"] else "all kept"
+        keep = f"the newest {o.save_total_limit} kept" if o.save_total_limit else "all kept"
         text = f"checkpoints: every {plan.save_steps} steps into {out}/checkpoint-N ({keep})"
     else:
         text = "checkpoints: none before the end (--save-steps); Ctrl-C or SIGTERM saves one"
@@ -626,7 +620,7 @@ def _save_text(plan: Plan, out: Path, o: dict) -> str:
 
 
 def _checkpoint(model, optimizer, sched, step, out, o, rank, world, signature, show) -> Path | None:
-    path = save_checkpoint(model, optimizer, sched, step, out, o["save_total_limit"], rank, world, signature)
+    path = save_checkpoint(model, optimizer, sched, step, out, o.save_total_limit, rank, world, signature)
     if rank == 0:
         _plot(out)
         show(f"step {step}: saved {path}")
@@ -668,19 +662,12 @@ def final_lines(out: Path, step: int, elapsed: float, loss, eval_loss, ckpts: li
     return lines
 
 def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
-    model.eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            b = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad).items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            total += label_loss_sum(logits, b["labels"]).item()
-            count += (b["labels"][:, 1:] != -100).sum().item()
-    model.train()
-    return total / max(1.0, count)
+    """The eval loss train logs: the one scorer's token-weighted mean (score.py); 0.0 with no labelled token."""
+    total, count = loss_sums(model, examples, pad, batch_size, device)
+    return total / max(1, count)
 
 
-def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
+def _write_adapter(model, out: Path, base_id: str, cfg, info: TrainConfig, state_dict: dict | None = None) -> None:
     from ..adapters import stable_adapter_config
     from ..io.cards import adapter_card, shown, usage_section
     from ..io.writes import building, fresh_dir, remove, write_file

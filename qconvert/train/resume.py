@@ -48,10 +48,10 @@ def _norm(name: str, value: Any) -> Any:
     return value
 
 
-def run_settings(options: dict[str, Any], world: int) -> dict[str, Any]:
-    """What a checkpoint records of its run, from the run's ``train()`` options (plain values:
+def run_settings(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """What a checkpoint records of its run, from the run's TrainConfig (plain values:
     trainer_state.pt is read with weights_only)."""
-    options = {name: _norm(name, options[name]) for name in SPECS if name not in PER_INVOCATION}
+    options = {name: _norm(name, getattr(cfg, name)) for name in SPECS if name not in PER_INVOCATION}
     return {"options": options, "world": world}
 
 
