@@ -1,6 +1,6 @@
 """Size figures of 4-bit MoE experts (issue 20 item 6): a Qwen3-30B-A3B-shaped model, side by side.
 
-    .venv/bin/python tools/bench_moe.py [--layers 2] [--work DIR] [--no-anchor]
+    .venv/bin/python tools/bench_moe.py [--layers 2] [--work DIR] [--no-anchor] [--no-train] [--seq 128] [--lora-experts]
 
 Builds a random bfloat16 checkpoint with Qwen3-30B-A3B's full widths (hidden 2048, 32 query and 4
 key/value heads of 128, 128 routed experts of intermediate 768, vocabulary 151936, untied head) and
@@ -14,6 +14,17 @@ and extrapolated to the real depth of 48 layers: (bytes of the tensors outside t
 (mean bytes of one layer), over the same count of parameters; plus bits per parameter over the
 routed-expert tensors alone. Nothing is estimated from formulas: every byte is read off the written
 safetensors headers. The random weights do not change sizes (the layout has no entropy coding).
+
+Then (unless ``--no-train``) one LoRA training step on each side, each in its own child process:
+``qconvert.load_model`` on the 4-bit-experts folder, against transformers + PEFT + bitsandbytes
+(``from_pretrained`` of the anchor's folder: its routed experts in bf16, as it writes them). Both
+get the same recipe: gradient checkpointing (non-reentrant), PEFT LoRA r 16 / alpha 16 on the
+attention projections (``--lora-experts``: also on the routed experts through ``target_parameters``,
+dropout 0), torch AdamW, one sequence of ``--seq`` random tokens with labels, bf16 compute. No
+``prepare_model_for_kbit_training`` on the anchor (it would cast its bf16 tensors to float32). Each
+child reports the resident memory after loading (``/proc/self/statm``), its peak RSS after loading and
+after the step (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the whole process's high-water mark),
+and the step's wall time (forward, backward, optimizer step).
 """
 
 from __future__ import annotations
@@ -104,6 +115,82 @@ def measure(cmd: list[str]) -> int:
     return r.returncode
 
 
+def _rss_mb() -> tuple[int, int]:
+    """(resident MB now, peak resident MB of this process so far)."""
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resident // 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def _load(side: str, folder: str):
+    """The 4-bit model of ``side`` and the context its LoRA is attached in."""
+    from contextlib import ExitStack
+
+    if side == "qconvert":
+        import qconvert
+        from qconvert.adapters import module_targets_kept
+        from qconvert.nn.experts4bit_lora import peft_sees_4bit_experts
+
+        model = qconvert.load_model(folder, device="cpu")
+        stack = ExitStack()
+        stack.enter_context(module_targets_kept())
+        stack.enter_context(peft_sees_4bit_experts(model))
+        return model, stack
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu"), ExitStack()
+
+
+def train_step(side: str, folder: str, seq: int, lora_experts: bool) -> None:
+    """One LoRA step on ``side`` ("qconvert" or "anchor"), its figures printed as JSON (see the docstring)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model, attach = _load(side, folder)
+    load_s = time.perf_counter() - t
+    load_rss, load_peak = _rss_mb()
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0 if lora_experts else 0.05, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if lora_experts else None)
+    with attach:
+        model = get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1))
+    model.train()
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    step_s = time.perf_counter() - t
+    _, step_peak = _rss_mb()
+    print(json.dumps({"load_seconds": round(load_s, 1), "load_resident_mb": load_rss, "load_peak_rss_mb": load_peak,
+                      "step_seconds": round(step_s, 1), "step_peak_rss_mb": step_peak, "lora_params": sum(p.numel() for p in params),
+                      "loss": round(loss.item(), 4)}))
+
+
+def train_figures(q4: Path, anchor_dir: Path | None, seq: int, lora_experts: bool) -> dict:
+    """One training step per side, each in a fresh child process (so each peak is its own)."""
+    out = {}
+    for side, folder in (("qconvert", q4), ("anchor", anchor_dir)):
+        if folder is None:
+            continue
+        cmd = [sys.executable, __file__, "--train-step", side, str(folder), str(seq), str(int(lora_experts))]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        if r.returncode:
+            raise SystemExit(f"train step ({side}) failed:\n{r.stderr[-3000:]}")
+        out[side] = json.loads(r.stdout.strip().splitlines()[-1])
+    if len(out) == 2:
+        out["step_peak_ratio_qconvert_to_anchor"] = round(out["qconvert"]["step_peak_rss_mb"] / out["anchor"]["step_peak_rss_mb"], 3)
+    return out
+
+
 def sizes(folder: Path) -> dict:
     """Bytes and parameters read off the written safetensors headers: outside the layers, per layer,
     and of the routed experts; a 4-bit weight counts every stored entry, its parameters from its
@@ -144,6 +231,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--work", default="/tmp/bench_moe")
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers + bitsandbytes")
+    ap.add_argument("--no-train", action="store_true", help="skip the training-step figures")
+    ap.add_argument("--seq", type=int, default=128, help="tokens in the training step's one sequence")
+    ap.add_argument("--lora-experts", action="store_true", help="the training step also puts LoRA on the routed experts")
     args = ap.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -163,17 +253,27 @@ def main() -> int:
         run = child(cmd)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         rows[label] = {**figures(out, args.layers, size), **run}
-        shutil.rmtree(out)  # disk: each output is gone before the next is written
+        if out.name == "q16":
+            shutil.rmtree(out)  # disk: the training step needs only the 4-bit-experts folder and the anchor's
+    train = None
+    if not args.no_train:
+        anchor_dir = None if args.no_anchor else work / "anchor"
+        train = train_figures(work / "q4", anchor_dir, args.seq, args.lora_experts)
     import platform
 
     print(json.dumps({"layers": args.layers, "shape": SHAPE, "cpu": platform.processor() or platform.machine(),
-                      "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+                      "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                      "train_step": train and {"seq": args.seq, "lora_experts": args.lora_experts, **train}}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--anchor":
         anchor(sys.argv[2], sys.argv[3])
+        sys.exit(0)
+    if len(sys.argv) == 6 and sys.argv[1] == "--train-step":
+        train_step(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")
         sys.exit(0)
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
         sys.exit(measure(sys.argv[2:]))

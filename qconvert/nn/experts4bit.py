@@ -28,6 +28,10 @@ linear layer saves its weight for backward: the module's forward keeps, through
 ``torch.autograd.graph.saved_tensors_hooks``, only (stack, expert) in its place and dequantizes that
 expert again in backward, as Linear4bit does; otherwise every expert used in a step, in every layer,
 would stay dequantized until backward.
+
+LoRA on a stack (``train --lora-experts``, PEFT's target_parameters) sets :attr:`Experts4bitWeight.delta`
+while its wrapper's forward runs (qconvert.nn.experts4bit_lora): ``weight[e]`` is then expert e's
+dequantized matrix plus that expert's own LoRA update, and the saved-tensor hook rebuilds both.
 """
 
 from __future__ import annotations
