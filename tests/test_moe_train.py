@@ -319,10 +319,12 @@ def test_train_defaults_then_merge(family, family_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_experts_resume_is_exact(family_dir, tmp_path):
+@pytest.mark.parametrize("experts", ["16bit", "4bit"])
+def test_lora_experts_resume_is_exact(experts, family_dir, tmp_path):
     """A --lora-experts run stopped after step 1 and resumed writes the adapter of the uninterrupted run,
-    byte for byte (the parameter adapters' checkpoint is read back by PEFT's own state-dict loader)."""
-    _, q = family_dir("qwen3_moe", "16bit")
+    byte for byte (the parameter adapters' checkpoint is read back by PEFT's own state-dict loader),
+    on 16-bit and on 4-bit experts."""
+    _, q = family_dir("qwen3_moe", experts)
     kw = dict(steps=3, lora_experts=True, save_steps=1, optim="adamw")
     train_steps(q, tmp_path / "whole", tmp_path, **kw)
     r, _ = train_steps(q, tmp_path / "split", tmp_path, stop_after=1, **kw)
