@@ -21,9 +21,6 @@ import torch
 from test_load_arch import dequantized_source_model, quantized_family, rel
 from tolerances import FLOAT32_REL
 
-FAMILIES = ["qwen3_moe", "mixtral"]
-
-
 @pytest.fixture(scope="module")
 def family_q(tmp_path_factory):
     made: dict[str, tuple[Path, Path]] = {}
@@ -66,7 +63,7 @@ def both_models(family: str, family_q, tmp_path: Path):
     return ours, ref
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_forward_and_backward_equal_peft_on_dequantized_experts(family, family_q, tmp_path):
     """Before: LoRA on 4-bit experts could not be attached (PEFT matches parameters; --lora-experts refused)."""
     ours, ref = both_models(family, family_q, tmp_path)
@@ -84,7 +81,7 @@ def test_forward_and_backward_equal_peft_on_dequantized_experts(family, family_q
     assert any(".experts." in n for n in grads)
     ref_grads = dict(ref.named_parameters())
     for n, g in grads.items():
-        assert rel(g, ref_grads[n].grad) < 10 * FLOAT32_REL, n
+        assert rel(g, ref_grads[n].grad) < FLOAT32_REL, (n, rel(g, ref_grads[n].grad))
     assert all(not b.requires_grad for b in ours.buffers())
 
 
