@@ -22,9 +22,10 @@ get the same recipe: gradient checkpointing (non-reentrant), PEFT LoRA r 16 / al
 attention projections (``--lora-experts``: also on the routed experts through ``target_parameters``,
 dropout 0), torch AdamW, one sequence of ``--seq`` random tokens with labels, bf16 compute. No
 ``prepare_model_for_kbit_training`` on the anchor (it would cast its bf16 tensors to float32). Each
-child reports the resident memory after loading (``/proc/self/statm``), its peak RSS after loading and
-after the step (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the whole process's high-water mark),
-and the step's wall time (forward, backward, optimizer step).
+child reports the resident memory after loading and its high-water mark after loading and after the
+step (``/proc/self/status`` VmRSS, VmHWM), the step's wall time (forward, backward, optimizer step),
+and the whole process's peak RSS as its parent measures it (``resource.getrusage(RUSAGE_CHILDREN)``
+in a small measuring process, as for the conversions).
 """
 
 from __future__ import annotations
@@ -110,16 +111,17 @@ def child(cmd: list[str]) -> dict:
 
 def measure(cmd: list[str]) -> int:
     """Run ``cmd``; print its peak RSS (ru_maxrss of this process's only child) as the last stderr line."""
-    r = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    r = subprocess.run(cmd)  # its stdout goes to the caller (the training step's JSON)
     print(f"PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
     return r.returncode
 
 
 def _rss_mb() -> tuple[int, int]:
-    """(resident MB now, peak resident MB of this process so far)."""
-    with open("/proc/self/statm") as f:
-        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return resident // 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    """(resident MB now, peak resident MB of this program so far): /proc/self/status VmRSS and VmHWM,
+    which start afresh at exec (getrusage's ru_maxrss of the process itself keeps the forking parent's)."""
+    with open("/proc/self/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+    return kb["VmRSS"] // 1024, kb["VmHWM"] // 1024
 
 
 def _load(side: str, folder: str):
@@ -181,13 +183,14 @@ def train_figures(q4: Path, anchor_dir: Path | None, seq: int, lora_experts: boo
     for side, folder in (("qconvert", q4), ("anchor", anchor_dir)):
         if folder is None:
             continue
-        cmd = [sys.executable, __file__, "--train-step", side, str(folder), str(seq), str(int(lora_experts))]
+        cmd = [sys.executable, __file__, "--measure", sys.executable, __file__, "--train-step", side, str(folder), str(seq), str(int(lora_experts))]
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         if r.returncode:
             raise SystemExit(f"train step ({side}) failed:\n{r.stderr[-3000:]}")
         out[side] = json.loads(r.stdout.strip().splitlines()[-1])
+        out[side]["process_peak_rss_mb"] = int(r.stderr.strip().splitlines()[-1].removeprefix("PEAK_RSS_KB ")) // 1024
     if len(out) == 2:
-        out["step_peak_ratio_qconvert_to_anchor"] = round(out["qconvert"]["step_peak_rss_mb"] / out["anchor"]["step_peak_rss_mb"], 3)
+        out["peak_ratio_qconvert_to_anchor"] = round(out["qconvert"]["process_peak_rss_mb"] / out["anchor"]["process_peak_rss_mb"], 3)
     return out
 
 
