@@ -114,3 +114,51 @@ def test_only_routed_experts_are_built(family_q, tmp_path, monkeypatch):
         calls = built[id(w)]
         assert {e for e, _, _ in calls} and len({e for e, _, _ in calls}) == cfg.num_experts_per_tok < cfg.num_experts
         assert all(shape == tuple(w.shape[1:]) and with_delta for _, shape, with_delta in calls)
+
+
+class _Experts(torch.nn.Module):
+    """A minimal experts module: ``w`` [E, out, in] (or [E, in, out] with ``is_transposed``), and a
+    forward that reads one expert at a time, as transformers' eager experts forwards do."""
+
+    def __init__(self, w: torch.Tensor, transposed: bool):
+        super().__init__()
+        self.is_transposed = transposed
+        self.w = torch.nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[e] @ self.w[e] if self.is_transposed else x[e] @ self.w[e].t() for e in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_wrapper_equals_peft_param_wrapper_in_both_layouts(transposed):
+    """ParamWrapper4bit on a 4-bit stack equals PEFT's ParamWrapper on the stack's dequantized value, in
+    output and in lora_A/lora_B gradients, for [E, out, in] and for is_transposed [E, in, out] storage."""
+    from peft import LoraConfig, get_peft_model
+
+    from qconvert.backends import get_backend
+    from qconvert.nn.experts4bit import Experts4bitWeight
+    from qconvert.nn.experts4bit_lora import ParamWrapper4bit, peft_sees_4bit_experts
+    from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
+
+    g = torch.Generator().manual_seed(0)
+    qt = quantize_4bit_ref(torch.randn(3, 8, 16, generator=g))
+    cfg = LoraConfig(r=2, lora_alpha=3, target_parameters=["0.w"], init_lora_weights=False)
+    ref = get_peft_model(torch.nn.Sequential(_Experts(dequantize_4bit_ref(qt, torch.float32), transposed)), cfg)
+    base = _Experts(torch.zeros(3, 8, 16), transposed)
+    del base._parameters["w"]
+    base.add_module("w", Experts4bitWeight.from_fused(qt, get_backend("reference", "cpu"), torch.float32))
+    model = torch.nn.Sequential(base)
+    with peft_sees_4bit_experts(model):
+        ours = get_peft_model(model, cfg)
+    assert [type(m) for m in ours.modules() if isinstance(m, ParamWrapper4bit)] == [ParamWrapper4bit]
+    missing = ours.load_state_dict(ref.state_dict(), strict=False).missing_keys
+    assert not [k for k in missing if ".lora_" in k]  # PEFT's names and shapes on both
+    x = torch.randn(3, 5, 8 if transposed else 16, generator=g)
+    got, want = ours(x), ref(x)
+    with torch.no_grad(), ref.disable_adapter():
+        assert rel(want, ref(x)) > 100 * FLOAT32_REL
+    assert rel(got, want) < FLOAT32_REL
+    got.square().sum().backward()
+    want.square().sum().backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 and all(rel(g, dict(ref.named_parameters())[n].grad) < FLOAT32_REL for n, g in grads.items())

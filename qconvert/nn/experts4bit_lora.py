@@ -83,19 +83,19 @@ class ParamWrapper4bit(ParamWrapper):
         holder = self.get_param()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        holder.delta = _Delta(self, adapters)
+        holder.delta = _Delta([self.expert_factors(a) for a in adapters], self._did_swap_in_out_features)
         try:
             return self.base_layer(x, *args, **kwargs)
         finally:
             holder.delta = None
 
-    def expert_delta(self, adapter: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lhs, rhs) with expert e's update ``scaling * lhs @ rhs`` in the stack's layout: as PEFT's
-        get_delta_factors, for one expert."""
+    def expert_factors(self, adapter: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], float]:
+        """(A_e for each e, B_e for each e, scaling), split as PEFT's get_delta_factors splits them: A
+        [E * r, in] into [r, in] blocks, B [out, E * r] into its [out, r] columns e, e + E, ...
+        ``unbind`` makes one view per expert with one backward for all: the gradients of the experts a
+        step used are gathered into A's and B's shape once, not once per expert."""
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        a_e = a.view(self.num_experts, -1, a.shape[-1])[e]  # [r, in]
-        b_e = b.view(b.shape[0], -1, self.num_experts)[:, :, e]  # [out, r]
-        return (b_e, a_e) if self._did_swap_in_out_features else (a_e.t(), b_e.t())
+        return a.view(self.num_experts, -1, a.shape[-1]).unbind(0), b.view(b.shape[0], -1, self.num_experts).unbind(2), self.scaling[adapter]
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise OptionError("LoRA on 4-bit experts cannot be merged into the 4-bit stack (PEFT would need 16-bit experts)",
@@ -107,14 +107,15 @@ class ParamWrapper4bit(ParamWrapper):
 
 
 class _Delta:
-    """What a 4-bit stack adds to expert e's matrix while its wrapper's forward runs: each active
-    adapter's ``scaling * lhs @ rhs``, in the matrix's dtype."""
+    """What a 4-bit stack adds to expert e's matrix while its wrapper's forward runs: for each active
+    adapter, ``scaling * B_e @ A_e`` ([out, in]; ``A_e^T @ B_e^T`` for a stack stored [E, in, out],
+    ``swapped`` False as in PEFT), in the matrix's dtype."""
 
-    def __init__(self, wrapper: ParamWrapper4bit, adapters: list[str]):
-        self.wrapper, self.adapters = wrapper, adapters
+    def __init__(self, factors: list[tuple], swapped: bool):
+        self.factors, self.swapped = factors, swapped
 
     def __call__(self, e: int, value: torch.Tensor) -> torch.Tensor:
-        for a in self.adapters:
-            lhs, rhs = self.wrapper.expert_delta(a, e)
-            value = torch.addmm(value, lhs.to(value.dtype), rhs.to(value.dtype), alpha=self.wrapper.scaling[a])
+        for a, b, scaling in self.factors:
+            lhs, rhs = (b[e], a[e]) if self.swapped else (a[e].t(), b[e].t())
+            value = torch.addmm(value, lhs.to(value.dtype), rhs.to(value.dtype), alpha=scaling)
         return value
