@@ -228,6 +228,13 @@ def check_adapter_loads(src: Path, q: Path, run: Path, tmp_path: Path, peft) -> 
         exported = PeftModel.from_pretrained(dequantized_source_model(src, q, tmp_path / "ref3"), str(tmp_path / "exported")).eval()
     with torch.no_grad():
         assert rel(exported(input_ids=ids, use_cache=False).logits, got) < FLOAT32_REL
+    from qconvert.runtime import attach_adapter, load_for_inference
+
+    lm = load_for_inference(q, backend="reference", device="cpu", dtype="float32")  # generate/eval --adapter, then a second one
+    for adapter in (run, tmp_path / "exported"):
+        attach_adapter(lm, adapter)
+        with torch.no_grad():
+            assert rel(lm.model(input_ids=ids, use_cache=False).logits, got) < FLOAT32_REL, adapter
     saved = load_file(str(tmp_path / "exported" / "adapter_model.safetensors"))
     loaded = get_peft_model_state_dict(original)
     assert set(loaded) == set(saved)
