@@ -25,7 +25,12 @@ dropout 0), torch AdamW, one sequence of ``--seq`` random tokens with labels, bf
 child reports the resident memory after loading and its high-water mark after loading and after the
 step (``/proc/self/status`` VmRSS, VmHWM), the step's wall time (forward, backward, optimizer step),
 and the whole process's peak RSS as its parent measures it (``resource.getrusage(RUSAGE_CHILDREN)``
-in a small measuring process, as for the conversions).
+in a small measuring process, as for the conversions). Also the bytes one decoder layer holds once
+loaded (parameters, buffers, bitsandbytes' quant-state tensors), and, labelled as an extrapolation,
+the peak at the real depth: peak + (48 - layers) x that; with gradient checkpointing a step's
+transient memory is one layer's, whatever the depth. At 1-2 layers both peaks are dominated by what
+does not scale with depth (the 151936 x 2048 embeddings and head, kept 16-bit by both, and the Python
+runtime), so the ratio that matters for the goal (<= 1/3 of the anchor's) is the extrapolated one.
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ def _rss_mb() -> tuple[int, int]:
 
 
 def _load(side: str, folder: str):
-    """The 4-bit model of ``side`` and the context its LoRA is attached in."""
+    """The 4-bit model of ``side`` and the context its LoRA is attached in (as qconvert train attaches it)."""
     from contextlib import ExitStack
 
     if side == "qconvert":
@@ -134,13 +139,38 @@ def _load(side: str, folder: str):
         from qconvert.nn.experts4bit_lora import peft_sees_4bit_experts
 
         model = qconvert.load_model(folder, device="cpu")
-        stack = ExitStack()
-        stack.enter_context(module_targets_kept())
-        stack.enter_context(peft_sees_4bit_experts(model))
-        return model, stack
+
+        def attach() -> ExitStack:
+            stack = ExitStack()
+            stack.enter_context(module_targets_kept())
+            stack.enter_context(peft_sees_4bit_experts(model))
+            return stack
+
+        return model, attach
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu"), ExitStack()
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu"), ExitStack
+
+
+def layer_bytes(model) -> float:
+    """Mean bytes one decoder layer holds in memory: its parameters and buffers, and the quant-state
+    tensors bitsandbytes keeps as attributes (absmax, nested absmax, codebooks)."""
+    per: dict[str, int] = {}
+    seen: set[int] = set()  # storage addresses
+
+    def add(name: str, t) -> None:  # each storage once, by its real size (a view or an expanded tensor holds no more)
+        m = re.search(r"\blayers\.(\d+)\.", name)
+        if m and t is not None and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            per[m.group(1)] = per.get(m.group(1), 0) + t.untyped_storage().nbytes()
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        add(name, t)
+    for name, mod in model.named_modules():
+        qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+        for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), *((qs.state2.absmax, qs.state2.code) if getattr(qs, "nested", False) else ())):
+            add(name + ".", t)
+    return sum(per.values()) / max(len(per), 1)
 
 
 def train_step(side: str, folder: str, seq: int, lora_experts: bool) -> None:
@@ -153,13 +183,14 @@ def train_step(side: str, folder: str, seq: int, lora_experts: bool) -> None:
     model, attach = _load(side, folder)
     load_s = time.perf_counter() - t
     load_rss, load_peak = _rss_mb()
+    per_layer = layer_bytes(model)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0 if lora_experts else 0.05, task_type="CAUSAL_LM",
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if lora_experts else None)
-    with attach:
+    with attach():
         model = get_peft_model(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -173,11 +204,12 @@ def train_step(side: str, folder: str, seq: int, lora_experts: bool) -> None:
     step_s = time.perf_counter() - t
     _, step_peak = _rss_mb()
     print(json.dumps({"load_seconds": round(load_s, 1), "load_resident_mb": load_rss, "load_peak_rss_mb": load_peak,
+                      "layer_resident_mb": round(per_layer / 2**20, 1),
                       "step_seconds": round(step_s, 1), "step_peak_rss_mb": step_peak, "lora_params": sum(p.numel() for p in params),
                       "loss": round(loss.item(), 4)}))
 
 
-def train_figures(q4: Path, anchor_dir: Path | None, seq: int, lora_experts: bool) -> dict:
+def train_figures(q4: Path, anchor_dir: Path | None, seq: int, lora_experts: bool, layers: int) -> dict:
     """One training step per side, each in a fresh child process (so each peak is its own)."""
     out = {}
     for side, folder in (("qconvert", q4), ("anchor", anchor_dir)):
@@ -188,9 +220,13 @@ def train_figures(q4: Path, anchor_dir: Path | None, seq: int, lora_experts: boo
         if r.returncode:
             raise SystemExit(f"train step ({side}) failed:\n{r.stderr[-3000:]}")
         out[side] = json.loads(r.stdout.strip().splitlines()[-1])
-        out[side]["process_peak_rss_mb"] = int(r.stderr.strip().splitlines()[-1].removeprefix("PEAK_RSS_KB ")) // 1024
+        out[side]["process_peak_rss_mb"] = peak = int(r.stderr.strip().splitlines()[-1].removeprefix("PEAK_RSS_KB ")) // 1024
+        # the real depth: each further layer adds what one layer holds; with gradient checkpointing a step's
+        # transient memory is one layer's recomputation, whatever the depth (an extrapolation, labelled so)
+        out[side]["extrapolated_48_layers_peak_mb"] = round(peak + (REAL_LAYERS - layers) * out[side]["layer_resident_mb"])
     if len(out) == 2:
-        out["peak_ratio_qconvert_to_anchor"] = round(out["qconvert"]["process_peak_rss_mb"] / out["anchor"]["process_peak_rss_mb"], 3)
+        for key in ("process_peak_rss_mb", "extrapolated_48_layers_peak_mb"):
+            out[f"{key}_ratio_qconvert_to_anchor"] = round(out["qconvert"][key] / out["anchor"][key], 3)
     return out
 
 
@@ -261,7 +297,7 @@ def main() -> int:
     train = None
     if not args.no_train:
         anchor_dir = None if args.no_anchor else work / "anchor"
-        train = train_figures(work / "q4", anchor_dir, args.seq, args.lora_experts)
+        train = train_figures(work / "q4", anchor_dir, args.seq, args.lora_experts, args.layers)
     import platform
 
     print(json.dumps({"layers": args.layers, "shape": SHAPE, "cpu": platform.processor() or platform.machine(),
