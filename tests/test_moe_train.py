@@ -365,6 +365,7 @@ def test_lora_experts_on_4bit_experts_then_merge_exact(family, family_dir, tmp_p
     merge_and_compare(family, family_dir, tmp_path, experts="4bit")
 
 
+@pytest.mark.slow
 def test_lora_experts_on_4bit_experts_summary(family_dir, tmp_path):
     """The start summary says the expert parameters are 4-bit stacks adapted per routed expert, and that
     nothing is left out; the adapter's expert tensors are trained (B moved from zero)."""
