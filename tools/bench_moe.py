@@ -25,8 +25,8 @@ dropout 0), torch AdamW, one sequence of ``--seq`` random tokens with labels, bf
 child reports the resident memory after loading and its high-water mark after loading and after the
 step (``/proc/self/status`` VmRSS, VmHWM), the step's wall time (forward, backward, optimizer step),
 and the whole process's peak RSS as its parent measures it (``resource.getrusage(RUSAGE_CHILDREN)``
-in a small measuring process, as for the conversions). Also the bytes one decoder layer holds once
-loaded (parameters, buffers, bitsandbytes' quant-state tensors), and, labelled as an extrapolation,
+in a small measuring process, as for the conversions). Also the bytes one decoder layer holds after
+the step (parameters, LoRA's included, buffers, bitsandbytes' quant-state tensors, AdamW's state), and, labelled as an extrapolation,
 the peak at the real depth: peak + (48 - layers) x that; with gradient checkpointing a step's
 transient memory is one layer's, whatever the depth. At 1-2 layers both peaks are dominated by what
 does not scale with depth (the 151936 x 2048 embeddings and head, kept 16-bit by both, and the Python
@@ -152,9 +152,10 @@ def _load(side: str, folder: str):
     return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu"), ExitStack
 
 
-def layer_bytes(model) -> float:
-    """Mean bytes one decoder layer holds in memory: its parameters and buffers, and the quant-state
-    tensors bitsandbytes keeps as attributes (absmax, nested absmax, codebooks)."""
+def layer_bytes(model, optimizer=None) -> float:
+    """Mean bytes one decoder layer holds in memory: its parameters (LoRA's included once attached) and
+    buffers, the quant-state tensors bitsandbytes keeps as attributes (absmax, nested absmax,
+    codebooks), and the ``optimizer``'s state for its parameters."""
     per: dict[str, int] = {}
     seen: set[int] = set()  # storage addresses
 
@@ -166,6 +167,11 @@ def layer_bytes(model) -> float:
 
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         add(name, t)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, state in (optimizer.state.items() if optimizer is not None else ()):
+        for t in state.values():
+            if hasattr(t, "untyped_storage") and t.dim():
+                add(names[id(p)], t)
     for name, mod in model.named_modules():
         qs = getattr(getattr(mod, "weight", None), "quant_state", None)
         for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), *((qs.state2.absmax, qs.state2.code) if getattr(qs, "nested", False) else ())):
@@ -183,7 +189,6 @@ def train_step(side: str, folder: str, seq: int, lora_experts: bool) -> None:
     model, attach = _load(side, folder)
     load_s = time.perf_counter() - t
     load_rss, load_peak = _rss_mb()
-    per_layer = layer_bytes(model)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -203,6 +208,7 @@ def train_step(side: str, folder: str, seq: int, lora_experts: bool) -> None:
     opt.zero_grad(set_to_none=True)
     step_s = time.perf_counter() - t
     _, step_peak = _rss_mb()
+    per_layer = layer_bytes(model, opt)  # after the step: the LoRA tensors and AdamW's state are a layer's too
     print(json.dumps({"load_seconds": round(load_s, 1), "load_resident_mb": load_rss, "load_peak_rss_mb": load_peak,
                       "layer_resident_mb": round(per_layer / 2**20, 1),
                       "step_seconds": round(step_s, 1), "step_peak_rss_mb": step_peak, "lora_params": sum(p.numel() for p in params),
