@@ -63,7 +63,8 @@ def both_models(family: str, family_q, tmp_path: Path):
     return ours, ref
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a tiny model built and quantized (the fast guard: the two-layout test below)
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_forward_and_backward_equal_peft_on_dequantized_experts(family, family_q, tmp_path):
     """Before: LoRA on 4-bit experts could not be attached (PEFT matches parameters; --lora-experts refused)."""
     ours, ref = both_models(family, family_q, tmp_path)
@@ -85,6 +86,7 @@ def test_forward_and_backward_equal_peft_on_dequantized_experts(family, family_q
     assert all(not b.requires_grad for b in ours.buffers())
 
 
+@pytest.mark.slow
 def test_only_routed_experts_are_built(family_q, tmp_path, monkeypatch):
     """One token: each 4-bit stack dequantizes top_k of its experts, one at a time, each with its own
     delta; PEFT's whole-stack delta (get_delta_factors / get_delta_weight) is never built."""
@@ -162,3 +164,7 @@ def test_wrapper_equals_peft_param_wrapper_in_both_layouts(transposed):
     want.square().sum().backward()
     grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert len(grads) == 2 and all(rel(g, dict(ref.named_parameters())[n].grad) < FLOAT32_REL for n, g in grads.items())
+    from qconvert.errors import OptionError
+
+    with pytest.raises(OptionError, match="cannot be merged into the 4-bit stack"):  # PEFT's merge would write into the 4-bit stack
+        ours.merge_and_unload()
