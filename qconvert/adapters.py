@@ -373,8 +373,7 @@ def parameter_adapters(cfg: Mapping[str, Any], modules: dict[str, tuple[Any, Any
             mod = model.get_submodule(base)
         except AttributeError:
             continue  # not a module of this model: left for the module checks, which name it
-        own = [p for p, _ in mod.named_parameters(recurse=False)
-               if f"{base}.{p}" in targets or any(f"{base}.{p}".endswith("." + t) for t in targets)]
+        own = [p for p in _parameter_names(mod) if f"{base}.{p}" in targets or any(f"{base}.{p}".endswith("." + t) for t in targets)]
         if not own:
             continue  # a module adapter (its parameters are not targeted)
         if depth >= len(own):
@@ -397,6 +396,14 @@ def parameter_adapters(cfg: Mapping[str, Any], modules: dict[str, tuple[Any, Any
         if a.shape[0] != r:
             raise FormatError(f"{where}: {name}: lora_A is {list(a.shape)}, rank {r} needs [{r}, in]", hint=_FIX)
     return out
+
+
+def _parameter_names(mod) -> list[str]:
+    """``mod``'s own parameters as PEFT's target_parameters sees them, a 4-bit experts stack counting
+    as the parameter it stands for (qconvert.nn.experts4bit_lora)."""
+    from .nn.experts4bit import Experts4bitWeight
+
+    return [p for p, _ in mod.named_parameters(recurse=False)] + [a for a, m in mod.named_children() if isinstance(m, Experts4bitWeight)]
 
 
 def check_against_base(weights: Path, modules: Mapping[str, tuple[Any, Any]], base_shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -181,12 +181,13 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
 
     from .adapters import conv1d_notice_hidden, module_targets_kept
     from .io.source import resolve_adapter_path
+    from .nn.experts4bit_lora import peft_sees_4bit_experts
 
     given, (folder, _) = folder, resolve_adapter_path(folder)
     check_adapter(folder, lm.model, lm.name)
     name = name or f"adapter{len(lm.adapters)}"
     try:
-        with warnings.catch_warnings(), conv1d_notice_hidden(lm.model), module_targets_kept():
+        with warnings.catch_warnings(), conv1d_notice_hidden(lm.model), module_targets_kept(), peft_sees_4bit_experts(lm.model):
             # PEFT reads transformers' deprecated is_gradient_checkpointing: a FutureWarning users cannot act on
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             if isinstance(lm.model, PeftModel):

@@ -250,9 +250,9 @@ def test_only_the_routed_experts_are_dequantized(tmp_path, monkeypatch):
     seen: dict[int, list[int]] = {}
     real = Experts4bitWeight.expert
 
-    def spy(self, e, dtype=None):
+    def spy(self, e, dtype=None, delta=None):
         seen.setdefault(id(self), []).append(e)
-        return real(self, e, dtype)
+        return real(self, e, dtype, delta)
 
     monkeypatch.setattr(Experts4bitWeight, "expert", spy)
     with torch.no_grad():
@@ -307,7 +307,7 @@ def test_backward_through_4bit_experts_recomputes_them(tmp_path, monkeypatch):
     ref = dequantized_source_model(src, tmp_path / "q", tmp_path / "ref")
     calls = []
     real = Experts4bitWeight.expert
-    monkeypatch.setattr(Experts4bitWeight, "expert", lambda self, e, dtype=None: calls.append(e) or real(self, e, dtype))
+    monkeypatch.setattr(Experts4bitWeight, "expert", lambda self, e, dtype=None, delta=None: calls.append(e) or real(self, e, dtype, delta))
     embeds = ref.get_input_embeddings()(torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(3))).detach()
     grads, forward_calls = [], 0
     for model in (ours, ref):

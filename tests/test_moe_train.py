@@ -156,17 +156,18 @@ def test_parameter_delta_is_peft_s(tmp_path):
             assert rel(pl.delta(wrapper.scaling["default"]), want) < FLOAT32_SAME_MATH_REL
 
 
-def merge_and_compare(family: str, family_dir, tmp_path: Path) -> None:
-    """train with --lora-experts, then merge (float32): LoRA'd linear weights are dequant + scaling * B @ A;
-    the merged experts equal PEFT's merge_and_unload of the adapter on the dequantized model; the merged
-    folder loads in plain transformers with the logits of the unmerged adapter."""
+def merge_and_compare(family: str, family_dir, tmp_path: Path, experts: str = "16bit") -> None:
+    """train with --lora-experts on a folder whose experts are ``experts`` (quantize's option), then merge
+    (float32): LoRA'd linear weights are dequant + scaling * B @ A; the merged experts equal PEFT's
+    merge_and_unload of the adapter on the dequantized model; the merged folder loads in plain
+    transformers with the logits of the unmerged adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qconvert.adapters import module_targets_kept
     from qconvert.export.merge import merge_adapter
 
-    src, q = family_dir(family, "16bit")  # LoRA on expert parameters: 16-bit experts
+    src, q = family_dir(family, experts)
     run = tmp_path / "run"
     r, lines = train_steps(q, run, tmp_path, steps=2, lora_experts=True)
     assert any("LoRA dropout 0" in line for line in lines)
@@ -206,7 +207,8 @@ def merge_and_compare(family: str, family_dir, tmp_path: Path) -> None:
 
 def check_adapter_loads(src: Path, q: Path, run: Path, tmp_path: Path, peft) -> None:
     """load_model(adapter=) gives the logits of ``peft`` (the adapter on the dequantized model); the
-    export-adapter folder loads in PEFT on the 16-bit original with every tensor where it was trained."""
+    export-adapter folder loads in PEFT on the 16-bit original with every tensor where it was trained,
+    and on the dequantized model gives load_model's logits."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -218,10 +220,21 @@ def check_adapter_loads(src: Path, q: Path, run: Path, tmp_path: Path, peft) -> 
     ours = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32, adapter=run)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert rel(ours(input_ids=ids, use_cache=False).logits, peft(input_ids=ids, use_cache=False).logits) < FLOAT32_REL
+        got = ours(input_ids=ids, use_cache=False).logits
+        assert rel(got, peft(input_ids=ids, use_cache=False).logits) < FLOAT32_REL
     export_adapter(run, tmp_path / "exported")
     with module_targets_kept():
         original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src), str(tmp_path / "exported"))
+        exported = PeftModel.from_pretrained(dequantized_source_model(src, q, tmp_path / "ref3"), str(tmp_path / "exported")).eval()
+    with torch.no_grad():
+        assert rel(exported(input_ids=ids, use_cache=False).logits, got) < FLOAT32_REL
+    from qconvert.runtime import attach_adapter, load_for_inference
+
+    lm = load_for_inference(q, backend="reference", device="cpu", dtype="float32")  # generate/eval --adapter, then a second one
+    for adapter in (run, tmp_path / "exported"):
+        attach_adapter(lm, adapter)
+        with torch.no_grad():
+            assert rel(lm.model(input_ids=ids, use_cache=False).logits, got) < FLOAT32_REL, adapter
     saved = load_file(str(tmp_path / "exported" / "adapter_model.safetensors"))
     loaded = get_peft_model_state_dict(original)
     assert set(loaded) == set(saved)
@@ -313,10 +326,12 @@ def test_train_defaults_then_merge(family, family_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_experts_resume_is_exact(family_dir, tmp_path):
+@pytest.mark.parametrize("experts", ["16bit", "4bit"])
+def test_lora_experts_resume_is_exact(experts, family_dir, tmp_path):
     """A --lora-experts run stopped after step 1 and resumed writes the adapter of the uninterrupted run,
-    byte for byte (the parameter adapters' checkpoint is read back by PEFT's own state-dict loader)."""
-    _, q = family_dir("qwen3_moe", "16bit")
+    byte for byte (the parameter adapters' checkpoint is read back by PEFT's own state-dict loader),
+    on 16-bit and on 4-bit experts."""
+    _, q = family_dir("qwen3_moe", experts)
     kw = dict(steps=3, lora_experts=True, save_steps=1, optim="adamw")
     train_steps(q, tmp_path / "whole", tmp_path, **kw)
     r, _ = train_steps(q, tmp_path / "split", tmp_path, stop_after=1, **kw)
@@ -342,13 +357,23 @@ def test_cli_train_defaults_exit_0(family_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_experts_on_4bit_experts_is_refused_with_the_way_out(family_dir, tmp_path):
-    """quantize's default writes the routed experts in 4 bits, which PEFT's LoRA on parameters cannot wrap:
-    --lora-experts then says so in one line and names `quantize --experts 16bit`; nothing is trained."""
-    from qconvert.errors import OptionError
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_lora_experts_on_4bit_experts_then_merge_exact(family, family_dir, tmp_path):
+    """Before: --lora-experts on quantize's default folder (4-bit experts) was refused ("needs them in 16 bits").
+    Now it trains PEFT's own target_parameters adapter on the 4-bit stacks: merge is exact against PEFT's
+    merge_and_unload on the dequantized model, and export-adapter's folder loads in stock PEFT."""
+    merge_and_compare(family, family_dir, tmp_path, experts="4bit")
 
+
+@pytest.mark.slow
+def test_lora_experts_on_4bit_experts_summary(family_dir, tmp_path):
+    """The start summary says the expert parameters are 4-bit stacks adapted per routed expert, and that
+    nothing is left out; the adapter's expert tensors are trained (B moved from zero)."""
     _, q = family_dir("qwen3_moe")
-    with pytest.raises(OptionError, match=r"^--lora-experts: the routed experts of this model are stored in 4 bits") as e:
-        train_steps(q, tmp_path / "run", tmp_path, lora_experts=True)
-    assert "--experts 16bit" in e.value.hint
-    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    _, lines = train_steps(q, tmp_path / "run", tmp_path, lora_experts=True)
+    summary = next(line for line in lines if line.startswith("LoRA: "))
+    assert ("and 4 expert parameters [model.layers.*.mlp.experts.down_proj (2), model.layers.*.mlp.experts.gate_up_proj (2)] "
+            "(4 of them 4-bit stacks: each routed expert's update is added as that expert is dequantized)") in summary, summary
+    assert "not adapted" not in summary
+    sd = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert all(sd[k].abs().max() > 0 for k in sd if ".experts." in k and ".lora_B." in k)

@@ -1,6 +1,6 @@
 """Size figures of 4-bit MoE experts (issue 20 item 6): a Qwen3-30B-A3B-shaped model, side by side.
 
-    .venv/bin/python tools/bench_moe.py [--layers 2] [--work DIR] [--no-anchor]
+    .venv/bin/python tools/bench_moe.py [--layers 2] [--work DIR] [--no-anchor] [--no-train] [--seq 128] [--lora-experts]
 
 Builds a random bfloat16 checkpoint with Qwen3-30B-A3B's full widths (hidden 2048, 32 query and 4
 key/value heads of 128, 128 routed experts of intermediate 768, vocabulary 151936, untied head) and
@@ -14,6 +14,23 @@ and extrapolated to the real depth of 48 layers: (bytes of the tensors outside t
 (mean bytes of one layer), over the same count of parameters; plus bits per parameter over the
 routed-expert tensors alone. Nothing is estimated from formulas: every byte is read off the written
 safetensors headers. The random weights do not change sizes (the layout has no entropy coding).
+
+Then (unless ``--no-train``) one LoRA training step on each side, each in its own child process:
+``qconvert.load_model`` on the 4-bit-experts folder, against transformers + PEFT + bitsandbytes
+(``from_pretrained`` of the anchor's folder: its routed experts in bf16, as it writes them). Both
+get the same recipe: gradient checkpointing (non-reentrant), PEFT LoRA r 16 / alpha 16 on the
+attention projections (``--lora-experts``: also on the routed experts through ``target_parameters``,
+dropout 0), torch AdamW, one sequence of ``--seq`` random tokens with labels, bf16 compute. No
+``prepare_model_for_kbit_training`` on the anchor (it would cast its bf16 tensors to float32). Each
+child reports the resident memory after loading and its high-water mark after loading and after the
+step (``/proc/self/status`` VmRSS, VmHWM), the step's wall time (forward, backward, optimizer step),
+and the whole process's peak RSS as its parent measures it (``resource.getrusage(RUSAGE_CHILDREN)``
+in a small measuring process, as for the conversions). Also the bytes one decoder layer holds after
+the step (parameters, LoRA's included, buffers, bitsandbytes' quant-state tensors, AdamW's state), and, labelled as an extrapolation,
+the peak at the real depth: peak + (48 - layers) x that; with gradient checkpointing a step's
+transient memory is one layer's, whatever the depth. At 1-2 layers both peaks are dominated by what
+does not scale with depth (the 151936 x 2048 embeddings and head, kept 16-bit by both, and the Python
+runtime), so the ratio that matters for the goal (<= 1/3 of the anchor's) is the extrapolated one.
 """
 
 from __future__ import annotations
@@ -99,9 +116,124 @@ def child(cmd: list[str]) -> dict:
 
 def measure(cmd: list[str]) -> int:
     """Run ``cmd``; print its peak RSS (ru_maxrss of this process's only child) as the last stderr line."""
-    r = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    r = subprocess.run(cmd)  # its stdout goes to the caller (the training step's JSON)
     print(f"PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
     return r.returncode
+
+
+def _rss_mb() -> tuple[int, int]:
+    """(resident MB now, peak resident MB of this program so far): /proc/self/status VmRSS and VmHWM,
+    which start afresh at exec (getrusage's ru_maxrss of the process itself keeps the forking parent's)."""
+    with open("/proc/self/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+    return kb["VmRSS"] // 1024, kb["VmHWM"] // 1024
+
+
+def _load(side: str, folder: str):
+    """The 4-bit model of ``side`` and the context its LoRA is attached in (as qconvert train attaches it)."""
+    from contextlib import ExitStack
+
+    if side == "qconvert":
+        import qconvert
+        from qconvert.adapters import module_targets_kept
+        from qconvert.nn.experts4bit_lora import peft_sees_4bit_experts
+
+        model = qconvert.load_model(folder, device="cpu")
+
+        def attach() -> ExitStack:
+            stack = ExitStack()
+            stack.enter_context(module_targets_kept())
+            stack.enter_context(peft_sees_4bit_experts(model))
+            return stack
+
+        return model, attach
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu"), ExitStack
+
+
+def layer_bytes(model, optimizer=None) -> float:
+    """Mean bytes one decoder layer holds in memory: its parameters (LoRA's included once attached) and
+    buffers, the quant-state tensors bitsandbytes keeps as attributes (absmax, nested absmax,
+    codebooks), and the ``optimizer``'s state for its parameters."""
+    per: dict[str, int] = {}
+    seen: set[int] = set()  # storage addresses
+
+    def add(name: str, t) -> None:  # each storage once, by its real size (a view or an expanded tensor holds no more)
+        m = re.search(r"\blayers\.(\d+)\.", name)
+        if m and t is not None and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            per[m.group(1)] = per.get(m.group(1), 0) + t.untyped_storage().nbytes()
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        add(name, t)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, state in (optimizer.state.items() if optimizer is not None else ()):
+        for t in state.values():
+            if hasattr(t, "untyped_storage") and t.dim():
+                add(names[id(p)], t)
+    for name, mod in model.named_modules():
+        qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+        for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), *((qs.state2.absmax, qs.state2.code) if getattr(qs, "nested", False) else ())):
+            add(name + ".", t)
+    return sum(per.values()) / max(len(per), 1)
+
+
+def train_step(side: str, folder: str, seq: int, lora_experts: bool) -> None:
+    """One LoRA step on ``side`` ("qconvert" or "anchor"), its figures printed as JSON (see the docstring)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model, attach = _load(side, folder)
+    load_s = time.perf_counter() - t
+    load_rss, load_peak = _rss_mb()
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0 if lora_experts else 0.05, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if lora_experts else None)
+    with attach():
+        model = get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1))
+    model.train()
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    step_s = time.perf_counter() - t
+    _, step_peak = _rss_mb()
+    per_layer = layer_bytes(model, opt)  # after the step: the LoRA tensors and AdamW's state are a layer's too
+    print(json.dumps({"load_seconds": round(load_s, 1), "load_resident_mb": load_rss, "load_peak_rss_mb": load_peak,
+                      "layer_resident_mb": round(per_layer / 2**20, 1),
+                      "step_seconds": round(step_s, 1), "step_peak_rss_mb": step_peak, "lora_params": sum(p.numel() for p in params),
+                      "loss": round(loss.item(), 4)}))
+
+
+def train_figures(q4: Path, anchor_dir: Path | None, seq: int, lora_experts: bool, layers: int) -> dict:
+    """One training step per side, each in a fresh child process (so each peak is its own)."""
+    out = {}
+    for side, folder in (("qconvert", q4), ("anchor", anchor_dir)):
+        if folder is None:
+            continue
+        cmd = [sys.executable, __file__, "--measure", sys.executable, __file__, "--train-step", side, str(folder), str(seq), str(int(lora_experts))]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        if r.returncode:
+            raise SystemExit(f"train step ({side}) failed:\n{r.stderr[-3000:]}")
+        out[side] = json.loads(r.stdout.strip().splitlines()[-1])
+        out[side]["process_peak_rss_mb"] = peak = int(r.stderr.strip().splitlines()[-1].removeprefix("PEAK_RSS_KB ")) // 1024
+        # the real depth: each further layer adds what one layer holds; with gradient checkpointing a step's
+        # transient memory is one layer's recomputation, whatever the depth (an extrapolation, labelled so)
+        out[side]["extrapolated_48_layers_peak_mb"] = round(peak + (REAL_LAYERS - layers) * out[side]["layer_resident_mb"])
+    if len(out) == 2:
+        for key in ("process_peak_rss_mb", "extrapolated_48_layers_peak_mb"):
+            out[f"{key}_ratio_qconvert_to_anchor"] = round(out["qconvert"][key] / out["anchor"][key], 3)
+    return out
 
 
 def sizes(folder: Path) -> dict:
@@ -144,6 +276,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--work", default="/tmp/bench_moe")
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers + bitsandbytes")
+    ap.add_argument("--no-train", action="store_true", help="skip the training-step figures")
+    ap.add_argument("--seq", type=int, default=128, help="tokens in the training step's one sequence")
+    ap.add_argument("--lora-experts", action="store_true", help="the training step also puts LoRA on the routed experts")
     args = ap.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -163,17 +298,27 @@ def main() -> int:
         run = child(cmd)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         rows[label] = {**figures(out, args.layers, size), **run}
-        shutil.rmtree(out)  # disk: each output is gone before the next is written
+        if out.name == "q16":
+            shutil.rmtree(out)  # disk: the training step needs only the 4-bit-experts folder and the anchor's
+    train = None
+    if not args.no_train:
+        anchor_dir = None if args.no_anchor else work / "anchor"
+        train = train_figures(work / "q4", anchor_dir, args.seq, args.lora_experts, args.layers)
     import platform
 
     print(json.dumps({"layers": args.layers, "shape": SHAPE, "cpu": platform.processor() or platform.machine(),
-                      "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+                      "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                      "train_step": train and {"seq": args.seq, "lora_experts": args.lora_experts, **train}}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--anchor":
         anchor(sys.argv[2], sys.argv[3])
+        sys.exit(0)
+    if len(sys.argv) == 6 and sys.argv[1] == "--train-step":
+        train_step(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")
         sys.exit(0)
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
         sys.exit(measure(sys.argv[2:]))

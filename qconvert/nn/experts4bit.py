@@ -28,6 +28,10 @@ linear layer saves its weight for backward: the module's forward keeps, through
 ``torch.autograd.graph.saved_tensors_hooks``, only (stack, expert) in its place and dequantizes that
 expert again in backward, as Linear4bit does; otherwise every expert used in a step, in every layer,
 would stay dequantized until backward.
+
+LoRA on a stack (``train --lora-experts``, PEFT's target_parameters) sets :attr:`Experts4bitWeight.delta`
+while its wrapper's forward runs (qconvert.nn.experts4bit_lora): ``weight[e]`` is then expert e's
+dequantized matrix plus that expert's own LoRA update, and the saved-tensor hook rebuilds both.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Experts4bitWeight(nn.Module):
         self.quant_type, self.blocksize, self.weight_dtype = meta.quant_type, meta.blocksize, meta.dtype
         self.backend, self.compute_dtype = backend, compute_dtype
         self._made: dict | None = None  # set by the experts module's forward while autograd records
+        self.delta = None  # set by a LoRA wrapper while its forward runs (qconvert.nn.experts4bit_lora)
         self.register_buffer("quant_map", meta.quant_map)
         self.register_buffer("nested_quant_map", meta.nested_quant_map)
         for i, p in enumerate(parts):
@@ -112,24 +117,31 @@ class Experts4bitWeight(nn.Module):
         scales = self.nested_quant_map[absmax.long()] * nested[row][idx]
         return scales + getattr(self, f"nested_offset{p}")[row]
 
-    def expert(self, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Expert e's [out, in] matrix: its codes alone dequantized (spec section 8), in ``dtype``."""
+    def expert(self, e: int, dtype: torch.dtype | None = None, delta=None) -> torch.Tensor:
+        """Expert e's [out, in] matrix: its codes alone dequantized (spec section 8), in ``dtype``;
+        with ``delta`` (a LoRA on this stack, qconvert.nn.experts4bit_lora), ``delta(e, value)``."""
         values = []
         for p, shape in enumerate(self.part_shapes):
             qt = QuantizedTensor(packed=getattr(self, f"codes{p}")[e].reshape(-1, 1), absmax=self._scales(p, e), shape=shape,
                                  dtype=self.weight_dtype, quant_type=self.quant_type, blocksize=self.blocksize, quant_map=self.quant_map)
             values.append(self.backend.dequantize(qt, dtype or self.compute_dtype))
         value = values[0] if len(values) == 1 else torch.cat(values)
+        if delta is not None:
+            value = delta(e, value)
         if self._made is not None:  # a forward under autograd: let the saved-tensor hook recognise it
-            self._made[value.data_ptr()] = (weakref.ref(value), self, e, dtype)
+            self._made[value.data_ptr()] = (weakref.ref(value), self, e, dtype, delta)
         return value
 
     def __getitem__(self, e) -> torch.Tensor:
-        return self.expert(int(e))
+        return self.expert(int(e), delta=self.delta)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.quant_map.device
 
     def extra_repr(self) -> str:
         return (f"shape={list(self.shape)}, {self.quant_type}, blocksize={self.blocksize}, "
@@ -144,9 +156,9 @@ def quantize_experts_module(module: nn.Module, weights: dict[str, Experts4bitWei
     """Put each of ``weights`` (parameter name -> 4-bit stack) in place of that parameter of the
     experts ``module``, and make the module run its family's eager forward (which reads one expert at
     a time) in the weights' compute dtype, its output cast back to the input's dtype."""
-    for attr, w in weights.items():
+    for attr in [a for a in module._parameters if a in weights]:  # in the class's order, which PEFT's nesting follows
         del module._parameters[attr]
-        module.add_module(attr, w)
+        module.add_module(attr, weights[attr])
     eager = type(module).forward.__wrapped__  # transformers' use_experts_implementation wraps it
     compute = next(iter(weights.values())).compute_dtype
 
@@ -176,7 +188,8 @@ def _pack(made: dict, t: torch.Tensor):
     """What autograd keeps of a tensor it saves for backward: a dequantized expert matrix (or its
     transpose, which a linear layer saves) is kept as (holder, expert, dtype, transposed) and
     dequantized again in backward, as Linear4bit does: training through the experts never holds
-    the dequantized experts of every layer between forward and backward."""
+    the dequantized experts of every layer between forward and backward. An expert with a LoRA delta
+    (W_e + scaling * B_e @ A_e) is kept the same way, with its delta function, and rebuilt alike."""
     hit = made.get(t.data_ptr())
     w = hit[0]() if hit is not None else None
     if w is None:
@@ -192,6 +205,7 @@ def _pack(made: dict, t: torch.Tensor):
 def _unpack(x):
     if not isinstance(x, tuple):
         return x
-    holder, e, dtype, transposed = x
-    value = holder.expert(e, dtype)
+    holder, e, dtype, delta, transposed = x
+    with torch.no_grad():  # a value for backward's products; the LoRA weights are unchanged since forward
+        value = holder.expert(e, dtype, delta)
     return value.t() if transposed else value

@@ -253,7 +253,9 @@ class _Run:
         self.cfg = LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                               target_modules=self.targets.modules, target_parameters=self.targets.parameters or None)
         torch.manual_seed(o.seed)
-        with module_targets_kept():
+        from ..nn.experts4bit_lora import peft_sees_4bit_experts
+
+        with module_targets_kept(), peft_sees_4bit_experts(base):
             self.model = get_peft_model(base, self.cfg)
         if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.adapters)
             self.model.peft_config["default"].fan_in_fan_out = True  # saved in adapter_config.json; the layers keep False

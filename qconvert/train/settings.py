@@ -116,7 +116,7 @@ class TrainConfig:
     target_modules: list[str] | None = _opt(None, "--target-modules", aliases=("lora_target_modules",), kind="list",  # noqa: RUF009
                                             help="Module names for LoRA (repeatable or comma-separated; default: the linear layers LoRA can wrap but the output head; the start summary lists them).")
     lora_experts: bool = _opt(False, "--lora-experts",
-                              help="Also put LoRA on the routed experts (MoE; PEFT's target_parameters, rank r per expert). "
+                              help="Also put LoRA on the routed experts (MoE; PEFT's target_parameters, rank r per expert; 4-bit experts stay 4-bit). "
                                    "PEFT applies no dropout there: the run's LoRA dropout becomes 0.")
     optim: str = _opt("paged_adamw_32bit", "--optim", aliases=("optimizer",), choices=OPTIMIZERS)
     lr: float = _opt(2e-4, "--lr", "--learning-rate", key="learning_rate", aliases=("lr",), range=_above(0))

@@ -10,8 +10,9 @@ shared experts, Mamba/linear-attention projections. Left out, each for a reason 
 - a layer whose weight its parent multiplies by directly on the 16-bit model (dt_proj in jamba's and
   falcon_mamba's mixers, read from the class's code): a LoRA there would work on qconvert's 4-bit model
   (config._is_quantized makes the mixer call the layer) but be skipped by PEFT on the 16-bit original;
-- the routed experts, which transformers 5 stores as 3-D parameters, not Linear layers. ``--lora-experts``
-  adapts them the way PEFT does (``target_parameters``: one LoRA pair per parameter, rank r per expert);
+- the routed experts, which transformers 5 stores as 3-D parameters, not Linear layers (qconvert's 4-bit
+  experts: Experts4bitWeight stacks). ``--lora-experts`` adapts them the way PEFT does (``target_parameters``:
+  one LoRA pair per parameter, rank r per expert; on 4-bit stacks through qconvert.nn.experts4bit_lora);
   PEFT cannot apply dropout there, so the run's LoRA dropout is then 0.
 
 Targets are written as PEFT matches them: a layer's last name part (``q_proj``) when that part names
@@ -120,7 +121,7 @@ def expert_parameters(model) -> list[str]:
 def _names(model, chosen: list[str], kind: str, converted: set[str] = frozenset()) -> list[str]:
     """``chosen`` as PEFT matches them: the last ``kind`` parts where those name exactly the chosen
     ones (and PEFT's MoE conversion leaves them alone), else the full names."""
-    every = [n for n, _ in model.named_modules()] if kind == "module" else [n for n, _ in model.named_parameters()]
+    every = [n for n, _ in model.named_modules()] if kind == "module" else [n for n, _ in model.named_parameters()] + experts_in_4bit(model)
     tail = (lambda n: n.rpartition(".")[2]) if kind == "module" else (lambda n: ".".join(n.split(".")[-2:]))
     want = set(chosen)
     out = set()
@@ -149,21 +150,14 @@ def choose(model, given: list[str] | None, experts: bool) -> Targets:
         leaves = {n.rpartition(".")[2] for n in chosen}
         modules = _names(model, chosen, "module", peft_moves_to_parameters(model, leaves))
     params: list[str] = []
-    found = expert_parameters(model)
-    packed = experts_in_4bit(model)
+    found = expert_parameters(model) + experts_in_4bit(model)  # 16-bit 3-D parameters, 4-bit stacks (qconvert.nn.experts4bit_lora)
     if experts:
-        if packed and not found:
-            raise OptionError(f"--lora-experts: the routed experts of this model are stored in 4 bits ({len(packed)} stacks, e.g. "
-                              f"{packed[0]}); PEFT's LoRA on parameters needs them in 16 bits",
-                              hint="re-quantize the model with `qconvert quantize --experts 16bit`, or leave out --lora-experts")
         if not found:
             raise OptionError("--lora-experts: this model has no routed-expert parameters LoRA can be put on",
-                              hint="leave out --lora-experts (the experts of this model are not 3-D parameters in 16 bits)")
+                              hint="leave out --lora-experts (the experts of this model are not 3-D parameters)")
         params = _names(model, found, "parameter")
     elif found:
         left_out.update({n: "routed experts (--lora-experts adapts them)" for n in found})
-    left_out.update({n: "routed experts, stored in 4 bits (LoRA on them needs quantize --experts 16bit and --lora-experts)"
-                     for n in packed})
     return Targets(modules, params, left_out)
 
 
@@ -207,15 +201,20 @@ def describe(peft_model, targets: Targets) -> str:
     """What carries LoRA, counted from the PEFT model itself, and what was left out and why."""
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
-    layers, params = [], []
+    from ..nn.experts4bit import Experts4bitWeight
+
+    layers, params, packed = [], [], 0
     for name, m in peft_model.named_modules():
         if isinstance(m, ParamWrapper):
             params.append(re.sub(r"^base_model\.model\.|(\.base_layer)+$", "", name) + "." + m.parameter_name)
+            packed += isinstance(m.get_param(), Experts4bitWeight)
         elif isinstance(m, LoraLayer):
             layers.append(name.removeprefix("base_model.model."))
     text = f"{len(layers)} linear layers [{_pattern(layers)}]"
     if params:
         text += f" and {len(params)} expert parameters [{_pattern(params)}]"
+        if packed:
+            text += f" ({packed} of them 4-bit stacks: each routed expert's update is added as that expert is dequantized)"
     if targets.left_out:
         whys: dict[str, list[str]] = {}
         for n, why in targets.left_out.items():
