@@ -112,6 +112,8 @@ def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_j
     else:
         click.echo(printable(f"wrote {s['output']}: {s['architecture']} {s['type']}, {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB"
                              + (f", {s['merged_modules']} LoRA modules merged" if s["merged_modules"] else "")))
+        for note in s.get("notes", []):
+            click.echo(printable(f"note: {note}"))
         _say_check(s.get("check"))
     if s.get("check", {}).get("passed") is False:
         raise SystemExit(1)

@@ -92,18 +92,25 @@ class _GGUF:
 
 
 def _float32_model(src):
+    """transformers' model of the checkpoint's logical values in float32, each tensor placed as
+    transformers places it on load (renamed, or merged by its converter: MoE experts stored per
+    expert become the model's 3-D parameters; qconvert.conversions)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..conversions import convert_group, load_map
 
     cfg = AutoConfig.from_pretrained(src.root, trust_remote_code=False)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     params = model.state_dict()
+    lm = load_map(model, src.names(), params)
     sd = {}
-    for k in src.names():
-        t = src.get(k)
-        want = params.get(k)
-        sd[k] = t.T.contiguous() if want is not None and t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape) else t
+    for k, name in lm.names.items():
+        t, want = src.get(k), params[name]
+        sd[name] = t.T.contiguous() if t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape) else t
+    for first in lm.groups:
+        sd.update(convert_group(model, lm, first, src.get))
     missing, _ = model.load_state_dict(sd, strict=False)
     if [m for m in missing if not (m == "lm_head.weight" and cfg.get_text_config().tie_word_embeddings)]:
         raise FormatError(f"{src.root}: the model has parameters the checkpoint does not hold: {missing[:3]}", hint="is it a causal LM checkpoint?")
