@@ -159,3 +159,12 @@ def test_gemma_query_scaling_other_than_llama_cpps_is_refused(tmp_path):
     with pytest.raises(FormatError, match="query_pre_attn_scalar 32 is not the 64"):
         check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "query_pre_attn_scalar": 32}, tmp_path)
     assert check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "num_hidden_layers": 46, "query_pre_attn_scalar": 64, "head_dim": 32}, tmp_path) == []
+
+
+def test_a_phi3_sliding_window_gets_a_note(tmp_path):
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2}
+    assert check(FAMILIES["Phi3ForCausalLM"], cfg, tmp_path) == []
+    (note,) = check(FAMILIES["Phi3ForCausalLM"], {**cfg, "sliding_window": 2047}, tmp_path)
+    assert note.startswith("llama.cpp runs phi3 without its sliding window (2047 tokens)")
