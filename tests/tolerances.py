@@ -37,7 +37,9 @@ LORA_CHANGE_ACROSS_NF4_REL = 5e-2
 #: Measured 5.4e-4 (4-bit source), 6.0e-4 (16-bit source), 7.6e-4 (adapter merged) on test_gguf.py's
 #: tiny Llama (2026-12-06); llama.cpp applying the --lora-only adapter to the base GGUF: 6.6e-4 from
 #: transformers on the `qconvert merge` output, 1.2e-3 from llama.cpp on the merged GGUF; mistral 5.8e-4,
-#: qwen2 6.0e-4, qwen3 9.0e-4 (16-bit sources).
+#: qwen2 6.0e-4, qwen3 9.0e-4 (16-bit sources). test_gguf_families.py (2026-12-06): gemma2 3.5e-4,
+#: gemma3 9.8e-5, phi3 5.7e-4, llama with linear / yarn / llama3 rope 5.5e-4 / 5.6e-4 / 5.7e-4, qwen2 with
+#: yarn 5.1e-4; from 4-bit checkpoints with 4-bit experts: mixtral 5.3e-4, qwen2_moe 4.8e-4, qwen3_moe 5.1e-4.
 GGUF_F16_LOGIT_REL = {"f16": 2e-3}
 #: mean KL(transformers float32 || llama.cpp on the GGUF) over the prompt's positions, by --type: the
 #: cost of the type's rounding on test_gguf.py's tiny Llama, whose head is scaled x25 (very sensitive).

@@ -23,15 +23,22 @@ from . import options
 @options.json_output()
 @click.option("--base-model", metavar="HUB_ID", help="The Hub id of BASE (or of its source), for the card's base_model.")
 @options.push_to_hub()
-def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json, base_model, push_to):
-    """Merge a PEFT LoRA ADAPTER into its 4-bit BASE: W = dequant(W4) + scaling * B @ A, in float32, then cast."""
+@click.option("--no-check", is_flag=True, help="Skip the check: `qconvert compare` of the merge against BASE + ADAPTER unmerged (as load_model runs it).")
+@click.option("--check-tolerance", type=float, help="Largest mean KL the check passes (default 0.01; 0.5 with --quantize or --base-original).")
+def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_original, revision, overwrite, as_json, base_model, push_to,
+          no_check, check_tolerance):
+    """Merge a PEFT LoRA ADAPTER into its 4-bit BASE: W = dequant(W4) + scaling * B @ A, in float32, then cast.
+    Then compare the merge with BASE + ADAPTER unmerged; a merge that fails goes to OUTPUT_DIR.unverified, exit 1."""
     from .._cpus import cap_torch_threads
     from ..export.merge import merge_adapter
 
     cap_torch_threads()
     s = merge_adapter(base, adapter, output_dir, dtype=dtype, quantize=quantize, max_shard_size=max_shard_size,
                       base_original=base_original, overwrite=overwrite, revision=revision, base_model=base_model,
-                      log=lambda m: click.echo(printable(m), err=True))
+                      log=lambda m: click.echo(printable(m), err=True), check=not no_check, check_tolerance=check_tolerance)
+    if s.get("check", {}).get("passed") is False:
+        _say_merge_failed(s, as_json)
+        raise SystemExit(1)
     if push_to:
         from ..hub.push import push_folder
 
@@ -45,8 +52,20 @@ def merge(base, adapter, output_dir, dtype, quantize, max_shard_size, base_origi
         c = s["requantization_cost"]
         click.echo(f"re-quantizing cost: relative output error {c['output_error_mean']:.4f} (max {c['output_error_max']:.4f}) "
                    f"against the 16-bit merge on random probes; {c['adapter_change_lost_mean']:.0%} of the adapter's change lost")
+    _say_check(s.get("check"), "the merge does not compute what BASE + ADAPTER computes")
     if push_to:
         click.echo(printable(f"pushed to {push_to}: {s['pushed']['commit_url']}"))
+
+
+def _say_merge_failed(s: dict, as_json: bool) -> None:
+    """A failed check: the figures, and where the unverified merge was kept (never at OUTPUT_DIR; not pushed)."""
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+    else:
+        _say_check(s["check"], "the merge does not compute what BASE + ADAPTER computes")
+    click.echo(printable(f"qconvert: error: the merge failed its check; kept for inspection at {s['output']} (with CHECK_FAILED.json), "
+                         "not at the output folder (and nothing was pushed)"), err=True)
+    click.echo("hint: a wrong adapter for this base, or a merge bug; --no-check skips the check, --check-tolerance sets its bound", err=True)
 
 
 @click.command(name="export-adapter")
@@ -93,18 +112,21 @@ def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_j
     else:
         click.echo(printable(f"wrote {s['output']}: {s['architecture']} {s['type']}, {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB"
                              + (f", {s['merged_modules']} LoRA modules merged" if s["merged_modules"] else "")))
+        for note in s.get("notes", []):
+            click.echo(printable(f"note: {note}"))
         _say_check(s.get("check"))
     if s.get("check", {}).get("passed") is False:
         raise SystemExit(1)
 
 
-def _say_check(c: dict | None) -> None:
+def _say_check(c: dict | None, failure: str = "the file does not compute what MODEL computes") -> None:
+    """The check's one-line verdict."""
     if c is None:
         return
     if "skipped" in c:
         click.echo(f"not checked: {c['skipped']}")
         return
-    click.echo(f"check {'PASS' if c['passed'] else 'FAIL: the file does not compute what MODEL computes'}: mean KL {c['kl']:.3g} "
+    click.echo(f"check {'PASS' if c['passed'] else 'FAIL: ' + failure}: mean KL {c['kl']:.3g} "
                f"(tolerance {c['tolerance']:g}), top-1 agreement {c['top1_agreement']:.1%}, max relative logit error {c['max_rel_logit_error']:.3g}")
 
 

@@ -33,15 +33,11 @@ DEFAULT_PROMPTS = (
 PROMPTS_LIMIT = 1 << 20
 
 
-class _HF:
-    """A Hugging Face folder (plus adapter) as a float32 transformers model of its logical values."""
+class _Torch:
+    """A float32 transformers model (``self.model``): logits and greedy continuations."""
 
-    def __init__(self, path: str, adapter: str | None):
-        from .gguf import _Source
-
-        self.src = src = _Source.open(path, adapter, lambda m: None, family=False)
-        self.model = _float32_model(src)
-        self.tokenizer = _tokenizer(src.ckpt.config_dir())
+    model: Any
+    tokenizer: Any
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():
@@ -53,6 +49,17 @@ class _HF:
             for _ in range(n):
                 seq.append(int(self.model(torch.tensor([seq])).logits[0, -1].argmax()))
         return seq[len(ids):]
+
+
+class _HF(_Torch):
+    """A Hugging Face folder (plus adapter) as a float32 transformers model of its logical values."""
+
+    def __init__(self, path: str, adapter: str | None):
+        from .gguf import _Source
+
+        self.src = src = _Source.open(path, adapter, lambda m: None, family=False)
+        self.model = _float32_model(src)
+        self.tokenizer = _tokenizer(src.ckpt.config_dir())
 
 
 class _GGUF:
@@ -85,18 +92,25 @@ class _GGUF:
 
 
 def _float32_model(src):
+    """transformers' model of the checkpoint's logical values in float32, each tensor placed as
+    transformers places it on load (renamed, or merged by its converter: MoE experts stored per
+    expert become the model's 3-D parameters; qconvert.conversions)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..conversions import convert_group, load_map
 
     cfg = AutoConfig.from_pretrained(src.root, trust_remote_code=False)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     params = model.state_dict()
+    lm = load_map(model, src.names(), params)
     sd = {}
-    for k in src.names():
-        t = src.get(k)
-        want = params.get(k)
-        sd[k] = t.T.contiguous() if want is not None and t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape) else t
+    for k, name in lm.names.items():
+        t, want = src.get(k), params[name]
+        sd[name] = t.T.contiguous() if t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape) else t
+    for first in lm.groups:
+        sd.update(convert_group(model, lm, first, src.get))
     missing, _ = model.load_state_dict(sd, strict=False)
     if [m for m in missing if not (m == "lm_head.weight" and cfg.get_text_config().tie_word_embeddings)]:
         raise FormatError(f"{src.root}: the model has parameters the checkpoint does not hold: {missing[:3]}", hint="is it a causal LM checkpoint?")
@@ -142,18 +156,24 @@ def compare(a: str, b: str, *, adapter_a: str | None = None, adapter_b: str | No
         if any(isinstance(m, _GGUF) for m in (ma, mb)) else None
     if encode is None:
         raise OptionError(f"{a}, {b}: no tokenizer to make the probes with", hint="add the tokenizer files to one of the folders")
+    probes = [(text, encode(text)) for text in read_prompts(prompts)]
+    r = compare_models(ma, mb, probes, tok, tolerance, new_tokens, f"{a} and {b}")
+    return {"a": str(a), "b": str(b), "adapter_a": adapter_a, "adapter_b": adapter_b, **r}
+
+
+def compare_models(ma, mb, probes: list[tuple[str, list[int]]], tok, tolerance: float, new_tokens: int, names: str) -> dict[str, Any]:
+    """Two opened models (each with ``logits`` and ``greedy``) on ``probes`` (text, token ids): the
+    per-prompt rows, the overall figures and the verdict."""
     rows = []
-    for text in read_prompts(prompts):
-        ids = encode(text)
+    for text, ids in probes:
         la, lb = ma.logits(ids), mb.logits(ids)
         if la.shape != lb.shape:
-            raise FormatError(f"{a} and {b} have different vocabularies ({la.shape[-1]} and {lb.shape[-1]} logits)", hint="compare a model with its own exports")
+            raise FormatError(f"{names} have different vocabularies ({la.shape[-1]} and {lb.shape[-1]} logits)", hint="compare a model with its own exports")
         ga, gb = ma.greedy(ids, new_tokens), mb.greedy(ids, new_tokens)
         rows.append({"prompt": text, "tokens": len(ids), **_figures(la, lb), "greedy_a": _show(tok, ga), "greedy_b": _show(tok, gb),
                      "greedy_same": ga == gb})
     kl = float(np.mean([r["kl"] for r in rows]))
-    return {"a": str(a), "b": str(b), "adapter_a": adapter_a, "adapter_b": adapter_b, "prompts": rows, "kl": kl,
-            "top1_agreement": float(np.mean([r["top1_agreement"] for r in rows])),
+    return {"prompts": rows, "kl": kl, "top1_agreement": float(np.mean([r["top1_agreement"] for r in rows])),
             "max_rel_logit_error": max(r["max_rel_logit_error"] for r in rows), "tolerance": tolerance, "passed": kl <= tolerance}
 
 

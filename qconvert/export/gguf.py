@@ -15,16 +15,21 @@ written in turn, so memory holds one tensor at a time. The output is built under
 temporary name in OUT's folder and renamed onto OUT at the end (qconvert.io.writes): an interrupted
 export never leaves a file that looks complete.
 
-Families: :data:`FAMILIES` (llama, mistral as llama, qwen2, qwen3); any other architecture is refused
-by name. llama.cpp's llama graph applies rotary embeddings to interleaved pairs while transformers
-rotates the two halves of each head, so for it q_proj and k_proj rows are permuted per head as
-llama.cpp's own converter does (:func:`_rope_permute`); its qwen2/qwen3 graphs rotate halves (NEOX).
+Families: :data:`FAMILIES` (llama, mistral and mixtral as llama, qwen2, qwen3, qwen2moe, qwen3moe,
+gemma2, gemma3, phi3; what differs per family is in qconvert.export.gguf_families); any other
+architecture is refused by name. llama.cpp's llama graph applies rotary embeddings to interleaved
+pairs while transformers rotates the two halves of each head, so for it q_proj and k_proj rows are
+permuted per head as llama.cpp's own converter does (:func:`_rope_permute`); its other graphs here
+rotate halves (NEOX). Routed MoE experts, stored per expert or fused (spec section 14; 4-bit ones as
+their dequantized values), are written as the stacked [experts, out, in] ``ffn_*_exps`` tensors
+llama.cpp reads (:func:`_expert_plans`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +38,12 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, OptionError
+from .gguf_families import FAMILIES as _FAMILIES
 
 #: --type choices: the GGUF file types a user picks
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
-#: Hugging Face architectures exported so far -> the gguf package's architecture name
-FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-#: the gguf architectures whose llama.cpp graph rotates interleaved pairs (q/k rows permuted, see _rope_permute)
-_PERMUTED = {"llama"}
+#: Hugging Face architectures exported -> the gguf package's architecture name (gguf_families.FAMILIES: the rest)
+FAMILIES = {k: f.arch for k, f in _FAMILIES.items()}
 #: --check's default bound on the mean KL(model || GGUF) by type: a gross error (a swapped tensor, a
 #: wrong scaling) gives KL of 10 and more on the tests' tiny Llama, a type's rounding far less. Set from
 #: the tiny model's figures (docs/gguf.md), not calibrated on a real model: pass --check-tolerance.
@@ -57,6 +61,8 @@ class _Planned:
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int = 0  # q_proj / k_proj: the head count of the rotary permutation
+    fetch: Callable[[], torch.Tensor] | None = None  # a tensor made of several (stacked experts), or none (rope_freqs)
+    fix: Callable[[torch.Tensor], torch.Tensor] | None = None  # a change of value on the way out (Gemma's norms + 1)
 
 
 def _gguf():
@@ -94,7 +100,8 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
     else:
         write_file(out, lambda f: _write(src, plan, out_type, f, say))
     return {"model": str(model), "adapter": adapter, "output": str(out), "type": out_type, "architecture": src.arch,
-            "tensors": len(plan), "bytes": out.stat().st_size, "merged_modules": len(src.job.targets) if src.job else 0}
+            "tensors": len(plan), "bytes": out.stat().st_size, "merged_modules": len(src.job.targets) if src.job else 0,
+            "notes": src.notes}
 
 
 def check_export(model: str, output: str | os.PathLike, out_type: str, adapter: str | None = None,
@@ -117,7 +124,8 @@ class _Source:
 
     def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job, family: bool = True):
         self.root, self.ckpt, self.cfg, self.job = root, ckpt, cfg, job
-        self.arch = _family(cfg, root) if family else None
+        self.family, self.notes = _family(cfg, root) if family else (None, [])
+        self.arch = self.family.arch if self.family else None
         from ..format.conformance import check_checkpoint
 
         self.quantized = set(check_checkpoint(ckpt))
@@ -162,17 +170,16 @@ class _Source:
         return self.ckpt.get(k).float()
 
 
-def _family(cfg: dict[str, Any], root: Path) -> str:
+def _family(cfg: dict[str, Any], root: Path):
+    """The model's :class:`gguf_families.Family` and the notes its check returns; refused by name otherwise."""
+    from .gguf_families import check
+
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else cfg.get("model_type", "?")
     if arch not in FAMILIES:
         raise FormatError(f"{root}: architecture {arch!r} is {_NOT_YET}", hint="export-gguf runs: " + ", ".join(FAMILIES))
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if kind not in ("default", None):
-        raise FormatError(f"{root}: rope_type {kind!r} is not exported yet (only the default rotary embedding)",
-                          hint="use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output")
-    return FAMILIES[arch]
+    fam = _FAMILIES[arch]
+    return fam, check(fam, cfg, root)
 
 
 def _plan(src: _Source, out_type: str) -> list[_Planned]:
@@ -182,22 +189,79 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
     arch = gguf.MODEL_ARCH[src.arch.upper()]
     tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
     tied = cfg.get("tie_word_embeddings", False)
-    plan = []
-    for k in src.names():
-        if tied and k == "lm_head.weight":
-            continue  # llama.cpp uses token_embd for a missing output.weight
+    names = [k for k in src.names() if not (tied and k == "lm_head.weight")]  # llama.cpp uses token_embd for a missing output.weight
+    plan = _expert_plans(src, tmap, names, out_type) if src.family.moe else []
+    taken = {k for p in plan for k in p.source.split("\0")}
+    for k in names:
+        if k in taken:
+            continue
         name = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
         shape = src.shape(k)
-        perm = rope_heads(src, k)
-        plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), perm))
+        plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), rope_heads(src, k), fix=_fix(src, name)))
+    return plan + _rope_freqs_plan(gguf, src)
+
+
+def _fix(src: _Source, name: str):
+    from .gguf_families import transform
+
+    return transform(src.family, name)
+
+
+def _rope_freqs_plan(gguf, src: _Source) -> list[_Planned]:
+    """llama3 rope scaling: the ``rope_freqs`` tensor llama's graph divides each frequency by."""
+    from .gguf_families import rope_freqs, rope_type, rope_parameters
+
+    if rope_type(rope_parameters(src.cfg)) != "llama3":
+        return []
+    t = rope_freqs(src.root)
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return [_Planned(name, "", tuple(t.shape), gguf.GGMLQuantizationType.F32, fetch=lambda: t)]
+
+
+#: a routed expert's own tensor (spec 14, per-expert form) and a fused stack (its parameter's name)
+_PER_EXPERT = re.compile(r"^(?P<pre>.+\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
+_FUSED = re.compile(r"^(?P<pre>.+\.experts)\.(?P<w>gate_up_proj|down_proj)$")
+
+
+def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_Planned]:
+    """The routed experts as the stacked [experts, out, in] tensors llama.cpp reads: per-expert tensors
+    stacked in expert order; a fused gate_up_proj [E, 2I, H] split into its gate (first I rows) and up
+    halves, as transformers' experts module splits it; a fused down_proj as it is."""
+    gguf = _gguf()
+    stacks: dict[str, dict[int, str]] = {}
+    plan = []
+    for k in names:
+        if m := _PER_EXPERT.match(k):
+            stacks.setdefault(f"{m['pre']}.{m['w']}.weight", {})[int(m["e"])] = k
+        elif m := _FUSED.match(k):
+            shape = src.shape(k)
+            halves = [(f"{m['pre']}.down_proj.weight", None)] if m["w"] == "down_proj" else \
+                [(f"{m['pre']}.gate_proj.weight", 0), (f"{m['pre']}.up_proj.weight", 1)]
+            for target, half in halves:
+                rows = shape[1] if half is None else shape[1] // 2
+                fetch = (lambda k=k: src.get(k)) if half is None else (lambda k=k, h=half: src.get(k).chunk(2, dim=1)[h].contiguous())
+                plan.append(_expert_plan(gguf, src, tmap, target, k, (shape[0], rows, shape[2]), out_type, fetch))
+    for target, members in stacks.items():
+        keys = [members[e] for e in sorted(members)]
+        if sorted(members) != list(range(len(keys))):
+            raise FormatError(f"{src.root}: the experts of {target!r} are not numbered 0..{len(keys) - 1}", hint="is the checkpoint damaged?")
+        shape = (len(keys), *src.shape(keys[0]))
+        plan.append(_expert_plan(gguf, src, tmap, target, "\0".join(keys), shape, out_type, lambda keys=keys: torch.stack([src.get(k) for k in keys])))
     return plan
+
+
+def _expert_plan(gguf, src: _Source, tmap, target: str, source: str, shape, out_type: str, fetch) -> _Planned:
+    name = tmap.get_name(target, try_suffixes=(".weight",))
+    if name is None:
+        raise FormatError(f"{src.root}: experts {target!r} have no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
+    return _Planned(name, source, tuple(shape), _tensor_type(gguf, out_type, shape), fetch=fetch)
 
 
 def rope_heads(src: _Source, k: str) -> int:
     """The head count by which weight ``k``'s rows are permuted for llama.cpp (0: not permuted)."""
-    if src.arch not in _PERMUTED:
+    if not src.family.permute:
         return 0
     heads = src.cfg["num_attention_heads"]
     if k.endswith("self_attn.q_proj.weight"):
@@ -254,9 +318,11 @@ def _stream(arch: str, metadata, plan: list[_Planned], get, f, say) -> None:
     gw.write_kv_data_to_file()
     gw.write_ti_data_to_file()
     for i, p in enumerate(plan):
-        t = get(p.source)
+        t = p.fetch() if p.fetch else get(p.source)
         if p.permute_heads:
             t = _rope_permute(t, p.permute_heads)
+        if p.fix:
+            t = p.fix(t)
         gw.write_tensor_data(_encode(gguf, t, p.qtype))
         say(f"[{i + 1}/{len(plan)}] {p.name} {p.qtype.name} {list(p.shape)}")
     gw.flush()
@@ -268,7 +334,10 @@ def _nbytes(gguf, p: _Planned) -> int:
 
 
 def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
-    """Hyper-parameters, file type and the tokenizer, as llama.cpp's llama loader reads them."""
+    """Hyper-parameters, file type and the tokenizer, as llama.cpp's loaders read them."""
+    from .gguf_families import metadata as family_metadata
+    from .gguf_families import rope_dimensions, rope_parameters
+
     cfg = src.cfg
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -281,9 +350,9 @@ def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
     gw.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
     gw.add_key_length(head_dim)
     gw.add_value_length(head_dim)
-    gw.add_rope_dimension_count(head_dim)
-    rope = cfg.get("rope_parameters") or {}
-    gw.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    gw.add_rope_dimension_count(rope_dimensions(src.family, cfg))
+    gw.add_rope_freq_base(float(rope_parameters(cfg).get("rope_theta", 10000.0)))
+    family_metadata(gw, gguf, src.family, cfg)
     gw.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     gw.add_vocab_size(cfg["vocab_size"])
     ft = gguf.LlamaFileType

@@ -162,9 +162,12 @@ def merge_adapter(
     revision: str | None = None,
     base_model: str | None = None,
     log: Callable[[str], None] | None = None,
+    check: bool = False,
+    check_tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Merge ``adapter`` into the 4-bit ``base`` (module docstring); ``base_model``: the Hub id the
-    card names when qconvert cannot tell it from the base (--base-model)."""
+    card names when qconvert cannot tell it from the base (--base-model). ``check``: compare the
+    merge against the unmerged model before publishing it (:func:`_publish_checked`)."""
     from ..convert.plan import parse_size
     from ..io.staging import check_output, copy_companions, publish, staged
     from ..io.writes import write_file
@@ -175,6 +178,8 @@ def merge_adapter(
         raise DtypeOptionError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
     checked_base_model(base_model)
     check_output(out, overwrite, inputs=[base, adapter, base_original])
+    if check:
+        check_output(unverified_dir(out), overwrite, inputs=[base, adapter, base_original])
     root, repo_id = resolve_model_path(base, revision)
     check_output(out, overwrite, inputs=[root])  # a Hub base, now a local folder
     ckpt, cfg = _open_base(root)
@@ -188,8 +193,37 @@ def merge_adapter(
         source = base_model or _card_source(cfg, repo_id, job.lora)
         write_file(stage / "README.md", merged_card(summary, source, __version__, stage))
         shards.write_index()
-        publish(stage, out)
+        if check:
+            _publish_checked(stage, out, root, adapter, _check_mode(quantize, base_original), check_tolerance, summary)
+        else:
+            publish(stage, out)
     return summary
+
+
+def unverified_dir(out: Path) -> Path:
+    """Where a merge that failed its check is kept: beside OUT, never at OUT."""
+    return out.parent / f"{out.name}.unverified"
+
+
+def _check_mode(quantize: bool, base_original: str | None) -> str:
+    return "quantize" if quantize else "base_original" if base_original else "merge"
+
+
+def _publish_checked(stage: Path, out: Path, root: Path, adapter: str, mode: str, tolerance: float | None, summary: dict[str, Any]) -> None:
+    """Compare the staged merge with the unmerged model (qconvert.export.check) and publish it at OUT
+    when it passes. When it fails, OUT is left as it was (nothing there looks verified) and the merge
+    goes to OUT.unverified with CHECK_FAILED.json beside its weights, for inspection."""
+    from ..io.staging import publish, write_json
+    from .check import check_merge
+
+    summary["check"] = verdict = check_merge(root, adapter, stage, mode, tolerance)
+    if verdict["passed"]:
+        publish(stage, out)
+        return
+    dest = unverified_dir(out)
+    write_json(stage / "CHECK_FAILED.json", {"output": str(out), **verdict})
+    publish(stage, dest)
+    summary["output"] = str(dest)
 
 
 def _open_base(root: Path) -> tuple[Checkpoint, dict[str, Any]]:

@@ -1,0 +1,59 @@
+"""The check `qconvert merge` runs at the end: the merged folder against the model that was trained,
+the 4-bit base with the adapter attached unmerged, exactly as :func:`qconvert.load_model` runs it
+(PEFT's LoRA layers on qconvert's 4-bit modules, all in float32).
+
+The reference side shares no code with the merge: a merge that scales the update wrongly, adapts
+the wrong tensor or starts from the wrong base computes something else than the unmerged model, and
+`qconvert compare`'s figures (KL, top-1 agreement, max relative logit error) say so. Comparing
+against an on-the-fly merge instead would repeat the merge's own mistake on both sides.
+
+Probes: the built-in prompts tokenized by the base's tokenizer; a base without a tokenizer gets fixed
+token-id probes (seeded, so every run checks the same ids), which test the computation just as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compare import _HF, DEFAULT_PROMPTS, _tokenizer, _Torch, compare_models
+
+#: the check's default bound on the mean KL(unmerged || merged). A faithful float32/bfloat16 merge
+#: gives far less (docs/merge-push.md has the measured figures); a swapped tensor or a doubled
+#: scaling gives orders of magnitude more. --quantize and --base-original merge on purpose into
+#: something else than what was trained, so their figures are what those choices cost; they get the
+#: bound a 4-bit GGUF export gets (qconvert.export.gguf.CHECK_TOLERANCE). Not calibrated on real models.
+TOLERANCE = {"merge": 1e-2, "quantize": 0.5, "base_original": 0.5}
+#: fixed token-id probes for a base without a tokenizer: this many sequences of this many ids
+_ID_PROBES, _ID_LEN = 4, 12
+
+
+class _Unmerged(_Torch):
+    """The 4-bit base plus the adapter, unmerged, as load_model runs it (float32)."""
+
+    def __init__(self, base: Path, adapter: str):
+        from ..loader import load_model
+
+        self.model = load_model(str(base), dtype=torch.float32, adapter=adapter).eval()
+        self.tokenizer = _tokenizer(base)
+
+
+def check_merge(base: Path, adapter: str, merged: Path, mode: str, tolerance: float | None = None,
+                new_tokens: int = 0) -> dict[str, Any]:
+    """`compare` of the unmerged model (``base`` + ``adapter``) against the ``merged`` folder; ``mode``
+    ("merge", "quantize", "base_original") picks the default tolerance."""
+    ref = _Unmerged(base, adapter)
+    out = _HF(str(merged), None)
+    tok = ref.tokenizer or out.tokenizer
+    probes = [(t, tok(t)["input_ids"]) for t in DEFAULT_PROMPTS] if tok is not None else _id_probes(ref.model.config.get_text_config().vocab_size)
+    tol = TOLERANCE[mode] if tolerance is None else tolerance
+    r = compare_models(ref, out, probes, tok, tol, new_tokens, f"{base} (+ {adapter}) and {merged}")
+    return {"against": "base + adapter, unmerged (load_model)", "probes": "prompts" if tok is not None else "token ids",
+            **{k: r[k] for k in ("kl", "top1_agreement", "max_rel_logit_error", "tolerance", "passed")}}
+
+
+def _id_probes(vocab: int) -> list[tuple[str, list[int]]]:
+    g = torch.Generator().manual_seed(0)
+    return [(f"ids #{i}", torch.randint(0, vocab, (_ID_LEN,), generator=g).tolist()) for i in range(_ID_PROBES)]

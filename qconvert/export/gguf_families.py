@@ -1,0 +1,189 @@
+"""What export-gguf does differently per model family, as llama.cpp's graphs for them compute.
+
+Each Hugging Face architecture that export-gguf writes has a :class:`Family`: the gguf package's
+architecture name (its tensor name map does the naming), whether q/k rows are permuted for llama's
+interleaved rotary pairs, whether RMSNorm weights get +1 (Gemma's norm computes ``x * (1 + w)``,
+llama.cpp's ``x * w``), the family's extra metadata, and the configurations llama.cpp's graph does
+not compute, which are refused by name (:func:`check`). Facts from llama.cpp's src/models/*.cpp and
+its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
+
+- gemma2 / gemma3 scale queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B models, which
+  llama.cpp recognises by their layer count: 46 for gemma2, 62 for gemma3), where transformers uses
+  ``query_pre_attn_scalar``; gemma2 soft-caps attention and final logits; both read the sliding
+  window and (as an array) which layers slide; gemma3 reads the sliding layers' rope base apart.
+- phi3 takes the fused ``qkv_proj`` and ``gate_up_proj`` as they are; llama.cpp runs it without
+  its sliding window (a warning in llama.cpp), so it differs beyond that many tokens of context.
+- qwen2moe never renormalises the top-k routing weights and qwen3moe always does; both need experts
+  in every layer. mixtral is llama's graph with experts (always renormalised).
+- rope scaling: linear and yarn through the general keys every graph reads; llama3 through a
+  ``rope_freqs`` tensor that llama's graph reads (other graphs ignore it, so it is refused there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FormatError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture as llama.cpp runs it (see the module docstring)."""
+
+    arch: str  # the gguf package's MODEL_ARCH name, lower case
+    permute: bool = False  # q/k rows to llama's interleaved rotary pairs
+    norm_plus_one: bool = False  # RMSNorm weights written as 1 + w
+    moe: bool = False  # routed experts stacked into ffn_*_exps
+    norm_topk: bool | None = None  # what the graph does with the top-k routing weights (None: not a MoE)
+    swa_27b_layers: int = 0  # gemma: the layer count llama.cpp takes for its 27B model's query scaling
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("llama", permute=True),
+    "MistralForCausalLM": Family("llama", permute=True),
+    "MixtralForCausalLM": Family("llama", permute=True, moe=True, norm_topk=True),
+    "Qwen2ForCausalLM": Family("qwen2"),
+    "Qwen3ForCausalLM": Family("qwen3"),
+    "Qwen2MoeForCausalLM": Family("qwen2moe", moe=True, norm_topk=False),
+    "Qwen3MoeForCausalLM": Family("qwen3moe", moe=True, norm_topk=True),
+    "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True, swa_27b_layers=46),
+    "Gemma3ForCausalLM": Family("gemma3", norm_plus_one=True, swa_27b_layers=62),
+    "Phi3ForCausalLM": Family("phi3"),
+}
+#: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor)
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+_ADVICE = "use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
+
+
+def rope_parameters(cfg: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
+    """The rope parameters of ``layer_type`` layers (transformers 5's rope_parameters, nested per layer
+    type for gemma3; older configs' rope_scaling and rope_theta)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        return {}
+    rope = rope.get(layer_type, rope) if isinstance(rope.get(layer_type), dict) else rope
+    if "rope_theta" not in rope and "rope_theta" in cfg:
+        rope = {**rope, "rope_theta": cfg["rope_theta"]}
+    return rope
+
+
+def rope_type(rope: dict[str, Any]) -> str:
+    return str(rope.get("rope_type", rope.get("type", "default")) or "default")
+
+
+def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
+    """Refuse (FormatError) what llama.cpp's graph for ``fam`` does not compute; return notes about
+    what it computes differently only in a case the user should know of."""
+    where = f"{root}/config.json"
+    kind = rope_type(rope_parameters(cfg))
+    if kind not in ROPE_TYPES or (kind == "llama3" and fam.arch != "llama"):
+        raise FormatError(f"{where}: rope_type {kind!r} is not exported for {fam.arch} (written: " + ", ".join(ROPE_TYPES[:3])
+                          + ", llama3 for llama)", hint=_ADVICE)
+    if fam.moe:
+        _check_moe(fam, cfg, where)
+    if fam.swa_27b_layers:
+        _check_gemma_scale(fam, cfg, where)
+    notes = []
+    if fam.arch == "phi3" and cfg.get("sliding_window"):
+        notes.append(f"llama.cpp runs phi3 without its sliding window ({cfg['sliding_window']} tokens): past that much context it "
+                     "differs from transformers")
+    return notes
+
+
+def _check_moe(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    norm = bool(cfg.get("norm_topk_prob", fam.norm_topk))
+    if norm != fam.norm_topk:
+        raise FormatError(f"{where}: norm_topk_prob is {norm}, but llama.cpp's {fam.arch} graph "
+                          f"{'always' if fam.norm_topk else 'never'} renormalises the top-k routing weights", hint=_ADVICE)
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise FormatError(f"{where}: dense layers between the MoE layers (mlp_only_layers / decoder_sparse_step) are not in "
+                          f"llama.cpp's {fam.arch} graph", hint=_ADVICE)
+
+
+def _check_gemma_scale(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    heads, head_dim = cfg["num_attention_heads"], _head_dim(cfg)
+    want = cfg["hidden_size"] // heads if cfg["num_hidden_layers"] == fam.swa_27b_layers else head_dim
+    if cfg.get("query_pre_attn_scalar", head_dim) != want:
+        raise FormatError(f"{where}: query_pre_attn_scalar {cfg.get('query_pre_attn_scalar')} is not the {want} llama.cpp's {fam.arch} "
+                          "graph scales queries by (head_dim; hidden_size / heads for its 27B layer count)", hint=_ADVICE)
+
+
+def _head_dim(cfg: dict[str, Any]) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
+    """The family's hyper-parameters beyond the common ones (gguf.py's _metadata writes those)."""
+    _rope_metadata(gw, gguf, cfg)
+    if fam.moe:
+        gw.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
+        gw.add_expert_used_count(cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            gw.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            gw.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if fam.arch in ("gemma2", "gemma3"):
+        _gemma_metadata(gw, fam, cfg)
+    if fam.arch == "phi3":
+        gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
+
+
+def rope_dimensions(fam: Family, cfg: dict[str, Any]) -> int:
+    return int(_head_dim(cfg) * float(rope_parameters(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))))
+
+
+def _rope_metadata(gw, gguf, cfg: dict[str, Any]) -> None:
+    rope = rope_parameters(cfg)
+    kind = rope_type(rope)
+    R = gguf.RopeScalingType
+    if kind == "linear":
+        gw.add_rope_scaling_type(R.LINEAR)
+        gw.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        gw.add_rope_scaling_type(R.YARN)
+        gw.add_rope_scaling_factor(float(rope["factor"]))
+        gw.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings") or cfg["max_position_embeddings"]))
+        for key, method in (("beta_fast", "add_rope_scaling_yarn_beta_fast"), ("beta_slow", "add_rope_scaling_yarn_beta_slow"),
+                            ("attention_factor", "add_rope_scaling_yarn_attn_factor")):
+            if rope.get(key) is not None:
+                getattr(gw, method)(float(rope[key]))
+
+
+def _gemma_metadata(gw, fam: Family, cfg: dict[str, Any]) -> None:
+    if fam.arch == "gemma2" and cfg.get("attn_logit_softcapping"):
+        gw.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
+    if cfg.get("final_logit_softcapping"):
+        gw.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    types = cfg.get("layer_types")
+    if cfg.get("sliding_window") and types:
+        gw.add_sliding_window(int(cfg["sliding_window"]))
+        gw.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    local = rope_parameters(cfg, "sliding_attention")
+    if fam.arch == "gemma3" and "rope_theta" in local:
+        gw.add_rope_freq_base_swa(float(local["rope_theta"]))
+
+
+def rope_freqs(root: Path) -> torch.Tensor | None:
+    """llama3 rope scaling as llama.cpp's llama graph reads it: per rotary frequency, the factor
+    transformers divides it by (its default inverse frequencies over its llama3 ones); None otherwise."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = AutoConfig.from_pretrained(root, trust_remote_code=False).get_text_config()
+    if rope_type(cfg.rope_parameters or {}) != "llama3":
+        return None
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    plain = 1.0 / (float(cfg.rope_parameters["rope_theta"]) ** (torch.arange(0, scaled.numel() * 2, 2, dtype=torch.int64).float() / (scaled.numel() * 2)))
+    return (plain / scaled).float()
+
+
+def transform(fam: Family, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A change of value on the way out for tensor ``name`` (its GGUF name): Gemma's norms + 1."""
+    if fam.norm_plus_one and name.endswith("norm.weight"):
+        return lambda t: t + 1.0
+    return None

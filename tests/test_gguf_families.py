@@ -1,0 +1,170 @@
+"""`qconvert export-gguf` of the families beyond llama/qwen: gemma2, gemma3 (text), phi3 and the MoE
+families llama.cpp runs (qwen2_moe, qwen3_moe, mixtral; their routed experts stacked into gguf's
+``ffn_*_exps``), and rope scaling (linear, yarn, llama3). For each, llama.cpp itself (llama_cpp)
+loads the F16 export of a tiny model and its logits are within GGUF_F16_LOGIT_REL of transformers'
+on the same model, and greedy tokens agree. The MoE models are exported from qconvert's 4-bit
+checkpoint with 4-bit experts (spec section 14), whose dequantized values the reference holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import make_bpe_tokenizer, run_cli
+from tolerances import GGUF_F16_LOGIT_REL
+
+try:
+    import llama_cpp  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the environment
+    llama_cpp = None
+if llama_cpp is None:
+    if os.environ.get("QCONVERT_REQUIRE_GGUF"):
+        pytest.fail("llama-cpp-python and gguf are required (QCONVERT_REQUIRE_GGUF=1): run tools/setup.sh", pytrace=False)
+    pytest.skip("llama_cpp is not installed", allow_module_level=True)
+
+from test_gguf import GREEDY, PROMPT, VOCAB, _gguf_greedy, _gguf_logits, _hf_greedy, _hf_logits, _rel  # noqa: E402
+
+COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+#: family -> (config class, config overrides): small, with every feature the family's graph has switched on
+DENSE = {
+    "gemma2": ("Gemma2", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=8, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3Text", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=8, num_hidden_layers=3,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    "phi3": ("Phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "llama-linear": ("Llama", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
+    "llama-yarn": ("Llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                  "original_max_position_embeddings": 32})),
+    "llama-llama3": ("Llama", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                                  "original_max_position_embeddings": 32})),
+}
+MOE = {
+    "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=512)),
+    "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True, head_dim=64)),
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+def _build(folder, family: str, table: dict):
+    """A tiny float32 ``family`` model with sharp logits (its head x 25, as a trained model's) and a tokenizer."""
+    import transformers
+
+    cls, over = table[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls + "Config")(**{**COMMON, **over})
+    model = getattr(transformers, cls.removesuffix("Text") + "ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(25)
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.normal_(0, 0.2)  # Gemma's norms start at zero (1 + w): make the +1 count
+    model.save_pretrained(folder)
+    make_bpe_tokenizer(folder)
+    return model
+
+
+def _export(model, out):
+    return json.loads(run_cli("export-gguf", model, out, "--json", "--no-check").stdout)
+
+
+def _assert_same(out, reference):
+    got, want = _gguf_logits(out, PROMPT), _hf_logits(reference, PROMPT)
+    assert _rel(got, want) < GGUF_F16_LOGIT_REL["f16"], _rel(got, want)
+    assert _gguf_greedy(out, PROMPT, GREEDY) == _hf_greedy(reference, PROMPT, GREEDY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(DENSE))
+def test_dense_families_and_rope_scaling_match_transformers(tmp_path, family):
+    model = _build(tmp_path / "model", family, DENSE)  # (not named phi3: llama.cpp then looks for Phi-3's own special tokens)
+    s = _export(tmp_path / "model", tmp_path / "m.gguf")
+    assert s["architecture"] == {"gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}.get(family, family.split("-")[0])
+    _assert_same(tmp_path / "m.gguf", model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_moe_families_with_4bit_experts_match_transformers(tmp_path, family):
+    """Exported from qconvert's 4-bit checkpoint (experts in 4 bits); the reference is transformers on
+    its dequantized values (compare's float32 model of the checkpoint)."""
+    import gguf
+
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.export.compare import _HF
+
+    _build(tmp_path / "src", family, MOE)
+    quantize_checkpoint(str(tmp_path / "src"), tmp_path / "q", compute_dtype="float32", experts="4bit")
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.format.conformance import check_checkpoint
+
+    assert len([k for k in check_checkpoint(Checkpoint(tmp_path / "q")) if ".experts." in k]) == 2 * 3 * 4  # every expert in 4 bits
+    s = _export(tmp_path / "q", tmp_path / "m.gguf")
+    names = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    exps = names["blk.0.ffn_gate_exps.weight"]
+    assert list(exps.shape) == [256, 256 if family != "mixtral" else 512, 4]  # ggml order: in, out, experts
+    assert s["architecture"] == {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}[family]
+    _assert_same(tmp_path / "m.gguf", _HF(str(tmp_path / "q"), None).model)
+
+
+@pytest.mark.slow
+def test_fused_experts_are_split_into_gate_and_up(tmp_path):
+    """A checkpoint holding the experts fused as the model holds them (gate_up_proj [E, 2I, H],
+    down_proj [E, H, I]; spec 14's fused form) exports to the same stacked tensors."""
+    from safetensors.torch import save_file
+
+    model = _build(tmp_path / "m", "qwen3_moe", MOE)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in sd
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        f.unlink()
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    _export(tmp_path / "m", tmp_path / "m.gguf")
+    _assert_same(tmp_path / "m.gguf", model)
+
+
+@pytest.mark.slow  # (the first transformers import in the process)
+@pytest.mark.parametrize("change, message", [
+    ({"norm_topk_prob": False}, "always renormalises the top-k"),
+    ({"mlp_only_layers": [1]}, "dense layers between the MoE layers"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 16}}, "rope_type 'llama3' is not exported for qwen3moe"),
+])
+def test_configurations_llama_cpp_does_not_compute_are_refused_by_name(tmp_path, change, message):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf import export_gguf
+
+    _build(tmp_path / "m", "qwen3_moe", MOE)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(FormatError, match=message):
+        export_gguf(str(tmp_path / "m"), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gemma_query_scaling_other_than_llama_cpps_is_refused(tmp_path):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "head_dim": 64, "num_hidden_layers": 2, "query_pre_attn_scalar": 64}
+    assert check(FAMILIES["Gemma2ForCausalLM"], cfg, tmp_path) == []
+    with pytest.raises(FormatError, match="query_pre_attn_scalar 32 is not the 64"):
+        check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "query_pre_attn_scalar": 32}, tmp_path)
+    assert check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "num_hidden_layers": 46, "query_pre_attn_scalar": 64, "head_dim": 32}, tmp_path) == []
+
+
+def test_a_phi3_sliding_window_gets_a_note(tmp_path):
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2}
+    assert check(FAMILIES["Phi3ForCausalLM"], cfg, tmp_path) == []
+    (note,) = check(FAMILIES["Phi3ForCausalLM"], {**cfg, "sliding_window": 2047}, tmp_path)
+    assert note.startswith("llama.cpp runs phi3 without its sliding window (2047 tokens)")

@@ -1,0 +1,83 @@
+"""`qconvert merge` checks its output against the model that was trained (the 4-bit base plus the adapter,
+unmerged, as load_model runs it): a good merge passes and is published; a broken merge (the LoRA
+scaling doubled inside the merge) is caught and kept only at OUT.unverified, never at OUT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import make_bpe_tokenizer, make_tiny_llama, run_cli
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """q: a tiny 4-bit Llama with sharp logits (lm_head x 25, as a trained model's) and a tokenizer;
+    adapter: a LoRA with a non-zero update on three module kinds."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    d = tmp_path_factory.mktemp("merge_check")
+    src = make_tiny_llama(d / "src", dtype=torch.float32, vocab=320)
+    sd = load_file(str(src / "model.safetensors"))
+    sd["lm_head.weight"] = sd["lm_head.weight"] * 25
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    make_bpe_tokenizer(src)
+    quantize_checkpoint(str(src), d / "q", compute_dtype="float32")
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), cfg).save_pretrained(d / "adapter")
+    return d
+
+
+@pytest.mark.slow
+def test_a_good_merge_passes_and_a_wrongly_scaled_one_is_caught(setup, monkeypatch):
+    from qconvert.export.merge import LoraAdapter, merge_adapter
+
+    d = setup
+    good = merge_adapter(str(d / "q"), str(d / "adapter"), d / "good", check=True)
+    assert good["check"]["passed"] and good["check"]["kl"] < 1e-3 and good["check"]["top1_agreement"] > 0.99
+    assert good["output"] == str(d / "good") and (d / "good" / "model.safetensors").is_file()
+    assert not (d / "good.unverified").exists() and not (d / "good" / "CHECK_FAILED.json").exists()
+
+    scaling = LoraAdapter.scaling
+    monkeypatch.setattr(LoraAdapter, "scaling", lambda self, m: 2 * scaling(self, m))  # the merge's bug, not the reference's
+    bad = merge_adapter(str(d / "q"), str(d / "adapter"), d / "bad", check=True)
+    assert not bad["check"]["passed"] and bad["check"]["kl"] > 1e-2, bad["check"]
+    assert not (d / "bad").exists() and bad["output"] == str(d / "bad.unverified")
+    kept = json.loads((d / "bad.unverified" / "CHECK_FAILED.json").read_text())
+    assert kept["passed"] is False and kept["output"] == str(d / "bad") and kept["kl"] == bad["check"]["kl"]
+
+
+@pytest.mark.slow
+def test_cli_exit_status_and_where_a_failed_merge_goes(setup):
+    d = setup
+    r = run_cli("merge", d / "q", d / "adapter", d / "strict", "--check-tolerance", "1e-30", ok=False)  # bf16 rounding is above 1e-30
+    assert r.returncode == 1 and "check FAIL: the merge does not compute what BASE + ADAPTER computes" in r.stdout
+    assert r.stderr.splitlines()[-2].startswith("qconvert: error: the merge failed its check")
+    assert not (d / "strict").exists() and (d / "strict.unverified" / "CHECK_FAILED.json").is_file()
+
+
+@pytest.mark.slow
+def test_cli_verdict_line_and_no_check(setup):
+    from click.testing import CliRunner
+
+    from qconvert.cli import _load_commands, cli
+
+    _load_commands()
+    d = setup
+    r = CliRunner().invoke(cli, ["merge", str(d / "q"), str(d / "adapter"), str(d / "cli"), "--dtype", "float32"])
+    assert r.exit_code == 0 and "check PASS: mean KL" in r.output and (d / "cli" / "config.json").is_file()
+    r = CliRunner().invoke(cli, ["merge", str(d / "q"), str(d / "adapter"), str(d / "unchecked"), "--no-check", "--check-tolerance", "1e-30"])
+    assert r.exit_code == 0 and "check " not in r.output.replace(str(d), "") and (d / "unchecked" / "config.json").is_file()
+
+
+def test_fixed_id_probes_for_a_base_without_tokenizer():
+    from qconvert.export.check import _id_probes
+
+    a, b = _id_probes(50), _id_probes(50)
+    assert a == b and len(a) == 4 and all(0 <= i < 50 for _, ids in a for i in ids) and len({tuple(ids) for _, ids in a}) == 4
