@@ -174,7 +174,7 @@ def merge_and_compare(family: str, family_dir, tmp_path: Path, experts: str = "1
     cfg = json.loads((run / "adapter_config.json").read_text())
     assert cfg["target_parameters"] and cfg["lora_dropout"] == 0
     assert "lora_dropout: 0.0" in (run / "config.yaml").read_text()  # the dropout the run used, as adapter_config.json
-    summary = merge_adapter(str(q), str(run), tmp_path / "merged", dtype="float32")
+    summary = merge_adapter(str(q), str(run), tmp_path / "merged", dtype="float32", check=True)  # merge's own check (export/check.py) passes on parameter adapters
     assert set(sweep.tensors(tmp_path / "merged")) == set(sweep.tensors(src))  # the stored names, experts split back
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with module_targets_kept():

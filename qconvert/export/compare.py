@@ -34,20 +34,21 @@ PROMPTS_LIMIT = 1 << 20
 
 
 class _Torch:
-    """A float32 transformers model (``self.model``): logits and greedy continuations."""
+    """A float32 transformers model (``self.model``): logits and greedy continuations, each a whole
+    forward without a cache (hybrid families such as jamba build a cache that cannot be measured)."""
 
     model: Any
     tokenizer: Any
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            return self.model(torch.tensor([ids])).logits[0].double().numpy()
+            return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         seq = list(ids)
         with torch.no_grad():
             for _ in range(n):
-                seq.append(int(self.model(torch.tensor([seq])).logits[0, -1].argmax()))
+                seq.append(int(self.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
         return seq[len(ids):]
 
 
