@@ -293,21 +293,31 @@ def _stored_names(root: Path, ckpt: Checkpoint, owned: set[str], quantized: set[
     return {name: k for k, name in lm.names.items() if name != k}
 
 
+#: merge overlaps reading, computing and writing (export/overlap.py); False: one step after another
+#: (the reference the tests compare the overlapped output with, byte for byte)
+OVERLAP = True
+
+
 def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
-    """Every output tensor, in the base's order, into shards of at most ``limit`` bytes."""
+    """Every output tensor, in the base's order, into shards of at most ``limit`` bytes; the next
+    tensor read and the previous one written while this one is merged (export/overlap.py)."""
+    from .overlap import run_overlapped, run_sequential
 
     def finite(name: str, t: torch.Tensor) -> None:  # nothing complete-looking gets written
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FormatError(f"{name}: the merged weight holds NaN or Inf as {job.dtype}",
                               hint="a value is out of the dtype's range (try --dtype float32) or an input is damaged; nothing was written")
 
-    shards = SizeShards(stage, limit, {"format": "pt"}, check=finite)
+    def compute(k: str, inputs: _Inputs | None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in _output_tensors(job, k, inputs):
+            finite(name, t)  # in the computing thread: refused in the sequential order
+            yield name, t
+
+    shards = SizeShards(stage, limit, {"format": "pt"})
+    keys = [k for k in job.ckpt.keys() if not (k in job.owned and k not in job.quantized)]
+    job.ckpt.quant_storage()  # read once here, not by two threads at once
     try:
-        for k in job.ckpt.keys():
-            if k in job.owned and k not in job.quantized:
-                continue
-            for name, t in _output_tensors(job, k):
-                shards.add(name, t)
+        (run_overlapped if OVERLAP else run_sequential)(keys, lambda k: _read_inputs(job, k), compute, lambda nt: shards.add(*nt))
         shards.finish()
     except BaseException:
         shards.abort()
@@ -315,28 +325,53 @@ def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
     return shards
 
 
-def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast. A 4-bit weight and
-    a LoRA update are [out, in]; a Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint
-    (the original, the output, an unquantized base tensor), so it is transposed on the way in and out."""
+@dataclass
+class _Inputs:
+    """What base tensor ``k``'s outputs are computed from, read ahead (by the reader thread)."""
+
+    qt: Any = None  # the 4-bit weight (QuantizedTensor), when ``k`` is one
+    w: torch.Tensor | None = None  # the stored tensor, or the original's for a 4-bit weight under --base-original
+    kept: dict[str, torch.Tensor] | None = None  # a 4-bit weight's stored entries, kept as they are (re-quantizing, not adapted)
+
+
+def _read_inputs(job: _Merge, k: str) -> _Inputs | None:
+    """The reads :func:`_output_tensors` needs for ``k``; None for LoRA on parameters (read as merged)."""
+    if job.params is not None and (k in job.params.direct or k in job.params.group_of):
+        return None
+    ckpt = job.ckpt
+    if k not in job.quantized:
+        return _Inputs(w=ckpt.get(k))
+    qt = ckpt.quantized(k)
+    if job.orig is not None:
+        return _Inputs(qt=qt, w=job.orig.get(job.orig_names[k]))
+    if job.quantize and k not in job.targets:
+        return _Inputs(qt=qt, kept={c: qt.packed if c == k else ckpt.get(c) for c in ckpt.companions(k)})
+    return _Inputs(qt=qt)
+
+
+def _output_tensors(job: _Merge, k: str, inputs: _Inputs | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast, from ``inputs``
+    (:func:`_read_inputs`, read here when not given). A 4-bit weight and a LoRA update are [out, in]; a
+    Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint (the original, the output, an
+    unquantized base tensor), so it is transposed on the way in and out."""
     from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
     from ..quant.fast_cpu import quantize_4bit_fast
 
-    ckpt, is_4bit, conv1d = job.ckpt, k in job.quantized, k in job.conv1d
-    if job.params is not None and (k in job.params.direct or k in job.params.group_of):
+    is_4bit, conv1d = k in job.quantized, k in job.conv1d
+    inputs = inputs or _read_inputs(job, k)
+    if inputs is None:  # LoRA on parameters
         w = _merged_parameter(job, k)
         yield k, w.to(job.out_dtype)
         return
-    qt = None
+    qt = inputs.qt  # re-quantizing keeps the base's quant type, block size and double quant
     if is_4bit:
-        qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
         if job.orig is not None:
-            w = job.orig.get(job.orig_names[k]).float()
+            w = inputs.w.float()
             w = w.T.contiguous() if conv1d else w  # the original holds a Conv1D weight as [in, out]
         else:  # the logical value widened (spec 8), not the float32 product before rounding
             w = dequantize_4bit(*weight_args(qt), torch.float32)
     else:
-        w = ckpt.get(k)
+        w = inputs.w
     if k in job.targets:
         delta = job.lora.delta(job.targets[k])
         if not torch.isfinite(delta).all():
@@ -347,8 +382,7 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _requantized_with_cost(job, k, w, delta, qt)
             return
     elif is_4bit and job.quantize and job.orig is None:  # not adapted: keep the stored 4-bit bytes as they are
-        for c in ckpt.companions(k):
-            yield c, qt.packed if c == k else ckpt.get(c)  # the codes as uint8, whatever quant_storage held them
+        yield from inputs.kept.items()  # the codes as uint8, whatever quant_storage held them
         return
     if is_4bit and job.quantize:
         yield from quantize_4bit_fast(w.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k).state_dict(k).items()
