@@ -255,3 +255,27 @@ def finish_worker(out, rank: int, row: dict) -> None:
     dist.barrier()
     dist.destroy_process_group()
     leave_process(0)
+
+
+def write_lora_adapter(base, out, modules=("q_proj", "v_proj", "down_proj"), r: int = 4, alpha: int = 8, seed: int = 3) -> Path:
+    """A PEFT LoRA adapter folder for the 4-bit checkpoint ``base``, on ``modules`` of every layer,
+    written directly (no PEFT model built): A and B random, B nonzero so that every update counts."""
+    from safetensors.torch import save_file
+
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.validate import quant_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, (o, i) in sorted(quant_shapes(Checkpoint(base)).items()):
+        if k.split(".")[-2] in modules:
+            p = "base_model.model." + k.removesuffix(".weight")
+            sd[p + ".lora_A.weight"] = torch.randn(r, i, generator=g) * 0.1
+            sd[p + ".lora_B.weight"] = torch.randn(o, r, generator=g) * 0.1
+    out = Path(out)
+    out.mkdir()
+    save_file(sd, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(modules), "task_type": "CAUSAL_LM",
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_dora": False}))
+    return out

@@ -196,6 +196,21 @@ def test_uses_conv1d_matches_the_built_models():
         assert uses_conv1d({"model_type": family}) == has, family
 
 
+def test_modeling_source_found_without_transformers_is_transformers_own():
+    """merge finds a model type's modeling file without importing transformers when the type names its
+    own folder; for every model type this transformers knows, that is the file its mapping names."""
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    from qconvert.convert.meta import _modeling_source
+
+    for mt in CONFIG_MAPPING_NAMES:
+        module = model_type_to_module_name(mt)
+        assert _modeling_source(mt) == Path(transformers.__file__).parent / "models" / module / f"modeling_{module}.py", mt
+
+
 def test_conv1d_checkpoint_loads_and_merges(tmp_path):
     """qconvert's own runtime takes the transposed Conv1D weights (it refused them before): load_model
     runs the bf16 gpt2 of the sweep as the dequantize-then-run reference does, and a merge writes each

@@ -4,43 +4,16 @@ most two items are in flight beside the one being merged, and errors keep their 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import warnings
 
 import pytest
 import torch
-from helpers import make_tiny_llama
+from helpers import make_tiny_llama, write_lora_adapter
 
 from qconvert.export import merge as merge_mod
 from qconvert.export.overlap import run_overlapped, run_sequential
-
-MODULES = ("q_proj", "v_proj", "down_proj")
-
-
-def write_adapter(base, out, r: int = 4, alpha: int = 8):
-    """A PEFT LoRA adapter on q/v/down of every layer, A and B random (B nonzero: every update counts)."""
-    from safetensors.torch import save_file
-
-    from qconvert.format.checkpoint import Checkpoint
-    from qconvert.validate import quant_shapes
-
-    shapes = quant_shapes(Checkpoint(base))
-    g = torch.Generator().manual_seed(3)
-    sd = {}
-    for k, (o, i) in sorted(shapes.items()):
-        if k.split(".")[-2] in MODULES:
-            p = "base_model.model." + k.removesuffix(".weight")
-            sd[p + ".lora_A.weight"] = torch.randn(r, i, generator=g) * 0.1
-            sd[p + ".lora_B.weight"] = torch.randn(o, r, generator=g) * 0.1
-    out.mkdir()
-    save_file(sd, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(MODULES), "task_type": "CAUSAL_LM",
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_dora": False}))
-    return out
-
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
@@ -51,7 +24,7 @@ def sharded(tmp_path_factory):
     src = make_tiny_llama(d / "src", hidden=64, intermediate=100, layers=3, dtype=torch.bfloat16, max_shard_size="40KB")
     quantize_checkpoint(str(src), d / "q", max_shard_size="30KB")
     assert len(list((d / "q").glob("model-*.safetensors"))) >= 3
-    return d, write_adapter(d / "q", d / "adapter")
+    return d, write_lora_adapter(d / "q", d / "adapter")
 
 
 def merged_files(d, name, overlap, monkeypatch, **kw):
@@ -168,3 +141,19 @@ def test_overlap_reports_an_earlier_write_error_first_and_leaves_no_thread():
     with pytest.raises(RuntimeError, match="compute 4"):
         run_overlapped(range(10), *_instrumented(10, fail_compute=4)[1:])
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_finite_check_is_isfinite_all(dtype):
+    """merge's fast finite check (min and max) says what ``torch.isfinite(t).all()`` says, for NaN and
+    +-Inf at every position of a vector's body and tail, and for an empty tensor."""
+    from qconvert.export.merge import all_finite
+
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    assert all_finite(torch.randn(67, 5).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in range(67):
+            t = torch.randn(67).to(dtype)
+            t[pos] = bad
+            assert not all_finite(t) and not torch.isfinite(t).all()
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")], dtype=dtype))

