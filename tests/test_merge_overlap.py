@@ -27,8 +27,10 @@ def sharded(tmp_path_factory):
     return d, write_lora_adapter(d / "q", d / "adapter")
 
 
-def merged_files(d, name, overlap, monkeypatch, **kw):
+def merged_files(d, name, overlap, monkeypatch, planned=True, **kw):
     monkeypatch.setattr(merge_mod, "OVERLAP", overlap)
+    if not planned:  # the writer as it was: every shard's data spilled and copied behind its header
+        monkeypatch.setattr(merge_mod, "_plan", lambda job, keys: None)
     out = d / name
     merge_mod.merge_adapter(str(d / "q"), str(d / "adapter"), out, max_shard_size="40KB", **kw)
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
@@ -37,13 +39,15 @@ def merged_files(d, name, overlap, monkeypatch, **kw):
 @pytest.mark.parametrize("kw", [{"dtype": "bfloat16"}, {"dtype": "float32"}, {"quantize": True}, {"base_original": "src"}],
                          ids=["bf16", "f32", "requantized", "base-original"])
 def test_overlapped_merge_writes_the_sequential_bytes(sharded, kw, monkeypatch):
+    """Overlapped, with headers planned at their exact size: the bytes of one step after another with
+    every shard's data spilled and copied behind its header (the writer before either change)."""
     d, _ = sharded
     tag = "-".join(map(str, kw.values()))
     if "base_original" in kw:
         kw = {"base_original": str(d / "src")}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "--base-original")  # its warning is test_merge's claim
-        seq = merged_files(d, f"seq-{tag}", False, monkeypatch, **kw)
+        seq = merged_files(d, f"seq-{tag}", False, monkeypatch, planned=False, **kw)
         ovl = merged_files(d, f"ovl-{tag}", True, monkeypatch, **kw)
     assert len([n for n in seq if n.startswith("model-")]) >= 2  # several output shards
     assert list(ovl) == list(seq)
@@ -157,3 +161,43 @@ def test_merge_finite_check_is_isfinite_all(dtype):
             t[pos] = bad
             assert not all_finite(t) and not torch.isfinite(t).all()
     assert not all_finite(torch.tensor([float("inf"), float("-inf")], dtype=dtype))
+
+
+@pytest.mark.parametrize("plan", ["exact", "one-dtype-off", "one-name-off"])
+def test_planned_shards_write_the_data_once_and_the_same_bytes(tmp_path, plan):
+    """SizeShards given the tensors to come reserves each header at its exact size and writes the data
+    once (no spill file); a plan that turns out wrong costs the copy, never a different byte."""
+    from qconvert.io.shards import ShardWriter, SizeShards
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [(f"t.{i}", torch.randn(7 + i, 5, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)) for i in range(9)]
+    tensors.append(("ids", torch.arange(6)))
+    want = [(n, t.dtype, tuple(t.shape)) for n, t in tensors]
+    if plan == "one-dtype-off":
+        want[4] = (want[4][0], torch.float16, want[4][2])
+    if plan == "one-name-off":
+        want[2] = ("t.2-renamed", want[2][1], want[2][2])
+    spills = []
+    original_add = ShardWriter.add
+
+    def add(self, name, t):  # ShardWriter.add: note whether the data goes to a spill file
+        spills.append(self.out_path == self.spill_path)
+        return original_add(self, name, t)
+
+    files = {}
+    for mode in ("plain", "planned"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        shards = SizeShards(folder, 400, plan=want if mode == "planned" else None)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ShardWriter, "add", add)
+            spills.clear()
+            for n, t in tensors:
+                shards.add(n, t)
+            shards.finish()
+        files[mode] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+        if mode == "plain":
+            assert all(spills)
+        elif plan == "exact":
+            assert not any(spills)
+    assert len(files["plain"]) >= 3 and files["planned"] == files["plain"]

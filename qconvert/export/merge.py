@@ -323,8 +323,8 @@ def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
             finite(name, t)  # in the computing thread: refused in the sequential order
             yield name, t
 
-    shards = SizeShards(stage, limit, {"format": "pt"})
     keys = [k for k in job.ckpt.keys() if not (k in job.owned and k not in job.quantized)]
+    shards = SizeShards(stage, limit, {"format": "pt"}, plan=_plan(job, keys))
     job.ckpt.quant_storage()  # read once here, not by two threads at once
     try:
         (run_overlapped if OVERLAP else run_sequential)(keys, lambda k: _read_inputs(job, k), compute, lambda nt: shards.add(*nt))
@@ -333,6 +333,26 @@ def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
         shards.abort()
         raise
     return shards
+
+
+def _plan(job: _Merge, keys: list[str]) -> list[tuple[str, torch.dtype, tuple[int, ...]]] | None:
+    """The output tensors (name, dtype, shape), in order, as :func:`_output_tensors` makes them: SizeShards
+    reserves each header at its exact size and writes the data once. None where a key's outputs are
+    not one tensor of a known shape (re-quantizing, LoRA on parameters); a wrong entry costs a copy."""
+    if job.quantize or job.params is not None:
+        return None
+    from ..validate import quant_shapes
+
+    logical = quant_shapes(job.ckpt)
+    plan = []
+    for k in keys:
+        if k in job.quantized:  # a Conv1D weight goes back to [in, out]
+            shape = tuple(logical[k])
+            plan.append((k, job.out_dtype, shape[::-1] if k in job.conv1d and len(shape) == 2 else shape))
+        else:
+            dtype, shape = job.ckpt.info(k)
+            plan.append((k, job.out_dtype if dtype.is_floating_point else dtype, tuple(shape)))
+    return plan
 
 
 @dataclass
