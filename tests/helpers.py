@@ -310,3 +310,41 @@ def write_lora_adapter(base, out, modules=("q_proj", "v_proj", "down_proj"), r: 
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(modules), "task_type": "CAUSAL_LM",
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_dora": False}))
     return out
+
+
+class ModelCache:
+    """Tiny models built once per test session (the ``models`` fixture of conftest.py), by their
+    builder's arguments: a test reads them and never changes them; a test that damages or edits one
+    works on :meth:`copy`. Building a Llama and quantizing it costs a second or more each time."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.built: dict[str, Path] = {}
+
+    def _once(self, key: str, build) -> Path:
+        if key not in self.built:
+            self.built[key] = build(self.root / f"m{len(self.built)}")
+        return self.built[key]
+
+    def llama(self, **kw) -> Path:
+        """:func:`make_tiny_llama` with these arguments (read-only)."""
+        return self._once("llama " + json.dumps(kw, sort_keys=True, default=str), lambda p: make_tiny_llama(p, **kw))
+
+    def llama_4bit(self, **kw) -> Path:
+        """That Llama quantized by qconvert with its defaults (read-only)."""
+        from qconvert.convert.quantize import quantize_checkpoint
+
+        src = self.llama(**kw)
+
+        def build(out: Path) -> Path:
+            quantize_checkpoint(str(src), out)
+            return out
+
+        return self._once("llama-4bit " + json.dumps(kw, sort_keys=True, default=str), build)
+
+    @staticmethod
+    def copy(folder: Path, dest: str | os.PathLike) -> Path:
+        """A private copy of a cached model, to change."""
+        import shutil
+
+        return Path(shutil.copytree(folder, dest))
