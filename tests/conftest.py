@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory):
+def tiny_models(tmp_path_factory):
     """Tiny models built once for the whole session (helpers.ModelCache): read them, copy to change."""
     from helpers import ModelCache
 

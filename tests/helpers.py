@@ -313,7 +313,7 @@ def write_lora_adapter(base, out, modules=("q_proj", "v_proj", "down_proj"), r: 
 
 
 class ModelCache:
-    """Tiny models built once per test session (the ``models`` fixture of conftest.py), by their
+    """Tiny models built once per test session (the ``tiny_models`` fixture of conftest.py), by their
     builder's arguments: a test reads them and never changes them; a test that damages or edits one
     works on :meth:`copy`. Building a Llama and quantizing it costs a second or more each time."""
 

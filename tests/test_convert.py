@@ -107,8 +107,8 @@ def test_minilm_real_checkpoint_and_plain_transformers_load(tmp_path):
     assert type(ours.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"
 
 
-def test_dry_run_writes_nothing(tmp_path, models):
-    src = models.llama()
+def test_dry_run_writes_nothing(tmp_path, tiny_models):
+    src = tiny_models.llama()
     r = run("quantize", src, tmp_path / "out", "--dry-run", "--json")
     plan = json.loads(r.stdout)
     assert plan["dry_run"] and plan["quantized"] == 14  # 2 layers x 7 linears; lm_head stays
@@ -156,8 +156,8 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupted_finished_shard_is_redone(tmp_path, models):
-    src = models.copy(models.llama(), tmp_path / "src")  # the card names the source folder: "src" as before
+def test_corrupted_finished_shard_is_redone(tmp_path, tiny_models):
+    src = tiny_models.copy(tiny_models.llama(), tmp_path / "src")  # the card names the source folder: "src" as before
     run("quantize", src, tmp_path / "ref", "--max-shard-size", "20KB")
     env = dict(os.environ, QCONVERT_TEST_KILL_AFTER="15")
     run_cli("quantize", src, tmp_path / "out", "--max-shard-size", "20KB", ok=False, env=env)  # a real process, killed

@@ -30,9 +30,9 @@ def no_output(tmp_path: Path, name: str = "out") -> None:
 
 
 @pytest.fixture
-def src(tmp_path, models) -> Path:
+def src(tmp_path, tiny_models) -> Path:
     """A sharded tiny Llama of this test's own, to damage."""
-    return models.copy(models.llama(max_shard_size="40KB"), tmp_path / "src")
+    return tiny_models.copy(tiny_models.llama(max_shard_size="40KB"), tmp_path / "src")
 
 
 def test_missing_source(tmp_path):
@@ -82,35 +82,35 @@ def test_tensor_in_index_missing_from_shard(tmp_path, src):
     no_output(tmp_path)
 
 
-def tiny_llama_with(tmp_path: Path, models, name: str, change) -> tuple[Path, dict[str, torch.Tensor]]:
+def tiny_llama_with(tmp_path: Path, tiny_models, name: str, change) -> tuple[Path, dict[str, torch.Tensor]]:
     """A tiny one-file Llama whose tensor ``name`` is replaced by ``change(tensor)``."""
-    src = models.copy(models.llama(), tmp_path / "src")
+    src = tiny_models.copy(tiny_models.llama(), tmp_path / "src")
     tensors = load_file(str(src / "model.safetensors"))
     tensors[name] = change(tensors[name])
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     return src, tensors
 
 
-def test_nan_weight_named(tmp_path, models):
+def test_nan_weight_named(tmp_path, tiny_models):
     def nan_at_5_7(t):
         t[5, 7] = float("nan")
         return t
 
-    src, _ = tiny_llama_with(tmp_path, models, "model.layers.1.self_attn.o_proj.weight", nan_at_5_7)
+    src, _ = tiny_llama_with(tmp_path, tiny_models, "model.layers.1.self_attn.o_proj.weight", nan_at_5_7)
     err = fails("quantize", src, tmp_path / "out")
     assert "model.layers.1.self_attn.o_proj.weight: holds NaN or Inf (first at index [5, 7])" in err
     no_output(tmp_path)
 
 
-def test_unsupported_dtype(tmp_path, models):
-    src, _ = tiny_llama_with(tmp_path, models, "model.layers.0.mlp.gate_proj.weight", lambda t: t.to(torch.int8))
+def test_unsupported_dtype(tmp_path, tiny_models):
+    src, _ = tiny_llama_with(tmp_path, tiny_models, "model.layers.0.mlp.gate_proj.weight", lambda t: t.to(torch.int8))
     err = fails("quantize", src, tmp_path / "out")
     assert "model.layers.0.mlp.gate_proj.weight" in err and "torch.int8" in err and "cannot be quantized" in err
 
 
-def test_dtype_torch_cannot_hold(tmp_path, models):
+def test_dtype_torch_cannot_hold(tmp_path, tiny_models):
     """A dtype safetensors knows but torch does not (here F8_E8M0, set in the header by hand)."""
-    src = models.copy(models.llama(), tmp_path / "src")
+    src = tiny_models.copy(tiny_models.llama(), tmp_path / "src")
     p = src / "model.safetensors"
     raw = p.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
@@ -126,11 +126,11 @@ def test_dtype_torch_cannot_hold(tmp_path, models):
     no_output(tmp_path)
 
 
-def test_float8_tensor_written_as_transformers_writes_it_and_reported(tmp_path, models):
+def test_float8_tensor_written_as_transformers_writes_it_and_reported(tmp_path, tiny_models):
     """transformers loads every tensor in the checkpoint's dtype (config.json): a float8 norm in a bf16
     model comes out bf16 from the anchor. qconvert writes the same (float8 -> bf16 is exact) and says
     so in the summary and in --json; it never changes a dtype silently."""
-    src, tensors = tiny_llama_with(tmp_path, models, "model.norm.weight", lambda t: t.to(torch.float8_e4m3fn))
+    src, tensors = tiny_llama_with(tmp_path, tiny_models, "model.norm.weight", lambda t: t.to(torch.float8_e4m3fn))
     r = run_cli_here("quantize", src, tmp_path / "out")
     assert "written in another dtype: model.norm.weight (config.json dtype: float8_e4m3fn -> bfloat16)" in r.stdout
     got = load_file(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"]
@@ -156,9 +156,9 @@ def test_too_little_disk_checked_before_work(tmp_path, src, monkeypatch):
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.qconvert-partial").exists()
 
 
-def test_pytorch_bin_source_weights_only(tmp_path, models):
+def test_pytorch_bin_source_weights_only(tmp_path, tiny_models):
     """pytorch_model.bin sources load with weights_only=True and give the same bytes as safetensors."""
-    st = models.llama()
+    st = tiny_models.llama()
     binsrc = tmp_path / "bin"
     binsrc.mkdir()
     (binsrc / "config.json").write_bytes((st / "config.json").read_bytes())

@@ -48,8 +48,8 @@ def test_inspect_table_and_single_file(minilm_bnb):
     assert "37 quantized" in out and "4.127 bits/param" in out
 
 
-def test_inspect_sharded_unquantized(models):
-    src = models.llama(max_shard_size="20KB")
+def test_inspect_sharded_unquantized(tiny_models):
+    src = tiny_models.llama(max_shard_size="20KB")
     assert len(list(src.glob("model-*.safetensors"))) > 1
     report = json.loads(run("inspect", src, "--json").stdout)
     assert report["bits_per_param"] is None and len(report["files"]) > 1

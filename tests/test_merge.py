@@ -118,7 +118,7 @@ def test_quantize_reports_measured_cost(setup):
     assert "re-quantizing cost: relative output error" in r.stdout and "of the adapter's change lost" in r.stdout
 
 
-def test_merge_errors(setup, tmp_path, models):
+def test_merge_errors(setup, tmp_path, tiny_models):
     d, _ = setup
     cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
     dora = tmp_path / "dora"
@@ -127,7 +127,7 @@ def test_merge_errors(setup, tmp_path, models):
     (dora / "adapter_model.safetensors").write_bytes((d / "adapter" / "adapter_model.safetensors").read_bytes())
     r = run("merge", d / "q", dora, tmp_path / "o", ok=False)
     assert r.returncode == 1 and "DoRA" in r.stderr
-    r = run("merge", models.llama(), d / "adapter", tmp_path / "o", ok=False)
+    r = run("merge", tiny_models.llama(), d / "adapter", tmp_path / "o", ok=False)
     assert r.returncode == 1 and "not a 4-bit checkpoint" in r.stderr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
