@@ -50,7 +50,12 @@ def run_cli_here(*args, ok: bool = True) -> subprocess.CompletedProcess:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = show
-            code = main([str(a) for a in args])
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # a command that exits itself (export-gguf's failed check): what the process exits with
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, int | None):
+                    print(e.code, file=sys.stderr)
     finally:
         if debug is not None:
             os.environ["QCONVERT_DEBUG"] = debug
