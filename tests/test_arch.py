@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import run_cli
+from helpers import run_cli_here as run_cli
 
 _spec = importlib.util.spec_from_file_location("arch_sweep", Path(__file__).parent.parent / "tools" / "arch_sweep.py")
 sweep = importlib.util.module_from_spec(_spec)
