@@ -13,7 +13,7 @@ Each side runs in its own process, in turn, --reps times (the median is printed)
 - ``qconvert merge BASE ADAPTER OUT --dtype bfloat16`` as a CLI process (interpreter start included);
 - ``merge_adapter`` in a process, timed after the imports: with the read/merge/write overlap
   (export/overlap.py) and one step after another (``OVERLAP = False``), to show what the overlap buys.
-Wall time and the peak RSS of each process (``wait4``'s ru_maxrss, the process alone) and the time of the
+Wall time and the peak RSS of each process (``wait4``'s ru_maxrss, through a light launcher: see LAUNCH) and the time of the
 work inside it are printed with the ratios (anchor / qconvert: above 1 means qconvert is faster or smaller).
 The three qconvert outputs are checked byte-identical, and their tensor names and dtypes equal PEFT's.
 """
@@ -100,26 +100,28 @@ def inputs(layers: int) -> tuple[Path, Path, Path]:
     return src, q, make_adapter(q, src.with_name(src.name + "-adapter-qvdown-r16"))
 
 
-def run(argv: list[str], out: Path) -> dict:
-    """Run a child process; its wall time, its own peak RSS (wait4's ru_maxrss) and the JSON it printed last."""
-    import tempfile
+# Linux copies the parent's peak RSS into a child at fork and keeps it across exec, so a child of this
+# process (which built the model) would report at least this process's peak: each side is started by a
+# small launcher that imports nothing heavy and reports its child's wait4 figures.
+LAUNCH = r"""
+import json, os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(p.pid, 0)
+p.returncode = os.waitstatus_to_exitcode(status)
+print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": usage.ru_maxrss / 1024, "rc": p.returncode}), flush=True)
+"""
 
+
+def run(argv: list[str], out: Path) -> dict:
+    """Run a child process; its wall time and peak RSS (wait4's ru_maxrss, through LAUNCH) and the JSON it printed."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
-        t = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=so, stderr=se, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-        so.seek(0)
-        se.seek(0)
-        stdout, stderr = so.read(), se.read()
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, argv[:5]))} failed:\n{stderr[-3000:]}")
-    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
-    res = json.loads(last) if last.startswith("{") else {}
-    return {**res, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    r = subprocess.run([sys.executable, "-c", LAUNCH, *argv], capture_output=True, text=True, env=env)
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines or lines[-1]["rc"] != 0:
+        raise SystemExit(f"{' '.join(map(str, argv[:5]))} failed:\n{r.stderr[-3000:]}")
+    return {k: v for d in lines for k, v in d.items()}
 
 
 def digest(folder: Path) -> dict[str, str]:
