@@ -362,21 +362,24 @@ class _Inputs:
     qt: Any = None  # the 4-bit weight (QuantizedTensor), when ``k`` is one
     w: torch.Tensor | None = None  # the stored tensor, or the original's for a 4-bit weight under --base-original
     kept: dict[str, torch.Tensor] | None = None  # a 4-bit weight's stored entries, kept as they are (re-quantizing, not adapted)
+    delta: torch.Tensor | None = None  # the LoRA update scaling * B @ A, when ``k`` is adapted (computed ahead too)
 
 
 def _read_inputs(job: _Merge, k: str) -> _Inputs | None:
-    """The reads :func:`_output_tensors` needs for ``k``; None for LoRA on parameters (read as merged)."""
+    """The reads :func:`_output_tensors` needs for ``k``, and its LoRA update (a matmul the reader thread
+    does while the previous tensor is dequantized); None for LoRA on parameters (read as merged)."""
     if job.params is not None and (k in job.params.direct or k in job.params.group_of):
         return None
     ckpt = job.ckpt
+    delta = job.lora.delta(job.targets[k]) if k in job.targets else None
     if k not in job.quantized:
-        return _Inputs(w=ckpt.get(k))
+        return _Inputs(w=ckpt.get(k), delta=delta)
     qt = ckpt.quantized(k)
     if job.orig is not None:
-        return _Inputs(qt=qt, w=job.orig.get(job.orig_names[k]))
+        return _Inputs(qt=qt, w=job.orig.get(job.orig_names[k]), delta=delta)
     if job.quantize and k not in job.targets:
         return _Inputs(qt=qt, kept={c: qt.packed if c == k else ckpt.get(c) for c in ckpt.companions(k)})
-    return _Inputs(qt=qt)
+    return _Inputs(qt=qt, delta=delta)
 
 
 def _output_tensors(job: _Merge, k: str, inputs: _Inputs | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -403,7 +406,7 @@ def _output_tensors(job: _Merge, k: str, inputs: _Inputs | None = None) -> Itera
     else:
         w = inputs.w
     if k in job.targets:
-        delta = job.lora.delta(job.targets[k])
+        delta = inputs.delta
         if not all_finite(delta):
             raise FormatError(f"{job.adapter}: the LoRA update of {k!r} holds NaN or Inf",
                               hint="the adapter is damaged (a diverged training run?); nothing was written")
