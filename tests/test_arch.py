@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import run_cli
+from helpers import run_cli_here as run_cli
 
 _spec = importlib.util.spec_from_file_location("arch_sweep", Path(__file__).parent.parent / "tools" / "arch_sweep.py")
 sweep = importlib.util.module_from_spec(_spec)
@@ -194,6 +194,21 @@ def test_uses_conv1d_matches_the_built_models():
             model = AutoModelForCausalLM.from_config(sweep.tiny_config(family))
         has = any(isinstance(m, Conv1D) for m in model.modules())
         assert uses_conv1d({"model_type": family}) == has, family
+
+
+def test_modeling_source_found_without_transformers_is_transformers_own():
+    """merge finds a model type's modeling file without importing transformers when the type names its
+    own folder; for every model type this transformers knows, that is the file its mapping names."""
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    from qconvert.convert.meta import _modeling_source
+
+    for mt in CONFIG_MAPPING_NAMES:
+        module = model_type_to_module_name(mt)
+        assert _modeling_source(mt) == Path(transformers.__file__).parent / "models" / module / f"modeling_{module}.py", mt
 
 
 def test_conv1d_checkpoint_loads_and_merges(tmp_path):

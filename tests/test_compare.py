@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import make_bpe_tokenizer, make_tiny_llama, run_cli
+from helpers import make_bpe_tokenizer, make_tiny_llama, run_cli_here as run_cli
 
 
 @pytest.fixture(scope="module")

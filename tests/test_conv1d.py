@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import float32_reference, run_cli
+from helpers import float32_reference, run_cli_here as run_cli
 from runtime_helpers import make_word_tokenizer, random_texts, write_jsonl
 from tolerances import FLOAT32_REL, LORA_CHANGE_ACROSS_NF4_REL, LOSS_ACROSS_RUNS_REL
 

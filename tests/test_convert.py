@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import run_cli as run, bnb_quantize_save, make_tiny_bert, make_tiny_decoder, make_tiny_llama, minilm_dir
+from helpers import run_cli, run_cli_here as run, bnb_quantize_save, make_tiny_bert, make_tiny_decoder, make_tiny_llama, minilm_dir
 
 
 
@@ -64,7 +64,6 @@ def test_byte_identical_with_transformers_bitsandbytes(tmp_path, kind, opts, bnb
     ("Phi3ForCausalLM", False, {}),  # fused qkv and gate_up projections
     ("Qwen2ForCausalLM", False, {}),  # q/k/v biases
 ])
-@pytest.mark.slow
 def test_table_families_byte_identical_and_loadable(tmp_path, arch, tie, flags):
     """Families whose plan comes from config.json (no transformers import): same bytes as the anchor,
     and plain transformers loads the output and computes what it computes from the anchor's output."""
@@ -108,9 +107,8 @@ def test_minilm_real_checkpoint_and_plain_transformers_load(tmp_path):
     assert type(ours.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"
 
 
-@pytest.mark.slow
-def test_dry_run_writes_nothing(tmp_path):
-    src = make_tiny_llama(tmp_path / "src")
+def test_dry_run_writes_nothing(tmp_path, tiny_models):
+    src = tiny_models.llama()
     r = run("quantize", src, tmp_path / "out", "--dry-run", "--json")
     plan = json.loads(r.stdout)
     assert plan["dry_run"] and plan["quantized"] == 14  # 2 layers x 7 linears; lm_head stays
@@ -119,7 +117,6 @@ def test_dry_run_writes_nothing(tmp_path):
     assert "14 quantized" in r.stdout and "model.safetensors" in r.stdout
 
 
-@pytest.mark.slow
 def test_skip_modules_and_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +138,7 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path):
     straight = tmp_path / "uninterrupted" / "out"  # same folder name: the card names the folder
     run("quantize", src, straight, "--max-shard-size", "20KB")
     env = dict(os.environ, QCONVERT_TEST_KILL_AFTER="17")
-    r = run("quantize", src, tmp_path / "out", "--max-shard-size", "20KB", ok=False, env=env)
+    r = run_cli("quantize", src, tmp_path / "out", "--max-shard-size", "20KB", ok=False, env=env)  # a real process, killed
     assert r.returncode == -9
     assert not (tmp_path / "out").exists()  # nothing that looks complete
     stage = tmp_path / ".out.qconvert-partial"
@@ -159,11 +156,11 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupted_finished_shard_is_redone(tmp_path):
-    src = make_tiny_llama(tmp_path / "src")
+def test_corrupted_finished_shard_is_redone(tmp_path, tiny_models):
+    src = tiny_models.copy(tiny_models.llama(), tmp_path / "src")  # the card names the source folder: "src" as before
     run("quantize", src, tmp_path / "ref", "--max-shard-size", "20KB")
     env = dict(os.environ, QCONVERT_TEST_KILL_AFTER="15")
-    run("quantize", src, tmp_path / "out", "--max-shard-size", "20KB", ok=False, env=env)
+    run_cli("quantize", src, tmp_path / "out", "--max-shard-size", "20KB", ok=False, env=env)  # a real process, killed
     stage = tmp_path / ".out.qconvert-partial"
     first = sorted(json.loads((stage / "journal.json").read_text())["done"])[0]
     data = bytearray((stage / first).read_bytes())

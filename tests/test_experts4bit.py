@@ -332,11 +332,10 @@ def test_a_fused_stack_that_straddles_blocks_stays_16bit_with_the_reason():
     assert expert_unquantizable((4, 64), torch.int8, 64) == "dtype torch.int8 cannot be quantized"
 
 
-@pytest.mark.slow
 def test_cli_experts_option_and_dry_run(tmp_path):
     """`quantize --dry-run` (text and --json) states the experts' share; `--experts 16bit` says they
     stay 16-bit; an unknown value is refused before anything is read."""
-    from helpers import run_cli
+    from helpers import run_cli_here as run_cli
 
     src = sweep.build_source("qwen3_moe", tmp_path / "src")
     r = run_cli("quantize", src, tmp_path / "out", "--dry-run", "--json")

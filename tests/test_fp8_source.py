@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bnb_quantize_save, make_tiny_llama, run_cli
+from helpers import bnb_quantize_save, make_tiny_llama, run_cli_here as run_cli
 from test_convert import tensors
 from safetensors.torch import load_file, save_file
 

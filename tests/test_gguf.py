@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import float32_reference, make_bpe_tokenizer, make_tiny_bert, make_tiny_llama, run_cli
+from helpers import float32_reference, make_bpe_tokenizer, make_tiny_bert, make_tiny_llama, run_cli_here as run_cli
 from tolerances import GGUF_F16_LOGIT_REL, GGUF_KL_MAX
 
 try:

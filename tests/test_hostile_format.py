@@ -297,15 +297,11 @@ def test_quant_state_with_thousands_of_fields_is_refused_fast(tmp_path):
         unpack_quant_state(repeated)
 
 
-@pytest.mark.slow
 def test_cli_one_line_for_hostile_files(tmp_path):
-    import os
-    import subprocess
-
-    from helpers import QCONVERT
+    from helpers import run_cli_here
 
     def fails(*args) -> str:
-        r = subprocess.run([*QCONVERT, *map(str, args)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        r = run_cli_here(*args, ok=False)
         assert r.returncode == 1 and r.stderr.startswith("qconvert: error: ") and "Traceback" not in r.stderr, r.stderr
         return " ".join(r.stderr.split())  # the message, however the CLI wraps it
 

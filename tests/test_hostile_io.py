@@ -404,7 +404,7 @@ def test_a_full_disk_is_named_and_leaves_nothing_that_looks_complete(tmp_path, c
     assert r.stdout.rstrip().endswith("exit 1"), r.stderr[-2000:]
     lines = r.stderr.splitlines()
     stage = tmp_path / ".out.qconvert-partial"
-    shard = "model.safetensors.tmp" if command == "quantize" else "part-00001.safetensors.data"
+    shard = "model.safetensors.tmp" if command == "quantize" else "part-00001.safetensors.tmp"  # merge: its header planned, no spill file
     assert lines == [f"qconvert: error: {stage / shard}: File too large",
                      "hint: free space on that file system (or raise the file-size limit, ulimit -f), or write the output elsewhere, then re-run"]
     assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import QCONVERT, make_tiny_bert
+from helpers import QCONVERT, make_tiny_bert, run_cli_here
 from test_train import free_port, memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,28 +215,23 @@ def test_existing_run_refused_then_overwrite_starts_clean_and_resume_refuses_ano
     one_line_error(r, "no checkpoint-N folder to resume from")
 
 
-@pytest.mark.slow
 def test_resume_and_overwrite_together_refused(tmp_path):
-    r = subprocess.run([*QCONVERT, "train", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path),
-                        "--resume", "--overwrite"], capture_output=True, text=True)
+    r = run_cli_here("train", tmp_path, "--data", tmp_path / "d.jsonl", "--output", tmp_path, "--resume", "--overwrite", ok=False)
     one_line_error(r, "--resume and --overwrite")
 
 
-@pytest.mark.slow
 def test_output_that_is_a_file_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    r = subprocess.run([*QCONVERT, "train", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "notes.txt")],
-                       capture_output=True, text=True)
+    r = run_cli_here("train", tmp_path / "m", "--data", tmp_path / "d.jsonl", "--output", tmp_path / "notes.txt", ok=False)
     one_line_error(r, "notes.txt: exists and is not a folder")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.slow
 def test_config_file_cannot_build_python_objects(tmp_path):
     marker = tmp_path / "pwned"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f'learning_rate: !!python/object/apply:os.mkdir ["{marker}"]\n')
-    r = subprocess.run([*QCONVERT, "train", "--config", str(cfg)], capture_output=True, text=True)
+    r = run_cli_here("train", "--config", cfg, ok=False)
     one_line_error(r, "run.yaml:1: not valid YAML")
     assert not marker.exists()
 
@@ -354,7 +349,7 @@ def test_output_that_is_the_model_folder_is_refused_even_with_overwrite(qmodel, 
 @pytest.mark.parametrize("missing", ["MODEL", "--data", "--output"])
 def test_missing_model_data_or_output_is_a_usage_error(tmp_path, missing):
     args = {"MODEL": [str(tmp_path / "m")], "--data": ["--data", str(tmp_path / "d.jsonl")], "--output": ["--output", str(tmp_path / "o")]}
-    r = subprocess.run([*QCONVERT, "train", *[a for k, v in args.items() if k != missing for a in v]], capture_output=True, text=True)
+    r = run_cli_here("train", *[a for k, v in args.items() if k != missing for a in v], ok=False)
     assert r.returncode == 2 and r.stderr.splitlines() == [
         f"qconvert: error: missing {missing}: give it on the command line or in the --config file", "hint: see `qconvert train --help`"], r.stderr
     assert not (tmp_path / "o").exists()
@@ -372,12 +367,10 @@ def test_missing_model_data_or_output_is_a_usage_error(tmp_path, missing):
         (["--lr", "nan"], "--lr nan: must be > 0"),
     ],
 )
-@pytest.mark.slow
 def test_bad_option_is_one_line(tmp_path, flags, needle):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "w1 w2"}\n')
-    r = subprocess.run([*QCONVERT, "train", str(tmp_path / "no-model"), "--data", str(data), "--output", str(tmp_path / "out"), *flags],
-                       capture_output=True, text=True)
+    r = run_cli_here("train", tmp_path / "no-model", "--data", data, "--output", tmp_path / "out", *flags, ok=False)
     one_line_error(r, needle)
     assert not (tmp_path / "out").exists()
 
@@ -421,5 +414,5 @@ def test_encoder_models_refused(tmp_path, kind, needle):
     model = _tiny_t5(tmp_path / "t5") if kind == "t5" else make_tiny_bert(tmp_path / "bert")
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "w1 w2"}\n')
-    r = subprocess.run([*QCONVERT, "train", str(model), "--data", str(data), "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    r = run_cli_here("train", model, "--data", data, "--output", tmp_path / "out", ok=False)
     one_line_error(r, needle, "decoder-only causal LM")

@@ -38,3 +38,25 @@ def test_converting_a_known_decoder_imports_no_transformers(tmp_path):
     r = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+MERGE = """
+import sys
+from qconvert.export.merge import merge_adapter
+merge_adapter(sys.argv[1], sys.argv[2], sys.argv[3])
+print([m for m in ("transformers", "peft", "triton") if m in sys.modules])
+"""
+
+
+@pytest.mark.slow
+def test_merging_into_a_llama_imports_no_transformers(tmp_path):
+    """merge's Conv1D check reads the modeling file without importing transformers (2-4 s of a merge)."""
+    from helpers import make_tiny_llama, write_lora_adapter
+
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    quantize_checkpoint(str(make_tiny_llama(tmp_path / "src")), tmp_path / "q")
+    write_lora_adapter(tmp_path / "q", tmp_path / "adapter")
+    r = subprocess.run([sys.executable, "-c", MERGE, *(str(tmp_path / n) for n in ("q", "adapter", "m"))], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import run_cli as run, bnb_quantize_save, make_tiny_llama, minilm_dir
+from helpers import run_cli_here as run, bnb_quantize_save, minilm_dir
 
 
 
@@ -48,16 +48,14 @@ def test_inspect_table_and_single_file(minilm_bnb):
     assert "37 quantized" in out and "4.127 bits/param" in out
 
 
-@pytest.mark.slow
-def test_inspect_sharded_unquantized(tmp_path):
-    src = make_tiny_llama(tmp_path / "llama", max_shard_size="20KB")
+def test_inspect_sharded_unquantized(tiny_models):
+    src = tiny_models.llama(max_shard_size="20KB")
     assert len(list(src.glob("model-*.safetensors"))) > 1
     report = json.loads(run("inspect", src, "--json").stdout)
     assert report["bits_per_param"] is None and len(report["files"]) > 1
     assert all(t["quant_type"] is None and t["dtype"] == "bfloat16" for t in report["tensors"])
 
 
-@pytest.mark.slow
 def test_inspect_errors(tmp_path):
     r = run("inspect", tmp_path / "nope", ok=False)
     first, *rest = r.stderr.splitlines()  # one error: its first line, then only detail and hint lines

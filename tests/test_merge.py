@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli as run, bnb_float32_oracle, bnb_quantize_save, float32_reference, make_tiny_llama
+from helpers import run_cli_here as run, bnb_float32_oracle, bnb_quantize_save, float32_reference, make_tiny_llama
 from tolerances import FLOAT32_REL
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64]])
@@ -36,7 +36,6 @@ def setup(tmp_path_factory):
     return d, unmerged
 
 
-@pytest.mark.slow
 def test_float32_merge_equals_unmerged_model(setup):
     from transformers import AutoModelForCausalLM
 
@@ -54,7 +53,6 @@ def test_float32_merge_equals_unmerged_model(setup):
     assert 'base_model_relation: "merge"' in card
 
 
-@pytest.mark.slow
 def test_bf16_merge_and_weights_by_value(setup):
     from safetensors.torch import load_file
 
@@ -85,7 +83,6 @@ def test_bf16_merge_and_weights_by_value(setup):
     assert ((out - unmerged).norm() / unmerged.norm()).item() < 2e-2
 
 
-@pytest.mark.slow
 def test_quantize_reports_measured_cost(setup):
     d, _ = setup
     r = run("merge", d / "q", d / "adapter", d / "m4", "--quantize", "--json")
@@ -121,8 +118,7 @@ def test_quantize_reports_measured_cost(setup):
     assert "re-quantizing cost: relative output error" in r.stdout and "of the adapter's change lost" in r.stdout
 
 
-@pytest.mark.slow
-def test_merge_errors(setup, tmp_path):
+def test_merge_errors(setup, tmp_path, tiny_models):
     d, _ = setup
     cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
     dora = tmp_path / "dora"
@@ -131,7 +127,7 @@ def test_merge_errors(setup, tmp_path):
     (dora / "adapter_model.safetensors").write_bytes((d / "adapter" / "adapter_model.safetensors").read_bytes())
     r = run("merge", d / "q", dora, tmp_path / "o", ok=False)
     assert r.returncode == 1 and "DoRA" in r.stderr
-    r = run("merge", make_tiny_llama(tmp_path / "plain"), d / "adapter", tmp_path / "o", ok=False)
+    r = run("merge", tiny_models.llama(), d / "adapter", tmp_path / "o", ok=False)
     assert r.returncode == 1 and "not a 4-bit checkpoint" in r.stderr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
@@ -161,7 +157,6 @@ def test_scaling_follows_peft_rank_alpha_patterns_and_rslora(setup, tmp_path):
         assert len(seen) >= 3  # the patterns did produce different scalings
 
 
-@pytest.mark.slow
 def test_base_original_merges_into_original_weights_with_warning(setup, tmp_path):
     from safetensors.torch import load_file
 

@@ -5,19 +5,16 @@ exactly as train rendered the alpaca records, unless --format says otherwise."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from helpers import QCONVERT
+from helpers import run_cli_here
 from test_hostile_train import one_line_error
 from test_train import WORDS, qmodel, train, write_jsonl  # noqa: F401  (qmodel is a fixture)
 
 
 def generate(model, *args):
-    r = subprocess.run([*QCONVERT, "generate", str(model), "--backend", "reference", "--max-new-tokens", "2", "--json", *map(str, args)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli_here("generate", model, "--backend", "reference", "--max-new-tokens", "2", "--json", *args)
     return json.loads(r.stdout), r.stderr
 
 
@@ -57,5 +54,5 @@ def test_alpaca_adapter_records_its_format_and_generate_applies_it(qmodel, tmp_p
     assert json.loads((tmp_path / "exported" / "qconvert_prompt_format.json").read_text()) == recorded
     assert "```\n### Instruction:\n{instruction}\n\n### Response:\n```" in (tmp_path / "exported" / "README.md").read_text()
     (out / "qconvert_prompt_format.json").write_text(json.dumps(dict(recorded, format="chat")))
-    r = subprocess.run([*QCONVERT, "generate", str(qmodel), "--adapter", str(out), "--prompt", "w7"], capture_output=True, text=True)
+    r = run_cli_here("generate", qmodel, "--adapter", out, "--prompt", "w7", ok=False)
     one_line_error(r, "qconvert_prompt_format.json: not a prompt format record", "disagrees")

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from helpers import QCONVERT
+from helpers import QCONVERT, run_cli_here
 from test_hostile_train import one_line_error
 from test_train import WORDS, memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
 
@@ -91,7 +91,7 @@ def test_config_file_with_hf_names_flags_override_and_saved_config_repeats_the_r
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert len(a) == 6 and [m["loss"] for m in a] == [m["loss"] for m in b] and [m["lr"] for m in a] == [m["lr"] for m in b]
     # repeating it into its own folder is refused (a previous run is never overwritten silently)
-    r = subprocess.run([*QCONVERT, "train", "--config", str(tmp_path / "a" / "config.yaml")], capture_output=True, text=True)
+    r = run_cli_here("train", "--config", tmp_path / "a" / "config.yaml", ok=False)
     one_line_error(r, "already holds files")
 
 
@@ -113,9 +113,9 @@ def test_config_keys_aliases_and_refusals(tmp_path):
             raise AssertionError(body)
     y = tmp_path / "typo.yaml"
     y.write_text("learning_rat: 1e-4\n")
-    r = subprocess.run([*QCONVERT, "train", "--config", str(y)], capture_output=True, text=True)
+    r = run_cli_here("train", "--config", y, ok=False)
     line = one_line_error(r, "unknown key 'learning_rat'")
     assert "did you mean 'learning_rate'?" in line
     y.write_text("learning_rate: fast\n")
-    r = subprocess.run([*QCONVERT, "train", "--config", str(y)], capture_output=True, text=True)
+    r = run_cli_here("train", "--config", y, ok=False)
     one_line_error(r, "learning_rate", "not a valid float")

@@ -139,15 +139,30 @@ def uses_conv1d(config: dict[str, Any] | None) -> bool:
     """Whether transformers builds this model with GPT-2 style Conv1D layers (weight stored [in, out];
     transformers + bitsandbytes quantizes its transpose). Read from the model's modeling source file,
     which is cheap: no model code is imported. tests/test_arch.py checks it against built models."""
-    import transformers
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
     mt = (config or {}).get("model_type")
     if not isinstance(mt, str):
         return False
-    module = model_type_to_module_name(mt)
-    src = Path(transformers.__file__).parent / "models" / module / f"modeling_{module}.py"
+    src = _modeling_source(mt)
     return src.is_file() and "Conv1D(" in src.read_text(encoding="utf-8")
+
+
+def _modeling_source(model_type: str) -> Path:
+    """transformers' modeling file for ``model_type``. A type that names its own folder (llama, gpt2)
+    is found without importing transformers, which takes 2-4 s (most of a small merge); the others go
+    through transformers' own mapping. tests/test_arch.py checks both ways agree on every model type."""
+    import importlib.util
+
+    key = model_type.replace("-", "_")
+    spec = importlib.util.find_spec("transformers")  # finds the package without running its __init__
+    if key.isidentifier() and spec is not None and spec.submodule_search_locations:
+        direct = Path(list(spec.submodule_search_locations)[0]) / "models" / key / f"modeling_{key}.py"
+        if direct.is_file():
+            return direct
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = model_type_to_module_name(model_type)
+    return Path(transformers.__file__).parent / "models" / module / f"modeling_{module}.py"
 
 
 def quantizable_modules(model, skips: list[str]) -> dict[str, bool]:

@@ -328,21 +328,41 @@ def _stored_names(root: Path, ckpt: Checkpoint, owned: set[str], quantized: set[
     return {name: k for k, name in lm.names.items() if name != k}
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()`` without its tensor of flags: min and max propagate NaN and are
+    +-inf when any element is, so both are finite exactly when every element is. On a CPU core it is
+    about 100x faster (isfinite took 1.9 of a 200M-parameter merge's 12 s)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+#: merge overlaps reading, computing and writing (export/overlap.py); False: one step after another
+#: (the reference the tests compare the overlapped output with, byte for byte)
+OVERLAP = True
+
+
 def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
-    """Every output tensor, in the base's order, into shards of at most ``limit`` bytes."""
+    """Every output tensor, in the base's order, into shards of at most ``limit`` bytes; the next
+    tensor read and the previous one written while this one is merged (export/overlap.py)."""
+    from .overlap import run_overlapped, run_sequential
 
     def finite(name: str, t: torch.Tensor) -> None:  # nothing complete-looking gets written
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise FormatError(f"{name}: the merged weight holds NaN or Inf as {job.dtype}",
                               hint="a value is out of the dtype's range (try --dtype float32) or an input is damaged; nothing was written")
 
-    shards = SizeShards(stage, limit, {"format": "pt"}, check=finite)
+    def compute(k: str, inputs: _Inputs | None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in _output_tensors(job, k, inputs):
+            finite(name, t)  # in the computing thread: refused in the sequential order
+            yield name, t
+
+    keys = [k for k in job.ckpt.keys() if not (k in job.owned and k not in job.quantized)]
+    shards = SizeShards(stage, limit, {"format": "pt"}, plan=_plan(job, keys))
+    job.ckpt.quant_storage()  # read once here, not by two threads at once
     try:
-        for k in job.ckpt.keys():
-            if k in job.owned and k not in job.quantized:
-                continue
-            for name, t in _output_tensors(job, k):
-                shards.add(name, t)
+        (run_overlapped if OVERLAP else run_sequential)(keys, lambda k: _read_inputs(job, k), compute, lambda nt: shards.add(*nt))
         shards.finish()
     except BaseException:
         shards.abort()
@@ -350,31 +370,79 @@ def _write_merged(job: _Merge, stage: Path, limit: int) -> SizeShards:
     return shards
 
 
-def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast. A 4-bit weight and
-    a LoRA update are [out, in]; a Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint
-    (the original, the output, an unquantized base tensor), so it is transposed on the way in and out."""
+def _plan(job: _Merge, keys: list[str]) -> list[tuple[str, torch.dtype, tuple[int, ...]]] | None:
+    """The output tensors (name, dtype, shape), in order, as :func:`_output_tensors` makes them: SizeShards
+    reserves each header at its exact size and writes the data once. None where a key's outputs are
+    not one tensor of a known shape (re-quantizing, LoRA on parameters); a wrong entry costs a copy."""
+    if job.quantize or job.params is not None:
+        return None
+    from ..validate import quant_shapes
+
+    logical = quant_shapes(job.ckpt)
+    plan = []
+    for k in keys:
+        if k in job.quantized:  # a Conv1D weight goes back to [in, out]
+            shape = tuple(logical[k])
+            plan.append((k, job.out_dtype, shape[::-1] if k in job.conv1d and len(shape) == 2 else shape))
+        else:
+            dtype, shape = job.ckpt.info(k)
+            plan.append((k, job.out_dtype if dtype.is_floating_point else dtype, tuple(shape)))
+    return plan
+
+
+@dataclass
+class _Inputs:
+    """What base tensor ``k``'s outputs are computed from, read ahead (by the reader thread)."""
+
+    qt: Any = None  # the 4-bit weight (QuantizedTensor), when ``k`` is one
+    w: torch.Tensor | None = None  # the stored tensor, or the original's for a 4-bit weight under --base-original
+    kept: dict[str, torch.Tensor] | None = None  # a 4-bit weight's stored entries, kept as they are (re-quantizing, not adapted)
+    delta: torch.Tensor | None = None  # the LoRA update scaling * B @ A, when ``k`` is adapted (computed ahead too)
+
+
+def _read_inputs(job: _Merge, k: str) -> _Inputs | None:
+    """The reads :func:`_output_tensors` needs for ``k``, and its LoRA update (a matmul the reader thread
+    does while the previous tensor is dequantized); None for LoRA on parameters (read as merged)."""
+    if job.params is not None and (k in job.params.direct or k in job.params.group_of):
+        return None
+    ckpt = job.ckpt
+    delta = job.lora.delta(job.targets[k]) if k in job.targets else None
+    if k not in job.quantized:
+        return _Inputs(w=ckpt.get(k), delta=delta)
+    qt = ckpt.quantized(k)
+    if job.orig is not None:
+        return _Inputs(qt=qt, w=job.orig.get(job.orig_names[k]), delta=delta)
+    if job.quantize and k not in job.targets:
+        return _Inputs(qt=qt, kept={c: qt.packed if c == k else ckpt.get(c) for c in ckpt.companions(k)})
+    return _Inputs(qt=qt, delta=delta)
+
+
+def _output_tensors(job: _Merge, k: str, inputs: _Inputs | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast, from ``inputs``
+    (:func:`_read_inputs`, read here when not given). A 4-bit weight and a LoRA update are [out, in]; a
+    Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint (the original, the output, an
+    unquantized base tensor), so it is transposed on the way in and out."""
     from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
     from ..quant.fast_cpu import quantize_4bit_fast
 
-    ckpt, is_4bit, conv1d = job.ckpt, k in job.quantized, k in job.conv1d
-    if job.params is not None and (k in job.params.direct or k in job.params.group_of):
+    is_4bit, conv1d = k in job.quantized, k in job.conv1d
+    inputs = inputs or _read_inputs(job, k)
+    if inputs is None:  # LoRA on parameters
         w = _merged_parameter(job, k)
         yield k, w.to(job.out_dtype)
         return
-    qt = None
+    qt = inputs.qt  # re-quantizing keeps the base's quant type, block size and double quant
     if is_4bit:
-        qt = ckpt.quantized(k)  # re-quantizing keeps the base's quant type, block size and double quant
         if job.orig is not None:
-            w = job.orig.get(job.orig_names[k]).float()
+            w = inputs.w.float()
             w = w.T.contiguous() if conv1d else w  # the original holds a Conv1D weight as [in, out]
         else:  # the logical value widened (spec 8), not the float32 product before rounding
             w = dequantize_4bit(*weight_args(qt), torch.float32)
     else:
-        w = ckpt.get(k)
+        w = inputs.w
     if k in job.targets:
-        delta = job.lora.delta(job.targets[k])
-        if not torch.isfinite(delta).all():
+        delta = inputs.delta
+        if not all_finite(delta):
             raise FormatError(f"{job.adapter}: the LoRA update of {k!r} holds NaN or Inf",
                               hint="the adapter is damaged (a diverged training run?); nothing was written")
         w = w.float() + (delta.T if conv1d and not is_4bit else delta)
@@ -382,8 +450,7 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _requantized_with_cost(job, k, w, delta, qt)
             return
     elif is_4bit and job.quantize and job.orig is None:  # not adapted: keep the stored 4-bit bytes as they are
-        for c in ckpt.companions(k):
-            yield c, qt.packed if c == k else ckpt.get(c)  # the codes as uint8, whatever quant_storage held them
+        yield from inputs.kept.items()  # the codes as uint8, whatever quant_storage held them
         return
     if is_4bit and job.quantize:
         yield from quantize_4bit_fast(w.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k).state_dict(k).items()
@@ -403,7 +470,7 @@ def _read_float32(job: _Merge, k: str) -> torch.Tensor:
 def _parameter_delta(job: _Merge, name: str) -> torch.Tensor:
     pl = job.params.loras[name]
     delta = pl.delta(job.lora.scaling(name))
-    if not torch.isfinite(delta).all():
+    if not all_finite(delta):
         raise FormatError(f"{job.adapter}: the LoRA update of {name!r} holds NaN or Inf",
                           hint="the adapter is damaged (a diverged training run?); nothing was written")
     return delta

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -74,8 +75,23 @@ def shard_digest(path: Path) -> str:
     return _digest(head, h.digest())
 
 
+def header_bytes(metadata: dict[str, str], entries: dict[str, dict]) -> bytes:
+    """A shard's JSON header as :class:`ShardWriter` writes it: compact, space-padded to a multiple of 8."""
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def entry(dtype: torch.dtype, shape, start: int, nbytes: int) -> dict:
+    return {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [start, start + nbytes]}
+
+
 class ShardWriter:
-    def __init__(self, path: Path, metadata: dict[str, str], reserve: int | None = None):
+    """One safetensors file written a tensor at a time (module docstring). ``exact``: ``reserve`` is
+    the header's predicted exact size; a header of any other size is moved, not padded, so the file's
+    bytes are the no-``reserve`` file's whether or not the prediction held."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], reserve: int | None = None, exact: bool = False):
+        self.exact = exact
         self.path = Path(path)
         self.metadata = dict(metadata)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
@@ -96,11 +112,7 @@ class ShardWriter:
         with _named(self.out_path):
             self.out.write(data)
         self.data_hash.update(data)
-        self.entries[name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [self.offset, self.offset + len(data)],
-        }
+        self.entries[name] = entry(t.dtype, t.shape, self.offset, len(data))
         self.offset += len(data)
         return len(data)
 
@@ -110,10 +122,8 @@ class ShardWriter:
             return self._close()
 
     def _close(self) -> tuple[int, str]:
-        header = {"__metadata__": self.metadata, **self.entries}
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        if self.reserve is not None and len(raw) <= self.reserve:
+        raw = header_bytes(self.metadata, self.entries)
+        if self.reserve is not None and (len(raw) == self.reserve if self.exact else len(raw) <= self.reserve):
             raw += b" " * (self.reserve - len(raw))
             head = struct.pack("<Q", len(raw)) + raw
             self.out.seek(0)
@@ -163,18 +173,38 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
     write_json(Path(folder) / SAFE_INDEX, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
+def planned_headers(plan: list[tuple[str, torch.dtype, tuple[int, ...]]], limit: int, metadata: dict[str, str]) -> list[int]:
+    """The exact header size of each shard :class:`SizeShards` will write for tensors (name, dtype,
+    shape) coming in this order, cut by its rule."""
+    shards: list[dict[str, dict]] = []
+    size = 0
+    for name, dtype, shape in plan:
+        nb = math.prod(shape) * dtype.itemsize
+        if not shards or (size and size + nb > limit):
+            shards.append({})
+            size = 0
+        shards[-1][name] = entry(dtype, shape, size, nb)
+        size += nb
+    return [len(header_bytes(metadata, entries)) for entries in shards]
+
+
 class SizeShards:
     """Tensors streamed into shards of at most ``limit`` bytes of data each (a tensor larger than the
     limit gets a shard of its own), for a writer that learns the names as it goes. The shards are
     written under temporary names (``part-00001.safetensors``: the count is known only at the end);
     :meth:`finish` renames them to :func:`shard_names` and returns those. :meth:`abort` deletes the
-    open one. ``check`` sees each tensor before it is written (to refuse one)."""
+    open one. ``check`` sees each tensor before it is written (to refuse one). ``plan``: the tensors
+    expected (name, dtype, shape, in order), so that each header's slot is reserved at its exact size
+    and the data is written once, not spilled and copied behind the header (a third of a merge's
+    writing); a tensor off the plan costs that copy again, never a different byte."""
 
-    def __init__(self, folder: Path, limit: int, metadata: dict[str, str] | None = None, check=None):
+    def __init__(self, folder: Path, limit: int, metadata: dict[str, str] | None = None, check=None,
+                 plan: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None):
         self.folder = Path(folder)
         self.limit = limit
         self.metadata = metadata if metadata is not None else {"format": "pt"}
         self.check = check
+        self.reserves = planned_headers(plan, limit, self.metadata) if plan else []
         self.files: list[str] = []
         self.weight_map: dict[str, str] = {}
         self.writer: ShardWriter | None = None
@@ -189,7 +219,9 @@ class SizeShards:
             if self.writer is not None:
                 self.writer.close()
             self.files.append(f"part-{len(self.files) + 1:05d}.safetensors")
-            self.writer = ShardWriter(self.folder / self.files[-1], self.metadata)
+            i = len(self.files) - 1
+            self.writer = ShardWriter(self.folder / self.files[-1], self.metadata,
+                                      reserve=self.reserves[i] if i < len(self.reserves) else None, exact=True)
             self.size = 0
         self.writer.add(name, t)
         self.weight_map[name] = self.files[-1]
