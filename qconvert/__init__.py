@@ -17,7 +17,7 @@ __all__ = ["__version__", "LAYOUT_VERSION", "QUANTIZER_VERSION", "load_model"]
 
 
 def load_model(*args, **kwargs):
-    """Load a 4-bit checkpoint onto qconvert's own 4-bit modules. See :func:`qconvert.loader.load_model`."""
-    from .loader import load_model as _load_model
+    """Load a 4-bit checkpoint onto qconvert's own 4-bit modules. See :func:`qconvert.model.loader.load_model`."""
+    from .model.loader import load_model as _load_model
 
     return _load_model(*args, **kwargs)

@@ -135,7 +135,7 @@ def float32_reference(qdir):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
     from qconvert.quant.reference import dequantize_4bit_ref
 
@@ -189,7 +189,7 @@ def bnb_dequantized(qdir) -> dict[str, torch.Tensor]:
     by ``QuantState.from_dict`` and decoded by ``dequantize_4bit``, which returns the logical dtype's value."""
     import bitsandbytes.functional as F
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import companion_keys, find_quantized
 
     ck = Checkpoint(qdir)
@@ -209,7 +209,7 @@ def bnb_float32_oracle(qdir, auto_class: str = "AutoModelForCausalLM"):
     import transformers
     from transformers import AutoConfig
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import companion_keys, find_quantized
 
     cfg = AutoConfig.from_pretrained(qdir)

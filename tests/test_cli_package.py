@@ -203,7 +203,7 @@ def test_bad_option_values_are_option_errors_from_every_library_entry(tmp_path):
 
     from qconvert.errors import FormatError, OptionError, QuantizationError
     from qconvert.export.merge import merge_adapter
-    from qconvert.loader import load_model
+    from qconvert.model.loader import load_model
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.quant.reference import quantize_4bit_ref
 

@@ -127,7 +127,7 @@ def test_adapter_shape_check_reads_conv1d_layers(gpt2, tmp_path):
     from safetensors.torch import save_file
 
     from qconvert.errors import FormatError
-    from qconvert.runtime import check_adapter, load_for_inference
+    from qconvert.run.inference import check_adapter, load_for_inference
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -197,8 +197,8 @@ def test_merge_requantized_keeps_the_4bit_layout(gpt2, tmp_path):
     load), and qconvert's model of the output is the merged weights re-quantized."""
     import qconvert
     from qconvert.export.merge import merge_adapter
-    from qconvert.validate import quant_shapes
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.model.checks import quant_shapes
+    from qconvert.io.checkpoint import Checkpoint
 
     src, q = gpt2
     adapter = peft_adapter(float32_reference(q), tmp_path / "adapter", ["c_attn"])
@@ -281,7 +281,7 @@ def test_train_on_gpt2_writes_an_adapter_for_the_16bit_model(gpt2, trained, tmp_
 
     import qconvert
     from qconvert.export.adapter import export_adapter
-    from qconvert.runtime import attach_adapter, load_for_inference
+    from qconvert.run.inference import attach_adapter, load_for_inference
 
     src, q = gpt2
     run, _, result = trained

@@ -188,7 +188,7 @@ def test_per_expert_sources_figures_and_refusal(tmp_path):
     summary, the card and inspect give the honest figures; config.json is refused by plain
     transformers; --experts 16bit writes bitsandbytes' bytes and says the experts' share."""
     from qconvert.convert.quantize import quantize_checkpoint
-    from qconvert.inspect import inspect_checkpoint
+    from qconvert.convert.inspect import inspect_checkpoint
 
     src = sweep.build_source("mixtral", tmp_path / "src")
     source = load_file(str(src / "model.safetensors"))
@@ -235,10 +235,10 @@ def test_only_the_routed_experts_are_dequantized(tmp_path, monkeypatch):
     """A forward dequantizes only the experts the router picked (one token, top-2 of 4: at most two
     experts per stack), never the whole stack; generate and eval run on the model."""
     import qconvert
-    from qconvert.evaluate import evaluate, load_examples, score
-    from qconvert.generation import encode_prompt, generate_text
+    from qconvert.run.evaluate import evaluate, load_examples, score
+    from qconvert.run.generate import encode_prompt, generate_text
     from qconvert.nn.experts4bit import Experts4bitWeight
-    from qconvert.runtime import load_for_inference
+    from qconvert.run.inference import load_for_inference
     from test_train import make_tokenizer, memorize_set
 
     src = sweep.build_source("qwen3_moe", tmp_path / "src")

@@ -243,7 +243,7 @@ def counting(monkeypatch) -> list:
 def test_verify_against_uses_the_fast_path(tiny_quantized, monkeypatch):
     """verify --against dequantizes every 4-bit weight once, through the CPU op, to the reference's bits."""
     from qconvert.convert.verify import verify_checkpoint
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from tolerances import REPORTED_FIGURE_REL
 
     d = tiny_quantized
@@ -264,7 +264,7 @@ def test_merge_uses_the_fast_path(tiny_quantized, monkeypatch, tmp_path):
     from safetensors.torch import load_file
 
     from qconvert.export.merge import LoraAdapter, merge_adapter
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import find_quantized
 
     d = tiny_quantized

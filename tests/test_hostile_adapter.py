@@ -159,7 +159,7 @@ def test_merge_of_the_valid_adapter_is_exact_and_keeps_local_paths_out_of_the_ca
     """The control: the adapter the cases damage merges to dequant(W4) + (alpha / r) B @ A. Its
     base_model_name_or_path is a local folder, which must not reach the published card."""
     from qconvert.export.merge import merge_adapter
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.hub.card import read_card_meta
     from qconvert.quant.reference import dequantize_4bit_ref
 

@@ -14,7 +14,7 @@ import pytest
 from hostile_util import all_bytes, make_llama_files, write_safetensors
 from qconvert.convert.quantize import quantize_checkpoint
 from qconvert.errors import FormatError, SourceError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- not for publishing"
 

@@ -17,9 +17,9 @@ import torch
 import qconvert
 from hostile_util import make_llama_files, pack_quant_state, run_limited, tensor_bytes, write_safetensors
 from qconvert.errors import FormatError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 from qconvert.format.constants import codebook
-from qconvert.inspect import inspect_checkpoint
+from qconvert.convert.inspect import inspect_checkpoint
 
 PACKAGE = Path(qconvert.__file__).parent
 
@@ -228,7 +228,7 @@ def test_enormous_header_length_is_refused(tmp_path):
 MAP_BIG = """
 import resource, sys
 from qconvert.errors import QConvertError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 vsz = int(open("/proc/self/statm").read().split()[0]) * 4096
 resource.setrlimit(resource.RLIMIT_AS, (vsz + 256 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
 try:

@@ -53,7 +53,7 @@ def test_config_yaml_written_past_a_link_at_its_old_temporary_name(tmp_path, out
 
 
 def test_loss_plot_and_verify_plot_written_past_links(tmp_path, outside):
-    from qconvert.plot import plot_quantization_error
+    from qconvert.convert.verify_plot import plot_quantization_error
     from qconvert.train.plot import read_png_series, write_loss_plot
 
     out = tmp_path / "run"
@@ -71,7 +71,7 @@ def test_loss_plot_and_verify_plot_written_past_links(tmp_path, outside):
 
 
 def test_adapter_config_rewrite_past_a_link(tmp_path, outside):
-    from qconvert.adapters import stable_adapter_config
+    from qconvert.model.adapters import stable_adapter_config
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["v", "q"], "r": 2}))
     (tmp_path / "adapter_config.json.tmp").symlink_to(outside / "precious.txt")

@@ -99,7 +99,7 @@ def test_output_overlapping_an_input_or_a_link_is_refused_even_with_overwrite(tm
 
 
 def test_companions_are_copied_from_inside_the_folder_only(tmp_path):
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     src = make_tiny_llama(tmp_path / "src")
     (src / "tokenizer_config.json").write_text("{}")
@@ -235,7 +235,7 @@ def test_one_template_per_relation():
 
 
 def test_reader_protocol_is_met_by_local_and_hub_checkpoints(tmp_path):
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.hub.download import HubCheckpoint
     from qconvert.io.reader import CheckpointReader
 

@@ -61,7 +61,7 @@ def dequantized_source_model(src: Path, q: Path, out: Path):
     in 4 bits is replaced by its reference dequantization (same names: quantize keeps the source's)."""
     from transformers import AutoModelForCausalLM
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
     from qconvert.quant.reference import dequantize_4bit_ref
 

@@ -351,7 +351,7 @@ def test_generate_and_eval_cli(aligned, tmp_path):
     # the same number computed here, in-process, through the library (text records are scored as train scores them: EOS appended)
     from transformers import AutoTokenizer
 
-    from qconvert.evaluate import load_examples, score
+    from qconvert.run.evaluate import load_examples, score
 
     tok = AutoTokenizer.from_pretrained(model)
     want = score(qconvert.load_model(model, backend="reference", device="cpu"), load_examples(data, tok), tok.eos_token_id)

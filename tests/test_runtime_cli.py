@@ -233,7 +233,7 @@ def test_eval_compare_base_and_adapter(models, capsys, tmp_path):
 
 
 def test_runtime_library_modules_import_neither_click_nor_matplotlib():
-    probe = ("import sys, qconvert.runtime, qconvert.evaluate, qconvert.generation, qconvert.plot; "
+    probe = ("import sys, qconvert.run.inference, qconvert.run.evaluate, qconvert.run.generate, qconvert.convert.verify_plot; "
              "print([m for m in ('click', 'matplotlib', 'transformers', 'peft') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

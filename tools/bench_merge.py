@@ -95,7 +95,7 @@ def main() -> int:
     anchor = run("anchor", base, adapter, BENCH / f"merged-anchor{tag}")
     ours = run("qconvert", base, adapter, BENCH / f"merged-qconvert{tag}")
     from qconvert.export.merge import LoraAdapter
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import QuantizedTensor, companion_keys
     from qconvert.quant.reference import dequantize_4bit_ref
 

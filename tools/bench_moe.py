@@ -108,7 +108,7 @@ def sizes(folder: Path) -> dict:
     """Bytes and parameters read off the written safetensors headers: outside the layers, per layer,
     and of the routed experts; a 4-bit weight counts every stored entry, its parameters from its
     quant-state shape."""
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import find_quantized
 
     ck = Checkpoint(folder)

@@ -1,5 +1,5 @@
 """CLI commands `qconvert quantize`, `qconvert verify` and `qconvert inspect` (library: qconvert.convert,
-qconvert.inspect)."""
+qconvert.convert.inspect)."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
 
         raise OptionError("--plot needs --against SOURCE", hint="the picture shows the error against the original weights")
     if plot:
-        from ..plot import check_plot_path
+        from ..convert.verify_plot import check_plot_path
 
         check_plot_path(plot, overwrite)  # before the work
     r = verify_checkpoint(output_dir, against=source)
@@ -147,7 +147,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
             )
             _report_drops_and_casts({"dropped": e["dropped"], "cast": []})
     if plot:
-        from ..plot import plot_verify_report
+        from ..convert.verify_plot import plot_verify_report
 
         echo(f"wrote {plot_verify_report(r, plot, overwrite)['path']}", err=True)
     if not r["ok"]:
@@ -160,7 +160,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
 def inspect(path: str, as_json: bool) -> None:
     """Show every tensor of a checkpoint folder or .safetensors file: shape, dtype, quant type, block size,
     double quant, stored bytes; and bits per parameter over the quantized tensors."""
-    from ..inspect import format_report, inspect_checkpoint
+    from ..convert.inspect import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(path)
     if as_json:

@@ -1,5 +1,5 @@
-"""CLI commands that run a model: `qconvert generate` and `qconvert eval` (library: qconvert.runtime,
-qconvert.generation, qconvert.evaluate)."""
+"""CLI commands that run a model: `qconvert generate` and `qconvert eval` (library: qconvert.run.inference,
+qconvert.run.generate, qconvert.run.evaluate)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
              as_json, dtype, backend, revision):
     """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
     from .._cpus import cap_torch_threads
-    from ..generation import check_settings, generate_text, recorded_format, render_prompt
+    from ..run.generate import check_settings, generate_text, recorded_format, render_prompt
     from ..io.source import resolve_adapter_path
-    from ..runtime import attach_adapter, load_for_inference
+    from ..run.inference import attach_adapter, load_for_inference
 
     if chat and fmt not in (None, "chat"):
         raise click.UsageError(f"--chat and --format {fmt}: give one of them")
@@ -86,7 +86,7 @@ def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_l
              backend, revision, as_json):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
     from .._cpus import cap_torch_threads
-    from ..evaluate import evaluate, format_table
+    from ..run.evaluate import evaluate, format_table
 
     cap_torch_threads()
     rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-# the adapter reader lives in qconvert.adapters (one layer down: load_model reads adapters too);
+# the adapter reader lives in qconvert.model.adapters (one layer down: load_model reads adapters too);
 # these names stay importable from here
-from ..adapters import (  # noqa: F401
+from ..model.adapters import (  # noqa: F401
     LORA_KEY, check_adapter_for_model, check_against_base, module_value, read_adapter_config, read_lora_weights,
 )
 from ..errors import FormatError

@@ -126,7 +126,7 @@ class _Source:
     @classmethod
     def open(cls, model: str, adapter: str | None, say, family: bool = True) -> "_Source":
         """``family``: refuse a family export-gguf cannot write (compare reads any causal LM)."""
-        from ..format.checkpoint import Checkpoint
+        from ..io.checkpoint import Checkpoint
         from ..io.source import resolve_model_path
 
         root, _ = resolve_model_path(model, None)

@@ -28,7 +28,7 @@ import torch
 
 from .. import __version__
 from ..errors import DtypeOptionError, FormatError
-from ..format.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import LOGICAL_DTYPES as DTYPES
 from ..format.layout import is_4bit_config
@@ -41,7 +41,7 @@ class LoraAdapter:
     """A PEFT LoRA adapter folder: per-module A, B and scaling."""
 
     def __init__(self, folder: str | os.PathLike):
-        from ..adapters import read_adapter_config, read_lora_weights
+        from ..model.adapters import read_adapter_config, read_lora_weights
 
         self.folder = Path(folder)
         cfg_path = self.folder / "adapter_config.json"
@@ -63,12 +63,12 @@ class LoraAdapter:
 
     def check_base(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
         """Each module's lora_B @ lora_A has its base weight's [out, in] shape."""
-        from ..adapters import check_against_base
+        from ..model.adapters import check_against_base
 
         check_against_base(self.weights, self.modules, base_shapes)
 
     def _pattern(self, table: dict, module: str, default):
-        from ..adapters import module_value
+        from ..model.adapters import module_value
 
         return module_value(table, module, default)
 
@@ -85,7 +85,7 @@ class LoraAdapter:
 def _base_shapes(ckpt: Checkpoint, targets: dict[str, str], conv1d: set[str]) -> dict[str, tuple[int, ...]]:
     """[out, in] of each adapted base weight (a 4-bit one's from its quant state; an unquantized
     Conv1D weight's is its shape reversed), by module name."""
-    from ..validate import quant_shapes
+    from ..model.checks import quant_shapes
 
     q = quant_shapes(ckpt)
     return {m: tuple(q[k]) if k in q else tuple(reversed(ckpt.info(k)[1])) if k in conv1d else ckpt.info(k)[1]
@@ -101,7 +101,7 @@ def _conv1d_weights(root: Path, cfg: dict[str, Any]) -> set[str]:
         return set()
     from transformers import AutoConfig
 
-    from ..validate import build_meta, is_conv1d, model_class
+    from ..model.checks import build_meta, is_conv1d, model_class
 
     cls = model_class(cfg, f"{root}/config.json")
     model = build_meta(cls, AutoConfig.from_pretrained(root, trust_remote_code=False), f"{root}/config.json")
@@ -117,8 +117,8 @@ class _ParameterMerge:
     split back into its stored tensors by transformers' save-time revert, one group at a time."""
 
     model: Any  # the model on the meta device: converters and reverts run against it
-    lm: Any  # qconvert.conversions.LoadMap of the checkpoint on that model
-    loras: dict[str, Any]  # parameter name -> qconvert.adapters.ParameterLora
+    lm: Any  # qconvert.model.conversions.LoadMap of the checkpoint on that model
+    loras: dict[str, Any]  # parameter name -> qconvert.model.adapters.ParameterLora
     direct: dict[str, str]
     group_of: dict[str, str]
     pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # first target -> reverted tensors not yet written
@@ -229,7 +229,7 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
 def _meta_model(root: Path):
     from transformers import AutoConfig
 
-    from ..validate import build_meta, model_class, read_config
+    from ..model.checks import build_meta, model_class, read_config
 
     where = str(root / "config.json")
     return build_meta(model_class(read_config(root), where), AutoConfig.from_pretrained(root, trust_remote_code=False), where)
@@ -238,8 +238,8 @@ def _meta_model(root: Path):
 def _parameter_merge(root: Path, ckpt: Checkpoint, lora: LoraAdapter, owned: set[str], quantized: set[str]) -> _ParameterMerge:
     """The adapter's LoRA on parameters (taken out of ``lora.modules``), each placed where ``ckpt``
     stores its parameter (see :class:`_ParameterMerge`)."""
-    from ..adapters import parameter_adapters
-    from ..conversions import load_map
+    from ..model.adapters import parameter_adapters
+    from ..model.conversions import load_map
 
     model = _meta_model(root)
     loras = parameter_adapters(lora.config, lora.modules, model, lora.weights)
@@ -265,7 +265,7 @@ def _original_names(orig: Checkpoint, where: str, quantized: set[str], cfg: dict
     names = {k: k for k in quantized if k in have}
     if len(names) == len(quantized):
         return names
-    from ..validate import model_class
+    from ..model.checks import model_class
 
     prefix = getattr(model_class(cfg, f"{root}/config.json"), "base_model_prefix", "") + "."
     for k in sorted(quantized - names.keys()):
@@ -284,8 +284,8 @@ def _stored_names(root: Path, ckpt: Checkpoint, owned: set[str], quantized: set[
     stored name and are left out."""
     from transformers import AutoConfig
 
-    from ..conversions import load_map
-    from ..validate import build_meta, model_class, read_config
+    from ..model.conversions import load_map
+    from ..model.checks import build_meta, model_class, read_config
 
     where = str(root / "config.json")
     model = build_meta(model_class(read_config(root), where), AutoConfig.from_pretrained(root, trust_remote_code=False), where)
@@ -377,7 +377,7 @@ def _parameter_delta(job: _Merge, name: str) -> torch.Tensor:
 def _merged_parameter(job: _Merge, k: str) -> torch.Tensor:
     """Stored tensor ``k`` with the LoRA on the parameter it loads into folded in, float32 (a converted
     group is merged and reverted once, when its first tensor is written)."""
-    from ..conversions import convert_group, revert_group
+    from ..model.conversions import convert_group, revert_group
 
     pm = job.params
     if k in pm.direct:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import SourceError
-from ..format.checkpoint import (
+from .checkpoint import (
     SAFETENSORS_DTYPES, Checkpoint, check_member_name, check_shard_against_index, is_companion_file, is_weight_file,
     raise_resource_error,
 )

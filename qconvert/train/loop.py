@@ -178,7 +178,7 @@ def train(
 
 
 def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed, base=None) -> dict[str, Any]:
-    from ..loader import resolve_model_path
+    from ..model.loader import resolve_model_path
     from . import fsdp as fs
 
     random.seed(o["seed"])
@@ -237,8 +237,8 @@ class _Run:
         """The 4-bit base, gradient checkpointing, LoRA, FSDP sharding (with --fsdp), the optimizer."""
         from peft import LoraConfig, get_peft_model
 
-        from ..adapters import adapts_conv1d, module_targets_kept
-        from ..loader import load_model
+        from ..model.adapters import adapts_conv1d, module_targets_kept
+        from ..model.loader import load_model
         from .targets import choose as choose_targets
         from . import fsdp as fs
 
@@ -261,7 +261,7 @@ class _Run:
         torch.manual_seed(o["seed"])
         with module_targets_kept():
             self.model = get_peft_model(base, self.cfg)
-        if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.adapters)
+        if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.model.adapters)
             self.model.peft_config["default"].fan_in_fan_out = True  # saved in adapter_config.json; the layers keep False
         self.signature = run_signature(config_identity(root), self.model.peft_config["default"])
         self.n_total = count_parameters(self.model)
@@ -523,7 +523,7 @@ def count_parameters(model) -> int:
 
 def check_causal_lm(root: Path) -> None:
     """`train` needs a decoder-only causal LM: refuse encoders (BERT) and encoder-decoders (T5)."""
-    from ..validate import read_config
+    from ..model.checks import read_config
 
     try:
         cfg = read_config(Path(root))  # the one config.json reader, its size limit
@@ -677,7 +677,7 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: dict, state_dict: dict | None = None) -> None:
-    from ..adapters import stable_adapter_config
+    from ..model.adapters import stable_adapter_config
     from ..io.cards import adapter_card, shown, usage_section
     from ..io.writes import building, fresh_dir, remove, write_file
 

@@ -16,7 +16,7 @@ shared experts, Mamba/linear-attention projections. Left out, each for a reason 
 
 Targets are written as PEFT matches them: a layer's last name part (``q_proj``) when that part names
 exactly the chosen modules, else full names. On model types whose adapters PEFT's transformers-5 MoE
-conversion rewrites (qconvert.adapters.module_targets_kept), full names are used for the parts it would
+conversion rewrites (qconvert.model.adapters.module_targets_kept), full names are used for the parts it would
 move to the experts, and the adapter is attached with those names kept.
 """
 
@@ -136,7 +136,7 @@ def _names(model, chosen: list[str], kind: str, converted: set[str] = frozenset(
 def choose(model, given: list[str] | None, experts: bool) -> Targets:
     """The run's LoRA targets: ``given`` module names (--target-modules) or the default linear layers,
     and with ``experts`` the routed experts' parameters."""
-    from ..adapters import peft_moves_to_parameters
+    from ..model.adapters import peft_moves_to_parameters
 
     chosen, left_out = linear_layers(model)
     if given:

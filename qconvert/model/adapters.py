@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
+from ..errors import FormatError
 
 #: A PEFT LoRA weight key: base_model.model.<module>.lora_A|lora_B[.<adapter name>].weight
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -151,8 +151,8 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     p = folder / "adapter_config.json"
     if not p.is_file():
         raise FormatError(f"{folder}: no adapter_config.json", hint="pass a PEFT LoRA adapter folder")
-    from .format.checkpoint import read_json_object
-    from .validate import check_config_size
+    from ..io.checkpoint import read_json_object
+    from .checks import check_config_size
 
     check_config_size(p)
     cfg = read_json_object(p, "adapter_config.json")
@@ -187,7 +187,7 @@ def stable_adapter_config(folder: Path, **updates: Any) -> dict[str, Any]:
     for key in SET_KEYS:
         if isinstance(cfg.get(key), list) and all(isinstance(v, str) for v in cfg[key]):
             cfg[key] = sorted(cfg[key])
-    from .io.writes import write_file
+    from ..io.writes import write_file
 
     write_file(p, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
@@ -334,7 +334,7 @@ def check_against_base(weights: Path, modules: Mapping[str, tuple[Any, Any]], ba
 def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
     """A PEFT LoRA folder about to be attached to ``model`` (load_model's ``adapter=``): sections 5.1
     to 5.4 of spec/robustness.md, with the model's Linear layers as the base."""
-    from .validate import linear_shape
+    from .checks import linear_shape
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, FormatError, OptionError, SourceError
-from .names import DTYPE_CHOICES
+from ..errors import DataError, FormatError, OptionError, SourceError
+from ..names import DTYPE_CHOICES
 
 # lora_A / lora_B weights of linear layers (PEFT drops the adapter name when saving; some tools keep it), and the
 # lora_embedding_A / _B parameters of embedding layers
@@ -56,7 +56,7 @@ def read_model_config(root: Path) -> dict[str, Any]:
         raise SourceError(f"{root}: not a model folder", hint="pass a folder with config.json, weights and tokenizer, or a Hub id")
     if not (root / "config.json").is_file():
         raise SourceError(f"{root}: no config.json", hint="pass a model folder (config.json, weights, tokenizer)")
-    from .validate import read_config
+    from ..model.checks import read_config
 
     return read_config(root)  # the one config.json reader: size limit, UTF-8 JSON object
 
@@ -100,9 +100,9 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     import torch
     from transformers import AutoConfig
 
-    from .format.layout import is_4bit_config
-    from .loader import load_model, resolve_model_path
-    from .nn import Linear4bit
+    from ..format.layout import is_4bit_config
+    from ..model.loader import load_model, resolve_model_path
+    from ..nn import Linear4bit
 
     if dtype not in DTYPE_CHOICES:
         raise OptionError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
@@ -135,7 +135,7 @@ def _load_plain(root: Path, cls, config, dtype: str):
     """A checkpoint without 4-bit weights, through transformers, in its stored dtype ("auto") or ``dtype``."""
     from transformers.utils import logging as hf_logging
 
-    from .format.layout import LOGICAL_DTYPES
+    from ..format.layout import LOGICAL_DTYPES
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
@@ -186,8 +186,8 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
     """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes."""
     import torch
 
-    from .adapters import check_pattern_time, unwrapped
-    from .validate import linear_shape
+    from ..model.adapters import check_pattern_time, unwrapped
+    from ..model.checks import linear_shape
 
     folder = Path(folder)
     cfg, shapes = _adapter_shapes(folder)
@@ -219,8 +219,8 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
     against the model, attach it with PEFT and make it the active one."""
     from peft import PeftModel
 
-    from .adapters import conv1d_notice_hidden, module_targets_kept
-    from .io.source import resolve_adapter_path
+    from ..model.adapters import conv1d_notice_hidden, module_targets_kept
+    from ..io.source import resolve_adapter_path
 
     given, (folder, _) = folder, resolve_adapter_path(folder)
     check_adapter(folder, lm.model, lm.name)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, OptionError
+from ..errors import DataError, OptionError
 
 
 def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length: int = 512,
@@ -25,7 +25,7 @@ def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length
     ``split``/``config`` pick a Hub dataset's (or a dataset folder's) split and configuration;
     ``truncation`` ("truncate" or "drop") treats records over ``max_length`` as train does, and
     ``report`` (a train.data.DataReport) counts what was truncated or dropped."""
-    from .train.data import build_examples, load_records
+    from ..train.data import build_examples, load_records
 
     if max_length < 2:
         raise OptionError(f"--max-length must be at least 2, got {max_length}")
@@ -40,8 +40,8 @@ def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[st
     """Mean loss over the labelled tokens of ``examples``, its exponential, and the counts."""
     import torch
 
-    from .train.data import IGNORE, collate
-    from .train.loop import label_loss_sum
+    from ..train.data import IGNORE, collate
+    from ..train.loop import label_loss_sum
 
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
@@ -65,21 +65,21 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
              data_split: str | None = None, data_config: str | None = None, truncation: str = "truncate") -> list[dict]:
     """Score MODEL, and MODEL with each adapter; one row each. With ``compare`` the bare model is scored
     first even when adapters are given (base vs base+adapter in one run, the base loaded once)."""
-    from .runtime import attach_adapter, load_for_inference
+    from .inference import attach_adapter, load_for_inference
 
     adapters = list(adapters or [])
     if compare and not adapters:
         raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
-    from .io.hub import looks_like_repo_id
+    from ..io.hub import looks_like_repo_id
 
     if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
         raise DataError(f"{data}: no such file")
-    from .io.source import resolve_adapter_path
+    from ..io.source import resolve_adapter_path
 
     folders = [resolve_adapter_path(a)[0] for a in adapters]  # folders or Hub ids, fetched before the model loads
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype, device=device)
     tok = lm.tokenizer
-    from .train.data import DataReport
+    from ..train.data import DataReport
 
     report = DataReport()
     examples = load_examples(data, tok, fmt=fmt, max_length=max_length, train_on_inputs=train_on_inputs,
