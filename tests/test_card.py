@@ -7,7 +7,7 @@ import pytest
 
 from helpers import make_tiny_llama
 from qconvert.errors import FormatError
-from qconvert.hub.card import read_card_meta, render_card
+from qconvert.io.cards import read_card_meta, render_card
 
 HAND_WRITTEN = """---
 # written by hand, as people do

@@ -70,7 +70,7 @@ def test_load_model_puts_4bit_layers_in_place_of_conv1d(gpt2):
     """Every Conv1D became a Linear4bit over the stored [out, in] tensor, with its bias; the logits are
     the dequantize-then-run reference's (plain transformers, Conv1D weights transposed back)."""
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
     from transformers.pytorch_utils import Conv1D
 
     src, q = gpt2
@@ -103,7 +103,7 @@ def test_peft_wraps_the_4bit_layers_as_linear_lora(gpt2, targets):
     from peft.tuners.lora import Linear as LoraLinear
 
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
 
     base = qconvert.load_model(gpt2[1], backend="reference", device="cpu", dtype=torch.float32)
     with warnings.catch_warnings(record=True) as seen:

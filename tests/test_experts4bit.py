@@ -33,7 +33,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def stored(v) -> QuantizedTensor:
     """The vector's stack rebuilt from its stored bytes alone, as a reader sees it."""
-    from qconvert.format import codebook, dynamic_map
+    from qconvert.format.constants import codebook, dynamic_map
 
     t = {"w": from_hex(v["packed"], torch.uint8, (-1, 1)),
          "w.absmax": from_hex(v["absmax"], torch.uint8 if v["double_quant"] else torch.float32, (-1,)),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qconvert import ops
-from qconvert.format.constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_TYPES, codebook
+from qconvert.names import BLOCKSIZES, QUANT_TYPES
+from qconvert.format.constants import FLOAT_DTYPES, codebook
 from qconvert.format.layout import QuantizedTensor
 from qconvert.ops import impl
 from qconvert.quant import fast_dequant

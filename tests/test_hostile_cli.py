@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import QCONVERT, make_tiny_llama
-from qconvert.cli import main
+from qconvert.cli.main import main
 
 FIRST_LINE = re.compile(r"^qconvert: error: .{1,183}$")
 

@@ -132,7 +132,7 @@ def test_quantize_kernel_bit_exact(triton_backend):
     """The Triton quantizer's codes and float32 block scales equal the reference's, byte for byte:
     full and ragged blocks, odd counts, every dtype, both code tables, every block size, and the
     edge cases (all-zero blocks, subnormal scales, values on the midpoints)."""
-    from qconvert.format.constants import BLOCKSIZES
+    from qconvert.names import BLOCKSIZES
 
     g = torch.Generator().manual_seed(11)
     shapes = ((1,), (7,), (63,), (64,), (65,), (33, 65), (5, 257), (2, 4097))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from qconvert.backends import get_backend
 from qconvert.errors import FormatError
-from qconvert.nn import Linear4bit
+from qconvert.nn.linear4bit import Linear4bit
 from qconvert.quant.reference import quantize_4bit_ref
 
 

@@ -86,7 +86,7 @@ def check_family(family: str, work: Path) -> None:
     """load_model against transformers on the dequantized source; the routed experts of MoE families
     are 4-bit (the default) and each expert's dequantized matrix is transformers' merged one."""
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
     from qconvert.nn.experts4bit import Experts4bitWeight
 
     src, q = quantized_family(family, work)
@@ -185,7 +185,7 @@ def test_merge_of_a_renamed_4bit_layer_keeps_the_stored_name(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
 
     src, q = quantized_family("hy_v4", tmp_path)
     model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)

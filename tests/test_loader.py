@@ -8,8 +8,8 @@ import torch
 
 import qconvert
 from helpers import bnb_float32_oracle, bnb_quantize_save, float32_reference, make_tiny_llama, minilm_dir, save_as_bf16
-from qconvert.errors import BackendError, FormatError
-from qconvert.nn import Linear4bit
+from qconvert.errors import BackendError, FormatError, OptionError
+from qconvert.nn.linear4bit import Linear4bit
 from tolerances import BF16_REL, FLOAT32_REL, GRAD_REL
 
 #: the triton backend runs on CUDA when there is one, else in Triton's interpreter on CPU (conftest.py)
@@ -122,7 +122,7 @@ def test_dtype_argument(ragged_bf16):
     assert all_float32(m) and m.model.layers[1].mlp.down_proj.compute_dtype == torch.bfloat16
     m = qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="auto")
     assert m.model.norm.weight.dtype == torch.bfloat16
-    with pytest.raises(FormatError, match="unknown dtype 'float64'"):
+    with pytest.raises(OptionError, match="unknown dtype 'float64'"):
         qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="float64")
 
 
@@ -295,10 +295,10 @@ def test_generate_matches_transformers(aligned):
 
 
 def test_backend_selection_errors(aligned, monkeypatch):
-    with pytest.raises(BackendError, match="unknown backend 'cuda-magic'"):
+    with pytest.raises(OptionError, match="unknown backend 'cuda-magic'"):
         qconvert.load_model(aligned["float32"], backend="cuda-magic", device="cpu")
     monkeypatch.setenv("QCONVERT_BACKEND", "nope")
-    with pytest.raises(BackendError, match="unknown backend 'nope'"):
+    with pytest.raises(OptionError, match="unknown backend 'nope'"):
         qconvert.load_model(aligned["float32"], device="cpu")
     monkeypatch.setenv("QCONVERT_BACKEND", "bitsandbytes")
     m = qconvert.load_model(aligned["float32"], device="cpu")

@@ -51,7 +51,7 @@ def test_export_adapter_is_clean_and_loads_in_peft(train_dir, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from qconvert.hub.card import read_card_meta
+    from qconvert.io.cards import read_card_meta
 
     d, out, want = train_dir
     r = run("export-adapter", out, tmp_path / "a", "--base-model", "alice/tiny-nf4")

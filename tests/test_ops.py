@@ -13,7 +13,7 @@ from qconvert import ops
 from qconvert.backends import get_backend
 from qconvert.backends.dispatch import DeviceBackend
 from qconvert.errors import QuantizationError
-from qconvert.nn import Linear4bit
+from qconvert.nn.linear4bit import Linear4bit
 from qconvert.ops import impl
 from qconvert.quant import fast_dequant, reference
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
@@ -278,7 +278,7 @@ import sys, torch
 import torch._dynamo
 torch._dynamo.config.disable = False
 from qconvert.backends import get_backend
-from qconvert.nn import Linear4bit
+from qconvert.nn.linear4bit import Linear4bit
 from qconvert.quant.reference import quantize_4bit_ref
 
 backend = sys.argv[1]

@@ -108,7 +108,7 @@ def test_bad_workers_is_an_option_error(value):
 
 @pytest.mark.parametrize("value", ["-1", "abc", "2.5"])
 def test_cli_bad_workers_one_line_exit_1(tmp_path, capsys, value):
-    from qconvert.cli import main
+    from qconvert.cli.main import main
 
     src = tmp_path / "src"  # never read: the option fails first
     assert main(["quantize", str(src), str(tmp_path / "out"), "--workers", value]) == 1

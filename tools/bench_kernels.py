@@ -50,7 +50,7 @@ def main() -> int:
 
     from qconvert.backends.bnb import BitsandbytesBackend
     from qconvert.backends.triton_backend import TritonBackend
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
     from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 
     tb, bb = TritonBackend(), BitsandbytesBackend()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ..errors import BackendError, UnknownBackendError
+from ..errors import BackendError, OptionError
 #: Every backend name a caller, a CLI flag (--backend), a train config file or QCONVERT_BACKEND may
 #: give: one tuple, in qconvert.names, which the CLI reads without importing torch.
 from ..names import BACKEND_NAMES as NAMES
@@ -56,7 +56,7 @@ def resolve(name: str | None, device: torch.device) -> str:
     if name == "auto":
         name = os.environ.get(ENV) or "auto"
     if name not in NAMES:
-        raise UnknownBackendError(f"unknown backend {name!r}", hint=f"use one of {', '.join(NAMES)} (argument or {ENV})")
+        raise OptionError(f"unknown backend {name!r}", hint=f"use one of {', '.join(NAMES)} (argument or {ENV})")
     if name == "auto":
         return "auto"
     if name == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):

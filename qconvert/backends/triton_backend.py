@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendError
-from ..format.constants import FLOAT_DTYPES, ceil_div
+from ..format.constants import FLOAT_DTYPES
+from ..names import ceil_div
 from ..format.layout import QuantizedTensor
 from . import Backend
 

@@ -7,6 +7,7 @@ import json
 
 import click
 
+from ..names import QUANT_TYPES
 from . import options
 
 
@@ -58,7 +59,7 @@ def _report_experts(s: dict) -> None:
 @click.argument("source")
 @click.argument("output_dir")
 @options.revision()
-@click.option("--quant-type", type=click.Choice(options.QUANT_TYPES), default="nf4", show_default=True)
+@click.option("--quant-type", type=click.Choice(QUANT_TYPES), default="nf4", show_default=True)
 @click.option("--blocksize", type=int, default=64, show_default=True, help="32, 64, 128, ..., 4096.")
 @click.option("--no-double-quant", is_flag=True, help="Store block scales as float32 (4.5 bits/param) instead of 8-bit.")
 @options.compute_dtype()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from ..names import BACKEND_NAMES, FLOAT_DTYPE_NAMES, QUANT_TYPES  # noqa: F401 (QUANT_TYPES: for the commands)
+from ..names import BACKEND_NAMES, FLOAT_DTYPE_NAMES
 
 #: dtypes a model can be written in or compute in, as choices (``auto`` is added where a command can infer it)
 DTYPE_NAMES = tuple(sorted(FLOAT_DTYPE_NAMES))

@@ -8,6 +8,7 @@ import json
 import click
 
 # light (no torch): eval takes whatever train takes
+from ..run.generate import PROMPT_FORMATS
 from ..train.data import FORMATS, TRUNCATION
 from . import options
 
@@ -17,7 +18,7 @@ from . import options
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
 @click.option("--adapter", help="A PEFT LoRA adapter folder (a `qconvert train` output), or its Hub id, to run on top of MODEL.")
 @click.option("--chat", is_flag=True, help="Render the prompt as a user turn with the tokenizer's chat template (= --format chat).")
-@click.option("--format", "fmt", type=click.Choice(("raw", "alpaca", "chat")),
+@click.option("--format", "fmt", type=click.Choice(PROMPT_FORMATS),
               help="raw: the prompt as given; alpaca: an instruction rendered as train renders alpaca records; chat: as --chat "
                    "[default: the --adapter's recorded training format, else raw].")
 @click.option("--system", help="With --chat: a system message before the prompt.")

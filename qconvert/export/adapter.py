@@ -12,12 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-# the adapter reader lives in qconvert.model.adapters (one layer down: load_model reads adapters too);
-# these names stay importable from here
-from ..model.adapters import (  # noqa: F401
-    LORA_KEY, check_adapter_for_model, check_against_base, module_value, read_adapter_config, read_lora_weights,
-)
 from ..errors import FormatError
+from ..model.adapters import read_adapter_config, read_lora_weights
 
 
 def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
@@ -28,7 +24,7 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
 
     src, out = Path(source), Path(output)
     if not (src / "adapter_config.json").is_file():
-        from ..train.loop import checkpoints
+        from ..train.checkpoint import checkpoints
 
         ckpts = checkpoints(src)
         if not ckpts:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import DtypeOptionError, FormatError
+from ..errors import FormatError, OptionError
 from ..io.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import LOGICAL_DTYPES as DTYPES
@@ -171,7 +171,7 @@ def merge_adapter(
     say = log or (lambda m: None)
     out = Path(output)
     if dtype not in DTYPES:
-        raise DtypeOptionError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
+        raise OptionError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
     checked_base_model(base_model)
     check_output(out, overwrite, inputs=[base, adapter, base_original])
     root, repo_id = resolve_model_path(base, revision)

@@ -170,7 +170,7 @@ def check_base_model_id(base: object, where: Path) -> None:
 
 
 def _is_repo_id(s: str) -> bool:
-    from .download import REPO_ID
+    from ..io.hub import REPO_ID
 
     return bool(REPO_ID.match(s))
 
@@ -195,7 +195,7 @@ def _push_errors(repo_id: str) -> Iterator[None]:
     except ValueError as e:  # huggingface_hub raises ValueError subclasses for answers it cannot use
         raise HubError(f"{repo_id}: the Hub's answer could not be used ({e})", hint=resume) from None
     except Exception as e:
-        from .download import is_network_error
+        from ..io.hub import is_network_error
 
         if not is_network_error(e):
             raise

@@ -528,7 +528,3 @@ def open_file_limit() -> str:
     except (ImportError, OSError, ValueError):
         return "the open-file limit is reached"
     return "the open-file limit is reached" if soft == resource.RLIM_INFINITY else f"this process may hold {soft} open files"
-
-
-#: the name before open files were told apart too (qconvert.io.hub imported it)
-raise_memory_error = raise_resource_error

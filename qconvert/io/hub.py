@@ -261,13 +261,6 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def open_source(source: str, revision: str | None, workdir: Path, keep: bool = False) -> Checkpoint:
-    """A local folder / file, or a Hub repo id (``org/name``): see :func:`qconvert.io.source.open_checkpoint`."""
-    from .source import open_checkpoint
-
-    return open_checkpoint(source, revision, workdir, keep=keep)
-
-
 # ---------------------------------------------------------------- checked downloads into the HF cache
 #: a commit sha as the Hub gives it
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import DTYPE_NAMES, SAFE_INDEX
-from .staging import named_write_errors as _named
+from .writes import named_write_errors as _named
 from .writes import create_new
 
 

@@ -183,18 +183,6 @@ def fresh_dir(folder: str | os.PathLike, name: str) -> Path:
     return tmp
 
 
-def temp_dir(folder: str | os.PathLike, name: str) -> Path:
-    """A new empty folder in ``folder`` under a unique hidden name, for building ``name``."""
-    for _ in range(100):
-        tmp = temp_name(Path(folder), name)
-        try:
-            os.mkdir(tmp)
-            return tmp
-        except FileExistsError:
-            continue
-    raise OutputExistsError(f"{folder}: could not create a temporary folder for {name}", hint="re-run")
-
-
 def replace_dir(tmp: Path, final: Path) -> None:
     """Rename the finished folder ``tmp`` onto ``final``; what was at ``final`` (a folder, a file or
     a link: the link itself) is moved aside first and removed after."""

@@ -2,7 +2,7 @@
 
 The model is built from config.json with its parameters on the meta device (no full-precision
 weights are ever allocated); each nn.Linear whose weight is stored in 4 bits becomes a
-:class:`qconvert.nn.Linear4bit` holding the packed tensors, placed directly on the target device;
+:class:`qconvert.nn.linear4bit.Linear4bit` holding the packed tensors, placed directly on the target device;
 every other tensor is loaded as stored. Each tensor goes where transformers loads it, by transformers'
 own conversion mapping (qconvert.model.conversions): renamed ones (GPT-NeoX's ``embed_out``, a 4-bit weight
 of a renamed module) to their new place, and the groups a converter merges (MoE experts stacked into
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DtypeOptionError, FormatError
+from ..errors import FormatError, OptionError
 from ..io.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
-from ..io.source import resolve_adapter_path, resolve_model_path  # also imported from here by train and runtime
+from ..io.source import resolve_adapter_path, resolve_model_path
 
 
 def _set_tensor(model, name: str, value: torch.Tensor) -> None:
@@ -47,7 +47,7 @@ def _as_dtype(d: torch.dtype | str) -> torch.dtype:
         return d
     name = str(d).removeprefix("torch.")
     if name not in DTYPES:
-        raise DtypeOptionError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
+        raise OptionError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -174,7 +174,7 @@ def _load_map(model, ckpt: Checkpoint, quantized: list[str]):
 def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, be, cd, quantized: list[str], lm) -> set[str]:
     """Each 4-bit weight's nn.Linear or GPT-2 style Conv1D (at the place transformers loads the weight:
     ``lm``) replaced by a Linear4bit holding it (and its bias); returns the checkpoint tensors used."""
-    from ..nn import Linear4bit
+    from ..nn.linear4bit import Linear4bit
     from .checks import is_conv1d, linear_shape
 
     placed: set[str] = set()

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from ..errors import FormatError
-from ..format.layout import NESTED_BLOCKSIZE, QuantizedTensor, dtype_name
+from ..names import NESTED_BLOCKSIZE
+from ..format.layout import QuantizedTensor, dtype_name
 
 
 class Experts4bitWeight(nn.Module):

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..format.constants import NESTED_BLOCKSIZE  # noqa: F401 (the fake quantize reads it here)
 from ..format.layout import QuantizedTensor
 
 

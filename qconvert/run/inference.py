@@ -101,8 +101,9 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     from transformers import AutoConfig
 
     from ..format.layout import is_4bit_config
-    from ..model.loader import load_model, resolve_model_path
-    from ..nn import Linear4bit
+    from ..model.loader import load_model
+    from ..io.source import resolve_model_path
+    from ..nn.linear4bit import Linear4bit
 
     if dtype not in DTYPE_CHOICES:
         raise OptionError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPE_CHOICES)}")

@@ -25,14 +25,13 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DataError, FormatError, OptionError
-from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
 from .data import (PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_ids, collate, data_label, load_records, pack,
                    prompt_format, prompt_format_text)
 from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
-from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
+from .settings import OPTIMIZERS, TrainConfig
 
 AUTO_SAVE_MIN_STEPS = 50
 
@@ -178,7 +177,7 @@ def train(
 
 
 def _train(model, data, out: Path, o: dict, targets, rank: int, world: int, say, progress, resumed, base=None) -> dict[str, Any]:
-    from ..model.loader import resolve_model_path
+    from ..io.source import resolve_model_path
     from . import fsdp as fs
 
     random.seed(o["seed"])
@@ -510,7 +509,7 @@ class _StopSignals:
 
 def count_parameters(model) -> int:
     """Parameters as the model has them: a 4-bit weight counts its out x in values, not its bytes."""
-    from ..nn import Linear4bit
+    from ..nn.linear4bit import Linear4bit
 
     packed = set()
     total = 0
@@ -619,14 +618,6 @@ def _save_text(plan: Plan, out: Path, o: dict) -> str:
         often = plan.eval_steps and plan.eval_steps < plan.total_steps
         text += f"; evaluation every {plan.eval_steps} steps and at the end" if often else "; evaluation at the end"
     return text
-
-
-def _checkpoint(model, optimizer, sched, step, out, o, rank, world, signature, show) -> Path | None:
-    path = save_checkpoint(model, optimizer, sched, step, out, o["save_total_limit"], rank, world, signature)
-    if rank == 0:
-        _plot(out)
-        show(f"step {step}: saved {path}")
-    return path
 
 
 def _plot(out: Path) -> None:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends import NAMES as BACKENDS
-from ..errors import OptionError, UnknownBackendError
+from ..names import BACKEND_NAMES as BACKENDS
+from ..errors import OptionError
 from .data import FORMATS, TRUNCATION
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -254,7 +254,7 @@ def check_choices(values: dict[str, Any]) -> None:
         if spec.kind != "choice" or v is None or v in spec.choices:
             continue
         if name == "backend":  # the message and class backends.resolve gives for the same name
-            raise UnknownBackendError(f"unknown backend {v!r}", hint=f"use one of {', '.join(BACKENDS)}")
+            raise OptionError(f"unknown backend {v!r}", hint=f"use one of {', '.join(BACKENDS)}")
         raise OptionError(f"unknown {spec.flag} {v!r}", hint=f"use one of {', '.join(spec.choices)}")
 
 

@@ -44,7 +44,7 @@ class Targets:
 def wrappable(mod) -> bool:
     """A layer PEFT's LoRA Linear wraps correctly: torch's Linear itself or qconvert's 4-bit Linear,
     not a subclass with a forward of its own."""
-    from ..nn import Linear4bit
+    from ..nn.linear4bit import Linear4bit
 
     return isinstance(mod, Linear4bit) or (isinstance(mod, torch.nn.Linear) and type(mod).forward is torch.nn.Linear.forward)
 
