@@ -76,13 +76,12 @@ def test_each_expert_is_quantized_on_its_own(v):
 def test_expert_holder_dequantizes_each_expert_from_stored_bytes(v):
     """qconvert.nn's 4-bit experts give each expert's slice of the spec's dequantization, bit for
     bit, from the stored bytes (the nested scales of a later expert included)."""
-    from qconvert.backends import get_backend
     from qconvert.nn.experts4bit import Experts4bitWeight
 
     qt = stored(v)
     want = from_hex(v["dequantized"], DTYPES[v["dtype"]], v["shape"])
     assert torch.equal(dequantize_4bit_ref(qt), want)
-    w = Experts4bitWeight.from_fused(qt, get_backend("reference", "cpu"), torch.float32)
+    w = Experts4bitWeight.from_fused(qt, "reference", torch.float32)
     for e in range(want.shape[0]):
         got = w.expert(e, qt.dtype)
         assert got.dtype == qt.dtype and torch.equal(got, want[e]), e

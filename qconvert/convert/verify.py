@@ -130,7 +130,8 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
     """Checks the output against its source (check_against), then measures each quantized weight's
     relative error and SQNR against the original, and whether the other tensors are the source's
     values in the dtype transformers saves them in."""
-    from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops import dequantize_4bit  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops.args import weight_args
 
     plan = check_against(ckpt, quantized, src)
     qset = set(quantized)

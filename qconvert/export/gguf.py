@@ -156,7 +156,8 @@ class _Source:
             ((name, t),) = list(_output_tensors(self.job, k))
             return t.float()
         if k in self.quantized:
-            from ..ops import dequantize_4bit, weight_args
+            from ..ops import dequantize_4bit
+            from ..ops.args import weight_args
 
             return dequantize_4bit(*weight_args(self.ckpt.quantized(k)), torch.float32)
         return self.ckpt.get(k).float()

@@ -319,7 +319,8 @@ def _output_tensors(job: _Merge, k: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The output tensors for base tensor ``k``: merged, re-quantized, kept or cast. A 4-bit weight and
     a LoRA update are [out, in]; a Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint
     (the original, the output, an unquantized base tensor), so it is transposed on the way in and out."""
-    from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops import dequantize_4bit  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops.args import weight_args
     from ..quant.fast_cpu import quantize_4bit_fast
 
     ckpt, is_4bit, conv1d = job.ckpt, k in job.quantized, k in job.conv1d
@@ -395,7 +396,8 @@ def _merged_parameter(job: _Merge, k: str) -> torch.Tensor:
 
 def _requantized_with_cost(job: _Merge, k: str, merged: torch.Tensor, delta: torch.Tensor, qt) -> Iterator[tuple[str, torch.Tensor]]:
     """A merged weight re-quantized to 4 bits, with what that costs measured on a random probe."""
-    from ..ops import dequantize_4bit, weight_args
+    from ..ops import dequantize_4bit
+    from ..ops.args import weight_args
     from ..quant.fast_cpu import quantize_4bit_fast
 
     rq = quantize_4bit_fast(merged.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k)

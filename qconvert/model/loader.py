@@ -79,7 +79,7 @@ def load_model(
     """
     from transformers import AutoConfig
 
-    from ..backends import get_backend
+    from ..ops.choice import resolve
 
     for given in (dtype, compute_dtype):  # option values first, before any file is read or downloaded
         if given not in (None, "auto"):
@@ -90,7 +90,7 @@ def load_model(
 
     check_model_folder(root)  # config.json and every tensor header against the model it builds
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    be = get_backend(backend, device)
+    be = resolve(backend, device)
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)
     qc = getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
@@ -117,7 +117,7 @@ def load_model(
     model.to(device)
     model.is_loaded_in_4bit = True
     _mark_quantized(model)
-    model.qconvert_backend = be.name
+    model.qconvert_backend = be
     model.config.name_or_path = repo_id or str(root)
     model.eval()
     if adapter is not None:

@@ -253,7 +253,7 @@ def check_choices(values: dict[str, Any]) -> None:
         v = values.get(name)
         if spec.kind != "choice" or v is None or v in spec.choices:
             continue
-        if name == "backend":  # the message and class backends.resolve gives for the same name
+        if name == "backend":  # the message and class qconvert.ops.choice.resolve gives for the same name
             raise OptionError(f"unknown backend {v!r}", hint=f"use one of {', '.join(BACKENDS)}")
         raise OptionError(f"unknown {spec.flag} {v!r}", hint=f"use one of {', '.join(spec.choices)}")
 
