@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from helpers import finish_worker
 
-from qconvert.train import fsdp
+from qconvert.training import fsdp
 
 
 def rss_mib() -> dict:

@@ -244,11 +244,11 @@ def save_as_bf16(src, out) -> Path:
 
 def finish_worker(out, rank: int, row: dict) -> None:
     """End a torchrun test worker: its row to OUT/rank{rank}.json, every process done with the group
-    before any tears it down, then leave as `qconvert train` does (qconvert.train.fsdp.leave_process)."""
+    before any tears it down, then leave as `qconvert train` does (qconvert.training.fsdp.leave_process)."""
     import json
     import torch.distributed as dist
 
-    from qconvert.train.fsdp import leave_process
+    from qconvert.training.fsdp import leave_process
 
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(row, f)

@@ -116,7 +116,7 @@ def test_merge_and_train_cards_carry_no_local_path(tmp_path):
     import qconvert
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.export.merge import merge_adapter
-    from qconvert.train.loop import _write_adapter
+    from qconvert.training.loop import _write_adapter
 
     src = make_tiny_llama(tmp_path / "src", hidden=32, intermediate=48, layers=1, vocab=64)
     quantize_checkpoint(str(src), tmp_path / "q")

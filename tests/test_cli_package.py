@@ -13,7 +13,7 @@ import pytest
 
 import qconvert
 from qconvert.errors import OptionError
-from qconvert.train.settings import RUN_OPTIONS, SPECS, TrainConfig, load_run
+from qconvert.training.settings import RUN_OPTIONS, SPECS, TrainConfig, load_run
 
 PACKAGE = Path(qconvert.__file__).parent
 
@@ -81,7 +81,7 @@ def test_shared_options_are_the_same_everywhere():
 
 def test_every_train_option_has_a_flag_a_config_key_and_the_same_default():
     from qconvert.cli.train import train
-    from qconvert.train.config import KEYS, LOOKUP
+    from qconvert.training.config import KEYS, LOOKUP
 
     params = {p.name: p for p in train.params}
     assert set(SPECS) | set(RUN_OPTIONS) | {"config_file", "config_name"} == set(params)
@@ -157,7 +157,7 @@ def test_a_file_value_a_flag_overrides_is_not_read(tmp_path):
     (dict(backend="cuda-magic"), "unknown backend 'cuda-magic'"),
 ])
 def test_bad_values_are_option_errors_from_python_and_files(tmp_path, options, needle):
-    from qconvert.train.config import KEYS
+    from qconvert.training.config import KEYS
 
     with pytest.raises(OptionError, match=needle):
         TrainConfig(**options).check()
@@ -178,7 +178,7 @@ def test_an_unknown_backend_is_an_option_error():
 
 
 def test_train_checks_options_before_touching_anything(tmp_path):
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
 
     with pytest.raises(OptionError, match="--lora-r 0"):
         train("no-model", "no-data", tmp_path / "out", lora_r=0)

@@ -259,7 +259,7 @@ def test_merge_into_the_original_conv1d_weights(gpt2, tmp_path, hub_names):
 @pytest.fixture(scope="module")
 def trained(gpt2, tmp_path_factory):
     """A LoRA adapter trained by qconvert on the 4-bit GPT-2 (all linear layers)."""
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
 
     d = tmp_path_factory.mktemp("trained")
     data = write_jsonl(d / "mem.jsonl", [{"text": t} for t in random_texts(8, 12)])
@@ -332,7 +332,7 @@ def test_trained_gpt2_adapter_on_transformers_bitsandbytes(gpt2, trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qconvert
-    from qconvert.train.data import build_examples, collate, load_records
+    from qconvert.training.data import build_examples, collate, load_records
 
     q, (run, data, _) = gpt2[1], trained
     tok = AutoTokenizer.from_pretrained(q)

@@ -28,11 +28,11 @@ PACKAGE = Path(qconvert.__file__).parent
 PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
 LOADERS = {"load", "loads", "Unpickler", "open"}
 #: torch.distributed.checkpoint unpickles its .metadata (pickle.load) and its byte records
-#: (torch.load(weights_only=False)): qconvert imports none of it (FSDP checkpoints: train/fsdp_checkpoint.py)
+#: (torch.load(weights_only=False)): qconvert imports none of it (FSDP checkpoints: training/fsdp_checkpoint.py)
 DCP = "torch.distributed.checkpoint"
 #: Known and owned elsewhere: train --resume reads trainer_state.pt with weights_only=False (issue 11,
 #: fixed on the train branch by storing the numpy RNG state as plain values). Remove once merged.
-KNOWN = {("qconvert/train/loop.py", "torch.load with weights_only=False")}
+KNOWN = {("qconvert/training/loop.py", "torch.load with weights_only=False")}
 
 
 def _dotted(node: ast.AST) -> str:

@@ -157,7 +157,7 @@ def test_train_two_steps_then_merge(tmp_path, family):
     the merged expert parameters), PEFT loads the adapter on qconvert's model and on transformers'
     with the same logits, and `merge` writes the source's names with the unmerged logits."""
     import qconvert
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
     from test_train import memorize_set
 
     src, q = quantized_family(family, tmp_path, tokenizer=True)

@@ -54,7 +54,7 @@ def family_dir(tmp_path_factory):
 
 
 def train_steps(q: Path, out: Path, tmp: Path, steps: int = 1, **options) -> tuple[dict, list[str]]:
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
     from test_train import memorize_set
 
     lines: list[str] = []

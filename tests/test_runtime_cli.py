@@ -157,8 +157,8 @@ def mixed_records(tmp_path):
 
 def train_eval_loss(model, data, tok, train_on_inputs=False):
     """The eval loss `qconvert train` computes for these records (its own data pipeline and evaluate())."""
-    from qconvert.train.data import build_examples, load_records
-    from qconvert.train.loop import evaluate
+    from qconvert.training.data import build_examples, load_records
+    from qconvert.training.loop import evaluate
 
     ex = build_examples(load_records(data), tok, "auto", 512, train_on_inputs, source=str(data))
     return evaluate(model, ex, tok.pad_token_id, 2, torch.device("cpu"))

@@ -223,7 +223,7 @@ class _Reached(Exception):
 
 
 @pytest.mark.parametrize("command, target, args", [
-    ("qconvert.cli.train:train", "qconvert.train.loop.train", ["m", "--data", "d.jsonl", "--output", "o"]),
+    ("qconvert.cli.train:train", "qconvert.training.loop.train", ["m", "--data", "d.jsonl", "--output", "o"]),
     ("qconvert.cli.runtime:generate", "qconvert.run.inference.load_for_inference", ["m", "--prompt", "hi"]),
     ("qconvert.cli.runtime:eval_cmd", "qconvert.run.evaluate.evaluate", ["m", "--data", "d.jsonl"]),
     ("qconvert.cli.export:merge", "qconvert.export.merge.merge_adapter", ["b", "a", "o"]),

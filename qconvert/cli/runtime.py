@@ -9,7 +9,7 @@ import click
 
 # light (no torch): eval takes whatever train takes
 from ..run.generate import PROMPT_FORMATS
-from ..train.data import FORMATS, TRUNCATION
+from ..training.data import FORMATS, TRUNCATION
 from . import options
 
 

@@ -24,13 +24,13 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
 
     src, out = Path(source), Path(output)
     if not (src / "adapter_config.json").is_file():
-        from ..train.checkpoint import checkpoints
+        from ..training.checkpoint import checkpoints
 
         ckpts = checkpoints(src)
         if not ckpts:
             raise FormatError(f"{src}: no adapter_config.json and no checkpoint-N folder", hint="pass a qconvert train output or checkpoint")
         src = ckpts[-1]
-    from ..train.data import PROMPT_FORMAT_FILE, prompt_format, prompt_format_text, read_prompt_format
+    from ..training.data import PROMPT_FORMAT_FILE, prompt_format, prompt_format_text, read_prompt_format
 
     cfg = read_adapter_config(src)
     weights = src / "adapter_model.safetensors"
@@ -59,7 +59,7 @@ def _trained_format(src: Path) -> str | None:
 
     import yaml
 
-    from ..train.data import FORMATS
+    from ..training.data import FORMATS
 
     for folder in (src, src.parent):  # a train output, or one of its checkpoint-N folders
         try:

@@ -8,6 +8,6 @@
 - :mod:`.cards`: model cards through huggingface_hub's ModelCard/ModelCardData, one template per
   ``base_model_relation`` (quantized, adapter, merge).
 
-Workflows (convert/, export/, hub/, train/, model/) use these and implement none of it. Each
+Workflows (convert/, export/, hub/, training/, run/, model/) use these and implement none of it. Each
 module imports only what it needs, lazily where it is heavy (huggingface_hub, safetensors).
 """

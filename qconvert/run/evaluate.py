@@ -1,9 +1,9 @@
 """`qconvert eval`: the loss a model gets on a data set, counted exactly as `qconvert train` counts it.
 
-The data goes through the training data pipeline (:mod:`qconvert.train.data`): every file format and
+The data goes through the training data pipeline (:mod:`qconvert.training.data`): every file format and
 record shape that ``train`` reads, the same prompt rendering, the same EOS, and the same loss mask
 (completions and assistant turns only, unless ``train_on_inputs``). The loss is the token-weighted
-mean next-token cross-entropy over the labelled tokens (:func:`qconvert.train.loop.label_loss_sum`),
+mean next-token cross-entropy over the labelled tokens (:func:`qconvert.training.loop.label_loss_sum`),
 so the number equals the eval loss ``train`` reports for the same records, and a merged model scores
 what the 4-bit base plus its adapter scored, up to the rounding of the merged weights.
 """
@@ -21,11 +21,11 @@ from ..errors import DataError, OptionError
 def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length: int = 512,
                   train_on_inputs: bool = False, split: str | None = None, config: str | None = None,
                   truncation: str = "truncate", report=None) -> list:
-    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of train.data.Example.
+    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of training.data.Example.
     ``split``/``config`` pick a Hub dataset's (or a dataset folder's) split and configuration;
     ``truncation`` ("truncate" or "drop") treats records over ``max_length`` as train does, and
-    ``report`` (a train.data.DataReport) counts what was truncated or dropped."""
-    from ..train.data import build_examples, load_records
+    ``report`` (a training.data.DataReport) counts what was truncated or dropped."""
+    from ..training.data import build_examples, load_records
 
     if max_length < 2:
         raise OptionError(f"--max-length must be at least 2, got {max_length}")
@@ -40,8 +40,8 @@ def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[st
     """Mean loss over the labelled tokens of ``examples``, its exponential, and the counts."""
     import torch
 
-    from ..train.data import IGNORE, collate
-    from ..train.loop import label_loss_sum
+    from ..training.data import IGNORE, collate
+    from ..training.loop import label_loss_sum
 
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
@@ -79,7 +79,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
     folders = [resolve_adapter_path(a)[0] for a in adapters]  # folders or Hub ids, fetched before the model loads
     lm = load_for_inference(model, backend=backend, revision=revision, dtype=dtype, device=device)
     tok = lm.tokenizer
-    from ..train.data import DataReport
+    from ..training.data import DataReport
 
     report = DataReport()
     examples = load_examples(data, tok, fmt=fmt, max_length=max_length, train_on_inputs=train_on_inputs,

@@ -44,7 +44,7 @@ FROM_TRAINING = {"alpaca": "alpaca", "chat": "chat", "sharegpt": "chat", "prompt
 def recorded_format(adapter) -> str | None:
     """The --format an adapter folder's PROMPT_FORMAT_FILE (written by train) calls for; None when
     the folder has none (an adapter from elsewhere) or was trained on several formats."""
-    from ..train.data import read_prompt_format
+    from ..training.data import read_prompt_format
 
     fmt = read_prompt_format(adapter)
     return FROM_TRAINING.get(fmt["format"]) if fmt else None
@@ -53,7 +53,7 @@ def recorded_format(adapter) -> str | None:
 def render_prompt(prompt: str, fmt: str) -> str:
     """The text the model is given for ``prompt`` (chat is rendered later, by the tokenizer)."""
     if fmt == "alpaca":
-        from ..train.data import alpaca_prompt
+        from ..training.data import alpaca_prompt
 
         return alpaca_prompt(prompt)
     return prompt

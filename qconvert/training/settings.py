@@ -5,11 +5,11 @@ spellings, its config-file key and accepted aliases, its range and its help. Fro
 declaration come:
 
 - the click options of ``qconvert train`` (qconvert.cli.train generates them);
-- the config-file keys (qconvert.train.config.KEYS) and how a file's values are converted
+- the config-file keys (qconvert.training.config.KEYS) and how a file's values are converted
   (:func:`coerce`);
-- the range checks (qconvert.train.options.RANGES, check_options) and the choice checks
+- the range checks (qconvert.training.options.RANGES, check_options) and the choice checks
   (:meth:`TrainConfig.check`);
-- the keyword options of :func:`qconvert.train.loop.train`.
+- the keyword options of :func:`qconvert.training.loop.train`.
 
 Adding an option is one field here (plus its use in the training loop). A Python caller may build
 a TrainConfig, read one from a file (:meth:`TrainConfig.from_file`), or pass the same names as

@@ -135,7 +135,7 @@ def train(
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
 
-    The run's options are ``config`` (a :class:`qconvert.train.settings.TrainConfig`; default: its
+    The run's options are ``config`` (a :class:`qconvert.training.settings.TrainConfig`; default: its
     defaults) with ``options`` over it, the same names as keywords (``lr=1e-3, max_steps=10``);
     each option, its default and its range are described there. Every value is checked before
     anything is loaded (OptionError). ``config_file``: the --config file the options came from
@@ -249,7 +249,7 @@ class _Run:
         if o["gradient_checkpointing"]:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        # Targets by name (qconvert.train.targets), never PEFT's "all-linear", which also takes the routed experts'
+        # Targets by name (qconvert.training.targets), never PEFT's "all-linear", which also takes the routed experts'
         # 3-D parameters; those only with --lora-experts, where PEFT's parameter LoRA allows no dropout.
         dropout = 0.0 if self.targets.parameters else o["lora_dropout"]
         if dropout != o["lora_dropout"]:
