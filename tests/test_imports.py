@@ -26,6 +26,7 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+TREES = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in MODULES.items()}
 
 
 def _target(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
@@ -62,7 +63,7 @@ def imports(name: str) -> tuple[set[str], set[str]]:
                         into.add(mod)
             visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
-    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    visit(TREES[name], False)
     return top - {name}, inner - {name}
 
 
@@ -160,16 +161,15 @@ def _body_without_docstring(tree: ast.Module) -> list[ast.stmt]:
 def test_no_module_only_re_exports_another():
     """A module whose whole body is imports (and an ``__all__``) exists only to re-export."""
     shims = []
-    for name, path in MODULES.items():
-        body = _body_without_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    for name in MODULES:
+        body = _body_without_docstring(TREES[name])
         is_all = lambda s: isinstance(s, ast.Assign) and [ast.unparse(t) for t in s.targets] == ["__all__"]  # noqa: E731
         if body and all(isinstance(s, (ast.Import, ast.ImportFrom)) or is_all(s) for s in body):
             shims.append(name)
     assert shims == []
 
 
-def _defined(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def _defined(tree: ast.Module) -> set[str]:
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -180,7 +180,7 @@ def _defined(path: Path) -> set[str]:
     return names
 
 
-DEFINED = {name: _defined(path) for name, path in MODULES.items()}
+DEFINED = {name: _defined(tree) for name, tree in TREES.items()}
 
 
 def test_every_name_is_imported_from_the_module_that_defines_it():
@@ -188,7 +188,7 @@ def test_every_name_is_imported_from_the_module_that_defines_it():
     it (so no module keeps a name alive for others to import through it)."""
     through = []
     for name, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(TREES[name]):
             if not isinstance(node, ast.ImportFrom):
                 continue
             mod = _target(node, name, path.name == "__init__.py")
