@@ -1,8 +1,8 @@
 """The reference kernels: :mod:`qconvert.quant.reference`'s math over the ops' arguments.
 
-The default kernel of every op (any device without a kernel of its own, and the meta-free path of
-torch.compile), and what ``--backend reference`` forces on every device (CI and numerics
-debugging). The quant module is looked up at each call, so a test can count its calls.
+The default kernel of every op (any device without a kernel family of its own), and what
+``--backend reference`` forces on every device (CI and numerics debugging). The quant module's
+functions are looked up at each call, so a test can count their calls.
 """
 
 from __future__ import annotations
