@@ -58,22 +58,7 @@ class DiskSpaceError(QConvertError, OSError):
 
 
 class BackendError(QConvertError, RuntimeError):
-    """A compute backend is unknown or not available on this machine."""
-
-
-class UnknownBackendError(OptionError, BackendError):
-    """A backend name that is not one of qconvert.backends.NAMES: an option value like any other
-    (OptionError), still caught by ``except BackendError`` as before."""
-
-
-class QuantizeOptionError(OptionError, QuantizationError):
-    """A quantization option (quant type, block size, compute dtype) out of its vocabulary: an option
-    value like any other (OptionError), still caught by ``except QuantizationError`` as before."""
-
-
-class DtypeOptionError(OptionError, FormatError):
-    """A dtype option of load_model or merge that is not one of the float dtypes: an option value
-    (OptionError), still caught by ``except FormatError`` as before."""
+    """A compute backend is not available on this machine (an unknown backend name is an OptionError)."""
 
 
 class DataError(QConvertError, ValueError):

@@ -24,7 +24,7 @@ SAFETENSORS_FLOAT_NAMES = ("F32", "F16", "BF16")
 #: The choices of a compute-dtype option that may also follow the checkpoint.
 DTYPE_CHOICES = ("auto", *sorted(FLOAT_DTYPE_NAMES))
 
-#: The backend names a caller may ask for (qconvert.backends documents each).
+#: The backend names a caller may ask for (qconvert.ops.choice documents each).
 BACKEND_NAMES = ("auto", "reference", "triton", "bitsandbytes")
 
 

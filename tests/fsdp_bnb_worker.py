@@ -1,4 +1,4 @@
-"""Run under torchrun by test_fsdp.py: bitsandbytes' optimizers over FSDP2's shards (qconvert.train.bnb_shards)
+"""Run under torchrun by test_fsdp.py: bitsandbytes' optimizers over FSDP2's shards (qconvert.training.bnb_shards)
 against the same optimizer over the whole tensors, given the very same gradients, so that every update
 must agree bit for bit; then a sharded checkpoint is written, read back into fresh shards, and both
 runs go on. Each process writes what it found to OUT/rank{r}.json."""
@@ -51,8 +51,8 @@ def steps(sharded, opt, ref, ref_opt, first: int, n: int) -> bool:
 def main(out: str) -> None:
     import bitsandbytes as bnb
 
-    from qconvert.train import fsdp
-    from qconvert.train.bnb_shards import ShardedBnb
+    from qconvert.training import fsdp
+    from qconvert.training.bnb_shards import ShardedBnb
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -74,7 +74,7 @@ class Recorded:
 def main(mode: str, out: str) -> None:
     from safetensors.torch import load_file, save_file
 
-    from qconvert.train import fsdp
+    from qconvert.training import fsdp
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

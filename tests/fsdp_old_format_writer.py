@@ -4,7 +4,7 @@ test_fsdp_checkpoint.py to craft hostile checkpoints from genuine ones."""
 
 import sys
 
-from qconvert.train import fsdp
+from qconvert.training import fsdp
 
 
 def old_save_sharded(model, optimizer, folder) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from helpers import finish_worker
 
-from qconvert.train import fsdp
+from qconvert.training import fsdp
 
 
 def rss_mib() -> dict:
@@ -22,6 +22,7 @@ def main(model: str, out: str, mode: str = "fsdp") -> None:
     from peft import LoraConfig, get_peft_model
 
     import qconvert
+    from qconvert.nn.linear4bit import Linear4bit
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -39,7 +40,7 @@ def main(model: str, out: str, mode: str = "fsdp") -> None:
 
     if mode != "fsdp":
         mine = whole = sum(p.numel() * p.element_size() for p in peft.parameters() if not p.requires_grad)
-    scales = [m.absmax for m in peft.modules() if isinstance(m, qconvert.nn.Linear4bit)]
+    scales = [m.absmax for m in peft.modules() if isinstance(m, Linear4bit)]
     row = {"rank": rank, "mine": mine, "whole": whole, "whole_before": whole_before,
            "scales_sharded": all(isinstance(s, DTensor) for s in scales) and len(scales) > 0,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mib": after_load,

@@ -171,7 +171,7 @@ def float32_reference(qdir):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
     from qconvert.quant.reference import dequantize_4bit_ref
 
@@ -225,7 +225,7 @@ def bnb_dequantized(qdir) -> dict[str, torch.Tensor]:
     by ``QuantState.from_dict`` and decoded by ``dequantize_4bit``, which returns the logical dtype's value."""
     import bitsandbytes.functional as F
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import companion_keys, find_quantized
 
     ck = Checkpoint(qdir)
@@ -245,7 +245,7 @@ def bnb_float32_oracle(qdir, auto_class: str = "AutoModelForCausalLM"):
     import transformers
     from transformers import AutoConfig
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import companion_keys, find_quantized
 
     cfg = AutoConfig.from_pretrained(qdir)
@@ -280,11 +280,11 @@ def save_as_bf16(src, out) -> Path:
 
 def finish_worker(out, rank: int, row: dict) -> None:
     """End a torchrun test worker: its row to OUT/rank{rank}.json, every process done with the group
-    before any tears it down, then leave as `qconvert train` does (qconvert.train.fsdp.leave_process)."""
+    before any tears it down, then leave as `qconvert train` does (qconvert.training.fsdp.leave_process)."""
     import json
     import torch.distributed as dist
 
-    from qconvert.train.fsdp import leave_process
+    from qconvert.training.fsdp import leave_process
 
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(row, f)
@@ -298,8 +298,8 @@ def write_lora_adapter(base, out, modules=("q_proj", "v_proj", "down_proj"), r: 
     written directly (no PEFT model built): A and B random, B nonzero so that every update counts."""
     from safetensors.torch import save_file
 
-    from qconvert.format.checkpoint import Checkpoint
-    from qconvert.validate import quant_shapes
+    from qconvert.io.checkpoint import Checkpoint
+    from qconvert.model.checks import quant_shapes
 
     g = torch.Generator().manual_seed(seed)
     sd = {}

@@ -15,7 +15,7 @@ def refuse(*a, **k):
 pickle.loads = pickle.load = refuse
 pickle.Unpickler = refuse  # type: ignore[assignment,misc]
 
-from qconvert.train.checkpoint import _gather_rng  # noqa: E402
+from qconvert.training.checkpoint import _gather_rng  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -59,7 +59,7 @@ def random_texts(n: int, length: int, seed: int = 0) -> list[str]:
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """Run ``qconvert ARGS`` in this process (same code path as the console script): (exit code, stdout, stderr)."""
-    from qconvert.cli import main
+    from qconvert.cli.main import main
 
     capsys.readouterr()
     try:

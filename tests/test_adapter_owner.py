@@ -66,7 +66,7 @@ def _paths(base: Path, adapter: Path, out: Path):
     from qconvert.export.gguf import export_gguf
     from qconvert.export.merge import merge_adapter
     from qconvert.hub.push import validate_folder
-    from qconvert.runtime import LoadedModel, attach_adapter
+    from qconvert.run.inference import LoadedModel, attach_adapter
 
     def runtime():  # what generate --adapter and eval --adapter call, on the loaded model
         m = qconvert.load_model(base, backend="reference", device="cpu")
@@ -104,7 +104,7 @@ def test_a_hostile_adapter_is_refused_identically_on_every_path(base, tmp_path, 
 
 def test_a_link_inside_the_adapter_folder_is_read(tmp_path):
     """The control for the link cases: a link that stays inside the folder is an ordinary file."""
-    from qconvert.adapters import read_adapter_config, read_lora_weights
+    from qconvert.model.adapters import read_adapter_config, read_lora_weights
 
     a = write_adapter(tmp_path / "a")
     os.replace(a / "adapter_model.safetensors", a / "real.safetensors")

@@ -218,7 +218,7 @@ def test_conv1d_checkpoint_loads_and_merges(tmp_path):
     import qconvert
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.export.merge import merge_adapter
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.quant.reference import dequantize_4bit_ref
 
     from helpers import float32_reference
@@ -248,7 +248,7 @@ def test_keys_transformers_ignores_are_dropped_with_the_reason(tmp_path):
     """DeepSeek-V3 checkpoints carry a multi-token-prediction layer (model.layers.61) that the model
     class tells transformers to ignore: the plan drops it and says why, in --dry-run --json too."""
     from qconvert.convert.plan import make_plan
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     src = sweep.build_source("deepseek_v3", tmp_path / "src")
     sd = load_file(str(src / "model.safetensors"))
@@ -270,7 +270,7 @@ def test_a_change_in_transformers_conversions_is_an_error(tmp_path, monkeypatch)
 
     from qconvert.convert.plan import make_plan
     from qconvert.errors import QuantizationError
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     src = sweep.build_source("mixtral", tmp_path / "src")
     assert any(".experts.0.w1.weight" in i.out_key for i in make_plan(Checkpoint(src)).items)

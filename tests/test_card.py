@@ -7,7 +7,7 @@ import pytest
 
 from helpers import make_tiny_llama
 from qconvert.errors import FormatError
-from qconvert.hub.card import read_card_meta, render_card
+from qconvert.io.cards import read_card_meta, render_card
 
 HAND_WRITTEN = """---
 # written by hand, as people do
@@ -116,7 +116,7 @@ def test_merge_and_train_cards_carry_no_local_path(tmp_path):
     import qconvert
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.export.merge import merge_adapter
-    from qconvert.train.loop import _write_adapter
+    from qconvert.training.loop import _write_adapter
 
     src = make_tiny_llama(tmp_path / "src", hidden=32, intermediate=48, layers=1, vocab=64)
     quantize_checkpoint(str(src), tmp_path / "q")

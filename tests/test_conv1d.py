@@ -70,7 +70,7 @@ def test_load_model_puts_4bit_layers_in_place_of_conv1d(gpt2):
     """Every Conv1D became a Linear4bit over the stored [out, in] tensor, with its bias; the logits are
     the dequantize-then-run reference's (plain transformers, Conv1D weights transposed back)."""
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
     from transformers.pytorch_utils import Conv1D
 
     src, q = gpt2
@@ -103,7 +103,7 @@ def test_peft_wraps_the_4bit_layers_as_linear_lora(gpt2, targets):
     from peft.tuners.lora import Linear as LoraLinear
 
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
 
     base = qconvert.load_model(gpt2[1], backend="reference", device="cpu", dtype=torch.float32)
     with warnings.catch_warnings(record=True) as seen:
@@ -127,7 +127,7 @@ def test_adapter_shape_check_reads_conv1d_layers(gpt2, tmp_path):
     from safetensors.torch import save_file
 
     from qconvert.errors import FormatError
-    from qconvert.runtime import check_adapter, load_for_inference
+    from qconvert.run.inference import check_adapter, load_for_inference
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -197,8 +197,8 @@ def test_merge_requantized_keeps_the_4bit_layout(gpt2, tmp_path):
     load), and qconvert's model of the output is the merged weights re-quantized."""
     import qconvert
     from qconvert.export.merge import merge_adapter
-    from qconvert.validate import quant_shapes
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.model.checks import quant_shapes
+    from qconvert.io.checkpoint import Checkpoint
 
     src, q = gpt2
     adapter = peft_adapter(float32_reference(q), tmp_path / "adapter", ["c_attn"])
@@ -259,7 +259,7 @@ def test_merge_into_the_original_conv1d_weights(gpt2, tmp_path, hub_names):
 @pytest.fixture(scope="module")
 def trained(gpt2, tmp_path_factory):
     """A LoRA adapter trained by qconvert on the 4-bit GPT-2 (all linear layers)."""
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
 
     d = tmp_path_factory.mktemp("trained")
     data = write_jsonl(d / "mem.jsonl", [{"text": t} for t in random_texts(8, 12)])
@@ -281,7 +281,7 @@ def test_train_on_gpt2_writes_an_adapter_for_the_16bit_model(gpt2, trained, tmp_
 
     import qconvert
     from qconvert.export.adapter import export_adapter
-    from qconvert.runtime import attach_adapter, load_for_inference
+    from qconvert.run.inference import attach_adapter, load_for_inference
 
     src, q = gpt2
     run, _, result = trained
@@ -332,7 +332,7 @@ def test_trained_gpt2_adapter_on_transformers_bitsandbytes(gpt2, trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qconvert
-    from qconvert.train.data import build_examples, collate, load_records
+    from qconvert.training.data import build_examples, collate, load_records
 
     q, (run, data, _) = gpt2[1], trained
     tok = AutoTokenizer.from_pretrained(q)

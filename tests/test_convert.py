@@ -176,7 +176,7 @@ def test_skip_rules_agree_with_transformers():
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from qconvert.convert.plan import default_skips, is_skipped
+    from qconvert.convert.meta import default_skips, is_skipped
 
     with torch.device("meta"):
         models = [

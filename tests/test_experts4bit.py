@@ -33,7 +33,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def stored(v) -> QuantizedTensor:
     """The vector's stack rebuilt from its stored bytes alone, as a reader sees it."""
-    from qconvert.format import codebook, dynamic_map
+    from qconvert.format.constants import codebook, dynamic_map
 
     t = {"w": from_hex(v["packed"], torch.uint8, (-1, 1)),
          "w.absmax": from_hex(v["absmax"], torch.uint8 if v["double_quant"] else torch.float32, (-1,)),
@@ -76,13 +76,12 @@ def test_each_expert_is_quantized_on_its_own(v):
 def test_expert_holder_dequantizes_each_expert_from_stored_bytes(v):
     """qconvert.nn's 4-bit experts give each expert's slice of the spec's dequantization, bit for
     bit, from the stored bytes (the nested scales of a later expert included)."""
-    from qconvert.backends import get_backend
     from qconvert.nn.experts4bit import Experts4bitWeight
 
     qt = stored(v)
     want = from_hex(v["dequantized"], DTYPES[v["dtype"]], v["shape"])
     assert torch.equal(dequantize_4bit_ref(qt), want)
-    w = Experts4bitWeight.from_fused(qt, get_backend("reference", "cpu"), torch.float32)
+    w = Experts4bitWeight.from_fused(qt, "reference", torch.float32)
     for e in range(want.shape[0]):
         got = w.expert(e, qt.dtype)
         assert got.dtype == qt.dtype and torch.equal(got, want[e]), e
@@ -188,7 +187,7 @@ def test_per_expert_sources_figures_and_refusal(tmp_path):
     summary, the card and inspect give the honest figures; config.json is refused by plain
     transformers; --experts 16bit writes bitsandbytes' bytes and says the experts' share."""
     from qconvert.convert.quantize import quantize_checkpoint
-    from qconvert.inspect import inspect_checkpoint
+    from qconvert.convert.inspect import inspect_checkpoint
 
     src = sweep.build_source("mixtral", tmp_path / "src")
     source = load_file(str(src / "model.safetensors"))
@@ -235,10 +234,10 @@ def test_only_the_routed_experts_are_dequantized(tmp_path, monkeypatch):
     """A forward dequantizes only the experts the router picked (one token, top-2 of 4: at most two
     experts per stack), never the whole stack; generate and eval run on the model."""
     import qconvert
-    from qconvert.evaluate import evaluate, load_examples, score
-    from qconvert.generation import encode_prompt, generate_text
+    from qconvert.run.evaluate import evaluate, load_examples, score
+    from qconvert.run.generate import encode_prompt, generate_text
     from qconvert.nn.experts4bit import Experts4bitWeight
-    from qconvert.runtime import load_for_inference
+    from qconvert.run.inference import load_for_inference
     from test_train import make_tokenizer, memorize_set
 
     src = sweep.build_source("qwen3_moe", tmp_path / "src")

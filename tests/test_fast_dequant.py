@@ -10,10 +10,12 @@ import os
 import pytest
 import torch
 
-from qconvert import ops
-from qconvert.format.constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_TYPES, codebook
+from qconvert.names import BLOCKSIZES, QUANT_TYPES
+from qconvert.format.constants import FLOAT_DTYPES, codebook
 from qconvert.format.layout import QuantizedTensor
-from qconvert.ops import impl
+from qconvert.ops import reference as reference_kernels
+from qconvert.ops.args import weight_args
+from qconvert.ops.cpu import kernels as cpu_kernels
 from qconvert.quant import fast_dequant
 from qconvert.quant.fast_dequant import block_scales, dequantize_4bit_fast
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
@@ -103,7 +105,7 @@ def test_codebook_probe(quant_type):
     packed = torch.tensor([[0x01], [0x23], [0x45], [0x67], [0x89], [0xAB], [0xCD], [0xEF]], dtype=torch.uint8)
     qt = QuantizedTensor(packed=packed, absmax=torch.ones(1), shape=(16,), dtype=torch.float32, quant_type=quant_type,
                          blocksize=64, quant_map=table)
-    got = torch.ops.qconvert.dequantize_4bit(*ops.weight_args(qt), torch.float32)
+    got = torch.ops.qconvert.dequantize_4bit(*weight_args(qt), torch.float32)
     assert same(got, table.float())
 
 
@@ -127,14 +129,14 @@ def test_cpu_op_runs_the_fast_path(monkeypatch):
 
     monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", counted)
     qt = quantize_4bit_ref(sample(20 * 70, torch.bfloat16, 1).reshape(20, 70), "nf4", 64, True)
-    args = ops.weight_args(qt)
+    args = weight_args(qt)
     assert same(torch.ops.qconvert.dequantize_4bit(*args, torch.float32), dequantize_4bit_ref(qt, torch.float32))
     x = torch.randn(3, 70, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
     y = torch.ops.qconvert.matmul_4bit(x, *args, b)
     y.sum().backward()
     assert len(calls) == 3
-    assert impl.matmul_cpu is not impl.matmul_reference
+    assert cpu_kernels.matmul_cpu is not reference_kernels.matmul_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -146,7 +148,7 @@ def test_matmul_and_input_gradient_match_the_reference(dtype):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 130, generator=g).to(dtype).requires_grad_()
     b = torch.randn(48, generator=g).to(dtype)
-    y = torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qt), b)
+    y = torch.ops.qconvert.matmul_4bit(x, *weight_args(qt), b)
     w = dequantize_4bit_ref(qt, dtype)
     assert same(y, torch.nn.functional.linear(x.detach(), w, b))
     grad = torch.randn(y.shape, generator=g).to(dtype)
@@ -161,15 +163,15 @@ def test_matmul_buffer_reuse_keeps_results_apart(monkeypatch):
     weight over the limit (a new tensor each call) gives the same values. (Both paths: the torch
     one, and the compiled one past its fused kernel's rows.)"""
     if os.environ.get("QCONVERT_CPU_KERNEL") != "torch":
-        monkeypatch.setattr(impl, "GEMV_ROWS", {})
+        monkeypatch.setattr(cpu_kernels, "GEMV_ROWS", {})
     g = torch.Generator().manual_seed(4)
     qts = [quantize_4bit_ref(torch.randn(40, 96, generator=g), "nf4", 64, dq) for dq in (True, False)]
     x = torch.randn(3, 96, generator=g)
-    ys = [torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qt), None) for qt in qts]
+    ys = [torch.ops.qconvert.matmul_4bit(x, *weight_args(qt), None) for qt in qts]
     for qt, y in zip(qts, ys):
         assert same(y, torch.nn.functional.linear(x, dequantize_4bit_ref(qt, torch.float32)))
-    monkeypatch.setattr(impl, "SCRATCH_LIMIT", 0)
-    assert same(torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qts[0]), None), ys[0])
+    monkeypatch.setattr(cpu_kernels, "SCRATCH_LIMIT", 0)
+    assert same(torch.ops.qconvert.matmul_4bit(x, *weight_args(qts[0]), None), ys[0])
 
 
 def test_input_gradient_with_create_graph_stays_differentiable():
@@ -177,7 +179,7 @@ def test_input_gradient_with_create_graph_stays_differentiable():
     same input gradient as the usual backward's grad_input_4bit, and it has a gradient itself."""
     qt = quantize_4bit_ref(sample(24 * 64, torch.float32, 6).reshape(24, 64) * 0.01, "nf4", 64, True)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6), requires_grad=True)
-    y = torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qt), None)
+    y = torch.ops.qconvert.matmul_4bit(x, *weight_args(qt), None)
     (plain,) = torch.autograd.grad((y ** 2).sum(), x, retain_graph=True)
     (graphed,) = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
     assert graphed.requires_grad and same(graphed.detach(), plain)
@@ -191,7 +193,7 @@ def test_input_gradient_with_create_graph_stays_differentiable():
 def test_opcheck_grad_input():
     qt = quantize_4bit_ref(sample(20 * 70, torch.bfloat16, 8).reshape(20, 70), "nf4", 64, True)
     g = torch.randn(3, 20, generator=torch.Generator().manual_seed(8))
-    args = (g, *ops.weight_args(qt))
+    args = (g, *weight_args(qt))
     torch.library.opcheck(torch.ops.qconvert.grad_input_4bit.default, args)
     assert same(torch.ops.qconvert.grad_input_4bit(*args), g @ dequantize_4bit_ref(qt, torch.float32))
 
@@ -251,7 +253,7 @@ def counting(monkeypatch) -> list:
 def test_verify_against_uses_the_fast_path(tiny_quantized, monkeypatch):
     """verify --against dequantizes every 4-bit weight once, through the CPU op, to the reference's bits."""
     from qconvert.convert.verify import verify_checkpoint
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from tolerances import REPORTED_FIGURE_REL
 
     d = tiny_quantized
@@ -272,7 +274,7 @@ def test_merge_uses_the_fast_path(tiny_quantized, monkeypatch, tmp_path):
     from safetensors.torch import load_file
 
     from qconvert.export.merge import LoraAdapter, merge_adapter
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import find_quantized
 
     d = tiny_quantized

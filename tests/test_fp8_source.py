@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from qconvert.convert.plan import make_plan
 from qconvert.convert.quantize import quantize_checkpoint
 from qconvert.errors import FormatError, SourceError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 from qconvert.quant.source_dequant import dequantize_fp8, dequantize_mxfp4
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])

@@ -157,7 +157,7 @@ def test_checkpoints_do_not_cross_between_fsdp_and_plain_runs(qmodel, tmp_path):
 
 
 def test_config_file_keys(tmp_path):
-    from qconvert.train.config import read_config
+    from qconvert.training.config import read_config
 
     (tmp_path / "a.yaml").write_text("fsdp: true\nfsdp_offload_params: true\n")
     assert read_config(tmp_path / "a.yaml") == {"fsdp": True, "fsdp_offload": True}
@@ -288,7 +288,7 @@ def test_requantize_gives_bitsandbytes_8bit_state_back():
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from qconvert.train.bnb_shards import requantize
+    from qconvert.training.bnb_shards import requantize
 
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(33, 250) * 0.01)
@@ -315,7 +315,7 @@ def test_requantize_gives_bitsandbytes_8bit_state_back():
 def saved_for_backward(model, ids) -> tuple[int, int]:
     """(bytes autograd keeps for the backward after a forward, the most one block adds), measured with
     saved-tensor hooks (tensors counted once per storage; parameters and buffers left out)."""
-    from qconvert.train.fsdp import blocks
+    from qconvert.training.fsdp import blocks
 
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
@@ -347,7 +347,7 @@ def test_activation_estimate_matches_what_autograd_keeps(tmp_path, dropout):
     import qconvert
     from helpers import make_tiny_llama
     from qconvert.convert.quantize import quantize_checkpoint
-    from qconvert.train.fsdp import activation_bytes
+    from qconvert.training.fsdp import activation_bytes
 
     src = make_tiny_llama(tmp_path / "src", hidden=256, intermediate=688, layers=4, heads=4, kv_heads=2, vocab=1000, dtype=torch.float32)
     quantize_checkpoint(str(src), tmp_path / "q", compute_dtype="float32")

@@ -1,4 +1,4 @@
-"""FSDP checkpoints without pickle (qconvert.train.fsdp_checkpoint): read back bit for bit by any
+"""FSDP checkpoints without pickle (qconvert.training.fsdp_checkpoint): read back bit for bit by any
 number of processes, a damaged manifest or shard refused by name before anything is loaded, and a
 checkpoint crafted in torch.distributed.checkpoint's format (a pickled ``.metadata``, a pickled byte
 record in a ``.distcp`` file) runs nothing on ``train --fsdp --resume``."""
@@ -18,7 +18,7 @@ import torch
 
 from helpers import QCONVERT
 from qconvert.errors import DataError
-from qconvert.train import fsdp_checkpoint as fc
+from qconvert.training import fsdp_checkpoint as fc
 from test_fsdp import torchrun
 from test_hostile_train import one_line_error
 from test_train import memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel: the fixture)
@@ -238,7 +238,7 @@ def test_former_format_is_refused_without_being_opened(ckpt, tmp_path):
 
 
 COMMON = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 4, "--lora-dropout", 0.0, "--optim", "adamw"]
-#: COMMON for a resume on two processes: the same global batch (2), which a resume must keep (train/resume.py)
+#: COMMON for a resume on two processes: the same global batch (2), which a resume must keep (training/resume.py)
 TWO = [1 if i and COMMON[i - 1] == "--batch-size" else v for i, v in enumerate(COMMON)]
 
 

@@ -103,7 +103,7 @@ def test_moe_families_with_4bit_experts_match_transformers(tmp_path, family):
 
     _build(tmp_path / "src", family, MOE)
     quantize_checkpoint(str(tmp_path / "src"), tmp_path / "q", compute_dtype="float32", experts="4bit")
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.conformance import check_checkpoint
 
     assert len([k for k in check_checkpoint(Checkpoint(tmp_path / "q")) if ".experts." in k]) == 2 * 3 * 4  # every expert in 4 bits

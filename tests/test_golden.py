@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qconvert.format.constants import load_json
+from qconvert.format.constants import codebook, dynamic_map, load_json
 from qconvert.format.layout import LOGICAL_DTYPES, QuantizedTensor, pack_quant_state
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 
@@ -52,12 +52,12 @@ def stored(v) -> QuantizedTensor:
     tensors = {
         "w": from_hex(v["packed"], torch.uint8, (-1, 1)),
         "w.absmax": from_hex(v["absmax"], torch.uint8 if v["double_quant"] else torch.float32, (-1,)),
-        "w.quant_map": __import__("qconvert").format.codebook(v["quant_type"]),
+        "w.quant_map": codebook(v["quant_type"]),
         f"w.quant_state.bitsandbytes__{v['quant_type']}": pack_quant_state(v["quant_state"]),
     }
     if v["double_quant"]:
         tensors["w.nested_absmax"] = from_hex(v["nested_absmax"], torch.float32, (-1,))
-        tensors["w.nested_quant_map"] = __import__("qconvert").format.dynamic_map()
+        tensors["w.nested_quant_map"] = dynamic_map()
     return QuantizedTensor.from_state_dict("w", tensors)
 
 

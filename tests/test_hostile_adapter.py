@@ -159,8 +159,8 @@ def test_merge_of_the_valid_adapter_is_exact_and_keeps_local_paths_out_of_the_ca
     """The control: the adapter the cases damage merges to dequant(W4) + (alpha / r) B @ A. Its
     base_model_name_or_path is a local folder, which must not reach the published card."""
     from qconvert.export.merge import merge_adapter
-    from qconvert.format.checkpoint import Checkpoint
-    from qconvert.hub.card import read_card_meta
+    from qconvert.io.checkpoint import Checkpoint
+    from qconvert.io.cards import read_card_meta
     from qconvert.quant.reference import dequantize_4bit_ref
 
     a = write_adapter(tmp_path / "a", config=put(base_model_name_or_path=str(tmp_path / "private" / "base")))
@@ -176,7 +176,7 @@ def test_merge_of_the_valid_adapter_is_exact_and_keeps_local_paths_out_of_the_ca
 
 # ------------------------------------------------------------------------------------------- push
 def _adapter_folder(tmp_path: Path, **kw) -> Path:
-    from qconvert.hub.card import render_card
+    from qconvert.io.cards import render_card
 
     a = write_adapter(tmp_path / "a", **kw)
     (a / "README.md").write_text(render_card({"base_model": "acme/tiny-nf4", "base_model_relation": "adapter", "library_name": "peft"}, "x"))

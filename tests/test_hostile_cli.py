@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import QCONVERT, make_tiny_llama
-from qconvert.cli import main
+from qconvert.cli.main import main
 
 FIRST_LINE = re.compile(r"^qconvert: error: .{1,183}$")
 
@@ -117,18 +117,18 @@ def test_bad_input_gets_one_short_first_line(files, capsys, monkeypatch, case, a
 
 
 def test_unexpected_errors_are_one_line_and_say_how_to_see_the_traceback(files, capsys, monkeypatch):
-    import qconvert.inspect
+    import qconvert.convert.inspect
 
     def boom(path):
         raise TypeError("unsupported operand type(s) for +: 'int' and 'str'\nsecond line")
 
     monkeypatch.delenv("QCONVERT_DEBUG", raising=False)
-    monkeypatch.setattr(qconvert.inspect, "inspect_checkpoint", boom)
+    monkeypatch.setattr(qconvert.convert.inspect, "inspect_checkpoint", boom)
     assert main(["inspect", str(files["q"])]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == ["qconvert: error: unexpected TypeError: unsupported operand type(s) for +: 'int' and 'str'",
                    "hint: this is a bug in qconvert; run again with QCONVERT_DEBUG=1 for the traceback and report it"]
-    monkeypatch.setattr(qconvert.inspect, "inspect_checkpoint", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied", p)))
+    monkeypatch.setattr(qconvert.convert.inspect, "inspect_checkpoint", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied", p)))
     assert main(["inspect", str(files["q"])]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"qconvert: error: {files['q']}: Permission denied" and err[1].startswith("hint: ")

@@ -63,7 +63,7 @@ def test_bad_rows_are_left_out_and_counted_unless_strict(qmodel, tmp_path):
 def test_truncation_is_counted_and_drop_leaves_records_out(qmodel, tmp_path):
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import DataReport, build_examples
+    from qconvert.training.data import DataReport, build_examples
 
     tok = AutoTokenizer.from_pretrained(qmodel)
     long = {"prompt": " ".join(WORDS[:4]), "completion": " ".join(WORDS[10:30])}  # 4 + 20 + EOS = 25 tokens
@@ -96,7 +96,7 @@ def test_dataset_files_stay_inside_the_dataset_folder(tmp_path, how):
     """A card's data_files with ../ or an absolute path, or a data file that links out, is refused
     and the outside file is not read (the old reader trained on it, and echoed its keys)."""
     from qconvert.errors import DataError
-    from qconvert.train.data import load_records
+    from qconvert.training.data import load_records
 
     secret = tmp_path / "outside" / "secret.jsonl"
     secret.parent.mkdir()
@@ -122,7 +122,7 @@ def test_csv_with_200000_columns_is_refused_within_bounds(tmp_path):
     wide.write_text(",".join(f"c{i}" for i in range(200_000)) + "\n" + ",".join("x" * 200_000) + "\n")
     narrow = tmp_path / "many.csv"
     narrow.write_text(",".join(f"c{i}" for i in range(20_000)) + "\n" + ",".join("x" * 20_000) + "\n")
-    code = ("import sys; from qconvert.train.data import load_records\n"
+    code = ("import sys; from qconvert.training.data import load_records\n"
             "for p in sys.argv[1:]:\n    try:\n        load_records(p)\n    except Exception as e:\n        print(type(e).__name__, e)")
     r, seconds = run_limited(code, wide, narrow, mem_mb=1024, timeout_s=30)
     lines = r.stdout.splitlines()
@@ -136,7 +136,7 @@ def test_records_over_the_size_bound_are_cut_or_left_out_and_counted(tmp_path):
     be truncated anyway (same first tokens), any other is left out and counted."""
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import DataReport, build_examples, record_bound
+    from qconvert.training.data import DataReport, build_examples, record_bound
     from test_train import make_tokenizer
 
     make_tokenizer(tmp_path / "tok")
@@ -167,7 +167,7 @@ def test_one_120_mb_record_in_a_12_kb_parquet_file_stays_bounded(tmp_path):
     data = tmp_path / "big.parquet"
     pq.write_table(pa.table({"text": ["w1 w2 w3 " * (120 * 2**20 // 9), "w4 w5"]}), data, compression="zstd", compression_level=19)
     assert data.stat().st_size < 16_000
-    code = ("import sys; from transformers import AutoTokenizer; from qconvert.train.data import DataReport, build_examples, load_records\n"
+    code = ("import sys; from transformers import AutoTokenizer; from qconvert.training.data import DataReport, build_examples, load_records\n"
             "tok = AutoTokenizer.from_pretrained(sys.argv[1]); rep = DataReport()\n"
             "ex = build_examples(load_records(sys.argv[2], report=rep), tok, max_length=64, report=rep)\n"
             "print([len(e.input_ids) for e in ex], rep.truncated, rep.n_dropped)")
@@ -204,7 +204,7 @@ def test_chat_template_that_refuses_a_record_drops_that_record_only(tmp_path):
     from transformers import AutoTokenizer
 
     from qconvert.errors import DataError
-    from qconvert.train.data import DataReport, build_examples
+    from qconvert.training.data import DataReport, build_examples
     from test_train import make_tokenizer
 
     make_tokenizer(tmp_path / "tok")
@@ -233,7 +233,7 @@ def test_chat_template_that_loops_or_floods_is_stopped(tmp_path, body, needle):
 
     make_tokenizer(tmp_path / "tok")
     code = ("import os, sys; os.environ['QCONVERT_TEMPLATE_SECONDS'] = '2'\n"
-            "from transformers import AutoTokenizer; from qconvert.train.data import build_examples\n"
+            "from transformers import AutoTokenizer; from qconvert.training.data import build_examples\n"
             "tok = AutoTokenizer.from_pretrained(sys.argv[1]); tok.chat_template = sys.argv[2] + tok.chat_template\n"
             f"try:\n    build_examples({CHAT!r}, tok, max_length=64, strict=False)\n"
             "except Exception as e:\n    print(type(e).__name__, e)")

@@ -14,7 +14,7 @@ import pytest
 from hostile_util import all_bytes, make_llama_files, write_safetensors
 from qconvert.convert.quantize import quantize_checkpoint
 from qconvert.errors import FormatError, SourceError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- not for publishing"
 
@@ -221,7 +221,7 @@ def test_duplicate_tensor_across_shards_is_read_from_the_indexed_shard(tmp_path)
 def test_a_listing_with_dotdot_names_writes_nothing_outside(tmp_path):
     """A Hub server's file list is not trusted either: a companion listed as ``../../.bashrc`` (or
     any name off the allow-list) is never joined onto the output folder."""
-    from qconvert.convert.quantize import _copy_extra_files
+    from qconvert.io.staging import copy_companions as _copy_extra_files
 
     real = tmp_path / "snap"
     real.mkdir()

@@ -17,9 +17,9 @@ import torch
 import qconvert
 from hostile_util import make_llama_files, pack_quant_state, run_limited, tensor_bytes, write_safetensors
 from qconvert.errors import FormatError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 from qconvert.format.constants import codebook
-from qconvert.inspect import inspect_checkpoint
+from qconvert.convert.inspect import inspect_checkpoint
 
 PACKAGE = Path(qconvert.__file__).parent
 
@@ -28,11 +28,11 @@ PACKAGE = Path(qconvert.__file__).parent
 PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
 LOADERS = {"load", "loads", "Unpickler", "open"}
 #: torch.distributed.checkpoint unpickles its .metadata (pickle.load) and its byte records
-#: (torch.load(weights_only=False)): qconvert imports none of it (FSDP checkpoints: train/fsdp_checkpoint.py)
+#: (torch.load(weights_only=False)): qconvert imports none of it (FSDP checkpoints: training/fsdp_checkpoint.py)
 DCP = "torch.distributed.checkpoint"
 #: Known and owned elsewhere: train --resume reads trainer_state.pt with weights_only=False (issue 11,
 #: fixed on the train branch by storing the numpy RNG state as plain values). Remove once merged.
-KNOWN = {("qconvert/train/loop.py", "torch.load with weights_only=False")}
+KNOWN = {("qconvert/training/loop.py", "torch.load with weights_only=False")}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -228,7 +228,7 @@ def test_enormous_header_length_is_refused(tmp_path):
 MAP_BIG = """
 import resource, sys
 from qconvert.errors import QConvertError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 vsz = int(open("/proc/self/statm").read().split()[0]) * 4096
 resource.setrlimit(resource.RLIMIT_AS, (vsz + 256 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
 try:

@@ -100,7 +100,8 @@ def test_shards_held_open_at_once_are_bounded(many_shards, monkeypatch):
     (vm.max_map_count): a Checkpoint kept a handle on every shard it had opened, so a checkpoint of
     more shards than that failed as "out of memory". At most MAX_OPEN_SHARDS stay open now (4
     here, for 111 shards); every tensor still reads back exactly, and each header is checked once."""
-    from qconvert.format import checkpoint, conformance
+    from qconvert.io import checkpoint
+    from qconvert.format import conformance
 
     checked = []
     real_check = conformance.check_header
@@ -154,7 +155,7 @@ def test_out_of_file_descriptors_is_told_apart_from_other_errors():
     carry none) by whether the process can open two more descriptors right now."""
     import errno
 
-    from qconvert.format.checkpoint import out_of_file_descriptors
+    from qconvert.io.checkpoint import out_of_file_descriptors
 
     assert out_of_file_descriptors(OSError(errno.EMFILE, "Too many open files"))
     assert out_of_file_descriptors(OSError(errno.ENFILE, "Too many open files in system"))
@@ -229,7 +230,7 @@ def test_backtracking_adapter_pattern_is_refused_in_bounded_time(tiny_q, tmp_pat
     backtracks for ever is stopped at the deadline and named, and nothing is written."""
     import time
 
-    from qconvert import adapters
+    from qconvert.model import adapters
     from qconvert.errors import FormatError
     from qconvert.export.merge import merge_adapter
 
@@ -253,7 +254,7 @@ def test_backtracking_adapter_pattern_is_refused_in_bounded_time(tiny_q, tmp_pat
     assert e.value.hint == 'name the modules in a list ("target_modules": ["q_proj", "v_proj"]) instead of a regular expression'
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.qconvert-partial").exists()
     if field == "target_modules":  # generate / eval --adapter check adapters on their own path
-        from qconvert.runtime import check_adapter
+        from qconvert.run.inference import check_adapter
 
         model = qconvert.load_model(tiny_q, backend="reference", device="cpu")
         with pytest.raises(FormatError, match=r"target_modules .* does not finish matching the [0-9,]+ module names within 1 s"):
@@ -261,7 +262,7 @@ def test_backtracking_adapter_pattern_is_refused_in_bounded_time(tiny_q, tmp_pat
 
 
 def test_adapter_pattern_length_and_type_are_checked(tmp_path):
-    from qconvert.adapters import read_adapter_config
+    from qconvert.model.adapters import read_adapter_config
     from qconvert.errors import FormatError
 
     base = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
@@ -311,7 +312,7 @@ def test_tensor_that_the_index_does_not_list_is_refused(tmp_path):
     An index that lists one tensor of a whole model.safetensors hid the other eleven the same way.
     (A copy in a file the index does not name is still ignored: test_hostile_folder's decoy.)"""
     from qconvert.errors import FormatError
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     src = make_llama_files(tmp_path / "src")
     sd = load_file(str(src / "model.safetensors"))
@@ -337,7 +338,7 @@ def test_safetensors_header_errors_say_how_to_fix(tmp_path):
     import struct
 
     from qconvert.errors import FormatError
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     for name, raw in (("short", b"\x01\x02"), ("len-2^63", struct.pack("<Q", 2**63) + b"{}      "),
                       ("not-json", struct.pack("<Q", 8) + b"{oops!  "), ("a-list", struct.pack("<Q", 8) + b"[1, 2]  "),

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from helpers import QCONVERT
 from hostile_util import make_llama_files, make_lora, tree_digest
 from qconvert.convert import quantize as Q
-from qconvert.convert.quantize import quantize_checkpoint, staging_dir
+from qconvert.convert.quantize import quantize_checkpoint
+from qconvert.io.staging import staging_dir
 from qconvert.errors import FormatError, OptionError, OutputExistsError
 from qconvert.export.adapter import export_adapter
 from qconvert.export.merge import merge_adapter

@@ -75,7 +75,7 @@ def test_trainer_state_that_would_inflate_is_refused_before_loading(tmp_path):
     import zipfile
 
     from hostile_util import run_limited
-    from qconvert.train.checkpoint import STATE_VERSION, load_state
+    from qconvert.training.checkpoint import STATE_VERSION, load_state
 
     ckpt, plain = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
     ckpt.mkdir(), plain.mkdir()
@@ -87,7 +87,7 @@ def test_trainer_state_that_would_inflate_is_refused_before_loading(tmp_path):
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
     assert (ckpt / "trainer_state.pt").stat().st_size < 2**17
-    code = ("import sys; from pathlib import Path; from qconvert.train.checkpoint import load_state\n"
+    code = ("import sys; from pathlib import Path; from qconvert.training.checkpoint import load_state\n"
             "try:\n    load_state(Path(sys.argv[1]))\nexcept Exception as e:\n    print(type(e).__name__, e)\nelse:\n    print('loaded')")
     r, seconds = run_limited(code, ckpt, mem_mb=1024, timeout_s=30)
     assert r.stdout.startswith("DataError") and "trainer_state.pt: refused: entry" in r.stdout and "is compressed" in r.stdout, (r.stdout, r.stderr[-2000:])
@@ -101,7 +101,7 @@ def test_trainer_state_that_would_inflate_is_refused_before_loading(tmp_path):
 ])
 def test_damaged_metrics_log_is_one_named_line(tmp_path, damage, needle):
     from qconvert.errors import DataError
-    from qconvert.train.plot import read_metrics
+    from qconvert.training.plot import read_metrics
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "loss": 2.5, "lr": 0.001}\n' + damage + "\n")
@@ -116,7 +116,7 @@ def test_resume_after_a_kill_mid_write_cuts_the_damaged_metrics_line_and_says_so
     """A run killed while appending to metrics.jsonl leaves half a line: --resume cuts the log back to
     its checkpoint (that line included), says how many lines went, and the finished log reads cleanly,
     one row per step (no duplicate, nothing damaged)."""
-    from qconvert.train.plot import read_metrics
+    from qconvert.training.plot import read_metrics
 
     data, out = memorize_set(tmp_path), tmp_path / "run"
     common = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 4]
@@ -134,7 +134,7 @@ def test_checkpoint_state_loads_with_weights_only_and_restores_every_rng():
 
     import numpy as np
 
-    from qconvert.train.checkpoint import rng_state, set_rng_state
+    from qconvert.training.checkpoint import rng_state, set_rng_state
 
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state
@@ -201,7 +201,7 @@ def test_existing_run_refused_then_overwrite_starts_clean_and_resume_refuses_ano
     r = train(qmodel, data, out, *common, "--max-steps", 2, "--lora-r", 8, ok=False)
     one_line_error(r, "already holds files", "--overwrite")
     assert (out / "metrics.jsonl").read_text() == before and (out / "checkpoint-2").is_dir()
-    # 2. resuming it with another LoRA shape is refused, by name (train/resume.py): its adapter would not fit
+    # 2. resuming it with another LoRA shape is refused, by name (training/resume.py): its adapter would not fit
     r = train(qmodel, data, out, *common, "--max-steps", 3, "--lora-r", 8, "--resume", ok=False)
     one_line_error(r, "--lora-r 8 contradicts the run being resumed: its lora_r is 4")
     # 3. --overwrite: the old run's checkpoints and metrics are gone, the new run is complete
@@ -266,7 +266,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(qmode
     # the last line says where the checkpoint is and how to go on; no traceback
     assert "Traceback" not in text and text.strip().splitlines()[-1] == f"interrupted at step {done}: saved {ckpts[0]}; resume with --resume"
     assert 3 <= done < 400
-    from qconvert.train.plot import read_png_series
+    from qconvert.training.plot import read_png_series
 
     # loss.png is drawn at each save, the interrupt's included, from the metrics so far
     assert read_png_series(out / "loss.png")["train loss"]["x"] == [m["step"] for m in metrics(out)]

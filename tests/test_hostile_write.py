@@ -41,7 +41,7 @@ def untouched(outside: Path) -> None:
 
 
 def test_config_yaml_written_past_a_link_at_its_old_temporary_name(tmp_path, outside):
-    from qconvert.train.config import write_config
+    from qconvert.training.config import write_config
 
     out = tmp_path / "run"
     out.mkdir()
@@ -53,8 +53,8 @@ def test_config_yaml_written_past_a_link_at_its_old_temporary_name(tmp_path, out
 
 
 def test_loss_plot_and_verify_plot_written_past_links(tmp_path, outside):
-    from qconvert.plot import plot_quantization_error
-    from qconvert.train.plot import read_png_series, write_loss_plot
+    from qconvert.convert.verify_plot import plot_quantization_error
+    from qconvert.training.plot import read_png_series, write_loss_plot
 
     out = tmp_path / "run"
     out.mkdir()
@@ -71,7 +71,7 @@ def test_loss_plot_and_verify_plot_written_past_links(tmp_path, outside):
 
 
 def test_adapter_config_rewrite_past_a_link(tmp_path, outside):
-    from qconvert.adapters import stable_adapter_config
+    from qconvert.model.adapters import stable_adapter_config
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["v", "q"], "r": 2}))
     (tmp_path / "adapter_config.json.tmp").symlink_to(outside / "precious.txt")
@@ -80,7 +80,7 @@ def test_adapter_config_rewrite_past_a_link(tmp_path, outside):
 
 
 def test_metrics_log_is_never_appended_through_a_link(tmp_path, outside):
-    from qconvert.train.loop import _append
+    from qconvert.training.loop import _append
 
     (tmp_path / "metrics.jsonl").symlink_to(outside / "precious.txt")
     with pytest.raises(OutputExistsError, match="metrics.jsonl: is a symbolic link"):
@@ -247,7 +247,7 @@ def test_second_overwrite_while_a_run_holds_the_lock_is_refused(qmodel, tmp_path
 
 
 def test_a_crafted_manifest_cannot_name_files_outside_the_run(tmp_path, outside):
-    from qconvert.train.outdir import prepare_output
+    from qconvert.training.outdir import prepare_output
 
     out = tmp_path / "run"
     out.mkdir()
@@ -263,7 +263,7 @@ def test_a_crafted_manifest_cannot_name_files_outside_the_run(tmp_path, outside)
 
 
 def test_truncate_metrics_keeps_rows_up_to_the_checkpoint(tmp_path):
-    from qconvert.train.outdir import truncate_metrics
+    from qconvert.training.outdir import truncate_metrics
 
     p = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)] + [{"step": 2, "eval_loss": 0.5}]
@@ -278,7 +278,7 @@ def test_truncate_metrics_keeps_rows_up_to_the_checkpoint(tmp_path):
 def test_resume_after_a_hard_kill_logs_each_step_once(qmodel, tmp_path):
     """A run killed after step 3, whose last checkpoint is step 2, resumed: steps 3 and 4 were
     logged twice and the loss curve drew a line back from 3 to 2."""
-    from qconvert.train.plot import read_png_series
+    from qconvert.training.plot import read_png_series
 
     data = memorize_set(tmp_path)
     out = tmp_path / "run"
@@ -344,7 +344,7 @@ def test_export_adapter_line_escapes_the_base_model_name(tmp_path):
 
 def test_loss_plot_skips_a_damaged_metrics_line(tmp_path):
     """A run killed mid-append leaves half a line: drawing the plot raised JSONDecodeError (a "bug" line)."""
-    from qconvert.train.plot import read_png_series, write_loss_plot
+    from qconvert.training.plot import read_png_series, write_loss_plot
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n[1]\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     write_loss_plot(tmp_path / "metrics.jsonl", tmp_path / "loss.png")

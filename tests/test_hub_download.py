@@ -158,7 +158,7 @@ def test_hostile_hub_dataset_download_is_refused_and_writes_nothing_outside(tmp_
         answers = {"etag": os.path.relpath(marker, storage / "blobs")}
     code = ("import os, sys; os.environ.update(HF_ENDPOINT=sys.argv[1], HF_HOME=sys.argv[2], HF_HUB_DISABLE_XET='1',"
             " HF_HUB_OFFLINE='0', QCONVERT_DOWNLOAD_SECONDS='3')\n"
-            "from qconvert.train.data import load_records\n"
+            "from qconvert.training.data import load_records\n"
             "try:\n    print(load_records('acme/ds'))\nexcept Exception as e:\n    print(type(e).__name__, e)")
     with LoopbackHub({}) as hub:
         hub.state.datasets["acme/ds"] = dict({"files": DS_FILES, "sha": "c" * 40}, **answers)
@@ -175,7 +175,7 @@ def test_hub_dataset_download_lands_in_the_cache_layout_and_is_read_offline(tmp_
 
     env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
     code = ("import os, sys; os.environ.update(HF_ENDPOINT=sys.argv[1], HF_HUB_OFFLINE=sys.argv[2])\n"
-            "from qconvert.train.data import load_records; print(load_records('acme/ds'))")
+            "from qconvert.training.data import load_records; print(load_records('acme/ds'))")
     with LoopbackHub({}) as hub:
         hub.state.datasets["acme/ds"] = {"files": DS_FILES, "sha": "c" * 40}
         for offline in ("0", "1"):
@@ -196,7 +196,7 @@ def test_hub_dataset_card_naming_a_local_file_is_refused(tmp_path):
     secret.write_text('{"text": "w1", "api_key": "SECRET-VALUE"}\n')
     card = f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {secret}\n---\n".encode()
     code = ("import os, sys; os.environ.update(HF_ENDPOINT=sys.argv[1], HF_HOME=sys.argv[2], HF_HUB_DISABLE_XET='1', HF_HUB_OFFLINE='0')\n"
-            "from qconvert.train.data import load_records\n"
+            "from qconvert.training.data import load_records\n"
             "try:\n    print(load_records('acme/ds'))\nexcept Exception as e:\n    print(type(e).__name__, e)")
     with LoopbackHub({}) as hub:
         hub.state.datasets["acme/ds"] = {"files": dict(DS_FILES, **{"README.md": card}), "sha": "c" * 40}

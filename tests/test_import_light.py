@@ -7,8 +7,8 @@ import pytest
 
 PROBE = """
 import sys, torch
-import qconvert, qconvert.cli, qconvert.backends, qconvert.format, qconvert.quant
-qconvert.cli._load_commands()
+import qconvert, qconvert.cli.main, qconvert.format, qconvert.quant, qconvert.nn, qconvert.model, qconvert.run
+qconvert.cli.main._load_commands()
 heavy = [m for m in ("triton", "transformers", "peft", "bitsandbytes", "huggingface_hub") if m in sys.modules]
 print(heavy, torch.cuda.is_initialized())
 """

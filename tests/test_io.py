@@ -16,7 +16,8 @@ from safetensors import safe_open
 from helpers import make_tiny_llama
 from qconvert.errors import FormatError, OptionError, OutputExistsError, cli_lines
 from qconvert.io.cards import adapter_card, merged_card, quantized_card, read_card, read_card_meta, render_card
-from qconvert.io.shards import SAFE_INDEX, SizeShards, shard_names, write_index
+from qconvert.io.checkpoint import SAFE_INDEX
+from qconvert.io.shards import SizeShards, shard_names, write_index
 from qconvert.io.staging import check_output, copy_companions, publish, staged, staging_dir, trash_dir
 
 
@@ -99,7 +100,7 @@ def test_output_overlapping_an_input_or_a_link_is_refused_even_with_overwrite(tm
 
 
 def test_companions_are_copied_from_inside_the_folder_only(tmp_path):
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     src = make_tiny_llama(tmp_path / "src")
     (src / "tokenizer_config.json").write_text("{}")
@@ -235,8 +236,8 @@ def test_one_template_per_relation():
 
 
 def test_reader_protocol_is_met_by_local_and_hub_checkpoints(tmp_path):
-    from qconvert.format.checkpoint import Checkpoint
-    from qconvert.hub.download import HubCheckpoint
+    from qconvert.io.checkpoint import Checkpoint
+    from qconvert.io.hub import HubCheckpoint
     from qconvert.io.reader import CheckpointReader
 
     assert isinstance(Checkpoint(make_tiny_llama(tmp_path / "src")), CheckpointReader)

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from qconvert.backends import get_backend
+from qconvert import ops
 from qconvert.format.constants import codebook
 from qconvert.format.layout import QuantizedTensor
 from qconvert.quant.reference import dequantize_4bit_ref, float32_product_ref, quantize_4bit_ref
@@ -23,7 +23,9 @@ GEMV_TOL = GEMV_REL
 
 @pytest.fixture(scope="module")
 def triton_backend():
-    return get_backend("triton", DEVICE)
+    from qconvert.ops.triton.launch import Launcher
+
+    return Launcher()
 
 
 def on_device(qt: QuantizedTensor) -> QuantizedTensor:
@@ -101,7 +103,7 @@ def test_codebook_probe_every_backend():
         qt = on_device(QuantizedTensor(packed, torch.ones(1), (16,), torch.float32, qtype, 64, table))
         if name == "bitsandbytes" and DEVICE == "cpu":
             qt = QuantizedTensor(packed, torch.ones(1), (16,), torch.float32, qtype, 64, table)
-        out = get_backend(name, DEVICE if name != "bitsandbytes" else qt.packed.device).dequantize(qt, torch.float32)
+        out = ops.dequantize(qt, torch.float32, name)
         assert torch.equal(out.cpu().reshape(16), table), (qtype, name)
 
 
@@ -132,7 +134,7 @@ def test_quantize_kernel_bit_exact(triton_backend):
     """The Triton quantizer's codes and float32 block scales equal the reference's, byte for byte:
     full and ragged blocks, odd counts, every dtype, both code tables, every block size, and the
     edge cases (all-zero blocks, subnormal scales, values on the midpoints)."""
-    from qconvert.format.constants import BLOCKSIZES
+    from qconvert.names import BLOCKSIZES
 
     g = torch.Generator().manual_seed(11)
     shapes = ((1,), (7,), (63,), (64,), (65,), (33, 65), (5, 257), (2, 4097))

@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qconvert.backends import get_backend
 from qconvert.errors import FormatError
-from qconvert.nn import Linear4bit
+from qconvert.nn.linear4bit import Linear4bit
 from qconvert.quant.reference import quantize_4bit_ref
 
 
@@ -18,7 +17,7 @@ def layer(seed: int, shape=(64, 128), quant_type="nf4", blocksize=64, double_qua
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*shape, generator=g) * scale
     qt = quantize_4bit_ref(w, quant_type, blocksize, double_quant)
-    return Linear4bit(qt, torch.randn(shape[0], generator=g), get_backend("auto", "cpu"), torch.float32)
+    return Linear4bit(qt, torch.randn(shape[0], generator=g), "auto", torch.float32)
 
 
 def test_round_trip_takes_the_nested_offset(tmp_path):

@@ -61,7 +61,7 @@ def dequantized_source_model(src: Path, q: Path, out: Path):
     in 4 bits is replaced by its reference dequantization (same names: quantize keeps the source's)."""
     from transformers import AutoModelForCausalLM
 
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import QuantizedTensor, companion_keys, find_quantized
     from qconvert.quant.reference import dequantize_4bit_ref
 
@@ -86,7 +86,7 @@ def check_family(family: str, work: Path) -> None:
     """load_model against transformers on the dequantized source; the routed experts of MoE families
     are 4-bit (the default) and each expert's dequantized matrix is transformers' merged one."""
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
     from qconvert.nn.experts4bit import Experts4bitWeight
 
     src, q = quantized_family(family, work)
@@ -157,7 +157,7 @@ def test_train_two_steps_then_merge(tmp_path, family):
     the merged expert parameters), PEFT loads the adapter on qconvert's model and on transformers'
     with the same logits, and `merge` writes the source's names with the unmerged logits."""
     import qconvert
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
     from test_train import memorize_set
 
     src, q = quantized_family(family, tmp_path, tokenizer=True)
@@ -185,7 +185,7 @@ def test_merge_of_a_renamed_4bit_layer_keeps_the_stored_name(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     import qconvert
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
 
     src, q = quantized_family("hy_v4", tmp_path)
     model = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32)

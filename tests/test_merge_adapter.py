@@ -54,7 +54,7 @@ def test_export_adapter_is_clean_and_loads_in_peft(train_dir, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from qconvert.hub.card import read_card_meta
+    from qconvert.io.cards import read_card_meta
 
     d, out, want = train_dir
     r = run("export-adapter", out, tmp_path / "a", "--base-model", "alice/tiny-nf4")
@@ -105,7 +105,7 @@ def test_export_adapter_picks_the_runs_own_latest_checkpoint_not_another_tools(t
     belongs to another tool, so export-adapter takes checkpoint-2's adapter (it took the newest by name)."""
     from safetensors.torch import load_file
 
-    from qconvert.train.outdir import write_manifest
+    from qconvert.training.outdir import write_manifest
 
     _, out, _ = train_dir
     run_dir = tmp_path / "run"

@@ -61,7 +61,7 @@ def test_overlapped_merge_writes_the_sequential_bytes(sharded, kw, monkeypatch):
 def test_overlapped_merge_merges_by_value(sharded, monkeypatch):
     """The overlapped output is the merge itself: a merged weight equals dequant(W4) + scaling * B @ A."""
     from qconvert.export.merge import LoraAdapter
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.quant.reference import dequantize_4bit_ref
 
     d, adapter = sharded

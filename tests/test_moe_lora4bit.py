@@ -46,7 +46,7 @@ def both_models(family: str, family_q, tmp_path: Path):
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     import qconvert
-    from qconvert.adapters import module_targets_kept
+    from qconvert.model.adapters import module_targets_kept
     from qconvert.nn.experts4bit_lora import peft_sees_4bit_experts
 
     src, q = family_q(family)
@@ -137,7 +137,7 @@ def test_wrapper_equals_peft_param_wrapper_in_both_layouts(transposed):
     output and in lora_A/lora_B gradients, for [E, out, in] and for is_transposed [E, in, out] storage."""
     from peft import LoraConfig, get_peft_model
 
-    from qconvert.backends import get_backend
+    from qconvert.ops.choice import get_backend
     from qconvert.nn.experts4bit import Experts4bitWeight
     from qconvert.nn.experts4bit_lora import ParamWrapper4bit, peft_sees_4bit_experts
     from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref

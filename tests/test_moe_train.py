@@ -54,7 +54,7 @@ def family_dir(tmp_path_factory):
 
 
 def train_steps(q: Path, out: Path, tmp: Path, steps: int = 1, **options) -> tuple[dict, list[str]]:
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
     from test_train import memorize_set
 
     lines: list[str] = []
@@ -131,7 +131,7 @@ def test_parameter_delta_is_peft_s(tmp_path):
     delta, for experts stored [E, out, in] and [E, in, out] (``is_transposed``) and a 2-D parameter."""
     from peft import LoraConfig, get_peft_model
 
-    from qconvert.adapters import ParameterLora
+    from qconvert.model.adapters import ParameterLora
 
     class Experts(torch.nn.Module):
         def __init__(self, transposed: bool):
@@ -164,7 +164,7 @@ def merge_and_compare(family: str, family_dir, tmp_path: Path, experts: str = "1
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qconvert.adapters import module_targets_kept
+    from qconvert.model.adapters import module_targets_kept
     from qconvert.export.merge import merge_adapter
 
     src, q = family_dir(family, experts)
@@ -214,7 +214,7 @@ def check_adapter_loads(src: Path, q: Path, run: Path, tmp_path: Path, peft) -> 
     from transformers import AutoModelForCausalLM
 
     import qconvert
-    from qconvert.adapters import module_targets_kept
+    from qconvert.model.adapters import module_targets_kept
     from qconvert.export.adapter import export_adapter
 
     ours = qconvert.load_model(q, device="cpu", backend="reference", dtype=torch.float32, adapter=run)
@@ -228,7 +228,7 @@ def check_adapter_loads(src: Path, q: Path, run: Path, tmp_path: Path, peft) -> 
         exported = PeftModel.from_pretrained(dequantized_source_model(src, q, tmp_path / "ref3"), str(tmp_path / "exported")).eval()
     with torch.no_grad():
         assert rel(exported(input_ids=ids, use_cache=False).logits, got) < FLOAT32_REL
-    from qconvert.runtime import attach_adapter, load_for_inference
+    from qconvert.run.inference import attach_adapter, load_for_inference
 
     lm = load_for_inference(q, backend="reference", device="cpu", dtype="float32")  # generate/eval --adapter, then a second one
     for adapter in (run, tmp_path / "exported"):
@@ -316,7 +316,7 @@ def test_train_defaults_then_merge(family, family_dir, tmp_path):
     """Hybrid Mamba/attention (falcon_h1) and shared-expert (deepseek_v3) defaults: the merged folder,
     with the source's names, gives in plain transformers the logits of the unmerged adapter (PEFT on the
     dequantized source, the shared-expert names kept)."""
-    from qconvert.adapters import module_targets_kept
+    from qconvert.model.adapters import module_targets_kept
     from test_load_arch import merged_matches_unmerged
 
     src, q = family_dir(family)

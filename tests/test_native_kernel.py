@@ -14,9 +14,10 @@ import platform
 import pytest
 import torch
 
-from qconvert import ops
-from qconvert.format.constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_TYPES
-from qconvert.ops import impl
+from qconvert.format.constants import FLOAT_DTYPES
+from qconvert.names import BLOCKSIZES, QUANT_TYPES
+from qconvert.ops.args import weight_args
+from qconvert.ops.cpu import kernels as cpu_kernels
 from qconvert.ops.native import build, calls
 from qconvert.quant import fast_dequant
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
@@ -52,7 +53,7 @@ def matches(got: torch.Tensor, want: torch.Tensor, logical: torch.dtype) -> bool
 
 
 def dequant(qt, dtype):
-    got = calls.dequantize(*ops.weight_args(qt), dtype)
+    got = calls.dequantize(*weight_args(qt), dtype)
     assert got is not None, "the compiled kernel did not take a plain weight"
     return got
 
@@ -126,7 +127,7 @@ def test_fused_matmul_within_tolerance(dtype):
     for rows, (out_f, in_f), logical, dq, bias in itertools.product(
             (1, 3, calls.MAX_ROWS), ((1, 1), (7, 33), (5, 97), (40, 130), (3, 1000)), FLOAT_DTYPES, (False, True), (False, True)):
         qt, x, b, want = gemv_case(rows, out_f, in_f, logical, dtype, dq, bias, seed=out_f * in_f + rows)
-        got = calls.gemv(x, *ops.weight_args(qt), b)
+        got = calls.gemv(x, *weight_args(qt), b)
         assert got is not None and got.dtype == dtype and got.shape == (rows, out_f)
         assert rel(got, want) < GEMV_REL[dtype], (rows, out_f, in_f, logical, dq, bias)
 
@@ -139,13 +140,13 @@ def test_matmul_op_takes_the_fused_kernel_for_few_rows(monkeypatch):
     real = calls.gemv
     monkeypatch.setattr(calls, "gemv", lambda *a: used.append(1) or real(*a))
     for dtype in FLOAT_DTYPES:
-        limit = impl.GEMV_ROWS[dtype]
+        limit = cpu_kernels.GEMV_ROWS[dtype]
         qt, x, b, want = gemv_case(limit, 48, 130, torch.bfloat16, dtype, True, True, seed=11)
-        y = torch.ops.qconvert.matmul_4bit(x.reshape(1, limit, 130), *ops.weight_args(qt), b)
+        y = torch.ops.qconvert.matmul_4bit(x.reshape(1, limit, 130), *weight_args(qt), b)
         assert used and y.shape == (1, limit, 48) and rel(y.reshape(limit, 48), want) < GEMV_REL[dtype]
         used.clear()
         x = torch.randn(limit + 1, 130, dtype=dtype)
-        y = torch.ops.qconvert.matmul_4bit(x, *ops.weight_args(qt), b)
+        y = torch.ops.qconvert.matmul_4bit(x, *weight_args(qt), b)
         assert not used and same(y, torch.nn.functional.linear(x, dequantize_4bit_ref(qt, dtype), b))
 
 
@@ -155,7 +156,7 @@ def test_cpu_ops_take_the_compiled_kernel(monkeypatch):
     by the torch path, and give the reference's results."""
     monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", lambda *a, **k: pytest.fail("torch path used"))
     qt = quantize_4bit_ref(sample(20 * 70, torch.bfloat16, 1).reshape(20, 70), "nf4", 64, True)
-    args = ops.weight_args(qt)
+    args = weight_args(qt)
     assert same(torch.ops.qconvert.dequantize_4bit(*args, torch.float32), dequantize_4bit_ref(qt, torch.float32))
     x = torch.randn(9, 70, requires_grad=True)
     y = torch.ops.qconvert.matmul_4bit(x, *args, None)
@@ -168,13 +169,13 @@ def test_cpu_ops_take_the_compiled_kernel(monkeypatch):
 def test_env_switch_forces_the_torch_path(monkeypatch):
     """QCONVERT_CPU_KERNEL=torch: no compiled call; the ops run the torch path (same bits)."""
     monkeypatch.setenv(build.ENV, "torch")
-    assert build.library() is None and calls.dequantize(*ops.weight_args(quantize_4bit_ref(torch.ones(64), "nf4")),
+    assert build.library() is None and calls.dequantize(*weight_args(quantize_4bit_ref(torch.ones(64), "nf4")),
                                                         torch.float32) is None
     taken = []
     real = fast_dequant.dequantize_4bit_fast
     monkeypatch.setattr(fast_dequant, "dequantize_4bit_fast", lambda *a, **k: taken.append(1) or real(*a, **k))
     qt = quantize_4bit_ref(sample(300, torch.float16, 2), "fp4", 32, True)
-    assert same(torch.ops.qconvert.dequantize_4bit(*ops.weight_args(qt), torch.bfloat16), dequantize_4bit_ref(qt, torch.bfloat16))
+    assert same(torch.ops.qconvert.dequantize_4bit(*weight_args(qt), torch.bfloat16), dequantize_4bit_ref(qt, torch.bfloat16))
     assert taken
 
 
@@ -184,7 +185,7 @@ def test_hostile_shapes_never_reach_c():
     of the wrong width, too many rows, a bias of the wrong size: None (the torch path judges), so no
     C call can read or write past a buffer."""
     qt = quantize_4bit_ref(sample(40 * 64, torch.float32, 3).reshape(40, 64), "nf4", 64, True)
-    good = list(ops.weight_args(qt))
+    good = list(weight_args(qt))
     assert calls.dequantize(*good, torch.float32) is not None
     P, A, Q, NA, NQ, OFF, BS, SHAPE, LOG = range(9)  # noqa: N806
     bad = {
@@ -255,7 +256,7 @@ def test_no_compiler_falls_back_with_one_debug_note(fresh_state, monkeypatch, ca
     assert len(notes) == 1 and "qconvert-no-such-compiler" in notes[0].getMessage()
     assert not fresh_state.exists()
     qt = quantize_4bit_ref(sample(200, torch.bfloat16, 9), "nf4", 64, True)
-    assert same(torch.ops.qconvert.dequantize_4bit(*ops.weight_args(qt), torch.float16), dequantize_4bit_ref(qt, torch.float16))
+    assert same(torch.ops.qconvert.dequantize_4bit(*weight_args(qt), torch.float16), dequantize_4bit_ref(qt, torch.float16))
 
 
 @needs_cc
@@ -306,7 +307,7 @@ def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
             assert matches(dequant(qt, dtype), dequantize_4bit_ref(qt, dtype), logical), (variant, n, logical, dtype)
     for dtype in FLOAT_DTYPES:
         qt, x, b, want = gemv_case(3, 40, 130, torch.bfloat16, dtype, True, True, seed=5)
-        got = calls.gemv(x, *ops.weight_args(qt), b)
+        got = calls.gemv(x, *weight_args(qt), b)
         if variant == "plain":  # slower than dequantize + torch's product: not used
             assert got is None
         else:

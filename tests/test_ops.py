@@ -1,5 +1,5 @@
 """qconvert's custom ops (torch.ops.qconvert.*): opcheck on each op and kernel, the kernels following
-the tensors' device, forced backends bypassing the dispatcher, torch.compile of a 4-bit layer."""
+the tensors' device, forced kernels through the same op (and its one backward), torch.compile of a 4-bit layer."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from qconvert import ops
-from qconvert.backends import get_backend
-from qconvert.backends.dispatch import DeviceBackend
 from qconvert.errors import QuantizationError
-from qconvert.nn import Linear4bit
-from qconvert.ops import impl
+from qconvert.nn.linear4bit import Linear4bit
+from qconvert.ops import reference as reference_kernels
+from qconvert.ops.args import weight_args
+from qconvert.ops.triton import kernels as triton_kernels
 from qconvert.quant import fast_dequant, reference
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 from tolerances import FLOAT32_SAME_MATH_REL, GEMV_REL
@@ -38,7 +38,7 @@ def weight(shape=(20, 70), dtype=torch.float32, dq=True, seed=0):
 def test_opcheck_dequantize(dq, logical):
     qt = weight(dtype=logical, dq=dq)
     for out in (torch.float32, torch.bfloat16):
-        args = (*ops.weight_args(qt), out)
+        args = (*weight_args(qt), out)
         torch.library.opcheck(torch.ops.qconvert.dequantize_4bit.default, args)
         assert torch.equal(torch.ops.qconvert.dequantize_4bit(*args), dequantize_4bit_ref(qt, out))
 
@@ -52,7 +52,7 @@ def test_opcheck_matmul(dq, bias):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 70, generator=g, requires_grad=True)
     b = torch.randn(20, generator=g, requires_grad=True) if bias else None
-    args = (x, *ops.weight_args(qt), b)
+    args = (x, *weight_args(qt), b)
     torch.library.opcheck(torch.ops.qconvert.matmul_4bit.default, args)
     y = torch.ops.qconvert.matmul_4bit(*args)
     w = dequantize_4bit_ref(qt, torch.float32)
@@ -78,12 +78,12 @@ def test_opcheck_quantize_is_the_reference(dq):
         args = (x, "nf4", 64, dq, "w")
         torch.library.opcheck(torch.ops.qconvert.quantize_4bit.default, args)
         got = torch.ops.qconvert.quantize_4bit(*args)
-        want = impl.quantize_reference(*args)
+        want = reference_kernels.quantize_reference(*args)
         assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
         qt = quantize_4bit_ref(x, "nf4", 64, dq)
         assert torch.equal(got[0], qt.packed) and torch.equal(got[1], qt.absmax)
         assert got[5].item() == (qt.nested_offset if dq else 0.0)
-        via = impl.quantize_via_cpu(*args)  # the CUDA kernel: the CPU one, results copied back
+        via = triton_kernels.quantize_via_cpu(*args)  # the CUDA kernel: the CPU one, results copied back
         assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(via, want))
 
 
@@ -123,10 +123,10 @@ def test_opcheck_triton_kernels_in_the_interpreter():
     qt = weight(shape=(8, 64), dtype=torch.bfloat16)
     x = torch.randn(2, 64, requires_grad=True)
     with ops.stand_in("cpu"):
-        dargs = (*ops.weight_args(qt), torch.float32)
+        dargs = (*weight_args(qt), torch.float32)
         torch.library.opcheck(torch.ops.qconvert.dequantize_4bit.default, dargs, test_utils=("test_schema", "test_faketensor"))
         assert torch.equal(torch.ops.qconvert.dequantize_4bit(*dargs), dequantize_4bit_ref(qt, torch.float32))
-        margs = (x, *ops.weight_args(qt), None)
+        margs = (x, *weight_args(qt), None)
         torch.library.opcheck(torch.ops.qconvert.matmul_4bit.default, margs,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
         y = torch.ops.qconvert.matmul_4bit(*margs)
@@ -143,7 +143,7 @@ def test_quantize_op_on_the_triton_kernel_in_the_interpreter():
     for x, dq in ((torch.randn(33, 65, generator=g), True), (torch.randn(7, generator=g).bfloat16(), True),
                   (torch.randn(3, 130, generator=g).half(), False)):
         args = (x, "nf4", 64, dq, "w")
-        want = impl.quantize_reference(*args)
+        want = reference_kernels.quantize_reference(*args)
         with ops.stand_in("cpu"):
             torch.library.opcheck(torch.ops.qconvert.quantize_4bit.default, args, test_utils=("test_schema", "test_faketensor"))
             got = torch.ops.qconvert.quantize_4bit(*args)
@@ -154,9 +154,10 @@ def test_quantize_op_on_the_triton_kernel_in_the_interpreter():
 
 @pytest.mark.slow
 def test_import_registers_lazily():
-    """qconvert.backends does not register the ops; importing qconvert.ops does, without Triton or CUDA."""
+    """Importing qconvert and its packages does not register the ops; importing qconvert.ops does,
+    without Triton or CUDA."""
     probe = (
-        "import sys, torch, qconvert, qconvert.backends, qconvert.nn\n"
+        "import sys, torch, qconvert, qconvert.nn, qconvert.model, qconvert.run, qconvert.convert\n"
         "before = hasattr(torch.ops.qconvert, 'matmul_4bit')\n"
         "import qconvert.ops\n"
         "print(before, hasattr(torch.ops.qconvert, 'matmul_4bit'), 'triton' in sys.modules, torch.cuda.is_initialized())\n"
@@ -171,7 +172,7 @@ class Calls:
 
     def __init__(self, monkeypatch):
         self.n = {"reference": 0, "cpu": 0, "triton": 0}
-        ref, fast, tri = reference.dequantize_4bit_ref, fast_dequant.dequantize_4bit_fast, impl._triton
+        ref, fast, tri = reference.dequantize_4bit_ref, fast_dequant.dequantize_4bit_fast, triton_kernels._triton
 
         def counted_ref(*a, **k):
             self.n["reference"] += 1
@@ -185,13 +186,8 @@ class Calls:
             self.n["triton"] += 1
             return tri()
 
-        monkeypatch.setattr(reference, "dequantize_4bit_ref", counted_ref)
-        # the forced reference backend binds the name at its import: patch it there too, whichever
-        # test imported it first (otherwise this test passes alone and fails after others)
-        import qconvert.backends.reference as forced_ref
-
-        monkeypatch.setattr(forced_ref, "dequantize_4bit_ref", counted_ref)
-        monkeypatch.setattr(impl, "_triton", counted_triton)
+        monkeypatch.setattr(reference, "dequantize_4bit_ref", counted_ref)  # every family looks it up at each call
+        monkeypatch.setattr(triton_kernels, "_triton", counted_triton)
         from qconvert.ops.native import calls as native  # the compiled CPU kernels count as "cpu" when they compute
 
         for name in ("dequantize", "gemv"):
@@ -219,8 +215,8 @@ def test_moved_model_follows_its_device(monkeypatch):
     the Triton kernels standing in for the CUDA ones on CPU tensors, the same module takes them; on
     the meta device, the fake kernel; forced backends ignore the device's kernels."""
     calls = Calls(monkeypatch)
-    m = torch.nn.Sequential(layer(get_backend("auto", "cpu")))
-    assert isinstance(m[0].backend, DeviceBackend)
+    m = torch.nn.Sequential(layer("auto"))
+    assert m[0].backend == "auto"
     x = torch.randn(3, 70)
     with torch.no_grad():
         y_cpu = m(x)
@@ -238,7 +234,7 @@ def test_moved_model_follows_its_device(monkeypatch):
         y_meta = m.to("meta")(x.to("meta"))
         assert y_meta.device.type == "meta" and y_meta.shape == (3, 20)
         assert calls.take() == {"reference": 0, "cpu": 0, "triton": 0}
-        forced = layer(get_backend("reference", "cpu"))
+        forced = layer("reference")
         if not torch.cuda.is_available():
             with ops.stand_in("cpu"):
                 forced(x)
@@ -247,7 +243,7 @@ def test_moved_model_follows_its_device(monkeypatch):
 
 def test_backward_through_the_op_keeps_no_dequantized_weight():
     """The op's autograd saves the module's own tensors only: no weight-shaped float copy."""
-    m = layer(get_backend("auto", "cpu"))
+    m = layer("auto")
     own = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
     saved = []
 
@@ -268,7 +264,7 @@ def test_backward_through_the_op_keeps_no_dequantized_weight():
 def test_moved_to_cuda_uses_triton(monkeypatch):
     pytest.importorskip("triton")
     calls = Calls(monkeypatch)
-    m = layer(get_backend("auto", "cpu"))
+    m = layer("auto")
     x = torch.randn(3, 70, requires_grad=True)
     y_cpu = m(x)
     y_cpu.sum().backward()
@@ -286,14 +282,13 @@ COMPILE = r"""
 import sys, torch
 import torch._dynamo
 torch._dynamo.config.disable = False
-from qconvert.backends import get_backend
-from qconvert.nn import Linear4bit
+from qconvert.nn.linear4bit import Linear4bit
 from qconvert.quant.reference import quantize_4bit_ref
 
 backend = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 qt = quantize_4bit_ref(torch.randn(20, 70, generator=g).bfloat16(), "nf4", 64, True)
-m = Linear4bit(qt, torch.randn(20, generator=g), get_backend("auto", "cpu"), torch.float32)
+m = Linear4bit(qt, torch.randn(20, generator=g), "auto", torch.float32)
 lora = torch.nn.Linear(70, 20, bias=False)
 
 def f(x):

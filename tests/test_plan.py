@@ -15,7 +15,7 @@ import torch
 
 from qconvert.convert.plan import KNOWN_DECODERS, known_layout, make_plan
 from qconvert.convert.quantize import bnb_quantization_config
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 
 from helpers import make_tiny_decoder
 

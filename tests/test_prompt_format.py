@@ -22,7 +22,7 @@ def generate(model, *args):
 def test_alpaca_adapter_records_its_format_and_generate_applies_it(qmodel, tmp_path):
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import build_examples
+    from qconvert.training.data import build_examples
 
     rows = [{"instruction": WORDS[i], "input": "", "output": WORDS[i + 1]} for i in range(4)]
     out = tmp_path / "run"

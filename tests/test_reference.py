@@ -10,8 +10,9 @@ import torch
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-from qconvert.errors import QuantizationError
-from qconvert.format.constants import BLOCKSIZES, codebook, quantize_midpoints
+from qconvert.errors import OptionError, QuantizationError
+from qconvert.names import BLOCKSIZES
+from qconvert.format.constants import codebook, quantize_midpoints
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,11 +109,11 @@ def test_double_quant_overflow_refused():
 
 
 def test_bad_arguments():
-    with pytest.raises(QuantizationError, match="block size 100"):
+    with pytest.raises(OptionError, match="block size 100"):
         quantize_4bit_ref(torch.randn(10), blocksize=100, name="w")
     with pytest.raises(QuantizationError, match="dtype torch.int32"):
         quantize_4bit_ref(torch.ones(10, dtype=torch.int32), name="w")
-    with pytest.raises(QuantizationError, match="unknown quant type"):
+    with pytest.raises(OptionError, match="unknown quant type"):
         quantize_4bit_ref(torch.randn(10), quant_type="int4", name="w")
     with pytest.raises(QuantizationError, match="empty"):
         quantize_4bit_ref(torch.randn(0, 4), name="w")

@@ -40,7 +40,7 @@ def test_quantize_train_merge_push(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qconvert
-    from qconvert.train.data import build_examples, collate, load_records
+    from qconvert.training.data import build_examples, collate, load_records
 
     (tmp_path / "dl").mkdir()
     for name, blob in arrived.items():

@@ -157,8 +157,8 @@ def mixed_records(tmp_path):
 
 def train_eval_loss(model, data, tok, train_on_inputs=False):
     """The eval loss `qconvert train` computes for these records (its own data pipeline and evaluate())."""
-    from qconvert.train.data import build_examples, load_records
-    from qconvert.train.loop import evaluate
+    from qconvert.training.data import build_examples, load_records
+    from qconvert.training.loop import evaluate
 
     ex = build_examples(load_records(data), tok, "auto", 512, train_on_inputs, source=str(data))
     return evaluate(model, ex, tok.pad_token_id, 2, torch.device("cpu"))
@@ -233,7 +233,7 @@ def test_eval_compare_base_and_adapter(models, capsys, tmp_path):
 
 
 def test_runtime_library_modules_import_neither_click_nor_matplotlib():
-    probe = ("import sys, qconvert.runtime, qconvert.evaluate, qconvert.generation, qconvert.plot; "
+    probe = ("import sys, qconvert.run.inference, qconvert.run.evaluate, qconvert.run.generate, qconvert.convert.verify_plot; "
              "print([m for m in ('click', 'matplotlib', 'transformers', 'peft') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

@@ -85,7 +85,7 @@ def test_eval_scores_prompts_in_the_adapters_recorded_format(src16, tmp_path, ca
     in qconvert_prompt_format.json), which differs from --format raw (the prompts as written, also
     computed by hand). Old code scored the raw prompts (and knew no --format raw)."""
     import qconvert
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
 
     _, q, data = src16
     out = tmp_path / "run"

@@ -1,5 +1,5 @@
 """One scorer (issue 22): `train`'s evaluation and `qconvert eval` compute the loss with one function
-(qconvert.train.score.loss_sums): the token-weighted mean next-token cross-entropy over the labelled
+(qconvert.training.score.loss_sums): the token-weighted mean next-token cross-entropy over the labelled
 tokens, in eval mode. Before, they were two copies of that loop with one difference: eval's scored the
 model in whatever mode it was in (dropout on for a model in training mode), train's switched to eval
 mode; and train's gave 0.0 for examples with no labelled token, where eval refuses them."""
@@ -19,7 +19,7 @@ from tolerances import FLOAT32_REL
 def setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import build_examples, load_records
+    from qconvert.training.data import build_examples, load_records
 
     d = tmp_path_factory.mktemp("scorer")
     src = make_word_llama(d / "src")
@@ -43,8 +43,8 @@ def _lora_in_training_mode(src):
 def test_train_and_eval_score_a_model_in_training_mode_identically(setup):
     """A LoRA model with dropout 0.5, in training mode (as train's model is when it evaluates): both
     scorers give the same number bit for bit, each time, and hand the model back in training mode."""
-    from qconvert.evaluate import score
-    from qconvert.train.loop import evaluate
+    from qconvert.run.evaluate import score
+    from qconvert.training.loop import evaluate
 
     m, ex, pad = _lora_in_training_mode(setup["src"]), setup["examples"], setup["tok"].pad_token_id
     train_loss = evaluate(m, ex, pad, 2, torch.device("cpu"))
@@ -57,8 +57,8 @@ def test_train_and_eval_score_a_model_in_training_mode_identically(setup):
 def test_the_loss_is_token_weighted_as_transformers_computes_it(setup):
     """The oracle: transformers' own loss (labels given, one batch holding every example) is the mean over
     all labelled tokens; any batch size gives it, to float32 rounding (a mean of per-batch means would not)."""
-    from qconvert.evaluate import score
-    from qconvert.train.data import collate
+    from qconvert.run.evaluate import score
+    from qconvert.training.data import collate
 
     m, ex, pad = _lora_in_training_mode(setup["src"]), setup["examples"], setup["tok"].pad_token_id
     m.eval()
@@ -76,8 +76,8 @@ def test_train_eval_loss_equals_qconvert_eval_on_its_adapter(setup, tmp_path):
     """End to end: the eval_loss train logs after its last step equals what `qconvert eval` gives for the
     saved adapter on the same records (the same scorer; the adapter's weights saved in float32)."""
     from qconvert.convert.quantize import quantize_checkpoint
-    from qconvert.evaluate import evaluate
-    from qconvert.train.loop import train
+    from qconvert.run.evaluate import evaluate
+    from qconvert.training.loop import train
 
     q = tmp_path / "q"
     quantize_checkpoint(str(setup["src"]), q, compute_dtype="float32")

@@ -17,7 +17,7 @@ import torch
 import qconvert
 from helpers import make_tiny_llama
 from qconvert.errors import FormatError
-from qconvert.format.checkpoint import Checkpoint
+from qconvert.io.checkpoint import Checkpoint
 from qconvert.format.constants import codebook, dynamic_map
 from qconvert.format.layout import QuantizedTensor, pack_quant_state, unpack_quant_state
 from qconvert.quant.reference import dequantize_4bit_ref, float32_product_ref, quantize_4bit_ref

@@ -26,7 +26,7 @@ def _resolve(dotted: str):
 
 def test_every_owner_the_spec_names_exists():
     names = sorted(set(re.findall(r"`(qconvert(?:\.\w+)+)`", SPEC.read_text(encoding="utf-8"))))
-    assert "qconvert.adapters.lora_shapes" in names and "qconvert.io.links.outside_folder" in names
+    assert "qconvert.model.adapters.lora_shapes" in names and "qconvert.io.links.outside_folder" in names
     missing = []
     for name in names:
         try:

@@ -108,7 +108,7 @@ def test_bad_workers_is_an_option_error(value):
 
 @pytest.mark.parametrize("value", ["-1", "abc", "2.5"])
 def test_cli_bad_workers_one_line_exit_1(tmp_path, capsys, value):
-    from qconvert.cli import main
+    from qconvert.cli.main import main
 
     src = tmp_path / "src"  # never read: the option fails first
     assert main(["quantize", str(src), str(tmp_path / "out"), "--workers", value]) == 1
@@ -223,9 +223,9 @@ class _Reached(Exception):
 
 
 @pytest.mark.parametrize("command, target, args", [
-    ("qconvert.cli.train:train", "qconvert.train.loop.train", ["m", "--data", "d.jsonl", "--output", "o"]),
-    ("qconvert.cli.runtime:generate", "qconvert.runtime.load_for_inference", ["m", "--prompt", "hi"]),
-    ("qconvert.cli.runtime:eval_cmd", "qconvert.evaluate.evaluate", ["m", "--data", "d.jsonl"]),
+    ("qconvert.cli.train:train", "qconvert.training.loop.train", ["m", "--data", "d.jsonl", "--output", "o"]),
+    ("qconvert.cli.runtime:generate", "qconvert.run.inference.load_for_inference", ["m", "--prompt", "hi"]),
+    ("qconvert.cli.runtime:eval_cmd", "qconvert.run.evaluate.evaluate", ["m", "--data", "d.jsonl"]),
     ("qconvert.cli.export:merge", "qconvert.export.merge.merge_adapter", ["b", "a", "o"]),
 ])
 def test_single_process_commands_take_torch_threads_from_the_available_cpus(monkeypatch, command, target, args):

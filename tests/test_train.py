@@ -96,7 +96,7 @@ def test_tiny_model_learns_and_adapter_loads_in_peft_on_bitsandbytes(qmodel, tmp
     card = (out / "README.md").read_text()
     assert 'base_model_relation: "adapter"' in card and 'library_name: "peft"' in card
     # the adapter, on the same checkpoint loaded by plain transformers + bitsandbytes, lowers the loss
-    from qconvert.train.data import build_examples, collate, load_records
+    from qconvert.training.data import build_examples, collate, load_records
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(qmodel)
@@ -159,7 +159,7 @@ def test_torchrun_two_processes_match_one_process(qmodel, tmp_path):
 def test_every_format_masks_the_right_tokens(qmodel):
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import build_examples
+    from qconvert.training.data import build_examples
 
     tok = AutoTokenizer.from_pretrained(qmodel)
     w = lambda *ids: " ".join(WORDS[i] for i in ids)  # noqa: E731
@@ -245,7 +245,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qmodel, tmp_path):
 
 
 def test_packing_keeps_labels_with_their_tokens():
-    from qconvert.train.data import Example, pack
+    from qconvert.training.data import Example, pack
 
     ex = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5, 6, 7, 8], [-100, -100, 6, 7, 8]), Example([9], [9])]
     packed = pack(ex, 4)

@@ -36,7 +36,7 @@ def adapter(out) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_16bit_base_trains_as_quantize_then_train(base16, tmp_path, monkeypatch):
     from qconvert.convert.quantize import quantize_checkpoint
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
 
     src, data = base16
     q = tmp_path / "q"
@@ -97,7 +97,7 @@ def test_train_takes_a_dataset_or_a_list_of_records_as_a_file(base16, q4, tmp_pa
     import datasets
 
     from qconvert.errors import DataError
-    from qconvert.train.loop import train
+    from qconvert.training.loop import train
 
     _, data = base16
     train(str(q4), str(data), tmp_path / "file", **OPTS)

@@ -171,7 +171,7 @@ special_tokens:
 def test_axolotl_qlora_yaml_runs_unchanged(qmodel, tmp_path):
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import build_examples, load_records
+    from qconvert.training.data import build_examples, load_records
 
     data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": WORDS[i], "input": "", "output": WORDS[i + 1]} for i in range(4)])
     cfg = tmp_path / "qlora.yml"

@@ -29,7 +29,7 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 def test_parquet_and_csv_train_the_same_records_as_jsonl(qmodel, tmp_path):
     import csv
 
-    from qconvert.train.data import load_records
+    from qconvert.training.data import load_records
 
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in ALPACA) + "\n")
@@ -55,7 +55,7 @@ def test_parquet_and_csv_train_the_same_records_as_jsonl(qmodel, tmp_path):
 def test_sharegpt_and_txt_records(qmodel, tmp_path):
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import DataReport, build_examples, load_records
+    from qconvert.training.data import DataReport, build_examples, load_records
 
     tok = AutoTokenizer.from_pretrained(qmodel)
     w = lambda *ids: " ".join(WORDS[i] for i in ids)  # noqa: E731
@@ -184,7 +184,7 @@ def test_eval_data_from_the_hub_reads_its_evaluation_split_never_the_train_split
 @pytest.mark.slow
 def test_eval_split_of_a_folder_is_validation_else_test_and_never_train(tmp_path):
     from qconvert.errors import DataError
-    from qconvert.train.data import DataReport, load_records
+    from qconvert.training.data import DataReport, load_records
 
     def folder(name: str, *splits: str) -> Path:
         for s in splits:

@@ -15,8 +15,8 @@ from helpers import QCONVERT
 from test_hostile_train import one_line_error
 from test_train import WORDS, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
 from qconvert.errors import OptionError
-from qconvert.train.resume import resumed_config, run_settings
-from qconvert.train.settings import TrainConfig
+from qconvert.training.resume import resumed_config, run_settings
+from qconvert.training.settings import TrainConfig
 
 RUN = {"eval_split": 0.1, "batch_size": 8, "grad_accum": 1, "lr": 3e-3}
 
@@ -24,7 +24,7 @@ RUN = {"eval_split": 0.1, "batch_size": 8, "grad_accum": 1, "lr": 3e-3}
 def flags(*args: str) -> TrainConfig:
     """The TrainConfig `qconvert train ARGS` builds (what was given recorded), without running it."""
     from qconvert.cli.train import given_options, train as command
-    from qconvert.train.settings import load_run
+    from qconvert.training.settings import load_run
 
     ctx = command.make_context("train", ["base", "--data", "d.jsonl", "--output", "out", *args])
     params = dict(ctx.params)

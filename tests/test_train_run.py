@@ -21,8 +21,8 @@ def test_summary_numbers_log_lines_and_loss_png_come_from_the_run(qmodel, tmp_pa
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from qconvert.train.data import build_examples, load_records
-    from qconvert.train.plot import read_png_series
+    from qconvert.training.data import build_examples, load_records
+    from qconvert.training.plot import read_png_series
 
     data = memorize_set(tmp_path)
     ev = tmp_path / "eval.jsonl"
@@ -97,7 +97,7 @@ def test_config_file_with_hf_names_flags_override_and_saved_config_repeats_the_r
 
 def test_config_keys_aliases_and_refusals(tmp_path):
     from qconvert.errors import OptionError
-    from qconvert.train.config import read_config
+    from qconvert.training.config import read_config
 
     j = tmp_path / "finlora.json"
     j.write_text(json.dumps({"lora_r": 8, "quant_bits": 4, "learning_rate": 1e-4, "num_epochs": 2, "batch_size": 4,

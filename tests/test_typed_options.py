@@ -1,5 +1,5 @@
 """Typed options through the workflows (issue 22): eval's data options are train's declarations
-(qconvert.train.settings), not copies; quantize's settings travel as one frozen QuantizeOptions."""
+(qconvert.training.settings), not copies; quantize's settings travel as one frozen QuantizeOptions."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def read_png(path):
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_plot_shows_the_sqnr_verify_reports(pairs, capsys, tmp_path, arch):
-    from qconvert.plot import plot_quantization_error
+    from qconvert.convert.verify_plot import plot_quantization_error
 
     src, q = pairs[arch]
     png = tmp_path / "err.png"
@@ -78,7 +78,7 @@ def test_plot_shows_the_sqnr_verify_reports(pairs, capsys, tmp_path, arch):
 
 
 def test_plot_data_layer_parsing():
-    from qconvert.plot import layer_and_module
+    from qconvert.convert.verify_plot import layer_and_module
 
     assert layer_and_module("model.layers.12.self_attn.q_proj.weight") == (12, "self_attn.q_proj")
     assert layer_and_module("encoder.layer.0.attention.self.query.weight") == (0, "attention.self.query")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qconvert.convert.writer import ShardWriter, header_bound, shard_digest
+from qconvert.io.shards import ShardWriter, header_bound, shard_digest
 
 
 def tensors():

@@ -70,7 +70,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     import bitsandbytes.functional as F
 
-    from qconvert import ops
+    from qconvert.ops.args import weight_args
     from qconvert.ops.native.build import describe
     from qconvert.quant.fast_cpu import default_workers, quantize_4bit_fast
     from qconvert.quant.fast_dequant import dequantize_4bit_fast
@@ -82,7 +82,7 @@ def main() -> int:
     qt = quantize_4bit_fast(x, "nf4", args.blocksize, args.dq)
     packed, state = F.quantize_4bit(x, blocksize=args.blocksize, quant_type="nf4", compress_statistics=args.dq)
     assert torch.equal(packed.reshape(-1), qt.packed.reshape(-1)), "bitsandbytes' codes differ from qconvert's"
-    wargs = ops.weight_args(qt)
+    wargs = weight_args(qt)
 
     def qconvert_dq():
         return torch.ops.qconvert.dequantize_4bit(*wargs, dtype)

@@ -14,7 +14,7 @@ What each side runs is what ``qconvert eval MODEL DATA --adapter DIR`` runs once
 tokenized: qconvert: ``qconvert.load_model`` (the 4-bit model on qconvert's kernels, all in the compute
 dtype) with the adapter attached by ``PeftModel.from_pretrained`` (as runtime.attach_adapter does);
 anchor: transformers + bitsandbytes' Linear4bit (compute_dtype set to the same dtype) with the same
-adapter attached the same way. Both are scored by the same function, ``qconvert.evaluate.score``
+adapter attached the same way. Both are scored by the same function, ``qconvert.run.evaluate.score``
 (batched forward, token-weighted next-token cross-entropy over the labelled tokens), so the loop
 around the model is identical and only the model differs. One warm-up pass each, then --reps passes
 taken in turn; the median scored tokens per second, the ratio, and both losses (they agree to
@@ -46,8 +46,8 @@ def make_adapter(qdir: Path, out: Path, r: int = 16) -> Path:
     """A random PEFT LoRA adapter on every linear layer of ``qdir`` (B nonzero: it changes the loss)."""
     from safetensors.torch import save_file
 
-    from qconvert.format.checkpoint import Checkpoint
-    from qconvert.validate import quant_shapes
+    from qconvert.io.checkpoint import Checkpoint
+    from qconvert.model.checks import quant_shapes
 
     g = torch.Generator().manual_seed(2)
     sd = {}
@@ -66,7 +66,7 @@ def make_adapter(qdir: Path, out: Path, r: int = 16) -> Path:
 
 def examples(n: int, vocab: int) -> list:
     """``n`` records of 64-128 random tokens; the first quarter unlabelled (the prompt), as eval scores targets."""
-    from qconvert.train.data import IGNORE, Example
+    from qconvert.training.data import IGNORE, Example
 
     g = torch.Generator().manual_seed(3)
     out = []
@@ -80,7 +80,7 @@ def examples(n: int, vocab: int) -> list:
 def eval_figures(qdir: Path, adapter: Path, dtype: torch.dtype, data: list, args) -> None:
     from peft import PeftModel
 
-    from qconvert.evaluate import score
+    from qconvert.run.evaluate import score
 
     anchor, ours = load_pair(qdir, dtype)
     models = {"transformers + bitsandbytes + PEFT": PeftModel.from_pretrained(anchor, str(adapter)).eval(),

@@ -47,13 +47,14 @@ def main() -> int:
         print("bench_kernels: no CUDA device here; run it on a GPU machine (see tools/run_gpu_checks.sh)", file=sys.stderr)
         return 2
     import bitsandbytes as bnb
+    import bitsandbytes.functional as F
 
-    from qconvert.backends.bnb import BitsandbytesBackend
-    from qconvert.backends.triton_backend import TritonBackend
-    from qconvert.nn import Linear4bit
+    from qconvert.nn.linear4bit import Linear4bit
+    from qconvert.ops.bnb import bnb_state
+    from qconvert.ops.triton.launch import Launcher
     from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 
-    tb, bb = TritonBackend(), BitsandbytesBackend()
+    tb = Launcher()
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes {bnb.__version__}, {time.strftime('%Y-%m-%d')}")
     crossover = []
@@ -63,17 +64,17 @@ def main() -> int:
         qt = quantize_4bit_ref(w, "nf4", 64, True)
         ours = tb.dequantize(qt, torch.bfloat16)
         assert torch.equal(ours, dequantize_4bit_ref(qt)), f"{name}: triton != reference on GPU"
-        theirs = bb.dequantize(qt, torch.bfloat16)
+        st = bnb_state(qt)
+        theirs = F.dequantize_4bit(qt.packed, st).reshape(qt.shape)
         same = torch.equal(ours, theirs)
         moved = qt.packed.numel() + qt.absmax.numel() + qt.nested_absmax.numel() * 4 + n * k * 2
         t_ours = timed(lambda: tb.dequantize(qt, torch.bfloat16))
-        t_bnb = timed(lambda: bb.dequantize(qt, torch.bfloat16))
+        t_bnb = timed(lambda: F.dequantize_4bit(qt.packed, st))
         src = torch.empty(moved // 2, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
         t_copy = timed(lambda: dst.copy_(src))
         gbs = lambda t: moved / t / 1e9  # noqa: E731
         x1 = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        st = bb.state(qt)
         t_gemv = timed(lambda: tb.gemv(x1, qt))
         t_bgemv = timed(lambda: bnb.matmul_4bit(x1, qt.packed.t(), quant_state=st))
         # the small-batch crossover: fused kernel vs one-pass dequant + cuBLAS at 16 rows
@@ -81,8 +82,8 @@ def main() -> int:
         t_f16 = timed(lambda: tb.gemv(x16, qt))
         t_d16 = timed(lambda: torch.nn.functional.linear(x16, tb.dequantize(qt, torch.bfloat16)))
         crossover.append((name, t_f16, t_d16))
-        # training: the Linear4bit module itself (its autograd function re-dequantizes in backward)
-        lin = Linear4bit(qt, None, tb, torch.bfloat16)
+        # training: the Linear4bit module itself (the op's backward re-dequantizes the weight)
+        lin = Linear4bit(qt, None, "triton", torch.bfloat16)
         xb = torch.randn(4096, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn(4096, n, device=dev, dtype=torch.bfloat16)
 

@@ -66,8 +66,8 @@ def make_adapter(q: Path, out: Path, r: int = 16) -> Path:
     """A random PEFT LoRA adapter on q/v/down of every layer of ``q`` (A and B random: every update counts)."""
     from safetensors.torch import save_file
 
-    from qconvert.format.checkpoint import Checkpoint
-    from qconvert.validate import quant_shapes
+    from qconvert.io.checkpoint import Checkpoint
+    from qconvert.model.checks import quant_shapes
 
     if (out / "adapter_config.json").exists():
         return out
@@ -130,7 +130,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def names_and_dtypes(folder: Path) -> dict[str, str]:
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     ck = Checkpoint(folder)
     return {k: ck.dtype_name(k) for k in ck.keys()}

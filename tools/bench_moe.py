@@ -135,7 +135,7 @@ def _load(side: str, folder: str):
 
     if side == "qconvert":
         import qconvert
-        from qconvert.adapters import module_targets_kept
+        from qconvert.model.adapters import module_targets_kept
         from qconvert.nn.experts4bit_lora import peft_sees_4bit_experts
 
         model = qconvert.load_model(folder, device="cpu")
@@ -240,7 +240,7 @@ def sizes(folder: Path) -> dict:
     """Bytes and parameters read off the written safetensors headers: outside the layers, per layer,
     and of the routed experts; a 4-bit weight counts every stored entry, its parameters from its
     quant-state shape."""
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import find_quantized
 
     ck = Checkpoint(folder)

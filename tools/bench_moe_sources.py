@@ -223,7 +223,7 @@ def source_params(src: Path) -> dict[str, int]:
     import math
 
     from qconvert.convert.sources import reading_view
-    from qconvert.format.checkpoint import Checkpoint
+    from qconvert.io.checkpoint import Checkpoint
 
     ck = reading_view(Checkpoint(src))
     return {k: math.prod(ck.info(k)[1]) for k in ck.keys()}

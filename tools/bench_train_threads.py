@@ -39,7 +39,7 @@ if mode.startswith("auto"):
 else:
     n = int(mode)
     torch.set_num_threads(n)
-from qconvert.train.loop import train
+from qconvert.training.loop import train
 t = time.perf_counter()
 r = train(work + "/q", work + "/data.jsonl", work + "/out-" + mode, max_steps=steps, batch_size=4, grad_accum=1, lr=1e-3,
           lora_r=8, backend="reference", max_length=64, progress=False, overwrite=True)

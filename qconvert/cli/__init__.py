@@ -6,25 +6,8 @@ hint and exit code 1 (see :func:`qconvert.cli.main.main` for every exit code); s
 to see the full traceback instead. Heavy modules are imported inside the commands so that
 ``qconvert --help`` starts fast.
 
-- :mod:`.main`: the group, error handling, exit codes;
+- :mod:`.main`: the group, error handling, exit codes, the entry point :func:`.main.run`;
 - :mod:`.options`: the options several commands share, each declared once;
 - :mod:`.convert` (quantize, verify, inspect), :mod:`.train`, :mod:`.export` (merge,
   export-adapter), :mod:`.hub` (push), :mod:`.runtime` (generate, eval).
 """
-
-from __future__ import annotations
-
-from .main import (  # noqa: F401  (the entry point and what tests and callers import from qconvert.cli)
-    DEBUG_ENV,
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    _load_commands,
-    cli,
-    main,
-    register,
-    run,
-)
-
-__all__ = ["cli", "main", "register", "run"]

@@ -1,5 +1,5 @@
 """CLI commands `qconvert quantize`, `qconvert verify` and `qconvert inspect` (library: qconvert.convert,
-qconvert.inspect)."""
+qconvert.convert.inspect)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import click
 
+from ..names import QUANT_TYPES
 from . import options
 
 
@@ -58,7 +59,7 @@ def _report_experts(s: dict) -> None:
 @click.argument("source")
 @click.argument("output_dir")
 @options.revision()
-@click.option("--quant-type", type=click.Choice(options.QUANT_TYPES), default="nf4", show_default=True)
+@click.option("--quant-type", type=click.Choice(QUANT_TYPES), default="nf4", show_default=True)
 @click.option("--blocksize", type=int, default=64, show_default=True, help="32, 64, 128, ..., 4096.")
 @click.option("--no-double-quant", is_flag=True, help="Store block scales as float32 (4.5 bits/param) instead of 8-bit.")
 @options.compute_dtype()
@@ -129,7 +130,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
 
         raise OptionError("--plot needs --against SOURCE", hint="the picture shows the error against the original weights")
     if plot:
-        from ..plot import check_plot_path
+        from ..convert.verify_plot import check_plot_path
 
         check_plot_path(plot, overwrite)  # before the work
     r = verify_checkpoint(output_dir, against=source)
@@ -146,7 +147,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
             )
             _report_drops_and_casts({"dropped": e["dropped"], "cast": []})
     if plot:
-        from ..plot import plot_verify_report
+        from ..convert.verify_plot import plot_verify_report
 
         echo(f"wrote {plot_verify_report(r, plot, overwrite)['path']}", err=True)
     if not r["ok"]:
@@ -159,7 +160,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
 def inspect(path: str, as_json: bool) -> None:
     """Show every tensor of a checkpoint folder or .safetensors file: shape, dtype, quant type, block size,
     double quant, stored bytes; and bits per parameter over the quantized tensors."""
-    from ..inspect import format_report, inspect_checkpoint
+    from ..convert.inspect import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(path)
     if as_json:

@@ -131,7 +131,7 @@ def run() -> None:
     the process there ("terminate called without an active exception", exit -6) about once in ten
     runs on a loaded machine, after the run had finished and written everything."""
     code = main()
-    fsdp = sys.modules.get("qconvert.train.fsdp")
+    fsdp = sys.modules.get("qconvert.training.fsdp")
     if fsdp is not None and fsdp.GROUP_USED:
         fsdp.leave_process(code)
     sys.exit(code)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from ..names import BACKEND_NAMES, FLOAT_DTYPE_NAMES, QUANT_TYPES  # noqa: F401 (QUANT_TYPES: for the commands)
+from ..names import BACKEND_NAMES, FLOAT_DTYPE_NAMES
 
 #: dtypes a model can be written in or compute in, as choices (``auto`` is added where a command can infer it)
 DTYPE_NAMES = tuple(sorted(FLOAT_DTYPE_NAMES))
@@ -64,7 +64,7 @@ def load_in_4bit():
 
 
 #: train's data options that `eval` takes as well (its data goes through train's pipeline): the
-#: TrainConfig fields, declared once in qconvert.train.settings (flags, default, choices, help)
+#: TrainConfig fields, declared once in qconvert.training.settings (flags, default, choices, help)
 TRAIN_DATA_OPTIONS = ("data_split", "data_config", "fmt", "max_length", "truncation", "train_on_inputs")
 
 
@@ -75,7 +75,7 @@ def train_data_options(extra_choices: dict[str, tuple[str, ...]] | None = None, 
     (eval's ``--format raw``)."""
     from dataclasses import replace
 
-    from ..train.settings import RUN_OPTIONS, SPECS
+    from ..training.settings import RUN_OPTIONS, SPECS
     from .train import click_option
 
     def decorate(f):

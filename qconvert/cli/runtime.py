@@ -1,5 +1,5 @@
-"""CLI commands that run a model: `qconvert generate` and `qconvert eval` (library: qconvert.runtime,
-qconvert.generation, qconvert.evaluate)."""
+"""CLI commands that run a model: `qconvert generate` and `qconvert eval` (library: qconvert.run.inference,
+qconvert.run.generate, qconvert.run.evaluate)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 
 import click
 
+# light (no torch)
+from ..run.generate import PROMPT_FORMATS
 from . import options
 
 
@@ -16,7 +18,7 @@ from . import options
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
 @click.option("--adapter", help="A PEFT LoRA adapter folder (a `qconvert train` output), or its Hub id, to run on top of MODEL.")
 @click.option("--chat", is_flag=True, help="Render the prompt as a user turn with the tokenizer's chat template (= --format chat).")
-@click.option("--format", "fmt", type=click.Choice(("raw", "alpaca", "chat")),
+@click.option("--format", "fmt", type=click.Choice(PROMPT_FORMATS),
               help="raw: the prompt as given; alpaca: an instruction rendered as train renders alpaca records; chat: as --chat "
                    "[default: the --adapter's recorded training format, else raw].")
 @click.option("--system", help="With --chat: a system message before the prompt.")
@@ -37,9 +39,9 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
     """Continue PROMPT with MODEL (folder or Hub id; 4-bit or 16-bit), optionally with a LoRA adapter."""
     from .._cpus import cap_torch_threads
     from ..convert.on_load import inference_base
-    from ..generation import check_settings, generate_text, recorded_format, render_prompt
+    from ..run.generate import check_settings, generate_text, recorded_format, render_prompt
     from ..io.source import resolve_adapter_path
-    from ..runtime import attach_adapter, load_for_inference
+    from ..run.inference import attach_adapter, load_for_inference
 
     if chat and fmt not in (None, "chat"):
         raise click.UsageError(f"--chat and --format {fmt}: give one of them")
@@ -70,7 +72,7 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
 
 @click.command(name="eval")
 @click.argument("model")
-@options.train_data_options(  # train's own declarations (qconvert.train.settings), worded for scoring
+@options.train_data_options(  # train's own declarations (qconvert.training.settings), worded for scoring
     extra_choices={"fmt": ("raw",)},
     fmt="Record format (auto: per record). auto also renders prompt/completion records in an --adapter's recorded "
         "training format (alpaca, chat), as generate does; raw scores them as written.",
@@ -90,7 +92,7 @@ def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_l
              backend, revision, as_json, load_in_4bit, keep_quantized):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
     from .._cpus import cap_torch_threads
-    from ..evaluate import evaluate, format_table
+    from ..run.evaluate import evaluate, format_table
 
     cap_torch_threads()
     rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,

@@ -1,6 +1,6 @@
-"""CLI command `qconvert train`: its options are generated from qconvert.train.settings (one
+"""CLI command `qconvert train`: its options are generated from qconvert.training.settings (one
 declaration per option: flags, default, config key, range, help); an optional --config file lies
-under the flags; then one call to :func:`qconvert.train.loop.train` with a TrainConfig."""
+under the flags; then one call to :func:`qconvert.training.loop.train` with a TrainConfig."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import os
 
 import click
 
-from ..train.settings import RUN_OPTIONS, SPECS, Spec
+from ..training.settings import RUN_OPTIONS, SPECS, Spec
 
 
 def click_option(spec: Spec):
     """The click option of one train option, as its Spec declares it. A flag's default is the
     TrainConfig default; a value not given on the command line is left to --config and the
-    defaults (see :func:`qconvert.train.settings.load_run`)."""
+    defaults (see :func:`qconvert.training.settings.load_run`)."""
     kw = dict(help=spec.help, hidden=spec.hidden, metavar=spec.metavar)
     if spec.kind == "bool":
         # a flag that is on by default is spelled --no-NAME and turns it off
@@ -52,7 +52,7 @@ def train(ctx, model, config_file, config_name, **flags):
     optimizer state (FSDP2). Stopped by Ctrl-C or SIGTERM, every process saves its part of the
     checkpoint; --nproc-per-node then exits 130 or 143 as one process does (torchrun exits 1 with its
     own traceback, and kills processes still saving after 30 s)."""
-    from ..train.settings import load_run
+    from ..training.settings import load_run
 
     if config_name and not config_file:
         raise click.UsageError("--config-name without --config", ctx=ctx)
@@ -63,11 +63,11 @@ def train(ctx, model, config_file, config_name, **flags):
     if run_options["push_to"]:
         check_push_base(run_options["model"], config.base_model_id, run_options["push_to"])
     if (config.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the launcher; its processes are the workers
-        from ..train.launch import launch
+        from ..training.launch import launch
 
         config.check()  # a bad value is one line here, not one per process
         raise SystemExit(launch(config.nproc_per_node, worker_args(ctx)))
-    from ..train.loop import train as run
+    from ..training.loop import train as run
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: torch's threads from the CPUs it has
         from .._cpus import cap_torch_threads

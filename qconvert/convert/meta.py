@@ -185,7 +185,7 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     would; see the module docstring. Raises QuantizationError naming the tensors that have no place.
     ``quantize_experts``: also quantize the routed experts (:func:`expert_source`), which the anchor
     leaves 16-bit; every other placement is the anchor's."""
-    from ..conversions import routed_expert_params
+    from ..model.conversions import routed_expert_params
     first_float = next((dt for dt, _ in info.values() if dt.is_floating_point), None)
     ldt = load_dtype(config, first_float)
     model, _ = meta_model(root, ldt)

@@ -80,7 +80,7 @@ def _same_quantization(folder: Path, model, revision: str | None) -> bool:
     records it (a card never names a local path, so the provenance has the source's name only): the
     same name, and for a local source the same size in bytes and the same config; for a Hub id the
     same revision when one is given."""
-    from ..format.checkpoint import read_json_object
+    from ..io.checkpoint import read_json_object
 
     if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():  # the card is written after the weights
         return False

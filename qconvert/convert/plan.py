@@ -29,11 +29,10 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, OptionError, QuantizationError
-from ..format.checkpoint import SAFETENSORS_DTYPES, Checkpoint
+from ..io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from ..format.constants import FLOAT_DTYPES
 from ..format.layout import dtype_name, stored_nbytes
 from .meta import TIED, Placement, Placements, cast_reason, is_skipped, load_dtype, meta_placements
-from .meta import default_skips, meta_model  # noqa: F401  (their old home; tests import them from here)
 from .sources import DequantizingReader, reading_view
 
 QUANTIZABLE_DTYPES = FLOAT_DTYPES

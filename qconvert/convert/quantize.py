@@ -27,18 +27,16 @@ import torch
 
 from .. import LAYOUT_VERSION, QUANTIZER_VERSION, __version__
 from .._cpus import resolve_workers
-from ..errors import DiskSpaceError, FormatError, QuantizeOptionError
-from ..format.constants import BLOCKSIZES, FLOAT_DTYPE_NAMES, QUANT_TYPES
+from ..errors import DiskSpaceError, FormatError, OptionError
+from ..names import BLOCKSIZES, FLOAT_DTYPE_NAMES, QUANT_TYPES
 from ..io.cards import checked_base_model, quantized_card
 from ..io.reader import CheckpointReader, cleanup
 from ..io.shards import ShardWriter, header_bound, shard_digest, write_index
 
-# the staging helpers live in qconvert.io.staging; the old names stay importable from here
-from ..io.staging import MAX_COMPANION_BYTES, check_output, free_bytes, output_lock, staging_dir, trash_dir  # noqa: F401
+from ..io.staging import check_output, free_bytes, output_lock, staging_dir
 from ..io.staging import copy_companions as _copy_extra_files
-from ..io.staging import not_copyable as _not_copyable  # noqa: F401
 from ..io.staging import publish as _publish
-from ..io.staging import remove as _remove  # noqa: F401
+from ..io.writes import remove as _remove
 from ..io.staging import write_json as _write_json
 from ..io.writes import write_file
 from .options import QuantizeOptions
@@ -124,11 +122,11 @@ def quantize_checkpoint(
 
 def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
     if quant_type not in QUANT_TYPES:
-        raise QuantizeOptionError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+        raise OptionError(f"unknown quant type {quant_type!r}", hint="use nf4 or fp4")
     if blocksize not in BLOCKSIZES:
-        raise QuantizeOptionError(f"block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}")
+        raise OptionError(f"block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}")
     if compute_dtype not in COMPUTE_DTYPES:
-        raise QuantizeOptionError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
+        raise OptionError(f"compute dtype {compute_dtype!r} is not supported", hint=f"use one of {', '.join(COMPUTE_DTYPES)}")
 
 
 def _settings(src: CheckpointReader, source: str, plan: Plan, o: QuantizeOptions, max_shard_size: int) -> dict[str, Any]:

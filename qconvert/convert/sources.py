@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, SourceError
-from ..format.checkpoint import DTYPE_NAMES
+from ..io.checkpoint import DTYPE_NAMES
 from ..format.layout import dtype_name
 from ..quant.source_dequant import FP8_DTYPES, MXFP4_BLOCK_BYTES, dequantize_fp8, dequantize_mxfp4, fp8_scale_grid, mxfp4_shape
 from .meta import load_dtype

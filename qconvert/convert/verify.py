@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
-from ..format.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import dtype_name, is_4bit_config
-from ..validate import read_config
+from ..model.checks import read_config
 from .sources import read_source, reading_view
 
 
@@ -62,10 +62,10 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
 def check_model_structure(ckpt: Checkpoint) -> str:
     """The structural rule of verify: config.json builds (on the meta device) a model in which every
     4-bit weight is the weight of a Linear whose [out, in] equals its quant-state shape, and every
-    other tensor that model knows has its shape and a usable dtype (qconvert.validate, lenient form:
+    other tensor that model knows has its shape and a usable dtype (qconvert.model.checks, lenient form:
     names transformers renames on load are not required). A config that needs remote code cannot
     be built here: then each quant-state shape must at least be 2-D. Returns what was checked."""
-    from ..validate import check_structure, model_class, quant_shapes
+    from ..model.checks import check_structure, model_class, quant_shapes
 
     cfg = read_config(ckpt.root)
     if cfg.get("auto_map"):
@@ -130,7 +130,8 @@ def quantization_error(ckpt: Checkpoint, quantized: list[str], owned: set[str], 
     """Checks the output against its source (check_against), then measures each quantized weight's
     relative error and SQNR against the original, and whether the other tensors are the source's
     values in the dtype transformers saves them in."""
-    from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops import dequantize_4bit  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops.args import weight_args
 
     plan = check_against(ckpt, quantized, src)
     qset = set(quantized)

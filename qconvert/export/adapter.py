@@ -12,12 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-# the adapter reader lives in qconvert.adapters (one layer down: load_model reads adapters too);
-# these names stay importable from here
-from ..adapters import (  # noqa: F401
-    LORA_KEY, check_adapter_for_model, check_against_base, module_value, read_adapter_config, read_lora_weights,
-)
 from ..errors import FormatError
+from ..model.adapters import read_adapter_config, read_lora_weights
 
 
 def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
@@ -30,13 +26,13 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
 
     src, out = resolve_adapter_path(source)[0], Path(output)  # a folder, or an adapter's Hub id (its two files fetched)
     if not (src / "adapter_config.json").is_file():
-        from ..train.outdir import run_checkpoints
+        from ..training.outdir import run_checkpoints
 
         ckpts = run_checkpoints(src)  # the run's own (its manifest), never another tool's checkpoint-N
         if not ckpts:
             raise FormatError(f"{src}: no adapter_config.json and no checkpoint-N folder", hint="pass a qconvert train output or checkpoint")
         src = ckpts[-1]
-    from ..train.data import PROMPT_FORMAT_FILE, prompt_format, prompt_format_text, read_prompt_format
+    from ..training.data import PROMPT_FORMAT_FILE, prompt_format, prompt_format_text, read_prompt_format
 
     cfg = read_adapter_config(src)
     weights = src / "adapter_model.safetensors"
@@ -65,7 +61,7 @@ def _trained_format(src: Path) -> str | None:
 
     import yaml
 
-    from ..train.data import FORMATS
+    from ..training.data import FORMATS
 
     for folder in (src, src.parent):  # a train output, or one of its checkpoint-N folders
         try:

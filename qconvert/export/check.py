@@ -34,7 +34,7 @@ class _Unmerged(_Torch):
     """The 4-bit base plus the adapter, unmerged, as load_model runs it (float32)."""
 
     def __init__(self, base: Path, adapter: str):
-        from ..loader import load_model
+        from ..model.loader import load_model
 
         self.model = load_model(str(base), dtype=torch.float32, adapter=adapter).eval()
         self.tokenizer = _tokenizer(base)

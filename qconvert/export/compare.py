@@ -95,10 +95,10 @@ class _GGUF:
 def _float32_model(src):
     """transformers' model of the checkpoint's logical values in float32, each tensor placed as
     transformers places it on load (renamed, or merged by its converter: MoE experts stored per
-    expert become the model's 3-D parameters; qconvert.conversions)."""
+    expert become the model's 3-D parameters; qconvert.model.conversions)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..conversions import convert_group, load_map
+    from ..model.conversions import convert_group, load_map
 
     cfg = AutoConfig.from_pretrained(src.root, trust_remote_code=False)
     if hasattr(cfg, "quantization_config"):

@@ -134,7 +134,7 @@ class _Source:
     @classmethod
     def open(cls, model: str, adapter: str | None, say, family: bool = True) -> "_Source":
         """``family``: refuse a family export-gguf cannot write (compare reads any causal LM)."""
-        from ..format.checkpoint import Checkpoint
+        from ..io.checkpoint import Checkpoint
         from ..io.source import resolve_model_path
 
         root, _ = resolve_model_path(model, None)
@@ -164,7 +164,8 @@ class _Source:
             ((name, t),) = list(_output_tensors(self.job, k))
             return t.float()
         if k in self.quantized:
-            from ..ops import dequantize_4bit, weight_args
+            from ..ops import dequantize_4bit
+            from ..ops.args import weight_args
 
             return dequantize_4bit(*weight_args(self.ckpt.quantized(k)), torch.float32)
         return self.ckpt.get(k).float()

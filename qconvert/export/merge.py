@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import DtypeOptionError, FormatError
-from ..format.checkpoint import Checkpoint
+from ..errors import FormatError, OptionError
+from ..io.checkpoint import Checkpoint
 from ..format.conformance import check_checkpoint
 from ..format.layout import LOGICAL_DTYPES as DTYPES
 from ..format.layout import is_4bit_config
@@ -41,7 +41,7 @@ class LoraAdapter:
     """A PEFT LoRA adapter folder: per-module A, B and scaling."""
 
     def __init__(self, folder: str | os.PathLike):
-        from ..adapters import read_adapter_config, read_lora_weights
+        from ..model.adapters import read_adapter_config, read_lora_weights
         from ..io.source import resolve_adapter_path
 
         self.folder = resolve_adapter_path(folder)[0]  # a folder, or a Hub id fetched as generate/eval/load_model fetch it
@@ -64,12 +64,12 @@ class LoraAdapter:
 
     def check_base(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
         """Each module's lora_B @ lora_A has its base weight's [out, in] shape."""
-        from ..adapters import check_against_base
+        from ..model.adapters import check_against_base
 
         check_against_base(self.weights, self.modules, base_shapes)
 
     def _pattern(self, table: dict, module: str, default):
-        from ..adapters import module_value
+        from ..model.adapters import module_value
 
         return module_value(table, module, default)
 
@@ -86,7 +86,7 @@ class LoraAdapter:
 def _base_shapes(ckpt: Checkpoint, targets: dict[str, str], conv1d: set[str]) -> dict[str, tuple[int, ...]]:
     """[out, in] of each adapted base weight (a 4-bit one's from its quant state; an unquantized
     Conv1D weight's is its shape reversed), by module name."""
-    from ..validate import quant_shapes
+    from ..model.checks import quant_shapes
 
     q = quant_shapes(ckpt)
     return {m: tuple(q[k]) if k in q else tuple(reversed(ckpt.info(k)[1])) if k in conv1d else ckpt.info(k)[1]
@@ -102,7 +102,7 @@ def _conv1d_weights(root: Path, cfg: dict[str, Any]) -> set[str]:
         return set()
     from transformers import AutoConfig
 
-    from ..validate import build_meta, is_conv1d, model_class
+    from ..model.checks import build_meta, is_conv1d, model_class
 
     cls = model_class(cfg, f"{root}/config.json")
     model = build_meta(cls, AutoConfig.from_pretrained(root, trust_remote_code=False), f"{root}/config.json")
@@ -118,8 +118,8 @@ class _ParameterMerge:
     split back into its stored tensors by transformers' save-time revert, one group at a time."""
 
     model: Any  # the model on the meta device: converters and reverts run against it
-    lm: Any  # qconvert.conversions.LoadMap of the checkpoint on that model
-    loras: dict[str, Any]  # parameter name -> qconvert.adapters.ParameterLora
+    lm: Any  # qconvert.model.conversions.LoadMap of the checkpoint on that model
+    loras: dict[str, Any]  # parameter name -> qconvert.model.adapters.ParameterLora
     direct: dict[str, str]
     group_of: dict[str, str]
     pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # first target -> reverted tensors not yet written
@@ -175,7 +175,7 @@ def merge_adapter(
     say = log or (lambda m: None)
     out = Path(output)
     if dtype not in DTYPES:
-        raise DtypeOptionError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
+        raise OptionError(f"unknown --dtype {dtype!r}", hint="use bfloat16, float16 or float32")
     checked_base_model(base_model)
     check_output(out, overwrite, inputs=[base, adapter, base_original])
     if check:
@@ -264,7 +264,7 @@ def _prepare(ckpt: Checkpoint, root: Path, adapter: str, base_original: str | No
 def _meta_model(root: Path):
     from transformers import AutoConfig
 
-    from ..validate import build_meta, model_class, read_config
+    from ..model.checks import build_meta, model_class, read_config
 
     where = str(root / "config.json")
     return build_meta(model_class(read_config(root), where), AutoConfig.from_pretrained(root, trust_remote_code=False), where)
@@ -273,8 +273,8 @@ def _meta_model(root: Path):
 def _parameter_merge(root: Path, ckpt: Checkpoint, lora: LoraAdapter, owned: set[str], quantized: set[str]) -> _ParameterMerge:
     """The adapter's LoRA on parameters (taken out of ``lora.modules``), each placed where ``ckpt``
     stores its parameter (see :class:`_ParameterMerge`)."""
-    from ..adapters import parameter_adapters
-    from ..conversions import load_map
+    from ..model.adapters import parameter_adapters
+    from ..model.conversions import load_map
 
     model = _meta_model(root)
     loras = parameter_adapters(lora.config, lora.modules, model, lora.weights)
@@ -300,7 +300,7 @@ def _original_names(orig: Checkpoint, where: str, quantized: set[str], cfg: dict
     names = {k: k for k in quantized if k in have}
     if len(names) == len(quantized):
         return names
-    from ..validate import model_class
+    from ..model.checks import model_class
 
     prefix = getattr(model_class(cfg, f"{root}/config.json"), "base_model_prefix", "") + "."
     for k in sorted(quantized - names.keys()):
@@ -319,8 +319,8 @@ def _stored_names(root: Path, ckpt: Checkpoint, owned: set[str], quantized: set[
     stored name and are left out."""
     from transformers import AutoConfig
 
-    from ..conversions import load_map
-    from ..validate import build_meta, model_class, read_config
+    from ..model.conversions import load_map
+    from ..model.checks import build_meta, model_class, read_config
 
     where = str(root / "config.json")
     model = build_meta(model_class(read_config(root), where), AutoConfig.from_pretrained(root, trust_remote_code=False), where)
@@ -376,7 +376,7 @@ def _plan(job: _Merge, keys: list[str]) -> list[tuple[str, torch.dtype, tuple[in
     not one tensor of a known shape (re-quantizing, LoRA on parameters); a wrong entry costs a copy."""
     if job.quantize or job.params is not None:
         return None
-    from ..validate import quant_shapes
+    from ..model.checks import quant_shapes
 
     logical = quant_shapes(job.ckpt)
     plan = []
@@ -422,7 +422,8 @@ def _output_tensors(job: _Merge, k: str, inputs: _Inputs | None = None) -> Itera
     (:func:`_read_inputs`, read here when not given). A 4-bit weight and a LoRA update are [out, in]; a
     Conv1D weight (``job.conv1d``) is [in, out] in a 16-bit checkpoint (the original, the output, an
     unquantized base tensor), so it is transposed on the way in and out."""
-    from ..ops import dequantize_4bit, weight_args  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops import dequantize_4bit  # dispatched: on CPU the fast dequantizer, the reference's bits
+    from ..ops.args import weight_args
     from ..quant.fast_cpu import quantize_4bit_fast
 
     is_4bit, conv1d = k in job.quantized, k in job.conv1d
@@ -479,7 +480,7 @@ def _parameter_delta(job: _Merge, name: str) -> torch.Tensor:
 def _merged_parameter(job: _Merge, k: str) -> torch.Tensor:
     """Stored tensor ``k`` with the LoRA on the parameter it loads into folded in, float32 (a converted
     group is merged and reverted once, when its first tensor is written)."""
-    from ..conversions import convert_group, revert_group
+    from ..model.conversions import convert_group, revert_group
 
     pm = job.params
     if k in pm.direct:
@@ -497,7 +498,8 @@ def _merged_parameter(job: _Merge, k: str) -> torch.Tensor:
 
 def _requantized_with_cost(job: _Merge, k: str, merged: torch.Tensor, delta: torch.Tensor, qt) -> Iterator[tuple[str, torch.Tensor]]:
     """A merged weight re-quantized to 4 bits, with what that costs measured on a random probe."""
-    from ..ops import dequantize_4bit, weight_args
+    from ..ops import dequantize_4bit
+    from ..ops.args import weight_args
     from ..quant.fast_cpu import quantize_4bit_fast
 
     rq = quantize_4bit_fast(merged.to(job.out_dtype), qt.quant_type, qt.blocksize, qt.double_quant, name=k)

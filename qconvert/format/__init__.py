@@ -1,17 +1,2 @@
-"""The bytes: codebooks and constants (from formats/), tensor keys, the packed quant-state."""
-
-from .constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_order
-from .layout import QuantizedTensor, find_quantized, pack_quant_state, unpack_quant_state
-
-__all__ = [
-    "BLOCKSIZES",
-    "NESTED_BLOCKSIZE",
-    "QUANT_TYPES",
-    "QuantizedTensor",
-    "codebook",
-    "dynamic_map",
-    "find_quantized",
-    "pack_quant_state",
-    "quantize_order",
-    "unpack_quant_state",
-]
+"""The bytes: codebooks and constants (:mod:`.constants`, from formats/), the entries of a 4-bit weight,
+tensor keys and the packed quant-state (:mod:`.layout`), the spec's reader rules (:mod:`.conformance`)."""

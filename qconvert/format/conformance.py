@@ -21,7 +21,7 @@ import struct
 from typing import Any, Iterable, Mapping
 
 from ..errors import FormatError
-from .constants import QUANT_TYPES
+from ..names import QUANT_TYPES
 from .layout import QUANT_STATE_PREFIX, QUANT_STORAGE, SUFFIXES, entry_key, check_storage, find_quantized, quant_state_key, quant_storage
 
 #: the layout versions this reader implements (spec section 1.3)

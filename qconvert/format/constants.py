@@ -16,12 +16,10 @@ from typing import Any
 
 import torch
 
-from ..names import BLOCKSIZES, FLOAT_DTYPE_NAMES, NESTED_BLOCKSIZE, QUANT_TYPES, ceil_div  # noqa: F401  (re-exported)
+from ..names import FLOAT_DTYPE_NAMES, QUANT_TYPES
 
 #: The floating dtypes of qconvert.names.FLOAT_DTYPE_NAMES as torch dtypes, in the same order.
 FLOAT_DTYPES = tuple(getattr(torch, name) for name in FLOAT_DTYPE_NAMES)
-#: Storage dtype of the packed codes and of double-quantized absmax.
-STORAGE_DTYPE = torch.uint8
 
 
 def formats_root():

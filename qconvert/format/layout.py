@@ -28,7 +28,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import FormatError
-from .constants import BLOCKSIZES, FLOAT_DTYPE_NAMES, NESTED_BLOCKSIZE, QUANT_TYPES, ceil_div, codebook, dynamic_map
+from ..names import BLOCKSIZES, FLOAT_DTYPE_NAMES, NESTED_BLOCKSIZE, QUANT_TYPES, ceil_div
+from .constants import codebook, dynamic_map
 
 QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
 #: torch dtype of each logical dtype name a quant-state may hold, in the spec's order

@@ -31,7 +31,7 @@ def folder_kind(folder: Path) -> str:
         raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)")
     from ..format.layout import is_4bit_config  # here: the adapter path of push needs no torch
 
-    from ..validate import read_config
+    from ..model.checks import read_config
 
     qc = read_config(folder).get("quantization_config") or {}
     return "quantized" if is_4bit_config(qc) else "merge"
@@ -43,7 +43,7 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(f"{folder}: no such folder")
     kind = folder_kind(folder)
     if kind == "adapter":
-        from ..adapters import read_adapter_config, read_lora_weights
+        from ..model.adapters import read_adapter_config, read_lora_weights
 
         cfg = read_adapter_config(folder)
         read_lora_weights(folder, cfg)  # a damaged or half-written adapter is not published
@@ -96,7 +96,7 @@ def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
     (:data:`RUN_ONLY`) and ``secrets``, names that look like credentials (:data:`SECRET_PATTERNS`),
     are published only when an ``include`` names them exactly (no wildcard: ``--include '*'``
     does not send ``.env``); ``unknown``: any other file, which refuses the push unless included."""
-    from ..format.checkpoint import is_companion_file
+    from ..io.checkpoint import is_companion_file
 
     exact = [p for p in include if not any(c in p for c in "*?[")]
     plan: dict[str, list[str]] = {"upload": [], "skipped": [], "secrets": [], "unknown": []}
@@ -170,7 +170,7 @@ def check_base_model_id(base: object, where: Path) -> None:
 
 
 def _is_repo_id(s: str) -> bool:
-    from .download import REPO_ID
+    from ..io.hub import REPO_ID
 
     return bool(REPO_ID.match(s))
 
@@ -195,7 +195,7 @@ def _push_errors(repo_id: str) -> Iterator[None]:
     except ValueError as e:  # huggingface_hub raises ValueError subclasses for answers it cannot use
         raise HubError(f"{repo_id}: the Hub's answer could not be used ({e})", hint=resume) from None
     except Exception as e:
-        from .download import is_network_error
+        from ..io.hub import is_network_error
 
         if not is_network_error(e):
             raise

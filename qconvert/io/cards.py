@@ -18,10 +18,6 @@ from typing import Any
 
 from ..errors import FormatError
 
-#: The ``base_model_relation`` of each kind of folder qconvert writes (and push checks).
-RELATIONS = ("quantized", "adapter", "merge")
-
-
 def _front_matter_yaml(data: dict[str, Any]) -> str:
     """``data`` as YAML block text with every string value double-quoted and the keys plain
     (``base_model_relation: "merge"``), as qconvert has always written cards and tests look for."""

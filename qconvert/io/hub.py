@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import SourceError
-from ..format.checkpoint import (
+from .checkpoint import (
     SAFETENSORS_DTYPES, Checkpoint, check_member_name, check_shard_against_index, is_companion_file, is_weight_file,
     raise_resource_error,
 )
@@ -259,13 +259,6 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def open_source(source: str, revision: str | None, workdir: Path, keep: bool = False) -> Checkpoint:
-    """A local folder / file, or a Hub repo id (``org/name``): see :func:`qconvert.io.source.open_checkpoint`."""
-    from .source import open_checkpoint
-
-    return open_checkpoint(source, revision, workdir, keep=keep)
 
 
 # ---------------------------------------------------------------- checked downloads into the HF cache

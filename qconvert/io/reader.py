@@ -1,6 +1,6 @@
 """The checkpoint reader protocol: what a workflow may ask of a checkpoint, wherever it lives.
 
-Two implementations: :class:`qconvert.format.checkpoint.Checkpoint` (a local folder or file,
+Two implementations: :class:`qconvert.io.checkpoint.Checkpoint` (a local folder or file,
 memory-mapped safetensors) and :class:`qconvert.io.hub.HubCheckpoint` (a Hub repo whose shards
 are downloaded one at a time, on demand, the next one in the background). :func:`open_checkpoint`
 (in :mod:`.source`) picks one from what the user typed. A workflow reads tensors one at a time with

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ..format.checkpoint import DTYPE_NAMES, SAFE_INDEX
-from .staging import named_write_errors as _named
+from .checkpoint import DTYPE_NAMES, SAFE_INDEX
+from .writes import named_write_errors as _named
 from .writes import create_new
 
 

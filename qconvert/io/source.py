@@ -61,7 +61,7 @@ def resolve_adapter_path(path_or_repo_id: str | os.PathLike, revision: str | Non
 def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool = False) -> CheckpointReader:
     """A local folder / file, or a Hub repo id (``org/name``) whose shards are fetched into
     ``workdir`` as they are read (and kept there when ``keep``)."""
-    from ..format.checkpoint import Checkpoint
+    from .checkpoint import Checkpoint
     from .hub import HubCheckpoint, looks_like_repo_id
 
     if os.path.exists(source):

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError, OutputExistsError
-from ..format.checkpoint import is_companion_file
-from .writes import make_dir, named_write_errors, open_lock_file, remove, write_file  # noqa: F401 (named_write_errors, remove: re-exported)
+from .checkpoint import is_companion_file
+from .writes import make_dir, open_lock_file, remove, write_file
 
 #: A companion file larger than this is not copied (the largest tokenizer.json seen is about 35 MB).
 MAX_COMPANION_BYTES = 2**30

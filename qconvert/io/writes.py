@@ -184,7 +184,8 @@ def fresh_dir(folder: str | os.PathLike, name: str) -> Path:
 
 
 def temp_dir(folder: str | os.PathLike, name: str) -> Path:
-    """A new empty folder in ``folder`` under a unique hidden name, for building ``name``."""
+    """A new empty folder in ``folder`` under a unique hidden name, for building ``name`` (the
+    compiled CPU kernel's build folder, ops/native/build.py)."""
     for _ in range(100):
         tmp = temp_name(Path(folder), name)
         try:

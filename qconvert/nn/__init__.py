@@ -1,5 +1,2 @@
-"""qconvert's 4-bit modules."""
-
-from .linear4bit import Linear4bit
-
-__all__ = ["Linear4bit"]
+"""qconvert's 4-bit modules: :class:`.linear4bit.Linear4bit` and the 4-bit experts of MoE layers
+(:mod:`.experts4bit`)."""

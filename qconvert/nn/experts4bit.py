@@ -42,8 +42,10 @@ import weakref
 import torch
 from torch import nn
 
+from .. import ops
 from ..errors import FormatError
-from ..format.layout import NESTED_BLOCKSIZE, QuantizedTensor, dtype_name
+from ..names import NESTED_BLOCKSIZE
+from ..format.layout import QuantizedTensor, dtype_name
 
 
 class Experts4bitWeight(nn.Module):
@@ -124,7 +126,7 @@ class Experts4bitWeight(nn.Module):
         for p, shape in enumerate(self.part_shapes):
             qt = QuantizedTensor(packed=getattr(self, f"codes{p}")[e].reshape(-1, 1), absmax=self._scales(p, e), shape=shape,
                                  dtype=self.weight_dtype, quant_type=self.quant_type, blocksize=self.blocksize, quant_map=self.quant_map)
-            values.append(self.backend.dequantize(qt, dtype or self.compute_dtype))
+            values.append(ops.dequantize(qt, dtype or self.compute_dtype, self.backend))
         value = values[0] if len(values) == 1 else torch.cat(values)
         if delta is not None:
             value = delta(e, value)

@@ -103,7 +103,7 @@ class ParamWrapper4bit(ParamWrapper):
 
     def get_delta_weight(self, adapter_name, *args, **kwargs):
         raise OptionError("the whole update of a 4-bit experts stack is not built (it would dequantize every expert)",
-                          hint="use `qconvert merge`, or qconvert.adapters.ParameterLora.delta on the adapter's tensors")
+                          hint="use `qconvert merge`, or qconvert.model.adapters.ParameterLora.delta on the adapter's tensors")
 
 
 class _Delta:

@@ -11,16 +11,15 @@ It also takes the place of a GPT-2 style ``Conv1D`` (weight stored [in, out]): t
 holds that weight's transpose, [out, in] (spec section 10), so ``x @ W.T + b`` is what the Conv1D
 computed. ``from_conv1d`` records it, for the adapters and merges written for the 16-bit model.
 
-With the ``auto`` backend the forward is one call of the custom op ``torch.ops.qconvert.matmul_4bit``
-(qconvert.ops) over the module's current tensors: the dispatcher picks the kernels from their device,
-so a moved module computes with its new device's kernels, and torch.compile sees one opaque op with a
-fake implementation. A forced backend object (``--backend reference``, ``triton``, ``bitsandbytes``)
-is called directly instead.
+The forward is one call of the custom op ``torch.ops.qconvert.matmul_4bit`` (qconvert.ops) over the
+module's current tensors: with the ``auto`` backend the dispatcher picks the kernels from their
+device, so a moved module computes with its new device's kernels; a forced backend
+(``--backend reference``, ``triton``, ``bitsandbytes``) is the op's ``kernels`` argument. torch.compile
+sees one opaque op with a fake implementation.
 
-Backward reaches the input (that is what LoRA needs below the adapter) and saves nothing but the
-module's own tensors (the op's registered autograd) or a reference to the module (the autograd
-function below, for forced backends): the input gradient dequantizes the weight again instead of
-keeping a dequantized copy alive between forward and backward.
+Backward (the op's one registered autograd) reaches the input (that is what LoRA needs below the
+adapter) and saves nothing but the module's own tensors: the input gradient dequantizes the weight
+again instead of keeping a dequantized copy alive between forward and backward.
 
 The state dict carries the whole quant state, as bitsandbytes' Linear4bit does: the tensors (codes,
 block scales, tables) and, under ``_extra_state``, the packed quant-state JSON of the file format
@@ -35,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
 from ..errors import FormatError
 from ..format.layout import QuantizedTensor, dtype_name, entries, pack_quant_state, unpack_quant_state
 
@@ -47,30 +47,10 @@ def _settings(qs: dict) -> dict:
             "double_quant": "nested_offset" in qs, "nested_blocksize": qs.get("nested_blocksize")}
 
 
-class _Matmul4bit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, module):
-        ctx.module = module
-        ctx.has_bias_grad = bias is not None and bias.requires_grad
-        return module.backend.matmul(x, module.quantized(), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        m = ctx.module
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            w = m.backend.dequantize(m.quantized(), grad_out.dtype)
-            grad_x = grad_out @ w
-            del w
-        if ctx.has_bias_grad:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None
-
-
 class Linear4bit(nn.Linear):
     """y = x @ dequant(W4).T + b, with W4 frozen in the packed 4-bit format."""
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend, compute_dtype: torch.dtype, *,
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend: str, compute_dtype: torch.dtype, *,
                  from_conv1d: bool = False):
         nn.Module.__init__(self)
         if len(qt.shape) != 2:
@@ -86,6 +66,7 @@ class Linear4bit(nn.Linear):
         self.blocksize = qt.blocksize
         self.weight_dtype = qt.dtype
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        #: the kernels: "auto" (by device) or a forced family (qconvert.ops.choice)
         self.backend = backend
         self.compute_dtype = compute_dtype
         #: this layer stands in for a GPT-2 style Conv1D of the 16-bit model (weight stored [in, out] there):
@@ -108,22 +89,17 @@ class Linear4bit(nn.Linear):
         )
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.backend.dequantize(self.quantized(), dtype or self.weight_dtype)
+        return ops.dequantize(self.quantized(), dtype or self.weight_dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        if getattr(self.backend, "dispatches", False):
-            offset = float(self.nested_offset) if self.nested_absmax is not None else 0.0
-            y = torch.ops.qconvert.matmul_4bit(
-                xc, self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, offset,
-                self.blocksize, [self.out_features, self.in_features], self.weight_dtype, bias,
-            )
-        elif torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
-            y = _Matmul4bit.apply(xc, bias, self)
-        else:
-            y = self.backend.matmul(xc, self.quantized(), bias)
+        offset = float(self.nested_offset) if self.nested_absmax is not None else 0.0
+        y = torch.ops.qconvert.matmul_4bit(
+            xc, self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, offset,
+            self.blocksize, [self.out_features, self.in_features], self.weight_dtype, bias, self.backend,
+        )
         return y.to(in_dtype)
 
     def get_extra_state(self) -> torch.Tensor:
@@ -176,5 +152,5 @@ class Linear4bit(nn.Linear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{self.quant_type}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}, "
-            f"compute_dtype={dtype_name(self.compute_dtype)}, backend={self.backend.name}"
+            f"compute_dtype={dtype_name(self.compute_dtype)}, backend={self.backend}"
         )

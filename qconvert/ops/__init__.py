@@ -3,57 +3,65 @@
 =====================================  ===========================================================
 op                                     kernels
 =====================================  ===========================================================
-``qconvert::dequantize_4bit``          default: the reference (qconvert.quant.reference), any
-                                       device; CPU: the compiled kernel (ops/native), else the
-                                       fast dequantizer (quant/fast_dequant.py), both
-                                       bit-identical; CUDA: the Triton kernel (triton_backend.py)
+``qconvert::dequantize_4bit``          default: the reference (ops/reference.py), any device;
+                                       CPU: the compiled kernel (ops/native), else the fast
+                                       dequantizer (ops/cpu/), both bit-identical;
+                                       CUDA: the Triton kernel (ops/triton/)
 ``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CPU: the
-                                       compiled fused kernel up to impl.GEMV_ROWS rows (within
+                                       compiled fused kernel up to ops.cpu.kernels.GEMV_ROWS rows (within
                                        GEMV_REL), else the CPU dequantizer into a reused buffer,
                                        then ``F.linear`` (the same result); CUDA: the fused Triton kernel up to
                                        SMALL_BATCH rows, else Triton dequantize, then ``F.linear``.
-                                       Autograd: input and bias gradients, the weight dequantized
-                                       again in backward (by grad_input_4bit).
-``qconvert::grad_input_4bit``          ``grad_out @ W``, matmul_4bit's input gradient. default:
-                                       the dispatched dequantize_4bit, then the product; CPU: as
-                                       matmul_4bit, the weight in the reused buffer.
+                                       Autograd (the one backward, below): input and bias
+                                       gradients, the weight dequantized again by grad_input_4bit.
+``qconvert::grad_input_4bit``          ``grad_out @ W``, matmul_4bit's input gradient, by the same
+                                       family's dequantize (CPU: into the reused buffer).
 ``qconvert::quantize_4bit``            default: the reference; CPU: the fast quantizer
                                        (quant/fast_cpu.py), bit-identical; CUDA: the Triton
-                                       kernel (kernels_quant.py) for codes and scales, the scales'
-                                       double quantization on the CPU path (bit-identical); the
-                                       fast CPU quantizer when Triton is not installed
+                                       kernel (ops/triton/kernels_quant.py) for codes and scales,
+                                       the scales' double quantization on the CPU path
+                                       (bit-identical); the fast CPU quantizer without Triton
 =====================================  ===========================================================
 
-Every argument is a plain tensor or scalar (packed codes, absmax as uint8 or float32, nested
-absmax, code tables, offset, blocksize, shape, dtypes), so the schemas are simple and each op has a
-fake (meta) implementation for torch.compile and FSDP's meta-device paths. The dispatcher picks the
-kernel from the tensors' device, so a module moved with ``.to(...)`` computes with its new device's
-kernels. A forced choice (``--backend reference`` / QCONVERT_BACKEND) bypasses the dispatcher: see
-qconvert.backends.
+Every argument is a plain tensor, scalar or string (packed codes, absmax as uint8 or float32,
+nested absmax, code tables, offset, blocksize, shape, dtypes), so the schemas are simple and each op
+has a fake (meta) implementation for torch.compile and FSDP's meta-device paths. The dispatcher picks
+the kernel family from the tensors' device, so a module moved with ``.to(...)`` computes with its
+new device's kernels. The ``kernels`` argument (default "auto") forces one family on every device
+(``--backend reference`` / QCONVERT_BACKEND, checked by :mod:`.choice`): one op, one autograd and
+one backward whichever kernels compute.
 
-Importing this module registers the ops; it is imported on first use (by the ``auto`` backend of
-qconvert.backends and by conversion), never by ``import qconvert``. It imports no Triton and
-initializes no CUDA: the CUDA kernels import their launcher when first called. :func:`stand_in`
-lets tests run the CUDA kernels on CPU tensors under TRITON_INTERPRET=1.
+Kernel families, each beside its table of kernels (``KERNELS``): :mod:`.reference`, ``cpu/``
+(:mod:`.cpu.kernels`), ``triton/`` (:mod:`.triton.kernels`; the ``@triton.jit`` code in
+``kernels_*.py``, its launch in ``launch.py``) and :mod:`.bnb` (bitsandbytes, forced only).
+:data:`FAMILIES` and :data:`DEVICES` below are the one registration of them all.
 
-Where things go: a new kernel for an existing op is one ``_LIB.impl(op, fn, dispatch_key)`` below
-over a function in :mod:`qconvert.ops.impl` (Triton code in ``qconvert/backends/kernels_*.py``,
-its launch code beside it); a new quant type changes the tables and the reference
-(qconvert.format.constants, qconvert.quant.reference) and the kernels that cannot read it, not
-these schemas.
+Importing this module registers the ops; it is imported on first use (by qconvert.nn's modules and
+by conversion), never by ``import qconvert``. It imports no Triton and initializes no CUDA: the
+CUDA kernels import their launcher when first called. :func:`stand_in` lets tests run the CUDA
+kernels on CPU tensors under TRITON_INTERPRET=1.
+
+Where things go: a new kernel for an existing op is one entry in its family's ``KERNELS`` (a new
+family, or a new device, is one more row of FAMILIES / DEVICES); a new quant type changes the
+tables and the reference (qconvert.format.constants, qconvert.quant.reference) and the kernels that
+cannot read it, not these schemas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
+from ..errors import OptionError
 from ..format.layout import entries
-from . import impl
+from . import bnb, reference
+from .args import weight_args
+from .cpu import kernels as cpu
+from .triton import kernels as triton
 
-__all__ = ["dequantize_4bit", "matmul_4bit", "quantize", "quantize_4bit", "stand_in", "weight_args"]
+__all__ = ["dequantize", "dequantize_4bit", "matmul", "matmul_4bit", "quantize", "quantize_4bit", "stand_in"]
 
 
 #: qconvert's op library. Defined with torch.library.Library rather than torch.library.custom_op:
@@ -63,9 +71,9 @@ _LIB = torch.library.Library("qconvert", "DEF")
 
 _WEIGHT = ("Tensor packed, Tensor absmax, Tensor quant_map, Tensor? nested_absmax, Tensor? nested_quant_map, "
            "float nested_offset, int blocksize, int[] shape, ScalarType logical_dtype")
-_LIB.define(f"dequantize_4bit({_WEIGHT}, ScalarType dtype) -> Tensor")
-_LIB.define(f"matmul_4bit(Tensor x, {_WEIGHT}, Tensor? bias) -> Tensor")
-_LIB.define(f"grad_input_4bit(Tensor grad_out, {_WEIGHT}) -> Tensor")
+_LIB.define(f"dequantize_4bit({_WEIGHT}, ScalarType dtype, str kernels='auto') -> Tensor")
+_LIB.define(f"matmul_4bit(Tensor x, {_WEIGHT}, Tensor? bias, str kernels='auto') -> Tensor")
+_LIB.define(f"grad_input_4bit(Tensor grad_out, {_WEIGHT}, str kernels='auto') -> Tensor")
 _LIB.define("quantize_4bit(Tensor x, str quant_type, int blocksize, bool double_quant, str name, int workers=0) "
             "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 #: dequantize_4bit: the weight's logical value (spec section 8) converted to ``dtype``.
@@ -74,30 +82,53 @@ _LIB.define("quantize_4bit(Tensor x, str quant_type, int blocksize, bool double_
 #: quantize_4bit: (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset) of x;
 #: without double quantization the nested tensors are empty and the offset 0. ``name`` labels
 #: errors; ``workers``: CPU threads for a kernel that uses them (0: the CPUs available; the bytes
-#: never depend on it).
+#: never depend on it). ``kernels``: "auto" (the device's family) or a family of FAMILIES forced.
 
-# the default kernels (any device): the reference
-_LIB.impl("dequantize_4bit", impl.dequantize_reference, "CompositeExplicitAutograd")
-_LIB.impl("matmul_4bit", impl.matmul_reference, "CompositeExplicitAutograd")
-_LIB.impl("quantize_4bit", impl.quantize_reference, "CompositeExplicitAutograd")
-_LIB.impl("grad_input_4bit", impl.grad_input_dispatched, "CompositeExplicitAutograd")
-# device kernels: each registers only what it speeds up over the default
-_LIB.impl("dequantize_4bit", impl.dequantize_cpu, "CPU")
-_LIB.impl("dequantize_4bit", impl.dequantize_triton, "CUDA")
-_LIB.impl("matmul_4bit", impl.matmul_cpu, "CPU")
-_LIB.impl("grad_input_4bit", impl.grad_input_cpu, "CPU")
-_LIB.impl("matmul_4bit", impl.matmul_triton, "CUDA")
-_LIB.impl("quantize_4bit", impl.quantize_cpu, "CPU")
-_LIB.impl("quantize_4bit", impl.quantize_triton, "CUDA")
+#: The kernel families by name: the name a forced choice gives (qconvert.names.BACKEND_NAMES), and "cpu".
+FAMILIES: dict[str, dict[str, Callable]] = {
+    "reference": reference.KERNELS, "cpu": cpu.KERNELS, "triton": triton.KERNELS, "bitsandbytes": bnb.KERNELS,
+}
+#: The family each dispatch key runs when no family is forced: the reference is every op's default.
+DEVICES = {"CompositeExplicitAutograd": "reference", "CPU": "cpu", "CUDA": "triton"}
+#: Arguments of each op's schema, its trailing ``kernels`` included (quantize_4bit has none).
+_ARITY = {"dequantize_4bit": 11, "matmul_4bit": 12, "grad_input_4bit": 11}
+
+
+def _kernel(op: str, family: str) -> Callable:
+    """The kernel registered for ``op`` on a dispatch key whose own family is ``family``: that
+    family's, or the one the call's ``kernels`` argument forces. Looked up at each call (a test can
+    swap an entry); a family without the op computes it with the reference."""
+    arity = _ARITY.get(op)
+
+    def run(*args):
+        kernels = "auto"
+        if arity is not None and len(args) == arity:
+            *args, kernels = args
+        if kernels != "auto" and kernels not in FAMILIES:
+            raise OptionError(f"unknown kernels {kernels!r}", hint=f"use auto or one of {', '.join(FAMILIES)}")
+        return FAMILIES[family if kernels == "auto" else kernels].get(op, reference.KERNELS[op])(*args)
+
+    return run
+
+
+def _register(lib: torch.library.Library, key: str, family: str) -> None:
+    for op in reference.KERNELS:
+        lib.impl(op, _kernel(op, family), key)
+
+
+for _key, _family in DEVICES.items():
+    _register(_LIB, _key, _family)
 
 
 @torch.library.register_fake("qconvert::dequantize_4bit", lib=_LIB)
-def _(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype, dtype):
+def _(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype, dtype,
+      kernels="auto"):
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
 @torch.library.register_fake("qconvert::matmul_4bit", lib=_LIB)
-def _(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype, bias):
+def _(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype, bias,
+      kernels="auto"):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
@@ -114,31 +145,32 @@ def _(x, quant_type, blocksize, double_quant, name, workers=0):
 
 
 @torch.library.register_fake("qconvert::grad_input_4bit", lib=_LIB)
-def _(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype):
+def _(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype,
+      kernels="auto"):
     return grad_out.new_empty((*grad_out.shape[:-1], shape[1]))
 
 
 def _matmul_setup_context(ctx, inputs, output):
-    _, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype, _ = inputs
+    _, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype, _ = inputs[:11]
     # the module's own tensors, not a dequantized copy: backward dequantizes again
     ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map)
-    ctx.scalars = (nested_offset, blocksize, list(shape), logical_dtype)
+    ctx.scalars = (nested_offset, blocksize, list(shape), logical_dtype, inputs[11] if len(inputs) > 11 else "auto")
 
 
 def _matmul_backward(ctx, grad_out):
+    """matmul_4bit's one backward, for every kernel family: the input gradient by grad_input_4bit
+    (the family's kernels), the bias gradient a sum; the weight is frozen."""
     packed, absmax, quant_map, nested_absmax, nested_quant_map = ctx.saved_tensors
-    nested_offset, blocksize, shape, logical_dtype = ctx.scalars
+    nested_offset, blocksize, shape, logical_dtype, kernels = ctx.scalars
+    weight = (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0] and not torch.is_grad_enabled():  # the usual backward: one op, per-device kernels
-        grad_x = torch.ops.qconvert.grad_input_4bit(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map,
-                                                    nested_offset, blocksize, shape, logical_dtype)
+        grad_x = torch.ops.qconvert.grad_input_4bit(grad_out, *weight, kernels)
     elif ctx.needs_input_grad[0]:  # create_graph: differentiable ops, so the gradient has a gradient
-        w = torch.ops.qconvert.dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
-                                               blocksize, shape, logical_dtype, grad_out.dtype)
-        grad_x = grad_out @ w
+        grad_x = grad_out @ torch.ops.qconvert.dequantize_4bit(*weight, grad_out.dtype, kernels)
     if ctx.needs_input_grad[10]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return grad_x, None, None, None, None, None, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, None, None, None, None, None, grad_bias, None
 
 
 torch.library.register_autograd("qconvert::matmul_4bit", _matmul_backward, setup_context=_matmul_setup_context, lib=_LIB)
@@ -163,27 +195,25 @@ def quantize(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     )
 
 
-def weight_args(qt) -> tuple:
-    """The weight arguments of dequantize_4bit/matmul_4bit for a QuantizedTensor, in schema order
-    (packed ... logical_dtype)."""
-    return (qt.packed, qt.absmax, qt.quant_map, qt.nested_absmax, qt.nested_quant_map,
-            float(qt.nested_offset) if qt.double_quant else 0.0, qt.blocksize, list(qt.shape), qt.dtype)
+def dequantize(qt, dtype: torch.dtype, kernels: str = "auto") -> torch.Tensor:
+    """:func:`dequantize_4bit` of a :class:`qconvert.format.layout.QuantizedTensor`."""
+    return torch.ops.qconvert.dequantize_4bit(*weight_args(qt), dtype, kernels)
+
+
+def matmul(x: torch.Tensor, qt, bias: torch.Tensor | None = None, kernels: str = "auto") -> torch.Tensor:
+    """:func:`matmul_4bit`: ``x @ W.T + bias`` for a QuantizedTensor ``W`` (differentiable in x and bias)."""
+    return torch.ops.qconvert.matmul_4bit(x, *weight_args(qt), bias, kernels)
 
 
 @contextmanager
 def stand_in(device_type: str = "cpu", kernels: str = "triton") -> Iterator[None]:
     """Within the block, tensors on ``device_type`` take the ``kernels`` ("triton": what CUDA
     tensors get) for dequantize_4bit, matmul_4bit, grad_input_4bit and quantize_4bit. For tests without a GPU: with
-    TRITON_INTERPRET=1, CPU tensors run the CUDA path's Triton kernels in the interpreter
-    (grad_input_4bit through the dispatched dequantize_4bit, as on CUDA)."""
+    TRITON_INTERPRET=1, CPU tensors run the CUDA path's Triton kernels in the interpreter."""
     if kernels != "triton":
         raise ValueError(f"unknown kernels {kernels!r}: only 'triton' can stand in")
     lib = torch.library.Library("qconvert", "IMPL")  # a fragment, removed on exit
-    key = torch._C._dispatch_key_for_device(device_type)
-    lib.impl("dequantize_4bit", impl.dequantize_triton, key)
-    lib.impl("matmul_4bit", impl.matmul_triton, key)
-    lib.impl("grad_input_4bit", impl.grad_input_dispatched, key)
-    lib.impl("quantize_4bit", impl.quantize_triton, key)
+    _register(lib, torch._C._dispatch_key_for_device(device_type), kernels)
     try:
         yield
     finally:

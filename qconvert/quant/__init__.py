@@ -1,5 +1,3 @@
-"""The numbers: the one reference implementation of 4-bit quantization and dequantization."""
-
-from .reference import dequantize_4bit_ref, dequantize_absmax_ref, quantize_4bit_ref
-
-__all__ = ["dequantize_4bit_ref", "dequantize_absmax_ref", "quantize_4bit_ref"]
+"""The numbers: the one reference implementation of 4-bit quantization and dequantization
+(:mod:`.reference`), and the fast CPU paths beside it that match it bit for bit (:mod:`.fast_cpu`,
+:mod:`.fast_dequant`)."""

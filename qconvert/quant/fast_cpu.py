@@ -42,7 +42,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..format.constants import ceil_div, quantize_midpoints
+from ..names import ceil_div
+from ..format.constants import quantize_midpoints
 from ..format.layout import QuantizedTensor
 from .reference import _TINY, absmax_blocks, assemble, check_quantizable, pack_nibbles, pack_scaled
 

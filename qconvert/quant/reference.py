@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import QuantizationError, QuantizeOptionError
-from ..format.constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_midpoints
+from ..errors import OptionError, QuantizationError
+from ..names import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
+from ..format.constants import FLOAT_DTYPES, codebook, dynamic_map, quantize_midpoints
 from ..format.layout import QuantizedTensor, decoded_scales, nblocks as count_blocks
 
 _TINY = 1e-38  # divisor floor, as a float32
@@ -29,11 +30,12 @@ _TINY = 1e-38  # divisor floor, as a float32
 def check_quantizable(
     x: torch.Tensor, name: str = "tensor", quant_type: str = "nf4", blocksize: int = 64, check_finite: bool = True
 ) -> None:
-    """Raise QuantizationError for anything the format cannot hold."""
+    """Raise QuantizationError for anything the format cannot hold (OptionError for a quant type or
+    block size outside the vocabulary)."""
     if quant_type not in QUANT_TYPES:
-        raise QuantizeOptionError(f"{name}: unknown quant type {quant_type!r}", hint="use nf4 or fp4")
+        raise OptionError(f"{name}: unknown quant type {quant_type!r}", hint="use nf4 or fp4")
     if blocksize not in BLOCKSIZES:
-        raise QuantizeOptionError(
+        raise OptionError(
             f"{name}: block size {blocksize} is not supported", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}"
         )
     if x.dtype not in FLOAT_DTYPES:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ...format.constants import NESTED_BLOCKSIZE
+from ...names import NESTED_BLOCKSIZE
 from ...quant.fast_cpu import default_workers
 from .build import library
 

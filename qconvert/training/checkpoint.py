@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import stable_adapter_config
+from ..model.adapters import stable_adapter_config
 from ..io.writes import TMP_SUFFIX, building, check_room, fresh_dir
 from ..errors import DataError, OutputExistsError
 

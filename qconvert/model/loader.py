@@ -2,9 +2,9 @@
 
 The model is built from config.json with its parameters on the meta device (no full-precision
 weights are ever allocated); each nn.Linear whose weight is stored in 4 bits becomes a
-:class:`qconvert.nn.Linear4bit` holding the packed tensors, placed directly on the target device;
+:class:`qconvert.nn.linear4bit.Linear4bit` holding the packed tensors, placed directly on the target device;
 every other tensor is loaded as stored. Each tensor goes where transformers loads it, by transformers'
-own conversion mapping (qconvert.conversions): renamed ones (GPT-NeoX's ``embed_out``, a 4-bit weight
+own conversion mapping (qconvert.model.conversions): renamed ones (GPT-NeoX's ``embed_out``, a 4-bit weight
 of a renamed module) to their new place, and the groups a converter merges (MoE experts stacked into
 3-D parameters) merged by that converter's operations, one group at a time (a merged parameter is a
 new tensor, not a view of the file). 4-bit routed MoE experts (spec section 14) go into
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import DtypeOptionError, FormatError
-from .format.checkpoint import Checkpoint
-from .format.conformance import check_checkpoint
-from .format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
-from .io.source import resolve_adapter_path, resolve_model_path  # also imported from here by train and runtime
+from ..errors import FormatError, OptionError
+from ..io.checkpoint import Checkpoint
+from ..format.conformance import check_checkpoint
+from ..format.layout import LOGICAL_DTYPES as DTYPES, is_4bit_config
+from ..io.source import resolve_adapter_path, resolve_model_path
 
 
 def _set_tensor(model, name: str, value: torch.Tensor) -> None:
@@ -47,7 +47,7 @@ def _as_dtype(d: torch.dtype | str) -> torch.dtype:
         return d
     name = str(d).removeprefix("torch.")
     if name not in DTYPES:
-        raise DtypeOptionError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
+        raise OptionError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -79,18 +79,18 @@ def load_model(
     """
     from transformers import AutoConfig
 
-    from .backends import get_backend
+    from ..ops.choice import resolve
 
     for given in (dtype, compute_dtype):  # option values first, before any file is read or downloaded
         if given not in (None, "auto"):
             _as_dtype(given)
     adapter_dir = None if adapter is None else resolve_adapter_path(adapter)[0]  # a folder or a Hub id, before the model loads
     root, repo_id = resolve_model_path(path_or_repo_id, revision)
-    from .validate import check_model_folder
+    from .checks import check_model_folder
 
     check_model_folder(root)  # config.json and every tensor header against the model it builds
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    be = get_backend(backend, device)
+    be = resolve(backend, device)
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)
     qc = getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
@@ -117,7 +117,7 @@ def load_model(
     model.to(device)
     model.is_loaded_in_4bit = True
     _mark_quantized(model)
-    model.qconvert_backend = be.name
+    model.qconvert_backend = be
     model.config.name_or_path = repo_id or str(root)
     model.eval()
     if adapter is not None:
@@ -163,10 +163,10 @@ def _skeleton(root: Path, config, qc: dict):
 
 
 def _load_map(model, ckpt: Checkpoint, quantized: list[str]):
-    """Where transformers loads each checkpoint tensor (qconvert.conversions): the 4-bit weights and
+    """Where transformers loads each checkpoint tensor (qconvert.model.conversions): the 4-bit weights and
     every other tensor, the quant-state entries left out (they follow their weight)."""
     from .conversions import load_map
-    from .validate import owned_keys
+    from .checks import owned_keys
 
     owned = owned_keys(ckpt.keys(), quantized)
     q = set(quantized)
@@ -176,8 +176,8 @@ def _load_map(model, ckpt: Checkpoint, quantized: list[str]):
 def _place_4bit(model, ckpt: Checkpoint, root: Path, device: torch.device, dt, be, cd, quantized: list[str], lm) -> set[str]:
     """Each 4-bit weight's nn.Linear or GPT-2 style Conv1D (at the place transformers loads the weight:
     ``lm``) replaced by a Linear4bit holding it (and its bias); returns the checkpoint tensors used."""
-    from .nn import Linear4bit
-    from .validate import is_conv1d, linear_shape
+    from ..nn.linear4bit import Linear4bit
+    from .checks import is_conv1d, linear_shape
 
     placed: set[str] = set()
     group_of = lm.group_of
@@ -217,7 +217,7 @@ def _place_experts(model, ckpt: Checkpoint, root: Path, device: torch.device, be
     a group that transformers' converter merges, stacked as that converter stacks them
     (:func:`expert_parts`); returns the checkpoint tensors used."""
     from .conversions import converted_sources, routed_expert_params
-    from .nn.experts4bit import Experts4bitWeight, quantize_experts_module
+    from ..nn.experts4bit import Experts4bitWeight, quantize_experts_module
 
     experts = routed_expert_params(model)
     q = set(quantized)

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import OptionError
 from .settings import SPECS
 
-# Declared once, in qconvert.train.settings (each TrainConfig field's Spec); these views keep their old names.
+# Declared once, in qconvert.training.settings (each TrainConfig field's Spec); these views keep their old names.
 #: option -> how the CLI spells it, for the messages
 FLAG: dict[str, str] = {name: spec.flag for name, spec in SPECS.items() if spec.range is not None}
 #: option -> (lowest, lowest included, highest, highest included); None: no bound on that side

@@ -235,7 +235,7 @@ class Checkpoint:
         if h is None:
             from safetensors import safe_open
 
-            from .conformance import check_header
+            from ..format.conformance import check_header
 
             p = self.root / name
             if name not in self._checked:
@@ -374,7 +374,7 @@ class Checkpoint:
     def companions(self, name: str) -> list[str]:
         """Every entry of the 4-bit weight ``name`` (as :func:`layout.companion_keys`), from an index
         of all names built once, so that looking up every weight stays linear in the number of names."""
-        from .layout import companion_index
+        from ..format.layout import companion_index
 
         if self._companions is None:
             self._companions = companion_index(self.weight_map)
@@ -408,7 +408,7 @@ class Checkpoint:
 
     def quantized(self, name: str, device: "torch.device | str | None" = None):
         """The 4-bit weight ``name`` as a validated QuantizedTensor (its entries must share one file)."""
-        from .layout import QuantizedTensor
+        from ..format.layout import QuantizedTensor
 
         comp = self.companions(name)
         files = {self.file_of(k) for k in comp}
@@ -424,7 +424,7 @@ class Checkpoint:
         """The dtype the packed codes are stored in, from config.json's ``bnb_4bit_quant_storage``
         (uint8 without one; layout.quant_storage). Their bytes are the codes, whatever the dtype."""
         if self._storage is None:
-            from .layout import quant_storage
+            from ..format.layout import quant_storage
 
             cfg = self.config() or {}
             self._storage = quant_storage(cfg.get("quantization_config"), str(self.config_dir() / "config.json"))
@@ -528,7 +528,3 @@ def open_file_limit() -> str:
     except (ImportError, OSError, ValueError):
         return "the open-file limit is reached"
     return "the open-file limit is reached" if soft == resource.RLIM_INFINITY else f"this process may hold {soft} open files"
-
-
-#: the name before open files were told apart too (qconvert.io.hub imported it)
-raise_memory_error = raise_resource_error

@@ -17,7 +17,7 @@ shared experts, Mamba/linear-attention projections. Left out, each for a reason 
 
 Targets are written as PEFT matches them: a layer's last name part (``q_proj``) when that part names
 exactly the chosen modules, else full names. On model types whose adapters PEFT's transformers-5 MoE
-conversion rewrites (qconvert.adapters.module_targets_kept), full names are used for the parts it would
+conversion rewrites (qconvert.model.adapters.module_targets_kept), full names are used for the parts it would
 move to the experts, and the adapter is attached with those names kept.
 """
 
@@ -45,7 +45,7 @@ class Targets:
 def wrappable(mod) -> bool:
     """A layer PEFT's LoRA Linear wraps correctly: torch's Linear itself or qconvert's 4-bit Linear,
     not a subclass with a forward of its own."""
-    from ..nn import Linear4bit
+    from ..nn.linear4bit import Linear4bit
 
     return isinstance(mod, Linear4bit) or (isinstance(mod, torch.nn.Linear) and type(mod).forward is torch.nn.Linear.forward)
 
@@ -137,7 +137,7 @@ def _names(model, chosen: list[str], kind: str, converted: set[str] = frozenset(
 def choose(model, given: list[str] | None, experts: bool) -> Targets:
     """The run's LoRA targets: ``given`` module names (--target-modules) or the default linear layers,
     and with ``experts`` the routed experts' parameters."""
-    from ..adapters import peft_moves_to_parameters
+    from ..model.adapters import peft_moves_to_parameters
 
     chosen, left_out = linear_layers(model)
     if given:

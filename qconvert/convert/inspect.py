@@ -6,8 +6,8 @@ import math
 import os
 from typing import Any
 
-from .format.checkpoint import Checkpoint
-from .format.layout import (CORE_SUFFIXES, QUANT_STATE_PREFIX, core_nbytes, dtype_name, entry_key, find_quantized, has_4bit_experts,
+from ..io.checkpoint import Checkpoint
+from ..format.layout import (CORE_SUFFIXES, QUANT_STATE_PREFIX, core_nbytes, dtype_name, entry_key, find_quantized, has_4bit_experts,
                             unpack_quant_state)
 
 

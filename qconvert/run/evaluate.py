@@ -1,9 +1,9 @@
 """`qconvert eval`: the loss a model gets on a data set, counted exactly as `qconvert train` counts it.
 
-The data goes through the training data pipeline (:mod:`qconvert.train.data`): every file format and
+The data goes through the training data pipeline (:mod:`qconvert.training.data`): every file format and
 record shape that ``train`` reads, the same prompt rendering, the same EOS, and the same loss mask
 (completions and assistant turns only, unless ``train_on_inputs``). The loss is the token-weighted
-mean next-token cross-entropy over the labelled tokens (:mod:`qconvert.train.score`, the scorer train's evaluation uses),
+mean next-token cross-entropy over the labelled tokens (:mod:`qconvert.training.score`, the scorer train's evaluation uses),
 so the number equals the eval loss ``train`` reports for the same records, and a merged model scores
 what the 4-bit base plus its adapter scored, up to the rounding of the merged weights.
 """
@@ -15,17 +15,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, OptionError
+from ..errors import DataError, OptionError
 
 
 def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length: int = 512,
                   train_on_inputs: bool = False, split: str | None = None, config: str | None = None,
                   truncation: str = "truncate", report=None) -> list:
-    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of train.data.Example.
+    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of training.data.Example.
     ``split``/``config`` pick a Hub dataset's (or a dataset folder's) split and configuration;
     ``truncation`` ("truncate" or "drop") treats records over ``max_length`` as train does, and
-    ``report`` (a train.data.DataReport) counts what was truncated or dropped."""
-    from .train.data import build_examples, load_records
+    ``report`` (a training.data.DataReport) counts what was truncated or dropped."""
+    from ..training.data import build_examples, load_records
 
     if max_length < 2:
         raise OptionError(f"--max-length must be at least 2, got {max_length}")
@@ -38,8 +38,8 @@ def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length
 
 def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[str, Any]:
     """Mean loss over the labelled tokens of ``examples``, its exponential, and the counts: the scorer
-    train's evaluation uses (:func:`qconvert.train.score.loss_sums`); no labelled token is refused."""
-    from .train.score import loss_sums
+    train's evaluation uses (:func:`qconvert.training.score.loss_sums`); no labelled token is refused."""
+    from ..training.score import loss_sums
 
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
@@ -63,8 +63,8 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
     is quantized on the way in, as train does (convert/on_load.py). ``log`` gets the notices."""
     import contextlib
 
-    from .io.hub import looks_like_repo_id
-    from .io.source import resolve_adapter_path
+    from ..io.hub import looks_like_repo_id
+    from ..io.source import resolve_adapter_path
 
     adapters = list(adapters or [])
     if max_length < 2:
@@ -77,7 +77,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: lis
     say = log or (lambda m: None)
     formats = prompt_formats(folders, fmt, say)
     with contextlib.ExitStack() as held:  # a 16-bit MODEL's temporary 4-bit copy lives as long as the scoring
-        from .convert.on_load import inference_base
+        from ..convert.on_load import inference_base
 
         loaded, rev = inference_base(model, revision, load_in_4bit, keep_quantized, held, say)
         return _evaluate(model, loaded, data, list(zip(adapters, folders, formats)), compare=compare, fmt=fmt, max_length=max_length,
@@ -89,7 +89,7 @@ def prompt_formats(folders: list, fmt: str, say) -> list[str]:
     """The prompt format each adapter is scored in, as generate prompts it: with ``fmt`` "auto" the
     adapter's recorded training format (train.data.PROMPT_FORMAT_FILE; "raw" when it has none),
     else "raw" (the records' own format, or the one ``fmt`` forces)."""
-    from .generation import recorded_format
+    from .generate import recorded_format
 
     out = []
     for folder in folders:
@@ -106,7 +106,7 @@ def as_prompt_format(records: list, pf: str) -> list:
     format ``pf``: "alpaca" makes the prompt the instruction (as ``generate --format alpaca``),
     "chat" a user turn answered by the completion; "raw" and records of other shapes (which carry
     their own format) are left as they are."""
-    from .train.data import detect
+    from ..training.data import detect
 
     if pf == "raw":
         return records
@@ -124,8 +124,8 @@ def _evaluate(model, loaded: str, data, runs: list, *, compare, fmt, max_length,
     """``runs``: (adapter as given, its folder, its prompt format) each."""
     import copy
 
-    from .runtime import attach_adapter, load_for_inference
-    from .train.data import DataReport, build_examples, load_records
+    from .inference import attach_adapter, load_for_inference
+    from ..training.data import DataReport, build_examples, load_records
 
     lm = load_for_inference(loaded, backend=backend, revision=revision, dtype=dtype, device=device)
     tok = lm.tokenizer

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import FormatError
+from ..errors import FormatError
 
 #: A PEFT LoRA weight key: base_model.model.<module>.lora_A|lora_B[.<adapter name>].weight
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -165,7 +165,7 @@ def adapter_file(folder: Path, name: str) -> Path:
         hint = ("qconvert reads adapters in safetensors only (never pickle)" if name == ADAPTER_WEIGHTS
                 else "pass a PEFT LoRA adapter folder (a qconvert train output)")
         raise FormatError(f"{folder}: no {name}", hint=hint)
-    from .io.links import outside_folder
+    from ..io.links import outside_folder
 
     if outside_folder(p, folder):
         raise FormatError(f"{p}: a link to a file outside the adapter folder ({p.resolve()})",
@@ -178,8 +178,8 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     positive integer r, a finite lora_alpha, and rank/alpha patterns of the same kinds. The one reader
     of adapter_config.json (merge, export-adapter, export-gguf, push, load_model, generate, eval)."""
     p = adapter_file(Path(folder), ADAPTER_CONFIG)
-    from .format.checkpoint import read_json_object
-    from .validate import check_config_size
+    from ..io.checkpoint import read_json_object
+    from .checks import check_config_size
 
     check_config_size(p)
     cfg = read_json_object(p, "adapter_config.json")
@@ -215,7 +215,7 @@ def stable_adapter_config(folder: Path, **updates: Any) -> dict[str, Any]:
     for key in SET_KEYS:
         if isinstance(cfg.get(key), list) and all(isinstance(v, str) for v in cfg[key]):
             cfg[key] = sorted(cfg[key])
-    from .io.writes import write_file
+    from ..io.writes import write_file
 
     write_file(p, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
@@ -401,7 +401,7 @@ def parameter_adapters(cfg: Mapping[str, Any], modules: dict[str, tuple[Any, Any
 def _parameter_names(mod) -> list[str]:
     """``mod``'s own parameters as PEFT's target_parameters sees them, a 4-bit experts stack counting
     as the parameter it stands for (qconvert.nn.experts4bit_lora)."""
-    from .nn.experts4bit import Experts4bitWeight
+    from ..nn.experts4bit import Experts4bitWeight
 
     return [p for p, _ in mod.named_parameters(recurse=False)] + [a for a, m in mod.named_children() if isinstance(m, Experts4bitWeight)]
 
@@ -419,7 +419,7 @@ def check_against_base(weights: Path, modules: Mapping[str, tuple[Any, Any]], ba
 def check_adapter_for_model(folder: str | os.PathLike, model) -> None:
     """A PEFT LoRA folder about to be attached to ``model`` (load_model's ``adapter=``): sections 5.1
     to 5.4 of spec/robustness.md, with the model's Linear layers as the base."""
-    from .validate import linear_shape
+    from .checks import linear_shape
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)

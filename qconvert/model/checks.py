@@ -29,8 +29,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
-from .names import SAFETENSORS_FLOAT_NAMES
+from ..errors import FormatError
+from ..names import SAFETENSORS_FLOAT_NAMES
 
 MAX_CONFIG_BYTES = 16 * 2**20
 MAX_BUFFER_BYTES = 2**30
@@ -48,7 +48,7 @@ def read_config(root: Path) -> dict[str, Any]:
     if not p.is_file():
         raise FormatError(f"{p}: missing", hint="a model folder needs the config.json it was saved with")
     check_config_size(p)
-    from .format.checkpoint import read_json_object
+    from ..io.checkpoint import read_json_object
 
     return read_json_object(p, "config.json")
 
@@ -143,7 +143,7 @@ def linear_shape(module) -> tuple[int, int] | None:
 def compare(model, ckpt, quant_shapes: dict[str, tuple[int, ...]], where: str, *, strict: bool = True,
             require_all: bool | None = None) -> None:
     """The checkpoint's tensors against the meta ``model`` (module docstring, point 3), each at the
-    place transformers loads it (qconvert.conversions: renamed, or merged by a converter).
+    place transformers loads it (qconvert.model.conversions: renamed, or merged by a converter).
     ``strict`` also refuses tensors the model has no place for and a mix of float dtypes;
     ``require_all`` (default: ``strict``) refuses a checkpoint that lacks a tensor the model needs."""
     from .conversions import converted_sources, load_map, routed_expert_params
@@ -283,7 +283,7 @@ def _check_one_float_dtype(model, ckpt, names: list[str], where: str, model_name
 def owned_keys(keys, quantized) -> set[str]:
     """The keys that belong to the 4-bit weights ``quantized`` (each weight and its quant-state
     entries), found in one pass (layout.companion_keys per weight would be quadratic)."""
-    from .format.layout import QUANT_STATE_PREFIX, SUFFIXES
+    from ..format.layout import QUANT_STATE_PREFIX, SUFFIXES
 
     qset = set(quantized)
     out = set()
@@ -304,7 +304,7 @@ def buffer_bytes(model) -> int:
 
 def quant_shapes(ckpt) -> dict[str, tuple[int, ...]]:
     """Each 4-bit weight's shape from its quant state (the small JSON entry only)."""
-    from .format.layout import QUANT_STATE_PREFIX, unpack_quant_state
+    from ..format.layout import QUANT_STATE_PREFIX, unpack_quant_state
 
     out = {}
     for k in ckpt.keys():
@@ -348,9 +348,9 @@ def check_structure(root: Path, ckpt, cfg: dict[str, Any], *, strict: bool = Tru
 
 def check_model_folder(root: Path) -> None:
     """The load_model check: config.json and every tensor header against the model it builds."""
-    from .format.checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
-    from .format.layout import LOGICAL_DTYPES, find_quantized, is_4bit_config
+    from ..format.layout import LOGICAL_DTYPES, find_quantized, is_4bit_config
 
     cfg = read_config(root)
     qc = cfg.get("quantization_config")

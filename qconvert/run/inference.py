@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, FormatError, OptionError, SourceError
-from .names import DTYPE_CHOICES
+from ..errors import DataError, FormatError, OptionError, SourceError
+from ..names import DTYPE_CHOICES
 
 
 
@@ -51,7 +51,7 @@ def read_model_config(root: Path) -> dict[str, Any]:
         raise SourceError(f"{root}: not a model folder", hint="pass a folder with config.json, weights and tokenizer, or a Hub id")
     if not (root / "config.json").is_file():
         raise SourceError(f"{root}: no config.json", hint="pass a model folder (config.json, weights, tokenizer)")
-    from .validate import read_config
+    from ..model.checks import read_config
 
     return read_config(root)  # the one config.json reader: size limit, UTF-8 JSON object
 
@@ -95,9 +95,10 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     import torch
     from transformers import AutoConfig
 
-    from .format.layout import is_4bit_config
-    from .loader import load_model, resolve_model_path
-    from .nn import Linear4bit
+    from ..format.layout import is_4bit_config
+    from ..model.loader import load_model
+    from ..io.source import resolve_model_path
+    from ..nn.linear4bit import Linear4bit
 
     if dtype not in DTYPE_CHOICES:
         raise OptionError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
@@ -130,7 +131,7 @@ def _load_plain(root: Path, cls, config, dtype: str):
     """A checkpoint without 4-bit weights, through transformers, in its stored dtype ("auto") or ``dtype``."""
     from transformers.utils import logging as hf_logging
 
-    from .format.layout import LOGICAL_DTYPES
+    from ..format.layout import LOGICAL_DTYPES
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
@@ -146,12 +147,12 @@ def _load_plain(root: Path, cls, config, dtype: str):
 
 def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str, Any]:
     """Refuse an adapter that does not fit ``model``: a module it adapts is missing, or has other in/out sizes.
-    The files are read and checked by the one adapter reader (:mod:`qconvert.adapters`), as PEFT attaches
+    The files are read and checked by the one adapter reader (:mod:`qconvert.model.adapters`), as PEFT attaches
     them (embedding LoRA accepted); only the fit to this model is checked here."""
     import torch
 
-    from .adapters import lora_shapes, read_adapter_config, unwrapped
-    from .validate import linear_shape
+    from ..model.adapters import lora_shapes, read_adapter_config, unwrapped
+    from ..model.checks import linear_shape
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
@@ -179,9 +180,9 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
     against the model, attach it with PEFT and make it the active one."""
     from peft import PeftModel
 
-    from .adapters import conv1d_notice_hidden, module_targets_kept
-    from .io.source import resolve_adapter_path
-    from .nn.experts4bit_lora import peft_sees_4bit_experts
+    from ..model.adapters import conv1d_notice_hidden, module_targets_kept
+    from ..io.source import resolve_adapter_path
+    from ..nn.experts4bit_lora import peft_sees_4bit_experts
 
     given, (folder, _) = folder, resolve_adapter_path(folder)
     check_adapter(folder, lm.model, lm.name)

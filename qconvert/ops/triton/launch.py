@@ -1,4 +1,4 @@
-"""The triton backend: qconvert's own kernels (kernels_nf4.py), launched and validated here.
+"""qconvert's own Triton kernels (kernels_nf4.py, kernels_quant.py), launched and validated here.
 
 Small batches (up to SMALL_BATCH rows) use the fused kernel that never writes the dequantized weight.
 Larger batches, and the input gradient in backward, dequantize in one pass and call the vendor
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BackendError
-from ..format.constants import FLOAT_DTYPES, ceil_div
-from ..format.layout import QuantizedTensor
-from . import Backend
+from ...errors import BackendError
+from ...format.constants import FLOAT_DTYPES
+from ...format.layout import QuantizedTensor
+from ...names import ceil_div
 
 SMALL_BATCH = 16
 BLOCK = 1024
@@ -28,8 +28,8 @@ def _launch_opts(device: torch.device) -> dict:
     return {} if device.type == "cpu" else {"enable_fp_fusion": False}
 
 
-class TritonBackend(Backend):
-    name = "triton"
+class Launcher:
+    """The kernels' launches over a QuantizedTensor whose tensors are on the kernels' device."""
 
     def __init__(self):
         from . import kernels_nf4
@@ -60,7 +60,7 @@ class TritonBackend(Backend):
         rows = x.numel() // x.shape[-1]
         if rows <= SMALL_BATCH and len(qt.shape) == 2:
             return self.gemv(x, qt, bias)
-        return super().matmul(x, qt, bias)
+        return torch.nn.functional.linear(x, self.dequantize(qt, x.dtype), bias)
 
     def gemv(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         N, K = qt.shape
@@ -82,7 +82,7 @@ class TritonBackend(Backend):
         """(packed codes [(n + 1) // 2, 1] uint8, float32 block scales) of ``x`` on its device: the
         first level of the reference's quantize_4bit_ref, bit for bit (kernels_quant.py). The caller
         checks the input (quant.reference.check_quantizable) and double-quantizes the scales."""
-        from ..format.constants import quantize_midpoints
+        from ...format.constants import quantize_midpoints
         from . import kernels_quant
 
         flat = x.detach().reshape(-1).contiguous()

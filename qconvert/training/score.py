@@ -1,9 +1,9 @@
 """The loss of a model on tokenized examples: the one scorer behind `train`'s evaluation
-(:meth:`qconvert.train.loop._Run.evaluate`) and `qconvert eval` (:func:`qconvert.evaluate.score`), so
+(:meth:`qconvert.training.loop._Run.evaluate`) and `qconvert eval` (:func:`qconvert.run.evaluate.score`), so
 the two report the same number for the same model and records.
 
 The rule: next-token cross-entropy (logits in float32) summed over the positions whose label is not
-:data:`~qconvert.train.data.IGNORE` (the loss mask train learns from: completions and assistant turns,
+:data:`~qconvert.training.data.IGNORE` (the loss mask train learns from: completions and assistant turns,
 or every token with ``train_on_inputs``), divided by the number of such positions over all examples:
 a token-weighted mean, not a mean of per-batch or per-example means, so the batch size does not
 change it. The model is scored in eval mode (no dropout) and given back in the mode it was in.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import DataError, OptionError
+from ..errors import DataError, OptionError
 
 
 def check_settings(*, max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None,
@@ -44,7 +44,7 @@ FROM_TRAINING = {"alpaca": "alpaca", "chat": "chat", "sharegpt": "chat", "prompt
 def recorded_format(adapter) -> str | None:
     """The --format an adapter folder's PROMPT_FORMAT_FILE (written by train) calls for; None when
     the folder has none (an adapter from elsewhere) or was trained on several formats."""
-    from .train.data import read_prompt_format
+    from ..training.data import read_prompt_format
 
     fmt = read_prompt_format(adapter)
     return FROM_TRAINING.get(fmt["format"]) if fmt else None
@@ -53,7 +53,7 @@ def recorded_format(adapter) -> str | None:
 def render_prompt(prompt: str, fmt: str) -> str:
     """The text the model is given for ``prompt`` (chat is rendered later, by the tokenizer)."""
     if fmt == "alpaca":
-        from .train.data import alpaca_prompt
+        from ..training.data import alpaca_prompt
 
         return alpaca_prompt(prompt)
     return prompt
@@ -98,7 +98,7 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
     """Generate a continuation of ``prompt``; returns the completion, the full text and the token ids."""
     import torch
 
-    from .runtime import forward_inputs
+    from .inference import forward_inputs
 
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     repetition_penalty=repetition_penalty)

@@ -5,11 +5,11 @@ spellings, its config-file key and accepted aliases, its range and its help. Fro
 declaration come:
 
 - the click options of ``qconvert train`` (qconvert.cli.train generates them);
-- the config-file keys (qconvert.train.config.KEYS) and how a file's values are converted
+- the config-file keys (qconvert.training.config.KEYS) and how a file's values are converted
   (:func:`coerce`);
-- the range checks (qconvert.train.options.RANGES, check_options) and the choice checks
+- the range checks (qconvert.training.options.RANGES, check_options) and the choice checks
   (:meth:`TrainConfig.check`);
-- the keyword options of :func:`qconvert.train.loop.train`.
+- the keyword options of :func:`qconvert.training.loop.train`.
 
 Adding an option is one field here (plus its use in the training loop). A Python caller may build
 a TrainConfig, read one from a file (:meth:`TrainConfig.from_file`), or pass the same names as
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends import NAMES as BACKENDS
-from ..errors import OptionError, UnknownBackendError
+from ..names import BACKEND_NAMES as BACKENDS
+from ..errors import OptionError
 from .data import FORMATS, TRUNCATION
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -253,8 +253,8 @@ def check_choices(values: dict[str, Any]) -> None:
         v = values.get(name)
         if spec.kind != "choice" or v is None or v in spec.choices:
             continue
-        if name == "backend":  # the message and class backends.resolve gives for the same name
-            raise UnknownBackendError(f"unknown backend {v!r}", hint=f"use one of {', '.join(BACKENDS)}")
+        if name == "backend":  # the message and class qconvert.ops.choice.resolve gives for the same name
+            raise OptionError(f"unknown backend {v!r}", hint=f"use one of {', '.join(BACKENDS)}")
         raise OptionError(f"unknown {spec.flag} {v!r}", hint=f"use one of {', '.join(spec.choices)}")
 
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError, OutputExistsError
+from ..errors import OptionError, OutputExistsError
 
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+?)(?:\.weight)?$")
 
@@ -90,7 +90,7 @@ def plot_quantization_error(error: dict[str, Any], path: str | os.PathLike, *, t
         ax.legend(handles=drawn, fontsize=7, ncol=2 if len(drawn) > 8 else 1, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    from .io.writes import write_file
+    from ..io.writes import write_file
 
     write_file(path, lambda f: fig.savefig(f, format="png"))  # a unique temporary name, never a link followed
     data["lines"] = {ln.get_label(): ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()]) for ln in drawn}

@@ -15,7 +15,7 @@ from ..errors import OptionError
 from .settings import NOT_SAVED, TrainConfig, all_specs
 
 #: option -> (key written to config.yaml, other keys accepted when reading); declared with each
-#: option in qconvert.train.settings (RUN_OPTIONS, then the TrainConfig fields)
+#: option in qconvert.training.settings (RUN_OPTIONS, then the TrainConfig fields)
 KEYS: dict[str, tuple[str, tuple[str, ...]]] = {name: (spec.key, spec.aliases) for name, spec in all_specs().items()}
 #: accepted and checked, but nothing to set: qconvert trains LoRA (not DoRA) on 4-bit NF4 bases;
 #: null (a key left empty, as axolotl's examples do) passes too

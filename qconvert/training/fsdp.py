@@ -84,7 +84,7 @@ def end_group(made: bool) -> None:
 def scales_to_parameters(model) -> int:
     """Turn every Linear4bit's block scales (``absmax``, ``nested_absmax``) from buffers into frozen
     Parameters, so that FSDP shards them with the packed codes. Returns how many were turned."""
-    from ..nn import Linear4bit
+    from ..nn.linear4bit import Linear4bit
 
     n = 0
     for m in model.modules():
@@ -168,11 +168,6 @@ def shard(model, world: int, device: torch.device, offload: bool) -> None:
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; nothing to scale)
-
-
-def set_sync(model, sync: bool) -> None:
-    """Reduce-scatter gradients after this backward (the last micro-batch) or keep accumulating locally."""
-    model.set_requires_gradient_sync(sync)
 
 
 def local_bytes(model, frozen: bool = True) -> tuple[int, int]:

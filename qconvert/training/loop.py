@@ -26,7 +26,6 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DataError, FormatError, OptionError
-from .checkpoint import STATE, checkpoints  # noqa: F401  (re-exported: export-adapter lists checkpoints)
 from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
 from .data import (PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_ids, collate, data_label, load_records, pack,
                    prompt_format, prompt_format_text)
@@ -34,7 +33,7 @@ from .outdir import claim_output
 from .report import Plan, data_lines, memory_text, on_terminal, start_lines, step_line
 from .resume import resumed_config, run_settings
 from .score import label_loss_sum, loss_sums
-from .settings import OPTIMIZERS, SCHEDULERS, TrainConfig  # noqa: F401 (SCHEDULERS: re-exported)
+from .settings import OPTIMIZERS, TrainConfig
 
 AUTO_SAVE_MIN_STEPS = 50
 
@@ -131,7 +130,7 @@ def train(
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the frozen 4-bit ``model``; see the module docstring and the README.
 
-    The run's options are ``config`` (a :class:`qconvert.train.settings.TrainConfig`; default: its
+    The run's options are ``config`` (a :class:`qconvert.training.settings.TrainConfig`; default: its
     defaults) with ``options`` over it, the same names as keywords (``lr=1e-3, max_steps=10``);
     each option, its default and its range are described there. Every value is checked before
     anything is loaded (OptionError). ``config_file``: the --config file the options came from
@@ -172,7 +171,7 @@ def train(
 
 
 def _train(model, data, out: Path, o: TrainConfig, targets, rank: int, world: int, say, progress, resumed, base=None) -> dict[str, Any]:
-    from ..loader import resolve_model_path
+    from ..io.source import resolve_model_path
     from . import fsdp as fs
 
     random.seed(o.seed)
@@ -231,8 +230,8 @@ class _Run:
         """The 4-bit base, gradient checkpointing, LoRA, FSDP sharding (with --fsdp), the optimizer."""
         from peft import LoraConfig, get_peft_model
 
-        from ..adapters import adapts_conv1d, module_targets_kept
-        from ..loader import load_model
+        from ..model.adapters import adapts_conv1d, module_targets_kept
+        from ..model.loader import load_model
         from .targets import choose as choose_targets
         from . import fsdp as fs
 
@@ -244,7 +243,7 @@ class _Run:
         if o.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        # Targets by name (qconvert.train.targets), never PEFT's "all-linear", which also takes the routed experts'
+        # Targets by name (qconvert.training.targets), never PEFT's "all-linear", which also takes the routed experts'
         # 3-D parameters; those only with --lora-experts, where PEFT's parameter LoRA allows no dropout.
         dropout = 0.0 if self.targets.parameters else o.lora_dropout
         if dropout != o.lora_dropout:
@@ -257,7 +256,7 @@ class _Run:
 
         with module_targets_kept(), peft_sees_4bit_experts(base):
             self.model = get_peft_model(base, self.cfg)
-        if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.adapters)
+        if adapts_conv1d(self.model):  # GPT-2 style: the 16-bit model stores these weights [in, out] (qconvert.model.adapters)
             self.model.peft_config["default"].fan_in_fan_out = True  # saved in adapter_config.json; the layers keep False
         self.signature = run_signature(config_identity(root), self.model.peft_config["default"])
         self.n_total = count_parameters(self.model)
@@ -510,7 +509,7 @@ class _StopSignals:
 
 def count_parameters(model) -> int:
     """Parameters as the model has them: a 4-bit weight counts its out x in values, not its bytes."""
-    from ..nn import Linear4bit
+    from ..nn.linear4bit import Linear4bit
 
     packed = set()
     total = 0
@@ -523,7 +522,7 @@ def count_parameters(model) -> int:
 
 def check_causal_lm(root: Path) -> None:
     """`train` needs a decoder-only causal LM: refuse encoders (BERT) and encoder-decoders (T5)."""
-    from ..validate import read_config
+    from ..model.checks import read_config
 
     try:
         cfg = read_config(Path(root))  # the one config.json reader, its size limit
@@ -621,14 +620,6 @@ def _save_text(plan: Plan, out: Path, o: TrainConfig) -> str:
     return text
 
 
-def _checkpoint(model, optimizer, sched, step, out, o, rank, world, signature, show) -> Path | None:
-    path = save_checkpoint(model, optimizer, sched, step, out, o.save_total_limit, rank, world, signature)
-    if rank == 0:
-        _plot(out)
-        show(f"step {step}: saved {path}")
-    return path
-
-
 def _plot(out: Path) -> None:
     from .plot import write_loss_plot
 
@@ -670,7 +661,7 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 
 
 def _write_adapter(model, out: Path, base_id: str, cfg, info: TrainConfig, state_dict: dict | None = None) -> None:
-    from ..adapters import stable_adapter_config
+    from ..model.adapters import stable_adapter_config
     from ..io.cards import adapter_card, shown, usage_section
     from ..io.writes import building, fresh_dir, remove, write_file
 

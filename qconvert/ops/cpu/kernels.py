@@ -1,0 +1,111 @@
+"""The CPU kernels of qconvert's ops: the fast CPU quantizer and dequantizer (quant/fast_cpu.py,
+quant/fast_dequant.py), bit-identical to the reference, and the products built on them.
+
+:data:`KERNELS` at the end is the one place where the CPU implementation of each op is chosen
+(qconvert/ops/__init__.py registers it for the CPU dispatch key). Nothing here imports Triton.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..args import as_quantized, quantize_outputs
+
+
+def dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                   logical_dtype, dtype) -> torch.Tensor:
+    """The compiled CPU kernel (ops/native), else the torch fast path (quant/fast_dequant.py): the
+    reference's values, bit for bit, either way."""
+    from ...quant.fast_dequant import dequantize_4bit_fast
+    from ..native import calls
+
+    w = calls.dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                         logical_dtype, dtype)
+    if w is not None:
+        return w
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    return dequantize_4bit_fast(qt, dtype)
+
+
+#: Bytes of the per-thread buffer that matmul_cpu decodes a weight into: a weight up to this size
+#: reuses it (grown to the largest such weight seen), a larger one gets a new tensor each call.
+SCRATCH_LIMIT = 64 << 20
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` elements of ``dtype`` in this thread's reused buffer (overwritten by its next use)."""
+    need = n * dtype.itemsize
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _SCRATCH.buf = torch.empty(-(-need // 8) * 8, dtype=torch.uint8)
+    return buf[: -(-need // 8) * 8].view(dtype)[:n]
+
+
+def _temporary_weight(dtype: torch.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
+                      blocksize, shape, logical_dtype) -> torch.Tensor:
+    """The weight in ``dtype`` by the fast CPU dequantizer, for a product that only reads it: in this
+    thread's reused buffer when it fits :data:`SCRATCH_LIMIT` (fresh memory costs a page fault per
+    4 KiB, measured as much as the decoding itself on a 4096x4096 weight, and most of the input
+    gradient's time in a small model's training step), else in a new tensor."""
+    from ...quant.fast_dequant import dequantize_4bit_fast
+    from ..native import calls
+
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    reuse = packed.device.type == "cpu" and qt.numel * dtype.itemsize <= SCRATCH_LIMIT
+    out = _scratch(qt.numel, dtype) if reuse else None
+    w = calls.dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                         logical_dtype, dtype, out=out)
+    return w if w is not None else dequantize_4bit_fast(qt, dtype, out=out).view(qt.shape)
+
+
+#: matmul_cpu takes the fused kernel up to this many rows of input, by dtype (generation's one token
+#: per sequence); more rows dequantize once and run torch's product. Measured on the 2-core AMD EPYC
+#: (Zen 4), one thread, 2026-12-06: in float32 the fused kernel is faster up to 4 rows on every
+#: shape from 256x256 to 4096x4096 (1.2-2.1x); in bfloat16 torch's product (oneDNN's bf16 GEMM)
+#: overtakes it from 2 rows on 2048x2048 and larger, so bfloat16 fuses only a single row.
+GEMV_ROWS = {torch.float32: 4, torch.float16: 4, torch.bfloat16: 1}
+
+
+def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+               logical_dtype, bias) -> torch.Tensor:
+    """Up to :data:`GEMV_ROWS` rows of x: the compiled fused kernel (ops/native), the weight never
+    written out, within float32 summation order of the reference. Otherwise (or where it cannot
+    run) the fast CPU dequantizer, then ``F.linear``: the reference's result, bit for bit. The
+    weight is a temporary here (autograd saves only the packed tensors)."""
+    if x.dim() and x.numel() <= GEMV_ROWS.get(x.dtype, 0) * x.shape[-1]:
+        from ..native import calls
+
+        y = calls.gemv(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                       logical_dtype, bias)
+        if y is not None:
+            return y
+    w = _temporary_weight(x.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                          shape, logical_dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def grad_input_cpu(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                   logical_dtype) -> torch.Tensor:
+    """``grad_out @ W`` with the weight decoded as in :func:`matmul_cpu`."""
+    w = _temporary_weight(grad_out.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
+                          blocksize, shape, logical_dtype)
+    return grad_out @ w
+
+
+def quantize_cpu(x, quant_type, blocksize, double_quant, name, workers=0) -> tuple:
+    from ...quant.fast_cpu import quantize_4bit_fast
+
+    return quantize_outputs(quantize_4bit_fast(x, quant_type, blocksize, double_quant, name, workers=workers or None), x.device)
+
+
+#: What the CPU dispatch key runs for each op (quantize, dequantize, the product and its input gradient).
+KERNELS = {
+    "dequantize_4bit": dequantize_cpu,
+    "matmul_4bit": matmul_cpu,
+    "grad_input_4bit": grad_input_cpu,
+    "quantize_4bit": quantize_cpu,
+}
