@@ -39,7 +39,7 @@ def run_cli_here(*args, ok: bool = True) -> subprocess.CompletedProcess:
     import io
     import warnings
 
-    from qconvert.cli import main
+    from qconvert.cli.main import main
 
     def show(message, category, filename, lineno, file=None, line=None):
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -66,7 +66,7 @@ def test_cli_exit_status_and_where_a_failed_merge_goes(setup):
 def test_cli_verdict_line_and_no_check(setup):
     from click.testing import CliRunner
 
-    from qconvert.cli import _load_commands, cli
+    from qconvert.cli.main import _load_commands, cli
 
     _load_commands()
     d = setup

@@ -137,7 +137,6 @@ def test_wrapper_equals_peft_param_wrapper_in_both_layouts(transposed):
     output and in lora_A/lora_B gradients, for [E, out, in] and for is_transposed [E, in, out] storage."""
     from peft import LoraConfig, get_peft_model
 
-    from qconvert.ops.choice import get_backend
     from qconvert.nn.experts4bit import Experts4bitWeight
     from qconvert.nn.experts4bit_lora import ParamWrapper4bit, peft_sees_4bit_experts
     from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
@@ -148,7 +147,7 @@ def test_wrapper_equals_peft_param_wrapper_in_both_layouts(transposed):
     ref = get_peft_model(torch.nn.Sequential(_Experts(dequantize_4bit_ref(qt, torch.float32), transposed)), cfg)
     base = _Experts(torch.zeros(3, 8, 16), transposed)
     del base._parameters["w"]
-    base.add_module("w", Experts4bitWeight.from_fused(qt, get_backend("reference", "cpu"), torch.float32))
+    base.add_module("w", Experts4bitWeight.from_fused(qt, "reference", torch.float32))
     model = torch.nn.Sequential(base)
     with peft_sees_4bit_experts(model):
         ours = get_peft_model(model, cfg)

@@ -357,7 +357,7 @@ def test_cap_takes_the_measured_load_and_says_why(monkeypatch):
 
 def test_a_bad_qconvert_threads_is_one_line_from_the_cli(monkeypatch, capsys):
     """The promised error shape before anything loads (the model named here does not exist)."""
-    from qconvert.cli import main
+    from qconvert.cli.main import main
 
     monkeypatch.setenv("QCONVERT_THREADS", "two")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

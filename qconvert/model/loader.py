@@ -127,7 +127,7 @@ def load_model(
 
         check_adapter_for_model(adapter_dir, model)  # PEFT's own errors for a damaged adapter are tracebacks
 
-        from .nn.experts4bit_lora import peft_sees_4bit_experts
+        from ..nn.experts4bit_lora import peft_sees_4bit_experts
 
         with conv1d_notice_hidden(model), module_targets_kept(), peft_sees_4bit_experts(model):
             model = PeftModel.from_pretrained(model, str(adapter_dir))
