@@ -27,7 +27,10 @@ Under autograd (LoRA training needs the gradient to flow through the experts to 
 linear layer saves its weight for backward: the module's forward keeps, through
 ``torch.autograd.graph.saved_tensors_hooks``, only (stack, expert) in its place and dequantizes that
 expert again in backward, as Linear4bit does; otherwise every expert used in a step, in every layer,
-would stay dequantized until backward.
+would stay dequantized until backward. On the CPU kernels, the module's forward and backward's
+recomputation dequantize each expert into one reused buffer per parameter name (:func:`_scratch`):
+the families' eager forwards read ``weight[e]`` for one product at once, and a saved value that is
+not recognised is copied out of the buffer.
 
 LoRA on a stack (``train --lora-experts``, PEFT's target_parameters) sets :attr:`Experts4bitWeight.delta`
 while its wrapper's forward runs (qconvert.nn.experts4bit_lora): ``weight[e]`` is then expert e's
