@@ -69,8 +69,10 @@ class Experts4bitWeight(nn.Module):
         self._name = None  # its parameter name in the experts module (quantize_experts_module)
         self._slot = None  # while the module's forward (or backward's recomputation) runs: _name, the reused buffer's
         self.delta = None  # set by a LoRA wrapper while its forward runs (qconvert.nn.experts4bit_lora)
-        self.register_buffer("quant_map", meta.quant_map)
-        self.register_buffer("nested_quant_map", meta.nested_quant_map)
+        # copies: a tensor read from a shard keeps that shard's whole memory map, and the pages the
+        # stacking read, resident (one layer's expert codes a second time in RSS, measured)
+        self.register_buffer("quant_map", meta.quant_map.clone())
+        self.register_buffer("nested_quant_map", None if meta.nested_quant_map is None else meta.nested_quant_map.clone())
         for i, p in enumerate(parts):
             self.register_buffer(f"codes{i}", p["codes"])
             self.register_buffer(f"absmax{i}", p["absmax"])
