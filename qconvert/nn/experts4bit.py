@@ -27,7 +27,10 @@ Under autograd (LoRA training needs the gradient to flow through the experts to 
 linear layer saves its weight for backward: the module's forward keeps, through
 ``torch.autograd.graph.saved_tensors_hooks``, only (stack, expert) in its place and dequantizes that
 expert again in backward, as Linear4bit does; otherwise every expert used in a step, in every layer,
-would stay dequantized until backward.
+would stay dequantized until backward. On the CPU kernels, the module's forward and backward's
+recomputation dequantize each expert into one reused buffer per parameter name (:func:`_scratch`):
+the families' eager forwards read ``weight[e]`` for one product at once, and a saved value that is
+not recognised is copied out of the buffer.
 
 LoRA on a stack (``train --lora-experts``, PEFT's target_parameters) sets :attr:`Experts4bitWeight.delta`
 while its wrapper's forward runs (qconvert.nn.experts4bit_lora): ``weight[e]`` is then expert e's
@@ -36,6 +39,7 @@ dequantized matrix plus that expert's own LoRA update, and the saved-tensor hook
 
 from __future__ import annotations
 
+import threading
 import types
 import weakref
 
@@ -62,9 +66,13 @@ class Experts4bitWeight(nn.Module):
         self.quant_type, self.blocksize, self.weight_dtype = meta.quant_type, meta.blocksize, meta.dtype
         self.backend, self.compute_dtype = backend, compute_dtype
         self._made: dict | None = None  # set by the experts module's forward while autograd records
+        self._name = None  # its parameter name in the experts module (quantize_experts_module)
+        self._slot = None  # while the module's forward (or backward's recomputation) runs: _name, the reused buffer's
         self.delta = None  # set by a LoRA wrapper while its forward runs (qconvert.nn.experts4bit_lora)
-        self.register_buffer("quant_map", meta.quant_map)
-        self.register_buffer("nested_quant_map", meta.nested_quant_map)
+        # copies: a tensor read from a shard keeps that shard's whole memory map, and the pages the
+        # stacking read, resident (one layer's expert codes a second time in RSS, measured)
+        self.register_buffer("quant_map", meta.quant_map.clone())
+        self.register_buffer("nested_quant_map", None if meta.nested_quant_map is None else meta.nested_quant_map.clone())
         for i, p in enumerate(parts):
             self.register_buffer(f"codes{i}", p["codes"])
             self.register_buffer(f"absmax{i}", p["absmax"])
@@ -122,12 +130,16 @@ class Experts4bitWeight(nn.Module):
     def expert(self, e: int, dtype: torch.dtype | None = None, delta=None) -> torch.Tensor:
         """Expert e's [out, in] matrix: its codes alone dequantized (spec section 8), in ``dtype``;
         with ``delta`` (a LoRA on this stack, qconvert.nn.experts4bit_lora), ``delta(e, value)``."""
-        values = []
+        dtype = dtype or self.compute_dtype
+        buf = _scratch(self._slot, self.shape[1:].numel(), dtype) if self._slot is not None else None
+        values, row = [], 0
         for p, shape in enumerate(self.part_shapes):
             qt = QuantizedTensor(packed=getattr(self, f"codes{p}")[e].reshape(-1, 1), absmax=self._scales(p, e), shape=shape,
                                  dtype=self.weight_dtype, quant_type=self.quant_type, blocksize=self.blocksize, quant_map=self.quant_map)
-            values.append(ops.dequantize(qt, dtype or self.compute_dtype, self.backend))
-        value = values[0] if len(values) == 1 else torch.cat(values)
+            into = None if buf is None else ops.dequantize_into(qt, buf[row * shape[1]:(row + shape[0]) * shape[1]], self.backend)
+            values.append(ops.dequantize(qt, dtype, self.backend) if into is None else into)
+            row += shape[0]
+        value = values[0] if len(values) == 1 else buf.view(self.shape[1:]) if all(_on(v, buf) for v in values) else torch.cat(values)
         if delta is not None:
             value = delta(e, value)
         if self._made is not None:  # a forward under autograd: let the saved-tensor hook recognise it
@@ -161,6 +173,7 @@ def quantize_experts_module(module: nn.Module, weights: dict[str, Experts4bitWei
     for attr in [a for a in module._parameters if a in weights]:  # in the class's order, which PEFT's nesting follows
         del module._parameters[attr]
         module.add_module(attr, weights[attr])
+        weights[attr]._name = attr
     eager = type(module).forward.__wrapped__  # transformers' use_experts_implementation wraps it
     compute = next(iter(weights.values())).compute_dtype
 
@@ -170,20 +183,45 @@ def quantize_experts_module(module: nn.Module, weights: dict[str, Experts4bitWei
 
         call = (self, hidden_states.to(compute), *map(to, args))
         kw = {k: to(v) for k, v in kwargs.items()}
-        if not torch.is_grad_enabled():
-            return eager(*call, **kw).to(hidden_states.dtype)
-        made: dict = {}
-        for w in weights.values():
-            w._made = made
+        made: dict | None = {} if torch.is_grad_enabled() else None
+        for name, w in weights.items():
+            w._made, w._slot = made, name
         try:
+            if made is None:
+                return eager(*call, **kw).to(hidden_states.dtype)
             with torch.autograd.graph.saved_tensors_hooks(lambda t: _pack(made, t), _unpack):
                 out = eager(*call, **kw)
         finally:
             for w in weights.values():
-                w._made = None
+                w._made = w._slot = None
         return out.to(hidden_states.dtype)
 
     module.forward = types.MethodType(forward, module)
+
+
+#: Per thread, the buffer each experts parameter name dequantizes its expert into during the experts
+#: module's forward (qconvert/ops/cpu kernels only): a fresh multi-megabyte tensor per routed expert,
+#: freed while autograd keeps the small activations allocated around it, fragmented glibc's heap so
+#: much that a Qwen3-30B-A3B-shaped layer's training step held ~0.8 GB more than it used (measured).
+#: One buffer per name (gate_up_proj, down_proj, ...), shared by every layer, since layers run in turn.
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` elements of ``dtype`` in this thread's buffer ``slot`` (overwritten by its next use)."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    need = -(-n * dtype.itemsize // 8) * 8
+    if slot not in bufs or bufs[slot].numel() < need:
+        bufs[slot] = torch.empty(need, dtype=torch.uint8)
+    return bufs[slot][:need].view(dtype)[:n]
+
+
+def _on(t: torch.Tensor, buf: torch.Tensor | None) -> bool:
+    return buf is not None and t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+
+
+def _in_scratch(t: torch.Tensor) -> bool:
+    return any(_on(t, b) for b in getattr(_SCRATCH, "bufs", {}).values())
 
 
 def _pack(made: dict, t: torch.Tensor):
@@ -194,20 +232,22 @@ def _pack(made: dict, t: torch.Tensor):
     (W_e + scaling * B_e @ A_e) is kept the same way, with its delta function, and rebuilt alike."""
     hit = made.get(t.data_ptr())
     w = hit[0]() if hit is not None else None
-    if w is None:
-        return t
-    if t is w:
+    if w is not None and t is w:
         return hit[1:] + (False,)
-    root = w if w._base is None else w._base  # views of views keep the first tensor as their base
-    if t._base is root and t.shape == w.t().shape and t.stride() == w.t().stride():
+    root = None if w is None else w if w._base is None else w._base  # views of views keep the first tensor as their base
+    if w is not None and t._base is root and t.shape == w.t().shape and t.stride() == w.t().stride():
         return hit[1:] + (True,)
-    return t
+    return t.clone() if _in_scratch(t) else t  # a reused buffer is overwritten by the next expert
 
 
 def _unpack(x):
     if not isinstance(x, tuple):
         return x
     holder, e, dtype, delta, transposed = x
-    with torch.no_grad():  # a value for backward's products; the LoRA weights are unchanged since forward
-        value = holder.expert(e, dtype, delta)
+    slot, holder._slot = holder._slot, holder._name  # the value lives as long as the one product that reads it
+    try:
+        with torch.no_grad():  # a value for backward's products; the LoRA weights are unchanged since forward
+            value = holder.expert(e, dtype, delta)
+    finally:
+        holder._slot = slot
     return value.t() if transposed else value

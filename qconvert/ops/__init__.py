@@ -61,7 +61,7 @@ from .args import weight_args
 from .cpu import kernels as cpu
 from .triton import kernels as triton
 
-__all__ = ["dequantize", "dequantize_4bit", "matmul", "matmul_4bit", "quantize", "quantize_4bit", "stand_in"]
+__all__ = ["dequantize", "dequantize_into", "dequantize_4bit", "matmul", "matmul_4bit", "quantize", "quantize_4bit", "stand_in"]
 
 
 #: qconvert's op library. Defined with torch.library.Library rather than torch.library.custom_op:
@@ -198,6 +198,15 @@ def quantize(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
 def dequantize(qt, dtype: torch.dtype, kernels: str = "auto") -> torch.Tensor:
     """:func:`dequantize_4bit` of a :class:`qconvert.format.layout.QuantizedTensor`."""
     return torch.ops.qconvert.dequantize_4bit(*weight_args(qt), dtype, kernels)
+
+
+def dequantize_into(qt, out: torch.Tensor, kernels: str = "auto") -> torch.Tensor | None:
+    """:func:`dequantize` written into ``out`` (contiguous, the weight's size, the dtype wanted), for
+    a caller that reuses one buffer across weights; only where the CPU kernels would compute it (CPU
+    tensors, ``kernels`` "auto" or "cpu"), else None: call :func:`dequantize`."""
+    if kernels not in ("auto", "cpu") or qt.packed.device.type != "cpu" or out.device.type != "cpu":
+        return None
+    return cpu.dequantize_cpu_into(out, *weight_args(qt))
 
 
 def matmul(x: torch.Tensor, qt, bias: torch.Tensor | None = None, kernels: str = "auto") -> torch.Tensor:

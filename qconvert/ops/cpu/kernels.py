@@ -29,6 +29,21 @@ def dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, n
     return dequantize_4bit_fast(qt, dtype)
 
 
+def dequantize_cpu_into(out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                        logical_dtype) -> torch.Tensor:
+    """:func:`dequantize_cpu` written into ``out`` (a contiguous CPU tensor of the weight's size, in
+    the dtype wanted), the same bits; returned shaped ``shape``."""
+    from ...quant.fast_dequant import dequantize_4bit_fast
+    from ..native import calls
+
+    w = calls.dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                         logical_dtype, out.dtype, out=out)
+    if w is not None:
+        return w
+    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    return dequantize_4bit_fast(qt, out.dtype, out=out).view(qt.shape)
+
+
 #: Bytes of the per-thread buffer that matmul_cpu decodes a weight into: a weight up to this size
 #: reuses it (grown to the largest such weight seen), a larger one gets a new tensor each call.
 SCRATCH_LIMIT = 64 << 20
