@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_bpe_tokenizer, make_tiny_llama, run_cli
+from helpers import make_bpe_tokenizer, make_tiny_llama, run_cli, run_cli_here
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +81,27 @@ def test_fixed_id_probes_for_a_base_without_tokenizer():
 
     a, b = _id_probes(50), _id_probes(50)
     assert a == b and len(a) == 4 and all(0 <= i < 50 for _, ids in a for i in ids) and len({tuple(ids) for _, ids in a}) == 4
+
+
+@pytest.mark.slow
+def test_a_check_that_would_not_fit_in_memory_is_refused_before_any_work(setup, monkeypatch):
+    """The check holds the merged model in float32 beside the 4-bit one (export/check.py): where that
+    is over the memory available, merge and export-gguf refuse at once in one line naming --no-check,
+    and write nothing (before, the merge ran whole and then the check ran out of memory)."""
+    from qconvert.export import check
+
+    d = setup
+    need = check.float32_bytes(d / "q")
+    assert need > 4 * 320 * 64  # at least the float32 embedding of this model
+    monkeypatch.setattr(check, "available_memory", lambda: need // 2)
+    r = run_cli_here("merge", d / "q", d / "adapter", d / "no-room", ok=False)
+    assert r.returncode == 1 and r.stderr.startswith("qconvert: error: merge's check needs about") and "--no-check" in r.stderr
+    assert not (d / "no-room").exists() and not (d / "no-room.unverified").exists()
+    r = run_cli_here("export-gguf", d / "q", d / "no-room.gguf", ok=False)
+    assert r.returncode == 1 and r.stderr.startswith("qconvert: error: export-gguf's check needs about")
+    assert not (d / "no-room.gguf").exists()
+    r = run_cli_here("merge", d / "q", d / "adapter", d / "no-room", "--no-check")  # the way on it names
+    assert r.returncode == 0 and (d / "no-room" / "config.json").is_file()
+    monkeypatch.setattr(check, "available_memory", lambda: 4 * need)  # room: the check runs and passes
+    r = run_cli_here("merge", d / "q", d / "adapter", d / "room", "--dtype", "float32")
+    assert r.returncode == 0 and "check PASS" in r.stdout

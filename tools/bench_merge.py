@@ -147,18 +147,21 @@ def main() -> int:
     py = sys.executable
     sides = {
         "peft": ([py, "-c", CHILD, "peft", str(src), str(adapter)], BENCH / "merged-peft"),
-        "cli": ([py, "-m", "qconvert", "merge", str(q), str(adapter)], BENCH / "merged-cli"),
+        # the merge alone (PEFT checks nothing), then as a user runs it: with its default check against
+        # the unmerged model (export/check.py: two float32 models in memory, their logits compared)
+        "cli": ([py, "-m", "qconvert", "merge", "--no-check", str(q), str(adapter)], BENCH / "merged-cli"),
+        "cli-checked": ([py, "-m", "qconvert", "merge", str(q), str(adapter)], BENCH / "merged-cli-checked"),
         "overlap": ([py, "-c", CHILD, "overlap", str(q), str(adapter)], BENCH / "merged-overlap"),
         "sequential": ([py, "-c", CHILD, "sequential", str(q), str(adapter)], BENCH / "merged-sequential"),
     }
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     for _ in range(args.reps):
         for name, (argv, out) in sides.items():
-            tail = [str(out), "--dtype", "bfloat16"] if name == "cli" else [str(out)]
+            tail = [str(out), "--dtype", "bfloat16"] if name.startswith("cli") else [str(out)]
             runs[name].append(run(argv + tail, out))
     after = conditions()
-    ours = {n: digest(sides[n][1]) for n in ("cli", "overlap", "sequential")}
-    assert ours["cli"] == ours["overlap"] == ours["sequential"], "the qconvert outputs differ"
+    ours = {n: digest(sides[n][1]) for n in ("cli", "cli-checked", "overlap", "sequential")}
+    assert ours["cli"] == ours["cli-checked"] == ours["overlap"] == ours["sequential"], "the qconvert outputs differ"
     assert names_and_dtypes(sides["cli"][1]) == names_and_dtypes(sides["peft"][1]), "tensor names or dtypes differ from PEFT's"
     report(runs, src, args, before, after)
     return 0
@@ -179,7 +182,8 @@ def report(runs: dict[str, list[dict]], src: Path, args, before: str, after: str
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}; median of {args.reps}")
     print(f"start {before}; end {after}")
     print(f"{'':58}{'wall s':>8}{'work s':>8}{'peak RSS MB':>13}")
-    rows = [("PEFT: 16-bit load + from_pretrained + merge_and_unload + save", "peft"), ("qconvert merge (CLI process)", "cli"),
+    rows = [("PEFT: 16-bit load + from_pretrained + merge_and_unload + save", "peft"), ("qconvert merge --no-check (CLI process)", "cli"),
+            ("qconvert merge, its default check included (CLI)", "cli-checked"),
             ("qconvert merge_adapter in process, overlapped", "overlap"), ("qconvert merge_adapter in process, sequential", "sequential")]
     for label, name in rows:
         print(f"{label:58}{med(name, 'wall_s'):8.2f}{med(name, 'work_s'):8.2f}{med(name, 'peak_rss_mb'):13.0f}")
@@ -189,6 +193,8 @@ def report(runs: dict[str, list[dict]], src: Path, args, before: str, after: str
     print(f"  peak RSS, CLI process vs PEFT process:         {med('peft', 'peak_rss_mb') / med('cli', 'peak_rss_mb'):.2f}x "
           f"(qconvert at {med('cli', 'peak_rss_mb') / med('peft', 'peak_rss_mb'):.2f} of PEFT's; goal < 0.5)")
     print(f"  overlap: sequential / overlapped work time:    {med('sequential', 'work_s') / med('overlap', 'work_s'):.2f}x")
+    print(f"  the default check: wall {med('cli-checked', 'wall_s') / med('cli', 'wall_s'):.2f}x, "
+          f"peak RSS {med('cli-checked', 'peak_rss_mb') / med('cli', 'peak_rss_mb'):.2f}x the merge alone")
     print("outputs: the CLI, overlapped and sequential qconvert outputs are byte-identical; tensor names and dtypes equal PEFT's")
 
 

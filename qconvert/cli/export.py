@@ -102,6 +102,11 @@ def export_gguf_cmd(model, output, out_type, adapter, lora_only, overwrite, as_j
 
     cap_torch_threads()
     log = (lambda m: click.echo(printable(m), err=True)) if progress else None
+    if not no_check and not lora_only:  # the check holds MODEL in float32 (and llama.cpp the file): refused before the export
+        from ..export.check import check_fits
+        from ..io.source import resolve_model_path
+
+        check_fits(resolve_model_path(model, None)[0], "export-gguf")
     s = export_gguf(model, output, out_type=out_type, adapter=adapter, lora_only=lora_only, overwrite=overwrite, log=log)
     if not no_check and not lora_only:
         from ..export.gguf import check_export

@@ -26,6 +26,8 @@ from .compare import _HF, DEFAULT_PROMPTS, _tokenizer, _Torch, compare_models
 #: something else than what was trained, so their figures are what those choices cost; they get the
 #: bound a 4-bit GGUF export gets (qconvert.export.gguf.CHECK_TOLERANCE). Not calibrated on real models.
 TOLERANCE = {"merge": 1e-2, "quantize": 0.5, "base_original": 0.5}
+#: the check refuses to start when its models would take more than this share of the memory available
+MEMORY_SHARE = 0.9
 #: fixed token-id probes for a base without a tokenizer: this many sequences of this many ids
 _ID_PROBES, _ID_LEN = 4, 12
 
@@ -57,3 +59,57 @@ def check_merge(base: Path, adapter: str, merged: Path, mode: str, tolerance: fl
 def _id_probes(vocab: int) -> list[tuple[str, list[int]]]:
     g = torch.Generator().manual_seed(0)
     return [(f"ids #{i}", torch.randint(0, vocab, (_ID_LEN,), generator=g).tolist()) for i in range(_ID_PROBES)]
+
+
+def float32_bytes(root: Path) -> int:
+    """Bytes of ``root``'s model in float32 (every floating tensor at its logical shape): what the
+    check's float32 copy of it takes (compare's _HF side)."""
+    from ..format.layout import QUANT_STATE_PREFIX
+    from ..io.checkpoint import Checkpoint
+    from ..model.checks import quant_shapes
+
+    ckpt = Checkpoint(root, streaming=True)
+    shapes = quant_shapes(ckpt)
+    total = 4 * sum(_numel(s) for s in shapes.values())
+    for k in ckpt.keys():
+        if k in shapes or any(k.startswith(w + ".") for w in shapes) or "." + QUANT_STATE_PREFIX in k:
+            continue
+        dtype, shape = ckpt.info(k)
+        total += 4 * _numel(shape) if dtype.is_floating_point else 0
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read: the check then runs)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits(root: Path, command: str, extra: int = 0) -> None:
+    """Refuse, before any work, a check whose float32 model (plus ``extra`` bytes: the other side)
+    would not fit in the memory available: one line, and the two ways on (--no-check, or compare
+    later where memory allows), instead of a merge or export killed for memory at its end."""
+    from ..errors import OptionError
+
+    need, have = float32_bytes(root) + extra, available_memory()
+    if have is not None and need > MEMORY_SHARE * have:
+        raise OptionError(f"{command}'s check needs about {_size(need)} of memory (the model in float32 beside the other side), "
+                          f"{_size(have)} are available",
+                          hint=f"pass --no-check to {command} without it, then run `qconvert compare` where memory allows")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
