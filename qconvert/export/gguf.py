@@ -428,15 +428,14 @@ def _read_vocab(gguf, folder: Path):
 def _write_then_quantize(src: _Source, plan: list[_Planned], out: Path, say) -> None:
     """Q4_K_M: the F16 file under a temporary name beside OUT, quantized by llama.cpp into another
     temporary name, renamed onto OUT; both temporaries removed whatever happens."""
-    from ..io.writes import remove, sync_dir, temp_name, write_file
+    from ..io.writes import remove, replace_file, temp_name, write_file
 
     f16 = temp_name(out.parent, out.name + ".f16")
     q = temp_name(out.parent, out.name)
     try:
         write_file(f16, lambda f: _write(src, plan, "f16", f, say))
         _llama_quantize(f16, q, "q4_k_m")
-        os.replace(q, out)
-        sync_dir(out.parent)
+        replace_file(q, out)
     finally:
         remove(f16)  # the one writer's removal: a link planted at a temporary name is unlinked, never followed
         remove(q)

@@ -116,6 +116,14 @@ def write_file(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO],
     sync_dir(path.parent)
 
 
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished file ``tmp`` (written by another program into a name of ours: llama.cpp's
+    quantizer, the C compiler) onto ``path`` and sync the folder; whatever is at ``path``, a link
+    included, is replaced, never written through."""
+    os.replace(tmp, path)
+    sync_dir(Path(path).parent)
+
+
 def create_new(path: str | os.PathLike) -> BinaryIO:
     """A new file at ``path`` open for writing (binary), for writers that build a file in place
     under a name of their own (a shard's ``.tmp``): a leftover file or link at that name is removed

@@ -126,7 +126,7 @@ def _make_cache_dir() -> Path:
 def compile_library(cc: str, flags: tuple[str, ...], final: Path) -> None:
     """Compile nf4.c with ``flags`` into ``final`` (temporary folder, then a rename). Raises OSError
     or subprocess.CalledProcessError / TimeoutExpired when the compiler fails."""
-    from ...io.writes import remove, temp_dir
+    from ...io.writes import remove, replace_file, temp_dir
 
     folder = _make_cache_dir()
     tmp = temp_dir(folder, final.name)
@@ -135,7 +135,7 @@ def compile_library(cc: str, flags: tuple[str, ...], final: Path) -> None:
         subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE)], check=True,
                        capture_output=True, timeout=BUILD_SECONDS, stdin=subprocess.DEVNULL)
         os.chmod(out, 0o755)  # whatever the umask: a library others can rewrite is never loaded (_trusted_file)
-        os.replace(out, final)
+        replace_file(out, final)
     finally:
         remove(tmp)
 
