@@ -353,3 +353,25 @@ class ModelCache:
         import shutil
 
         return Path(shutil.copytree(folder, dest))
+
+
+def make_sharp_llama_with_adapter(d: Path) -> Path:
+    """``d/src``: a tiny float32 Llama (vocab 320) whose lm_head is scaled x25 (a trained model's sharp
+    logits) with a BPE tokenizer; ``d/q``: its 4-bit checkpoint (float32 compute); ``d/adapter``: a
+    PEFT LoRA (r 4 on q/v/down) with a non-zero update. For tests of compare and merge's check."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    src = make_tiny_llama(d / "src", dtype=torch.float32, vocab=320)
+    sd = load_file(str(src / "model.safetensors"))
+    sd["lm_head.weight"] = sd["lm_head.weight"] * 25
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    make_bpe_tokenizer(src)
+    quantize_checkpoint(str(src), d / "q", compute_dtype="float32")
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), cfg).save_pretrained(d / "adapter")
+    return d

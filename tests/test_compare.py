@@ -8,31 +8,15 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from helpers import make_bpe_tokenizer, make_tiny_llama, run_cli_here as run_cli
+from helpers import make_sharp_llama_with_adapter, run_cli_here as run_cli
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """q: a tiny 4-bit Llama; src: its 16-bit original; adapter: a LoRA with a non-zero update;
     merged: `qconvert merge` of the two (float32)."""
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
-
-    from qconvert.convert.quantize import quantize_checkpoint
-
-    d = tmp_path_factory.mktemp("compare")
-    src = make_tiny_llama(d / "src", dtype=torch.float32, vocab=320)
-    sd = load_file(str(src / "model.safetensors"))
-    sd["lm_head.weight"] = sd["lm_head.weight"] * 25  # a trained model's sharpness
-    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
-    make_bpe_tokenizer(src)
-    quantize_checkpoint(str(src), d / "q", compute_dtype="float32")
-    torch.manual_seed(1)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), cfg).save_pretrained(d / "adapter")
+    d = make_sharp_llama_with_adapter(tmp_path_factory.mktemp("compare"))
     run_cli("merge", d / "q", d / "adapter", d / "merged", "--dtype", "float32")
     return d
 
