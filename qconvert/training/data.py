@@ -188,12 +188,7 @@ def _given_records(data, split: str | None, strict: bool, report: DataReport | N
         pairs = list(enumerate(data, 1))
     else:
         raise DataError(f"{shown}: data must be a path, a Hub dataset id, a datasets.Dataset or a list of records (dicts)")
-    records = []
-    for n, r in pairs:
-        if isinstance(r, dict):
-            records.append((n, r))
-        else:
-            _bad(strict, report, "not an object", f"{shown}: record {n}: expected a dict, got {type(r).__name__}")
+    records = _objects(pairs, strict, report, lambda n, r: f"{shown}: record {n}: expected a dict, got {type(r).__name__}")
     if report is not None:
         report.records += len(pairs)
     if not records and not (report and report.n_dropped):
@@ -228,12 +223,18 @@ def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tupl
                 _bad(strict, report, "not UTF-8", f"{p}:{i}: not UTF-8 text (byte 0x{line[e.start]:02x})", hint="re-save the file as UTF-8")
             except json.JSONDecodeError as e:
                 _bad(strict, report, "not valid JSON", f"{p}:{i}: not valid JSON ({e.msg})", hint="each line must be one JSON object")
+    return _objects(pairs, strict, report, lambda n, r: f"{p}: {where} {n}: expected a JSON object, got {type(r).__name__}")
+
+
+def _objects(pairs, strict: bool, report: DataReport | None, message) -> list[tuple[int, dict]]:
+    """The records of ``pairs`` that are objects (dicts); each other one is dropped and counted, or
+    refused with --strict-data (:func:`_bad`), with ``message(n, record)``."""
     records = []
     for n, r in pairs:
         if isinstance(r, dict):
             records.append((n, r))
         else:
-            _bad(strict, report, "not an object", f"{p}: {where} {n}: expected a JSON object, got {type(r).__name__}")
+            _bad(strict, report, "not an object", message(n, r))
     return records
 
 
