@@ -61,14 +61,14 @@ def _id_probes(vocab: int) -> list[tuple[str, list[int]]]:
     return [(f"ids #{i}", torch.randint(0, vocab, (_ID_LEN,), generator=g).tolist()) for i in range(_ID_PROBES)]
 
 
-def float32_bytes(root: Path) -> int:
+def float32_bytes(root: Path, ckpt=None) -> int:
     """Bytes of ``root``'s model in float32 (every floating tensor at its logical shape): what the
-    check's float32 copy of it takes (compare's _HF side)."""
+    check's float32 copy of it takes (compare's _HF side). ``ckpt``: its Checkpoint, when open already."""
     from ..format.layout import QUANT_STATE_PREFIX
     from ..io.checkpoint import Checkpoint
     from ..model.checks import quant_shapes
 
-    ckpt = Checkpoint(root, streaming=True)
+    ckpt = ckpt or Checkpoint(root, streaming=True)
     shapes = quant_shapes(ckpt)
     total = 4 * sum(_numel(s) for s in shapes.values())
     for k in ckpt.keys():
@@ -98,13 +98,13 @@ def available_memory() -> int | None:
     return None
 
 
-def check_fits(root: Path, command: str, extra: int = 0) -> None:
+def check_fits(root: Path, command: str, extra: int = 0, ckpt=None) -> None:
     """Refuse, before any work, a check whose float32 model (plus ``extra`` bytes: the other side)
     would not fit in the memory available: one line, and the two ways on (--no-check, or compare
     later where memory allows), instead of a merge or export killed for memory at its end."""
     from ..errors import OptionError
 
-    need, have = float32_bytes(root) + extra, available_memory()
+    need, have = float32_bytes(root, ckpt) + extra, available_memory()
     if have is not None and need > MEMORY_SHARE * have:
         raise OptionError(f"{command}'s check needs about {_size(need)} of memory (the model in float32 beside the other side), "
                           f"{_size(have)} are available",

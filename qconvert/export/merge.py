@@ -186,7 +186,7 @@ def merge_adapter(
     if check:  # its float32 merged model beside the 4-bit one: refused now rather than after the merge
         from .check import check_fits
 
-        check_fits(root, "merge", extra=sum((root / f).stat().st_size for f in ckpt.files))  # the 4-bit side, as stored
+        check_fits(root, "merge", extra=sum((root / f).stat().st_size for f in ckpt.files), ckpt=ckpt)  # + the 4-bit side, as stored
     job = _prepare(ckpt, root, adapter, base_original, quantize, dtype, say)
     limit = parse_size(max_shard_size)
     with staged(out) as stage:
