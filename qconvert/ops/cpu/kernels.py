@@ -7,6 +7,7 @@ quant/fast_dequant.py), bit-identical to the reference, and the products built o
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -14,34 +15,33 @@ import torch
 from ..args import as_quantized, quantize_outputs
 
 
-def dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                   logical_dtype, dtype) -> torch.Tensor:
-    """The compiled CPU kernel (ops/native), else the torch fast path (quant/fast_dequant.py): the
-    reference's values, bit for bit, either way."""
+def _decode(args: tuple, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """The weight of the op's weight arguments ``args`` in ``dtype``, shaped as it is: the compiled
+    CPU kernel (ops/native), else the torch fast path (quant/fast_dequant.py), the reference's bits
+    either way; written into ``out`` (contiguous, the weight's size, ``dtype``) when given."""
     from ...quant.fast_dequant import dequantize_4bit_fast
     from ..native import calls
 
-    w = calls.dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                         logical_dtype, dtype)
+    w = calls.dequantize(*args, dtype, out=out)
     if w is not None:
         return w
-    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
-    return dequantize_4bit_fast(qt, dtype)
+    qt = as_quantized(*args)
+    return dequantize_4bit_fast(qt, dtype, out=out).view(qt.shape)
+
+
+def dequantize_cpu(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                   logical_dtype, dtype) -> torch.Tensor:
+    """The CPU kernels' dequantize (:func:`_decode`) into a new tensor."""
+    return _decode((packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype),
+                   dtype, None)
 
 
 def dequantize_cpu_into(out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
                         logical_dtype) -> torch.Tensor:
     """:func:`dequantize_cpu` written into ``out`` (a contiguous CPU tensor of the weight's size, in
     the dtype wanted), the same bits; returned shaped ``shape``."""
-    from ...quant.fast_dequant import dequantize_4bit_fast
-    from ..native import calls
-
-    w = calls.dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                         logical_dtype, out.dtype, out=out)
-    if w is not None:
-        return w
-    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
-    return dequantize_4bit_fast(qt, out.dtype, out=out).view(qt.shape)
+    return _decode((packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype),
+                   out.dtype, out)
 
 
 #: Bytes of the per-thread buffer that matmul_cpu decodes a weight into: a weight up to this size
@@ -66,15 +66,10 @@ def _temporary_weight(dtype: torch.dtype, packed, absmax, quant_map, nested_absm
     thread's reused buffer when it fits :data:`SCRATCH_LIMIT` (fresh memory costs a page fault per
     4 KiB, measured as much as the decoding itself on a 4096x4096 weight, and most of the input
     gradient's time in a small model's training step), else in a new tensor."""
-    from ...quant.fast_dequant import dequantize_4bit_fast
-    from ..native import calls
-
-    qt = as_quantized(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
-    reuse = packed.device.type == "cpu" and qt.numel * dtype.itemsize <= SCRATCH_LIMIT
-    out = _scratch(qt.numel, dtype) if reuse else None
-    w = calls.dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                         logical_dtype, dtype, out=out)
-    return w if w is not None else dequantize_4bit_fast(qt, dtype, out=out).view(qt.shape)
+    args = (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
+    numel = math.prod(int(d) for d in shape)
+    reuse = packed.device.type == "cpu" and numel * dtype.itemsize <= SCRATCH_LIMIT
+    return _decode(args, dtype, _scratch(numel, dtype) if reuse else None)
 
 
 #: matmul_cpu takes the fused kernel up to this many rows of input, by dtype (generation's one token
