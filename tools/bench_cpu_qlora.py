@@ -138,9 +138,9 @@ def generation_figures(qdir: Path, args) -> None:
     print(f"  speed-up (anchor time / qconvert time): {a / q:.2f}x (goal >= 1.5x)")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+def parse_model_options(ap: argparse.ArgumentParser):
+    """The options this benchmark and bench_eval.py share (repetitions, dtypes, the model's shape,
+    torch threads), parsed; the threads set."""
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
     ap.add_argument("--hidden", type=int, default=256)
@@ -151,6 +151,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    args = parse_model_options(ap)
     import bitsandbytes
     import transformers
 
