@@ -3,7 +3,7 @@ written as one GGUF file that llama.cpp runs, or a LoRA adapter alone as a GGUF 
 
 The values written are the model's logical values: a 4-bit weight's dequantized value (spec section 8,
 the weight the model computed with), a merged weight exactly as `qconvert merge` computes it (this
-module calls merge's per-tensor function, in float32), anything else as stored. The file format,
+module calls lora_merge's per-tensor function, in float32), anything else as stored. The file format,
 tensor names, vocabulary and the Q8_0 / Q4_0 quantizers come from the ``gguf`` package (llama.cpp's own
 Python library); K-quants (Q4_K_M) come from llama.cpp's quantizer through ``llama_cpp``: an F16 file is
 written first beside the output, then quantized into the final file. Nothing of the binary format is
@@ -39,6 +39,7 @@ import torch
 
 from ..errors import FormatError, OptionError
 from .gguf_families import FAMILIES as _FAMILIES
+from .lora_merge import Source
 
 #: --type choices: the GGUF file types a user picks
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
@@ -119,56 +120,14 @@ def check_export(model: str, output: str | os.PathLike, out_type: str, adapter: 
     return {k: r[k] for k in ("kl", "top1_agreement", "max_rel_logit_error", "tolerance", "passed")}
 
 
-class _Source:
-    """The model's tensors by name, each in float32 as the model computes with it."""
+class _Source(Source):
+    """The model's tensors (lora_merge.Source) and the llama.cpp family they are written as; another
+    family is refused by name before any tensor is read."""
 
-    def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job, family: bool = True):
-        self.root, self.ckpt, self.cfg, self.job = root, ckpt, cfg, job
-        self.family, self.notes = _family(cfg, root) if family else (None, [])
-        self.arch = self.family.arch if self.family else None
-        from ..format.conformance import check_checkpoint
-
-        self.quantized = set(check_checkpoint(ckpt))
-        self.owned = {k for q in self.quantized for k in ckpt.companions(q)}
-
-    @classmethod
-    def open(cls, model: str, adapter: str | None, say, family: bool = True) -> "_Source":
-        """``family``: refuse a family export-gguf cannot write (compare reads any causal LM)."""
-        from ..io.checkpoint import Checkpoint
-        from ..io.source import resolve_model_path
-
-        root, _ = resolve_model_path(model, None)
-        ckpt = Checkpoint(root, streaming=True)
-        cfg = ckpt.config() or {}
-        job = None
-        if adapter:
-            from .merge import _prepare
-
-            job = _prepare(ckpt, root, adapter, None, False, "float32", say)
-        return cls(root, ckpt, cfg, job, family)
-
-    def names(self) -> list[str]:
-        """The model's tensors (a 4-bit weight once, by its weight name), in checkpoint order."""
-        return [k for k in self.ckpt.keys() if k not in self.owned or k in self.quantized]
-
-    def shape(self, k: str) -> tuple[int, ...]:
-        if k in self.quantized:
-            return tuple(self.ckpt.quantized(k).shape)
-        return tuple(self.ckpt.info(k)[1])
-
-    def get(self, k: str) -> torch.Tensor:
-        """Tensor ``k`` in float32: merged exactly as `qconvert merge` merges when an adapter is given."""
-        if self.job is not None:
-            from .merge import _output_tensors
-
-            ((name, t),) = list(_output_tensors(self.job, k))
-            return t.float()
-        if k in self.quantized:
-            from ..ops import dequantize_4bit
-            from ..ops.args import weight_args
-
-            return dequantize_4bit(*weight_args(self.ckpt.quantized(k)), torch.float32)
-        return self.ckpt.get(k).float()
+    def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job):
+        self.family, self.notes = _family(cfg, root)
+        self.arch = self.family.arch
+        super().__init__(root, ckpt, cfg, job)
 
 
 def _family(cfg: dict[str, Any], root: Path):
