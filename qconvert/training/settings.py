@@ -218,6 +218,8 @@ def _spec(f: dataclasses.Field) -> Spec:
 
 #: option -> Spec, for every TrainConfig field, in declaration order
 SPECS: dict[str, Spec] = {f.name: _spec(f) for f in dataclasses.fields(TrainConfig)}
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """What names a run rather than configures it: MODEL (an argument, or the config file's
