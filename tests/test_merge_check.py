@@ -19,7 +19,8 @@ def setup(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_good_merge_passes_and_a_wrongly_scaled_one_is_caught(setup, monkeypatch):
-    from qconvert.export.merge import LoraAdapter, merge_adapter
+    from qconvert.export.lora_merge import LoraAdapter
+    from qconvert.export.merge import merge_adapter
 
     d = setup
     good = merge_adapter(str(d / "q"), str(d / "adapter"), d / "good", check=True)
