@@ -85,8 +85,33 @@ def test_option_values_are_refused_before_the_model_is_read(capsys, tmp_path):
 
 def test_eval_option_values(env, capsys):
     refused(capsys, "eval", env["q"], "--data", env["data"], "--compare", match="--compare needs at least one --adapter")
-    refused(capsys, "eval", env["q"], "--data", env["data"], "--batch-size", "0", "--backend", "reference", match="--batch-size must be at least 1")
-    refused(capsys, "eval", env["q"], "--data", env["data"], "--max-length", "1", "--backend", "reference", match="--max-length must be at least 2")
+    refused(capsys, "eval", env["q"], "--data", env["data"], "--batch-size", "0", "--backend", "reference", match="--batch-size 0: must be >= 1")
+    refused(capsys, "eval", env["q"], "--data", env["data"], "--max-length", "1", "--backend", "reference", match="--max-length 1: must be >= 2")
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-3"])
+def test_eval_refuses_a_max_length_with_trains_own_line(env, capsys, value):
+    """eval's data options are train's (one declaration, one check): the same bad value gets the same
+    first line from both commands (the option is checked before either reads a model)."""
+    never = env["q"].parent / "never"
+    want = refused(capsys, "train", env["q"], "--data", env["data"], "--output", never, "--max-length", value, match="--max-length")
+    got = refused(capsys, "eval", env["q"], "--data", env["data"], "--max-length", value, match="--max-length")
+    assert got.splitlines()[0] == want.splitlines()[0] and not never.exists(), (got, want)
+
+
+@pytest.mark.parametrize("field, value", [("truncation", "cut"), ("fmt", "yaml"), ("max_length", 1), ("backend", "cuda-fast")])
+def test_eval_options_refuse_what_trains_config_refuses_with_the_same_message(env, field, value):
+    """From Python (no click in between): EvalOptions' data fields are checked by TrainConfig's checks."""
+    from qconvert.errors import OptionError
+    from qconvert.run.evaluate import EvalOptions, evaluate
+    from qconvert.training.settings import TrainConfig
+
+    with pytest.raises(OptionError) as train_err:
+        TrainConfig(**{field: value}).check()
+    with pytest.raises(OptionError) as eval_err:
+        evaluate(env["q"], env["data"], **{field: value})
+    assert str(eval_err.value) == str(train_err.value)
+    assert EvalOptions(fmt="raw").check().fmt == "raw"  # eval's one extra choice
 
 
 def test_verify_plot_options(env, capsys, tmp_path):

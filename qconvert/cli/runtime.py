@@ -92,13 +92,13 @@ def eval_cmd(model, data, adapters, compare, data_split, data_config, fmt, max_l
              backend, revision, as_json, load_in_4bit, keep_quantized):
     """Loss and perplexity of MODEL (4-bit or 16-bit, with or without LoRA adapters) on the tokens train would learn."""
     from .._cpus import cap_torch_threads
-    from ..run.evaluate import evaluate, format_table
+    from ..run.evaluate import EvalOptions, evaluate, format_table
 
     cap_torch_threads()
-    rows = evaluate(model, data, adapters=list(adapters), compare=compare, fmt=fmt, max_length=max_length,
-                    train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=revision, dtype=dtype,
-                    data_split=data_split, data_config=data_config, truncation=truncation, load_in_4bit=load_in_4bit,
-                    keep_quantized=keep_quantized, log=lambda m: click.echo(m, err=True))
+    o = EvalOptions(compare=compare, fmt=fmt, max_length=max_length, train_on_inputs=train_on_inputs, truncation=truncation,
+                    data_split=data_split, data_config=data_config, batch_size=batch_size, backend=backend, revision=revision,
+                    dtype=dtype, load_in_4bit=load_in_4bit, keep_quantized=keep_quantized)
+    rows = evaluate(model, data, o, adapters=list(adapters), log=lambda m: click.echo(m, err=True))
     r0 = rows[0]
     if (r0["truncated"] or r0["dropped"]) and not as_json:
         click.echo(f"{data}: {r0['records']} records, {r0['truncated']} truncated to --max-length {max_length}, "

@@ -12,37 +12,77 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, OptionError
 
 
-def load_examples(data: str | os.PathLike, tok, *, fmt: str = "auto", max_length: int = 512,
-                  train_on_inputs: bool = False, split: str | None = None, config: str | None = None,
-                  truncation: str = "truncate", report=None) -> list:
-    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of training.data.Example.
-    ``split``/``config`` pick a Hub dataset's (or a dataset folder's) split and configuration;
-    ``truncation`` ("truncate" or "drop") treats records over ``max_length`` as train does, and
-    ``report`` (a training.data.DataReport) counts what was truncated or dropped."""
-    from ..training.data import build_examples, load_records
+@dataclass(frozen=True)
+class EvalOptions:
+    """Everything `qconvert eval` takes besides MODEL, DATA and the adapters, as one object. The data
+    fields are train's own TrainConfig fields (qconvert.training.settings: names, defaults, ranges and
+    choices), checked by train's checks (:meth:`check`), so eval refuses what train refuses with the
+    same line; ``fmt`` may also be "raw" (prompt/completion records scored as written, not in an
+    adapter's recorded prompt format). ``load_in_4bit`` / ``keep_quantized``: a 16-bit MODEL is
+    quantized on the way in, as train does (convert/on_load.py)."""
 
-    if max_length < 2:
-        raise OptionError(f"--max-length must be at least 2, got {max_length}")
+    compare: bool = False
+    fmt: str = "auto"
+    max_length: int = 512
+    train_on_inputs: bool = False
+    truncation: str = "truncate"
+    data_split: str | None = None
+    data_config: str | None = None
+    batch_size: int = 8
+    backend: str = "auto"
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    load_in_4bit: bool = False
+    keep_quantized: str | os.PathLike | None = None
+
+    def check(self) -> EvalOptions:
+        """OptionError for a value train's declarations refuse; the options themselves."""
+        from ..training.settings import check_choices, check_options
+
+        check_options({"max_length": self.max_length, "batch_size": self.batch_size}, command="eval")
+        check_choices({"truncation": self.truncation, "fmt": None if self.fmt == "raw" else self.fmt, "backend": self.backend})
+        return self
+
+
+def load_examples(data: str | os.PathLike, tok, options: EvalOptions | None = None, report=None) -> list:
+    """Read and tokenize ``data`` the way ``qconvert train`` does; a list of training.data.Example.
+    ``options``' data fields apply: the split and configuration of a Hub dataset (or a dataset
+    folder), the format, and records over ``max_length`` truncated or dropped as train does;
+    ``report`` (a training.data.DataReport) counts what was truncated or dropped."""
+    o = (options or EvalOptions()).check()
+    return _tokenized(_records(data, o, report), data, tok, o, "auto" if o.fmt == "raw" else o.fmt, report)
+
+
+def _records(data, o: EvalOptions, report) -> list:
+    from ..training.data import load_records
+
     try:
-        records = load_records(data, split=split, config=config, report=report)
+        return load_records(data, split=o.data_split, config=o.data_config, report=report)
     except UnicodeDecodeError as e:
         raise DataError(f"{data}: not UTF-8 text (invalid byte at offset {e.start})", hint="re-encode the file as UTF-8") from None
-    return build_examples(records, tok, fmt, max_length, train_on_inputs, source=str(data), truncation=truncation, report=report)
+
+
+def _tokenized(records: list, data, tok, o: EvalOptions, fmt: str, report) -> list:
+    from ..training.data import build_examples
+
+    return build_examples(records, tok, fmt, o.max_length, o.train_on_inputs, source=str(data), truncation=o.truncation, report=report)
 
 
 def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[str, Any]:
     """Mean loss over the labelled tokens of ``examples``, its exponential, and the counts: the scorer
     train's evaluation uses (:func:`qconvert.training.score.loss_sums`); no labelled token is refused."""
     from ..training.score import loss_sums
+    from ..training.settings import check_options
 
-    if batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+    check_options({"batch_size": batch_size}, command="eval")
     device = next(model.parameters()).device
     total, count = loss_sums(model, examples, pad_id, batch_size, device)
     if count == 0:
@@ -51,38 +91,33 @@ def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[st
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(examples)}
 
 
-def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, adapters: list[str] | None = None, compare: bool = False,
-             fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, batch_size: int = 8,
-             backend: str = "auto", revision: str | None = None, dtype: str = "auto", device: str | None = None,
-             data_split: str | None = None, data_config: str | None = None, truncation: str = "truncate",
-             load_in_4bit: bool = False, keep_quantized: str | os.PathLike | None = None, log=None) -> list[dict]:
-    """Score MODEL, and MODEL with each adapter; one row each. With ``compare`` the bare model is scored
-    first even when adapters are given (base vs base+adapter in one run, the base loaded once).
-    ``fmt`` "auto": each adapter's recorded prompt format applies (:func:`prompt_formats`); "raw":
-    records as detected, prompts as written. ``load_in_4bit`` / ``keep_quantized``: a 16-bit MODEL
-    is quantized on the way in, as train does (convert/on_load.py). ``log`` gets the notices."""
+def evaluate(model: str | os.PathLike, data: str | os.PathLike, options: EvalOptions | None = None, *,
+             adapters: list[str] | None = None, log=None, **settings) -> list[dict]:
+    """Score MODEL, and MODEL with each adapter; one row each. ``options`` (an :class:`EvalOptions`), or
+    its fields as keywords (``batch_size=2``). With ``compare`` the bare model is scored first even
+    when adapters are given (base vs base+adapter in one run, the base loaded once). ``fmt`` "auto":
+    each adapter's recorded prompt format applies (:func:`prompt_formats`); "raw": records as
+    detected, prompts as written. ``log`` gets the notices."""
     import contextlib
+    import dataclasses
 
     from ..io.hub import looks_like_repo_id
     from ..io.source import resolve_adapter_path
 
+    o = dataclasses.replace(options or EvalOptions(), **settings).check()
     adapters = list(adapters or [])
-    if max_length < 2:
-        raise OptionError(f"--max-length must be at least 2, got {max_length}")
-    if compare and not adapters:
+    if o.compare and not adapters:
         raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
     if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
         raise DataError(f"{data}: no such file")
     folders = [resolve_adapter_path(a)[0] for a in adapters]  # folders or Hub ids, fetched before the model loads
     say = log or (lambda m: None)
-    formats = prompt_formats(folders, fmt, say)
+    formats = prompt_formats(folders, o.fmt, say)
     with contextlib.ExitStack() as held:  # a 16-bit MODEL's temporary 4-bit copy lives as long as the scoring
         from ..convert.on_load import inference_base
 
-        loaded, rev = inference_base(model, revision, load_in_4bit, keep_quantized, held, say)
-        return _evaluate(model, loaded, data, list(zip(adapters, folders, formats)), compare=compare, fmt=fmt, max_length=max_length,
-                         train_on_inputs=train_on_inputs, batch_size=batch_size, backend=backend, revision=rev, dtype=dtype,
-                         device=device, data_split=data_split, data_config=data_config, truncation=truncation)
+        loaded, rev = inference_base(model, o.revision, o.load_in_4bit, o.keep_quantized, held, say)
+        return _evaluate(model, loaded, data, list(zip(adapters, folders, formats)), dataclasses.replace(o, revision=rev))
 
 
 def prompt_formats(folders: list, fmt: str, say) -> list[str]:
@@ -119,28 +154,23 @@ def as_prompt_format(records: list, pf: str) -> list:
     return out
 
 
-def _evaluate(model, loaded: str, data, runs: list, *, compare, fmt, max_length, train_on_inputs, batch_size, backend, revision, dtype,
-              device, data_split, data_config, truncation) -> list[dict]:
+def _evaluate(model, loaded: str, data, runs: list, o: EvalOptions) -> list[dict]:
     """``runs``: (adapter as given, its folder, its prompt format) each."""
     import copy
 
     from .inference import attach_adapter, load_for_inference
-    from ..training.data import DataReport, build_examples, load_records
+    from ..training.data import DataReport
 
-    lm = load_for_inference(loaded, backend=backend, revision=revision, dtype=dtype, device=device)
+    lm = load_for_inference(loaded, backend=o.backend, revision=o.revision, dtype=o.dtype, device=o.device)
     tok = lm.tokenizer
     report = DataReport()
-    try:
-        records = load_records(data, split=data_split, config=data_config, report=report)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{data}: not UTF-8 text (invalid byte at offset {e.start})", hint="re-encode the file as UTF-8") from None
+    records = _records(data, o, report)
     built: dict[str, tuple[list, DataReport]] = {}
 
     def examples(pf: str):  # tokenized once per prompt format
         if pf not in built:
             rep = copy.deepcopy(report)  # what reading counted; tokenizing adds its own counts
-            ex = build_examples(as_prompt_format(records, pf), tok, "auto" if fmt == "raw" else fmt, max_length, train_on_inputs,
-                                source=str(data), truncation=truncation, report=rep)
+            ex = _tokenized(as_prompt_format(records, pf), data, tok, o, "auto" if o.fmt == "raw" else o.fmt, rep)
             if not ex:
                 raise DataError(f"{data}: no record left to score ({rep.n_dropped} dropped)", hint="raise --max-length or use --truncation truncate")
             built[pf] = ex, rep
@@ -150,12 +180,12 @@ def _evaluate(model, loaded: str, data, runs: list, *, compare, fmt, max_length,
 
     def row(adapter, pf: str) -> dict:
         ex, rep = examples(pf)
-        return {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if train_on_inputs else "targets",
+        return {"model": str(model), "kind": lm.kind, "dtype": lm.dtype, "data": str(data), "scored": "all tokens" if o.train_on_inputs else "targets",
                 "records": rep.records, "truncated": rep.truncated, "dropped": rep.n_dropped, "adapter": adapter, "prompt_format": pf,
-                **score(lm.model, ex, pad, batch_size=batch_size)}
+                **score(lm.model, ex, pad, batch_size=o.batch_size)}
 
     rows = []
-    if compare or not runs:  # the bare model in the first adapter's prompt format: the same tokens, base vs adapter
+    if o.compare or not runs:  # the bare model in the first adapter's prompt format: the same tokens, base vs adapter
         rows.append(row(None, runs[0][2] if runs else "raw"))
     for a, folder, pf in runs:
         attach_adapter(lm, folder)

@@ -273,8 +273,9 @@ def _range_text(lo, lo_in, hi, hi_in) -> str:
     return " and ".join(parts)
 
 
-def check_options(values: dict[str, Any]) -> None:
-    """Raise OptionError for the first value out of its range (None means "not set" and passes)."""
+def check_options(values: dict[str, Any], command: str = "train") -> None:
+    """Raise OptionError for the first value out of its range (None means "not set" and passes);
+    ``command``: the one whose --help the hint names (eval checks train's data options here too)."""
     for name, (lo, lo_in, hi, hi_in) in RANGES.items():
         v = values.get(name)
         if v is None:
@@ -287,7 +288,7 @@ def check_options(values: dict[str, Any]) -> None:
         bad |= lo is not None and (v < lo or (v == lo and not lo_in))
         bad |= hi is not None and (v > hi or (v == hi and not hi_in))
         if bad:
-            raise OptionError(f"{flag} {v}: must be {where}", hint=f"give {flag} a value {where} (qconvert train --help lists every option)")
+            raise OptionError(f"{flag} {v}: must be {where}", hint=f"give {flag} a value {where} (qconvert {command} --help lists every option)")
 
 
 def split_modules(names) -> list[str] | None:
