@@ -89,3 +89,45 @@ def test_a_check_that_would_not_fit_in_memory_is_refused_before_any_work(setup, 
     monkeypatch.setattr(check, "available_memory", lambda: 4 * need)  # room: the check runs and passes
     r = run_cli_here("merge", d / "q", d / "adapter", d / "room", "--dtype", "float32")
     assert r.returncode == 0 and "check PASS" in r.stdout
+
+
+@pytest.mark.slow
+def test_the_check_holds_one_model_at_a_time_and_gives_the_figures_of_both_side_by_side(setup, monkeypatch):
+    """The unmerged side runs every probe and is freed before the merged side loads (the check's peak
+    is one model's, not both); the figures equal those of the two models run side by side."""
+    import gc
+    import weakref
+
+    import torch
+
+    import qconvert.export.check as check
+    import qconvert.export.compare as compare
+    from qconvert.export.merge import merge_adapter
+
+    d = setup
+    merge_adapter(str(d / "q"), str(d / "adapter"), d / "m", check=False)
+    alive, seen = [], []
+
+    def recorded(build):
+        def wrapped(self):
+            gc.collect()
+            seen.append(sum(r() is not None for r in alive))  # models alive when this one loads
+            model = build(self)
+            alive.append(weakref.ref(model))
+            return model
+        return wrapped
+
+    monkeypatch.setattr(check._Unmerged, "_build", recorded(check._Unmerged._build))
+    monkeypatch.setattr(compare._HF, "_build", recorded(compare._HF._build))
+    got = check.check_merge(d / "q", str(d / "adapter"), d / "m", "merge")
+    assert seen == [0, 0] and got["passed"], (seen, got)
+
+    monkeypatch.undo()
+    ref, out = check._Unmerged(d / "q", str(d / "adapter")), compare._HF(str(d / "m"), None)
+    kls = []
+    with torch.no_grad():
+        for text in compare.DEFAULT_PROMPTS:
+            ids = torch.tensor([ref.tokenizer(text)["input_ids"]])
+            la, lb = (m.model(input_ids=ids, use_cache=False).logits[0].double().numpy() for m in (ref, out))
+            kls.append(compare._figures(la, lb)["kl"])
+    assert got["kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-9)

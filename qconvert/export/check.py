@@ -36,10 +36,13 @@ class _Unmerged(_Torch):
     """The 4-bit base plus the adapter, unmerged, as load_model runs it (float32)."""
 
     def __init__(self, base: Path, adapter: str):
+        self.base, self.adapter = base, adapter
+        self.tokenizer = _tokenizer(base)
+
+    def _build(self):
         from ..model.loader import load_model
 
-        self.model = load_model(str(base), dtype=torch.float32, adapter=adapter).eval()
-        self.tokenizer = _tokenizer(base)
+        return load_model(str(self.base), dtype=torch.float32, adapter=self.adapter).eval()
 
 
 def check_merge(base: Path, adapter: str, merged: Path, mode: str, tolerance: float | None = None,
@@ -49,11 +52,17 @@ def check_merge(base: Path, adapter: str, merged: Path, mode: str, tolerance: fl
     ref = _Unmerged(base, adapter)
     out = _HF(str(merged), None)
     tok = ref.tokenizer or out.tokenizer
-    probes = [(t, tok(t)["input_ids"]) for t in DEFAULT_PROMPTS] if tok is not None else _id_probes(ref.model.config.get_text_config().vocab_size)
+    probes = [(t, tok(t)["input_ids"]) for t in DEFAULT_PROMPTS] if tok is not None else _id_probes(_vocab_size(base))
     tol = TOLERANCE[mode] if tolerance is None else tolerance
     r = compare_models(ref, out, probes, tok, tol, new_tokens, f"{base} (+ {adapter}) and {merged}")
     return {"against": "base + adapter, unmerged (load_model)", "probes": "prompts" if tok is not None else "token ids",
             **{k: r[k] for k in ("kl", "top1_agreement", "max_rel_logit_error", "tolerance", "passed")}}
+
+
+def _vocab_size(base: Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base, trust_remote_code=False).get_text_config().vocab_size
 
 
 def _id_probes(vocab: int) -> list[tuple[str, list[int]]]:
@@ -98,16 +107,16 @@ def available_memory() -> int | None:
     return None
 
 
-def check_fits(root: Path, command: str, extra: int = 0, ckpt=None) -> None:
-    """Refuse, before any work, a check whose float32 model (plus ``extra`` bytes: the other side)
-    would not fit in the memory available: one line, and the two ways on (--no-check, or compare
-    later where memory allows), instead of a merge or export killed for memory at its end."""
+def check_fits(root: Path, command: str, ckpt=None) -> None:
+    """Refuse, before any work, a check whose float32 model would not fit in the memory available
+    (the two sides run one after the other, and the float32 one is the larger: the 4-bit side
+    holds only its unquantized tensors in float32): one line, and the two ways on (--no-check, or
+    compare later where memory allows), instead of a merge or export killed for memory at its end."""
     from ..errors import OptionError
 
-    need, have = float32_bytes(root, ckpt) + extra, available_memory()
+    need, have = float32_bytes(root, ckpt), available_memory()
     if have is not None and need > MEMORY_SHARE * have:
-        raise OptionError(f"{command}'s check needs about {_size(need)} of memory (the model in float32 beside the other side), "
-                          f"{_size(have)} are available",
+        raise OptionError(f"{command}'s check needs about {_size(need)} of memory (the model in float32), {_size(have)} are available",
                           hint=f"pass --no-check to {command} without it, then run `qconvert compare` where memory allows")
 
 

@@ -34,15 +34,29 @@ PROMPTS_LIMIT = 1 << 20
 
 
 class _Torch:
-    """A float32 transformers model (``self.model``): logits and greedy continuations, each a whole
-    forward without a cache (hybrid families such as jamba build a cache that cannot be measured)."""
+    """A float32 transformers model (``self.model``, built on first use by ``_build`` and dropped by
+    :meth:`release`): logits and greedy continuations, each a whole forward without a cache (hybrid
+    families such as jamba build a cache that cannot be measured)."""
 
-    model: Any
     tokenizer: Any
+    _model: Any = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self._build()
+        return self._model
+
+    def _build(self):
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop the model: :func:`compare_models` runs one side, then the other, never both at once."""
+        self._model = None
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
+            return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         seq = list(ids)
@@ -59,25 +73,39 @@ class _HF(_Torch):
         from .lora_merge import Source
 
         self.src = src = Source.open(path, adapter, lambda m: None)
-        self.model = _float32_model(src)
         self.tokenizer = _tokenizer(src.ckpt.config_dir())
+
+    def _build(self):
+        return _float32_model(self.src)
 
 
 class _GGUF:
-    """A GGUF file run by llama.cpp (llama-cpp-python)."""
+    """A GGUF file run by llama.cpp (llama-cpp-python), loaded on first use."""
 
     def __init__(self, path: str):
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise OptionError(f"{path}: comparing a GGUF needs llama.cpp", hint="pip install 'qconvert[gguf]'") from e
-        self.ll = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=512, verbose=False)
-        self.tokenizer = None
+        self.path, self._ll, self.tokenizer = path, None, None
+
+    @property
+    def ll(self):
+        if self._ll is None:
+            import llama_cpp
+
+            self._ll = llama_cpp.Llama(model_path=self.path, logits_all=True, n_ctx=512, verbose=False)
+        return self._ll
+
+    def release(self) -> None:
+        if self._ll is not None:
+            self._ll.close()
+            self._ll = None
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.ll.reset()
         self.ll.eval(ids)
-        return np.array(self.ll.scores[: len(ids)], dtype=np.float64)
+        return np.array(self.ll.scores[: len(ids)], dtype=np.float32)
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         self.ll.reset()
@@ -163,14 +191,14 @@ def compare(a: str, b: str, *, adapter_a: str | None = None, adapter_b: str | No
 
 
 def compare_models(ma, mb, probes: list[tuple[str, list[int]]], tok, tolerance: float, new_tokens: int, names: str) -> dict[str, Any]:
-    """Two opened models (each with ``logits`` and ``greedy``) on ``probes`` (text, token ids): the
-    per-prompt rows, the overall figures and the verdict."""
+    """Two models (each with ``logits``, ``greedy`` and ``release``) on ``probes`` (text, token ids):
+    the per-prompt rows, the overall figures and the verdict. A runs every probe and is released
+    before B loads, so the two are never in memory together (the merge check's peak is one model's)."""
+    (outs_a, outs_b) = (_outputs(m, probes, new_tokens) for m in (ma, mb))
     rows = []
-    for text, ids in probes:
-        la, lb = ma.logits(ids), mb.logits(ids)
+    for (text, ids), (la, ga), (lb, gb) in zip(probes, outs_a, outs_b):
         if la.shape != lb.shape:
             raise FormatError(f"{names} have different vocabularies ({la.shape[-1]} and {lb.shape[-1]} logits)", hint="compare a model with its own exports")
-        ga, gb = ma.greedy(ids, new_tokens), mb.greedy(ids, new_tokens)
         rows.append({"prompt": text, "tokens": len(ids), **_figures(la, lb), "greedy_a": _show(tok, ga), "greedy_b": _show(tok, gb),
                      "greedy_same": ga == gb})
     kl = float(np.mean([r["kl"] for r in rows]))
@@ -178,7 +206,20 @@ def compare_models(ma, mb, probes: list[tuple[str, list[int]]], tok, tolerance: 
             "max_rel_logit_error": max(r["max_rel_logit_error"] for r in rows), "tolerance": tolerance, "passed": kl <= tolerance}
 
 
+def _outputs(model, probes, new_tokens: int) -> list[tuple[np.ndarray, list[int]]]:
+    """One side's float32 logits (what both kinds of model compute in; the figures upcast them) and
+    greedy continuation for every probe; then the side is released."""
+    import gc
+
+    try:
+        return [(model.logits(ids), model.greedy(ids, new_tokens)) for _, ids in probes]
+    finally:
+        model.release()
+        gc.collect()
+
+
 def _figures(la: np.ndarray, lb: np.ndarray) -> dict[str, float]:
+    la, lb = la.astype(np.float64), lb.astype(np.float64)
     lpa = la - np.logaddexp.reduce(la, axis=-1, keepdims=True)
     lpb = lb - np.logaddexp.reduce(lb, axis=-1, keepdims=True)
     return {"kl": float((np.exp(lpa) * (lpa - lpb)).sum(-1).mean()),

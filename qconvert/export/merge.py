@@ -63,10 +63,10 @@ def merge_adapter(
     root, repo_id = resolve_model_path(base, revision)
     check_output(out, overwrite, inputs=[root])  # a Hub base, now a local folder
     ckpt, cfg = _open_base(root)
-    if check:  # its float32 merged model beside the 4-bit one: refused now rather than after the merge
+    if check:  # its float32 merged model: refused now rather than after the merge
         from .check import check_fits
 
-        check_fits(root, "merge", extra=sum((root / f).stat().st_size for f in ckpt.files), ckpt=ckpt)  # + the 4-bit side, as stored
+        check_fits(root, "merge", ckpt=ckpt)
     job = prepare(ckpt, root, adapter, base_original, quantize, dtype, say)
     limit = parse_size(max_shard_size)
     with staged(out) as stage:
