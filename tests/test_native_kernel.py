@@ -133,6 +133,25 @@ def test_fused_matmul_within_tolerance(dtype):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fused_matmul_by_runs_of_32_within_tolerance(dtype):
+    """The AVX-512 kernel's path for in_features and block size multiples of 32 (a table per block, x
+    reordered in runs of 32): every row count, every block size from 32 up, blocks that span rows
+    (in_features 32 under block size 64) or hold several runs, double quant or not, every logical dtype."""
+    for rows, (out_f, in_f), blocksize, logical, dq in itertools.product(
+            range(1, calls.MAX_ROWS + 1), ((1, 32), (9, 96), (40, 256), (3, 704)), (32, 64, 128, 256),
+            FLOAT_DTYPES, (False, True)):
+        if in_f % blocksize and blocksize % in_f:
+            continue
+        qt = quantize_4bit_ref(sample(out_f * in_f, logical, rows).reshape(out_f, in_f) * 0.01, "nf4", blocksize, dq)
+        g = torch.Generator().manual_seed(rows)
+        x, b = torch.randn(rows, in_f, generator=g).to(dtype), torch.randn(out_f, generator=g).to(dtype)
+        want = x.double() @ dequantize_4bit_ref(qt, dtype).double().T + b.double()
+        got = calls.gemv(x, *weight_args(qt), b)
+        assert got is not None and rel(got, want) < GEMV_REL[dtype], (rows, out_f, in_f, blocksize, logical, dq)
+
+
+@needs_cc
 def test_matmul_op_takes_the_fused_kernel_for_few_rows(monkeypatch):
     """matmul_4bit on CPU: up to GEMV_ROWS[dtype] rows the fused kernel (within tolerance, batch
     dimensions kept); more rows the dequantized weight and F.linear (the reference's bits)."""
