@@ -8,7 +8,7 @@ op                                     kernels
                                        dequantizer (ops/cpu/), both bit-identical;
                                        CUDA: the Triton kernel (ops/triton/)
 ``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CPU: the
-                                       compiled fused kernel up to ops.cpu.kernels.GEMV_ROWS rows (within
+                                       compiled fused kernel up to ops.cpu.kernels.GEMV_ROWS (or _BY32) rows (within
                                        GEMV_REL), else the CPU dequantizer into a reused buffer,
                                        then ``F.linear`` (the same result); CUDA: the fused Triton kernel up to
                                        SMALL_BATCH rows, else Triton dequantize, then ``F.linear``.
