@@ -65,6 +65,7 @@ def test_bit_identical_to_the_reference(blocksize, quant_type, monkeypatch):
     """Every logical dtype asked as every dtype, double quant on and off, sizes odd, ragged and over
     several OpenMP chunks."""
     monkeypatch.setattr(calls, "CHUNK", 64)
+    monkeypatch.setattr(calls, "PARALLEL_DEQUANT", 0)
     for n, logical, dq in itertools.product((*SIZES, 3 * blocksize + 5, 40 * blocksize + 18), FLOAT_DTYPES, (False, True)):
         qt = quantize_4bit_ref(sample(n, logical, n), quant_type, blocksize, dq)
         for dtype in FLOAT_DTYPES:
@@ -340,6 +341,7 @@ def test_concurrent_calls_from_python_threads(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(calls, "CHUNK", 1024)  # many chunks: each call opens an OpenMP team
+    monkeypatch.setattr(calls, "PARALLEL_DEQUANT", 0)
     monkeypatch.setattr(calls, "_threads", lambda: 2)
     qts = [quantize_4bit_ref(sample(64 * 300 + 2 * i, torch.bfloat16, i), "nf4", 64, i % 2 == 0) for i in range(6)]
     wants = [dequantize_4bit_ref(qt, torch.float32) for qt in qts]
@@ -347,3 +349,33 @@ def test_concurrent_calls_from_python_threads(monkeypatch):
         for _ in range(5):
             gots = list(pool.map(lambda qt: dequant(qt, torch.float32), qts))
             assert all(same(g, w) for g, w in zip(gots, wants))
+
+
+@needs_cc
+def test_small_weights_run_on_the_calling_thread(monkeypatch):
+    """Below PARALLEL_DEQUANT / PARALLEL_GEMV elements the kernels get one thread (no OpenMP team, whose
+    closing barrier waits for a thread another process may be holding off its CPU); above, the
+    CPUs available. The results are the same bits either way."""
+    lib, seen = calls.library(), []
+
+    class Spy:
+        simd = lib.simd
+
+        def qc_dequantize(self, *a):
+            seen.append(a[-1])
+            return lib.qc_dequantize(*a)
+
+        def qc_gemv(self, *a):
+            seen.append(a[-1])
+            return lib.qc_gemv(*a)
+
+    monkeypatch.setattr(calls, "library", Spy)
+    monkeypatch.setattr(calls, "_threads", lambda: 2)
+    qt = quantize_4bit_ref(sample(704 * 256, torch.bfloat16, 7).reshape(704, 256), "nf4", 64, True)
+    x = torch.randn(1, 256)
+    small = (dequant(qt, torch.float32), calls.gemv(x, *weight_args(qt), None))
+    assert seen == [1, 1]
+    monkeypatch.setattr(calls, "PARALLEL_DEQUANT", 1 << 16)
+    monkeypatch.setattr(calls, "PARALLEL_GEMV", 1 << 16)
+    assert same(dequant(qt, torch.float32), small[0]) and same(calls.gemv(x, *weight_args(qt), None), small[1])
+    assert seen == [1, 1, 2, 2]

@@ -136,7 +136,7 @@ def dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, neste
     elif not (out.dtype == dtype and out.numel() == n and out.is_contiguous() and out.device.type == "cpu"):
         return None
     chunk = max(blocksize, CHUNK - CHUNK % blocksize)
-    lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads() if n > chunk else 1)
+    lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads() if n > chunk and n >= PARALLEL_DEQUANT else 1)
     del keep
     return out.view(tuple(shape))
 
@@ -192,6 +192,12 @@ def _scratch(n: int) -> torch.Tensor:
     return buf
 
 
-#: weights with fewer elements than this run the fused kernel on one thread (waking a second one
-#: costs more than it saves)
-PARALLEL_GEMV = 1 << 18
+#: Weights with fewer elements than these are decoded (PARALLEL_DEQUANT) or multiplied (PARALLEL_GEMV)
+#: on the calling thread alone: an OpenMP team ends in a barrier that waits for every thread of the
+#: team, so a thread the kernel has not scheduled (another process busy on its CPU) stalls the call
+#: for a time slice, far more than the work. Measured on the 2-core AMD EPYC while other jobs ran (load
+#: average 4.8), 2026-12-06, decoding to float32, wall time over 300 (40) calls, 1 thread against 2:
+#: 704x256 mean 120 vs 4022 us (medians 45 vs 42); 2048x2048 mean 4.6 vs 13.1 ms. Above them (about
+#: 0.2 ms of work on one thread) a second thread's saving on a quiet machine is worth that risk.
+PARALLEL_DEQUANT = 1 << 20
+PARALLEL_GEMV = 1 << 20
