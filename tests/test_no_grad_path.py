@@ -13,6 +13,7 @@ from qconvert import ops
 from qconvert.format.layout import QuantizedTensor
 from qconvert.nn import linear4bit
 from qconvert.nn.linear4bit import Linear4bit
+from qconvert.ops.args import weight_args
 from qconvert.ops.native import build
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 from tolerances import GEMV_REL
@@ -58,29 +59,34 @@ def kernels(request, monkeypatch):
     return request.param
 
 
+def spy(monkeypatch) -> list:
+    """Counts the no-gradient path's calls into the CPU kernels."""
+    seen, real = [], ops.cpu.matmul_cpu_kept
+    monkeypatch.setattr(ops.cpu, "matmul_cpu_kept", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
-def test_no_grad_equals_the_op(rows, kernels):
-    """Under no_grad the layer takes the path (an entry kept, C arguments where the kernels are built) and
+def test_no_grad_equals_the_op(rows, kernels, monkeypatch):
+    """Under no_grad the layer takes the path (C arguments kept where the kernels are built) and
     gives the op's bits: the same kernel on the same weight; within GEMV_REL of the reference."""
-    layer = make()
+    layer, seen = make(), spy(monkeypatch)
     x = torch.randn(2, rows, 96, generator=torch.Generator().manual_seed(rows))
-    linear4bit._KEPT.pop(layer, None)
     with torch.no_grad():
         y = layer(x)
         expected = op(layer, x)
-    assert layer in linear4bit._KEPT and (linear4bit._KEPT[layer] is not None) == (kernels == "compiled")
+    assert seen == [1] and (linear4bit._KEPT.get(layer) is not None) == (kernels == "compiled")
     assert torch.equal(y, expected)
     assert rel(y, want(layer, x)) < GEMV_REL[torch.float32]
 
 
-def test_grad_wanted_takes_the_op_and_its_backward():
+def test_grad_wanted_takes_the_op_and_its_backward(monkeypatch):
     """An input that requires a gradient goes through the op: the output has the op's grad_fn and the
     input gradient is x's gradient through the reference weight."""
-    layer = make()
+    layer, seen = make(), spy(monkeypatch)
     x = torch.randn(4, 96, requires_grad=True)
-    linear4bit._KEPT.pop(layer, None)
     y = layer(x)
-    assert y.grad_fn is not None and layer not in linear4bit._KEPT
+    assert y.grad_fn is not None and not seen
     y.sum().backward()
     w = dequantize_4bit_ref(layer.quantized(), torch.float32)
     assert rel(x.grad, torch.ones(4, 40).double() @ w.double()) < GEMV_REL[torch.float32]
@@ -156,3 +162,16 @@ def test_steps_aside_for_forced_kernels_and_stand_ins(monkeypatch):
         auto = make()
         y = auto(x)
     assert seen == [1] and rel(y, want(auto, x)) < GEMV_REL[torch.float32]
+
+
+def test_layer_without_bias(kernels):
+    """A layer built without a bias (bias a plain None attribute, not a registered parameter) takes the
+    path and gives the op's bits."""
+    qt = qweight()
+    layer = Linear4bit(qt, None, "auto", torch.float32)
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        y = layer(x)
+    w = dequantize_4bit_ref(qt, torch.float32).double()
+    assert torch.equal(y, torch.ops.qconvert.matmul_4bit(x, *weight_args(qt), None))
+    assert rel(y, x.double() @ w.T) < GEMV_REL[torch.float32]

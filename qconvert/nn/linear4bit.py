@@ -99,15 +99,20 @@ class Linear4bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype, cd = x.dtype, self.compute_dtype
         xc = x if in_dtype == cd else x.to(cd)
-        bias = self.bias
+        params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ costs more than the small product's checks)
+        bias = params["bias"] if "bias" in params else self.bias
         if bias is not None and bias.dtype != cd:
             bias = bias.to(cd)
-        offset = float(self.nested_offset) if self.nested_absmax is not None else 0.0
-        weight = (self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, offset,
-                  self.blocksize, [self.out_features, self.in_features], self.weight_dtype)
-        got = ops.matmul_no_grad(xc, weight, bias, self.backend, _KEPT.get(self))
+        nested = buffers["nested_absmax"]
+        weight = (params["weight"], buffers["absmax"], buffers["quant_map"], nested, buffers["nested_quant_map"],
+                  float(self.nested_offset) if nested is not None else 0.0, self.blocksize,
+                  [self.out_features, self.in_features], self.weight_dtype)
+        kept = _KEPT.get(self)
+        got = ops.matmul_no_grad(xc, weight, bias, self.backend, kept)
         if got is not None:  # no gradient wanted, CPU kernels: the op's result without dispatcher and autograd
-            y, _KEPT[self] = got
+            y = got[0]
+            if got[1] is not kept:
+                _KEPT[self] = got[1]
         else:
             y = torch.ops.qconvert.matmul_4bit(xc, *weight, bias, self.backend)
         return y if y.dtype == in_dtype else y.to(in_dtype)

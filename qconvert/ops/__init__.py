@@ -188,7 +188,7 @@ def matmul_no_grad(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None, ke
     and autograd cost as much as the product. ``kept``: what the last call returned for this
     weight (the compiled kernels' checked arguments). Returns (result, what to keep), or None:
     call the op."""
-    if (kernels not in ("auto", "cpu") or x.device.type != "cpu" or weight[0].device.type != "cpu" or _STANDING_IN[0]
+    if (kernels not in ("auto", "cpu") or not x.is_cpu or not weight[0].is_cpu or _STANDING_IN[0]
             or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             or type(x) is not torch.Tensor or type(weight[0]) not in (torch.Tensor, torch.nn.Parameter)
             or FAMILIES["cpu"].get("matmul_4bit") is not cpu.matmul_cpu or torch.compiler.is_compiling()
