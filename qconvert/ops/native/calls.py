@@ -77,11 +77,13 @@ def weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nest
 class Prepared:
     """One weight's C arguments and the tensors behind them (:func:`weight_args`), for a caller that
     calls the kernels on the same weight again and again (a layer in generation: the checks cost as
-    much as a small product). :func:`prepare` reuses it while the weight arguments have the same
-    key: the same memory (address, dtype, size, contiguity) and the same scalars. It is kept only
-    where the C arguments point into the caller's own tensors (no contiguous or float32 copy was
-    made): a change written into that memory in place is then what the next call reads, and a
-    replaced tensor has another address (the old one cannot be reused while ``keep`` holds it)."""
+    much as a small product). It is reusable only where the C arguments are the addresses of the
+    caller's own tensors (no contiguous or float32 copy was made), and :func:`prepare` reuses it
+    only while the tensors passed have those addresses, dtypes, sizes and contiguity and the scalars
+    are the same: then the pointers are the memory of the tensors passed now, checked as
+    :func:`weight_args` checks it, and whatever was written there (a weight changed in place, through
+    ``.data`` or not) is what the kernel reads. A tensor replaced, moved, converted or re-gathered
+    elsewhere changes the key, and the weight is checked again."""
 
     __slots__ = ("key", "args", "keep")
 
