@@ -153,6 +153,20 @@ def test_fused_matmul_by_runs_of_32_within_tolerance(dtype):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fused_matmul_one_row_is_the_same_bits_as_in_a_batch(dtype):
+    """One row of x (the kernel's two-rows-of-W-at-a-time path where in_features is a multiple of
+    the block size, the single-row path for an odd last row) gives each output the same bits as
+    that row does inside a batch of rows (one row of W at a time): the same sums in the same order."""
+    for (out_f, in_f), blocksize, dq in itertools.product(((7, 64), (40, 256), (3, 704)), (32, 64), (False, True)):
+        qt = quantize_4bit_ref(sample(out_f * in_f, torch.bfloat16, in_f).reshape(out_f, in_f) * 0.01, "nf4", blocksize, dq)
+        x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(out_f)).to(dtype)
+        b = torch.randn(out_f).to(dtype)
+        alone, batch = calls.gemv(x[:1], *weight_args(qt), b), calls.gemv(x, *weight_args(qt), b)
+        assert same(alone, batch[:1]), (out_f, in_f, blocksize, dq)
+
+
+@needs_cc
 def test_matmul_op_takes_the_fused_kernel_for_few_rows(monkeypatch):
     """matmul_4bit on CPU: up to GEMV_ROWS[dtype] rows the fused kernel (within tolerance, batch
     dimensions kept); more rows the dequantized weight and F.linear (the reference's bits)."""
