@@ -175,3 +175,18 @@ def test_layer_without_bias(kernels):
     w = dequantize_4bit_ref(qt, torch.float32).double()
     assert torch.equal(y, torch.ops.qconvert.matmul_4bit(x, *weight_args(qt), None))
     assert rel(y, x.double() @ w.T) < GEMV_REL[torch.float32]
+
+
+def test_kept_arguments_hold_no_tensor():
+    """A weight replaced after a no_grad call is freed at once: what the layer keeps holds no tensor."""
+    import gc
+    import weakref
+
+    layer = make()
+    with torch.no_grad():
+        layer(torch.randn(1, 96))
+    assert linear4bit._KEPT.get(layer) is not None or build.library() is None
+    old = weakref.ref(layer.weight)
+    layer.weight = torch.nn.Parameter(make(qweight(seed=5)).weight.detach().clone(), requires_grad=False)
+    gc.collect()
+    assert old() is None

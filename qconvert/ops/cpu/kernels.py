@@ -110,11 +110,13 @@ def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, ne
 
 def matmul_cpu_kept(prev, x, weight: tuple, bias) -> tuple[torch.Tensor, object]:
     """:func:`matmul_cpu` for a caller that keeps the weight's checked C arguments between calls:
-    (the product, the arguments to pass as ``prev`` next time; None where the kernels are not built)."""
+    (the product, the arguments to pass as ``prev`` next time; None where the kernels are not built
+    or the arguments cannot be reused)."""
     from ..native import calls
 
     prepared = calls.prepare(prev, *weight)
-    return matmul_cpu(x, *weight, bias, prepared=prepared), prepared
+    y = matmul_cpu(x, *weight, bias, prepared=prepared)
+    return y, prepared if prepared is not None and prepared.key is not None else None
 
 
 def grad_input_cpu(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,

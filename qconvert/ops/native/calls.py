@@ -75,15 +75,16 @@ def weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nest
 
 
 class Prepared:
-    """One weight's C arguments and the tensors behind them (:func:`weight_args`), for a caller that
-    calls the kernels on the same weight again and again (a layer in generation: the checks cost as
-    much as a small product). It is reusable only where the C arguments are the addresses of the
-    caller's own tensors (no contiguous or float32 copy was made), and :func:`prepare` reuses it
-    only while the tensors passed have those addresses, dtypes, sizes and contiguity and the scalars
-    are the same: then the pointers are the memory of the tensors passed now, checked as
-    :func:`weight_args` checks it, and whatever was written there (a weight changed in place, through
-    ``.data`` or not) is what the kernel reads. A tensor replaced, moved, converted or re-gathered
-    elsewhere changes the key, and the weight is checked again."""
+    """One weight's C arguments (:func:`weight_args`), for a caller that calls the kernels on the same
+    weight again and again (a layer in generation: the checks cost as much as a small product).
+    :func:`prepare` reuses it only where the C arguments are the addresses of the caller's own tensors
+    (no contiguous or float32 copy was made) and only while the tensors passed now have those
+    addresses, on the CPU, with the same dtypes, sizes and contiguity, and the scalars are the same:
+    then the pointers are the memory of the tensors passed now, as :func:`weight_args` would check
+    it, and whatever was written there (a weight changed in place, through ``.data`` or not) is what
+    the kernel reads. A tensor replaced, moved, converted or re-gathered elsewhere changes the key,
+    and the weight is checked again. It holds no tensor (a replaced weight is not kept alive by it),
+    except the copies of one that is never reused (``key`` None), for its own call."""
 
     __slots__ = ("key", "args", "keep")
 
@@ -92,7 +93,8 @@ class Prepared:
 
 
 def _key(tensors: tuple, scalars: tuple) -> tuple:
-    return (*(None if t is None else (t.data_ptr(), t.dtype, t.numel(), t.is_contiguous()) for t in tensors), *scalars)
+    return (*(None if t is None else (t.data_ptr(), t.is_cpu, t.dtype, t.numel(), t.is_contiguous()) for t in tensors),
+            *scalars)
 
 
 def prepare(prev: Prepared | None, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
@@ -104,15 +106,16 @@ def prepare(prev: Prepared | None, packed, absmax, quant_map, nested_absmax, nes
         return None
     tensors = (packed, absmax, quant_map, nested_absmax, nested_quant_map)
     key = _key(tensors, (nested_offset, blocksize, tuple(shape), logical_dtype))
-    if prev is not None and prev.key == key:
+    if prev is not None and prev.key is not None and prev.key == key:
         return prev
     got = weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
                       logical_dtype)
     if got is None:
         return None
     own = {t.data_ptr() for t in tensors if t is not None}
-    copied = any(t is not None and t.data_ptr() not in own for t in got[1])
-    return Prepared(None if copied else key, got[0], (*got[1], *(t for t in tensors if t is not None)))
+    if any(t is not None and t.data_ptr() not in own for t in got[1]):
+        return Prepared(None, *got)
+    return Prepared(key, got[0], ())
 
 
 def _prepared(prepared: Prepared | None, weight: tuple) -> tuple[tuple, tuple] | None:
