@@ -164,6 +164,7 @@ def test_matmul_buffer_reuse_keeps_results_apart(monkeypatch):
     one, and the compiled one past its fused kernel's rows.)"""
     if os.environ.get("QCONVERT_CPU_KERNEL") != "torch":
         monkeypatch.setattr(cpu_kernels, "GEMV_ROWS", {})
+        monkeypatch.setattr(cpu_kernels, "GEMV_ROWS_BY32", 0)
     g = torch.Generator().manual_seed(4)
     qts = [quantize_4bit_ref(torch.randn(40, 96, generator=g), "nf4", 64, dq) for dq in (True, False)]
     x = torch.randn(3, 96, generator=g)

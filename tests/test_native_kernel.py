@@ -65,6 +65,7 @@ def test_bit_identical_to_the_reference(blocksize, quant_type, monkeypatch):
     """Every logical dtype asked as every dtype, double quant on and off, sizes odd, ragged and over
     several OpenMP chunks."""
     monkeypatch.setattr(calls, "CHUNK", 64)
+    monkeypatch.setattr(calls, "PARALLEL_DEQUANT", 0)
     for n, logical, dq in itertools.product((*SIZES, 3 * blocksize + 5, 40 * blocksize + 18), FLOAT_DTYPES, (False, True)):
         qt = quantize_4bit_ref(sample(n, logical, n), quant_type, blocksize, dq)
         for dtype in FLOAT_DTYPES:
@@ -130,6 +131,39 @@ def test_fused_matmul_within_tolerance(dtype):
         got = calls.gemv(x, *weight_args(qt), b)
         assert got is not None and got.dtype == dtype and got.shape == (rows, out_f)
         assert rel(got, want) < GEMV_REL[dtype], (rows, out_f, in_f, logical, dq, bias)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fused_matmul_by_runs_of_32_within_tolerance(dtype):
+    """The AVX-512 kernel's path for in_features and block size multiples of 32 (a table per block, x
+    reordered in runs of 32): row counts up to MAX_ROWS, block sizes 32 to 256, blocks that span rows
+    (in_features 32 under block size 64) or hold several runs, double quant or not, every logical dtype."""
+    for rows, (out_f, in_f), blocksize, logical, dq in itertools.product(
+            (1, 2, 5, calls.MAX_ROWS), ((1, 32), (9, 96), (40, 256), (3, 704)), (32, 64, 256),
+            FLOAT_DTYPES, (False, True)):
+        if in_f % blocksize and blocksize % in_f:
+            continue
+        qt = quantize_4bit_ref(sample(out_f * in_f, logical, rows).reshape(out_f, in_f) * 0.01, "nf4", blocksize, dq)
+        g = torch.Generator().manual_seed(rows)
+        x, b = torch.randn(rows, in_f, generator=g).to(dtype), torch.randn(out_f, generator=g).to(dtype)
+        want = x.double() @ dequantize_4bit_ref(qt, dtype).double().T + b.double()
+        got = calls.gemv(x, *weight_args(qt), b)
+        assert got is not None and rel(got, want) < GEMV_REL[dtype], (rows, out_f, in_f, blocksize, logical, dq)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fused_matmul_one_row_is_the_same_bits_as_in_a_batch(dtype):
+    """One row of x (the kernel's two-rows-of-W-at-a-time path where in_features is a multiple of
+    the block size, the single-row path for an odd last row) gives each output the same bits as
+    that row does inside a batch of rows (one row of W at a time): the same sums in the same order."""
+    for (out_f, in_f), blocksize, dq in itertools.product(((7, 64), (40, 256), (3, 704)), (32, 64), (False, True)):
+        qt = quantize_4bit_ref(sample(out_f * in_f, torch.bfloat16, in_f).reshape(out_f, in_f) * 0.01, "nf4", blocksize, dq)
+        x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(out_f)).to(dtype)
+        b = torch.randn(out_f).to(dtype)
+        alone, batch = calls.gemv(x[:1], *weight_args(qt), b), calls.gemv(x, *weight_args(qt), b)
+        assert same(alone, batch[:1]), (out_f, in_f, blocksize, dq)
 
 
 @needs_cc
@@ -321,6 +355,7 @@ def test_concurrent_calls_from_python_threads(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(calls, "CHUNK", 1024)  # many chunks: each call opens an OpenMP team
+    monkeypatch.setattr(calls, "PARALLEL_DEQUANT", 0)
     monkeypatch.setattr(calls, "_threads", lambda: 2)
     qts = [quantize_4bit_ref(sample(64 * 300 + 2 * i, torch.bfloat16, i), "nf4", 64, i % 2 == 0) for i in range(6)]
     wants = [dequantize_4bit_ref(qt, torch.float32) for qt in qts]
@@ -328,3 +363,33 @@ def test_concurrent_calls_from_python_threads(monkeypatch):
         for _ in range(5):
             gots = list(pool.map(lambda qt: dequant(qt, torch.float32), qts))
             assert all(same(g, w) for g, w in zip(gots, wants))
+
+
+@needs_cc
+def test_small_weights_run_on_the_calling_thread(monkeypatch):
+    """Below PARALLEL_DEQUANT / PARALLEL_GEMV elements the kernels get one thread (no OpenMP team, whose
+    closing barrier waits for a thread another process may be holding off its CPU); above, the
+    CPUs available. The results are the same bits either way."""
+    lib, seen = calls.library(), []
+
+    class Spy:
+        simd = lib.simd
+
+        def qc_dequantize(self, *a):
+            seen.append(a[-1])
+            return lib.qc_dequantize(*a)
+
+        def qc_gemv(self, *a):
+            seen.append(a[-1])
+            return lib.qc_gemv(*a)
+
+    monkeypatch.setattr(calls, "library", Spy)
+    monkeypatch.setattr(calls, "_threads", lambda: 2)
+    qt = quantize_4bit_ref(sample(704 * 256, torch.bfloat16, 7).reshape(704, 256), "nf4", 64, True)
+    x = torch.randn(1, 256)
+    small = (dequant(qt, torch.float32), calls.gemv(x, *weight_args(qt), None))
+    assert seen == [1, 1]
+    monkeypatch.setattr(calls, "PARALLEL_DEQUANT", 1 << 16)
+    monkeypatch.setattr(calls, "PARALLEL_GEMV", 1 << 16)
+    assert same(dequant(qt, torch.float32), small[0]) and same(calls.gemv(x, *weight_args(qt), None), small[1])
+    assert seen == [1, 1, 2, 2]

@@ -10,7 +10,8 @@ bitsandbytes. For each compute dtype (float32, bfloat16): both models in that dt
 Linear4bit compute_dtype set to it), LoRA r=16 alpha=32 on all linear layers, AdamW, batch 2 x 128;
 two warm-up steps, then --steps steps of each side taken in turn (so both see the same machine), and
 the median step time. Then greedy generation of 32 new tokens from a 16-token prompt on the base
-models (no LoRA), --reps times each in turn: the median tokens per second. The first step's losses
+models (no LoRA), in each compute dtype, --reps times each in turn: the median tokens per second
+(the line names the dtype of each side's unquantized tensors: the anchor keeps them in bf16). The first step's losses
 of the two sides are printed beside each other (the same weights: they agree to float rounding).
 
 Prints the ratios (anchor time / qconvert time: above 1 means qconvert is faster), the load average
@@ -115,8 +116,16 @@ def train_figures(qdir: Path, dtype: torch.dtype, args) -> None:
     print(f"  speed-up (anchor / qconvert): {a / q:.2f}x (goal >= 1.5x)")
 
 
-def generation_figures(qdir: Path, args) -> None:
-    anchor, ours = load_pair(qdir, torch.float32)
+def dense_dtypes(anchor, ours) -> str:
+    """What each side's unquantized tensors (embedding, norms, head) are in: transformers + bitsandbytes
+    keep the checkpoint's bf16 there whatever ``dtype`` asks (transformers 5.23), and bitsandbytes'
+    CPU inference kernel multiplies in bf16 on an AVX512-BF16 CPU, so its "float32" generation and eval
+    compute in bf16."""
+    return f"unquantized tensors: anchor {anchor.lm_head.weight.dtype}, qconvert {ours.lm_head.weight.dtype}".replace("torch.", "")
+
+
+def generation_figures(qdir: Path, dtype: torch.dtype, args) -> None:
+    anchor, ours = load_pair(qdir, dtype)
     prompt = torch.randint(0, args.vocab, (1, 16), generator=torch.Generator().manual_seed(1))
     outs = {}
 
@@ -131,7 +140,8 @@ def generation_figures(qdir: Path, args) -> None:
         fn()
     t = alternate(fns, args.reps)
     same = torch.equal(outs["anchor"], outs["ours"])
-    print(f"\ngreedy generation, float32, 32 new tokens after 16 (same tokens: {'yes' if same else 'no'})")
+    print(f"\ngreedy generation, {str(dtype).replace('torch.', '')}, 32 new tokens after 16 (same tokens: {'yes' if same else 'no'}; "
+          f"{dense_dtypes(anchor, ours)})")
     for k, v in t.items():
         print(f"  {k:<36} {32 / v:8.1f} tok/s")
     a, q = t.values()
@@ -173,7 +183,8 @@ def main() -> int:
         qdir = build(Path(d), args)
         for name in args.dtypes:
             train_figures(qdir, getattr(torch, name), args)
-        generation_figures(qdir, args)
+        for name in args.dtypes:
+            generation_figures(qdir, getattr(torch, name), args)
     print(f"\nend:   {conditions()}")
     return 0
 

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_cpu_qlora import alternate, build, conditions, load_pair, parse_model_options  # noqa: E402
+from bench_cpu_qlora import alternate, build, conditions, dense_dtypes, load_pair, parse_model_options  # noqa: E402
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,6 +83,7 @@ def eval_figures(qdir: Path, adapter: Path, dtype: torch.dtype, data: list, args
     from qconvert.run.evaluate import score
 
     anchor, ours = load_pair(qdir, dtype)
+    dense = dense_dtypes(anchor, ours)
     models = {"transformers + bitsandbytes + PEFT": PeftModel.from_pretrained(anchor, str(adapter)).eval(),
               "qconvert.load_model + PEFT": PeftModel.from_pretrained(ours, str(adapter)).eval()}
     rows = {}
@@ -99,7 +100,7 @@ def eval_figures(qdir: Path, adapter: Path, dtype: torch.dtype, data: list, args
     tokens = next(iter(rows.values()))["tokens"]
     name = str(dtype).replace("torch.", "")
     print(f"\neval scoring with the adapter, {name} compute, {len(data)} examples, batch {args.batch_size}, {tokens} scored tokens "
-          "(losses: " + ", ".join(f"{r['loss']:.6f}" for r in rows.values()) + ")")
+          "(losses: " + ", ".join(f"{r['loss']:.6f}" for r in rows.values()) + f"; {dense})")
     for k, v in t.items():
         print(f"  {k:<36} {tokens / v:9.0f} scored tok/s  ({v:.3f} s a pass)")
     a, q = t.values()

@@ -31,6 +31,8 @@ tensors into this one.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -39,6 +41,9 @@ from ..errors import FormatError
 from ..format.layout import QuantizedTensor, dtype_name, entries, pack_quant_state, unpack_quant_state
 
 _EXTRA = "_extra_state"
+#: per layer, what ops.matmul_no_grad keeps between calls (the compiled kernels' checked arguments);
+#: beside the module rather than on it, so that copies, pickles and state dicts never carry it
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _settings(qs: dict) -> dict:
@@ -92,15 +97,25 @@ class Linear4bit(nn.Linear):
         return ops.dequantize(self.quantized(), dtype or self.weight_dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        xc = x.to(self.compute_dtype)
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        offset = float(self.nested_offset) if self.nested_absmax is not None else 0.0
-        y = torch.ops.qconvert.matmul_4bit(
-            xc, self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, offset,
-            self.blocksize, [self.out_features, self.in_features], self.weight_dtype, bias, self.backend,
-        )
-        return y.to(in_dtype)
+        in_dtype, cd = x.dtype, self.compute_dtype
+        xc = x if in_dtype == cd else x.to(cd)
+        params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ costs more than the small product's checks)
+        bias = params["bias"] if "bias" in params else self.bias
+        if bias is not None and bias.dtype != cd:
+            bias = bias.to(cd)
+        nested = buffers["nested_absmax"]
+        weight = (params["weight"], buffers["absmax"], buffers["quant_map"], nested, buffers["nested_quant_map"],
+                  float(self.nested_offset) if nested is not None else 0.0, self.blocksize,
+                  [self.out_features, self.in_features], self.weight_dtype)
+        kept = _KEPT.get(self)
+        got = ops.matmul_no_grad(xc, weight, bias, self.backend, kept)
+        if got is not None:  # no gradient wanted, CPU kernels: the op's result without dispatcher and autograd
+            y = got[0]
+            if got[1] is not kept:
+                _KEPT[self] = got[1]
+        else:
+            y = torch.ops.qconvert.matmul_4bit(xc, *weight, bias, self.backend)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def get_extra_state(self) -> torch.Tensor:
         """The packed quant-state JSON (uint8, as the file format stores it): what the tensors alone

@@ -8,7 +8,7 @@ op                                     kernels
                                        dequantizer (ops/cpu/), both bit-identical;
                                        CUDA: the Triton kernel (ops/triton/)
 ``qconvert::matmul_4bit``              default: reference dequantize, then ``F.linear``; CPU: the
-                                       compiled fused kernel up to ops.cpu.kernels.GEMV_ROWS rows (within
+                                       compiled fused kernel up to ops.cpu.kernels.GEMV_ROWS (or _BY32) rows (within
                                        GEMV_REL), else the CPU dequantizer into a reused buffer,
                                        then ``F.linear`` (the same result); CUDA: the fused Triton kernel up to
                                        SMALL_BATCH rows, else Triton dequantize, then ``F.linear``.
@@ -175,6 +175,28 @@ def _matmul_backward(ctx, grad_out):
 
 torch.library.register_autograd("qconvert::matmul_4bit", _matmul_backward, setup_context=_matmul_setup_context, lib=_LIB)
 
+_STANDING_IN = [0]  # stand_in blocks open: the CPU dispatch key runs other kernels, so matmul_no_grad steps aside
+
+
+def matmul_no_grad(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None, kernels: str, kept=None):
+    """:func:`matmul_4bit` of ``x`` and the weight arguments ``weight`` (packed ... logical_dtype)
+    computed by the CPU kernels without the dispatcher and autograd, where that gives what the op
+    would: CPU tensors, the CPU kernels chosen ("auto" or "cpu", no :func:`stand_in`, the table not
+    swapped), plain tensors under no tracing or dispatch mode (torch.compile, FakeTensor, vmap see
+    the op), and no gradient wanted (grad mode off, or neither x nor bias requires one). Generation
+    and eval call a 4-bit layer hundreds of times a second on small inputs, where the dispatcher
+    and autograd cost as much as the product. ``kept``: what the last call returned for this
+    weight (the compiled kernels' checked arguments). Returns (result, what to keep), or None:
+    call the op."""
+    if (kernels not in ("auto", "cpu") or not x.is_cpu or not weight[0].is_cpu or _STANDING_IN[0]
+            or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            or type(x) is not torch.Tensor or type(weight[0]) not in (torch.Tensor, torch.nn.Parameter)
+            or FAMILIES["cpu"].get("matmul_4bit") is not cpu.matmul_cpu or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()):
+        return None
+    return cpu.matmul_cpu_kept(kept, x, weight, bias)
+
+
 dequantize_4bit = torch.ops.qconvert.dequantize_4bit
 matmul_4bit = torch.ops.qconvert.matmul_4bit
 quantize_4bit = torch.ops.qconvert.quantize_4bit
@@ -223,7 +245,9 @@ def stand_in(device_type: str = "cpu", kernels: str = "triton") -> Iterator[None
         raise ValueError(f"unknown kernels {kernels!r}: only 'triton' can stand in")
     lib = torch.library.Library("qconvert", "IMPL")  # a fragment, removed on exit
     _register(lib, torch._C._dispatch_key_for_device(device_type), kernels)
+    _STANDING_IN[0] += 1
     try:
         yield
     finally:
+        _STANDING_IN[0] -= 1
         lib._destroy()

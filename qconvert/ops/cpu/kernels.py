@@ -15,14 +15,15 @@ import torch
 from ..args import as_quantized, quantize_outputs
 
 
-def _decode(args: tuple, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+def _decode(args: tuple, dtype: torch.dtype, out: torch.Tensor | None, prepared=None) -> torch.Tensor:
     """The weight of the op's weight arguments ``args`` in ``dtype``, shaped as it is: the compiled
     CPU kernel (ops/native), else the torch fast path (quant/fast_dequant.py), the reference's bits
-    either way; written into ``out`` (contiguous, the weight's size, ``dtype``) when given."""
+    either way; written into ``out`` (contiguous, the weight's size, ``dtype``) when given.
+    ``prepared``: the compiled kernels' checked arguments for ``args`` (calls.prepare), if any."""
     from ...quant.fast_dequant import dequantize_4bit_fast
     from ..native import calls
 
-    w = calls.dequantize(*args, dtype, out=out)
+    w = calls.dequantize(*args, dtype, out=out, prepared=prepared)
     if w is not None:
         return w
     qt = as_quantized(*args)
@@ -61,7 +62,7 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _temporary_weight(dtype: torch.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
-                      blocksize, shape, logical_dtype) -> torch.Tensor:
+                      blocksize, shape, logical_dtype, prepared=None) -> torch.Tensor:
     """The weight in ``dtype`` by the fast CPU dequantizer, for a product that only reads it: in this
     thread's reused buffer when it fits :data:`SCRATCH_LIMIT` (fresh memory costs a page fault per
     4 KiB, measured as much as the decoding itself on a 4096x4096 weight, and most of the input
@@ -69,7 +70,7 @@ def _temporary_weight(dtype: torch.dtype, packed, absmax, quant_map, nested_absm
     args = (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype)
     numel = math.prod(int(d) for d in shape)
     reuse = packed.device.type == "cpu" and numel * dtype.itemsize <= SCRATCH_LIMIT
-    return _decode(args, dtype, _scratch(numel, dtype) if reuse else None)
+    return _decode(args, dtype, _scratch(numel, dtype) if reuse else None, prepared)
 
 
 #: matmul_cpu takes the fused kernel up to this many rows of input, by dtype (generation's one token
@@ -78,24 +79,44 @@ def _temporary_weight(dtype: torch.dtype, packed, absmax, quant_map, nested_absm
 #: shape from 256x256 to 4096x4096 (1.2-2.1x); in bfloat16 torch's product (oneDNN's bf16 GEMM)
 #: overtakes it from 2 rows on 2048x2048 and larger, so bfloat16 fuses only a single row.
 GEMV_ROWS = {torch.float32: 4, torch.float16: 4, torch.bfloat16: 1}
+#: The same where the kernel takes its runs-of-32 path (an AVX-512 build, in_features and the block
+#: size multiples of 32: calls.runs_of_32): up to 8 rows (calls.MAX_ROWS) in every dtype. Measured on
+#: the same machine, one thread, 2026-12-06, the fused kernel against dequantize + F.linear at 8 rows:
+#: 256x256 36 vs 55 us (float32), 38 vs 73 (bf16); 704x256 74 vs 123, 79 vs 116; 2048x2048 1586 vs
+#: 3482, 1527 vs 1692.
+GEMV_ROWS_BY32 = 8
 
 
 def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-               logical_dtype, bias) -> torch.Tensor:
+               logical_dtype, bias, prepared=None) -> torch.Tensor:
     """Up to :data:`GEMV_ROWS` rows of x: the compiled fused kernel (ops/native), the weight never
     written out, within float32 summation order of the reference. Otherwise (or where it cannot
     run) the fast CPU dequantizer, then ``F.linear``: the reference's result, bit for bit. The
-    weight is a temporary here (autograd saves only the packed tensors)."""
-    if x.dim() and x.numel() <= GEMV_ROWS.get(x.dtype, 0) * x.shape[-1]:
+    weight is a temporary here (autograd saves only the packed tensors). ``prepared``: the compiled
+    kernels' checked arguments for this weight (calls.prepare), if the caller keeps them."""
+    if x.dim() and x.numel() <= GEMV_ROWS_BY32 * x.shape[-1]:
         from ..native import calls
 
-        y = calls.gemv(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                       logical_dtype, bias)
-        if y is not None:
-            return y
+        by32 = calls.runs_of_32(x.shape[-1], blocksize)
+        if x.numel() <= (GEMV_ROWS_BY32 if by32 else GEMV_ROWS.get(x.dtype, 0)) * x.shape[-1]:
+            y = calls.gemv(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                           logical_dtype, bias, prepared)
+            if y is not None:
+                return y
     w = _temporary_weight(x.dtype, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
-                          shape, logical_dtype)
+                          shape, logical_dtype, prepared)
     return torch.nn.functional.linear(x, w, bias)
+
+
+def matmul_cpu_kept(prev, x, weight: tuple, bias) -> tuple[torch.Tensor, object]:
+    """:func:`matmul_cpu` for a caller that keeps the weight's checked C arguments between calls:
+    (the product, the arguments to pass as ``prev`` next time; None where the kernels are not built
+    or the arguments cannot be reused)."""
+    from ..native import calls
+
+    prepared = calls.prepare(prev, *weight)
+    y = matmul_cpu(x, *weight, bias, prepared=prepared)
+    return y, prepared if prepared is not None and prepared.key is not None else None
 
 
 def grad_input_cpu(grad_out, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,

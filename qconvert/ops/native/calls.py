@@ -11,6 +11,7 @@ for bad input themselves.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -73,15 +74,64 @@ def weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nest
     return args, keep
 
 
+class Prepared:
+    """One weight's C arguments (:func:`weight_args`), for a caller that calls the kernels on the same
+    weight again and again (a layer in generation: the checks cost as much as a small product).
+    :func:`prepare` reuses it only where the C arguments are the addresses of the caller's own tensors
+    (no contiguous or float32 copy was made) and only while the tensors passed now have those
+    addresses, on the CPU, with the same dtypes, sizes and contiguity, and the scalars are the same:
+    then the pointers are the memory of the tensors passed now, as :func:`weight_args` would check
+    it, and whatever was written there (a weight changed in place, through ``.data`` or not) is what
+    the kernel reads. A tensor replaced, moved, converted or re-gathered elsewhere changes the key,
+    and the weight is checked again. It holds no tensor (a replaced weight is not kept alive by it),
+    except the copies of one that is never reused (``key`` None), for its own call."""
+
+    __slots__ = ("key", "args", "keep")
+
+    def __init__(self, key: tuple | None, args: tuple, keep: tuple):
+        self.key, self.args, self.keep = key, args, keep
+
+
+def _key(tensors: tuple, scalars: tuple) -> tuple:
+    return (*(None if t is None else (t.data_ptr(), t.is_cpu, t.dtype, t.numel(), t.is_contiguous()) for t in tensors),
+            *scalars)
+
+
+def prepare(prev: Prepared | None, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+            shape, logical_dtype) -> Prepared | None:
+    """``prev`` if it still holds for these weight arguments, else a new :class:`Prepared` (whose key
+    is None, so that it is never reused, where :func:`weight_args` had to copy a tensor); None where
+    the kernels cannot take the weight or are not built."""
+    if library() is None:
+        return None
+    tensors = (packed, absmax, quant_map, nested_absmax, nested_quant_map)
+    key = _key(tensors, (nested_offset, blocksize, tuple(shape), logical_dtype))
+    if prev is not None and prev.key is not None and prev.key == key:
+        return prev
+    got = weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
+                      logical_dtype)
+    if got is None:
+        return None
+    own = {t.data_ptr() for t in tensors if t is not None}
+    if any(t is not None and t.data_ptr() not in own for t in got[1]):
+        return Prepared(None, *got)
+    return Prepared(key, got[0], ())
+
+
+def _prepared(prepared: Prepared | None, weight: tuple) -> tuple[tuple, tuple] | None:
+    return (prepared.args, prepared.keep) if prepared is not None else weight_args(*weight)
+
+
 def dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, logical_dtype,
-               dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+               dtype, out: torch.Tensor | None = None, prepared: Prepared | None = None) -> torch.Tensor | None:
     """The weight's value in ``dtype`` by the compiled kernel (the reference's bits), shaped ``shape``;
-    into ``out`` (a contiguous CPU tensor of that dtype and size) when given. None: use the torch path."""
+    into ``out`` (a contiguous CPU tensor of that dtype and size) when given; ``prepared``: the
+    weight's :func:`prepare` for these arguments, if the caller has one. None: use the torch path."""
     lib = library()
     if lib is None or dtype not in CODES:
         return None
-    prepared = weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                           logical_dtype)
+    prepared = _prepared(prepared, (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                                    shape, logical_dtype))
     if prepared is None:
         return None
     args, keep = prepared
@@ -91,16 +141,24 @@ def dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, neste
     elif not (out.dtype == dtype and out.numel() == n and out.is_contiguous() and out.device.type == "cpu"):
         return None
     chunk = max(blocksize, CHUNK - CHUNK % blocksize)
-    lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads() if n > chunk else 1)
+    lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads() if n > chunk and n >= PARALLEL_DEQUANT else 1)
     del keep
     return out.view(tuple(shape))
 
 
+def runs_of_32(in_features: int, blocksize: int) -> bool:
+    """Whether qc_gemv takes its runs-of-32 path for such a weight: an AVX-512 build, in_features and
+    the block size multiples of 32 (nf4.c's gemv_row32)."""
+    lib = library()
+    return lib is not None and lib.simd == 512 and in_features % 32 == 0 and blocksize % 32 == 0
+
+
 def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-         logical_dtype, bias: torch.Tensor | None) -> torch.Tensor | None:
+         logical_dtype, bias: torch.Tensor | None, prepared: Prepared | None = None) -> torch.Tensor | None:
     """``x @ W.T + bias`` in x's dtype by the fused kernel, for at most :data:`MAX_ROWS` rows of x,
     the weight never written out; None: use the torch path (also on a build without vector code).
-    Within float32 summation order of the reference (tests/tolerances.py GEMV_REL)."""
+    Within float32 summation order of the reference (tests/tolerances.py GEMV_REL). ``prepared``:
+    as for :func:`dequantize`."""
     lib = library()
     if lib is None or not lib.simd or x.device.type != "cpu" or x.dtype not in CODES or len(shape) != 2 or x.dim() == 0:
         return None  # (a plain-C build: dequantize + torch's product is faster)
@@ -112,21 +170,39 @@ def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant
         return None
     if bias is not None and not (bias.device.type == "cpu" and bias.dtype == x.dtype and bias.numel() == O):
         return None
-    prepared = weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
-                           logical_dtype)
+    prepared = _prepared(prepared, (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                                    shape, logical_dtype))
     if prepared is None:
         return None
     args, keep = prepared
     xc = x.contiguous()
     b = bias.contiguous() if bias is not None else None
     y = torch.empty((*x.shape[:-1], O), dtype=x.dtype)
-    scratch = torch.empty(rows * K, dtype=torch.float32)
+    scratch = _scratch(rows * K)
     threads = _threads() if O * K >= PARALLEL_GEMV else 1
     lib.qc_gemv(*args, xc.data_ptr(), rows, O, K, CODES[x.dtype], _ptr(b), y.data_ptr(), scratch.data_ptr(), threads)
     del keep, xc, b, scratch
     return y
 
 
-#: weights with fewer elements than this run the fused kernel on one thread (waking a second one
-#: costs more than it saves)
-PARALLEL_GEMV = 1 << 18
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """``n`` float32 elements of this thread's reused buffer for qc_gemv's copy of x (MAX_ROWS rows of
+    the widest weight seen so far): a fresh one each call costs as much as a small product's checks."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
+    return buf
+
+
+#: Weights with fewer elements than these are decoded (PARALLEL_DEQUANT) or multiplied (PARALLEL_GEMV)
+#: on the calling thread alone: an OpenMP team ends in a barrier that waits for every thread of the
+#: team, so a thread the kernel has not scheduled (another process busy on its CPU) stalls the call
+#: for a time slice, far more than the work. Measured on the 2-core AMD EPYC while other jobs ran (load
+#: average 4.8), 2026-12-06, decoding to float32, wall time over 300 (40) calls, 1 thread against 2:
+#: 704x256 mean 120 vs 4022 us (medians 45 vs 42); 2048x2048 mean 4.6 vs 13.1 ms. Above them (about
+#: 0.2 ms of work on one thread) a second thread's saving on a quiet machine is worth that risk.
+PARALLEL_DEQUANT = 1 << 20
+PARALLEL_GEMV = 1 << 20

@@ -335,6 +335,82 @@ gemv_row(const weight_t *w, int64_t o, int64_t K, int rows, int t, int logical, 
 
 #define GV(T, L) case T * 3 + L: gemv_row(w, o, K, rows, T, L, xf, acc); break;
 
+#ifdef VEC512
+/* The 16 values a block's codes stand for, as dtype t multiplies with them: code * scale rounded to the
+ * logical dtype, then to t (the same function of the code as gemv_row applies per element, done once
+ * per block) */
+static inline __m512 block_table(const weight_t *w, int64_t b, int t, int logical, __m512 q) {
+    return round16(t, round16(logical, _mm512_mul_ps(q, _mm512_set1_ps(block_scale(w, b)))));
+}
+
+/* gemv_row where K and the block size are multiples of 32 (so every run of 32 elements lies in one row
+ * and one block): 16 packed bytes give 32 codes, the high nibbles (even k) and the low ones (odd k)
+ * each one lookup in the block's table; xd holds each row of x with every 32 values reordered as their
+ * 16 even then 16 odd ones (qc_gemv writes it so). Two accumulators per row, kept in registers (rows is
+ * a constant where qc_gemv calls this), summed at the end: another float32 summation order than
+ * gemv_row's, within the same tolerance. */
+static inline __attribute__((always_inline)) void
+gemv_row32(const weight_t *w, int64_t o, int64_t K, const int rows, int t, int logical, const float *xd, float *acc) {
+    __m512 even_acc[MAXROWS], odd_acc[MAXROWS];
+    for (int r = 0; r < rows; r++) even_acc[r] = odd_acc[r] = _mm512_setzero_ps();
+    const __m512 q = _mm512_loadu_ps(w->qmap);
+    for (int64_t e = o * K, end = e + K, b = e / w->bs; e < end; b++) { /* one division a row, not a block */
+        int64_t stop = (b + 1) * w->bs < end ? (b + 1) * w->bs : end;
+        __m512 table = block_table(w, b, t, logical, q);
+        for (; e < stop; e += 32) {
+            /* vpermps reads only an index's low 4 bits: the low nibble needs no mask */
+            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
+            __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+            __m512 odd = _mm512_permutexvar_ps(d, table);
+            const float *xk = xd + (e - o * K);
+            for (int r = 0; r < rows; r++) {
+                even_acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xk + r * K), even, even_acc[r]);
+                odd_acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xk + r * K + 16), odd, odd_acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(even_acc[r], odd_acc[r]));
+}
+
+#define GV32(R) case R: gemv_row32(w, o, K, R, t, logical, xf, acc); break;
+
+/* gemv_row32 for one row of x on two rows of W at once (o and o + 1; K a multiple of the block size,
+ * so their blocks start at the same k): the x loads shared, four independent accumulators, and the
+ * per-row costs (a division, the final sums) spread over two rows. Each row's sum is formed exactly as
+ * gemv_row32 forms it (the same chains of multiply-adds, the same final additions): the same bits. */
+static inline void gemv_pair32(const weight_t *w, int64_t o, int64_t K, int t, int logical, const float *xd, float *acc) {
+    __m512 even0 = _mm512_setzero_ps(), odd0 = even0, even1 = even0, odd1 = even0;
+    const __m512 q = _mm512_loadu_ps(w->qmap);
+    const uint8_t *p0 = w->packed + ((o * K) >> 1), *p1 = p0 + (K >> 1);
+    int64_t nb = K / w->bs, b0 = o * nb;
+    for (int64_t j = 0; j < nb; j++) {
+        __m512 table0 = block_table(w, b0 + j, t, logical, q), table1 = block_table(w, b0 + nb + j, t, logical, q);
+        for (int64_t k = j * w->bs, stop = k + w->bs; k < stop; k += 32) {
+            __m512 xe = _mm512_loadu_ps(xd + k), xo = _mm512_loadu_ps(xd + k + 16);
+            __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p0 + (k >> 1))));
+            __m512i d1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p1 + (k >> 1))));
+            even0 = _mm512_fmadd_ps(xe, _mm512_permutexvar_ps(_mm512_srli_epi32(d0, 4), table0), even0);
+            odd0 = _mm512_fmadd_ps(xo, _mm512_permutexvar_ps(d0, table0), odd0);
+            even1 = _mm512_fmadd_ps(xe, _mm512_permutexvar_ps(_mm512_srli_epi32(d1, 4), table1), even1);
+            odd1 = _mm512_fmadd_ps(xo, _mm512_permutexvar_ps(d1, table1), odd1);
+        }
+    }
+    acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(even0, odd0));
+    acc[1] = _mm512_reduce_add_ps(_mm512_add_ps(even1, odd1));
+}
+#endif
+
+/* y[r, o] for r < rows from the sums acc[r] (+ bias[o]), in dtype t */
+static inline void put_row(int t, const void *bias, void *y, int rows, int64_t O, int64_t o, const float *acc) {
+    float bo = bias ? load_as_float(t, bias, o) : 0.0f;
+    for (int r = 0; r < rows; r++) {
+        float v = acc[r] + bo;
+        if (t == F32) ((float *)y)[r * O + o] = v;
+        else if (t == BF16) ((uint16_t *)y)[r * O + o] = to_bf16(v);
+        else ((uint16_t *)y)[r * O + o] = to_f16(v);
+    }
+}
+
 /* y[r, o] = sum_k x[r, k] * W[o, k] (+ bias[o]) for r < rows <= MAXROWS; x, bias and y of dtype t; W
  * of O x K elements (O * K == n). xf: scratch for x as float32, rows * K floats. Rows of W split
  * over `threads` OpenMP threads. Returns 0, or -1 for too many rows. */
@@ -344,25 +420,39 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
     if (rows < 1 || rows > MAXROWS) return -1;
     weight_t w0 = weight(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n);
     const weight_t *w = &w0;
-    for (int64_t i = 0; i < rows * K; i++) xf[i] = load_as_float(t, x, i);
+    int by32 = 0; /* gemv_row32 applies: x reordered in runs of 32 (its even then its odd elements) */
+#ifdef VEC512
+    by32 = K % 32 == 0 && bs % 32 == 0;
+#endif
+    for (int64_t i = 0; i < rows * K; i++) {
+        int64_t j = i % 32;
+        xf[i] = load_as_float(t, x, by32 ? i - j + (j < 16 ? 2 * j : 2 * (j - 16) + 1) : i);
+    }
 #ifndef _OPENMP
     (void)threads;
 #endif
+    int64_t step = by32 && rows == 1 && K % bs == 0 ? 2 : 1; /* gemv_pair32: two rows of W a step */
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t o = 0; o < O; o++) {
+    for (int64_t s = 0; s < (O + step - 1) / step; s++) {
+        int64_t o = s * step;
         float acc[MAXROWS] = {0};
+#ifdef VEC512
+        if (step == 2 && o + 1 < O) {
+            gemv_pair32(w, o, K, t, logical, xf, acc);
+            put_row(t, bias, y, 1, O, o, acc);
+            put_row(t, bias, y, 1, O, o + 1, acc + 1);
+            continue;
+        }
+        if (by32) {
+            switch (rows) { GV32(1) GV32(2) GV32(3) GV32(4) GV32(5) GV32(6) GV32(7) GV32(8) }
+        } else
+#endif
         switch (t * 3 + logical) {
             GV(F32, F32) GV(F32, F16) GV(F32, BF16)
             GV(F16, F32) GV(F16, F16) GV(F16, BF16)
             GV(BF16, F32) GV(BF16, F16) GV(BF16, BF16)
         }
-        float bo = bias ? load_as_float(t, bias, o) : 0.0f;
-        for (int r = 0; r < rows; r++) {
-            float v = acc[r] + bo;
-            if (t == F32) ((float *)y)[r * O + o] = v;
-            else if (t == BF16) ((uint16_t *)y)[r * O + o] = to_bf16(v);
-            else ((uint16_t *)y)[r * O + o] = to_f16(v);
-        }
+        put_row(t, bias, y, rows, O, o, acc);
     }
     return 0;
 }
