@@ -42,7 +42,18 @@ MOE = {
     "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=512)),
     "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True, head_dim=64)),
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # MLA without a q LoRA (q_proj); softmax routing, scaled
+    "deepseek_v2": ("DeepseekV2", dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                                       head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                       n_shared_experts=1, routed_scaling_factor=1.5)),
+    # MLA with a q LoRA; a leading dense layer; sigmoid routing with a choice bias, two groups of which one is used, renormalised
+    "deepseek_v3": ("DeepseekV3", dict(num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                                       head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                       n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
+                                       routed_scaling_factor=2.5, norm_topk_prob=True)),
 }
+#: the architecture each MoE family is written as
+MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 
 def _build(folder, family: str, table: dict):
@@ -58,6 +69,11 @@ def _build(folder, family: str, table: dict):
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
                 p.normal_(0, 0.2)  # Gemma's norms start at zero (1 + w): make the +1 count
+            if n.endswith("mlp.gate.weight") and p.abs().max() == 0:
+                p.normal_(0, 0.5)  # deepseek's routers start at zero: make the routing count
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)  # deepseek_v3's expert choice bias
     model.save_pretrained(folder)
     make_bpe_tokenizer(folder)
     return model
@@ -92,17 +108,18 @@ def test_moe_families_with_4bit_experts_match_transformers(tmp_path, family):
     from qconvert.convert.quantize import quantize_checkpoint
     from qconvert.export.compare import _HF
 
-    _build(tmp_path / "src", family, MOE)
+    model = _build(tmp_path / "src", family, MOE)
     quantize_checkpoint(str(tmp_path / "src"), tmp_path / "q", compute_dtype="float32", experts="4bit")
     from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.conformance import check_checkpoint
 
-    assert len([k for k in check_checkpoint(Checkpoint(tmp_path / "q")) if ".experts." in k]) == 2 * 3 * 4  # every expert in 4 bits
+    moe_layers = model.config.num_hidden_layers - (getattr(model.config, "first_k_dense_replace", 0) or 0)
+    assert len([k for k in check_checkpoint(Checkpoint(tmp_path / "q")) if ".experts." in k]) == moe_layers * 3 * 4  # every expert in 4 bits
     s = _export(tmp_path / "q", tmp_path / "m.gguf")
     names = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
-    exps = names["blk.0.ffn_gate_exps.weight"]
+    exps = names[f"blk.{model.config.num_hidden_layers - 1}.ffn_gate_exps.weight"]
     assert list(exps.shape) == [256, 256 if family != "mixtral" else 512, 4]  # ggml order: in, out, experts
-    assert s["architecture"] == {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}[family]
+    assert s["architecture"] == MOE_ARCH[family]
     _assert_same(tmp_path / "m.gguf", _HF(str(tmp_path / "q"), None).model)
 
 

@@ -185,6 +185,8 @@ def _family(cfg: dict[str, Any], root: Path):
 
 def _plan(src: _Source, out_type: str) -> list[_Planned]:
     """Every output tensor in write order, named by the gguf package's map for the family."""
+    from .gguf_families import split
+
     gguf = _gguf()
     cfg = src.cfg
     arch = gguf.MODEL_ARCH[src.arch.upper()]
@@ -196,12 +198,23 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
     for k in names:
         if k in taken:
             continue
-        name = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
         shape = src.shape(k)
+        if pieces := split(src.family, cfg, k, shape):
+            plan += [_Planned(_gguf_name(src, tmap, target), k, piece, _tensor_type(gguf, out_type, piece),
+                              fetch=lambda k=k, f=f: f(src.get(k))) for target, piece, f in pieces]
+            continue
+        name = _gguf_name(src, tmap, k)
         plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), rope_heads(src, k), fix=_fix(src, name)))
     return plan + _rope_freqs_plan(gguf, src)
+
+
+def _gguf_name(src: _Source, tmap, k: str) -> str:
+    """Tensor ``k``'s GGUF name by the gguf package's map (a router's ``e_score_correction_bias`` is
+    its ``exp_probs_b.bias``, as llama.cpp's converter renames it)."""
+    name = tmap.get_name(re.sub(r"e_score_correction_bias$", "e_score_correction.bias", k), try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
+    return name
 
 
 def _fix(src: _Source, name: str):
@@ -337,20 +350,19 @@ def _nbytes(gguf, p: _Planned) -> int:
 def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
     """Hyper-parameters, file type and the tokenizer, as llama.cpp's loaders read them."""
     from .gguf_families import metadata as family_metadata
-    from .gguf_families import rope_dimensions, rope_parameters
+    from .gguf_families import attention_dims, rope_dimensions, rope_parameters
 
     cfg = src.cfg
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv_heads, key_length, value_length = attention_dims(src.family, cfg)
     gw.add_name(src.root.name)
     gw.add_context_length(cfg.get("max_position_embeddings", 2048))
     gw.add_embedding_length(cfg["hidden_size"])
     gw.add_block_count(cfg["num_hidden_layers"])
     gw.add_feed_forward_length(cfg["intermediate_size"])
-    gw.add_head_count(heads)
-    gw.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
-    gw.add_key_length(head_dim)
-    gw.add_value_length(head_dim)
+    gw.add_head_count(cfg["num_attention_heads"])
+    gw.add_head_count_kv(kv_heads)
+    gw.add_key_length(key_length)
+    gw.add_value_length(value_length)
     gw.add_rope_dimension_count(rope_dimensions(src.family, cfg))
     gw.add_rope_freq_base(float(rope_parameters(cfg).get("rope_theta", 10000.0)))
     family_metadata(gw, gguf, src.family, cfg)

@@ -17,6 +17,16 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   in every layer. mixtral is llama's graph with experts (always renormalised).
 - rope scaling: linear and yarn through the general keys every graph reads; llama3 through a
   ``rope_freqs`` tensor that llama's graph reads (other graphs ignore it, so it is refused there).
+- deepseek_v2 / deepseek_v3 run as llama.cpp's deepseek2 graph with MLA "absorption": one KV head
+  of kv_lora_rank + qk_rope_head_dim, the per-head sizes in the ``*_mla`` keys, and kv_b_proj split
+  per head into ``attn_k_b`` ([heads, kv_lora_rank, qk_nope], transposed) and ``attn_v_b`` ([heads,
+  v_head_dim, kv_lora_rank]), as its current converter writes it (the whole ``attn_kv_b`` is only
+  read from legacy files). It rotates interleaved pairs, as deepseek_v2 does and deepseek_v3 does
+  with ``rope_interleave``. Routing: v2 softmax, greedy top-k, never renormalised (transformers'
+  v2 router ignores norm_topk_prob); v3 sigmoid plus ``e_score_correction_bias`` for the choice,
+  groups chosen by their two best scores (llama.cpp's grouping is v3's, not v2's
+  group_limited_greedy, which is refused); both scaled by routed_scaling_factor; leading dense
+  layers (first_k_dense_replace) and shared experts. No attention biases, default rope only.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ class Family:
     moe: bool = False  # routed experts stacked into ffn_*_exps
     norm_topk: bool | None = None  # what the graph does with the top-k routing weights (None: not a MoE)
     swa_27b_layers: int = 0  # gemma: the layer count llama.cpp takes for its 27B model's query scaling
+    mla: bool = False  # deepseek2's multi-head latent attention (kv_b_proj split into attn_k_b / attn_v_b)
 
 
 FAMILIES: dict[str, Family] = {
@@ -54,6 +65,8 @@ FAMILIES: dict[str, Family] = {
     "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True, swa_27b_layers=46),
     "Gemma3ForCausalLM": Family("gemma3", norm_plus_one=True, swa_27b_layers=62),
     "Phi3ForCausalLM": Family("phi3"),
+    "DeepseekV2ForCausalLM": Family("deepseek2", moe=True, mla=True),
+    "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True),
 }
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -84,7 +97,9 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
     if kind not in ROPE_TYPES or (kind == "llama3" and fam.arch != "llama"):
         raise FormatError(f"{where}: rope_type {kind!r} is not exported for {fam.arch} (written: " + ", ".join(ROPE_TYPES[:3])
                           + ", llama3 for llama)", hint=_ADVICE)
-    if fam.moe:
+    if fam.mla:
+        _check_deepseek(cfg, where, kind)
+    elif fam.moe:
         _check_moe(fam, cfg, where)
     if fam.swa_27b_layers:
         _check_gemma_scale(fam, cfg, where)
@@ -105,6 +120,23 @@ def _check_moe(fam: Family, cfg: dict[str, Any], where: str) -> None:
                           f"llama.cpp's {fam.arch} graph", hint=_ADVICE)
 
 
+def _check_deepseek(cfg: dict[str, Any], where: str, kind: str) -> None:
+    """What llama.cpp's deepseek2 graph computes differently from transformers' deepseek_v2 / v3."""
+    v3 = cfg.get("model_type") == "deepseek_v3"
+    why = None
+    if cfg.get("attention_bias"):
+        why = "attention_bias: llama.cpp's deepseek2 graph has no attention biases"
+    elif kind != "default":
+        why = f"rope_type {kind!r}: only the default rope is exported for deepseek2 (its yarn attention scaling is not checked)"
+    elif v3 and cfg.get("rope_interleave") is False:
+        why = "rope_interleave false: transformers then rotates halves, llama.cpp's deepseek2 graph interleaved pairs"
+    elif not v3 and cfg.get("topk_method", "greedy") != "greedy" and (cfg.get("n_group") or 1) > 1:
+        why = (f"topk_method {cfg.get('topk_method')!r}: llama.cpp ranks expert groups by their two best scores (deepseek_v3's way), "
+               "deepseek_v2 by its best one")
+    if why:
+        raise FormatError(f"{where}: {why}", hint=_ADVICE)
+
+
 def _check_gemma_scale(fam: Family, cfg: dict[str, Any], where: str) -> None:
     heads, head_dim = cfg["num_attention_heads"], _head_dim(cfg)
     want = cfg["hidden_size"] // heads if cfg["num_hidden_layers"] == fam.swa_27b_layers else head_dim
@@ -120,7 +152,9 @@ def _head_dim(cfg: dict[str, Any]) -> int:
 def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
     """The family's hyper-parameters beyond the common ones (gguf.py's _metadata writes those)."""
     _rope_metadata(gw, gguf, cfg)
-    if fam.moe:
+    if fam.mla:
+        _deepseek_metadata(gw, gguf, cfg)
+    elif fam.moe:
         gw.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
         gw.add_expert_used_count(cfg["num_experts_per_tok"])
         if cfg.get("moe_intermediate_size"):
@@ -133,7 +167,55 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
 
 
+def _deepseek_metadata(gw, gguf, cfg: dict[str, Any]) -> None:
+    """MLA sizes and routing as llama.cpp's deepseek2 loader reads them (attention_dims: the head sizes)."""
+    v3 = cfg.get("model_type") == "deepseek_v3"
+    gw.add_q_lora_rank(int(cfg.get("q_lora_rank") or 0))  # 0: a plain q_proj (llama.cpp reads the key unless the layer count is a "lite" one)
+    gw.add_kv_lora_rank(int(cfg["kv_lora_rank"]))
+    gw.add_key_length_mla(int(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]))
+    gw.add_value_length_mla(int(cfg["v_head_dim"]))
+    gw.add_leading_dense_block_count(int(cfg.get("first_k_dense_replace") or 0))
+    gw.add_expert_count(int(cfg["n_routed_experts"]))
+    gw.add_expert_used_count(int(cfg["num_experts_per_tok"]))
+    gw.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
+    gw.add_expert_shared_count(int(cfg.get("n_shared_experts") or 0))
+    gw.add_expert_weights_scale(float(cfg.get("routed_scaling_factor") or 1.0))
+    gw.add_expert_weights_norm(bool(v3 and cfg.get("norm_topk_prob")))
+    gw.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+    if v3 and (cfg.get("n_group") or 1) > 1:
+        gw.add_expert_group_count(int(cfg["n_group"]))
+        gw.add_expert_group_used_count(int(cfg["topk_group"]))
+
+
+def attention_dims(fam: Family, cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """KV heads, key length and value length as llama.cpp's graph for ``fam`` reads them: deepseek2's
+    MLA runs as one KV head of the compressed latent (plus its rotary part)."""
+    if fam.mla:
+        return 1, int(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
+    head_dim = _head_dim(cfg)
+    return cfg.get("num_key_value_heads") or cfg["num_attention_heads"], head_dim, head_dim
+
+
+def split(fam: Family, cfg: dict[str, Any], name: str, shape: tuple[int, ...]):
+    """Tensors llama.cpp reads in pieces: deepseek2's kv_b_proj [heads * (nope + v), rank] as
+    (checkpoint-style name, shape, function of the whole tensor) for ``k_b_proj`` (per head
+    [rank, nope]: transposed) and ``v_b_proj`` (per head [v, rank]); None for any other tensor."""
+    if not (fam.mla and name.endswith("self_attn.kv_b_proj.weight")):
+        return None
+    heads, nope, v, rank = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], shape[1]
+    if shape[0] != heads * (nope + v):
+        raise FormatError(f"{name}: shape {list(shape)} is not [heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]", hint="is the checkpoint damaged?")
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(heads, nope + v, rank)
+
+    return [(name.replace("kv_b_proj", "k_b_proj"), (heads, rank, nope), lambda t: per_head(t)[:, :nope].transpose(1, 2).contiguous()),
+            (name.replace("kv_b_proj", "v_b_proj"), (heads, v, rank), lambda t: per_head(t)[:, nope:].contiguous())]
+
+
 def rope_dimensions(fam: Family, cfg: dict[str, Any]) -> int:
+    if fam.mla:
+        return int(cfg["qk_rope_head_dim"])
     return int(_head_dim(cfg) * float(rope_parameters(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))))
 
 
