@@ -176,3 +176,52 @@ def test_a_phi3_sliding_window_gets_a_note(tmp_path):
     assert check(FAMILIES["Phi3ForCausalLM"], cfg, tmp_path) == []
     (note,) = check(FAMILIES["Phi3ForCausalLM"], {**cfg, "sliding_window": 2047}, tmp_path)
     assert note.startswith("llama.cpp runs phi3 without its sliding window (2047 tokens)")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, "no attention biases"),
+    ({"rope_interleave": False}, "rope_interleave false"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 32}},
+     "only the default rope is exported for deepseek2"),
+    ({"model_type": "deepseek_v2", "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "deepseek_v2 by its best one"),
+])
+def test_deepseek_configurations_llama_cpp_computes_differently_are_refused(tmp_path, change, message):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"model_type": "deepseek_v3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_interleave": True}
+    assert check(FAMILIES["DeepseekV3ForCausalLM"], cfg, tmp_path) == []
+    with pytest.raises(FormatError, match=message):
+        check(FAMILIES["DeepseekV3ForCausalLM"], {**cfg, **change}, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_deepseek_lora_on_kv_b_proj_is_refused_as_a_gguf_adapter(tmp_path):
+    """llama.cpp reads kv_b_proj as two tensors (attn_k_b, attn_v_b): a LoRA pair for it has nothing to apply to."""
+    from peft import LoraConfig, get_peft_model
+
+    from qconvert.errors import OptionError
+    from qconvert.export.gguf import export_gguf
+
+    model = _build(tmp_path / "m", "deepseek_v2", MOE)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["kv_b_proj"])).save_pretrained(tmp_path / "a")
+    with pytest.raises(OptionError, match="llama.cpp reads split in two"):
+        export_gguf(str(tmp_path / "m"), tmp_path / "a.gguf", adapter=str(tmp_path / "a"), lora_only=True)
+
+
+@pytest.mark.slow
+def test_deepseek_multi_token_prediction_layers_are_left_out_with_a_note(tmp_path):
+    """A layer past num_hidden_layers (deepseek_v3's MTP layer, which transformers does not load) is
+    not written, and the summary says so; the rest is written as without it."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    _build(tmp_path / "m", "deepseek_v2", MOE)
+    (f,) = (tmp_path / "m").glob("*.safetensors")
+    sd = load_file(str(f))
+    sd.update({k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in sd.items() if k.startswith("model.layers.1.")})
+    save_file(sd, str(f), metadata={"format": "pt"})
+    s = _export(tmp_path / "m", tmp_path / "m.gguf")
+    (note,) = s["notes"]
+    assert note.startswith(f"{sum(k.startswith('model.layers.2.') for k in sd)} tensors of layers past num_hidden_layers (2")
+    assert not [t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name.startswith("blk.2.")]

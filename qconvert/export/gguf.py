@@ -193,6 +193,7 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
     tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
     tied = cfg.get("tie_word_embeddings", False)
     names = [k for k in src.names() if not (tied and k == "lm_head.weight")]  # llama.cpp uses token_embd for a missing output.weight
+    names = _drop_mtp_layers(src, names)
     plan = _expert_plans(src, tmap, names, out_type) if src.family.moe else []
     taken = {k for p in plan for k in p.source.split("\0")}
     for k in names:
@@ -206,6 +207,20 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
         name = _gguf_name(src, tmap, k)
         plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), rope_heads(src, k), fix=_fix(src, name)))
     return plan + _rope_freqs_plan(gguf, src)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _drop_mtp_layers(src: _Source, names: list[str]) -> list[str]:
+    """deepseek checkpoints carry multi-token-prediction layers past num_hidden_layers, which
+    transformers does not load and llama.cpp's deepseek2 graph does not run: left out, with a note."""
+    n = src.cfg["num_hidden_layers"]
+    extra = [k for k in names if (m := _LAYER.match(k)) and int(m[1]) >= n] if src.family.mla else []
+    if extra:
+        src.notes.append(f"{len(extra)} tensors of layers past num_hidden_layers ({n}: multi-token prediction) are not written; "
+                         "transformers does not run them either")
+    return [k for k in names if k not in set(extra)]
 
 
 def _gguf_name(src: _Source, tmap, k: str) -> str:

@@ -44,6 +44,8 @@ def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]
 
 
 def _plan(src: _Source) -> list[_Planned]:
+    from .gguf_families import split
+
     gguf = _gguf()
     cfg = src.cfg
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[src.arch.upper()], cfg["num_hidden_layers"])
@@ -51,6 +53,9 @@ def _plan(src: _Source) -> list[_Planned]:
     plan = []
     for k, m in src.job.targets.items():
         base = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
+        if split(src.family, cfg, k, src.shape(k)):
+            raise OptionError(f"{src.job.adapter}: adapts {k!r}, which llama.cpp reads split in two ({src.arch}): a LoRA pair cannot be "
+                              "written for it", hint="export the merged model instead (drop --lora-only)")
         if base is None:
             raise OptionError(f"{src.job.adapter}: adapts {k!r}, which has no GGUF name for {src.arch}", hint="export the merged model instead (drop --lora-only)")
         a, b = src.job.lora.modules[m]
