@@ -51,9 +51,14 @@ MOE = {
                                        head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
                                        routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # partial rotary, q/k norms, q/k/v biases, a leading dense layer, deepseek_v3's routing (here not renormalised)
+    "glm4_moe": ("Glm4Moe", dict(head_dim=64, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
+                                 first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, routed_scaling_factor=1.8,
+                                 norm_topk_prob=False, use_qk_norm=True, attention_bias=True)),
 }
 #: the architecture each MoE family is written as
-MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
+MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
+            "glm4_moe": "glm4moe"}
 
 
 def _build(folder, family: str, table: dict):
@@ -67,6 +72,8 @@ def _build(folder, family: str, table: dict):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(25)
         for n, p in model.named_parameters():
+            if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                p.normal_(0, 0.5)  # zero at init: make the biases count
             if n.endswith("norm.weight"):
                 p.normal_(0, 0.2)  # Gemma's norms start at zero (1 + w): make the +1 count
             if n.endswith("mlp.gate.weight") and p.abs().max() == 0:

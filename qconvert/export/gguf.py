@@ -189,7 +189,7 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
 
     gguf = _gguf()
     cfg = src.cfg
-    arch = gguf.MODEL_ARCH[src.arch.upper()]
+    arch = model_arch(gguf, src.arch)
     tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
     tied = cfg.get("tie_word_embeddings", False)
     names = [k for k in src.names() if not (tied and k == "lm_head.weight")]  # llama.cpp uses token_embd for a missing output.weight
@@ -213,14 +213,19 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _drop_mtp_layers(src: _Source, names: list[str]) -> list[str]:
-    """deepseek checkpoints carry multi-token-prediction layers past num_hidden_layers, which
-    transformers does not load and llama.cpp's deepseek2 graph does not run: left out, with a note."""
+    """deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers, which
+    transformers does not load and llama.cpp's graph does not run: left out, with a note."""
     n = src.cfg["num_hidden_layers"]
-    extra = [k for k in names if (m := _LAYER.match(k)) and int(m[1]) >= n] if src.family.mla else []
+    extra = [k for k in names if (m := _LAYER.match(k)) and int(m[1]) >= n] if src.family.mtp else []
     if extra:
         src.notes.append(f"{len(extra)} tensors of layers past num_hidden_layers ({n}: multi-token prediction) are not written; "
                          "transformers does not run them either")
     return [k for k in names if k not in set(extra)]
+
+
+def model_arch(gguf, name: str):
+    """The gguf package's MODEL_ARCH whose written name (general.architecture) is ``name``."""
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
 
 
 def _gguf_name(src: _Source, tmap, k: str) -> str:

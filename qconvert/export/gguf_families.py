@@ -27,6 +27,12 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   groups chosen by their two best scores (llama.cpp's grouping is v3's, not v2's
   group_limited_greedy, which is refused); both scaled by routed_scaling_factor; leading dense
   layers (first_k_dense_replace) and shared experts. No attention biases, default rope only.
+- glm4_moe is llama.cpp's glm4moe graph: NEOX rope on the first partial_rotary_factor of each head,
+  optional q/k norms, the post-attention norm as its ``post_attention_norm``, deepseek_v3's routing
+  (sigmoid, choice bias, groups, renormalised as norm_topk_prob says, scaled), leading dense layers
+  and shared experts.
+- deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers,
+  which transformers does not run: they are left out (gguf.py says so in a note).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Family:
     norm_topk: bool | None = None  # what the graph does with the top-k routing weights (None: not a MoE)
     swa_27b_layers: int = 0  # gemma: the layer count llama.cpp takes for its 27B model's query scaling
     mla: bool = False  # deepseek2's multi-head latent attention (kv_b_proj split into attn_k_b / attn_v_b)
+    deepseek_routing: bool = False  # deepseek-style router keys (leading dense layers, shared experts; _routing_metadata)
+    mtp: bool = False  # layers past num_hidden_layers are multi-token prediction, left out
 
 
 FAMILIES: dict[str, Family] = {
@@ -65,8 +73,9 @@ FAMILIES: dict[str, Family] = {
     "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True, swa_27b_layers=46),
     "Gemma3ForCausalLM": Family("gemma3", norm_plus_one=True, swa_27b_layers=62),
     "Phi3ForCausalLM": Family("phi3"),
-    "DeepseekV2ForCausalLM": Family("deepseek2", moe=True, mla=True),
-    "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True),
+    "DeepseekV2ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
+    "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
+    "Glm4MoeForCausalLM": Family("glm4moe", moe=True, deepseek_routing=True, mtp=True),
 }
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -99,7 +108,7 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
                           + ", llama3 for llama)", hint=_ADVICE)
     if fam.mla:
         _check_deepseek(cfg, where, kind)
-    elif fam.moe:
+    elif fam.moe and not fam.deepseek_routing:
         _check_moe(fam, cfg, where)
     if fam.swa_27b_layers:
         _check_gemma_scale(fam, cfg, where)
@@ -153,7 +162,9 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
     """The family's hyper-parameters beyond the common ones (gguf.py's _metadata writes those)."""
     _rope_metadata(gw, gguf, cfg)
     if fam.mla:
-        _deepseek_metadata(gw, gguf, cfg)
+        _deepseek_metadata(gw, cfg)
+    if fam.deepseek_routing:
+        _routing_metadata(gw, gguf, cfg)
     elif fam.moe:
         gw.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
         gw.add_expert_used_count(cfg["num_experts_per_tok"])
@@ -167,22 +178,28 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
 
 
-def _deepseek_metadata(gw, gguf, cfg: dict[str, Any]) -> None:
-    """MLA sizes and routing as llama.cpp's deepseek2 loader reads them (attention_dims: the head sizes)."""
-    v3 = cfg.get("model_type") == "deepseek_v3"
+def _deepseek_metadata(gw, cfg: dict[str, Any]) -> None:
+    """MLA sizes as llama.cpp's deepseek2 loader reads them (attention_dims: the head sizes)."""
     gw.add_q_lora_rank(int(cfg.get("q_lora_rank") or 0))  # 0: a plain q_proj (llama.cpp reads the key unless the layer count is a "lite" one)
     gw.add_kv_lora_rank(int(cfg["kv_lora_rank"]))
     gw.add_key_length_mla(int(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]))
     gw.add_value_length_mla(int(cfg["v_head_dim"]))
+
+
+def _routing_metadata(gw, gguf, cfg: dict[str, Any]) -> None:
+    """deepseek's and glm4_moe's routing as llama.cpp reads it: deepseek_v2 softmax, never
+    renormalised (its transformers router ignores norm_topk_prob); deepseek_v3 and glm4_moe sigmoid,
+    renormalised as norm_topk_prob says, groups of experts; all scaled by routed_scaling_factor."""
+    v2 = cfg.get("model_type") == "deepseek_v2"
     gw.add_leading_dense_block_count(int(cfg.get("first_k_dense_replace") or 0))
     gw.add_expert_count(int(cfg["n_routed_experts"]))
     gw.add_expert_used_count(int(cfg["num_experts_per_tok"]))
     gw.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
     gw.add_expert_shared_count(int(cfg.get("n_shared_experts") or 0))
     gw.add_expert_weights_scale(float(cfg.get("routed_scaling_factor") or 1.0))
-    gw.add_expert_weights_norm(bool(v3 and cfg.get("norm_topk_prob")))
-    gw.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
-    if v3 and (cfg.get("n_group") or 1) > 1:
+    gw.add_expert_weights_norm(bool(not v2 and cfg.get("norm_topk_prob")))
+    gw.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if v2 else gguf.ExpertGatingFuncType.SIGMOID)
+    if not v2 and (cfg.get("n_group") or 1) > 1:
         gw.add_expert_group_count(int(cfg["n_group"]))
         gw.add_expert_group_used_count(int(cfg["topk_group"]))
 

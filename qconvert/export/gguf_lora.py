@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
-from .gguf import _gguf, _Planned, _Source, _stream, rope_heads
+from .gguf import _gguf, _Planned, _Source, _stream, model_arch, rope_heads
 
 
 def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def _plan(src: _Source) -> list[_Planned]:
 
     gguf = _gguf()
     cfg = src.cfg
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[src.arch.upper()], cfg["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(model_arch(gguf, src.arch), cfg["num_hidden_layers"])
     F32 = gguf.GGMLQuantizationType.F32
     plan = []
     for k, m in src.job.targets.items():
