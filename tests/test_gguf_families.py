@@ -35,6 +35,8 @@ DENSE = {
                                                   "original_max_position_embeddings": 32})),
     "llama-llama3": ("Llama", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "olmo2": ("Olmo2", {}),
+    "granite": ("Granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
     "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                                                   "original_max_position_embeddings": 32})),
 }
@@ -51,6 +53,7 @@ MOE = {
                                        head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
                                        routed_scaling_factor=2.5, norm_topk_prob=True)),
+    "olmoe": ("Olmoe", dict(num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, intermediate_size=256, norm_topk_prob=False)),
     # partial rotary, q/k norms, q/k/v biases, a leading dense layer, deepseek_v3's routing (here not renormalised)
     "glm4_moe": ("Glm4Moe", dict(head_dim=64, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
                                  first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, routed_scaling_factor=1.8,
@@ -58,7 +61,7 @@ MOE = {
 }
 #: the architecture each MoE family is written as
 MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
-            "glm4_moe": "glm4moe"}
+            "glm4_moe": "glm4moe", "olmoe": "olmoe"}
 
 
 def _build(folder, family: str, table: dict):
@@ -101,7 +104,7 @@ def _assert_same(out, reference):
 def test_dense_families_and_rope_scaling_match_transformers(tmp_path, family):
     model = _build(tmp_path / "model", family, DENSE)  # (not named phi3: llama.cpp then looks for Phi-3's own special tokens)
     s = _export(tmp_path / "model", tmp_path / "m.gguf")
-    assert s["architecture"] == {"gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}.get(family, family.split("-")[0])
+    assert s["architecture"] == family.split("-")[0]
     _assert_same(tmp_path / "m.gguf", model)
 
 
@@ -174,6 +177,16 @@ def test_gemma_query_scaling_other_than_llama_cpps_is_refused(tmp_path):
     with pytest.raises(FormatError, match="query_pre_attn_scalar 32 is not the 64"):
         check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "query_pre_attn_scalar": 32}, tmp_path)
     assert check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "num_hidden_layers": 46, "query_pre_attn_scalar": 64, "head_dim": 32}, tmp_path) == []
+
+
+def test_olmoe_with_grouped_query_attention_is_refused(tmp_path):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "norm_topk_prob": False}
+    assert check(FAMILIES["OlmoeForCausalLM"], cfg, tmp_path) == []
+    with pytest.raises(FormatError, match="num_key_value_heads 2 < num_attention_heads: llama.cpp's olmoe graph"):
+        check(FAMILIES["OlmoeForCausalLM"], {**cfg, "num_key_value_heads": 2}, tmp_path)
 
 
 def test_a_phi3_sliding_window_gets_a_note(tmp_path):

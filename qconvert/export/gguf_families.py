@@ -31,6 +31,11 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   optional q/k norms, the post-attention norm as its ``post_attention_norm``, deepseek_v3's routing
   (sigmoid, choice bias, groups, renormalised as norm_topk_prob says, scaled), leading dense layers
   and shared experts.
+- olmo2 normalises q and k over all heads at once and after (not before) attention and MLP, as
+  transformers' Olmo2 does; olmoe never renormalises the top-k routing weights and has no grouped-query
+  attention (its k_norm is read over all heads). granite's
+  multipliers (embedding, residual, attention; logits divided by logits_scaling) go into its
+  ``*_scale`` keys; its graph rotates interleaved pairs, so q/k rows are permuted as for llama.
 - deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers,
   which transformers does not run: they are left out (gguf.py says so in a note).
 """
@@ -76,6 +81,9 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV2ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "Glm4MoeForCausalLM": Family("glm4moe", moe=True, deepseek_routing=True, mtp=True),
+    "Olmo2ForCausalLM": Family("olmo2"),
+    "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
+    "GraniteForCausalLM": Family("granite", permute=True),
 }
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -112,6 +120,9 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         _check_moe(fam, cfg, where)
     if fam.swa_27b_layers:
         _check_gemma_scale(fam, cfg, where)
+    if fam.arch == "olmoe" and cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
+        raise FormatError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads: llama.cpp's olmoe graph "
+                          "reads k_norm over all heads (no grouped-query attention)", hint=_ADVICE)
     notes = []
     if fam.arch == "phi3" and cfg.get("sliding_window"):
         notes.append(f"llama.cpp runs phi3 without its sliding window ({cfg['sliding_window']} tokens): past that much context it "
@@ -176,6 +187,10 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         _gemma_metadata(gw, fam, cfg)
     if fam.arch == "phi3":
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
+    if fam.arch == "granite":
+        for key, method in (("embedding_multiplier", "add_embedding_scale"), ("residual_multiplier", "add_residual_scale"),
+                            ("attention_multiplier", "add_attention_scale"), ("logits_scaling", "add_logit_scale")):
+            getattr(gw, method)(float(cfg.get(key, 1.0)))
 
 
 def _deepseek_metadata(gw, cfg: dict[str, Any]) -> None:
