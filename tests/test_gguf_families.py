@@ -30,6 +30,16 @@ DENSE = {
                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
     "phi3": ("Phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # longrope (factors per frequency: 32 for head_dim 64): llama.cpp takes the short ones when its context (256 here) is
+    # within the original one, the long ones beyond; transformers by the sequence's length (12+ tokens here)
+    "phi3-longrope-short": ("Phi3", dict(max_position_embeddings=1024, original_max_position_embeddings=256,
+                                         rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=256,
+                                                              short_factor=[1.0 + 0.05 * i for i in range(32)],
+                                                              long_factor=[1.0 + 0.5 * i for i in range(32)]))),
+    "phi3-longrope-long": ("Phi3", dict(max_position_embeddings=128, original_max_position_embeddings=8,
+                                        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=8,
+                                                             short_factor=[1.0 + 0.05 * i for i in range(32)],
+                                                             long_factor=[1.0 + 0.5 * i for i in range(32)]))),
     "llama-linear": ("Llama", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
     "llama-yarn": ("Llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                   "original_max_position_embeddings": 32})),

@@ -244,14 +244,18 @@ def _fix(src: _Source, name: str):
 
 
 def _rope_freqs_plan(gguf, src: _Source) -> list[_Planned]:
-    """llama3 rope scaling: the ``rope_freqs`` tensor llama's graph divides each frequency by."""
-    from .gguf_families import rope_freqs, rope_type, rope_parameters
+    """llama3 rope scaling: the ``rope_freqs`` tensor llama's graph divides each frequency by; longrope:
+    the long and short factors phi3's graph divides them by (by its context size)."""
+    from .gguf_families import longrope_factors, rope_freqs, rope_parameters, rope_type
 
+    F32 = gguf.GGMLQuantizationType.F32
+    T = gguf.MODEL_TENSOR
+    plan = [_Planned(gguf.TENSOR_NAMES[T.ROPE_FACTORS_LONG if k == "long" else T.ROPE_FACTORS_SHORT] + ".weight", "", tuple(t.shape), F32,
+                     fetch=lambda t=t: t) for k, t in longrope_factors(src.cfg).items()]
     if rope_type(rope_parameters(src.cfg)) != "llama3":
-        return []
+        return plan
     t = rope_freqs(src.root)
-    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-    return [_Planned(name, "", tuple(t.shape), gguf.GGMLQuantizationType.F32, fetch=lambda: t)]
+    return [_Planned(gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", "", tuple(t.shape), F32, fetch=lambda: t)]
 
 
 #: a routed expert's own tensor (spec 14, per-expert form) and a fused stack (its parameter's name)

@@ -42,6 +42,7 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,11 @@ FAMILIES: dict[str, Family] = {
     "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
     "GraniteForCausalLM": Family("granite", permute=True),
 }
-#: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor)
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+#: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
+#: by phi3's rope_factors_long / rope_factors_short tensors)
+ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
+#: the one family whose graph reads each rope type's tensors
+_ROPE_TENSOR_FAMILY = {"llama3": "llama", "longrope": "phi3"}
 _ADVICE = "use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
 
 
@@ -103,7 +107,29 @@ def rope_parameters(cfg: dict[str, Any], layer_type: str = "full_attention") -> 
 
 
 def rope_type(rope: dict[str, Any]) -> str:
-    return str(rope.get("rope_type", rope.get("type", "default")) or "default")
+    kind = str(rope.get("rope_type", rope.get("type", "default")) or "default")
+    return "longrope" if kind == "su" else kind  # (Phi-3's first name for it)
+
+
+def _longrope(cfg: dict[str, Any]) -> tuple[float, int]:
+    """longrope's attention factor and original context, as transformers computes them: the given
+    attention_factor, else sqrt(1 + ln(factor) / ln(original)) for a factor above 1, the factor being
+    the given one or max_position_embeddings / original_max_position_embeddings."""
+    rope = rope_parameters(cfg)
+    orig = int(rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"]), orig
+    factor = float(rope.get("factor") or cfg["max_position_embeddings"] / orig)
+    return (math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0), orig
+
+
+def longrope_factors(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Phi-3's longrope as llama.cpp's phi3 graph reads it: the per-frequency divisors, long and short
+    (transformers divides its inverse frequencies by them); empty for other rope types."""
+    rope = rope_parameters(cfg)
+    if rope_type(rope) != "longrope":
+        return {}
+    return {k: torch.tensor(rope[k + "_factor"], dtype=torch.float32) for k in ("long", "short")}
 
 
 def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
@@ -111,9 +137,9 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
     what it computes differently only in a case the user should know of."""
     where = f"{root}/config.json"
     kind = rope_type(rope_parameters(cfg))
-    if kind not in ROPE_TYPES or (kind == "llama3" and fam.arch != "llama"):
+    if kind not in ROPE_TYPES or _ROPE_TENSOR_FAMILY.get(kind, fam.arch) != fam.arch:
         raise FormatError(f"{where}: rope_type {kind!r} is not exported for {fam.arch} (written: " + ", ".join(ROPE_TYPES[:3])
-                          + ", llama3 for llama)", hint=_ADVICE)
+                          + ", llama3 for llama, longrope for phi3)", hint=_ADVICE)
     if fam.mla:
         _check_deepseek(cfg, where, kind)
     elif fam.moe and not fam.deepseek_routing:
@@ -124,6 +150,11 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         raise FormatError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads: llama.cpp's olmoe graph "
                           "reads k_norm over all heads (no grouped-query attention)", hint=_ADVICE)
     notes = []
+    if kind == "longrope":
+        orig = _longrope(cfg)[1]
+        notes.append(f"longrope: llama.cpp takes the long factors whenever its context size is above {orig} tokens "
+                     f"(original_max_position_embeddings), transformers once the sequence is: with a larger context, shorter "
+                     "sequences differ")
     if fam.arch == "phi3" and cfg.get("sliding_window"):
         notes.append(f"llama.cpp runs phi3 without its sliding window ({cfg['sliding_window']} tokens): past that much context it "
                      "differs from transformers")
@@ -258,6 +289,10 @@ def _rope_metadata(gw, gguf, cfg: dict[str, Any]) -> None:
     if kind == "linear":
         gw.add_rope_scaling_type(R.LINEAR)
         gw.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "longrope":
+        attn, orig = _longrope(cfg)
+        gw.add_rope_scaling_attn_factors(attn)
+        gw.add_rope_scaling_orig_ctx_len(orig)
     elif kind == "yarn":
         gw.add_rope_scaling_type(R.YARN)
         gw.add_rope_scaling_factor(float(rope["factor"]))
