@@ -85,6 +85,8 @@ def _build(folder, family: str, table: dict):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(25)
         for n, p in model.named_parameters():
+            if family.startswith("phi3-longrope") and n.endswith("qkv_proj.weight"):
+                p[: cfg.hidden_size].mul_(4)  # sharper attention: which rope factors are used shows in the logits
             if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                 p.normal_(0, 0.5)  # zero at init: make the biases count
             if n.endswith("norm.weight"):
