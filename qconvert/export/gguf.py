@@ -420,8 +420,9 @@ def _sampling(gw, path: Path) -> None:
 
 def _vocab(gw, gguf, src: _Source) -> None:
     """The tokenizer (tokens, types, scores, merges, special ids, chat template) so the file runs alone.
-    A byte-level BPE tokenizer.json is written as llama.cpp's "gpt2" model with its default
-    pre-tokenizer; a SentencePiece tokenizer.model as its "llama" model. Anything else is refused."""
+    A byte-level BPE tokenizer.json is written as llama.cpp's "gpt2" model with the pre-tokenizer that
+    splits text as it does (gguf_pretok; "default" and a note when none does); a SentencePiece
+    tokenizer.model as its "llama" model. Anything else is refused."""
     folder = src.ckpt.config_dir()
     vocab = _read_vocab(gguf, folder)
     tokens, scores, types = [], [], []
@@ -438,7 +439,11 @@ def _vocab(gw, gguf, src: _Source) -> None:
         types.append(gguf.TokenType.UNUSED)
     gw.add_tokenizer_model(vocab.tokenizer_model)
     if vocab.tokenizer_model == "gpt2":
-        gw.add_tokenizer_pre("default")
+        from .gguf_pretok import pre_tokenizer
+
+        pre, note = pre_tokenizer(folder)
+        gw.add_tokenizer_pre(pre)
+        src.notes += [note] if note else []
     gw.add_token_list(tokens)
     gw.add_token_scores(scores)
     gw.add_token_types(types)
