@@ -205,7 +205,7 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
                               fetch=lambda k=k, f=f: f(src.get(k))) for target, piece, f in pieces]
             continue
         name = _gguf_name(src, tmap, k)
-        plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), rope_heads(src, k), fix=_fix(src, name)))
+        plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape, name), rope_heads(src, k), fix=_fix(src, name)))
     return plan + _rope_freqs_plan(gguf, src)
 
 
@@ -307,11 +307,16 @@ def rope_heads(src: _Source, k: str) -> int:
     return (src.cfg.get("num_key_value_heads") or heads) if k.endswith("self_attn.k_proj.weight") else 0
 
 
-def _tensor_type(gguf, out_type: str, shape: tuple[int, ...]):
-    """The GGML type of one tensor: 1-D tensors (norms) stay F32, as llama.cpp's converter keeps them;
-    a matrix whose rows do not fill the quantizer's blocks is written F16 rather than refused."""
+#: tensors kept F32 whatever the type, as llama.cpp's converter and quantizer keep them: MoE routers
+#: (an F16 router flips near-tied expert choices; docs/gguf.md has the measured effect)
+_F32_TENSORS = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
+
+
+def _tensor_type(gguf, out_type: str, shape: tuple[int, ...], name: str = ""):
+    """The GGML type of one tensor: 1-D tensors (norms) and routers stay F32, as llama.cpp's converter
+    keeps them; a matrix whose rows do not fill the quantizer's blocks is written F16 rather than refused."""
     Q = gguf.GGMLQuantizationType
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith(_F32_TENSORS):
         return Q.F32
     q = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[out_type]
     block = gguf.GGML_QUANT_SIZES[q][0]
