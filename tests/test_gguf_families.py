@@ -47,6 +47,7 @@ DENSE = {
     "llama-llama3": ("Llama", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "olmo2": ("Olmo2", {}),
+    "olmo2-olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=8)),  # 3 sliding layers, then a full one
     "granite": ("Granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
     "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                                                   "original_max_position_embeddings": 32})),
@@ -210,6 +211,18 @@ def test_gemma_query_scaling_other_than_llama_cpps_is_refused(tmp_path):
     with pytest.raises(FormatError, match="query_pre_attn_scalar 32 is not the 64"):
         check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "query_pre_attn_scalar": 32}, tmp_path)
     assert check(FAMILIES["Gemma2ForCausalLM"], {**cfg, "num_hidden_layers": 46, "query_pre_attn_scalar": 64, "head_dim": 32}, tmp_path) == []
+
+
+def test_olmo3_sliding_rope_other_than_llama_cpps_is_refused(tmp_path):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    rope = {"rope_type": "default", "rope_theta": 5e5}
+    cfg = {"num_hidden_layers": 4, "num_attention_heads": 4, "rope_parameters": {"full_attention": rope, "sliding_attention": rope}}
+    assert check(FAMILIES["Olmo3ForCausalLM"], cfg, tmp_path) == []
+    other = {**cfg, "rope_parameters": {"full_attention": rope, "sliding_attention": {**rope, "rope_theta": 1e4}}}
+    with pytest.raises(FormatError, match="not what llama.cpp's olmo2 graph runs them with"):
+        check(FAMILIES["Olmo3ForCausalLM"], other, tmp_path)
 
 
 def test_olmoe_with_grouped_query_attention_is_refused(tmp_path):

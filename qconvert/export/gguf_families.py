@@ -31,6 +31,9 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   optional q/k norms, the post-attention norm as its ``post_attention_norm``, deepseek_v3's routing
   (sigmoid, choice bias, groups, renormalised as norm_topk_prob says, scaled), leading dense layers
   and shared experts.
+- olmo3 is olmo2's graph with a sliding window on the layers ``layer_types`` names (an array, as
+  for gemma); llama.cpp runs those layers' rope unscaled and with the full layers' base, so another
+  rope there is refused.
 - olmo2 normalises q and k over all heads at once and after (not before) attention and MLP, as
   transformers' Olmo2 does; olmoe never renormalises the top-k routing weights and has no grouped-query
   attention (its k_norm is read over all heads). granite's
@@ -83,6 +86,7 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "Glm4MoeForCausalLM": Family("glm4moe", moe=True, deepseek_routing=True, mtp=True),
     "Olmo2ForCausalLM": Family("olmo2"),
+    "Olmo3ForCausalLM": Family("olmo2"),  # olmo2's graph with a sliding window on the layers layer_types says
     "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
     "GraniteForCausalLM": Family("granite", permute=True),
 }
@@ -146,6 +150,8 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         _check_moe(fam, cfg, where)
     if fam.swa_27b_layers:
         _check_gemma_scale(fam, cfg, where)
+    if fam.arch == "olmo2":
+        _check_olmo3_rope(cfg, where)
     if fam.arch == "olmoe" and cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
         raise FormatError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads: llama.cpp's olmoe graph "
                           "reads k_norm over all heads (no grouped-query attention)", hint=_ADVICE)
@@ -188,6 +194,14 @@ def _check_deepseek(cfg: dict[str, Any], where: str, kind: str) -> None:
         raise FormatError(f"{where}: {why}", hint=_ADVICE)
 
 
+def _check_olmo3_rope(cfg: dict[str, Any], where: str) -> None:
+    """llama.cpp's olmo2 graph runs sliding layers with the full layers' rope base, unscaled."""
+    local, full = rope_parameters(cfg, "sliding_attention"), rope_parameters(cfg)
+    if rope_type(local) != "default" or local.get("rope_theta") != full.get("rope_theta"):
+        raise FormatError(f"{where}: the sliding layers' rope ({rope_type(local)}, base {local.get('rope_theta')}) is not what llama.cpp's "
+                          f"olmo2 graph runs them with (default, the full layers' base {full.get('rope_theta')})", hint=_ADVICE)
+
+
 def _check_gemma_scale(fam: Family, cfg: dict[str, Any], where: str) -> None:
     heads, head_dim = cfg["num_attention_heads"], _head_dim(cfg)
     want = cfg["hidden_size"] // heads if cfg["num_hidden_layers"] == fam.swa_27b_layers else head_dim
@@ -216,6 +230,8 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
             gw.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     if fam.arch in ("gemma2", "gemma3"):
         _gemma_metadata(gw, fam, cfg)
+    if fam.arch in ("gemma2", "gemma3", "olmo2"):
+        _sliding_metadata(gw, cfg, swa_base=fam.arch == "gemma3")
     if fam.arch == "phi3":
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
     if fam.arch == "granite":
@@ -308,12 +324,17 @@ def _gemma_metadata(gw, fam: Family, cfg: dict[str, Any]) -> None:
         gw.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
     if cfg.get("final_logit_softcapping"):
         gw.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+
+
+def _sliding_metadata(gw, cfg: dict[str, Any], swa_base: bool) -> None:
+    """The sliding window, which layers slide (an array, from layer_types) and, where the graph reads
+    it apart (gemma3), the sliding layers' rope base."""
     types = cfg.get("layer_types")
     if cfg.get("sliding_window") and types:
         gw.add_sliding_window(int(cfg["sliding_window"]))
         gw.add_sliding_window_pattern([t == "sliding_attention" for t in types])
     local = rope_parameters(cfg, "sliding_attention")
-    if fam.arch == "gemma3" and "rope_theta" in local:
+    if swa_base and "rope_theta" in local:
         gw.add_rope_freq_base_swa(float(local["rope_theta"]))
 
 
