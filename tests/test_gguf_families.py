@@ -291,3 +291,12 @@ def test_deepseek_multi_token_prediction_layers_are_left_out_with_a_note(tmp_pat
     (note,) = s["notes"]
     assert note.startswith(f"{sum(k.startswith('model.layers.2.') for k in sd)} tensors of layers past num_hidden_layers (2")
     assert not [t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name.startswith("blk.2.")]
+
+
+def test_phi3_longrope_gets_a_note_on_how_llama_cpp_picks_the_factors(tmp_path):
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 4096, "short_factor": [1.0], "long_factor": [2.0]}
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "max_position_embeddings": 131072, "rope_parameters": rope}
+    (note,) = check(FAMILIES["Phi3ForCausalLM"], cfg, tmp_path)
+    assert note.startswith("longrope: llama.cpp takes the long factors whenever its context size is above 4096 tokens")
