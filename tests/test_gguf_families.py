@@ -49,6 +49,8 @@ DENSE = {
     "olmo2": ("Olmo2", {}),
     "olmo2-olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=8)),  # 3 sliding layers, then a full one
     "granite": ("Granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
+    "smollm3": ("SmolLM3", dict(num_hidden_layers=4)),  # no rope on layer 3
+    "starcoder2": ("Starcoder2", dict(sliding_window=None)),
     "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                                                   "original_max_position_embeddings": 32})),
 }
@@ -89,7 +91,7 @@ def _build(folder, family: str, table: dict):
         for n, p in model.named_parameters():
             if family.startswith("phi3-longrope") and n.endswith("qkv_proj.weight"):
                 p[: cfg.hidden_size].mul_(4)  # sharper attention: which rope factors are used shows in the logits
-            if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) or (family == "starcoder2" and n.endswith(".bias")):
                 p.normal_(0, 0.5)  # zero at init: make the biases count
             if n.endswith("norm.weight"):
                 p.normal_(0, 0.2)  # Gemma's norms start at zero (1 + w): make the +1 count
@@ -300,3 +302,18 @@ def test_phi3_longrope_gets_a_note_on_how_llama_cpp_picks_the_factors(tmp_path):
     cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "max_position_embeddings": 131072, "rope_parameters": rope}
     (note,) = check(FAMILIES["Phi3ForCausalLM"], cfg, tmp_path)
     assert note.startswith("longrope: llama.cpp takes the long factors whenever its context size is above 4096 tokens")
+
+
+@pytest.mark.parametrize("arch, change, message", [
+    ("SmolLM3ForCausalLM", {"no_rope_layers": [1, 0, 1, 1]}, "leaves rope out of every fourth layer, no other"),
+    ("Starcoder2ForCausalLM", {"sliding_window": 4096}, "starcoder2 graph has no sliding window"),
+    ("Starcoder2ForCausalLM", {"hidden_act": "gelu"}, "computes the tanh GELU"),
+])
+def test_smollm3_and_starcoder2_configurations_llama_cpp_does_not_compute_are_refused(tmp_path, arch, change, message):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4}
+    assert check(FAMILIES[arch], {**cfg, "no_rope_layers": [1, 1, 1, 0]}, tmp_path) == []
+    with pytest.raises(FormatError, match=message):
+        check(FAMILIES[arch], {**cfg, **change}, tmp_path)

@@ -39,6 +39,9 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   attention (its k_norm is read over all heads). granite's
   multipliers (embedding, residual, attention; logits divided by logits_scaling) go into its
   ``*_scale`` keys; its graph rotates interleaved pairs, so q/k rows are permuted as for llama.
+- smollm3 is llama's graph without rope on every fourth layer (a fixed step in llama.cpp), so other
+  ``no_rope_layers`` are refused. starcoder2 uses LayerNorm (its eps under the LayerNorm key), biases
+  and a tanh-GELU MLP, and no sliding window (one is refused: transformers would apply it).
 - deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers,
   which transformers does not run: they are left out (gguf.py says so in a note).
 """
@@ -89,6 +92,8 @@ FAMILIES: dict[str, Family] = {
     "Olmo3ForCausalLM": Family("olmo2"),  # olmo2's graph with a sliding window on the layers layer_types says
     "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
     "GraniteForCausalLM": Family("granite", permute=True),
+    "SmolLM3ForCausalLM": Family("smollm3", permute=True),
+    "Starcoder2ForCausalLM": Family("starcoder2"),
 }
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
 #: by phi3's rope_factors_long / rope_factors_short tensors)
@@ -152,6 +157,8 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         _check_gemma_scale(fam, cfg, where)
     if fam.arch == "olmo2":
         _check_olmo3_rope(cfg, where)
+    if fam.arch in ("smollm3", "starcoder2"):
+        _check_smollm3_starcoder2(fam, cfg, where)
     if fam.arch == "olmoe" and cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
         raise FormatError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads: llama.cpp's olmoe graph "
                           "reads k_norm over all heads (no grouped-query attention)", hint=_ADVICE)
@@ -190,6 +197,20 @@ def _check_deepseek(cfg: dict[str, Any], where: str, kind: str) -> None:
     elif not v3 and cfg.get("topk_method", "greedy") != "greedy" and (cfg.get("n_group") or 1) > 1:
         why = (f"topk_method {cfg.get('topk_method')!r}: llama.cpp ranks expert groups by their two best scores (deepseek_v3's way), "
                "deepseek_v2 by its best one")
+    if why:
+        raise FormatError(f"{where}: {why}", hint=_ADVICE)
+
+
+def _check_smollm3_starcoder2(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    why = None
+    if fam.arch == "smollm3":
+        step = [int((i + 1) % 4 != 0) for i in range(cfg["num_hidden_layers"])]
+        if cfg.get("no_rope_layers", step) != step:
+            why = f"no_rope_layers {cfg['no_rope_layers']}: llama.cpp's smollm3 graph leaves rope out of every fourth layer, no other"
+    elif cfg.get("sliding_window"):
+        why = f"sliding_window {cfg['sliding_window']}: llama.cpp's starcoder2 graph has no sliding window"
+    elif cfg.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        why = f"hidden_act {cfg['hidden_act']!r}: llama.cpp's starcoder2 graph computes the tanh GELU"
     if why:
         raise FormatError(f"{where}: {why}", hint=_ADVICE)
 
@@ -234,6 +255,8 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         _sliding_metadata(gw, cfg, swa_base=fam.arch == "gemma3")
     if fam.arch == "phi3":
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
+    if fam.arch == "starcoder2":
+        gw.add_layer_norm_eps(float(cfg.get("norm_epsilon", 1e-5)))
     if fam.arch == "granite":
         for key, method in (("embedding_multiplier", "add_embedding_scale"), ("residual_multiplier", "add_residual_scale"),
                             ("attention_multiplier", "add_attention_scale"), ("logits_scaling", "add_logit_scale")):
