@@ -39,6 +39,9 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   attention (its k_norm is read over all heads). granite's
   multipliers (embedding, residual, attention; logits divided by logits_scaling) go into its
   ``*_scale`` keys; its graph rotates interleaved pairs, so q/k rows are permuted as for llama.
+- glm4 rotates interleaved pairs of the first partial_rotary_factor of each head, as transformers'
+  Glm4 does (no permutation), takes the fused gate_up_proj as its ``ffn_up`` (SwiGLU over the two
+  halves) and normalises after attention and MLP as well as before.
 - smollm3 is llama's graph without rope on every fourth layer (a fixed step in llama.cpp), so other
   ``no_rope_layers`` are refused. starcoder2 uses LayerNorm (its eps under the LayerNorm key), biases
   and a tanh-GELU MLP, and no sliding window (one is refused: transformers would apply it).
@@ -93,6 +96,7 @@ FAMILIES: dict[str, Family] = {
     "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
     "GraniteForCausalLM": Family("granite", permute=True),
     "SmolLM3ForCausalLM": Family("smollm3", permute=True),
+    "Glm4ForCausalLM": Family("glm4"),
     "Starcoder2ForCausalLM": Family("starcoder2"),
 }
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
