@@ -49,6 +49,7 @@ DENSE = {
     "olmo2": ("Olmo2", {}),
     "olmo2-olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=8)),  # 3 sliding layers, then a full one
     "granite": ("Granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
+    "olmo": ("Olmo", dict(clip_qkv=0.3)),  # clamps a good share of q/k/v
     "glm4": ("Glm4", {}),  # partial rotary 0.5, q/k/v biases
     "smollm3": ("SmolLM3", dict(num_hidden_layers=4)),  # no rope on layer 3
     "starcoder2": ("Starcoder2", dict(sliding_window=None)),

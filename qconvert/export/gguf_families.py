@@ -39,6 +39,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   attention (its k_norm is read over all heads). granite's
   multipliers (embedding, residual, attention; logits divided by logits_scaling) go into its
   ``*_scale`` keys; its graph rotates interleaved pairs, so q/k rows are permuted as for llama.
+- olmo: llama's rotation (q/k permuted), weightless LayerNorms (eps 1e-5, as transformers fixes it)
+  and clip_qkv as llama.cpp's ``clamp_kqv``.
 - glm4 rotates interleaved pairs of the first partial_rotary_factor of each head, as transformers'
   Glm4 does (no permutation), takes the fused gate_up_proj as its ``ffn_up`` (SwiGLU over the two
   halves) and normalises after attention and MLP as well as before.
@@ -97,6 +99,7 @@ FAMILIES: dict[str, Family] = {
     "GraniteForCausalLM": Family("granite", permute=True),
     "SmolLM3ForCausalLM": Family("smollm3", permute=True),
     "Glm4ForCausalLM": Family("glm4"),
+    "OlmoForCausalLM": Family("olmo", permute=True),
     "Starcoder2ForCausalLM": Family("starcoder2"),
 }
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
@@ -261,6 +264,10 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
     if fam.arch == "starcoder2":
         gw.add_layer_norm_eps(float(cfg.get("norm_epsilon", 1e-5)))
+    if fam.arch == "olmo":
+        gw.add_layer_norm_eps(1e-5)  # transformers' OlmoLayerNorm has it fixed
+        if cfg.get("clip_qkv") is not None:
+            gw.add_clamp_kqv(float(cfg["clip_qkv"]))
     if fam.arch == "granite":
         for key, method in (("embedding_multiplier", "add_embedding_scale"), ("residual_multiplier", "add_residual_scale"),
                             ("attention_multiplier", "add_attention_scale"), ("logits_scaling", "add_logit_scale")):
