@@ -50,7 +50,10 @@ DENSE = {
     "olmo2-olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=8)),  # 3 sliding layers, then a full one
     "granite": ("Granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
     "olmo": ("Olmo", dict(clip_qkv=0.3)),  # clamps a good share of q/k/v
-    "glm4": ("Glm4", {}),  # partial rotary 0.5, q/k/v biases
+    "glm4": ("Glm4", {}),
+    "arcee": ("Arcee", {}),
+    "ernie4_5": ("Ernie4_5", {}),
+    "seed_oss": ("SeedOss", {}),
     "smollm3": ("SmolLM3", dict(num_hidden_layers=4)),  # no rope on layer 3
     "starcoder2": ("Starcoder2", dict(sliding_window=None)),
     "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,

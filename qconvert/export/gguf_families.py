@@ -41,6 +41,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   ``*_scale`` keys; its graph rotates interleaved pairs, so q/k rows are permuted as for llama.
 - olmo: llama's rotation (q/k permuted), weightless LayerNorms (eps 1e-5, as transformers fixes it)
   and clip_qkv as llama.cpp's ``clamp_kqv``.
+- arcee (llama's graph with a gate-less ReLU² MLP; q/k permuted), ernie4_5 (interleaved pairs as
+  stored: no permutation) and seed_oss (NEOX) need nothing beyond the common keys.
 - glm4 rotates interleaved pairs of the first partial_rotary_factor of each head, as transformers'
   Glm4 does (no permutation), takes the fused gate_up_proj as its ``ffn_up`` (SwiGLU over the two
   halves) and normalises after attention and MLP as well as before.
@@ -100,6 +102,9 @@ FAMILIES: dict[str, Family] = {
     "SmolLM3ForCausalLM": Family("smollm3", permute=True),
     "Glm4ForCausalLM": Family("glm4"),
     "OlmoForCausalLM": Family("olmo", permute=True),
+    "ArceeForCausalLM": Family("arcee", permute=True),
+    "Ernie4_5ForCausalLM": Family("ernie4_5"),
+    "SeedOssForCausalLM": Family("seed_oss"),
     "Starcoder2ForCausalLM": Family("starcoder2"),
 }
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
