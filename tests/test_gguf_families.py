@@ -54,6 +54,10 @@ DENSE = {
     "arcee": ("Arcee", {}),
     "ernie4_5": ("Ernie4_5", {}),
     "seed_oss": ("SeedOss", {}),
+    "stablelm": ("StableLm", dict(use_qkv_bias=True)),  # partial rotary 0.25, LayerNorm
+    "phi": ("Phi", {}),  # llama.cpp's phi2: parallel attention and MLP, LayerNorm, partial rotary 0.5
+    "nemotron": ("Nemotron", {}),  # LayerNorm1P (weights + 1), ReLU² MLP
+    "cohere": ("Cohere", dict(logit_scale=0.5)),  # llama.cpp's command-r: parallel attention and MLP, scaled logits
     "smollm3": ("SmolLM3", dict(num_hidden_layers=4)),  # no rope on layer 3
     "starcoder2": ("Starcoder2", dict(sliding_window=None)),
     "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
@@ -125,7 +129,7 @@ def _assert_same(out, reference):
 def test_dense_families_and_rope_scaling_match_transformers(tmp_path, family):
     model = _build(tmp_path / "model", family, DENSE)  # (not named phi3: llama.cpp then looks for Phi-3's own special tokens)
     s = _export(tmp_path / "model", tmp_path / "m.gguf")
-    assert s["architecture"] == family.split("-")[0]
+    assert s["architecture"] == {"phi": "phi2", "cohere": "command-r"}.get(family, family.split("-")[0])
     _assert_same(tmp_path / "m.gguf", model)
 
 
@@ -322,3 +326,14 @@ def test_smollm3_and_starcoder2_configurations_llama_cpp_does_not_compute_are_re
     assert check(FAMILIES[arch], {**cfg, "no_rope_layers": [1, 1, 1, 0]}, tmp_path) == []
     with pytest.raises(FormatError, match=message):
         check(FAMILIES[arch], {**cfg, **change}, tmp_path)
+
+
+@pytest.mark.parametrize("arch, key", [("StableLmForCausalLM", "qk_layernorm"), ("PhiForCausalLM", "qk_layernorm"), ("CohereForCausalLM", "use_qk_norm")])
+def test_per_head_qk_layernorms_are_refused(tmp_path, arch, key):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2}
+    assert check(FAMILIES[arch], cfg, tmp_path) == []
+    with pytest.raises(FormatError, match=f"{key} \\(per-head q/k LayerNorms\\) is not exported"):
+        check(FAMILIES[arch], {**cfg, key: True}, tmp_path)

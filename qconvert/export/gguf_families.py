@@ -41,6 +41,10 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   ``*_scale`` keys; its graph rotates interleaved pairs, so q/k rows are permuted as for llama.
 - olmo: llama's rotation (q/k permuted), weightless LayerNorms (eps 1e-5, as transformers fixes it)
   and clip_qkv as llama.cpp's ``clamp_kqv``.
+- stablelm, phi (llama.cpp's phi2) and cohere (its command-r) use LayerNorm (eps under the LayerNorm
+  key) and partial or interleaved rope as stored; cohere's logit_scale is its ``logit_scale`` key;
+  per-head q/k LayerNorms (qk_layernorm, use_qk_norm) are refused. nemotron's LayerNorm1P computes
+  with 1 + w, written as such (llama.cpp's converter does the same).
 - arcee (llama's graph with a gate-less ReLU² MLP; q/k permuted), ernie4_5 (interleaved pairs as
   stored: no permutation) and seed_oss (NEOX) need nothing beyond the common keys.
 - glm4 rotates interleaved pairs of the first partial_rotary_factor of each head, as transformers'
@@ -105,8 +109,15 @@ FAMILIES: dict[str, Family] = {
     "ArceeForCausalLM": Family("arcee", permute=True),
     "Ernie4_5ForCausalLM": Family("ernie4_5"),
     "SeedOssForCausalLM": Family("seed_oss"),
+    "StableLmForCausalLM": Family("stablelm"),
+    "PhiForCausalLM": Family("phi2"),
+    "NemotronForCausalLM": Family("nemotron", norm_plus_one=True),
+    "CohereForCausalLM": Family("command-r"),
     "Starcoder2ForCausalLM": Family("starcoder2"),
 }
+#: families whose graph uses LayerNorm -> their config's key for its eps (written under the LayerNorm key)
+_LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "stablelm": "layer_norm_eps", "phi2": "layer_norm_eps", "nemotron": "norm_eps",
+                   "command-r": "layer_norm_eps"}
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
 #: by phi3's rope_factors_long / rope_factors_short tensors)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
@@ -169,6 +180,10 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         _check_gemma_scale(fam, cfg, where)
     if fam.arch == "olmo2":
         _check_olmo3_rope(cfg, where)
+    if fam.arch in ("stablelm", "phi2") and (cfg.get("qk_layernorm") or cfg.get("use_qk_norm")):
+        raise FormatError(f"{where}: qk_layernorm (per-head q/k LayerNorms) is not exported for {fam.arch}", hint=_ADVICE)
+    if fam.arch == "command-r" and cfg.get("use_qk_norm"):
+        raise FormatError(f"{where}: use_qk_norm (per-head q/k LayerNorms) is not exported for {fam.arch}", hint=_ADVICE)
     if fam.arch in ("smollm3", "starcoder2"):
         _check_smollm3_starcoder2(fam, cfg, where)
     if fam.arch == "olmoe" and cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
@@ -267,8 +282,10 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         _sliding_metadata(gw, cfg, swa_base=fam.arch == "gemma3")
     if fam.arch == "phi3":
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
-    if fam.arch == "starcoder2":
-        gw.add_layer_norm_eps(float(cfg.get("norm_epsilon", 1e-5)))
+    if fam.arch in _LAYER_NORM_EPS:
+        gw.add_layer_norm_eps(float(cfg.get(_LAYER_NORM_EPS[fam.arch], 1e-5)))
+    if fam.arch == "command-r":
+        gw.add_logit_scale(float(cfg.get("logit_scale", 1.0)))
     if fam.arch == "olmo":
         gw.add_layer_norm_eps(1e-5)  # transformers' OlmoLayerNorm has it fixed
         if cfg.get("clip_qkv") is not None:
