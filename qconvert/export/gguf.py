@@ -15,12 +15,12 @@ written in turn, so memory holds one tensor at a time. The output is built under
 temporary name in OUT's folder and renamed onto OUT at the end (qconvert.io.writes): an interrupted
 export never leaves a file that looks complete.
 
-Families: :data:`FAMILIES` (llama, mistral and mixtral as llama, qwen2, qwen3, qwen2moe, qwen3moe,
-gemma2, gemma3, phi3; what differs per family is in qconvert.export.gguf_families); any other
-architecture is refused by name. llama.cpp's llama graph applies rotary embeddings to interleaved
-pairs while transformers rotates the two halves of each head, so for it q_proj and k_proj rows are
-permuted per head as llama.cpp's own converter does (:func:`_rope_permute`); its other graphs here
-rotate halves (NEOX). Routed MoE experts, stored per expert or fused (spec section 14; 4-bit ones as
+Families: :data:`FAMILIES` (llama and the dense and MoE families of qconvert.export.gguf_families,
+which holds what differs per family); any other architecture is refused by name. llama.cpp's llama
+graph (and the graphs built like it) applies rotary embeddings to interleaved pairs while
+transformers rotates the two halves of each head, so for them q_proj and k_proj rows are permuted per
+head as llama.cpp's own converter does (:func:`_rope_permute`); the other graphs rotate as the
+weights are stored. Routed MoE experts, stored per expert or fused (spec section 14; 4-bit ones as
 their dequantized values), are written as the stacked [experts, out, in] ``ffn_*_exps`` tensors
 llama.cpp reads (:func:`_expert_plans`).
 """
