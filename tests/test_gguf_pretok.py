@@ -1,7 +1,7 @@
 """export-gguf writes the llama.cpp pre-tokenizer (``tokenizer.ggml.pre``) that splits text as the
 model's own byte-level BPE tokenizer does: llama.cpp's tokenization of a text with digit runs,
 contractions, runs of spaces and newlines and non-ASCII letters gives the Hugging Face tokenizer's
-ids, for the GPT-2, Llama 3 and Qwen2 pre-tokenizers (each tokenizer trained here, offline). Others
+ids, for the GPT-2, Llama 3, Qwen2 and StarCoder pre-tokenizers (each tokenizer trained here, offline). Others
 are written as "default" with a note.
 """
 
@@ -28,9 +28,11 @@ def _model_with_tokenizer(folder, kind: str):
 
     make_tiny_llama(folder, dtype=torch.float32, hidden=64, intermediate=128, vocab=640, heads=4, kv_heads=2)
     tk = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=kind == "prefix-space", use_regex=kind in ("gpt-2", "prefix-space"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=kind == "prefix-space", use_regex=kind in ("gpt-2", "prefix-space", "starcoder"))
     if kind in ("gpt-2", "prefix-space"):
         tk.pre_tokenizer = byte_level
+    elif kind == "starcoder":
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif kind == "whitespace":
         tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), byte_level])
     else:
@@ -58,7 +60,7 @@ def _llama_cpp_ids(path, text: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2", "starcoder"])
 def test_llama_cpp_tokenizes_text_as_the_models_tokenizer(tmp_path, kind):
     from transformers import AutoTokenizer
 

@@ -13,7 +13,8 @@ comments give the tokenizer.json originals it adapts):
 - ``ByteLevel`` with its own (GPT-2) regex -> "gpt-2";
 - ``Split`` by Llama 3's regex (digits in runs of up to three) then ``ByteLevel`` without a regex ->
   "llama-bpe";
-- the same with single digits (Qwen2, Qwen2.5, Qwen3) -> "qwen2".
+- the same with single digits (Qwen2, Qwen2.5, Qwen3) -> "qwen2";
+- ``Digits`` one by one then ``ByteLevel`` with its GPT-2 regex (StarCoder, SmolLM) -> "starcoder".
 
 Anything else is written as "default" with a note: llama.cpp then tokenizes text by its default
 expression, which may split differently; token ids given directly (as qconvert compare gives them)
@@ -46,7 +47,7 @@ def pre_tokenizer(folder: Path) -> tuple[str, str | None]:
     if name:
         return name, None
     return "default", (f"{path}: its pre-tokenizer ({_describe(pre)}) is not one whose splitting llama.cpp reproduces (gpt-2, llama-bpe, "
-                       "qwen2): written as llama.cpp's \"default\", so text llama.cpp tokenizes may give other token ids than the "
+                       "qwen2, starcoder): written as llama.cpp's \"default\", so text llama.cpp tokenizes may give other token ids than the "
                        "model's tokenizer (ids given directly are not affected)")
 
 
@@ -56,9 +57,13 @@ def _match(pre: Any) -> str | None:
     if _byte_level(pre, regex=True):
         return "gpt-2"
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-    if not isinstance(steps, list) or len(steps) != 2 or not _byte_level(steps[1], regex=False):
+    if not isinstance(steps, list) or len(steps) != 2 or not isinstance(steps[0], dict):
         return None
     split = steps[0]
+    if split.get("type") == "Digits" and split.get("individual_digits") and _byte_level(steps[1], regex=True):
+        return "starcoder"
+    if not _byte_level(steps[1], regex=False):
+        return None
     if not (isinstance(split, dict) and split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")):
         return None
     pattern = split.get("pattern")
