@@ -57,7 +57,8 @@ DENSE = {
     "stablelm": ("StableLm", dict(use_qkv_bias=True)),  # partial rotary 0.25, LayerNorm
     "phi": ("Phi", {}),  # llama.cpp's phi2: parallel attention and MLP, LayerNorm, partial rotary 0.5
     "nemotron": ("Nemotron", {}),  # LayerNorm1P (weights + 1), ReLU² MLP
-    "cohere": ("Cohere", dict(logit_scale=0.5)),  # llama.cpp's command-r: parallel attention and MLP, scaled logits
+    "cohere": ("Cohere", dict(logit_scale=0.5)),
+    "cohere2": ("Cohere2", dict(logit_scale=0.5, num_hidden_layers=4, sliding_window=8)),  # rope on the 3 sliding layers only  # llama.cpp's command-r: parallel attention and MLP, scaled logits
     "smollm3": ("SmolLM3", dict(num_hidden_layers=4)),  # no rope on layer 3
     "starcoder2": ("Starcoder2", dict(sliding_window=None)),
     "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,

@@ -43,7 +43,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   and clip_qkv as llama.cpp's ``clamp_kqv``.
 - stablelm, phi (llama.cpp's phi2) and cohere (its command-r) use LayerNorm (eps under the LayerNorm
   key) and partial or interleaved rope as stored; cohere's logit_scale is its ``logit_scale`` key;
-  per-head q/k LayerNorms (qk_layernorm, use_qk_norm) are refused. nemotron's LayerNorm1P computes
+  per-head q/k LayerNorms (qk_layernorm, use_qk_norm) are refused. cohere2 adds a sliding window on
+  the layers layer_types names, which alone get rope (in both). nemotron's LayerNorm1P computes
   with 1 + w, written as such (llama.cpp's converter does the same).
 - arcee (llama's graph with a gate-less ReLU² MLP; q/k permuted), ernie4_5 (interleaved pairs as
   stored: no permutation) and seed_oss (NEOX) need nothing beyond the common keys.
@@ -113,11 +114,12 @@ FAMILIES: dict[str, Family] = {
     "PhiForCausalLM": Family("phi2"),
     "NemotronForCausalLM": Family("nemotron", norm_plus_one=True),
     "CohereForCausalLM": Family("command-r"),
+    "Cohere2ForCausalLM": Family("cohere2"),
     "Starcoder2ForCausalLM": Family("starcoder2"),
 }
 #: families whose graph uses LayerNorm -> their config's key for its eps (written under the LayerNorm key)
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "stablelm": "layer_norm_eps", "phi2": "layer_norm_eps", "nemotron": "norm_eps",
-                   "command-r": "layer_norm_eps"}
+                   "command-r": "layer_norm_eps", "cohere2": "layer_norm_eps"}
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
 #: by phi3's rope_factors_long / rope_factors_short tensors)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
@@ -278,13 +280,13 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
             gw.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     if fam.arch in ("gemma2", "gemma3"):
         _gemma_metadata(gw, fam, cfg)
-    if fam.arch in ("gemma2", "gemma3", "olmo2"):
+    if fam.arch in ("gemma2", "gemma3", "olmo2", "cohere2"):
         _sliding_metadata(gw, cfg, swa_base=fam.arch == "gemma3")
     if fam.arch == "phi3":
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
     if fam.arch in _LAYER_NORM_EPS:
         gw.add_layer_norm_eps(float(cfg.get(_LAYER_NORM_EPS[fam.arch], 1e-5)))
-    if fam.arch == "command-r":
+    if fam.arch in ("command-r", "cohere2"):
         gw.add_logit_scale(float(cfg.get("logit_scale", 1.0)))
     if fam.arch == "olmo":
         gw.add_layer_norm_eps(1e-5)  # transformers' OlmoLayerNorm has it fixed
