@@ -338,3 +338,11 @@ def test_per_head_qk_layernorms_are_refused(tmp_path, arch, key):
     assert check(FAMILIES[arch], cfg, tmp_path) == []
     with pytest.raises(FormatError, match=f"{key} \\(per-head q/k LayerNorms\\) is not exported"):
         check(FAMILIES[arch], {**cfg, key: True}, tmp_path)
+
+
+def test_exaone4_is_refused_with_the_reason(tmp_path):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf import _family
+
+    with pytest.raises(FormatError, match="'Exaone4ForCausalLM' is not exported: llama.cpp applies exaone4's sliding window"):
+        _family({"architectures": ["Exaone4ForCausalLM"]}, tmp_path)

@@ -173,10 +173,13 @@ class _Source:
 
 def _family(cfg: dict[str, Any], root: Path):
     """The model's :class:`gguf_families.Family` and the notes its check returns; refused by name otherwise."""
-    from .gguf_families import check
+    from .gguf_families import REFUSED, check
 
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else cfg.get("model_type", "?")
+    if arch in REFUSED:
+        raise FormatError(f"{root}: architecture {arch!r} is not exported: {REFUSED[arch]}",
+                          hint="use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output")
     if arch not in FAMILIES:
         raise FormatError(f"{root}: architecture {arch!r} is {_NOT_YET}", hint="export-gguf runs: " + ", ".join(FAMILIES))
     fam = _FAMILIES[arch]

@@ -117,6 +117,11 @@ FAMILIES: dict[str, Family] = {
     "Cohere2ForCausalLM": Family("cohere2"),
     "Starcoder2ForCausalLM": Family("starcoder2"),
 }
+#: architectures llama.cpp runs but computes differently from transformers -> why (refused with it)
+REFUSED = {
+    "Exaone4ForCausalLM": "llama.cpp applies exaone4's sliding window (and leaves rope out of its full layers) only at 64 layers "
+                          "(the 32B model), transformers at every size",
+}
 #: families whose graph uses LayerNorm -> their config's key for its eps (written under the LayerNorm key)
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "stablelm": "layer_norm_eps", "phi2": "layer_norm_eps", "nemotron": "norm_eps",
                    "command-r": "layer_norm_eps", "cohere2": "layer_norm_eps"}
