@@ -77,6 +77,10 @@ MOE = {
                                        head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
                                        routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # qwen3-style attention (q/k norms), deepseek_v3's routing renormalised, a leading dense layer
+    "dots1": ("Dots1", dict(head_dim=64, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
+                            first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                            norm_topk_prob=True, sliding_window=None)),
     "olmoe": ("Olmoe", dict(num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, intermediate_size=256, norm_topk_prob=False)),
     # partial rotary, q/k norms, q/k/v biases, a leading dense layer, deepseek_v3's routing (here not renormalised)
     "glm4_moe": ("Glm4Moe", dict(head_dim=64, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
@@ -85,7 +89,7 @@ MOE = {
 }
 #: the architecture each MoE family is written as
 MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
-            "glm4_moe": "glm4moe", "olmoe": "olmoe"}
+            "glm4_moe": "glm4moe", "olmoe": "olmoe", "dots1": "dots1"}
 
 
 def _build(folder, family: str, table: dict):
@@ -243,7 +247,7 @@ def test_olmoe_with_grouped_query_attention_is_refused(tmp_path):
 
     cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "norm_topk_prob": False}
     assert check(FAMILIES["OlmoeForCausalLM"], cfg, tmp_path) == []
-    with pytest.raises(FormatError, match="num_key_value_heads 2 < num_attention_heads: llama.cpp's olmoe graph"):
+    with pytest.raises(FormatError, match="num_key_value_heads 2 < num_attention_heads: llama.cpp's olmoe graph reads k and v"):
         check(FAMILIES["OlmoeForCausalLM"], {**cfg, "num_key_value_heads": 2}, tmp_path)
 
 

@@ -54,6 +54,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
 - smollm3 is llama's graph without rope on every fourth layer (a fixed step in llama.cpp), so other
   ``no_rope_layers`` are refused. starcoder2 uses LayerNorm (its eps under the LayerNorm key), biases
   and a tanh-GELU MLP, and no sliding window (one is refused: transformers would apply it).
+- dots1 is qwen3's attention (q/k norms; no grouped-query attention in llama.cpp's graph) with
+  deepseek_v3's routing, leading dense layers and shared experts.
 - deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers,
   which transformers does not run: they are left out (gguf.py says so in a note).
 """
@@ -100,6 +102,7 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV2ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "Glm4MoeForCausalLM": Family("glm4moe", moe=True, deepseek_routing=True, mtp=True),
+    "Dots1ForCausalLM": Family("dots1", moe=True, deepseek_routing=True),
     "Olmo2ForCausalLM": Family("olmo2"),
     "Olmo3ForCausalLM": Family("olmo2"),  # olmo2's graph with a sliding window on the layers layer_types says
     "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
@@ -193,9 +196,9 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         raise FormatError(f"{where}: use_qk_norm (per-head q/k LayerNorms) is not exported for {fam.arch}", hint=_ADVICE)
     if fam.arch in ("smollm3", "starcoder2"):
         _check_smollm3_starcoder2(fam, cfg, where)
-    if fam.arch == "olmoe" and cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
-        raise FormatError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads: llama.cpp's olmoe graph "
-                          "reads k_norm over all heads (no grouped-query attention)", hint=_ADVICE)
+    if fam.arch in ("olmoe", "dots1") and cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
+        raise FormatError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads: llama.cpp's {fam.arch} graph "
+                          "reads k and v (olmoe: its k_norm) over all heads (no grouped-query attention)", hint=_ADVICE)
     notes = []
     if kind == "longrope":
         orig = _longrope(cfg)[1]
