@@ -264,6 +264,9 @@ def _rope_freqs_plan(gguf, src: _Source) -> list[_Planned]:
 #: a routed expert's own tensor (spec 14, per-expert form) and a fused stack (its parameter's name)
 _PER_EXPERT = re.compile(r"^(?P<pre>.+\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 _FUSED = re.compile(r"^(?P<pre>.+\.experts)\.(?P<w>gate_up_proj|down_proj)$")
+#: granitemoe's fused gate and up experts as its checkpoints hold them ([E, 2I, H]; its down_proj,
+#: ``output_linear``, has a name in the gguf package's map)
+_INPUT_LINEAR = re.compile(r"^model\.layers\.(?P<bid>\d+)\.block_sparse_moe\.input_linear\.weight$")
 
 
 def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_Planned]:
@@ -274,7 +277,9 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
     stacks: dict[str, dict[int, str]] = {}
     plan = []
     for k in names:
-        if m := _PER_EXPERT.match(k):
+        if m := _INPUT_LINEAR.match(k):
+            plan += _input_linear_plans(gguf, src, k, int(m["bid"]), out_type)
+        elif m := _PER_EXPERT.match(k):
             stacks.setdefault(f"{m['pre']}.{m['w']}.weight", {})[int(m["e"])] = k
         elif m := _FUSED.match(k):
             shape = src.shape(k)
@@ -291,6 +296,15 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
         shape = (len(keys), *src.shape(keys[0]))
         plan.append(_expert_plan(gguf, src, tmap, target, "\0".join(keys), shape, out_type, lambda keys=keys: torch.stack([src.get(k) for k in keys])))
     return plan
+
+
+def _input_linear_plans(gguf, src: _Source, k: str, bid: int, out_type: str) -> list[_Planned]:
+    """granitemoe's ``input_linear`` [E, 2I, H] split into the gate (first I rows) and up experts, as
+    transformers' GraniteMoe splits it, under the tensor names llama.cpp reads."""
+    E, rows, cols = src.shape(k)
+    T = gguf.MODEL_TENSOR
+    return [_Planned(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", k, (E, rows // 2, cols), _tensor_type(gguf, out_type, (E, rows // 2, cols)),
+                     fetch=lambda h=h: src.get(k).chunk(2, dim=1)[h].contiguous()) for h, t in enumerate((T.FFN_GATE_EXP, T.FFN_UP_EXP))]
 
 
 def _expert_plan(gguf, src: _Source, tmap, target: str, source: str, shape, out_type: str, fetch) -> _Planned:

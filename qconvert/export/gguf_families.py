@@ -34,6 +34,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
 - olmo3 is olmo2's graph with a sliding window on the layers ``layer_types`` names (an array, as
   for gemma); llama.cpp runs those layers' rope unscaled and with the full layers' base, so another
   rope there is refused.
+- granitemoe: granite's multipliers, its fused ``input_linear`` experts split into gate and up
+  (gguf.py), the top-k routing weights always renormalised (softmax over the chosen logits).
 - olmo2 normalises q and k over all heads at once and after (not before) attention and MLP, as
   transformers' Olmo2 does; olmoe never renormalises the top-k routing weights and has no grouped-query
   attention (its k_norm is read over all heads). granite's
@@ -107,6 +109,7 @@ FAMILIES: dict[str, Family] = {
     "Olmo3ForCausalLM": Family("olmo2"),  # olmo2's graph with a sliding window on the layers layer_types says
     "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
     "GraniteForCausalLM": Family("granite", permute=True),
+    "GraniteMoeForCausalLM": Family("granitemoe", permute=True, moe=True, norm_topk=True),
     "SmolLM3ForCausalLM": Family("smollm3", permute=True),
     "Glm4ForCausalLM": Family("glm4"),
     "OlmoForCausalLM": Family("olmo", permute=True),
@@ -300,7 +303,7 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         gw.add_layer_norm_eps(1e-5)  # transformers' OlmoLayerNorm has it fixed
         if cfg.get("clip_qkv") is not None:
             gw.add_clamp_kqv(float(cfg["clip_qkv"]))
-    if fam.arch == "granite":
+    if fam.arch in ("granite", "granitemoe"):
         for key, method in (("embedding_multiplier", "add_embedding_scale"), ("residual_multiplier", "add_residual_scale"),
                             ("attention_multiplier", "add_attention_scale"), ("logits_scaling", "add_logit_scale")):
             getattr(gw, method)(float(cfg.get(key, 1.0)))
