@@ -84,6 +84,8 @@ MOE = {
     # experts fused as input_linear [E, 2I, H] (gate and up) and output_linear; granite's multipliers
     "granitemoe": ("GraniteMoe", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=256, embedding_multiplier=2.0,
                                       residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
+    "granitemoeshared": ("GraniteMoeShared", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=256,
+                                                  shared_intermediate_size=512, embedding_multiplier=2.0, logits_scaling=4.0)),
     "olmoe": ("Olmoe", dict(num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, intermediate_size=256, norm_topk_prob=False)),
     # partial rotary, q/k norms, q/k/v biases, a leading dense layer, deepseek_v3's routing (here not renormalised)
     "glm4_moe": ("Glm4Moe", dict(head_dim=64, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
@@ -92,7 +94,8 @@ MOE = {
 }
 #: the architecture each MoE family is written as
 MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
-            "glm4_moe": "glm4moe", "olmoe": "olmoe", "dots1": "dots1", "granitemoe": "granitemoe"}
+            "glm4_moe": "glm4moe", "olmoe": "olmoe", "dots1": "dots1", "granitemoe": "granitemoe",
+            "granitemoeshared": "granitemoe"}
 
 
 def _build(folder, family: str, table: dict):
@@ -158,7 +161,7 @@ def test_moe_families_with_4bit_experts_match_transformers(tmp_path, family):
 
     moe_layers = model.config.num_hidden_layers - (getattr(model.config, "first_k_dense_replace", 0) or 0)
     in_4bit = [k for k in check_checkpoint(Checkpoint(tmp_path / "q")) if ".experts." in k or "_linear." in k]
-    assert len(in_4bit) == moe_layers * (2 if family == "granitemoe" else 3 * 4)  # every expert in 4 bits (granitemoe's fused in two)
+    assert len(in_4bit) == moe_layers * {"granitemoe": 2, "granitemoeshared": 4}.get(family, 3 * 4)  # every expert in 4 bits (granitemoe's fused in two)
     s = _export(tmp_path / "q", tmp_path / "m.gguf")
     names = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     exps = names[f"blk.{model.config.num_hidden_layers - 1}.ffn_gate_exps.weight"]
@@ -168,7 +171,7 @@ def test_moe_families_with_4bit_experts_match_transformers(tmp_path, family):
     last = model.config.num_hidden_layers - 1
     router = names[f"blk.{last}.ffn_gate_inp.weight"]  # kept F32 (as llama.cpp's converter keeps it): an F16 router flips near ties
     assert router.tensor_type == gguf.GGMLQuantizationType.F32
-    router_name = "block_sparse_moe.router.weight" if family == "granitemoe" else "mlp.gate.weight"
+    router_name = "block_sparse_moe.router.weight" if family.startswith("granitemoe") else "mlp.gate.weight"
     assert np.array_equal(router.data, reference.state_dict()[f"model.layers.{last}.{router_name}"].numpy())
     _assert_same(tmp_path / "m.gguf", reference)
 

@@ -264,9 +264,9 @@ def _rope_freqs_plan(gguf, src: _Source) -> list[_Planned]:
 #: a routed expert's own tensor (spec 14, per-expert form) and a fused stack (its parameter's name)
 _PER_EXPERT = re.compile(r"^(?P<pre>.+\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 _FUSED = re.compile(r"^(?P<pre>.+\.experts)\.(?P<w>gate_up_proj|down_proj)$")
-#: granitemoe's fused gate and up experts as its checkpoints hold them ([E, 2I, H]; its down_proj,
-#: ``output_linear``, has a name in the gguf package's map)
-_INPUT_LINEAR = re.compile(r"^model\.layers\.(?P<bid>\d+)\.block_sparse_moe\.input_linear\.weight$")
+#: granitemoe's fused gate and up experts as its checkpoints hold them ([E, 2I, H]), and
+#: granitemoeshared's shared expert's ([2S, H]); their ``output_linear`` has a name in the gguf package's map
+_INPUT_LINEAR = re.compile(r"^model\.layers\.(?P<bid>\d+)\.(?P<m>block_sparse_moe|shared_mlp)\.input_linear\.weight$")
 
 
 def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_Planned]:
@@ -278,7 +278,7 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
     plan = []
     for k in names:
         if m := _INPUT_LINEAR.match(k):
-            plan += _input_linear_plans(gguf, src, k, int(m["bid"]), out_type)
+            plan += _input_linear_plans(gguf, src, k, int(m["bid"]), m["m"] == "shared_mlp", out_type)
         elif m := _PER_EXPERT.match(k):
             stacks.setdefault(f"{m['pre']}.{m['w']}.weight", {})[int(m["e"])] = k
         elif m := _FUSED.match(k):
@@ -298,13 +298,16 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
     return plan
 
 
-def _input_linear_plans(gguf, src: _Source, k: str, bid: int, out_type: str) -> list[_Planned]:
-    """granitemoe's ``input_linear`` [E, 2I, H] split into the gate (first I rows) and up experts, as
-    transformers' GraniteMoe splits it, under the tensor names llama.cpp reads."""
-    E, rows, cols = src.shape(k)
+def _input_linear_plans(gguf, src: _Source, k: str, bid: int, shared: bool, out_type: str) -> list[_Planned]:
+    """granitemoe's ``input_linear`` ([E, 2I, H] for the experts, [2S, H] for granitemoeshared's shared
+    expert) split into its gate (first half of the rows) and up, as transformers splits it, under the
+    tensor names llama.cpp reads."""
+    *lead, rows, cols = src.shape(k)
+    shape = (*lead, rows // 2, cols)
     T = gguf.MODEL_TENSOR
-    return [_Planned(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", k, (E, rows // 2, cols), _tensor_type(gguf, out_type, (E, rows // 2, cols)),
-                     fetch=lambda h=h: src.get(k).chunk(2, dim=1)[h].contiguous()) for h, t in enumerate((T.FFN_GATE_EXP, T.FFN_UP_EXP))]
+    names = (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP) if shared else (T.FFN_GATE_EXP, T.FFN_UP_EXP)
+    return [_Planned(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", k, shape, _tensor_type(gguf, out_type, shape),
+                     fetch=lambda h=h: src.get(k).chunk(2, dim=-2)[h].contiguous()) for h, t in enumerate(names)]
 
 
 def _expert_plan(gguf, src: _Source, tmap, target: str, source: str, shape, out_type: str, fetch) -> _Planned:

@@ -34,8 +34,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
 - olmo3 is olmo2's graph with a sliding window on the layers ``layer_types`` names (an array, as
   for gemma); llama.cpp runs those layers' rope unscaled and with the full layers' base, so another
   rope there is refused.
-- granitemoe: granite's multipliers, its fused ``input_linear`` experts split into gate and up
-  (gguf.py), the top-k routing weights always renormalised (softmax over the chosen logits).
+- granitemoe: granite's multipliers, its fused ``input_linear`` experts (and granitemoeshared's
+  shared expert) split into gate and up (gguf.py), the top-k routing weights always renormalised (softmax over the chosen logits).
 - olmo2 normalises q and k over all heads at once and after (not before) attention and MLP, as
   transformers' Olmo2 does; olmoe never renormalises the top-k routing weights and has no grouped-query
   attention (its k_norm is read over all heads). granite's
@@ -110,6 +110,7 @@ FAMILIES: dict[str, Family] = {
     "OlmoeForCausalLM": Family("olmoe", moe=True, norm_topk=False),
     "GraniteForCausalLM": Family("granite", permute=True),
     "GraniteMoeForCausalLM": Family("granitemoe", permute=True, moe=True, norm_topk=True),
+    "GraniteMoeSharedForCausalLM": Family("granitemoe", permute=True, moe=True, norm_topk=True),
     "SmolLM3ForCausalLM": Family("smollm3", permute=True),
     "Glm4ForCausalLM": Family("glm4"),
     "OlmoForCausalLM": Family("olmo", permute=True),
@@ -287,8 +288,8 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         gw.add_expert_used_count(cfg["num_experts_per_tok"])
         if cfg.get("moe_intermediate_size"):
             gw.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
-        if cfg.get("shared_expert_intermediate_size"):
-            gw.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size") or cfg.get("shared_intermediate_size"):
+            gw.add_expert_shared_feed_forward_length(cfg.get("shared_expert_intermediate_size") or cfg["shared_intermediate_size"])
     if fam.arch in ("gemma2", "gemma3"):
         _gemma_metadata(gw, fam, cfg)
     if fam.arch in ("gemma2", "gemma3", "olmo2", "cohere2"):
