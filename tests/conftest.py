@@ -2,6 +2,11 @@ import os
 import sys
 from pathlib import Path
 
+# Under pytest-xdist (tools/test.sh runs `-n 2` on CI's 2 cores) each worker is one process beside
+# another: one torch thread each, or the two workers' thread teams fight over the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # bitsandbytes wraps some CPU fallbacks in torch.compile, which recompiles for every shape: minutes of
 # compile time for no numerical difference on these ops. The tests run them eagerly.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")

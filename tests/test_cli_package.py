@@ -13,7 +13,8 @@ import pytest
 
 import qconvert
 from qconvert.errors import OptionError
-from qconvert.training.settings import RUN_OPTIONS, SPECS, TrainConfig, load_run
+from qconvert.training.config import load_config, load_run
+from qconvert.training.settings import RUN_OPTIONS, SPECS, RunOptions, TrainConfig
 
 PACKAGE = Path(qconvert.__file__).parent
 
@@ -123,19 +124,19 @@ def test_flags_config_file_and_keywords_build_the_same_config(tmp_path):
                               "overwrite": True}))
     kwargs = dict(lr=1e-3, lora_r=4, epochs=3, target_modules=["q_proj", "v_proj"], gradient_checkpointing=False, resume="latest",
                   backend="reference", fmt="text", max_length=128, save_steps=0, eval_split=0.1, overwrite=True)
-    run = {"model": "base", "data": "d.jsonl", "output": "out", "push_to": None, "keep_quantized": None}
+    run = RunOptions(model="base", data="d.jsonl", output="out")
     python = TrainConfig(**kwargs)
-    assert python == TrainConfig.of(None, kwargs) == TrainConfig.from_file(cfg) == TrainConfig.from_file(js)
+    assert python == TrainConfig.of(None, kwargs) == load_config(cfg) == load_config(js)
     assert _from_flags(*flags) == (run, python)
     assert _from_flags("--config", str(cfg)) == (run, python)
     assert _from_flags("--config", str(js)) == (run, python)
     assert python.target_modules == ["q_proj", "v_proj"] and python.seed == 42  # null in a file: the default
     # flags over the file, the file over the defaults
     run2, over = _from_flags("--config", str(cfg), "--lr", "2e-3", "--output", "elsewhere", "--push-to-hub", "me/x")
-    assert over == dataclasses.replace(python, lr=2e-3) and run2 == dict(run, output="elsewhere", push_to="me/x")
-    assert TrainConfig.from_file(cfg, lr=2e-3) == over
+    assert over == dataclasses.replace(python, lr=2e-3) and run2 == dataclasses.replace(run, output="elsewhere", push_to="me/x")
+    assert load_config(cfg, lr=2e-3) == over
     # untouched: every default
-    assert _from_flags() == (dict.fromkeys(run), TrainConfig())
+    assert _from_flags() == (RunOptions(), TrainConfig())
 
 
 def test_a_file_value_a_flag_overrides_is_not_read(tmp_path):
@@ -165,7 +166,7 @@ def test_bad_values_are_option_errors_from_python_and_files(tmp_path, options, n
     f = tmp_path / "run.json"
     f.write_text(json.dumps({KEYS[name][0]: value}))
     with pytest.raises(OptionError):
-        TrainConfig.from_file(f).check()
+        load_config(f).check()
 
 
 def test_an_unknown_backend_is_an_option_error():

@@ -233,7 +233,8 @@ def test_merge_into_the_original_conv1d_weights(gpt2, tmp_path, hub_names):
     from safetensors.torch import save_file
 
     from qconvert.errors import FormatError
-    from qconvert.export.merge import LoraAdapter, merge_adapter
+    from qconvert.export.lora_merge import LoraAdapter
+    from qconvert.export.merge import merge_adapter
 
     src, q = gpt2
     orig_dir = without_prefix(src, tmp_path / "orig") if hub_names else src

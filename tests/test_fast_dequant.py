@@ -273,7 +273,8 @@ def test_merge_uses_the_fast_path(tiny_quantized, monkeypatch, tmp_path):
     dequantized values plus the LoRA update, bit for bit."""
     from safetensors.torch import load_file
 
-    from qconvert.export.merge import LoraAdapter, merge_adapter
+    from qconvert.export.lora_merge import LoraAdapter
+    from qconvert.export.merge import merge_adapter
     from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.layout import find_quantized
 

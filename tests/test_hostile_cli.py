@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import QCONVERT, make_tiny_llama
+from helpers import QCONVERT, make_tiny_llama, whole_error
 from qconvert.cli.main import main
 
 FIRST_LINE = re.compile(r"^qconvert: error: .{1,183}$")
@@ -110,7 +110,7 @@ def test_bad_input_gets_one_short_first_line(files, capsys, monkeypatch, case, a
     out, err = capsys.readouterr()
     first, *rest = err.splitlines()
     assert FIRST_LINE.match(first), first
-    assert fragment in first and "Traceback" not in err
+    assert fragment in whole_error(first, rest) and "Traceback" not in err
     assert not files["out"].exists()
     if case == "long-message-is-cut":  # cut with " ...", and the whole message still follows
         assert first.endswith(" ...") and "no such file or folder" in err and rest[-1].startswith("hint: ")

@@ -289,7 +289,7 @@ def test_regular_expression_patterns_keep_peft_semantics(tiny_q, tmp_path):
     name 'v_proj', and gave v_proj the default rank). load_model attaches the adapter PEFT made, and
     merge's scaling of each module equals PEFT's."""
     import qconvert
-    from qconvert.export.merge import LoraAdapter
+    from qconvert.export.lora_merge import LoraAdapter
 
     a = peft_adapter(tiny_q, tmp_path / "a", r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj|down_proj)",
                      rank_pattern={"q_proj|v_proj": 2}, alpha_pattern={r"layers\.1\..*": 3, "down_proj": 5})

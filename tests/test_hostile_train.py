@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import QCONVERT, make_tiny_bert, run_cli_here
+from helpers import QCONVERT, make_tiny_bert, run_cli_here, whole_error
 from test_train import free_port, memorize_set, metrics, qmodel, train  # noqa: F401  (qmodel is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,9 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     assert len(err) == 1 and len(re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+", "/tmp/T", err[0])) <= 200, lines
     block = "\n".join(lines[lines.index(err[0]):])  # the error: its first line, then detail and hint lines
     assert all(l.startswith(("  ", "hint: ")) for l in block.splitlines()[1:]), block
+    whole = "\n".join([whole_error(err[0], block.splitlines()[1:]), block])
     for n in needles:
-        assert n in block, block
+        assert n in whole, block
     return block
 
 

@@ -56,7 +56,7 @@ def test_float32_merge_equals_unmerged_model(setup):
 def test_bf16_merge_and_weights_by_value(setup):
     from safetensors.torch import load_file
 
-    from qconvert.export.merge import LoraAdapter
+    from qconvert.export.lora_merge import LoraAdapter
     from qconvert.format.layout import QuantizedTensor, companion_keys
     from qconvert.quant.reference import dequantize_4bit_ref
 
@@ -94,7 +94,7 @@ def test_quantize_reports_measured_cost(setup):
     # recompute one layer's "adapter change lost" by hand from the files
     from safetensors.torch import load_file
 
-    from qconvert.export.merge import LoraAdapter
+    from qconvert.export.lora_merge import LoraAdapter
     from qconvert.format.layout import QuantizedTensor, companion_keys
     from qconvert.quant.reference import dequantize_4bit_ref
 
@@ -139,7 +139,7 @@ def test_scaling_follows_peft_rank_alpha_patterns_and_rslora(setup, tmp_path):
     """rank_pattern / alpha_pattern / use_rslora give each module the scaling PEFT itself uses."""
     from peft import LoraConfig, get_peft_model
 
-    from qconvert.export.merge import LoraAdapter
+    from qconvert.export.lora_merge import LoraAdapter
 
     d, _ = setup
     for rslora in (False, True):
@@ -160,7 +160,7 @@ def test_scaling_follows_peft_rank_alpha_patterns_and_rslora(setup, tmp_path):
 def test_base_original_merges_into_original_weights_with_warning(setup, tmp_path):
     from safetensors.torch import load_file
 
-    from qconvert.export.merge import LoraAdapter
+    from qconvert.export.lora_merge import LoraAdapter
 
     d, _ = setup
     r = run("merge", d / "q", d / "adapter", tmp_path / "mo", "--dtype", "float32", "--base-original", d / "src")

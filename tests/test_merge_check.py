@@ -19,7 +19,8 @@ def setup(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_good_merge_passes_and_a_wrongly_scaled_one_is_caught(setup, monkeypatch):
-    from qconvert.export.merge import LoraAdapter, merge_adapter
+    from qconvert.export.lora_merge import LoraAdapter
+    from qconvert.export.merge import merge_adapter
 
     d = setup
     good = merge_adapter(str(d / "q"), str(d / "adapter"), d / "good", check=True)
@@ -41,7 +42,8 @@ def test_the_default_bound_follows_the_output_dtype(setup, monkeypatch):
     """A LoRA scaling 10% off (KL about 7e-3 on this model, under the former single bound 1e-2) is
     caught in a float32 merge, whose faithful KL is about 1e-12; in bfloat16, whose own rounding gives
     about 4e-5 here and up to 7e-4 on other tiny models, the bound stays 1e-2 and lets it through."""
-    from qconvert.export.merge import LoraAdapter, merge_adapter
+    from qconvert.export.lora_merge import LoraAdapter
+    from qconvert.export.merge import merge_adapter
 
     d = setup
     scaling = LoraAdapter.scaling

@@ -60,7 +60,7 @@ def test_overlapped_merge_writes_the_sequential_bytes(sharded, kw, monkeypatch):
 
 def test_overlapped_merge_merges_by_value(sharded, monkeypatch):
     """The overlapped output is the merge itself: a merged weight equals dequant(W4) + scaling * B @ A."""
-    from qconvert.export.merge import LoraAdapter
+    from qconvert.export.lora_merge import LoraAdapter
     from qconvert.io.checkpoint import Checkpoint
     from qconvert.quant.reference import dequantize_4bit_ref
 
@@ -75,7 +75,7 @@ def test_merge_reads_the_next_tensor_while_merging_one(sharded, monkeypatch):
     """While the first tensor is being merged, the second is already being read (in another thread):
     the merge of the first waits for that read, so one step after another would wait in vain."""
     d, _ = sharded
-    read, output = merge_mod._read_inputs, merge_mod._output_tensors
+    read, output = merge_mod.read_inputs, merge_mod.output_tensors
     keys, second_read, readers = [], threading.Event(), set()
 
     def reading(job, k):
@@ -90,8 +90,8 @@ def test_merge_reads_the_next_tensor_while_merging_one(sharded, monkeypatch):
             assert second_read.wait(20), "the next tensor was not read while this one was merged"
         yield from output(job, k, inputs)
 
-    monkeypatch.setattr(merge_mod, "_read_inputs", reading)
-    monkeypatch.setattr(merge_mod, "_output_tensors", merging)
+    monkeypatch.setattr(merge_mod, "read_inputs", reading)
+    monkeypatch.setattr(merge_mod, "output_tensors", merging)
     merged_files(d, "ovl-events", True, monkeypatch)
     assert threading.current_thread().name not in readers
 
@@ -151,7 +151,7 @@ def test_overlap_reports_an_earlier_write_error_first_and_leaves_no_thread():
 def test_merge_finite_check_is_isfinite_all(dtype):
     """merge's fast finite check (min and max) says what ``torch.isfinite(t).all()`` says, for NaN and
     +-Inf at every position of a vector's body and tail, and for an empty tensor."""
-    from qconvert.export.merge import all_finite
+    from qconvert.export.lora_merge import all_finite
 
     assert all_finite(torch.empty(0, 3, dtype=dtype))
     assert all_finite(torch.randn(67, 5).to(dtype))

@@ -13,6 +13,7 @@ import itertools
 import pytest
 import torch
 
+from qconvert.convert.options import QuantizeOptions
 from qconvert.convert.plan import KNOWN_DECODERS, known_layout, make_plan
 from qconvert.convert.quantize import bnb_quantization_config
 from qconvert.io.checkpoint import Checkpoint
@@ -55,8 +56,9 @@ def test_table_plan_equals_transformers_plan(tmp_path, arch, tie, flags):
         d = make_tiny_decoder(tmp_path / f"m-{keep_head}-{len(skips)}", arch, tie, flags, keep_tied_head=keep_head)
         ckpt = Checkpoint(d)
         assert known_layout(ckpt.config(), ckpt.keys()) is not None, "the table path was not taken"
-        fast = make_plan(ckpt, skip_modules=skips, max_shard_size=20_000)
-        slow = make_plan(ckpt, skip_modules=skips, max_shard_size=20_000, use_transformers=True)
+        opts = QuantizeOptions(skip_modules=skips, max_shard_size=20_000)
+        fast = make_plan(ckpt, opts)
+        slow = make_plan(ckpt, opts, use_transformers=True)
         same_plan(fast, slow)
         per_layer = len(KNOWN_DECODERS[arch].linears)  # with skips: layer 1 and layer 0's down_proj
         assert sum(i.quantize for i in fast.items) == (per_layer - 1 if skips else 2 * per_layer)

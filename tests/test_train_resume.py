@@ -24,7 +24,7 @@ RUN = {"eval_split": 0.1, "batch_size": 8, "grad_accum": 1, "lr": 3e-3}
 def flags(*args: str) -> TrainConfig:
     """The TrainConfig `qconvert train ARGS` builds (what was given recorded), without running it."""
     from qconvert.cli.train import given_options, train as command
-    from qconvert.training.settings import load_run
+    from qconvert.training.config import load_run
 
     ctx = command.make_context("train", ["base", "--data", "d.jsonl", "--output", "out", *args])
     params = dict(ctx.params)

@@ -51,3 +51,27 @@ def test_quantize_takes_one_frozen_options_object(tmp_path):
     assert (c["blocksize"], c["double_quant"]) == (64, True)
     with pytest.raises(TypeError, match="unexpected keyword argument 'block_size'"):
         quantize_checkpoint(str(src), tmp_path / "d", block_size=128)
+
+
+def test_make_plan_takes_the_quantize_options_whole(tmp_path):
+    """make_plan reads blocksize, double quant, the skip list and the shard limit from one QuantizeOptions
+    (before: five keywords copied out of it by quantize and verify); the dry run plans the same."""
+    import math
+
+    import torch
+
+    from helpers import make_tiny_llama
+    from qconvert.convert.options import QuantizeOptions
+    from qconvert.convert.plan import make_plan, quantized_size
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.io.checkpoint import Checkpoint
+
+    src = make_tiny_llama(tmp_path / "src", dtype=torch.float32, layers=1)
+    opts = QuantizeOptions(blocksize=128, double_quant=False, skip_modules=["v_proj"], max_shard_size="20KB")
+    plan = make_plan(Checkpoint(src), opts)
+    linears = {i.source_key: i.quantize for i in plan.items if i.source_key.endswith("_proj.weight")}
+    assert len(linears) == 7 and [k for k, q in linears.items() if not q] == ["model.layers.0.self_attn.v_proj.weight"]
+    assert all(i.out_bytes == quantized_size(math.prod(i.shape), 128, False) for i in plan.items if i.quantize)
+    assert len(plan.shards) > 1 and all(len(s) == 1 or sum(plan.items[i].out_bytes for i in s) <= 20_000 for s in plan.shards)
+    dry = quantize_checkpoint(str(src), tmp_path / "out", opts, dry_run=True)
+    assert dry["shards"] == plan.summary()["shards"] and dry["quantized"] == 6

@@ -14,5 +14,7 @@ export PYTHONUNBUFFERED=1
 .venv/bin/lint-imports
 # the guide in docs/ (mkdocs.yml): a broken link, anchor or page left out of the nav fails the build
 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
-# every test; the fast loop is `bash tools/test.sh -m "not slow"` (tests/README.md)
-exec .venv/bin/python -m pytest -q "$@"
+# every test, in two pytest-xdist workers (one torch thread each, tests/conftest.py): CI has 2 cores and
+# most of the suite is single-threaded Python and subprocesses. Whole files go to one worker (their
+# module fixtures are built once). The fast loop is `bash tools/test.sh -m "not slow"` (tests/README.md).
+exec .venv/bin/python -m pytest -q -n "${QCONVERT_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -14,7 +14,7 @@ from ..training.settings import RUN_OPTIONS, SPECS, Spec
 def click_option(spec: Spec):
     """The click option of one train option, as its Spec declares it. A flag's default is the
     TrainConfig default; a value not given on the command line is left to --config and the
-    defaults (see :func:`qconvert.training.settings.load_run`)."""
+    defaults (see :func:`qconvert.training.config.load_run`)."""
     kw = dict(help=spec.help, hidden=spec.hidden, metavar=spec.metavar)
     if spec.kind == "bool":
         # a flag that is on by default is spelled --no-NAME and turns it off
@@ -52,16 +52,16 @@ def train(ctx, model, config_file, config_name, **flags):
     optimizer state (FSDP2). Stopped by Ctrl-C or SIGTERM, every process saves its part of the
     checkpoint; --nproc-per-node then exits 130 or 143 as one process does (torchrun exits 1 with its
     own traceback, and kills processes still saving after 30 s)."""
-    from ..training.settings import load_run
+    from ..training.config import load_run
 
     if config_name and not config_file:
         raise click.UsageError("--config-name without --config", ctx=ctx)
     run_options, config = load_run(config_file, given_options(ctx, model, flags), name=config_name, log=lambda m: click.echo(m, err=True))
-    for name, how in (("model", "MODEL"), ("data", "--data"), ("output", "--output")):
-        if not run_options[name]:  # a usage error (exit 2), as click's own missing argument is
+    for value, how in ((run_options.model, "MODEL"), (run_options.data, "--data"), (run_options.output, "--output")):
+        if not value:  # a usage error (exit 2), as click's own missing argument is
             raise click.UsageError(f"missing {how}: give it on the command line or in the --config file", ctx=ctx)
-    if run_options["push_to"]:
-        check_push_base(run_options["model"], config.base_model_id, run_options["push_to"])
+    if run_options.push_to:
+        check_push_base(run_options.model, config.base_model_id, run_options.push_to)
     if (config.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the launcher; its processes are the workers
         from ..training.launch import launch
 
@@ -73,12 +73,12 @@ def train(ctx, model, config_file, config_name, **flags):
         from .._cpus import cap_torch_threads
 
         cap_torch_threads()
-    output = run_options["output"]
-    r = run(run_options["model"], run_options["data"], output, config, log=lambda m: click.echo(m, err=True), config_file=config_file,
-            keep_quantized=run_options["keep_quantized"])
+    output = run_options.output
+    r = run(run_options.model, run_options.data, output, config, log=lambda m: click.echo(m, err=True), config_file=config_file,
+            keep_quantized=run_options.keep_quantized)
     if r.get("interrupted"):
         raise SystemExit(128 + r["signal"] if r.get("signal") else 0)
-    push_to = run_options["push_to"]
+    push_to = run_options.push_to
     if push_to and int(os.environ.get("RANK", "0")) == 0:
         from ..hub.push import push_folder
 

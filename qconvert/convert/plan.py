@@ -33,6 +33,7 @@ from ..io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from ..format.constants import FLOAT_DTYPES
 from ..format.layout import dtype_name, stored_nbytes
 from .meta import TIED, Placement, Placements, cast_reason, is_skipped, load_dtype, meta_placements
+from .options import QuantizeOptions
 from .sources import DequantizingReader, reading_view
 
 QUANTIZABLE_DTYPES = FLOAT_DTYPES
@@ -226,21 +227,15 @@ def table_placements(layout: Layout, info: dict[str, tuple[torch.dtype, tuple[in
     return result
 
 
-def make_plan(
-    ckpt: Checkpoint,
-    *,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    skip_modules: list[str] | None = None,
-    max_shard_size: int = 2 * 10**9,
-    use_transformers: bool = False,
-    experts: str = "4bit",
-) -> Plan:
-    """The plan for ``ckpt``. ``use_transformers`` forces the meta-model path (tests compare the two).
-    ``experts``: "4bit" quantizes the routed experts (spec section 14), "16bit" leaves them as
-    transformers + bitsandbytes does (byte-identical output). An FP8 or MXFP4 source is planned as the
-    16-bit checkpoint transformers dequantizes it into."""
+def make_plan(ckpt: Checkpoint, options: QuantizeOptions | None = None, *, use_transformers: bool = False) -> Plan:
+    """The plan for ``ckpt`` under a quantize run's ``options`` (default: the CLI's defaults); the
+    plan reads its skip_modules, blocksize, double_quant, max_shard_size and experts.
+    ``use_transformers`` forces the meta-model path (tests compare the two). ``experts``: "4bit"
+    quantizes the routed experts (spec section 14), "16bit" leaves them as transformers +
+    bitsandbytes does (byte-identical output). An FP8 or MXFP4 source is planned as the 16-bit
+    checkpoint transformers dequantizes it into."""
+    o = options or QuantizeOptions()
+    blocksize, double_quant, experts = o.blocksize, o.double_quant, o.experts
     if experts not in EXPERT_MODES:
         raise OptionError(f"unknown experts mode {experts!r}", hint=f"use one of {', '.join(EXPERT_MODES)}")
     ckpt = reading_view(ckpt)
@@ -255,7 +250,7 @@ def make_plan(
                 )
             dt, shape = ckpt.info(k)
             info[k], files[k] = (dt, tuple(shape)), file
-    user = list(skip_modules or ())
+    user = list(o.skip_modules)
     layout = None if use_transformers else known_layout(ckpt.config(), list(info))
     if layout is None:
         placed = meta_placements(ckpt.config_dir(), info, ckpt.config(), user, quantize_experts=experts == "4bit")
@@ -288,17 +283,9 @@ def make_plan(
             hint="it quantizes only modules of type exactly nn.Linear, and Conv1D; check --skip-modules",
         )
     source_dropped = ckpt.dropped if isinstance(ckpt, DequantizingReader) else {}
-    shards: list[list[int]] = [[]]
-    current = 0
-    for idx, it in enumerate(items):
-        if shards[-1] and current + it.out_bytes > max_shard_size:
-            shards.append([])
-            current = 0
-        shards[-1].append(idx)
-        current += it.out_bytes
     return Plan(
         items=items,
-        shards=shards,
+        shards=_shards(items, parse_size(o.max_shard_size)),
         dropped={**placed.dropped, **source_dropped},
         skip_patterns=placed.skips,
         architecture=placed.architecture,
@@ -308,6 +295,20 @@ def make_plan(
         experts_kept=kept,
         source_scheme=ckpt.describe() if isinstance(ckpt, DequantizingReader) else None,
     )
+
+
+def _shards(items: list[Item], limit: int) -> list[list[int]]:
+    """Item indices per output shard, in order: a shard is closed before the item that would take it
+    over ``limit`` bytes (an item larger than the limit gets a shard of its own)."""
+    shards: list[list[int]] = [[]]
+    current = 0
+    for idx, it in enumerate(items):
+        if shards[-1] and current + it.out_bytes > limit:
+            shards.append([])
+            current = 0
+        shards[-1].append(idx)
+        current += it.out_bytes
+    return shards
 
 
 EXPERT_MODES = ("4bit", "16bit")

@@ -101,8 +101,7 @@ def quantize_checkpoint(
         stage = staging_dir(out)
         t0 = time.perf_counter()
         src = reading_view(open_checkpoint(source, o.revision, stage / "source", keep=o.keep_source))  # FP8/MXFP4: dequantized
-        plan = make_plan(src, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant,
-                         skip_modules=list(o.skip_modules), max_shard_size=shard_limit, experts=o.experts)
+        plan = make_plan(src, o)
         settings = _settings(src, source, plan, o, shard_limit)
         plan.settings = settings
         if o.dry_run:

@@ -85,6 +85,7 @@ def check_model_structure(ckpt: Checkpoint) -> str:
 def source_plan(ckpt: Checkpoint, src: Checkpoint):
     """The plan ``qconvert quantize`` makes for ``src`` with the skip list recorded in ``ckpt``: where
     each source tensor must be in the output, in which dtype, and which ones may be absent."""
+    from .options import QuantizeOptions
     from .plan import make_plan
 
     from ..format.layout import find_quantized, has_4bit_experts
@@ -93,7 +94,7 @@ def source_plan(ckpt: Checkpoint, src: Checkpoint):
     skips = qc.get("llm_int8_skip_modules") or []
     quantized = find_quantized(ckpt.keys())
     blocksize = ckpt.quantized(quantized[0]).blocksize if quantized else 64  # decides which experts fit (spec 14.2)
-    return make_plan(src, skip_modules=list(skips), blocksize=blocksize, experts="4bit" if has_4bit_experts(qc) else "16bit")
+    return make_plan(src, QuantizeOptions(skip_modules=skips, blocksize=blocksize, experts="4bit" if has_4bit_experts(qc) else "16bit"))
 
 
 def check_against(ckpt: Checkpoint, quantized: list[str], src: Checkpoint):

@@ -56,9 +56,9 @@ class _HF(_Torch):
     """A Hugging Face folder (plus adapter) as a float32 transformers model of its logical values."""
 
     def __init__(self, path: str, adapter: str | None):
-        from .gguf import _Source
+        from .lora_merge import Source
 
-        self.src = src = _Source.open(path, adapter, lambda m: None, family=False)
+        self.src = src = Source.open(path, adapter, lambda m: None)
         self.model = _float32_model(src)
         self.tokenizer = _tokenizer(src.ckpt.config_dir())
 

@@ -3,7 +3,7 @@ written as one GGUF file that llama.cpp runs, or a LoRA adapter alone as a GGUF 
 
 The values written are the model's logical values: a 4-bit weight's dequantized value (spec section 8,
 the weight the model computed with), a merged weight exactly as `qconvert merge` computes it (this
-module calls merge's per-tensor function, in float32), anything else as stored. The file format,
+module calls lora_merge's per-tensor function, in float32), anything else as stored. The file format,
 tensor names, vocabulary and the Q8_0 / Q4_0 quantizers come from the ``gguf`` package (llama.cpp's own
 Python library); K-quants (Q4_K_M) come from llama.cpp's quantizer through ``llama_cpp``: an F16 file is
 written first beside the output, then quantized into the final file. Nothing of the binary format is
@@ -39,6 +39,7 @@ import torch
 
 from ..errors import FormatError, OptionError
 from .gguf_families import FAMILIES as _FAMILIES
+from .lora_merge import Source
 
 #: --type choices: the GGUF file types a user picks
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
@@ -89,8 +90,6 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
     out = Path(output)
     check_output(out, overwrite, inputs=[model, adapter])
     if lora_only:
-        from .gguf_lora import export_gguf_lora
-
         return export_gguf_lora(model, adapter, out, say)
     out_type = out_type or "f16"
     src = _Source.open(model, adapter, say)
@@ -119,56 +118,14 @@ def check_export(model: str, output: str | os.PathLike, out_type: str, adapter: 
     return {k: r[k] for k in ("kl", "top1_agreement", "max_rel_logit_error", "tolerance", "passed")}
 
 
-class _Source:
-    """The model's tensors by name, each in float32 as the model computes with it."""
+class _Source(Source):
+    """The model's tensors (lora_merge.Source) and the llama.cpp family they are written as; another
+    family is refused by name before any tensor is read."""
 
-    def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job, family: bool = True):
-        self.root, self.ckpt, self.cfg, self.job = root, ckpt, cfg, job
-        self.family, self.notes = _family(cfg, root) if family else (None, [])
-        self.arch = self.family.arch if self.family else None
-        from ..format.conformance import check_checkpoint
-
-        self.quantized = set(check_checkpoint(ckpt))
-        self.owned = {k for q in self.quantized for k in ckpt.companions(q)}
-
-    @classmethod
-    def open(cls, model: str, adapter: str | None, say, family: bool = True) -> "_Source":
-        """``family``: refuse a family export-gguf cannot write (compare reads any causal LM)."""
-        from ..io.checkpoint import Checkpoint
-        from ..io.source import resolve_model_path
-
-        root, _ = resolve_model_path(model, None)
-        ckpt = Checkpoint(root, streaming=True)
-        cfg = ckpt.config() or {}
-        job = None
-        if adapter:
-            from .merge import _prepare
-
-            job = _prepare(ckpt, root, adapter, None, False, "float32", say)
-        return cls(root, ckpt, cfg, job, family)
-
-    def names(self) -> list[str]:
-        """The model's tensors (a 4-bit weight once, by its weight name), in checkpoint order."""
-        return [k for k in self.ckpt.keys() if k not in self.owned or k in self.quantized]
-
-    def shape(self, k: str) -> tuple[int, ...]:
-        if k in self.quantized:
-            return tuple(self.ckpt.quantized(k).shape)
-        return tuple(self.ckpt.info(k)[1])
-
-    def get(self, k: str) -> torch.Tensor:
-        """Tensor ``k`` in float32: merged exactly as `qconvert merge` merges when an adapter is given."""
-        if self.job is not None:
-            from .merge import _output_tensors
-
-            ((name, t),) = list(_output_tensors(self.job, k))
-            return t.float()
-        if k in self.quantized:
-            from ..ops import dequantize_4bit
-            from ..ops.args import weight_args
-
-            return dequantize_4bit(*weight_args(self.ckpt.quantized(k)), torch.float32)
-        return self.ckpt.get(k).float()
+    def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job):
+        self.family, self.notes = _family(cfg, root)
+        self.arch = self.family.arch
+        super().__init__(root, ckpt, cfg, job)
 
 
 def _family(cfg: dict[str, Any], root: Path):
@@ -521,3 +478,72 @@ def _llama_quantize(src: Path, dst: Path, out_type: str) -> None:
     if rc != 0:
         raise FormatError(f"llama.cpp's quantizer failed on {src} (code {rc})", hint="re-run with --type f16 to get the unquantized file")
 
+
+def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]:
+    """Write ``adapter`` (checked against ``model``, its base) to ``out`` as a GGUF LoRA adapter
+    (``--lora-only``), which llama.cpp applies at run time to the base model's GGUF.
+
+    The conventions are llama.cpp's (its convert_lora_to_gguf.py and llama-adapter.cpp): general.type
+    "adapter", adapter.type "lora", adapter.lora.alpha; for each adapted base tensor ``T`` (its GGUF name)
+    two tensors ``T.lora_a`` ([r, in], PEFT's lora_A) and ``T.lora_b`` ([out, r], PEFT's lora_B), which
+    llama.cpp multiplies into ``scale * B @ (A @ x)`` with scale = alpha / r (r read from the tensors).
+    Where PEFT's scaling is not alpha / r for a module (rank_pattern, alpha_pattern, rsLoRA) the ratio is
+    folded into that module's lora_b, so llama.cpp's alpha / r times B gives PEFT's scaling times B.
+    lora_b of q_proj / k_proj gets the same per-head row permutation as the base weights (its rows are
+    the weight's rows). The tensors are written in float32: an adapter is small, and the base GGUF's type
+    is the user's choice. The base GGUF must come from the same base the adapter was trained on (for a
+    4-bit base: `qconvert export-gguf BASE`), since llama.cpp adds the update to whatever weights it has.
+    """
+    from ..io.writes import write_file
+
+    src = _Source.open(model, adapter, say)
+    if src.job.params is not None:
+        raise OptionError(f"{adapter}: LoRA on parameters (target_parameters) has no GGUF adapter form", hint="export the merged model instead (drop --lora-only)")
+    lora = src.job.lora
+    alpha = float(lora.config.get("lora_alpha", lora.config["r"]))
+    if not alpha > 0:  # llama.cpp reads alpha 0 as "no scaling"
+        raise OptionError(f"{adapter}: lora_alpha {alpha} cannot be written as a GGUF adapter", hint="export the merged model instead (drop --lora-only)")
+    plan = _lora_plan(src)
+    write_file(out, lambda f: _stream(src.arch, lambda gw, gguf: _lora_metadata(gw, gguf, src, alpha), plan,
+                                      lambda name: _lora_tensor(src, alpha, name), f, say))
+    return {"model": str(model), "adapter": adapter, "output": str(out), "type": "lora", "architecture": src.arch,
+            "tensors": len(plan), "bytes": os.stat(out).st_size, "merged_modules": 0, "lora_alpha": alpha}
+
+
+def _lora_plan(src: _Source) -> list[_Planned]:
+    from .gguf_families import split
+
+    gguf = _gguf()
+    cfg = src.cfg
+    tmap = gguf.get_tensor_name_map(model_arch(gguf, src.arch), cfg["num_hidden_layers"])
+    F32 = gguf.GGMLQuantizationType.F32
+    plan = []
+    for k, m in src.job.targets.items():
+        base = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
+        if split(src.family, cfg, k, src.shape(k)):
+            raise OptionError(f"{src.job.adapter}: adapts {k!r}, which llama.cpp reads split in two ({src.arch}): a LoRA pair cannot be "
+                              "written for it", hint="export the merged model instead (drop --lora-only)")
+        if base is None:
+            raise OptionError(f"{src.job.adapter}: adapts {k!r}, which has no GGUF name for {src.arch}", hint="export the merged model instead (drop --lora-only)")
+        a, b = src.job.lora.modules[m]
+        perm = rope_heads(src, k)
+        plan.append(_Planned(base + ".lora_a", m + "\0a", tuple(a.shape), F32))
+        plan.append(_Planned(base + ".lora_b", m + "\0b", tuple(b.shape), F32, perm))
+    return plan
+
+
+def _lora_tensor(src: _Source, alpha: float, source: str) -> torch.Tensor:
+    """lora_A as it is; lora_B times PEFT's scaling over llama.cpp's alpha / r (1 for a plain LoRA)."""
+    m, which = source.split("\0")
+    a, b = src.job.lora.modules[m]
+    if which == "a":
+        return a.float()
+    ratio = src.job.lora.scaling(m) * a.shape[0] / alpha
+    return b.float() if ratio == 1.0 else b.float() * ratio
+
+
+def _lora_metadata(gw, gguf, src: _Source, alpha: float) -> None:
+    gw.add_type(gguf.GGUFType.ADAPTER)
+    gw.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    gw.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    gw.add_name(Path(src.job.adapter).name)

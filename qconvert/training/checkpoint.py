@@ -23,16 +23,10 @@ import torch
 from ..model.adapters import stable_adapter_config
 from ..io.writes import TMP_SUFFIX, building, check_room, fresh_dir
 from ..errors import DataError, OutputExistsError
+from .outdir import STATE, read_manifest, record_checkpoint, run_checkpoints
 
-STATE = "trainer_state.pt"
 #: Bumped when trainer_state.pt changes shape; an older checkpoint is refused with a clear line.
 STATE_VERSION = 2
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """The checkpoint-N folders of a training output, by step."""
-    found = [p for p in Path(folder).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
 def rng_state() -> dict:
@@ -123,8 +117,6 @@ def find_resume(out: Path, resume) -> Path | None:
     if not resume:
         return None
     if resume is True or resume == "latest":
-        from .outdir import run_checkpoints
-
         ckpts = run_checkpoints(out)  # never another tool's checkpoint-N
         if not ckpts:
             raise DataError(f"{out}: no checkpoint-N folder to resume from", hint="run without --resume to start")
@@ -156,7 +148,6 @@ def _publish(tmp: Path, state: dict, out: Path, step: int, limit: int | None) ->
     manifest, rename the folder to it in one step, and keep only the newest ``limit`` of the run's
     checkpoints (never a checkpoint-N the run did not write: a foreign one in the way is refused)."""
     from ..io.writes import remove, replace_dir, write_file
-    from .outdir import read_manifest, record_checkpoint, run_checkpoints
 
     final = out / f"checkpoint-{step}"
     if os.path.lexists(final) and final.name not in (read_manifest(out) or []):

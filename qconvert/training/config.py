@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
-from .settings import NOT_SAVED, TrainConfig, all_specs
+from .settings import NOT_SAVED, RUN_OPTIONS, RunOptions, TrainConfig, all_specs
 
 #: option -> (key written to config.yaml, other keys accepted when reading); declared with each
 #: option in qconvert.training.settings (RUN_OPTIONS, then the TrainConfig fields)
@@ -189,3 +189,82 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
     from ..io.writes import write_file
 
     write_file(path, head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False))
+
+
+_TRUE, _FALSE = ("true", "yes", "y", "on", "t", "1"), ("false", "no", "n", "off", "f", "0")
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """A config-file value converted to what the option's flag would give (None stays None);
+    OptionError ``WHERE: KEY: ...`` when it cannot be."""
+    spec = all_specs()[name]
+
+    def bad(what: str):
+        return OptionError(f"{where}: {spec.key}: {value!r} {what}"[:190])
+
+    if value is None:
+        return None
+    kind = spec.kind
+    if name == "push_to" and isinstance(value, bool):
+        if value:
+            raise OptionError(f"{where}: push_to_hub: true needs hub_model_id: REPO_ID")
+        return None
+    if kind == "resume" and isinstance(value, bool):
+        return "latest" if value else None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise bad("is not a valid boolean")
+    if kind == "list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise bad("is not a list of module names")
+        return list(items)
+    if isinstance(value, (dict, list, tuple)):
+        raise bad(f"is not a valid {'integer' if kind == 'int' else 'float' if kind == 'float' else 'string'}")
+    if kind == "int":
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise bad("is not a valid integer") from None
+    if kind == "float":
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("is not a valid float") from None
+    value = str(value)
+    if kind == "choice" and value not in spec.choices:
+        raise bad(f"is not one of {', '.join(spec.choices)}")
+    return value
+
+
+def load_run(file: str | Path | None, given: dict[str, Any] | None = None, *, name: str | None = None,
+             log=None) -> tuple[RunOptions, TrainConfig]:
+    """The run options (MODEL, --data, --output, ...; None where unset) and the TrainConfig of a
+    run: ``given`` (flags or keywords) over the config ``file`` (its run ``name`` in a file of
+    named runs) over the defaults. A file value that a given option overrides is not looked at;
+    null in the file means the default. ``log`` is told the file's keys that change nothing."""
+    given = dict(given or {})
+    values: dict[str, Any] = {}
+    if file:
+        for opt, raw in read_config(file, name, log).items():
+            if opt in given:
+                continue
+            value = coerce(opt, raw, f"--config {file}")
+            if value is not None:
+                values[opt] = value
+    values.update(given)
+    run = RunOptions(**{opt: values.pop(opt, None) for opt in RUN_OPTIONS})
+    return run, TrainConfig.of(None, values)
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """The TrainConfig of a config file (run keys such as output_dir are read and left out), with
+    ``overrides`` (train() keywords) over them: what ``qconvert train --config FILE`` runs with."""
+    return load_run(path, overrides)[1]

@@ -35,6 +35,8 @@ MANIFEST = ".qconvert-run.json"
 RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "metrics.jsonl", "loss.png", "config.yaml",
              "runs", "qconvert_prompt_format.json")
 _CHECKPOINT = re.compile(r"checkpoint-[0-9]{1,12}")
+#: What makes a checkpoint-N folder a training checkpoint (checkpoint.py writes and reads it).
+STATE = "trainer_state.pt"
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -80,10 +82,9 @@ def record_checkpoint(out: Path, name: str, *, present: bool = True) -> None:
 def run_checkpoints(out: Path) -> list[Path]:
     """The checkpoint-N folders of this run, by step: those the manifest lists, or, without a
     manifest, every one (a run written before manifests existed)."""
-    from .checkpoint import checkpoints
-
     listed = read_manifest(out)
-    found = checkpoints(out)
+    found = sorted((p for p in Path(out).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                   key=lambda p: int(p.name.split("-", 1)[1]))
     return found if listed is None else [p for p in found if p.name in listed]
 
 
@@ -149,8 +150,6 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
         if _is_leftover(name) or (overwrite and listed is not None and name in listed):
             remove(out / name)
     if resume and listed is None and present:  # a run from before manifests: adopt its files
-        from .checkpoint import STATE
-
         listed = [n for n in present if n in RUN_FILES or (_CHECKPOINT.fullmatch(n) and (out / n / STATE).is_file())]
     write_manifest(out, listed if resume and listed else [])
 

@@ -6,23 +6,26 @@ declaration come:
 
 - the click options of ``qconvert train`` (qconvert.cli.train generates them);
 - the config-file keys (qconvert.training.config.KEYS) and how a file's values are converted
-  (:func:`coerce`);
-- the range checks (qconvert.training.options.RANGES, check_options) and the choice checks
-  (:meth:`TrainConfig.check`);
+  (qconvert.training.config.coerce);
+- the range checks (:data:`RANGES`, :func:`check_options`) and the choice checks
+  (:func:`check_choices`), both behind :meth:`TrainConfig.check`;
 - the keyword options of :func:`qconvert.training.loop.train`.
 
+Reading a config file (keys, aliases, value conversion: :func:`qconvert.training.config.load_run`)
+is qconvert.training.config's, which reads these declarations.
+
 Adding an option is one field here (plus its use in the training loop). A Python caller may build
-a TrainConfig, read one from a file (:meth:`TrainConfig.from_file`), or pass the same names as
-keywords to ``train()``. Options that name the run rather than configure it (MODEL, --data,
---output, --push-to-hub) are in :data:`RUN_OPTIONS`: they have flags and config keys but are not
-TrainConfig fields. This module imports neither click nor torch.
+a TrainConfig, read one from a file (:func:`qconvert.training.config.load_config`), or pass the same
+names as keywords to ``train()``. Options that name the run rather than configure it (MODEL, --data,
+--output, --push-to-hub, --keep-quantized) are :class:`RunOptions` fields (:data:`RUN_OPTIONS`).
+This module imports neither click nor torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..names import BACKEND_NAMES as BACKENDS
@@ -160,14 +163,10 @@ class TrainConfig:
                                   help="Save a checkpoint and stop after N steps of this run (as Ctrl-C does).")
 
     def __post_init__(self) -> None:
-        from .options import split_modules
-
         self.target_modules = split_modules(self.target_modules)
 
     def check(self) -> None:
         """Raise OptionError for the first value out of its range or not among its choices."""
-        from .options import check_options
-
         values = self.as_options()
         check_options(values)
         check_choices(values)
@@ -183,12 +182,6 @@ class TrainConfig:
     def as_options(self) -> dict[str, Any]:
         """{option: value}, the keyword options of ``train()``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """The options of a config file (run keys such as output_dir are read and left out),
-        with ``overrides`` (train() keywords) over them."""
-        return load_run(path, overrides)[1]
 
     @classmethod
     def of(cls, config: TrainConfig | None = None, options: dict[str, Any] | None = None) -> TrainConfig:
@@ -225,19 +218,28 @@ def _spec(f: dataclasses.Field) -> Spec:
 
 #: option -> Spec, for every TrainConfig field, in declaration order
 SPECS: dict[str, Spec] = {f.name: _spec(f) for f in dataclasses.fields(TrainConfig)}
-#: the options that name the run: MODEL (an argument, or the config file's model_name_or_path),
-#: --data, --output, --push-to-hub
-RUN_OPTIONS: dict[str, Spec] = {
-    "model": Spec("model", (), "model_name_or_path", ("model", "base_model"), help="The base model (4-bit, or 16-bit: quantized on the way in)."),
-    "data": Spec("data", ("--data",), "dataset_name", ("data", "dataset", "data_path", "dataset_path", "train_file"),
-                 help="JSONL/JSON/parquet/CSV/TSV/arrow/txt file, dataset folder, or Hub dataset id (org/name)."),
-    "output": Spec("output", ("--output", "--output-dir"), "output_dir", ("output",),
-                   help="Folder for the adapter, checkpoints, metrics.jsonl, loss.png and config.yaml."),
-    "push_to": Spec("push_to", ("--push-to-hub",), "hub_model_id", ("push_to_hub",), metavar="REPO_ID",
-                    help="Publish the adapter when training finishes (see `qconvert push`)."),
-    "keep_quantized": Spec("keep_quantized", ("--keep-quantized",), "keep_quantized", (), metavar="DIR",
-                           help="A 16-bit MODEL is quantized on the way in: keep that 4-bit copy in DIR (reused by later runs)."),
-}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What names a run rather than configures it: MODEL (an argument, or the config file's
+    model_name_or_path), --data, --output, --push-to-hub and --keep-quantized; None where unset.
+    They have flags and config keys as TrainConfig's fields do, but are train()'s arguments."""
+
+    model: str | None = _opt(None, key="model_name_or_path", aliases=("model", "base_model"),
+                             help="The base model (4-bit, or 16-bit: quantized on the way in).")
+    data: str | None = _opt(None, "--data", key="dataset_name", aliases=("data", "dataset", "data_path", "dataset_path", "train_file"),
+                            help="JSONL/JSON/parquet/CSV/TSV/arrow/txt file, dataset folder, or Hub dataset id (org/name).")
+    output: str | None = _opt(None, "--output", "--output-dir", key="output_dir", aliases=("output",),
+                              help="Folder for the adapter, checkpoints, metrics.jsonl, loss.png and config.yaml.")
+    push_to: str | None = _opt(None, "--push-to-hub", key="hub_model_id", aliases=("push_to_hub",), metavar="REPO_ID",
+                               help="Publish the adapter when training finishes (see `qconvert push`).")
+    keep_quantized: str | None = _opt(None, "--keep-quantized", metavar="DIR",
+                                      help="A 16-bit MODEL is quantized on the way in: keep that 4-bit copy in DIR (reused by later runs).")
+
+
+#: option -> Spec, for every RunOptions field
+RUN_OPTIONS: dict[str, Spec] = {f.name: _spec(f) for f in dataclasses.fields(RunOptions)}
 #: per-invocation choices a run leaves out of OUTPUT/config.yaml
 NOT_SAVED = ("resume", "overwrite", "push_to", "stop_after", "nproc_per_node")
 
@@ -258,76 +260,44 @@ def check_choices(values: dict[str, Any]) -> None:
         raise OptionError(f"unknown {spec.flag} {v!r}", hint=f"use one of {', '.join(spec.choices)}")
 
 
-_TRUE, _FALSE = ("true", "yes", "y", "on", "t", "1"), ("false", "no", "n", "off", "f", "0")
+#: option -> (lowest, lowest included, highest, highest included), for the options that have a range
+RANGES: dict[str, tuple] = {name: spec.range for name, spec in SPECS.items() if spec.range is not None}
 
 
-def coerce(name: str, value: Any, where: str) -> Any:
-    """A config-file value converted to what the option's flag would give (None stays None);
-    OptionError ``WHERE: KEY: ...`` when it cannot be."""
-    spec = all_specs()[name]
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>=' if lo_in else '>'} {lo}")
+    if hi is not None:
+        parts.append(f"{'<=' if hi_in else '<'} {hi}")
+    return " and ".join(parts)
 
-    def bad(what: str):
-        return OptionError(f"{where}: {spec.key}: {value!r} {what}"[:190])
 
-    if value is None:
+def check_options(values: dict[str, Any]) -> None:
+    """Raise OptionError for the first value out of its range (None means "not set" and passes)."""
+    for name, (lo, lo_in, hi, hi_in) in RANGES.items():
+        v = values.get(name)
+        if v is None:
+            continue
+        flag, integer, where = SPECS[name].flag, SPECS[name].kind == "int", _range_text(lo, lo_in, hi, hi_in)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+            what = "an integer" if integer else "a number"
+            raise OptionError(f"{flag} {v!r}: expected {what}", hint=f"give {flag} {what} {where}")
+        bad = not math.isfinite(v)
+        bad |= lo is not None and (v < lo or (v == lo and not lo_in))
+        bad |= hi is not None and (v > hi or (v == hi and not hi_in))
+        if bad:
+            raise OptionError(f"{flag} {v}: must be {where}", hint=f"give {flag} a value {where} (qconvert train --help lists every option)")
+
+
+def split_modules(names) -> list[str] | None:
+    """--target-modules as PEFT users write it: repeated, or comma/space separated (q_proj,v_proj);
+    ``all-linear`` is the default (None)."""
+    if names is None:
         return None
-    kind = spec.kind
-    if name == "push_to" and isinstance(value, bool):
-        if value:
-            raise OptionError(f"{where}: push_to_hub: true needs hub_model_id: REPO_ID")
+    if isinstance(names, str):
+        names = [names]
+    out = [n for item in names for n in str(item).replace(",", " ").split() if n]
+    if out == ["all-linear"]:  # PEFT's and TRL's name for the default: every linear layer but the head
         return None
-    if kind == "resume" and isinstance(value, bool):
-        return "latest" if value else None
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE + _FALSE:
-            return str(value).strip().lower() in _TRUE
-        raise bad("is not a valid boolean")
-    if kind == "list":
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-            raise bad("is not a list of module names")
-        return list(items)
-    if isinstance(value, (dict, list, tuple)):
-        raise bad(f"is not a valid {'integer' if kind == 'int' else 'float' if kind == 'float' else 'string'}")
-    if kind == "int":
-        try:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise bad("is not a valid integer") from None
-    if kind == "float":
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad("is not a valid float") from None
-    value = str(value)
-    if kind == "choice" and value not in spec.choices:
-        raise bad(f"is not one of {', '.join(spec.choices)}")
-    return value
-
-
-def load_run(file: str | Path | None, given: dict[str, Any] | None = None, *, name: str | None = None,
-             log=None) -> tuple[dict[str, Any], TrainConfig]:
-    """The run options ({model, data, output, push_to}, None where unset) and the TrainConfig of a
-    run: ``given`` (flags or keywords) over the config ``file`` (its run ``name`` in a file of
-    named runs) over the defaults. A file value that a given option overrides is not looked at;
-    null in the file means the default. ``log`` is told the file's keys that change nothing."""
-    given = dict(given or {})
-    values: dict[str, Any] = {}
-    if file:
-        from .config import read_config
-
-        for opt, raw in read_config(file, name, log).items():
-            if opt in given:
-                continue
-            value = coerce(opt, raw, f"--config {file}")
-            if value is not None:
-                values[opt] = value
-    values.update(given)
-    run = {name: values.pop(name, None) for name in RUN_OPTIONS}
-    return run, TrainConfig.of(None, values)
+    return out or None
