@@ -176,11 +176,11 @@ def _drop_mtp_layers(src: _Source, names: list[str]) -> list[str]:
     """deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers, which
     transformers does not load and llama.cpp's graph does not run: left out, with a note."""
     n = src.cfg["num_hidden_layers"]
-    extra = [k for k in names if (m := _LAYER.match(k)) and int(m[1]) >= n] if src.family.mtp else []
+    extra = {k for k in names if (m := _LAYER.match(k)) and int(m[1]) >= n} if src.family.mtp else set()
     if extra:
         src.notes.append(f"{len(extra)} tensors of layers past num_hidden_layers ({n}: multi-token prediction) are not written; "
                          "transformers does not run them either")
-    return [k for k in names if k not in set(extra)]
+    return [k for k in names if k not in extra]
 
 
 def model_arch(gguf, name: str):
