@@ -51,6 +51,7 @@ DENSE = {
     "granite": ("Granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
     "olmo": ("Olmo", dict(clip_qkv=0.3)),  # clamps a good share of q/k/v
     "glm4": ("Glm4", {}),
+    "gptneox": ("GPTNeoX", {}),  # fused per-head query_key_value, partial rotary 0.25, parallel residual
     "arcee": ("Arcee", {}),
     "ernie4_5": ("Ernie4_5", {}),
     "seed_oss": ("SeedOss", {}),
@@ -111,7 +112,7 @@ def _build(folder, family: str, table: dict):
         for n, p in model.named_parameters():
             if family.startswith("phi3-longrope") and n.endswith("qkv_proj.weight"):
                 p[: cfg.hidden_size].mul_(4)  # sharper attention: which rope factors are used shows in the logits
-            if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) or (family == "starcoder2" and n.endswith(".bias")):
+            if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "query_key_value.bias")) or (family == "starcoder2" and n.endswith(".bias")):
                 p.normal_(0, 0.5)  # zero at init: make the biases count
             if n.endswith("norm.weight"):
                 p.normal_(0, 0.2)  # Gemma's norms start at zero (1 + w): make the +1 count
@@ -295,7 +296,7 @@ def test_a_deepseek_lora_on_kv_b_proj_is_refused_as_a_gguf_adapter(tmp_path):
 
     model = _build(tmp_path / "m", "deepseek_v2", MOE)
     get_peft_model(model, LoraConfig(r=4, target_modules=["kv_b_proj"])).save_pretrained(tmp_path / "a")
-    with pytest.raises(OptionError, match="llama.cpp reads split in two"):
+    with pytest.raises(OptionError, match="llama.cpp reads split in two or reordered"):
         export_gguf(str(tmp_path / "m"), tmp_path / "a.gguf", adapter=str(tmp_path / "a"), lora_only=True)
 
 

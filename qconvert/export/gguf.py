@@ -200,7 +200,7 @@ def _gguf_name(src: _Source, tmap, k: str) -> str:
 def _fix(src: _Source, name: str):
     from .gguf_families import transform
 
-    return transform(src.family, name)
+    return transform(src.family, name, src.cfg)
 
 
 def _rope_freqs_plan(gguf, src: _Source) -> list[_Planned]:
@@ -511,7 +511,7 @@ def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]
 
 
 def _lora_plan(src: _Source) -> list[_Planned]:
-    from .gguf_families import split
+    from .gguf_families import split, transform
 
     gguf = _gguf()
     cfg = src.cfg
@@ -520,9 +520,9 @@ def _lora_plan(src: _Source) -> list[_Planned]:
     plan = []
     for k, m in src.job.targets.items():
         base = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
-        if split(src.family, cfg, k, src.shape(k)):
-            raise OptionError(f"{src.job.adapter}: adapts {k!r}, which llama.cpp reads split in two ({src.arch}): a LoRA pair cannot be "
-                              "written for it", hint="export the merged model instead (drop --lora-only)")
+        if split(src.family, cfg, k, src.shape(k)) or (base and transform(src.family, base, cfg)):
+            raise OptionError(f"{src.job.adapter}: adapts {k!r}, which llama.cpp reads split in two or reordered ({src.arch}): a LoRA "
+                              "pair cannot be written for it", hint="export the merged model instead (drop --lora-only)")
         if base is None:
             raise OptionError(f"{src.job.adapter}: adapts {k!r}, which has no GGUF name for {src.arch}", hint="export the merged model instead (drop --lora-only)")
         a, b = src.job.lora.modules[m]

@@ -50,6 +50,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   with 1 + w, written as such (llama.cpp's converter does the same).
 - arcee (llama's graph with a gate-less ReLU² MLP; q/k permuted), ernie4_5 (interleaved pairs as
   stored: no permutation) and seed_oss (NEOX) need nothing beyond the common keys.
+- gpt_neox (NEOX rope, partial; LayerNorm; parallel residual as its key) gets its fused
+  query_key_value rows reordered (:func:`transform`); a --lora-only adapter on it is refused.
 - glm4 rotates interleaved pairs of the first partial_rotary_factor of each head, as transformers'
   Glm4 does (no permutation), takes the fused gate_up_proj as its ``ffn_up`` (SwiGLU over the two
   halves) and normalises after attention and MLP as well as before.
@@ -123,6 +125,7 @@ FAMILIES: dict[str, Family] = {
     "CohereForCausalLM": Family("command-r"),
     "Cohere2ForCausalLM": Family("cohere2"),
     "Starcoder2ForCausalLM": Family("starcoder2"),
+    "GPTNeoXForCausalLM": Family("gptneox"),
 }
 #: architectures llama.cpp runs but computes differently from transformers -> why (refused with it)
 REFUSED = {
@@ -131,7 +134,7 @@ REFUSED = {
 }
 #: families whose graph uses LayerNorm -> their config's key for its eps (written under the LayerNorm key)
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "stablelm": "layer_norm_eps", "phi2": "layer_norm_eps", "nemotron": "norm_eps",
-                   "command-r": "layer_norm_eps", "cohere2": "layer_norm_eps"}
+                   "command-r": "layer_norm_eps", "cohere2": "layer_norm_eps", "gptneox": "layer_norm_eps"}
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
 #: by phi3's rope_factors_long / rope_factors_short tensors)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
@@ -298,6 +301,8 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
     if fam.arch in _LAYER_NORM_EPS:
         gw.add_layer_norm_eps(float(cfg.get(_LAYER_NORM_EPS[fam.arch], 1e-5)))
+    if fam.arch == "gptneox":
+        gw.add_parallel_residual(bool(cfg.get("use_parallel_residual", True)))
     if fam.arch in ("command-r", "cohere2"):
         gw.add_logit_scale(float(cfg.get("logit_scale", 1.0)))
     if fam.arch == "olmo":
@@ -342,6 +347,8 @@ def attention_dims(fam: Family, cfg: dict[str, Any]) -> tuple[int, int, int]:
     if fam.mla:
         return 1, int(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
     head_dim = _head_dim(cfg)
+    if fam.arch == "gptneox":  # no grouped-query attention (a num_key_value_heads in its config is not read by transformers)
+        return cfg["num_attention_heads"], head_dim, head_dim
     return cfg.get("num_key_value_heads") or cfg["num_attention_heads"], head_dim, head_dim
 
 
@@ -422,8 +429,13 @@ def rope_freqs(root: Path) -> torch.Tensor | None:
     return (plain / scaled).float()
 
 
-def transform(fam: Family, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A change of value on the way out for tensor ``name`` (its GGUF name): Gemma's norms + 1."""
+def transform(fam: Family, name: str, cfg: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A change of value on the way out for tensor ``name`` (its GGUF name): Gemma's and nemotron's
+    norms + 1; gpt_neox's fused query_key_value rows, per head [q, k, v] in transformers, reordered to
+    all q, all k, all v as llama.cpp's gptneox graph reads them (as its converter reorders them)."""
     if fam.norm_plus_one and name.endswith("norm.weight"):
         return lambda t: t + 1.0
+    if fam.arch == "gptneox" and name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
+        heads = cfg["num_attention_heads"]
+        return lambda t: t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
     return None
