@@ -359,3 +359,18 @@ def test_exaone4_is_refused_with_the_reason(tmp_path):
 
     with pytest.raises(FormatError, match="'Exaone4ForCausalLM' is not exported: llama.cpp applies exaone4's sliding window"):
         _family({"architectures": ["Exaone4ForCausalLM"]}, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_gpt_neox_lora_on_query_key_value_is_refused_as_a_gguf_adapter(tmp_path):
+    """llama.cpp reads gpt_neox's query_key_value with its rows reordered: a LoRA pair written as PEFT
+    holds it would apply to the wrong rows."""
+    from peft import LoraConfig, get_peft_model
+
+    from qconvert.errors import OptionError
+    from qconvert.export.gguf import export_gguf
+
+    model = _build(tmp_path / "m", "gptneox", DENSE)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["query_key_value"])).save_pretrained(tmp_path / "a")
+    with pytest.raises(OptionError, match="llama.cpp reads split in two or reordered"):
+        export_gguf(str(tmp_path / "m"), tmp_path / "a.gguf", adapter=str(tmp_path / "a"), lora_only=True)
