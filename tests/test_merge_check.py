@@ -38,6 +38,23 @@ def test_a_good_merge_passes_and_a_wrongly_scaled_one_is_caught(setup, monkeypat
 
 
 @pytest.mark.slow
+def test_the_default_bound_follows_the_output_dtype(setup, monkeypatch):
+    """A LoRA scaling 10% off (KL about 7e-3 on this model, under the former single bound 1e-2) is
+    caught in a float32 merge, whose faithful KL is about 1e-12; in bfloat16, whose own rounding gives
+    about 4e-5 here and up to 7e-4 on other tiny models, the bound stays 1e-2 and lets it through."""
+    from qconvert.export.lora_merge import LoraAdapter
+    from qconvert.export.merge import merge_adapter
+
+    d = setup
+    scaling = LoraAdapter.scaling
+    monkeypatch.setattr(LoraAdapter, "scaling", lambda self, m: 1.1 * scaling(self, m))
+    f32 = merge_adapter(str(d / "q"), str(d / "adapter"), d / "off-f32", dtype="float32", check=True)["check"]
+    assert f32["tolerance"] == 1e-4 and not f32["passed"] and 1e-3 < f32["kl"] < 1e-2, f32
+    bf16 = merge_adapter(str(d / "q"), str(d / "adapter"), d / "off-bf16", check=True)["check"]
+    assert bf16["tolerance"] == 1e-2 and bf16["passed"], bf16
+
+
+@pytest.mark.slow
 def test_cli_exit_status_and_where_a_failed_merge_goes(setup):
     d = setup
     r = run_cli("merge", d / "q", d / "adapter", d / "strict", "--check-tolerance", "1e-30", ok=False)  # bf16 rounding is above 1e-30

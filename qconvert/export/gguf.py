@@ -15,12 +15,12 @@ written in turn, so memory holds one tensor at a time. The output is built under
 temporary name in OUT's folder and renamed onto OUT at the end (qconvert.io.writes): an interrupted
 export never leaves a file that looks complete.
 
-Families: :data:`FAMILIES` (llama, mistral and mixtral as llama, qwen2, qwen3, qwen2moe, qwen3moe,
-gemma2, gemma3, phi3; what differs per family is in qconvert.export.gguf_families); any other
-architecture is refused by name. llama.cpp's llama graph applies rotary embeddings to interleaved
-pairs while transformers rotates the two halves of each head, so for it q_proj and k_proj rows are
-permuted per head as llama.cpp's own converter does (:func:`_rope_permute`); its other graphs here
-rotate halves (NEOX). Routed MoE experts, stored per expert or fused (spec section 14; 4-bit ones as
+Families: :data:`FAMILIES` (llama and the dense and MoE families of qconvert.export.gguf_families,
+which holds what differs per family); any other architecture is refused by name. llama.cpp's llama
+graph (and the graphs built like it) applies rotary embeddings to interleaved pairs while
+transformers rotates the two halves of each head, so for them q_proj and k_proj rows are permuted per
+head as llama.cpp's own converter does (:func:`_rope_permute`); the other graphs rotate as the
+weights are stored. Routed MoE experts, stored per expert or fused (spec section 14; 4-bit ones as
 their dequantized values), are written as the stacked [experts, out, in] ``ffn_*_exps`` tensors
 llama.cpp reads (:func:`_expert_plans`).
 """
@@ -130,10 +130,13 @@ class _Source(Source):
 
 def _family(cfg: dict[str, Any], root: Path):
     """The model's :class:`gguf_families.Family` and the notes its check returns; refused by name otherwise."""
-    from .gguf_families import check
+    from .gguf_families import REFUSED, check
 
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else cfg.get("model_type", "?")
+    if arch in REFUSED:
+        raise FormatError(f"{root}: architecture {arch!r} is not exported: {REFUSED[arch]}",
+                          hint="use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output")
     if arch not in FAMILIES:
         raise FormatError(f"{root}: architecture {arch!r} is {_NOT_YET}", hint="export-gguf runs: " + ", ".join(FAMILIES))
     fam = _FAMILIES[arch]
@@ -142,45 +145,85 @@ def _family(cfg: dict[str, Any], root: Path):
 
 def _plan(src: _Source, out_type: str) -> list[_Planned]:
     """Every output tensor in write order, named by the gguf package's map for the family."""
+    from .gguf_families import split
+
     gguf = _gguf()
     cfg = src.cfg
-    arch = gguf.MODEL_ARCH[src.arch.upper()]
+    arch = model_arch(gguf, src.arch)
     tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
     tied = cfg.get("tie_word_embeddings", False)
     names = [k for k in src.names() if not (tied and k == "lm_head.weight")]  # llama.cpp uses token_embd for a missing output.weight
+    names = _drop_mtp_layers(src, names)
     plan = _expert_plans(src, tmap, names, out_type) if src.family.moe else []
     taken = {k for p in plan for k in p.source.split("\0")}
     for k in names:
         if k in taken:
             continue
-        name = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
         shape = src.shape(k)
-        plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape), rope_heads(src, k), fix=_fix(src, name)))
+        if pieces := split(src.family, cfg, k, shape):
+            plan += [_Planned(_gguf_name(src, tmap, target), k, piece, _tensor_type(gguf, out_type, piece),
+                              fetch=lambda k=k, f=f: f(src.get(k))) for target, piece, f in pieces]
+            continue
+        name = _gguf_name(src, tmap, k)
+        plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape, name), rope_heads(src, k), fix=_fix(src, name)))
     return plan + _rope_freqs_plan(gguf, src)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _drop_mtp_layers(src: _Source, names: list[str]) -> list[str]:
+    """deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers, which
+    transformers does not load and llama.cpp's graph does not run: left out, with a note."""
+    n = src.cfg["num_hidden_layers"]
+    extra = {k for k in names if (m := _LAYER.match(k)) and int(m[1]) >= n} if src.family.mtp else set()
+    if extra:
+        src.notes.append(f"{len(extra)} tensors of layers past num_hidden_layers ({n}: multi-token prediction) are not written; "
+                         "transformers does not run them either")
+    return [k for k in names if k not in extra]
+
+
+def model_arch(gguf, name: str):
+    """The gguf package's MODEL_ARCH whose written name (general.architecture) is ``name``."""
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+
+
+def _gguf_name(src: _Source, tmap, k: str) -> str:
+    """Tensor ``k``'s GGUF name by the gguf package's map (a router's ``e_score_correction_bias`` is
+    its ``exp_probs_b.bias``, as llama.cpp's converter renames it)."""
+    name = tmap.get_name(re.sub(r"e_score_correction_bias$", "e_score_correction.bias", k), try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
+    return name
 
 
 def _fix(src: _Source, name: str):
     from .gguf_families import transform
 
-    return transform(src.family, name)
+    return transform(src.family, name, src.cfg)
 
 
 def _rope_freqs_plan(gguf, src: _Source) -> list[_Planned]:
-    """llama3 rope scaling: the ``rope_freqs`` tensor llama's graph divides each frequency by."""
-    from .gguf_families import rope_freqs, rope_type, rope_parameters
+    """llama3 rope scaling: the ``rope_freqs`` tensor llama's graph divides each frequency by; longrope:
+    the long and short factors phi3's graph divides them by (by its context size)."""
+    from .gguf_families import longrope_factors, rope_freqs, rope_parameters, rope_type
 
+    F32 = gguf.GGMLQuantizationType.F32
+    T = gguf.MODEL_TENSOR
+    plan = [_Planned(gguf.TENSOR_NAMES[T.ROPE_FACTORS_LONG if k == "long" else T.ROPE_FACTORS_SHORT] + ".weight", "", tuple(t.shape), F32,
+                     fetch=lambda t=t: t) for k, t in longrope_factors(src.cfg).items()]
     if rope_type(rope_parameters(src.cfg)) != "llama3":
-        return []
+        return plan
     t = rope_freqs(src.root)
-    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-    return [_Planned(name, "", tuple(t.shape), gguf.GGMLQuantizationType.F32, fetch=lambda: t)]
+    return [_Planned(gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", "", tuple(t.shape), F32, fetch=lambda: t)]
 
 
 #: a routed expert's own tensor (spec 14, per-expert form) and a fused stack (its parameter's name)
 _PER_EXPERT = re.compile(r"^(?P<pre>.+\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 _FUSED = re.compile(r"^(?P<pre>.+\.experts)\.(?P<w>gate_up_proj|down_proj)$")
+#: granitemoe's fused gate and up experts as its checkpoints hold them ([E, 2I, H]), and
+#: granitemoeshared's shared expert's ([2S, H]); their ``output_linear`` has a name in the gguf package's map
+_INPUT_LINEAR = re.compile(r"^model\.layers\.(?P<bid>\d+)\.(?P<m>block_sparse_moe|shared_mlp)\.input_linear\.weight$")
 
 
 def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_Planned]:
@@ -191,7 +234,9 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
     stacks: dict[str, dict[int, str]] = {}
     plan = []
     for k in names:
-        if m := _PER_EXPERT.match(k):
+        if m := _INPUT_LINEAR.match(k):
+            plan += _input_linear_plans(gguf, src, k, int(m["bid"]), m["m"] == "shared_mlp", out_type)
+        elif m := _PER_EXPERT.match(k):
             stacks.setdefault(f"{m['pre']}.{m['w']}.weight", {})[int(m["e"])] = k
         elif m := _FUSED.match(k):
             shape = src.shape(k)
@@ -208,6 +253,18 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
         shape = (len(keys), *src.shape(keys[0]))
         plan.append(_expert_plan(gguf, src, tmap, target, "\0".join(keys), shape, out_type, lambda keys=keys: torch.stack([src.get(k) for k in keys])))
     return plan
+
+
+def _input_linear_plans(gguf, src: _Source, k: str, bid: int, shared: bool, out_type: str) -> list[_Planned]:
+    """granitemoe's ``input_linear`` ([E, 2I, H] for the experts, [2S, H] for granitemoeshared's shared
+    expert) split into its gate (first half of the rows) and up, as transformers splits it, under the
+    tensor names llama.cpp reads."""
+    *lead, rows, cols = src.shape(k)
+    shape = (*lead, rows // 2, cols)
+    T = gguf.MODEL_TENSOR
+    names = (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP) if shared else (T.FFN_GATE_EXP, T.FFN_UP_EXP)
+    return [_Planned(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", k, shape, _tensor_type(gguf, out_type, shape),
+                     fetch=lambda h=h: src.get(k).chunk(2, dim=-2)[h].contiguous()) for h, t in enumerate(names)]
 
 
 def _expert_plan(gguf, src: _Source, tmap, target: str, source: str, shape, out_type: str, fetch) -> _Planned:
@@ -227,11 +284,16 @@ def rope_heads(src: _Source, k: str) -> int:
     return (src.cfg.get("num_key_value_heads") or heads) if k.endswith("self_attn.k_proj.weight") else 0
 
 
-def _tensor_type(gguf, out_type: str, shape: tuple[int, ...]):
-    """The GGML type of one tensor: 1-D tensors (norms) stay F32, as llama.cpp's converter keeps them;
-    a matrix whose rows do not fill the quantizer's blocks is written F16 rather than refused."""
+#: tensors kept F32 whatever the type, as llama.cpp's converter and quantizer keep them: MoE routers
+#: (an F16 router flips near-tied expert choices; docs/gguf.md has the measured effect)
+_F32_TENSORS = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
+
+
+def _tensor_type(gguf, out_type: str, shape: tuple[int, ...], name: str = ""):
+    """The GGML type of one tensor: 1-D tensors (norms) and routers stay F32, as llama.cpp's converter
+    keeps them; a matrix whose rows do not fill the quantizer's blocks is written F16 rather than refused."""
     Q = gguf.GGMLQuantizationType
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith(_F32_TENSORS):
         return Q.F32
     q = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[out_type]
     block = gguf.GGML_QUANT_SIZES[q][0]
@@ -294,20 +356,19 @@ def _nbytes(gguf, p: _Planned) -> int:
 def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
     """Hyper-parameters, file type and the tokenizer, as llama.cpp's loaders read them."""
     from .gguf_families import metadata as family_metadata
-    from .gguf_families import rope_dimensions, rope_parameters
+    from .gguf_families import attention_dims, rope_dimensions, rope_parameters
 
     cfg = src.cfg
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv_heads, key_length, value_length = attention_dims(src.family, cfg)
     gw.add_name(src.root.name)
     gw.add_context_length(cfg.get("max_position_embeddings", 2048))
     gw.add_embedding_length(cfg["hidden_size"])
     gw.add_block_count(cfg["num_hidden_layers"])
     gw.add_feed_forward_length(cfg["intermediate_size"])
-    gw.add_head_count(heads)
-    gw.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
-    gw.add_key_length(head_dim)
-    gw.add_value_length(head_dim)
+    gw.add_head_count(cfg["num_attention_heads"])
+    gw.add_head_count_kv(kv_heads)
+    gw.add_key_length(key_length)
+    gw.add_value_length(value_length)
     gw.add_rope_dimension_count(rope_dimensions(src.family, cfg))
     gw.add_rope_freq_base(float(rope_parameters(cfg).get("rope_theta", 10000.0)))
     family_metadata(gw, gguf, src.family, cfg)
@@ -341,8 +402,9 @@ def _sampling(gw, path: Path) -> None:
 
 def _vocab(gw, gguf, src: _Source) -> None:
     """The tokenizer (tokens, types, scores, merges, special ids, chat template) so the file runs alone.
-    A byte-level BPE tokenizer.json is written as llama.cpp's "gpt2" model with its default
-    pre-tokenizer; a SentencePiece tokenizer.model as its "llama" model. Anything else is refused."""
+    A byte-level BPE tokenizer.json is written as llama.cpp's "gpt2" model with the pre-tokenizer that
+    splits text as it does (gguf_pretok; "default" and a note when none does); a SentencePiece
+    tokenizer.model as its "llama" model. Anything else is refused."""
     folder = src.ckpt.config_dir()
     vocab = _read_vocab(gguf, folder)
     tokens, scores, types = [], [], []
@@ -359,7 +421,11 @@ def _vocab(gw, gguf, src: _Source) -> None:
         types.append(gguf.TokenType.UNUSED)
     gw.add_tokenizer_model(vocab.tokenizer_model)
     if vocab.tokenizer_model == "gpt2":
-        gw.add_tokenizer_pre("default")
+        from .gguf_pretok import pre_tokenizer
+
+        pre, note = pre_tokenizer(folder)
+        gw.add_tokenizer_pre(pre)
+        src.notes += [note] if note else []
     gw.add_token_list(tokens)
     gw.add_token_scores(scores)
     gw.add_token_types(types)
@@ -445,13 +511,18 @@ def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]
 
 
 def _lora_plan(src: _Source) -> list[_Planned]:
+    from .gguf_families import split, transform
+
     gguf = _gguf()
     cfg = src.cfg
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[src.arch.upper()], cfg["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(model_arch(gguf, src.arch), cfg["num_hidden_layers"])
     F32 = gguf.GGMLQuantizationType.F32
     plan = []
     for k, m in src.job.targets.items():
         base = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
+        if split(src.family, cfg, k, src.shape(k)) or (base and transform(src.family, base, cfg)):
+            raise OptionError(f"{src.job.adapter}: adapts {k!r}, which llama.cpp reads split in two or reordered ({src.arch}): a LoRA "
+                              "pair cannot be written for it", hint="export the merged model instead (drop --lora-only)")
         if base is None:
             raise OptionError(f"{src.job.adapter}: adapts {k!r}, which has no GGUF name for {src.arch}", hint="export the merged model instead (drop --lora-only)")
         a, b = src.job.lora.modules[m]

@@ -78,7 +78,7 @@ def merge_adapter(
         write_file(stage / "README.md", merged_card(summary, source, __version__, stage))
         shards.write_index()
         if check:
-            _publish_checked(stage, out, root, adapter, _check_mode(quantize, base_original), check_tolerance, summary)
+            _publish_checked(stage, out, root, adapter, _check_mode(quantize, base_original, dtype), check_tolerance, summary)
         else:
             publish(stage, out)
     return summary
@@ -89,8 +89,9 @@ def unverified_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.unverified"
 
 
-def _check_mode(quantize: bool, base_original: str | None) -> str:
-    return "quantize" if quantize else "base_original" if base_original else "merge"
+def _check_mode(quantize: bool, base_original: str | None, dtype: str) -> str:
+    """What the check's default bound is chosen by (check.TOLERANCE): a plain merge's output dtype."""
+    return "quantize" if quantize else "base_original" if base_original else dtype
 
 
 def _publish_checked(stage: Path, out: Path, root: Path, adapter: str, mode: str, tolerance: float | None, summary: dict[str, Any]) -> None:
