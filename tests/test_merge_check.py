@@ -136,7 +136,7 @@ def test_the_check_holds_one_model_at_a_time_and_gives_the_figures_of_both_side_
 
     monkeypatch.setattr(check._Unmerged, "_build", recorded(check._Unmerged._build))
     monkeypatch.setattr(compare._HF, "_build", recorded(compare._HF._build))
-    got = check.check_merge(d / "q", str(d / "adapter"), d / "m", "merge")
+    got = check.check_merge(d / "q", str(d / "adapter"), d / "m", "bfloat16")  # merge_adapter's default dtype
     assert seen == [0, 0] and got["passed"], (seen, got)
 
     monkeypatch.undo()

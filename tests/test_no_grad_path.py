@@ -190,3 +190,19 @@ def test_kept_arguments_hold_no_tensor():
     layer.weight = torch.nn.Parameter(make(qweight(seed=5)).weight.detach().clone(), requires_grad=False)
     gc.collect()
     assert old() is None
+
+
+def test_block_scales_turned_into_parameters_as_fsdp_does_are_read_alike():
+    """FSDP training turns the block scales from buffers into frozen parameters
+    (training.fsdp.scales_to_parameters); the layer reads them from there, with and without
+    gradients, and computes what it computed before (a KeyError under --fsdp once)."""
+    from qconvert.training.fsdp import scales_to_parameters
+
+    layer = make()
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = layer(x)
+    assert scales_to_parameters(torch.nn.Sequential(layer)) == 2 and "absmax" in layer._parameters and "absmax" not in layer._buffers
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+    assert torch.equal(layer(x.requires_grad_()).detach(), before)

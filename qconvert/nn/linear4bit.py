@@ -52,6 +52,17 @@ def _settings(qs: dict) -> dict:
             "double_quant": "nested_offset" in qs, "nested_blocksize": qs.get("nested_blocksize")}
 
 
+def _tensor(module: nn.Module, name: str):
+    """``module.name`` read from its parameter or buffer table first: nn.Module.__getattr__ costs more
+    than a small product's checks. A name in neither table (FSDP turns the block scales from buffers
+    into parameters, and wrappers may hold them elsewhere) is read the usual way."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    buffers = module._buffers
+    return buffers[name] if name in buffers else getattr(module, name)
+
+
 class Linear4bit(nn.Linear):
     """y = x @ dequant(W4).T + b, with W4 frozen in the packed 4-bit format."""
 
@@ -99,12 +110,11 @@ class Linear4bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype, cd = x.dtype, self.compute_dtype
         xc = x if in_dtype == cd else x.to(cd)
-        params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ costs more than the small product's checks)
-        bias = params["bias"] if "bias" in params else self.bias
+        bias = _tensor(self, "bias")
         if bias is not None and bias.dtype != cd:
             bias = bias.to(cd)
-        nested = buffers["nested_absmax"]
-        weight = (params["weight"], buffers["absmax"], buffers["quant_map"], nested, buffers["nested_quant_map"],
+        nested = _tensor(self, "nested_absmax")
+        weight = (_tensor(self, "weight"), _tensor(self, "absmax"), _tensor(self, "quant_map"), nested, _tensor(self, "nested_quant_map"),
                   float(self.nested_offset) if nested is not None else 0.0, self.blocksize,
                   [self.out_features, self.in_features], self.weight_dtype)
         kept = _KEPT.get(self)
