@@ -132,15 +132,29 @@ def _float32_model(src):
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    params = model.state_dict()
-    lm = load_map(model, src.names(), params)
-    sd = {}
+    params = model.state_dict()  # views of the model's own tensors: each is filled in place, one at a time,
+    lm = load_map(model, src.names(), params)  # so the float32 model is the only full copy in memory
+    filled = set()
+
+    def fill(name: str, t: torch.Tensor) -> None:
+        want = params.get(name)
+        if want is None:  # not a tensor of this model (load_state_dict(strict=False) left such out too)
+            return
+        if t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape):
+            t = t.T
+        if tuple(t.shape) != tuple(want.shape):
+            raise FormatError(f"{src.root}: {name} is {list(t.shape)} in the checkpoint, the model's is {list(want.shape)}",
+                              hint="is config.json the checkpoint's own?")
+        with torch.no_grad():
+            want.copy_(t)
+        filled.add(name)
+
     for k, name in lm.names.items():
-        t, want = src.get(k), params[name]
-        sd[name] = t.T.contiguous() if t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape) else t
+        fill(name, src.get(k))
     for first in lm.groups:
-        sd.update(convert_group(model, lm, first, src.get))
-    missing, _ = model.load_state_dict(sd, strict=False)
+        for name, t in convert_group(model, lm, first, src.get).items():
+            fill(name, t)
+    missing = [m for m in params if m not in filled]
     if [m for m in missing if not (m == "lm_head.weight" and cfg.get_text_config().tie_word_embeddings)]:
         raise FormatError(f"{src.root}: the model has parameters the checkpoint does not hold: {missing[:3]}", hint="is it a causal LM checkpoint?")
     model.tie_weights()
