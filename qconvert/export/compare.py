@@ -134,9 +134,12 @@ def _float32_model(src):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     params = model.state_dict()
     lm = load_map(model, src.names(), params)
+    conv1d = _conv1d_weights(model) if src.job is None else set()  # (merged ones come back [in, out], as merge writes them)
     sd = {}
     for k, name in lm.names.items():
         t, want = src.get(k), params[name]
+        if name in conv1d and k in src.quantized:  # a 4-bit Conv1D weight is [out, in], square ones too
+            t = t.T.contiguous()
         sd[name] = t.T.contiguous() if t.dim() == 2 and tuple(want.shape) == tuple(reversed(t.shape)) != tuple(t.shape) else t
     for first in lm.groups:
         sd.update(convert_group(model, lm, first, src.get))
@@ -145,6 +148,13 @@ def _float32_model(src):
         raise FormatError(f"{src.root}: the model has parameters the checkpoint does not hold: {missing[:3]}", hint="is it a causal LM checkpoint?")
     model.tie_weights()
     return model.eval()
+
+
+def _conv1d_weights(model) -> set[str]:
+    """The parameter names of the model's Conv1D weights (GPT-2's), which it holds [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
 
 
 def _tokenizer(folder: Path):
