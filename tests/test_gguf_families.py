@@ -140,6 +140,8 @@ def _build(folder, family: str, table: dict):
                 p.normal_(0, 0.5)  # deepseek's routers start at zero: make the routing count
             if n.endswith("moe_statics.e_score_correction_bias"):
                 p.normal_(0, 0.3)  # ernie4_5_moe's expert choice bias (a parameter; deepseek's is a buffer)
+            if family == "ernie4_5_moe" and ".experts." in n:
+                p.mul_(10)  # experts whose output counts, so that which ones the choice bias picks shows in the logits
             if family == "gpt_oss" and n.endswith(("sinks", "_bias", "router.bias", "o_proj.bias")):
                 p.normal_(0, 1.0 if n.endswith("sinks") else 0.5)  # sinks and biases (most start at zero) count
             if family == "gpt_oss" and n.endswith("gate_up_proj"):
