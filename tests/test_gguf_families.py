@@ -86,6 +86,11 @@ MOE = {
                                        head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
                                        routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # deepseek_v3's MLA (llama.cpp runs it as deepseek2) with glm4_moe's routing
+    "glm4_moe_lite": ("Glm4MoeLite", dict(num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                                          head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                          n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
+                                          routed_scaling_factor=1.8, norm_topk_prob=True)),
     # qwen3-style attention (q/k norms), deepseek_v3's routing renormalised, a leading dense layer
     "dots1": ("Dots1", dict(head_dim=64, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
                             first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, routed_scaling_factor=1.5,
@@ -114,7 +119,7 @@ MOE = {
 #: the architecture each MoE family is written as
 MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
             "glm4_moe": "glm4moe", "olmoe": "olmoe", "dots1": "dots1", "granitemoe": "granitemoe",
-            "granitemoeshared": "granitemoe", "gpt_oss": "gpt-oss",
+            "granitemoeshared": "granitemoe", "gpt_oss": "gpt-oss", "glm4_moe_lite": "deepseek2",
             "ernie4_5_moe": "ernie4_5-moe", "hunyuan_v1_moe": "hunyuan-moe"}
 
 
@@ -306,6 +311,7 @@ def test_a_phi3_sliding_window_gets_a_note(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 32}},
      "only the default rope is exported for deepseek2"),
     ({"model_type": "deepseek_v2", "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "deepseek_v2 by its best one"),
+    ({"model_type": "glm4_moe_lite", "rope_interleave": False}, "rope_interleave false"),
 ])
 def test_deepseek_configurations_llama_cpp_computes_differently_are_refused(tmp_path, change, message):
     from qconvert.errors import FormatError

@@ -27,6 +27,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   groups chosen by their two best scores (llama.cpp's grouping is v3's, not v2's
   group_limited_greedy, which is refused); both scaled by routed_scaling_factor; leading dense
   layers (first_k_dense_replace) and shared experts. No attention biases, default rope only.
+- glm4_moe_lite is deepseek_v3's MLA attention with glm4_moe's routing: llama.cpp's converter writes
+  it as deepseek2, and so does the export (its rope_interleave false is refused as for deepseek_v3).
 - glm4_moe is llama.cpp's glm4moe graph: NEOX rope on the first partial_rotary_factor of each head,
   optional q/k norms, the post-attention norm as its ``post_attention_norm``, deepseek_v3's routing
   (sigmoid, choice bias, groups, renormalised as norm_topk_prob says, scaled), leading dense layers
@@ -144,6 +146,7 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV2ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "Glm4MoeForCausalLM": Family("glm4moe", moe=True, deepseek_routing=True, mtp=True),
+    "Glm4MoeLiteForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),  # (as llama.cpp's converter writes it)
     "Dots1ForCausalLM": Family("dots1", moe=True, deepseek_routing=True),
     "Olmo2ForCausalLM": Family("olmo2"),
     "Olmo3ForCausalLM": Family("olmo2"),  # olmo2's graph with a sliding window on the layers layer_types says
@@ -228,8 +231,6 @@ REFUSED = {
                        "hy-v3 graph reads them",
     "ExaoneMoeForCausalLM": "qconvert does not write exaone_moe's sliding layers' rope base and its sigmoid routing, choice-bias and "
                             "shared-expert keys as llama.cpp's exaone-moe graph reads them",
-    "Glm4MoeLiteForCausalLM": "llama.cpp runs glm4_moe_lite as deepseek2 (MLA, kv_b_proj split); qconvert writes that split for "
-                              "deepseek only and has not checked glm4_moe_lite's routing against it",
     "SolarOpenForCausalLM": "llama.cpp runs solar_open as glm4moe; transformers' SolarOpen is llama attention with glm4_moe's "
                             "routing and no intermediate_size, a mapping qconvert has not checked",
     "LagunaForCausalLM": "qconvert does not write laguna's attention gate (attn_gate), its sliding layers' rope dimensions and base "
@@ -469,7 +470,7 @@ def _check_hunyuan(fam: Family, cfg: dict[str, Any], where: str) -> None:
 
 def _check_deepseek(cfg: dict[str, Any], where: str, kind: str) -> None:
     """What llama.cpp's deepseek2 graph computes differently from transformers' deepseek_v2 / v3."""
-    v3 = cfg.get("model_type") == "deepseek_v3"
+    v3 = cfg.get("model_type") in ("deepseek_v3", "glm4_moe_lite")  # (glm4_moe_lite: deepseek_v3's attention, glm4_moe's routing)
     why = None
     if cfg.get("attention_bias"):
         why = "attention_bias: llama.cpp's deepseek2 graph has no attention biases"
