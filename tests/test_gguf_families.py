@@ -17,6 +17,8 @@ import torch
 from helpers import make_bpe_tokenizer, run_cli
 from tolerances import GGUF_F16_LOGIT_REL
 
+from qconvert.export.gguf_families import FAMILIES
+
 # test_gguf skips (or, with QCONVERT_REQUIRE_GGUF=1, fails) at import without llama.cpp: so does this module
 from test_gguf import GREEDY, PROMPT, VOCAB, _gguf_greedy, _gguf_logits, _hf_greedy, _hf_logits, _rel
 
@@ -62,6 +64,12 @@ DENSE = {
     "cohere2": ("Cohere2", dict(logit_scale=0.5, num_hidden_layers=4, sliding_window=8)),  # rope on the 3 sliding layers only  # llama.cpp's command-r: parallel attention and MLP, scaled logits
     "smollm3": ("SmolLM3", dict(num_hidden_layers=4)),  # no rope on layer 3
     "starcoder2": ("Starcoder2", dict(sliding_window=None)),
+    "gemma": ("Gemma", dict(head_dim=64)),
+    "bloom": ("Bloom", {}),  # ALiBi, embedding LayerNorm, fused per-head query_key_value
+    "gpt2": ("GPT2", {}),  # Conv1D weights [in, out], learned position embeddings
+    "gpt_bigcode": ("GPTBigCode", {}),  # multi-query attention, learned position embeddings
+    # q/k norms after the rope; "dynamic" rope with a fixed NTK alpha (the base stretched)
+    "hunyuan_v1_dense": ("HunYuanDenseV1", dict(head_dim=64, rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0))),
     "qwen2-yarn": ("Qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                                                   "original_max_position_embeddings": 32})),
 }
@@ -78,6 +86,11 @@ MOE = {
                                        head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
                                        routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # deepseek_v3's MLA (llama.cpp runs it as deepseek2) with glm4_moe's routing
+    "glm4_moe_lite": ("Glm4MoeLite", dict(num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                                          head_dim=32, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                          n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
+                                          routed_scaling_factor=1.8, norm_topk_prob=True)),
     # qwen3-style attention (q/k norms), deepseek_v3's routing renormalised, a leading dense layer
     "dots1": ("Dots1", dict(head_dim=64, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
                             first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, routed_scaling_factor=1.5,
@@ -92,11 +105,22 @@ MOE = {
     "glm4_moe": ("Glm4Moe", dict(head_dim=64, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1,
                                  first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, routed_scaling_factor=1.8,
                                  norm_topk_prob=False, use_qk_norm=True, attention_bias=True)),
+    # attention sinks, biases everywhere, a sliding layer then a full one, yarn rope as gpt-oss releases set it
+    # (truncate false), the clamped SwiGLU over interleaved gate/up experts held [E, in, out]
+    "gpt_oss": ("GptOss", dict(head_dim=64, num_local_experts=4, num_experts_per_tok=2, intermediate_size=256, sliding_window=8,
+                               rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                                    original_max_position_embeddings=4096, rope_theta=150000.0))),
+    # a leading dense layer, softmax routing with the moe_statics choice bias, renormalised; a shared expert
+    "ernie4_5_moe": ("Ernie4_5_Moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=256, moe_num_shared_experts=1,
+                                          moe_layer_start_index=1, num_hidden_layers=3)),
+    # q/k norms after the rope, an always-added shared MLP, softmax routing renormalised
+    "hunyuan_v1_moe": ("HunYuanMoEV1", dict(head_dim=64, num_experts=4, moe_topk=2, intermediate_size=256)),
 }
 #: the architecture each MoE family is written as
 MOE_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
             "glm4_moe": "glm4moe", "olmoe": "olmoe", "dots1": "dots1", "granitemoe": "granitemoe",
-            "granitemoeshared": "granitemoe"}
+            "granitemoeshared": "granitemoe", "gpt_oss": "gpt-oss", "glm4_moe_lite": "deepseek2",
+            "ernie4_5_moe": "ernie4_5-moe", "hunyuan_v1_moe": "hunyuan-moe"}
 
 
 def _build(folder, family: str, table: dict):
@@ -106,18 +130,27 @@ def _build(folder, family: str, table: dict):
     cls, over = table[family]
     torch.manual_seed(0)
     cfg = getattr(transformers, cls + "Config")(**{**COMMON, **over})
-    model = getattr(transformers, cls.removesuffix("Text") + "ForCausalLM")(cfg).float().eval()
+    model_cls = getattr(transformers, cls.removesuffix("Text") + "ForCausalLM", None) or getattr(transformers, cls + "LMHeadModel")
+    model = model_cls(cfg).float().eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(25)
         for n, p in model.named_parameters():
             if family.startswith("phi3-longrope") and n.endswith("qkv_proj.weight"):
                 p[: cfg.hidden_size].mul_(4)  # sharper attention: which rope factors are used shows in the logits
-            if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "query_key_value.bias")) or (family == "starcoder2" and n.endswith(".bias")):
+            if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "query_key_value.bias", "c_attn.bias")) or (family == "starcoder2" and n.endswith(".bias")):
                 p.normal_(0, 0.5)  # zero at init: make the biases count
             if n.endswith("norm.weight"):
                 p.normal_(0, 0.2)  # Gemma's norms start at zero (1 + w): make the +1 count
             if n.endswith("mlp.gate.weight") and p.abs().max() == 0:
                 p.normal_(0, 0.5)  # deepseek's routers start at zero: make the routing count
+            if n.endswith("moe_statics.e_score_correction_bias"):
+                p.normal_(0, 0.3)  # ernie4_5_moe's expert choice bias (a parameter; deepseek's is a buffer)
+            if family == "ernie4_5_moe" and ".experts." in n:
+                p.mul_(10)  # experts whose output counts, so that which ones the choice bias picks shows in the logits
+            if family == "gpt_oss" and n.endswith(("sinks", "_bias", "router.bias", "o_proj.bias")):
+                p.normal_(0, 1.0 if n.endswith("sinks") else 0.5)  # sinks and biases (most start at zero) count
+            if family == "gpt_oss" and n.endswith("gate_up_proj"):
+                p.mul_(60)  # gate and up values past the SwiGLU's limit (7), so its clamps count
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.3)  # deepseek_v3's expert choice bias
@@ -141,7 +174,8 @@ def _assert_same(out, reference):
 def test_dense_families_and_rope_scaling_match_transformers(tmp_path, family):
     model = _build(tmp_path / "model", family, DENSE)  # (not named phi3: llama.cpp then looks for Phi-3's own special tokens)
     s = _export(tmp_path / "model", tmp_path / "m.gguf")
-    assert s["architecture"] == {"phi": "phi2", "cohere": "command-r"}.get(family, family.split("-")[0])
+    assert s["architecture"] == {"phi": "phi2", "cohere": "command-r", "hunyuan_v1_dense": "hunyuan-dense",
+                                 "gpt_bigcode": "starcoder"}.get(family, family.split("-")[0])
     _assert_same(tmp_path / "m.gguf", model)
 
 
@@ -160,9 +194,10 @@ def test_moe_families_with_4bit_experts_match_transformers(tmp_path, family):
     from qconvert.io.checkpoint import Checkpoint
     from qconvert.format.conformance import check_checkpoint
 
-    moe_layers = model.config.num_hidden_layers - (getattr(model.config, "first_k_dense_replace", 0) or 0)
+    dense = getattr(model.config, "first_k_dense_replace", 0) or getattr(model.config, "moe_layer_start_index", 0) or 0
+    moe_layers = model.config.num_hidden_layers - dense
     in_4bit = [k for k in check_checkpoint(Checkpoint(tmp_path / "q")) if ".experts." in k or "_linear." in k]
-    assert len(in_4bit) == moe_layers * {"granitemoe": 2, "granitemoeshared": 4}.get(family, 3 * 4)  # every expert in 4 bits (granitemoe's fused in two)
+    assert len(in_4bit) == moe_layers * {"granitemoe": 2, "granitemoeshared": 4, "gpt_oss": 2}.get(family, 3 * 4)  # every expert in 4 bits (granitemoe's and gpt_oss's fused in two)
     s = _export(tmp_path / "q", tmp_path / "m.gguf")
     names = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     exps = names[f"blk.{model.config.num_hidden_layers - 1}.ffn_gate_exps.weight"]
@@ -172,7 +207,8 @@ def test_moe_families_with_4bit_experts_match_transformers(tmp_path, family):
     last = model.config.num_hidden_layers - 1
     router = names[f"blk.{last}.ffn_gate_inp.weight"]  # kept F32 (as llama.cpp's converter keeps it): an F16 router flips near ties
     assert router.tensor_type == gguf.GGMLQuantizationType.F32
-    router_name = "block_sparse_moe.router.weight" if family.startswith("granitemoe") else "mlp.gate.weight"
+    router_name = {"granitemoe": "block_sparse_moe.router.weight", "gpt_oss": "mlp.router.weight",
+                   "hunyuan_v1_moe": "mlp.gate.wg.weight"}.get(family.removesuffix("shared"), "mlp.gate.weight")
     assert np.array_equal(router.data, reference.state_dict()[f"model.layers.{last}.{router_name}"].numpy())
     _assert_same(tmp_path / "m.gguf", reference)
 
@@ -275,6 +311,7 @@ def test_a_phi3_sliding_window_gets_a_note(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 32}},
      "only the default rope is exported for deepseek2"),
     ({"model_type": "deepseek_v2", "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "deepseek_v2 by its best one"),
+    ({"model_type": "glm4_moe_lite", "rope_interleave": False}, "rope_interleave false"),
 ])
 def test_deepseek_configurations_llama_cpp_computes_differently_are_refused(tmp_path, change, message):
     from qconvert.errors import FormatError
@@ -361,6 +398,43 @@ def test_exaone4_is_refused_with_the_reason(tmp_path):
         _family({"architectures": ["Exaone4ForCausalLM"]}, tmp_path)
 
 
+#: the architecture sweep's classes (docs/architectures.md) that llama.cpp runs: those its vendored converter
+#: (llama-cpp-python 0.3.36) has a model for, matched without case (its MPT and PhiMoE spellings differ), plus
+#: Llama4ForCausalLM (the text model of its llama4 graph), read 2026-12-06
+SWEEP_RUN_BY_LLAMA_CPP = """
+    AfmoeForCausalLM ApertusForCausalLM ArceeForCausalLM BambaForCausalLM BitNetForCausalLM BloomForCausalLM CohereForCausalLM
+    Cohere2ForCausalLM Cohere2MoeForCausalLM DeepseekV2ForCausalLM DeepseekV3ForCausalLM DeepseekV32ForCausalLM DeepseekV4ForCausalLM
+    Dots1ForCausalLM Ernie4_5ForCausalLM Ernie4_5_MoeForCausalLM Exaone4ForCausalLM ExaoneMoeForCausalLM FalconForCausalLM
+    FalconH1ForCausalLM FalconMambaForCausalLM GPT2LMHeadModel GPTBigCodeForCausalLM GPTNeoXForCausalLM Gemma2ForCausalLM
+    Gemma3ForCausalLM Gemma3ForConditionalGeneration Gemma4ForCausalLM Gemma4ForConditionalGeneration
+    Gemma4UnifiedForConditionalGeneration GemmaForCausalLM Glm4ForCausalLM Glm4MoeForCausalLM Glm4MoeLiteForCausalLM GlmForCausalLM
+    GlmMoeDsaForCausalLM GptOssForCausalLM GraniteForCausalLM GraniteMoeForCausalLM GraniteMoeHybridForCausalLM
+    GraniteMoeSWAForCausalLM GraniteMoeSharedForCausalLM GraniteSWAForCausalLM HYV3ForCausalLM HYV4ForCausalLM HrmTextForCausalLM
+    HunYuanDenseV1ForCausalLM HunYuanMoEV1ForCausalLM Jais2ForCausalLM JambaForCausalLM KimiLinearForCausalLM LagunaForCausalLM
+    Lfm2ForCausalLM Lfm2MoeForCausalLM Llama4ForCausalLM LlamaForCausalLM Mamba2ForCausalLM MambaForCausalLM MellumForCausalLM
+    MiMoV2FlashForCausalLM MiniCPM3ForCausalLM MiniMaxM2ForCausalLM MistralForCausalLM MixtralForCausalLM MptForCausalLM
+    NemotronForCausalLM NemotronHForCausalLM Olmo2ForCausalLM Olmo3ForCausalLM OlmoForCausalLM OlmoeForCausalLM PhiForCausalLM
+    Phi3ForCausalLM PhimoeForCausalLM Qwen2ForCausalLM Qwen2MoeForCausalLM Qwen3ForCausalLM Qwen3MoeForCausalLM Qwen3NextForCausalLM
+    Qwen3_5ForCausalLM Qwen3_5MoeForCausalLM Qwen4ExpForCausalLM SeedOssForCausalLM SmolLM3ForCausalLM SolarOpenForCausalLM
+    StableLmForCausalLM Starcoder2ForCausalLM
+""".split()
+
+
+@pytest.mark.parametrize("arch", [a for a in SWEEP_RUN_BY_LLAMA_CPP if a not in FAMILIES])
+def test_every_swept_family_llama_cpp_runs_is_exported_or_refused_with_its_own_reason(tmp_path, arch):
+    """Each one not exported (gguf_families.FAMILIES) is refused in one line naming the architecture and what
+    llama.cpp computes differently or what qconvert does not write (REFUSED), never the generic message."""
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf import _family
+    from qconvert.export.gguf_families import REFUSED
+
+    with pytest.raises(FormatError) as e:
+        _family({"architectures": [arch]}, tmp_path)
+    (line,) = str(e.value).splitlines()
+    assert f"architecture {arch!r} is not exported: {REFUSED[arch]}" in line
+    assert "not exported by qconvert yet" not in line and len(REFUSED[arch]) > 40
+
+
 @pytest.mark.slow
 def test_a_gpt_neox_lora_on_query_key_value_is_refused_as_a_gguf_adapter(tmp_path):
     """llama.cpp reads gpt_neox's query_key_value with its rows reordered: a LoRA pair written as PEFT
@@ -374,3 +448,37 @@ def test_a_gpt_neox_lora_on_query_key_value_is_refused_as_a_gguf_adapter(tmp_pat
     get_peft_model(model, LoraConfig(r=4, target_modules=["query_key_value"])).save_pretrained(tmp_path / "a")
     with pytest.raises(OptionError, match="llama.cpp reads split in two or reordered"):
         export_gguf(str(tmp_path / "m"), tmp_path / "a.gguf", adapter=str(tmp_path / "a"), lora_only=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"swiglu_limit": 8.0}, "swiglu_limit 8.0: llama.cpp's gpt-oss graph computes the clamped SwiGLU with limit 7.0, no other"),
+    ({"swiglu_alpha": 1.5}, "swiglu_alpha 1.5: llama.cpp's gpt-oss graph computes the clamped SwiGLU with alpha 1.702"),
+    ({"attention_bias": False}, "attention_bias false: llama.cpp's gpt-oss graph needs the attention output's bias"),
+    ({"sliding_window": None}, "no sliding-window layer .* llama.cpp's gpt-oss graph needs one"),
+    ({"layer_types": ["full_attention"] * 2}, "no sliding-window layer"),
+])
+def test_gpt_oss_configurations_llama_cpp_computes_differently_are_refused(tmp_path, change, message):
+    from qconvert.errors import FormatError
+    from qconvert.export.gguf_families import FAMILIES, check
+
+    cfg = {"hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "num_local_experts": 4, "swiglu_alpha": 1.702,
+           "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"],
+           "swiglu_limit": 7.0, "attention_bias": True, "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "rope_theta": 1.5e5}}
+    assert check(FAMILIES["GptOssForCausalLM"], cfg, tmp_path) == []
+    with pytest.raises(FormatError, match=message):
+        check(FAMILIES["GptOssForCausalLM"], {**cfg, **change}, tmp_path)
+    (note,) = check(FAMILIES["GptOssForCausalLM"], {**cfg, "rope_parameters": {**cfg["rope_parameters"], "truncate": False}}, tmp_path)
+    assert note.startswith("yarn with truncate false: llama.cpp rounds the correction range to whole dimensions")
+
+
+@pytest.mark.slow
+def test_gpt2_from_its_4bit_checkpoint_matches_transformers(tmp_path):
+    """A 4-bit Conv1D weight is stored and dequantized [out, in] (a 16-bit one is [in, out], the DENSE
+    test): both are written as the [out, in] llama.cpp reads."""
+    from qconvert.convert.quantize import quantize_checkpoint
+    from qconvert.export.compare import _HF
+
+    _build(tmp_path / "src", "gpt2", DENSE)
+    quantize_checkpoint(str(tmp_path / "src"), tmp_path / "q", compute_dtype="float32")
+    _export(tmp_path / "q", tmp_path / "m.gguf")
+    _assert_same(tmp_path / "m.gguf", _HF(str(tmp_path / "q"), None).model)

@@ -134,6 +134,7 @@ def _float32_model(src):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     params = model.state_dict()  # views of the model's own tensors: each is filled in place, one at a time,
     lm = load_map(model, src.names(), params)  # so the float32 model is the only full copy in memory
+    conv1d = _conv1d_weights(model) if src.job is None else set()  # (merged ones come back [in, out], as merge writes them)
     filled = set()
 
     def fill(name: str, t: torch.Tensor) -> None:
@@ -150,7 +151,8 @@ def _float32_model(src):
         filled.add(name)
 
     for k, name in lm.names.items():
-        fill(name, src.get(k))
+        t = src.get(k)
+        fill(name, t.T if name in conv1d and k in src.quantized else t)  # a 4-bit Conv1D weight is [out, in], square ones too
     for first in lm.groups:
         for name, t in convert_group(model, lm, first, src.get).items():
             fill(name, t)
@@ -159,6 +161,13 @@ def _float32_model(src):
         raise FormatError(f"{src.root}: the model has parameters the checkpoint does not hold: {missing[:3]}", hint="is it a causal LM checkpoint?")
     model.tie_weights()
     return model.eval()
+
+
+def _conv1d_weights(model) -> set[str]:
+    """The parameter names of the model's Conv1D weights (GPT-2's), which it holds [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
 
 
 def _tokenizer(folder: Path):

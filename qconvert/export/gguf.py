@@ -123,14 +123,16 @@ class _Source(Source):
     family is refused by name before any tensor is read."""
 
     def __init__(self, root: Path, ckpt, cfg: dict[str, Any], job):
-        self.family, self.notes = _family(cfg, root)
+        from .gguf_families import config
+
+        self.family, self.notes = _family(cfg, root)  # (refused by name before any tensor is read)
         self.arch = self.family.arch
-        super().__init__(root, ckpt, cfg, job)
+        super().__init__(root, ckpt, config(self.family, cfg), job)
 
 
 def _family(cfg: dict[str, Any], root: Path):
     """The model's :class:`gguf_families.Family` and the notes its check returns; refused by name otherwise."""
-    from .gguf_families import REFUSED, check
+    from .gguf_families import REFUSED, check, config
 
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else cfg.get("model_type", "?")
@@ -140,7 +142,7 @@ def _family(cfg: dict[str, Any], root: Path):
     if arch not in FAMILIES:
         raise FormatError(f"{root}: architecture {arch!r} is {_NOT_YET}", hint="export-gguf runs: " + ", ".join(FAMILIES))
     fam = _FAMILIES[arch]
-    return fam, check(fam, cfg, root)
+    return fam, check(fam, config(fam, cfg), root)
 
 
 def _plan(src: _Source, out_type: str) -> list[_Planned]:
@@ -165,8 +167,28 @@ def _plan(src: _Source, out_type: str) -> list[_Planned]:
                               fetch=lambda k=k, f=f: f(src.get(k))) for target, piece, f in pieces]
             continue
         name = _gguf_name(src, tmap, k)
+        if src.arch == "gpt2" and _CONV1D.search(k):
+            plan.append(_conv1d_plan(gguf, src, k, name, out_type))
+            continue
         plan.append(_Planned(name, k, shape, _tensor_type(gguf, out_type, shape, name), rope_heads(src, k), fix=_fix(src, name)))
     return plan + _rope_freqs_plan(gguf, src)
+
+
+#: GPT-2's Conv1D weights (held [in, out] in a 16-bit checkpoint)
+_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+
+
+def _conv1d_plan(gguf, src: _Source, k: str, name: str, out_type: str) -> _Planned:
+    """A Conv1D weight as the [out, in] matrix llama.cpp reads: a 4-bit one is stored (and dequantized)
+    [out, in] already; a 16-bit one, or one merged with an adapter (written as merge writes it), is [in, out]."""
+    q = k in src.quantized
+    shape = src.shape(k) if q else tuple(reversed(src.shape(k)))  # (a 4-bit weight's shape is its [out, in])
+
+    def fetch() -> torch.Tensor:
+        t = src.get(k)
+        return t if q and src.job is None else t.T.contiguous()
+
+    return _Planned(name, k, tuple(shape), _tensor_type(gguf, out_type, shape, name), fetch=fetch)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -190,9 +212,11 @@ def model_arch(gguf, name: str):
 
 def _gguf_name(src: _Source, tmap, k: str) -> str:
     """Tensor ``k``'s GGUF name by the gguf package's map (a router's ``e_score_correction_bias`` is
-    its ``exp_probs_b.bias``, as llama.cpp's converter renames it)."""
-    name = tmap.get_name(re.sub(r"e_score_correction_bias$", "e_score_correction.bias", k), try_suffixes=(".weight", ".bias"))
-    if name is None:
+    its ``exp_probs_b.bias`` and gpt_oss's ``self_attn.sinks`` its ``attn_sinks.weight``, as llama.cpp's
+    converter renames them)."""
+    key = re.sub(r"e_score_correction_bias$", "e_score_correction.bias", re.sub(r"\.sinks$", ".sinks.weight", k))
+    name = tmap.get_name(key, try_suffixes=(".weight", ".bias")) or tmap.get_name(key.removeprefix("transformer."), try_suffixes=(".weight", ".bias"))
+    if name is None:  # (the map names bloom's tensors without transformers' "transformer." prefix)
         raise FormatError(f"{src.root}: tensor {k!r} has no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
     return name
 
@@ -234,7 +258,9 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
     stacks: dict[str, dict[int, str]] = {}
     plan = []
     for k in names:
-        if m := _INPUT_LINEAR.match(k):
+        if src.family.oai_experts and (m := _OAI.match(k)):
+            plan += _oai_expert_plans(gguf, src, tmap, k, m, out_type)
+        elif m := _INPUT_LINEAR.match(k):
             plan += _input_linear_plans(gguf, src, k, int(m["bid"]), m["m"] == "shared_mlp", out_type)
         elif m := _PER_EXPERT.match(k):
             stacks.setdefault(f"{m['pre']}.{m['w']}.weight", {})[int(m["e"])] = k
@@ -255,6 +281,32 @@ def _expert_plans(src: _Source, tmap, names: list[str], out_type: str) -> list[_
     return plan
 
 
+#: gpt_oss's fused experts and their biases: gate_up_proj [E, H, 2I] (gate and up interleaved), down_proj [E, I, H]
+_OAI = re.compile(r"^(?P<pre>.+\.experts)\.(?P<w>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+
+
+def _oai_expert_plans(gguf, src: _Source, tmap, k: str, m: re.Match, out_type: str) -> list[_Planned]:
+    """gpt_oss's experts as llama.cpp reads them: the weights, held [E, in, out], transposed to [E, out, in];
+    gate_up_proj's (and its bias's) even outputs are the gate, the odd ones the up projection, as
+    transformers' experts module takes them apart."""
+    shape = src.shape(k)
+    bias = bool(m["bias"])
+    out = shape[-1] if bias else shape[2]
+    if m["w"] == "down_proj":
+        pieces = [("down_proj", slice(None))]
+    else:
+        pieces, out = [("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))], out // 2
+    suffix = ".bias" if bias else ".weight"
+    plan = []
+    for target, rows in pieces:
+        def fetch(k=k, rows=rows):
+            t = src.get(k)
+            return t[:, rows].contiguous() if bias else t.transpose(1, 2)[:, rows].contiguous()
+        piece = (shape[0], out) if bias else (shape[0], out, shape[1])
+        plan.append(_expert_plan(gguf, src, tmap, f"{m['pre']}.{target}{suffix}", k, piece, out_type, fetch))
+    return plan
+
+
 def _input_linear_plans(gguf, src: _Source, k: str, bid: int, shared: bool, out_type: str) -> list[_Planned]:
     """granitemoe's ``input_linear`` ([E, 2I, H] for the experts, [2S, H] for granitemoeshared's shared
     expert) split into its gate (first half of the rows) and up, as transformers splits it, under the
@@ -268,10 +320,10 @@ def _input_linear_plans(gguf, src: _Source, k: str, bid: int, shared: bool, out_
 
 
 def _expert_plan(gguf, src: _Source, tmap, target: str, source: str, shape, out_type: str, fetch) -> _Planned:
-    name = tmap.get_name(target, try_suffixes=(".weight",))
+    name = tmap.get_name(target, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise FormatError(f"{src.root}: experts {target!r} have no GGUF name for {src.arch}", hint="is the checkpoint damaged?")
-    return _Planned(name, source, tuple(shape), _tensor_type(gguf, out_type, shape), fetch=fetch)
+    return _Planned(name, source, tuple(shape), _tensor_type(gguf, out_type, shape, name), fetch=fetch)
 
 
 def rope_heads(src: _Source, k: str) -> int:
@@ -285,15 +337,16 @@ def rope_heads(src: _Source, k: str) -> int:
 
 
 #: tensors kept F32 whatever the type, as llama.cpp's converter and quantizer keep them: MoE routers
-#: (an F16 router flips near-tied expert choices; docs/gguf.md has the measured effect)
-_F32_TENSORS = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
+#: (an F16 router flips near-tied expert choices; docs/gguf.md has the measured effect), learned position embeddings
+_F32_TENSORS = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight", "position_embd.weight")
 
 
 def _tensor_type(gguf, out_type: str, shape: tuple[int, ...], name: str = ""):
-    """The GGML type of one tensor: 1-D tensors (norms) and routers stay F32, as llama.cpp's converter
-    keeps them; a matrix whose rows do not fill the quantizer's blocks is written F16 rather than refused."""
+    """The GGML type of one tensor: 1-D tensors (norms), biases (gpt_oss's experts' are 2-D) and routers
+    stay F32, as llama.cpp's converter keeps them; a matrix whose rows do not fill the quantizer's blocks
+    is written F16 rather than refused."""
     Q = gguf.GGMLQuantizationType
-    if len(shape) < 2 or name.endswith(_F32_TENSORS):
+    if len(shape) < 2 or name.endswith(_F32_TENSORS) or name.endswith(".bias"):
         return Q.F32
     q = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[out_type]
     block = gguf.GGML_QUANT_SIZES[q][0]
@@ -356,7 +409,7 @@ def _nbytes(gguf, p: _Planned) -> int:
 def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
     """Hyper-parameters, file type and the tokenizer, as llama.cpp's loaders read them."""
     from .gguf_families import metadata as family_metadata
-    from .gguf_families import attention_dims, rope_dimensions, rope_parameters
+    from .gguf_families import attention_dims, rope_base, rope_dimensions
 
     cfg = src.cfg
     kv_heads, key_length, value_length = attention_dims(src.family, cfg)
@@ -370,7 +423,7 @@ def _metadata(gw, gguf, src: _Source, out_type: str) -> None:
     gw.add_key_length(key_length)
     gw.add_value_length(value_length)
     gw.add_rope_dimension_count(rope_dimensions(src.family, cfg))
-    gw.add_rope_freq_base(float(rope_parameters(cfg).get("rope_theta", 10000.0)))
+    gw.add_rope_freq_base(rope_base(src.family, cfg))
     family_metadata(gw, gguf, src.family, cfg)
     gw.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     gw.add_vocab_size(cfg["vocab_size"])

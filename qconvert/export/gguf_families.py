@@ -27,6 +27,8 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   groups chosen by their two best scores (llama.cpp's grouping is v3's, not v2's
   group_limited_greedy, which is refused); both scaled by routed_scaling_factor; leading dense
   layers (first_k_dense_replace) and shared experts. No attention biases, default rope only.
+- glm4_moe_lite is deepseek_v3's MLA attention with glm4_moe's routing: llama.cpp's converter writes
+  it as deepseek2, and so does the export (its rope_interleave false is refused as for deepseek_v3).
 - glm4_moe is llama.cpp's glm4moe graph: NEOX rope on the first partial_rotary_factor of each head,
   optional q/k norms, the post-attention norm as its ``post_attention_norm``, deepseek_v3's routing
   (sigmoid, choice bias, groups, renormalised as norm_topk_prob says, scaled), leading dense layers
@@ -62,6 +64,43 @@ its converter (llama-cpp-python 0.3.36's vendored copy), read, not copied:
   deepseek_v3's routing, leading dense layers and shared experts.
 - deepseek and glm4_moe checkpoints carry multi-token-prediction layers past num_hidden_layers,
   which transformers does not run: they are left out (gguf.py says so in a note).
+- gpt_oss is llama.cpp's gpt-oss graph: NEOX rope (yarn through the general keys), attention sinks
+  (``attn_sinks``, one per head), q/k/v and output biases (the output one required), a sliding
+  window on the layers layer_types names, the post-attention norm as ``post_attention_norm``, and
+  experts with biases routed by a softmax over the top-k biased router logits (its
+  SOFTMAX_WEIGHT gating, fixed in the graph). Its clamped SwiGLU has alpha 1.702 and limit 7.0 fixed
+  in the graph, so other swiglu_alpha / swiglu_limit are refused. transformers holds the experts as
+  [E, in, out] with gate and up interleaved (gate_up_proj[..., ::2] and [..., 1::2]): gguf.py
+  transposes them and splits them so, as llama.cpp's converter does.
+- ernie4_5_moe is llama.cpp's ernie4_5-moe graph: ernie4_5's attention (interleaved rope as stored),
+  softmax routing with the ``moe_statics`` bias added for the choice only (``exp_probs_b``), the top-k
+  weights renormalised, shared experts of moe_intermediate_size x moe_num_shared_experts, and the
+  layers from moe_layer_start_index on as MoE layers: its loader reads experts in every layer past the
+  leading dense ones, so a moe_layer_interval above 1 or a moe_layer_end_index before the last layer
+  is refused. Neither ernie graph reads MLP biases (use_bias).
+- hunyuan_v1_moe / hunyuan_v1_dense are llama.cpp's hunyuan-moe / hunyuan-dense graphs: NEOX rope,
+  q/k RMSNorms after the rope (as transformers applies them), no attention biases (refused);
+  hunyuan_v1_moe's softmax routing renormalised over the top-k, experts and the always-added shared
+  MLP both of intermediate_size; a per-layer moe_topk or num_experts list is refused (one value is written).
+  Their "dynamic" rope with a fixed alpha only stretches the base (rope_theta * alpha ** (d / (d - 2)),
+  d the head size), which is written as the base.
+- gemma (the first) is llama.cpp's gemma graph: embeddings scaled by sqrt(hidden_size), norms + 1,
+  queries scaled by 1/sqrt(head_dim), NEOX rope and the tanh GELU (another hidden_act is refused).
+- bloom is llama.cpp's bloom graph: ALiBi with the maximum bias 8 (as transformers' slopes), a
+  LayerNorm on the embeddings (``token_embd_norm``), LayerNorms with biases, the tanh GELU, and the fused
+  query_key_value reordered as for gpt_neox (transformers holds it per head [q, k, v]). Its config
+  names layers and heads n_layer / n_head and has no intermediate_size (4 x hidden): :func:`config`
+  gives the common names. apply_residual_connection_post_layernorm is refused (llama.cpp adds the
+  un-normalised input).
+- gpt2 is llama.cpp's gpt2 graph: learned position embeddings (``position_embd``, context length
+  n_positions), LayerNorms with biases, the tanh GELU, and the fused c_attn (q, k, v one after the
+  other) as it is. Its Conv1D weights are held [in, out] in a 16-bit checkpoint and [out, in] as 4-bit
+  weights (spec section 8's logical shape): gguf.py writes both as [out, in].
+- gpt_bigcode is llama.cpp's starcoder graph: gpt2's with one KV head (multi_query; c_attn is q, then
+  k and v of one head, as stored) and linear weights.
+- yarn: ggml rounds the correction range to whole dimensions (floor and ceil); transformers does
+  not when the rope parameters say ``truncate: false`` (gpt_oss's default), so the frequencies in
+  between differ slightly: a note says so.
 """
 
 from __future__ import annotations
@@ -90,6 +129,7 @@ class Family:
     mla: bool = False  # deepseek2's multi-head latent attention (kv_b_proj split into attn_k_b / attn_v_b)
     deepseek_routing: bool = False  # deepseek-style router keys (leading dense layers, shared experts; _routing_metadata)
     mtp: bool = False  # layers past num_hidden_layers are multi-token prediction, left out
+    oai_experts: bool = False  # gpt_oss: fused experts [E, in, out], gate and up interleaved, with biases
 
 
 FAMILIES: dict[str, Family] = {
@@ -106,6 +146,7 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV2ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "DeepseekV3ForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),
     "Glm4MoeForCausalLM": Family("glm4moe", moe=True, deepseek_routing=True, mtp=True),
+    "Glm4MoeLiteForCausalLM": Family("deepseek2", moe=True, mla=True, deepseek_routing=True, mtp=True),  # (as llama.cpp's converter writes it)
     "Dots1ForCausalLM": Family("dots1", moe=True, deepseek_routing=True),
     "Olmo2ForCausalLM": Family("olmo2"),
     "Olmo3ForCausalLM": Family("olmo2"),  # olmo2's graph with a sliding window on the layers layer_types says
@@ -126,21 +167,122 @@ FAMILIES: dict[str, Family] = {
     "Cohere2ForCausalLM": Family("cohere2"),
     "Starcoder2ForCausalLM": Family("starcoder2"),
     "GPTNeoXForCausalLM": Family("gptneox"),
+    "GemmaForCausalLM": Family("gemma", norm_plus_one=True),
+    "BloomForCausalLM": Family("bloom"),
+    "GPT2LMHeadModel": Family("gpt2"),
+    "GPTBigCodeForCausalLM": Family("starcoder"),
+    "GptOssForCausalLM": Family("gpt-oss", moe=True, norm_topk=True, oai_experts=True),
+    "Ernie4_5_MoeForCausalLM": Family("ernie4_5-moe", moe=True, norm_topk=True),
+    "HunYuanMoEV1ForCausalLM": Family("hunyuan-moe", moe=True, norm_topk=True),
+    "HunYuanDenseV1ForCausalLM": Family("hunyuan-dense"),
 }
-#: architectures llama.cpp runs but computes differently from transformers -> why (refused with it)
+_SSM = "(conv1d, A written as -exp(A_log), D, dt and their norms under llama.cpp's ssm_* names and keys)"
+_MMPROJ = ("a multimodal checkpoint: llama.cpp runs the language model from one GGUF and the vision (and audio) encoder from a separate "
+           "mmproj GGUF, and qconvert writes neither split")
+#: architectures llama.cpp runs (its vendored converter has a model for them) and the architecture sweep covers,
+#: which export-gguf does not write -> why: what llama.cpp's graph computes differently, or what qconvert does not write
 REFUSED = {
     "Exaone4ForCausalLM": "llama.cpp applies exaone4's sliding window (and leaves rope out of its full layers) only at 64 layers "
                           "(the 32B model), transformers at every size",
+    "PhimoeForCausalLM": "transformers' PhiMoE weights the chosen experts by sparsemixer (each a softmax over the logits within "
+                         "router_jitter_noise of it, the second with the first masked out), llama.cpp's phimoe graph by a softmax "
+                         "renormalised over the top-k",
+    "Llama4ForCausalLM": "qconvert does not write llama4's NoPE layers, chunked attention, attention temperature tuning, L2 q/k norms "
+                         "and its sigmoid-after-top-k routing over experts held [E, in, out] (llama.cpp's llama4 keys and tensors)",
+    "FalconForCausalLM": "llama.cpp's falcon graph computes the tanh GELU where transformers' Falcon (activation 'gelu') computes "
+                         "the exact one; and qconvert quantizes no falcon weight (FalconLinear, docs/architectures.md)",
+    "MptForCausalLM": "llama.cpp's mpt graph computes the tanh GELU where transformers' MPT computes the exact one; and qconvert "
+                      "does not write its ALiBi bias maximum and clip_qkv as that graph reads them",
+    "MambaForCausalLM": f"qconvert does not write the Mamba mixer {_SSM}",
+    "Mamba2ForCausalLM": f"qconvert does not write the Mamba-2 mixer {_SSM}",
+    "FalconMambaForCausalLM": f"qconvert does not write the Mamba mixer {_SSM} nor falcon_mamba's B/C/dt RMS norms",
+    "JambaForCausalLM": f"a hybrid of Mamba and attention layers: qconvert does not write the Mamba mixer {_SSM} nor the per-layer "
+                        "KV-head counts (0 on Mamba layers) llama.cpp's jamba graph reads",
+    "BambaForCausalLM": f"a hybrid of Mamba-2 and attention layers: qconvert does not write the Mamba-2 mixer {_SSM} nor the per-layer "
+                        "KV-head counts llama.cpp's granite-hybrid graph reads",
+    "GraniteMoeHybridForCausalLM": f"a hybrid of Mamba-2 and attention layers: qconvert does not write the Mamba-2 mixer {_SSM} nor the "
+                                   "per-layer KV-head counts llama.cpp's granite-hybrid graph reads",
+    "FalconH1ForCausalLM": f"Mamba-2 and attention in parallel in every layer: qconvert does not write the Mamba-2 mixer {_SSM} nor "
+                           "falcon_h1's multipliers, which llama.cpp's converter folds into the weights",
+    "NemotronHForCausalLM": f"a hybrid of Mamba-2, attention and MLP layers: qconvert does not write the Mamba-2 mixer {_SSM} nor the "
+                            "per-layer KV-head and feed-forward counts llama.cpp's nemotron_h graph reads",
+    "Lfm2ForCausalLM": "qconvert does not write LFM2's short-convolution layers (llama.cpp's shortconv tensors, KV heads 0 on them)",
+    "Lfm2MoeForCausalLM": "qconvert does not write LFM2's short-convolution layers (llama.cpp's shortconv tensors, KV heads 0 on them)",
+    "KimiLinearForCausalLM": "qconvert does not write Kimi Delta Attention (its q/k/v short convolutions, decay and gate under llama.cpp's "
+                             "ssm_* names) nor its MLA layers' split",
+    "Qwen3NextForCausalLM": "qconvert does not write the gated DeltaNet linear-attention layers (conv1d, A as -exp(A_log), dt bias, "
+                            "beta/alpha projections in llama.cpp's order) nor the gated full attention",
+    "Qwen3_5ForCausalLM": "qconvert does not write the gated DeltaNet linear-attention layers (conv1d, A as -exp(A_log), dt bias, "
+                          "beta/alpha projections in llama.cpp's order) nor the gated full attention",
+    "Qwen3_5MoeForCausalLM": "qconvert does not write the gated DeltaNet linear-attention layers (conv1d, A as -exp(A_log), dt bias, "
+                             "beta/alpha projections in llama.cpp's order) nor the gated full attention",
+    "Qwen4ExpForCausalLM": "qconvert does not write qwen4_exp's hyper-connections, per-layer embeddings, sparse-attention indexer and "
+                           "recurrent layers (llama.cpp's hc_*, per_layer_token_embd, indexer and ssm_* tensors)",
+    "AfmoeForCausalLM": "qconvert does not write afmoe's attention gate (attn_gate), its sliding layers' rope base and its sigmoid "
+                        "routing keys as llama.cpp's afmoe graph reads them",
+    "Cohere2MoeForCausalLM": "qconvert does not write cohere2_moe's sigmoid routing and shared-expert keys and its sliding layers' rope "
+                             "base as llama.cpp's cohere2moe graph reads them",
+    "DeepseekV32ForCausalLM": "qconvert does not write DeepSeek sparse attention's lightning indexer (llama.cpp's indexer tensors and keys)",
+    "GlmMoeDsaForCausalLM": "qconvert does not write DeepSeek sparse attention's lightning indexer (llama.cpp's indexer tensors and keys)",
+    "DeepseekV4ForCausalLM": "qconvert does not write deepseek_v4's compressed sparse attention, hyper-connections and hash-routed "
+                             "layers (llama.cpp's compressor, indexer and hc_* tensors)",
+    "HYV4ForCausalLM": "qconvert does not write hy_v4's sparse-attention indexer, hyper-connections and attention sinks",
+    "HYV3ForCausalLM": "qconvert does not write hy_v3's sigmoid routing with a choice bias and its shared-expert keys as llama.cpp's "
+                       "hy-v3 graph reads them",
+    "ExaoneMoeForCausalLM": "qconvert does not write exaone_moe's sliding layers' rope base and its sigmoid routing, choice-bias and "
+                            "shared-expert keys as llama.cpp's exaone-moe graph reads them",
+    "SolarOpenForCausalLM": "llama.cpp runs solar_open as glm4moe; transformers' SolarOpen is llama attention with glm4_moe's "
+                            "routing and no intermediate_size, a mapping qconvert has not checked",
+    "LagunaForCausalLM": "qconvert does not write laguna's attention gate (attn_gate), its sliding layers' rope dimensions and base "
+                         "and its sigmoid routing keys",
+    "MellumForCausalLM": "qconvert does not write mellum's sliding-window layer pattern, rope base and expert keys as llama.cpp's "
+                         "mellum graph reads them",
+    "MiMoV2FlashForCausalLM": "qconvert does not write mimo_v2_flash's attention sinks, value scale, sliding layers' rope base and "
+                              "sigmoid routing keys",
+    "MiniMaxM2ForCausalLM": "qconvert does not write minimax_m2's sigmoid routing with a choice bias as llama.cpp's minimax-m2 graph "
+                            "reads it",
+    "GraniteSWAForCausalLM": "qconvert does not write granite_swa's attention sinks and sliding-window and rope layer patterns",
+    "GraniteMoeSWAForCausalLM": "qconvert does not write granitemoe_swa's attention sinks and sliding-window and rope layer patterns",
+    "Jais2ForCausalLM": "qconvert does not write jais2's LayerNorm and ungated ReLU-squared MLP as llama.cpp's jais2 graph reads them",
+    "ApertusForCausalLM": "qconvert does not write apertus's xIELU activation parameters (llama.cpp's xielu_* keys, one per layer)",
+    "BitNetForCausalLM": "qconvert does not write BitNet's sub-norms (attn_sub_norm, ffn_sub_norm), and its weights are ternary values "
+                         "quantized on the fly, which a dequantized export does not reproduce",
+    "HrmTextForCausalLM": "qconvert does not quantize hrm_text (docs/architectures.md) nor write its hierarchical H/L cycles (llama.cpp's "
+                          "hrm_* keys and z_L init tensor)",
+    "MiniCPM3ForCausalLM": "llama.cpp's minicpm3 graph fixes scale_emb 12 and scale_depth 1.4 (the released model's) where "
+                           "transformers reads the config's, and qconvert does not write its MLA tensors as that graph reads them",
+    "GlmForCausalLM": "llama.cpp runs glm through its chatglm graph, a mapping qconvert has not written or checked",
+    "Gemma4ForCausalLM": "qconvert does not write gemma4's per-layer embeddings (per_layer_token_embd and its projections), shared KV "
+                         "layers and layer output scales as llama.cpp's gemma4 graph reads them",
+    "Gemma3ForConditionalGeneration": _MMPROJ + " (a Gemma3ForCausalLM text checkpoint is exported)",
+    "Gemma4ForConditionalGeneration": _MMPROJ,
+    "Gemma4UnifiedForConditionalGeneration": _MMPROJ,
 }
 #: families whose graph uses LayerNorm -> their config's key for its eps (written under the LayerNorm key)
 _LAYER_NORM_EPS = {"starcoder2": "norm_epsilon", "stablelm": "layer_norm_eps", "phi2": "layer_norm_eps", "nemotron": "norm_eps",
-                   "command-r": "layer_norm_eps", "cohere2": "layer_norm_eps", "gptneox": "layer_norm_eps"}
+                   "command-r": "layer_norm_eps", "cohere2": "layer_norm_eps", "gptneox": "layer_norm_eps", "bloom": "layer_norm_epsilon",
+                   "gpt2": "layer_norm_epsilon", "starcoder": "layer_norm_epsilon"}
 #: rope types written (linear and yarn by the general keys, llama3 by llama's rope_freqs tensor, longrope
 #: by phi3's rope_factors_long / rope_factors_short tensors)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 #: the one family whose graph reads each rope type's tensors
 _ROPE_TENSOR_FAMILY = {"llama3": "llama", "longrope": "phi3"}
 _ADVICE = "use llama.cpp's convert_hf_to_gguf.py on a `qconvert merge` output"
+
+
+def config(fam: Family, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` under the common names the export reads (bloom's and gpt2's n_layer / n_head, gpt2's n_embd,
+    n_inner and n_positions, their 4 x hidden MLP, no grouped-query attention); other families' as they are."""
+    if fam.arch not in ("bloom", "gpt2", "starcoder"):
+        return cfg
+    heads, hidden = cfg.get("n_head", cfg.get("num_attention_heads")), cfg.get("n_embd", cfg.get("hidden_size"))
+    out = {**cfg, "num_hidden_layers": cfg.get("n_layer", cfg.get("num_hidden_layers")), "num_attention_heads": heads,
+           "num_key_value_heads": heads, "hidden_size": hidden, "intermediate_size": 4 * hidden}
+    if fam.arch in ("gpt2", "starcoder"):
+        out.update(intermediate_size=cfg.get("n_inner") or 4 * hidden, max_position_embeddings=cfg.get("n_positions", 1024))
+    if fam.arch == "starcoder":  # gpt_bigcode: one KV head (multi_query, _check_gpt2)
+        out["num_key_value_heads"] = 1
+    return out
 
 
 def rope_parameters(cfg: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
@@ -153,6 +295,24 @@ def rope_parameters(cfg: dict[str, Any], layer_type: str = "full_attention") -> 
     if "rope_theta" not in rope and "rope_theta" in cfg:
         rope = {**rope, "rope_theta": cfg["rope_theta"]}
     return rope
+
+
+def _ntk_alpha(fam: Family, cfg: dict[str, Any]) -> float | None:
+    """HunYuan's "dynamic" rope with a fixed ``alpha``: transformers (and llama.cpp's hunyuan graphs) only
+    stretch the base, to rope_theta * alpha ** (head_dim / (head_dim - 2)); None for any other rope."""
+    rope = rope_parameters(cfg)
+    if fam.arch.startswith("hunyuan") and rope_type(rope) == "dynamic" and rope.get("alpha"):
+        return float(rope["alpha"])
+    return None
+
+
+def rope_base(fam: Family, cfg: dict[str, Any]) -> float:
+    """The rope base written (``rope.freq_base``): rope_theta, stretched by HunYuan's NTK alpha."""
+    base = float(rope_parameters(cfg).get("rope_theta", 10000.0))
+    if alpha := _ntk_alpha(fam, cfg):
+        dim = _head_dim(cfg)
+        base *= alpha ** (dim / (dim - 2))
+    return base
 
 
 def rope_type(rope: dict[str, Any]) -> str:
@@ -186,7 +346,7 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
     what it computes differently only in a case the user should know of."""
     where = f"{root}/config.json"
     kind = rope_type(rope_parameters(cfg))
-    if kind not in ROPE_TYPES or _ROPE_TENSOR_FAMILY.get(kind, fam.arch) != fam.arch:
+    if (kind not in ROPE_TYPES or _ROPE_TENSOR_FAMILY.get(kind, fam.arch) != fam.arch) and not _ntk_alpha(fam, cfg):
         raise FormatError(f"{where}: rope_type {kind!r} is not exported for {fam.arch} (written: " + ", ".join(ROPE_TYPES[:3])
                           + ", llama3 for llama, longrope for phi3)", hint=_ADVICE)
     if fam.mla:
@@ -195,18 +355,17 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         _check_moe(fam, cfg, where)
     if fam.swa_27b_layers:
         _check_gemma_scale(fam, cfg, where)
-    if fam.arch == "olmo2":
-        _check_olmo3_rope(cfg, where)
-    if fam.arch in ("stablelm", "phi2") and (cfg.get("qk_layernorm") or cfg.get("use_qk_norm")):
-        raise FormatError(f"{where}: qk_layernorm (per-head q/k LayerNorms) is not exported for {fam.arch}", hint=_ADVICE)
-    if fam.arch == "command-r" and cfg.get("use_qk_norm"):
-        raise FormatError(f"{where}: use_qk_norm (per-head q/k LayerNorms) is not exported for {fam.arch}", hint=_ADVICE)
-    if fam.arch in ("smollm3", "starcoder2"):
-        _check_smollm3_starcoder2(fam, cfg, where)
-    if fam.arch in ("olmoe", "dots1") and cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
-        raise FormatError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads: llama.cpp's {fam.arch} graph "
-                          "reads k and v (olmoe: its k_norm) over all heads (no grouped-query attention)", hint=_ADVICE)
+    for arches, family_check in _CHECKS:
+        if fam.arch in arches:
+            family_check(fam, cfg, where)
+    return _notes(fam, cfg, kind)
+
+
+def _notes(fam: Family, cfg: dict[str, Any], kind: str) -> list[str]:
     notes = []
+    if kind == "yarn" and rope_parameters(cfg).get("truncate") is False:
+        notes.append("yarn with truncate false: llama.cpp rounds the correction range to whole dimensions, transformers does not, "
+                     "so the rotary frequencies between them differ slightly")
     if kind == "longrope":
         orig = _longrope(cfg)[1]
         notes.append(f"longrope: llama.cpp takes the long factors whenever its context size is above {orig} tokens "
@@ -216,6 +375,33 @@ def check(fam: Family, cfg: dict[str, Any], root: Path) -> list[str]:
         notes.append(f"llama.cpp runs phi3 without its sliding window ({cfg['sliding_window']} tokens): past that much context it "
                      "differs from transformers")
     return notes
+
+
+def _refuse_if(why: str | None, where: str) -> None:
+    if why:
+        raise FormatError(f"{where}: {why}", hint=_ADVICE)
+
+
+def _check_bloom(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    _refuse_if(cfg.get("apply_residual_connection_post_layernorm") and "apply_residual_connection_post_layernorm: llama.cpp's bloom "
+               "graph adds the un-normalised input to each block's output", where)
+
+
+def _check_gemma(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    act = cfg.get("hidden_act", "gelu_pytorch_tanh")
+    _refuse_if(act not in ("gelu_pytorch_tanh", "gelu_new") and f"hidden_act {act!r}: llama.cpp's gemma graph computes the tanh GELU", where)
+
+
+def _check_qk_layernorm(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    keys = ("use_qk_norm",) if fam.arch == "command-r" else ("qk_layernorm", "use_qk_norm")
+    key = next((k for k in keys if cfg.get(k)), None)
+    _refuse_if(key and f"{key} (per-head q/k LayerNorms) is not exported for {fam.arch}", where)
+
+
+def _check_all_heads(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    _refuse_if(kv != cfg["num_attention_heads"] and f"num_key_value_heads {kv} < num_attention_heads: llama.cpp's {fam.arch} graph "
+               "reads k and v (olmoe: its k_norm) over all heads (no grouped-query attention)", where)
 
 
 def _check_moe(fam: Family, cfg: dict[str, Any], where: str) -> None:
@@ -228,9 +414,63 @@ def _check_moe(fam: Family, cfg: dict[str, Any], where: str) -> None:
                           f"llama.cpp's {fam.arch} graph", hint=_ADVICE)
 
 
+#: gpt_oss's clamped SwiGLU as llama.cpp's graph fixes it (alpha, limit)
+_OAI_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+
+
+def _check_gpt_oss(cfg: dict[str, Any], where: str) -> None:
+    for key, fixed in _OAI_SWIGLU.items():
+        if float(cfg.get(key, fixed)) != fixed:
+            raise FormatError(f"{where}: {key} {cfg[key]}: llama.cpp's gpt-oss graph computes the clamped SwiGLU with {key.split('_')[1]} "
+                              f"{fixed}, no other", hint=_ADVICE)
+    if not cfg.get("attention_bias", True):
+        raise FormatError(f"{where}: attention_bias false: llama.cpp's gpt-oss graph needs the attention output's bias, which the model "
+                          "has not", hint=_ADVICE)
+    if not cfg.get("sliding_window") or "sliding_attention" not in (cfg.get("layer_types") or ["sliding_attention"]):
+        raise FormatError(f"{where}: no sliding-window layer (sliding_window {cfg.get('sliding_window')}): llama.cpp's gpt-oss graph "
+                          "needs one (its loader aborts without)", hint=_ADVICE)
+
+
+def _check_ernie(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    n = cfg["num_hidden_layers"]
+    why = None
+    if cfg.get("use_bias"):
+        why = f"use_bias: llama.cpp's {fam.arch} graph has no MLP biases"
+    elif fam.moe and cfg.get("moe_layer_interval", 1) != 1:
+        why = f"moe_layer_interval {cfg['moe_layer_interval']}: llama.cpp's {fam.arch} loader reads experts in every layer past the leading dense ones"
+    elif fam.moe and cfg.get("moe_layer_end_index", -1) not in (-1, n - 1):
+        why = f"moe_layer_end_index {cfg['moe_layer_end_index']}: llama.cpp's {fam.arch} graph has MoE layers up to the last one ({n - 1})"
+    if why:
+        raise FormatError(f"{where}: {why}", hint=_ADVICE)
+
+
+def _check_gpt2(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    """gpt2 and gpt_bigcode (llama.cpp's starcoder graph)."""
+    why = None
+    if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        why = f"activation_function {cfg['activation_function']!r}: llama.cpp's {fam.arch} graph computes the tanh GELU"
+    elif cfg.get("scale_attn_by_inverse_layer_idx") or not cfg.get("scale_attn_weights", True):
+        why = f"scale_attn_by_inverse_layer_idx / scale_attn_weights: llama.cpp's {fam.arch} graph scales attention by 1/sqrt(head size) only"
+    elif fam.arch == "starcoder" and not cfg.get("multi_query", True):
+        why = "multi_query false: qconvert writes gpt_bigcode's c_attn as the multi-query layout (q, then one k and one v) only"
+    if why:
+        raise FormatError(f"{where}: {why}", hint=_ADVICE)
+
+
+def _check_hunyuan(fam: Family, cfg: dict[str, Any], where: str) -> None:
+    why = None
+    if cfg.get("attention_bias"):
+        why = f"attention_bias: llama.cpp's {fam.arch} graph has no attention output bias"
+    for key in ("moe_topk", "num_experts"):
+        if fam.moe and isinstance(cfg.get(key), list) and len(set(cfg[key])) > 1:
+            why = f"{key} {cfg[key]} per layer: llama.cpp's {fam.arch} graph reads one value for every layer"
+    if why:
+        raise FormatError(f"{where}: {why}", hint=_ADVICE)
+
+
 def _check_deepseek(cfg: dict[str, Any], where: str, kind: str) -> None:
     """What llama.cpp's deepseek2 graph computes differently from transformers' deepseek_v2 / v3."""
-    v3 = cfg.get("model_type") == "deepseek_v3"
+    v3 = cfg.get("model_type") in ("deepseek_v3", "glm4_moe_lite")  # (glm4_moe_lite: deepseek_v3's attention, glm4_moe's routing)
     why = None
     if cfg.get("attention_bias"):
         why = "attention_bias: llama.cpp's deepseek2 graph has no attention biases"
@@ -279,6 +519,21 @@ def _head_dim(cfg: dict[str, Any]) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
+#: llama.cpp architectures -> the check of what their graph computes differently (each refuses with the reason)
+_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Family, dict[str, Any], str], None]], ...] = (
+    (("olmo2",), lambda fam, cfg, where: _check_olmo3_rope(cfg, where)),
+    (("bloom",), _check_bloom),
+    (("gpt2", "starcoder"), _check_gpt2),
+    (("gemma",), _check_gemma),
+    (("stablelm", "phi2", "command-r"), _check_qk_layernorm),
+    (("smollm3", "starcoder2"), _check_smollm3_starcoder2),
+    (("olmoe", "dots1"), _check_all_heads),
+    (("gpt-oss",), lambda fam, cfg, where: _check_gpt_oss(cfg, where)),
+    (("ernie4_5", "ernie4_5-moe"), _check_ernie),
+    (("hunyuan-moe", "hunyuan-dense"), _check_hunyuan),
+)
+
+
 def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
     """The family's hyper-parameters beyond the common ones (gguf.py's _metadata writes those)."""
     _rope_metadata(gw, gguf, cfg)
@@ -286,19 +541,20 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         _deepseek_metadata(gw, cfg)
     if fam.deepseek_routing:
         _routing_metadata(gw, gguf, cfg)
+    elif fam.arch == "ernie4_5-moe":
+        _ernie_metadata(gw, cfg)
+    elif fam.arch == "hunyuan-moe":
+        _hunyuan_metadata(gw, cfg)
     elif fam.moe:
-        gw.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
-        gw.add_expert_used_count(cfg["num_experts_per_tok"])
-        if cfg.get("moe_intermediate_size"):
-            gw.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
-        if cfg.get("shared_expert_intermediate_size") or cfg.get("shared_intermediate_size"):
-            gw.add_expert_shared_feed_forward_length(cfg.get("shared_expert_intermediate_size") or cfg["shared_intermediate_size"])
+        _moe_metadata(gw, fam, cfg)
     if fam.arch in ("gemma2", "gemma3"):
         _gemma_metadata(gw, fam, cfg)
     if fam.arch in ("gemma2", "gemma3", "olmo2", "cohere2"):
         _sliding_metadata(gw, cfg, swa_base=fam.arch == "gemma3")
-    if fam.arch == "phi3":
+    if fam.arch in ("phi3", "gpt-oss"):  # (a key both loaders require)
         gw.add_sliding_window(int(cfg.get("sliding_window") or 0))
+    if fam.arch == "gpt-oss":  # which layers slide (_check_gpt_oss: some do)
+        gw.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.get("layer_types") or []])
     if fam.arch in _LAYER_NORM_EPS:
         gw.add_layer_norm_eps(float(cfg.get(_LAYER_NORM_EPS[fam.arch], 1e-5)))
     if fam.arch == "gptneox":
@@ -313,6 +569,40 @@ def metadata(gw, gguf, fam: Family, cfg: dict[str, Any]) -> None:
         for key, method in (("embedding_multiplier", "add_embedding_scale"), ("residual_multiplier", "add_residual_scale"),
                             ("attention_multiplier", "add_attention_scale"), ("logits_scaling", "add_logit_scale")):
             getattr(gw, method)(float(cfg.get(key, 1.0)))
+
+
+def _moe_metadata(gw, fam: Family, cfg: dict[str, Any]) -> None:
+    """Expert counts and sizes (gpt_oss's experts are intermediate_size wide)."""
+    gw.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
+    gw.add_expert_used_count(cfg["num_experts_per_tok"])
+    if cfg.get("moe_intermediate_size") or fam.oai_experts:
+        gw.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size") or cfg.get("shared_intermediate_size"):
+        gw.add_expert_shared_feed_forward_length(cfg.get("shared_expert_intermediate_size") or cfg["shared_intermediate_size"])
+
+
+def _ernie_metadata(gw, cfg: dict[str, Any]) -> None:
+    """ernie4_5_moe's experts as llama.cpp's loader reads them (the choice bias is a tensor)."""
+    gw.add_expert_count(int(cfg["moe_num_experts"]))
+    gw.add_expert_used_count(int(cfg["moe_k"]))
+    gw.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
+    gw.add_interleave_moe_layer_step(1)
+    gw.add_leading_dense_block_count(int(cfg.get("moe_layer_start_index") or 0))
+    shared = int(cfg.get("moe_num_shared_experts") or 0)
+    gw.add_expert_shared_count(shared)
+    if shared:
+        gw.add_expert_shared_feed_forward_length(int(cfg["moe_intermediate_size"]) * shared)
+
+
+def _hunyuan_metadata(gw, cfg: dict[str, Any]) -> None:
+    """hunyuan_v1_moe's experts: routed and shared both of intermediate_size (one value per model, _check_hunyuan)."""
+    def one(v):
+        return int(v[0] if isinstance(v, list) else v)
+
+    gw.add_expert_count(one(cfg["num_experts"]))
+    gw.add_expert_used_count(one(cfg["moe_topk"]))
+    gw.add_expert_feed_forward_length(int(cfg["intermediate_size"]))
+    gw.add_expert_shared_feed_forward_length(int(cfg["intermediate_size"]))
 
 
 def _deepseek_metadata(gw, cfg: dict[str, Any]) -> None:
@@ -431,11 +721,11 @@ def rope_freqs(root: Path) -> torch.Tensor | None:
 
 def transform(fam: Family, name: str, cfg: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A change of value on the way out for tensor ``name`` (its GGUF name): Gemma's and nemotron's
-    norms + 1; gpt_neox's fused query_key_value rows, per head [q, k, v] in transformers, reordered to
-    all q, all k, all v as llama.cpp's gptneox graph reads them (as its converter reorders them)."""
+    norms + 1; gpt_neox's and bloom's fused query_key_value rows, per head [q, k, v] in transformers,
+    reordered to all q, all k, all v as llama.cpp's graphs read them (as its converter reorders them)."""
     if fam.norm_plus_one and name.endswith("norm.weight"):
         return lambda t: t + 1.0
-    if fam.arch == "gptneox" and name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
+    if fam.arch in ("gptneox", "bloom") and name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
         heads = cfg["num_attention_heads"]
         return lambda t: t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
     return None
