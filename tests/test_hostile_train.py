@@ -307,7 +307,9 @@ def test_nproc_per_node_stopped_by_a_signal_saves_exits_128_plus_it_and_resumes_
             *common]
     p, err = _stop_when_logged([*args, "--max-steps", "400"], out, signum)
     assert p.returncode == 128 + signum and "Traceback" not in err, err[-3000:]
-    [ckpt] = out.glob("checkpoint-*")
+    ckpts = list(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1, (sorted(p.name for p in out.iterdir()), err[-3000:])
+    [ckpt] = ckpts
     done = int(ckpt.name.split("-")[1])
     assert 3 <= done < 400 and err.strip().splitlines()[-1] == f"interrupted at step {done}: saved {ckpt}; resume with --resume", err[-2000:]
     assert not (out / "adapter_config.json").exists()
