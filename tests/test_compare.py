@@ -76,3 +76,20 @@ def test_an_empty_prompts_file_is_refused(tmp_path):
     with pytest.raises(OptionError, match="no prompt"):
         read_prompts(str(tmp_path / "p.txt"))
     assert read_prompts(None)[0] == "The capital of France is"
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "mxfp4"}, {"quant_method": "fp8", "fmt": "e4m3"}, {"quant_method": "gptq", "bits": 4},
+                                {"quant_method": "bitsandbytes", "load_in_8bit": True}], ids=lambda q: q["quant_method"] + str(len(q)))
+def test_a_checkpoint_quantized_otherwise_is_refused_by_its_method_in_one_line(setup, tmp_path, qc):
+    """An FP8 / MXFP4 release (or GPTQ, 8-bit bitsandbytes) holds no model values as stored: compare and
+    export-gguf name its quant_method and say to quantize it first, before reading a tensor."""
+    src = tmp_path / "release"
+    shutil.copytree(setup / "src", src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    for argv in (["compare", src, setup / "src"], ["export-gguf", src, tmp_path / "m.gguf", "--no-check"]):
+        r = run_cli(*argv, ok=False)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and lines[0].startswith("qconvert: error: ") and repr(qc["quant_method"]) in r.stderr, r.stderr
+        assert lines[-1].startswith("hint: convert it first: `qconvert quantize") and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "m.gguf").exists()

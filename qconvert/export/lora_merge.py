@@ -390,6 +390,7 @@ class Source:
         root, _ = resolve_model_path(model, None)
         ckpt = Checkpoint(root, streaming=True)
         cfg = ckpt.config() or {}
+        _check_readable(root, cfg)
         job = prepare(ckpt, root, adapter, None, False, "float32", say) if adapter else None
         return cls(root, ckpt, cfg, job)
 
@@ -413,3 +414,18 @@ class Source:
 
             return dequantize_4bit(*weight_args(self.ckpt.quantized(k)), torch.float32)
         return self.ckpt.get(k).float()
+
+
+def _check_readable(root: Path, cfg: dict) -> None:
+    """Refuse a checkpoint quantized otherwise than 4-bit (an FP8 or MXFP4 release, GPTQ, 8-bit
+    bitsandbytes...) by its quant_method: its stored tensors are not the model's values, and reading
+    them as such fails later with a misleading line (gpt_oss's MXFP4 blocks have no GGUF name)."""
+    from ..format.layout import is_4bit_config
+
+    qc = cfg.get("quantization_config")
+    if qc is None or is_4bit_config(qc):
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    raise FormatError(f"{root}: quantized with {method or 'an unknown method'!r} (config.json quantization_config); export-gguf and "
+                      "compare read 16/32-bit folders and 4-bit ones (qconvert, transformers + bitsandbytes)",
+                      hint=f"convert it first: `qconvert quantize {root} OUT` reads FP8 and MXFP4 releases; then use OUT")
