@@ -1,8 +1,8 @@
 """FSDP checkpoints without pickle: safetensors shards and a JSON manifest that any number of processes reads.
 
-torch.distributed.checkpoint, which wrote these checkpoints before, reads its ``.metadata`` with
-``pickle.load`` and every non-tensor record of its ``.distcp`` files with
-``torch.load(weights_only=False)``: a crafted checkpoint ran code on ``train --fsdp --resume``. So
+torch.distributed.checkpoint, which wrote these checkpoints before, unpickles its ``.metadata`` and
+every non-tensor record of its ``.distcp`` files (torch's loader with its weights-only guard turned
+off): a crafted checkpoint ran code on ``train --fsdp --resume``. So
 qconvert writes its own format into ``checkpoint-N/sharded/`` and never calls that reader:
 
 - ``shards-rank{r}-of-{W}.safetensors``: process r's rows of every sharded tensor (the LoRA weights

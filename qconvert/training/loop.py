@@ -663,7 +663,7 @@ def evaluate(model, examples, pad: int, batch_size: int, device) -> float:
 def _write_adapter(model, out: Path, base_id: str, cfg, info: TrainConfig, state_dict: dict | None = None) -> None:
     from ..model.adapters import stable_adapter_config
     from ..io.cards import adapter_card, shown, usage_section
-    from ..io.writes import building, fresh_dir, remove, write_file
+    from ..io.writes import building, fresh_dir, remove, replace_file, write_file
 
     tmp = fresh_dir(out, "adapter")  # made new, never a link followed; removed if the save fails
     with building(tmp, out / "adapter_model.safetensors"):
@@ -679,5 +679,5 @@ def _write_adapter(model, out: Path, base_id: str, cfg, info: TrainConfig, state
     write_file(tmp / PROMPT_FORMAT_FILE, json.dumps(fmt, indent=2) + "\n")
     write_file(tmp / "README.md", adapter_card(base_id, body + prompt_format_text(fmt), extra_tags=("qlora",)))
     for f in ("adapter_model.safetensors", "README.md", PROMPT_FORMAT_FILE, "adapter_config.json"):  # the config last
-        os.replace(tmp / f, out / f)  # a link at that name is replaced, never written through
+        replace_file(tmp / f, out / f)  # a link at that name is replaced, never written through
     remove(tmp)
