@@ -140,7 +140,7 @@ def test_fused_matmul_by_runs_of_32_within_tolerance(dtype):
     reordered in runs of 32): row counts up to MAX_ROWS, block sizes 32 to 256, blocks that span rows
     (in_features 32 under block size 64) or hold several runs, double quant or not, every logical dtype."""
     for rows, (out_f, in_f), blocksize, logical, dq in itertools.product(
-            (1, 2, 5, calls.MAX_ROWS), ((1, 32), (9, 96), (40, 256), (3, 704)), (32, 64, 256),
+            (1, 2, 5, calls.MAX_ROWS, 11, calls.MAX_FUSED_ROWS), ((1, 32), (9, 96), (40, 256), (3, 704)), (32, 64, 256),
             FLOAT_DTYPES, (False, True)):
         if in_f % blocksize and blocksize % in_f:
             continue
@@ -164,6 +164,84 @@ def test_fused_matmul_one_row_is_the_same_bits_as_in_a_batch(dtype):
         b = torch.randn(out_f).to(dtype)
         alone, batch = calls.gemv(x[:1], *weight_args(qt), b), calls.gemv(x, *weight_args(qt), b)
         assert same(alone, batch[:1]), (out_f, in_f, blocksize, dq)
+
+
+needs_dot = pytest.mark.skipif(build.library() is None or not build.library().bf16_dot,
+                               reason="this build has no bfloat16 dot-product path (nf4.c gemv_row_dp)")
+
+
+def dot_case(rows: int, out_f: int, in_f: int, logical, blocksize: int = 64, seed: int = 0, size: float = 0.01):
+    """A weight (``size`` times a sample) and bfloat16 rows of x that the dot-product path takes
+    (in_features and block size multiples of 64)."""
+    qt = quantize_4bit_ref(sample(out_f * in_f, logical, seed).reshape(out_f, in_f) * size, "nf4", blocksize, True)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    return qt, x
+
+
+def ref_product(qt, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ dequantize_4bit_ref(qt, x.dtype).double().T
+
+
+@needs_dot
+def test_dot_product_path_within_tolerance_and_batch_invariant():
+    """bfloat16 x on an AVX512-BF16 build: every row count, logical dtype and block size 64-256, within
+    GEMV_REL of the float64 product, and each row alone the same bits as inside the batch."""
+    for rows, logical, blocksize in itertools.product((1, 2, 3, 8), FLOAT_DTYPES, (64, 128, 256)):
+        qt, x = dot_case(rows, 37, 256, logical, blocksize, seed=rows + blocksize)
+        got = calls.gemv(x, *weight_args(qt), None)
+        assert got is not None and rel(got, ref_product(qt, x)) < GEMV_REL[torch.bfloat16], (rows, logical, blocksize)
+        for r in range(rows):
+            assert same(calls.gemv(x[r:r + 1], *weight_args(qt), None), got[r:r + 1]), (rows, logical, blocksize, r)
+
+
+def rows_within(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    """Every row of ``got`` within ``tol`` of ``want``'s (relative), where ``want``'s row is finite;
+    NaN where ``want`` has NaN, infinities equal."""
+    for g, w in zip(got, want):
+        if w.isfinite().all():
+            if rel(g, w) >= tol:
+                return False
+        elif not (torch.equal(g.isnan(), w.isnan()) and torch.equal(g[w.isinf()].double(), w[w.isinf()])):
+            return False
+    return True
+
+
+@needs_dot
+@pytest.mark.parametrize("value", [1e-39, -5e-39, 1e-20, 2.0 ** -51, float("inf"), float("nan")], ids=str)
+def test_dot_product_path_steps_aside_for_x_it_cannot_take_exactly(value):
+    """A row of x whose one nonzero value is subnormal (the bfloat16 instructions would read it as
+    zero: a relative error of 1 on that row), below 2^-50, infinite or NaN: that row goes the float32
+    way, the other rows stay on the dot products; each row within GEMV_REL of the float64 product
+    and the same bits alone as in the batch."""
+    qt, x = dot_case(4, 40, 128, torch.bfloat16, seed=3, size=100.0)
+    x[2] = 0
+    x[2, 5] = value
+    got = calls.gemv(x, *weight_args(qt), None)
+    assert rows_within(got, ref_product(qt, x), GEMV_REL[torch.bfloat16])
+    assert (got[2] != 0).any()
+    for r in range(4):
+        assert same(calls.gemv(x[r:r + 1], *weight_args(qt), None), got[r:r + 1]), r
+
+
+@needs_dot
+@pytest.mark.parametrize("scale", [1e-39, 1e-30, 0.0], ids=str)
+def test_dot_product_path_steps_aside_for_blocks_it_cannot_take_exactly(scale):
+    """A row of W whose blocks' values are subnormal (scale 1e-39: the instructions would read them as
+    zero) or below 2^-50 (1e-30) goes the float32 way; zero blocks stay. Each row within GEMV_REL of
+    the float64 product, the same bits alone as in the batch."""
+    qt, x = dot_case(3, 6, 128, torch.bfloat16, seed=5)
+    qt = quantize_4bit_ref(dequantize_4bit_ref(qt, torch.float32), "nf4", 64, False)  # plain float32 scales
+    absmax = qt.absmax.clone()
+    absmax[2:4] = scale  # row 1's two blocks
+    qt.absmax = absmax
+    x = x.abs() + 1  # no cancellation: each row's sum is as large as its products
+    got = calls.gemv(x, *weight_args(qt), None)
+    want = ref_product(qt, x)
+    assert rows_within(got.T, want.T, GEMV_REL[torch.bfloat16]) and rows_within(got, want, GEMV_REL[torch.bfloat16])
+    if scale:
+        assert got[:, 1].abs().min() > 0
+    for r in range(3):
+        assert same(calls.gemv(x[r:r + 1], *weight_args(qt), None), got[r:r + 1]), r
 
 
 @needs_cc
@@ -240,7 +318,7 @@ def test_hostile_shapes_never_reach_c():
     assert calls.dequantize(*good, torch.int8) is None
     assert calls.dequantize(*good, torch.float32, out=torch.empty(40 * 64 - 1)) is None
     assert calls.dequantize(*good, torch.float32, out=torch.empty(40 * 64 * 2)[::2]) is None
-    for x, b in ((torch.randn(1, 63), None), (torch.randn(calls.MAX_ROWS + 1, 64), None), (torch.randn(1, 64), torch.randn(39)),
+    for x, b in ((torch.randn(1, 63), None), (torch.randn(calls.MAX_FUSED_ROWS + 1, 64), None), (torch.randn(1, 64), torch.randn(39)),
                  (torch.randn(1, 64), torch.randn(40, dtype=torch.float64)), (torch.randn(1, 64, dtype=torch.float64), None),
                  (torch.randn(()), None)):
         assert calls.gemv(x, *good, b) is None, (x.shape, None if b is None else b.shape)
@@ -306,6 +384,7 @@ def test_failed_build_falls_back(fresh_state, monkeypatch, tmp_path):
 
 #: the code paths of nf4.c and flags that select each on an x86-64 CPU (the widest first)
 VARIANTS = {"avx512": ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
+            "avx512-no-bf16": ("-O3", "-march=native", "-mno-avx512bf16", "-fopenmp", "-ffp-contract=off"),
             "avx2": ("-O3", "-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-fopenmp", "-ffp-contract=off"),
             "plain": ("-O3", "-ffp-contract=off", *(("-mno-avx2", "-mno-avx512f") if platform.machine() in ("x86_64", "AMD64") else ()))}
 
@@ -324,14 +403,15 @@ def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
     """Build the AVX-512, AVX2 and plain C paths (where this CPU runs them) and check each against
     the reference: a machine without AVX-512 runs the same bits (and its fused kernel, within
     GEMV_REL); a plain C build leaves the few-row product to torch."""
-    need = {"avx512": "avx512f", "avx2": "avx2", "plain": None}[variant]
+    need = {"avx512": "avx512f", "avx512-no-bf16": "avx512f", "avx2": "avx2", "plain": None}[variant]
     if need and not _cpu_has(need):
         pytest.skip(f"this CPU has no {need}")
     cc = build.compiler()
     path = build.library_path(cc, VARIANTS[variant])
     build.compile_library(cc, VARIANTS[variant], path)
     lib = build._bind(path)
-    assert lib.simd == {"avx512": 512, "avx2": 256, "plain": 0}[variant]
+    assert lib.simd == {"avx512": 512, "avx512-no-bf16": 512, "avx2": 256, "plain": 0}[variant]
+    assert lib.bf16_dot == (variant == "avx512" and _cpu_has("avx512_bf16"))
     monkeypatch.setattr(calls, "library", lambda: lib)
     monkeypatch.setattr(calls, "CHUNK", 256)
     for n, blocksize, dq in ((4097, 64, True), (8 * 256 * 32 + 33, 32, False), (3 * 4096 + 7, 4096, True)):
@@ -339,8 +419,8 @@ def test_every_code_path_is_bit_identical(variant, fresh_state, monkeypatch):
         for logical, dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):
             qt.dtype = logical
             assert matches(dequant(qt, dtype), dequantize_4bit_ref(qt, dtype), logical), (variant, n, logical, dtype)
-    for dtype in FLOAT_DTYPES:
-        qt, x, b, want = gemv_case(3, 40, 130, torch.bfloat16, dtype, True, True, seed=5)
+    for dtype, in_f in itertools.product(FLOAT_DTYPES, (130, 256)):  # 256: the dot-product path in bfloat16
+        qt, x, b, want = gemv_case(3, 40, in_f, torch.bfloat16, dtype, True, True, seed=5)
         got = calls.gemv(x, *weight_args(qt), b)
         if variant == "plain":  # slower than dequantize + torch's product: not used
             assert got is None

@@ -50,7 +50,7 @@ FLAG_SETS = (
     ("-O3", "-ffp-contract=off"),
 )
 #: the ABI of nf4.c this module binds (nf4.c's qc_abi())
-ABI = 2
+ABI = 3
 BUILD_SECONDS = 300
 
 _LOG = logging.getLogger("qconvert")
@@ -150,6 +150,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qc_gemv.argtypes = [*weight, p, i32, i64, i64, i32, p, p, p, i32]
     lib.qc_dequantize.restype = lib.qc_gemv.restype = i32
     lib.simd = lib.qc_simd()
+    lib.bf16_dot = bool(lib.qc_bf16_dot())
     return lib
 
 
@@ -204,4 +205,5 @@ def describe() -> str:
     if library() is None:
         return f"torch path: {_STATE.get('why')}"
     simd = _STATE["lib"].simd  # type: ignore[union-attr]
-    return f"compiled ({f'{simd}-bit vectors' if simd else 'plain C'}): " + " ".join(_STATE["flags"])  # type: ignore[arg-type]
+    dot = ", bfloat16 dot products" if _STATE["lib"].bf16_dot else ""  # type: ignore[union-attr]
+    return f"compiled ({f'{simd}-bit vectors' if simd else 'plain C'}{dot}): " + " ".join(_STATE["flags"])  # type: ignore[arg-type]

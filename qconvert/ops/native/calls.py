@@ -24,8 +24,11 @@ CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 #: elements per chunk of the dequantizer's OpenMP loop (rounded down to whole blocks): 32 KiB of
 #: codes and 128 KiB of float32 output, a few hundred chunks on a 4096x4096 weight
 CHUNK = 1 << 16
-#: the most rows of input the fused kernel takes (nf4.c's MAXROWS)
+#: the most rows of input one call of the fused kernel takes (nf4.c's MAXROWS)
 MAX_ROWS = 8
+#: the most rows :func:`gemv` takes, in calls of MAX_ROWS rows (each row's result does not depend on
+#: the rows beside it, so the chunks give the bits one call would)
+MAX_FUSED_ROWS = 16
 
 
 def _threads() -> int:
@@ -155,8 +158,9 @@ def runs_of_32(in_features: int, blocksize: int) -> bool:
 
 def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
          logical_dtype, bias: torch.Tensor | None, prepared: Prepared | None = None) -> torch.Tensor | None:
-    """``x @ W.T + bias`` in x's dtype by the fused kernel, for at most :data:`MAX_ROWS` rows of x,
-    the weight never written out; None: use the torch path (also on a build without vector code).
+    """``x @ W.T + bias`` in x's dtype by the fused kernel, for at most :data:`MAX_FUSED_ROWS` rows of
+    x (calls of :data:`MAX_ROWS` rows), the weight never written out; None: use the torch path (also
+    on a build without vector code).
     Within float32 summation order of the reference (tests/tolerances.py GEMV_REL). ``prepared``:
     as for :func:`dequantize`."""
     lib = library()
@@ -166,7 +170,7 @@ def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant
     if x.shape[-1] != K or K <= 0:
         return None
     rows = x.numel() // K
-    if not 1 <= rows <= MAX_ROWS:
+    if not 1 <= rows <= MAX_FUSED_ROWS:
         return None
     if bias is not None and not (bias.device.type == "cpu" and bias.dtype == x.dtype and bias.numel() == O):
         return None
@@ -178,9 +182,13 @@ def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant
     xc = x.contiguous()
     b = bias.contiguous() if bias is not None else None
     y = torch.empty((*x.shape[:-1], O), dtype=x.dtype)
-    scratch = _scratch(rows * K)
+    chunk = min(rows, MAX_ROWS)
+    scratch = _scratch(2 * chunk * K)
     threads = _threads() if O * K >= PARALLEL_GEMV else 1
-    lib.qc_gemv(*args, xc.data_ptr(), rows, O, K, CODES[x.dtype], _ptr(b), y.data_ptr(), scratch.data_ptr(), threads)
+    size = x.element_size()
+    for r in range(0, rows, chunk):
+        lib.qc_gemv(*args, xc.data_ptr() + r * K * size, min(chunk, rows - r), O, K, CODES[x.dtype], _ptr(b),
+                    y.data_ptr() + r * O * size, scratch.data_ptr(), threads)
     del keep, xc, b, scratch
     return y
 
@@ -189,8 +197,9 @@ _SCRATCH = threading.local()
 
 
 def _scratch(n: int) -> torch.Tensor:
-    """``n`` float32 elements of this thread's reused buffer for qc_gemv's copy of x (MAX_ROWS rows of
-    the widest weight seen so far): a fresh one each call costs as much as a small product's checks."""
+    """``n`` float32 elements of this thread's reused buffer for qc_gemv's copies of x (float32 and
+    bfloat16, MAX_ROWS rows of the widest weight seen so far): a fresh one each call costs as much as
+    a small product's checks."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < n:
         buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
