@@ -80,11 +80,16 @@ def _temporary_weight(dtype: torch.dtype, packed, absmax, quant_map, nested_absm
 #: overtakes it from 2 rows on 2048x2048 and larger, so bfloat16 fuses only a single row.
 GEMV_ROWS = {torch.float32: 4, torch.float16: 4, torch.bfloat16: 1}
 #: The same where the kernel takes its runs-of-32 path (an AVX-512 build, in_features and the block
-#: size multiples of 32: calls.runs_of_32): up to 8 rows (calls.MAX_ROWS) in every dtype. Measured on
-#: the same machine, one thread, 2026-12-06, the fused kernel against dequantize + F.linear at 8 rows:
-#: 256x256 36 vs 55 us (float32), 38 vs 73 (bf16); 704x256 74 vs 123, 79 vs 116; 2048x2048 1586 vs
-#: 3482, 1527 vs 1692.
-GEMV_ROWS_BY32 = 8
+#: size multiples of 32: calls.runs_of_32): up to 16 rows (calls.MAX_FUSED_ROWS, two calls of 8) in
+#: every dtype, a short prompt's prefill included. Measured on the same machine, 2026-12-06/07: at 8
+#: rows, one thread, the fused kernel against dequantize + F.linear: 256x256 36 vs 55 us (float32), 38
+#: vs 73 (bf16); 704x256 74 vs 123, 79 vs 116; 2048x2048 1586 vs 3482, 1527 vs 1692. At 16 rows (after
+#: the bfloat16 dot-product path), fused against this function's dequantize-into-scratch + F.linear,
+#: one thread / two: 1024x1024 bf16 404 vs 444 / 257 vs 409 us, float32 608 vs 748 / 360 vs 1375;
+#: 2816x1024 bf16 970 vs 1184 / 554 vs 1018; 4096x4096 bf16 6772 vs 8863 / 3117 vs 5374, float32
+#: 11566 vs 16100 / 5572 vs 15918; 256x256 even (74 vs 83 bf16, 77 vs 67 float32, one thread). At 32
+#: rows the product overtakes it on most shapes.
+GEMV_ROWS_BY32 = 16
 
 
 def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
