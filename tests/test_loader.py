@@ -292,6 +292,36 @@ def test_generate_matches_transformers(aligned):
     assert torch.equal(ours.generate(IDS[:1], **kw), theirs.generate(IDS[:1], **kw))
 
 
+def test_head_runs_one_product_for_a_sliced_input(aligned):
+    """transformers hands the output head the prompt's last position as a slice (the leading stride
+    of the whole prompt). On a frozen weight torch.matmul runs that as bmm against the weight
+    broadcast to 3-D, which torch's CPU bmm copied in whole (108 ms for a 32000x1024 bf16 head,
+    each generate call's first token); the head's pre-hook makes it one mm. The ops under the call:
+    an mm, no bmm, in both dtypes; the logits the bits of the product on a contiguous input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for cd in ("float32", "bfloat16"):
+        head = qconvert.load_model(aligned[cd]).get_output_embeddings()
+        assert not head.weight.requires_grad  # the case torch broadcasts in
+        last = torch.randn(1, 16, head.in_features, dtype=head.weight.dtype)[:, -1:, :]  # one sequence, as generate passes it
+        with torch.no_grad(), Ops() as seen:
+            got = head(last)
+        assert "mm.default" in seen.names and "bmm.default" not in seen.names, (cd, seen.names)
+        assert torch.equal(got, torch.nn.functional.linear(last.clone(), head.weight))
+        with torch.no_grad(), Ops() as bare:  # the same call without the hook: the broadcast it avoids
+            torch.nn.functional.linear(last, head.weight)
+        assert "bmm.default" in bare.names
+
+
 def test_backend_selection_errors(aligned, monkeypatch):
     with pytest.raises(OptionError, match="unknown backend 'cuda-magic'"):
         qconvert.load_model(aligned["float32"], backend="cuda-magic", device="cpu")

@@ -117,6 +117,7 @@ def load_model(
     model.to(device)
     model.is_loaded_in_4bit = True
     _mark_quantized(model)
+    _fold_head_input(model)
     model.qconvert_backend = be
     model.config.name_or_path = repo_id or str(root)
     model.eval()
@@ -132,6 +133,31 @@ def load_model(
         with conv1d_notice_hidden(model), module_targets_kept(), peft_sees_4bit_experts(model):
             model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model
+
+
+def _canonical_input(module, args):
+    """A forward pre-hook: a 3-D or wider input whose leading strides are not the canonical ones,
+    cloned into canonical strides (the same values); any other input passed as it is."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 3:
+        return None
+    x = args[0]
+    if all(x.stride(i) == x.stride(i + 1) * x.size(i + 1) for i in range(x.dim() - 2)):
+        return None
+    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+
+
+def _fold_head_input(model) -> None:
+    """The output head (a 16-bit nn.Linear) gets :func:`_canonical_input` as a pre-hook. torch.matmul
+    runs a 3-D input against a frozen 2-D weight as one product only where the input's leading
+    strides are the canonical ones; otherwise it broadcasts the weight to 3-D and copies it. During
+    ``generate`` transformers passes the head the prompt's last position, ``hidden_states[:, -1:, :]``,
+    whose leading stride is the prompt's: with qconvert's frozen head that copied the whole head
+    once per generate call (108 ms of a 32000x1024 bfloat16 head's 117 ms, 2-core EPYC, 2026-12-07),
+    where transformers' own model, whose head requires grad, takes torch's other branch and does not.
+    Cloning the one-position input costs a few kilobytes."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is torch.nn.Linear:
+        head.register_forward_pre_hook(_canonical_input)
 
 
 def _mark_quantized(model) -> None:
