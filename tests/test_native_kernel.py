@@ -20,6 +20,7 @@ from qconvert.ops.args import weight_args
 from qconvert.ops.cpu import kernels as cpu_kernels
 from qconvert.ops.native import build, calls
 from qconvert.quant import fast_dequant
+from qconvert.quant.fast_cpu import quantize_4bit_fast
 from qconvert.quant.reference import dequantize_4bit_ref, quantize_4bit_ref
 from test_fast_dequant import SIZES, hostile, same, sample
 from tolerances import GEMV_REL
@@ -164,6 +165,60 @@ def test_fused_matmul_one_row_is_the_same_bits_as_in_a_batch(dtype):
         b = torch.randn(out_f).to(dtype)
         alone, batch = calls.gemv(x[:1], *weight_args(qt), b), calls.gemv(x, *weight_args(qt), b)
         assert same(alone, batch[:1]), (out_f, in_f, blocksize, dq)
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0] if "[" in text else None
+
+
+def _huge_bytes_at(ptr: int) -> int:
+    """AnonHugePages of the mapping holding address ``ptr`` (/proc/self/smaps), in bytes."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:
+            lo, hi = (int(v, 16) for v in head[0].split("-"))
+            inside = lo <= ptr < hi
+        elif inside and head[0] == "AnonHugePages:":
+            return int(head[1]) * 1024
+    return 0
+
+
+@needs_cc
+def test_large_outputs_on_huge_pages_same_bits(monkeypatch):
+    """A dequantized output of HUGE_BYTES or more is asked for as huge pages (once, over its own
+    memory) and holds the reference's bits; QCONVERT_HUGEPAGES=0 asks nothing; where the system
+    grants madvised huge pages the output's memory is made of them."""
+    qt = quantize_4bit_fast(torch.randn(4096, 4096) * 0.02, "nf4", 64, True)  # 32 MiB in bfloat16
+    qt.dtype = torch.bfloat16
+    lib = build.library()
+    asked = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def qc_hugepages(self, ptr, nbytes):
+            asked.append((ptr, nbytes))
+            return lib.qc_hugepages(ptr, nbytes)
+
+    monkeypatch.setattr(calls, "library", lambda: Spy())
+    for dtype in (torch.bfloat16, torch.float32):
+        got = calls.dequantize(*weight_args(qt), dtype)
+        assert asked[-1] == (got.data_ptr(), got.numel() * got.element_size()) and asked[-1][1] >= calls.HUGE_BYTES
+        assert matches(got, dequantize_4bit_ref(qt, dtype), torch.bfloat16)
+        if _thp_mode() in ("always", "madvise") and platform.system() == "Linux":
+            assert _huge_bytes_at(got.data_ptr() + (4 << 20)) > 0
+    n = len(asked)
+    monkeypatch.setenv(calls.HUGE_ENV, "0")
+    assert matches(calls.dequantize(*weight_args(qt), torch.bfloat16), dequantize_4bit_ref(qt, torch.bfloat16), torch.bfloat16)
+    assert len(asked) == n
+    small = torch.full((1 << 20,), 7, dtype=torch.uint8)  # under one whole huge page: nothing asked, nothing written
+    assert lib.qc_hugepages(small.data_ptr(), small.numel()) == -1 and bool((small == 7).all())
 
 
 needs_dot = pytest.mark.skipif(build.library() is None or not build.library().bf16_dot,

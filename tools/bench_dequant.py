@@ -19,7 +19,12 @@ Timed, interleaved, median of --reps (each returns a new tensor, as a dequantize
   op runs where no C compiler works (or with QCONVERT_CPU_KERNEL=torch);
 - ``clone()`` of a tensor of the output's dtype and size: allocating and writing the output bytes,
   the memory-bound floor (the goal: qconvert within 3x of it);
-- ``copy_`` into a preallocated tensor: the same bytes without the page faults of fresh memory.
+- ``copy_`` into a preallocated tensor: the same bytes without the page faults of fresh memory;
+- qconvert into a preallocated output (``qconvert.ops.dequantize_into``): the decoding alone
+  (bitsandbytes 0.50 has no CPU kernel for ``dequantize_4bit(out=)``: NotImplementedError).
+qconvert asks for huge pages for a fresh output of 32 MiB or more (qconvert/ops/native/calls.py
+``fresh``), which is most of its lead over an allocating dequantize; ``QCONVERT_HUGEPAGES=0`` measures
+it without.
 Prints Mparam/s (wall), the CPU time per call (all threads; less sensitive to a busy machine), the
 ratios, the load average and the time, so a figure carries its conditions.
 """
@@ -51,6 +56,19 @@ def cpu_seconds() -> float:
 
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def describe_huge() -> str:
+    """Whether qconvert's fresh outputs of this size get huge pages here: its threshold, the
+    QCONVERT_HUGEPAGES switch and the system's transparent huge page mode."""
+    from qconvert.ops.native import calls
+
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    off = os.environ.get(calls.HUGE_ENV, "").strip() == "0"
+    return f"from {calls.HUGE_BYTES >> 20} MiB, {calls.HUGE_ENV}={'0: off' if off else 'unset: on'}, system THP mode {mode}"
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -101,8 +119,12 @@ def main() -> int:
     src, dst = torch.empty_like(ours), torch.empty_like(ours)
     src.fill_(1.0)
     dst.copy_(src)
+    our_out = torch.zeros_like(ours)  # (its pages faulted once, before timing)
+    from qconvert.ops import dequantize_into
+
     runs = {"bitsandbytes dequantize_4bit": bnb_dq, "qconvert dequantize_4bit": qconvert_dq, "qconvert torch path": torch_path_dq,
-            "clone (allocate + write the output)": src.clone, "copy_ into a preallocated tensor": lambda: dst.copy_(src)}
+            "clone (allocate + write the output)": src.clone, "copy_ into a preallocated tensor": lambda: dst.copy_(src),
+            "qconvert into a preallocated tensor": lambda: dequantize_into(qt, our_out)}
     times: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     start = conditions()
@@ -128,6 +150,9 @@ def main() -> int:
           f"torch path / bitsandbytes: {rate['qconvert torch path'] / rate['bitsandbytes dequantize_4bit']:.2f}x")
     print(f"qconvert time / clone time: {rate['clone (allocate + write the output)'] / q:.2f}x (goal <= 3x)")
     print(f"qconvert time / copy_ time: {rate['copy_ into a preallocated tensor'] / q:.2f}x")
+    pre = rate["copy_ into a preallocated tensor"] / rate["qconvert into a preallocated tensor"]
+    print(f"qconvert into a preallocated tensor (the decoding alone, no page faults) / copy_ time: {pre:.2f}x; "
+          f"qconvert's fresh output asked for as huge pages: {describe_huge()}")
     return 0
 
 

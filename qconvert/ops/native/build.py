@@ -149,6 +149,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qc_dequantize.argtypes = [*weight, i32, p, i64, i32]
     lib.qc_gemv.argtypes = [*weight, p, i32, i64, i64, i32, p, p, p, i32]
     lib.qc_dequantize.restype = lib.qc_gemv.restype = i32
+    lib.qc_hugepages.argtypes, lib.qc_hugepages.restype = [p, i64], i32
     lib.simd = lib.qc_simd()
     lib.bf16_dot = bool(lib.qc_bf16_dot())
     return lib

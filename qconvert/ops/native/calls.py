@@ -11,6 +11,7 @@ for bad input themselves.
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import torch
@@ -140,13 +141,34 @@ def dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, neste
     args, keep = prepared
     n = args[9]
     if out is None:
-        out = torch.empty(n, dtype=dtype)
+        out = fresh(lib, n, dtype)
     elif not (out.dtype == dtype and out.numel() == n and out.is_contiguous() and out.device.type == "cpu"):
         return None
     chunk = max(blocksize, CHUNK - CHUNK % blocksize)
     lib.qc_dequantize(*args, CODES[dtype], out.data_ptr(), chunk, _threads() if n > chunk and n >= PARALLEL_DEQUANT else 1)
     del keep
     return out.view(tuple(shape))
+
+
+#: outputs of at least this many bytes get huge pages (:func:`fresh`): glibc's malloc serves every
+#: request this large by a mapping of its own (its largest mmap threshold), so the advice never
+#: reaches memory of the heap that other allocations share
+HUGE_BYTES = 32 << 20
+#: ``QCONVERT_HUGEPAGES=0`` keeps every output on the system's default pages
+HUGE_ENV = "QCONVERT_HUGEPAGES"
+
+
+def fresh(lib, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor of ``n`` elements for a kernel to write in whole. From :data:`HUGE_BYTES` up its
+    memory is asked for as huge pages, whose faults are taken before the kernel writes (nf4.c
+    qc_hugepages: with 4 KiB pages the faults cost more than decoding the weight). The cost of the
+    advice: where the kernel compacts memory for madvised huge pages (``defrag`` set to ``madvise``,
+    a common default) a machine short of free memory can stall the first write; ``QCONVERT_HUGEPAGES=0``
+    turns it off."""
+    out = torch.empty(n, dtype=dtype)
+    if n * out.element_size() >= HUGE_BYTES and os.environ.get(HUGE_ENV, "").strip() != "0":
+        lib.qc_hugepages(out.data_ptr(), n * out.element_size())
+    return out
 
 
 def runs_of_32(in_features: int, blocksize: int) -> bool:
