@@ -370,7 +370,12 @@ def test_experts_dequantize_into_reused_buffers_on_cpu(tmp_path, monkeypatch):
         return value
 
     hidden = json.loads((tmp_path / "q" / "config.json").read_text())["hidden_size"]
-    embeds = torch.randn(2, 6, hidden, generator=torch.Generator().manual_seed(3))
+    # 18 rows of input: more than the CPU kernels fuse (GEMV_ROWS_BY32, within GEMV_REL of the
+    # reference), so every 4-bit linear layer here takes their bit-exact dequantize-then-multiply path
+    embeds = torch.randn(2, 9, hidden, generator=torch.Generator().manual_seed(3))
+    from qconvert.ops.cpu.kernels import GEMV_ROWS_BY32
+
+    assert embeds.shape[0] * embeds.shape[1] > GEMV_ROWS_BY32
     grads = []
     for backend in ("auto", "reference"):
         model = qconvert.load_model(tmp_path / "q", device="cpu", backend=backend, dtype=torch.float32)
