@@ -448,7 +448,7 @@ static inline int table_dp(const weight_t *w, int64_t b, int logical, __m512 q, 
     } while (0)
 
 /* gemv_row32 for bfloat16 x, K and the block size multiples of 64, by dot products: 0 where a block's
- * table fails dp_ok (the caller then runs gemv_row32 for this row of W). Two accumulators per row of
+ * scale fails scale_safe (the caller then runs gemv_row32 for this row of W). Two accumulators per row of
  * x, summed at the end, as gemv_pair_dp sums each of its rows: the same bits either way. */
 static inline __attribute__((always_inline)) int
 gemv_row_dp(const weight_t *w, int64_t o, int64_t K, const int rows, int logical, const uint16_t *xd, float *acc) {
@@ -477,8 +477,8 @@ gemv_row_dp(const weight_t *w, int64_t o, int64_t K, const int rows, int logical
 #define GVDP(R) case R: done = gemv_row_dp(w, oo, K, R, logical, xd, acc); break;
 #define GV32AT(R) case R: gemv_row32(w, oo, K, R, t, logical, xf, acc); break;
 
-/* gemv_row_dp for one row of x on rows o and o + 1 of W (the x loads shared); 0 where a table of
- * either fails dp_ok (the caller then takes each row on its own) */
+/* gemv_row_dp for one row of x on rows o and o + 1 of W (the x loads shared); 0 where a block of
+ * either fails scale_safe (the caller then takes each row on its own) */
 static inline int gemv_pair_dp(const weight_t *w, int64_t o, int64_t K, int logical, const uint16_t *xd, float *acc) {
     __m512 even0 = _mm512_setzero_ps(), odd0 = even0, even1 = even0, odd1 = even0;
     const __m512 q = _mm512_loadu_ps(w->qmap);
@@ -569,7 +569,7 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
     uint16_t *xd = (uint16_t *)(scratch + rows * K);
     dp = t == BF16 && K % 64 == 0 && bs % 64 == 0;
     if (dp) {
-        int ok = 0; /* rows of x whose every value passes dp_ok */
+        int ok = 0; /* rows of x whose every value is zero or of magnitude in [DP_LO, DP_HI] */
         for (int r = 0; r < rows; r++) {
             const uint16_t *xr = (const uint16_t *)x + r * K;
             int good = 1;
