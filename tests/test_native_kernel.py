@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import platform
+import shutil
 
 import pytest
 import torch
@@ -435,6 +436,21 @@ def test_failed_build_falls_back(fresh_state, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(fake))
     assert build.library() is None and "broken on purpose" in build.describe()
     assert list(fresh_state.iterdir()) == []
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("gcc"), reason="x86-64 flags, gcc")
+def test_compiler_without_the_bf16_part_keeps_the_other_vector_code(fresh_state, monkeypatch, tmp_path):
+    """A compiler that builds everything but the AVX512-BF16 part (an older or another compiler): the
+    next flag set leaves that part out and keeps -march=native's vector code, not plain C."""
+    fake = tmp_path / "oldcc"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-mno-avx512bf16" ] && exec gcc "$@"; done\n'
+                    'echo "error: unknown type name __m512bh" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    lib = build.library()
+    assert lib is not None and "-mno-avx512bf16" in build.describe() and not lib.bf16_dot
+    assert lib.simd == (512 if _cpu_has("avx512f") else 256 if _cpu_has("avx2") else 0)
 
 
 #: the code paths of nf4.c and flags that select each on an x86-64 CPU (the widest first)

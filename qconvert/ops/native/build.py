@@ -19,9 +19,10 @@ path (qconvert.quant.fast_dequant), which computes the same bits.
 - Trust: a library is loaded only from a real folder owned by this user that no one else can write
   to, and only if it is a regular file (not a link) owned by this user: code loaded into the
   process must be code this user built.
-- Flags: ``-O3 -march=native -fopenmp``, then without ``-march=native``, then without OpenMP (the
-  kernels then run on one thread); ``-ffp-contract=off`` always, so no multiply-add is fused and
-  every product is rounded as torch rounds it.
+- Flags: ``-O3 -march=native -fopenmp``, then the same without the AVX512-BF16 instructions (a
+  compiler that cannot build their part keeps the other vector code), then without ``-march=native``,
+  then without OpenMP (the kernels then run on one thread); ``-ffp-contract=off`` always, so no
+  multiply-add is fused and every product is rounded as torch rounds it.
 - Fallback: no compiler, a failed build, an untrusted folder or a library that will not load: one
   debug note (logger ``qconvert``) and ``None``; the callers then run the torch path. The
   environment variable ``QCONVERT_CPU_KERNEL=torch`` skips the kernels altogether (tests compare
@@ -46,6 +47,7 @@ SOURCE = Path(__file__).with_name("nf4.c")
 #: the flag sets tried in order; the first that builds is used
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
+    ("-O3", "-march=native", "-mno-avx512bf16", "-fopenmp", "-ffp-contract=off"),
     ("-O3", "-fopenmp", "-ffp-contract=off"),
     ("-O3", "-ffp-contract=off"),
 )
