@@ -115,11 +115,12 @@ def test_dtype_argument(ragged_bf16):
     """dtype=None keeps the stored dtypes (compute_dtype alone does not make a float32 model);
     dtype casts every unquantized tensor, and compute_dtype follows it unless given."""
     m = qconvert.load_model(ragged_bf16, backend="reference", device="cpu", compute_dtype="float32")
-    assert m.model.embed_tokens.weight.dtype == torch.bfloat16 and not all_float32(m)
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16 and not all_float32(m) and m.config.dtype == torch.bfloat16
     m = qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="float32", compute_dtype=torch.bfloat16)
     assert all_float32(m) and m.model.layers[1].mlp.down_proj.compute_dtype == torch.bfloat16
+    assert m.config.dtype == torch.float32  # the config says what the tensors are, as transformers' from_pretrained(dtype=) sets it
     m = qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="auto")
-    assert m.model.norm.weight.dtype == torch.bfloat16
+    assert m.model.norm.weight.dtype == torch.bfloat16 and m.config.dtype == torch.bfloat16
     with pytest.raises(OptionError, match="unknown dtype 'float64'"):
         qconvert.load_model(ragged_bf16, backend="reference", device="cpu", dtype="float64")
 

@@ -115,6 +115,8 @@ def load_model(
     if missing:
         raise FormatError(f"{root}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     model.to(device)
+    if dt is not None:  # the config says what the unquantized tensors now are (transformers' from_pretrained(dtype=) sets it too)
+        model.config.dtype = dt
     model.is_loaded_in_4bit = True
     _mark_quantized(model)
     _fold_head_input(model)
