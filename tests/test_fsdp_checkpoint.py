@@ -82,6 +82,26 @@ def _load(folder: Path, seed: int = 1):
     return m, opt
 
 
+def test_save_replaces_links_planted_at_its_names_never_writes_through(tmp_path):
+    """Links planted in the checkpoint folder at the shard's and the manifest's names (pointing at a
+    user's files) are replaced by the files the save writes, through the one writer; the files they
+    point at are untouched, and the checkpoint reads back."""
+    m, opt = _model_and_optimizer()
+    m(torch.randn(3, 16)).square().sum().backward()
+    opt.step()
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    victims = {name: tmp_path / f"victim-{i}" for i, name in enumerate((fc.shard_name(0, 1), fc.MANIFEST))}
+    for name, victim in victims.items():
+        victim.write_bytes(b"precious")
+        (folder / name).symlink_to(victim)
+    fc.save(m, opt, folder, 0, 1)
+    assert all(v.read_bytes() == b"precious" for v in victims.values())
+    assert not any((folder / name).is_symlink() for name in victims)
+    m2, _ = _load(folder)
+    assert all(torch.equal(a, b) for (n, a), b in zip(m.named_parameters(), m2.parameters()) if n != "1.bias")
+
+
 def test_checkpoint_reads_back_exactly_in_one_process(ckpt):
     folder, m, opt = ckpt
     m2, opt2 = _load(folder)

@@ -164,11 +164,13 @@ class ShardedBnb(torch.optim.Optimizer):
 
     def save_exact(self, folder: Path, rank: int, world: int) -> None:
         """This process's 8-bit state as it is (nothing when every state is 32-bit)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from ..io.writes import write_file
 
         quantized = self._quantized()
         if quantized:
-            save_file(quantized, str(folder / exact_name(rank, world)), metadata={"world": str(world)})
+            write_file(folder / exact_name(rank, world), save(quantized, metadata={"world": str(world)}))
 
     @torch.no_grad()
     def load_exact(self, folder: Path, rank: int, world: int) -> bool | None:

@@ -202,9 +202,10 @@ def full_adapter(model) -> dict[str, torch.Tensor]:
 def save_sharded(model, optimizer, folder: Path) -> None:
     """The LoRA shards and the optimizer state into ``folder/sharded`` (every process writes its own
     file, process 0 the manifest; fsdp_checkpoint.py: safetensors and JSON, no pickle)."""
+    from ..io.writes import make_dir
     from . import fsdp_checkpoint
 
-    (folder / SHARDED).mkdir(exist_ok=True)
+    make_dir(folder / SHARDED, exist_ok=True)  # a link or file planted at that name is refused
     fsdp_checkpoint.save(model, optimizer, folder / SHARDED, *_rank_world())
     if hasattr(optimizer, "save_exact"):  # bitsandbytes' 8-bit state as it is, per process (bnb_shards.py)
         optimizer.save_exact(folder / SHARDED, *_rank_world())

@@ -155,20 +155,20 @@ def _optimizer(w: _Writer, model, optimizer) -> dict:
 
 def save(model, optimizer, folder: Path, rank: int, world: int) -> None:
     """Write this process's shard file, and (process 0) the manifest, into ``folder``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ..io.writes import write_file
 
     w = _Writer(rank, world)
     for name, p in model.named_parameters():
         if p.requires_grad:
             w.add(f"model/{name}", p)
     opt = _optimizer(w, model, optimizer)
-    save_file(w.tensors, str(folder / shard_name(rank, world)), metadata={"format": FORMAT, "rank": str(rank), "world": str(world)})
+    # through the one writer: a unique temporary name, fsync, a rename that replaces (never follows) a planted link
+    write_file(folder / shard_name(rank, world), save(w.tensors, metadata={"format": FORMAT, "rank": str(rank), "world": str(world)}))
     if rank == 0:
         manifest = {"format": FORMAT, "version": VERSION, "world": world, "tensors": w.entries, "optimizer": opt}
-        with open(folder / MANIFEST, "x", encoding="utf-8") as f:  # a fresh folder: never through a planted file
-            json.dump(manifest, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(folder / MANIFEST, json.dumps(manifest, separators=(",", ":"), allow_nan=False))
 
 
 # ---------------------------------------------------------------- reading: the manifest
