@@ -417,7 +417,7 @@ gemv_row32(const weight_t *w, int64_t o, int64_t K, const int rows, int t, int l
     for (int r = 0; r < rows; r++) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(even_acc[r], odd_acc[r]));
 }
 
-#define GV32(R) case R: gemv_row32(w, o, K, R, t, logical, xf, acc); break;
+#define GV32(R, O) case R: gemv_row32(w, O, K, R, t, logical, xf, acc); break;
 
 #ifdef DPBF16
 /* Products in bfloat16 dot-product instructions (vdpbf16ps: 32 products of bfloat16 pairs a step,
@@ -475,7 +475,6 @@ gemv_row_dp(const weight_t *w, int64_t o, int64_t K, const int rows, int logical
 }
 
 #define GVDP(R) case R: done = gemv_row_dp(w, oo, K, R, logical, xd, acc); break;
-#define GV32AT(R) case R: gemv_row32(w, oo, K, R, t, logical, xf, acc); break;
 
 /* gemv_row_dp for one row of x on rows o and o + 1 of W (the x loads shared); 0 where a block of
  * either fails scale_safe (the caller then takes each row on its own) */
@@ -555,9 +554,6 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
             const void *x, int rows, int64_t O, int64_t K, int t, const void *bias, void *y, float *scratch, int threads) {
     if (rows < 1 || rows > MAXROWS) return -1;
     weight_t w0 = weight(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n);
-#ifdef DPBF16
-    safe_scales(&w0, logical);
-#endif
     const weight_t *w = &w0;
     float *xf = scratch;
     int by32 = 0; /* gemv_row32 applies: x reordered in runs of 32 (its even then its odd elements) */
@@ -569,6 +565,7 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
     uint16_t *xd = (uint16_t *)(scratch + rows * K);
     dp = t == BF16 && K % 64 == 0 && bs % 64 == 0;
     if (dp) {
+        safe_scales(&w0, logical);
         int ok = 0; /* rows of x whose every value is zero or of magnitude in [DP_LO, DP_HI] */
         for (int r = 0; r < rows; r++) {
             const uint16_t *xr = (const uint16_t *)x + r * K;
@@ -613,7 +610,7 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
             }
             for (int64_t oo = o; oo < o + step && oo < O; oo++) { /* a row of W the pair could not take, or a batch */
                 switch (rows) { GVDP(1) GVDP(2) GVDP(3) GVDP(4) GVDP(5) GVDP(6) GVDP(7) GVDP(8) }
-                if (!done) switch (rows) { GV32AT(1) GV32AT(2) GV32AT(3) GV32AT(4) GV32AT(5) GV32AT(6) GV32AT(7) GV32AT(8) }
+                if (!done) switch (rows) { GV32(1, oo) GV32(2, oo) GV32(3, oo) GV32(4, oo) GV32(5, oo) GV32(6, oo) GV32(7, oo) GV32(8, oo) }
                 put_row(t, bias, y, rows, O, oo, acc);
             }
             continue;
@@ -627,7 +624,7 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
             continue;
         }
         if (by32) {
-            switch (rows) { GV32(1) GV32(2) GV32(3) GV32(4) GV32(5) GV32(6) GV32(7) GV32(8) }
+            switch (rows) { GV32(1, o) GV32(2, o) GV32(3, o) GV32(4, o) GV32(5, o) GV32(6, o) GV32(7, o) GV32(8, o) }
         } else
 #endif
         switch (t * 3 + logical) {
