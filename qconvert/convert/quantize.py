@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -296,8 +295,8 @@ def _finish(stage: Path, out: Path, plan: Plan, totals: _Totals, summary: dict[s
     write_file(stage / "README.md", quantized_card(summary, plan.skip_patterns, stage, base_model))
     if len(plan.shards) > 1:  # the index is the last file written
         write_index(stage, totals.weight_map, totals.total_size)
-    (stage / JOURNAL).unlink()
-    shutil.rmtree(stage / "source", ignore_errors=True)
+    _remove(stage / JOURNAL)
+    _remove(stage / "source")
     _publish(stage, out)
 
 

@@ -41,7 +41,8 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
     if checked_base_model(base_model) is not None:
         cfg["base_model_name_or_path"] = base_model
     with staged(out) as stage:
-        shutil.copyfile(weights, stage / "adapter_model.safetensors")
+        with open(weights, "rb") as f:  # copied through the one writer (a unique temporary name, fsync, a rename)
+            write_file(stage / "adapter_model.safetensors", lambda out_file: shutil.copyfileobj(f, out_file))
         write_json(stage / "adapter_config.json", cfg, sort_keys=True)
         fmt = read_prompt_format(src) or read_prompt_format(source)  # a checkpoint's: its run's
         if fmt:  # written anew from the counts: only what train would write
