@@ -120,6 +120,11 @@ def matmul_cpu_kept(prev, x, weight: tuple, bias) -> tuple[torch.Tensor, object]
     from ..native import calls
 
     prepared = calls.prepare(prev, *weight)
+    if (prepared is not None and prepared.key is not None and x.dim()
+            and x.numel() <= (GEMV_ROWS_BY32 if prepared.by32 else GEMV_ROWS.get(x.dtype, 0)) * x.shape[-1]):
+        y = calls.gemv_prepared(prepared, x, bias)  # matmul_cpu's first branch, the weight's checks done
+        if y is not None:
+            return y, prepared
     y = matmul_cpu(x, *weight, bias, prepared=prepared)
     return y, prepared if prepared is not None and prepared.key is not None else None
 

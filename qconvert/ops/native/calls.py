@@ -90,14 +90,16 @@ class Prepared:
     and the weight is checked again. It holds no tensor (a replaced weight is not kept alive by it),
     except the copies of one that is never reused (``key`` None), for its own call."""
 
-    __slots__ = ("key", "args", "keep")
+    __slots__ = ("key", "args", "keep", "lib", "shape", "by32")
 
-    def __init__(self, key: tuple | None, args: tuple, keep: tuple):
-        self.key, self.args, self.keep = key, args, keep
+    def __init__(self, key: tuple | None, args: tuple, keep: tuple, lib=None, shape: tuple = ()):
+        self.key, self.args, self.keep, self.lib, self.shape = key, args, keep, lib, shape
+        #: whether qc_gemv takes its runs-of-32 path for this weight (:func:`runs_of_32`)
+        self.by32 = len(shape) == 2 and runs_of_32(shape[1], args[8], lib)
 
 
 def _key(tensors: tuple, scalars: tuple) -> tuple:
-    return (*(None if t is None else (t.data_ptr(), t.is_cpu, t.dtype, t.numel(), t.is_contiguous()) for t in tensors),
+    return (*[None if t is None else (t.data_ptr(), t.is_cpu, t.dtype, t.numel(), t.is_contiguous()) for t in tensors],
             *scalars)
 
 
@@ -106,11 +108,12 @@ def prepare(prev: Prepared | None, packed, absmax, quant_map, nested_absmax, nes
     """``prev`` if it still holds for these weight arguments, else a new :class:`Prepared` (whose key
     is None, so that it is never reused, where :func:`weight_args` had to copy a tensor); None where
     the kernels cannot take the weight or are not built."""
-    if library() is None:
+    lib = library()
+    if lib is None:
         return None
     tensors = (packed, absmax, quant_map, nested_absmax, nested_quant_map)
     key = _key(tensors, (nested_offset, blocksize, tuple(shape), logical_dtype))
-    if prev is not None and prev.key is not None and prev.key == key:
+    if prev is not None and prev.key is not None and prev.key == key and prev.lib is lib:
         return prev
     got = weight_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
                       logical_dtype)
@@ -119,7 +122,7 @@ def prepare(prev: Prepared | None, packed, absmax, quant_map, nested_absmax, nes
     own = {t.data_ptr() for t in tensors if t is not None}
     if any(t is not None and t.data_ptr() not in own for t in got[1]):
         return Prepared(None, *got)
-    return Prepared(key, got[0], ())
+    return Prepared(key, got[0], (), lib, tuple(shape))
 
 
 def _prepared(prepared: Prepared | None, weight: tuple) -> tuple[tuple, tuple] | None:
@@ -171,10 +174,12 @@ def fresh(lib, n: int, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def runs_of_32(in_features: int, blocksize: int) -> bool:
+def runs_of_32(in_features: int, blocksize: int, lib=...) -> bool:
     """Whether qc_gemv takes its runs-of-32 path for such a weight: an AVX-512 build, in_features and
-    the block size multiples of 32 (nf4.c's gemv_row32)."""
-    lib = library()
+    the block size multiples of 32 (nf4.c's gemv_row32). ``lib``: the :func:`library` the caller has
+    just had, if it has."""
+    if lib is ...:
+        lib = library()
     return lib is not None and lib.simd == 512 and in_features % 32 == 0 and blocksize % 32 == 0
 
 
@@ -186,30 +191,52 @@ def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant
     Within float32 summation order of the reference (tests/tolerances.py GEMV_REL). ``prepared``:
     as for :func:`dequantize`."""
     lib = library()
-    if lib is None or not lib.simd or x.device.type != "cpu" or x.dtype not in CODES or len(shape) != 2 or x.dim() == 0:
+    if lib is None or not lib.simd or len(shape) != 2:
         return None  # (a plain-C build: dequantize + torch's product is faster)
     O, K = shape  # noqa: N806 (the matrix's sides)
-    if x.shape[-1] != K or K <= 0:
-        return None
-    rows = x.numel() // K
-    if not 1 <= rows <= MAX_FUSED_ROWS:
-        return None
-    if bias is not None and not (bias.device.type == "cpu" and bias.dtype == x.dtype and bias.numel() == O):
+    if not _fits(x, bias, O, K):
         return None
     prepared = _prepared(prepared, (packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
                                     shape, logical_dtype))
     if prepared is None:
         return None
-    args, keep = prepared
+    return _gemv(lib, *prepared, x, bias, O, K)
+
+
+def gemv_prepared(prepared: Prepared, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`gemv` on the weight :func:`prepare` has just checked and returned (with a key: the
+    arguments are the weight's own tensors' addresses), for the hundreds of calls a second of
+    generation: only x and the bias are checked here."""
+    lib = prepared.lib
+    if prepared.key is None or lib is None or not lib.simd or len(prepared.shape) != 2:
+        return None
+    O, K = prepared.shape  # noqa: N806 (the matrix's sides)
+    if not _fits(x, bias, O, K):
+        return None
+    return _gemv(lib, prepared.args, (), x, bias, O, K)
+
+
+def _fits(x: torch.Tensor, bias: torch.Tensor | None, O: int, K: int) -> bool:  # noqa: N803
+    """Whether qc_gemv takes x (1 to MAX_FUSED_ROWS rows of K, on the CPU, a dtype it reads) and the bias."""
+    if x.device.type != "cpu" or x.dtype not in CODES or x.dim() == 0 or x.shape[-1] != K or K <= 0:
+        return False
+    if not 1 <= x.numel() // K <= MAX_FUSED_ROWS:
+        return False
+    return bias is None or (bias.device.type == "cpu" and bias.dtype == x.dtype and bias.numel() == O)
+
+
+def _gemv(lib, args: tuple, keep: tuple, x: torch.Tensor, bias: torch.Tensor | None, O: int, K: int) -> torch.Tensor:  # noqa: N803
+    """qc_gemv over x's rows in calls of MAX_ROWS (x and bias as :func:`_fits` says)."""
+    rows = x.numel() // K
     xc = x.contiguous()
     b = bias.contiguous() if bias is not None else None
     y = torch.empty((*x.shape[:-1], O), dtype=x.dtype)
     chunk = min(rows, MAX_ROWS)
     scratch = _scratch(2 * chunk * K)
     threads = _threads() if O * K >= PARALLEL_GEMV else 1
-    size = x.element_size()
+    size, code = x.element_size(), CODES[x.dtype]
     for r in range(0, rows, chunk):
-        lib.qc_gemv(*args, xc.data_ptr() + r * K * size, min(chunk, rows - r), O, K, CODES[x.dtype], _ptr(b),
+        lib.qc_gemv(*args, xc.data_ptr() + r * K * size, min(chunk, rows - r), O, K, code, _ptr(b),
                     y.data_ptr() + r * O * size, scratch.data_ptr(), threads)
     del keep, xc, b, scratch
     return y
