@@ -226,10 +226,15 @@ needs_dot = pytest.mark.skipif(build.library() is None or not build.library().bf
                                reason="this build has no bfloat16 dot-product path (nf4.c gemv_row_dp)")
 
 
-def dot_case(rows: int, out_f: int, in_f: int, logical, blocksize: int = 64, seed: int = 0, size: float = 0.01):
-    """A weight (``size`` times a sample) and bfloat16 rows of x that the dot-product path takes
-    (in_features and block size multiples of 64)."""
-    qt = quantize_4bit_ref(sample(out_f * in_f, logical, seed).reshape(out_f, in_f) * size, "nf4", blocksize, True)
+def dot_case(rows: int, out_f: int, in_f: int, logical, blocksize: int = 64, seed: int = 0, size: float = 0.01,
+             row_scale: bool = False):
+    """A weight (``size`` times a sample; row i times 2^i with ``row_scale``, so that its double-quant
+    blocks of 256 scales differ) and bfloat16 rows of x that the dot-product path takes (in_features
+    and block size multiples of 64)."""
+    w = sample(out_f * in_f, logical, seed).reshape(out_f, in_f) * size
+    if row_scale:
+        w = w * (2.0 ** torch.arange(out_f)).to(w.dtype)[:, None]
+    qt = quantize_4bit_ref(w, "nf4", blocksize, True)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
     return qt, x
 
@@ -241,9 +246,14 @@ def ref_product(qt, x: torch.Tensor) -> torch.Tensor:
 @needs_dot
 def test_dot_product_path_within_tolerance_and_batch_invariant():
     """bfloat16 x on an AVX512-BF16 build: every row count, logical dtype and block size 64-256, within
-    GEMV_REL of the float64 product, and each row alone the same bits as inside the batch."""
-    for rows, logical, blocksize in itertools.product((1, 2, 3, 8), FLOAT_DTYPES, (64, 128, 256)):
-        qt, x = dot_case(rows, 37, 256, logical, blocksize, seed=rows + blocksize)
+    GEMV_REL of the float64 product, and each row alone the same bits as inside the batch. In features
+    2368 = 37 blocks of 64: rows of W over several of the kernel's groups of 16 blocks (nf4.c GROUP),
+    an odd last group, groups that cross a double-quant block of 256 scales."""
+    for rows, logical, blocksize, in_f in itertools.product((1, 2, 3, 8), FLOAT_DTYPES, (64, 128, 256), (256, 2368)):
+        if in_f % blocksize:
+            continue
+        qt, x = dot_case(rows, 37 if in_f == 256 else 9, in_f, logical, blocksize, seed=rows + blocksize,
+                         row_scale=in_f > 256)
         got = calls.gemv(x, *weight_args(qt), None)
         assert got is not None and rel(got, ref_product(qt, x)) < GEMV_REL[torch.bfloat16], (rows, logical, blocksize)
         for r in range(rows):
@@ -281,16 +291,22 @@ def test_dot_product_path_steps_aside_for_x_it_cannot_take_exactly(value):
 
 @needs_dot
 @pytest.mark.parametrize("scale", [1e-39, 1e-30, 0.0], ids=str)
-def test_dot_product_path_steps_aside_for_blocks_it_cannot_take_exactly(scale):
+@pytest.mark.parametrize("in_f", [128, 1280])
+def test_dot_product_path_steps_aside_for_blocks_it_cannot_take_exactly(scale, in_f):
     """A row of W whose blocks' values are subnormal (scale 1e-39: the instructions would read them as
     zero) or below 2^-50 (1e-30) goes the float32 way; zero blocks stay. Each row within GEMV_REL of
-    the float64 product, the same bits alone as in the batch."""
-    qt, x = dot_case(3, 6, 128, torch.bfloat16, seed=5)
+    the float64 product, the same bits alone as in the batch. in_f 1280: 20 blocks a row, the bad ones
+    in the second of the kernel's groups of 16 blocks."""
+    qt, x = dot_case(3, 6, in_f, torch.bfloat16, seed=5)
     qt = quantize_4bit_ref(dequantize_4bit_ref(qt, torch.float32), "nf4", 64, False)  # plain float32 scales
     absmax = qt.absmax.clone()
-    absmax[2:4] = scale  # row 1's two blocks
+    nb = in_f // 64
+    absmax[nb:nb + nb - 2] = 0.0  # row 1: zero blocks (the dot products take them), then the two bad ones
+    absmax[nb + nb - 2:nb + nb] = scale
     qt.absmax = absmax
     x = x.abs() + 1  # no cancellation: each row's sum is as large as its products
+    if in_f > 128:  # row 1's sum all from the bad blocks: x large there, so that it is a normal number
+        x[:, -128:] *= 1e20
     got = calls.gemv(x, *weight_args(qt), None)
     want = ref_product(qt, x)
     assert rows_within(got.T, want.T, GEMV_REL[torch.bfloat16]) and rows_within(got, want, GEMV_REL[torch.bfloat16])

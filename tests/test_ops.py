@@ -190,7 +190,7 @@ class Calls:
         monkeypatch.setattr(triton_kernels, "_triton", counted_triton)
         from qconvert.ops.native import calls as native  # the compiled CPU kernels count as "cpu" when they compute
 
-        for name in ("dequantize", "gemv"):
+        for name in ("dequantize", "gemv", "gemv_prepared"):
             def counted_native(*a, _real=getattr(native, name), **k):
                 out = _real(*a, **k)
                 self.n["cpu"] += out is not None
