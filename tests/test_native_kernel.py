@@ -140,9 +140,10 @@ def test_fused_matmul_within_tolerance(dtype):
 def test_fused_matmul_by_runs_of_32_within_tolerance(dtype):
     """The AVX-512 kernel's path for in_features and block size multiples of 32 (a table per block, x
     reordered in runs of 32): row counts up to MAX_ROWS, block sizes 32 to 256, blocks that span rows
-    (in_features 32 under block size 64) or hold several runs, double quant or not, every logical dtype."""
+    (in_features 32 under block size 64) or hold several runs, rows of more than one group of 16
+    blocks, double quant or not, every logical dtype."""
     for rows, (out_f, in_f), blocksize, logical, dq in itertools.product(
-            (1, 2, 5, calls.MAX_ROWS, 11, calls.MAX_FUSED_ROWS), ((1, 32), (9, 96), (40, 256), (3, 704)), (32, 64, 256),
+            (1, 2, 5, calls.MAX_ROWS, 11, calls.MAX_FUSED_ROWS), ((1, 32), (9, 96), (40, 256), (3, 704), (40, 704)), (32, 64, 256),
             FLOAT_DTYPES, (False, True)):
         if in_f % blocksize and blocksize % in_f:
             continue
@@ -159,8 +160,10 @@ def test_fused_matmul_by_runs_of_32_within_tolerance(dtype):
 def test_fused_matmul_one_row_is_the_same_bits_as_in_a_batch(dtype):
     """One row of x (the kernel's two-rows-of-W-at-a-time path where in_features is a multiple of
     the block size, the single-row path for an odd last row) gives each output the same bits as
-    that row does inside a batch of rows (one row of W at a time): the same sums in the same order."""
-    for (out_f, in_f), blocksize, dq in itertools.product(((7, 64), (40, 256), (3, 704)), (32, 64), (False, True)):
+    that row does inside a batch of rows (one row of W at a time): the same sums in the same order.
+    (40, 704): 22 or 11 blocks a row, the two-row path's groups of 16 blocks (nf4.c GROUP) crossing
+    double-quant blocks of 256 scales."""
+    for (out_f, in_f), blocksize, dq in itertools.product(((7, 64), (40, 256), (3, 704), (40, 704)), (32, 64), (False, True)):
         qt = quantize_4bit_ref(sample(out_f * in_f, torch.bfloat16, in_f).reshape(out_f, in_f) * 0.01, "nf4", blocksize, dq)
         x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(out_f)).to(dtype)
         b = torch.randn(out_f).to(dtype)

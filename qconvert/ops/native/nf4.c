@@ -383,9 +383,39 @@ static void safe_scales(weight_t *w, int logical) {
 /* The 16 values a block's codes stand for, as dtype t multiplies with them: code * scale rounded to the
  * logical dtype, then to t (the same function of the code as gemv_row applies per element, done once
  * per block) */
-static inline __m512 block_table(const weight_t *w, int64_t b, int t, int logical, __m512 q) {
-    return round16(t, round16(logical, _mm512_mul_ps(q, _mm512_set1_ps(block_scale(w, b)))));
+static inline __m512 table_of(float s, int t, int logical, __m512 q) {
+    return round16(t, round16(logical, _mm512_mul_ps(q, _mm512_set1_ps(s))));
 }
+
+static inline __m512 block_table(const weight_t *w, int64_t b, int t, int logical, __m512 q) {
+    return table_of(block_scale(w, b), t, logical, q);
+}
+
+/* The per-block work of the fused products (a block's scale, its table of 16 values; on the dot-product
+ * path also its check) is most of their time where done block by block (a block of 64 codes is a few
+ * vector instructions), so gemv_pair32 and the dot-product path do it for up to GROUP blocks at a time
+ * before their products: the dot-product path one vector check of their scales, and its
+ * tables made two at a time (vcvtne2ps2bf16, about half the cost of two vcvtneps2bf16 on the Zen 4),
+ * stored to a small array the product loop reads (a table past the last block is made from a finite
+ * scale, never read). Measured on the 2-core Zen 4, 2026-12-07, against tables made block by block: one
+ * row of x, one thread, weight in cache, 1024x1024 65 -> 47 us, 2816x1024 172 -> 122 us; a token's 56
+ * products of a hidden-1024 Llama from memory, two threads, medians of three runs 6.3 -> 4.5, 4.7 -> 3.7,
+ * 6.9 -> 5.3 ms (this VM's speed moved between runs); in float32 (gemv_pair32) 7.5 -> 6.0 ms on two
+ * threads, 9.7 -> 8.8 on one. */
+#define GROUP 16
+
+/* The scales of blocks b .. b + m - 1 (m <= GROUP) into s */
+static inline void scales_of(const weight_t *w, int64_t b, int m, float *s) {
+    if (w->absmax) {
+        for (int i = 0; i < m; i++) s[i] = w->absmax[b + i];
+    } else if (w->nbs == 256 && (b >> 8) == ((b + m - 1) >> 8)) {
+        float nest = w->nested[b >> 8];
+        for (int i = 0; i < m; i++) s[i] = w->nqm[w->codes8[b + i]] * nest + w->offset;
+    } else {
+        for (int i = 0; i < m; i++) s[i] = block_scale(w, b + i);
+    }
+}
+
 
 /* gemv_row where K and the block size are multiples of 32 (so every run of 32 elements lies in one row
  * and one block): 16 packed bytes give 32 codes, the high nibbles (even k) and the low ones (odd k)
@@ -427,28 +457,6 @@ gemv_row32(const weight_t *w, int64_t o, int64_t K, const int rows, int t, int l
  * instructions take exactly (DP_LO, DP_HI): every value of x (qc_gemv checks each row) and of each
  * block (scale_safe); a row of W with a block that fails goes to gemv_row32. */
 
-/* The per-block work of the dot-product path (a block's scale, its check, its table of 16 values) is
- * most of its time where done block by block (a block of 64 codes is a few vector instructions), so it
- * is done for up to GROUP blocks at a time before their products: one vector check of their scales, and
- * tables made two at a time (vcvtne2ps2bf16, about half the cost of two vcvtneps2bf16 on the Zen 4),
- * stored to a small array the product loop reads (a table past the last block is made from a finite
- * scale, never read). Measured on the 2-core Zen 4, 2026-12-07, against tables made block by block: one
- * row of x, one thread, weight in cache, 1024x1024 65 -> 47 us, 2816x1024 172 -> 122 us; a token's 56
- * products of a hidden-1024 Llama from memory, two threads, medians of three runs 6.3 -> 4.5, 4.7 -> 3.7,
- * 6.9 -> 5.3 ms (this VM's speed moved between runs). */
-#define GROUP 16
-
-/* The scales of blocks b .. b + m - 1 (m <= GROUP) into s */
-static inline void scales_of(const weight_t *w, int64_t b, int m, float *s) {
-    if (w->absmax) {
-        for (int i = 0; i < m; i++) s[i] = w->absmax[b + i];
-    } else if (w->nbs == 256 && (b >> 8) == ((b + m - 1) >> 8)) {
-        float nest = w->nested[b >> 8];
-        for (int i = 0; i < m; i++) s[i] = w->nqm[w->codes8[b + i]] * nest + w->offset;
-    } else {
-        for (int i = 0; i < m; i++) s[i] = block_scale(w, b + i);
-    }
-}
 
 /* whether each of the m scales in s passes scale_safe (one vector test) */
 static inline int scales_safe(const weight_t *w, int m, const float *s) {
@@ -564,20 +572,31 @@ static inline void gemv_pair32(const weight_t *w, int64_t o, int64_t K, int t, i
     const __m512 q = _mm512_loadu_ps(w->qmap);
     const uint8_t *p0 = w->packed + ((o * K) >> 1), *p1 = p0 + (K >> 1);
     int64_t nb = K / w->bs, b0 = o * nb;
-    for (int64_t j = 0; j < nb; j++) {
-        __m512 table0 = block_table(w, b0 + j, t, logical, q), table1 = block_table(w, b0 + nb + j, t, logical, q);
-        for (int64_t k = j * w->bs, stop = k + w->bs; k < stop; k += 32) {
-            __m512 xe = _mm512_loadu_ps(xd + k), xo = _mm512_loadu_ps(xd + k + 16);
-            if (!(k & 127)) {
-                PREFETCH(p0 + (k >> 1));
-                PREFETCH(p1 + (k >> 1));
+    float s0[GROUP], s1[GROUP];
+    __m512 tab0[GROUP], tab1[GROUP];
+    for (int64_t j0 = 0; j0 < nb; j0 += GROUP) {
+        int m = nb - j0 < GROUP ? (int)(nb - j0) : GROUP;
+        scales_of(w, b0 + j0, m, s0);
+        scales_of(w, b0 + nb + j0, m, s1);
+        for (int i = 0; i < m; i++) {
+            tab0[i] = table_of(s0[i], t, logical, q);
+            tab1[i] = table_of(s1[i], t, logical, q);
+        }
+        for (int i = 0; i < m; i++) {
+            __m512 table0 = tab0[i], table1 = tab1[i];
+            for (int64_t k = (j0 + i) * w->bs, stop = k + w->bs; k < stop; k += 32) {
+                __m512 xe = _mm512_loadu_ps(xd + k), xo = _mm512_loadu_ps(xd + k + 16);
+                if (!(k & 127)) {
+                    PREFETCH(p0 + (k >> 1));
+                    PREFETCH(p1 + (k >> 1));
+                }
+                __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p0 + (k >> 1))));
+                __m512i d1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p1 + (k >> 1))));
+                even0 = _mm512_fmadd_ps(xe, _mm512_permutexvar_ps(_mm512_srli_epi32(d0, 4), table0), even0);
+                odd0 = _mm512_fmadd_ps(xo, _mm512_permutexvar_ps(d0, table0), odd0);
+                even1 = _mm512_fmadd_ps(xe, _mm512_permutexvar_ps(_mm512_srli_epi32(d1, 4), table1), even1);
+                odd1 = _mm512_fmadd_ps(xo, _mm512_permutexvar_ps(d1, table1), odd1);
             }
-            __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p0 + (k >> 1))));
-            __m512i d1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p1 + (k >> 1))));
-            even0 = _mm512_fmadd_ps(xe, _mm512_permutexvar_ps(_mm512_srli_epi32(d0, 4), table0), even0);
-            odd0 = _mm512_fmadd_ps(xo, _mm512_permutexvar_ps(d0, table0), odd0);
-            even1 = _mm512_fmadd_ps(xe, _mm512_permutexvar_ps(_mm512_srli_epi32(d1, 4), table1), even1);
-            odd1 = _mm512_fmadd_ps(xo, _mm512_permutexvar_ps(d1, table1), odd1);
         }
     }
     acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(even0, odd0));
