@@ -146,6 +146,42 @@ def generation_figures(qdir: Path, dtype: torch.dtype, args) -> None:
         print(f"  {k:<36} {32 / v:8.1f} tok/s")
     a, q = t.values()
     print(f"  speed-up (anchor time / qconvert time): {a / q:.2f}x (goal >= 1.5x)")
+    (at, al, _), (qt, ql, qbytes) = layer_share(anchor, fns["transformers + bitsandbytes"]), layer_share(ours, fns["qconvert.load_model"])
+    print(f"  in the 4-bit layers (forward hooks, best of 3 more calls): anchor {al * 1e3:.0f} of {at * 1e3:.0f} ms, "
+          f"qconvert {ql * 1e3:.0f} of {qt * 1e3:.0f} ms ({qbytes * 32 / ql / 1e9:.1f} GB/s of codes: {qbytes / 1e6:.0f} MB a "
+          f"forward, 32 forwards)")
+    print(f"  the ratio if qconvert's 4-bit layers took no time: {at / (qt - ql):.2f}x (the rest is transformers' code on both sides)")
+
+
+def layer_share(model, run, reps: int = 3) -> tuple[float, float, int]:
+    """(seconds of one ``run``, seconds of it inside the model's 4-bit layers, bytes of their packed
+    codes): the best of ``reps`` calls, each 4-bit layer timed by a forward pre-hook and hook."""
+    import bitsandbytes as bnb
+
+    from qconvert.nn.linear4bit import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, Linear4bit))]
+    spent, began = [0.0], {}
+
+    def pre(mod, args):
+        began[mod] = time.perf_counter()
+
+    def post(mod, args, out):
+        spent[0] += time.perf_counter() - began.pop(mod)
+
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    best = None
+    try:
+        for _ in range(reps):
+            spent[0] = 0.0
+            t = time.perf_counter()
+            run()
+            got = (time.perf_counter() - t, spent[0])
+            best = got if best is None or got[0] < best[0] else best
+    finally:
+        for h in handles:
+            h.remove()
+    return (*best, sum(m.weight.numel() * m.weight.element_size() for m in layers))
 
 
 def parse_model_options(ap: argparse.ArgumentParser):
