@@ -259,6 +259,29 @@ def test_a_crafted_manifest_cannot_name_files_outside_the_run(tmp_path, outside)
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("resume", [None, "auto"])
+def test_train_output_turned_into_a_link_after_the_checks_is_refused(tmp_path, outside, resume):
+    """The train CLI refuses a linked --output (io.staging.check_location); one planted afterwards, before
+    the run prepares its folder, is refused there too, and nothing is written where it points."""
+    from qconvert.errors import OutputExistsError
+    from qconvert.training.outdir import prepare_output
+
+    out = tmp_path / "run"
+    out.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OutputExistsError, match="symbolic link"):
+        prepare_output(out, resume=resume, overwrite=False)
+    untouched(outside)
+
+
+def test_train_output_made_as_a_plain_folder(tmp_path):
+    """prepare_output makes a missing --output (with its parents) and writes the manifest there."""
+    from qconvert.training.outdir import prepare_output
+
+    out = tmp_path / "a" / "run"
+    prepare_output(out, resume=None, overwrite=False)
+    assert out.is_dir() and not out.is_symlink() and json.loads((out / ".qconvert-run.json").read_text())["qconvert"] == "train"
+
+
 # ---------------------------------------------------------------- the log after a resume (issue 24, item 7)
 
 

@@ -294,12 +294,12 @@ class _Run:
         self.say(f"resumed from {ckpt_dir} at step {self.step}")
 
     def prepare_outputs(self, model, data, ckpt_dir) -> None:
-        from ..io.writes import remove
+        from ..io.writes import make_dir, remove
         from .config import resolved_config, write_config
         from .outdir import truncate_metrics
 
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dir(self.out, exist_ok=True)  # a plain folder, never a link
             if ckpt_dir is None:
                 remove(self.metrics_path)
             else:

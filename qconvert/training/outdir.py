@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 
 from ..errors import DataError, OptionError, OutputExistsError
-from ..io.writes import TMP_SUFFIX, remove, write_file
+from ..io.writes import TMP_SUFFIX, make_dir, remove, write_file
 
 MANIFEST = ".qconvert-run.json"
 #: Everything ``qconvert train`` writes into OUT besides its checkpoint-N folders.
@@ -137,6 +137,9 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
     --resume or --overwrite, and --overwrite removes only what the manifest lists. Then (``clear``)
     write the manifest. ``clear=False`` only checks (the other processes of a torchrun job)."""
     check_flags(resume, overwrite)
+    if out.is_symlink():  # (the CLI refused one; one planted since is refused too, never written through)
+        raise OutputExistsError(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
+                                hint="name the folder it points to, or another folder")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder", hint="give --output a folder path")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -145,7 +148,7 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
         _check_replaceable(out, present, listed, overwrite)
     if not clear or (resume and not present):  # (nothing to resume: find_resume says so)
         return
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, exist_ok=True)  # a plain folder: a link or file planted since the checks is refused
     for name in present:
         if _is_leftover(name) or (overwrite and listed is not None and name in listed):
             remove(out / name)
