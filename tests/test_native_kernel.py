@@ -563,3 +563,35 @@ def test_small_weights_run_on_the_calling_thread(monkeypatch):
     monkeypatch.setattr(calls, "PARALLEL_GEMV", 1 << 16)
     assert same(dequant(qt, torch.float32), small[0]) and same(calls.gemv(x, *weight_args(qt), None), small[1])
     assert seen == [1, 1, 2, 2]
+
+
+@needs_cc
+def test_a_shared_cpu_makes_calls_work_alone_with_the_same_bits(monkeypatch):
+    """nf4.c's answer to a shared CPU: where a thread of a call's team started or finished late (another
+    process on its CPU), the next calls run on the calling thread alone for a while (qc_alone forces
+    that state here; its detection needs a busy machine, which a test cannot count on). A call alone
+    gives the same bits as a team of two, for the fused product and the dequantizer; the state ends."""
+    lib = calls.library()
+    if lib is None or "-fopenmp" not in build.describe():
+        pytest.skip("no OpenMP build: every call runs on the calling thread")
+    monkeypatch.setattr(calls, "_threads", lambda: 2)
+    monkeypatch.setattr(calls, "PARALLEL_GEMV", 0)
+    monkeypatch.setattr(calls, "PARALLEL_DEQUANT", 0)
+    monkeypatch.setattr(calls, "CHUNK", 1024)  # several chunks: the dequantizer's team has work to share
+    qt = quantize_4bit_ref(sample(96 * 256, torch.bfloat16, 9).reshape(96, 256) * 0.01, "nf4", 64, True)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    try:
+        lib.qc_alone(0)
+        team_y, team_w = calls.gemv(x, *weight_args(qt), None), calls.dequantize(*weight_args(qt), torch.float32)
+        assert lib.qc_last_team() == 2 and lib.qc_alone(-1) == 0
+        assert lib.qc_alone(10 ** 10) == 1  # ten seconds alone
+        alone_y = calls.gemv(x, *weight_args(qt), None)
+        assert lib.qc_last_team() == 1
+        alone_w = calls.dequantize(*weight_args(qt), torch.float32)
+        assert lib.qc_last_team() == 1
+        assert same(alone_y, team_y) and same(alone_w, team_w)
+        assert same(alone_w.reshape(96, 256), dequantize_4bit_ref(qt, torch.float32))
+    finally:
+        lib.qc_alone(0)
+    calls.gemv(x, *weight_args(qt), None)
+    assert lib.qc_last_team() == 2

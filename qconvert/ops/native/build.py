@@ -52,7 +52,7 @@ FLAG_SETS = (
     ("-O3", "-ffp-contract=off"),
 )
 #: the ABI of nf4.c this module binds (nf4.c's qc_abi())
-ABI = 3
+ABI = 4
 BUILD_SECONDS = 300
 
 _LOG = logging.getLogger("qconvert")
@@ -152,6 +152,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qc_gemv.argtypes = [*weight, p, i32, i64, i64, i32, p, p, p, i32]
     lib.qc_dequantize.restype = lib.qc_gemv.restype = i32
     lib.qc_hugepages.argtypes, lib.qc_hugepages.restype = [p, i64], i32
+    lib.qc_alone.argtypes, lib.qc_alone.restype = [i64], i32
+    lib.qc_last_team.argtypes, lib.qc_last_team.restype = [], i32
     lib.simd = lib.qc_simd()
     lib.bf16_dot = bool(lib.qc_bf16_dot())
     return lib

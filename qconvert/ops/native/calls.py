@@ -261,6 +261,8 @@ def _scratch(n: int) -> torch.Tensor:
 #: for a time slice, far more than the work. Measured on the 2-core AMD EPYC while other jobs ran (load
 #: average 4.8), 2026-12-06, decoding to float32, wall time over 300 (40) calls, 1 thread against 2:
 #: 704x256 mean 120 vs 4022 us (medians 45 vs 42); 2048x2048 mean 4.6 vs 13.1 ms. Above them (about
-#: 0.2 ms of work on one thread) a second thread's saving on a quiet machine is worth that risk.
+#: 0.2 ms of work on one thread) a second thread's saving on a quiet machine is worth that risk, and
+#: nf4.c bounds it: a call whose team had a thread start or finish late makes the calls of the next
+#: 0.1 s run alone (qc_alone, qc_last_team).
 PARALLEL_DEQUANT = 1 << 20
 PARALLEL_GEMV = 1 << 20

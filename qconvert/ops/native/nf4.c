@@ -15,8 +15,12 @@
  * -ffp-contract=off so no multiply-add is fused. */
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -252,22 +256,97 @@ static weight_t weight(const uint8_t *packed, const float *qmap, const float *ab
     return w;
 }
 
+/* A shared CPU. An OpenMP team ends in a barrier that waits for every thread of the team, so a thread
+ * that another process keeps off its CPU stalls the whole call for that process's time slice, far
+ * longer than the work (a token's 56 products on the 2-core Zen 4 beside one busy process, 2026-12-07:
+ * two threads median 7.9 ms but mean 13.3, one thread 8.0 and 7.9). So each parallel call notes when
+ * its threads start and finish; where one started or finished LATE_NS after another, the calls of the
+ * next ALONE_NS run on the calling thread alone, then a team is tried again (at most one stall per
+ * ALONE_NS while the CPU stays shared). A team's threads each compute whole rows or chunks, so the
+ * results are the same bits whatever the team's size. */
+#define LATE_NS 1000000LL
+#define ALONE_NS 100000000LL
+#define MAXTEAM 256
+static int64_t alone_until; /* CLOCK_MONOTONIC ns; read and written with relaxed atomics */
+static int last_team;       /* the team size of the last parallel call (qc_last_team) */
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* the team size for a call that may use `threads` threads */
+static inline int team_size(int threads) {
+    if (threads > MAXTEAM) threads = MAXTEAM;
+    if (threads > 1 && __atomic_load_n(&alone_until, __ATOMIC_RELAXED) > now_ns()) threads = 1;
+    return threads;
+}
+
+#ifdef _OPENMP
+/* after a team of n threads ran, thread i from start[i] to stop[i] (ns) */
+static void team_ran(int n, const int64_t *start, const int64_t *stop) {
+    int64_t s_lo = start[0], s_hi = start[0], e_lo = stop[0], e_hi = stop[0];
+    for (int i = 1; i < n; i++) {
+        s_lo = start[i] < s_lo ? start[i] : s_lo;
+        s_hi = start[i] > s_hi ? start[i] : s_hi;
+        e_lo = stop[i] < e_lo ? stop[i] : e_lo;
+        e_hi = stop[i] > e_hi ? stop[i] : e_hi;
+    }
+    if (s_hi - s_lo > LATE_NS || e_hi - e_lo > LATE_NS) __atomic_store_n(&alone_until, now_ns() + ALONE_NS, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_team, n, __ATOMIC_RELAXED);
+}
+
+#define TEAM_BEGIN(THREADS) \
+    int team_ = team_size(THREADS); \
+    int64_t start_[MAXTEAM], stop_[MAXTEAM]; \
+    int got_ = 1; \
+    _Pragma("omp parallel num_threads(team_) if (team_ > 1)") \
+    { \
+        int me_ = omp_get_thread_num(); \
+        start_[me_] = now_ns();
+#define TEAM_END \
+        stop_[me_] = now_ns(); \
+        if (me_ == 0) got_ = omp_get_num_threads(); \
+    } \
+    if (got_ > 1) team_ran(got_, start_, stop_); \
+    else __atomic_store_n(&last_team, 1, __ATOMIC_RELAXED);
+#define TEAM_FOR _Pragma("omp for schedule(static)")
+#define TEAM_FOR_DYNAMIC _Pragma("omp for schedule(dynamic, 1)")
+#else
+#define TEAM_BEGIN(THREADS) (void)(THREADS); {
+#define TEAM_END } __atomic_store_n(&last_team, 1, __ATOMIC_RELAXED);
+#define TEAM_FOR
+#define TEAM_FOR_DYNAMIC
+#endif
+
+/* Work alone (team size 1) for the next ns nanoseconds (ns > 0), or from now on with a team again
+ * (ns == 0); ns < 0 changes nothing. Returns whether calls now work alone. (For tests, and for a
+ * caller that knows its CPUs are shared.) */
+int qc_alone(int64_t ns) {
+    if (ns > 0) __atomic_store_n(&alone_until, now_ns() + ns, __ATOMIC_RELAXED);
+    else if (ns == 0) __atomic_store_n(&alone_until, 0, __ATOMIC_RELAXED);
+    return __atomic_load_n(&alone_until, __ATOMIC_RELAXED) > now_ns();
+}
+
+/* the number of threads the last qc_dequantize or qc_gemv call ran with */
+int qc_last_team(void) { return __atomic_load_n(&last_team, __ATOMIC_RELAXED); }
+
 /* The weight's n values into dst (n elements of dtype out), in chunks of `chunk` elements (a multiple
- * of bs) over `threads` OpenMP threads. Returns 0. */
+ * of bs) over up to `threads` OpenMP threads. Returns 0. */
 int qc_dequantize(const uint8_t *packed, const float *qmap, const float *absmax, const uint8_t *codes8,
                   const float *nested, const float *nqm, float offset, int64_t nbs, int64_t bs, int64_t n,
                   int logical, int out, void *dst, int64_t chunk, int threads) {
     weight_t w0 = weight(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n);
     const weight_t *w = &w0;
     int64_t nchunks = (n + chunk - 1) / chunk;
-#ifndef _OPENMP
-    (void)threads;
-#endif
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nchunks > 1)
+    TEAM_BEGIN(nchunks > 1 ? threads : 1)
+    TEAM_FOR_DYNAMIC
     for (int64_t c = 0; c < nchunks; c++) {
         int64_t e0 = c * chunk, e1 = e0 + chunk < n ? e0 + chunk : n;
         dequant_chunk(w, e0, e1, dst, out, logical);
     }
+    TEAM_END
     return 0;
 }
 
@@ -662,11 +741,9 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
         int64_t j = i % 32;
         xf[i] = load_as_float(t, x, by32 ? i - j + (j < 16 ? 2 * j : 2 * (j - 16) + 1) : i);
     }
-#ifndef _OPENMP
-    (void)threads;
-#endif
     int64_t step = by32 && rows == 1 && K % bs == 0 ? 2 : 1; /* gemv_pair32: two rows of W a step */
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    TEAM_BEGIN(threads)
+    TEAM_FOR
     for (int64_t s = 0; s < (O + step - 1) / step; s++) {
         int64_t o = s * step;
         float acc[MAXROWS] = {0};
@@ -704,6 +781,7 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
         }
         put_row(t, bias, y, rows, O, o, acc);
     }
+    TEAM_END
     return 0;
 }
 
@@ -732,7 +810,7 @@ int qc_hugepages(void *p, int64_t nbytes) {
 }
 
 /* the ABI version build.py checks after loading (bumped with any signature change) */
-int qc_abi(void) { return 3; }
+int qc_abi(void) { return 4; }
 
 /* the vector width of the build's hot loops in bits (512, 256), or 0 for plain C: calls.py runs the
  * fused kernel only on a vector build (plain C is slower than dequantize + torch's product) */
