@@ -154,6 +154,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.qc_hugepages.argtypes, lib.qc_hugepages.restype = [p, i64], i32
     lib.qc_alone.argtypes, lib.qc_alone.restype = [i64], i32
     lib.qc_last_team.argtypes, lib.qc_last_team.restype = [], i32
+    lib.qc_late.argtypes, lib.qc_late.restype = [i64], i64
     lib.simd = lib.qc_simd()
     lib.bf16_dot = bool(lib.qc_bf16_dot())
     return lib

@@ -268,6 +268,7 @@ static weight_t weight(const uint8_t *packed, const float *qmap, const float *ab
 #define ALONE_NS 100000000LL
 #define MAXTEAM 256
 static int64_t alone_until; /* CLOCK_MONOTONIC ns; read and written with relaxed atomics */
+static int64_t late_ns = LATE_NS; /* qc_late */
 static int last_team;       /* the team size of the last parallel call (qc_last_team) */
 
 static inline int64_t now_ns(void) {
@@ -293,7 +294,8 @@ static void team_ran(int n, const int64_t *start, const int64_t *stop) {
         e_lo = stop[i] < e_lo ? stop[i] : e_lo;
         e_hi = stop[i] > e_hi ? stop[i] : e_hi;
     }
-    if (s_hi - s_lo > LATE_NS || e_hi - e_lo > LATE_NS) __atomic_store_n(&alone_until, now_ns() + ALONE_NS, __ATOMIC_RELAXED);
+    int64_t late = __atomic_load_n(&late_ns, __ATOMIC_RELAXED);
+    if (s_hi - s_lo > late || e_hi - e_lo > late) __atomic_store_n(&alone_until, now_ns() + ALONE_NS, __ATOMIC_RELAXED);
     __atomic_store_n(&last_team, n, __ATOMIC_RELAXED);
 }
 
@@ -327,6 +329,14 @@ int qc_alone(int64_t ns) {
     if (ns > 0) __atomic_store_n(&alone_until, now_ns() + ns, __ATOMIC_RELAXED);
     else if (ns == 0) __atomic_store_n(&alone_until, 0, __ATOMIC_RELAXED);
     return __atomic_load_n(&alone_until, __ATOMIC_RELAXED) > now_ns();
+}
+
+/* How late (ns) a thread must be to make calls work alone: ns > 0 sets it (tests that need teams on a
+ * busy machine set it high); returns the value before. */
+int64_t qc_late(int64_t ns) {
+    int64_t was = __atomic_load_n(&late_ns, __ATOMIC_RELAXED);
+    if (ns > 0) __atomic_store_n(&late_ns, ns, __ATOMIC_RELAXED);
+    return was;
 }
 
 /* the number of threads the last qc_dequantize or qc_gemv call ran with */
