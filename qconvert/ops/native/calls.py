@@ -206,7 +206,8 @@ def gemv(x: torch.Tensor, packed, absmax, quant_map, nested_absmax, nested_quant
 def gemv_prepared(prepared: Prepared, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """:func:`gemv` on the weight :func:`prepare` has just checked and returned (with a key: the
     arguments are the weight's own tensors' addresses), for the hundreds of calls a second of
-    generation: only x and the bias are checked here."""
+    generation: only x and the bias are checked here. The caller holds those tensors through the
+    call (kernels.matmul_cpu_kept's ``weight``)."""
     lib = prepared.lib
     if prepared.key is None or lib is None or not lib.simd or len(prepared.shape) != 2:
         return None
