@@ -505,7 +505,6 @@ static inline void scales_of(const weight_t *w, int64_t b, int m, float *s) {
     }
 }
 
-
 /* gemv_row where K and the block size are multiples of 32 (so every run of 32 elements lies in one row
  * and one block): 16 packed bytes give 32 codes, the high nibbles (even k) and the low ones (odd k)
  * each one lookup in the block's table; xd holds each row of x with every 32 values reordered as their
@@ -545,7 +544,6 @@ gemv_row32(const weight_t *w, int64_t o, int64_t K, const int rows, int t, int l
  * are the ones gemv_row32 forms, in another summation order (GEMV_REL). Only on values the
  * instructions take exactly (DP_LO, DP_HI): every value of x (qc_gemv checks each row) and of each
  * block (scale_safe); a row of W with a block that fails goes to gemv_row32. */
-
 
 /* whether each of the m scales in s passes scale_safe (one vector test) */
 static inline int scales_safe(const weight_t *w, int m, const float *s) {
