@@ -714,13 +714,13 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
     const weight_t *w = &w0;
     float *xf = scratch;
     int by32 = 0; /* gemv_row32 applies: x reordered in runs of 32 (its even then its odd elements) */
-    int dp = 0;   /* gemv_row_dp applies: bfloat16 x, K and the block size multiples of 64 */
+    int dp = 0;   /* gemv_row_dp applies: bfloat16 x, K and the block size multiples of 64, K of the block size */
 #ifdef VEC512
     by32 = K % 32 == 0 && bs % 32 == 0;
 #endif
 #ifdef DPBF16
     uint16_t *xd = (uint16_t *)(scratch + rows * K);
-    dp = t == BF16 && K % 64 == 0 && bs % 64 == 0;
+    dp = t == BF16 && K % 64 == 0 && bs % 64 == 0 && K % bs == 0; /* (its loops take whole blocks a row) */
     if (dp) {
         safe_scales(&w0, logical);
         int ok = 0; /* rows of x whose every value is zero or of magnitude in [DP_LO, DP_HI] */
