@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, OutputExistsError
+from ..errors import OptionError, OutputExistsError, QConvertError
 from .checkpoint import is_companion_file
 from .writes import make_dir, open_lock_file, remove, write_file
 
@@ -61,14 +61,20 @@ def check_location(out: Path, inputs: Iterable[str | os.PathLike | None] = ()) -
     current or home folder, under a writable folder), without the ones about what it holds; returns
     OUT as an absolute path. ``train`` uses this: its OUT may hold the run it resumes."""
     out = Path(os.path.abspath(out))
-    if out.is_symlink():
-        raise OptionError(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
-                          hint="name the folder it points to, or another folder")
+    refuse_link(out)
     real = out.resolve()
     _check_not_an_input(out, real, inputs)
     _check_not_a_home(out, real)
     _check_parent_writable(out, real)
     return out
+
+
+def refuse_link(out: Path, error: type[QConvertError] = OptionError) -> None:
+    """Raise ``error`` where OUT is a symbolic link: replacing it would swap the link, writing into it
+    would write where it points."""
+    if out.is_symlink():
+        raise error(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
+                    hint="name the folder it points to, or another folder")
 
 
 def _check_not_an_input(out: Path, real: Path, inputs: Iterable[str | os.PathLike | None]) -> None:

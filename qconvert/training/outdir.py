@@ -28,6 +28,7 @@ import stat
 from pathlib import Path
 
 from ..errors import DataError, OptionError, OutputExistsError
+from ..io.staging import refuse_link
 from ..io.writes import TMP_SUFFIX, make_dir, remove, write_file
 
 MANIFEST = ".qconvert-run.json"
@@ -137,9 +138,7 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
     --resume or --overwrite, and --overwrite removes only what the manifest lists. Then (``clear``)
     write the manifest. ``clear=False`` only checks (the other processes of a torchrun job)."""
     check_flags(resume, overwrite)
-    if out.is_symlink():  # (the CLI refused one; one planted since is refused too, never written through)
-        raise OutputExistsError(f"{out}: the output is a symbolic link (to {os.readlink(out)})",
-                                hint="name the folder it points to, or another folder")
+    refuse_link(out, OutputExistsError)  # (the CLI refused one; one planted since is refused too, never written through)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder", hint="give --output a folder path")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

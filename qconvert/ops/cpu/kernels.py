@@ -92,6 +92,11 @@ GEMV_ROWS = {torch.float32: 4, torch.float16: 4, torch.bfloat16: 1}
 GEMV_ROWS_BY32 = 16
 
 
+def _fused_rows(by32: bool, dtype: torch.dtype) -> int:
+    """How many rows of x go to the fused kernel: GEMV_ROWS_BY32 on its runs-of-32 path, else GEMV_ROWS."""
+    return GEMV_ROWS_BY32 if by32 else GEMV_ROWS.get(dtype, 0)
+
+
 def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
                logical_dtype, bias, prepared=None) -> torch.Tensor:
     """Up to :data:`GEMV_ROWS` rows of x: the compiled fused kernel (ops/native), the weight never
@@ -102,8 +107,7 @@ def matmul_cpu(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, ne
     if x.dim() and x.numel() <= GEMV_ROWS_BY32 * x.shape[-1]:
         from ..native import calls
 
-        by32 = calls.runs_of_32(x.shape[-1], blocksize)
-        if x.numel() <= (GEMV_ROWS_BY32 if by32 else GEMV_ROWS.get(x.dtype, 0)) * x.shape[-1]:
+        if x.numel() <= _fused_rows(calls.runs_of_32(x.shape[-1], blocksize), x.dtype) * x.shape[-1]:
             y = calls.gemv(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape,
                            logical_dtype, bias, prepared)
             if y is not None:
@@ -120,8 +124,7 @@ def matmul_cpu_kept(prev, x, weight: tuple, bias) -> tuple[torch.Tensor, object]
     from ..native import calls
 
     prepared = calls.prepare(prev, *weight)
-    if (prepared is not None and prepared.key is not None and x.dim()
-            and x.numel() <= (GEMV_ROWS_BY32 if prepared.by32 else GEMV_ROWS.get(x.dtype, 0)) * x.shape[-1]):
+    if prepared is not None and prepared.key is not None and x.dim() and x.numel() <= _fused_rows(prepared.by32, x.dtype) * x.shape[-1]:
         y = calls.gemv_prepared(prepared, x, bias)  # matmul_cpu's first branch, the weight's checks done
         if y is not None:
             return y, prepared

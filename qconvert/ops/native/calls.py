@@ -95,7 +95,7 @@ class Prepared:
     def __init__(self, key: tuple | None, args: tuple, keep: tuple, lib=None, shape: tuple = ()):
         self.key, self.args, self.keep, self.lib, self.shape = key, args, keep, lib, shape
         #: whether qc_gemv takes its runs-of-32 path for this weight (:func:`runs_of_32`)
-        self.by32 = len(shape) == 2 and runs_of_32(shape[1], args[8], lib)
+        self.by32 = len(shape) == 2 and runs_of_32(shape[1], args[8], lib)  # (args[8]: the block size, weight_args)
 
 
 def _key(tensors: tuple, scalars: tuple) -> tuple:

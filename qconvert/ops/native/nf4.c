@@ -493,7 +493,9 @@ static inline __m512 block_table(const weight_t *w, int64_t b, int t, int logica
  * threads, 9.7 -> 8.8 on one. */
 #define GROUP 16
 
-/* The scales of blocks b .. b + m - 1 (m <= GROUP) into s */
+/* The scales of blocks b .. b + m - 1 (m <= GROUP) into s: block_scale's values, its double-quant case
+ * written out for a run within one nested block (the plain loop over block_scale measured 2x slower on
+ * the one-row product, 1024x1024 52 -> 106 us: its per-block division and branches stay in the loop) */
 static inline void scales_of(const weight_t *w, int64_t b, int m, float *s) {
     if (w->absmax) {
         for (int i = 0; i < m; i++) s[i] = w->absmax[b + i];
