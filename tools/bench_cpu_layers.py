@@ -24,14 +24,13 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_qlora import build, conditions, load_pair  # noqa: E402  (tools/ is the script's folder)
+from bench_cpu_qlora import conditions, load_pair, on_model  # noqa: E402  (tools/ is the script's folder)
 
 
 def four_bit_layers(model) -> list:
@@ -121,12 +120,7 @@ def main() -> int:
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), bitsandbytes {bitsandbytes.__version__}; "
           f"model: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers; NF4, block 64, double quant")
     print(f"qconvert's CPU kernel: {describe()}")
-    print(f"start: {conditions()}")
-    with tempfile.TemporaryDirectory() as d:
-        qdir = build(Path(d), args)
-        for name in args.dtypes:
-            figures(qdir, getattr(torch, name), args)
-    print(f"\nend:   {conditions()}")
+    on_model(args, [lambda q, name=name: figures(q, getattr(torch, name), args) for name in args.dtypes])
     return 0
 
 

@@ -214,15 +214,21 @@ def main() -> int:
     from qconvert.ops.native.build import describe
 
     print(f"qconvert's CPU kernel: {describe()} (QCONVERT_CPU_KERNEL=torch measures the torch path)")
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    on_model(args, [lambda q, dt=dt: train_figures(q, dt, args) for dt in dtypes]
+             + [lambda q, dt=dt: generation_figures(q, dt, args) for dt in dtypes])
+    return 0
+
+
+def on_model(args, parts) -> None:
+    """The start line, the benchmark model built in a temporary folder, each of ``parts`` called on
+    its folder in turn, the end line (this script's and bench_cpu_layers.py's run)."""
     print(f"start: {conditions()}")
     with tempfile.TemporaryDirectory() as d:
         qdir = build(Path(d), args)
-        for name in args.dtypes:
-            train_figures(qdir, getattr(torch, name), args)
-        for name in args.dtypes:
-            generation_figures(qdir, getattr(torch, name), args)
+        for part in parts:
+            part(qdir)
     print(f"\nend:   {conditions()}")
-    return 0
 
 
 if __name__ == "__main__":
