@@ -304,14 +304,16 @@ def rows_within(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
 
 @needs_dot
 @pytest.mark.parametrize("value", [1e-39, -5e-39, 1e-20, 2.0 ** -51, float("inf"), float("nan")], ids=str)
-def test_dot_product_path_steps_aside_for_x_it_cannot_take_exactly(value):
+@pytest.mark.parametrize("pos", [5, 36, 63, 101])
+def test_dot_product_path_steps_aside_for_x_it_cannot_take_exactly(value, pos):
     """A row of x whose one nonzero value is subnormal (the bfloat16 instructions would read it as
     zero: a relative error of 1 on that row), below 2^-50, infinite or NaN: that row goes the float32
     way, the other rows stay on the dot products; each row within GEMV_REL of the float64 product
-    and the same bits alone as in the batch."""
+    and the same bits alone as in the batch. ``pos``: in either half of either run of 64 values
+    (the check reads 32 at a time)."""
     qt, x = dot_case(4, 40, 128, torch.bfloat16, seed=3, size=100.0)
     x[2] = 0
-    x[2, 5] = value
+    x[2, pos] = value
     got = calls.gemv(x, *weight_args(qt), None)
     assert rows_within(got, ref_product(qt, x), GEMV_REL[torch.bfloat16])
     assert (got[2] != 0).any()

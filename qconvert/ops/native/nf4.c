@@ -693,6 +693,63 @@ static inline void gemv_pair32(const weight_t *w, int64_t o, int64_t K, int t, i
 }
 #endif
 
+/* x's rows as the products read them, before the team starts: xf (float32; with by32 each run of 32
+ * values reordered as its 16 even then its 16 odd ones) and, on the dot-product path, xd (bfloat16,
+ * each run of 64 as its 32 even then its 32 odd ones). Written with vector loads and permutes for
+ * bfloat16 and float32 x (the same bits as the scalar loop, which only moves and widens them): done
+ * one element at a time it was a quarter of an 8-row call on a 1024-wide weight (25 of ~100 us). */
+#ifdef VEC512
+static const uint16_t EVEN64[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                    32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+static const int32_t EVEN32[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+#endif
+
+static void x_as_float(int t, const void *x, int64_t count, int by32, float *xf) {
+    int64_t i = 0;
+#ifdef VEC512
+    if (by32 && t == BF16) { /* a 32-bit lane holds elements 2l (low half) and 2l + 1 (high half) */
+        for (; i < count; i += 32) {
+            __m512i v = _mm512_loadu_si512((const uint16_t *)x + i);
+            _mm512_storeu_si512(xf + i, _mm512_slli_epi32(v, 16));
+            _mm512_storeu_si512(xf + i + 16, _mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+        }
+    } else if (by32 && t == F32) {
+        const __m512i even = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)EVEN64)); /* 0, 2, .. 30 */
+        const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        for (; i < count; i += 32) {
+            __m512 a = _mm512_loadu_ps((const float *)x + i), b = _mm512_loadu_ps((const float *)x + i + 16);
+            _mm512_storeu_ps(xf + i, _mm512_permutex2var_ps(a, even, b));
+            _mm512_storeu_ps(xf + i + 16, _mm512_permutex2var_ps(a, odd, b));
+        }
+    }
+#endif
+    for (; i < count; i++) {
+        int64_t j = i % 32;
+        xf[i] = load_as_float(t, x, by32 ? i - j + (j < 16 ? 2 * j : 2 * (j - 16) + 1) : i);
+    }
+}
+
+#ifdef DPBF16
+/* one row of bfloat16 x (K a multiple of 64) into xd's order; whether its every value is zero or of
+ * magnitude in [DP_LO, DP_HI] (the bits of a bfloat16 without its sign compare as its magnitude;
+ * infinities and NaNs lie above DP_HI's, and DP_LO and DP_HI are bfloat16 values) */
+static int x_row_dp(const uint16_t *xr, int64_t K, uint16_t *xd) {
+    const __m512i even = _mm512_loadu_si512(EVEN64), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    const __m512i mag = _mm512_set1_epi16(0x7FFF), lo = _mm512_set1_epi16((short)(bits_of(DP_LO) >> 16)),
+                  hi = _mm512_set1_epi16((short)(bits_of(DP_HI) >> 16));
+    __mmask32 bad = 0;
+    for (int64_t k = 0; k < K; k += 64) {
+        __m512i a = _mm512_loadu_si512(xr + k), b = _mm512_loadu_si512(xr + k + 32);
+        _mm512_storeu_si512(xd + k, _mm512_permutex2var_epi16(a, even, b));
+        _mm512_storeu_si512(xd + k + 32, _mm512_permutex2var_epi16(a, odd, b));
+        __m512i ma = _mm512_and_si512(a, mag), mb = _mm512_and_si512(b, mag);
+        bad |= _mm512_test_epi16_mask(ma, ma) & (_mm512_cmplt_epu16_mask(ma, lo) | _mm512_cmpgt_epu16_mask(ma, hi));
+        bad |= _mm512_test_epi16_mask(mb, mb) & (_mm512_cmplt_epu16_mask(mb, lo) | _mm512_cmpgt_epu16_mask(mb, hi));
+    }
+    return bad == 0;
+}
+#endif
+
 /* y[r, o] for r < rows from the sums acc[r] (+ bias[o]), in dtype t */
 static inline void put_row(int t, const void *bias, void *y, int rows, int64_t O, int64_t o, const float *acc) {
     float bo = bias ? load_as_float(t, bias, o) : 0.0f;
@@ -726,18 +783,7 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
     if (dp) {
         safe_scales(&w0, logical);
         int ok = 0; /* rows of x whose every value is zero or of magnitude in [DP_LO, DP_HI] */
-        for (int r = 0; r < rows; r++) {
-            const uint16_t *xr = (const uint16_t *)x + r * K;
-            int good = 1;
-            for (int64_t k = 0; k < K; k += 64)
-                for (int j = 0; j < 64; j++) {
-                    uint16_t h = xr[k + j];
-                    float a = float_of((uint32_t)(h & 0x7FFFu) << 16);
-                    good &= a == 0.0f || (a >= DP_LO && a <= DP_HI);
-                    xd[r * K + k + (j & 1 ? 32 + j / 2 : j / 2)] = h;
-                }
-            ok += good;
-        }
+        for (int r = 0; r < rows; r++) ok += x_row_dp((const uint16_t *)x + r * K, K, xd + r * K);
         if (ok != rows && ok != 0) { /* each row on its own: the same bits as in any batch */
             for (int r = 0; r < rows; r++)
                 qc_gemv(packed, qmap, absmax, codes8, nested, nqm, offset, nbs, bs, n, logical, (const uint16_t *)x + r * K, 1,
@@ -747,10 +793,7 @@ int qc_gemv(const uint8_t *packed, const float *qmap, const float *absmax, const
         dp = ok == rows;
     }
 #endif
-    for (int64_t i = 0; i < rows * K; i++) {
-        int64_t j = i % 32;
-        xf[i] = load_as_float(t, x, by32 ? i - j + (j < 16 ? 2 * j : 2 * (j - 16) + 1) : i);
-    }
+    x_as_float(t, x, rows * K, by32, xf);
     int64_t step = by32 && rows == 1 && K % bs == 0 ? 2 : 1; /* gemv_pair32: two rows of W a step */
     TEAM_BEGIN(threads)
     TEAM_FOR
