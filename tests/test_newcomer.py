@@ -1,0 +1,24 @@
+"""What a newcomer trips over when following README.md and docs/: a mistake, corrected, re-run as it
+was; `--help` texts that state defaults; the README's sample output. Each test here failed on the code
+or docs before its fix."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import run_cli_here
+from test_hostile_train import one_line_error
+
+
+def test_train_rerun_after_a_mistyped_model_is_not_refused_for_the_output(tmp_path):
+    """A run refused before it wrote anything left its manifest in OUT; the corrected re-run into the
+    same OUT was then refused as "already holds files (a previous run?)"."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"text": "hello world"}) + "\n")
+    out = tmp_path / "run"
+    for _ in range(2):  # the same mistake twice: the second run must report it again, not the output
+        r = run_cli_here("train", tmp_path / "qwen-nf4-typo", "--data", data, "--output", out, ok=False)
+        one_line_error(r, "qwen-nf4-typo", "no such folder")
+    (out / "notes.txt").write_text("mine")  # a file of the user's: still refused, as before
+    r = run_cli_here("train", tmp_path / "qwen-nf4-typo", "--data", data, "--output", out, ok=False)
+    one_line_error(r, "already holds files")
