@@ -22,3 +22,15 @@ def test_train_rerun_after_a_mistyped_model_is_not_refused_for_the_output(tmp_pa
     (out / "notes.txt").write_text("mine")  # a file of the user's: still refused, as before
     r = run_cli_here("train", tmp_path / "qwen-nf4-typo", "--data", data, "--output", out, ok=False)
     one_line_error(r, "already holds files")
+
+
+def test_offline_hub_id_not_cached_says_offline_with_a_hint(tmp_path, monkeypatch):
+    """README: HF_HUB_OFFLINE=1 reads only what is cached. An id not in the cache printed "file not
+    found in the repository", huggingface_hub's advice to pass 'local_files_only=False', and no hint."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache
+    r = run_cli_here("quantize", "acme/not-cached", tmp_path / "out", ok=False)
+    block = one_line_error(r, "acme/not-cached: not in the Hugging Face cache", "HF_HUB_OFFLINE=1", "hint: unset HF_HUB_OFFLINE")
+    assert "local_files_only" not in block and not (tmp_path / "out").exists()
