@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import run_cli_here
 from test_hostile_train import one_line_error
 
@@ -34,3 +36,23 @@ def test_offline_hub_id_not_cached_says_offline_with_a_hint(tmp_path, monkeypatc
     r = run_cli_here("quantize", "acme/not-cached", tmp_path / "out", ok=False)
     block = one_line_error(r, "acme/not-cached: not in the Hugging Face cache", "HF_HUB_OFFLINE=1", "hint: unset HF_HUB_OFFLINE")
     assert "local_files_only" not in block and not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_run_that_ended_without_a_checkpoint_points_to_overwrite(tmp_path):
+    """A short run ends without a checkpoint-N (they are 50 steps apart by default). `--resume` then
+    said "run without --resume to start", and running without it is refused as "already holds files
+    ... --resume to continue it": each hint pointed to the other."""
+    from qconvert.errors import DataError
+    from qconvert.training.checkpoint import find_resume
+    from qconvert.training.outdir import write_manifest
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_manifest(out, [])
+    (out / "adapter_config.json").write_text("{}")
+    with pytest.raises(DataError, match="ended without one") as e:
+        find_resume(out, True)
+    assert "--overwrite" in e.value.hint and "without --resume" not in e.value.hint
+    with pytest.raises(DataError) as e:  # an empty or new folder: nothing ran there yet
+        find_resume(tmp_path / "new", True)
+    assert e.value.hint == "run without --resume to start"
