@@ -56,3 +56,19 @@ def test_resume_of_a_run_that_ended_without_a_checkpoint_points_to_overwrite(tmp
     with pytest.raises(DataError) as e:  # an empty or new folder: nothing ran there yet
         find_resume(tmp_path / "new", True)
     assert e.value.hint == "run without --resume to start"
+
+
+def test_merge_help_states_the_check_bound_merge_applies():
+    """`merge --help` said the check's default bound is 0.01: that is bfloat16's; float32 and float16
+    merges are held to tighter ones (docs/merge-push.md, qconvert.export.check.TOLERANCE)."""
+    import re
+
+    from qconvert.export.check import TOLERANCE
+
+    text = re.sub(r"(?<=\w-) (?=\w)", "", " ".join(run_cli_here("merge", "--help").stdout.split()))  # click wraps after a hyphen
+    stated = re.search(r"--check-tolerance FLOAT Largest mean KL the check passes \(default by --dtype: (.*?)\)\.", text)
+    assert stated, text
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert f"{TOLERANCE[dtype]:g} {dtype}" in stated.group(1)
+    assert f"{TOLERANCE['quantize']:g} with --quantize or --base-original" in stated.group(1)
+    assert TOLERANCE["quantize"] == TOLERANCE["base_original"]
