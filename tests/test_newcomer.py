@@ -72,3 +72,27 @@ def test_merge_help_states_the_check_bound_merge_applies():
         assert f"{TOLERANCE[dtype]:g} {dtype}" in stated.group(1)
     assert f"{TOLERANCE['quantize']:g} with --quantize or --base-original" in stated.group(1)
     assert TOLERANCE["quantize"] == TOLERANCE["base_original"]
+
+
+@pytest.mark.slow
+def test_load_model_with_an_adapter_and_merge_print_no_transformers_deprecation(tmp_path):
+    """README's Python call `qconvert.load_model(dir, adapter=...)`, and so `qconvert merge`'s check, printed
+    transformers' FutureWarning about `is_gradient_checkpointing` (PEFT reads it): noise a user cannot act on."""
+    import warnings
+
+    import torch
+
+    import qconvert
+    from helpers import make_tiny_llama, write_lora_adapter
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    q = tmp_path / "q"
+    quantize_checkpoint(str(make_tiny_llama(tmp_path / "src", hidden=32, intermediate=64, vocab=64)), q)
+    adapter = write_lora_adapter(q, tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = qconvert.load_model(str(q), adapter=str(adapter), dtype=torch.float32)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
+    r = run_cli_here("merge", q, adapter, tmp_path / "merged")
+    assert "check PASS" in r.stdout and "FutureWarning" not in r.stderr, r.stderr
