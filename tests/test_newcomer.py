@@ -96,3 +96,17 @@ def test_load_model_with_an_adapter_and_merge_print_no_transformers_deprecation(
     assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
     r = run_cli_here("merge", q, adapter, tmp_path / "merged")
     assert "check PASS" in r.stdout and "FutureWarning" not in r.stderr, r.stderr
+
+
+def test_inspect_and_quantize_give_one_whole_model_bits_per_param(tiny_models, tmp_path):
+    """The README's demo prints quantize's "18.828 bits/param over the whole model" and, four lines
+    later, inspect's "whole model 18.807 bits/param": quantize counted the files' bytes, inspect only
+    the tensors' (not the headers). Both now count the files, as the card does."""
+    from qconvert.convert.inspect import format_report, inspect_checkpoint
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(str(tiny_models.llama()), tmp_path / "q")
+    report = inspect_checkpoint(tmp_path / "q")
+    assert report["total_params"] == summary["params"] and report["file_bytes"] == summary["output_bytes"]
+    assert report["bits_per_param_model"] == summary["bits_per_param_model"] == 8 * summary["output_bytes"] / summary["params"]
+    assert f"whole model {summary['bits_per_param_model']:.3f} bits/param" in format_report(report)
