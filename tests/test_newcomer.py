@@ -110,3 +110,31 @@ def test_inspect_and_quantize_give_one_whole_model_bits_per_param(tiny_models, t
     assert report["total_params"] == summary["params"] and report["file_bytes"] == summary["output_bytes"]
     assert report["bits_per_param_model"] == summary["bits_per_param_model"] == 8 * summary["output_bytes"] / summary["params"]
     assert f"whole model {summary['bits_per_param_model']:.3f} bits/param" in format_report(report)
+
+
+@pytest.mark.slow
+def test_readme_shows_what_the_demo_prints(tmp_path):
+    """The README's sample of `bash tools/demo.sh` is what its three commands print, line for line
+    (the output folder and the source path as the README writes them, the seconds aside). It had
+    drifted: a bits/param figure the summary no longer prints, and the inspect lines missing."""
+    import re
+    from pathlib import Path
+
+    from helpers import minilm_dir
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    sample = readme.split("and prints its quantization error against the original weights and its size:", 1)[1]
+    sample = sample.split("```\n", 2)[1].splitlines()
+    demo = (Path(__file__).resolve().parent.parent / "tools" / "demo.sh").read_text(encoding="utf-8")
+    assert 'quantize "$SRC" "$OUT" --overwrite' in demo and 'verify "$OUT" --against "$SRC"' in demo and 'inspect "$OUT" | tail -n 3' in demo
+    src, out = minilm_dir(), tmp_path / "all-MiniLM-L6-v2-nf4"
+    q = run_cli_here("quantize", src, out, "--overwrite")
+    v = run_cli_here("verify", out, "--against", src)
+    i = run_cli_here("inspect", out)
+    printed = [*q.stderr.splitlines(), *q.stdout.splitlines(), *v.stderr.splitlines(), *v.stdout.splitlines(), *i.stdout.splitlines()[-3:]]
+
+    def as_readme(line: str) -> str:
+        line = line.replace(str(out), "out/all-MiniLM-L6-v2-nf4").replace(str(src.parent.parent), "...")
+        return re.sub(r", [0-9.]+ s$", ", T s", line)
+
+    assert [as_readme(ln) for ln in printed] == [re.sub(r", [0-9.]+ s$", ", T s", ln) for ln in sample]
