@@ -138,3 +138,42 @@ def test_readme_shows_what_the_demo_prints(tmp_path):
         return re.sub(r", [0-9.]+ s$", ", T s", line)
 
     assert [as_readme(ln) for ln in printed] == [re.sub(r", [0-9.]+ s$", ", T s", ln) for ln in sample]
+
+
+#: A newcomer's mistakes on each command, before any model loads: (arguments, after tmp_path is put in for
+#: "T"; a fragment of the error). Each printed `qconvert: error:` without the `hint:` line that README.md and
+#: docs/refusals.md promise.
+MISTAKES = {
+    "merge: a mistyped BASE": (["merge", "T/qwen-nf4n", "T/run", "T/merged"], "no such folder"),
+    "compare: a mistyped A": (["compare", "T/qwen-nf44", "T/adapter"], "no such folder"),
+    "export-gguf: a mistyped MODEL": (["export-gguf", "T/qwen-nf44", "T/q.gguf"], "no such folder"),
+    "eval: a mistyped --data": (["eval", "T/adapter", "--data", "T/trian.jsonl"], "no such file"),
+    "generate: --max-new-tokens 0": (["generate", "T/adapter", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    "generate: --temperature -1": (["generate", "T/adapter", "--prompt", "hi", "--temperature", "-1"], "--temperature"),
+    "generate: --top-p 2": (["generate", "T/adapter", "--prompt", "hi", "--temperature", "1", "--top-p", "2"], "--top-p"),
+    "generate: --top-k 0": (["generate", "T/adapter", "--prompt", "hi", "--temperature", "1", "--top-k", "0"], "--top-k"),
+    "generate: --repetition-penalty 0": (["generate", "T/adapter", "--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty"),
+    "generate: --system without --chat": (["generate", "T/adapter", "--prompt", "hi", "--system", "be brief"], "--system needs --chat"),
+    "compare: a mistyped --prompts file": (["compare", "Q", "Q", "--prompts", "T/prompts.txt"], "cannot read it"),
+    "push: a mistyped FOLDER": (["push", "T/qwen-nf44", "you/x"], "no such folder"),
+    "push: REPO_ID without a namespace": (["push", "P", "qwen-lora"], "not a repo id of the form namespace/name"),
+    "train: a mistyped --config": (["train", "--config", "T/run.yml"], "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_each_newcomer_mistake_gets_a_hint(case, tiny_models, tmp_path):
+    """Q: a 4-bit Llama with a tokenizer; P: an adapter folder as export-adapter writes it (push takes it)."""
+    from helpers import write_lora_adapter
+    from runtime_helpers import make_word_tokenizer
+
+    args, needle = MISTAKES[case]
+    q = tiny_models.copy(tiny_models.llama_4bit(), tmp_path / "q")
+    make_word_tokenizer(q)
+    adapter = write_lora_adapter(q, tmp_path / "adapter")
+    if "P" in args:
+        run_cli_here("export-adapter", adapter, tmp_path / "exported", "--base-model", "acme/base")
+    named = {"Q": str(q), "P": str(tmp_path / "exported")}
+    r = run_cli_here(*[named.get(a, a.replace("T/", f"{tmp_path}/")) for a in args], ok=False)
+    block = one_line_error(r, needle)
+    assert block.splitlines()[-1].startswith("hint: "), block

@@ -40,7 +40,7 @@ def folder_kind(folder: Path) -> str:
 def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FormatError(f"{folder}: no such folder")
+        raise FormatError(f"{folder}: no such folder", hint="give the folder that quantize, train, merge or export-adapter wrote")
     kind = folder_kind(folder)
     if kind == "adapter":
         from ..model.adapters import read_adapter_config, read_lora_weights
@@ -226,7 +226,7 @@ def push_folder(
     plan = upload_plan(Path(folder), info["kind"], include)
     check_plan(plan, log or (lambda m: warnings.warn(m, stacklevel=3)))
     if not _is_repo_id(repo_id):
-        raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name")
+        raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name", hint="e.g. you/qwen-nf4: your user or organization name, a slash, the repo name")
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token", hint="set HF_TOKEN, or run `hf auth login`")

@@ -109,7 +109,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, options: EvalOpt
     if o.compare and not adapters:
         raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
     if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
-        raise DataError(f"{data}: no such file")
+        raise DataError(f"{data}: no such file", hint="give a .jsonl/.json/.parquet/.csv/.arrow/.txt file or a Hub dataset id org/name")
     folders = [resolve_adapter_path(a)[0] for a in adapters]  # folders or Hub ids, fetched before the model loads
     say = log or (lambda m: None)
     formats = prompt_formats(folders, o.fmt, say)
