@@ -177,3 +177,26 @@ def test_each_newcomer_mistake_gets_a_hint(case, tiny_models, tmp_path):
     r = run_cli_here(*[named.get(a, a.replace("T/", f"{tmp_path}/")) for a in args], ok=False)
     block = one_line_error(r, needle)
     assert block.splitlines()[-1].startswith("hint: "), block
+
+
+@pytest.mark.slow
+def test_python_api_does_not_pass_on_bitsandbytes_pip_install_kernels_advice():
+    """docs/python-api.md's `qconvert.load_model(..., adapter=...)` imports PEFT, which imports
+    bitsandbytes, which logged "Failed to load CPU gemm_4bit_forward ... Please make sure you already
+    `pip install kernels`" to the user's terminal (the CLI hid it; the Python API did not). A user who
+    sets that logger's level keeps it."""
+    import subprocess
+    import sys
+
+    code = "import qconvert; qconvert.load_model; import bitsandbytes"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "pip install kernels" not in r.stderr, r.stderr
+    own = "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.WARNING); " + code
+    r = subprocess.run([sys.executable, "-c", own], capture_output=True, text=True)
+    assert r.returncode == 0 and ("pip install kernels" in r.stderr) == _bnb_lacks_kernels(), r.stderr
+
+
+def _bnb_lacks_kernels() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("kernels") is None
