@@ -200,3 +200,27 @@ def _bnb_lacks_kernels() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("kernels") is None
+
+
+def test_every_adapter_the_docs_examples_pass_is_one_they_write():
+    """The commands in README.md's and docs/'s bash blocks pass adapters that an earlier example
+    writes (`train --output DIR`, `export-adapter SRC DIR`). docs/gguf.md passed `./run/adapter`:
+    `qconvert train` writes the adapter into --output itself, so that folder never exists."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    lines = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S):
+            lines += [shlex.split(ln.split("  #")[0]) for ln in block.splitlines() if ln.startswith("qconvert ")]
+
+    def norm(path: str) -> str:
+        return path.removeprefix("./").rstrip("/")
+
+    written = {norm(w[w.index("--output") + 1]) for w in lines if w[1] == "train" and "--output" in w}
+    written |= {norm(w[3]) for w in lines if w[1] == "export-adapter"}
+    passed = {norm(w[i + 1]) for w in lines for i, a in enumerate(w) if a in ("--adapter", "--adapter-a", "--adapter-b")}
+    passed |= {norm(w[3]) for w in lines if w[1] == "merge"}
+    assert written and passed and passed <= written, sorted(passed - written)
