@@ -224,3 +224,12 @@ def test_every_adapter_the_docs_examples_pass_is_one_they_write():
     passed = {norm(w[i + 1]) for w in lines for i, a in enumerate(w) if a in ("--adapter", "--adapter-a", "--adapter-b")}
     passed |= {norm(w[3]) for w in lines if w[1] == "merge"}
     assert written and passed and passed <= written, sorted(passed - written)
+
+
+def test_qconvert_alone_prints_the_whole_help():
+    """`qconvert` with no command printed "qconvert: error: Usage: ..." and the help cut to 12 lines
+    ("... (5 more lines)"): the first thing a newcomer types."""
+    r = run_cli_here(ok=False)
+    full = run_cli_here("--help")
+    assert r.returncode == 2 and "error" not in r.stdout + r.stderr
+    assert r.stdout == full.stdout and "  verify " in r.stdout

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("qconvert: interrupted", err=True)
         return EXIT_INTERRUPTED
+    except click.exceptions.NoArgsIsHelpError as e:  # `qconvert` alone: the whole help, not an error cut to 12 lines
+        click.echo(e.ctx.get_help())
+        return EXIT_USAGE
     except click.UsageError as e:
         if debug:
             raise
