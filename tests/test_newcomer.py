@@ -233,3 +233,21 @@ def test_qconvert_alone_prints_the_whole_help():
     full = run_cli_here("--help")
     assert r.returncode == 2 and "error" not in r.stdout + r.stderr
     assert r.stdout == full.stdout and "  verify " in r.stdout
+
+
+def test_train_with_no_usable_record_hints_at_the_shapes_it_reads(tiny_models, tmp_path):
+    """Every record of an unknown shape (a CSV without a text column): train said only "check the
+    records' shape", where eval, on the same file, names the shapes it reads."""
+    from runtime_helpers import make_word_tokenizer
+
+    q = tiny_models.copy(tiny_models.llama_4bit(), tmp_path / "q")
+    make_word_tokenizer(q)
+    data = tmp_path / "d.csv"
+    data.write_text("question,answer\nw1,w2\n")
+    r = run_cli_here("train", q, "--data", data, "--output", tmp_path / "run", ok=False)
+    block = one_line_error(r, "no usable example", "is of no known shape")
+    assert block.splitlines()[-1] == 'hint: use {"text"}, {"instruction","input","output"}, {"prompt","completion"}, {"messages"} or {"conversations"}'
+    bad_json = tmp_path / "d.jsonl"
+    bad_json.write_text('{"text": "w1"},\n')  # a trailing comma, as in a JSON array
+    r = run_cli_here("train", q, "--data", bad_json, "--output", tmp_path / "run", ok=False)
+    assert one_line_error(r, "not valid JSON").splitlines()[-1] == "hint: each line must be one JSON object"

@@ -96,11 +96,14 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     formats: Counter = field(default_factory=Counter)
+    first_hint: str | None = None  # how to fix the first dropped record, for the error when none is left
 
-    def drop(self, reason: str, message: str) -> None:
+    def drop(self, reason: str, message: str, hint: str | None = None) -> None:
         self.dropped[reason] += 1
         if len(self.problems) < 3:
             self.problems.append(message)
+        if self.n_dropped == 1:
+            self.first_hint = hint
 
     @property
     def n_dropped(self) -> int:
@@ -117,7 +120,7 @@ def _bad(strict: bool, report: DataReport | None, reason: str, message: str, hin
     """A bad record: raise when strict, else count it and go on."""
     if strict or report is None:
         raise DataError(message, hint=hint)
-    report.drop(reason, message)
+    report.drop(reason, message, hint)
 
 
 def load_records(path: str | Path, *, split: str | None = None, config: str | None = None, revision: str | None = None,
