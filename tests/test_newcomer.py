@@ -251,3 +251,13 @@ def test_train_with_no_usable_record_hints_at_the_shapes_it_reads(tiny_models, t
     bad_json.write_text('{"text": "w1"},\n')  # a trailing comma, as in a JSON array
     r = run_cli_here("train", q, "--data", bad_json, "--output", tmp_path / "run", ok=False)
     assert one_line_error(r, "not valid JSON").splitlines()[-1] == "hint: each line must be one JSON object"
+
+
+def test_qconvert_help_lists_each_command_with_a_whole_sentence(monkeypatch):
+    """`qconvert --help` (README: "lists every command") cut every command's description mid-phrase on
+    an 80-column terminal ("Show every tensor of a checkpoint folder or...")."""
+    monkeypatch.setenv("COLUMNS", "80")
+    text = run_cli_here("--help").stdout
+    commands = [ln for ln in text.split("Commands:\n", 1)[1].splitlines() if ln.strip()]
+    assert len(commands) == 11 and all(len(ln) <= 80 for ln in commands), commands
+    assert not [ln for ln in commands if ln.endswith("...") or not ln.endswith((".", "?"))], commands

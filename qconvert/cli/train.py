@@ -37,7 +37,7 @@ def train_options(f):
     return f
 
 
-@click.command()
+@click.command(short_help="QLoRA: train a LoRA adapter on the frozen 4-bit model.")
 @click.argument("model", required=False)
 @click.option("--config", "config_file", metavar="FILE", help="YAML or JSON file of options, keyed as transformers/PEFT name them; flags override it.")
 @click.option("--config-name", metavar="NAME", help="The run NAME of a --config file of named runs (FinLoRA's); or --config FILE:NAME.")
