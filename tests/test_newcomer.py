@@ -261,3 +261,23 @@ def test_qconvert_help_lists_each_command_with_a_whole_sentence(monkeypatch):
     commands = [ln for ln in text.split("Commands:\n", 1)[1].splitlines() if ln.strip()]
     assert len(commands) == 11 and all(len(ln) <= 80 for ln in commands), commands
     assert not [ln for ln in commands if ln.endswith("...") or not ln.endswith((".", "?"))], commands
+
+
+def test_python_api_generate_snippet_runs_and_prints_what_the_command_prints(tiny_models, tmp_path, capsys):
+    """docs/python-api.md names `generate_text` as `qconvert generate`'s function, but it takes a model
+    and a tokenizer, which no example showed how to get. Its snippet, run as written on a tiny model,
+    prints the completion `qconvert generate` prints."""
+    import re
+    from pathlib import Path
+
+    from runtime_helpers import make_word_tokenizer
+
+    q = tiny_models.copy(tiny_models.llama_4bit(), tmp_path / "q")
+    make_word_tokenizer(q)
+    page = (Path(__file__).resolve().parent.parent / "docs" / "python-api.md").read_text(encoding="utf-8")
+    [snippet] = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "generate_text(" in b]
+    capsys.readouterr()
+    exec("import qconvert\n" + snippet.replace('"out/llama-nf4"', repr(str(q))), {})
+    completion = capsys.readouterr().out
+    cli = run_cli_here("generate", q, "--prompt", "Hello", "--max-new-tokens", 32)
+    assert completion == cli.stdout and len(completion.split()) == 32
