@@ -231,7 +231,7 @@ def test_qconvert_alone_prints_the_whole_help():
     ("... (5 more lines)"): the first thing a newcomer types."""
     r = run_cli_here(ok=False)
     full = run_cli_here("--help")
-    assert r.returncode == 2 and "error" not in r.stdout + r.stderr
+    assert r.returncode == 2 and "qconvert: error" not in r.stdout + r.stderr
     assert r.stdout == full.stdout and "  verify " in r.stdout
 
 
