@@ -281,3 +281,47 @@ def test_python_api_generate_snippet_runs_and_prints_what_the_command_prints(tin
     completion = capsys.readouterr().out
     cli = run_cli_here("generate", q, "--prompt", "Hello", "--max-new-tokens", 32)
     assert completion == cli.stdout and len(completion.split()) == 32
+
+
+@pytest.fixture
+def hub_client(monkeypatch, tmp_path):
+    """huggingface_hub pointed at a loopback Hub that speaks LFS only, as README's "Against a local or
+    private Hub server" sets it up, less HF_HUB_DISABLE_XET (its constants are read at import: set here)."""
+    from huggingface_hub import constants
+
+    from hub_server import LoopbackHub
+
+    with LoopbackHub({"tok": "you"}) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+        monkeypatch.setenv("HF_TOKEN", "tok")
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        yield hub, constants
+
+
+def test_push_offline_says_so_rather_than_that_a_rerun_resumes(hub_client, tiny_models, monkeypatch):
+    """HF_HUB_OFFLINE=1 (README: "if your shell sets it: push needs the network") gave "network failure
+    during the upload (OfflineModeIsEnabled)" and the hint that re-running resumes, which it never does."""
+    hub, constants = hub_client
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    r = run_cli_here("push", tiny_models.llama_4bit(), "you/tiny-nf4", ok=False)
+    block = one_line_error(r, "you/tiny-nf4: offline mode is on (HF_HUB_OFFLINE=1), and push needs the network")
+    assert block.splitlines()[-1] == "hint: unset HF_HUB_OFFLINE (or set it to 0), then re-run"
+    assert hub.state.repos == {}
+
+
+def test_push_through_xet_to_a_server_without_it_names_hf_hub_disable_xet(hub_client, tiny_models):
+    """With hf_xet installed, every upload to an LFS-only server fails; the hint said only that re-running
+    resumes the upload, which README explains is untrue until HF_HUB_DISABLE_XET=1."""
+    import importlib.util
+
+    hub, constants = hub_client
+    if importlib.util.find_spec("hf_xet") is None:
+        pytest.skip("hf_xet is not installed: uploads go through LFS")
+    r = run_cli_here("push", tiny_models.llama_4bit(), "you/tiny-nf4", ok=False)
+    block = one_line_error(r, "you/tiny-nf4: network failure during the upload")
+    assert block.splitlines()[-1].endswith(f"a server without xet storage at {hub.endpoint} needs HF_HUB_DISABLE_XET=1 first"), block
+    constants.HF_HUB_DISABLE_XET = True  # as README says: then the same command goes through
+    run_cli_here("push", tiny_models.llama_4bit(), "you/tiny-nf4")
+    assert "model.safetensors" in hub.state.repos["you/tiny-nf4"]["branches"]["main"]

@@ -182,6 +182,9 @@ def _push_errors(repo_id: str) -> Iterator[None]:
     resume = "re-running the same command resumes the upload"
     try:
         yield
+    except E.OfflineModeIsEnabled:  # (a ConnectionError: re-running changes nothing)
+        raise HubError(f"{repo_id}: offline mode is on (HF_HUB_OFFLINE=1), and push needs the network",
+                       hint="unset HF_HUB_OFFLINE (or set it to 0), then re-run") from None
     except E.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status == 401:
@@ -199,7 +202,20 @@ def _push_errors(repo_id: str) -> Iterator[None]:
 
         if not is_network_error(e):
             raise
-        raise HubError(f"{repo_id}: network failure during the upload ({type(e).__name__})", hint=resume) from None
+        raise HubError(f"{repo_id}: network failure during the upload ({type(e).__name__})", hint=resume + _xet_advice()) from None
+
+
+def _xet_advice() -> str:
+    """huggingface_hub uploads through xet whenever hf_xet is installed, without asking the server, and a
+    server without xet storage (olah, a private or local Hub) fails every upload: re-running then resumes
+    nothing until HF_HUB_DISABLE_XET=1 (README, "Against a local or private Hub server")."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    if constants.ENDPOINT == "https://huggingface.co" or constants.HF_HUB_DISABLE_XET or importlib.util.find_spec("hf_xet") is None:
+        return ""
+    return f"; a server without xet storage at {constants.ENDPOINT} needs HF_HUB_DISABLE_XET=1 first"
 
 
 def push_folder(
