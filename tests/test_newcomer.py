@@ -325,3 +325,21 @@ def test_push_through_xet_to_a_server_without_it_names_hf_hub_disable_xet(hub_cl
     constants.HF_HUB_DISABLE_XET = True  # as README says: then the same command goes through
     run_cli_here("push", tiny_models.llama_4bit(), "you/tiny-nf4")
     assert "model.safetensors" in hub.state.repos["you/tiny-nf4"]["branches"]["main"]
+
+
+def test_a_push_to_hub_repo_id_without_namespace_is_refused_before_the_work(tiny_models, tmp_path):
+    """`--push-to-hub qwen-nf4` (no namespace) was refused by push only after quantize or merge had run
+    to the end: hours on a large model, for a typo the command line already showed."""
+    from helpers import write_lora_adapter
+
+    src, q = tiny_models.llama(), tiny_models.llama_4bit()
+    adapter = write_lora_adapter(q, tmp_path / "adapter")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    runs = {"quantize": ["quantize", src, tmp_path / "out"], "merge": ["merge", q, adapter, tmp_path / "out"],
+            "train": ["train", q, "--data", data, "--output", tmp_path / "out", "--base-model", "acme/base"]}
+    for name, args in runs.items():
+        r = run_cli_here(*args, "--push-to-hub", "qwen-nf4", ok=False)
+        block = one_line_error(r, "--push-to-hub 'qwen-nf4' is not a repo id of the form namespace/name")
+        assert block.splitlines()[-1].startswith("hint: e.g. you/qwen-nf4"), (name, block)
+        assert r.stdout == "" and not (tmp_path / "out").exists(), name

@@ -242,7 +242,9 @@ def push_folder(
     plan = upload_plan(Path(folder), info["kind"], include)
     check_plan(plan, log or (lambda m: warnings.warn(m, stacklevel=3)))
     if not _is_repo_id(repo_id):
-        raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name", hint="e.g. you/qwen-nf4: your user or organization name, a slash, the repo name")
+        from ..io.hub import REPO_ID_HINT
+
+        raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name", hint=REPO_ID_HINT)
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token", hint="set HF_TOKEN, or run `hf auth login`")

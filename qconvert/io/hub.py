@@ -25,6 +25,15 @@ from .checkpoint import (
 )
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REPO_ID_HINT = "e.g. you/qwen-nf4: your user or organization name, a slash, the repo name"
+
+
+def check_push_target(repo_id: str, flag: str = "--push-to-hub") -> None:
+    """A repo to push to, checked when the command starts: push would refuse it only after the whole run."""
+    if not REPO_ID.match(repo_id):
+        from ..errors import OptionError
+
+        raise OptionError(f"{flag} {repo_id!r} is not a repo id of the form namespace/name", hint=REPO_ID_HINT)
 
 
 @contextmanager
