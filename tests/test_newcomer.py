@@ -343,3 +343,29 @@ def test_a_push_to_hub_repo_id_without_namespace_is_refused_before_the_work(tiny
         block = one_line_error(r, "--push-to-hub 'qwen-nf4' is not a repo id of the form namespace/name")
         assert block.splitlines()[-1].startswith("hint: e.g. you/qwen-nf4"), (name, block)
         assert r.stdout == "" and not (tmp_path / "out").exists(), name
+
+
+def test_skip_modules_pattern_that_skips_nothing_is_refused(tiny_models, tmp_path):
+    """`--skip-modules down_prj` (a typo) matched nothing, and every down_proj was quantized without a word:
+    the silent wrong result of a typo'd option value. A pattern that names a module is still taken, also
+    one the model has without a checkpoint key (a tied lm_head)."""
+    src = tiny_models.llama()
+    r = run_cli_here("quantize", src, tmp_path / "out", "--skip-modules", "down_prj", ok=False)
+    block = one_line_error(r, "--skip-modules 'down_prj' matches no module of this LlamaForCausalLM: it would skip nothing")
+    assert block.splitlines()[-1].endswith("down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj") and not (tmp_path / "out").exists()
+    one_line_error(run_cli_here("quantize", src, tmp_path / "out", "--skip-modules", "mlp", ok=False), "'mlp' matches no module")
+    for pattern, quantized in (("down_proj", 12), ("model.layers.0", 7), ("lm_head", 14)):
+        r = run_cli_here("quantize", src, tmp_path / "out", "--skip-modules", pattern, "--dry-run", "--json")
+        assert json.loads(r.stdout)["quantized"] == quantized, pattern
+    r = run_cli_here("quantize", tiny_models.llama(tie=True), tmp_path / "out", "--skip-modules", "lm_head", "--dry-run", "--json")
+    assert json.loads(r.stdout)["quantized"] == 14
+    # the same on the transformers (meta-model) path, which plans the architectures the table does not know
+    from qconvert.convert.options import QuantizeOptions
+    from qconvert.convert.plan import make_plan
+    from qconvert.errors import OptionError
+    from qconvert.io.checkpoint import Checkpoint
+
+    with pytest.raises(OptionError, match="'down_prj' matches no module"):
+        make_plan(Checkpoint(src), QuantizeOptions(skip_modules=["down_prj"]), use_transformers=True)
+    tied = Checkpoint(tiny_models.llama(tie=True))
+    assert sum(i.quantize for i in make_plan(tied, QuantizeOptions(skip_modules=["lm_head"]), use_transformers=True).items) == 14
