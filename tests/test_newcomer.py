@@ -158,6 +158,11 @@ MISTAKES = {
     "push: a mistyped FOLDER": (["push", "T/qwen-nf44", "you/x"], "no such folder"),
     "push: REPO_ID without a namespace": (["push", "P", "qwen-lora"], "not a repo id of the form namespace/name"),
     "train: a mistyped --config": (["train", "--config", "T/run.yml"], "no such file"),
+    "push: a folder qconvert did not write": (["push", "T/empty", "you/x"], "neither a model (config.json) nor an adapter"),
+    "quantize: --revision with a local folder": (["quantize", "Q", "T/out", "--revision", "main"], "--revision applies to Hub repo ids"),
+    "train: --resume PATH that is no checkpoint": (["train", "Q", "--data", "T/d.jsonl", "--output", "T/run", "--resume", "T/empty"],
+                                                   "not a training checkpoint"),
+    "eval: a .json file with a trailing comma": (["eval", "Q", "--data", "T/bad.json"], "not valid JSON"),
 }
 
 
@@ -173,6 +178,9 @@ def test_each_newcomer_mistake_gets_a_hint(case, tiny_models, tmp_path):
     adapter = write_lora_adapter(q, tmp_path / "adapter")
     if "P" in args:
         run_cli_here("export-adapter", adapter, tmp_path / "exported", "--base-model", "acme/base")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "w1 w2"}) + "\n")
+    (tmp_path / "bad.json").write_text('[{"text": "w1 w2"},]')
     named = {"Q": str(q), "P": str(tmp_path / "exported")}
     r = run_cli_here(*[named.get(a, a.replace("T/", f"{tmp_path}/")) for a in args], ok=False)
     block = one_line_error(r, needle)

@@ -28,7 +28,8 @@ def folder_kind(folder: Path) -> str:
         return "adapter"
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)")
+        raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)",
+                          hint="give the folder that quantize, train, merge or export-adapter wrote")
     from ..format.layout import is_4bit_config  # here: the adapter path of push needs no torch
 
     from ..model.checks import read_config

@@ -66,7 +66,7 @@ def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool
 
     if os.path.exists(source):
         if revision:
-            raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders")
+            raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders", hint="leave out --revision for a local folder")
         return Checkpoint(source, streaming=True)
     if looks_like_repo_id(source):
         return HubCheckpoint(source, revision, workdir, keep=keep)

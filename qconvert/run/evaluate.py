@@ -86,7 +86,7 @@ def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[st
     device = next(model.parameters()).device
     total, count = loss_sums(model, examples, pad_id, batch_size, device)
     if count == 0:
-        raise DataError("no token to score: every example has fewer than 2 tokens")
+        raise DataError("no token to score: every example has fewer than 2 tokens", hint="give records with longer texts or completions")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(examples)}
 

@@ -126,7 +126,7 @@ def find_resume(out: Path, resume) -> Path | None:
         return ckpts[-1]
     p = Path(resume)
     if not (p / STATE).is_file():
-        raise DataError(f"{p}: not a training checkpoint (no {STATE})")
+        raise DataError(f"{p}: not a training checkpoint (no {STATE})", hint="give --resume OUTPUT/checkpoint-N, or --resume alone for the latest")
     return p
 
 

@@ -159,7 +159,7 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
     if report is not None:  # every row read, the ones left out here included
         report.records += len(records) + report.n_dropped - dropped_before
     if not records and not (report and report.n_dropped):
-        raise DataError(f"{p}: holds no records")
+        raise DataError(f"{p}: holds no records", hint="add records: one JSON object per line in a .jsonl file")
     return records
 
 
@@ -195,7 +195,7 @@ def _given_records(data, split: str | None, strict: bool, report: DataReport | N
     if report is not None:
         report.records += len(pairs)
     if not records and not (report and report.n_dropped):
-        raise DataError(f"{shown}: holds no records")
+        raise DataError(f"{shown}: holds no records", hint="pass at least one record")
     return records
 
 
@@ -211,9 +211,9 @@ def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tupl
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})", hint="a .json file holds one array of records; or write one per line (.jsonl)") from None
         if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON array of records, got {type(data).__name__}")
+            raise DataError(f"{p}: expected a JSON array of records, got {type(data).__name__}", hint='e.g. [{"text": "..."}, {"text": "..."}]')
         pairs, where = [(i + 1, r) for i, r in enumerate(data)], "record"
     else:
         pairs, where = [], "line"
