@@ -377,3 +377,18 @@ def test_skip_modules_pattern_that_skips_nothing_is_refused(tiny_models, tmp_pat
         make_plan(Checkpoint(src), QuantizeOptions(skip_modules=["down_prj"]), use_transformers=True)
     tied = Checkpoint(tiny_models.llama(tie=True))
     assert sum(i.quantize for i in make_plan(tied, QuantizeOptions(skip_modules=["lm_head"]), use_transformers=True).items) == 14
+
+
+def test_merge_into_the_16bit_model_train_started_from_says_how_to_get_its_4bit_base(tiny_models, tmp_path):
+    """`qconvert train MODEL16` quantizes MODEL16 on the way in, into a temporary folder; `qconvert merge
+    MODEL16 RUN OUT` then said only "BASE must be the 4-bit checkpoint the adapter was trained on", which
+    the user never saw. The hint's command makes that checkpoint, and the merge then passes its check."""
+    from helpers import write_lora_adapter
+
+    src = tiny_models.llama()
+    adapter = write_lora_adapter(tiny_models.llama_4bit(), tmp_path / "adapter")
+    r = run_cli_here("merge", src, adapter, tmp_path / "merged", ok=False)
+    hint = one_line_error(r, "not a 4-bit checkpoint").splitlines()[-1]
+    assert f"run `qconvert quantize {src} DIR`" in hint and "merge into DIR" in hint
+    run_cli_here("quantize", src, tmp_path / "DIR")
+    assert "check PASS" in run_cli_here("merge", tmp_path / "DIR", adapter, tmp_path / "merged").stdout
