@@ -163,6 +163,8 @@ MISTAKES = {
     "train: --resume PATH that is no checkpoint": (["train", "Q", "--data", "T/d.jsonl", "--output", "T/run", "--resume", "T/empty"],
                                                    "not a training checkpoint"),
     "eval: a .json file with a trailing comma": (["eval", "Q", "--data", "T/bad.json"], "not valid JSON"),
+    "merge: BASE and ADAPTER swapped": (["merge", "T/adapter", "Q", "T/out"], "adapter: a LoRA adapter (adapter_config.json), not a model"),
+    "generate: the adapter as MODEL": (["generate", "T/adapter", "--prompt", "hi"], "adapter: a LoRA adapter (adapter_config.json), not a model"),
 }
 
 

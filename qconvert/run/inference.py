@@ -49,6 +49,9 @@ def read_model_config(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise SourceError(f"{root}: not a model folder", hint="pass a folder with config.json, weights and tokenizer, or a Hub id")
     if not (root / "config.json").is_file():
+        from ..io.checkpoint import refuse_adapter_as_model
+
+        refuse_adapter_as_model(root)
         raise SourceError(f"{root}: no config.json", hint="pass a model folder (config.json, weights, tokenizer)")
     from ..model.checks import read_config
 
