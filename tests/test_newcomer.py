@@ -394,3 +394,23 @@ def test_merge_into_the_16bit_model_train_started_from_says_how_to_get_its_4bit_
     assert f"run `qconvert quantize {src} DIR`" in hint and "merge into DIR" in hint
     run_cli_here("quantize", src, tmp_path / "DIR")
     assert "check PASS" in run_cli_here("merge", tmp_path / "DIR", adapter, tmp_path / "merged").stdout
+
+
+@pytest.mark.parametrize("name, content, hint", [
+    ("header-only.csv", "text\n", "then one record per line"),
+    ("empty.csv", "", "then one record per line"),
+    ("blank.txt", "\n\n", "one text per line"),
+])
+def test_a_data_file_without_records_says_so(name, content, hint, tiny_models, tmp_path):
+    """A CSV with its header line only, or an empty CSV or text file: eval and train said "cannot read the
+    data (split 'train', config None)" with datasets' message as the hint ("Instruction "train" corresponds
+    to no data!"), or a hint about JSON lines for a .txt file."""
+    from runtime_helpers import make_word_tokenizer
+
+    q = tiny_models.copy(tiny_models.llama_4bit(), tmp_path / "q")
+    make_word_tokenizer(q)
+    data = tmp_path / name
+    data.write_text(content)
+    r = run_cli_here("eval", q, "--data", data, ok=False)
+    block = one_line_error(r, f"{name}: holds no records")
+    assert block.splitlines()[-1].startswith("hint: add records") and block.splitlines()[-1].endswith(hint), block

@@ -152,6 +152,7 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
         records = _json_records(p, strict, report)
     elif p.suffix.lower() in DATASETS_BUILDERS:
         check_columns(p, str(p))
+        _refuse_no_rows(p)
         records = _datasets_records(DATASETS_BUILDERS[p.suffix.lower()], str(p), data_files=str(p))
     else:
         raise DataError(f"{p}: unknown data file type {p.suffix or '(no suffix)'!r}",
@@ -159,7 +160,7 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
     if report is not None:  # every row read, the ones left out here included
         report.records += len(records) + report.n_dropped - dropped_before
     if not records and not (report and report.n_dropped):
-        raise DataError(f"{p}: holds no records", hint="add records: one JSON object per line in a .jsonl file")
+        raise DataError(f"{p}: holds no records", hint=RECORDS_HINT.get(p.suffix.lower(), RECORDS_HINT[".jsonl"]))
     return records
 
 
@@ -328,6 +329,25 @@ def _inside(path: str, root: str) -> bool:
     import os
 
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+#: how records are laid out, by file type: the hint when a file holds none
+RECORDS_HINT = {".jsonl": "add records: one JSON object per line", ".json": 'add records: [{"text": "..."}, ...]',
+                ".csv": "add records: a header line (e.g. text, or prompt,completion), then one record per line",
+                ".tsv": "add records: a header line (e.g. text, or prompt<TAB>completion), then one record per line",
+                ".txt": "add records: one text per line"}
+
+
+def _refuse_no_rows(path: Path) -> None:
+    """An empty file, or a CSV/TSV with a header line only: one line saying so, where ``datasets``
+    fails with a message about splits or dataset generation."""
+    with open(path, "rb") as f:
+        head = f.read(MAX_HEADER_BYTES)
+    suffix = path.suffix.lower()
+    lines = [ln for ln in head.splitlines() if ln.strip()]
+    if not lines or (suffix in (".csv", ".tsv") and len(lines) == 1 and len(head) < MAX_HEADER_BYTES):
+        what = "holds no records (only a header line)" if lines else "holds no records (the file is empty or blank)"
+        raise DataError(f"{path}: {what}", hint=RECORDS_HINT.get(suffix, "add records"))
 
 
 def check_columns(path: Path, shown: str) -> None:
