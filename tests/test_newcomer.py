@@ -414,3 +414,19 @@ def test_a_data_file_without_records_says_so(name, content, hint, tiny_models, t
     r = run_cli_here("eval", q, "--data", data, ok=False)
     block = one_line_error(r, f"{name}: holds no records")
     assert block.splitlines()[-1].startswith("hint: add records") and block.splitlines()[-1].endswith(hint), block
+
+
+def test_target_modules_lm_head_is_refused_as_the_head_not_as_a_missing_layer(tiny_models, tmp_path):
+    """`--target-modules lm_head` said "no linear layer of this model has that name": the model has one,
+    which train leaves out on purpose; a newcomer reading that would look for a typo."""
+    from runtime_helpers import make_word_tokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    q = tiny_models.copy(tiny_models.llama_4bit(), tmp_path / "q")
+    make_word_tokenizer(q)
+    r = run_cli_here("train", q, "--data", data, "--output", tmp_path / "run", "--target-modules", "lm_head", ok=False)
+    block = one_line_error(r, "--target-modules 'lm_head': is the output head, which train does not adapt")
+    assert block.splitlines()[-1] == "hint: available: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    r = run_cli_here("train", q, "--data", data, "--output", tmp_path / "run", "--target-modules", "qproj", ok=False)
+    one_line_error(r, "--target-modules 'qproj': no linear layer of this model has that name")
