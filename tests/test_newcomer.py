@@ -430,3 +430,11 @@ def test_target_modules_lm_head_is_refused_as_the_head_not_as_a_missing_layer(ti
     assert block.splitlines()[-1] == "hint: available: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     r = run_cli_here("train", q, "--data", data, "--output", tmp_path / "run", "--target-modules", "qproj", ok=False)
     one_line_error(r, "--target-modules 'qproj': no linear layer of this model has that name")
+
+
+def test_train_help_shows_that_resume_takes_an_optional_path():
+    """`train --help` showed `--resume TEXT`, as if a value were required; `--resume` alone resumes the
+    latest checkpoint (docs/train.md), and a newcomer would not guess it."""
+    text = run_cli_here("train", "--help").stdout
+    assert "--resume [PATH]" in text and "--resume TEXT" not in text
+    assert "(--resume alone)" in " ".join(text.split())

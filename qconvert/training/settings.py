@@ -144,8 +144,8 @@ class TrainConfig:
                               help="Metrics row (and, off a terminal, a log line) every N steps.")
     eval_steps: int | None = _opt(None, "--eval-steps", kind="int", range=_at_least(0),
                                   help="Evaluate every N steps (0: only at the end) [default: at each checkpoint and at the end].")
-    resume: str | None = _opt(None, "--resume", key="resume_from_checkpoint", aliases=("resume",), kind="resume",
-                              help="Resume from the latest checkpoint, or from PATH.")
+    resume: str | None = _opt(None, "--resume", key="resume_from_checkpoint", aliases=("resume",), kind="resume", metavar="[PATH]",
+                              help="Resume from the latest checkpoint of --output (--resume alone), or from PATH.")
     fsdp: bool = _opt(False, "--fsdp",
                       help="Shard the 4-bit base, adapter, gradients and optimizer state across the torchrun processes (FSDP2).")
     fsdp_offload: bool = _opt(False, "--fsdp-offload", aliases=("fsdp_offload_params", "offload_params"),
