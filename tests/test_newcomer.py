@@ -438,3 +438,5 @@ def test_train_help_shows_that_resume_takes_an_optional_path():
     text = run_cli_here("train", "--help").stdout
     assert "--resume [PATH]" in text and "--resume TEXT" not in text
     assert "(--resume alone)" in " ".join(text.split())
+    # and --no-gradient-checkpointing said "Recompute activations ... the flag turns it off": what the flag does, first
+    assert "--no-gradient-checkpointing Turn off gradient checkpointing (on by default" in " ".join(text.split())

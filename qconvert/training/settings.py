@@ -134,7 +134,7 @@ class TrainConfig:
     epochs: float = _opt(1.0, "--epochs", "--num-train-epochs", key="num_train_epochs", aliases=("num_epochs", "epochs"), range=_above(0))
     max_steps: int | None = _opt(None, "--max-steps", kind="int", range=_at_least(1), help="Overrides --epochs.")
     gradient_checkpointing: bool = _opt(True, "--no-gradient-checkpointing",
-                                        help="Recompute activations in the backward pass (less memory, slower); the flag turns it off.")
+                                        help="Turn off gradient checkpointing (on by default: activations recomputed in the backward pass, less memory, slower).")
     seed: int = _opt(42, "--seed")
     save_steps: int | None = _opt(None, "--save-steps", kind="int", range=_at_least(0),
                                   help="Checkpoint every N steps into OUTPUT/checkpoint-N; 0: only on Ctrl-C/SIGTERM "
