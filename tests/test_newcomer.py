@@ -432,7 +432,7 @@ def test_target_modules_lm_head_is_refused_as_the_head_not_as_a_missing_layer(ti
     one_line_error(r, "--target-modules 'qproj': no linear layer of this model has that name")
 
 
-def test_train_help_shows_that_resume_takes_an_optional_path():
+def test_train_help_says_resume_takes_an_optional_path_and_what_no_gradient_checkpointing_does():
     """`train --help` showed `--resume TEXT`, as if a value were required; `--resume` alone resumes the
     latest checkpoint (docs/train.md), and a newcomer would not guess it."""
     text = run_cli_here("train", "--help").stdout
