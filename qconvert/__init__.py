@@ -55,10 +55,25 @@ API = {
 __all__ = ["__version__", "LAYOUT_VERSION", "QUANTIZER_VERSION", *API]
 
 
+#: bitsandbytes logs, when imported (PEFT imports it), that an optional CPU kernel package is missing and
+#: asks to `pip install kernels`: advice about a kernel qconvert does not need, which reads as a broken install.
+BNB_NOTICE_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def quiet_bitsandbytes_notice() -> None:
+    """Hide that notice (its logger's warnings), unless the user gave that logger a level of their own."""
+    import logging
+
+    log = logging.getLogger(BNB_NOTICE_LOGGER)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.ERROR)
+
+
 def __getattr__(name: str) -> Any:
     """The API function ``name``, its module imported now (and the function cached here)."""
     if name not in API:
         raise AttributeError(f"module 'qconvert' has no attribute {name!r}")
+    quiet_bitsandbytes_notice()
     module, function = API[name]
     value = getattr(importlib.import_module(module), function)
     globals()[name] = value

@@ -55,7 +55,7 @@ def _report_experts(s: dict) -> None:
              f"({e['kept_16bit_share']:.1%} of the parameters; {e['kept_16bit'][0]['reason']})")
 
 
-@click.command()
+@click.command(short_help="A Hub id or folder to a 4-bit NF4 checkpoint, streamed.")
 @click.argument("source")
 @click.argument("output_dir")
 @options.revision()
@@ -115,7 +115,7 @@ def quantize(source, output_dir, revision, quant_type, blocksize, no_double_quan
         echo(f"pushed to {push_to}: {r['commit_url']}")
 
 
-@click.command()
+@click.command(short_help="Check a 4-bit checkpoint against the spec (and its source).")
 @click.argument("output_dir")
 @click.option("--against", "source", help="The original checkpoint: report per-tensor quantization error against it.")
 @options.json_output()
@@ -154,7 +154,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
         raise SystemExit(1)
 
 
-@click.command()
+@click.command(short_help="What each tensor of a checkpoint is; bits per parameter.")
 @click.argument("path")
 @options.json_output("Print one JSON object instead of a table.")
 def inspect(path: str, as_json: bool) -> None:

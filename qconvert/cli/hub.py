@@ -9,7 +9,7 @@ import click
 from . import options
 
 
-@click.command()
+@click.command(short_help="Validate a folder, then publish it to the Hub.")
 @click.argument("folder")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private.")

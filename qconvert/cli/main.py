@@ -61,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     follows on indented lines and the hint on a ``hint:`` line. QCONVERT_DEBUG=1 re-raises instead,
     showing the traceback.
     """
-    import logging
+    from .. import quiet_bitsandbytes_notice
 
-    # bitsandbytes logs at import that an optional CPU kernel package is missing: noise for our users
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_bitsandbytes_notice()
     debug = bool(os.environ.get(DEBUG_ENV))
     try:
         _load_commands()
@@ -75,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("qconvert: interrupted", err=True)
         return EXIT_INTERRUPTED
+    except click.exceptions.NoArgsIsHelpError as e:  # `qconvert` alone: the whole help, not an error cut to 12 lines
+        click.echo(e.ctx.get_help())
+        return EXIT_USAGE
     except click.UsageError as e:
         if debug:
             raise

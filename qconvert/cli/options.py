@@ -33,7 +33,16 @@ def backend(help: str = "Kernels for a 4-bit MODEL."):
 
 
 def push_to_hub(help: str = "Publish the result (see `qconvert push`)."):
-    return click.option("--push-to-hub", "push_to", metavar="REPO_ID", help=help)
+    return click.option("--push-to-hub", "push_to", metavar="REPO_ID", help=help, callback=_push_target)
+
+
+def _push_target(ctx, param, value: str | None) -> str | None:
+    """REPO_ID checked before the command's work, not after it (qconvert.io.hub.check_push_target)."""
+    if value is not None:
+        from ..io.hub import check_push_target
+
+        check_push_target(value)
+    return value
 
 
 def max_shard_size(help: str = "Output shard size, decimal units (5GB = 5e9 bytes)."):

@@ -13,7 +13,7 @@ from ..run.generate import PROMPT_FORMATS
 from . import options
 
 
-@click.command()
+@click.command(short_help="Complete a prompt, with an optional LoRA adapter.")
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
 @click.option("--adapter", help="A PEFT LoRA adapter folder (a `qconvert train` output), or its Hub id, to run on top of MODEL.")
@@ -70,7 +70,7 @@ def generate(model, prompt, adapter, chat, fmt, system, max_new_tokens, temperat
         click.echo(r["text"] if echo else r["completion"])
 
 
-@click.command(name="eval")
+@click.command(name="eval", short_help="Loss and perplexity, with and without LoRA adapters.")
 @click.argument("model")
 @options.train_data_options(  # train's own declarations (qconvert.training.settings), worded for scoring
     extra_choices={"fmt": ("raw",)},

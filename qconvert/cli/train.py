@@ -37,7 +37,7 @@ def train_options(f):
     return f
 
 
-@click.command()
+@click.command(short_help="QLoRA: train a LoRA adapter on the frozen 4-bit model.")
 @click.argument("model", required=False)
 @click.option("--config", "config_file", metavar="FILE", help="YAML or JSON file of options, keyed as transformers/PEFT name them; flags override it.")
 @click.option("--config-name", metavar="NAME", help="The run NAME of a --config file of named runs (FinLoRA's); or --config FILE:NAME.")
@@ -92,8 +92,9 @@ def check_push_base(model: str, base_model: str | None, push_to: str) -> None:
     """Before training: an adapter pushed for others must name its base by a Hub id, which a local
     MODEL folder does not give (push would refuse it after the whole run)."""
     from ..errors import OptionError
-    from ..io.hub import looks_like_repo_id
+    from ..io.hub import check_push_target, looks_like_repo_id
 
+    check_push_target(push_to)
     if base_model is None and not looks_like_repo_id(str(model)):
         raise OptionError(f"--push-to-hub {push_to}: MODEL {model} is a local folder, and the pushed adapter must name its base by Hub id",
                           hint="name the base model's Hub id with --base-model NAMESPACE/NAME")

@@ -85,8 +85,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "quantized_params": q_params,
         "bits_per_param": (8 * q_core_bytes / q_params) if q_params else None,
         "bits_per_param_stored": (8 * q_bytes / q_params) if q_params else None,
-        # every stored tensor byte over every parameter: the 16-bit embeddings, head and norms included
-        "bits_per_param_model": (8 * total / params) if params else None,
+        # every byte of the files over every parameter (the 16-bit embeddings, head and norms, the headers'
+        # quant-state JSON included): the figure quantize's summary and the card give for "whole model"
+        "bits_per_param_model": (8 * file_bytes / params) if params else None,
         "file_bytes": file_bytes,
         # output / source bytes, when config.json records the source's size (qconvert quantize does)
         "size_ratio": file_bytes / source_bytes if source_bytes else None,

@@ -61,6 +61,7 @@ class Placements:
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> reason
     linear_subclasses: list[str] = field(default_factory=list)  # nn.Linear subclasses bitsandbytes leaves alone
     config_dtype: torch.dtype | None = None  # the dtype save_pretrained writes into config.json (default: load_dtype)
+    modules: list[str] = field(default_factory=list)  # module names beyond the keys' (a tied lm_head), for --skip-modules
 
 
 def load_dtype(config: dict[str, Any] | None, first_float: torch.dtype | None) -> torch.dtype:
@@ -135,6 +136,21 @@ def is_skipped(module_name: str, patterns) -> bool:
     return False
 
 
+def check_user_skips(user: list[str], placed: Placements, keys) -> None:
+    """Each --skip-modules pattern must skip some module: one that matches none (a typo: ``down_prj``)
+    would leave the layers the user meant to keep 16-bit quantized, silently. Modules are those of the
+    checkpoint's keys, where the plan puts them, and the model's own (a tied ``lm_head`` has no key)."""
+    modules = {k.rpartition(".")[0] for k in keys} | {p.out_key.rpartition(".")[0] for p in placed.places.values()} | set(placed.modules)
+    for pattern in user:
+        if not any(is_skipped(m, [pattern]) for m in modules if m):
+            names = sorted({p.out_key.removesuffix(".weight").rpartition(".")[2] for p in placed.places.values() if p.quantize})
+            from ..errors import OptionError
+
+            raise OptionError(f"--skip-modules {pattern!r} matches no module of this {placed.architecture}: it would skip nothing",
+                              hint="a pattern matches a module's name from its start (model.layers.0.mlp) or its end (down_proj); "
+                                   f"the quantized layers here end in {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+
+
 def uses_conv1d(config: dict[str, Any] | None) -> bool:
     """Whether transformers builds this model with GPT-2 style Conv1D layers (weight stored [in, out];
     transformers + bitsandbytes quantizes its transpose). Read from the model's modeling source file,
@@ -191,7 +207,7 @@ def meta_placements(root, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     model, _ = meta_model(root, ldt)
     skips = sorted(default_skips(model) | set(model._keep_in_fp32_modules or ()) | set(user_skips))
     quantizable = quantizable_modules(model, skips)
-    result = Placements(type(model).__name__, skips, ldt)
+    result = Placements(type(model).__name__, skips, ldt, modules=[name for name, _ in model.named_modules() if name])
     result.linear_subclasses = sorted(
         {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear}
     )

@@ -32,7 +32,7 @@ from ..errors import FormatError, OptionError, QuantizationError
 from ..io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from ..format.constants import FLOAT_DTYPES
 from ..format.layout import dtype_name, stored_nbytes
-from .meta import TIED, Placement, Placements, cast_reason, is_skipped, load_dtype, meta_placements
+from .meta import TIED, Placement, Placements, cast_reason, check_user_skips, is_skipped, load_dtype, meta_placements
 from .options import QuantizeOptions
 from .sources import DequantizingReader, reading_view
 
@@ -217,7 +217,7 @@ def table_placements(layout: Layout, info: dict[str, tuple[torch.dtype, tuple[in
     skips = sorted(set(layout.skips) | set(user_skips))
     first_float = next((dt for dt, _ in info.values() if dt.is_floating_point), None)
     ldt = load_dtype(config, first_float)
-    result = Placements(layout.architecture, skips, ldt)
+    result = Placements(layout.architecture, skips, ldt, modules=list(layout.skips))
     for k, (dt, _) in info.items():
         if layout.tied.get(k) in info:
             result.dropped[k] = TIED.format(layout.tied[k])
@@ -256,6 +256,7 @@ def make_plan(ckpt: Checkpoint, options: QuantizeOptions | None = None, *, use_t
         placed = meta_placements(ckpt.config_dir(), info, ckpt.config(), user, quantize_experts=experts == "4bit")
     else:
         placed = table_placements(layout, info, ckpt.config() or {}, user)
+    check_user_skips(user, placed, info)
     items: list[Item] = []
     kept: dict[str, str] = {}
     for k, (dt, shape) in info.items():

@@ -117,7 +117,9 @@ def _open_base(root: Path) -> tuple[Checkpoint, dict[str, Any]]:
     cfg = ckpt.config() or {}
     qc = cfg.get("quantization_config") or {}
     if not is_4bit_config(qc):
-        raise FormatError(f"{root}: not a 4-bit checkpoint", hint="BASE must be the 4-bit checkpoint the adapter was trained on")
+        raise FormatError(f"{root}: not a 4-bit checkpoint",
+                          hint=f"BASE must be the 4-bit checkpoint the adapter was trained on; for an adapter trained on this 16-bit "
+                               f"model, run `qconvert quantize {root} DIR` (the copy train made on the way in) and merge into DIR")
     return ckpt, cfg
 
 

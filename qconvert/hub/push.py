@@ -28,7 +28,8 @@ def folder_kind(folder: Path) -> str:
         return "adapter"
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)")
+        raise FormatError(f"{folder}: neither a model (config.json) nor an adapter (adapter_config.json)",
+                          hint="give the folder that quantize, train, merge or export-adapter wrote")
     from ..format.layout import is_4bit_config  # here: the adapter path of push needs no torch
 
     from ..model.checks import read_config
@@ -40,7 +41,7 @@ def folder_kind(folder: Path) -> str:
 def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FormatError(f"{folder}: no such folder")
+        raise FormatError(f"{folder}: no such folder", hint="give the folder that quantize, train, merge or export-adapter wrote")
     kind = folder_kind(folder)
     if kind == "adapter":
         from ..model.adapters import read_adapter_config, read_lora_weights
@@ -182,6 +183,9 @@ def _push_errors(repo_id: str) -> Iterator[None]:
     resume = "re-running the same command resumes the upload"
     try:
         yield
+    except E.OfflineModeIsEnabled:  # (a ConnectionError: re-running changes nothing)
+        raise HubError(f"{repo_id}: offline mode is on (HF_HUB_OFFLINE=1), and push needs the network",
+                       hint="unset HF_HUB_OFFLINE (or set it to 0), then re-run") from None
     except E.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status == 401:
@@ -199,7 +203,20 @@ def _push_errors(repo_id: str) -> Iterator[None]:
 
         if not is_network_error(e):
             raise
-        raise HubError(f"{repo_id}: network failure during the upload ({type(e).__name__})", hint=resume) from None
+        raise HubError(f"{repo_id}: network failure during the upload ({type(e).__name__})", hint=resume + _xet_advice()) from None
+
+
+def _xet_advice() -> str:
+    """huggingface_hub uploads through xet whenever hf_xet is installed, without asking the server, and a
+    server without xet storage (olah, a private or local Hub) fails every upload: re-running then resumes
+    nothing until HF_HUB_DISABLE_XET=1 (README, "Against a local or private Hub server")."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    if constants.ENDPOINT == "https://huggingface.co" or constants.HF_HUB_DISABLE_XET or importlib.util.find_spec("hf_xet") is None:
+        return ""
+    return f"; a server without xet storage at {constants.ENDPOINT} needs HF_HUB_DISABLE_XET=1 first"
 
 
 def push_folder(
@@ -226,7 +243,9 @@ def push_folder(
     plan = upload_plan(Path(folder), info["kind"], include)
     check_plan(plan, log or (lambda m: warnings.warn(m, stacklevel=3)))
     if not _is_repo_id(repo_id):
-        raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name")
+        from ..io.hub import REPO_ID_HINT
+
+        raise HubError(f"{repo_id!r} is not a repo id of the form namespace/name", hint=REPO_ID_HINT)
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token", hint="set HF_TOKEN, or run `hf auth login`")

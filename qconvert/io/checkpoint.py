@@ -153,6 +153,15 @@ def read_index(path: Path) -> dict[str, str]:
     return wm
 
 
+def refuse_adapter_as_model(root: Path) -> None:
+    """A LoRA adapter folder where a model belongs (``merge run qwen-nf4 OUT``, arguments swapped) is
+    named as such: "no model.safetensors" would not tell the user what they passed."""
+    if (Path(root) / "adapter_config.json").is_file():
+        raise SourceError(f"{root}: a LoRA adapter (adapter_config.json), not a model",
+                          hint="give the model the adapter was trained on here, and the adapter where the command takes one "
+                               "(--adapter; merge BASE ADAPTER OUT)")
+
+
 class Checkpoint:
     """Lazy view of a checkpoint folder or a single safetensors file."""
 
@@ -195,6 +204,7 @@ class Checkpoint:
             self.is_bin = True
             self._add_file("pytorch_model.bin")
         else:
+            refuse_adapter_as_model(self.root)
             raise SourceError(
                 f"{self.root}: no model.safetensors, sharded safetensors index, or pytorch_model.bin found",
                 hint="point at a folder in Hugging Face layout",

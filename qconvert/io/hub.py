@@ -25,6 +25,15 @@ from .checkpoint import (
 )
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REPO_ID_HINT = "e.g. you/qwen-nf4: your user or organization name, a slash, the repo name"
+
+
+def check_push_target(repo_id: str, flag: str = "--push-to-hub") -> None:
+    """A repo to push to, checked when the command starts: push would refuse it only after the whole run."""
+    if not REPO_ID.match(repo_id):
+        from ..errors import OptionError
+
+        raise OptionError(f"{flag} {repo_id!r} is not a repo id of the form namespace/name", hint=REPO_ID_HINT)
 
 
 @contextmanager
@@ -42,19 +51,18 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         ) from None
     except E.RevisionNotFoundError:
         raise SourceError(f"{repo_id}: revision {revision!r} not found", hint="check the branch, tag or commit sha") from None
+    except (E.OfflineModeIsEnabled, E.LocalEntryNotFoundError):  # (the latter is an EntryNotFoundError: caught first)
+        if _offline():
+            raise SourceError(f"{repo_id}{rev}: not in the Hugging Face cache, and offline mode (HF_HUB_OFFLINE=1) forbids downloading it",
+                              hint="unset HF_HUB_OFFLINE (or set it to 0) to download it, or give a local folder") from None
+        raise SourceError(f"{repo_id}{rev}: not in the local cache and the Hub cannot be reached",
+                          hint="check the network or HF_ENDPOINT, or unset HF_HUB_OFFLINE") from None
     except E.EntryNotFoundError as e:
-        raise SourceError(f"{repo_id}{rev}: file not found in the repository ({e})") from None
+        raise SourceError(f"{repo_id}{rev}: file not found in the repository ({e})", hint="check the repo id and --revision") from None
     except E.RepositoryNotFoundError:
         raise SourceError(
             f"{repo_id}: repository not found (or private and your token has no access)",
             hint="check the repo id; for a private repo set HF_TOKEN",
-        ) from None
-    except E.OfflineModeIsEnabled:
-        raise SourceError(f"{repo_id}{rev}: offline mode is on (HF_HUB_OFFLINE) and the files are not cached", hint="unset HF_HUB_OFFLINE or download first") from None
-    except E.LocalEntryNotFoundError:
-        raise SourceError(
-            f"{repo_id}{rev}: not in the local cache and the Hub cannot be reached",
-            hint="check the network or HF_ENDPOINT, or unset HF_HUB_OFFLINE",
         ) from None
     except E.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)

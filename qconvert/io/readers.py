@@ -42,7 +42,7 @@ def read_limited(path: Path, limit: int, what: str, error: type[QConvertError], 
         with open(path, "rb") as f:
             raw = f.read(limit + 1)
     except OSError as e:
-        raise error(f"{shown or path}: cannot read it ({e.strerror or type(e).__name__})") from None
+        raise error(f"{shown or path}: cannot read it ({e.strerror or type(e).__name__})", hint="check the path and its permissions") from None
     if len(raw) > limit:  # grew while read
         raise error(f"{shown or path}: over the {limit}-byte limit for {what}")
     return raw

@@ -24,7 +24,7 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
 
     rid = str(path_or_repo_id)
     if not looks_like_repo_id(rid):
-        raise SourceError(f"{rid}: no such folder, and not a Hub repo id of the form org/name")
+        raise SourceError(f"{rid}: no such folder, and not a Hub repo id of the form org/name", hint="check the path, or give a Hub id as org/name")
     from .hub import fetch_snapshot
 
     return fetch_snapshot(rid, revision, None, repo_type="model"), rid  # names checked, a deadline
@@ -66,8 +66,8 @@ def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool
 
     if os.path.exists(source):
         if revision:
-            raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders")
+            raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders", hint="leave out --revision for a local folder")
         return Checkpoint(source, streaming=True)
     if looks_like_repo_id(source):
         return HubCheckpoint(source, revision, workdir, keep=keep)
-    raise SourceError(f"{source}: no such folder, and not a Hub repo id of the form org/name", hint="check the path")
+    raise SourceError(f"{source}: no such folder, and not a Hub repo id of the form org/name", hint="check the path, or give a Hub id as org/name")

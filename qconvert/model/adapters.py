@@ -460,10 +460,13 @@ def has_conv1d_4bit(model) -> bool:
 
 
 @contextmanager
-def conv1d_notice_hidden(model):
-    """Attach adapters to ``model`` inside this: PEFT's fan_in_fan_out notice is hidden when the model's
-    4-bit layers stand in for Conv1D (the adapter says True for the 16-bit model; False is right here)."""
+def peft_notices_hidden(model):
+    """Attach adapters to ``model`` inside this: two warnings PEFT gives there that users cannot act on
+    are hidden. Its fan_in_fan_out notice when the model's 4-bit layers stand in for Conv1D (the adapter
+    says True for the 16-bit model; False is right here), and transformers' FutureWarning for the
+    deprecated ``is_gradient_checkpointing`` that PEFT reads."""
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         if has_conv1d_4bit(model):
             warnings.filterwarnings("ignore", message=_LINEAR_FAN_IN_FAN_OUT, category=UserWarning)
         yield

@@ -86,7 +86,7 @@ def score(model, examples: list, pad_id: int, *, batch_size: int = 8) -> dict[st
     device = next(model.parameters()).device
     total, count = loss_sums(model, examples, pad_id, batch_size, device)
     if count == 0:
-        raise DataError("no token to score: every example has fewer than 2 tokens")
+        raise DataError("no token to score: every example has fewer than 2 tokens", hint="give records with longer texts or completions")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "examples": len(examples)}
 
@@ -109,7 +109,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, options: EvalOpt
     if o.compare and not adapters:
         raise OptionError("--compare needs at least one --adapter", hint="eval MODEL --adapter DIR --compare")
     if not Path(data).exists() and not looks_like_repo_id(str(data)):  # refused before the model is loaded
-        raise DataError(f"{data}: no such file")
+        raise DataError(f"{data}: no such file", hint="give a .jsonl/.json/.parquet/.csv/.arrow/.txt file or a Hub dataset id org/name")
     folders = [resolve_adapter_path(a)[0] for a in adapters]  # folders or Hub ids, fetched before the model loads
     say = log or (lambda m: None)
     formats = prompt_formats(folders, o.fmt, say)

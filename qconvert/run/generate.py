@@ -20,19 +20,19 @@ def check_settings(*, max_new_tokens: int, temperature: float, top_p: float | No
                    repetition_penalty: float | None, chat: bool, system: str | None) -> None:
     """Refuse option values that cannot be used, naming the option."""
     if max_new_tokens < 1:
-        raise OptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise OptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}", hint="e.g. --max-new-tokens 32 (the default)")
     if not math.isfinite(temperature) or temperature < 0:
-        raise OptionError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+        raise OptionError(f"--temperature must be 0 (greedy) or positive, got {temperature}", hint="leave it out for greedy, or e.g. --temperature 0.7 to sample")
     if top_p is not None and not 0 < top_p <= 1:
-        raise OptionError(f"--top-p must be in (0, 1], got {top_p}")
+        raise OptionError(f"--top-p must be in (0, 1], got {top_p}", hint="e.g. --top-p 0.9")
     if top_k is not None and top_k < 1:
-        raise OptionError(f"--top-k must be at least 1, got {top_k}")
+        raise OptionError(f"--top-k must be at least 1, got {top_k}", hint="e.g. --top-k 50")
     if repetition_penalty is not None and not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise OptionError(f"--repetition-penalty must be positive, got {repetition_penalty}")
+        raise OptionError(f"--repetition-penalty must be positive, got {repetition_penalty}", hint="1 changes nothing; e.g. --repetition-penalty 1.1")
     if temperature == 0 and (top_p is not None or top_k is not None):
         raise OptionError("--top-p and --top-k apply only when sampling", hint="add --temperature T with T > 0")
     if system is not None and not chat:
-        raise OptionError("--system needs --chat")
+        raise OptionError("--system needs --chat", hint="add --chat (the prompt becomes a user turn), or put the text in --prompt")
 
 
 #: generate's --format: the prompt as given, an alpaca instruction rendered as train renders it, a chat user turn

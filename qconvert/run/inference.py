@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,9 @@ def read_model_config(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise SourceError(f"{root}: not a model folder", hint="pass a folder with config.json, weights and tokenizer, or a Hub id")
     if not (root / "config.json").is_file():
+        from ..io.checkpoint import refuse_adapter_as_model
+
+        refuse_adapter_as_model(root)
         raise SourceError(f"{root}: no config.json", hint="pass a model folder (config.json, weights, tokenizer)")
     from ..model.checks import read_config
 
@@ -180,7 +182,7 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
     against the model, attach it with PEFT and make it the active one."""
     from peft import PeftModel
 
-    from ..model.adapters import conv1d_notice_hidden, module_targets_kept
+    from ..model.adapters import peft_notices_hidden, module_targets_kept
     from ..io.source import resolve_adapter_path
     from ..nn.experts4bit_lora import peft_sees_4bit_experts
 
@@ -188,9 +190,7 @@ def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None 
     check_adapter(folder, lm.model, lm.name)
     name = name or f"adapter{len(lm.adapters)}"
     try:
-        with warnings.catch_warnings(), conv1d_notice_hidden(lm.model), module_targets_kept(), peft_sees_4bit_experts(lm.model):
-            # PEFT reads transformers' deprecated is_gradient_checkpointing: a FutureWarning users cannot act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with peft_notices_hidden(lm.model), module_targets_kept(), peft_sees_4bit_experts(lm.model):
             if isinstance(lm.model, PeftModel):
                 lm.model.load_adapter(str(folder), adapter_name=name)
             else:

@@ -119,11 +119,14 @@ def find_resume(out: Path, resume) -> Path | None:
     if resume is True or resume == "latest":
         ckpts = run_checkpoints(out)  # never another tool's checkpoint-N
         if not ckpts:
-            raise DataError(f"{out}: no checkpoint-N folder to resume from", hint="run without --resume to start")
+            finished = (out / "adapter_config.json").is_file()  # a run that ended before its first checkpoint
+            raise DataError(f"{out}: no checkpoint-N folder to resume from" + (" (the run there ended without one)" if finished else ""),
+                            hint="--overwrite starts that run again (--save-steps N saves checkpoints), or use another --output"
+                            if finished else "run without --resume to start")
         return ckpts[-1]
     p = Path(resume)
     if not (p / STATE).is_file():
-        raise DataError(f"{p}: not a training checkpoint (no {STATE})")
+        raise DataError(f"{p}: not a training checkpoint (no {STATE})", hint="give --resume OUTPUT/checkpoint-N, or --resume alone for the latest")
     return p
 
 

@@ -156,7 +156,7 @@ def read_config(path: str | Path, name: str | None = None, log=None) -> dict[str
     path, name = _split_name(path, name)
     p = Path(path)
     if not p.is_file():
-        raise OptionError(f"--config {p}: no such file")
+        raise OptionError(f"--config {p}: no such file", hint="check the path of the YAML or JSON file")
     reader = read_json if p.suffix.lower() == ".json" else read_yaml
     raw = reader(p, "a run config", OptionError, limit=MAX_RUN_CONFIG_BYTES, shown=f"--config {p}")
     if raw is None:

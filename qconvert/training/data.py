@@ -96,11 +96,14 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     formats: Counter = field(default_factory=Counter)
+    first_hint: str | None = None  # how to fix the first dropped record, for the error when none is left
 
-    def drop(self, reason: str, message: str) -> None:
+    def drop(self, reason: str, message: str, hint: str | None = None) -> None:
         self.dropped[reason] += 1
         if len(self.problems) < 3:
             self.problems.append(message)
+        if self.n_dropped == 1:
+            self.first_hint = hint
 
     @property
     def n_dropped(self) -> int:
@@ -117,7 +120,7 @@ def _bad(strict: bool, report: DataReport | None, reason: str, message: str, hin
     """A bad record: raise when strict, else count it and go on."""
     if strict or report is None:
         raise DataError(message, hint=hint)
-    report.drop(reason, message)
+    report.drop(reason, message, hint)
 
 
 def load_records(path: str | Path, *, split: str | None = None, config: str | None = None, revision: str | None = None,
@@ -149,6 +152,7 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
         records = _json_records(p, strict, report)
     elif p.suffix.lower() in DATASETS_BUILDERS:
         check_columns(p, str(p))
+        _refuse_no_rows(p)
         records = _datasets_records(DATASETS_BUILDERS[p.suffix.lower()], str(p), data_files=str(p))
     else:
         raise DataError(f"{p}: unknown data file type {p.suffix or '(no suffix)'!r}",
@@ -156,7 +160,7 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
     if report is not None:  # every row read, the ones left out here included
         report.records += len(records) + report.n_dropped - dropped_before
     if not records and not (report and report.n_dropped):
-        raise DataError(f"{p}: holds no records")
+        raise DataError(f"{p}: holds no records", hint=RECORDS_HINT.get(p.suffix.lower(), RECORDS_HINT[".jsonl"]))
     return records
 
 
@@ -192,7 +196,7 @@ def _given_records(data, split: str | None, strict: bool, report: DataReport | N
     if report is not None:
         report.records += len(pairs)
     if not records and not (report and report.n_dropped):
-        raise DataError(f"{shown}: holds no records")
+        raise DataError(f"{shown}: holds no records", hint="pass at least one record")
     return records
 
 
@@ -208,9 +212,9 @@ def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tupl
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})", hint="a .json file holds one array of records; or write one per line (.jsonl)") from None
         if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON array of records, got {type(data).__name__}")
+            raise DataError(f"{p}: expected a JSON array of records, got {type(data).__name__}", hint='e.g. [{"text": "..."}, {"text": "..."}]')
         pairs, where = [(i + 1, r) for i, r in enumerate(data)], "record"
     else:
         pairs, where = [], "line"
@@ -325,6 +329,25 @@ def _inside(path: str, root: str) -> bool:
     import os
 
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+#: how records are laid out, by file type: the hint when a file holds none
+RECORDS_HINT = {".jsonl": "add records: one JSON object per line", ".json": 'add records: [{"text": "..."}, ...]',
+                ".csv": "add records: a header line (e.g. text, or prompt,completion), then one record per line",
+                ".tsv": "add records: a header line (e.g. text, or prompt<TAB>completion), then one record per line",
+                ".txt": "add records: one text per line"}
+
+
+def _refuse_no_rows(path: Path) -> None:
+    """An empty file, or a CSV/TSV with a header line only: one line saying so, where ``datasets``
+    fails with a message about splits or dataset generation."""
+    with open(path, "rb") as f:
+        head = f.read(MAX_HEADER_BYTES)
+    suffix = path.suffix.lower()
+    lines = [ln for ln in head.splitlines() if ln.strip()]
+    if not lines or (suffix in (".csv", ".tsv") and len(lines) == 1 and len(head) < MAX_HEADER_BYTES):
+        what = "holds no records (only a header line)" if lines else "holds no records (the file is empty or blank)"
+        raise DataError(f"{path}: {what}", hint=RECORDS_HINT.get(suffix, "add records"))
 
 
 def check_columns(path: Path, shown: str) -> None:

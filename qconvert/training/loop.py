@@ -589,7 +589,7 @@ def _none_left(examples: list, report: DataReport, flag: str) -> None:
     if examples:
         return
     why = f" (all {report.n_dropped} dropped; first: {report.first_problem(90)})" if report.problems else ""
-    raise DataError(f"{flag} {report.source}: no usable example{why}", hint="check the records' shape")
+    raise DataError(f"{flag} {report.source}: no usable example{why}", hint=report.first_hint or "check the records' shape")
 
 
 def make_plan(examples, eval_examples, o: TrainConfig, world: int) -> Plan:

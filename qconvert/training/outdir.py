@@ -143,7 +143,8 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
         raise OutputExistsError(f"{out}: exists and is not a folder", hint="give --output a folder path")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     listed = read_manifest(out) if present else None
-    if present and not resume:
+    # a run refused before it wrote anything (a mistyped --data) leaves only its manifest: the re-run may use OUT
+    if _written(present) and not resume:
         _check_replaceable(out, present, listed, overwrite)
     if not clear or (resume and not present):  # (nothing to resume: find_resume says so)
         return
@@ -154,6 +155,11 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
     if resume and listed is None and present:  # a run from before manifests: adopt its files
         listed = [n for n in present if n in RUN_FILES or (_CHECKPOINT.fullmatch(n) and (out / n / STATE).is_file())]
     write_manifest(out, listed if resume and listed else [])
+
+
+def _written(present: list[str]) -> list[str]:
+    """What a run left in OUT besides its manifest and qconvert's own temporary leftovers."""
+    return [n for n in present if n != MANIFEST and not _is_leftover(n)]
 
 
 def _check_replaceable(out: Path, present: list[str], listed: list[str] | None, overwrite: bool) -> None:

@@ -134,7 +134,7 @@ class TrainConfig:
     epochs: float = _opt(1.0, "--epochs", "--num-train-epochs", key="num_train_epochs", aliases=("num_epochs", "epochs"), range=_above(0))
     max_steps: int | None = _opt(None, "--max-steps", kind="int", range=_at_least(1), help="Overrides --epochs.")
     gradient_checkpointing: bool = _opt(True, "--no-gradient-checkpointing",
-                                        help="Recompute activations in the backward pass (less memory, slower); the flag turns it off.")
+                                        help="Turn off gradient checkpointing (on by default: activations recomputed in the backward pass, less memory, slower).")
     seed: int = _opt(42, "--seed")
     save_steps: int | None = _opt(None, "--save-steps", kind="int", range=_at_least(0),
                                   help="Checkpoint every N steps into OUTPUT/checkpoint-N; 0: only on Ctrl-C/SIGTERM "
@@ -144,8 +144,8 @@ class TrainConfig:
                               help="Metrics row (and, off a terminal, a log line) every N steps.")
     eval_steps: int | None = _opt(None, "--eval-steps", kind="int", range=_at_least(0),
                                   help="Evaluate every N steps (0: only at the end) [default: at each checkpoint and at the end].")
-    resume: str | None = _opt(None, "--resume", key="resume_from_checkpoint", aliases=("resume",), kind="resume",
-                              help="Resume from the latest checkpoint, or from PATH.")
+    resume: str | None = _opt(None, "--resume", key="resume_from_checkpoint", aliases=("resume",), kind="resume", metavar="[PATH]",
+                              help="Resume from the latest checkpoint of --output (--resume alone), or from PATH.")
     fsdp: bool = _opt(False, "--fsdp",
                       help="Shard the 4-bit base, adapter, gradients and optimizer state across the torchrun processes (FSDP2).")
     fsdp_offload: bool = _opt(False, "--fsdp-offload", aliases=("fsdp_offload_params", "offload_params"),

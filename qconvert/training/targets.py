@@ -177,7 +177,9 @@ def check_given(model, targets: list[str]) -> None:
         if not matched:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
             shown = ", ".join(leaves[:20]) + (" ..." if len(leaves) > 20 else "")
-            raise OptionError(f"--target-modules {t!r}: no linear layer of this model has that name", hint=f"available: {shown}")
+            heads = [n for n, m in model.named_modules() if head is not None and m is head and (n == t or n.endswith("." + t))]
+            what = "is the output head, which train does not adapt" if heads else "no linear layer of this model has that name"
+            raise OptionError(f"--target-modules {t!r}: {what}", hint=f"available: {shown}")
         odd = next((n for n in matched if not wrappable(model.get_submodule(n))), None)
         if odd is not None:
             raise OptionError(f"--target-modules {t!r}: {odd} is a {type(model.get_submodule(odd)).__name__}, a Linear with a forward "
