@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+from qconvert.errors import OptionError
 from qconvert.format.constants import FLOAT_DTYPES
 from qconvert.names import BLOCKSIZES, QUANT_TYPES
 from qconvert.ops.args import weight_args
@@ -380,6 +381,31 @@ def test_cpu_ops_take_the_compiled_kernel(monkeypatch):
     w = dequantize_4bit_ref(qt, torch.float32)
     assert same(y.detach(), torch.nn.functional.linear(x.detach(), w))
     assert same(x.grad, torch.ones(9, 20) @ w)
+
+
+@pytest.mark.parametrize("value", ["tourch", "off", "1", "native"])
+def test_env_switch_refuses_values_it_does_not_take(monkeypatch, value):
+    """A mistyped QCONVERT_CPU_KERNEL is one error naming the variable, not read as "use the
+    kernels" (a user meaning ``torch`` would have run, and measured, the compiled ones)."""
+    monkeypatch.setenv(build.ENV, value)
+    with pytest.raises(OptionError, match=f"QCONVERT_CPU_KERNEL={value!r}") as e:
+        build.library()
+    assert "torch" in e.value.hint
+    for ok, off in (("torch", True), (" Torch ", True), ("auto", False), ("", False)):
+        monkeypatch.setenv(build.ENV, ok)
+        assert build.disabled() is off
+
+
+@pytest.mark.parametrize("value, on", [("", True), ("1", True), ("yes", True), ("0", False), ("off", False), (" False ", False),
+                                       ("2", None), ("of", None)])
+def test_huge_pages_switch_values(monkeypatch, value, on):
+    """QCONVERT_HUGEPAGES takes 0/off/false/no and 1/on/true/yes (or unset); anything else is one error."""
+    monkeypatch.setenv(calls.HUGE_ENV, value)
+    if on is None:
+        with pytest.raises(OptionError, match="QCONVERT_HUGEPAGES"):
+            calls.huge_pages_on()
+    else:
+        assert calls.huge_pages_on() is on
 
 
 def test_env_switch_forces_the_torch_path(monkeypatch):

@@ -61,8 +61,18 @@ _STATE: dict[str, object] = {}
 
 
 def disabled() -> bool:
-    """Whether ``QCONVERT_CPU_KERNEL=torch`` asks for the torch path."""
-    return os.environ.get(ENV, "").strip().lower() == "torch"
+    """Whether ``QCONVERT_CPU_KERNEL=torch`` asks for the torch path (unset, empty or ``auto``: the
+    compiled kernels where they build). Any other value is refused (OptionError), not read as
+    ``auto``: a mistyped ``torch`` would otherwise run, and measure, the kernels it meant to avoid."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return False
+    if value == "torch":
+        return True
+    from ...errors import OptionError
+
+    raise OptionError(f"{ENV}={os.environ[ENV]!r}: not a value it takes",
+                      hint=f"set {ENV}=torch for the torch path, or auto (or unset it) for the compiled kernels")
 
 
 def cache_dir() -> Path:

@@ -169,9 +169,24 @@ def fresh(lib, n: int, dtype: torch.dtype) -> torch.Tensor:
     a common default) a machine short of free memory can stall the first write; ``QCONVERT_HUGEPAGES=0``
     turns it off."""
     out = torch.empty(n, dtype=dtype)
-    if n * out.element_size() >= HUGE_BYTES and os.environ.get(HUGE_ENV, "").strip() != "0":
+    if n * out.element_size() >= HUGE_BYTES and huge_pages_on():
         lib.qc_hugepages(out.data_ptr(), n * out.element_size())
     return out
+
+
+def huge_pages_on() -> bool:
+    """:data:`HUGE_ENV`: unset, empty, ``1``, ``on``, ``true`` or ``yes`` leave huge pages on; ``0``,
+    ``off``, ``false`` or ``no`` turn them off; anything else is refused (OptionError) rather than
+    guessed at."""
+    value = os.environ.get(HUGE_ENV, "").strip().lower()
+    if value in ("", "1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    from ...errors import OptionError
+
+    raise OptionError(f"{HUGE_ENV}={os.environ[HUGE_ENV]!r}: not a value it takes",
+                      hint=f"set {HUGE_ENV}=0 to keep outputs on the system's default pages, or unset it")
 
 
 def runs_of_32(in_features: int, blocksize: int, lib=...) -> bool:
