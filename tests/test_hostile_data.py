@@ -239,3 +239,22 @@ def test_chat_template_that_loops_or_floods_is_stopped(tmp_path, body, needle):
             "except Exception as e:\n    print(type(e).__name__, e)")
     r, seconds = run_limited(code, tmp_path / "tok", body, mem_mb=1536, timeout_s=40)
     assert r.stdout.startswith("TemplateOverrun") and needle in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("raw", ["abc", "nan", "inf", "0", "-5"])
+def test_deadline_settings_refuse_values_that_are_no_deadline(monkeypatch, raw):
+    """QCONVERT_TEMPLATE_SECONDS and QCONVERT_DOWNLOAD_SECONDS: a positive number of seconds, else one
+    error naming the variable (nan and inf were taken as no deadline at all, 0 or less as one already past)."""
+    from qconvert.errors import DataError, SourceError
+    from qconvert.io.hub import download_seconds
+    from qconvert.training.templates import template_seconds
+
+    monkeypatch.setenv("QCONVERT_TEMPLATE_SECONDS", raw)
+    monkeypatch.setenv("QCONVERT_DOWNLOAD_SECONDS", raw)
+    with pytest.raises(DataError, match="QCONVERT_TEMPLATE_SECONDS"):
+        template_seconds()
+    with pytest.raises(SourceError, match="QCONVERT_DOWNLOAD_SECONDS"):
+        download_seconds()
+    monkeypatch.setenv("QCONVERT_TEMPLATE_SECONDS", "2.5")
+    monkeypatch.setenv("QCONVERT_DOWNLOAD_SECONDS", "")
+    assert template_seconds() == 2.5 and download_seconds() > 0

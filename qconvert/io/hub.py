@@ -10,6 +10,7 @@ deleted once consumed, unless the caller keeps them. Every huggingface_hub failu
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -297,9 +298,12 @@ def check_repo_path(name, repo_id: str) -> str:
 def download_seconds() -> float:
     raw = os.environ.get("QCONVERT_DOWNLOAD_SECONDS")
     try:
-        return float(raw) if raw else DOWNLOAD_SECONDS
+        value = float(raw) if raw else DOWNLOAD_SECONDS
     except ValueError:
-        raise SourceError(f"QCONVERT_DOWNLOAD_SECONDS={raw!r} is not a number of seconds") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):  # (nan, inf, 0 or less: no deadline, or one already past)
+        raise SourceError(f"QCONVERT_DOWNLOAD_SECONDS={raw!r} is not a number of seconds", hint=f"a positive number, or unset it for {DOWNLOAD_SECONDS:g}") from None
+    return value
 
 
 def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str] | None, repo_type: str = "dataset") -> Path:
