@@ -370,3 +370,21 @@ def check_model_folder(root: Path) -> None:
         check_structure(root, ckpt, cfg, strict=True)
     finally:
         ckpt.close()
+
+
+def check_token_ids(sequences, embeddings, tok, source: str) -> None:
+    """Every token id in ``sequences`` (lists of ids a tokenizer gave) has a row in ``embeddings``
+    (the model's ``get_input_embeddings()``, or a row count: a GGUF's vocabulary). A tokenizer with tokens added after the model was
+    saved, or another model's tokenizer, gives ids past them, and the lookup then fails deep inside
+    the forward (an IndexError, or a CUDA assert) instead of naming the tokenizer. One rule for
+    train, eval, generate, compare and merge's check."""
+    from ..errors import DataError
+
+    rows = embeddings if isinstance(embeddings, int) else getattr(embeddings, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    top = max((max(s) for s in sequences if len(s)), default=-1)
+    if top >= rows:
+        shown = f" ({tok.convert_ids_to_tokens(top)!r})" if tok is not None else ""
+        raise DataError(f"{source}: the tokenizer gives token id {top}{shown}, past the model's {rows} input embeddings",
+                        hint="use the tokenizer saved with the model; tokens added later need resized embeddings")

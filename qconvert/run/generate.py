@@ -98,6 +98,7 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
     """Generate a continuation of ``prompt``; returns the completion, the full text and the token ids."""
     import torch
 
+    from ..model.checks import check_token_ids
     from .inference import forward_inputs
 
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -109,6 +110,7 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
     n_prompt = inputs["input_ids"].shape[1]
     if n_prompt == 0:
         raise DataError("the prompt is empty after tokenization", hint="give a non-empty --prompt")
+    check_token_ids(inputs["input_ids"].tolist(), model.get_input_embeddings(), tok, "the prompt")
     cfg = generation_config(model, tok, **settings)
     if seed is not None:
         torch.manual_seed(seed)

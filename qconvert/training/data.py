@@ -539,16 +539,10 @@ def _bounded(rec: dict, f: str, max_length: int, truncation: str) -> tuple[dict 
 
 
 def check_token_ids(examples: list[Example], embeddings, tok, source: str) -> None:
-    """Every token id has a row in the model's input embeddings (a tokenizer with tokens added after
-    the model was saved gives ids past them, and the embedding lookup fails mid-run)."""
-    rows = getattr(embeddings, "num_embeddings", None)
-    if not isinstance(rows, int):
-        return
-    top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
-    if top >= rows:
-        raise DataError(f"{source}: the tokenizer gives token id {top} ({tok.convert_ids_to_tokens(top)!r}), "
-                        f"past the model's {rows} input embeddings",
-                        hint="use the tokenizer saved with the model; tokens added later need resized embeddings")
+    """Every token id has a row in the model's input embeddings (:func:`qconvert.model.checks.check_token_ids`)."""
+    from ..model.checks import check_token_ids as check
+
+    check([e.input_ids for e in examples], embeddings, tok, source)
 
 
 def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, source: str = "data",
