@@ -58,6 +58,11 @@ class _Torch:
         """The input embeddings (their row count: the ids the model can take)."""
         return self.model.get_input_embeddings()
 
+    def positions(self) -> int | None:
+        from ..model.checks import position_limit
+
+        return position_limit(self.model)
+
     def logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():
             return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
@@ -108,6 +113,9 @@ class _GGUF:
 
     def vocab_rows(self) -> int:
         return int(self.ll.n_vocab())
+
+    def positions(self) -> int:
+        return int(self.ll.n_ctx())
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.ll.reset()
@@ -242,10 +250,13 @@ def _outputs(model, probes, new_tokens: int, tok, names: str) -> list[tuple[np.n
     then the side is released."""
     import gc
 
-    from ..model.checks import check_token_ids
+    from ..model.checks import check_positions, check_token_ids
 
     try:
         check_token_ids([ids for _, ids in probes], model.vocab_rows(), tok, names)
+        longest = max(len(ids) for _, ids in probes)
+        check_positions(longest + new_tokens, model.positions(), f"the longest probe ({longest} tokens) with {new_tokens} new tokens",
+                        hint="shorten the prompts or ask for fewer new tokens (--new-tokens): together at most {limit}")
         return [(model.logits(ids), model.greedy(ids, new_tokens)) for _, ids in probes]
     finally:
         model.release()

@@ -98,7 +98,7 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
     """Generate a continuation of ``prompt``; returns the completion, the full text and the token ids."""
     import torch
 
-    from ..model.checks import check_token_ids
+    from ..model.checks import check_positions, check_token_ids, position_limit
     from .inference import forward_inputs
 
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -111,6 +111,8 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
     if n_prompt == 0:
         raise DataError("the prompt is empty after tokenization", hint="give a non-empty --prompt")
     check_token_ids(inputs["input_ids"].tolist(), model.get_input_embeddings(), tok, "the prompt")
+    check_positions(n_prompt + max_new_tokens, position_limit(model), f"the prompt ({n_prompt} tokens) with --max-new-tokens {max_new_tokens}",
+                    hint="shorten the prompt or lower --max-new-tokens: together at most {limit}")
     cfg = generation_config(model, tok, **settings)
     if seed is not None:
         torch.manual_seed(seed)
