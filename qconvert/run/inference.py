@@ -132,7 +132,9 @@ def _load_plain(root: Path, cls, config, dtype: str):
     from transformers.utils import logging as hf_logging
 
     from ..format.layout import LOGICAL_DTYPES
+    from ..io.checkpoint import refuse_linked_weights
 
+    refuse_linked_weights(root)
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
     try:
