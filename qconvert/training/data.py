@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, OptionError
+from ..io.readers import parse_json
 from .templates import TemplateRefused, render
 
 FORMATS = ("auto", "text", "alpaca", "prompt", "chat", "sharegpt")
@@ -142,6 +143,8 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
             raise DataError(f"{p}: no such file", hint="give a .jsonl/.json/.parquet/.csv/.arrow/.txt file or a Hub dataset id org/name")
     elif p.is_dir():
         records = _split_records(str(p), str(p), split, config, evaluation, report)
+    elif not p.is_file():  # opening a FIFO blocks until someone writes to it; a device never ends
+        raise DataError(f"{p}: not a regular file or folder (a FIFO or device)", hint="give a data file or folder")
     elif split not in (None, "train"):
         raise DataError(f"{p}: {flag} {split!r} applies to Hub datasets and folders, not to one file",
                         hint=f"leave out {flag}: the whole file is read")
@@ -205,10 +208,7 @@ def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tupl
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", hint="re-save the file as UTF-8") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+        data = parse_json(text, str(p), DataError)  # names unique, nesting bounded (io.readers)
         if not isinstance(data, list):
             raise DataError(f"{p}: expected a JSON array of records, got {type(data).__name__}")
         pairs, where = [(i + 1, r) for i, r in enumerate(data)], "record"
@@ -218,11 +218,11 @@ def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tupl
             if not line.strip():
                 continue
             try:
-                pairs.append((i, json.loads(line.decode("utf-8-sig" if i == 1 else "utf-8"))))
+                pairs.append((i, parse_json(line.decode("utf-8-sig" if i == 1 else "utf-8"), f"{p}:{i}", DataError, lineno=False)))
             except UnicodeDecodeError as e:
                 _bad(strict, report, "not UTF-8", f"{p}:{i}: not UTF-8 text (byte 0x{line[e.start]:02x})", hint="re-save the file as UTF-8")
-            except json.JSONDecodeError as e:
-                _bad(strict, report, "not valid JSON", f"{p}:{i}: not valid JSON ({e.msg})", hint="each line must be one JSON object")
+            except DataError as e:  # not JSON, nested too deep, or a name given twice
+                _bad(strict, report, "not valid JSON", str(e), hint=e.hint or "each line must be one JSON object")
     return _objects(pairs, strict, report, lambda n, r: f"{p}: {where} {n}: expected a JSON object, got {type(r).__name__}")
 
 
