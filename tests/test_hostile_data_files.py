@@ -106,3 +106,32 @@ def test_a_fifo_given_as_a_prompts_or_config_file_is_refused_without_opening_it(
             read_yaml(fifo, "a run config", OptionError, limit=1000)
     finally:
         t.cancel()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[" * 60_000, "nested too deep"),
+    ('{"format": "text", "formats": {"text": 1}, "format": "chat"}', "twice"),
+])
+def test_an_adapters_prompt_format_record_is_read_within_bounds(tmp_path, text, match):
+    """qconvert_prompt_format.json (generate and eval --adapter read it; export-adapter copies it)."""
+    from qconvert.training.data import PROMPT_FORMAT_FILE, read_prompt_format
+
+    (tmp_path / PROMPT_FORMAT_FILE).write_text(text)
+    with pytest.raises(DataError, match=match):
+        read_prompt_format(tmp_path)
+
+
+def test_an_adapters_prompt_format_record_that_links_out_is_refused(tmp_path):
+    from qconvert.errors import SourceError
+    from qconvert.training.data import PROMPT_FORMAT_FILE, read_prompt_format
+
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"format": "text", "formats": {"text": 3}}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / PROMPT_FORMAT_FILE).symlink_to(outside)
+    with pytest.raises(SourceError, match="outside the adapter folder"):
+        read_prompt_format(adapter)
+    (adapter / PROMPT_FORMAT_FILE).unlink()
+    (adapter / PROMPT_FORMAT_FILE).write_text(outside.read_text())
+    assert read_prompt_format(adapter)["format"] == "text"

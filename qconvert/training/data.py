@@ -45,7 +45,6 @@ otherwise each is left out and counted, and the run goes on with the others.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -54,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, OptionError
-from ..io.readers import parse_json
+from ..io.readers import parse_json, read_json
 from .templates import TemplateRefused, render
 
 FORMATS = ("auto", "text", "alpaca", "prompt", "chat", "sharegpt")
@@ -393,19 +392,20 @@ def prompt_format(formats: dict[str, int]) -> dict[str, Any]:
 def read_prompt_format(folder) -> dict | None:
     """An adapter folder's PROMPT_FORMAT_FILE (None when it has none: an adapter from elsewhere);
     a file that is not one such record is refused (DataError)."""
+    from ..io.links import refuse_outside
+
     p = Path(folder) / PROMPT_FORMAT_FILE
     if not p.is_file():
         return None
+    refuse_outside(p, Path(folder), "adapter")  # export-adapter copies it
+    fmt = read_json(p, "a prompt format record", DataError, limit=1 << 16)  # bounded size and nesting, names unique
     try:
-        if p.stat().st_size > 1 << 16:
-            raise ValueError("over 64 KiB")
-        fmt = json.loads(p.read_text(encoding="utf-8"))
         counts = fmt.get("formats") if isinstance(fmt, dict) else None
         if not isinstance(counts, dict) or not all(k in FORMATS and type(v) is int for k, v in counts.items()):
             raise ValueError("no 'formats' of {format: count}")
         if fmt.get("format") != prompt_format(counts)["format"]:
             raise ValueError("its 'format' disagrees with its 'formats'")
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise DataError(f"{p}: not a prompt format record ({e})"[:190], hint="remove it, or give generate --format raw, alpaca or chat") from None
     return fmt
 
