@@ -164,6 +164,10 @@ def read_index(path: Path) -> dict[str, str]:
         raise FormatError(f"{path}: no 'weight_map' object", hint="the index must map tensor names to shard files")
     for k, v in wm.items():
         check_member_name(v, f"{path.name}: weight_map[{k!r}]")
+    meta = data.get("metadata")
+    if meta is not None and not isinstance(meta, dict):  # transformers indexes into it as an object
+        raise FormatError(f"{path}: 'metadata' must be a JSON object, not {type(meta).__name__}",
+                          hint="an index holds {\"metadata\": {\"total_size\": N}, \"weight_map\": {...}}; regenerate it")
     return wm
 
 
