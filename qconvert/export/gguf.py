@@ -94,6 +94,7 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
     out_type = out_type or "f16"
     src = _Source.open(model, adapter, say)
     plan = _plan(src, "f16" if out_type == "q4_k_m" else out_type)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the folder writers make theirs, once the model is accepted
     if out_type == "q4_k_m":
         _write_then_quantize(src, plan, out, say)
     else:
@@ -557,6 +558,7 @@ def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]
     if not alpha > 0:  # llama.cpp reads alpha 0 as "no scaling"
         raise OptionError(f"{adapter}: lora_alpha {alpha} cannot be written as a GGUF adapter", hint="export the merged model instead (drop --lora-only)")
     plan = _lora_plan(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_file(out, lambda f: _stream(src.arch, lambda gw, gguf: _lora_metadata(gw, gguf, src, alpha), plan,
                                       lambda name: _lora_tensor(src, alpha, name), f, say))
     return {"model": str(model), "adapter": adapter, "output": str(out), "type": "lora", "architecture": src.arch,
