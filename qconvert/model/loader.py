@@ -124,16 +124,14 @@ def load_model(
     model.config.name_or_path = repo_id or str(root)
     model.eval()
     if adapter is not None:
-        from peft import PeftModel
-
-        from .adapters import check_adapter_for_model, conv1d_notice_hidden, module_targets_kept
+        from .adapters import attach_peft, check_adapter_for_model, conv1d_notice_hidden, module_targets_kept
 
         check_adapter_for_model(adapter_dir, model)  # PEFT's own errors for a damaged adapter are tracebacks
 
         from ..nn.experts4bit_lora import peft_sees_4bit_experts
 
         with conv1d_notice_hidden(model), module_targets_kept(), peft_sees_4bit_experts(model):
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            model = attach_peft(model, adapter_dir)  # PEFT's refusals as FormatError; config and weights must agree
     return model
 
 

@@ -180,26 +180,18 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
 def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None = None) -> None:
     """Check the adapter (a folder, or a Hub id: :func:`qconvert.io.source.resolve_adapter_path`)
     against the model, attach it with PEFT and make it the active one."""
-    from peft import PeftModel
-
-    from ..model.adapters import conv1d_notice_hidden, module_targets_kept
+    from ..model.adapters import attach_peft, conv1d_notice_hidden, module_targets_kept
     from ..io.source import resolve_adapter_path
     from ..nn.experts4bit_lora import peft_sees_4bit_experts
 
     given, (folder, _) = folder, resolve_adapter_path(folder)
     check_adapter(folder, lm.model, lm.name)
     name = name or f"adapter{len(lm.adapters)}"
-    try:
-        with warnings.catch_warnings(), conv1d_notice_hidden(lm.model), module_targets_kept(), peft_sees_4bit_experts(lm.model):
-            # PEFT reads transformers' deprecated is_gradient_checkpointing: a FutureWarning users cannot act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            if isinstance(lm.model, PeftModel):
-                lm.model.load_adapter(str(folder), adapter_name=name)
-            else:
-                lm.model = PeftModel.from_pretrained(lm.model, str(folder), adapter_name=name)
-        lm.model.set_adapter(name)
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise FormatError(f"{folder}: PEFT cannot attach this adapter ({type(e).__name__})", hint="check adapter_config.json") from None
+    with warnings.catch_warnings(), conv1d_notice_hidden(lm.model), module_targets_kept(), peft_sees_4bit_experts(lm.model):
+        # PEFT reads transformers' deprecated is_gradient_checkpointing: a FutureWarning users cannot act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        lm.model = attach_peft(lm.model, folder, name)  # PEFT's refusals as FormatError; config and weights must agree
+    lm.model.set_adapter(name)
     lm.model.eval()
     lm.adapters.append(str(given))
 
