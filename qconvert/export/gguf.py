@@ -78,7 +78,7 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
                 lora_only: bool = False, overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write MODEL (plus ADAPTER merged as `qconvert merge` merges) to OUTPUT as GGUF of ``out_type``
     (default f16); with ``lora_only``, ADAPTER alone as a GGUF LoRA adapter for MODEL's GGUF."""
-    from ..io.staging import check_output
+    from ..io.staging import check_file_output
     from ..io.writes import write_file
 
     say = log or (lambda m: None)
@@ -88,7 +88,7 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
         raise OptionError("--lora-only writes the --adapter alone, in float32" + ("" if adapter else ": --adapter is missing"),
                           hint="give --adapter DIR and no --type (the base model's GGUF carries the type)")
     out = Path(output)
-    check_output(out, overwrite, inputs=[model, adapter])
+    check_file_output(out, overwrite, inputs=[model, adapter])
     if lora_only:
         return export_gguf_lora(model, adapter, out, say)
     out_type = out_type or "f16"

@@ -1,0 +1,58 @@
+"""Commands that write one file (export-gguf's OUTPUT, verify --plot FILE.png) keep the output rules
+of the folder writers (io.staging.check_file_output):
+
+- `verify CKPT --against SRC --plot CKPT/x.png` wrote the picture into its input folder (inputs are
+  never modified; the folder writers refuse an OUTPUT inside an input);
+- an existing folder at the file's name (`--plot figs.png/`, `export-gguf M out/`): the whole run
+  was done, then it failed naming a hidden temporary file ("Is a directory"); now it is refused
+  before the work, naming the folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostile_util import make_llama_files, tree_digest
+from test_hostile_runtime import refused
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from qconvert.convert.quantize import quantize_checkpoint
+
+    d = tmp_path_factory.mktemp("hostile-file-outputs")
+    src = make_llama_files(d / "src")
+    quantize_checkpoint(str(src), d / "q")
+    return {"src": src, "q": d / "q"}
+
+
+@pytest.mark.parametrize("inside", ["q", "src"])
+def test_verify_plot_inside_an_input_is_refused(env, capsys, inside):
+    before = {k: tree_digest(env[k]) for k in ("q", "src")}
+    refused(capsys, "verify", env["q"], "--against", env["src"], "--plot", env[inside] / "sqnr.png",
+            match=f"the output is inside the input {env[inside]}")
+    assert {k: tree_digest(env[k]) for k in ("q", "src")} == before
+
+
+def test_verify_plot_onto_a_folder_is_refused_before_the_work(env, capsys, tmp_path):
+    (tmp_path / "figs.png").mkdir()
+    (tmp_path / "figs.png" / "keep.txt").write_text("mine")
+    refused(capsys, "verify", env["q"], "--against", env["src"], "--plot", tmp_path / "figs.png", "--overwrite",
+            match="is a folder; this output is one file")
+    assert [p.name for p in (tmp_path / "figs.png").iterdir()] == ["keep.txt"]
+
+
+def test_export_gguf_onto_a_folder_is_refused_before_the_work(env, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    refused(capsys, "export-gguf", env["src"], out, match="is a folder; this output is one file")  # empty: check_output lets it by
+    (out / "keep.txt").write_text("mine")
+    refused(capsys, "export-gguf", env["src"], out, "--overwrite", match="is a folder; this output is one file")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_verify_plot_beside_the_inputs_is_written(env, capsys, tmp_path):
+    from runtime_helpers import cli
+
+    rc, out, err = cli(capsys, "verify", env["q"], "--against", env["src"], "--plot", tmp_path / "sqnr.png")
+    assert rc == 0, err
+    assert (tmp_path / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
