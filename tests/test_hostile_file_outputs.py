@@ -56,3 +56,13 @@ def test_verify_plot_beside_the_inputs_is_written(env, capsys, tmp_path):
     rc, out, err = cli(capsys, "verify", env["q"], "--against", env["src"], "--plot", tmp_path / "sqnr.png")
     assert rc == 0, err
     assert (tmp_path / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00", bytes(range(256)) * 4])
+def test_compare_with_a_damaged_gguf_is_one_line(env, capsys, tmp_path, content):
+    """compare A.gguf B: llama-cpp-python raises a bare ValueError for a file it cannot load (was
+    reported as a bug in qconvert)."""
+    pytest.importorskip("llama_cpp")
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(content)
+    refused(capsys, "compare", bad, env["src"], match="llama.cpp cannot load this GGUF file")

@@ -103,7 +103,11 @@ class _GGUF:
         if self._ll is None:
             import llama_cpp
 
-            self._ll = llama_cpp.Llama(model_path=self.path, logits_all=True, n_ctx=512, verbose=False)
+            try:
+                self._ll = llama_cpp.Llama(model_path=self.path, logits_all=True, n_ctx=512, verbose=False)
+            except ValueError:  # llama-cpp-python's one error for a file llama.cpp cannot load (damaged, truncated, not GGUF)
+                raise FormatError(f"{self.path}: llama.cpp cannot load this GGUF file",
+                                  hint="it is truncated, damaged or not a GGUF model; export it again") from None
         return self._ll
 
     def release(self) -> None:
