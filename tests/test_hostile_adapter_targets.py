@@ -96,3 +96,20 @@ def test_extra_targets_that_peft_starts_at_zero_change_nothing_and_load(env, tmp
         want = qconvert.load_model(env["q"], adapter=str(env["adapter"]))(input_ids=ids).logits
         got = qconvert.load_model(env["q"], adapter=str(a))(input_ids=ids).logits
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_lora_values_are_refused_as_merge_refuses_them(env, tmp_path, capsys, value):
+    """load_model and generate attached them and every logit came out NaN."""
+    from safetensors.torch import load_file, save_file
+
+    import qconvert
+
+    a = shutil.copytree(env["adapter"], tmp_path / "a")
+    sd = load_file(str(a / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    sd[key][3, 1] = value
+    save_file(sd, str(a / "adapter_model.safetensors"))
+    with pytest.raises(FormatError, match="model.layers.0.self_attn.v_proj.lora_B.weight holds NaN or Inf values"):
+        qconvert.load_model(env["q"], adapter=str(a))
+    refused(capsys, "generate", env["q"], "--adapter", a, "--prompt", "w1", "--max-new-tokens", 1, match="holds NaN or Inf values")

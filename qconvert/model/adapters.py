@@ -544,8 +544,8 @@ def attach_peft(model, folder: Path, name: str = "default"):
     random with ``init_lora_weights: false``, behind one UserWarning at most. So every LoRA tensor
     of the file must be one PEFT holds for the adapter (as it would save them), and every tensor
     PEFT holds must come from the file, unless PEFT's initialisation left that module's update
-    zero (lora_B zero, its default: adding it changes nothing). PEFT's own refusals come out as
-    FormatError, not PEFT's exception types."""
+    zero (lora_B zero, its default: adding it changes nothing); and every value must be finite. PEFT's
+    own refusals come out as FormatError, not PEFT's exception types."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
@@ -563,9 +563,13 @@ def attach_peft(model, folder: Path, name: str = "default"):
     lora = {k for k in stored if _factor(k)}
     added = sorted(k.removeprefix("base_model.model.") for k in held if k not in stored and not _idle(k, held))
     left_out = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in lora if k not in held})
-    if added or left_out:
+    bad = next((k for k, v in held.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if added or left_out or bad:
         if was_peft:
             model.delete_adapter(name)
+        if bad:  # (merge refuses them too: a NaN in one LoRA factor makes every logit NaN)
+            raise FormatError(f"{folder}/adapter_model.safetensors: {bad.removeprefix('base_model.model.')} holds NaN or Inf values",
+                              hint="the adapter is damaged (or its training diverged); use an earlier checkpoint")
         what, detail = ((f"leaves out {len(left_out)} LoRA module(s) the weights hold", f"e.g. {left_out[0]}: PEFT would ignore them")
                         if left_out else (f"adds {len(added)} tensor(s) the weights lack",
                                           f"e.g. {added[0]}: PEFT would start them from its initialisation"))
