@@ -66,3 +66,28 @@ def test_compare_with_a_damaged_gguf_is_one_line(env, capsys, tmp_path, content)
     bad = tmp_path / "m.gguf"
     bad.write_bytes(content)
     refused(capsys, "compare", bad, env["src"], match="llama.cpp cannot load this GGUF file")
+
+
+def test_export_adapter_reads_nothing_around_a_plain_adapter(tmp_path, capsys):
+    """export-adapter looked for the run's config.yaml in the adapter's parent folder too: another
+    tool's config.yaml there (data_format: alpaca) made the card state a prompt format the adapter
+    was never trained on. Only a checkpoint-N that a train run's manifest lists reads its run's."""
+    from hostile_util import make_lora
+    from runtime_helpers import cli
+
+    base = make_llama_files(tmp_path / "base")
+    project = tmp_path / "project"
+    adapter = make_lora(project / "adapter", base)
+    (project / "config.yaml").write_text("data_format: alpaca\n")
+    rc, _, err = cli(capsys, "export-adapter", adapter, tmp_path / "out")
+    assert rc == 0, err
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "alpaca" not in card and "### Instruction" not in card, card
+    # a train run's checkpoint still takes its run's format
+    run = tmp_path / "run"
+    ckpt = make_lora(run / "checkpoint-3", base)
+    (run / "config.yaml").write_text("data_format: alpaca\n")
+    (run / ".qconvert-run.json").write_text('{"qconvert": "train", "version": 1, "files": ["config.yaml", "checkpoint-3"]}\n')
+    rc, _, err = cli(capsys, "export-adapter", ckpt, tmp_path / "out2")
+    assert rc == 0, err
+    assert "Prompt format: alpaca" in (tmp_path / "out2" / "README.md").read_text()
