@@ -47,3 +47,27 @@ def test_the_float_dtypes_as_torch_dtypes_still_load(q):
     m = qconvert.load_model(q, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         assert m(input_ids=torch.tensor([[1, 2]])).logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("qc, shown", [
+    ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+    ({"quant_method": "awq", "bits": 4}, "'awq'"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit bitsandbytes"),
+    ({"quant_method": "nonsense"}, "'nonsense'"),
+])
+def test_generate_and_eval_refuse_other_quantizations_in_one_line(tmp_path, capsys, qc, shown):
+    """transformers needs optimum, gptqmodel... for these and raised ImportError or AttributeError
+    from its loader, reported as a bug in qconvert."""
+    import json
+
+    from runtime_helpers import make_word_tokenizer, write_jsonl
+    from test_hostile_runtime import refused
+
+    src = make_llama_files(tmp_path / "m", vocab=128)
+    make_word_tokenizer(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (src / "config.json").write_text(json.dumps(cfg))
+    match = f"quantization_config names {shown}, which qconvert does not run"
+    refused(capsys, "generate", src, "--prompt", "w1", "--max-new-tokens", 1, match=match)
+    refused(capsys, "eval", src, "--data", write_jsonl(tmp_path / "d.jsonl", [{"text": "w1 w2"}]), match=match)

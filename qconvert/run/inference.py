@@ -118,6 +118,7 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
         computes = next((mod.compute_dtype for mod in m.modules() if isinstance(mod, Linear4bit)), None)
         tok = _tokenizer(root)
     else:
+        _check_other_quantization(root, raw.get("quantization_config"))
         tok = _tokenizer(root)
         m = _load_plain(root, cls, config, dtype).to(dev)
         kind = "unquantized"
@@ -125,6 +126,23 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     computes = computes or next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
     m.eval()
     return LoadedModel(m, tok, root, str(model), kind, str(computes).removeprefix("torch."), [])
+
+
+#: quantization schemes transformers runs itself, with what it installs (dequantized on a CPU)
+PLAIN_SCHEMES = ("fp8", "mxfp4")
+
+
+def _check_other_quantization(root: Path, qc: Any) -> None:
+    """Refuse a checkpoint quantized otherwise than 4-bit bitsandbytes or :data:`PLAIN_SCHEMES`
+    (GPTQ, AWQ, 8-bit bitsandbytes...): transformers needs other libraries for those and failed
+    deep in its loader (ImportError, AttributeError), which read as a bug in qconvert."""
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in PLAIN_SCHEMES:
+        what = "8-bit bitsandbytes" if isinstance(qc, dict) and qc.get("load_in_8bit") else repr(method)
+        raise FormatError(f"{root}/config.json: quantization_config names {what}, which qconvert does not run",
+                          hint="run its 16-bit original, or a 4-bit bitsandbytes checkpoint of it (qconvert quantize)")
 
 
 def _load_plain(root: Path, cls, config, dtype: str):
