@@ -75,3 +75,21 @@ def test_rope_models_are_not_limited(tmp_path):
     cfg = LlamaConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32,
                       max_position_embeddings=8)
     assert position_limit(LlamaForCausalLM(cfg)) is None
+
+
+@pytest.mark.parametrize("template, match", [
+    ('{% if messages[-1]["role"] == "user" %}{{ raise_exception("users not welcome") }}{% endif %}',
+     "--chat: the chat template refused the prompt (users not welcome)"),
+    ("{% for i in range(100000000000) %}w1 {% endfor %}", "--chat: the chat template refused the prompt"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}w1 {% endfor %}{% endfor %}", "the chat template produced over"),
+])
+def test_generate_chat_template_that_raises_or_loops_is_one_line(env, capsys, tmp_path, template, match, monkeypatch):
+    """generate --chat rendered the template unbounded: a raise or the sandbox's range limit was an
+    unexpected error reported as a bug, and nested loops ran without end. It renders through train's
+    bounded renderer now (time and size; its refusals named)."""
+    import shutil
+
+    monkeypatch.setenv("QCONVERT_TEMPLATE_SECONDS", "2")
+    m = shutil.copytree(env["src"], tmp_path / "m")
+    (m / "chat_template.jinja").write_text(template)
+    refused(capsys, "generate", m, "--prompt", "w1", "--chat", "--max-new-tokens", 1, match=match)

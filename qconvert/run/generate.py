@@ -65,8 +65,14 @@ def encode_prompt(tok, prompt: str, *, chat: bool = False, system: str | None = 
         return tok(prompt, return_tensors="pt")
     if not getattr(tok, "chat_template", None):
         raise DataError("--chat: the tokenizer has no chat template", hint="drop --chat, or add chat_template to tokenizer_config.json")
+    from ..training.templates import TemplateRefused, render
+
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:  # within train's bounds on time and output (a template can loop), its refusals as one line
+        text = render(tok, messages, 4 * max(2**20, len(prompt) + len(system or "")), add_generation_prompt=True)
+    except TemplateRefused as e:
+        raise DataError(f"--chat: the chat template refused the prompt ({e})", hint="the template raises for these messages: "
+                        "check its role rules (some refuse a system turn), or drop --chat") from None
     return tok(text, return_tensors="pt", add_special_tokens=False)
 
 
