@@ -2,7 +2,8 @@
 ``embed_positions``: ``n_positions`` rows): generate, eval, compare and train name the length and
 the limit in one line before running, instead of an IndexError from the table lookup reported as a
 bug (GPT-2 takes 1024 positions: ``eval --max-length 2048`` or a long prompt reached it). Models
-whose positions are computed (RoPE) are not limited."""
+whose positions are computed (RoPE) are not limited. Also here, on the same tiny model: a chat
+template that raises or loops under ``generate --chat``."""
 
 from __future__ import annotations
 
