@@ -132,7 +132,7 @@ def verify(output_dir, source, as_json, plot, overwrite):
     if plot:
         from ..convert.verify_plot import check_plot_path
 
-        check_plot_path(plot, overwrite)  # before the work
+        check_plot_path(plot, overwrite, inputs=[output_dir, source])  # before the work
     r = verify_checkpoint(output_dir, against=source)
     if as_json:
         echo(json.dumps(r, indent=1))

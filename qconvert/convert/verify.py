@@ -40,9 +40,9 @@ def verify_checkpoint(path: str | os.PathLike, against: str | None = None) -> di
             raise FormatError(f"{ckpt.root}/config.json: bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type')!r} disagrees with the tensors ({sorted(qs_types)})")
     idx = ckpt.root / "model.safetensors.index.json"
     if idx.is_file():
-        import json
+        from ..io.checkpoint import read_json_object
 
-        total = json.loads(idx.read_text()).get("metadata", {}).get("total_size")
+        total = (read_json_object(idx, "the index").get("metadata") or {}).get("total_size")  # an object: read_index checked it
         actual = sum(ckpt.nbytes(k) for k in keys)
         if total is not None and total != actual:
             raise FormatError(f"{idx}: metadata.total_size is {total}, the tensors hold {actual} bytes")

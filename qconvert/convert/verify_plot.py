@@ -45,19 +45,24 @@ def plot_data(error: dict[str, Any]) -> dict[str, Any]:
     return {"series": series, "other": other, "exact": exact}
 
 
-def check_plot_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_plot_path(path: str | os.PathLike, overwrite: bool = False, inputs=()) -> Path:
     """The picture's file: a ``.png`` name, and not an existing file unless ``overwrite`` (a
-    careless ``--plot`` naming a file that is already there replaced it)."""
+    careless ``--plot`` naming a file that is already there replaced it); the output rules of every
+    file a command writes (``io.staging.check_file_output``): not inside ``inputs`` (the checkpoint
+    and the source verify reads), not a folder."""
+    from ..io.staging import check_file_output
+
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise OptionError(f"--plot {path}: the picture is written as PNG", hint="give a file name ending in .png")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise OutputExistsError(f"--plot {path}: already exists", hint="pass --overwrite to replace it, or choose another file name")
+    check_file_output(path, overwrite, inputs)
     return path
 
 
 def plot_quantization_error(error: dict[str, Any], path: str | os.PathLike, *, title: str | None = None,
-                            overwrite: bool = False) -> dict[str, Any]:
+                            overwrite: bool = False, inputs=()) -> dict[str, Any]:
     """Draw SQNR (dB) against layer index, one line per module type; tensors outside the numbered layers
     are drawn as labelled points after the last layer. Writes a PNG (refusing to replace a file
     unless ``overwrite``) and returns the plotted values (``lines``: label -> (x, y) as read back
@@ -65,7 +70,7 @@ def plot_quantization_error(error: dict[str, Any], path: str | os.PathLike, *, t
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = check_plot_path(path, overwrite)
+    path = check_plot_path(path, overwrite, inputs)
     data = plot_data(error)
     fig = Figure(figsize=(9, 5), dpi=100)
     FigureCanvasAgg(fig)
@@ -102,4 +107,4 @@ def plot_verify_report(report: dict[str, Any], path: str | os.PathLike, overwrit
     """The verify CLI's hook: the picture needs the per-tensor error that ``--against`` measures."""
     if "error" not in report:
         raise OptionError("--plot needs --against SOURCE", hint="the picture shows the error against the original weights")
-    return plot_quantization_error(report["error"], path, overwrite=overwrite)
+    return plot_quantization_error(report["error"], path, overwrite=overwrite, inputs=[report.get("path")])

@@ -57,18 +57,26 @@ def export_adapter(source: str | os.PathLike, output: str | os.PathLike, *, base
 
 def _trained_format(src: Path) -> str | None:
     """The data format the run trained on: config.yaml's data_format, or with auto the format the
-    run's own card names (train writes the format it detected there); None when neither says."""
+    run's own card names (train writes the format it detected there); None when neither says.
+    Read from ``src`` and, for a checkpoint-N that a train run's manifest lists, from that run's
+    folder; never from the folder around a plain adapter (another tool's config.yaml there named
+    a format the adapter was not trained on, and the card said so). Read within bounds (io.readers)."""
     import re
 
-    import yaml
-
+    from ..errors import OptionError
+    from ..io.readers import MAX_RUN_CONFIG_BYTES, read_limited, read_yaml
     from ..training.data import FORMATS
+    from ..training.outdir import read_manifest
 
-    for folder in (src, src.parent):  # a train output, or one of its checkpoint-N folders
+    try:
+        run = src.parent if src.name in (read_manifest(src.parent) or []) else None
+    except (OSError, ValueError):
+        run = None
+    for folder in (src, run) if run is not None else (src,):  # a train output, or one of its checkpoint-N folders
         try:
-            fmt = (yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}).get("data_format")
-            card = (folder / "README.md").read_text(encoding="utf-8") if fmt == "auto" else ""
-        except (OSError, ValueError, yaml.YAMLError, AttributeError):
+            fmt = (read_yaml(folder / "config.yaml", "a run config", OptionError, limit=MAX_RUN_CONFIG_BYTES) or {}).get("data_format")
+            card = read_limited(folder / "README.md", 1 << 20, "a card", OptionError).decode("utf-8") if fmt == "auto" else ""
+        except (OptionError, UnicodeDecodeError, AttributeError):
             continue
         m = re.search(r"^Prompt format: (\w+)", card, re.M)
         fmt = m.group(1) if m else fmt

@@ -54,6 +54,15 @@ class _Torch:
         """Drop the model: :func:`compare_models` runs one side, then the other, never both at once."""
         self._model = None
 
+    def vocab_rows(self):
+        """The input embeddings (their row count: the ids the model can take)."""
+        return self.model.get_input_embeddings()
+
+    def positions(self) -> int | None:
+        from ..model.checks import position_limit
+
+        return position_limit(self.model)
+
     def logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():
             return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
@@ -94,13 +103,23 @@ class _GGUF:
         if self._ll is None:
             import llama_cpp
 
-            self._ll = llama_cpp.Llama(model_path=self.path, logits_all=True, n_ctx=512, verbose=False)
+            try:
+                self._ll = llama_cpp.Llama(model_path=self.path, logits_all=True, n_ctx=512, verbose=False)
+            except ValueError:  # llama-cpp-python's one error for a file llama.cpp cannot load (damaged, truncated, not GGUF)
+                raise FormatError(f"{self.path}: llama.cpp cannot load this GGUF file",
+                                  hint="it is truncated, damaged or not a GGUF model; export it again") from None
         return self._ll
 
     def release(self) -> None:
         if self._ll is not None:
             self._ll.close()
             self._ll = None
+
+    def vocab_rows(self) -> int:
+        return int(self.ll.n_vocab())
+
+    def positions(self) -> int:
+        return int(self.ll.n_ctx())
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.ll.reset()
@@ -217,7 +236,7 @@ def compare_models(ma, mb, probes: list[tuple[str, list[int]]], tok, tolerance: 
     """Two models (each with ``logits``, ``greedy`` and ``release``) on ``probes`` (text, token ids):
     the per-prompt rows, the overall figures and the verdict. A runs every probe and is released
     before B loads, so the two are never in memory together (the merge check's peak is one model's)."""
-    (outs_a, outs_b) = (_outputs(m, probes, new_tokens) for m in (ma, mb))
+    (outs_a, outs_b) = (_outputs(m, probes, new_tokens, tok, names) for m in (ma, mb))
     rows = []
     for (text, ids), (la, ga), (lb, gb) in zip(probes, outs_a, outs_b):
         if la.shape != lb.shape:
@@ -229,12 +248,19 @@ def compare_models(ma, mb, probes: list[tuple[str, list[int]]], tok, tolerance: 
             "max_rel_logit_error": max(r["max_rel_logit_error"] for r in rows), "tolerance": tolerance, "passed": kl <= tolerance}
 
 
-def _outputs(model, probes, new_tokens: int) -> list[tuple[np.ndarray, list[int]]]:
+def _outputs(model, probes, new_tokens: int, tok, names: str) -> list[tuple[np.ndarray, list[int]]]:
     """One side's float32 logits (what both kinds of model compute in; the figures upcast them) and
-    greedy continuation for every probe; then the side is released."""
+    greedy continuation for every probe, once every probe's ids are known to be in its vocabulary;
+    then the side is released."""
     import gc
 
+    from ..model.checks import check_positions, check_token_ids
+
     try:
+        check_token_ids([ids for _, ids in probes], model.vocab_rows(), tok, names)
+        longest = max(len(ids) for _, ids in probes)
+        check_positions(longest + new_tokens, model.positions(), f"the longest probe ({longest} tokens) with {new_tokens} new tokens",
+                        hint="shorten the prompts or ask for fewer new tokens (--new-tokens): together at most {limit}")
         return [(model.logits(ids), model.greedy(ids, new_tokens)) for _, ids in probes]
     finally:
         model.release()

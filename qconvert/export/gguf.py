@@ -78,7 +78,7 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
                 lora_only: bool = False, overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write MODEL (plus ADAPTER merged as `qconvert merge` merges) to OUTPUT as GGUF of ``out_type``
     (default f16); with ``lora_only``, ADAPTER alone as a GGUF LoRA adapter for MODEL's GGUF."""
-    from ..io.staging import check_output
+    from ..io.staging import check_file_output
     from ..io.writes import write_file
 
     say = log or (lambda m: None)
@@ -88,12 +88,13 @@ def export_gguf(model: str, output: str | os.PathLike, *, out_type: str | None =
         raise OptionError("--lora-only writes the --adapter alone, in float32" + ("" if adapter else ": --adapter is missing"),
                           hint="give --adapter DIR and no --type (the base model's GGUF carries the type)")
     out = Path(output)
-    check_output(out, overwrite, inputs=[model, adapter])
+    check_file_output(out, overwrite, inputs=[model, adapter])
     if lora_only:
         return export_gguf_lora(model, adapter, out, say)
     out_type = out_type or "f16"
     src = _Source.open(model, adapter, say)
     plan = _plan(src, "f16" if out_type == "q4_k_m" else out_type)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the folder writers make theirs, once the model is accepted
     if out_type == "q4_k_m":
         _write_then_quantize(src, plan, out, say)
     else:
@@ -557,6 +558,7 @@ def export_gguf_lora(model: str, adapter: str, out: Path, say) -> dict[str, Any]
     if not alpha > 0:  # llama.cpp reads alpha 0 as "no scaling"
         raise OptionError(f"{adapter}: lora_alpha {alpha} cannot be written as a GGUF adapter", hint="export the merged model instead (drop --lora-only)")
     plan = _lora_plan(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_file(out, lambda f: _stream(src.arch, lambda gw, gguf: _lora_metadata(gw, gguf, src, alpha), plan,
                                       lambda name: _lora_tensor(src, alpha, name), f, say))
     return {"model": str(model), "adapter": adapter, "output": str(out), "type": "lora", "architecture": src.arch,

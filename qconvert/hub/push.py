@@ -146,7 +146,8 @@ def check_plan(plan: dict[str, list[str]], say) -> None:
 
 def check_links_inside(folder: Path) -> None:
     """Refuse a symbolic link that leads out of the folder: uploading follows links, so a
-    ``notes.txt -> ~/.ssh/id_rsa`` would publish the private file."""
+    ``notes.txt -> ~/.ssh/id_rsa`` would publish the private file. Refuse anything but folders and
+    regular files too: the upload reads each file to hash it, and a FIFO blocks that read forever."""
     root = folder.resolve()
     for top, dirs, files in os.walk(folder):
         for name in dirs + files:
@@ -156,6 +157,9 @@ def check_links_inside(folder: Path) -> None:
                     f"{p.relative_to(folder)}: a symbolic link out of the folder, nothing was uploaded (it leads to {os.readlink(p)})",
                     hint="replace the link with the file itself, or remove it",
                 )
+            if not p.is_dir() and not p.is_file():
+                raise FormatError(f"{p.relative_to(folder).as_posix()}: not a regular file (a FIFO, socket, device or broken link), nothing was uploaded",
+                                  hint="remove it from the folder")
 
 
 def check_base_model_id(base: object, where: Path) -> None:

@@ -89,9 +89,23 @@ def is_companion_file(rel: str) -> bool:
     return rel in COMPANION_FILES or any(p.fullmatch(rel) for p in COMPANION_SUBFILES)
 
 
+def refuse_linked_weights(root: Path) -> None:
+    """Refuse a model folder any of whose weight files, index or config.json is a link out of it
+    (:func:`.links.refuse_outside`), before a library that reads the folder itself (transformers'
+    ``from_pretrained``) follows it. :class:`Checkpoint` checks each file it opens the same way."""
+    from .links import refuse_outside
+
+    for p in Path(root).iterdir():
+        if is_weight_file(p.name) or p.name == "config.json":
+            refuse_outside(p, Path(root))
+
+
 def read_json_object(path: Path, what: str, *, unique: bool = False) -> dict[str, Any]:
-    """A JSON object from a small file, refused when too large, not UTF-8 JSON, or not an object.
-    ``unique``: also refuse an object that repeats a name (JSON readers differ on which one wins)."""
+    """A JSON object from a small file of a model or adapter folder, refused when it is a link out of
+    that folder (:func:`.links.refuse_outside`), too large, not UTF-8 JSON, or not an object. ``unique``: also refuse an object that repeats a name (JSON readers differ on which one wins)."""
+    from .links import refuse_outside
+
+    refuse_outside(path, path.parent, "adapter" if what == "adapter_config.json" else "model")
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
@@ -150,6 +164,10 @@ def read_index(path: Path) -> dict[str, str]:
         raise FormatError(f"{path}: no 'weight_map' object", hint="the index must map tensor names to shard files")
     for k, v in wm.items():
         check_member_name(v, f"{path.name}: weight_map[{k!r}]")
+    meta = data.get("metadata")
+    if meta is not None and not isinstance(meta, dict):  # transformers indexes into it as an object
+        raise FormatError(f"{path}: 'metadata' must be a JSON object, not {type(meta).__name__}",
+                          hint="an index holds {\"metadata\": {\"total_size\": N}, \"weight_map\": {...}}; regenerate it")
     return wm
 
 
@@ -215,9 +233,18 @@ class Checkpoint:
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
+    def _inside(self, p: Path) -> None:
+        """A weight file of a folder source must lie in the folder once links are followed (a single
+        file given as SOURCE is the input itself, wherever its link points)."""
+        if not self.path.is_file():
+            from .links import refuse_outside
+
+            refuse_outside(p, self.root)
+
     def _check_files_exist(self) -> None:
         for f in self.files:
             p = self.root / f
+            self._inside(p)
             if not p.is_file():
                 what = "is missing" if not p.exists() and not p.is_symlink() else "is not a regular file"
                 raise SourceError(f"{p}: shard named in the index {what}", hint="re-download the checkpoint")
@@ -249,6 +276,7 @@ class Checkpoint:
 
             p = self.root / name
             if name not in self._checked:
+                self._inside(p)
                 try:
                     check_header(p)  # duplicate names, which safetensors accepts (spec 9); the rest is safetensors' own check
                 except OSError as e:  # a permission, a missing file: the CLI reports the OSError as it is
@@ -271,6 +299,7 @@ class Checkpoint:
         if self._bin_cache and self._bin_cache[0] == name:
             return self._bin_cache[1]
         p = self.root / name
+        self._inside(p)
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:

@@ -25,3 +25,14 @@ def outside_folder(path: Path, folder: Path) -> bool:
     """Whether ``path`` (a file named inside ``folder``), its links followed, leaves :func:`allowed_roots`."""
     real = path.resolve()
     return not any(root in real.parents for root in allowed_roots(folder))
+
+
+def refuse_outside(path: Path, folder: Path, what: str = "model") -> None:
+    """Raise SourceError where ``path`` (named inside ``folder``) is a link that leaves it
+    (:func:`outside_folder`): the weights, index and config.json of a model folder are read, and
+    what is made of them (a quantized or merged model, a GGUF) is written out and published."""
+    if outside_folder(path, folder):
+        from ..errors import SourceError
+
+        raise SourceError(f"{path}: a link to {path.resolve()}, outside the {what} folder",
+                          hint=f"copy the file into the {what} folder, or pass the folder it lies in")

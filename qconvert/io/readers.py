@@ -19,6 +19,7 @@ and a checkpoint's side file a FormatError, with the file named in the first lin
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,10 @@ def read_limited(path: Path, limit: int, what: str, error: type[QConvertError], 
     """The bytes of ``path``, refused before reading when it is over ``limit`` bytes (``shown``: how
     messages name the file)."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO blocks until someone writes to it; a device never ends
+            raise error(f"{shown or path}: not a regular file (a folder, FIFO or device)", hint=f"give {what} as a file")
+        size = st.st_size
         if size > limit:
             raise error(f"{shown or path}: {size} bytes, over the {limit}-byte limit for {what}",
                         hint="a real one is far smaller; check that this is the right file")
@@ -82,8 +86,11 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json(text: str, where: str, error: type[QConvertError], *, max_depth: int = MAX_DEPTH) -> Any:
-    """A JSON value with unique object names and at most ``max_depth`` levels of nesting."""
+def parse_json(text: str, where: str, error: type[QConvertError], *, max_depth: int = MAX_DEPTH, lineno: bool = True,
+               hint: str | None = None) -> Any:
+    """A JSON value with unique object names and at most ``max_depth`` levels of nesting
+    (``lineno``: a syntax error names its line after ``where``; off for one line of a JSONL file,
+    which ``where`` names already; ``hint``: how to fix a syntax error, where the caller knows)."""
     try:
         value = json.loads(text, object_pairs_hook=_unique)
     except _Repeated as e:
@@ -91,7 +98,7 @@ def parse_json(text: str, where: str, error: type[QConvertError], *, max_depth: 
     except RecursionError:
         raise error(f"{where}: nested too deep (over {max_depth} levels)") from None
     except json.JSONDecodeError as e:
-        raise error(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise error(f"{where}{f':{e.lineno}' if lineno else ''}: not valid JSON ({e.msg})", hint=hint) from None
     if depth(value) > max_depth:
         raise error(f"{where}: nested too deep (over {max_depth} levels)")
     return value

@@ -56,6 +56,18 @@ def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike 
         raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
 
 
+def check_file_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """:func:`check_output` for a command that writes one file (export-gguf, verify --plot): the same
+    rules (not an input or inside one, not a link, not over an existing file without ``overwrite``),
+    and no folder at its name, which the final rename could not replace (found before the work, not
+    after it); returns OUT as an absolute path."""
+    check_output(out, overwrite, inputs)
+    out = Path(os.path.abspath(out))
+    if out.is_dir():
+        raise OptionError(f"{out}: is a folder; this output is one file", hint="name a file: one inside that folder, or another name")
+    return out
+
+
 def check_location(out: Path, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """The checks of :func:`check_output` about where OUT is (not a link, not an input, not the
     current or home folder, under a writable folder), without the ones about what it holds; returns

@@ -536,3 +536,59 @@ def module_targets_kept():
         yield
     finally:
         twc._convert_peft_config_moe = original
+
+
+def attach_peft(model, folder: Path, name: str = "default"):
+    """``model`` with the adapter in ``folder`` attached by PEFT as ``name`` (a PeftModel gets one
+    more adapter); the caller has checked the files (:func:`check_adapter_for_model` or its like).
+
+    PEFT follows adapter_config.json, not the weights: modules the config leaves out are ignored
+    and modules it adds (or modules_to_save, DoRA magnitudes) start from PEFT's initialisation,
+    random with ``init_lora_weights: false``, behind one UserWarning at most. So every LoRA tensor
+    of the file must be one PEFT holds for the adapter (as it would save them), and every tensor
+    PEFT holds must come from the file, unless PEFT's initialisation left that module's update
+    zero (lora_B zero, its default: adding it changes nothing); and every value must be finite. PEFT's
+    own refusals come out as FormatError, not PEFT's exception types."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    was_peft = isinstance(model, PeftModel)
+    try:
+        if was_peft:
+            model.load_adapter(str(folder), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{folder}: PEFT cannot attach this adapter ({type(e).__name__})", detail=str(e).strip()[:300] or None,
+                          hint="check adapter_config.json against the weights and the model") from None
+    held = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    stored = set(_header(folder))
+    lora = {k for k in stored if _factor(k)}
+    added = sorted(k.removeprefix("base_model.model.") for k in held if k not in stored and not _idle(k, held))
+    left_out = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in lora if k not in held})
+    bad = next((k for k, v in held.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if added or left_out or bad:
+        if was_peft:
+            model.delete_adapter(name)
+        if bad:  # (merge refuses them too: a NaN in one LoRA factor makes every logit NaN)
+            raise FormatError(f"{folder}/adapter_model.safetensors: {bad.removeprefix('base_model.model.')} holds NaN or Inf values",
+                              hint="the adapter is damaged (or its training diverged); use an earlier checkpoint")
+        what, detail = ((f"leaves out {len(left_out)} LoRA module(s) the weights hold", f"e.g. {left_out[0]}: PEFT would ignore them")
+                        if left_out else (f"adds {len(added)} tensor(s) the weights lack",
+                                          f"e.g. {added[0]}: PEFT would start them from its initialisation"))
+        raise FormatError(f"{folder}: adapter_config.json {what}", detail=detail,
+                          hint="make target_modules (and modules_to_save, use_dora, layers_to_transform) match the weights saved with it")
+    return model
+
+
+def _factor(key: str) -> bool:
+    return bool(LORA_KEY.fullmatch(key) or EMBEDDING_KEY.fullmatch(key))
+
+
+def _idle(key: str, held: Mapping[str, Any]) -> bool:
+    """``key`` is a LoRA factor of a module whose update PEFT's initialisation left zero (one of
+    its factors all zeros: lora_B by default), so its absence from the file changes nothing."""
+    if not _factor(key):
+        return False
+    module = key.rsplit(".lora_", 1)[0] + ".lora_"
+    return any(not v.any() for k, v in held.items() if k.startswith(module) and _factor(k))

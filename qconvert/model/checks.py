@@ -370,3 +370,49 @@ def check_model_folder(root: Path) -> None:
         check_structure(root, ckpt, cfg, strict=True)
     finally:
         ckpt.close()
+
+
+def check_token_ids(sequences, embeddings, tok, source: str) -> None:
+    """Every token id in ``sequences`` (lists of ids a tokenizer gave) has a row in ``embeddings``
+    (the model's ``get_input_embeddings()``, or a row count: a GGUF's vocabulary). A tokenizer with tokens added after the model was
+    saved, or another model's tokenizer, gives ids past them, and the lookup then fails deep inside
+    the forward (an IndexError, or a CUDA assert) instead of naming the tokenizer. One rule for
+    train, eval, generate, compare and merge's check."""
+    from ..errors import DataError
+
+    rows = embeddings if isinstance(embeddings, int) else getattr(embeddings, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    top = max((max(s) for s in sequences if len(s)), default=-1)
+    if top >= rows:
+        shown = f" ({tok.convert_ids_to_tokens(top)!r})" if tok is not None else ""
+        raise DataError(f"{source}: the tokenizer gives token id {top}{shown}, past the model's {rows} input embeddings",
+                        hint="use the tokenizer saved with the model; tokens added later need resized embeddings")
+
+
+#: modules holding learned absolute position embeddings (GPT-2 and GPT-Neo's wpe, OPT and BioGPT's embed_positions)
+_LEARNED_POSITIONS = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
+
+
+def position_limit(model) -> int | None:
+    """The longest sequence ``model`` can run when its positions are a learned table (config
+    ``n_positions``/``max_position_embeddings``): past it the table lookup fails mid-forward. None
+    for models whose positions are computed (RoPE, ALiBi), which run past their config's figure."""
+    import torch
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not any(isinstance(m, torch.nn.Embedding) and _LEARNED_POSITIONS.search(n) for n, m in model.named_modules()):
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = next((v for v in (getattr(cfg, k, None) for k in ("n_positions", "max_position_embeddings")) if isinstance(v, int)), None)
+    return limit if limit and limit > 0 else None
+
+
+def check_positions(length: int, limit: int | None, source: str, hint: str) -> None:
+    """Refuse a run whose sequences reach ``length`` tokens when the model takes at most ``limit``
+    (:func:`position_limit`; None: no limit): named before the run, not an IndexError from inside
+    the forward. ``hint`` may name ``{limit}``."""
+    if limit is not None and length > limit:
+        from ..errors import DataError
+
+        raise DataError(f"{source}: {length} tokens, past the {limit} positions the model can take", hint=hint.format(limit=limit))

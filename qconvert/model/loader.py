@@ -43,12 +43,29 @@ def _set_tensor(model, name: str, value: torch.Tensor) -> None:
 
 
 def _as_dtype(d: torch.dtype | str) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
+    """One of the float dtypes the layers compute in, given by name or as a torch.dtype (a torch.int8
+    or torch.complex64 was taken as it was: ignored by the 4-bit layers, or failing mid-forward)."""
     name = str(d).removeprefix("torch.")
     if name not in DTYPES:
         raise OptionError(f"unknown dtype {d!r}", hint=f"use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def _as_device(given: str | torch.device | None) -> torch.device:
+    """The device to load onto, refused before any file is read when it cannot hold the model:
+    not a device name, the meta device (no data), or a CUDA device this machine does not have."""
+    if given is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(given)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"unknown device {given!r}", hint="use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "meta":
+        raise OptionError(f"device {given!r} holds no data: a model cannot be loaded onto it", hint="use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise OptionError(f"device {given!r} is not on this machine ({n} CUDA device(s))", hint="use 'cpu', or a CUDA device it has")
+    return dev
 
 
 def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -84,12 +101,12 @@ def load_model(
     for given in (dtype, compute_dtype):  # option values first, before any file is read or downloaded
         if given not in (None, "auto"):
             _as_dtype(given)
+    device = _as_device(device)
     adapter_dir = None if adapter is None else resolve_adapter_path(adapter)[0]  # a folder or a Hub id, before the model loads
     root, repo_id = resolve_model_path(path_or_repo_id, revision)
     from .checks import check_model_folder
 
     check_model_folder(root)  # config.json and every tensor header against the model it builds
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     be = resolve(backend, device)
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)
     qc = getattr(config, "quantization_config", None)
@@ -124,16 +141,14 @@ def load_model(
     model.config.name_or_path = repo_id or str(root)
     model.eval()
     if adapter is not None:
-        from peft import PeftModel
-
-        from .adapters import check_adapter_for_model, peft_notices_hidden, module_targets_kept
+        from .adapters import attach_peft, check_adapter_for_model, module_targets_kept, peft_notices_hidden
 
         check_adapter_for_model(adapter_dir, model)  # PEFT's own errors for a damaged adapter are tracebacks
 
         from ..nn.experts4bit_lora import peft_sees_4bit_experts
 
         with peft_notices_hidden(model), module_targets_kept(), peft_sees_4bit_experts(model):
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            model = attach_peft(model, adapter_dir)  # PEFT's refusals as FormatError; config and weights must agree
     return model
 
 

@@ -159,6 +159,7 @@ def _evaluate(model, loaded: str, data, runs: list, o: EvalOptions) -> list[dict
     import copy
 
     from .inference import attach_adapter, load_for_inference
+    from ..model.checks import check_positions, check_token_ids, position_limit
     from ..training.data import DataReport
 
     lm = load_for_inference(loaded, backend=o.backend, revision=o.revision, dtype=o.dtype, device=o.device)
@@ -173,6 +174,9 @@ def _evaluate(model, loaded: str, data, runs: list, o: EvalOptions) -> list[dict
             ex = _tokenized(as_prompt_format(records, pf), data, tok, o, "auto" if o.fmt == "raw" else o.fmt, rep)
             if not ex:
                 raise DataError(f"{data}: no record left to score ({rep.n_dropped} dropped)", hint="raise --max-length or use --truncation truncate")
+            check_token_ids([e.input_ids for e in ex], lm.model.get_input_embeddings(), tok, str(data))
+            check_positions(max(len(e.input_ids) for e in ex), position_limit(lm.model), str(data),
+                            hint="pass --max-length {limit} or lower (longer records are cut, or left out with --truncation drop)")
             built[pf] = ex, rep
         return built[pf]
 

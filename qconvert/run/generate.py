@@ -65,8 +65,14 @@ def encode_prompt(tok, prompt: str, *, chat: bool = False, system: str | None = 
         return tok(prompt, return_tensors="pt")
     if not getattr(tok, "chat_template", None):
         raise DataError("--chat: the tokenizer has no chat template", hint="drop --chat, or add chat_template to tokenizer_config.json")
+    from ..training.templates import TemplateRefused, render
+
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:  # within train's bounds on time and output (a template can loop), its refusals as one line
+        text = render(tok, messages, 4 * max(2**20, len(prompt) + len(system or "")), add_generation_prompt=True)
+    except TemplateRefused as e:
+        raise DataError(f"--chat: the chat template refused the prompt ({e})", hint="the template raises for these messages: "
+                        "check its role rules (some refuse a system turn), or drop --chat") from None
     return tok(text, return_tensors="pt", add_special_tokens=False)
 
 
@@ -98,6 +104,7 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
     """Generate a continuation of ``prompt``; returns the completion, the full text and the token ids."""
     import torch
 
+    from ..model.checks import check_positions, check_token_ids, position_limit
     from .inference import forward_inputs
 
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -109,6 +116,9 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int = 32, temperat
     n_prompt = inputs["input_ids"].shape[1]
     if n_prompt == 0:
         raise DataError("the prompt is empty after tokenization", hint="give a non-empty --prompt")
+    check_token_ids(inputs["input_ids"].tolist(), model.get_input_embeddings(), tok, "the prompt")
+    check_positions(n_prompt + max_new_tokens, position_limit(model), f"the prompt ({n_prompt} tokens) with --max-new-tokens {max_new_tokens}",
+                    hint="shorten the prompt or lower --max-new-tokens: together at most {limit}")
     cfg = generation_config(model, tok, **settings)
     if seed is not None:
         torch.manual_seed(seed)

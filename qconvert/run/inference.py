@@ -120,6 +120,7 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
         computes = next((mod.compute_dtype for mod in m.modules() if isinstance(mod, Linear4bit)), None)
         tok = _tokenizer(root)
     else:
+        _check_other_quantization(root, raw.get("quantization_config"))
         tok = _tokenizer(root)
         m = _load_plain(root, cls, config, dtype).to(dev)
         kind = "unquantized"
@@ -129,12 +130,31 @@ def load_for_inference(model: str | os.PathLike, *, backend: str = "auto", revis
     return LoadedModel(m, tok, root, str(model), kind, str(computes).removeprefix("torch."), [])
 
 
+#: quantization schemes transformers runs itself, with what it installs (dequantized on a CPU)
+PLAIN_SCHEMES = ("fp8", "mxfp4")
+
+
+def _check_other_quantization(root: Path, qc: Any) -> None:
+    """Refuse a checkpoint quantized otherwise than 4-bit bitsandbytes or :data:`PLAIN_SCHEMES`
+    (GPTQ, AWQ, 8-bit bitsandbytes...): transformers needs other libraries for those and failed
+    deep in its loader (ImportError, AttributeError), which read as a bug in qconvert."""
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in PLAIN_SCHEMES:
+        what = "8-bit bitsandbytes" if isinstance(qc, dict) and qc.get("load_in_8bit") else repr(method)
+        raise FormatError(f"{root}/config.json: quantization_config names {what}, which qconvert does not run",
+                          hint="run its 16-bit original, or a 4-bit bitsandbytes checkpoint of it (qconvert quantize)")
+
+
 def _load_plain(root: Path, cls, config, dtype: str):
     """A checkpoint without 4-bit weights, through transformers, in its stored dtype ("auto") or ``dtype``."""
     from transformers.utils import logging as hf_logging
 
     from ..format.layout import LOGICAL_DTYPES
+    from ..io.checkpoint import refuse_linked_weights
 
+    refuse_linked_weights(root)
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per call: noise for a local folder
     try:
@@ -180,24 +200,16 @@ def check_adapter(folder: str | os.PathLike, model, model_name: str) -> dict[str
 def attach_adapter(lm: LoadedModel, folder: str | os.PathLike, name: str | None = None) -> None:
     """Check the adapter (a folder, or a Hub id: :func:`qconvert.io.source.resolve_adapter_path`)
     against the model, attach it with PEFT and make it the active one."""
-    from peft import PeftModel
-
-    from ..model.adapters import peft_notices_hidden, module_targets_kept
+    from ..model.adapters import attach_peft, module_targets_kept, peft_notices_hidden
     from ..io.source import resolve_adapter_path
     from ..nn.experts4bit_lora import peft_sees_4bit_experts
 
     given, (folder, _) = folder, resolve_adapter_path(folder)
     check_adapter(folder, lm.model, lm.name)
     name = name or f"adapter{len(lm.adapters)}"
-    try:
-        with peft_notices_hidden(lm.model), module_targets_kept(), peft_sees_4bit_experts(lm.model):
-            if isinstance(lm.model, PeftModel):
-                lm.model.load_adapter(str(folder), adapter_name=name)
-            else:
-                lm.model = PeftModel.from_pretrained(lm.model, str(folder), adapter_name=name)
-        lm.model.set_adapter(name)
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise FormatError(f"{folder}: PEFT cannot attach this adapter ({type(e).__name__})", hint="check adapter_config.json") from None
+    with peft_notices_hidden(lm.model), module_targets_kept(), peft_sees_4bit_experts(lm.model):
+        lm.model = attach_peft(lm.model, folder, name)  # PEFT's refusals as FormatError; config and weights must agree
+    lm.model.set_adapter(name)
     lm.model.eval()
     lm.adapters.append(str(given))
 

@@ -45,7 +45,6 @@ otherwise each is left out and counted, and the run goes on with the others.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, OptionError
+from ..io.readers import parse_json, read_json
 from .templates import TemplateRefused, render
 
 FORMATS = ("auto", "text", "alpaca", "prompt", "chat", "sharegpt")
@@ -145,6 +145,8 @@ def load_records(path: str | Path, *, split: str | None = None, config: str | No
             raise DataError(f"{p}: no such file", hint="give a .jsonl/.json/.parquet/.csv/.arrow/.txt file or a Hub dataset id org/name")
     elif p.is_dir():
         records = _split_records(str(p), str(p), split, config, evaluation, report)
+    elif not p.is_file():  # opening a FIFO blocks until someone writes to it; a device never ends
+        raise DataError(f"{p}: not a regular file or folder (a FIFO or device)", hint="give a data file or folder")
     elif split not in (None, "train"):
         raise DataError(f"{p}: {flag} {split!r} applies to Hub datasets and folders, not to one file",
                         hint=f"leave out {flag}: the whole file is read")
@@ -209,10 +211,8 @@ def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tupl
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", hint="re-save the file as UTF-8") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})", hint="a .json file holds one array of records; or write one per line (.jsonl)") from None
+        data = parse_json(text, str(p), DataError,  # names unique, nesting bounded (io.readers)
+                          hint="a .json file holds one array of records; or write one per line (.jsonl)")
         if not isinstance(data, list):
             raise DataError(f"{p}: expected a JSON array of records, got {type(data).__name__}", hint='e.g. [{"text": "..."}, {"text": "..."}]')
         pairs, where = [(i + 1, r) for i, r in enumerate(data)], "record"
@@ -222,11 +222,11 @@ def _json_records(p: Path, strict: bool, report: DataReport | None) -> list[tupl
             if not line.strip():
                 continue
             try:
-                pairs.append((i, json.loads(line.decode("utf-8-sig" if i == 1 else "utf-8"))))
+                pairs.append((i, parse_json(line.decode("utf-8-sig" if i == 1 else "utf-8"), f"{p}:{i}", DataError, lineno=False)))
             except UnicodeDecodeError as e:
                 _bad(strict, report, "not UTF-8", f"{p}:{i}: not UTF-8 text (byte 0x{line[e.start]:02x})", hint="re-save the file as UTF-8")
-            except json.JSONDecodeError as e:
-                _bad(strict, report, "not valid JSON", f"{p}:{i}: not valid JSON ({e.msg})", hint="each line must be one JSON object")
+            except DataError as e:  # not JSON, nested too deep, or a name given twice
+                _bad(strict, report, "not valid JSON", str(e), hint=e.hint or "each line must be one JSON object")
     return _objects(pairs, strict, report, lambda n, r: f"{p}: {where} {n}: expected a JSON object, got {type(r).__name__}")
 
 
@@ -416,19 +416,20 @@ def prompt_format(formats: dict[str, int]) -> dict[str, Any]:
 def read_prompt_format(folder) -> dict | None:
     """An adapter folder's PROMPT_FORMAT_FILE (None when it has none: an adapter from elsewhere);
     a file that is not one such record is refused (DataError)."""
+    from ..io.links import refuse_outside
+
     p = Path(folder) / PROMPT_FORMAT_FILE
     if not p.is_file():
         return None
+    refuse_outside(p, Path(folder), "adapter")  # export-adapter copies it
+    fmt = read_json(p, "a prompt format record", DataError, limit=1 << 16)  # bounded size and nesting, names unique
     try:
-        if p.stat().st_size > 1 << 16:
-            raise ValueError("over 64 KiB")
-        fmt = json.loads(p.read_text(encoding="utf-8"))
         counts = fmt.get("formats") if isinstance(fmt, dict) else None
         if not isinstance(counts, dict) or not all(k in FORMATS and type(v) is int for k, v in counts.items()):
             raise ValueError("no 'formats' of {format: count}")
         if fmt.get("format") != prompt_format(counts)["format"]:
             raise ValueError("its 'format' disagrees with its 'formats'")
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise DataError(f"{p}: not a prompt format record ({e})"[:190], hint="remove it, or give generate --format raw, alpaca or chat") from None
     return fmt
 
@@ -562,16 +563,10 @@ def _bounded(rec: dict, f: str, max_length: int, truncation: str) -> tuple[dict 
 
 
 def check_token_ids(examples: list[Example], embeddings, tok, source: str) -> None:
-    """Every token id has a row in the model's input embeddings (a tokenizer with tokens added after
-    the model was saved gives ids past them, and the embedding lookup fails mid-run)."""
-    rows = getattr(embeddings, "num_embeddings", None)
-    if not isinstance(rows, int):
-        return
-    top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
-    if top >= rows:
-        raise DataError(f"{source}: the tokenizer gives token id {top} ({tok.convert_ids_to_tokens(top)!r}), "
-                        f"past the model's {rows} input embeddings",
-                        hint="use the tokenizer saved with the model; tokens added later need resized embeddings")
+    """Every token id has a row in the model's input embeddings (:func:`qconvert.model.checks.check_token_ids`)."""
+    from ..model.checks import check_token_ids as check
+
+    check([e.input_ids for e in examples], embeddings, tok, source)
 
 
 def build_examples(records, tok, fmt: str = "auto", max_length: int = 512, train_on_inputs: bool = False, source: str = "data",

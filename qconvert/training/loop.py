@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DataError, FormatError, OptionError
+from ..model.checks import check_positions, position_limit
 from .checkpoint import check_compatible, find_resume, load_state, run_signature, save_checkpoint, set_rng_state
 from .data import (PROMPT_FORMAT_FILE, DataReport, build_examples, check_token_ids, collate, data_label, load_records, pack,
                    prompt_format, prompt_format_text)
@@ -187,6 +188,8 @@ def _train(model, data, out: Path, o: TrainConfig, targets, rank: int, world: in
         r = _Run(o, out, rank, world, device, say)
         r.setup_model(root, targets)
         check_token_ids(examples + eval_examples, r.model.get_input_embeddings(), tok, data_label(data))
+        check_positions(max(len(e.input_ids) for e in examples + eval_examples), position_limit(r.model), data_label(data),
+                        hint="pass --max-length {limit} or lower")
         r.plan = make_plan(examples, eval_examples, o, world)
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lr_lambda(o.lr_scheduler, r.plan.warmup_steps, r.plan.total_steps))
         if ckpt_dir is not None:

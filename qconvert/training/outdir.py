@@ -12,7 +12,8 @@ anything else: the names of :data:`RUN_FILES` and each ``checkpoint-N`` it publi
   manifest entry that is not one of those names is ignored, so a crafted manifest cannot name
   ``../x``;
 - a non-empty OUT without a manifest is refused with ``--overwrite`` too, naming what is there:
-  qconvert cannot know that those files are its own;
+  qconvert cannot know that those files are its own; one that holds only a manifest (a run refused
+  for its input, or killed, before it wrote anything) is taken as an empty one;
 - ``--resume`` of a run written before manifests existed adopts the run's files it finds under
   train's names (and the checkpoints holding a trainer_state.pt);
 - the checkpoint rotation (``--save-total-limit``) and ``--resume`` pick only listed checkpoints.
@@ -143,8 +144,7 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
         raise OutputExistsError(f"{out}: exists and is not a folder", hint="give --output a folder path")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     listed = read_manifest(out) if present else None
-    # a run refused before it wrote anything (a mistyped --data) leaves only its manifest: the re-run may use OUT
-    if _written(present) and not resume:
+    if present and not resume and not _only_a_claim(present, listed):
         _check_replaceable(out, present, listed, overwrite)
     if not clear or (resume and not present):  # (nothing to resume: find_resume says so)
         return
@@ -157,9 +157,11 @@ def prepare_output(out: Path, *, resume, overwrite: bool, clear: bool = True) ->
     write_manifest(out, listed if resume and listed else [])
 
 
-def _written(present: list[str]) -> list[str]:
-    """What a run left in OUT besides its manifest and qconvert's own temporary leftovers."""
-    return [n for n in present if n != MANIFEST and not _is_leftover(n)]
+def _only_a_claim(present: list[str], listed: list[str] | None) -> bool:
+    """OUT holds a run's manifest and nothing else of anyone's (at most qconvert's temporary
+    leftovers): a run that was refused, or killed, before it wrote a file. The next run may take
+    it as it takes an empty folder, instead of asking for --overwrite over nothing."""
+    return listed is not None and all(n == MANIFEST or _is_leftover(n) for n in present)
 
 
 def _check_replaceable(out: Path, present: list[str], listed: list[str] | None, overwrite: bool) -> None:

@@ -70,7 +70,7 @@ def render(tok, messages: list, max_chars: int, **kwargs) -> str:
         raise TemplateOverrun(f"the chat template {what} rendering one record",
                               hint="the template loops or emits without bound: fix tokenizer_config.json's chat_template "
                                    "(QCONVERT_TEMPLATE_SECONDS sets the time bound)") from None
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as e:
         raise TemplateRefused(" ".join(str(e).split())[:100] or type(e).__name__) from None
     if len(out) > max_chars:  # rendered where the guard could not be installed
         raise TemplateOverrun(f"the chat template produced over {max_chars} characters rendering one record")
