@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -109,13 +110,35 @@ def test_staging_folder_that_is_a_link_is_not_emptied(tmp_path, src):
     assert (victim / "thesis.tex").read_text() == "years of work"
 
 
-def test_overwrite_replaces_a_file_output_and_leaves_no_trash(tmp_path, src):
-    (tmp_path / "out").write_text("old")
-    with pytest.raises(OutputExistsError):
-        quantize(src, tmp_path / "out")
-    quantize(src, tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+def test_overwrite_replaces_its_own_output_never_a_users_files(tmp_path, src):
+    """--overwrite replaces a folder qconvert wrote (leaving no trash beside it), never a file where
+    the output folder goes, a user's file inside the folder or a hidden folder such as .git: each is
+    refused, named, and kept byte for byte."""
+    out = tmp_path / "out"
+    out.write_text("old")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="a file, where this output is a folder" if overwrite else "not empty"):
+            quantize(src, out, overwrite=overwrite)
+    assert out.read_text() == "old"
+    out.unlink()
+    quantize(src, out)
+    quantize(src, out, overwrite=True)
+    assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    for planted in ("notes.txt", ".git/HEAD", "sub/data.csv", "empty/"):
+        path = out / planted
+        if planted.endswith("/"):
+            path.mkdir()
+        else:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("mine")
+        with pytest.raises(OutputExistsError, match=f"holds what qconvert does not write \\({planted}\\)"):
+            quantize(src, out, overwrite=True)
+        assert path.is_dir() if planted.endswith("/") else path.read_text() == "mine"
+        shutil.rmtree(out / planted.split("/")[0]) if "/" in planted else path.unlink()
+    (out / "link").symlink_to(tmp_path / "src")  # a link counts by its own name, its target untouched
+    with pytest.raises(OutputExistsError, match="link"):
+        quantize(src, out, overwrite=True)
 
 
 def test_tampered_resume_journal_is_not_trusted(tmp_path, src, monkeypatch):

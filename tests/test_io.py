@@ -53,7 +53,7 @@ def test_a_failed_quantize_leaves_the_previous_output_untouched(tmp_path, monkey
     src = make_tiny_llama(tmp_path / "src")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("previous run")
+    (out / "config.json").write_text("previous run")  # (a name qconvert writes: --overwrite replaces only its own outputs)
     calls = []
     real = Q._quantize
 
@@ -66,7 +66,7 @@ def test_a_failed_quantize_leaves_the_previous_output_untouched(tmp_path, monkey
     monkeypatch.setattr(Q, "_quantize", fail_on_third)
     with pytest.raises(RuntimeError, match="disk on fire"):
         Q.quantize_checkpoint(str(src), out, overwrite=True, max_shard_size="40KB", log=lambda m: None)
-    assert files_under(out) == {"keep.txt": b"previous run"}
+    assert files_under(out) == {"config.json": b"previous run"}
     left = {p.name for p in staging_dir(out).iterdir()} if staging_dir(out).exists() else set()
     assert not left & {"config.json", "README.md", SAFE_INDEX}
 
@@ -80,6 +80,9 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
         check_output(out, overwrite=False)
     lines = cli_lines(str(e.value), e.value.hint)
     assert lines[0].startswith("qconvert: error: ") and lines[-1].startswith("hint: ")
+    with pytest.raises(OutputExistsError, match=r"holds what qconvert does not write \(x\)"):
+        check_output(out, overwrite=True)  # a user's file: --overwrite replaces only qconvert's outputs
+    (out / "x").rename(out / "config.json")
     check_output(out, overwrite=True)
     (tmp_path / "file").write_text("f")
     with pytest.raises(OutputExistsError):

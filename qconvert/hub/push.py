@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import FormatError, HubError
 from ..io.cards import read_card
+from ..io.staging import TEMPORARY, WRITTEN
 
 
 def folder_kind(folder: Path) -> str:
@@ -67,20 +68,10 @@ def validate_folder(folder: str | os.PathLike) -> dict[str, Any]:
 #: checkpoints (optimizer and RNG state), TensorBoard logs, and the resolved run configuration,
 #: which names local paths (the data, the base model folder).
 RUN_ONLY = ("checkpoint-*", "runs", "config.yaml")
-#: The files qconvert writes, by folder kind (besides the model card and the companion files that
-#: quantize and merge copy, ``format.checkpoint.is_companion_file``): only these are published.
-WRITTEN = {
-    "adapter": ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl", "qconvert_prompt_format.json"),
-    "quantized": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
-    "merge": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
-}
 #: Names that look like credentials: never published unless named with --include, and named in a warning.
 SECRET_PATTERNS = ("*.env", ".env*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "*.pfx",
                    ".netrc", "_netrc", ".git-credentials", ".pypirc", "*credentials*", "*secret*", "*token*", ".npmrc",
                    "*.kdbx", ".htpasswd")
-#: qconvert's temporary names (a killed run's leftovers): never published, not even with --include.
-TEMPORARY = ("*.tmp", "*.qconvert-tmp", "*.qconvert-partial", "*.qconvert-old", "*.qconvert-lock")
-
 
 def _matches(rel: str, patterns) -> bool:
     from fnmatch import fnmatchcase

@@ -25,6 +25,46 @@ from .writes import make_dir, open_lock_file, remove, write_file
 MAX_COMPANION_BYTES = 2**30
 
 
+#: The files qconvert writes into an output folder, by its kind, besides the model card (README.md) and
+#: the companion files that quantize and merge copy (``checkpoint.is_companion_file``): ``push``
+#: publishes only these, and ``--overwrite`` replaces only a folder that holds nothing else
+#: (:func:`foreign_files`).
+WRITTEN = {
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl", "qconvert_prompt_format.json"),
+    "quantized": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+    "merge": ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+}
+#: qconvert's temporary names (a killed run's leftovers): never published, not even with --include.
+TEMPORARY = ("*.tmp", "*.qconvert-tmp", "*.qconvert-partial", "*.qconvert-old", "*.qconvert-lock")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The files under ``folder`` (relative paths; an empty folder with a trailing ``/``) that no
+    output of qconvert holds: not the card, a :data:`WRITTEN` name, a companion file or a temporary
+    leftover. A link counts by its own name (removing it never touches what it points to)."""
+    from fnmatch import fnmatchcase
+
+    def ours(rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return (rel == "README.md" or is_companion_file(rel) or any(fnmatchcase(name, p) for p in TEMPORARY)
+                or ("/" not in rel and any(fnmatchcase(name, p) for names in WRITTEN.values() for p in names)))
+
+    found: list[str] = []
+    for top, dirs, files in os.walk(folder):  # (links to folders are listed in dirs, not entered)
+        rel_top = Path(top).relative_to(folder).as_posix()
+        prefix = "" if rel_top == "." else rel_top + "/"
+        if any(fnmatchcase(part, p) for part in prefix.split("/") if part for p in TEMPORARY):
+            dirs[:] = []  # a leftover staging or trash folder: qconvert's own
+            continue
+        entered = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
+        found += [prefix + d for d in sorted(dirs) if d not in entered and not ours(prefix + d)]
+        found += [prefix + f for f in sorted(files) if not ours(prefix + f)]
+        if not dirs and not files and prefix:
+            found.append(prefix)
+        dirs[:] = sorted(entered)
+    return found
+
+
 def staging_dir(out: Path) -> Path:
     """The folder an output is built in before :func:`publish` renames it to ``out``."""
     return out.parent / f".{out.name}.qconvert-partial"
@@ -35,7 +75,7 @@ def trash_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.qconvert-old"
 
 
-def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = (), *, one_file: bool = False) -> None:
     """Refuse an output location that cannot be written, or whose writing would destroy something:
 
     - OUT overlapping an input (the same folder, inside it, or holding it): a run never writes
@@ -46,7 +86,10 @@ def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike 
     - OUT that is a symbolic link (replacing it would swap the link, not write where it points), or
       whose nearest existing parent is a file or not writable;
     - a staging or trash folder beside OUT that is not a plain folder (it is emptied or deleted);
-    - an existing, non-empty OUT (or a file there) without ``overwrite``.
+    - an existing, non-empty OUT (or a file there) without ``overwrite``; with it, a folder holding
+      anything an output of qconvert does not hold (:func:`foreign_files`: the user's notes, a
+      ``.git`` folder), or a file where a folder output goes: ``--overwrite`` replaces what qconvert
+      wrote, never a user's files (``one_file``: the command writes one file, and OUT is that file).
     """
     out = check_location(out, inputs)
     for aside in (staging_dir(out), trash_dir(out)):
@@ -54,6 +97,13 @@ def check_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike 
             raise OptionError(f"{aside}: in the way of the output (not a plain folder)", hint="remove it, then re-run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{out}: already exists and is not empty", hint="choose another folder or pass --overwrite")
+    if overwrite and out.exists() and not one_file:
+        foreign = foreign_files(out) if out.is_dir() else [out.name]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputExistsError(f"{out}: holds what qconvert does not write ({shown}); --overwrite replaces only qconvert's outputs"
+                                    if out.is_dir() else f"{out}: a file, where this output is a folder; --overwrite replaces only qconvert's outputs",
+                                    hint="move those files out of the way, or choose another folder")
 
 
 def check_file_output(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
@@ -61,7 +111,7 @@ def check_file_output(out: Path, overwrite: bool, inputs: Iterable[str | os.Path
     rules (not an input or inside one, not a link, not over an existing file without ``overwrite``),
     and no folder at its name, which the final rename could not replace (found before the work, not
     after it); returns OUT as an absolute path."""
-    check_output(out, overwrite, inputs)
+    check_output(out, overwrite, inputs, one_file=True)
     out = Path(os.path.abspath(out))
     if out.is_dir():
         raise OptionError(f"{out}: is a folder; this output is one file", hint="name a file: one inside that folder, or another name")
