@@ -84,6 +84,10 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
         check_output(out, overwrite=True)  # a user's file: --overwrite replaces only qconvert's outputs
     (out / "x").rename(out / "config.json")
     check_output(out, overwrite=True)
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "CHECK_FAILED.json", "tokenizer.json",
+                 "generation_config.json", ".model.safetensors.qconvert-tmp", "adapter_model.safetensors"):
+        (out / name).write_text("{}")  # what quantize, merge (and a failed merge check) and export-adapter write
+    check_output(out, overwrite=True)
     (tmp_path / "file").write_text("f")
     with pytest.raises(OutputExistsError):
         check_output(tmp_path / "file", overwrite=False)

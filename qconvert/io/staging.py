@@ -36,6 +36,9 @@ WRITTEN = {
 }
 #: qconvert's temporary names (a killed run's leftovers): never published, not even with --include.
 TEMPORARY = ("*.tmp", "*.qconvert-tmp", "*.qconvert-partial", "*.qconvert-old", "*.qconvert-lock")
+#: Files qconvert writes that push does not publish: merge's verdict beside a merge whose check
+#: failed (``OUT.unverified``), which a rerun with --overwrite replaces.
+REPORTS = ("CHECK_FAILED.json",)
 
 
 def foreign_files(folder: Path) -> list[str]:
@@ -46,7 +49,7 @@ def foreign_files(folder: Path) -> list[str]:
 
     def ours(rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
-        return (rel == "README.md" or is_companion_file(rel) or any(fnmatchcase(name, p) for p in TEMPORARY)
+        return (rel in ("README.md", *REPORTS) or is_companion_file(rel) or any(fnmatchcase(name, p) for p in TEMPORARY)
                 or ("/" not in rel and any(fnmatchcase(name, p) for names in WRITTEN.values() for p in names)))
 
     found: list[str] = []
