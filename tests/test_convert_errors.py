@@ -46,8 +46,12 @@ def test_existing_output_needs_overwrite(tmp_path, src):
     err = fails("quantize", src, out)
     assert "already exists and is not empty" in err and "--overwrite" in err
     assert (out / "mine.txt").read_text() == "precious"
+    err = fails("quantize", src, out, "--overwrite")  # --overwrite replaces only what qconvert wrote
+    assert "holds what qconvert does not write (mine.txt)" in err and (out / "mine.txt").read_text() == "precious"
+    (out / "mine.txt").unlink()
+    assert run_cli_here("quantize", src, out).returncode == 0
     r = run_cli_here("quantize", src, out, "--overwrite")
-    assert r.returncode == 0 and not (out / "mine.txt").exists() and (out / "config.json").exists()
+    assert r.returncode == 0 and (out / "config.json").exists()
 
 
 def test_truncated_shard(tmp_path, src):
