@@ -71,3 +71,18 @@ def test_generate_and_eval_refuse_other_quantizations_in_one_line(tmp_path, caps
     match = f"quantization_config names {shown}, which qconvert does not run"
     refused(capsys, "generate", src, "--prompt", "w1", "--max-new-tokens", 1, match=match)
     refused(capsys, "eval", src, "--data", write_jsonl(tmp_path / "d.jsonl", [{"text": "w1 w2"}]), match=match)
+
+
+def test_revision_with_a_local_folder_is_refused(q, tmp_path):
+    """--revision names a Hub commit, branch or tag: with a local folder it was ignored by load_model,
+    generate and eval, which then ran the folder's files as if they were that revision (quantize
+    refused it already). Now one SourceError, before the model is built."""
+    from qconvert import load_model
+    from qconvert.errors import SourceError
+    from qconvert.run.inference import load_for_inference
+
+    with pytest.raises(SourceError, match="--revision applies to Hub repo ids, not local folders"):
+        load_model(q, revision="v1.0")
+    with pytest.raises(SourceError, match="--revision applies to Hub repo ids"):
+        load_for_inference(str(q), revision="main")
+    assert load_model(q, revision=None) is not None

@@ -16,9 +16,13 @@ from .reader import CheckpointReader
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder, or a Hub repo id downloaded through qconvert's checked path; returns (folder, repo id)."""
+    """A local folder, or a Hub repo id downloaded through qconvert's checked path; returns (folder, repo id).
+    A ``revision`` with a local folder is refused, as quantize refuses it: it would be ignored, and the
+    folder's files used as if they were that revision."""
     p = Path(path_or_repo_id)
     if p.exists():
+        if revision:
+            raise SourceError(f"{p}: --revision applies to Hub repo ids, not local folders", hint="leave out --revision for a local folder")
         return p, None
     from .hub import looks_like_repo_id
 

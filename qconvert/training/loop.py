@@ -177,7 +177,7 @@ def _train(model, data, out: Path, o: TrainConfig, targets, rank: int, world: in
 
     random.seed(o.seed)
     torch.manual_seed(o.seed)
-    root, repo_id = resolve_model_path(base or model, o.revision)  # base: the 4-bit copy of a 16-bit model
+    root, repo_id = resolve_model_path(base or model, None if base else o.revision)  # base: the local 4-bit copy of a 16-bit model
     check_causal_lm(root)
     tok = _tokenizer(root)
     examples, eval_examples, reports = read_data(data, tok, o)
