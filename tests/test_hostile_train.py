@@ -5,6 +5,7 @@ clear line (exit 1), never a traceback and never a run that "succeeds" on nothin
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -55,43 +56,56 @@ class _Evil:
 
 @pytest.mark.slow
 def test_resume_refuses_a_crafted_pickle_and_runs_nothing(qmodel, tmp_path):
+    """The trainer state is safetensors and JSON, never unpickled: a pickle whose loading would run
+    code, planted as the old trainer_state.pt or in place of trainer_state.safetensors, is refused
+    in one line and runs nothing."""
     data = memorize_set(tmp_path)
     out = tmp_path / "run"
     common = ["--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lora-r", 4]
     train(qmodel, data, out, *common, "--stop-after", 1)
     marker = tmp_path / "pwned"
-    state = out / "checkpoint-1" / "trainer_state.pt"
-    torch.save({"version": 2, "step": 1, "payload": _Evil(marker)}, state)
+    ckpt = out / "checkpoint-1"
+    torch.save({"version": 2, "step": 1, "payload": _Evil(marker)}, ckpt / "trainer_state.safetensors")
     r = train(qmodel, data, out, *common, "--resume", ok=False)
-    one_line_error(r, "trainer_state.pt: refused")
+    one_line_error(r, "trainer_state.safetensors: not a readable training state")
+    (ckpt / "trainer_state.safetensors").rename(ckpt / "trainer_state.pt")
+    r = train(qmodel, data, out, *common, "--resume", str(ckpt), ok=False)
+    one_line_error(r, "trainer_state.pt: a training state of an earlier qconvert (pickle")
     assert not marker.exists()
     assert not (out / "adapter_config.json").exists()
 
 
-def test_trainer_state_that_would_inflate_is_refused_before_loading(tmp_path):
-    """A 66 KB trainer_state.pt whose entries inflate to 64 MB (deflated zeros: torch.load inflates
-    them) is refused from the zip directory, in a child capped at 1 GiB; the old reader loaded it.
-    What torch.save writes passes the same check."""
-    import io
-    import zipfile
+def test_trainer_state_round_trips_without_pickle_and_refuses_what_it_never_writes(tmp_path):
+    """save_state / load_state keep every value as it was (tensors bit for bit, tuples, int keys,
+    nan and inf, booleans, None); a file whose JSON skeleton names a missing tensor, a node kind or key
+    it never writes, nests too deep or is no JSON is one DataError."""
+    from safetensors.torch import save_file
 
-    from hostile_util import run_limited
-    from qconvert.training.checkpoint import STATE_VERSION, load_state
+    from qconvert.errors import DataError
+    from qconvert.training.checkpoint import SKELETON, STATE_VERSION, load_state, save_state
+    from qconvert.training.outdir import STATE
 
-    ckpt, plain = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
-    ckpt.mkdir(), plain.mkdir()
-    buf = io.BytesIO()
-    torch.save({"version": STATE_VERSION, "step": 1, "x": torch.zeros(2**26, dtype=torch.uint8)}, buf)
-    (plain / "trainer_state.pt").write_bytes(buf.getvalue())
-    assert load_state(plain)["x"].shape == (2**26,)  # what torch.save writes passes the check
-    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(ckpt / "trainer_state.pt", "w") as zout:
-        for info in zin.infolist():
-            zout.writestr(info.filename, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-    assert (ckpt / "trainer_state.pt").stat().st_size < 2**17
-    code = ("import sys; from pathlib import Path; from qconvert.training.checkpoint import load_state\n"
-            "try:\n    load_state(Path(sys.argv[1]))\nexcept Exception as e:\n    print(type(e).__name__, e)\nelse:\n    print('loaded')")
-    r, seconds = run_limited(code, ckpt, mem_mb=1024, timeout_s=30)
-    assert r.stdout.startswith("DataError") and "trainer_state.pt: refused: entry" in r.stdout and "is compressed" in r.stdout, (r.stdout, r.stderr[-2000:])
+    state = {"version": STATE_VERSION, "step": 7, "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 3)}},
+             "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-4, "eps": float("nan"), "max": float("inf"), "fused": None,
+                               "amsgrad": False, "params": [0]}]}, "rng": {"numpy": {"key": "MT19937", "state": torch.arange(5)}}}
+    (tmp_path / "good").mkdir()
+    save_state(state, tmp_path / "good" / STATE)
+    got = load_state(tmp_path / "good")
+    assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    group = got["optimizer"]["param_groups"][0]
+    assert group["betas"] == (0.9, 0.999) and isinstance(group["betas"], tuple) and group["lr"] == 1e-4
+    assert math.isnan(group["eps"]) and group["max"] == float("inf") and group["fused"] is None and group["amsgrad"] is False
+    assert list(got["optimizer"]["state"]) == [0] and got["rng"]["numpy"]["key"] == "MT19937" and got["step"] == 7
+    bad = {"missing tensor": {"dict": [["version", {"value": STATE_VERSION}], ["x", {"tensor": "t9"}]]},
+           "unknown kind": {"dict": [["version", {"value": STATE_VERSION}], ["x", {"pickle": "gASV"}]]},
+           "float key": {"dict": [[1.5, {"value": 1}]]},
+           "deep": "[" * 5000 + "]" * 5000, "not json": "{oops"}
+    for name, skeleton in bad.items():
+        folder = tmp_path / name.replace(" ", "-")
+        folder.mkdir()
+        save_file({"t0": torch.zeros(1)}, folder / STATE, metadata={SKELETON: skeleton if isinstance(skeleton, str) else json.dumps(skeleton)})
+        with pytest.raises(DataError, match="trainer_state.safetensors"):
+            load_state(folder)
 
 
 @pytest.mark.parametrize("damage, needle", [

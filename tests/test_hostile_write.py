@@ -238,7 +238,7 @@ def test_second_overwrite_while_a_run_holds_the_lock_is_refused(qmodel, tmp_path
     out.mkdir()
     (out / ".qconvert-run.json").write_text(json.dumps({"qconvert": "train", "version": 1, "files": ["checkpoint-3"]}))
     (out / "checkpoint-3").mkdir()
-    (out / "checkpoint-3" / "trainer_state.pt").write_bytes(b"the running run's")
+    (out / "checkpoint-3" / "trainer_state.safetensors").write_bytes(b"the running run's")
     before = _folder(out)
     with output_lock(out):  # the running run
         r = _run_train(qmodel, data, out, "--overwrite")
@@ -335,7 +335,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("limit, file", [(100_000, "trainer_state.pt"), (30_000, "adapter_model.safetensors")])
+@pytest.mark.parametrize("limit, file", [(100_000, "trainer_state.safetensors"), (30_000, "adapter_model.safetensors")])
 def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_checkpoint(qmodel, tmp_path, limit, file):
     """torch.save and safetensors turn the write's OSError into a RuntimeError / SafetensorError
     that said "unexpected ... this is a bug"; and the half-written `.checkpoint-1.tmp/` stayed."""

@@ -12,6 +12,8 @@ import pytest
 import torch
 from helpers import QCONVERT, float32_reference, make_tiny_llama, run_cli_here
 from hub_server import LoopbackHub
+from qconvert.training.checkpoint import save_state
+from qconvert.training.outdir import STATE
 
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 
@@ -42,7 +44,7 @@ def train_dir(tmp_path_factory):
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         m.save_pretrained(out / f"checkpoint-{step}")
-        torch.save({"optimizer": {}, "step": step}, out / f"checkpoint-{step}" / "trainer_state.pt")
+        save_state({"optimizer": {}, "step": step}, out / f"checkpoint-{step}" / STATE)
         if step == 10:
             with torch.no_grad():
                 want = m(IDS).logits

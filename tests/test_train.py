@@ -123,7 +123,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(qmodel, tmp_path
               "--lr-scheduler", "cosine", "--warmup-ratio", 0.2, "--seed", 3]
     train(qmodel, data, tmp_path / "straight", *common)
     train(qmodel, data, tmp_path / "split", *common, "--stop-after", 3)
-    assert (tmp_path / "split" / "checkpoint-3" / "trainer_state.pt").exists()
+    assert (tmp_path / "split" / "checkpoint-3" / "trainer_state.safetensors").exists()
     assert not (tmp_path / "split" / "adapter_config.json").exists()  # nothing that looks finished
     train(qmodel, data, tmp_path / "split", *common, "--resume")
     a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))

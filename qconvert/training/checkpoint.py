@@ -1,19 +1,21 @@
 """Training checkpoints and the output folder: saved so that loading them runs no code, resumed only
 into the run that wrote them, and never mixed with another run's files.
 
-``trainer_state.pt`` is read with ``torch.load(weights_only=True)``: it holds only tensors, numbers,
-strings, lists and dicts. The RNG states that Python and numpy return as tuples with a numpy array
-are stored as tensors and plain values (:func:`rng_state`) and rebuilt on load. A pickle that asks
-for anything else (a crafted file whose ``__reduce__`` would run code) is refused before any object
-is built. Each checkpoint also records the run it belongs to (:func:`run_signature`): the base
-model and the LoRA shape. ``--resume`` into a run with another signature is refused, because its
-adapter and optimizer state would not fit, or would silently train something else.
+The trainer state (optimizer, scheduler, step, RNG states, the run's settings) is written without
+pickle: ``trainer_state.safetensors`` holds its tensors, and its header's metadata the rest as JSON
+(:func:`pack_state`): dicts (keys kept as ints or strings), lists, tuples, numbers (floats by their
+exact repr, nan and inf included), strings, booleans and None, each tensor named by its key. Loading
+is safetensors' reader and the bounded JSON reader: nothing is unpickled, so nothing can run. A
+``trainer_state.pt`` (the pickle format earlier versions wrote) is not read. Each checkpoint also
+records the run it belongs to (:func:`run_signature`): the base model and the LoRA shape. ``--resume``
+into a run with another signature is refused, because its adapter and optimizer state would not fit,
+or would silently train something else.
 """
-
 from __future__ import annotations
 
+import json
+import numbers
 import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,16 @@ from ..io.writes import TMP_SUFFIX, building, check_room, fresh_dir
 from ..errors import DataError, OutputExistsError
 from .outdir import STATE, read_manifest, record_checkpoint, run_checkpoints
 
-#: Bumped when trainer_state.pt changes shape; an older checkpoint is refused with a clear line.
-STATE_VERSION = 2
+#: Bumped when the trainer state changes shape; an older checkpoint is refused with a clear line.
+STATE_VERSION = 3
+#: The metadata key of trainer_state.safetensors that holds the state's JSON skeleton.
+SKELETON = "qconvert_trainer_state"
+#: What earlier versions wrote (pickle): named in the refusal, never read.
+OLD_STATE = "trainer_state.pt"
 
 
 def rng_state() -> dict:
-    """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
+    """Every RNG state as tensors and plain values (what :func:`pack_state` writes)."""
     import numpy as np
 
     version, internal, gauss = random.getstate()
@@ -63,46 +69,94 @@ def run_signature(base_id: str, lora) -> dict:
     return {"base_model": str(base_id), "r": int(lora.r), "lora_alpha": float(lora.lora_alpha), "target_modules": targets}
 
 
+def pack_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON, its tensors moved into ``tensors`` (named ``t0``, ``t1``, ...): each node a
+    one-key object saying its kind, so that tuples, int keys and special floats come back as they were."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()  # (safetensors refuses storage shared between entries)
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {"dict": [[_plain(k), pack_state(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list" if isinstance(obj, list) else "tuple": [pack_state(v, tensors) for v in obj]}
+    return {"value": _plain(obj)} if not isinstance(obj, float) else {"float": repr(float(obj))}
+
+
+def _plain(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, float):
+        return v
+    raise TypeError(f"a training state value of type {type(v).__name__} cannot be saved without pickle")
+
+
+def unpack_state(node: Any, tensors, where: Path) -> Any:
+    """The inverse of :func:`pack_state`; ``tensors``: the file's (an open safe_open). DataError for
+    anything :func:`pack_state` never writes."""
+    kind, value = next(iter(node.items())) if isinstance(node, dict) and len(node) == 1 else (None, None)
+    if kind == "tensor" and isinstance(value, str) and value in tensors.keys():
+        return tensors.get_tensor(value)
+    if kind == "dict" and isinstance(value, list) and all(isinstance(kv, list) and len(kv) == 2 for kv in value):
+        return {_key(k, where): unpack_state(v, tensors, where) for k, v in value}
+    if kind in ("list", "tuple") and isinstance(value, list):
+        items = [unpack_state(v, tensors, where) for v in value]
+        return items if kind == "list" else tuple(items)
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind == "value" and (value is None or isinstance(value, (bool, int, str))):
+        return value
+    raise DataError(f"{where}: not a training state qconvert writes (a node {str(node)[:60]!r})", hint="only resume from checkpoints qconvert wrote")
+
+
+def _key(k: Any, where: Path) -> Any:
+    if isinstance(k, (int, str)) and not isinstance(k, bool):
+        return k
+    raise DataError(f"{where}: not a training state qconvert writes (a key {k!r})", hint="only resume from checkpoints qconvert wrote")
+
+
+def save_state(state: dict, path: Path) -> None:
+    """``state`` as trainer_state.safetensors (:func:`pack_state`), written through io.writes."""
+    from safetensors.torch import save
+
+    from ..io.writes import write_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(pack_state(state, tensors))
+    blob = save(tensors, metadata={SKELETON: skeleton})
+    write_file(path, lambda f: f.write(blob))
+
+
 def load_state(ckpt: Path) -> dict:
-    """Read trainer_state.pt without running any code; refuse what is not ours."""
+    """Read the trainer state without running any code (safetensors and the bounded JSON reader);
+    refuse what is not ours."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..io.readers import parse_json
+
     path = ckpt / STATE
-    check_state_archive(path)
+    if not path.is_file() and (ckpt / OLD_STATE).exists():
+        raise DataError(f"{ckpt / OLD_STATE}: a training state of an earlier qconvert (pickle, which qconvert no longer reads)",
+                        hint="start the run again without --resume (or with --overwrite)")
     try:
-        st = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        raise DataError(f"{path}: refused: it asks to run code or build objects a checkpoint never holds",
-                        hint="only resume from checkpoints qconvert wrote") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if SKELETON not in meta:
+                raise DataError(f"{path}: not a training state of this qconvert version",
+                                hint="start the run again without --resume (or with --overwrite)")
+            st = unpack_state(parse_json(meta[SKELETON], str(path), DataError), f, path)
+    except (SafetensorError, OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable training state ({type(e).__name__})",
                         hint="the checkpoint is damaged; resume from an earlier checkpoint-N") from None
     if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
         raise DataError(f"{path}: not a training state of this qconvert version",
                         hint="start the run again without --resume (or with --overwrite)")
     return st
-
-
-#: entries a trainer_state.pt may hold (torch.save writes one per tensor storage, plus a handful)
-MAX_STATE_ENTRIES = 1_000_000
-
-
-def check_state_archive(path: Path) -> None:
-    """Refuse a trainer_state.pt whose zip entries would inflate beyond the file before torch reads
-    it: torch.save stores every entry uncompressed, but torch.load also inflates deflated ones (a 2 MB
-    file can hold 2 GB of zeros). Checked from the zip's directory, before any entry is read."""
-    import zipfile
-
-    try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (OSError, zipfile.BadZipFile, ValueError) as e:
-        raise DataError(f"{path}: not a readable training state ({type(e).__name__})",
-                        hint="the checkpoint is damaged; resume from an earlier checkpoint-N") from None
-    bad = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None)
-    if bad is not None or len(infos) > MAX_STATE_ENTRIES or sum(i.file_size for i in infos) > size:
-        what = f"entry {bad.filename!r} is compressed" if bad is not None else "its entries claim more bytes than the file holds"
-        raise DataError(f"{path}: refused: {what} (torch.save writes every entry stored, uncompressed)",
-                        hint="only resume from checkpoints qconvert wrote")
 
 
 def check_compatible(ckpt: Path, st: dict, signature: dict) -> None:
@@ -125,6 +179,8 @@ def find_resume(out: Path, resume) -> Path | None:
                             if finished else "run without --resume to start")
         return ckpts[-1]
     p = Path(resume)
+    if not (p / STATE).is_file() and (p / OLD_STATE).exists():
+        load_state(p)  # (refuses it, naming the old format)
     if not (p / STATE).is_file():
         raise DataError(f"{p}: not a training checkpoint (no {STATE})", hint="give --resume OUTPUT/checkpoint-N, or --resume alone for the latest")
     return p
@@ -147,15 +203,15 @@ def save_checkpoint(model, optimizer, sched, step: int, out: Path, limit: int | 
 
 
 def _publish(tmp: Path, state: dict, out: Path, step: int, limit: int | None) -> Path:
-    """Write trainer_state.pt into the finished ``tmp`` folder, record checkpoint-N in the run's
+    """Write the trainer state into the finished ``tmp`` folder, record checkpoint-N in the run's
     manifest, rename the folder to it in one step, and keep only the newest ``limit`` of the run's
     checkpoints (never a checkpoint-N the run did not write: a foreign one in the way is refused)."""
-    from ..io.writes import remove, replace_dir, write_file
+    from ..io.writes import remove, replace_dir
 
     final = out / f"checkpoint-{step}"
     if os.path.lexists(final) and final.name not in (read_manifest(out) or []):
         raise OutputExistsError(f"{final}: in the way, and not written by this run", hint="move it out of --output, then resume with --resume")
-    write_file(tmp / STATE, lambda f: torch.save(state, f))
+    save_state(state, tmp / STATE)
     record_checkpoint(out, final.name)
     replace_dir(tmp, final)
     if limit:
@@ -220,7 +276,7 @@ def save_fsdp_checkpoint(model, optimizer, sched, step: int, out: Path, limit: i
                          signature: dict, extra: dict[str, Any] | None = None) -> Path | None:
     """checkpoint-N of an FSDP run (every process calls it): the LoRA and optimizer shards in
     ``sharded/`` (safetensors and a JSON manifest, see fsdp_checkpoint.py), the gathered adapter in PEFT format
-    and trainer_state.pt without the optimizer (rank 0). Published by one rename when complete."""
+    and the trainer state without the optimizer (rank 0). Published by one rename when complete."""
     import torch.distributed as dist
 
     from . import fsdp

@@ -23,7 +23,7 @@ the codes' bytes) and keeps only its shard once the views are dropped (measured 
 
 Checkpoints (:func:`save_sharded`, :func:`load_sharded`): ``checkpoint-N/sharded/`` holds the LoRA
 weights and the optimizer state, one safetensors file per process and a JSON manifest, readable by
-any number of processes and loaded without pickle (fsdp_checkpoint.py); ``trainer_state.pt`` holds the rest (scheduler, step, every
+any number of processes and loaded without pickle (fsdp_checkpoint.py); ``trainer_state.safetensors`` holds the rest (scheduler, step, every
 rank's RNG state) and ``adapter_model.safetensors`` the gathered adapter, as a single-process
 checkpoint does. bitsandbytes' optimizers run on each process's shards (bnb_shards.py), whose
 8-bit state is also written as it is, per process, next to the sharded files.

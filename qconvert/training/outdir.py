@@ -15,7 +15,7 @@ anything else: the names of :data:`RUN_FILES` and each ``checkpoint-N`` it publi
   qconvert cannot know that those files are its own; one that holds only a manifest (a run refused
   for its input, or killed, before it wrote anything) is taken as an empty one;
 - ``--resume`` of a run written before manifests existed adopts the run's files it finds under
-  train's names (and the checkpoints holding a trainer_state.pt);
+  train's names (and the checkpoints holding a trainer_state.safetensors);
 - the checkpoint rotation (``--save-total-limit``) and ``--resume`` pick only listed checkpoints.
 """
 
@@ -38,7 +38,7 @@ RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "m
              "runs", "qconvert_prompt_format.json")
 _CHECKPOINT = re.compile(r"checkpoint-[0-9]{1,12}")
 #: What makes a checkpoint-N folder a training checkpoint (checkpoint.py writes and reads it).
-STATE = "trainer_state.pt"
+STATE = "trainer_state.safetensors"
 MAX_MANIFEST_BYTES = 1 << 20
 
 

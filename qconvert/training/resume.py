@@ -1,6 +1,6 @@
 """`qconvert train --resume`: a resumed run is the run it resumes.
 
-Each checkpoint records its run's settings (trainer_state.pt ``settings``: the options of
+Each checkpoint records its run's settings (trainer_state.safetensors ``settings``: the options of
 :func:`run_settings` and the number of processes). A resume takes them back, and refuses, by name,
 a given option (a flag, a --config key, a ``train()`` keyword) that contradicts one of them, before
 anything is loaded, as transformers' Trainer compares a resumed run's arguments with the checkpoint's.
@@ -50,7 +50,7 @@ def _norm(name: str, value: Any) -> Any:
 
 def run_settings(cfg: TrainConfig, world: int) -> dict[str, Any]:
     """What a checkpoint records of its run, from the run's TrainConfig (plain values:
-    trainer_state.pt is read with weights_only)."""
+    the trainer state is written as safetensors and JSON, without pickle)."""
     options = {name: _norm(name, getattr(cfg, name)) for name in SPECS if name not in PER_INVOCATION}
     return {"options": options, "world": world}
 
