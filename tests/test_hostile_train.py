@@ -70,7 +70,7 @@ def test_resume_refuses_a_crafted_pickle_and_runs_nothing(qmodel, tmp_path):
     one_line_error(r, "trainer_state.safetensors: not a readable training state")
     (ckpt / "trainer_state.safetensors").rename(ckpt / "trainer_state.pt")
     r = train(qmodel, data, out, *common, "--resume", str(ckpt), ok=False)
-    one_line_error(r, "trainer_state.pt: a training state of an earlier qconvert (pickle")
+    one_line_error(r, "trainer_state.pt: an earlier qconvert's state, a pickle (never read)")
     assert not marker.exists()
     assert not (out / "adapter_config.json").exists()
 

@@ -141,7 +141,7 @@ def load_state(ckpt: Path) -> dict:
 
     path = ckpt / STATE
     if not path.is_file() and (ckpt / OLD_STATE).exists():
-        raise DataError(f"{ckpt / OLD_STATE}: a training state of an earlier qconvert (pickle, which qconvert no longer reads)",
+        raise DataError(f"{ckpt / OLD_STATE}: an earlier qconvert's state, a pickle (never read)",
                         hint="start the run again without --resume (or with --overwrite)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
