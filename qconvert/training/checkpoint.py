@@ -70,8 +70,10 @@ def run_signature(base_id: str, lora) -> dict:
 
 
 def pack_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """``obj`` as JSON, its tensors moved into ``tensors`` (named ``t0``, ``t1``, ...): each node a
-    one-key object saying its kind, so that tuples, int keys and special floats come back as they were."""
+    """``obj`` as JSON, copies of its tensors put in ``tensors`` (named ``t0``, ``t1``, ...): each node a
+    one-key object saying its kind, so that tuples, int keys and special floats come back as they were.
+    (The copies, and safetensors' serialisation in memory, hold the optimizer state up to three times
+    while a checkpoint is written: small for LoRA's states, where torch.save streamed it.)"""
     if isinstance(obj, torch.Tensor):
         key = f"t{len(tensors)}"
         tensors[key] = obj.detach().cpu().contiguous().clone()  # (safetensors refuses storage shared between entries)
