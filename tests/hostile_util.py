@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -127,3 +128,18 @@ def tree_digest(folder: Path) -> dict[str, bytes]:
 def all_bytes(folder: Path) -> bytes:
     """Everything stored under ``folder``, concatenated (to look for leaked content)."""
     return b"".join(p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file())
+
+
+def cache_snapshot(model: Path, hub: Path, sha: str) -> Path:
+    """``model``'s files laid out as the Hugging Face cache holds a download: copies in
+    ``hub/models--org--tiny/blobs/`` and ``snapshots/<sha>/<name>`` linking to them (``../../blobs/...``,
+    links that leave the snapshot folder on purpose); returns the snapshot folder."""
+    repo = hub / "models--org--tiny"
+    snap = repo / "snapshots" / sha
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(model.iterdir())):
+        blob = repo / "blobs" / f"{i:064x}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    return snap

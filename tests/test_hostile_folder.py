@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from hostile_util import all_bytes, make_llama_files, write_safetensors
+from hostile_util import all_bytes, cache_snapshot, make_llama_files, write_safetensors
 from qconvert.convert.quantize import quantize_checkpoint
 from qconvert.errors import FormatError, SourceError
 from qconvert.io.checkpoint import Checkpoint
@@ -104,14 +103,7 @@ def test_hugging_face_cache_snapshot_links_into_blobs_keep_working(tmp_path, sec
     snapshot folder on purpose and are followed; a link elsewhere still is not."""
     model = make_llama_files(tmp_path / "plain")
     (model / "tokenizer.json").write_text('{"from": "the cache"}')
-    repo = tmp_path / "hub" / "models--org--tiny"
-    snap = repo / "snapshots" / ("ab" * 20)
-    (repo / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
-    for i, f in enumerate(sorted(model.iterdir())):
-        blob = repo / "blobs" / f"{i:064x}"
-        shutil.copyfile(f, blob)
-        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    snap = cache_snapshot(model, tmp_path / "hub", "ab" * 20)
     (snap / "special_tokens_map.json").symlink_to(secret)
     s, log = quantize(snap, tmp_path / "out")
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile_util import make_llama_files, make_lora
+from hostile_util import cache_snapshot, make_llama_files, make_lora
 from runtime_helpers import make_word_tokenizer
 from test_hostile_runtime import refused
 
@@ -111,14 +111,7 @@ def test_a_hugging_face_cache_snapshot_still_works(dirs, capsys):
     from runtime_helpers import cli
 
     tmp, src, _ = dirs
-    repo = tmp / "hub" / "models--org--tiny"
-    snap = repo / "snapshots" / ("a" * 40)
-    (repo / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
-    for i, f in enumerate(sorted(src.iterdir())):
-        blob = repo / "blobs" / f"{i:040x}"
-        shutil.copy(f, blob)
-        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    snap = cache_snapshot(src, tmp / "hub", "a" * 40)
     rc, out, err = cli(capsys, "quantize", snap, tmp / "out")
     assert rc == 0, err
     rc, out, err = cli(capsys, "inspect", snap)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import FormatError, HubError
 from ..io.cards import read_card
-from ..io.staging import TEMPORARY, WRITTEN
+from ..io.staging import TEMPORARY, WRITTEN, matches
 
 
 def folder_kind(folder: Path) -> str:
@@ -73,13 +73,6 @@ SECRET_PATTERNS = ("*.env", ".env*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25
                    ".netrc", "_netrc", ".git-credentials", ".pypirc", "*credentials*", "*secret*", "*token*", ".npmrc",
                    "*.kdbx", ".htpasswd")
 
-def _matches(rel: str, patterns) -> bool:
-    from fnmatch import fnmatchcase
-
-    name = rel.rsplit("/", 1)[-1]
-    return any(fnmatchcase(name, p) or fnmatchcase(rel, p) for p in patterns)
-
-
 def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
     """Sort every file under ``folder`` (paths relative to it, with ``/``) into what is published
     and what is not. Published: the files qconvert writes for this kind (:data:`WRITTEN`, the card,
@@ -99,19 +92,19 @@ def upload_plan(folder: Path, kind: str, include=()) -> dict[str, list[str]]:
             parts = rel.split("/")
             companion = kind != "adapter" and is_companion_file(rel)
             # "*token*" names credentials, not the model's tokenizer.json and tokenizer_config.json
-            secret = _matches(rel, SECRET_PATTERNS) and not companion
-            hidden = any(p.startswith(".") for p in parts) or (kind == "adapter" and _matches(parts[0], RUN_ONLY))
+            secret = matches(rel, SECRET_PATTERNS) and not companion
+            hidden = any(p.startswith(".") for p in parts) or (kind == "adapter" and matches(parts[0], RUN_ONLY))
             if secret:
                 plan["secrets"].append(rel)
-            if any(_matches(p, TEMPORARY) for p in parts):
+            if any(matches(p, TEMPORARY) for p in parts):
                 plan["skipped"].append(rel)
-            elif _matches(rel, exact) or (include and _matches(rel, include) and not (secret or hidden)):
+            elif matches(rel, exact) or (include and matches(rel, include) and not (secret or hidden)):
                 plan["upload"].append(rel)
             elif secret:
                 continue
             elif hidden:
                 plan["skipped"].append(rel)
-            elif rel == "README.md" or _matches(rel, WRITTEN[kind]) or companion:
+            elif rel == "README.md" or matches(rel, WRITTEN[kind]) or companion:
                 plan["upload"].append(rel)
             else:
                 plan["unknown"].append(rel)

@@ -10,7 +10,6 @@ deleted once consumed, unless the caller keeps them. Every huggingface_hub failu
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -296,14 +295,9 @@ def check_repo_path(name, repo_id: str) -> str:
 
 
 def download_seconds() -> float:
-    raw = os.environ.get("QCONVERT_DOWNLOAD_SECONDS")
-    try:
-        value = float(raw) if raw else DOWNLOAD_SECONDS
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):  # (nan, inf, 0 or less: no deadline, or one already past)
-        raise SourceError(f"QCONVERT_DOWNLOAD_SECONDS={raw!r} is not a number of seconds", hint=f"a positive number, or unset it for {DOWNLOAD_SECONDS:g}") from None
-    return value
+    from .readers import seconds_setting
+
+    return seconds_setting("QCONVERT_DOWNLOAD_SECONDS", DOWNLOAD_SECONDS, SourceError)
 
 
 def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str] | None, repo_type: str = "dataset") -> Path:

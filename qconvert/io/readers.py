@@ -19,6 +19,8 @@ and a checkpoint's side file a FormatError, with the file named in the first lin
 from __future__ import annotations
 
 import json
+import math
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -193,3 +195,16 @@ def read_yaml(path: Path, what: str, error: type[QConvertError], *, limit: int, 
     where = shown or str(path)
     text = decode_utf8(read_limited(Path(path), limit, what, error, shown), where, error)
     return parse_yaml(text, where, error, max_depth=max_depth)
+
+
+def seconds_setting(name: str, default: float, error: type[QConvertError]) -> float:
+    """The environment variable ``name`` as a positive number of seconds (``default`` when unset or
+    empty); nan, inf, 0 or less (no deadline at all, or one already past) and non-numbers are ``error``."""
+    raw = os.environ.get(name)
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise error(f"{name}={raw!r} is not a number of seconds", hint=f"a positive number, or unset it for {default:g}")
+    return value

@@ -15,14 +15,19 @@ from ..errors import SourceError
 from .reader import CheckpointReader
 
 
+def refuse_local_revision(path: str | os.PathLike, revision: str | None) -> None:
+    """--revision names a Hub commit, branch or tag: with a local folder it would be ignored."""
+    if revision:
+        raise SourceError(f"{path}: --revision applies to Hub repo ids, not local folders", hint="leave out --revision for a local folder")
+
+
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
     """A local folder, or a Hub repo id downloaded through qconvert's checked path; returns (folder, repo id).
     A ``revision`` with a local folder is refused, as quantize refuses it: it would be ignored, and the
     folder's files used as if they were that revision."""
     p = Path(path_or_repo_id)
     if p.exists():
-        if revision:
-            raise SourceError(f"{p}: --revision applies to Hub repo ids, not local folders", hint="leave out --revision for a local folder")
+        refuse_local_revision(p, revision)
         return p, None
     from .hub import looks_like_repo_id
 
@@ -69,8 +74,7 @@ def open_checkpoint(source: str, revision: str | None, workdir: Path, keep: bool
     from .hub import HubCheckpoint, looks_like_repo_id
 
     if os.path.exists(source):
-        if revision:
-            raise SourceError(f"{source}: --revision applies to Hub repo ids, not local folders", hint="leave out --revision for a local folder")
+        refuse_local_revision(source, revision)
         return Checkpoint(source, streaming=True)
     if looks_like_repo_id(source):
         return HubCheckpoint(source, revision, workdir, keep=keep)

@@ -41,22 +41,27 @@ TEMPORARY = ("*.tmp", "*.qconvert-tmp", "*.qconvert-partial", "*.qconvert-old", 
 REPORTS = ("CHECK_FAILED.json",)
 
 
+def matches(rel: str, patterns) -> bool:
+    """Whether ``rel`` (a path with ``/``) or its last part matches one of the glob ``patterns``."""
+    from fnmatch import fnmatchcase
+
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatchcase(name, p) or fnmatchcase(rel, p) for p in patterns)
+
+
 def foreign_files(folder: Path) -> list[str]:
     """The files under ``folder`` (relative paths; an empty folder with a trailing ``/``) that no
     output of qconvert holds: not the card, a :data:`WRITTEN` name, a companion file or a temporary
     leftover. A link counts by its own name (removing it never touches what it points to)."""
-    from fnmatch import fnmatchcase
-
     def ours(rel: str) -> bool:
-        name = rel.rsplit("/", 1)[-1]
-        return (rel in ("README.md", *REPORTS) or is_companion_file(rel) or any(fnmatchcase(name, p) for p in TEMPORARY)
-                or ("/" not in rel and any(fnmatchcase(name, p) for names in WRITTEN.values() for p in names)))
+        return (rel in ("README.md", *REPORTS) or is_companion_file(rel) or matches(rel, TEMPORARY)
+                or ("/" not in rel and any(matches(rel, names) for names in WRITTEN.values())))
 
     found: list[str] = []
     for top, dirs, files in os.walk(folder):  # (links to folders are listed in dirs, not entered)
         rel_top = Path(top).relative_to(folder).as_posix()
         prefix = "" if rel_top == "." else rel_top + "/"
-        if any(fnmatchcase(part, p) for part in prefix.split("/") if part for p in TEMPORARY):
+        if any(matches(part, TEMPORARY) for part in prefix.split("/") if part):
             dirs[:] = []  # a leftover staging or trash folder: qconvert's own
             continue
         entered = [d for d in dirs if not os.path.islink(os.path.join(top, d))]

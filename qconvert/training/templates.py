@@ -20,8 +20,6 @@ counts it.
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from contextlib import contextmanager
 
@@ -45,14 +43,9 @@ class _Over(Exception):
 
 
 def template_seconds() -> float:
-    raw = os.environ.get("QCONVERT_TEMPLATE_SECONDS")
-    try:
-        value = float(raw) if raw else TEMPLATE_SECONDS
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):  # (nan, inf, 0 or less: no deadline, or one already past)
-        raise DataError(f"QCONVERT_TEMPLATE_SECONDS={raw!r} is not a number of seconds", hint=f"a positive number, or unset it for {TEMPLATE_SECONDS:g}") from None
-    return value
+    from ..io.readers import seconds_setting
+
+    return seconds_setting("QCONVERT_TEMPLATE_SECONDS", TEMPLATE_SECONDS, DataError)
 
 
 def render(tok, messages: list, max_chars: int, **kwargs) -> str:
